@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Build every pinned cluster component that is missing from the cache.
+# Each component is built from its Go module through a small wrapper module
+# (tests/cluster/gomod/), so nothing but the Go module proxy is needed.
+# Usage: build.sh [component...]   (default: all)
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+# build_wrapper NAME VERSION OUTDIR LDFLAGS PKG...
+# Builds PKGs in the wrapper module whose go.mod is already in OUTDIR/src,
+# seeding go.sum from the committed lock so downloads are checked against it.
+build_wrapper() {
+  local name=$1 version=$2 out=$3 ldflags=$4; shift 4
+  local src=$out/src lock=$CLUSTER_DIR/gomod/$name.go.sum
+  [[ -f $lock ]] && cp "$lock" "$src/go.sum"
+  log "building $name $version (-p $GO_BUILD_P) -> $out/bin"
+  local start=$SECONDS
+  (cd "$src" && "$GO" build -mod=mod -trimpath -p "$GO_BUILD_P" -ldflags "$ldflags" \
+      -o "$out/bin.tmp/" "$@") >"$out/build.log" 2>&1 \
+    || { tail -n 40 "$out/build.log" >&2; die "build of $name $version failed (log: $out/build.log)"; }
+  rm -rf "$out/bin" && mv "$out/bin.tmp" "$out/bin"
+  echo "$((SECONDS - start))" >"$out/build-seconds"
+  log "built $name $version in $((SECONDS - start))s"
+}
+
+# A wrapper module requiring MODULE@VERSION, with MODULE's go/godebug lines copied.
+# Prints the path of MODULE's upstream go.mod.
+new_wrapper() {
+  local name=$1 module=$2 version=$3 out=$4
+  rm -rf "$out/src" "$out/bin.tmp" && mkdir -p "$out/src"
+  local upstream
+  upstream=$(cd "$out/src" && "$GO" mod download -json "$module@$version" \
+    | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+  [[ -f $upstream ]] || die "cannot download $module@$version from the Go module proxy"
+  {
+    echo "module evalrun.local/cluster/$name"
+    echo
+    grep -E '^go [0-9.]+$' "$upstream"
+    grep -E '^godebug ' "$upstream" || true
+    echo
+    echo "require $module $version"
+  } >"$out/src/go.mod"
+  echo "$upstream"
+}
+
+have() { local d=$1; shift; for b in "$@"; do [[ -x $d/bin/$b ]] || return 1; done; }
+
+build_kubernetes() {
+  local out=$CACHE/kubernetes-$KUBERNETES_VERSION
+  have "$out" kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl && return 0
+  local upstream
+  upstream=$(new_wrapper kubernetes k8s.io/kubernetes "$KUBERNETES_VERSION" "$out")
+  # Upstream points every k8s.io/* staging module at ./staging/src/...; those
+  # replaces do not apply to us, and the required v0.0.0 does not exist, so map
+  # each one to its published release (a missing one fails: unknown revision v0.0.0).
+  {
+    echo
+    echo "replace ("
+    grep -oE '^[[:space:]]*k8s\.io/[A-Za-z0-9._-]+ => \./staging/src/' "$upstream" \
+      | awk -v v="$KUBERNETES_STAGING_VERSION" '{print "\t" $1 " => " $1 " " v}'
+    echo ")"
+  } >>"$out/src/go.mod"
+  local major minor v=$KUBERNETES_VERSION
+  major=${v#v}; major=${major%%.*}; minor=${v#v*.}; minor=${minor%%.*}
+  local ld="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  build_wrapper kubernetes "$v" "$out" "$ld" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kubectl
+}
+
+build_etcd() {
+  local out=$CACHE/etcd-$ETCD_VERSION
+  have "$out" etcd && return 0
+  new_wrapper etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "$out" >/dev/null
+  build_wrapper etcd "$ETCD_VERSION" "$out" "-s -w" go.etcd.io/etcd/server/v3
+  mv "$out/bin/v3" "$out/bin/etcd" 2>/dev/null || mv "$out/bin/server" "$out/bin/etcd" 2>/dev/null || true
+  have "$out" etcd || die "etcd binary missing after build (see $out/bin)"
+}
+
+build_kwok() {
+  local out=$CACHE/kwok-$KWOK_VERSION
+  have "$out" kwok && return 0
+  new_wrapper kwok sigs.k8s.io/kwok "$KWOK_VERSION" "$out" >/dev/null
+  build_wrapper kwok "$KWOK_VERSION" "$out" \
+    "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+  # kwok's own "fast" stage set (what its kustomize/stage/fast deploys): node
+  # initialize + heartbeat-with-lease, pod ready/complete/delete.
+  local dir
+  dir=$(cd "$out/src" && "$GO" mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  mkdir -p "$out/stages"
+  for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+           pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+    cp "$dir/kustomize/stage/$f.yaml" "$out/stages/"
+  done
+  chmod -R u+w "$out/stages"
+}
+
+build_helm() {
+  local out=$CACHE/helm-$HELM_VERSION
+  have "$out" helm && return 0
+  new_wrapper helm helm.sh/helm/v3 "$HELM_VERSION" "$out" >/dev/null
+  build_wrapper helm "$HELM_VERSION" "$out" \
+    "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+}
+
+build_cosign() {
+  local out=$CACHE/cosign-$COSIGN_VERSION
+  have "$out" cosign && return 0
+  new_wrapper cosign github.com/sigstore/cosign/v3 "$COSIGN_VERSION" "$out" >/dev/null
+  build_wrapper cosign "$COSIGN_VERSION" "$out" \
+    "-s -w -X sigs.k8s.io/release-utils/version.gitVersion=$COSIGN_VERSION" \
+    github.com/sigstore/cosign/v3/cmd/cosign
+}
+
+# The pause and probe images' binaries; keyed by a hash of their sources.
+build_images() {
+  local out=$IMAGES_DIR
+  have "$out" pause probe && return 0
+  mkdir -p "$out"
+  log "building pause + probe image binaries -> $out/bin"
+  (cd "$CLUSTER_DIR/images" && "$GO" build -trimpath -p "$GO_BUILD_P" -ldflags "-s -w" \
+      -o "$out/bin.tmp/" ./pause ./probe) >"$out/build.log" 2>&1 \
+    || { tail -n 40 "$out/build.log" >&2; die "build of the pause/probe binaries failed"; }
+  rm -rf "$out/bin" && mv "$out/bin.tmp" "$out/bin"
+}
+
+[[ -x $GO ]] || die "Go toolchain not found at $GO (set EVALRUN_GO)"
+mkdir -p "$CACHE"
+components=("$@")
+[[ ${#components[@]} -gt 0 ]] || components=(kubernetes etcd kwok helm cosign images)
+for c in "${components[@]}"; do "build_$c"; done

@@ -1,0 +1,3 @@
+module evalrun.local/cluster/images
+
+go 1.25.0

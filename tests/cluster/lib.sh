@@ -1,0 +1,120 @@
+# Shared settings for tests/cluster/*.sh (sourced, not executed).
+# shellcheck shell=bash
+
+CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+. "$CLUSTER_DIR/versions.env"
+
+# Builds live outside the checkout, keyed by version, so fresh clones and CI reuse them.
+CACHE=${EVALRUN_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/evalrun/cluster}
+# Runtime state: certs, etcd data, logs, pid files, kubeconfig.
+STATE=${EVALRUN_CLUSTER_STATE:-/var/tmp/evalrun-cluster}
+REGISTRY=${EVALRUN_REGISTRY:-127.0.0.1:5000}
+
+GO=${EVALRUN_GO:-/usr/local/go/bin/go}
+export GOTOOLCHAIN=local CGO_ENABLED=0
+# Only two cores here: keep builds from starving everything else.
+GO_BUILD_P=${EVALRUN_GO_BUILD_P:-2}
+
+K8S_BIN=$CACHE/kubernetes-$KUBERNETES_VERSION/bin
+ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
+KWOK_BIN=$CACHE/kwok-$KWOK_VERSION/bin
+HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
+COSIGN_BIN=$CACHE/cosign-$COSIGN_VERSION/bin
+IMAGES_DIR=$CACHE/images-$(cd "$CLUSTER_DIR/images" && cat go.mod */*.go | sha256sum | cut -c1-16)
+PAUSE_IMAGE=$REGISTRY/evalrun/pause:$PAUSE_VERSION
+KUBECTL=$K8S_BIN/kubectl
+KUBECONFIG_PATH=$STATE/kubeconfig
+
+log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+NODE_NAME=${EVALRUN_NODE_NAME:-evalrun-node}
+KWOK_NODE_COUNT=${EVALRUN_KWOK_NODES:-50}
+APISERVER_PORT=${EVALRUN_APISERVER_PORT:-6443}
+ETCD_CLIENT_PORT=${EVALRUN_ETCD_PORT:-12379}
+ETCD_PEER_PORT=$((ETCD_CLIENT_PORT + 1))
+POD_SUBNET=${EVALRUN_POD_SUBNET:-10.244.0.0/24}
+SERVICE_CIDR=10.96.0.0/16
+PKI=$STATE/pki
+RUN=$STATE/run
+LOGS=$STATE/logs
+CONTAINERD_SOCK=$STATE/containerd/containerd.sock
+# Start order; down.sh stops in reverse.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kwok)
+
+kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+
+# running NAME: the pid in NAME's pid file is alive and still runs the binary we started.
+running() {
+  local pid exe
+  pid=$(cat "$RUN/$1.pid" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  [[ $exe == "$(cat "$RUN/$1.exe" 2>/dev/null)" ]]
+}
+
+log_tail() {
+  local name=$1
+  log "---- last 60 lines of $LOGS/$name.log ----"
+  tail -n 60 "$LOGS/$name.log" >&2 2>/dev/null || log "(no log)"
+  log "---- end of $name log ----"
+}
+
+fail_component() { log "ERROR: $1: $2"; log_tail "$1"; exit 1; }
+
+# start_component NAME BINARY ARGS...: start it detached, with its own log and pid file,
+# unless our earlier instance is still running. The command line is kept in
+# run/NAME.cmd so that `component.sh restart NAME` can start it again.
+start_component() {
+  local name=$1; shift
+  if running "$name"; then
+    log "$name already running (pid $(cat "$RUN/$name.pid"))"
+    return 0
+  fi
+  mkdir -p "$RUN" "$LOGS"
+  { printf 'exec'; printf ' %q' "$@"; echo; } >"$RUN/$name.cmd"
+  realpath "$1" >"$RUN/$name.exe"
+  launch_component "$name"
+}
+
+launch_component() {
+  local name=$1
+  echo "==== $(date -u +%FT%TZ) starting $name" >>"$LOGS/$name.log"
+  setsid bash "$RUN/$name.cmd" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$RUN/$name.pid"
+  log "started $name (pid $!, log $LOGS/$name.log)"
+}
+
+# stop_component NAME: TERM (then KILL after 30s) the process we started; no-op otherwise.
+stop_component() {
+  local name=$1 pid i
+  if ! running "$name"; then
+    rm -f "$RUN/$name.pid"
+    return 0
+  fi
+  pid=$(cat "$RUN/$name.pid")
+  kill -TERM "$pid"
+  for ((i = 0; i < 60; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$RUN/$name.pid"
+  log "stopped $name (pid $pid)"
+}
+
+# wait_for NAME TIMEOUT WHAT CMD...: poll CMD until it succeeds; fail with NAME's
+# log tail if NAME dies or TIMEOUT seconds pass.
+wait_for() {
+  local name=$1 timeout=$2 what=$3; shift 3
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    running "$name" || fail_component "$name" "exited while waiting for $what"
+    ((SECONDS < deadline)) || fail_component "$name" "timed out after ${timeout}s waiting for $what"
+    sleep 1
+  done
+}

@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Bring up the local test cluster: etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, containerd + kubelet (one real node, runc and gVisor) and kwok
+# (fake GPU nodes). Idempotent: builds only what is missing from the cache and
+# starts only what is not running. Prints the kubeconfig path on stdout; any
+# failure exits non-zero with the failing component's log tail on stderr.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+REPO=$(cd "$CLUSTER_DIR/../.." && pwd)
+started_at=$SECONDS
+
+[[ $EUID -eq 0 ]] || die "must run as root (kubelet and containerd manage cgroups, mounts and network namespaces)"
+
+ensure_packages() {
+  local missing=()
+  command -v containerd >/dev/null && command -v ctr >/dev/null || missing+=(containerd)
+  command -v runc >/dev/null || missing+=(runc)
+  command -v runsc >/dev/null || missing+=(runsc)
+  [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local && -x /usr/lib/cni/loopback ]] \
+    || missing+=(containernetworking-plugins)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v curl >/dev/null || missing+=(curl)
+  command -v python3 >/dev/null || missing+=(python3)
+  command -v mount >/dev/null || missing+=(mount)
+  ((${#missing[@]} == 0)) && return 0
+  log "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2 && apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+node_ip() {
+  local ip
+  ip=$(ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n1)
+  [[ -n $ip ]] || ip=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -n1)
+  [[ -n $ip ]] || die "no global IPv4 address for the node (kubelet refuses a loopback node IP)"
+  echo "$ip"
+}
+
+ensure_registry() {
+  if [[ -x $REPO/scripts/host-up.sh || -f $REPO/scripts/host-up.sh ]]; then
+    bash "$REPO/scripts/host-up.sh" >&2 || die "scripts/host-up.sh failed (dockerd + registry)"
+  fi
+  curl -fsS -o /dev/null "http://$REGISTRY/v2/" \
+    || die "OCI registry at $REGISTRY is not answering (scripts/host-up.sh starts it)"
+}
+
+push_images() {
+  local pause probe
+  pause=$(python3 "$CLUSTER_DIR/oci.py" push "$REGISTRY" evalrun/pause "$PAUSE_VERSION" \
+    --file "/pause=$IMAGES_DIR/bin/pause" --entrypoint /pause) || die "pushing the pause image failed"
+  probe=$(python3 "$CLUSTER_DIR/oci.py" push "$REGISTRY" evalrun/probe latest \
+    --file "/probe=$IMAGES_DIR/bin/probe" --entrypoint /probe --cmd sleep 3600) \
+    || die "pushing the probe image failed"
+  printf 'PAUSE_IMAGE_REF=%s\nPROBE_IMAGE_REF=%s\n' "$pause" "$probe" >"$STATE/images.env"
+}
+
+write_configs() {
+  local ip=$1
+  mkdir -p "$STATE/bin" "$STATE/containerd/certs.d/$REGISTRY" "$STATE/cni/net.d" "$STATE/kwok"
+  # runsc refuses to share the root network namespace ("cannot run with network
+  # enabled in root network namespace"); no network is also what the sandbox wants.
+  cat >"$STATE/bin/runsc-nonet" <<RUNSC
+#!/bin/sh
+exec /usr/bin/runsc --network=none "\$@"
+RUNSC
+  chmod 755 "$STATE/bin/runsc-nonet"
+  cat >"$STATE/containerd/certs.d/$REGISTRY/hosts.toml" <<HOSTS
+server = "http://$REGISTRY"
+
+[host."http://$REGISTRY"]
+  capabilities = ["pull", "resolve"]
+HOSTS
+  cat >"$STATE/containerd/config.toml" <<TOML
+version = 2
+root = "$STATE/containerd/root"
+state = "$STATE/containerd/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+
+[grpc]
+  address = "$CONTAINERD_SOCK"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$STATE/containerd/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor.options]
+        BinaryName = "$STATE/bin/runsc-nonet"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$STATE/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$STATE/containerd/certs.d"
+TOML
+  cat >"$STATE/cni/net.d/10-evalrun.conflist" <<CNI
+{
+  "cniVersion": "0.4.0",
+  "name": "evalrun",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "evalrun-cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "$POD_SUBNET"}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dataDir": "$STATE/cni/ipam"
+      }
+    }
+  ]
+}
+CNI
+  cat >"$STATE/kubelet-config.yaml" <<KUBELET
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# These machines run cgroup v1, which kubelet >= 1.35 refuses unless told otherwise.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
+address: $ip
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+tlsCertFile: $PKI/kubelet-serving.crt
+tlsPrivateKeyFile: $PKI/kubelet-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $PKI/ca.crt}
+authorization: {mode: Webhook}
+failSwapOn: false
+resolvConf: /etc/resolv.conf
+serializeImagePulls: false
+maxPods: 110
+evictionHard:
+  memory.available: 100Mi
+  nodefs.available: 2%
+  imagefs.available: 2%
+imageGCHighThresholdPercent: 95
+imageGCLowThresholdPercent: 90
+KUBELET
+}
+
+start_control_plane() {
+  start_component etcd "$ETCD_BIN/etcd" --name evalrun --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "evalrun=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --listen-metrics-urls "" --quota-backend-bytes 2147483648 --log-level warn
+  wait_for etcd 60 "etcd /health" curl -fsS "http://127.0.0.1:$ETCD_CLIENT_PORT/health"
+
+  start_component kube-apiserver "$K8S_BIN/kube-apiserver" \
+    --bind-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --etcd-servers "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --client-ca-file "$PKI/ca.crt" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types InternalIP,Hostname \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" \
+    --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --authorization-mode Node,RBAC \
+    --enable-admission-plugins NodeRestriction \
+    --allow-privileged=true \
+    --profiling=false \
+    --event-ttl 1h
+  wait_for kube-apiserver 180 "API server /readyz" kc get --raw /readyz
+
+  start_component kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$PKI/kube-controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$PKI/kube-controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$PKI/kube-controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --leader-elect=false \
+    --root-ca-file "$PKI/ca.crt" \
+    --service-account-private-key-file "$PKI/sa.key" \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --use-service-account-credentials=true --profiling=false
+  start_component kube-scheduler "$K8S_BIN/kube-scheduler" \
+    --kubeconfig "$PKI/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig "$PKI/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig "$PKI/kube-scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --leader-elect=false --profiling=false
+  wait_for kube-controller-manager 60 "controller-manager /healthz" \
+    curl -fsSk https://127.0.0.1:10257/healthz
+  wait_for kube-scheduler 60 "scheduler /healthz" curl -fsSk https://127.0.0.1:10259/healthz
+}
+
+start_node() {
+  local ip=$1
+  start_component containerd /usr/bin/containerd --config "$STATE/containerd/config.toml"
+  wait_for containerd 60 "containerd socket" ctr --address "$CONTAINERD_SOCK" version
+  start_component kubelet "$K8S_BIN/kubelet" \
+    --config "$STATE/kubelet-config.yaml" \
+    --kubeconfig "$PKI/kubelet.kubeconfig" \
+    --hostname-override "$NODE_NAME" --node-ip "$ip" \
+    --root-dir "$STATE/kubelet" \
+    --node-labels evalrun.dev/node=real
+  wait_for kubelet 180 "node $NODE_NAME to register" kc get node "$NODE_NAME"
+  wait_for kubelet 180 "node $NODE_NAME Ready" \
+    kc wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s
+}
+
+start_kwok() {
+  local ip=$1
+  bash "$CLUSTER_DIR/kwok-nodes.sh" "$KWOK_NODE_COUNT" >"$STATE/kwok/nodes.yaml"
+  kc apply -f "$CLUSTER_DIR/manifests/runtimeclass-gvisor.yaml" >&2
+  kc apply -f "$STATE/kwok/nodes.yaml" >/dev/null || die "creating kwok nodes failed"
+  # Capacity lives in node status, which create ignores; kwok's node-initialize
+  # stage keeps an allocatable that is already there.
+  local res='{"cpu":"96","memory":"1843Gi","pods":"110","ephemeral-storage":"7Ti","nvidia.com/gpu":"8"}'
+  kc patch -f "$STATE/kwok/nodes.yaml" --subresource=status --type=merge \
+    -p "{\"status\":{\"capacity\":$res,\"allocatable\":$res}}" >/dev/null \
+    || die "setting kwok node GPU capacity failed"
+  local cfg=()
+  for f in "$KWOK_BIN"/../stages/*.yaml; do cfg+=(--config "$(realpath "$f")"); done
+  start_component kwok "$KWOK_BIN/kwok" "${cfg[@]}" \
+    --kubeconfig "$PKI/kwok.kubeconfig" \
+    --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+    --server-address 127.0.0.1:10247 \
+    --node-ip "$ip" --cidr 10.250.0.0/16 \
+    --node-lease-duration-seconds 40
+  wait_for kwok 180 "$KWOK_NODE_COUNT kwok nodes Ready" \
+    kc wait --for=condition=Ready node -l type=kwok --timeout=5s
+}
+
+ensure_packages
+mkdir -p "$STATE" "$RUN" "$LOGS"
+bash "$CLUSTER_DIR/build.sh" || die "building cluster components failed"
+ip=$(node_ip)
+ensure_registry
+push_images
+bash "$CLUSTER_DIR/pki.sh" "$ip"
+cp "$PKI/admin.kubeconfig" "$KUBECONFIG_PATH"
+write_configs "$ip"
+start_control_plane
+start_node "$ip"
+start_kwok "$ip"
+cat >"$STATE/cluster.env" <<ENV
+KUBECONFIG=$KUBECONFIG_PATH
+KUBECTL=$KUBECTL
+HELM=$HELM_BIN/helm
+COSIGN=$COSIGN_BIN/cosign
+REGISTRY=$REGISTRY
+NODE_NAME=$NODE_NAME
+$(cat "$STATE/images.env")
+ENV
+log "cluster up in $((SECONDS - started_at))s; kubeconfig: $KUBECONFIG_PATH"
+echo "$KUBECONFIG_PATH"
