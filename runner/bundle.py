@@ -647,7 +647,7 @@ def build_bundle(
 
 def remove_tree(path: Path) -> None:
     """Remove ``path`` and everything under it, read-only entries included; links not followed."""
-    if path.is_symlink() or not path.exists():
+    if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
         return
     for dirpath, dirnames, _ in os.walk(path):
