@@ -1,0 +1,262 @@
+"""Agent entry point: ``python -m runner.agent {run,rootfs-digest}``.
+
+``run`` executes one evaluation inside the sandbox:
+preflight (rootfs digest, input digests, expected environment) → environment
+capture → the evaluation command → metrics from the per-sample outputs.
+Everything it learns goes to the results directory; the runner collects,
+re-checks and signs it. Exit codes: 0 ok, 3 integrity, 4 environment mismatch,
+20 evaluation failed, 21 evaluation output unusable, 2 bad plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.agent.capture import capture_environment
+from runner.agent.rootfs import rootfs_digest
+from runner.metrics import SampleFormatError, compute_metrics, read_samples
+
+EXIT_OK = 0
+EXIT_BAD_PLAN = 2
+EXIT_INTEGRITY = 3
+EXIT_ENVIRONMENT = 4
+EXIT_EVAL_FAILED = 20
+EXIT_EVAL_OUTPUT = 21
+EXIT_EVAL_TIMEOUT = 22
+
+
+class EventLog:
+    """JSON-lines events with a stable schema: ts, level, event, run_id, plus fields."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self._fh = path.open("a", encoding="utf-8")
+        self._run_id = run_id
+
+    def emit(self, event: str, level: str = "info", **fields: Any) -> None:
+        record = {"ts": time.time(), "level": level, "event": event, "run_id": self._run_id,
+                  "source": "agent", **fields}
+        self._fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def version_satisfies(version: str, specifier: str) -> bool:
+    """Check ``version`` against a comma-separated specifier like ``>=550,<600``."""
+    have = _version_tuple(version)
+    for clause in (c.strip() for c in specifier.split(",") if c.strip()):
+        match = re.fullmatch(r"(==|!=|>=|<=|>|<)\s*([0-9][0-9.]*)", clause)
+        if not match:
+            raise ValueError(f"unsupported version specifier clause {clause!r}")
+        op, want_text = match.groups()
+        want = _version_tuple(want_text)
+        width = max(len(have), len(want))
+        a = have + (0,) * (width - len(have))
+        b = want + (0,) * (width - len(want))
+        if op == "==" and have[: len(want)] != want:
+            return False
+        ok = {"!=": a != b, ">=": a >= b, "<=": a <= b, ">": a > b, "<": a < b}.get(op, True)
+        if not ok:
+            return False
+    return True
+
+
+def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compare the spec's expected environment with what NVML saw; one entry per check."""
+    checks: list[dict[str, Any]] = []
+    wants_gpu = any(expect.get(k) is not None for k in
+                    ("driver", "cuda", "gpu_product", "gpu_count", "mig", "ecc"))
+    if not wants_gpu:
+        return checks
+    if not gpu.get("visible"):
+        checks.append({"check": "gpu_visible", "expected": True, "found": gpu.get("reason"),
+                       "passed": False})
+        return checks
+    if expect.get("driver"):
+        found = gpu.get("driver_version", "")
+        checks.append({"check": "driver", "expected": expect["driver"], "found": found,
+                       "passed": version_satisfies(found, expect["driver"])})
+    if expect.get("cuda"):
+        found = str(gpu.get("cuda_driver_version", ""))
+        ok = not found.startswith("unsupported") and version_satisfies(found, expect["cuda"])
+        checks.append({"check": "cuda", "expected": expect["cuda"], "found": found, "passed": ok})
+    if expect.get("gpu_product"):
+        names = [g["name"] for g in gpu.get("gpus", [])]
+        ok = bool(names) and all(re.search(expect["gpu_product"], n) for n in names)
+        checks.append({"check": "gpu_product", "expected": expect["gpu_product"], "found": names,
+                       "passed": ok})
+    if expect.get("gpu_count") is not None:
+        checks.append({"check": "gpu_count", "expected": expect["gpu_count"],
+                       "found": gpu.get("count"), "passed": gpu.get("count") == expect["gpu_count"]})
+    return checks
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def run(plan_path: Path, results: Path) -> int:
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    (results / "logs").mkdir(parents=True, exist_ok=True)
+    log = EventLog(results / "logs" / "events.jsonl", plan["run_id"])
+    summary: dict[str, Any] = {"run_id": plan["run_id"], "started": time.time()}
+    try:
+        code = _run(plan, results, log, summary)
+    except Exception as exc:  # the agent must always leave a summary behind
+        log.emit("agent_error", level="error", error=repr(exc))
+        summary.update(outcome="agent_error", reason=repr(exc))
+        code = 1
+    summary["finished"] = time.time()
+    summary["exit_code"] = code
+    _write_json(results / "summary.json", summary)
+    log.close()
+    return code
+
+
+def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, Any]) -> int:
+    # --- preflight: image content
+    t0 = time.monotonic()
+    found_rootfs, entries = rootfs_digest("/")
+    expected_rootfs = plan["expected_rootfs_digest"]
+    preflight: dict[str, Any] = {
+        "rootfs": {"expected": expected_rootfs, "found": found_rootfs, "entries": entries,
+                   "passed": found_rootfs == expected_rootfs},
+        "inputs": [],
+    }
+    log.emit("preflight_rootfs", digest=found_rootfs, entries=entries,
+             duration_s=round(time.monotonic() - t0, 4), passed=found_rootfs == expected_rootfs)
+    # --- preflight: every input file, before use
+    for item in plan["inputs"]:
+        path = Path(item["path"])
+        found = _sha256_file(path) if path.is_file() else "missing"
+        preflight["inputs"].append({"name": item["name"], "role": item["role"],
+                                    "expected": item["sha256"], "found": found,
+                                    "passed": found == item["sha256"]})
+    env = capture_environment(plan["image_ref"])
+    _write_json(results / "env.json", env)
+    preflight["environment"] = check_expected_environment(plan.get("expect") or {}, env["gpu"])
+    preflight["duration_s"] = round(time.monotonic() - t0, 4)
+    _write_json(results / "preflight.json", preflight)
+    log.emit("preflight_done", duration_s=preflight["duration_s"])
+    bad_inputs = [i for i in preflight["inputs"] if not i["passed"]]
+    if not preflight["rootfs"]["passed"] or bad_inputs:
+        summary.update(outcome="integrity_failure",
+                       reason="rootfs digest mismatch" if not preflight["rootfs"]["passed"]
+                       else f"input digest mismatch: {[i['name'] for i in bad_inputs]}")
+        log.emit("preflight_failed", level="error", reason=summary["reason"])
+        return EXIT_INTEGRITY
+    bad_env = [c for c in preflight["environment"] if not c["passed"]]
+    if bad_env:
+        summary.update(outcome="environment_mismatch",
+                       reason="; ".join(f"{c['check']}: expected {c['expected']}, found {c['found']}"
+                                        for c in bad_env))
+        log.emit("environment_mismatch", level="error", reason=summary["reason"])
+        return EXIT_ENVIRONMENT
+
+    # --- the evaluation
+    seed = int(plan["seed"])
+    output = results / "predictions.jsonl"
+    child_env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONHASHSEED": str(seed),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+        "EVALRUN_RUN_ID": plan["run_id"],
+        "EVALRUN_SEED": str(seed),
+        "EVALRUN_PARAMS": json.dumps(plan.get("params") or {}, sort_keys=True),
+        "EVALRUN_OUTPUT": str(output),
+    }
+    datasets = {}
+    for item in plan["inputs"]:
+        if item["role"] == "model":
+            child_env["EVALRUN_MODEL"] = item["path"]
+        else:
+            datasets[item["name"]] = item["path"]
+            child_env["EVALRUN_DATA_" + re.sub(r"[^A-Z0-9]", "_", item["name"].upper())] = item["path"]
+    child_env["EVALRUN_DATASETS"] = json.dumps(datasets, sort_keys=True)
+    summary["determinism"] = {"PYTHONHASHSEED": str(seed), "EVALRUN_SEED": str(seed),
+                              "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    log.emit("evaluation_start", command=plan["command"])
+    t1 = time.monotonic()
+    with (results / "logs" / "evaluation.stdout").open("wb") as out, \
+         (results / "logs" / "evaluation.stderr").open("wb") as err:
+        try:
+            proc = subprocess.run(plan["command"], env=child_env, stdout=out, stderr=err,
+                                  stdin=subprocess.DEVNULL, timeout=plan["timeout_s"], check=False)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+        except OSError as exc:
+            summary.update(outcome="evaluation_failed", reason=f"cannot start command: {exc}")
+            log.emit("evaluation_failed", level="error", reason=summary["reason"])
+            return EXIT_EVAL_FAILED
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    duration = round(time.monotonic() - t1, 4)
+    log.emit("evaluation_end", returncode=rc, duration_s=duration, peak_rss_kib=peak_kib)
+    summary["evaluation"] = {"returncode": rc, "duration_s": duration, "peak_rss_kib": peak_kib}
+    if rc is None:
+        summary.update(outcome="timeout", reason=f"evaluation exceeded {plan['timeout_s']} s")
+        return EXIT_EVAL_TIMEOUT
+    if rc != 0:
+        summary.update(outcome="evaluation_failed", reason=f"evaluation command exited {rc}")
+        return EXIT_EVAL_FAILED
+
+    # --- metrics from the per-sample outputs
+    t2 = time.monotonic()
+    try:
+        samples = read_samples(output, plan["metrics"])
+    except (OSError, SampleFormatError) as exc:
+        summary.update(outcome="bad_output", reason=f"per-sample output unusable: {exc}")
+        log.emit("bad_output", level="error", reason=summary["reason"])
+        return EXIT_EVAL_OUTPUT
+    log.emit("data_loaded", samples=len(samples))
+    values = compute_metrics(plan["metrics"], samples, seed)
+    _write_json(results / "metrics.json", {"seed": seed, "metrics": [v.as_dict() for v in values]})
+    log.emit("metrics_done", duration_s=round(time.monotonic() - t2, 4),
+             metrics={v.name: v.value for v in values})
+    summary.update(outcome="completed")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run one evaluation from a plan")
+    p_run.add_argument("--plan", type=Path, default=Path("/evalrun/plan/plan.json"))
+    p_run.add_argument("--results", type=Path, default=Path("/evalrun/results"))
+    sub.add_parser("rootfs-digest", help="print the rootfs content digest of this container")
+    args = parser.parse_args(argv)
+    if args.command == "rootfs-digest":
+        digest, count = rootfs_digest("/")
+        print(json.dumps({"rootfs_digest": digest, "entries": count}))
+        return 0
+    if not args.plan.is_file():
+        print(f"agent: plan not found: {args.plan}", file=sys.stderr)
+        return EXIT_BAD_PLAN
+    return run(args.plan, args.results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Environment capture inside the container: OS, kernel, Python, packages, CPU, limits, GPU."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _os_release() -> dict[str, str]:
+    text = _read("/etc/os-release") or _read("/usr/lib/os-release") or ""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in ("ID", "VERSION_ID", "PRETTY_NAME", "VERSION_CODENAME"):
+            out[key] = value.strip().strip('"')
+    return out
+
+
+def _cpu() -> dict[str, Any]:
+    model = None
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count() or 0
+    return {"model": model, "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
+            "machine": platform.machine()}
+
+
+def _limits() -> dict[str, Any]:
+    limits: dict[str, Any] = {}
+    for key, path in (
+        ("memory_bytes", "/sys/fs/cgroup/memory.max"),
+        ("memory_bytes", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        ("cpu_max", "/sys/fs/cgroup/cpu.max"),
+        ("cpu_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+        ("pids_max", "/sys/fs/cgroup/pids.max"),
+        ("pids_max", "/sys/fs/cgroup/pids/pids.max"),
+    ):
+        value = _read(path)
+        if value is not None and key not in limits:
+            limits[key] = value.strip()
+    mem = _read("/proc/meminfo") or ""
+    for line in mem.splitlines():
+        if line.startswith("MemTotal:"):
+            limits["mem_total_kib"] = int(line.split()[1])
+    return limits
+
+
+def packages() -> list[dict[str, str]]:
+    """Installed distributions with the sha256 of their RECORD (the installed-file list)."""
+    out = []
+    for dist in importlib.metadata.distributions():
+        record = dist.read_text("RECORD")
+        out.append({
+            "name": dist.metadata["Name"] or "?",
+            "version": dist.version,
+            "record_sha256": hashlib.sha256(record.encode()).hexdigest() if record else "",
+        })
+    out.sort(key=lambda p: (p["name"].lower(), p["version"]))
+    return out
+
+
+def gpu_capture() -> dict[str, Any]:
+    """NVML view of the GPUs; a clear 'no GPU visible' record when there is none."""
+    try:
+        import pynvml  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return {"visible": False, "reason": "nvidia-ml-py (pynvml) is not installed in the image"}
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return {"visible": False, "reason": f"NVML unavailable: {exc}"}
+    try:
+        def text(value: Any) -> str:
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        info: dict[str, Any] = {"visible": True, "driver_version": text(pynvml.nvmlSystemGetDriverVersion())}
+        try:
+            cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+            info["cuda_driver_version"] = f"{cuda // 1000}.{(cuda % 1000) // 10}"
+        except Exception as exc:
+            info["cuda_driver_version"] = f"unsupported: {exc}"
+        count = pynvml.nvmlDeviceGetCount()
+        gpus = []
+        for i in range(count):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            gpus.append({
+                "index": i,
+                "name": text(pynvml.nvmlDeviceGetName(handle)),
+                "uuid": text(pynvml.nvmlDeviceGetUUID(handle)),
+                "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+            })
+        info["count"] = count
+        info["gpus"] = gpus
+        return info
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def capture_environment(image_ref: str) -> dict[str, Any]:
+    """Everything about the environment the evaluation ran in, as seen from inside."""
+    uname = platform.uname()
+    return {
+        "image_ref": image_ref,
+        "os": _os_release(),
+        "kernel": {"release": uname.release, "version": uname.version, "system": uname.system},
+        "python": {"version": platform.python_version(), "implementation": sys.implementation.name,
+                   "executable": sys.executable},
+        "packages": packages(),
+        "cpu": _cpu(),
+        "limits": _limits(),
+        "user": {"uid": os.getuid(), "gid": os.getgid()},
+        "gpu": gpu_capture(),
+    }

@@ -1,0 +1,196 @@
+"""The embedded default backend: one sandboxed container on the local Docker engine.
+
+Policy, by construction: the image only by ``repo@sha256``, gVisor (``runsc``)
+unless the spec asks for runc, no network, read-only rootfs, tmpfs ``/tmp``,
+non-root, no capabilities, no-new-privileges, pids/memory/CPU limits, inputs
+read-only and one writable results mount, a wall-clock limit. If gVisor is
+demanded and missing, the run is refused (exit 4): never a silent downgrade.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import docker.types
+
+from runner.backends.base import (
+    PLAN_MOUNT,
+    RESULTS_MOUNT,
+    SANDBOX_UID,
+    BackendResult,
+    RunPlan,
+)
+from runner.docker_engine import connect, docker_call, runtimes, translated
+from runner.errors import EnvironmentMismatch, EvalrunError
+
+log = logging.getLogger("evalrun.backend.docker")
+
+RUNTIME_NAMES = {"gvisor": "runsc", "runc": "runc"}
+# Extra wall-clock allowance on top of the evaluation timeout, for the agent's preflight.
+PREFLIGHT_ALLOWANCE_S = 120
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class DockerBackend:
+    """Runs a :class:`RunPlan` as one sandboxed container."""
+
+    name = "docker"
+
+    def __init__(self, client: Any | None = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = connect()
+        return self._client
+
+    def preflight(self, plan: RunPlan) -> None:
+        runtime = RUNTIME_NAMES[plan.runtime]
+        available = runtimes(self.client)
+        if runtime not in available:
+            raise EnvironmentMismatch(
+                f"the spec demands the {plan.runtime} sandbox, but the Docker engine has no "
+                f"{runtime!r} runtime",
+                expected=runtime,
+                found=sorted(available),
+                hint="install runsc and register it in /etc/docker/daemon.json "
+                '(make host-up does both); evalrun never falls back to a weaker sandbox',
+            )
+        if plan.gpus:
+            raise EnvironmentMismatch(
+                "GPU runs are not supported on the local Docker backend",
+                hint="use --backend kubernetes for GPU Jobs",
+            )
+        self._ensure_image(plan.image_ref)
+
+    def _ensure_image(self, ref: str) -> None:
+        try:
+            with translated(f"inspect {ref}"):
+                self.client.images.get(ref)
+                return
+        except EvalrunError:
+            pass
+        repo, digest = ref.split("@", 1)
+        log.info("pulling image", extra={"event": "image_pull", "image": ref})
+        docker_call(f"pull {ref}", lambda: self.client.api.pull(repo, tag=digest))
+
+    def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
+        client = self.client
+        results_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
+        results_dir.chmod(0o700)
+        with tempfile.TemporaryDirectory(prefix="evalrun-plan-") as plan_dir:
+            plan_path = plan.write_agent_plan(Path(plan_dir))
+            plan_path.chmod(0o444)
+            Path(plan_dir).chmod(0o755)
+            mounts = [
+                docker.types.Mount(PLAN_MOUNT, plan_dir, type="bind", read_only=True),
+                docker.types.Mount(RESULTS_MOUNT, str(results_dir), type="bind", read_only=False),
+            ]
+            for item in plan.inputs:
+                mounts.append(docker.types.Mount(item.container_path, str(item.host_path),
+                                                 type="bind", read_only=True))
+            name = f"evalrun-{plan.run_id}"
+            self._remove_stale(name)
+            container = docker_call("create container", lambda: client.containers.create(
+                plan.image_ref,
+                ["run", "--plan", f"{PLAN_MOUNT}/plan.json", "--results", RESULTS_MOUNT],
+                name=name,
+                runtime=RUNTIME_NAMES[plan.runtime],
+                network_mode="none",
+                read_only=True,
+                tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
+                user=f"{SANDBOX_UID}:{SANDBOX_UID}",
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                pids_limit=plan.pids,
+                mem_limit=f"{plan.memory_mib}m",
+                memswap_limit=f"{plan.memory_mib}m",
+                nano_cpus=int(plan.cpus * 1e9),
+                mounts=mounts,
+                labels={"org.evalrun.run-id": plan.run_id, "org.evalrun.spec": plan.spec_name,
+                        "org.evalrun.lock-digest": plan.lock_digest},
+                detach=True,
+            ))
+            try:
+                return self._run_container(container, plan)
+            finally:
+                try:
+                    with translated("remove container"):
+                        container.remove(force=True)
+                except EvalrunError as exc:
+                    log.warning("could not remove container",
+                                extra={"event": "container_remove_failed", "error": str(exc)})
+
+    def _remove_stale(self, name: str) -> None:
+        try:
+            with translated("remove stale container"):
+                self.client.containers.get(name).remove(force=True)
+        except EvalrunError:
+            pass
+
+    def _run_container(self, container: Any, plan: RunPlan) -> BackendResult:
+        started = _now()
+        t0 = time.monotonic()
+        timed_out = interrupted = False
+        exit_code: int | None = None
+        try:
+            docker_call("start container", container.start, retries=False)
+            deadline = plan.timeout_s + PREFLIGHT_ALLOWANCE_S
+            try:
+                with translated("wait for container"):
+                    status = container.wait(timeout=deadline)
+                exit_code = int(status.get("StatusCode", -1))
+            except EvalrunError:
+                # requests' read timeout surfaces as unreachable; check what really happened.
+                container.reload()
+                if container.status == "running":
+                    timed_out = True
+                    container.kill()
+                else:
+                    raise
+        except KeyboardInterrupt:
+            interrupted = True
+            try:
+                container.kill()
+            except Exception:  # noqa: S110 - best effort; remove(force) follows
+                pass
+        duration = time.monotonic() - t0
+        with translated("inspect container"):
+            container.reload()
+            attrs = container.attrs
+            image_id = self.client.images.get(plan.image_ref).id
+            logs = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
+        host_config = attrs.get("HostConfig", {})
+        return BackendResult(
+            backend=self.name,
+            exit_code=None if (timed_out or interrupted) else exit_code,
+            timed_out=timed_out,
+            interrupted=interrupted,
+            image_digest_confirmed=attrs.get("Image") == image_id,
+            runtime=host_config.get("Runtime", "?"),
+            started_at=started,
+            finished_at=_now(),
+            duration_s=round(duration, 3),
+            container_log=logs,
+            details={
+                "container_id": attrs.get("Id"),
+                "image_id": attrs.get("Image"),
+                "network_mode": host_config.get("NetworkMode"),
+                "read_only_rootfs": host_config.get("ReadonlyRootfs"),
+                "cap_drop": host_config.get("CapDrop"),
+                "security_opt": host_config.get("SecurityOpt"),
+                "user": attrs.get("Config", {}).get("User"),
+                "oom_killed": attrs.get("State", {}).get("OOMKilled"),
+            },
+        )

@@ -1,0 +1,621 @@
+"""Lock, render and build: every input resolved to a digest, images built hermetically.
+
+Flow: the base image comes from a recipe (mmdebstrap, reproducible tar, imported
+and pushed) or a digest reference; wheels are downloaded on the host with their
+hashes; the Dockerfile template is rendered with StrictUndefined; the build runs
+with no network and installs only the hashed wheels; the result is pushed and
+recorded by its **manifest digest** plus a **rootfs content digest**.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import runner
+from runner import registry
+from runner.docker_engine import connect, docker_call, translated
+from runner.errors import (
+    DigestMismatch,
+    EvalrunError,
+    InfrastructureError,
+    InputError,
+    IntegrityError,
+    SpecError,
+)
+from runner.settings import Settings
+from runner.spec import (
+    EvalSpec,
+    LockedArtifact,
+    LockedBase,
+    LockedDataset,
+    LockedImage,
+    LockedSource,
+    LockedSpec,
+    LockedWheel,
+    load_lock,
+    lock_path_for,
+    parse_digest_ref,
+)
+
+log = logging.getLogger("evalrun.build")
+Progress = Callable[[str], None]
+
+REPO_ROOT = Path(runner.__file__).resolve().parent.parent
+IMAGES_DIR = Path(os.environ.get("EVALRUN_IMAGES_DIR", REPO_ROOT / "images"))
+AGENT_FILES = ("__init__.py", "metrics.py", "agent/__init__.py", "agent/__main__.py",
+               "agent/capture.py", "agent/rootfs.py")
+WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "any")
+IMAGE_PYTHON = "3.11"
+BUILD_EPOCH = 1735689600
+
+
+def _noop(_: str) -> None:
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# --------------------------------------------------------------------------- base image
+
+
+class BaseRecipe(BaseModel):
+    """``images/base/<name>.yaml``: how a base image is made with mmdebstrap."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    suite: str
+    variant: str = "apt"
+    mirror: str
+    include: list[str] = Field(default_factory=list)
+    source_date_epoch: int
+
+
+def load_recipe(name: str, images_dir: Path = IMAGES_DIR) -> tuple[BaseRecipe, str]:
+    """Load a base recipe by name; returns it with the sha256 of the recipe file."""
+    path = images_dir / "base" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (images_dir / "base").glob("*.yaml"))
+        raise InputError(
+            f"unknown base recipe {name!r}", file=str(path), hint=f"known recipes: {known}"
+        )
+    try:
+        recipe = BaseRecipe.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise SpecError(f"invalid base recipe: {exc}", file=str(path)) from None
+    return recipe, sha256_file(path)
+
+
+def _push(client: Any, repo: str, tag: str, progress: Progress) -> str:
+    """Push ``repo:tag`` and return the manifest digest the registry reports."""
+    digest: str | None = None
+    errors: list[str] = []
+
+    def do_push() -> None:
+        nonlocal digest
+        for chunk in client.api.push(repo, tag=tag, stream=True, decode=True):
+            if "errorDetail" in chunk or "error" in chunk:
+                errors.append(str(chunk.get("errorDetail", {}).get("message") or chunk.get("error")))
+            aux = chunk.get("aux") or {}
+            if aux.get("Digest"):
+                digest = aux["Digest"]
+
+    progress(f"pushing {repo}:{tag}")
+    docker_call(f"push {repo}:{tag}", do_push)
+    if errors:
+        raise InfrastructureError(f"push of {repo}:{tag} failed: {errors[-1]}")
+    resolved = registry.resolve_tag(registry.ImageName.parse(repo), tag)
+    if digest is None or resolved != digest:
+        raise IntegrityError(
+            f"registry digest for {repo}:{tag} does not match the pushed one",
+            expected=digest, found=resolved,
+        )
+    return digest
+
+
+def ensure_base_image(
+    name: str, settings: Settings, client: Any | None = None, progress: Progress = _noop
+) -> LockedBase:
+    """Resolve (building and pushing if absent) the base image of a recipe to a digest."""
+    recipe, recipe_sha = load_recipe(name)
+    repo = f"{settings.registry}/evalrun/base"
+    tag = f"{recipe.name}-{recipe_sha[:16]}"
+    digest = registry.resolve_tag(registry.ImageName.parse(repo), tag)
+    if digest is None:
+        client = client or connect()
+        tar = settings.base_cache / f"{tag}.tar"
+        if not tar.is_file():
+            build_base_tar(recipe, tar, progress)
+        progress(f"importing base image {repo}:{tag}")
+        docker_call(
+            "import base image",
+            lambda: client.api.import_image_from_file(
+                str(tar), repository=repo, tag=tag,
+                changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"],
+            ),
+            retries=False,
+        )
+        digest = _push(client, repo, tag, progress)
+    return LockedBase(ref=f"{repo}@{digest}", recipe=recipe.name, recipe_sha256=recipe_sha)
+
+
+def build_base_tar(recipe: BaseRecipe, dest: Path, progress: Progress = _noop) -> None:
+    """Run mmdebstrap for ``recipe`` into ``dest`` (atomically)."""
+    if shutil.which("mmdebstrap") is None:
+        raise InfrastructureError("mmdebstrap is not installed", hint="apt-get install mmdebstrap")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_suffix(".partial.tar")
+    cmd = ["mmdebstrap", f"--variant={recipe.variant}", "--format=tar", "--quiet"]
+    if recipe.include:
+        cmd.append("--include=" + ",".join(recipe.include))
+    cmd += [recipe.suite, str(partial), recipe.mirror]
+    progress(f"building base image {recipe.name} with mmdebstrap (about a minute)")
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(recipe.source_date_epoch)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise InfrastructureError(
+            f"mmdebstrap failed ({proc.returncode})", stderr=proc.stderr.strip()[-2000:]
+        )
+    partial.replace(dest)
+
+
+# --------------------------------------------------------------------------- wheels
+
+
+_WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def resolve_wheels(
+    requirements: Iterable[str], settings: Settings, progress: Progress = _noop
+) -> list[LockedWheel]:
+    """Download the wheels (and their dependencies) for the image's Python; hash each."""
+    reqs = sorted(requirements)
+    if not reqs:
+        return []
+    cache = settings.wheel_cache
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="evalrun-wheels-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+               "--python-version", IMAGE_PYTHON, "--implementation", "cp", "-d", tmp]
+        for plat in WHEEL_PLATFORMS:
+            cmd += ["--platform", plat]
+        progress(f"resolving wheels: {', '.join(reqs)}")
+        proc = subprocess.run([*cmd, *reqs], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise InfrastructureError(
+                "pip download failed", requirements=reqs, stderr=proc.stderr.strip()[-1500:]
+            )
+        wheels = []
+        for path in sorted(Path(tmp).glob("*.whl")):
+            match = _WHEEL_RE.match(path.name)
+            if not match:
+                raise InputError(f"cannot parse wheel filename {path.name!r}")
+            digest = sha256_file(path)
+            target = cache / digest / path.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target.with_suffix(".partial"))
+                target.with_suffix(".partial").replace(target)
+            wheels.append(LockedWheel(name=_normalize(match["name"]), version=match["version"],
+                                      filename=path.name, sha256=digest))
+    return wheels
+
+
+def cached_wheel(wheel: LockedWheel, settings: Settings) -> Path:
+    """The cached file of a locked wheel, verified against its hash."""
+    path = settings.wheel_cache / wheel.sha256 / wheel.filename
+    if not path.is_file():
+        raise InputError(
+            f"wheel {wheel.filename} is not in the cache", file=str(path),
+            hint="run `evalrun lock` to download the locked wheels again",
+        )
+    found = sha256_file(path)
+    if found != wheel.sha256:
+        raise DigestMismatch(f"cached wheel {wheel.filename}", expected=wheel.sha256,
+                             found=found, path=str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_input(spec_dir: Path, uri: str, field: str) -> Path:
+    """A spec input path (relative to the spec, or file://) as a real local file."""
+    raw = uri.removeprefix("file://")
+    if "://" in raw:
+        raise InputError(f"{field}: only local files and file:// URIs are supported, found {uri!r}")
+    path = (spec_dir / raw).resolve()
+    if not path.is_file():
+        raise InputError(f"{field}: file not found", file=str(path), uri=uri)
+    return path
+
+
+def lock_artifact(spec_dir: Path, uri: str, expected: str, field: str) -> LockedArtifact:
+    path = resolve_input(spec_dir, uri, field)
+    found = sha256_file(path)
+    if found != expected:
+        raise DigestMismatch(field, expected=expected, found=found, path=str(path),
+                             hint="the file changed since the spec was written; check its origin")
+    return LockedArtifact(path=os.path.relpath(path, spec_dir), sha256=found,
+                          size=path.stat().st_size)
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over a directory's files (path, executable bit, content); links refused."""
+    h = hashlib.sha256(b"evalrun-tree/v1\n")
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise InputError(f"build context contains a symlink: {rel}", file=str(path))
+        if "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
+        if path.is_file():
+            exe = "x" if os.access(path, os.X_OK) else "-"
+            h.update(f"{rel} {exe} {sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def git_source(path: Path) -> tuple[str | None, bool]:
+    """(commit, dirty) of the git checkout holding ``path``; (None, False) outside git."""
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                              check=False)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return None, False
+    status = git("status", "--porcelain", "--untracked-files=normal", "--", ".")
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+# --------------------------------------------------------------------------- render
+
+
+def render_dockerfile(template: Path, variables: dict[str, Any]) -> str:
+    """Render a Dockerfile template strictly; every FROM must be digest-pinned."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template.parent)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # noqa: S701 - output is a Dockerfile, not HTML
+        keep_trailing_newline=True,
+    )
+    try:
+        text = env.get_template(template.name).render(**variables)
+    except jinja2.UndefinedError as exc:
+        raise InputError(
+            f"template uses an undefined variable: {exc.message}",
+            file=str(template),
+            hint=f"available variables: {sorted(variables)}",
+        ) from None
+    except jinja2.TemplateError as exc:
+        raise InputError(f"template error: {exc}", file=str(template)) from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        match = re.match(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)", line, re.IGNORECASE)
+        if match:
+            try:
+                parse_digest_ref(match[1])
+            except ValueError as exc:
+                raise InputError(
+                    f"rendered Dockerfile line {lineno}: {exc}", file=str(template)
+                ) from None
+    return text
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    spec: EvalSpec
+    spec_dir: Path
+    base: LockedBase
+    wheels: list[LockedWheel]
+    template: Path
+    context: Path
+
+    def digest(self) -> str:
+        """One digest over everything that goes into the image."""
+        h = hashlib.sha256(b"evalrun-build-inputs/v1\n")
+        h.update(self.base.ref.encode() + b"\n")
+        for w in self.wheels:
+            h.update(f"{w.filename} {w.sha256}\n".encode())
+        h.update(sha256_file(self.template).encode() + b"\n")
+        h.update(tree_digest(self.context).encode() + b"\n")
+        for rel in AGENT_FILES:
+            h.update(sha256_file(REPO_ROOT / "runner" / rel).encode() + b"\n")
+        return h.hexdigest()
+
+
+def stage_context(inputs: BuildInputs, dest: Path, settings: Settings) -> str:
+    """Fill ``dest`` with the hermetic build context; returns the rendered Dockerfile."""
+    wheels_dir = dest / "wheels"
+    wheels_dir.mkdir(parents=True)
+    lines = []
+    for wheel in inputs.wheels:
+        shutil.copy2(cached_wheel(wheel, settings), wheels_dir / wheel.filename)
+        lines.append(f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}")
+    (dest / "requirements.lock.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    agent_dir = dest / "agent" / "runner"
+    for rel in AGENT_FILES:
+        target = agent_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / "runner" / rel, target)
+    shutil.copytree(inputs.context, dest / "app", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    text = render_dockerfile(inputs.template, {
+        "base_image": inputs.base.ref,
+        "spec_name": inputs.spec.metadata.name,
+        "inputs_digest": inputs.digest(),
+        "source_date_epoch": BUILD_EPOCH,
+        "has_wheels": bool(inputs.wheels),
+    })
+    (dest / "Dockerfile").write_text(text)
+    return text
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    ref: str
+    rootfs_digest: str
+    inputs_digest: str
+    skipped: bool
+
+
+def _docker_build(client: Any, context: Path, tag: str, nocache: bool, progress: Progress) -> None:
+    """Build with the network off; a stream ``errorDetail`` is a failed build, always."""
+    # A failed build must never leave an older image under this tag to be used.
+    try:
+        with translated("remove stale tag"):
+            client.api.remove_image(tag, noprune=True)
+    except EvalrunError:
+        pass
+    errors: list[str] = []
+    tail: list[str] = []
+
+    def do_build() -> None:
+        stream = client.api.build(
+            path=str(context), tag=tag, network_mode="none", rm=True, forcerm=True,
+            pull=False, nocache=nocache, decode=True,
+            buildargs={"SOURCE_DATE_EPOCH": str(BUILD_EPOCH)},
+        )
+        for chunk in stream:
+            if "errorDetail" in chunk or "error" in chunk:
+                errors.append(str((chunk.get("errorDetail") or {}).get("message")
+                                  or chunk.get("error")))
+            text = chunk.get("stream", "")
+            if text.strip():
+                tail.append(text.rstrip())
+                if text.startswith("Step "):
+                    progress("  " + text.strip())
+
+    progress(f"building {tag} (network disabled)")
+    docker_call(f"build {tag}", do_build, retries=False)
+    if errors:
+        try:
+            with translated("remove failed tag"):
+                client.api.remove_image(tag, noprune=True)
+        except EvalrunError:
+            pass
+        raise InputError(
+            f"image build failed: {errors[-1].strip()}",
+            build_log_tail="\n".join(tail[-15:]),
+        )
+
+
+def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
+    """Run the agent in the image (read-only, no network) to compute its rootfs digest."""
+
+    def run() -> bytes:
+        out: bytes = client.containers.run(
+            ref, ["rootfs-digest"], remove=True, network_mode="none", read_only=True,
+            tmpfs={"/tmp": "rw,size=16m"}, runtime=runtime, stdout=True, stderr=False,
+            cap_drop=["ALL"], security_opt=["no-new-privileges"],
+        )
+        return out
+
+    out = docker_call(f"measure rootfs of {ref}", run, retries=False)
+    data = json.loads(out.decode().strip().splitlines()[-1])
+    digest: str = data["rootfs_digest"]
+    return digest
+
+
+def build_image(
+    inputs: BuildInputs,
+    settings: Settings,
+    *,
+    client: Any | None = None,
+    nocache: bool = False,
+    tag_suffix: str = "",
+    progress: Progress = _noop,
+) -> BuiltImage:
+    """Render, build hermetically, push, and measure the rootfs digest."""
+    client = client or connect()
+    inputs_digest = inputs.digest()
+    repo = f"{inputs.spec.image.repository}/{inputs.spec.metadata.name}"
+    tag = f"in-{inputs_digest[:24]}{tag_suffix}"
+    with tempfile.TemporaryDirectory(prefix="evalrun-build-") as tmp:
+        stage_context(inputs, Path(tmp), settings)
+        _docker_build(client, Path(tmp), f"{repo}:{tag}", nocache, progress)
+    digest = _push(client, repo, tag, progress)
+    ref = f"{repo}@{digest}"
+    progress("measuring rootfs digest")
+    rootfs = measure_rootfs(client, ref, "runc")
+    return BuiltImage(ref=ref, rootfs_digest=rootfs, inputs_digest=inputs_digest, skipped=False)
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def build_inputs_for(spec: EvalSpec, spec_dir: Path, base: LockedBase,
+                     wheels: list[LockedWheel]) -> BuildInputs:
+    assert spec.image.template and spec.image.context  # guaranteed by ImageSpec
+    template = (spec_dir / spec.image.template).resolve()
+    if not template.is_file():
+        raise InputError("image.template: file not found", file=str(template))
+    context = (spec_dir / spec.image.context).resolve()
+    if not context.is_dir():
+        raise InputError("image.context: directory not found", file=str(context))
+    return BuildInputs(spec=spec, spec_dir=spec_dir, base=base, wheels=wheels,
+                       template=template, context=context)
+
+
+def _resolve_base(spec: EvalSpec, settings: Settings, client: Any | None,
+                  progress: Progress) -> LockedBase:
+    assert spec.image.base
+    if "@" in spec.image.base:
+        repo, digest = parse_digest_ref(spec.image.base)
+        if not registry.manifest_exists(registry.ImageName.parse(repo), digest):
+            raise InputError(f"image.base {spec.image.base} is not in its registry")
+        return LockedBase(ref=spec.image.base)
+    return ensure_base_image(spec.image.base, settings, client, progress)
+
+
+def lock_spec(
+    spec: EvalSpec,
+    spec_path: Path,
+    settings: Settings,
+    *,
+    progress: Progress = _noop,
+    rebuild: bool = False,
+) -> tuple[LockedSpec, BuiltImage | None]:
+    """Resolve every input of ``spec`` to a digest, build the image, write the lock."""
+    spec_dir = spec_path.resolve().parent
+    model = lock_artifact(spec_dir, spec.model.uri, spec.model.sha256, "model")
+    datasets = []
+    for i, ds in enumerate(spec.datasets):
+        art = lock_artifact(spec_dir, ds.uri, ds.sha256, f"datasets[{i}] ({ds.name})")
+        datasets.append(LockedDataset(**art.model_dump(), name=ds.name, split=ds.split,
+                                      license=ds.license, source=ds.source))
+    commit, dirty = git_source(spec_dir)
+    client = None
+    built: BuiltImage | None = None
+    if spec.image.ref:
+        repo, digest = parse_digest_ref(spec.image.ref)
+        if not registry.manifest_exists(registry.ImageName.parse(repo), digest):
+            raise InputError(f"image.ref {spec.image.ref} is not in its registry")
+        client = connect()
+        base = None
+        wheels: list[LockedWheel] = []
+        image = LockedImage(ref=spec.image.ref,
+                            rootfs_digest=measure_rootfs(client, spec.image.ref, "runc"))
+        tree = hashlib.sha256(b"").hexdigest()
+    else:
+        previous = _previous_lock(spec_path)
+        base = _resolve_base(spec, settings, client, progress)
+        wheels = _reuse_or_resolve_wheels(spec, previous, settings, progress)
+        inputs = build_inputs_for(spec, spec_dir, base, wheels)
+        tree = tree_digest(inputs.context)
+        image_or_none = None if rebuild else _reusable_image(previous, inputs)
+        if image_or_none is None:
+            built = build_image(inputs, settings, progress=progress)
+            image = LockedImage(
+                ref=built.ref, rootfs_digest=built.rootfs_digest,
+                template_sha256=sha256_file(inputs.template), context_sha256=tree,
+                inputs_digest=built.inputs_digest,
+                built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            )
+        else:
+            image = image_or_none
+            built = BuiltImage(ref=image.ref, rootfs_digest=image.rootfs_digest,
+                               inputs_digest=image.inputs_digest or "", skipped=True)
+            progress(f"image unchanged: {image.ref}")
+    lock = LockedSpec(
+        spec_name=spec.metadata.name, spec_digest=spec.digest(), base=base, wheels=wheels,
+        image=image, model=model, datasets=datasets,
+        source=LockedSource(commit=commit, dirty=dirty, tree_sha256=tree),
+    )
+    write_lock(lock, lock_path_for(spec_path))
+    return lock, built
+
+
+def _previous_lock(spec_path: Path) -> LockedSpec | None:
+    path = lock_path_for(spec_path)
+    if not path.exists():
+        return None
+    try:
+        return load_lock(path)
+    except SpecError:
+        log.warning("ignoring unreadable previous lock", extra={"event": "lock_ignored",
+                                                                "file": str(path)})
+        return None
+
+
+def _reuse_or_resolve_wheels(spec: EvalSpec, previous: LockedSpec | None, settings: Settings,
+                             progress: Progress) -> list[LockedWheel]:
+    """Keep the previous lock's wheels when the requirements still match and are cached."""
+    if previous is not None and previous.wheels:
+        pinned = {_normalize(r.split("==")[0]): r.split("==")[1] for r in spec.image.requirements}
+        have = {w.name: w.version for w in previous.wheels}
+        if all(have.get(n) == v for n, v in pinned.items()):
+            try:
+                for w in previous.wheels:
+                    cached_wheel(w, settings)
+                return list(previous.wheels)
+            except EvalrunError:
+                pass
+    return resolve_wheels(spec.image.requirements, settings, progress)
+
+
+def _reusable_image(previous: LockedSpec | None, inputs: BuildInputs) -> LockedImage | None:
+    """The previous lock's image when its build inputs are unchanged and it is still pushed."""
+    if previous is None or previous.image.inputs_digest != inputs.digest():
+        return None
+    repo, digest = parse_digest_ref(previous.image.ref)
+    if not registry.manifest_exists(registry.ImageName.parse(repo), digest):
+        return None
+    return previous.image
+
+
+def write_lock(lock: LockedSpec, path: Path) -> None:
+    """Write the lock atomically (temp file + rename): never half-written."""
+    data = json.dumps(lock.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".eval.lock.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_reproducible(
+    spec: EvalSpec, spec_path: Path, lock: LockedSpec, settings: Settings,
+    progress: Progress = _noop,
+) -> dict[str, Any]:
+    """Rebuild from scratch (no cache) and compare with the locked image."""
+    if lock.base is None:
+        raise InputError("build --check needs a template build, not image.ref")
+    inputs = build_inputs_for(spec, spec_path.resolve().parent, lock.base, list(lock.wheels))
+    rebuilt = build_image(inputs, settings, nocache=True, tag_suffix="-check", progress=progress)
+    return {
+        "locked_image": lock.image.ref,
+        "rebuilt_image": rebuilt.ref,
+        "image_identical": rebuilt.ref == lock.image.ref,
+        "locked_rootfs": lock.image.rootfs_digest,
+        "rebuilt_rootfs": rebuilt.rootfs_digest,
+        "rootfs_identical": rebuilt.rootfs_digest == lock.image.rootfs_digest,
+    }

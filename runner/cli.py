@@ -1,0 +1,337 @@
+"""The ``evalrun`` command line. The only place that configures logging and exits.
+
+Human output goes to the terminal (progress on stderr, results on stdout);
+``--json`` prints one structured summary object on stdout instead. Structured
+JSON-lines logs (``ts``, ``level``, ``event``, ``run_id``, …) always go to the
+log file, and to stderr with ``--log-json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from runner.errors import EvalrunError, InputError, Interrupted
+from runner.settings import Settings
+
+log = logging.getLogger("evalrun")
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """Stable schema: ts, level, event, run_id, logger, message, then the extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", record.getMessage()),
+            "run_id": getattr(record, "run_id", None),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED and key not in data:
+                data[key] = value
+        return json.dumps(data, default=str, sort_keys=True)
+
+
+def _configure_logging(settings: Settings, log_json: bool, verbose: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
+        file_handler.setFormatter(JsonLinesFormatter())
+        root.addHandler(file_handler)
+    except OSError:
+        pass
+    if log_json:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(JsonLinesFormatter())
+        root.addHandler(stream)
+    for noisy in ("urllib3", "docker", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Terminal:
+    """Progress lines on stderr with elapsed time; silent in --json mode."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.json:
+        _emit_json({"valid": True, "file": str(args.spec), "name": spec.metadata.name,
+                    "spec_digest": spec.digest()})
+    else:
+        print(f"{args.spec}: valid ({spec.metadata.name}, {spec.digest()})")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.spec import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.build import lock_spec
+    from runner.spec import load_spec, lock_path_for
+
+    spec = load_spec(args.spec)
+    t0 = time.monotonic()
+    lock, built = lock_spec(spec, args.spec, settings, progress=term, rebuild=args.rebuild)
+    summary = {
+        "lock": str(lock_path_for(args.spec)), "lock_digest": lock.digest(),
+        "image": lock.image.ref, "rootfs_digest": lock.image.rootfs_digest,
+        "built": bool(built and not built.skipped), "seconds": round(time.monotonic() - t0, 3),
+    }
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(f"locked {args.spec} → {summary['lock']}")
+        print(f"  image  {lock.image.ref}")
+        print(f"  rootfs {lock.image.rootfs_digest}")
+        print(f"  lock   {lock.digest()}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.build import check_reproducible
+    from runner.errors import IntegrityError
+    from runner.launch import load_locked
+
+    if not args.check:
+        return cmd_lock(args, settings, term)
+    spec, lock = load_locked(args.spec)
+    report = check_reproducible(spec, args.spec, lock, settings, progress=term)
+    if args.json:
+        _emit_json(report)
+    else:
+        for key, value in report.items():
+            print(f"  {key}: {value}")
+    if not report["rootfs_identical"]:
+        raise IntegrityError("rebuild does not reproduce the locked rootfs digest",
+                             expected=report["locked_rootfs"], found=report["rebuilt_rootfs"])
+    if not report["image_identical"]:
+        print("rootfs identical; the image manifest digest differs (layer metadata and "
+              "timestamps are not yet normalized)", file=sys.stderr)
+    return 0
+
+
+def _signer(args: argparse.Namespace, settings: Settings, term: Terminal) -> Any:
+    from runner.signing import generate_keypair, load_signer
+
+    key = args.key
+    if key is None:
+        key = settings.default_private_key
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            info = generate_keypair(key, settings.default_public_key)
+            term(f"created signing key {key} (public: {settings.default_public_key}, "
+                 f"keyid {info.keyid[:16]}…)")
+    return load_signer(key)
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.launch import run_evaluation
+    from runner.report import metric_table
+    from runner.signing import load_verifier
+    from runner.verify import verify_bundle
+
+    backend: Any
+    if args.backend == "docker":
+        from runner.backends.docker import DockerBackend
+
+        backend = DockerBackend()
+    else:
+        raise InputError(f"backend {args.backend!r} is not available in this build",
+                         hint="use --backend docker")
+    signer = _signer(args, settings, term)
+    outcome = run_evaluation(args.spec, backend, signer, settings, rerun=args.rerun, progress=term)
+    public = args.pub or (settings.default_public_key if args.key is None else None)
+    verified: str = "not checked (pass --pub to verify with a public key)"
+    if public is not None:
+        vb = verify_bundle(outcome.bundle.path, load_verifier(public))
+        verified = f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
+    if args.json:
+        _emit_json({"run_id": outcome.run_id, "outcome": outcome.outcome,
+                    "exit_code": outcome.exit_code, "reason": outcome.reason,
+                    "bundle": str(outcome.bundle.path), "bundle_digest": outcome.bundle.digest,
+                    "reused": outcome.reused, "verified": verified,
+                    "metrics": outcome.predicate.get("metrics")})
+    else:
+        print(f"run id   {outcome.run_id}{' (existing run)' if outcome.reused else ''}")
+        print(f"outcome  {outcome.outcome}" + (f" — {outcome.reason}" if outcome.reason else ""))
+        print()
+        print(metric_table(outcome.predicate))
+        print()
+        verdict = {0: "PASS: every metric meets its threshold",
+                   6: "FAIL: the evaluation did not meet its thresholds"}
+        print(f"verdict  {verdict.get(outcome.exit_code, 'NOT EVALUATED: ' + outcome.outcome)}")
+        print(f"bundle   {outcome.bundle.path}")
+        print(f"digest   {outcome.bundle.digest}")
+        print(f"verify   {verified}")
+    return outcome.exit_code
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.signing import load_verifier
+    from runner.verify import verify_bundle
+
+    vb = verify_bundle(args.bundle, load_verifier(args.key))
+    if args.json:
+        _emit_json({"valid": True, "bundle": str(args.bundle), "run_id": vb.run_id,
+                    "bundle_digest": vb.bundle_digest, "keyid": vb.keyid,
+                    "files": vb.file_count, "checks": [c.name for c in vb.checks]})
+    else:
+        print(f"{args.bundle}: valid")
+        print(f"  run id   {vb.run_id}")
+        print(f"  digest   {vb.bundle_digest}")
+        print(f"  signer   {vb.keyid}")
+        print(f"  files    {vb.file_count} ({vb.total_size} bytes), all hashes match")
+        print(f"  checks   {', '.join(c.name for c in vb.checks)}")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.signing import generate_keypair
+
+    private = args.out or settings.default_private_key
+    public = private.with_suffix(".pub")
+    info = generate_keypair(private, public, args.algorithm)
+    if args.json:
+        _emit_json({"private_key": str(private), "public_key": str(public), "keyid": info.keyid,
+                    "algorithm": args.algorithm})
+    else:
+        print(f"private key {private} (mode 0600; never leaves this machine)")
+        print(f"public key  {public}")
+        print(f"keyid       {info.keyid}")
+    return 0
+
+
+def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.store import Store
+
+    entries = Store(settings.home).runs()
+    if args.json:
+        _emit_json([e.model_dump(mode="json", by_alias=True) for e in entries])
+        return 0
+    for e in entries:
+        print(f"{e.run_id}  {e.outcome or '?':22}  {e.created:%Y-%m-%d %H:%M:%S}  {e.bundle_digest}")
+    return 0
+
+
+def _emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="one JSON summary on stdout")
+    common.add_argument("--log-json", action="store_true", help="JSON-lines logs on stderr")
+    common.add_argument("-v", "--verbose", action="store_true")
+
+    parser = argparse.ArgumentParser(
+        prog="evalrun",
+        description="Build digest-pinned evaluation images, run them sandboxed, and seal "
+                    "the results into signed, verifiable bundles.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", parents=[common], help="check an eval.yaml")
+    p.add_argument("spec", type=Path)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of eval.yaml")
+    p.set_defaults(fn=cmd_schema)
+
+    for name, fn, text in (("lock", cmd_lock, "resolve every input to a digest (builds the image)"),
+                           ("build", cmd_build, "build the image; --check rebuilds and compares")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("spec", type=Path)
+        p.add_argument("--rebuild", action="store_true", help="build even if nothing changed")
+        if name == "build":
+            p.add_argument("--check", action="store_true",
+                           help="rebuild from scratch (no cache) and compare with the lock")
+        else:
+            p.set_defaults(check=False)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
+    p.add_argument("--rerun", action="store_true", help="start a new attempt even if one exists")
+    p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
+    p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("verify", parents=[common], help="verify a bundle offline")
+    p.add_argument("bundle", type=Path, help="bundle directory or .tar")
+    p.add_argument("--key", type=Path, required=True, help="public key (PEM)")
+    p.set_defaults(fn=cmd_verify)
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_cmd",
+                                                                       required=True)
+    p = keys.add_parser("generate", parents=[common], help="create a signing key pair")
+    p.add_argument("--out", type=Path, help="private key path (public key: same name, .pub)")
+    p.add_argument("--algorithm", choices=["ecdsa-p256", "ed25519"], default="ecdsa-p256")
+    p.set_defaults(fn=cmd_keys_generate)
+
+    runs = sub.add_parser("runs", help="run history").add_subparsers(dest="runs_cmd",
+                                                                     required=True)
+    p = runs.add_parser("ls", parents=[common], help="list stored runs")
+    p.set_defaults(fn=cmd_runs_ls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = Settings()
+    _configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
+    term = Terminal(quiet=getattr(args, "json", False))
+    try:
+        code: int = args.fn(args, settings, term)
+    except KeyboardInterrupt:
+        err = Interrupted("interrupted; nothing was left half-written")
+        print(f"evalrun: {err.diagnostics()}", file=sys.stderr)
+        return err.exit_code
+    except EvalrunError as err:
+        log.error(err.message, extra={"event": "error", "error": err.as_dict()})
+        if getattr(args, "json", False):
+            _emit_json(err.as_dict())
+        else:
+            print(f"evalrun: error: {err.diagnostics()}", file=sys.stderr)
+        return err.exit_code
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Collect what the container wrote, without trusting it.
+
+The results directory was writable by the sandbox, so every entry is checked:
+only regular files and directories, no links, no odd names, bounded sizes. Files
+are copied with ``O_NOFOLLOW``. Then the runner recomputes every metric from the
+per-sample file itself and compares it with the container's aggregate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.metrics import SampleFormatError, compute_metrics, read_samples
+
+MAX_FILE_BYTES = 4 * 1024**3
+MAX_TOTAL_BYTES = 16 * 1024**3
+MAX_FILES = 10_000
+
+
+@dataclass
+class Collected:
+    """What was copied, and every problem found on the way."""
+
+    files: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+
+
+def collect_results(src: Path, dest: Path) -> Collected:
+    """Copy the regular files under ``src`` into ``dest``; refuse links and specials."""
+    out = Collected()
+    dest.mkdir(parents=True, exist_ok=True)
+    root_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _walk(root_fd, "", dest, out)
+    finally:
+        os.close(root_fd)
+    return out
+
+
+def _safe_name(name: str) -> bool:
+    return name not in (".", "..") and "/" not in name and "\\" not in name and name.isprintable()
+
+
+def _walk(dir_fd: int, prefix: str, dest: Path, out: Collected) -> None:
+    for name in sorted(os.listdir(dir_fd)):
+        rel = f"{prefix}{name}"
+        if not _safe_name(name):
+            out.problems.append(f"results entry {rel!r}: unsafe name, not collected")
+            continue
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            out.problems.append(f"results entry {rel!r}: is a symlink, not collected")
+        elif stat.S_ISDIR(st.st_mode):
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                _walk(child, rel + "/", dest, out)
+            finally:
+                os.close(child)
+        elif stat.S_ISREG(st.st_mode):
+            if len(out.files) >= MAX_FILES:
+                out.problems.append(f"more than {MAX_FILES} result files; {rel!r} not collected")
+            elif st.st_size > MAX_FILE_BYTES or out.total_bytes + st.st_size > MAX_TOTAL_BYTES:
+                out.problems.append(f"results entry {rel!r}: too large ({st.st_size} bytes)")
+            else:
+                _copy(dir_fd, name, dest / rel)
+                out.files.append(rel)
+                out.total_bytes += st.st_size
+        else:
+            out.problems.append(f"results entry {rel!r}: not a regular file, not collected")
+
+
+def _copy(dir_fd: int, name: str, target: Path) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as src, target.open("xb") as dst:
+            while chunk := src.read(4 * 1024 * 1024):
+                dst.write(chunk)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    """JSON from a collected file, or None when absent or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return isinstance(a, int | float) and isinstance(b, int | float) and math.isclose(
+        float(a), float(b), rel_tol=0.0, abs_tol=1e-12
+    )
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    metrics: list[dict[str, Any]]
+    problems: list[str]
+
+
+def recompute_metrics(results: Path, definitions: list[dict[str, Any]], seed: int) -> MetricCheck:
+    """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``."""
+    try:
+        samples = read_samples(results / "predictions.jsonl", definitions)
+    except FileNotFoundError:
+        return MetricCheck([], ["predictions.jsonl is missing: no per-sample outputs"])
+    except (OSError, SampleFormatError) as exc:
+        return MetricCheck([], [f"per-sample outputs unusable: {exc}"])
+    ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
+    reported = read_json(results / "metrics.json")
+    problems: list[str] = []
+    if not isinstance(reported, dict) or not isinstance(reported.get("metrics"), list):
+        problems.append("metrics.json from the container is missing or malformed")
+        return MetricCheck(ours, problems)
+    theirs = {m.get("name"): m for m in reported["metrics"] if isinstance(m, dict)}
+    for metric in ours:
+        other = theirs.pop(metric["name"], None)
+        if other is None:
+            problems.append(f"metric {metric['name']}: not reported by the container")
+            continue
+        ci, oci = metric["ci"], other.get("ci") or {}
+        for label, a, b in (("value", metric["value"], other.get("value")),
+                            ("ci.low", ci["low"], oci.get("low")),
+                            ("ci.high", ci["high"], oci.get("high"))):
+            if not _same(a, b):
+                problems.append(
+                    f"metric {metric['name']} {label}: container reported {b!r}, "
+                    f"recomputed from per-sample outputs {a!r}"
+                )
+    for extra in sorted(str(k) for k in theirs):
+        problems.append(f"metric {extra}: reported by the container but not declared in the spec")
+    return MetricCheck(ours, problems)

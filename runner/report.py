@@ -1,0 +1,96 @@
+"""Human-readable run reports (``report.md`` in every bundle, and the terminal summary)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "—" if value is None else str(value)
+
+
+def metric_rows(predicate: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for m in predicate.get("metrics") or []:
+        ci = m.get("ci") or {}
+        level = ci.get("level")
+        ci_text = (f"[{_fmt(ci.get('low'))}, {_fmt(ci.get('high'))}] "
+                   f"({int(level * 100) if level else '?'}% {ci.get('method')})"
+                   if ci.get("low") is not None else "—")
+        verdict = {True: "pass", False: "FAIL", None: "—"}[m.get("passed")]
+        threshold = m.get("threshold")
+        direction = ">=" if m.get("direction", "higher_is_better") == "higher_is_better" else "<="
+        rows.append([m["name"], _fmt(m.get("value")), ci_text,
+                     f"{direction} {threshold}" if threshold is not None else "—", verdict])
+    return rows
+
+
+def metric_table(predicate: Mapping[str, Any]) -> str:
+    """A plain-text table for the terminal."""
+    header = ["metric", "value", "confidence interval", "threshold", "verdict"]
+    rows = metric_rows(predicate)
+    if not rows:
+        return "(no metrics)"
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(predicate: Mapping[str, Any]) -> str:
+    """``report.md``: what ran, on what, with which result. Deterministic for a predicate."""
+    env = predicate.get("environment") or {}
+    image = predicate.get("image") or {}
+    lines = [
+        f"# evalrun report — {predicate.get('spec', {}).get('name')}",
+        "",
+        f"- run id: `{predicate.get('run_id')}` (attempt {predicate.get('attempt')})",
+        f"- outcome: **{predicate.get('outcome')}**"
+        + (f" — {predicate['reason']}" if predicate.get("reason") else ""),
+        f"- spec digest: `{predicate.get('spec', {}).get('digest')}`",
+        f"- lock digest: `{predicate.get('lock_digest')}`",
+        f"- image: `{image.get('ref')}`",
+        f"- rootfs digest: expected `{image.get('rootfs_expected')}`, "
+        f"found `{image.get('rootfs_found')}`",
+        f"- sandbox: {predicate.get('sandbox', {}).get('runtime_used')} "
+        f"(requested {predicate.get('sandbox', {}).get('runtime_requested')}), "
+        f"network {predicate.get('sandbox', {}).get('network')}",
+        f"- seed: {predicate.get('seeds', {}).get('seed')}",
+        f"- started: {predicate.get('timestamps', {}).get('started')}, "
+        f"finished: {predicate.get('timestamps', {}).get('finished')}",
+        "",
+        "## Metrics",
+        "",
+    ]
+    rows = metric_rows(predicate)
+    if rows:
+        lines.append("| metric | value | confidence interval | threshold | verdict |")
+        lines.append("|---|---|---|---|---|")
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        lines.append("No metrics were computed.")
+    lines += ["", "## Inputs", ""]
+    model = predicate.get("model") or {}
+    lines.append(f"- model `{model.get('path')}` sha256 `{model.get('sha256')}`")
+    for ds in predicate.get("datasets") or []:
+        lines.append(f"- dataset {ds.get('name')} (`{ds.get('split')}`) sha256 `{ds.get('sha256')}`"
+                     f" — license: {ds.get('license')}; source: {ds.get('source')}")
+    source = predicate.get("source") or {}
+    lines.append(f"- code: commit `{source.get('commit')}`, dirty: {source.get('dirty')}")
+    lines += ["", "## Environment", ""]
+    osr = env.get("os") or {}
+    lines.append(f"- OS: {osr.get('PRETTY_NAME')}; kernel {env.get('kernel', {}).get('release')}")
+    lines.append(f"- Python {env.get('python', {}).get('version')}; "
+                 f"{len(env.get('packages') or [])} packages")
+    cpu = env.get("cpu") or {}
+    lines.append(f"- CPU: {cpu.get('model')} ({cpu.get('usable_cpus')} usable)")
+    gpu = env.get("gpu") or {}
+    lines.append("- GPU: " + (", ".join(g.get("name", "?") for g in gpu.get("gpus", []))
+                              + f"; driver {gpu.get('driver_version')}, "
+                              f"CUDA {gpu.get('cuda_driver_version')}"
+                              if gpu.get("visible") else f"none visible ({gpu.get('reason')})"))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,494 @@
+"""The evaluation spec (``eval.yaml``) and its lock (``eval.lock.json``).
+
+Models are frozen and strict: once you hold an :class:`EvalSpec` or a
+:class:`LockedSpec`, it is well-formed. Loading goes through a YAML loader that
+refuses custom tags, duplicate keys, alias bombs and oversized files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from runner.errors import SpecError
+
+API_VERSION = "evalrun/v1"
+MAX_SPEC_BYTES = 256 * 1024
+MAX_ALIASES = 16
+LOCK_SCHEMA = "evalrun/lock/v1"
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
+DIGEST_REF_RE = re.compile(
+    r"^(?P<repo>[a-z0-9]+(?:[._:/-][a-z0-9]+)*)@(?P<digest>sha256:[0-9a-f]{64})$"
+)
+
+
+def parse_digest_ref(ref: str) -> tuple[str, str]:
+    """Split ``repo@sha256:…`` into (repo, digest); raise ValueError for anything else."""
+    match = DIGEST_REF_RE.match(ref)
+    if not match:
+        if "@" not in ref:
+            raise ValueError(
+                f"image reference {ref!r} is not pinned by digest; expected repo@sha256:<64 hex>"
+            )
+        raise ValueError(f"image reference {ref!r} is not of the form repo@sha256:<64 hex>")
+    return match["repo"], match["digest"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class Metadata(_Model):
+    name: Name = Field(description="Evaluation name: lowercase letters, digits, '.', '_', '-'.")
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ImageSpec(_Model):
+    """Either a template build (template + context + base) or a digest-pinned ``ref``."""
+
+    template: str | None = Field(
+        default=None, description="Jinja2 Dockerfile template, relative to the spec file."
+    )
+    context: str | None = Field(
+        default=None, description="Build context directory, relative to the spec file."
+    )
+    base: str | None = Field(
+        default=None,
+        description="Base image: a recipe name under images/base/ or a repo@sha256:… reference.",
+    )
+    requirements: list[str] = Field(
+        default_factory=list,
+        description="Python requirements ('name==version'), resolved to wheels with hashes.",
+    )
+    ref: str | None = Field(
+        default=None, description="A prebuilt image, pinned as repo@sha256:… (no tags)."
+    )
+    repository: str = Field(
+        default="127.0.0.1:5000/evalrun",
+        description="Registry and path prefix the built image is pushed to.",
+    )
+
+    @field_validator("ref")
+    @classmethod
+    def _ref_pinned(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_digest_ref(value)
+        return value
+
+    @field_validator("requirements")
+    @classmethod
+    def _requirements_pinned(cls, value: list[str]) -> list[str]:
+        for req in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!-]+", req):
+                raise ValueError(f"requirement {req!r} must be pinned exactly as 'name==version'")
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _base_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if "/" in value or ":" in value or "@" in value:
+            parse_digest_ref(value)
+        elif not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", value):
+            raise ValueError(f"base {value!r} is neither a recipe name nor a digest reference")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageSpec:
+        if self.ref and (self.template or self.context or self.base):
+            raise ValueError("give either 'ref' or 'template'/'context'/'base', not both")
+        if not self.ref and not (self.template and self.context and self.base):
+            raise ValueError("a template build needs 'template', 'context' and 'base'")
+        return self
+
+
+class ArtifactSpec(_Model):
+    uri: str = Field(description="Path relative to the spec file, or file:// URI.")
+    sha256: Sha256Hex = Field(description="Expected sha256 of the file (64 lowercase hex).")
+
+
+class DatasetSpec(ArtifactSpec):
+    name: Name
+    split: str = Field(description="Which split is evaluated (e.g. 'test').")
+    license: str = Field(description="SPDX id or license statement of the data.")
+    source: str = Field(description="Where the data came from.")
+
+
+CIMethod = Literal["bootstrap_percentile", "bootstrap_bca", "wilson", "none"]
+
+
+class ConfidenceIntervalSpec(_Model):
+    method: CIMethod = "bootstrap_percentile"
+    level: float = Field(default=0.95, gt=0.5, lt=1.0)
+    resamples: int = Field(default=1000, ge=100, le=100_000)
+
+
+class MetricSpec(_Model):
+    name: Name
+    compute: Literal["accuracy", "macro_f1", "error_rate", "mean"] = Field(
+        description="Built-in metric computed from the per-sample outputs."
+    )
+    field: str | None = Field(
+        default=None, description="Per-sample field for 'mean' (e.g. 'score')."
+    )
+    direction: Literal["higher_is_better", "lower_is_better"] = "higher_is_better"
+    threshold: float | None = Field(
+        default=None, description="Pass if the point estimate is on the good side of this."
+    )
+    ci: ConfidenceIntervalSpec = Field(default_factory=ConfidenceIntervalSpec)
+
+    @model_validator(mode="after")
+    def _field_for_mean(self) -> MetricSpec:
+        if self.compute == "mean" and not self.field:
+            raise ValueError("metric 'mean' needs 'field'")
+        if self.ci.method == "wilson" and self.compute not in ("accuracy", "error_rate"):
+            raise ValueError("the Wilson interval applies to proportions (accuracy, error_rate)")
+        return self
+
+
+class ResourcesSpec(_Model):
+    cpus: float = Field(default=1.0, gt=0, le=256)
+    memory_mib: int = Field(default=1024, ge=64, le=4 * 1024 * 1024)
+    pids: int = Field(default=256, ge=16, le=65536)
+    gpus: int = Field(default=0, ge=0, le=16)
+
+
+class SandboxSpec(_Model):
+    runtime: Literal["gvisor", "runc"] = Field(
+        default="gvisor", description="gvisor (default) or runc; never silently downgraded."
+    )
+    network: Literal["none"] = "none"
+
+
+class ExpectedEnvironment(_Model):
+    """What the container must find before the evaluation starts (checked by the agent)."""
+
+    driver: str | None = Field(default=None, description="Driver version specifier, '>=550,<600'.")
+    cuda: str | None = Field(default=None, description="CUDA driver version specifier.")
+    gpu_product: str | None = Field(default=None, description="Regex the GPU name must match.")
+    gpu_count: int | None = Field(default=None, ge=0)
+    mig: Literal["required", "forbidden"] | None = None
+    ecc: Literal["required"] | None = None
+
+
+class EvalSpec(_Model):
+    """A whole ``eval.yaml``."""
+
+    apiVersion: Literal["evalrun/v1"]  # noqa: N815 - the field is named as in the YAML
+    kind: Literal["Evaluation"]
+    metadata: Metadata
+    image: ImageSpec
+    model: ArtifactSpec
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    command: list[str] = Field(min_length=1, description="argv run inside the container.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    metrics: list[MetricSpec] = Field(min_length=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    expect: ExpectedEnvironment = Field(default_factory=ExpectedEnvironment)
+    timeout_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
+    retries: int = Field(default=2, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalSpec:
+        for what, names in (
+            ("datasets", [d.name for d in self.datasets]),
+            ("metrics", [m.name for m in self.metrics]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what}: duplicate names {dupes}")
+        return self
+
+    def canonical_json(self) -> bytes:
+        """Canonical bytes of the spec: the basis of the spec digest."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
+
+
+# --------------------------------------------------------------------------- lock
+
+
+class LockedArtifact(_Model):
+    path: str = Field(description="Resolved path relative to the spec directory.")
+    sha256: Sha256Hex
+    size: int = Field(ge=0)
+
+
+class LockedDataset(LockedArtifact):
+    name: Name
+    split: str
+    license: str
+    source: str
+
+
+class LockedWheel(_Model):
+    name: str
+    version: str
+    filename: str
+    sha256: Sha256Hex
+
+
+class LockedBase(_Model):
+    ref: str = Field(description="repo@sha256 of the base image.")
+    recipe: str | None = None
+    recipe_sha256: Sha256Hex | None = None
+
+    @field_validator("ref")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        parse_digest_ref(value)
+        return value
+
+
+class LockedImage(_Model):
+    ref: str = Field(description="repo@sha256 manifest digest of the evaluation image.")
+    rootfs_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    template_sha256: Sha256Hex | None = None
+    context_sha256: Sha256Hex | None = None
+    inputs_digest: Sha256Hex | None = Field(
+        default=None, description="Digest over every build input (base, wheels, template, context)."
+    )
+    built_at: str | None = None
+
+    @field_validator("ref")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        parse_digest_ref(value)
+        return value
+
+
+class LockedSource(_Model):
+    commit: str | None = Field(description="git commit of the evaluated code, None outside git.")
+    dirty: bool
+    tree_sha256: Sha256Hex = Field(description="Digest of the build context's files.")
+
+
+class LockedSpec(_Model):
+    """``eval.lock.json``: every input of a run resolved to a digest."""
+
+    schema_: Literal["evalrun/lock/v1"] = Field(alias="schema", default=LOCK_SCHEMA)
+    spec_name: Name
+    spec_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    base: LockedBase | None
+    wheels: list[LockedWheel]
+    image: LockedImage
+    model: LockedArtifact
+    datasets: list[LockedDataset]
+    source: LockedSource
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def canonical_json(self) -> bytes:
+        return json.dumps(
+            self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
+        ).encode()
+
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses duplicate keys and counts aliases."""
+
+    alias_count = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.alias_count += 1
+            if self.alias_count > MAX_ALIASES:
+                event = self.peek_event()
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"more than {MAX_ALIASES} YAML aliases; refusing possible alias expansion",
+                    event.start_mark,
+                )
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first defined at line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_document(path: Path) -> Any:
+    """Read one YAML document safely, raising :class:`SpecError` naming the file and line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {path}", file=str(path)) from None
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"spec file is {size} bytes; the limit is {MAX_SPEC_BYTES}", file=str(path)
+        )
+    text = path.read_text(encoding="utf-8", errors="strict")
+    try:
+        loader = _StrictLoader(text)
+        try:
+            docs = []
+            while loader.check_data():  # type: ignore[no-untyped-call]
+                docs.append(loader.get_data())  # type: ignore[no-untyped-call]
+        finally:
+            loader.dispose()  # type: ignore[no-untyped-call]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
+        problem = getattr(exc, "problem", None) or str(exc)
+        if "could not determine a constructor" in str(exc):
+            problem = f"custom YAML tags are not allowed ({problem})"
+            tag = getattr(exc, "problem", "")
+            problem = f"custom YAML tags are not allowed: {tag}"
+        raise SpecError("malformed YAML", file=str(path), problems=[(where, str(problem))]) from None
+    if len(docs) != 1:
+        raise SpecError(
+            f"expected exactly one YAML document, found {len(docs)}", file=str(path)
+        )
+    return docs[0]
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Walk ``loc`` through nested pydantic models; None when it leaves models."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        info = current.model_fields.get(part)
+        if info is None:
+            return None
+        current = info.annotation
+        args = getattr(current, "__args__", ())
+        for arg in (current, *args):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+                break
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _format_errors(model: type[BaseModel], exc: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        where = where or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            key = str(loc[-1])
+            msg = f"unknown field {key!r}"
+            if parent is not None:
+                close = difflib.get_close_matches(key, _field_names(parent), n=1, cutoff=0.5)
+                if close:
+                    msg += f"; did you mean {close[0]!r}?"
+                else:
+                    msg += f"; expected one of {sorted(_field_names(parent))}"
+            problems.append((where, msg))
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in err and err["type"] not in ("missing",):
+            found = err["input"]
+            shown = repr(found)
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            msg = f"{msg} (found {type(found).__name__} {shown})"
+        problems.append((where, msg))
+    return problems
+
+
+def parse_spec(data: Any, *, source: str) -> EvalSpec:
+    """Validate a loaded document into an :class:`EvalSpec`."""
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"the spec must be a mapping, found {type(data).__name__}", file=source
+        )
+    try:
+        return EvalSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(
+            "invalid evaluation spec", file=source, problems=_format_errors(EvalSpec, exc)
+        ) from None
+
+
+def load_spec(path: Path) -> EvalSpec:
+    """Load and validate ``eval.yaml``."""
+    return parse_spec(load_yaml_document(path), source=str(path))
+
+
+def load_lock(path: Path) -> LockedSpec:
+    """Load and validate ``eval.lock.json``."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(
+            f"lock file not found: {path}",
+            file=str(path),
+            hint="run `evalrun lock SPEC` to resolve every input to a digest",
+        ) from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            "lock file is not valid JSON",
+            file=str(path),
+            problems=[(f"line {exc.lineno}, column {exc.colno}", exc.msg)],
+        ) from None
+    try:
+        return LockedSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(
+            "invalid lock file", file=str(path), problems=_format_errors(LockedSpec, exc)
+        ) from None
+
+
+def lock_path_for(spec_path: Path) -> Path:
+    """The lock file that belongs next to a spec: ``eval.yaml`` → ``eval.lock.json``."""
+    return spec_path.with_name(spec_path.stem + ".lock.json")
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``eval.yaml`` (what ``evalrun schema`` prints)."""
+    schema = EvalSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://evalrun.dev/schema/evaluation-v1.json"
+    return schema
