@@ -59,8 +59,14 @@ Progress = Callable[[str], None]
 
 REPO_ROOT = Path(runner.__file__).resolve().parent.parent
 IMAGES_DIR = Path(os.environ.get("EVALRUN_IMAGES_DIR", REPO_ROOT / "images"))
-AGENT_FILES = ("__init__.py", "metrics.py", "agent/__init__.py", "agent/__main__.py",
-               "agent/capture.py", "agent/rootfs.py")
+AGENT_FILES = (
+    "__init__.py",
+    "metrics.py",
+    "agent/__init__.py",
+    "agent/__main__.py",
+    "agent/capture.py",
+    "agent/rootfs.py",
+)
 WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "any")
 IMAGE_PYTHON = "3.11"
 BUILD_EPOCH = 1735689600
@@ -114,7 +120,9 @@ def _push(client: Any, repo: str, tag: str, progress: Progress) -> str:
         nonlocal digest
         for chunk in client.api.push(repo, tag=tag, stream=True, decode=True):
             if "errorDetail" in chunk or "error" in chunk:
-                errors.append(str(chunk.get("errorDetail", {}).get("message") or chunk.get("error")))
+                errors.append(
+                    str(chunk.get("errorDetail", {}).get("message") or chunk.get("error"))
+                )
             aux = chunk.get("aux") or {}
             if aux.get("Digest"):
                 digest = aux["Digest"]
@@ -127,7 +135,8 @@ def _push(client: Any, repo: str, tag: str, progress: Progress) -> str:
     if digest is None or resolved != digest:
         raise IntegrityError(
             f"registry digest for {repo}:{tag} does not match the pushed one",
-            expected=digest, found=resolved,
+            expected=digest,
+            found=resolved,
         )
     return digest
 
@@ -149,7 +158,9 @@ def ensure_base_image(
         docker_call(
             "import base image",
             lambda: client.api.import_image_from_file(
-                str(tar), repository=repo, tag=tag,
+                str(tar),
+                repository=repo,
+                tag=tag,
                 changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"],
             ),
             retries=False,
@@ -199,8 +210,20 @@ def resolve_wheels(
     cache = settings.wheel_cache
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="evalrun-wheels-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-               "--python-version", IMAGE_PYTHON, "--implementation", "cp", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--python-version",
+            IMAGE_PYTHON,
+            "--implementation",
+            "cp",
+            "-d",
+            tmp,
+        ]
         for plat in WHEEL_PLATFORMS:
             cmd += ["--platform", plat]
         progress(f"resolving wheels: {', '.join(reqs)}")
@@ -220,8 +243,14 @@ def resolve_wheels(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target.with_suffix(".partial"))
                 target.with_suffix(".partial").replace(target)
-            wheels.append(LockedWheel(name=_normalize(match["name"]), version=match["version"],
-                                      filename=path.name, sha256=digest))
+            wheels.append(
+                LockedWheel(
+                    name=_normalize(match["name"]),
+                    version=match["version"],
+                    filename=path.name,
+                    sha256=digest,
+                )
+            )
     return wheels
 
 
@@ -230,13 +259,15 @@ def cached_wheel(wheel: LockedWheel, settings: Settings) -> Path:
     path = settings.wheel_cache / wheel.sha256 / wheel.filename
     if not path.is_file():
         raise InputError(
-            f"wheel {wheel.filename} is not in the cache", file=str(path),
+            f"wheel {wheel.filename} is not in the cache",
+            file=str(path),
             hint="run `evalrun lock` to download the locked wheels again",
         )
     found = sha256_file(path)
     if found != wheel.sha256:
-        raise DigestMismatch(f"cached wheel {wheel.filename}", expected=wheel.sha256,
-                             found=found, path=str(path))
+        raise DigestMismatch(
+            f"cached wheel {wheel.filename}", expected=wheel.sha256, found=found, path=str(path)
+        )
     return path
 
 
@@ -258,10 +289,16 @@ def lock_artifact(spec_dir: Path, uri: str, expected: str, field: str) -> Locked
     path = resolve_input(spec_dir, uri, field)
     found = sha256_file(path)
     if found != expected:
-        raise DigestMismatch(field, expected=expected, found=found, path=str(path),
-                             hint="the file changed since the spec was written; check its origin")
-    return LockedArtifact(path=os.path.relpath(path, spec_dir), sha256=found,
-                          size=path.stat().st_size)
+        raise DigestMismatch(
+            field,
+            expected=expected,
+            found=found,
+            path=str(path),
+            hint="the file changed since the spec was written; check its origin",
+        )
+    return LockedArtifact(
+        path=os.path.relpath(path, spec_dir), sha256=found, size=path.stat().st_size
+    )
 
 
 def tree_digest(root: Path) -> str:
@@ -281,9 +318,11 @@ def tree_digest(root: Path) -> str:
 
 def git_source(path: Path) -> tuple[str | None, bool]:
     """(commit, dirty) of the git checkout holding ``path``; (None, False) outside git."""
+
     def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
-                              check=False)
+        return subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, check=False
+        )
 
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
@@ -361,15 +400,22 @@ def stage_context(inputs: BuildInputs, dest: Path, settings: Settings) -> str:
         target = agent_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / "runner" / rel, target)
-    shutil.copytree(inputs.context, dest / "app", symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    text = render_dockerfile(inputs.template, {
-        "base_image": inputs.base.ref,
-        "spec_name": inputs.spec.metadata.name,
-        "inputs_digest": inputs.digest(),
-        "source_date_epoch": BUILD_EPOCH,
-        "has_wheels": bool(inputs.wheels),
-    })
+    shutil.copytree(
+        inputs.context,
+        dest / "app",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    text = render_dockerfile(
+        inputs.template,
+        {
+            "base_image": inputs.base.ref,
+            "spec_name": inputs.spec.metadata.name,
+            "inputs_digest": inputs.digest(),
+            "source_date_epoch": BUILD_EPOCH,
+            "has_wheels": bool(inputs.wheels),
+        },
+    )
     (dest / "Dockerfile").write_text(text)
     return text
 
@@ -395,14 +441,21 @@ def _docker_build(client: Any, context: Path, tag: str, nocache: bool, progress:
 
     def do_build() -> None:
         stream = client.api.build(
-            path=str(context), tag=tag, network_mode="none", rm=True, forcerm=True,
-            pull=False, nocache=nocache, decode=True,
+            path=str(context),
+            tag=tag,
+            network_mode="none",
+            rm=True,
+            forcerm=True,
+            pull=False,
+            nocache=nocache,
+            decode=True,
             buildargs={"SOURCE_DATE_EPOCH": str(BUILD_EPOCH)},
         )
         for chunk in stream:
             if "errorDetail" in chunk or "error" in chunk:
-                errors.append(str((chunk.get("errorDetail") or {}).get("message")
-                                  or chunk.get("error")))
+                errors.append(
+                    str((chunk.get("errorDetail") or {}).get("message") or chunk.get("error"))
+                )
             text = chunk.get("stream", "")
             if text.strip():
                 tail.append(text.rstrip())
@@ -428,9 +481,17 @@ def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
 
     def run() -> bytes:
         out: bytes = client.containers.run(
-            ref, ["rootfs-digest"], remove=True, network_mode="none", read_only=True,
-            tmpfs={"/tmp": "rw,size=16m"}, runtime=runtime, stdout=True, stderr=False,
-            cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            ref,
+            ["rootfs-digest"],
+            remove=True,
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": "rw,size=16m"},
+            runtime=runtime,
+            stdout=True,
+            stderr=False,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
         )
         return out
 
@@ -467,8 +528,9 @@ def build_image(
 # --------------------------------------------------------------------------- lock
 
 
-def build_inputs_for(spec: EvalSpec, spec_dir: Path, base: LockedBase,
-                     wheels: list[LockedWheel]) -> BuildInputs:
+def build_inputs_for(
+    spec: EvalSpec, spec_dir: Path, base: LockedBase, wheels: list[LockedWheel]
+) -> BuildInputs:
     assert spec.image.template and spec.image.context  # guaranteed by ImageSpec
     template = (spec_dir / spec.image.template).resolve()
     if not template.is_file():
@@ -476,12 +538,14 @@ def build_inputs_for(spec: EvalSpec, spec_dir: Path, base: LockedBase,
     context = (spec_dir / spec.image.context).resolve()
     if not context.is_dir():
         raise InputError("image.context: directory not found", file=str(context))
-    return BuildInputs(spec=spec, spec_dir=spec_dir, base=base, wheels=wheels,
-                       template=template, context=context)
+    return BuildInputs(
+        spec=spec, spec_dir=spec_dir, base=base, wheels=wheels, template=template, context=context
+    )
 
 
-def _resolve_base(spec: EvalSpec, settings: Settings, client: Any | None,
-                  progress: Progress) -> LockedBase:
+def _resolve_base(
+    spec: EvalSpec, settings: Settings, client: Any | None, progress: Progress
+) -> LockedBase:
     assert spec.image.base
     if "@" in spec.image.base:
         repo, digest = parse_digest_ref(spec.image.base)
@@ -505,8 +569,15 @@ def lock_spec(
     datasets = []
     for i, ds in enumerate(spec.datasets):
         art = lock_artifact(spec_dir, ds.uri, ds.sha256, f"datasets[{i}] ({ds.name})")
-        datasets.append(LockedDataset(**art.model_dump(), name=ds.name, split=ds.split,
-                                      license=ds.license, source=ds.source))
+        datasets.append(
+            LockedDataset(
+                **art.model_dump(),
+                name=ds.name,
+                split=ds.split,
+                license=ds.license,
+                source=ds.source,
+            )
+        )
     commit, dirty = git_source(spec_dir)
     client = None
     built: BuiltImage | None = None
@@ -517,8 +588,9 @@ def lock_spec(
         client = connect()
         base = None
         wheels: list[LockedWheel] = []
-        image = LockedImage(ref=spec.image.ref,
-                            rootfs_digest=measure_rootfs(client, spec.image.ref, "runc"))
+        image = LockedImage(
+            ref=spec.image.ref, rootfs_digest=measure_rootfs(client, spec.image.ref, "runc")
+        )
         tree = hashlib.sha256(b"").hexdigest()
     else:
         previous = _previous_lock(spec_path)
@@ -530,19 +602,30 @@ def lock_spec(
         if image_or_none is None:
             built = build_image(inputs, settings, progress=progress)
             image = LockedImage(
-                ref=built.ref, rootfs_digest=built.rootfs_digest,
-                template_sha256=sha256_file(inputs.template), context_sha256=tree,
+                ref=built.ref,
+                rootfs_digest=built.rootfs_digest,
+                template_sha256=sha256_file(inputs.template),
+                context_sha256=tree,
                 inputs_digest=built.inputs_digest,
                 built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             )
         else:
             image = image_or_none
-            built = BuiltImage(ref=image.ref, rootfs_digest=image.rootfs_digest,
-                               inputs_digest=image.inputs_digest or "", skipped=True)
+            built = BuiltImage(
+                ref=image.ref,
+                rootfs_digest=image.rootfs_digest,
+                inputs_digest=image.inputs_digest or "",
+                skipped=True,
+            )
             progress(f"image unchanged: {image.ref}")
     lock = LockedSpec(
-        spec_name=spec.metadata.name, spec_digest=spec.digest(), base=base, wheels=wheels,
-        image=image, model=model, datasets=datasets,
+        spec_name=spec.metadata.name,
+        spec_digest=spec.digest(),
+        base=base,
+        wheels=wheels,
+        image=image,
+        model=model,
+        datasets=datasets,
         source=LockedSource(commit=commit, dirty=dirty, tree_sha256=tree),
     )
     write_lock(lock, lock_path_for(spec_path))
@@ -556,13 +639,15 @@ def _previous_lock(spec_path: Path) -> LockedSpec | None:
     try:
         return load_lock(path)
     except SpecError:
-        log.warning("ignoring unreadable previous lock", extra={"event": "lock_ignored",
-                                                                "file": str(path)})
+        log.warning(
+            "ignoring unreadable previous lock", extra={"event": "lock_ignored", "file": str(path)}
+        )
         return None
 
 
-def _reuse_or_resolve_wheels(spec: EvalSpec, previous: LockedSpec | None, settings: Settings,
-                             progress: Progress) -> list[LockedWheel]:
+def _reuse_or_resolve_wheels(
+    spec: EvalSpec, previous: LockedSpec | None, settings: Settings, progress: Progress
+) -> list[LockedWheel]:
     """Keep the previous lock's wheels when the requirements still match and are cached."""
     if previous is not None and previous.wheels:
         pinned = {_normalize(r.split("==")[0]): r.split("==")[1] for r in spec.image.requirements}
@@ -603,7 +688,10 @@ def write_lock(lock: LockedSpec, path: Path) -> None:
 
 
 def check_reproducible(
-    spec: EvalSpec, spec_path: Path, lock: LockedSpec, settings: Settings,
+    spec: EvalSpec,
+    spec_path: Path,
+    lock: LockedSpec,
+    settings: Settings,
     progress: Progress = _noop,
 ) -> dict[str, Any]:
     """Rebuild from scratch (no cache) and compare with the locked image."""

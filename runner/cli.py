@@ -82,8 +82,14 @@ def cmd_validate(args: argparse.Namespace, settings: Settings, term: Terminal) -
 
     spec = load_spec(args.spec)
     if args.json:
-        _emit_json({"valid": True, "file": str(args.spec), "name": spec.metadata.name,
-                    "spec_digest": spec.digest()})
+        _emit_json(
+            {
+                "valid": True,
+                "file": str(args.spec),
+                "name": spec.metadata.name,
+                "spec_digest": spec.digest(),
+            }
+        )
     else:
         print(f"{args.spec}: valid ({spec.metadata.name}, {spec.digest()})")
     return 0
@@ -104,9 +110,12 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
     t0 = time.monotonic()
     lock, built = lock_spec(spec, args.spec, settings, progress=term, rebuild=args.rebuild)
     summary = {
-        "lock": str(lock_path_for(args.spec)), "lock_digest": lock.digest(),
-        "image": lock.image.ref, "rootfs_digest": lock.image.rootfs_digest,
-        "built": bool(built and not built.skipped), "seconds": round(time.monotonic() - t0, 3),
+        "lock": str(lock_path_for(args.spec)),
+        "lock_digest": lock.digest(),
+        "image": lock.image.ref,
+        "rootfs_digest": lock.image.rootfs_digest,
+        "built": bool(built and not built.skipped),
+        "seconds": round(time.monotonic() - t0, 3),
     }
     if args.json:
         _emit_json(summary)
@@ -133,11 +142,28 @@ def cmd_build(args: argparse.Namespace, settings: Settings, term: Terminal) -> i
         for key, value in report.items():
             print(f"  {key}: {value}")
     if not report["rootfs_identical"]:
-        raise IntegrityError("rebuild does not reproduce the locked rootfs digest",
-                             expected=report["locked_rootfs"], found=report["rebuilt_rootfs"])
+        raise IntegrityError(
+            "rebuild does not reproduce the locked rootfs digest",
+            expected=report["locked_rootfs"],
+            found=report["rebuilt_rootfs"],
+        )
     if not report["image_identical"]:
-        print("rootfs identical; the image manifest digest differs (layer metadata and "
-              "timestamps are not yet normalized)", file=sys.stderr)
+        print(
+            "rootfs identical; the image manifest digest differs (layer metadata and "
+            "timestamps are not yet normalized)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_base_image(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.build import ensure_base_image
+
+    base = ensure_base_image(args.recipe, settings, progress=term)
+    if args.json:
+        _emit_json(base.model_dump(mode="json"))
+    else:
+        print(f"base image {args.recipe}: {base.ref}")
     return 0
 
 
@@ -150,8 +176,10 @@ def _signer(args: argparse.Namespace, settings: Settings, term: Terminal) -> Any
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             info = generate_keypair(key, settings.default_public_key)
-            term(f"created signing key {key} (public: {settings.default_public_key}, "
-                 f"keyid {info.keyid[:16]}…)")
+            term(
+                f"created signing key {key} (public: {settings.default_public_key}, "
+                f"keyid {info.keyid[:16]}…)"
+            )
     return load_signer(key)
 
 
@@ -167,8 +195,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
 
         backend = DockerBackend()
     else:
-        raise InputError(f"backend {args.backend!r} is not available in this build",
-                         hint="use --backend docker")
+        raise InputError(
+            f"backend {args.backend!r} is not available in this build", hint="use --backend docker"
+        )
     signer = _signer(args, settings, term)
     outcome = run_evaluation(args.spec, backend, signer, settings, rerun=args.rerun, progress=term)
     public = args.pub or (settings.default_public_key if args.key is None else None)
@@ -177,19 +206,29 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
         vb = verify_bundle(outcome.bundle.path, load_verifier(public))
         verified = f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
     if args.json:
-        _emit_json({"run_id": outcome.run_id, "outcome": outcome.outcome,
-                    "exit_code": outcome.exit_code, "reason": outcome.reason,
-                    "bundle": str(outcome.bundle.path), "bundle_digest": outcome.bundle.digest,
-                    "reused": outcome.reused, "verified": verified,
-                    "metrics": outcome.predicate.get("metrics")})
+        _emit_json(
+            {
+                "run_id": outcome.run_id,
+                "outcome": outcome.outcome,
+                "exit_code": outcome.exit_code,
+                "reason": outcome.reason,
+                "bundle": str(outcome.bundle.path),
+                "bundle_digest": outcome.bundle.digest,
+                "reused": outcome.reused,
+                "verified": verified,
+                "metrics": outcome.predicate.get("metrics"),
+            }
+        )
     else:
         print(f"run id   {outcome.run_id}{' (existing run)' if outcome.reused else ''}")
         print(f"outcome  {outcome.outcome}" + (f" — {outcome.reason}" if outcome.reason else ""))
         print()
         print(metric_table(outcome.predicate))
         print()
-        verdict = {0: "PASS: every metric meets its threshold",
-                   6: "FAIL: the evaluation did not meet its thresholds"}
+        verdict = {
+            0: "PASS: every metric meets its threshold",
+            6: "FAIL: the evaluation did not meet its thresholds",
+        }
         print(f"verdict  {verdict.get(outcome.exit_code, 'NOT EVALUATED: ' + outcome.outcome)}")
         print(f"bundle   {outcome.bundle.path}")
         print(f"digest   {outcome.bundle.digest}")
@@ -203,9 +242,17 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 
     vb = verify_bundle(args.bundle, load_verifier(args.key))
     if args.json:
-        _emit_json({"valid": True, "bundle": str(args.bundle), "run_id": vb.run_id,
-                    "bundle_digest": vb.bundle_digest, "keyid": vb.keyid,
-                    "files": vb.file_count, "checks": [c.name for c in vb.checks]})
+        _emit_json(
+            {
+                "valid": True,
+                "bundle": str(args.bundle),
+                "run_id": vb.run_id,
+                "bundle_digest": vb.bundle_digest,
+                "keyid": vb.keyid,
+                "files": vb.file_count,
+                "checks": [c.name for c in vb.checks],
+            }
+        )
     else:
         print(f"{args.bundle}: valid")
         print(f"  run id   {vb.run_id}")
@@ -223,8 +270,14 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Termin
     public = private.with_suffix(".pub")
     info = generate_keypair(private, public, args.algorithm)
     if args.json:
-        _emit_json({"private_key": str(private), "public_key": str(public), "keyid": info.keyid,
-                    "algorithm": args.algorithm})
+        _emit_json(
+            {
+                "private_key": str(private),
+                "public_key": str(public),
+                "keyid": info.keyid,
+                "algorithm": args.algorithm,
+            }
+        )
     else:
         print(f"private key {private} (mode 0600; never leaves this machine)")
         print(f"public key  {public}")
@@ -240,7 +293,9 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Terminal) ->
         _emit_json([e.model_dump(mode="json", by_alias=True) for e in entries])
         return 0
     for e in entries:
-        print(f"{e.run_id}  {e.outcome or '?':22}  {e.created:%Y-%m-%d %H:%M:%S}  {e.bundle_digest}")
+        print(
+            f"{e.run_id}  {e.outcome or '?':22}  {e.created:%Y-%m-%d %H:%M:%S}  {e.bundle_digest}"
+        )
     return 0
 
 
@@ -260,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evalrun",
         description="Build digest-pinned evaluation images, run them sandboxed, and seal "
-                    "the results into signed, verifiable bundles.",
+        "the results into signed, verifiable bundles.",
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -272,17 +327,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of eval.yaml")
     p.set_defaults(fn=cmd_schema)
 
-    for name, fn, text in (("lock", cmd_lock, "resolve every input to a digest (builds the image)"),
-                           ("build", cmd_build, "build the image; --check rebuilds and compares")):
+    for name, fn, text in (
+        ("lock", cmd_lock, "resolve every input to a digest (builds the image)"),
+        ("build", cmd_build, "build the image; --check rebuilds and compares"),
+    ):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("spec", type=Path)
         p.add_argument("--rebuild", action="store_true", help="build even if nothing changed")
         if name == "build":
-            p.add_argument("--check", action="store_true",
-                           help="rebuild from scratch (no cache) and compare with the lock")
+            p.add_argument(
+                "--check",
+                action="store_true",
+                help="rebuild from scratch (no cache) and compare with the lock",
+            )
         else:
             p.set_defaults(check=False)
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser(
+        "base-image",
+        parents=[common],
+        help="build (if absent) and push a base image from images/base/",
+    )
+    p.add_argument("recipe", nargs="?", default="bookworm-python")
+    p.set_defaults(fn=cmd_base_image)
 
     p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
     p.add_argument("spec", type=Path)
@@ -297,15 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True, help="public key (PEM)")
     p.set_defaults(fn=cmd_verify)
 
-    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_cmd",
-                                                                       required=True)
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_cmd", required=True
+    )
     p = keys.add_parser("generate", parents=[common], help="create a signing key pair")
     p.add_argument("--out", type=Path, help="private key path (public key: same name, .pub)")
     p.add_argument("--algorithm", choices=["ecdsa-p256", "ed25519"], default="ecdsa-p256")
     p.set_defaults(fn=cmd_keys_generate)
 
-    runs = sub.add_parser("runs", help="run history").add_subparsers(dest="runs_cmd",
-                                                                     required=True)
+    runs = sub.add_parser("runs", help="run history").add_subparsers(dest="runs_cmd", required=True)
     p = runs.add_parser("ls", parents=[common], help="list stored runs")
     p.set_defaults(fn=cmd_runs_ls)
     return parser

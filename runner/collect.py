@@ -98,8 +98,10 @@ def read_json(path: Path) -> Any:
 def _same(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return isinstance(a, int | float) and isinstance(b, int | float) and math.isclose(
-        float(a), float(b), rel_tol=0.0, abs_tol=1e-12
+    return (
+        isinstance(a, int | float)
+        and isinstance(b, int | float)
+        and math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=1e-12)
     )
 
 
@@ -130,9 +132,11 @@ def recompute_metrics(results: Path, definitions: list[dict[str, Any]], seed: in
             problems.append(f"metric {metric['name']}: not reported by the container")
             continue
         ci, oci = metric["ci"], other.get("ci") or {}
-        for label, a, b in (("value", metric["value"], other.get("value")),
-                            ("ci.low", ci["low"], oci.get("low")),
-                            ("ci.high", ci["high"], oci.get("high"))):
+        for label, a, b in (
+            ("value", metric["value"], other.get("value")),
+            ("ci.low", ci["low"], oci.get("low")),
+            ("ci.high", ci["high"], oci.get("high")),
+        ):
             if not _same(a, b):
                 problems.append(
                     f"metric {metric['name']} {label}: container reported {b!r}, "

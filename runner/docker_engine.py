@@ -38,7 +38,9 @@ def translated(what: str) -> Iterator[None]:
             raise TransientInfrastructureError(
                 f"{what}: Docker engine error {status}: {exc.explanation}"
             ) from None
-        raise InfrastructureError(f"{what}: Docker engine refused ({status}): {exc.explanation}") from None
+        raise InfrastructureError(
+            f"{what}: Docker engine refused ({status}): {exc.explanation}"
+        ) from None
     except docker.errors.DockerException as exc:
         raise TransientInfrastructureError(
             f"{what}: Docker engine unreachable: {exc}", hint=DOCKER_HINT

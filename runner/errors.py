@@ -160,8 +160,8 @@ class ThresholdsFailed(EvalrunError):
     exit_code = 6
     kind = "thresholds_failed"
 
-    def __init__(self, message: str, *, failed: Mapping[str, str], **fields: object) -> None:
-        super().__init__(message, **fields)
+    def __init__(self, message: str, *, failed: Mapping[str, str]) -> None:
+        super().__init__(message)
         self.failed = dict(failed)
 
     def diagnostics(self) -> str:

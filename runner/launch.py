@@ -89,16 +89,26 @@ class Journal:
         self.records: list[dict[str, Any]] = []
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
-        record = {"ts": time.time(), "level": level, "event": event, "run_id": self.run_id,
-                  "source": "runner", **fields}
+        record = {
+            "ts": time.time(),
+            "level": level,
+            "event": event,
+            "run_id": self.run_id,
+            "source": "runner",
+            **fields,
+        }
         self.records.append(record)
         safe = {k: v for k, v in fields.items() if k not in _LOG_RESERVED}
-        log.log(logging.getLevelName(level.upper()), event,
-                extra={"event": event, "run_id": self.run_id, **safe})
+        log.log(
+            logging.getLevelName(level.upper()),
+            event,
+            extra={"event": event, "run_id": self.run_id, **safe},
+        )
 
     def dump(self) -> bytes:
-        return "".join(json.dumps(r, sort_keys=True, default=str) + "\n"
-                       for r in self.records).encode()
+        return "".join(
+            json.dumps(r, sort_keys=True, default=str) + "\n" for r in self.records
+        ).encode()
 
 
 @dataclass(frozen=True)
@@ -132,30 +142,53 @@ def load_locked(spec_path: Path) -> tuple[EvalSpec, LockedSpec]:
 def _check_inputs_on_host(spec_dir: Path, lock: LockedSpec) -> list[PlanInput]:
     """Re-hash model and datasets now; a changed file stops the run before any container."""
     inputs = []
-    items: list[tuple[str, str, str, str]] = [("model", "model", lock.model.path, lock.model.sha256)]
+    items: list[tuple[str, str, str, str]] = [
+        ("model", "model", lock.model.path, lock.model.sha256)
+    ]
     items += [("dataset", d.name, d.path, d.sha256) for d in lock.datasets]
     for role, name, rel, expected in items:
         path = resolve_input(spec_dir, rel, f"{role} {name}")
         found = sha256_file(path)
         if found != expected:
-            raise DigestMismatch(f"{role} {name}", expected=expected, found=found, path=str(path),
-                                 hint="the input changed since it was locked; restore it or "
-                                      "re-lock deliberately")
-        inputs.append(PlanInput(role=role, name=name,  # type: ignore[arg-type]
-                                host_path=path, sha256=found))
+            raise DigestMismatch(
+                f"{role} {name}",
+                expected=expected,
+                found=found,
+                path=str(path),
+                hint="the input changed since it was locked; restore it or re-lock deliberately",
+            )
+        inputs.append(
+            PlanInput(
+                role=role,
+                name=name,
+                host_path=path,
+                sha256=found,
+            )
+        )
     return inputs
 
 
 def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt: int) -> RunPlan:
     return RunPlan(
-        run_id=run_id_for(lock.digest(), attempt), attempt=attempt,
-        image_ref=lock.image.ref, expected_rootfs_digest=lock.image.rootfs_digest,
-        runtime=spec.sandbox.runtime, network=spec.sandbox.network,
-        command=list(spec.command), params=dict(spec.params), seed=spec.seed,
+        run_id=run_id_for(lock.digest(), attempt),
+        attempt=attempt,
+        image_ref=lock.image.ref,
+        expected_rootfs_digest=lock.image.rootfs_digest,
+        runtime=spec.sandbox.runtime,
+        network=spec.sandbox.network,
+        command=list(spec.command),
+        params=dict(spec.params),
+        seed=spec.seed,
         metrics=[m.model_dump(mode="json") for m in spec.metrics],
-        expect=spec.expect.model_dump(mode="json"), inputs=inputs, timeout_s=spec.timeout_s,
-        cpus=spec.resources.cpus, memory_mib=spec.resources.memory_mib, pids=spec.resources.pids,
-        gpus=spec.resources.gpus, spec_digest=spec.digest(), lock_digest=lock.digest(),
+        expect=spec.expect.model_dump(mode="json"),
+        inputs=inputs,
+        timeout_s=spec.timeout_s,
+        cpus=spec.resources.cpus,
+        memory_mib=spec.resources.memory_mib,
+        pids=spec.resources.pids,
+        gpus=spec.resources.gpus,
+        spec_digest=spec.digest(),
+        lock_digest=lock.digest(),
         spec_name=spec.metadata.name,
     )
 
@@ -187,13 +220,25 @@ def run_evaluation(
         progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
         predicate = _load_predicate(existing.path)
         outcome = str(predicate.get("outcome"))
-        return RunOutcome(run_id, outcome, OUTCOME_EXIT.get(outcome, 1), predicate.get("reason"),
-                          existing, predicate, reused=True)
+        return RunOutcome(
+            run_id,
+            outcome,
+            OUTCOME_EXIT.get(outcome, 1),
+            predicate.get("reason"),
+            existing,
+            predicate,
+            reused=True,
+        )
 
     journal = Journal(run_id)
     started = _now()
-    journal.emit("run_start", spec=spec.metadata.name, lock_digest=lock_digest, attempt=attempt,
-                 backend=backend.name)
+    journal.emit(
+        "run_start",
+        spec=spec.metadata.name,
+        lock_digest=lock_digest,
+        attempt=attempt,
+        backend=backend.name,
+    )
     spec_dir = spec_path.resolve().parent
     with store.staging_dir() as stage:
         shutil.copy2(spec_path, stage / "spec.yaml")
@@ -205,20 +250,31 @@ def run_evaluation(
             inputs = _check_inputs_on_host(spec_dir, lock)
             journal.emit("inputs_verified", count=len(inputs))
             plan = make_plan(spec, lock, inputs, attempt)
-            (stage / "plan.json").write_text(json.dumps(plan.agent_plan(), indent=2,
-                                                        sort_keys=True) + "\n")
+            (stage / "plan.json").write_text(
+                json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
+            )
             progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
             backend.preflight(plan)
-            progress(f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)")
+            progress(
+                f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
+            )
             with tempfile.TemporaryDirectory(prefix="evalrun-results-") as tmp:
                 results_tmp = Path(tmp) / "results"
                 result = backend.run(plan, results_tmp)
-                journal.emit("container_done", exit_code=result.exit_code,
-                             timed_out=result.timed_out, duration_s=result.duration_s,
-                             runtime=result.runtime)
+                journal.emit(
+                    "container_done",
+                    exit_code=result.exit_code,
+                    timed_out=result.timed_out,
+                    duration_s=result.duration_s,
+                    runtime=result.runtime,
+                )
                 collected = collect_results(results_tmp, stage / "results")
-                journal.emit("results_collected", files=len(collected.files),
-                             bytes=collected.total_bytes, problems=collected.problems)
+                journal.emit(
+                    "results_collected",
+                    files=len(collected.files),
+                    bytes=collected.total_bytes,
+                    problems=collected.problems,
+                )
             outcome, reason, facts = _judge(spec, plan, result, collected.problems, stage)
         except KeyboardInterrupt:
             outcome, reason = "interrupted", "interrupted by the user (Ctrl-C)"
@@ -230,10 +286,26 @@ def run_evaluation(
             outcome, reason = "infrastructure_failure", exc.diagnostics().replace("\n", "; ")
         if result is not None and result.interrupted:
             outcome, reason = "interrupted", "interrupted by the user (Ctrl-C)"
-        journal.emit("run_end", level="info" if OUTCOME_EXIT[outcome] == 0 else "error",
-                     outcome=outcome, reason=reason)
-        predicate = _predicate(spec, lock, run_id, attempt, plan, result, outcome, reason,
-                               facts, started, stage, backend.name)
+        journal.emit(
+            "run_end",
+            level="info" if OUTCOME_EXIT[outcome] == 0 else "error",
+            outcome=outcome,
+            reason=reason,
+        )
+        predicate = _predicate(
+            spec,
+            lock,
+            run_id,
+            attempt,
+            plan,
+            result,
+            outcome,
+            reason,
+            facts,
+            started,
+            stage,
+            backend.name,
+        )
         (stage / "report.md").write_text(render_markdown(predicate))
         (stage / "logs").mkdir(exist_ok=True)
         (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
@@ -242,8 +314,9 @@ def run_evaluation(
         progress("sealing the bundle (hash, sign)")
         build_bundle(stage, predicate, signer, stage)
         stored = store.put(stage)
-    return RunOutcome(run_id, outcome, OUTCOME_EXIT[outcome], reason, stored, predicate,
-                      reused=False)
+    return RunOutcome(
+        run_id, outcome, OUTCOME_EXIT[outcome], reason, stored, predicate, reused=False
+    )
 
 
 def _load_predicate(bundle_dir: Path) -> dict[str, Any]:
@@ -269,16 +342,23 @@ def _judge(
     if collect_problems:
         return "integrity_failure", "; ".join(collect_problems), facts
     if result.timed_out:
-        reason = (f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
-                  "preflight allowance) and was killed")
+        reason = (
+            f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
+            "preflight allowance) and was killed"
+        )
         return "timeout", reason, facts
     summary = facts["summary"] if isinstance(facts["summary"], dict) else {}
     agent_outcome = summary.get("outcome")
     if result.exit_code == 137 and not agent_outcome:
         return "evaluation_failed", "the container was killed (out of memory?)", facts
     if agent_outcome != "completed" or result.exit_code != 0:
-        known = {"integrity_failure", "environment_mismatch", "evaluation_failed", "timeout",
-                 "bad_output"}
+        known = {
+            "integrity_failure",
+            "environment_mismatch",
+            "evaluation_failed",
+            "timeout",
+            "bad_output",
+        }
         outcome = agent_outcome if agent_outcome in known else "evaluation_failed"
         reason = summary.get("reason") or f"agent exited {result.exit_code}"
         if outcome == "evaluation_failed":
@@ -291,8 +371,11 @@ def _judge(
     check = recompute_metrics(results, plan.metrics, plan.seed)
     facts["metrics"] = check.metrics
     if check.problems:
-        return "integrity_failure", "metrics do not match the per-sample outputs: " + "; ".join(
-            check.problems), facts
+        return (
+            "integrity_failure",
+            "metrics do not match the per-sample outputs: " + "; ".join(check.problems),
+            facts,
+        )
     verdicts = threshold_verdicts(plan.metrics, {m["name"]: m["value"] for m in check.metrics})
     facts["verdicts"] = verdicts
     failed = [n for n, v in verdicts.items() if v["passed"] is False]
@@ -302,20 +385,38 @@ def _judge(
 
 
 def _predicate(
-    spec: EvalSpec, lock: LockedSpec, run_id: str, attempt: int, plan: RunPlan | None,
-    result: BackendResult | None, outcome: str, reason: str | None, facts: dict[str, Any],
-    started: str, stage: Path, backend: str,
+    spec: EvalSpec,
+    lock: LockedSpec,
+    run_id: str,
+    attempt: int,
+    plan: RunPlan | None,
+    result: BackendResult | None,
+    outcome: str,
+    reason: str | None,
+    facts: dict[str, Any],
+    started: str,
+    stage: Path,
+    backend: str,
 ) -> dict[str, Any]:
-    preflight = facts.get("preflight") if isinstance(facts.get("preflight"), dict) else {}
-    summary = facts.get("summary") if isinstance(facts.get("summary"), dict) else {}
+    preflight: dict[str, Any] = facts.get("preflight") or {}
+    summary: dict[str, Any] = facts.get("summary") or {}
+    if not isinstance(preflight, dict):
+        preflight = {}
+    if not isinstance(summary, dict):
+        summary = {}
     verdicts = facts.get("verdicts") or {}
     metrics = []
     for m in facts.get("metrics") or []:
         definition = next(d for d in spec.metrics if d.name == m["name"])
-        metrics.append({**m, "threshold": definition.threshold,
-                        "direction": definition.direction,
-                        "compute": definition.compute,
-                        "passed": (verdicts.get(m["name"]) or {}).get("passed")})
+        metrics.append(
+            {
+                **m,
+                "threshold": definition.threshold,
+                "direction": definition.direction,
+                "compute": definition.compute,
+                "passed": (verdicts.get(m["name"]) or {}).get("passed"),
+            }
+        )
     rootfs = (preflight or {}).get("rootfs") or {}
     return {
         "run_id": run_id,
@@ -324,14 +425,19 @@ def _predicate(
         "backend": backend,
         "spec": {"name": spec.metadata.name, "digest": spec.digest()},
         "lock_digest": lock.digest(),
-        "image": {"ref": lock.image.ref, "digest": lock.image.ref.split("@", 1)[1],
-                  "rootfs_expected": lock.image.rootfs_digest,
-                  "rootfs_found": rootfs.get("found"),
-                  "digest_confirmed_by_backend": result.image_digest_confirmed if result else None},
-        "sandbox": {"runtime_requested": spec.sandbox.runtime,
-                    "runtime_used": result.runtime if result else None,
-                    "network": spec.sandbox.network,
-                    "details": result.details if result else {}},
+        "image": {
+            "ref": lock.image.ref,
+            "digest": lock.image.ref.split("@", 1)[1],
+            "rootfs_expected": lock.image.rootfs_digest,
+            "rootfs_found": rootfs.get("found"),
+            "digest_confirmed_by_backend": result.image_digest_confirmed if result else None,
+        },
+        "sandbox": {
+            "runtime_requested": spec.sandbox.runtime,
+            "runtime_used": result.runtime if result else None,
+            "network": spec.sandbox.network,
+            "details": result.details if result else {},
+        },
         "model": lock.model.model_dump(mode="json"),
         "datasets": [d.model_dump(mode="json") for d in lock.datasets],
         "source": lock.source.model_dump(mode="json"),
@@ -344,11 +450,20 @@ def _predicate(
         "outcome": outcome,
         "reason": reason,
         "exit_code": OUTCOME_EXIT[outcome],
-        "timestamps": {"started": started, "finished": _now(),
-                       "container_started": result.started_at if result else None,
-                       "container_finished": result.finished_at if result else None},
+        "timestamps": {
+            "started": started,
+            "finished": _now(),
+            "container_started": result.started_at if result else None,
+            "container_finished": result.finished_at if result else None,
+        },
     }
 
 
-__all__ = ["OUTCOME_EXIT", "RunOutcome", "run_evaluation", "run_id_for", "IntegrityError",
-           "EvalrunError"]
+__all__ = [
+    "OUTCOME_EXIT",
+    "EvalrunError",
+    "IntegrityError",
+    "RunOutcome",
+    "run_evaluation",
+    "run_id_for",
+]

@@ -156,7 +156,9 @@ def _wilson(successes: int, n: int, level: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def compute_metric(definition: Mapping[str, Any], samples: Sequence[Sample], seed: int) -> MetricValue:
+def compute_metric(
+    definition: Mapping[str, Any], samples: Sequence[Sample], seed: int
+) -> MetricValue:
     """Compute one metric (as defined in the spec) and its confidence interval."""
     if not samples:
         raise SampleFormatError("no samples to compute metrics from")
@@ -223,7 +225,9 @@ def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[d
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SampleFormatError(f"{path.name} line {lineno}: not JSON ({exc.msg})") from None
+                raise SampleFormatError(
+                    f"{path.name} line {lineno}: not JSON ({exc.msg})"
+                ) from None
             if not isinstance(row, dict):
                 raise SampleFormatError(f"{path.name} line {lineno}: expected an object")
             missing = needed - row.keys()

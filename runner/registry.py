@@ -55,9 +55,7 @@ def _request(method: str, url: str, timeout: float = 10.0) -> tuple[int, dict[st
             return resp.status, dict(resp.headers), resp.read() if method == "GET" else b""
     except urllib.error.HTTPError as exc:
         if exc.code >= 500:
-            raise TransientInfrastructureError(
-                f"registry answered {exc.code}", url=url
-            ) from None
+            raise TransientInfrastructureError(f"registry answered {exc.code}", url=url) from None
         return exc.code, dict(exc.headers), b""
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -81,7 +79,7 @@ def resolve_tag(name: ImageName, tag: str) -> str | None:
     digest = headers.get("Docker-Content-Digest") or headers.get("docker-content-digest")
     if not digest:
         raise InfrastructureError("registry gave no Docker-Content-Digest", url=url)
-    return digest
+    return str(digest)
 
 
 def manifest_exists(name: ImageName, digest: str) -> bool:

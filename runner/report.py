@@ -17,14 +17,24 @@ def metric_rows(predicate: Mapping[str, Any]) -> list[list[str]]:
     for m in predicate.get("metrics") or []:
         ci = m.get("ci") or {}
         level = ci.get("level")
-        ci_text = (f"[{_fmt(ci.get('low'))}, {_fmt(ci.get('high'))}] "
-                   f"({int(level * 100) if level else '?'}% {ci.get('method')})"
-                   if ci.get("low") is not None else "—")
+        ci_text = (
+            f"[{_fmt(ci.get('low'))}, {_fmt(ci.get('high'))}] "
+            f"({int(level * 100) if level else '?'}% {ci.get('method')})"
+            if ci.get("low") is not None
+            else "—"
+        )
         verdict = {True: "pass", False: "FAIL", None: "—"}[m.get("passed")]
         threshold = m.get("threshold")
         direction = ">=" if m.get("direction", "higher_is_better") == "higher_is_better" else "<="
-        rows.append([m["name"], _fmt(m.get("value")), ci_text,
-                     f"{direction} {threshold}" if threshold is not None else "—", verdict])
+        rows.append(
+            [
+                m["name"],
+                _fmt(m.get("value")),
+                ci_text,
+                f"{direction} {threshold}" if threshold is not None else "—",
+                verdict,
+            ]
+        )
     return rows
 
 
@@ -77,20 +87,30 @@ def render_markdown(predicate: Mapping[str, Any]) -> str:
     model = predicate.get("model") or {}
     lines.append(f"- model `{model.get('path')}` sha256 `{model.get('sha256')}`")
     for ds in predicate.get("datasets") or []:
-        lines.append(f"- dataset {ds.get('name')} (`{ds.get('split')}`) sha256 `{ds.get('sha256')}`"
-                     f" — license: {ds.get('license')}; source: {ds.get('source')}")
+        lines.append(
+            f"- dataset {ds.get('name')} (`{ds.get('split')}`) sha256 `{ds.get('sha256')}`"
+            f" — license: {ds.get('license')}; source: {ds.get('source')}"
+        )
     source = predicate.get("source") or {}
     lines.append(f"- code: commit `{source.get('commit')}`, dirty: {source.get('dirty')}")
     lines += ["", "## Environment", ""]
     osr = env.get("os") or {}
     lines.append(f"- OS: {osr.get('PRETTY_NAME')}; kernel {env.get('kernel', {}).get('release')}")
-    lines.append(f"- Python {env.get('python', {}).get('version')}; "
-                 f"{len(env.get('packages') or [])} packages")
+    lines.append(
+        f"- Python {env.get('python', {}).get('version')}; "
+        f"{len(env.get('packages') or [])} packages"
+    )
     cpu = env.get("cpu") or {}
     lines.append(f"- CPU: {cpu.get('model')} ({cpu.get('usable_cpus')} usable)")
     gpu = env.get("gpu") or {}
-    lines.append("- GPU: " + (", ".join(g.get("name", "?") for g in gpu.get("gpus", []))
-                              + f"; driver {gpu.get('driver_version')}, "
-                              f"CUDA {gpu.get('cuda_driver_version')}"
-                              if gpu.get("visible") else f"none visible ({gpu.get('reason')})"))
+    lines.append(
+        "- GPU: "
+        + (
+            ", ".join(g.get("name", "?") for g in gpu.get("gpus", []))
+            + f"; driver {gpu.get('driver_version')}, "
+            f"CUDA {gpu.get('cuda_driver_version')}"
+            if gpu.get("visible")
+            else f"none visible ({gpu.get('reason')})"
+        )
+    )
     return "\n".join(lines) + "\n"

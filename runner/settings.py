@@ -19,7 +19,9 @@ class Settings:
     """Paths and defaults, resolved once from the environment."""
 
     home: Path = field(
-        default_factory=lambda: _env_path("EVALRUN_HOME", Path(platformdirs.user_data_dir("evalrun")))
+        default_factory=lambda: _env_path(
+            "EVALRUN_HOME", Path(platformdirs.user_data_dir("evalrun"))
+        )
     )
     """Store of bundles, run index, default keys and logs (``$EVALRUN_HOME``)."""
 
@@ -30,7 +32,9 @@ class Settings:
     )
     """Wheels and base-image tarballs, keyed by content; shared by every checkout."""
 
-    registry: str = field(default_factory=lambda: os.environ.get("EVALRUN_REGISTRY", "127.0.0.1:5000"))
+    registry: str = field(
+        default_factory=lambda: os.environ.get("EVALRUN_REGISTRY", "127.0.0.1:5000")
+    )
     """The embedded default registry."""
 
     @property

@@ -193,7 +193,7 @@ class ExpectedEnvironment(_Model):
 class EvalSpec(_Model):
     """A whole ``eval.yaml``."""
 
-    apiVersion: Literal["evalrun/v1"]  # noqa: N815 - the field is named as in the YAML
+    apiVersion: Literal["evalrun/v1"]
     kind: Literal["Evaluation"]
     metadata: Metadata
     image: ImageSpec
@@ -222,7 +222,9 @@ class EvalSpec(_Model):
 
     def canonical_json(self) -> bytes:
         """Canonical bytes of the spec: the basis of the spec digest."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+        ).encode()
 
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
@@ -289,7 +291,7 @@ class LockedSource(_Model):
 class LockedSpec(_Model):
     """``eval.lock.json``: every input of a run resolved to a digest."""
 
-    schema_: Literal["evalrun/lock/v1"] = Field(alias="schema", default=LOCK_SCHEMA)
+    schema_: Literal["evalrun/lock/v1"] = Field(alias="schema", default="evalrun/lock/v1")
     spec_name: Name
     spec_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     base: LockedBase | None
@@ -318,23 +320,23 @@ class _StrictLoader(yaml.SafeLoader):
 
     alias_count = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             self.alias_count += 1
             if self.alias_count > MAX_ALIASES:
-                event = self.peek_event()
+                event = self.peek_event()  # type: ignore[no-untyped-call]
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
                     f"more than {MAX_ALIASES} YAML aliases; refusing possible alias expansion",
                     event.start_mark,
                 )
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping",
@@ -353,18 +355,16 @@ def load_yaml_document(path: Path) -> Any:
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}", file=str(path)) from None
     if size > MAX_SPEC_BYTES:
-        raise SpecError(
-            f"spec file is {size} bytes; the limit is {MAX_SPEC_BYTES}", file=str(path)
-        )
+        raise SpecError(f"spec file is {size} bytes; the limit is {MAX_SPEC_BYTES}", file=str(path))
     text = path.read_text(encoding="utf-8", errors="strict")
     try:
         loader = _StrictLoader(text)
         try:
             docs = []
             while loader.check_data():  # type: ignore[no-untyped-call]
-                docs.append(loader.get_data())  # type: ignore[no-untyped-call]
+                docs.append(loader.get_data())
         finally:
-            loader.dispose()  # type: ignore[no-untyped-call]
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
@@ -373,11 +373,11 @@ def load_yaml_document(path: Path) -> Any:
             problem = f"custom YAML tags are not allowed ({problem})"
             tag = getattr(exc, "problem", "")
             problem = f"custom YAML tags are not allowed: {tag}"
-        raise SpecError("malformed YAML", file=str(path), problems=[(where, str(problem))]) from None
-    if len(docs) != 1:
         raise SpecError(
-            f"expected exactly one YAML document, found {len(docs)}", file=str(path)
-        )
+            "malformed YAML", file=str(path), problems=[(where, str(problem))]
+        ) from None
+    if len(docs) != 1:
+        raise SpecError(f"expected exactly one YAML document, found {len(docs)}", file=str(path))
     return docs[0]
 
 
@@ -439,9 +439,7 @@ def _format_errors(model: type[BaseModel], exc: ValidationError) -> list[tuple[s
 def parse_spec(data: Any, *, source: str) -> EvalSpec:
     """Validate a loaded document into an :class:`EvalSpec`."""
     if not isinstance(data, dict):
-        raise SpecError(
-            f"the spec must be a mapping, found {type(data).__name__}", file=source
-        )
+        raise SpecError(f"the spec must be a mapping, found {type(data).__name__}", file=source)
     try:
         return EvalSpec.model_validate(data)
     except ValidationError as exc:

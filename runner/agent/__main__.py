@@ -43,8 +43,14 @@ class EventLog:
         self._run_id = run_id
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
-        record = {"ts": time.time(), "level": level, "event": event, "run_id": self._run_id,
-                  "source": "agent", **fields}
+        record = {
+            "ts": time.time(),
+            "level": level,
+            "event": event,
+            "run_id": self._run_id,
+            "source": "agent",
+            **fields,
+        }
         self._fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
         self._fh.flush()
 
@@ -84,18 +90,27 @@ def version_satisfies(version: str, specifier: str) -> bool:
 def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> list[dict[str, Any]]:
     """Compare the spec's expected environment with what NVML saw; one entry per check."""
     checks: list[dict[str, Any]] = []
-    wants_gpu = any(expect.get(k) is not None for k in
-                    ("driver", "cuda", "gpu_product", "gpu_count", "mig", "ecc"))
+    wants_gpu = any(
+        expect.get(k) is not None
+        for k in ("driver", "cuda", "gpu_product", "gpu_count", "mig", "ecc")
+    )
     if not wants_gpu:
         return checks
     if not gpu.get("visible"):
-        checks.append({"check": "gpu_visible", "expected": True, "found": gpu.get("reason"),
-                       "passed": False})
+        checks.append(
+            {"check": "gpu_visible", "expected": True, "found": gpu.get("reason"), "passed": False}
+        )
         return checks
     if expect.get("driver"):
         found = gpu.get("driver_version", "")
-        checks.append({"check": "driver", "expected": expect["driver"], "found": found,
-                       "passed": version_satisfies(found, expect["driver"])})
+        checks.append(
+            {
+                "check": "driver",
+                "expected": expect["driver"],
+                "found": found,
+                "passed": version_satisfies(found, expect["driver"]),
+            }
+        )
     if expect.get("cuda"):
         found = str(gpu.get("cuda_driver_version", ""))
         ok = not found.startswith("unsupported") and version_satisfies(found, expect["cuda"])
@@ -103,16 +118,30 @@ def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> l
     if expect.get("gpu_product"):
         names = [g["name"] for g in gpu.get("gpus", [])]
         ok = bool(names) and all(re.search(expect["gpu_product"], n) for n in names)
-        checks.append({"check": "gpu_product", "expected": expect["gpu_product"], "found": names,
-                       "passed": ok})
+        checks.append(
+            {
+                "check": "gpu_product",
+                "expected": expect["gpu_product"],
+                "found": names,
+                "passed": ok,
+            }
+        )
     if expect.get("gpu_count") is not None:
-        checks.append({"check": "gpu_count", "expected": expect["gpu_count"],
-                       "found": gpu.get("count"), "passed": gpu.get("count") == expect["gpu_count"]})
+        checks.append(
+            {
+                "check": "gpu_count",
+                "expected": expect["gpu_count"],
+                "found": gpu.get("count"),
+                "passed": gpu.get("count") == expect["gpu_count"],
+            }
+        )
     return checks
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+    )
 
 
 def run(plan_path: Path, results: Path) -> int:
@@ -139,19 +168,34 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
     found_rootfs, entries = rootfs_digest("/")
     expected_rootfs = plan["expected_rootfs_digest"]
     preflight: dict[str, Any] = {
-        "rootfs": {"expected": expected_rootfs, "found": found_rootfs, "entries": entries,
-                   "passed": found_rootfs == expected_rootfs},
+        "rootfs": {
+            "expected": expected_rootfs,
+            "found": found_rootfs,
+            "entries": entries,
+            "passed": found_rootfs == expected_rootfs,
+        },
         "inputs": [],
     }
-    log.emit("preflight_rootfs", digest=found_rootfs, entries=entries,
-             duration_s=round(time.monotonic() - t0, 4), passed=found_rootfs == expected_rootfs)
+    log.emit(
+        "preflight_rootfs",
+        digest=found_rootfs,
+        entries=entries,
+        duration_s=round(time.monotonic() - t0, 4),
+        passed=found_rootfs == expected_rootfs,
+    )
     # --- preflight: every input file, before use
     for item in plan["inputs"]:
         path = Path(item["path"])
         found = _sha256_file(path) if path.is_file() else "missing"
-        preflight["inputs"].append({"name": item["name"], "role": item["role"],
-                                    "expected": item["sha256"], "found": found,
-                                    "passed": found == item["sha256"]})
+        preflight["inputs"].append(
+            {
+                "name": item["name"],
+                "role": item["role"],
+                "expected": item["sha256"],
+                "found": found,
+                "passed": found == item["sha256"],
+            }
+        )
     env = capture_environment(plan["image_ref"])
     _write_json(results / "env.json", env)
     preflight["environment"] = check_expected_environment(plan.get("expect") or {}, env["gpu"])
@@ -160,16 +204,22 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
     log.emit("preflight_done", duration_s=preflight["duration_s"])
     bad_inputs = [i for i in preflight["inputs"] if not i["passed"]]
     if not preflight["rootfs"]["passed"] or bad_inputs:
-        summary.update(outcome="integrity_failure",
-                       reason="rootfs digest mismatch" if not preflight["rootfs"]["passed"]
-                       else f"input digest mismatch: {[i['name'] for i in bad_inputs]}")
+        summary.update(
+            outcome="integrity_failure",
+            reason="rootfs digest mismatch"
+            if not preflight["rootfs"]["passed"]
+            else f"input digest mismatch: {[i['name'] for i in bad_inputs]}",
+        )
         log.emit("preflight_failed", level="error", reason=summary["reason"])
         return EXIT_INTEGRITY
     bad_env = [c for c in preflight["environment"] if not c["passed"]]
     if bad_env:
-        summary.update(outcome="environment_mismatch",
-                       reason="; ".join(f"{c['check']}: expected {c['expected']}, found {c['found']}"
-                                        for c in bad_env))
+        summary.update(
+            outcome="environment_mismatch",
+            reason="; ".join(
+                f"{c['check']}: expected {c['expected']}, found {c['found']}" for c in bad_env
+            ),
+        )
         log.emit("environment_mismatch", level="error", reason=summary["reason"])
         return EXIT_ENVIRONMENT
 
@@ -194,17 +244,31 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
             child_env["EVALRUN_MODEL"] = item["path"]
         else:
             datasets[item["name"]] = item["path"]
-            child_env["EVALRUN_DATA_" + re.sub(r"[^A-Z0-9]", "_", item["name"].upper())] = item["path"]
+            child_env["EVALRUN_DATA_" + re.sub(r"[^A-Z0-9]", "_", item["name"].upper())] = item[
+                "path"
+            ]
     child_env["EVALRUN_DATASETS"] = json.dumps(datasets, sort_keys=True)
-    summary["determinism"] = {"PYTHONHASHSEED": str(seed), "EVALRUN_SEED": str(seed),
-                              "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    summary["determinism"] = {
+        "PYTHONHASHSEED": str(seed),
+        "EVALRUN_SEED": str(seed),
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    }
     log.emit("evaluation_start", command=plan["command"])
     t1 = time.monotonic()
-    with (results / "logs" / "evaluation.stdout").open("wb") as out, \
-         (results / "logs" / "evaluation.stderr").open("wb") as err:
+    with (
+        (results / "logs" / "evaluation.stdout").open("wb") as out,
+        (results / "logs" / "evaluation.stderr").open("wb") as err,
+    ):
         try:
-            proc = subprocess.run(plan["command"], env=child_env, stdout=out, stderr=err,
-                                  stdin=subprocess.DEVNULL, timeout=plan["timeout_s"], check=False)
+            proc = subprocess.run(
+                plan["command"],
+                env=child_env,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                timeout=plan["timeout_s"],
+                check=False,
+            )
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = None
@@ -234,8 +298,11 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
     log.emit("data_loaded", samples=len(samples))
     values = compute_metrics(plan["metrics"], samples, seed)
     _write_json(results / "metrics.json", {"seed": seed, "metrics": [v.as_dict() for v in values]})
-    log.emit("metrics_done", duration_s=round(time.monotonic() - t2, 4),
-             metrics={v.name: v.value for v in values})
+    log.emit(
+        "metrics_done",
+        duration_s=round(time.monotonic() - t2, 4),
+        metrics={v.name: v.value for v in values},
+    )
     summary.update(outcome="completed")
     return EXIT_OK
 

@@ -38,8 +38,12 @@ def _cpu() -> dict[str, Any]:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = os.cpu_count() or 0
-    return {"model": model, "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
-            "machine": platform.machine()}
+    return {
+        "model": model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "machine": platform.machine(),
+    }
 
 
 def _limits() -> dict[str, Any]:
@@ -67,11 +71,13 @@ def packages() -> list[dict[str, str]]:
     out = []
     for dist in importlib.metadata.distributions():
         record = dist.read_text("RECORD")
-        out.append({
-            "name": dist.metadata["Name"] or "?",
-            "version": dist.version,
-            "record_sha256": hashlib.sha256(record.encode()).hexdigest() if record else "",
-        })
+        out.append(
+            {
+                "name": dist.metadata["Name"] or "?",
+                "version": dist.version,
+                "record_sha256": hashlib.sha256(record.encode()).hexdigest() if record else "",
+            }
+        )
     out.sort(key=lambda p: (p["name"].lower(), p["version"]))
     return out
 
@@ -87,10 +93,14 @@ def gpu_capture() -> dict[str, Any]:
     except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return {"visible": False, "reason": f"NVML unavailable: {exc}"}
     try:
+
         def text(value: Any) -> str:
             return value.decode() if isinstance(value, bytes) else str(value)
 
-        info: dict[str, Any] = {"visible": True, "driver_version": text(pynvml.nvmlSystemGetDriverVersion())}
+        info: dict[str, Any] = {
+            "visible": True,
+            "driver_version": text(pynvml.nvmlSystemGetDriverVersion()),
+        }
         try:
             cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
             info["cuda_driver_version"] = f"{cuda // 1000}.{(cuda % 1000) // 10}"
@@ -100,12 +110,14 @@ def gpu_capture() -> dict[str, Any]:
         gpus = []
         for i in range(count):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            gpus.append({
-                "index": i,
-                "name": text(pynvml.nvmlDeviceGetName(handle)),
-                "uuid": text(pynvml.nvmlDeviceGetUUID(handle)),
-                "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
-            })
+            gpus.append(
+                {
+                    "index": i,
+                    "name": text(pynvml.nvmlDeviceGetName(handle)),
+                    "uuid": text(pynvml.nvmlDeviceGetUUID(handle)),
+                    "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+                }
+            )
         info["count"] = count
         info["gpus"] = gpus
         return info
@@ -120,8 +132,11 @@ def capture_environment(image_ref: str) -> dict[str, Any]:
         "image_ref": image_ref,
         "os": _os_release(),
         "kernel": {"release": uname.release, "version": uname.version, "system": uname.system},
-        "python": {"version": platform.python_version(), "implementation": sys.implementation.name,
-                   "executable": sys.executable},
+        "python": {
+            "version": platform.python_version(),
+            "implementation": sys.implementation.name,
+            "executable": sys.executable,
+        },
         "packages": packages(),
         "cpu": _cpu(),
         "limits": _limits(),

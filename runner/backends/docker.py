@@ -9,6 +9,7 @@ demanded and missing, the run is refused (exit 4): never a silent downgrade.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -64,7 +65,7 @@ class DockerBackend:
                 expected=runtime,
                 found=sorted(available),
                 hint="install runsc and register it in /etc/docker/daemon.json "
-                '(make host-up does both); evalrun never falls back to a weaker sandbox',
+                "(make host-up does both); evalrun never falls back to a weaker sandbox",
             )
         if plan.gpus:
             raise EnvironmentMismatch(
@@ -98,30 +99,39 @@ class DockerBackend:
                 docker.types.Mount(RESULTS_MOUNT, str(results_dir), type="bind", read_only=False),
             ]
             for item in plan.inputs:
-                mounts.append(docker.types.Mount(item.container_path, str(item.host_path),
-                                                 type="bind", read_only=True))
+                mounts.append(
+                    docker.types.Mount(
+                        item.container_path, str(item.host_path), type="bind", read_only=True
+                    )
+                )
             name = f"evalrun-{plan.run_id}"
             self._remove_stale(name)
-            container = docker_call("create container", lambda: client.containers.create(
-                plan.image_ref,
-                ["run", "--plan", f"{PLAN_MOUNT}/plan.json", "--results", RESULTS_MOUNT],
-                name=name,
-                runtime=RUNTIME_NAMES[plan.runtime],
-                network_mode="none",
-                read_only=True,
-                tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
-                user=f"{SANDBOX_UID}:{SANDBOX_UID}",
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                pids_limit=plan.pids,
-                mem_limit=f"{plan.memory_mib}m",
-                memswap_limit=f"{plan.memory_mib}m",
-                nano_cpus=int(plan.cpus * 1e9),
-                mounts=mounts,
-                labels={"org.evalrun.run-id": plan.run_id, "org.evalrun.spec": plan.spec_name,
-                        "org.evalrun.lock-digest": plan.lock_digest},
-                detach=True,
-            ))
+            container = docker_call(
+                "create container",
+                lambda: client.containers.create(
+                    plan.image_ref,
+                    ["run", "--plan", f"{PLAN_MOUNT}/plan.json", "--results", RESULTS_MOUNT],
+                    name=name,
+                    runtime=RUNTIME_NAMES[plan.runtime],
+                    network_mode="none",
+                    read_only=True,
+                    tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
+                    user=f"{SANDBOX_UID}:{SANDBOX_UID}",
+                    cap_drop=["ALL"],
+                    security_opt=["no-new-privileges"],
+                    pids_limit=plan.pids,
+                    mem_limit=f"{plan.memory_mib}m",
+                    memswap_limit=f"{plan.memory_mib}m",
+                    nano_cpus=int(plan.cpus * 1e9),
+                    mounts=mounts,
+                    labels={
+                        "org.evalrun.run-id": plan.run_id,
+                        "org.evalrun.spec": plan.spec_name,
+                        "org.evalrun.lock-digest": plan.lock_digest,
+                    },
+                    detach=True,
+                ),
+            )
             try:
                 return self._run_container(container, plan)
             finally:
@@ -129,8 +139,10 @@ class DockerBackend:
                     with translated("remove container"):
                         container.remove(force=True)
                 except EvalrunError as exc:
-                    log.warning("could not remove container",
-                                extra={"event": "container_remove_failed", "error": str(exc)})
+                    log.warning(
+                        "could not remove container",
+                        extra={"event": "container_remove_failed", "error": str(exc)},
+                    )
 
     def _remove_stale(self, name: str) -> None:
         try:
@@ -161,10 +173,9 @@ class DockerBackend:
                     raise
         except KeyboardInterrupt:
             interrupted = True
-            try:
+            # best effort; remove(force=True) follows in run()
+            with contextlib.suppress(Exception):
                 container.kill()
-            except Exception:  # noqa: S110 - best effort; remove(force) follows
-                pass
         duration = time.monotonic() - t0
         with translated("inspect container"):
             container.reload()

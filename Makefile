@@ -1,0 +1,77 @@
+# evalrun — targets a newcomer guesses. Everything sets itself up.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EVALRUN := $(VENV)/bin/evalrun
+SPEC ?= examples/digits/eval.yaml
+PYTEST := $(VENV)/bin/pytest
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv host-up base-image run test test-unit test-docker test-k8s lint fmt bench \
+        cluster-up cluster-down schema clean
+
+help:
+	@echo "make run          – set up the embedded default and run examples/digits end to end"
+	@echo "make test         – set up everything and run every test tier (unit, docker, k8s, kwok)"
+	@echo "make lint | fmt   – mypy --strict + ruff | ruff format"
+	@echo "make bench        – benchmarks (results printed as JSON lines)"
+	@echo "make base-image   – build and push the base image (mmdebstrap)"
+	@echo "make cluster-up / cluster-down – the local Kubernetes test cluster"
+
+$(VENV)/.installed: pyproject.toml
+	@command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+host-up:
+	bash scripts/host-up.sh
+
+base-image: venv host-up
+	$(EVALRUN) base-image bookworm-python
+
+run: venv host-up
+	$(EVALRUN) lock $(SPEC)
+	$(EVALRUN) run $(SPEC)
+
+schema: venv
+	$(EVALRUN) schema > runner/schema/evaluation-v1.json
+
+test: venv host-up cluster-up
+	bash scripts/test.sh
+
+test-unit: venv
+	bash scripts/test.sh unit
+
+test-docker: venv host-up
+	bash scripts/test.sh docker
+
+test-k8s: venv host-up cluster-up
+	bash scripts/test.sh k8s kwok
+
+lint: venv
+	$(VENV)/bin/mypy runner
+	$(VENV)/bin/ruff check runner
+	$(VENV)/bin/ruff format --check runner
+
+fmt: venv
+	$(VENV)/bin/ruff format runner tests
+	$(VENV)/bin/ruff check --fix runner
+
+bench: venv host-up
+	$(PY) benchmarks/bench_run.py
+	$(PY) benchmarks/bench_build.py
+	$(PY) benchmarks/bench_bundle.py
+
+cluster-up:
+	bash tests/cluster/up.sh
+
+cluster-down:
+	bash tests/cluster/down.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
