@@ -49,6 +49,8 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 # Large enough that syscalls are negligible, small enough to stay in L2 while hashed.
 READ_CHUNK = 1 << 20
+# Deeper trees are refused rather than walked (each level holds a directory fd).
+MAX_DEPTH = 64
 # A manifest/statement/envelope larger than this is not one the runner wrote.
 METADATA_MAX_BYTES = 256 << 20
 
@@ -276,6 +278,7 @@ class TreeEntry:
     path: str
     kind: EntryKind
     size: int
+    links: int = 1
 
 
 @dataclass(frozen=True)
@@ -313,25 +316,33 @@ def scan_tree(root: Path) -> list[TreeEntry]:
     can neither be listed through nor swapped in mid-walk. Symlinks, devices,
     FIFOs and sockets are reported with their kind, never opened. Names that
     are not safe paths (see :func:`unsafe_path_reason`) are reported as they are.
+    Nesting deeper than :data:`MAX_DEPTH` raises UnsafeBundleEntry.
     """
     root_fd = _open_root(root)
     out: list[TreeEntry] = []
     try:
-        _scan_dir(root_fd, "", out)
+        _scan_dir(root_fd, "", out, 0)
     finally:
         os.close(root_fd)
     out.sort(key=lambda e: e.path)
     return out
 
 
-def _scan_dir(dir_fd: int, prefix: str, out: list[TreeEntry]) -> None:
+def _scan_dir(dir_fd: int, prefix: str, out: list[TreeEntry], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise UnsafeBundleEntry(
+            f"directories nested deeper than {MAX_DEPTH} levels at {prefix!r}",
+            path=prefix,
+            reason="nesting too deep",
+        )
     with os.scandir(dir_fd) as it:
         entries = list(it)
     for entry in entries:
         rel = prefix + entry.name
         st = entry.stat(follow_symlinks=False)
         kind = _kind_of(st.st_mode)
-        out.append(TreeEntry(rel, kind, st.st_size if kind == "file" else 0))
+        size = st.st_size if kind == "file" else 0
+        out.append(TreeEntry(rel, kind, size, st.st_nlink if kind == "file" else 1))
         if kind == "dir":
             sub_fd = os.open(
                 entry.name,
@@ -339,7 +350,7 @@ def _scan_dir(dir_fd: int, prefix: str, out: list[TreeEntry]) -> None:
                 dir_fd=dir_fd,
             )
             try:
-                _scan_dir(sub_fd, rel + "/", out)
+                _scan_dir(sub_fd, rel + "/", out, depth + 1)
             finally:
                 os.close(sub_fd)
 
@@ -515,6 +526,14 @@ def _content_files(content_dir: Path) -> list[TreeEntry]:
                 reason="device, FIFO or socket",
                 root=str(content_dir),
             )
+        if entry.kind == "file" and entry.links > 1:
+            raise UnsafeBundleEntry(
+                f"refusing to bundle {entry.path!r}: it has {entry.links} hard links, "
+                "so it could change through another name after signing",
+                path=where,
+                reason="hard link",
+                root=str(content_dir),
+            )
         if entry.kind == "file":
             if entry.path in METADATA_NAMES:
                 raise InputError(
@@ -577,6 +596,8 @@ def build_bundle(
     if content_dir.is_symlink() or not content_dir.is_dir():
         raise InputError("bundle content directory not found (or a symlink)", file=str(content_dir))
     in_place = dest.exists() and dest.samefile(content_dir)
+    if not in_place and dest.resolve().is_relative_to(content_dir.resolve()):
+        raise InputError("bundle destination may not lie inside the content dir", file=str(dest))
     entries = _content_files(content_dir)
     paths = [e.path for e in entries]
 

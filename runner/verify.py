@@ -111,7 +111,12 @@ class _DirSource:
         self.workers = workers
 
     def scan(self, facts: _Facts) -> None:
-        for entry in scan_tree(self.root):
+        try:
+            entries = scan_tree(self.root)
+        except UnsafeBundleEntry as exc:
+            facts.layout_problems.append(exc.message)
+            return
+        for entry in entries:
             facts.entry_count += 1
             reason = unsafe_path_reason(entry.path)
             if reason:

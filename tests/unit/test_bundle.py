@@ -458,3 +458,29 @@ def test_extract_reports_missing_or_non_tar_input(tmp_path: Path) -> None:
     (tmp_path / "junk.tar").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(InputError):
         extract_bundle_tar(tmp_path / "junk.tar", tmp_path / "out")
+
+
+def test_build_rejects_hard_linked_file(
+    tmp_path: Path, content: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    os.link(content / "report.md", tmp_path / "other-name")
+    with pytest.raises(UnsafeBundleEntry, match="hard links") as err:
+        build_bundle(content, predicate(), keys[0], content)
+    assert err.value.fields["path"] == str(content / "report.md")
+
+
+def test_build_rejects_absurdly_deep_nesting(
+    tmp_path: Path, content: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    deep = content.joinpath(*["d"] * 70)
+    deep.mkdir(parents=True)
+    (deep / "x").write_text("x")
+    with pytest.raises(UnsafeBundleEntry, match="nested deeper"):
+        build_bundle(content, predicate(), keys[0], tmp_path / "b")
+
+
+def test_build_refuses_destination_inside_content(
+    content: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    with pytest.raises(InputError, match="inside the content"):
+        build_bundle(content, predicate(), keys[0], content / "bundle")

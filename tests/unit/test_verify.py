@@ -561,3 +561,39 @@ def test_verify_rejects_non_canonical_base64_in_envelope(
     envelope["signatures"][0]["sig"] = alt
     (bundle / ENVELOPE_NAME).write_text(json.dumps(envelope))
     assert has(problems_of(bundle, ed_keys[1]), "not canonical base64")
+
+
+def test_verify_rejects_absurdly_deep_nesting(bundle: Path, keys: tuple[Signer, Verifier]) -> None:
+    deep = bundle.joinpath(*["d"] * 70)
+    deep.mkdir(parents=True)
+    assert has(problems_of(bundle, keys[1]), "nested deeper than 64 levels")
+
+
+def test_verify_accepts_hard_links_made_after_the_fact(
+    tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    # e.g. a deduplicating copy: the content is what is checked, and it is unchanged
+    os.link(bundle / "report.md", tmp_path / "dedup")
+    verify_bundle(bundle, keys[1])
+
+
+def test_bundle_verifies_with_securesystemslib_and_plain_hashlib(
+    tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    # an independent verifier: securesystemslib checks the DSSE signature, hashlib the subjects
+    from cryptography.hazmat.primitives import serialization
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import SSlibKey
+
+    public = serialization.load_pem_public_key(keys[1].public_pem())
+    key = SSlibKey.from_crypto(public, keys[1].keyid)  # type: ignore[arg-type]
+    envelope = Envelope.from_dict(json.loads((bundle / ENVELOPE_NAME).read_bytes()))
+    assert set(envelope.verify([key], 1)) == {keys[1].keyid}
+    assert envelope.payload_type == "application/vnd.in-toto+json"
+    statement = json.loads(envelope.payload)
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    for subject in statement["subject"]:
+        data = (bundle / subject["name"]).read_bytes()
+        assert subject["digest"] == {"sha256": hashlib.sha256(data).hexdigest()}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert on_disk - {s["name"] for s in statement["subject"]} == {STATEMENT_NAME, ENVELOPE_NAME}
