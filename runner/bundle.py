@@ -602,6 +602,12 @@ def build_bundle(
     paths = [e.path for e in entries]
 
     created_dest = False
+    if not in_place:
+        if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+            raise InputError("bundle destination exists and is not empty", file=str(dest))
+        if not dest.exists():
+            dest.mkdir(parents=True)
+            created_dest = True
     written: list[Path] = []
     try:
         if in_place:
@@ -615,11 +621,6 @@ def build_bundle(
                 )
             found = [digests[p] for p in paths]
         else:
-            if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
-                raise InputError("bundle destination exists and is not empty", file=str(dest))
-            if not dest.exists():
-                dest.mkdir(parents=True)
-                created_dest = True
             src_fd = _open_root(content_dir)
             try:
                 found = _map(lambda p: _copy_and_hash(src_fd, dest, p), paths, workers)
@@ -650,9 +651,12 @@ def build_bundle(
     except BaseException:
         if created_dest:
             remove_tree(dest)
-        else:
+        elif in_place:
             for path in written:
                 path.unlink(missing_ok=True)
+        else:  # dest was an empty directory before: empty it again
+            for child in dest.iterdir():
+                remove_tree(child)
         raise
 
     return BundleInfo(

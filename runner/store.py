@@ -332,10 +332,10 @@ class Store:
         path = self.bundle_path(digest)
         if not path.is_dir():
             raise BundleNotFound("no stored bundle with this digest", digest=digest)
-        statement_bytes = _read_beneath(path, STATEMENT_NAME)
         try:
+            statement_bytes = _read_beneath(path, STATEMENT_NAME)
             statement = Statement.model_validate(load_json_strict(statement_bytes))
-        except (ValidationError, ValueError) as exc:
+        except (OSError, UnsafeBundleEntry, ValidationError, ValueError) as exc:
             raise IntegrityError(f"stored bundle is corrupt: {exc}", path=str(path)) from exc
         full = f"sha256:{parse_digest(digest)}"
         entry = self._read_index(statement.run_id)

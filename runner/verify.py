@@ -415,7 +415,8 @@ def verify_bundle(path: Path, verifier: Verifier, *, workers: int | None = None)
     for name, check in CHECKS:
         checked, found = check(facts, verifier)
         reports.append(CheckReport(name=name, checked=checked, problems=tuple(found)))
-    problems = [p for r in reports for p in r.problems]
+    # one missing file can be the cause named by two checks; say it once
+    problems = list(dict.fromkeys(p for r in reports for p in r.problems))
     problems.extend(
         f"{r.name}: compared nothing" for r in reports if r.checked == 0 and not r.problems
     )

@@ -484,3 +484,21 @@ def test_build_refuses_destination_inside_content(
 ) -> None:
     with pytest.raises(InputError, match="inside the content"):
         build_bundle(content, predicate(), keys[0], content / "bundle")
+
+
+def test_failed_copy_build_leaves_an_existing_empty_destination_empty(
+    tmp_path: Path, content: Path, keys: tuple[Signer, Verifier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runner.bundle as bundle_module
+
+    def boom(*args: object) -> dict[str, object]:
+        raise RuntimeError("signing failed")
+
+    (tmp_path / "b").mkdir()
+    monkeypatch.setattr(bundle_module, "sign_envelope", boom)
+    with pytest.raises(RuntimeError):
+        build_bundle(content, predicate(), keys[0], tmp_path / "b")
+    assert list((tmp_path / "b").iterdir()) == []
+    with pytest.raises(RuntimeError):
+        build_bundle(content, predicate(), keys[0], tmp_path / "new")
+    assert not (tmp_path / "new").exists()
