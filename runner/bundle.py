@@ -263,7 +263,10 @@ def load_json_strict(data: bytes) -> Any:
     def no_constant(name: str) -> Any:
         raise ValueError(f"non-finite number {name}")
 
-    return json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    try:
+        return json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
 
 # --- walking and hashing trees without following links -------------------------

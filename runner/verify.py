@@ -410,7 +410,17 @@ def verify_bundle(path: Path, verifier: Verifier, *, workers: int | None = None)
     """
     if not path.exists():
         raise InputError("bundle not found", file=str(path))
-    facts = _gather(path, workers)
+    try:
+        facts = _gather(path, workers)
+    except (OSError, tarfile.TarError) as exc:
+        # an unreadable or truncated bundle cannot be vouched for
+        raise VerificationFailed(
+            "bundle could not be read",
+            problems=[f"cannot read {exc.filename or path}: {exc.strerror or exc}"]
+            if isinstance(exc, OSError)
+            else [f"corrupt tar: {exc}"],
+            bundle=str(path),
+        ) from exc
     reports: list[CheckReport] = []
     for name, check in CHECKS:
         checked, found = check(facts, verifier)

@@ -597,3 +597,19 @@ def test_bundle_verifies_with_securesystemslib_and_plain_hashlib(
         assert subject["digest"] == {"sha256": hashlib.sha256(data).hexdigest()}
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     assert on_disk - {s["name"] for s in statement["subject"]} == {STATEMENT_NAME, ENVELOPE_NAME}
+
+
+def test_verify_rejects_truncated_tar(
+    tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    write_bundle_tar(bundle, tmp_path / "b.tar")
+    data = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(data[: len(data) // 2])
+    problems_of(tmp_path / "b.tar", keys[1])
+
+
+def test_verify_rejects_deeply_nested_json_without_crashing(
+    bundle: Path, keys: tuple[Signer, Verifier]
+) -> None:
+    (bundle / MANIFEST_NAME).write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    assert has(problems_of(bundle, keys[1]), "nested too deeply")
