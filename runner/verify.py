@@ -271,7 +271,7 @@ def _gather(path: Path, workers: int | None) -> _Facts:
 _Check = Callable[[_Facts, Verifier], tuple[int, list[str]]]
 
 
-def check_layout(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_layout(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     """Every entry is a regular file or directory at a safe relative path."""
     problems = list(facts.layout_problems)
     for name in METADATA_NAMES:
@@ -280,7 +280,7 @@ def check_layout(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     return facts.entry_count, problems
 
 
-def check_signature(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_signature(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     """The envelope carries exactly one signature, by the given key, over the in-toto payload."""
     if facts.envelope is None:
         if ENVELOPE_NAME not in facts.raw:
@@ -296,7 +296,7 @@ def check_signature(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     return 1, problems
 
 
-def check_statement(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_statement(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     """statement.json is byte-for-byte the signed payload, and that is an evalrun Statement."""
     if facts.payload is None:
         return 0, [f"statement not checked: no readable payload in {ENVELOPE_NAME}"]
@@ -312,14 +312,14 @@ def check_statement(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     return 1, problems
 
 
-def check_manifest(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_manifest(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     """manifest.json is a well-formed evalrun manifest (safe, sorted, unique paths)."""
     if MANIFEST_NAME not in facts.raw:
         return 0, [facts.raw_problems.get(MANIFEST_NAME, f"{MANIFEST_NAME}: missing")]
     return 1, list(facts.manifest_problems)
 
 
-def check_subjects(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_subjects(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     """The signed subjects are exactly the manifest files plus manifest.json, same digests."""
     if facts.statement is None or facts.manifest is None:
         return 0, ["subjects not checked: statement or manifest unreadable"]
@@ -346,7 +346,7 @@ def check_subjects(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     return len(expected), problems
 
 
-def check_run_identity(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_run_identity(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     """The signed statement is about the run this bundle's manifest belongs to."""
     if facts.statement is None or facts.manifest is None:
         return 0, ["run identity not checked: statement or manifest unreadable"]
@@ -359,7 +359,7 @@ def check_run_identity(facts: _Facts, verifier: Verifier) -> tuple[int, list[str
     return 1, []
 
 
-def check_files(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_files(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     """Exactly the manifest's files are present, each with its sha256 and size."""
     if facts.manifest is None:
         return 0, ["files not checked: manifest unreadable"]
@@ -385,13 +385,13 @@ def check_files(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
 
 
 CHECKS: tuple[tuple[str, _Check], ...] = (
-    ("layout", check_layout),
-    ("signature", check_signature),
-    ("statement", check_statement),
-    ("manifest", check_manifest),
-    ("subjects", check_subjects),
-    ("run_identity", check_run_identity),
-    ("files", check_files),
+    ("layout", _check_layout),
+    ("signature", _check_signature),
+    ("statement", _check_statement),
+    ("manifest", _check_manifest),
+    ("subjects", _check_subjects),
+    ("run_identity", _check_run_identity),
+    ("files", _check_files),
 )
 
 
