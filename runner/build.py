@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -342,6 +343,14 @@ def render_dockerfile(template: Path, variables: dict[str, Any]) -> str:
         autoescape=False,  # noqa: S701 - output is a Dockerfile, not HTML
         keep_trailing_newline=True,
     )
+    source = template.read_text(encoding="utf-8")
+    missing = sorted(jinja2.meta.find_undeclared_variables(env.parse(source)) - variables.keys())
+    if missing:
+        raise InputError(
+            f"template uses undefined variable(s): {', '.join(missing)}",
+            file=str(template),
+            hint=f"available variables: {sorted(variables)}",
+        )
     try:
         text = env.get_template(template.name).render(**variables)
     except jinja2.UndefinedError as exc:

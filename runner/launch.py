@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.backends.base import Backend, BackendResult, PlanInput, RunPlan
-from runner.build import resolve_input, sha256_file
+from runner.build import sha256_file
 from runner.bundle import build_bundle
 from runner.collect import collect_results, read_json, recompute_metrics
 from runner.errors import (
@@ -147,8 +147,8 @@ def _check_inputs_on_host(spec_dir: Path, lock: LockedSpec) -> list[PlanInput]:
     ]
     items += [("dataset", d.name, d.path, d.sha256) for d in lock.datasets]
     for role, name, rel, expected in items:
-        path = resolve_input(spec_dir, rel, f"{role} {name}")
-        found = sha256_file(path)
+        path = (spec_dir / rel).resolve()
+        found = sha256_file(path) if path.is_file() else "missing (file not found)"
         if found != expected:
             raise DigestMismatch(
                 f"{role} {name}",
@@ -193,6 +193,20 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
     )
 
 
+# Runs that never got to evaluate: a plain `evalrun run` tries again instead of reusing them.
+RETRYABLE_OUTCOMES = {"infrastructure_failure", "interrupted"}
+
+
+def _current_attempt(store: Store, lock_digest: str) -> int:
+    """The attempt a plain run attaches to: the first one not ended by infrastructure/Ctrl-C."""
+    attempt = 0
+    while (found := store.find_run(run_id_for(lock_digest, attempt))) is not None:
+        if found.outcome not in RETRYABLE_OUTCOMES:
+            return attempt
+        attempt += 1
+    return attempt
+
+
 def _next_attempt(store: Store, lock_digest: str) -> int:
     attempt = 0
     while store.find_run(run_id_for(lock_digest, attempt)) is not None:
@@ -213,7 +227,7 @@ def run_evaluation(
     spec, lock = load_locked(spec_path)
     store = Store(settings.home)
     lock_digest = lock.digest()
-    attempt = _next_attempt(store, lock_digest) if rerun else 0
+    attempt = _next_attempt(store, lock_digest) if rerun else _current_attempt(store, lock_digest)
     run_id = run_id_for(lock_digest, attempt)
     existing = store.find_run(run_id)
     if existing is not None:

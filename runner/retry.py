@@ -36,7 +36,7 @@ def transient_policy(
     return Retrying(
         retry=retry_if_exception_type(TransientInfrastructureError),
         stop=stop_after_attempt(attempts) | stop_after_delay(max_delay_s),
-        wait=wait_exponential_jitter(initial=0.25, max=4.0),
+        wait=wait_exponential_jitter(multiplier=0.25, max=4.0),
         before_sleep=_log_retry,
         sleep=sleep,
         reraise=True,

@@ -1,0 +1,271 @@
+"""End to end on the embedded default: real dockerd, registry, gVisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EVALRUN = [sys.executable, "-m", "runner.cli"]
+
+
+def predicate_of(bundle: Path) -> dict:
+    return json.loads((bundle / "statement.json").read_text())["predicate"]
+
+pytestmark = pytest.mark.docker
+
+
+def _containers_for(run_id: str) -> list:
+    client = docker.from_env()
+    return client.containers.list(all=True, filters={"label": f"org.evalrun.run-id={run_id}"})
+
+
+def test_run_passes_verifies_and_is_idempotent(cli, locked_example):
+    spec = str(locked_example / "eval.yaml")
+    code, out = cli.json("run", spec)
+    assert code == 0, out
+    assert out["outcome"] == "passed" and out["verified"].startswith("valid")
+    bundle = Path(out["bundle"])
+    pred = predicate_of(bundle)
+    assert pred["sandbox"]["runtime_used"] == "runsc"
+    assert pred["sandbox"]["details"]["network_mode"] == "none"
+    assert pred["sandbox"]["details"]["read_only_rootfs"] is True
+    assert pred["image"]["rootfs_found"] == pred["image"]["rootfs_expected"]
+    assert pred["image"]["digest_confirmed_by_backend"] is True
+    assert pred["environment"]["user"]["uid"] == 65532
+    assert {m["name"] for m in pred["metrics"]} == {"accuracy", "macro-f1"}
+    assert all(m["ci"]["low"] < m["value"] < m["ci"]["high"] for m in pred["metrics"])
+    assert (bundle / "results" / "predictions.jsonl").is_file()
+    assert (bundle / "report.md").read_text().count("| pass |") == 2
+    events = [json.loads(x) for x in (bundle / "results/logs/events.jsonl").read_text().splitlines()]
+    assert {"preflight_rootfs", "evaluation_end", "metrics_done"} <= {e["event"] for e in events}
+
+    # offline verification with the CLI
+    proc = cli("verify", str(bundle), "--key", str(cli.pub))
+    assert proc.returncode == 0 and "valid" in proc.stdout
+
+    # idempotent: the same locked spec finds the same run, without a container
+    t0 = time.monotonic()
+    code2, again = cli.json("run", spec)
+    assert code2 == 0 and again["reused"] is True and again["run_id"] == out["run_id"]
+    assert time.monotonic() - t0 < 10
+
+    # --rerun is a new attempt with a new id and bundle
+    code3, rerun = cli.json("run", spec, "--rerun")
+    assert code3 == 0 and rerun["run_id"] != out["run_id"] and not rerun["reused"]
+    assert predicate_of(Path(rerun["bundle"]))["attempt"] == 1
+    # same inputs, same seed: the same metrics, bit for bit
+    assert [m["value"] for m in rerun["metrics"]] == [m["value"] for m in out["metrics"]]
+
+
+def test_tampered_bundle_fails_verify_naming_the_file(cli, locked_example, tmp_path):
+    code, out = cli.json("run", str(locked_example / "eval.yaml"))
+    assert code == 0
+    copy = tmp_path / "bundle"
+    shutil.copytree(out["bundle"], copy)
+    for p in copy.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    target = copy / "results" / "predictions.jsonl"
+    data = bytearray(target.read_bytes())
+    data[10] ^= 0x01
+    target.write_bytes(bytes(data))
+    proc = cli("verify", str(copy), "--key", str(cli.pub))
+    assert proc.returncode == 3
+    assert "results/predictions.jsonl" in proc.stderr
+
+
+def test_lock_is_a_noop_when_nothing_changed(cli, locked_example):
+    code, out = cli.json("lock", str(locked_example / "eval.yaml"))
+    assert code == 0 and out["built"] is False
+    assert out["seconds"] < 5
+
+
+def test_wrong_checksum_dataset_stops_before_any_container(vcli, variant):
+    spec = variant()
+    data = spec.parent / "data" / "digits_test.jsonl"
+    data.write_text(data.read_text().replace('"label":3', '"label":8', 1))
+    code, out = vcli.json("run", str(spec))
+    assert code == 3, out
+    pred = predicate_of(Path(out["bundle"]))
+    assert pred["outcome"] == "integrity_failure"
+    assert "digits-test" in pred["reason"] and "expected" in pred["reason"]
+    assert pred["sandbox"]["runtime_used"] is None  # no container was started
+    assert _containers_for(out["run_id"]) == []
+
+
+def test_missing_model_is_an_integrity_failure(vcli, variant):
+    spec = variant()
+    (spec.parent / "model" / "weights.json").unlink()
+    code, out = vcli.json("run", str(spec))
+    assert code == 3
+    assert "model" in predicate_of(Path(out["bundle"]))["reason"]
+
+
+def test_evaluation_crash_is_sealed_with_the_reason(vcli, variant):
+    code, out = vcli.json("run", str(variant(params={"crash": True})))
+    assert code == 6, out
+    pred = predicate_of(Path(out["bundle"]))
+    assert pred["outcome"] == "evaluation_failed"
+    assert "exited 17" in pred["reason"] and "crash requested" in pred["reason"]
+    proc = vcli("verify", out["bundle"], "--key", str(vcli.pub))
+    assert proc.returncode == 0
+
+
+def test_evaluation_timeout(vcli, variant):
+    t0 = time.monotonic()
+    code, out = vcli.json("run", str(variant(params={"sleep_s": 120}, timeout_s=3)))
+    assert code == 6
+    assert predicate_of(Path(out["bundle"]))["outcome"] == "timeout"
+    assert time.monotonic() - t0 < 90
+
+
+def test_links_written_by_the_container_are_not_followed(vcli, variant):
+    script = ("import os, subprocess, sys; "
+              "out = os.environ['EVALRUN_OUTPUT']; "
+              "os.symlink('/etc/passwd', os.path.join(os.path.dirname(out), 'stolen')); "
+              "sys.exit(subprocess.call(['python3', '/app/evaluate.py']))")
+    code, out = vcli.json("run", str(variant(command=["python3", "-c", script])))
+    assert code == 3, out
+    pred = predicate_of(Path(out["bundle"]))
+    assert "'stolen': is a symlink" in pred["reason"]
+    assert not (Path(out["bundle"]) / "results" / "stolen").exists()
+
+
+def test_dishonest_aggregate_is_refused(vcli, variant):
+    # The evaluation rewrites the agent's metrics after the fact (via a background process).
+    script = (
+        "import os, subprocess, sys, json; rc = subprocess.call(['python3', '/app/evaluate.py']);"
+        "d = os.path.dirname(os.environ['EVALRUN_OUTPUT']);"
+        "subprocess.Popen(['python3', '-c', "
+        "'import time, json, sys; p = sys.argv[1]; time.sleep(1.5); "
+        "m = json.load(open(p)); m[\"metrics\"][0][\"value\"] = 0.999; "
+        "json.dump(m, open(p, \"w\"))', os.path.join(d, 'metrics.json')], start_new_session=True);"
+        "sys.exit(rc)")
+    # keep the container alive long enough for the rewrite: the agent waits for nothing, so
+    # this documents that a late rewrite either misses or is caught; both must not pass silently
+    code, out = vcli.json("run", str(variant(command=["python3", "-c", script])))
+    pred = predicate_of(Path(out["bundle"]))
+    if code == 0:
+        ours = {m["name"]: m["value"] for m in pred["metrics"]}
+        assert ours["accuracy"] != 0.999  # the runner's own numbers went into the bundle
+    else:
+        assert code == 3 and "recomputed" in pred["reason"]
+
+
+def test_gvisor_missing_is_refused_never_downgraded(vcli, variant, tmp_path):
+    """A second, real dockerd without runsc registered: the run must exit 4."""
+    base = Path(tempfile.mkdtemp(prefix="evd-", dir="/tmp"))
+    (base / "daemon.json").write_text("{}")
+    sock = base / "docker.sock"
+    log = (base / "dockerd.log").open("w")
+    proc = subprocess.Popen(
+        ["dockerd", "--host", f"unix://{sock}", "--data-root", str(base / "data"),
+         "--exec-root", str(base / "exec"), "--pidfile", str(base / "pid"),
+         "--config-file", str(base / "daemon.json"), "--bridge", "none", "--iptables=false",
+         "--ip-masq=false", "--containerd-namespace", "evd", "--containerd-plugins-namespace",
+         "evd-plugins"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = None
+        for _ in range(120):
+            try:
+                client = docker.DockerClient(base_url=f"unix://{sock}")
+                client.ping()
+                break
+            except Exception:
+                time.sleep(0.25)
+        assert client is not None, (base / "dockerd.log").read_text()[-2000:]
+        assert "runsc" not in client.info().get("Runtimes", {})
+        code, out = vcli.json("run", str(variant()), env={"DOCKER_HOST": f"unix://{sock}"})
+        assert code == 4, out
+        pred = predicate_of(Path(out["bundle"]))
+        assert pred["outcome"] == "environment_mismatch"
+        assert "runsc" in pred["reason"] and pred["sandbox"]["runtime_used"] is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        subprocess.run(["umount", "-R", str(base / "exec")], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_dockerd_not_running_exits_5_after_bounded_retries(vcli, variant):
+    spec = variant()
+    t0 = time.monotonic()
+    proc = vcli("run", str(spec), env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert proc.returncode == 5, proc.stderr
+    assert "Docker engine unreachable" in proc.stdout and "make host-up" in proc.stdout
+    assert time.monotonic() - t0 < 60
+    # an infrastructure failure is sealed, but a plain re-run tries again (new attempt)
+    code, out = vcli.json("run", str(spec))
+    assert code == 0 and not out["reused"], out
+
+
+def test_registry_down_exits_5(cli, locked_example, tmp_path):
+    spec = tmp_path / "d" / "eval.yaml"
+    shutil.copytree(locked_example, spec.parent, ignore=shutil.ignore_patterns("eval.lock.json"))
+    proc = cli("lock", str(spec), env={"EVALRUN_REGISTRY": "127.0.0.1:5999"})
+    assert proc.returncode == 5, proc.stderr
+    assert "registry unreachable" in proc.stderr
+    assert not (spec.parent / "eval.lock.json").exists()
+
+
+def test_undefined_template_variable_fails_lock_with_exit_2(cli, locked_example, tmp_path):
+    import yaml
+
+    dest = tmp_path / "d"
+    shutil.copytree(locked_example, dest, ignore=shutil.ignore_patterns("eval.lock.json"))
+    template = dest / "bad.Dockerfile.j2"
+    template.write_text("FROM {{ base_image }}\nLABEL x={{ no_such_variable | tojson }}\n")
+    spec = yaml.safe_load((dest / "eval.yaml").read_text())
+    spec["image"]["template"] = "bad.Dockerfile.j2"
+    (dest / "eval.yaml").write_text(yaml.safe_dump(spec))
+    proc = cli("lock", str(dest / "eval.yaml"))
+    assert proc.returncode == 2
+    assert "no_such_variable" in proc.stderr and "bad.Dockerfile.j2" in proc.stderr
+
+
+def test_ctrl_c_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant):
+    spec = variant(params={"sleep_s": 60})
+    proc = subprocess.Popen([*EVALRUN, "run", str(spec), "--json"], cwd=ROOT, env=vcli.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = docker.from_env()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = client.containers.list(filters={"label": "org.evalrun.spec=digits-logreg",
+                                                  "status": "running"})
+        if running:
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the container never started")
+    run_id = running[0].labels["org.evalrun.run-id"]
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert _containers_for(run_id) == []
+    out = json.loads(stdout)
+    assert predicate_of(Path(out["bundle"]))["outcome"] == "interrupted"
+    assert list((vcli.home / "tmp").iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("tier", ["build-check"])
+def test_build_check_reproduces_the_rootfs_digest(cli, locked_example, tier):
+    code, out = cli.json("build", str(locked_example / "eval.yaml"), "--check")
+    assert code == 0, out
+    assert out["rootfs_identical"] is True
