@@ -94,6 +94,8 @@ class BaseRecipe(BaseModel):
     variant: str = "apt"
     mirror: str
     include: list[str] = Field(default_factory=list)
+    dpkg_path_excludes: list[str] = Field(default_factory=list)
+    dpkg_path_includes: list[str] = Field(default_factory=list)
     source_date_epoch: int
 
 
@@ -179,6 +181,8 @@ def build_base_tar(recipe: BaseRecipe, dest: Path, progress: Progress = _noop) -
     cmd = ["mmdebstrap", f"--variant={recipe.variant}", "--format=tar", "--quiet"]
     if recipe.include:
         cmd.append("--include=" + ",".join(recipe.include))
+    cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_path_excludes]
+    cmd += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_path_includes]
     cmd += [recipe.suite, str(partial), recipe.mirror]
     progress(f"building base image {recipe.name} with mmdebstrap (about a minute)")
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(recipe.source_date_epoch)}
