@@ -115,11 +115,19 @@ def _bootstrap_stats(
     fn: MetricFn, samples: Sequence[Sample], resamples: int, seed: int
 ) -> list[float]:
     rng = random.Random(seed)
-    n = len(samples)
     stats = []
+    if fn in (_accuracy, _error_rate):
+        # Proportions: resample the 0/1 outcome vector directly (same statistic, ~10x faster).
+        hits = [1 if s["prediction"] == s["label"] else 0 for s in samples]
+        n = len(hits)
+        for _ in range(resamples):
+            acc = sum(rng.choices(hits, k=n)) / n
+            stats.append(acc if fn is _accuracy else 1.0 - acc)
+        stats.sort()
+        return stats
     for _ in range(resamples):
-        pick = [samples[rng.randrange(n)] for _ in range(n)]
-        stats.append(fn(pick))
+        # choices() draws with replacement in C: the resampling loop stays cheap.
+        stats.append(fn(rng.choices(samples, k=len(samples))))
     stats.sort()
     return stats
 
