@@ -4,15 +4,15 @@
 # (tests/cluster/gomod/), so nothing but the Go module proxy is needed.
 # Usage: build.sh [component...]   (default: all)
 set -euo pipefail
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # build_wrapper NAME VERSION OUTDIR LDFLAGS PKG...
 # Builds PKGs in the wrapper module whose go.mod is already in OUTDIR/src,
 # seeding go.sum from the committed lock so downloads are checked against it.
 build_wrapper() {
   local name=$1 version=$2 out=$3 ldflags=$4; shift 4
-  local src=$out/src lock=$CLUSTER_DIR/gomod/$name.go.sum
-  [[ -f $lock ]] && cp "$lock" "$src/go.sum"
+  local src=$out/src lock=$CLUSTER_DIR/gomod/$name
+  [[ -f $lock/go.sum ]] && cp "$lock/go.sum" "$src/go.sum"
   log "building $name $version (-p $GO_BUILD_P) -> $out/bin"
   local start=$SECONDS
   (cd "$src" && "$GO" build -mod=mod -trimpath -p "$GO_BUILD_P" -ldflags "$ldflags" \
@@ -20,6 +20,9 @@ build_wrapper() {
     || { tail -n 40 "$out/build.log" >&2; die "build of $name $version failed (log: $out/build.log)"; }
   rm -rf "$out/bin" && mv "$out/bin.tmp" "$out/bin"
   echo "$((SECONDS - start))" >"$out/build-seconds"
+  # Record the wrapper module and its checksums next to this script; commit them
+  # after a version bump so the next cold build verifies against them.
+  mkdir -p "$lock" && cp "$src/go.mod" "$src/go.sum" "$lock/"
   log "built $name $version in $((SECONDS - start))s"
 }
 
@@ -43,7 +46,15 @@ new_wrapper() {
   echo "$upstream"
 }
 
-have() { local d=$1; shift; for b in "$@"; do [[ -x $d/bin/$b ]] || return 1; done; }
+# have DIR BINARY...: all BINARYs are built in DIR. Takes DIR's build lock first, so
+# concurrent up.sh runs wait for one build instead of racing it.
+have() {
+  local d=$1; shift
+  mkdir -p "$d"
+  exec {lockfd}>"$d.lock"
+  flock "$lockfd"
+  for b in "$@"; do [[ -x $d/bin/$b ]] || return 1; done
+}
 
 build_kubernetes() {
   local out=$CACHE/kubernetes-$KUBERNETES_VERSION
@@ -118,6 +129,26 @@ build_cosign() {
     github.com/sigstore/cosign/v3/cmd/cosign
 }
 
+# containerd-shim-runsc-v1: the runc shim cannot run gVisor subcontainers
+# properly (it waits on the sandbox pid, so a pod's containers never exit).
+# Patched (tests/cluster/patches/gvisor-*.patch): see docs/cluster.md.
+build_gvisor() {
+  local out
+  out=$(dirname "$GVISOR_BIN")
+  have "$out" containerd-shim-runsc-v1 && return 0
+  new_wrapper gvisor gvisor.dev/gvisor "$GVISOR_SHIM_VERSION" "$out" >/dev/null
+  local dir
+  dir=$(cd "$out/src" && "$GO" mod download -json "gvisor.dev/gvisor@$GVISOR_SHIM_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  rm -rf "$out/gvisor" && cp -r "$dir" "$out/gvisor" && chmod -R u+w "$out/gvisor"
+  for p in "$CLUSTER_DIR"/patches/gvisor-*.patch; do
+    patch -s -p1 -d "$out/gvisor" <"$p" || die "patch $p does not apply to gvisor $GVISOR_SHIM_VERSION"
+  done
+  printf '\nreplace gvisor.dev/gvisor => ../gvisor\n' >>"$out/src/go.mod"
+  build_wrapper gvisor "$GVISOR_SHIM_VERSION" "$out" "-s -w" gvisor.dev/gvisor/shim
+  mv "$out/bin/shim" "$out/bin/containerd-shim-runsc-v1"
+}
+
 # The pause and probe images' binaries; keyed by a hash of their sources.
 build_images() {
   local out=$IMAGES_DIR
@@ -133,5 +164,5 @@ build_images() {
 [[ -x $GO ]] || die "Go toolchain not found at $GO (set EVALRUN_GO)"
 mkdir -p "$CACHE"
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(kubernetes etcd kwok helm cosign images)
+[[ ${#components[@]} -gt 0 ]] || components=(kubernetes etcd kwok helm cosign gvisor images)
 for c in "${components[@]}"; do "build_$c"; done

@@ -3,7 +3,7 @@
 # restart the API server under a watching client).
 # Usage: component.sh {start|stop|restart|status} NAME
 set -euo pipefail
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 action=${1:?usage: component.sh start|stop|restart|status NAME}
 name=${2:?usage: component.sh start|stop|restart|status NAME}

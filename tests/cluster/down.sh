@@ -3,7 +3,7 @@
 # the processes whose pid files up.sh wrote (plus the pod containers the
 # cluster's own containerd started). Idempotent.
 set -euo pipefail
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [[ ! -d $STATE ]]; then
   log "no cluster state at $STATE; nothing to do"

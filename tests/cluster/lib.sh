@@ -21,6 +21,7 @@ ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
 KWOK_BIN=$CACHE/kwok-$KWOK_VERSION/bin
 HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
 COSIGN_BIN=$CACHE/cosign-$COSIGN_VERSION/bin
+GVISOR_BIN=$CACHE/gvisor-shim-$GVISOR_SHIM_VERSION-$(cat "$CLUSTER_DIR"/patches/gvisor-*.patch | sha256sum | cut -c1-12)/bin
 IMAGES_DIR=$CACHE/images-$(cd "$CLUSTER_DIR/images" && cat go.mod */*.go | sha256sum | cut -c1-16)
 PAUSE_IMAGE=$REGISTRY/evalrun/pause:$PAUSE_VERSION
 KUBECTL=$K8S_BIN/kubectl
@@ -73,7 +74,11 @@ start_component() {
     return 0
   fi
   mkdir -p "$RUN" "$LOGS"
-  { printf 'exec'; printf ' %q' "$@"; echo; } >"$RUN/$name.cmd"
+  {
+    # COMPONENT_PATH (set for one call) goes in front of PATH, e.g. to find a shim.
+    [[ -n ${COMPONENT_PATH:-} ]] && printf 'export PATH=%q\n' "$COMPONENT_PATH:$PATH"
+    printf 'exec'; printf ' %q' "$@"; echo
+  } >"$RUN/$name.cmd"
   realpath "$1" >"$RUN/$name.exe"
   launch_component "$name"
 }

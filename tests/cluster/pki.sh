@@ -3,7 +3,7 @@
 # key pair and the kubeconfigs under $STATE/pki (idempotent: keeps what exists).
 # Usage: pki.sh NODE_IP
 set -euo pipefail
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 node_ip=${1:?usage: pki.sh NODE_IP}
 mkdir -p "$PKI" && chmod 700 "$PKI"
 cd "$PKI"

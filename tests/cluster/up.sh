@@ -5,7 +5,7 @@
 # starts only what is not running. Prints the kubeconfig path on stdout; any
 # failure exits non-zero with the failing component's log tail on stderr.
 set -euo pipefail
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO=$(cd "$CLUSTER_DIR/../.." && pwd)
 started_at=$SECONDS
 
@@ -59,14 +59,17 @@ push_images() {
 
 write_configs() {
   local ip=$1
-  mkdir -p "$STATE/bin" "$STATE/containerd/certs.d/$REGISTRY" "$STATE/cni/net.d" "$STATE/kwok"
-  # runsc refuses to share the root network namespace ("cannot run with network
-  # enabled in root network namespace"); no network is also what the sandbox wants.
-  cat >"$STATE/bin/runsc-nonet" <<RUNSC
-#!/bin/sh
-exec /usr/bin/runsc --network=none "\$@"
+  mkdir -p "$STATE/containerd/certs.d/$REGISTRY" "$STATE/cni/net.d" "$STATE/kwok"
+  # Options for containerd-shim-runsc-v1. runsc refuses to share the root network
+  # namespace ("cannot run with network enabled in root network namespace") and no
+  # network is what the sandbox wants anyway: --network=none.
+  cat >"$STATE/containerd/runsc.toml" <<RUNSC
+binary_name = "$(command -v runsc)"
+root = "$STATE/runsc"
+
+[runsc_config]
+  network = "none"
 RUNSC
-  chmod 755 "$STATE/bin/runsc-nonet"
   cat >"$STATE/containerd/certs.d/$REGISTRY/hosts.toml" <<HOSTS
 server = "http://$REGISTRY"
 
@@ -88,6 +91,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # root here lacks CAP_SYS_RESOURCE: no oom_score_adj below containerd's own (0),
+  # which the pause container's default -998 would need.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -96,10 +102,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor]
-      runtime_type = "io.containerd.runc.v2"
+      runtime_type = "io.containerd.runsc.v1"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor.options]
-        BinaryName = "$STATE/bin/runsc-nonet"
-        SystemdCgroup = false
+        TypeUrl = "io.containerd.runsc.v1.options"
+        ConfigPath = "$STATE/containerd/runsc.toml"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$STATE/cni/net.d"
@@ -147,6 +153,8 @@ authentication:
   x509: {clientCAFile: $PKI/ca.crt}
 authorization: {mode: Webhook}
 failSwapOn: false
+# No CAP_SYS_RESOURCE here, so kubelet cannot lower its own OOM score (default -999).
+oomScoreAdj: 0
 resolvConf: /etc/resolv.conf
 serializeImagePulls: false
 maxPods: 110
@@ -209,7 +217,7 @@ start_control_plane() {
 
 start_node() {
   local ip=$1
-  start_component containerd /usr/bin/containerd --config "$STATE/containerd/config.toml"
+  COMPONENT_PATH=$GVISOR_BIN start_component containerd /usr/bin/containerd --config "$STATE/containerd/config.toml"
   wait_for containerd 60 "containerd socket" ctr --address "$CONTAINERD_SOCK" version
   start_component kubelet "$K8S_BIN/kubelet" \
     --config "$STATE/kubelet-config.yaml" \
@@ -220,6 +228,14 @@ start_node() {
   wait_for kubelet 180 "node $NODE_NAME to register" kc get node "$NODE_NAME"
   wait_for kubelet 180 "node $NODE_NAME Ready" \
     kc wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s
+}
+
+kwok_nodes_ready() {
+  local ready
+  ready=$(kc get nodes -l type=kwok \
+    -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}') \
+    || return 1
+  (($(grep -c '^True$' <<<"$ready") >= KWOK_NODE_COUNT))
 }
 
 start_kwok() {
@@ -242,23 +258,24 @@ start_kwok() {
     --server-address 127.0.0.1:10247 \
     --node-ip "$ip" --cidr 10.250.0.0/16 \
     --node-lease-duration-seconds 40
-  wait_for kwok 180 "$KWOK_NODE_COUNT kwok nodes Ready" \
-    kc wait --for=condition=Ready node -l type=kwok --timeout=5s
+  wait_for kwok 180 "$KWOK_NODE_COUNT kwok nodes Ready" kwok_nodes_ready
 }
 
-ensure_packages
-mkdir -p "$STATE" "$RUN" "$LOGS"
-bash "$CLUSTER_DIR/build.sh" || die "building cluster components failed"
-ip=$(node_ip)
-ensure_registry
-push_images
-bash "$CLUSTER_DIR/pki.sh" "$ip"
-cp "$PKI/admin.kubeconfig" "$KUBECONFIG_PATH"
-write_configs "$ip"
-start_control_plane
-start_node "$ip"
-start_kwok "$ip"
-cat >"$STATE/cluster.env" <<ENV
+main() {
+  ensure_packages
+  mkdir -p "$STATE" "$RUN" "$LOGS"
+  bash "$CLUSTER_DIR/build.sh" || die "building cluster components failed"
+  local ip
+  ip=$(node_ip)
+  ensure_registry
+  push_images
+  bash "$CLUSTER_DIR/pki.sh" "$ip"
+  cp "$PKI/admin.kubeconfig" "$KUBECONFIG_PATH"
+  write_configs "$ip"
+  start_control_plane
+  start_node "$ip"
+  start_kwok "$ip"
+  cat >"$STATE/cluster.env" <<ENV
 KUBECONFIG=$KUBECONFIG_PATH
 KUBECTL=$KUBECTL
 HELM=$HELM_BIN/helm
@@ -267,5 +284,11 @@ REGISTRY=$REGISTRY
 NODE_NAME=$NODE_NAME
 $(cat "$STATE/images.env")
 ENV
-log "cluster up in $((SECONDS - started_at))s; kubeconfig: $KUBECONFIG_PATH"
-echo "$KUBECONFIG_PATH"
+  log "cluster up in $((SECONDS - started_at))s; kubeconfig: $KUBECONFIG_PATH"
+  echo "$KUBECONFIG_PATH"
+}
+
+# Sourcing (for debugging single steps) defines the functions without running them.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  main "$@"
+fi
