@@ -17,7 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -222,8 +222,14 @@ def run_evaluation(
     *,
     rerun: bool = False,
     progress: Progress = lambda _: None,
+    annotate: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
 ) -> RunOutcome:
-    """Run (or find) the evaluation of a locked spec; always ends in a stored bundle."""
+    """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
+
+    ``annotate`` (used by ``evalrun rerun``) is called with the finished predicate
+    of a new run; the keys it returns are added to the predicate before it is
+    signed (they may not replace existing ones).
+    """
     spec, lock = load_locked(spec_path)
     store = Store(settings.home)
     lock_digest = lock.digest()
@@ -320,6 +326,11 @@ def run_evaluation(
             stage,
             backend.name,
         )
+        if annotate is not None:
+            extra = dict(annotate(predicate))
+            if clash := sorted(extra.keys() & predicate.keys()):
+                raise ValueError(f"annotate may not replace predicate keys {clash}")
+            predicate = {**predicate, **extra}
         (stage / "report.md").write_text(render_markdown(predicate))
         (stage / "logs").mkdir(exist_ok=True)
         (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
