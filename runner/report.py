@@ -113,4 +113,30 @@ def render_markdown(predicate: Mapping[str, Any]) -> str:
             else f"none visible ({gpu.get('reason')})"
         )
     )
+    lines += reproduction_markdown(predicate)
     return "\n".join(lines) + "\n"
+
+
+def reproduction_markdown(predicate: Mapping[str, Any]) -> list[str]:
+    """The ``## Reproduction`` section of a re-run's report (empty for an original run)."""
+    origin = predicate.get("reproduction_of")
+    repro = predicate.get("reproduction")
+    if not isinstance(origin, Mapping) or not isinstance(repro, Mapping):
+        return []
+    lines = [
+        "",
+        "## Reproduction",
+        "",
+        f"- re-run of `{origin.get('run_id')}` (bundle `{origin.get('bundle_digest')}`)",
+        f"- verdict: **{repro.get('verdict')}**"
+        + (f" — {repro['reason']}" if repro.get("reason") else ""),
+        "",
+        "| metric | original | re-run | delta | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for m in repro.get("metrics") or []:
+        lines.append(
+            f"| {m.get('name')} | {_fmt(m.get('original'))} | {_fmt(m.get('rerun'))} | "
+            f"{_fmt(m.get('delta'))} | {m.get('verdict')} |"
+        )
+    return lines
