@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import runner
-from runner import registry
+from runner import oci, registry
 from runner.docker_engine import connect, docker_call, translated
 from runner.errors import (
     DigestMismatch,
@@ -71,6 +72,7 @@ AGENT_FILES = (
 WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "any")
 IMAGE_PYTHON = "3.11"
 BUILD_EPOCH = 1735689600
+OCI_TAG = "oci1"  # bump when the assembly changes, so old tags are not reused
 
 
 def _noop(_: str) -> None:
@@ -114,62 +116,134 @@ def load_recipe(name: str, images_dir: Path = IMAGES_DIR) -> tuple[BaseRecipe, s
     return recipe, sha256_file(path)
 
 
-def _push(client: Any, repo: str, tag: str, progress: Progress) -> str:
-    """Push ``repo:tag`` and return the manifest digest the registry reports."""
-    digest: str | None = None
+def push_image(
+    repo: str, tag: str, image: oci.AssembledImage, *, mount_from: Iterable[str] = ()
+) -> str:
+    """Push an assembled image through the registry HTTP API; returns its manifest digest.
+
+    The digest is computed here from the bytes we wrote; the registry must agree.
+    """
+    name = registry.ImageName.parse(repo)
+    for layer in image.layers:
+        registry.push_blob(name, layer.digest, layer.size, layer.path, mount_from=mount_from)
+    registry.put_blob_bytes(name, image.config_digest, image.config)
+    reported = registry.put_manifest(name, tag, image.manifest, oci.OCI_MANIFEST)
+    resolved = registry.resolve_tag(name, tag)
+    if (reported and reported != image.digest) or resolved != image.digest:
+        raise IntegrityError(
+            f"registry digest for {repo}:{tag} does not match the assembled manifest",
+            expected=image.digest,
+            found=reported or resolved,
+        )
+    return image.digest
+
+
+def ensure_local(client: Any, ref: str, progress: Progress = _noop) -> None:
+    """Make the engine hold ``repo@sha256`` (pulled from the registry if absent)."""
+    try:
+        with translated(f"inspect {ref}"):
+            client.images.get(ref)
+            return
+    except EvalrunError:
+        pass
+    repo, digest = parse_digest_ref(ref)
+    progress(f"pulling {ref}")
     errors: list[str] = []
 
-    def do_push() -> None:
-        nonlocal digest
-        for chunk in client.api.push(repo, tag=tag, stream=True, decode=True):
+    def do_pull() -> None:
+        for chunk in client.api.pull(repo, tag=digest, stream=True, decode=True):
             if "errorDetail" in chunk or "error" in chunk:
                 errors.append(
-                    str(chunk.get("errorDetail", {}).get("message") or chunk.get("error"))
+                    str((chunk.get("errorDetail") or {}).get("message") or chunk.get("error"))
                 )
-            aux = chunk.get("aux") or {}
-            if aux.get("Digest"):
-                digest = aux["Digest"]
 
-    progress(f"pushing {repo}:{tag}")
-    docker_call(f"push {repo}:{tag}", do_push)
+    docker_call(f"pull {ref}", do_pull)
     if errors:
-        raise InfrastructureError(f"push of {repo}:{tag} failed: {errors[-1]}")
-    resolved = registry.resolve_tag(registry.ImageName.parse(repo), tag)
-    if digest is None or resolved != digest:
-        raise IntegrityError(
-            f"registry digest for {repo}:{tag} does not match the pushed one",
-            expected=digest,
-            found=resolved,
-        )
-    return digest
+        raise InfrastructureError(f"pull of {ref} failed: {errors[-1]}")
+
+
+def base_tag(recipe: BaseRecipe, recipe_sha: str) -> str:
+    return f"{recipe.name}-{recipe_sha[:16]}-{OCI_TAG}"
+
+
+def base_tar_path(recipe: BaseRecipe, recipe_sha: str, settings: Settings) -> Path:
+    return settings.base_cache / f"{recipe.name}-{recipe_sha[:16]}.tar"
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A base image assembled from an mmdebstrap tar, with what the lock records of it."""
+
+    image: oci.AssembledImage
+    packages: dict[str, str]
+
+
+def assemble_base(recipe: BaseRecipe, rootfs_tar: Path, workdir: Path) -> BaseImage:
+    """Normalize the mmdebstrap tar into one layer and wrap it in a timestamp-free image."""
+    with rootfs_tar.open("rb") as src:
+        layer = oci.normalize_layer(src, workdir / "base-layer.tar", recipe.source_date_epoch)
+    assert layer.path is not None
+    with layer.path.open("rb") as fh:
+        packages = oci.dpkg_packages(fh)
+    config = {
+        "Env": [f"PATH={oci.DEFAULT_PATH}", "LANG=C.UTF-8"],
+        "Cmd": ["/bin/bash"],
+        "Labels": {
+            "org.evalrun.base.recipe": recipe.name,
+            "org.evalrun.base.suite": recipe.suite,
+            "org.evalrun.base.mirror": recipe.mirror,
+            "org.evalrun.base.source-date-epoch": str(recipe.source_date_epoch),
+            "org.evalrun.base.packages": json.dumps(packages, sort_keys=True),
+        },
+    }
+    history = [f"evalrun base {recipe.name}: mmdebstrap --variant={recipe.variant} {recipe.suite}"]
+    image = oci.assemble([layer], config, recipe.source_date_epoch, history)
+    return BaseImage(image=image, packages=packages)
+
+
+def _locked_base_from_registry(
+    repo: str, digest: str, recipe: BaseRecipe, recipe_sha: str
+) -> LockedBase:
+    """What the lock records of a pushed base image, read back from its manifest and config."""
+    name = registry.ImageName.parse(repo)
+    manifest = json.loads(registry.get_manifest_bytes(name, digest))
+    config = json.loads(registry.get_blob_bytes(name, manifest["config"]["digest"]))
+    labels = (config.get("config") or {}).get("Labels") or {}
+    return LockedBase(
+        ref=f"{repo}@{digest}",
+        recipe=recipe.name,
+        recipe_sha256=recipe_sha,
+        suite=recipe.suite,
+        mirror=recipe.mirror,
+        source_date_epoch=recipe.source_date_epoch,
+        layer_digest=manifest["layers"][0]["digest"],
+        packages=json.loads(labels.get("org.evalrun.base.packages", "{}")),
+    )
 
 
 def ensure_base_image(
     name: str, settings: Settings, client: Any | None = None, progress: Progress = _noop
 ) -> LockedBase:
-    """Resolve (building and pushing if absent) the base image of a recipe to a digest."""
+    """Resolve (building and pushing if absent) the base image of a recipe to a digest.
+
+    The image is assembled by evalrun from the mmdebstrap tar (see :mod:`runner.oci`),
+    so its digest depends only on the recipe and the Debian packages it installed.
+    """
     recipe, recipe_sha = load_recipe(name)
     repo = f"{settings.registry}/evalrun/base"
-    tag = f"{recipe.name}-{recipe_sha[:16]}"
+    tag = base_tag(recipe, recipe_sha)
     digest = registry.resolve_tag(registry.ImageName.parse(repo), tag)
     if digest is None:
-        client = client or connect()
-        tar = settings.base_cache / f"{tag}.tar"
+        tar = base_tar_path(recipe, recipe_sha, settings)
         if not tar.is_file():
             build_base_tar(recipe, tar, progress)
-        progress(f"importing base image {repo}:{tag}")
-        docker_call(
-            "import base image",
-            lambda: client.api.import_image_from_file(
-                str(tar),
-                repository=repo,
-                tag=tag,
-                changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"],
-            ),
-            retries=False,
-        )
-        digest = _push(client, repo, tag, progress)
-    return LockedBase(ref=f"{repo}@{digest}", recipe=recipe.name, recipe_sha256=recipe_sha)
+        with tempfile.TemporaryDirectory(prefix="evalrun-base-") as tmp:
+            progress(f"assembling base image {repo}:{tag}")
+            base = assemble_base(recipe, tar, Path(tmp))
+            digest = push_image(repo, tag, base.image)
+    client = client or connect()
+    ensure_local(client, f"{repo}@{digest}", progress)
+    return _locked_base_from_registry(repo, digest, recipe, recipe_sha)
 
 
 def build_base_tar(recipe: BaseRecipe, dest: Path, progress: Progress = _noop) -> None:
@@ -388,7 +462,7 @@ class BuildInputs:
 
     def digest(self) -> str:
         """One digest over everything that goes into the image."""
-        h = hashlib.sha256(b"evalrun-build-inputs/v1\n")
+        h = hashlib.sha256(b"evalrun-build-inputs/v1\n" + oci.ASSEMBLY_SCHEME.encode() + b"\n")
         h.update(self.base.ref.encode() + b"\n")
         for w in self.wheels:
             h.update(f"{w.filename} {w.sha256}\n".encode())
@@ -430,7 +504,17 @@ def stage_context(inputs: BuildInputs, dest: Path, settings: Settings) -> str:
         },
     )
     (dest / "Dockerfile").write_text(text)
+    _normalize_modes(dest)
     return text
+
+
+def _normalize_modes(root: Path) -> None:
+    """0755 for directories and executables, 0644 for the rest: the umask must not leak in."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        exe = path.is_dir() or bool(path.stat().st_mode & 0o111)
+        path.chmod(0o755 if exe else 0o644)
 
 
 @dataclass(frozen=True)
@@ -439,6 +523,8 @@ class BuiltImage:
     rootfs_digest: str
     inputs_digest: str
     skipped: bool
+    config_digest: str | None = None
+    layers: tuple[str, ...] = ()
 
 
 def _docker_build(client: Any, context: Path, tag: str, nocache: bool, progress: Progress) -> None:
@@ -514,6 +600,71 @@ def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
     return digest
 
 
+def _base_layers(base_ref: str) -> tuple[list[oci.Blob], list[str], list[str]]:
+    """The base image's layers (registry-held blobs), diff ids and history lines."""
+    repo, digest = parse_digest_ref(base_ref)
+    name = registry.ImageName.parse(repo)
+    manifest = json.loads(registry.get_manifest_bytes(name, digest))
+    if "layers" not in manifest:
+        raise InputError(f"base image {base_ref} is an index, not a single-platform image")
+    config = json.loads(registry.get_blob_bytes(name, manifest["config"]["digest"]))
+    layers = [
+        oci.Blob(
+            None, d["digest"], int(d["size"]), oci.LAYER_TYPES.get(d["mediaType"], d["mediaType"])
+        )
+        for d in manifest["layers"]
+    ]
+    diff_ids = list(config["rootfs"]["diff_ids"])
+    history = [
+        h.get("created_by", "") for h in config.get("history", []) if not h.get("empty_layer")
+    ]
+    if len(history) != len(layers):
+        history = [f"base layer {i}" for i in range(1, len(layers) + 1)]
+    return layers, diff_ids, history
+
+
+def assemble_from_build(
+    client: Any, tag: str, base_ref: str, workdir: Path, progress: Progress = _noop
+) -> oci.AssembledImage:
+    """``docker save`` the built image and re-write its build layers deterministically.
+
+    The base layers are taken from the base image in the registry (byte-identical
+    by digest); the layers Docker added are normalized; the config keeps only the
+    runtime fields (env, entrypoint, cmd, user, workdir, labels) with fixed times.
+    """
+    base_layers, base_diff_ids, base_history = _base_layers(base_ref)
+    saved_path = workdir / "saved.tar"
+    progress("exporting the build layers (docker save)")
+    docker_call(
+        f"save {tag}",
+        lambda: oci.copy_stream(client.api.get_image(tag, chunk_size=1 << 20), saved_path),
+        retries=False,
+    )
+    layers, diff_ids, history = list(base_layers), list(base_diff_ids), list(base_history)
+    with tarfile.open(saved_path, mode="r:") as archive:
+        saved = oci.read_saved(archive)
+        n = len(base_layers)
+        built_from = saved.config["rootfs"]["diff_ids"][:n]
+        if built_from != base_diff_ids:
+            raise IntegrityError(
+                "the Docker build did not start from the locked base layers",
+                expected=base_diff_ids,
+                found=built_from,
+            )
+        for i, member in enumerate(saved.layer_members[n:], start=1):
+            with oci.open_member(archive, member) as src:
+                blob = oci.normalize_layer(src, workdir / f"layer-{i}.tar", BUILD_EPOCH)
+            assert blob.path is not None
+            if oci.empty_layer(blob.path):
+                continue
+            layers.append(blob)
+            diff_ids.append(blob.digest)
+            history.append(f"evalrun build layer {len(layers) - n}")
+    saved_path.unlink()
+    config = saved.config.get("config") or {}
+    return oci.assemble(layers, config, BUILD_EPOCH, history, diff_ids)
+
+
 def build_image(
     inputs: BuildInputs,
     settings: Settings,
@@ -521,21 +672,46 @@ def build_image(
     client: Any | None = None,
     nocache: bool = False,
     tag_suffix: str = "",
+    measure: bool = True,
     progress: Progress = _noop,
 ) -> BuiltImage:
-    """Render, build hermetically, push, and measure the rootfs digest."""
+    """Render, build hermetically, assemble deterministically, push, measure the rootfs.
+
+    Docker runs the network-less install; the pushed image is evalrun's own
+    assembly, so its digest is a pure function of the build inputs.
+    """
     client = client or connect()
     inputs_digest = inputs.digest()
     repo = f"{inputs.spec.image.repository}/{inputs.spec.metadata.name}"
     tag = f"in-{inputs_digest[:24]}{tag_suffix}"
+    ensure_local(client, inputs.base.ref, progress)
     with tempfile.TemporaryDirectory(prefix="evalrun-build-") as tmp:
-        stage_context(inputs, Path(tmp), settings)
-        _docker_build(client, Path(tmp), f"{repo}:{tag}", nocache, progress)
-    digest = _push(client, repo, tag, progress)
+        context, work = Path(tmp) / "context", Path(tmp) / "layers"
+        context.mkdir()
+        work.mkdir()
+        stage_context(inputs, context, settings)
+        build_tag = f"{repo}:build-{inputs_digest[:24]}{tag_suffix}"
+        _docker_build(client, context, build_tag, nocache, progress)
+        image = assemble_from_build(client, build_tag, inputs.base.ref, work, progress)
+        base_repo = parse_digest_ref(inputs.base.ref)[0]
+        progress(f"pushing {repo}:{tag} ({image.digest})")
+        digest = push_image(
+            repo, tag, image, mount_from=[registry.ImageName.parse(base_repo).repository]
+        )
     ref = f"{repo}@{digest}"
-    progress("measuring rootfs digest")
-    rootfs = measure_rootfs(client, ref, "runc")
-    return BuiltImage(ref=ref, rootfs_digest=rootfs, inputs_digest=inputs_digest, skipped=False)
+    rootfs = ""
+    if measure:
+        ensure_local(client, ref, progress)
+        progress("measuring rootfs digest")
+        rootfs = measure_rootfs(client, ref, "runc")
+    return BuiltImage(
+        ref=ref,
+        rootfs_digest=rootfs,
+        inputs_digest=inputs_digest,
+        skipped=False,
+        config_digest=image.config_digest,
+        layers=tuple(b.digest for b in image.layers),
+    )
 
 
 # --------------------------------------------------------------------------- lock
@@ -621,6 +797,10 @@ def lock_spec(
                 context_sha256=tree,
                 inputs_digest=built.inputs_digest,
                 built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                assembly=oci.ASSEMBLY_SCHEME,
+                source_date_epoch=BUILD_EPOCH,
+                config_digest=built.config_digest,
+                layers=list(built.layers),
             )
         else:
             image = image_or_none

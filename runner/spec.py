@@ -257,12 +257,36 @@ class LockedBase(_Model):
     ref: str = Field(description="repo@sha256 of the base image.")
     recipe: str | None = None
     recipe_sha256: Sha256Hex | None = None
+    suite: str | None = Field(default=None, description="Debian suite of the recipe.")
+    mirror: str | None = Field(default=None, description="Debian mirror the recipe used.")
+    source_date_epoch: int | None = Field(
+        default=None, description="SOURCE_DATE_EPOCH of the base."
+    )
+    layer_digest: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="Digest of the normalized base layer (uncompressed tar).",
+    )
+    packages: dict[str, str] | None = Field(
+        default=None, description="Debian packages as installed (dpkg status): name → version."
+    )
 
     @field_validator("ref")
     @classmethod
     def _pinned(cls, value: str) -> str:
         parse_digest_ref(value)
         return value
+
+
+class Reproducibility(_Model):
+    """The outcome of the last ``evalrun build --check`` of this image."""
+
+    checked_at: str = Field(description="When the rebuild finished (UTC, RFC 3339).")
+    result: Literal["identical", "differs"]
+    rebuilt_ref: str = Field(description="repo@sha256 of the image the rebuild produced.")
+    base_identical: bool = Field(description="The fresh base layer equals the locked one.")
+    from_scratch: bool = Field(description="Base rebuilt with mmdebstrap and no build cache.")
+    differences: int = Field(default=0, ge=0, description="Files + config fields that differ.")
 
 
 class LockedImage(_Model):
@@ -274,6 +298,13 @@ class LockedImage(_Model):
         default=None, description="Digest over every build input (base, wheels, template, context)."
     )
     built_at: str | None = None
+    assembly: str | None = Field(
+        default=None, description="How evalrun assembled the image (evalrun-oci/v1)."
+    )
+    source_date_epoch: int | None = None
+    config_digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+    layers: list[str] | None = Field(default=None, description="Layer digests (diff ids).")
+    reproducibility: Reproducibility | None = None
 
     @field_validator("ref")
     @classmethod
