@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.errors import EvalrunError, InputError, Interrupted
+from runner.errors import EvalrunError, Interrupted
 from runner.settings import Settings
 
 log = logging.getLogger("evalrun")
@@ -195,8 +195,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
 
         backend = DockerBackend()
     else:
-        raise InputError(
-            f"backend {args.backend!r} is not available in this build", hint="use --backend docker"
+        from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
+
+        backend = KubernetesBackend(
+            ClusterTarget(
+                kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace
+            )
         )
     signer = _signer(args, settings, term)
     outcome = run_evaluation(args.spec, backend, signer, settings, rerun=args.rerun, progress=term)
@@ -356,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path)
     p.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
     p.add_argument("--rerun", action="store_true", help="start a new attempt even if one exists")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    p.add_argument("-n", "--namespace", help="namespace (default: the context's)")
     p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
     p.set_defaults(fn=cmd_run)

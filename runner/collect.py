@@ -8,10 +8,18 @@ per-sample file itself and compares it with the container's aggregate.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import io
 import json
 import math
 import os
+import posixpath
+import re
+import shutil
 import stat
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,3 +153,90 @@ def recompute_metrics(results: Path, definitions: list[dict[str, Any]], seed: in
     for extra in sorted(str(k) for k in theirs):
         problems.append(f"metric {extra}: reported by the container but not declared in the spec")
     return MetricCheck(ours, problems)
+
+
+# --------------------------------------------------------------------------- framed results
+
+FRAME_BEGIN_RE = re.compile(r"^-----BEGIN EVALRUN RESULTS sha256=([0-9a-f]{64}) bytes=(\d+)-----$")
+FRAME_END = "-----END EVALRUN RESULTS-----"
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+def extract_results_frame(log_text: str, dest: Path) -> Collected:
+    """Find the agent's results frame in a log stream, check it, and unpack it safely.
+
+    The frame's checksum and size are checked before the tar is opened; every member
+    must be a regular file or directory with a relative, normalized, unique path;
+    links, devices, absolute paths and ``..`` are refused and nothing is extracted
+    from a frame with any such member.
+    """
+    out = Collected()
+    lines = log_text.splitlines()
+    begins = [i for i, line in enumerate(lines) if FRAME_BEGIN_RE.match(line.strip())]
+    if not begins:
+        out.problems.append("no results frame in the pod log (the agent did not finish)")
+        return out
+    if len(begins) > 1:
+        out.problems.append(f"{len(begins)} results frames in the pod log; expected one")
+        return out
+    start = begins[0]
+    match = FRAME_BEGIN_RE.match(lines[start].strip())
+    assert match is not None
+    expected_sha, size = match[1], int(match[2])
+    if size > MAX_FRAME_BYTES:
+        out.problems.append(f"results frame is {size} bytes; the limit is {MAX_FRAME_BYTES}")
+        return out
+    try:
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == FRAME_END)
+    except StopIteration:
+        out.problems.append("results frame is truncated (no end marker)")
+        return out
+    try:
+        data = base64.b64decode("".join(x.strip() for x in lines[start + 1 : end]), validate=True)
+    except (binascii.Error, ValueError):
+        out.problems.append("results frame is not valid base64")
+        return out
+    if len(data) != size or hashlib.sha256(data).hexdigest() != expected_sha:
+        out.problems.append(
+            f"results frame checksum mismatch: header says sha256={expected_sha} "
+            f"bytes={size}, found sha256={hashlib.sha256(data).hexdigest()} bytes={len(data)}"
+        )
+        return out
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 - closed below
+    except tarfile.TarError as exc:
+        out.problems.append(f"results frame is not a tar archive: {exc}")
+        return out
+    with tar:
+        members = tar.getmembers()
+        seen: set[str] = set()
+        for m in members:
+            name = m.name
+            norm = posixpath.normpath(name)
+            if name.startswith("/") or norm.startswith("..") or norm != name or norm == ".":
+                out.problems.append(f"results entry {name!r}: unsafe path")
+            elif not (m.isfile() or m.isdir()):
+                out.problems.append(f"results entry {name!r}: not a regular file")
+            elif name in seen:
+                out.problems.append(f"results entry {name!r}: duplicate")
+            elif m.isfile() and m.size > MAX_FILE_BYTES:
+                out.problems.append(f"results entry {name!r}: too large ({m.size} bytes)")
+            seen.add(name)
+        if len(members) > MAX_FILES:
+            out.problems.append(f"more than {MAX_FILES} result entries")
+        if out.problems:
+            return out
+        dest.mkdir(parents=True, exist_ok=True)
+        for m in members:
+            target = dest / m.name
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(m)
+            assert src is not None
+            with target.open("xb") as fh:
+                shutil.copyfileobj(src, fh, 4 * 1024 * 1024)
+            out.files.append(m.name)
+            out.total_bytes += m.size
+    return out

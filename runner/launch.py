@@ -187,6 +187,10 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
         memory_mib=spec.resources.memory_mib,
         pids=spec.resources.pids,
         gpus=spec.resources.gpus,
+        retries=spec.retries,
+        gpu_product=spec.resources.gpu_product,
+        gpu_driver_major=spec.resources.gpu_driver_major,
+        runtime_class=spec.sandbox.runtime_class,
         spec_digest=spec.digest(),
         lock_digest=lock.digest(),
         spec_name=spec.metadata.name,
@@ -289,6 +293,7 @@ def run_evaluation(
                     runtime=result.runtime,
                 )
                 collected = collect_results(results_tmp, stage / "results")
+                collected.problems[:0] = result.collection_problems
                 journal.emit(
                     "results_collected",
                     files=len(collected.files),
@@ -374,6 +379,8 @@ def _judge(
         return "timeout", reason, facts
     summary = facts["summary"] if isinstance(facts["summary"], dict) else {}
     agent_outcome = summary.get("outcome")
+    if result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed"):
+        return "evaluation_failed", "the container was OOMKilled (memory limit reached)", facts
     if result.exit_code == 137 and not agent_outcome:
         return "evaluation_failed", "the container was killed (out of memory?)", facts
     if agent_outcome != "completed" or result.exit_code != 0:

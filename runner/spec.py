@@ -170,6 +170,14 @@ class ResourcesSpec(_Model):
     memory_mib: int = Field(default=1024, ge=64, le=4 * 1024 * 1024)
     pids: int = Field(default=256, ge=16, le=65536)
     gpus: int = Field(default=0, ge=0, le=16)
+    gpu_product: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$",
+        description="Exact node label value of nvidia.com/gpu.product to schedule onto.",
+    )
+    gpu_driver_major: int | None = Field(
+        default=None, ge=1, description="Node label nvidia.com/cuda.driver.major to require."
+    )
 
 
 class SandboxSpec(_Model):
@@ -177,6 +185,12 @@ class SandboxSpec(_Model):
         default="gvisor", description="gvisor (default) or runc; never silently downgraded."
     )
     network: Literal["none"] = "none"
+    runtime_class: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$",
+        description="Kubernetes RuntimeClass to use (default: 'gvisor' for runtime gvisor). "
+        "GPU runs must name theirs explicitly (e.g. a gVisor-with-nvproxy class).",
+    )
 
 
 class ExpectedEnvironment(_Model):
@@ -208,6 +222,20 @@ class EvalSpec(_Model):
     expect: ExpectedEnvironment = Field(default_factory=ExpectedEnvironment)
     timeout_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
     retries: int = Field(default=2, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _gpu_sandbox_is_explicit(self) -> EvalSpec:
+        if (
+            self.resources.gpus
+            and self.sandbox.runtime == "gvisor"
+            and not self.sandbox.runtime_class
+        ):
+            raise ValueError(
+                "sandbox.runtime_class: a GPU run under gvisor must name its RuntimeClass "
+                "explicitly (e.g. one with nvproxy), or choose sandbox.runtime: runc; "
+                "evalrun never picks a GPU sandbox silently"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvalSpec:

@@ -56,6 +56,10 @@ class RunPlan(BaseModel):
     memory_mib: int
     pids: int
     gpus: int = 0
+    retries: int = 2
+    gpu_product: str | None = None
+    gpu_driver_major: int | None = None
+    runtime_class: str | None = None
     spec_digest: str
     lock_digest: str
     spec_name: str
@@ -63,9 +67,14 @@ class RunPlan(BaseModel):
     def image_digest(self) -> str:
         return parse_digest_ref(self.image_ref)[1]
 
-    def agent_plan(self) -> dict[str, Any]:
-        """The JSON the in-container agent reads (paths as seen inside)."""
+    def agent_plan(self, *, emit_results: bool = False) -> dict[str, Any]:
+        """The JSON the in-container agent reads (paths as seen inside).
+
+        ``emit_results`` asks the agent to also print its results as a framed tar on
+        stdout (for backends that cannot read the results volume).
+        """
         return {
+            "emit_results": emit_results,
             "run_id": self.run_id,
             "image_ref": self.image_ref,
             "expected_rootfs_digest": self.expected_rootfs_digest,
@@ -102,6 +111,9 @@ class BackendResult(BaseModel):
     finished_at: str | None = None
     duration_s: float | None = None
     container_log: str = ""
+    collection_problems: list[str] = Field(
+        default_factory=list, description="What the backend refused while fetching results."
+    )
     details: dict[str, Any] = Field(default_factory=dict)
 
 
