@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runner import cli_history
 from runner.errors import EvalrunError, Interrupted
 from runner.settings import Settings
 
@@ -289,20 +290,6 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Termin
     return 0
 
 
-def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.store import Store
-
-    entries = Store(settings.home).runs()
-    if args.json:
-        _emit_json([e.model_dump(mode="json", by_alias=True) for e in entries])
-        return 0
-    for e in entries:
-        print(
-            f"{e.run_id}  {e.outcome or '?':22}  {e.created:%Y-%m-%d %H:%M:%S}  {e.bundle_digest}"
-        )
-    return 0
-
-
 def _emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -380,9 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=["ecdsa-p256", "ed25519"], default="ecdsa-p256")
     p.set_defaults(fn=cmd_keys_generate)
 
-    runs = sub.add_parser("runs", help="run history").add_subparsers(dest="runs_cmd", required=True)
-    p = runs.add_parser("ls", parents=[common], help="list stored runs")
-    p.set_defaults(fn=cmd_runs_ls)
+    cli_history.register(sub, common)
     return parser
 
 

@@ -1,0 +1,475 @@
+"""CLI commands over past runs: runs ls|show|reindex, rerun, diff, audit, report, push, pull.
+
+Wired into ``evalrun`` by :func:`register`. Each command is ``fn(args, settings,
+term) -> int`` and raises :mod:`runner.errors` exceptions; ``cli.main`` maps
+them to exit codes and messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runner.errors import InputError, VerificationFailed
+from runner.settings import Settings
+
+Term = Callable[[str], None]
+
+
+def _emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _verifier(args: argparse.Namespace, settings: Settings) -> Any:
+    from runner.signing import load_verifier
+
+    public: Path = args.pub or settings.default_public_key
+    if not public.exists():
+        raise InputError(
+            "no public key to verify bundles with",
+            file=str(public),
+            hint="pass --pub KEY.pub (the key the bundles were signed with)",
+        )
+    return load_verifier(public)
+
+
+def _signer(args: argparse.Namespace, settings: Settings, term: Term) -> Any:
+    from runner.signing import generate_keypair, load_signer
+
+    key: Path | None = args.key
+    if key is None:
+        key = settings.default_private_key
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            info = generate_keypair(key, settings.default_public_key)
+            term(f"created signing key {key} (keyid {info.keyid[:16]}…)")
+    return load_signer(key)
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    if args.backend == "docker":
+        from runner.backends.docker import DockerBackend
+
+        return DockerBackend()
+    raise InputError(
+        f"backend {args.backend!r} is not available in this build", hint="use --backend docker"
+    )
+
+
+@contextmanager
+def _bundle_for(
+    ref: str, settings: Settings, args: argparse.Namespace, term: Term
+) -> Iterator[tuple[Path, str | None]]:
+    """A local bundle directory for ``ref``: path, run id/digest in the store, or registry ref."""
+    from runner.history import locate_bundle
+    from runner.oci_artifacts import is_registry_ref, pull_bundle
+    from runner.store import Store
+
+    store = Store(settings.home)
+    if is_registry_ref(ref):
+        local = _latest_run_for_image(ref, settings)
+        if local is not None:
+            yield local
+            return
+        pulled = pull_bundle(ref, store, _verifier(args, settings), progress=term)
+        # an image with several evaluations attached: the newest one
+        newest = max(pulled, key=lambda p: (_started(p.stored.path), p.run_id))
+        yield newest.stored.path, newest.stored.digest
+        return
+    store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ref-", dir=store.tmp_dir) as tmp:
+        try:
+            located = locate_bundle(ref, store, Path(tmp))
+        except InputError:
+            image_run = _latest_run_for_image(ref, settings)
+            if image_run is None:
+                raise
+            yield image_run
+            return
+        yield located.path, located.digest
+
+
+def _started(bundle: Path) -> str:
+    from runner.history import read_predicate
+
+    started = (read_predicate(bundle).get("timestamps") or {}).get("started")
+    return started if isinstance(started, str) else ""
+
+
+def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
+    """The newest original run of an image given by digest (``sha256:…``), if any."""
+    from runner.history import History, RunFilter
+    from runner.store import Store
+
+    text = ref.split("@", 1)[-1]
+    if not text.startswith("sha256:") or len(text) != 71:
+        return None
+    runs = [
+        r
+        for r in History(Store(settings.home)).query(RunFilter(image=text))
+        if r.reproduction_of is None
+    ]
+    return (runs[-1].path, runs[-1].bundle_digest) if runs else None
+
+
+def _verification_text(bundle: Path, args: argparse.Namespace, settings: Settings) -> str:
+    from runner.signing import load_verifier
+    from runner.verify import verify_bundle
+
+    public: Path = args.pub or settings.default_public_key
+    if not public.exists():
+        return "not checked (no public key; pass --pub)"
+    try:
+        vb = verify_bundle(bundle, load_verifier(public))
+    except VerificationFailed as exc:
+        return "FAILED: " + "; ".join(exc.problems)
+    return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.history import History, RunFilter, format_table
+    from runner.store import Store
+
+    flt = RunFilter(
+        spec=args.spec,
+        model=args.model,
+        dataset=args.dataset,
+        image=args.image,
+        outcome=args.outcome,
+        since=args.since,
+        until=args.until,
+        kind=None if args.all else ("audit" if args.audits else "run"),
+        limit=args.limit,
+    )
+    records = History(Store(settings.home)).query(flt)
+    if args.json:
+        _emit_json([r.as_dict() for r in records])
+    else:
+        print(format_table(records))
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.history import read_predicate
+    from runner.report import metric_table
+    from runner.report_html import load_report_data, render_markdown_full
+
+    with _bundle_for(args.run, settings, args, term) as (bundle, digest):
+        if args.json:
+            _emit_json(
+                {
+                    "bundle": str(bundle),
+                    "bundle_digest": digest,
+                    "verification": _verification_text(bundle, args, settings),
+                    "predicate": read_predicate(bundle),
+                }
+            )
+            return 0
+        data = load_report_data(bundle, _verification_text(bundle, args, settings), digest)
+        print(render_markdown_full(data), end="")
+        print()
+        print(metric_table(data.predicate))
+    return 0
+
+
+def cmd_runs_reindex(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.history import History
+    from runner.store import Store
+
+    history = History(Store(settings.home))
+    report = history.rebuild()
+    summary = {
+        "index": str(history.path),
+        "indexed": report.total,
+        "unreadable": list(report.unreadable),
+    }
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(f"reindexed {report.total} bundle(s) into {history.path}")
+        for digest in report.unreadable:
+            print(f"  unreadable bundle skipped: {digest}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- rerun
+
+
+def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.report import metric_table
+    from runner.rerun import load_original, rerun
+
+    verifier = _verifier(args, settings)
+    with _bundle_for(args.ref, settings, args, term) as (bundle, _):
+        original = load_original(bundle, verifier)
+        term(f"original {original.run_id} verified (keyid {original.keyid[:16]}…)")
+        result = rerun(
+            original,
+            _backend(args),
+            _signer(args, settings, term),
+            settings,
+            search_dirs=args.inputs or [],
+            tolerance=args.tolerance,
+            progress=term,
+        )
+    repro = result.reproduction
+    if args.json:
+        _emit_json(
+            {
+                "original": original.run_id,
+                "original_bundle": original.digest,
+                "run_id": result.outcome.run_id,
+                "outcome": result.outcome.outcome,
+                "bundle": str(result.outcome.bundle.path),
+                "bundle_digest": result.outcome.bundle.digest,
+                "verdict": repro.verdict,
+                "reason": repro.reason,
+                "metrics": repro.as_predicate(args.tolerance)["metrics"],
+                "exit_code": result.exit_code,
+            }
+        )
+        return result.exit_code
+    print(f"original {original.run_id} ({original.digest})")
+    print(f"re-run   {result.outcome.run_id} — outcome {result.outcome.outcome}")
+    print()
+    print(metric_table(result.outcome.predicate))
+    print()
+    for d in repro.deltas:
+        delta = "—" if d.delta is None else f"{d.delta:+.6f}"
+        print(f"  {d.name}: {d.a} → {d.b} (delta {delta}): {d.verdict}")
+    print(f"verdict  {repro.verdict}" + (f" — {repro.reason}" if repro.reason else ""))
+    print(f"bundle   {result.outcome.bundle.path}")
+    print(f"digest   {result.outcome.bundle.digest}")
+    return result.exit_code
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def cmd_diff(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.diff import diff_runs, format_diff
+    from runner.history import read_predicate
+
+    with (
+        _bundle_for(args.a, settings, args, term) as (a, _),
+        _bundle_for(args.b, settings, args, term) as (b, _),
+    ):
+        result = diff_runs(read_predicate(a), read_predicate(b), tolerance=args.tolerance)
+    if args.json:
+        _emit_json(result.as_dict())
+    else:
+        print(format_diff(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.audit import run_audit
+    from runner.bundle import write_bundle_tar
+
+    result = run_audit(
+        n=args.sample,
+        seed=args.seed,
+        since=args.since,
+        until=args.until,
+        spec=args.spec,
+        backend=_backend(args),
+        signer=_signer(args, settings, term),
+        verifier=_verifier(args, settings),
+        settings=settings,
+        search_dirs=args.inputs or [],
+        tolerance=args.tolerance,
+        progress=term,
+    )
+    if args.out is not None:
+        write_bundle_tar(result.bundle.path, args.out)
+    if args.json:
+        _emit_json(result.as_dict())
+        return result.exit_code
+    print(
+        f"audit {result.audit_id} (seed {result.seed}, {len(result.entries)} of "
+        f"{result.sampled_from} runs)"
+    )
+    for e in result.entries:
+        mark = "reproduced    " if e.reproduced else "NOT reproduced"
+        print(f"  {mark} {e.run_id}  {e.category}: {e.detail}")
+    print(f"bundle   {result.bundle.path}")
+    print(f"digest   {result.bundle.digest}")
+    return result.exit_code
+
+
+# --------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.report_html import load_report_data, render_html, render_markdown_full
+
+    with _bundle_for(args.run, settings, args, term) as (bundle, digest):
+        data = load_report_data(bundle, _verification_text(bundle, args, settings), digest)
+    text = render_html(data) if args.format == "html" else render_markdown_full(data)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    if args.json:
+        _emit_json({"report": str(args.out), "format": args.format, "bytes": len(text.encode())})
+    else:
+        term(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def cmd_push(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.oci_artifacts import push_bundle
+    from runner.store import Store
+    from runner.verify import verify_bundle
+
+    store = Store(settings.home)
+    with _bundle_for(args.run, settings, args, term) as (bundle, _):
+        verify_bundle(bundle, _verifier(args, settings))  # never publish what does not verify
+        store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="push-", dir=store.tmp_dir) as tmp:
+            pushed = push_bundle(bundle, Path(tmp), progress=term)
+    if args.json:
+        _emit_json(
+            {
+                "reference": pushed.reference,
+                "digest": pushed.manifest_digest,
+                "subject": pushed.subject,
+                "already_present": pushed.already_present,
+                "referrers_fallback_tag": pushed.referrers_fallback,
+            }
+        )
+    else:
+        print(f"{'already pushed' if pushed.already_present else 'pushed'} {pushed.reference}")
+        print(f"  subject  {pushed.subject}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.oci_artifacts import pull_bundle
+    from runner.store import Store
+
+    pulled = pull_bundle(args.ref, Store(settings.home), _verifier(args, settings), progress=term)
+    if args.json:
+        _emit_json(
+            [
+                {
+                    "reference": p.reference,
+                    "run_id": p.run_id,
+                    "bundle": str(p.stored.path),
+                    "bundle_digest": p.stored.digest,
+                }
+                for p in pulled
+            ]
+        )
+    else:
+        for p in pulled:
+            print(f"{p.run_id}  {p.stored.digest}  {p.stored.path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    """Add ``runs``, ``rerun``, ``diff``, ``audit``, ``report``, ``push``, ``pull``."""
+    keys = argparse.ArgumentParser(add_help=False)
+    keys.add_argument(
+        "--pub", type=Path, help="public key to verify bundles (default: $EVALRUN_HOME/keys)"
+    )
+    signing = argparse.ArgumentParser(add_help=False)
+    signing.add_argument(
+        "--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)"
+    )
+    signing.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
+    signing.add_argument(
+        "--inputs",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="where to look for inputs by sha256 (repeatable; also $EVALRUN_INPUTS)",
+    )
+    signing.add_argument(
+        "--tolerance",
+        type=float,
+        help="absolute difference a metric may move and still count as reproduced",
+    )
+
+    runs = sub.add_parser("runs", help="run history").add_subparsers(dest="runs_cmd", required=True)
+    p = runs.add_parser("ls", parents=[common], help="list stored runs (filters combine)")
+    p.add_argument("--spec", help="spec name")
+    p.add_argument("--model", metavar="SHA256", help="model digest (or prefix)")
+    p.add_argument("--dataset", metavar="SHA256", help="dataset digest (or prefix)")
+    p.add_argument("--image", metavar="DIGEST", help="image digest (or prefix)")
+    p.add_argument("--outcome", help="e.g. passed, thresholds_failed, integrity_failure")
+    p.add_argument("--since", metavar="DATE", help="started on or after (YYYY-MM-DD or ISO)")
+    p.add_argument("--until", metavar="DATE", help="started on or before")
+    p.add_argument("--limit", type=int, help="only the newest N")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--audits", action="store_true", help="list audit reports instead")
+    group.add_argument("--all", action="store_true", help="runs and audit reports")
+    p.set_defaults(fn=cmd_runs_ls)
+    p = runs.add_parser("show", parents=[common, keys], help="a run's report in the terminal")
+    p.add_argument("run", help="run id, bundle digest (or prefix), bundle path, registry ref")
+    p.set_defaults(fn=cmd_runs_show)
+    p = runs.add_parser("reindex", parents=[common], help="rebuild the run index from bundles")
+    p.set_defaults(fn=cmd_runs_reindex)
+
+    p = sub.add_parser(
+        "rerun",
+        parents=[common, keys, signing],
+        help="re-run a past evaluation by run id, bundle, image digest or registry ref",
+    )
+    p.add_argument("ref", help="run id | bundle digest | BUNDLE_PATH | IMAGE_DIGEST | registry ref")
+    p.set_defaults(fn=cmd_rerun)
+
+    p = sub.add_parser("diff", parents=[common, keys], help="what differs between two runs")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--tolerance", type=float, help="absolute tolerance for metric deltas")
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser(
+        "audit", parents=[common, keys, signing], help="re-run a sample of past runs, sign a report"
+    )
+    p.add_argument("--sample", type=int, default=3, metavar="N", help="how many runs (default 3)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: today's date, YYYYMMDD)")
+    p.add_argument("--since", metavar="DATE")
+    p.add_argument("--until", metavar="DATE")
+    p.add_argument("--spec", help="only runs of this spec name")
+    p.add_argument("-o", "--out", type=Path, help="also write the audit bundle as a .tar here")
+    p.set_defaults(fn=cmd_audit)
+
+    p = sub.add_parser("report", parents=[common, keys], help="a run's report as HTML or Markdown")
+    p.add_argument("run", help="run id, bundle digest (or prefix), bundle path, registry ref")
+    p.add_argument("--format", choices=["html", "md"], default="html")
+    p.add_argument("-o", "--out", type=Path, help="output file (default: stdout)")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser(
+        "push", parents=[common, keys], help="push a bundle to the registry, attached to its image"
+    )
+    p.add_argument("run", help="run id, bundle digest (or prefix) or bundle path")
+    p.set_defaults(fn=cmd_push)
+
+    p = sub.add_parser("pull", parents=[common, keys], help="pull a bundle (or an image's bundles)")
+    p.add_argument("ref", help="registry/repo@sha256:… of a bundle artifact or an evaluated image")
+    p.set_defaults(fn=cmd_pull)
+
+
+__all__ = ["register"]
