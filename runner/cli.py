@@ -129,32 +129,31 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build import check_reproducible
+    from runner.build import check_reproducible, format_check_report, record_reproducibility
     from runner.errors import IntegrityError
     from runner.launch import load_locked
 
     if not args.check:
         return cmd_lock(args, settings, term)
     spec, lock = load_locked(args.spec)
-    report = check_reproducible(spec, args.spec, lock, settings, progress=term)
+    report = check_reproducible(
+        spec, args.spec, lock, settings, progress=term, fresh_base=not args.cached_base
+    )
+    record_reproducibility(args.spec, report)
     if args.json:
         _emit_json(report)
     else:
-        for key, value in report.items():
-            print(f"  {key}: {value}")
-    if not report["rootfs_identical"]:
-        raise IntegrityError(
-            "rebuild does not reproduce the locked rootfs digest",
-            expected=report["locked_rootfs"],
-            found=report["rebuilt_rootfs"],
-        )
-    if not report["image_identical"]:
-        print(
-            "rootfs identical; the image manifest digest differs (layer metadata and "
-            "timestamps are not yet normalized)",
-            file=sys.stderr,
-        )
-    return 0
+        print("\n".join(format_check_report(report)))
+    if report["image_identical"]:
+        return 0
+    err = IntegrityError(
+        "the rebuild does not reproduce the locked image digest",
+        expected=report["locked_image"],
+        found=report["rebuilt_image"],
+    )
+    if not args.json:
+        print(f"evalrun: error: {err.message}", file=sys.stderr)
+    return err.exit_code
 
 
 def cmd_base_image(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
@@ -329,10 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--check",
                 action="store_true",
-                help="rebuild from scratch (no cache) and compare with the lock",
+                help="rebuild from nothing (fresh mmdebstrap base, no cache) and compare "
+                "with the lock; exit 3 with a per-file diff if the image digest differs",
+            )
+            p.add_argument(
+                "--cached-base",
+                action="store_true",
+                help="with --check: reuse the cached base tar instead of running mmdebstrap",
             )
         else:
-            p.set_defaults(check=False)
+            p.set_defaults(check=False, cached_base=False)
         p.set_defaults(fn=fn)
 
     p = sub.add_parser(

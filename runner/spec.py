@@ -329,6 +329,9 @@ class LockedImage(_Model):
     assembly: str | None = Field(
         default=None, description="How evalrun assembled the image (evalrun-oci/v1)."
     )
+    agent_sha256: Sha256Hex | None = Field(
+        default=None, description="Digest of the in-container agent files copied into the image."
+    )
     source_date_epoch: int | None = None
     config_digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
     layers: list[str] | None = Field(default=None, description="Layer digests (diff ids).")
