@@ -268,6 +268,14 @@ class History:
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             self._ensure_schema(conn)
+        except sqlite3.DatabaseError:
+            # not a database (damaged, truncated): the index is a cache, start it over
+            conn.close()
+            self._remove_files()
+            conn = sqlite3.connect(self.path, timeout=30.0)
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._ensure_schema(conn)
+        try:
             yield conn
             conn.commit()
         except BaseException:
@@ -330,9 +338,12 @@ class History:
 
     def rebuild(self) -> SyncReport:
         """Throw the index away and recreate it from the bundles."""
+        self._remove_files()
+        return self.sync()
+
+    def _remove_files(self) -> None:
         for suffix in ("", "-journal", "-wal", "-shm"):
             Path(str(self.path) + suffix).unlink(missing_ok=True)
-        return self.sync()
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, r: RunRecord) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -123,6 +124,7 @@ class Original:
     spec_bytes: bytes
     lock_bytes: bytes
     keyid: str
+    notes: tuple[str, ...] = ()
 
 
 def load_original(bundle: Path, verifier: Verifier) -> Original:
@@ -140,15 +142,33 @@ def load_original(bundle: Path, verifier: Verifier) -> Original:
             "the bundle holds no spec.yaml/eval.lock.json to re-run", bundle=str(bundle)
         )
     spec, lock = load_spec(spec_path), load_lock(lock_path)
-    problems = []
-    if spec.digest() != (predicate.get("spec") or {}).get("digest"):
-        problems.append("spec.yaml does not have the spec digest the predicate names")
-    if lock.digest() != predicate.get("lock_digest"):
-        problems.append("eval.lock.json does not have the lock digest the predicate names")
-    if lock.spec_digest != spec.digest():
-        problems.append("the lock belongs to another spec")
-    if problems:
-        raise IntegrityError("inconsistent bundle: " + "; ".join(problems), bundle=str(bundle))
+    # spec.yaml and eval.lock.json are signed (verify_bundle checked their bytes); their
+    # model digests can still differ from the predicate's when this evalrun's spec or
+    # lock model gained fields since the run: then the lock is re-pinned to this
+    # version's spec digest, and the note says so. Inputs and image stay as locked.
+    notes: list[str] = []
+    lock_bytes = lock_path.read_bytes()
+    recorded_spec = (predicate.get("spec") or {}).get("digest")
+    if lock.spec_digest != recorded_spec:
+        raise IntegrityError(
+            "inconsistent bundle: the lock names another spec than the run",
+            bundle=str(bundle),
+            expected=recorded_spec,
+            found=lock.spec_digest,
+        )
+    if spec.digest() != recorded_spec:
+        notes.append(
+            f"spec digest under this evalrun is {spec.digest()} (run recorded {recorded_spec}); "
+            "the lock was re-pinned to it"
+        )
+        data = json.loads(lock_bytes)
+        data["spec_digest"] = spec.digest()
+        lock_bytes = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    elif lock.digest() != predicate.get("lock_digest"):
+        notes.append(
+            f"lock digest under this evalrun is {lock.digest()} "
+            f"(run recorded {predicate.get('lock_digest')})"
+        )
     return Original(
         path=bundle,
         digest=verified.bundle_digest,
@@ -157,7 +177,8 @@ def load_original(bundle: Path, verifier: Verifier) -> Original:
         spec=spec,
         lock=lock,
         spec_bytes=spec_path.read_bytes(),
-        lock_bytes=lock_path.read_bytes(),
+        lock_bytes=lock_bytes,
+        notes=tuple(notes),
         keyid=verified.keyid,
     )
 
@@ -415,6 +436,8 @@ def rerun(
     if not store.bundle_path(original.digest).is_dir():
         progress(f"importing the original bundle {original.digest[:19]}… into the store")
         import_into_store(original.path, store)
+    for note in original.notes:
+        progress(f"note: {note}")
     resolver = InputResolver(settings, [*search_dirs, *search_dirs_from_env()])
     inputs = resolve_inputs(original, resolver)
     progress(f"all {len(inputs)} inputs resolved to their pinned digests")
@@ -425,6 +448,7 @@ def rerun(
         "outcome": original.predicate.get("outcome"),
         "lock_digest": original.predicate.get("lock_digest"),
         "signer_keyid": original.keyid,
+        "notes": list(original.notes),
     }
     judged: list[Reproduction] = []
 

@@ -1,0 +1,206 @@
+"""Run history: the SQLite index over the store, its filters, and rebuilding it from bundles."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from history_fixtures import predicate, store_run
+
+from runner.cli import main
+from runner.errors import InputError
+from runner.history import History, RunFilter, locate_bundle, normalize_time
+from runner.signing import generate_keypair, load_signer
+from runner.store import BundleNotFound, Store
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVALRUN_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def populated(home: Path):
+    (home / "keys").mkdir(parents=True)
+    generate_keypair(home / "keys" / "evalrun.key", home / "keys" / "evalrun.pub", "ed25519")
+    signer = load_signer(home / "keys" / "evalrun.key")
+    store = Store(home)
+    runs = {
+        "a": store_run(store, signer, predicate(run_id="r-aaaaaaaaaaaaaaaaaaaaaaaa")),
+        "b": store_run(
+            store,
+            signer,
+            predicate(
+                run_id="r-bbbbbbbbbbbbbbbbbbbbbbbb",
+                outcome="thresholds_failed",
+                **{"seeds.seed": 7, "timestamps.started": "2026-11-22T09:00:00.000+00:00"},
+            ),
+        ),
+        "c": store_run(
+            store,
+            signer,
+            predicate(
+                run_id="r-cccccccccccccccccccccccc",
+                **{
+                    "spec.name": "other-eval",
+                    "model.sha256": "7" * 64,
+                    "image.digest": "sha256:" + "6" * 64,
+                    "image.ref": "127.0.0.1:5000/evalrun/other@sha256:" + "6" * 64,
+                    "timestamps.started": "2026-11-25T23:59:00.000+00:00",
+                },
+            ),
+        ),
+    }
+    datasets = predicate()["datasets"]
+    datasets[0]["sha256"] = "5" * 64
+    runs["d"] = store_run(
+        store,
+        signer,
+        predicate(
+            run_id="r-dddddddddddddddddddddddd",
+            datasets=datasets,
+            reproduction_of={"run_id": "r-aaaaaaaaaaaaaaaaaaaaaaaa"},
+            reproduction={"verdict": "identical"},
+            **{"timestamps.started": "2026-11-26T08:00:00.000+00:00"},
+        ),
+    )
+    return store, runs
+
+
+def ids(records) -> list[str]:
+    return [r.run_id[2] for r in records]
+
+
+def test_index_lists_every_stored_run_oldest_first(populated) -> None:
+    store, _ = populated
+    assert ids(History(store).query()) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize(
+    ("flt", "expected"),
+    [
+        (RunFilter(spec="other-eval"), ["c"]),
+        (RunFilter(outcome="thresholds_failed"), ["b"]),
+        (RunFilter(model="7777777"), ["c"]),
+        (RunFilter(model="sha256:" + "e" * 64), ["a", "b", "d"]),
+        (RunFilter(dataset="555555"), ["d"]),
+        (RunFilter(image="sha256:666666"), ["c"]),
+        (RunFilter(since="2026-11-22"), ["b", "c", "d"]),
+        (RunFilter(until="2026-11-25"), ["a", "b", "c"]),
+        (RunFilter(since="2026-11-21", until="2026-11-25T12:00:00Z"), ["b"]),
+        (RunFilter(reproduction_of="r-aaaaaaaaaaaaaaaaaaaaaaaa"), ["d"]),
+        (RunFilter(spec="digits-logreg", limit=1), ["d"]),
+    ],
+)
+def test_filters_narrow_by_spec_digests_outcome_and_date(populated, flt, expected) -> None:
+    store, _ = populated
+    assert ids(History(store).query(flt)) == expected
+
+
+def test_index_records_metrics_datasets_and_reproduction_link(populated) -> None:
+    store, runs = populated
+    record = History(store).lookup("r-dddddddddddddddddddddddd")
+    assert record.bundle_digest == runs["d"].digest
+    assert record.path == runs["d"].path
+    assert record.reproduction_of == "r-aaaaaaaaaaaaaaaaaaaaaaaa"
+    assert record.reproduction_verdict == "identical"
+    assert record.datasets == (("digits-test", "5" * 64, "test"),)
+    assert [m.name for m in record.metrics] == ["accuracy", "macro-f1"]
+    assert record.metrics[0].low == 0.9 and record.metrics[0].passed is True
+
+
+def test_lookup_by_run_id_prefix_and_bundle_digest(populated) -> None:
+    store, runs = populated
+    history = History(store)
+    assert history.lookup("r-bbbbbb").run_id == "r-bbbbbbbbbbbbbbbbbbbbbbbb"
+    assert history.lookup(runs["c"].digest).run_id == "r-cccccccccccccccccccccccc"
+    assert history.lookup(runs["c"].digest[7:19]).run_id == "r-cccccccccccccccccccccccc"
+    with pytest.raises(BundleNotFound):
+        history.lookup("r-zzzzzzzz")
+    with pytest.raises(BundleNotFound):
+        history.lookup("r-")  # too short to be a prefix: exact match only
+
+
+def test_unknown_reference_is_bad_input(populated) -> None:
+    store, _ = populated
+    with pytest.raises(InputError) as exc:
+        History(store).lookup("digits")  # not a run id or digest
+    assert exc.value.exit_code == 2
+
+
+def test_index_is_rebuilt_from_the_bundles_after_it_is_deleted(populated) -> None:
+    store, _ = populated
+    history = History(store)
+    before = [r.as_dict() for r in history.query()]
+    history.path.unlink()
+    assert [r.as_dict() for r in History(store).query()] == before
+    # a corrupt index file is a cache: replaced, not fatal
+    history.path.write_bytes(b"not a database at all" * 100)
+    assert [r.as_dict() for r in History(store).query()] == before
+
+
+def test_index_follows_bundles_added_or_removed_behind_its_back(populated) -> None:
+    store, runs = populated
+    history = History(store)
+    assert len(history.query()) == 4
+    from runner.bundle import remove_tree
+
+    remove_tree(runs["b"].path)
+    assert ids(history.query()) == ["a", "c", "d"]
+    with sqlite3.connect(history.path) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 3
+
+
+def test_reindex_reports_count(populated) -> None:
+    store, _ = populated
+    report = History(store).rebuild()
+    assert report.total == 4 and report.unreadable == ()
+
+
+def test_cli_runs_ls_filters_and_json(populated, capsys) -> None:
+    assert main(["runs", "ls", "--spec", "digits-logreg", "--since", "2026-11-21", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["run_id"][2] for r in out] == ["b", "d"]
+    assert main(["runs", "ls"]) == 0
+    table = capsys.readouterr().out
+    assert "r-aaaaaaaaaaaaaaaaaaaaaaaa" in table and "↺identical" in table
+
+
+def test_cli_runs_show_prints_report_and_verification(populated, capsys) -> None:
+    assert main(["runs", "show", "r-aaaaaaaa"]) == 0
+    out = capsys.readouterr().out
+    assert "# evalrun report — digits-logreg — r-aaaaaaaaaaaaaaaaaaaaaaaa" in out
+    assert "verification: valid: signed by keyid" in out
+    assert "| accuracy | 0.9244 |" in out
+
+
+def test_cli_runs_reindex(populated, capsys) -> None:
+    assert main(["runs", "reindex", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["indexed"] == 4
+
+
+def test_bad_date_is_bad_input() -> None:
+    with pytest.raises(InputError):
+        normalize_time("last tuesday")
+    assert normalize_time("2026-11-26") == "2026-11-26T00:00:00.000+00:00"
+    assert normalize_time("2026-11-26T10:00:00+02:00") == "2026-11-26T08:00:00.000+00:00"
+
+
+def test_locate_bundle_accepts_a_directory_and_a_tar(populated, tmp_path) -> None:
+    store, runs = populated
+    from runner.bundle import write_bundle_tar
+
+    assert locate_bundle(str(runs["a"].path), store).path == runs["a"].path
+    tar = write_bundle_tar(runs["a"].path, tmp_path / "a.tar")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    located = locate_bundle(str(tar), store, scratch)
+    assert (located.path / "statement.json").read_bytes() == (
+        runs["a"].path / "statement.json"
+    ).read_bytes()

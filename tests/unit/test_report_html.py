@@ -1,0 +1,116 @@
+"""evalrun report: self-contained, deterministic HTML and Markdown from a bundle."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from history_fixtures import predicate, store_run
+
+from runner.cli import main
+from runner.report import render_markdown
+from runner.report_html import load_report_data, metrics_svg, per_slice, render_html
+from runner.signing import generate_keypair, load_signer
+from runner.store import Store
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def stored(tmp_path: Path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVALRUN_HOME", str(home))
+    (home / "keys").mkdir(parents=True)
+    generate_keypair(home / "keys" / "evalrun.key", home / "keys" / "evalrun.pub")
+    return store_run(Store(home), load_signer(home / "keys" / "evalrun.key"), predicate())
+
+
+def test_html_report_is_byte_identical_across_renders(stored, tmp_path) -> None:
+    a, b = tmp_path / "a.html", tmp_path / "b.html"
+    assert main(["report", stored.run_id, "-o", str(a)]) == 0
+    assert main(["report", stored.digest, "--format", "html", "-o", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert main(["report", stored.run_id, "--format", "md", "-o", str(tmp_path / "a.md")]) == 0
+    assert main(["report", stored.run_id, "--format", "md", "-o", str(tmp_path / "b.md")]) == 0
+    assert (tmp_path / "a.md").read_bytes() == (tmp_path / "b.md").read_bytes()
+
+
+def test_html_report_is_self_contained_and_complete(stored, tmp_path) -> None:
+    out = tmp_path / "r.html"
+    assert main(["report", stored.run_id, "-o", str(out)]) == 0
+    html = out.read_text()
+    # nothing outside the file: no scripts, no external URLs (only the SVG namespace)
+    assert "<script" not in html
+    urls = set(re.findall(r"(?:href|src)=\"([^\"]+)\"", html))
+    assert urls == set()
+    assert set(re.findall(r"https?://[^\"' <]+", html)) <= {"http://www.w3.org/2000/svg"}
+    for expected in (
+        "digits-logreg",
+        stored.run_id,
+        "valid: signed by keyid",
+        "sha256:" + "e" * 64,  # model
+        "sha256:" + "f" * 64,  # dataset
+        "seed",
+        "1234",
+        "Debian GNU/Linux 12",
+        "[0.9000, 0.9467] (95% bootstrap_percentile)",
+        "Per-slice breakdown (by label)",
+        "commit " + "1" * 40,
+        "127.0.0.1:5000/evalrun/base@sha256:" + "9" * 64,
+    ):
+        assert expected in html, expected
+    assert html.count("<svg") == 2
+
+
+def test_report_says_when_verification_fails(stored, tmp_path, monkeypatch) -> None:
+    other = tmp_path / "other"
+    generate_keypair(other, tmp_path / "other.pub")
+    out = tmp_path / "r.md"
+    assert main(["report", stored.run_id, "--format", "md", "--pub", str(tmp_path / "other.pub"),
+                 "-o", str(out)]) == 0
+    assert "verification: FAILED" in out.read_text()
+
+
+def test_svg_plot_is_deterministic_text() -> None:
+    metrics = predicate()["metrics"]
+    assert metrics_svg(metrics) == metrics_svg(list(metrics))
+    svg = metrics_svg(metrics)
+    assert svg.startswith("<svg") and 'stroke-dasharray="3,2"' in svg  # threshold marks
+    assert metrics_svg([]) == ""
+
+
+def test_per_slice_uses_slice_field_when_present(tmp_path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"label": 1, "prediction": 1, "slice": "short"}\n'
+        '{"label": 1, "prediction": 0, "slice": "long"}\n'
+        '{"label": 0, "prediction": 0, "slice": "long"}\n'
+        "not json\n"
+    )
+    key, rows = per_slice(path)
+    assert key == "slice"
+    assert [(r.name, r.n, r.correct) for r in rows] == [("long", 2, 1), ("short", 1, 1)]
+    assert per_slice(tmp_path / "missing.jsonl") == (None, ())
+
+
+def test_reproduction_section_in_bundle_report() -> None:
+    p = predicate(
+        reproduction_of={"run_id": "r-orig", "bundle_digest": "sha256:" + "0" * 64},
+        reproduction={
+            "verdict": "identical",
+            "reason": None,
+            "metrics": [{"name": "accuracy", "original": 0.9, "rerun": 0.9, "delta": 0.0,
+                         "verdict": "identical"}],
+        },
+    )
+    md = render_markdown(p)
+    assert "## Reproduction" in md and "re-run of `r-orig`" in md
+    assert "| accuracy | 0.9000 | 0.9000 | 0.0000 | identical |" in md
+    assert "## Reproduction" not in render_markdown(predicate())
+
+
+def test_load_report_data_without_predictions(tmp_path, stored) -> None:
+    data = load_report_data(stored.path, "not checked")
+    assert data.slice_field == "label" and len(data.slices) == 3
+    assert "Per-slice" in render_html(data)
