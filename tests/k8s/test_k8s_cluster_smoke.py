@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -104,8 +105,9 @@ def test_restricted_namespace_rejects_privileged_pod(cluster, k8s_client, namesp
                                                     ["sleep", "1"]), dry_run="All")
 
     assert rejected.value.status == 403
-    assert 'violates PodSecurity "restricted' in rejected.value.body
-    assert "privileged" in rejected.value.body
+    message = json.loads(rejected.value.body)["message"]
+    assert 'violates PodSecurity "restricted:' in message
+    assert "privileged" in message
 
 
 def test_networkpolicy_objects_are_accepted(k8s_client, namespace):

@@ -1,0 +1,5 @@
+module evalrun.local/cluster/cosign
+
+go 1.26.0
+
+require github.com/sigstore/cosign/v3 v3.1.3
