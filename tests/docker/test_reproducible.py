@@ -1,0 +1,86 @@
+"""Reproducible images: same lock → same manifest digest, proven by `evalrun build --check`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import docker
+import pytest
+
+from runner.build import resolve_wheels
+from runner.settings import Settings
+
+pytestmark = pytest.mark.docker
+
+
+def _lock(spec_dir: Path) -> dict:
+    return json.loads((spec_dir / "eval.lock.json").read_text())
+
+
+def test_lock_records_what_a_rebuild_needs(locked_example):
+    lock = _lock(locked_example)
+    base, image = lock["base"], lock["image"]
+    assert base["recipe"] == "bookworm-python" and base["suite"] == "bookworm"
+    assert base["source_date_epoch"] == image["source_date_epoch"] == 1735689600
+    assert base["layer_digest"].startswith("sha256:")
+    # exact versions as installed, read from the rootfs's dpkg status
+    assert base["packages"]["python3.11:amd64"] and base["packages"]["libc6:amd64"]
+    assert image["assembly"] == "evalrun-oci/v1"
+    assert image["layers"][0] == base["layer_digest"]
+    for key in ("template_sha256", "context_sha256", "agent_sha256", "config_digest"):
+        assert image[key]
+    assert [w["name"] for w in lock["wheels"]] == ["numpy"]
+
+
+def test_check_rebuilds_from_nothing_to_the_same_digest(cli, locked_example):
+    spec = locked_example / "eval.yaml"
+    locked_ref = _lock(locked_example)["image"]["ref"]
+    code, report = cli.json("build", "--check", str(spec), timeout=900)
+    assert code == 0, report
+    assert report["result"] == "identical" and report["from_scratch"] is True
+    assert report["rebuilt_image"] == report["locked_image"] == locked_ref
+    assert report["base_identical"] is True and report["package_drift"] == []
+    assert report["files"] == [] and report["config"] == []
+    record = _lock(locked_example)["image"]["reproducibility"]
+    assert record["result"] == "identical" and record["from_scratch"] is True
+    assert record["rebuilt_ref"] == locked_ref
+
+
+def test_image_runs_under_gvisor_after_a_pull_by_digest(locked_example, variant, vcli):
+    ref = _lock(locked_example)["image"]["ref"]
+    client = docker.from_env()
+    client.images.remove(ref, force=True)  # the backend must pull it from the registry
+    path = variant()
+    code, out = vcli.json("run", str(path))
+    assert code == 0, out
+    pred = json.loads((Path(out["bundle"]) / "statement.json").read_text())["predicate"]
+    assert pred["sandbox"]["runtime_used"] == "runsc"
+    assert pred["image"]["digest_confirmed_by_backend"] is True
+    assert pred["image"]["rootfs_found"] == pred["image"]["rootfs_expected"]
+
+
+def test_check_names_the_wheel_that_changed(cli, locked_example, tmp_path):
+    dest = tmp_path / "digits"
+    shutil.copytree(locked_example, dest)
+    lock = _lock(dest)
+    (other,) = [w for w in resolve_wheels(["numpy==2.2.5"], Settings()) if w.name == "numpy"]
+    lock["wheels"] = [other.model_dump(mode="json")]
+    (dest / "eval.lock.json").write_text(json.dumps(lock, indent=2))
+
+    code, report = cli.json("build", "--check", "--cached-base", str(dest / "eval.yaml"))
+    assert code == 3, report
+    assert report["result"] == "differs" and report["base_identical"] is True
+    changes = {(d["change"], d["path"]) for d in report["files"]}
+    assert ("added", f"/opt/evalrun/wheels/{other.filename}") in changes
+    assert any(c == "added" and "/numpy-2.2.5.dist-info/" in p for c, p in changes)
+    assert any(c == "removed" and "/numpy-2.2.6.dist-info/" in p for c, p in changes)
+    assert ("changed", "/opt/evalrun/requirements.lock.txt") in changes
+    assert {d["field"] for d in report["config"]} == {"config.Labels.org.evalrun.inputs"}
+    assert report["rootfs_identical"] is False
+    assert _lock(dest)["image"]["reproducibility"]["result"] == "differs"
+
+    proc = cli("build", "--check", "--cached-base", str(dest / "eval.yaml"))
+    assert proc.returncode == 3
+    assert "numpy-2.2.5.dist-info" in proc.stdout and "DIFFERS" in proc.stdout
