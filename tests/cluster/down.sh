@@ -46,6 +46,12 @@ for pid in $(pgrep -f "containerd-shim.* -address $CONTAINERD_SOCK" || true); do
   kill -KILL "$pid" 2>/dev/null || true
 done
 
+# ...and so do gVisor sandboxes whose shim is gone; ours use our runsc root.
+for pid in $(pgrep -f "runsc.* --root=$STATE/runsc" || true); do
+  log "killing leftover gVisor process pid $pid"
+  kill -KILL "$pid" 2>/dev/null || true
+done
+
 # Pod volumes, sandbox /dev/shm and snapshot mounts live under the state dir.
 findmnt -rn -o TARGET | grep -F "$STATE/" | sort -r | while read -r m; do
   umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || log "could not unmount $m"
