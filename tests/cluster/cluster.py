@@ -14,19 +14,29 @@ failing component) when the cluster cannot start: callers must fail, not skip.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 CLUSTER_DIR = Path(__file__).resolve().parent
 UP_SCRIPT = CLUSTER_DIR / "up.sh"
 COMPONENT_SCRIPT = CLUSTER_DIR / "component.sh"
 VERSIONS_FILE = CLUSTER_DIR / "versions.env"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-              "containerd", "kubelet", "kwok")
+COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "containerd",
+    "kubelet",
+    "kwok",
+)
 
 
 class ClusterStartError(RuntimeError):
@@ -51,6 +61,8 @@ class ClusterInfo:
     pause_image: str
     node_name: str
     state_dir: Path
+    #: The static probe binary inside ``probe_image``, for building derived images.
+    probe_binary: Path
     versions: Mapping[str, str] = field(default_factory=dict)
 
     def kubectl_cmd(self, *args: str) -> list[str]:
@@ -91,14 +103,16 @@ def _info_from_state() -> ClusterInfo:
         pause_image=env["PAUSE_IMAGE_REF"],
         node_name=env["NODE_NAME"],
         state_dir=state,
+        probe_binary=Path(env["PROBE_BINARY"]),
         versions=versions(),
     )
 
 
 def component_running(name: str) -> bool:
     """True when ``name`` runs as the process up.sh started (per its pid file)."""
-    result = subprocess.run(["bash", str(COMPONENT_SCRIPT), "status", name],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["bash", str(COMPONENT_SCRIPT), "status", name], capture_output=True, text=True, check=False
+    )
     return result.returncode == 0
 
 
@@ -110,8 +124,13 @@ def cluster_ready() -> bool:
     info = _info_from_state()
     if not info.kubectl.is_file():  # versions changed since it was started
         return False
-    probe = subprocess.run(info.kubectl_cmd("get", "--raw", "/readyz"),
-                           capture_output=True, text=True, check=False, timeout=30)
+    probe = subprocess.run(
+        info.kubectl_cmd("get", "--raw", "/readyz"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     return probe.returncode == 0
 
 
@@ -120,8 +139,9 @@ def ensure_cluster(timeout_s: float = 5400) -> ClusterInfo:
     if cluster_ready():
         return _info_from_state()
     try:
-        result = subprocess.run(["bash", str(UP_SCRIPT)], capture_output=True, text=True,
-                                check=False, timeout=timeout_s)
+        result = subprocess.run(
+            ["bash", str(UP_SCRIPT)], capture_output=True, text=True, check=False, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired as e:
         raise ClusterStartError(f"up.sh did not finish within {timeout_s:.0f}s") from e
     if result.returncode != 0:
@@ -134,42 +154,52 @@ def restart_component(name: str) -> None:
     """Stop and start one component (for the API server: wait until it is ready again)."""
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
-    result = subprocess.run(["bash", str(COMPONENT_SCRIPT), "restart", name],
-                            capture_output=True, text=True, check=False, timeout=300)
+    result = subprocess.run(
+        ["bash", str(COMPONENT_SCRIPT), "restart", name],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     if result.returncode != 0:
         raise ClusterStartError(f"restarting {name} failed", result.stderr[-4000:])
 
 
-def push_probe_image(info: ClusterInfo, repository: str, tag: str,
-                     extra_files: Mapping[str, bytes] | None = None,
-                     cmd: Iterable[str] = ("sleep", "3600")) -> str:
+def push_probe_image(
+    info: ClusterInfo,
+    repository: str,
+    tag: str,
+    extra_files: Mapping[str, bytes] | None = None,
+    cmd: Iterable[str] = ("sleep", "3600"),
+) -> str:
     """Push the probe tool plus ``extra_files`` as a new image; return its digest reference."""
-    import oci  # noqa: PLC0415 - sibling module, importable once this one is
-
-    probe_bin = _probe_binary()
-    files = {"/probe": (probe_bin.read_bytes(), 0o755)}
+    files = {"/probe": (info.probe_binary.read_bytes(), 0o755)}
     files.update({name: (data, 0o644) for name, data in (extra_files or {}).items()})
-    return oci.push_image(info.registry, repository, tag, files, ["/probe"], list(cmd))
+    return str(_oci().push_image(info.registry, repository, tag, files, ["/probe"], list(cmd)))
 
 
-def _probe_binary() -> Path:
-    cache = Path(os.environ.get("EVALRUN_CLUSTER_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                 / "evalrun" / "cluster")
-    found = sorted(cache.glob("images-*/bin/probe"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ClusterStartError(f"no probe binary under {cache}; run tests/cluster/up.sh")
-    return found[-1]
+def _oci() -> ModuleType:
+    # oci.py sits next to this file; load it by path so any import style works.
+    spec = importlib.util.spec_from_file_location("evalrun_cluster_oci", CLUSTER_DIR / "oci.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def wait_for_pod(core: object, namespace: str, name: str, phases: Iterable[str] = ("Succeeded",),
-                 timeout_s: float = 180) -> object:
+def wait_for_pod(
+    core: Any,
+    namespace: str,
+    name: str,
+    phases: Iterable[str] = ("Succeeded",),
+    timeout_s: float = 180,
+) -> Any:
     """Watch pod ``name`` until its phase is in ``phases``; fail fast on a terminal mismatch.
 
     ``core`` is a ``kubernetes.client.CoreV1Api``. Raises ``AssertionError`` on
     Failed (when not wanted), image pull / container create errors, or timeout.
     """
-    from kubernetes import watch  # noqa: PLC0415 - optional dependency of this helper
+    from kubernetes import watch
 
     wanted = set(phases)
     deadline = time.monotonic() + timeout_s
@@ -177,9 +207,12 @@ def wait_for_pod(core: object, namespace: str, name: str, phases: Iterable[str] 
     while time.monotonic() < deadline:
         w = watch.Watch()
         remaining = max(1, int(deadline - time.monotonic()))
-        for event in w.stream(core.list_namespaced_pod, namespace,  # type: ignore[attr-defined]
-                              field_selector=f"metadata.name={name}",
-                              timeout_seconds=min(remaining, 60)):
+        for event in w.stream(
+            core.list_namespaced_pod,
+            namespace,
+            field_selector=f"metadata.name={name}",
+            timeout_seconds=min(remaining, 60),
+        ):
             pod = event["object"]
             last = pod
             phase = pod.status.phase if pod.status else None
@@ -191,19 +224,27 @@ def wait_for_pod(core: object, namespace: str, name: str, phases: Iterable[str] 
                 raise AssertionError(f"pod {namespace}/{name} failed: {_pod_summary(pod)}")
             for cs in (pod.status.container_statuses or []) if pod.status else []:
                 waiting = cs.state.waiting if cs.state else None
-                if waiting and waiting.reason in {"ErrImagePull", "ImagePullBackOff",
-                                                  "CreateContainerError", "InvalidImageName",
-                                                  "CreateContainerConfigError"}:
+                if waiting and waiting.reason in {
+                    "ErrImagePull",
+                    "ImagePullBackOff",
+                    "CreateContainerError",
+                    "InvalidImageName",
+                    "CreateContainerConfigError",
+                }:
                     w.stop()
                     raise AssertionError(
-                        f"pod {namespace}/{name}: {waiting.reason}: {waiting.message}")
-    raise AssertionError(f"pod {namespace}/{name} not in {sorted(wanted)} after {timeout_s}s: "
-                         f"{_pod_summary(last)}")
+                        f"pod {namespace}/{name}: {waiting.reason}: {waiting.message}"
+                    )
+    raise AssertionError(
+        f"pod {namespace}/{name} not in {sorted(wanted)} after {timeout_s}s: {_pod_summary(last)}"
+    )
 
 
-def _pod_summary(pod: object) -> str:
+def _pod_summary(pod: Any) -> str:
     if pod is None:
         return "never seen"
-    status = pod.status  # type: ignore[attr-defined]
-    return f"phase={status.phase} reason={status.reason} message={status.message} " \
-           f"containers={status.container_statuses}"
+    status = pod.status
+    return (
+        f"phase={status.phase} reason={status.reason} message={status.message} "
+        f"containers={status.container_statuses}"
+    )

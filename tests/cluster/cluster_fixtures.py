@@ -16,10 +16,9 @@ import secrets
 import time
 from collections.abc import Iterator
 
+import cluster as _cluster
 import pytest
 from kubernetes import client, config
-
-import cluster as _cluster
 
 
 @pytest.fixture(scope="session")
@@ -45,19 +44,23 @@ def namespace(request: pytest.FixtureRequest, k8s_client: client.ApiClient) -> I
     name = f"t-{base}-{secrets.token_hex(3)}"
     labels = {"evalrun.dev/test": "true"}
     if level := options.get("pod-security"):
-        labels |= {f"pod-security.kubernetes.io/{mode}": level
-                   for mode in ("enforce", "warn", "audit")}
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name,
-                                                                          labels=labels)))
+        labels |= {
+            f"pod-security.kubernetes.io/{mode}": level for mode in ("enforce", "warn", "audit")
+        }
+    core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
+    )
     # Pods are rejected until the controller-manager has created the default ServiceAccount.
     deadline = time.monotonic() + 60
     while not core.list_namespaced_service_account(
-            name, field_selector="metadata.name=default").items:
+        name, field_selector="metadata.name=default"
+    ).items:
         assert time.monotonic() < deadline, f"no default ServiceAccount in {name} after 60s"
         time.sleep(0.2)
     yield name
-    core.delete_namespace(name, body=client.V1DeleteOptions(grace_period_seconds=0,
-                                                            propagation_policy="Background"))
+    core.delete_namespace(
+        name, body=client.V1DeleteOptions(grace_period_seconds=0, propagation_policy="Background")
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not core.list_namespace(field_selector=f"metadata.name={name}").items:

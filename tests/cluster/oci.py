@@ -4,8 +4,10 @@ Standard library only, so `up.sh` can run it with any python3. Images are
 byte-for-byte reproducible (fixed mtimes, owners and gzip header), so the same
 inputs always give the same digest.
 
-CLI: python3 oci.py push REGISTRY REPOSITORY TAG --file /name=LOCALPATH --entrypoint /name [--cmd ARG...]
-prints the pushed reference ``REGISTRY/REPOSITORY@sha256:...``.
+CLI (prints the pushed reference ``REGISTRY/REPOSITORY@sha256:...``)::
+
+    python3 oci.py push REGISTRY REPOSITORY TAG --file /NAME=LOCALPATH --entrypoint /NAME \
+        [--cmd ARG...]
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ def build_layer(files: Mapping[str, tuple[bytes, int]]) -> tuple[bytes, str]:
     return gz.getvalue(), _digest(tar_bytes)
 
 
-def _request(method: str, url: str, data: bytes | None = None,
-             headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str]]:
+def _request(
+    method: str, url: str, data: bytes | None = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, Mapping[str, str]]:
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - fixed http URL
+        with urllib.request.urlopen(req, timeout=60) as resp:
             resp.read()
             return resp.status, resp.headers
     except urllib.error.HTTPError as e:
@@ -78,34 +81,61 @@ def _push_blob(base: str, repository: str, blob: bytes) -> str:
     if location.startswith("/"):
         location = base + location
     sep = "&" if "?" in location else "?"
-    _request("PUT", f"{location}{sep}digest={digest}", data=blob,
-             headers={"Content-Type": "application/octet-stream"})
+    _request(
+        "PUT",
+        f"{location}{sep}digest={digest}",
+        data=blob,
+        headers={"Content-Type": "application/octet-stream"},
+    )
     return digest
 
 
-def push_image(registry: str, repository: str, tag: str,
-               files: Mapping[str, tuple[bytes, int]], entrypoint: Sequence[str],
-               cmd: Sequence[str] = (), labels: Mapping[str, str] | None = None) -> str:
+def push_image(
+    registry: str,
+    repository: str,
+    tag: str,
+    files: Mapping[str, tuple[bytes, int]],
+    entrypoint: Sequence[str],
+    cmd: Sequence[str] = (),
+    labels: Mapping[str, str] | None = None,
+) -> str:
     """Push a one-layer linux/amd64 image; return ``registry/repository@sha256:...``."""
     base = f"http://{registry}"
     layer, diff_id = build_layer(files)
-    config = json.dumps({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Entrypoint": list(entrypoint), "Cmd": list(cmd), "Env": ["PATH=/"],
-                   "WorkingDir": "/", "Labels": dict(labels or {})},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    }, sort_keys=True, separators=(",", ":")).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "Entrypoint": list(entrypoint),
+                "Cmd": list(cmd),
+                "Env": ["PATH=/"],
+                "WorkingDir": "/",
+                "Labels": dict(labels or {}),
+            },
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
     config_digest = _push_blob(base, repository, config)
     layer_digest = _push_blob(base, repository, layer)
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": len(layer)}],
-    }, sort_keys=True, separators=(",", ":")).encode()
-    _request("PUT", f"{base}/v2/{repository}/manifests/{tag}", data=manifest,
-             headers={"Content-Type": OCI_MANIFEST})
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": len(layer)}],
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    _request(
+        "PUT",
+        f"{base}/v2/{repository}/manifests/{tag}",
+        data=manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
     return f"{registry}/{repository}@{_digest(manifest)}"
 
 

@@ -282,6 +282,7 @@ HELM=$HELM_BIN/helm
 COSIGN=$COSIGN_BIN/cosign
 REGISTRY=$REGISTRY
 NODE_NAME=$NODE_NAME
+PROBE_BINARY=$IMAGES_DIR/bin/probe
 $(cat "$STATE/images.env")
 ENV
   log "cluster up in $((SECONDS - started_at))s; kubeconfig: $KUBECONFIG_PATH"

@@ -5,4 +5,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 
-from cluster_fixtures import cluster, k8s_client, namespace  # noqa: E402, F401
+from cluster_fixtures import cluster, k8s_client, namespace  # noqa: F401

@@ -7,12 +7,11 @@ import secrets
 import threading
 import time
 
+import cluster as cluster_mod
 import pytest
 import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
-
-import cluster as cluster_mod
 
 pytestmark = pytest.mark.k8s
 
@@ -25,8 +24,13 @@ RESTRICTED_SECURITY = client.V1SecurityContext(
 )
 
 
-def probe_pod(name: str, image: str, args: list[str], runtime_class: str | None = None,
-              security: client.V1SecurityContext | None = RESTRICTED_SECURITY) -> client.V1Pod:
+def probe_pod(
+    name: str,
+    image: str,
+    args: list[str],
+    runtime_class: str | None = None,
+    security: client.V1SecurityContext | None = RESTRICTED_SECURITY,
+) -> client.V1Pod:
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name=name),
         spec=client.V1PodSpec(
@@ -34,14 +38,16 @@ def probe_pod(name: str, image: str, args: list[str], runtime_class: str | None 
             runtime_class_name=runtime_class,
             automount_service_account_token=False,
             termination_grace_period_seconds=0,
-            containers=[client.V1Container(name="probe", image=image, args=args,
-                                           security_context=security)],
+            containers=[
+                client.V1Container(name="probe", image=image, args=args, security_context=security)
+            ],
         ),
     )
 
 
-def run_to_completion(core: client.CoreV1Api, ns: str, pod: client.V1Pod,
-                      phases: tuple[str, ...] = ("Succeeded",)) -> tuple[client.V1Pod, str]:
+def run_to_completion(
+    core: client.CoreV1Api, ns: str, pod: client.V1Pod, phases: tuple[str, ...] = ("Succeeded",)
+) -> tuple[client.V1Pod, str]:
     core.create_namespaced_pod(ns, pod)
     done = cluster_mod.wait_for_pod(core, ns, pod.metadata.name, phases=phases, timeout_s=180)
     return done, core.read_namespaced_pod_log(pod.metadata.name, ns)
@@ -50,13 +56,13 @@ def run_to_completion(core: client.CoreV1Api, ns: str, pod: client.V1Pod,
 def test_pod_runs_registry_image_by_digest_and_reports_that_digest(cluster, k8s_client, namespace):
     nonce = secrets.token_hex(8)
     # A fresh image (unique content, so a digest nothing has pulled before).
-    ref = cluster_mod.push_probe_image(cluster, "evalrun/smoke-digest", nonce,
-                                       extra_files={"/nonce": nonce.encode()})
+    ref = cluster_mod.push_probe_image(
+        cluster, "evalrun/smoke-digest", nonce, extra_files={"/nonce": nonce.encode()}
+    )
     digest = ref.split("@", 1)[1]
     core = client.CoreV1Api(k8s_client)
 
-    pod, logs = run_to_completion(core, namespace,
-                                  probe_pod("by-digest", ref, ["cat", "/nonce"]))
+    pod, logs = run_to_completion(core, namespace, probe_pod("by-digest", ref, ["cat", "/nonce"]))
 
     assert logs.strip() == nonce
     (status,) = pod.status.container_statuses
@@ -67,8 +73,11 @@ def test_pod_runs_registry_image_by_digest_and_reports_that_digest(cluster, k8s_
 def test_gvisor_runtimeclass_pod_runs_under_gvisor(cluster, k8s_client, namespace):
     core = client.CoreV1Api(k8s_client)
 
-    _, logs = run_to_completion(core, namespace, probe_pod(
-        "gvisor-dmesg", cluster.probe_image, ["dmesg"], runtime_class="gvisor"))
+    _, logs = run_to_completion(
+        core,
+        namespace,
+        probe_pod("gvisor-dmesg", cluster.probe_image, ["dmesg"], runtime_class="gvisor"),
+    )
 
     assert "Starting gVisor" in logs, logs
 
@@ -81,11 +90,17 @@ def test_gvisor_pod_has_no_network_while_runc_pod_reaches_the_node(cluster, k8s_
     node_ip = next(a.address for a in node.status.addresses if a.type == "InternalIP")
     target = f"{node_ip}:{node.status.daemon_endpoints.kubelet_endpoint.port}"
 
-    _, runc_logs = run_to_completion(core, namespace, probe_pod(
-        "runc-connect", cluster.probe_image, ["connect", target]))
-    gvisor_pod, gvisor_logs = run_to_completion(core, namespace, probe_pod(
-        "gvisor-connect", cluster.probe_image, ["connect", target], runtime_class="gvisor"),
-        phases=("Failed",))
+    _, runc_logs = run_to_completion(
+        core, namespace, probe_pod("runc-connect", cluster.probe_image, ["connect", target])
+    )
+    gvisor_pod, gvisor_logs = run_to_completion(
+        core,
+        namespace,
+        probe_pod(
+            "gvisor-connect", cluster.probe_image, ["connect", target], runtime_class="gvisor"
+        ),
+        phases=("Failed",),
+    )
 
     assert runc_logs.strip() == "connected"
     assert "connect failed" in gvisor_logs, gvisor_logs
@@ -95,14 +110,19 @@ def test_gvisor_pod_has_no_network_while_runc_pod_reaches_the_node(cluster, k8s_
 @pytest.mark.parametrize("namespace", [{"pod-security": "restricted"}], indirect=True)
 def test_restricted_namespace_rejects_privileged_pod(cluster, k8s_client, namespace):
     core = client.CoreV1Api(k8s_client)
-    privileged = probe_pod("privileged", cluster.probe_image, ["sleep", "1"],
-                           security=client.V1SecurityContext(privileged=True))
+    privileged = probe_pod(
+        "privileged",
+        cluster.probe_image,
+        ["sleep", "1"],
+        security=client.V1SecurityContext(privileged=True),
+    )
 
     with pytest.raises(ApiException) as rejected:
         core.create_namespaced_pod(namespace, privileged)
     # The same pod, restricted-compliant, is admitted: the rejection is Pod Security's.
-    core.create_namespaced_pod(namespace, probe_pod("compliant", cluster.probe_image,
-                                                    ["sleep", "1"]), dry_run="All")
+    core.create_namespaced_pod(
+        namespace, probe_pod("compliant", cluster.probe_image, ["sleep", "1"]), dry_run="All"
+    )
 
     assert rejected.value.status == 403
     message = json.loads(rejected.value.body)["message"]
@@ -114,8 +134,10 @@ def test_networkpolicy_objects_are_accepted(k8s_client, namespace):
     net = client.NetworkingV1Api(k8s_client)
     deny_all = client.V1NetworkPolicy(
         metadata=client.V1ObjectMeta(name="default-deny"),
-        spec=client.V1NetworkPolicySpec(pod_selector=client.V1LabelSelector(),
-                                        policy_types=["Ingress", "Egress"]))
+        spec=client.V1NetworkPolicySpec(
+            pod_selector=client.V1LabelSelector(), policy_types=["Ingress", "Egress"]
+        ),
+    )
 
     net.create_namespaced_network_policy(namespace, deny_all)
 
@@ -142,9 +164,12 @@ class RelistingWatcher(threading.Thread):
                 self.lists += 1
                 self._saw(cm.metadata.name for cm in listed.items)
                 for event in watch.Watch().stream(
-                        self.core.list_namespaced_config_map, self.ns,
-                        resource_version=listed.metadata.resource_version,
-                        timeout_seconds=120, _request_timeout=150):
+                    self.core.list_namespaced_config_map,
+                    self.ns,
+                    resource_version=listed.metadata.resource_version,
+                    timeout_seconds=120,
+                    _request_timeout=150,
+                ):
                     if event["type"] == "ERROR":  # e.g. 410 Gone: resourceVersion too old
                         break
                     self._saw([event["object"].metadata.name])
@@ -171,13 +196,15 @@ def test_watch_survives_apiserver_restart_by_relisting(cluster, k8s_client, name
     watcher.start()
     try:
         core.create_namespaced_config_map(
-            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="before")))
+            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="before"))
+        )
         assert watcher.wait_seen("before", 30)
         lists_before = watcher.lists
 
         cluster_mod.restart_component("kube-apiserver")
         core.create_namespaced_config_map(
-            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="after")))
+            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="after"))
+        )
 
         assert watcher.wait_seen("after", 60), (watcher.seen, watcher.breaks)
         assert watcher.breaks, "the watch never noticed the API server going away"
@@ -185,5 +212,6 @@ def test_watch_survives_apiserver_restart_by_relisting(cluster, k8s_client, name
     finally:
         watcher.stopping.set()
         core.create_namespaced_config_map(  # wakes the watch so the thread can exit
-            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="stop")))
+            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="stop"))
+        )
         watcher.join(timeout=30)
