@@ -432,16 +432,16 @@ def rerun(
 ) -> RerunResult:
     """Re-run a verified original run; the new bundle is signed and stored."""
     store = Store(settings.home)
-    # the original must be in the store, so the new attempt gets a new run id
-    if not store.bundle_path(original.digest).is_dir():
-        progress(f"importing the original bundle {original.digest[:19]}… into the store")
-        import_into_store(original.path, store)
     for note in original.notes:
         progress(f"note: {note}")
     resolver = InputResolver(settings, [*search_dirs, *search_dirs_from_env()])
     inputs = resolve_inputs(original, resolver)
     progress(f"all {len(inputs)} inputs resolved to their pinned digests")
     check_image_available(original.lock)
+    # the original must be in the store, so the new attempt gets a new run id
+    if not store.bundle_path(original.digest).is_dir():
+        progress(f"importing the original bundle {original.digest[:19]}… into the store")
+        import_into_store(original.path, store)
     reproduction_of = {
         "run_id": original.run_id,
         "bundle_digest": original.digest,
