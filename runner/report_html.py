@@ -114,16 +114,16 @@ def _num(value: float) -> str:
 
 
 def _axis_range(values: Sequence[float]) -> tuple[float, float]:
+    """The plotted span: the values with a margin, kept inside [0, 1] for proportions."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return 0.0, 1.0
     lo, hi = min(finite), max(finite)
-    if lo >= 0.0 and hi <= 1.0:
-        return 0.0, 1.0
-    if lo == hi:
-        return lo - 1.0, hi + 1.0
-    pad = (hi - lo) * 0.05
-    return lo - pad, hi + pad
+    span = hi - lo or abs(hi) * 0.1 or 1.0
+    lo, hi = lo - span * 0.25, hi + span * 0.25
+    if min(finite) >= 0.0 and max(finite) <= 1.0:
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return lo, hi
 
 
 def metrics_svg(metrics: Sequence[Mapping[str, Any]]) -> str:
@@ -327,7 +327,8 @@ def _sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]:
 _CSS = (
     "body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
     "table{border-collapse:collapse;margin:.5em 0 1.5em}"
-    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;"
+    "overflow-wrap:anywhere}"
     "th{background:#f3f3f3}.kv th{width:11em}code{font-size:90%}"
     ".FAIL{color:#c0392b;font-weight:bold}.pass{color:#1e8449}"
 )
@@ -341,7 +342,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
         cells = []
         for i, cell in enumerate(row):
             text = html.escape(cell)
-            if cls == "metrics" and i == len(row) - 1:
+            if cls == "kv" and i == 0:
+                cells.append(f"<th>{text}</th>")
+            elif cls == "metrics" and i == len(row) - 1:
                 cells.append(f'<td class="{text}">{text}</td>')
             else:
                 cells.append(f"<td>{text}</td>")
