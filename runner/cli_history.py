@@ -57,8 +57,12 @@ def _backend(args: argparse.Namespace) -> Any:
         from runner.backends.docker import DockerBackend
 
         return DockerBackend()
-    raise InputError(
-        f"backend {args.backend!r} is not available in this build", hint="use --backend docker"
+    from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
+
+    return KubernetesBackend(
+        ClusterTarget(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace),
+        unschedulable_grace_s=args.stuck_after,
+        image_pull_grace_s=args.stuck_after,
     )
 
 
@@ -292,10 +296,16 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
         tolerance=args.tolerance,
         progress=term,
     )
+    tar_path: Path | None = None
     if args.out is not None:
-        write_bundle_tar(result.bundle.path, args.out)
+        # a directory (existing, or given with a trailing /) collects one tar per audit
+        out: Path = args.out
+        if out.is_dir() or str(out).endswith("/"):
+            out.mkdir(parents=True, exist_ok=True)
+            out = out / f"{result.audit_id}.tar"
+        tar_path = write_bundle_tar(result.bundle.path, out)
     if args.json:
-        _emit_json(result.as_dict())
+        _emit_json({**result.as_dict(), "tar": str(tar_path) if tar_path else None})
         return result.exit_code
     print(
         f"audit {result.audit_id} (seed {result.seed}, {len(result.entries)} of "
@@ -306,6 +316,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
         print(f"  {mark} {e.run_id}  {e.category}: {e.detail}")
     print(f"bundle   {result.bundle.path}")
     print(f"digest   {result.bundle.digest}")
+    if tar_path is not None:
+        print(f"tar      {tar_path}")
     return result.exit_code
 
 
@@ -397,6 +409,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)"
     )
     signing.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
+    signing.add_argument("--kubeconfig", help="kubernetes: kubeconfig file")
+    signing.add_argument("--context", help="kubernetes: kubeconfig context")
+    signing.add_argument("-n", "--namespace", help="kubernetes: namespace")
+    signing.add_argument(
+        "--stuck-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="kubernetes: fail a pod stuck Unschedulable or in image-pull backoff this long",
+    )
     signing.add_argument(
         "--inputs",
         type=Path,
@@ -452,7 +474,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--since", metavar="DATE")
     p.add_argument("--until", metavar="DATE")
     p.add_argument("--spec", help="only runs of this spec name")
-    p.add_argument("-o", "--out", type=Path, help="also write the audit bundle as a .tar here")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        help="also write the audit bundle as a .tar (a directory: DIR/<audit id>.tar)",
+    )
     p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("report", parents=[common, keys], help="a run's report as HTML or Markdown")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -136,8 +137,14 @@ def normalize_time(value: str, *, end_of_day: bool = False) -> str:
     """An ISO date or date-time as a UTC ISO string comparable with the stored ones.
 
     A bare date means the start of that day (UTC), or its end with ``end_of_day``.
+    ``30d``, ``12h`` or ``2w`` mean that long before now (for scheduled audits).
     """
     text = value.strip()
+    relative = re.fullmatch(r"(\d{1,5})([hdw])", text)
+    if relative:
+        hours = int(relative[1]) * {"h": 1, "d": 24, "w": 168}[relative[2]]
+        moment = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
+        return moment.isoformat(timespec="milliseconds")
     try:
         if len(text) == 10:
             day = dt.date.fromisoformat(text)
@@ -150,7 +157,8 @@ def normalize_time(value: str, *, end_of_day: bool = False) -> str:
                 moment = moment.replace(tzinfo=dt.UTC)
     except ValueError:
         raise InputError(
-            f"not a date: {value!r}", hint="use YYYY-MM-DD or an ISO 8601 date-time"
+            f"not a date: {value!r}",
+            hint="use YYYY-MM-DD, an ISO 8601 date-time, or a span back from now (30d, 12h, 2w)",
         ) from None
     return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
 

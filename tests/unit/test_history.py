@@ -190,6 +190,10 @@ def test_bad_date_is_bad_input() -> None:
         normalize_time("last tuesday")
     assert normalize_time("2026-11-26") == "2026-11-26T00:00:00.000+00:00"
     assert normalize_time("2026-11-26T10:00:00+02:00") == "2026-11-26T08:00:00.000+00:00"
+    import datetime as dt
+
+    week_ago = dt.datetime.fromisoformat(normalize_time("7d"))
+    assert abs((dt.datetime.now(dt.UTC) - week_ago).total_seconds() - 7 * 86400) < 60
 
 
 def test_locate_bundle_accepts_a_directory_and_a_tar(populated, tmp_path) -> None:
