@@ -322,27 +322,40 @@ class History:
         return found
 
     def sync(self) -> SyncReport:
-        """Index bundles added to the store since the last sync; drop removed ones."""
+        """Index bundles added to the store since the last sync; drop removed ones.
+
+        Concurrent syncs (two ``evalrun`` processes) serialize on SQLite's write
+        lock and re-read the index under it, so no bundle is indexed twice.
+        """
         on_disk = self._bundle_dirs()
         unreadable: list[str] = []
+        added = removed = 0
         with self._connect() as conn:
             known = {row[0] for row in conn.execute("SELECT bundle_digest FROM runs")}
-            removed = known - on_disk.keys()
-            for digest in removed:
-                conn.execute("DELETE FROM runs WHERE bundle_digest = ?", (digest,))
-            added = 0
-            for digest in sorted(on_disk.keys() - known):
-                try:
-                    predicate = read_predicate(on_disk[digest])
-                except IntegrityError:
-                    unreadable.append(digest)
-                    continue
-                self._insert(conn, record_from_predicate(digest, on_disk[digest], predicate))
-                added += 1
+            if known != on_disk.keys():
+                conn.execute("BEGIN IMMEDIATE")
+                known = {row[0] for row in conn.execute("SELECT bundle_digest FROM runs")}
+                for digest in known - on_disk.keys():
+                    self._delete(conn, digest)
+                    removed += 1
+                for digest in sorted(on_disk.keys() - known):
+                    try:
+                        predicate = read_predicate(on_disk[digest])
+                    except IntegrityError:
+                        unreadable.append(digest)
+                        continue
+                    self._delete(conn, digest)
+                    self._insert(conn, record_from_predicate(digest, on_disk[digest], predicate))
+                    added += 1
             total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
         return SyncReport(
-            added=added, removed=len(removed), unreadable=tuple(unreadable), total=int(total)
+            added=added, removed=removed, unreadable=tuple(unreadable), total=int(total)
         )
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, digest: str) -> None:
+        for table in ("datasets", "metrics", "runs"):
+            conn.execute(f"DELETE FROM {table} WHERE bundle_digest = ?", (digest,))  # noqa: S608
 
     def rebuild(self) -> SyncReport:
         """Throw the index away and recreate it from the bundles."""
@@ -356,7 +369,7 @@ class History:
     @staticmethod
     def _insert(conn: sqlite3.Connection, r: RunRecord) -> None:
         conn.execute(
-            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 r.bundle_digest,
                 r.run_id,
@@ -440,10 +453,39 @@ class History:
         with self._connect() as conn:
             conn.row_factory = sqlite3.Row
             rows = conn.execute(sql, params).fetchall()
-            records = [self._record(conn, row) for row in rows]
+            records = self._records(conn, rows)
         if flt.limit is not None:
             records = records[-flt.limit :] if flt.limit > 0 else []
         return records
+
+    def _records(self, conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[RunRecord]:
+        """Rows of ``runs`` with their datasets and metrics (two queries in all)."""
+        datasets: dict[str, list[tuple[str, str, str]]] = {}
+        metrics: dict[str, list[MetricRecord]] = {}
+        if rows:
+            for d, n, sha, sp in conn.execute(
+                "SELECT bundle_digest, name, sha256, split FROM datasets ORDER BY rowid"
+            ):
+                datasets.setdefault(d, []).append((str(n), str(sha), str(sp)))
+            for d, n, v, lo, hi, p in conn.execute(
+                "SELECT bundle_digest, name, value, low, high, passed FROM metrics ORDER BY rowid"
+            ):
+                metrics.setdefault(d, []).append(
+                    MetricRecord(n, v, lo, hi, None if p is None else bool(p))
+                )
+        out = []
+        for row in rows:
+            digest = row["bundle_digest"]
+            fields = {k: row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row)
+            out.append(
+                RunRecord(
+                    path=self.store.bundle_path(digest),
+                    datasets=tuple(datasets.get(digest, ())),
+                    metrics=tuple(metrics.get(digest, ())),
+                    **fields,
+                )
+            )
+        return out
 
     def _record(self, conn: sqlite3.Connection, row: sqlite3.Row) -> RunRecord:
         digest = row["bundle_digest"]

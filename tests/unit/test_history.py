@@ -208,3 +208,27 @@ def test_locate_bundle_accepts_a_directory_and_a_tar(populated, tmp_path) -> Non
     assert (located.path / "statement.json").read_bytes() == (
         runs["a"].path / "statement.json"
     ).read_bytes()
+
+
+def test_concurrent_syncs_index_each_bundle_once(populated) -> None:
+    import threading
+
+    store, _ = populated
+    errors: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            History(store).sync()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sync) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with sqlite3.connect(History(store).path) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 4
+        assert conn.execute("SELECT count(*) FROM datasets").fetchone()[0] == 4
+        assert conn.execute("SELECT count(*) FROM metrics").fetchone()[0] == 8
