@@ -378,18 +378,8 @@ def _is_bundle_manifest(data: Mapping[str, Any]) -> bool:
     return data.get("artifactType") == ARTIFACT_TYPE or config.get("mediaType") == CONFIG_TYPE
 
 
-def pull_bundle(
-    reference: str,
-    store: Store,
-    verifier: Verifier,
-    *,
-    progress: Progress = lambda _: None,
-) -> list[PulledBundle]:
-    """Fetch the bundle artifact ``reference`` into the store, verified.
-
-    If ``reference`` is an evaluated image rather than a bundle, every bundle
-    attached to it is pulled. Returns what was stored (already stored: no-op).
-    """
+def _manifest_of(reference: str) -> tuple[_Client, ImageName, str, dict[str, Any]]:
+    """The manifest named by ``reference`` (``repo@sha256:…``), checked against its digest."""
     match = _REF.match(reference.strip())
     if not match:
         raise InputError(
@@ -406,7 +396,68 @@ def pull_bundle(
         raise IntegrityError(
             "the registry returned a manifest with another digest", reference=reference
         )
-    data = json.loads(body)
+    data: dict[str, Any] = json.loads(body)
+    return client, name, match["digest"], data
+
+
+def _download_bundle(
+    client: _Client, reference: str, data: Mapping[str, Any], scratch: Path, dest: Path
+) -> None:
+    layers = data.get("layers") or []
+    if len(layers) != 1 or layers[0].get("mediaType") != LAYER_TYPE:
+        raise IntegrityError(
+            "bundle artifact must have exactly one bundle tar layer", reference=reference
+        )
+    layer_digest = str(layers[0]["digest"])
+    tar_path = scratch / "bundle.tar"
+    with tar_path.open("wb") as sink:
+        client.get_blob(layer_digest, sink)
+    h = hashlib.sha256()
+    with tar_path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if "sha256:" + h.hexdigest() != layer_digest:
+        raise IntegrityError(
+            "downloaded bundle does not match its digest",
+            reference=reference,
+            expected=layer_digest,
+            found="sha256:" + h.hexdigest(),
+        )
+    extract_bundle_tar(tar_path, dest)
+    tar_path.unlink()
+
+
+def fetch_bundle(reference: str, dest: Path) -> Path:
+    """Download the bundle artifact ``reference`` and extract it into the new directory ``dest``.
+
+    Every blob is checked against its digest; the bundle itself is NOT verified —
+    pass ``dest`` to :func:`runner.verify.verify_bundle` (what ``evalrun verify REF`` does).
+    """
+    client, _, _, data = _manifest_of(reference)
+    if not _is_bundle_manifest(data):
+        raise InputError(
+            "not an evalrun bundle artifact (an image? `evalrun pull` lists its bundles)",
+            reference=reference,
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fetch-", dir=dest.parent) as tmp:
+        _download_bundle(client, reference, data, Path(tmp), dest)
+    return dest
+
+
+def pull_bundle(
+    reference: str,
+    store: Store,
+    verifier: Verifier,
+    *,
+    progress: Progress = lambda _: None,
+) -> list[PulledBundle]:
+    """Fetch the bundle artifact ``reference`` into the store, verified.
+
+    If ``reference`` is an evaluated image rather than a bundle, every bundle
+    attached to it is pulled. Returns what was stored (already stored: no-op).
+    """
+    client, name, digest, data = _manifest_of(reference)
     if not _is_bundle_manifest(data):
         attached = bundle_referrers(reference)
         if not attached:
@@ -420,47 +471,24 @@ def pull_bundle(
         for entry in attached:
             pulled += pull_bundle(f"{name}@{entry['digest']}", store, verifier, progress=progress)
         return pulled
-    layers = data.get("layers") or []
-    if len(layers) != 1 or layers[0].get("mediaType") != LAYER_TYPE:
-        raise IntegrityError(
-            "bundle artifact must have exactly one bundle tar layer", reference=reference
-        )
-    layer_digest = str(layers[0]["digest"])
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="pull-", dir=store.tmp_dir) as tmp:
-        tar_path = Path(tmp) / "bundle.tar"
-        with tar_path.open("wb") as sink:
-            client.get_blob(layer_digest, sink)
-        h = hashlib.sha256()
-        with tar_path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if "sha256:" + h.hexdigest() != layer_digest:
+    staged = Path(tempfile.mkdtemp(prefix="stage-", dir=store.tmp_dir))
+    try:
+        bundle_dir = staged / "bundle"
+        _download_bundle(client, reference, data, staged, bundle_dir)
+        verified = verify_bundle(bundle_dir, verifier)
+        annotated = (data.get("annotations") or {}).get("dev.evalrun.bundle-digest")
+        if annotated and annotated != verified.bundle_digest:
             raise IntegrityError(
-                "downloaded bundle does not match its digest",
-                reference=reference,
-                expected=layer_digest,
-                found="sha256:" + h.hexdigest(),
+                "the artifact's annotation names another bundle",
+                expected=annotated,
+                found=verified.bundle_digest,
             )
-        staged = Path(tempfile.mkdtemp(prefix="stage-", dir=store.tmp_dir))
-        try:
-            bundle_dir = staged / "bundle"
-            extract_bundle_tar(tar_path, bundle_dir)
-            verified = verify_bundle(bundle_dir, verifier)
-            annotated = (data.get("annotations") or {}).get("dev.evalrun.bundle-digest")
-            if annotated and annotated != verified.bundle_digest:
-                raise IntegrityError(
-                    "the artifact's annotation names another bundle",
-                    expected=annotated,
-                    found=verified.bundle_digest,
-                )
-            stored = store.put(bundle_dir)
-        finally:
-            remove_tree(staged)
+        stored = store.put(bundle_dir)
+    finally:
+        remove_tree(staged)
     progress(f"pulled {stored.run_id} → {stored.path}")
-    return [
-        PulledBundle(reference=f"{name}@{match['digest']}", stored=stored, run_id=stored.run_id)
-    ]
+    return [PulledBundle(reference=f"{name}@{digest}", stored=stored, run_id=stored.run_id)]
 
 
 __all__ = [
@@ -468,6 +496,7 @@ __all__ = [
     "PulledBundle",
     "PushedBundle",
     "bundle_referrers",
+    "fetch_bundle",
     "is_registry_ref",
     "pull_bundle",
     "push_bundle",

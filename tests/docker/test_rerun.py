@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,32 @@ def test_audit_reports_exactly_the_run_whose_artifact_was_deleted(three_runs):
     assert proc.returncode == 0, proc.stderr
     code, audits = home.json("runs", "ls", "--audits")
     assert [a["run_id"] for a in audits] == [report["audit_id"]]
+
+
+def test_pull_refuses_a_bundle_blob_altered_in_the_registry(cli, original, tmp_path):
+    code, pushed = cli.json("push", original["run_id"])
+    assert code == 0, pushed
+    manifest = json.loads(
+        urllib.request.urlopen(  # noqa: S310
+            urllib.request.Request(
+                "http://" + pushed["reference"].replace("/", "/v2/", 1).replace("@", "/manifests/"),
+                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+            )
+        ).read()
+    )
+    assert manifest["subject"]["digest"] == pushed["subject"].split("@")[1]
+    layer = manifest["layers"][0]["digest"].split(":")[1]
+    root = Path(os.environ.get("EVALRUN_REGISTRY_DIR", "/var/lib/evalrun-registry"))
+    blob = root / "docker/registry/v2/blobs/sha256" / layer[:2] / layer / "data"
+    good = blob.read_bytes()
+    try:
+        bad = bytearray(good)
+        bad[600] ^= 0x01  # inside the first member's content
+        blob.write_bytes(bytes(bad))
+        empty = fresh_cli(tmp_path, "tampered")
+        proc = empty("pull", pushed["reference"], "--pub", str(cli.pub))
+        assert proc.returncode == 3, proc.stderr
+        assert "does not match its digest" in proc.stderr
+        assert not (empty.home / "bundles").exists() or not any((empty.home / "bundles").iterdir())
+    finally:
+        blob.write_bytes(good)
