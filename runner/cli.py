@@ -200,7 +200,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
         backend = KubernetesBackend(
             ClusterTarget(
                 kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace
-            )
+            ),
+            unschedulable_grace_s=args.stuck_after,
+            image_pull_grace_s=args.stuck_after,
         )
     signer = _signer(args, settings, term)
     outcome = run_evaluation(args.spec, backend, signer, settings, rerun=args.rerun, progress=term)
@@ -355,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
     p.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    p.add_argument(
+        "--stuck-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="kubernetes: fail a pod that stays Unschedulable or in image-pull "
+        "backoff this long (default 60)",
+    )
     p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
     p.set_defaults(fn=cmd_run)

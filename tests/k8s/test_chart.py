@@ -1,0 +1,117 @@
+"""charts/evalrun and manifests/: linted, rendered, identical, installed into the real cluster."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "evalrun"
+
+
+def _helm(cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(cluster.helm), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"KUBECONFIG": str(cluster.kubeconfig), "HOME": "/tmp", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def _docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def test_chart_lints(cluster):
+    proc = _helm(cluster, "lint", "--strict", str(CHART))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_plain_manifests_equal_the_default_render(cluster):
+    proc = _helm(cluster, "template", "evalrun", str(CHART))
+    assert proc.returncode == 0, proc.stderr
+    rendered = _docs(proc.stdout)
+    checked_in = _docs((ROOT / "manifests" / "evalrun.yaml").read_text())
+    assert rendered == checked_in, "regenerate manifests/evalrun.yaml from the chart"
+    kinds = sorted(d["kind"] for d in rendered)
+    assert kinds == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "NetworkPolicy",
+            "RuntimeClass",
+            "ResourceQuota",
+            "LimitRange",
+        ]
+    )
+    ns = next(d for d in rendered if d["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    role = next(d for d in rendered if d["kind"] == "Role")
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert "secrets" not in resources and "*" not in resources
+
+
+@pytest.mark.parametrize("namespace", [{"pod-security": "restricted"}], indirect=True)
+def test_chart_installs_and_the_runner_cannot_read_secrets(cluster, namespace, k8s_client):
+    release = f"evalrun-{namespace[-6:]}"
+    proc = _helm(
+        cluster,
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--set",
+        f"namespace.name={namespace}",
+        "--set",
+        "namespace.create=false",
+        "--set",
+        "runtimeClass.create=false",
+        "--wait",
+        "--timeout",
+        "60s",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        authz = client.AuthorizationV1Api(k8s_client)
+        sa = f"system:serviceaccount:{namespace}:evalrun-runner"
+
+        def allowed(verb: str, resource: str, group: str = "", sub: str = "") -> bool:
+            review = client.V1SubjectAccessReview(
+                spec=client.V1SubjectAccessReviewSpec(
+                    user=sa,
+                    groups=["system:serviceaccounts"],
+                    resource_attributes=client.V1ResourceAttributes(
+                        namespace=namespace,
+                        verb=verb,
+                        resource=resource,
+                        group=group,
+                        subresource=sub or None,
+                    ),
+                )
+            )
+            return authz.create_subject_access_review(review).status.allowed
+
+        assert allowed("create", "jobs", "batch")
+        assert allowed("watch", "pods")
+        assert allowed("get", "pods", sub="log")
+        assert not allowed("get", "secrets")
+        assert not allowed("list", "secrets")
+        assert not allowed("create", "pods", sub="exec")
+        assert not allowed("create", "pods")
+        policies = client.NetworkingV1Api(k8s_client).list_namespaced_network_policy(namespace)
+        deny = next(p for p in policies.items if p.metadata.name == "default-deny-all")
+        assert sorted(deny.spec.policy_types) == ["Egress", "Ingress"]
+    finally:
+        _helm(cluster, "uninstall", release, "--namespace", namespace)
