@@ -16,7 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,8 @@ def _audit_one(
     )
 
 
-def render_audit_markdown(data: dict[str, Any]) -> str:
+def render_audit_markdown(data: Mapping[str, Any]) -> str:
+    """An audit's ``report.md`` (from its predicate; deterministic)."""
     lines = [
         f"# evalrun reproduction audit {data['run_id']}",
         "",

@@ -165,7 +165,6 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
 def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.history import read_predicate
     from runner.report import metric_table
-    from runner.report_html import load_report_data, render_markdown_full
 
     with _bundle_for(args.run, settings, args, term) as (bundle, digest):
         if args.json:
@@ -178,10 +177,12 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> i
                 }
             )
             return 0
-        data = load_report_data(bundle, _verification_text(bundle, args, settings), digest)
-        print(render_markdown_full(data), end="")
-        print()
-        print(metric_table(data.predicate))
+        verification = _verification_text(bundle, args, settings)
+        print(_render(bundle, digest, "md", verification), end="")
+        predicate = read_predicate(bundle)
+        if predicate.get("kind", "run") == "run":
+            print()
+            print(metric_table(predicate))
     return 0
 
 
@@ -324,12 +325,28 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
 # --------------------------------------------------------------------------- report
 
 
-def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.report_html import load_report_data, render_html, render_markdown_full
+def _render(bundle: Path, digest: str | None, fmt: str, verification: str) -> str:
+    from runner.audit import render_audit_markdown
+    from runner.history import read_predicate
+    from runner.report_html import (
+        load_report_data,
+        render_audit_html,
+        render_html,
+        render_markdown_full,
+    )
 
+    predicate = read_predicate(bundle)
+    if predicate.get("kind") == "audit":
+        if fmt == "html":
+            return render_audit_html(predicate, verification)
+        return render_audit_markdown(predicate) + f"\nverification: {verification}\n"
+    data = load_report_data(bundle, verification, digest)
+    return render_html(data) if fmt == "html" else render_markdown_full(data)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     with _bundle_for(args.run, settings, args, term) as (bundle, digest):
-        data = load_report_data(bundle, _verification_text(bundle, args, settings), digest)
-    text = render_html(data) if args.format == "html" else render_markdown_full(data)
+        text = _render(bundle, digest, args.format, _verification_text(bundle, args, settings))
     if args.out is None:
         sys.stdout.write(text)
         return 0

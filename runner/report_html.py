@@ -458,12 +458,58 @@ def render_markdown_full(data: ReportData) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def render_audit_html(predicate: Mapping[str, Any], verification: str) -> str:
+    """An audit bundle's report as one self-contained HTML document (deterministic)."""
+    title = f"evalrun reproduction audit {predicate.get('run_id')}"
+    summary = [
+        ["started", str(predicate.get("started"))],
+        ["verification", verification],
+        [
+            "sample",
+            f"seed {predicate.get('seed')}: {len(predicate.get('runs') or [])} of "
+            f"{predicate.get('sampled_from')} runs",
+        ],
+        ["filters", json.dumps(predicate.get("filters") or {}, sort_keys=True)],
+        [
+            "result",
+            f"{predicate.get('outcome')} ({predicate.get('reproduced')} reproduced, "
+            f"{predicate.get('failed')} not; exit {predicate.get('exit_code')})",
+        ],
+    ]
+    rows = [
+        [
+            str(e.get("run_id")),
+            str(e.get("spec")),
+            "yes" if e.get("reproduced") else "NO",
+            f"{e.get('category')}: {e.get('detail')}",
+            str(e.get("rerun_id") or "—"),
+        ]
+        for e in predicate.get("runs") or []
+        if isinstance(e, Mapping)
+    ]
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        _table([], summary, "kv"),
+        "<h2>Runs</h2>",
+        _table(["run", "spec", "reproduced", "why", "re-run"], rows),
+    ]
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "style-src 'unsafe-inline'; img-src data:\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
 __all__ = [
     "ReportData",
     "SliceRow",
     "load_report_data",
     "metrics_svg",
     "per_slice",
+    "render_audit_html",
     "render_html",
     "render_markdown_full",
     "slices_svg",

@@ -114,3 +114,52 @@ def test_load_report_data_without_predictions(tmp_path, stored) -> None:
     data = load_report_data(stored.path, "not checked")
     assert data.slice_field == "label" and len(data.slices) == 3
     assert "Per-slice" in render_html(data)
+
+
+AUDIT = {
+    "kind": "audit",
+    "run_id": "audit-000000000000000000000001",
+    "started": "2026-11-26T03:17:00.000+00:00",
+    "seed": 20261126,
+    "sample": 2,
+    "sampled_from": 9,
+    "filters": {"since": "90d", "spec": None, "until": None, "tolerance": None},
+    "outcome": "not_reproduced",
+    "reproduced": 1,
+    "failed": 1,
+    "exit_code": 3,
+    "runs": [
+        {"run_id": "r-1", "spec": "digits-logreg", "reproduced": True, "category": "identical",
+         "detail": "identical; re-run outcome passed", "rerun_id": "r-2"},
+        {"run_id": "r-3", "spec": "digits-logreg", "reproduced": False,
+         "category": "missing_artifact", "detail": "dataset digits-test: not found",
+         "rerun_id": None},
+    ],
+    "timestamps": {"started": "2026-11-26T03:17:00.000+00:00"},
+}
+
+
+def test_audit_bundle_reports_in_html_and_terminal(tmp_path, monkeypatch, capsys) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVALRUN_HOME", str(home))
+    (home / "keys").mkdir(parents=True)
+    generate_keypair(home / "keys" / "evalrun.key", home / "keys" / "evalrun.pub")
+    store_run(Store(home), load_signer(home / "keys" / "evalrun.key"), AUDIT)
+    out = tmp_path / "audit.html"
+    assert main(["report", AUDIT["run_id"], "-o", str(out)]) == 0
+    html = out.read_text()
+    assert "reproduction audit audit-000000000000000000000001" in html
+    assert "missing_artifact: dataset digits-test: not found" in html and "<script" not in html
+    assert main(["runs", "show", AUDIT["run_id"]]) == 0
+    shown = capsys.readouterr().out
+    assert "| r-3 | digits-logreg | NO | missing_artifact" in shown
+    assert "verification: valid" in shown
+    assert main(["runs", "ls", "--audits", "--json"]) == 0
+
+
+def test_an_image_digest_names_its_newest_run(stored, capsys) -> None:
+    # the fixture run's image digest is sha256:ccc…; `runs show IMAGE_DIGEST` finds it
+    assert main(["runs", "show", "sha256:" + "c" * 64, "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["predicate"]["run_id"] == stored.run_id
