@@ -243,8 +243,6 @@ def ensure_base_image(
             progress(f"assembling base image {repo}:{tag}")
             base = assemble_base(recipe, tar, Path(tmp))
             digest = push_image(repo, tag, base.image)
-    client = client or connect()
-    ensure_local(client, f"{repo}@{digest}", progress)
     return _locked_base_from_registry(repo, digest, recipe, recipe_sha)
 
 
