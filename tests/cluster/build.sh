@@ -129,6 +129,16 @@ build_cosign() {
     github.com/sigstore/cosign/v3/cmd/cosign
 }
 
+# kube-router, only as the NetworkPolicy enforcer (firewall controller).
+build_kuberouter() {
+  local out=$CACHE/kube-router-$KUBE_ROUTER_VERSION
+  have "$out" kube-router && return 0
+  new_wrapper kube-router github.com/cloudnativelabs/kube-router/v2 "$KUBE_ROUTER_VERSION" "$out" >/dev/null
+  build_wrapper kube-router "$KUBE_ROUTER_VERSION" "$out" \
+    "-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" \
+    github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+}
+
 # containerd-shim-runsc-v1: the runc shim cannot run gVisor subcontainers
 # properly (it waits on the sandbox pid, so a pod's containers never exit).
 # Patched (tests/cluster/patches/gvisor-*.patch): see docs/cluster.md.
@@ -164,5 +174,5 @@ build_images() {
 [[ -x $GO ]] || die "Go toolchain not found at $GO (set EVALRUN_GO)"
 mkdir -p "$CACHE"
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(kubernetes etcd kwok helm cosign gvisor images)
+[[ ${#components[@]} -gt 0 ]] || components=(kubernetes etcd kwok helm cosign gvisor kuberouter images)
 for c in "${components[@]}"; do "build_$c"; done

@@ -35,6 +35,7 @@ COMPONENTS = (
     "kube-scheduler",
     "containerd",
     "kubelet",
+    "kube-router",
     "kwok",
 )
 

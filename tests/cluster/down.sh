@@ -38,6 +38,11 @@ for ((c = ${#COMPONENTS[@]} - 1; c >= 0; c--)); do
     done
   fi
   stop_component "$name"
+  if [[ $name == kube-router && -f $RUN/kube-router.cmd && -x $KUBE_ROUTER_BIN/kube-router ]]; then
+    # Remove the iptables chains and ipsets it programmed for NetworkPolicies.
+    "$KUBE_ROUTER_BIN/kube-router" --cleanup-config --run-router=false --run-service-proxy=false \
+      >>"$LOGS/kube-router.log" 2>&1 || log "kube-router --cleanup-config failed (see its log)"
+  fi
 done
 
 # Shims outlive containerd by design; ours carry our containerd's socket address.

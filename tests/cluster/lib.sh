@@ -21,6 +21,7 @@ ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
 KWOK_BIN=$CACHE/kwok-$KWOK_VERSION/bin
 HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
 COSIGN_BIN=$CACHE/cosign-$COSIGN_VERSION/bin
+KUBE_ROUTER_BIN=$CACHE/kube-router-$KUBE_ROUTER_VERSION/bin
 GVISOR_BIN=$CACHE/gvisor-shim-$GVISOR_SHIM_VERSION-$(cat "$CLUSTER_DIR"/patches/gvisor-*.patch | sha256sum | cut -c1-12)/bin
 IMAGES_DIR=$CACHE/images-$(cd "$CLUSTER_DIR/images" && cat go.mod */*.go | sha256sum | cut -c1-16)
 PAUSE_IMAGE=$REGISTRY/evalrun/pause:$PAUSE_VERSION
@@ -42,7 +43,7 @@ RUN=$STATE/run
 LOGS=$STATE/logs
 CONTAINERD_SOCK=$STATE/containerd/containerd.sock
 # Start order; down.sh stops in reverse.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kwok)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-router kwok)
 
 kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 

@@ -41,6 +41,7 @@ cert kube-scheduler "/CN=system:kube-scheduler" clientAuth
 cert kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
 cert kubelet-serving "/O=system:nodes/CN=system:node:$NODE_NAME" serverAuth "IP:$node_ip,DNS:$NODE_NAME"
 cert kwok "/O=system:masters/CN=evalrun-kwok" clientAuth
+cert kube-router "/O=system:masters/CN=evalrun-kube-router" clientAuth
 
 if [[ ! -f sa.key ]]; then
   newkey sa.key
@@ -71,6 +72,6 @@ current-context: evalrun
 KUBECONFIG
   chmod 600 "$file.tmp" && mv "$file.tmp" "$file"
 }
-for u in admin kube-controller-manager kube-scheduler kubelet kwok; do
+for u in admin kube-controller-manager kube-scheduler kubelet kwok kube-router; do
   [[ -f $u.kubeconfig ]] || kubeconfig "$u.kubeconfig" "$u"
 done

@@ -20,6 +20,7 @@ ensure_packages() {
     || missing+=(containernetworking-plugins)
   command -v openssl >/dev/null || missing+=(openssl)
   command -v iptables >/dev/null || missing+=(iptables)
+  command -v ipset >/dev/null || missing+=(ipset)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v curl >/dev/null || missing+=(curl)
   command -v python3 >/dev/null || missing+=(python3)
@@ -230,6 +231,22 @@ start_node() {
     kc wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s
 }
 
+# kube-router as the NetworkPolicy engine only (no routing, no service proxy, no
+# CNI): it turns policies into iptables/ipset rules for this node's pods, whose
+# bridged traffic passes iptables because bridge-nf-call-iptables is on.
+start_netpol() {
+  [[ $(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null) == 1 ]] \
+    || echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables \
+    || die "cannot enable net.bridge.bridge-nf-call-iptables (NetworkPolicy enforcement needs it)"
+  start_component kube-router "$KUBE_ROUTER_BIN/kube-router" \
+    --kubeconfig "$PKI/kube-router.kubeconfig" \
+    --hostname-override "$NODE_NAME" \
+    --run-firewall=true --run-router=false --run-service-proxy=false --enable-cni=false \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --health-port 20244 --metrics-port 0
+  wait_for kube-router 60 "kube-router /healthz" curl -fsS http://127.0.0.1:20244/healthz
+}
+
 kwok_nodes_ready() {
   local ready
   ready=$(kc get nodes -l type=kwok \
@@ -274,11 +291,13 @@ main() {
   write_configs "$ip"
   start_control_plane
   start_node "$ip"
+  start_netpol
   start_kwok "$ip"
   cat >"$STATE/cluster.env" <<ENV
 KUBECONFIG=$KUBECONFIG_PATH
 KUBECTL=$KUBECTL
 HELM=$HELM_BIN/helm
+KUBE_ROUTER=$KUBE_ROUTER_BIN/kube-router
 COSIGN=$COSIGN_BIN/cosign
 REGISTRY=$REGISTRY
 NODE_NAME=$NODE_NAME

@@ -4,7 +4,9 @@
 //	probe sleep SECONDS     sleep, then exit 0
 //	probe echo WORDS...     print WORDS
 //	probe dmesg             print the kernel log (syslog(2) READ_ALL); under gVisor it starts "Starting gVisor..."
-//	probe connect HOST:PORT try a TCP connection; print "connected" (exit 0) or the error (exit 1)
+//	probe connect HOST:PORT [RETRY_SECONDS]
+//	                        try a TCP connection (5s timeout), retrying for up to RETRY_SECONDS;
+//	                        print "connected" (exit 0) or the last error (exit 1)
 //	probe serve ADDR        accept TCP connections on ADDR and answer "ok"
 //	probe cat FILE          print FILE
 package main
@@ -50,16 +52,30 @@ func main() {
 		}
 		os.Stdout.Write(buf[:n])
 	case "connect":
-		if len(args) != 1 {
-			fail("usage: probe connect HOST:PORT")
+		if len(args) < 1 || len(args) > 2 {
+			fail("usage: probe connect HOST:PORT [RETRY_SECONDS]")
 		}
-		conn, err := net.DialTimeout("tcp", args[0], 5*time.Second)
-		if err != nil {
-			fmt.Println("connect failed:", err)
-			os.Exit(1)
+		deadline := time.Now()
+		if len(args) == 2 {
+			secs, err := strconv.ParseFloat(args[1], 64)
+			if err != nil {
+				fail("connect: " + err.Error())
+			}
+			deadline = deadline.Add(time.Duration(secs * float64(time.Second)))
 		}
-		conn.Close()
-		fmt.Println("connected")
+		for {
+			conn, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+			if err == nil {
+				conn.Close()
+				fmt.Println("connected")
+				return
+			}
+			if time.Now().After(deadline) {
+				fmt.Println("connect failed:", err)
+				os.Exit(1)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
 	case "serve":
 		if len(args) != 1 {
 			fail("usage: probe serve ADDR")
