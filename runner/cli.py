@@ -183,27 +183,64 @@ def _signer(args: argparse.Namespace, settings: Settings, term: Terminal) -> Any
     return load_signer(key)
 
 
+def _make_backend(args: argparse.Namespace) -> Any:
+    if args.backend == "docker":
+        from runner.backends.docker import DockerBackend
+
+        return DockerBackend()
+    from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
+
+    return KubernetesBackend(
+        ClusterTarget(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace),
+        unschedulable_grace_s=args.stuck_after,
+        image_pull_grace_s=args.stuck_after,
+    )
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    p.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    p.add_argument(
+        "--stuck-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="kubernetes: fail a pod that stays Unschedulable or in image-pull backoff this "
+        "long (default 60)",
+    )
+    p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
+
+
+def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.sweep import load_matrix, run_sweep, summary_rows, summary_table, sweep_exit_code
+
+    cells = load_matrix(args.matrix)
+    term(f"sweep: {len(cells)} cells, at most {args.parallel} at once, backend {args.backend}")
+    results = run_sweep(
+        args.spec,
+        cells,
+        _make_backend(args),
+        _signer(args, settings, term),
+        settings,
+        parallel=args.parallel,
+        progress=term,
+    )
+    if args.json:
+        _emit_json({"cells": summary_rows(results), "exit_code": sweep_exit_code(results)})
+    else:
+        print(summary_table(results))
+    return sweep_exit_code(results)
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.launch import run_evaluation
     from runner.report import metric_table
     from runner.signing import load_verifier
     from runner.verify import verify_bundle
 
-    backend: Any
-    if args.backend == "docker":
-        from runner.backends.docker import DockerBackend
-
-        backend = DockerBackend()
-    else:
-        from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
-
-        backend = KubernetesBackend(
-            ClusterTarget(
-                kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace
-            ),
-            unschedulable_grace_s=args.stuck_after,
-            image_pull_grace_s=args.stuck_after,
-        )
+    backend = _make_backend(args)
     signer = _signer(args, settings, term)
     outcome = run_evaluation(args.spec, backend, signer, settings, rerun=args.rerun, progress=term)
     public = args.pub or (settings.default_public_key if args.key is None else None)
@@ -352,22 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
     p.add_argument("spec", type=Path)
-    p.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
     p.add_argument("--rerun", action="store_true", help="start a new attempt even if one exists")
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
-    p.add_argument("--context", help="kubeconfig context (default: the current one)")
-    p.add_argument("-n", "--namespace", help="namespace (default: the context's)")
-    p.add_argument(
-        "--stuck-after",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="kubernetes: fail a pod that stays Unschedulable or in image-pull "
-        "backoff this long (default 60)",
-    )
-    p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
+    _add_backend_args(p)
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="run a locked spec over a matrix (seeds, params, models, datasets)",
+    )
+    p.add_argument("spec", type=Path)
+    p.add_argument("--matrix", type=Path, required=True, help="YAML: axis → list of values")
+    p.add_argument("--parallel", type=int, default=4, help="runs in flight at once")
+    _add_backend_args(p)
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("verify", parents=[common], help="verify a bundle offline")
     p.add_argument("bundle", type=Path, help="bundle directory or .tar")

@@ -269,3 +269,19 @@ def test_build_check_reproduces_the_rootfs_digest(cli, locked_example, tier):
     code, out = cli.json("build", str(locked_example / "eval.yaml"), "--check")
     assert code == 0, out
     assert out["rootfs_identical"] is True
+
+
+def test_sweep_runs_every_cell_with_its_own_bundle(vcli, locked_example, tmp_path):
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text("seed: [11, 12]\nparams.crash: [false, true]\n")
+    code, out = vcli.json("sweep", str(locked_example / "eval.yaml"), "--matrix", str(matrix),
+                          "--parallel", "2")
+    assert code == 6, out  # the crashing cells fail, the sweep reports the worst
+    cells = out["cells"]
+    assert len(cells) == 4
+    assert sorted(c["outcome"] for c in cells) == ["evaluation_failed", "evaluation_failed",
+                                                   "passed", "passed"]
+    assert len({c["run_id"] for c in cells}) == 4
+    for c in cells:
+        proc = vcli("verify", c["bundle"], "--key", str(vcli.pub))
+        assert proc.returncode == 0
