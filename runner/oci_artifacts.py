@@ -34,6 +34,7 @@ from runner.errors import (
     InputError,
     IntegrityError,
     TransientInfrastructureError,
+    VerificationFailed,
 )
 from runner.history import read_predicate
 from runner.registry import ImageName, _scheme
@@ -468,8 +469,21 @@ def pull_bundle(
             )
         progress(f"{len(attached)} bundle(s) attached to {reference}")
         pulled: list[PulledBundle] = []
+        refused: list[str] = []
         for entry in attached:
-            pulled += pull_bundle(f"{name}@{entry['digest']}", store, verifier, progress=progress)
+            ref = f"{name}@{entry['digest']}"
+            try:
+                pulled += pull_bundle(ref, store, verifier, progress=progress)
+            except IntegrityError as exc:
+                # anyone with push rights can attach a bundle: keep only what this key signed
+                refused.append(f"{ref}: {exc.message}")
+                progress(f"skipped {ref}: {exc.message}")
+        if not pulled:
+            raise VerificationFailed(
+                "no bundle attached to the image verifies with this key",
+                problems=refused,
+                bundle=reference,
+            )
         return pulled
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix="stage-", dir=store.tmp_dir))
