@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import re
 import sqlite3
@@ -558,6 +559,14 @@ class LocatedBundle:
     source: str
 
 
+def _statement_digest(bundle: Path) -> str | None:
+    """The bundle digest (sha256 of statement.json), or None if it cannot be read."""
+    try:
+        return "sha256:" + hashlib.sha256((bundle / STATEMENT_NAME).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def locate_bundle(ref: str, store: Store, scratch: Path | None = None) -> LocatedBundle:
     """Find the bundle named by ``ref``: a bundle directory or ``.tar``, or a run in the store.
 
@@ -566,13 +575,13 @@ def locate_bundle(ref: str, store: Store, scratch: Path | None = None) -> Locate
     """
     path = Path(ref).expanduser()
     if path.is_dir():
-        return LocatedBundle(path=path, digest=None, source=f"directory {path}")
+        return LocatedBundle(path=path, digest=_statement_digest(path), source=f"directory {path}")
     if path.is_file():
         if scratch is None:
             raise InputError("a bundle .tar needs a scratch directory to be read", file=str(path))
         dest = scratch / "bundle"
         extract_bundle_tar(path, dest)
-        return LocatedBundle(path=dest, digest=None, source=f"tar {path}")
+        return LocatedBundle(path=dest, digest=_statement_digest(dest), source=f"tar {path}")
     record = History(store).lookup(ref)
     return LocatedBundle(path=record.path, digest=record.bundle_digest, source="store")
 
