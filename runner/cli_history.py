@@ -152,6 +152,7 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
         since=args.since,
         until=args.until,
         kind=None if args.all else ("audit" if args.audits else "run"),
+        reproduction_of=args.reproduces,
         limit=args.limit,
     )
     records = History(Store(settings.home)).query(flt)
@@ -163,8 +164,9 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
 
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.history import read_predicate
+    from runner.history import History, RunFilter, read_predicate
     from runner.report import metric_table
+    from runner.store import Store
 
     with _bundle_for(args.run, settings, args, term) as (bundle, digest):
         if args.json:
@@ -183,6 +185,14 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> i
         if predicate.get("kind", "run") == "run":
             print()
             print(metric_table(predicate))
+            reruns = History(Store(settings.home)).query(
+                RunFilter(reproduction_of=str(predicate.get("run_id")))
+            )
+            if reruns:
+                print()
+                print("re-run as:")
+                for r in reruns:
+                    print(f"  {r.run_id}  {r.reproduction_verdict}  {r.started}")
     return 0
 
 
@@ -459,6 +469,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--since", metavar="DATE", help="started on or after (YYYY-MM-DD or ISO)")
     p.add_argument("--until", metavar="DATE", help="started on or before")
     p.add_argument("--limit", type=int, help="only the newest N")
+    p.add_argument("--reproduces", metavar="RUN_ID", help="only re-runs of this run")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--audits", action="store_true", help="list audit reports instead")
     group.add_argument("--all", action="store_true", help="runs and audit reports")
