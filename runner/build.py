@@ -74,7 +74,8 @@ AGENT_FILES = (
 WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "any")
 IMAGE_PYTHON = "3.11"
 BUILD_EPOCH = 1735689600
-OCI_TAG = "oci1"  # bump when the assembly changes, so old tags are not reused
+OCI_TAG = "oci2"  # bump when the assembly changes, so old tags are not reused
+PACKAGES_ANNOTATION = "org.evalrun.base.packages"
 
 
 def _noop(_: str) -> None:
@@ -195,11 +196,15 @@ def assemble_base(recipe: BaseRecipe, rootfs_tar: Path, workdir: Path) -> BaseIm
             "org.evalrun.base.suite": recipe.suite,
             "org.evalrun.base.mirror": recipe.mirror,
             "org.evalrun.base.source-date-epoch": str(recipe.source_date_epoch),
-            "org.evalrun.base.packages": json.dumps(packages, sort_keys=True),
         },
     }
     history = [f"evalrun base {recipe.name}: mmdebstrap --variant={recipe.variant} {recipe.suite}"]
-    image = oci.assemble([layer], config, recipe.source_date_epoch, history)
+    # The package list is a manifest annotation, not a label: labels are copied onto
+    # containers, and containerd refuses labels over 4 KiB.
+    annotations = {PACKAGES_ANNOTATION: json.dumps(packages, sort_keys=True)}
+    image = oci.assemble(
+        [layer], config, recipe.source_date_epoch, history, annotations=annotations
+    )
     return BaseImage(image=image, packages=packages)
 
 
@@ -209,8 +214,7 @@ def _locked_base_from_registry(
     """What the lock records of a pushed base image, read back from its manifest and config."""
     name = registry.ImageName.parse(repo)
     manifest = json.loads(registry.get_manifest_bytes(name, digest))
-    config = json.loads(registry.get_blob_bytes(name, manifest["config"]["digest"]))
-    labels = (config.get("config") or {}).get("Labels") or {}
+    annotations = manifest.get("annotations") or {}
     return LockedBase(
         ref=f"{repo}@{digest}",
         recipe=recipe.name,
@@ -219,7 +223,7 @@ def _locked_base_from_registry(
         mirror=recipe.mirror,
         source_date_epoch=recipe.source_date_epoch,
         layer_digest=manifest["layers"][0]["digest"],
-        packages=json.loads(labels.get("org.evalrun.base.packages", "{}")),
+        packages=json.loads(annotations.get(PACKAGES_ANNOTATION, "{}")),
     )
 
 

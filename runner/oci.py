@@ -189,14 +189,18 @@ def image_config(
     return canonical_json(doc)
 
 
-def image_manifest(config: bytes, layers: list[Blob]) -> bytes:
-    """An OCI image manifest over a config and uncompressed layers; canonical JSON bytes."""
-    doc = {
+def image_manifest(
+    config: bytes, layers: list[Blob], annotations: Mapping[str, str] | None = None
+) -> bytes:
+    """An OCI image manifest over a config and its layers; canonical JSON bytes."""
+    doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
         "layers": [layer.descriptor() for layer in layers],
     }
+    if annotations:
+        doc["annotations"] = dict(annotations)
     return canonical_json(doc)
 
 
@@ -223,6 +227,7 @@ def assemble(
     epoch: int,
     history: list[str],
     diff_ids: list[str] | None = None,
+    annotations: Mapping[str, str] | None = None,
 ) -> AssembledImage:
     """Config + manifest over ``layers``; ``diff_ids`` only where a layer is compressed."""
     cfg = image_config(
@@ -231,7 +236,9 @@ def assemble(
         epoch=epoch,
         history=history,
     )
-    return AssembledImage(layers=layers, config=cfg, manifest=image_manifest(cfg, layers))
+    return AssembledImage(
+        layers=layers, config=cfg, manifest=image_manifest(cfg, layers, annotations)
+    )
 
 
 # OCI equivalents of Docker's layer media types (same bytes, same digest).
