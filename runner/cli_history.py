@@ -221,12 +221,31 @@ def cmd_runs_reindex(args: argparse.Namespace, settings: Settings, term: Term) -
 
 def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.report import metric_table
-    from runner.rerun import load_original, rerun
+    from runner.rerun import load_original, prepare, rerun
 
     verifier = _verifier(args, settings)
     with _bundle_for(args.ref, settings, args, term) as (bundle, _):
         original = load_original(bundle, verifier)
         term(f"original {original.run_id} verified (keyid {original.keyid[:16]}…)")
+        if args.check:
+            inputs = prepare(original, settings, search_dirs=args.inputs or [], progress=term)
+            located = {f"{w.role} {w.name}": str(path) for w, path in inputs.items()}
+            summary = {
+                "original": original.run_id,
+                "original_bundle": original.digest,
+                "image": original.lock.image.ref,
+                "inputs": located,
+                "notes": list(original.notes),
+                "ready": True,
+            }
+            if args.json:
+                _emit_json(summary)
+            else:
+                print(f"{original.run_id}: ready to re-run (nothing was started)")
+                for label, path in located.items():
+                    print(f"  {label}: {path}")
+                print(f"  image: {original.lock.image.ref}")
+            return 0
         result = rerun(
             original,
             _backend(args),
@@ -486,6 +505,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="re-run a past evaluation by run id, bundle, image digest or registry ref",
     )
     p.add_argument("ref", help="run id | bundle digest | BUNDLE_PATH | IMAGE_DIGEST | registry ref")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="verify, resolve every input and check the image, but start nothing",
+    )
     p.set_defaults(fn=cmd_rerun)
 
     p = sub.add_parser("diff", parents=[common, keys], help="what differs between two runs")

@@ -420,6 +420,27 @@ def import_into_store(bundle: Path, store: Store) -> None:
         store.put(target)
 
 
+def prepare(
+    original: Original,
+    settings: Settings,
+    *,
+    search_dirs: Sequence[Path] = (),
+    progress: Progress = lambda _: None,
+) -> dict[WantedInput, Path]:
+    """Everything a re-run needs, checked: each input by sha256, the image in its registry.
+
+    Raises InputsUnavailable or ImageUnavailable (exit 3); starts nothing.
+    """
+    for note in original.notes:
+        progress(f"note: {note}")
+    resolver = InputResolver(settings, [*search_dirs, *search_dirs_from_env()])
+    inputs = resolve_inputs(original, resolver)
+    progress(f"all {len(inputs)} inputs resolved to their pinned digests")
+    check_image_available(original.lock)
+    progress(f"image {original.lock.image.ref.split('@')[1][:19]}… is in the registry")
+    return inputs
+
+
 def rerun(
     original: Original,
     backend: Backend,
@@ -432,12 +453,7 @@ def rerun(
 ) -> RerunResult:
     """Re-run a verified original run; the new bundle is signed and stored."""
     store = Store(settings.home)
-    for note in original.notes:
-        progress(f"note: {note}")
-    resolver = InputResolver(settings, [*search_dirs, *search_dirs_from_env()])
-    inputs = resolve_inputs(original, resolver)
-    progress(f"all {len(inputs)} inputs resolved to their pinned digests")
-    check_image_available(original.lock)
+    inputs = prepare(original, settings, search_dirs=search_dirs, progress=progress)
     # the original must be in the store, so the new attempt gets a new run id
     if not store.bundle_path(original.digest).is_dir():
         progress(f"importing the original bundle {original.digest[:19]}… into the store")
@@ -502,6 +518,7 @@ __all__ = [
     "failure_category",
     "judge_reproduction",
     "load_original",
+    "prepare",
     "rerun",
     "resolve_inputs",
 ]

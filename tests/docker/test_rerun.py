@@ -48,6 +48,9 @@ def test_rerun_by_run_id_is_identical_and_linked(cli, locked_example, original, 
     assert out["run_id"] in {r["run_id"] for r in linked}
 
     # the inputs are now cached by sha256: a re-run needs no --inputs any more
+    code, ready = cli.json("rerun", original["run_id"], "--check")
+    assert code == 0 and ready["ready"] is True, ready
+    assert all("/inputs/sha256/" in path for path in ready["inputs"].values())
     code, again = cli.json("rerun", out["bundle_digest"].split(":")[1][:16])
     assert code == 0 and again["verdict"] == "identical", again
 
