@@ -40,7 +40,7 @@ from runner.registry import ImageName, manifest_exists
 from runner.settings import Settings
 from runner.signing import Signer, Verifier
 from runner.spec import EvalSpec, LockedSpec, load_lock, load_spec, parse_digest_ref
-from runner.store import Store
+from runner.store import Store, StoreConflict
 from runner.verify import verify_bundle
 
 Progress = Callable[[str], None]
@@ -457,7 +457,11 @@ def rerun(
     # the original must be in the store, so the new attempt gets a new run id
     if not store.bundle_path(original.digest).is_dir():
         progress(f"importing the original bundle {original.digest[:19]}… into the store")
-        import_into_store(original.path, store)
+        try:
+            import_into_store(original.path, store)
+        except StoreConflict:
+            # the same lock already ran here as this attempt: its run id is taken either way
+            progress(f"run id {original.run_id} is already stored here as another bundle")
     reproduction_of = {
         "run_id": original.run_id,
         "bundle_digest": original.digest,
