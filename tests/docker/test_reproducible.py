@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import docker
@@ -84,3 +85,29 @@ def test_check_names_the_wheel_that_changed(cli, locked_example, tmp_path):
     proc = cli("build", "--check", "--cached-base", str(dest / "eval.yaml"))
     assert proc.returncode == 3
     assert "numpy-2.2.5.dist-info" in proc.stdout and "DIFFERS" in proc.stdout
+
+
+def test_containerd_pulls_and_runs_the_image_with_the_same_rootfs(locked_example):
+    """The Kubernetes runtime (containerd) takes the uncompressed OCI layers too."""
+    sock = "/run/docker/containerd/containerd.sock"
+    if shutil.which("ctr") is None or not Path(sock).exists():
+        pytest.fail("containerd (ctr, dockerd's containerd socket) is part of the docker tier")
+    lock = _lock(locked_example)
+    ref = lock["image"]["ref"]
+    ctr = ["ctr", "-a", sock, "-n", "evalrun-test-oci"]
+    try:
+        pull = subprocess.run([*ctr, "images", "pull", "--plain-http", ref],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert pull.returncode == 0, pull.stderr
+        run = subprocess.run([*ctr, "run", "--rm", ref, "evalrun-oci-probe",
+                              "python3", "-m", "runner.agent", "rootfs-digest"],
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout.splitlines()[-1])["rootfs_digest"] == lock["image"][
+            "rootfs_digest"]
+    finally:
+        subprocess.run([*ctr, "images", "rm", ref], capture_output=True, check=False)
+        blobs = subprocess.run([*ctr, "content", "ls", "-q"], capture_output=True, text=True,
+                               check=False).stdout.split()
+        if blobs:
+            subprocess.run([*ctr, "content", "rm", *blobs], capture_output=True, check=False)

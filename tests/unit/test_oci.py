@@ -218,3 +218,25 @@ def test_package_drift_names_each_moved_package():
         {"package": "gone", "expected": "2", "found": None},
         {"package": "new", "expected": None, "found": "3"},
     ]
+
+
+def test_base_image_keeps_labels_small_and_packages_in_an_annotation(tmp_path):
+    from runner.build import PACKAGES_ANNOTATION, BaseRecipe, assemble_base
+
+    status = "\n\n".join(
+        f"Package: pkg{i}\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1.{i}"
+        for i in range(400)
+    )
+    rootfs = tmp_path / "rootfs.tar"
+    rootfs.write_bytes(_tar([{"name": "./var/lib/dpkg/status", "data": status.encode()}]).read())
+    recipe = BaseRecipe(name="r", suite="bookworm", mirror="http://deb.debian.org/debian",
+                        source_date_epoch=EPOCH)
+    base = assemble_base(recipe, rootfs, tmp_path)
+    labels = json.loads(base.image.config)["config"]["Labels"]
+    # containerd copies image labels onto containers and refuses any over 4 KiB
+    assert all(len(k) + len(v) < 4096 for k, v in labels.items())
+    annotations = json.loads(base.image.manifest)["annotations"]
+    assert json.loads(annotations[PACKAGES_ANNOTATION])["pkg399:amd64"] == "1.399"
+    assert base.packages["pkg0:amd64"] == "1.0"
+    again = assemble_base(recipe, rootfs, tmp_path / "again")
+    assert again.image.digest == base.image.digest
