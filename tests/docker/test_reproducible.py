@@ -68,6 +68,9 @@ def test_check_names_the_wheel_that_changed(cli, locked_example, tmp_path):
     lock = _lock(dest)
     (other,) = [w for w in resolve_wheels(["numpy==2.2.5"], Settings()) if w.name == "numpy"]
     lock["wheels"] = [other.model_dump(mode="json")]
+    # as if the mirror had moved on since the lock: the report names the package
+    installed_bash = lock["base"]["packages"]["bash:amd64"]
+    lock["base"]["packages"]["bash:amd64"] = "5.0-1"
     (dest / "eval.lock.json").write_text(json.dumps(lock, indent=2))
 
     code, report = cli.json("build", "--check", "--cached-base", str(dest / "eval.yaml"))
@@ -80,11 +83,14 @@ def test_check_names_the_wheel_that_changed(cli, locked_example, tmp_path):
     assert ("changed", "/opt/evalrun/requirements.lock.txt") in changes
     assert {d["field"] for d in report["config"]} == {"config.Labels.org.evalrun.inputs"}
     assert report["rootfs_identical"] is False
+    assert report["package_drift"] == [
+        {"package": "bash:amd64", "expected": "5.0-1", "found": installed_bash}]
     assert _lock(dest)["image"]["reproducibility"]["result"] == "differs"
 
     proc = cli("build", "--check", "--cached-base", str(dest / "eval.yaml"))
     assert proc.returncode == 3
     assert "numpy-2.2.5.dist-info" in proc.stdout and "DIFFERS" in proc.stdout
+    assert f"bash:amd64: 5.0-1 → {installed_bash}" in proc.stdout
 
 
 def test_containerd_pulls_and_runs_the_image_with_the_same_rootfs(locked_example):
