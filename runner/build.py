@@ -120,14 +120,25 @@ def load_recipe(name: str, images_dir: Path = IMAGES_DIR) -> tuple[BaseRecipe, s
 
 
 def push_image(
-    repo: str, tag: str, image: oci.AssembledImage, *, mount_from: Iterable[str] = ()
+    repo: str, tag: str, image: oci.AssembledImage, *, base_repo: str | None = None
 ) -> str:
     """Push an assembled image through the registry HTTP API; returns its manifest digest.
 
-    The digest is computed here from the bytes we wrote; the registry must agree.
+    Layers without a local file are the base image's: mounted from ``base_repo``
+    when it is on the same registry, else copied from there. The digest is
+    computed here from the bytes we wrote; the registry must agree.
     """
     name = registry.ImageName.parse(repo)
+    source = registry.ImageName.parse(base_repo) if base_repo else None
+    mount_from = [source.repository] if source and source.registry == name.registry else []
     for layer in image.layers:
+        if layer.path is None and source is not None and not mount_from:
+            if not registry.blob_exists(name, layer.digest):
+                with tempfile.TemporaryDirectory(prefix="evalrun-blob-") as tmp:
+                    copy = Path(tmp) / "blob"
+                    registry.get_blob(source, layer.digest, copy)
+                    registry.push_blob(name, layer.digest, layer.size, copy)
+            continue
         registry.push_blob(name, layer.digest, layer.size, layer.path, mount_from=mount_from)
     registry.put_blob_bytes(name, image.config_digest, image.config)
     reported = registry.put_manifest(name, tag, image.manifest, oci.OCI_MANIFEST)
@@ -704,11 +715,8 @@ def build_image(
         build_tag = f"{repo}:build-{inputs_digest[:24]}{tag_suffix}"
         _docker_build(client, context, build_tag, nocache, progress)
         image = assemble_from_build(client, build_tag, inputs.base.ref, work, progress)
-        base_repo = parse_digest_ref(inputs.base.ref)[0]
         progress(f"pushing {repo}:{tag} ({image.digest})")
-        digest = push_image(
-            repo, tag, image, mount_from=[registry.ImageName.parse(base_repo).repository]
-        )
+        digest = push_image(repo, tag, image, base_repo=parse_digest_ref(inputs.base.ref)[0])
     ref = f"{repo}@{digest}"
     rootfs = ""
     if measure:
