@@ -1,10 +1,14 @@
 """Lock, render and build: every input resolved to a digest, images built hermetically.
 
-Flow: the base image comes from a recipe (mmdebstrap, reproducible tar, imported
-and pushed) or a digest reference; wheels are downloaded on the host with their
-hashes; the Dockerfile template is rendered with StrictUndefined; the build runs
-with no network and installs only the hashed wheels; the result is pushed and
-recorded by its **manifest digest** plus a **rootfs content digest**.
+Flow: the base image comes from a recipe (mmdebstrap, reproducible tar, assembled
+by :mod:`runner.oci` and pushed over the registry HTTP API) or a digest reference;
+wheels are downloaded on the host with their hashes; the Dockerfile template is
+rendered with StrictUndefined; Docker runs the build with no network, installing
+only the hashed wheels; evalrun then re-writes the layers Docker added and the
+config deterministically and pushes them itself, so the **manifest digest** is a
+pure function of the locked inputs. The engine pulls the image by that digest and
+the **rootfs content digest** is measured on it. ``check_reproducible`` rebuilds
+from nothing and diffs (see docs/reproducible-images.md).
 """
 
 from __future__ import annotations
