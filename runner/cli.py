@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import cli_history
-from runner.errors import EvalrunError, Interrupted
+from runner.errors import EvalrunError, InputError, Interrupted
 from runner.settings import Settings
 
 log = logging.getLogger("evalrun")
@@ -194,7 +194,18 @@ def _make_backend(args: argparse.Namespace) -> Any:
         ClusterTarget(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace),
         unschedulable_grace_s=args.stuck_after,
         image_pull_grace_s=args.stuck_after,
+        extra_tolerations=tuple(_toleration(t) for t in args.tolerate),
     )
+
+
+def _toleration(text: str) -> tuple[str, str]:
+    key, _, effect = text.partition(":")
+    if not key or effect not in ("NoSchedule", "NoExecute", "PreferNoSchedule"):
+        raise InputError(
+            f"--tolerate {text!r}: expected KEY:EFFECT (EFFECT NoSchedule, NoExecute or "
+            "PreferNoSchedule)"
+        )
+    return key, effect
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -209,6 +220,13 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="kubernetes: fail a pod that stays Unschedulable or in image-pull backoff this "
         "long (default 60)",
+    )
+    p.add_argument(
+        "--tolerate",
+        action="append",
+        default=[],
+        metavar="KEY:EFFECT",
+        help="kubernetes: also tolerate this node taint (cluster-specific; repeatable)",
     )
     p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
 

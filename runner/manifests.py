@@ -45,6 +45,8 @@ class JobOptions:
     namespace: str
     ttl_after_finished_s: int = 600
     image_pull_policy: str = "IfNotPresent"
+    # Cluster-specific taints to tolerate (set by the operator, never by a spec).
+    extra_tolerations: tuple[tuple[str, str], ...] = ()
 
 
 def _version() -> str:
@@ -213,6 +215,10 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
         pod_spec["tolerations"] = [
             {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
         ]
+    for key, effect in options.extra_tolerations:
+        pod_spec.setdefault("tolerations", []).append(
+            {"key": key, "operator": "Exists", "effect": effect}
+        )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

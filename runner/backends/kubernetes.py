@@ -349,8 +349,10 @@ class KubernetesBackend:
         *,
         unschedulable_grace_s: float = 60.0,
         image_pull_grace_s: float = 60.0,
+        extra_tolerations: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.target = target
+        self.extra_tolerations = extra_tolerations
         self._api: k8s.ApiClient | None = None
         self._namespace: str | None = None
         self.grace = {"unschedulable": unschedulable_grace_s, "image_pull": image_pull_grace_s}
@@ -386,7 +388,9 @@ class KubernetesBackend:
     def submit(self, plan: RunPlan, options: JobOptions | None = None) -> str:
         """Create (or attach to) the ConfigMap and Job of ``plan``; returns the Job name."""
         api, namespace = self._connect()
-        options = options or JobOptions(namespace=namespace)
+        options = options or JobOptions(
+            namespace=namespace, extra_tolerations=self.extra_tolerations
+        )
         inputs = {i.name: i.host_path.read_bytes() for i in plan.inputs}
         import json
 
