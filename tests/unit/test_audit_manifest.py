@@ -24,6 +24,20 @@ def test_cronjob_never_retries_or_overlaps_an_audit() -> None:
     assert len(cron["schedule"].split()) == 5
 
 
+def test_audit_pod_uses_the_runner_account_and_may_only_reach_api_and_registry() -> None:
+    all_docs = docs()
+    pod = all_docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    runner = yaml.safe_load_all((MANIFEST.parent / "evalrun.yaml").read_text())
+    accounts = {d["metadata"]["name"] for d in runner if d and d["kind"] == "ServiceAccount"}
+    assert pod["serviceAccountName"] in accounts
+    policy = all_docs["NetworkPolicy"]["spec"]
+    labels = all_docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    assert ports == {53, 443, 6443, 5000}
+    assert policy["ingress"] == []
+
+
 def test_audit_pod_meets_pod_security_restricted() -> None:
     pod = docs()["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
