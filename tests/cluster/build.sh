@@ -46,13 +46,18 @@ new_wrapper() {
   echo "$upstream"
 }
 
-# have DIR BINARY...: all BINARYs are built in DIR. Takes DIR's build lock first, so
-# concurrent up.sh runs wait for one build instead of racing it.
+# have DIR BINARY...: all BINARYs are built in DIR. The first call for a DIR takes
+# its build lock (held until exit), so concurrent builds of one component wait
+# for each other instead of racing.
+declare -A LOCKED=()
 have() {
-  local d=$1; shift
-  mkdir -p "$d"
-  exec {lockfd}>"$d.lock"
-  flock "$lockfd"
+  local d=$1 fd; shift
+  if [[ -z ${LOCKED[$d]:-} ]]; then
+    mkdir -p "$d"
+    exec {fd}>"$d.lock"
+    flock "$fd"
+    LOCKED[$d]=$fd
+  fi
   for b in "$@"; do [[ -x $d/bin/$b ]] || return 1; done
 }
 

@@ -7,6 +7,7 @@ set -euo pipefail
 
 action=${1:?usage: component.sh start|stop|restart|status NAME}
 name=${2:?usage: component.sh start|stop|restart|status NAME}
+[[ $action == status ]] || cluster_lock
 [[ -f $RUN/$name.cmd ]] || die "$name was never started by up.sh (no $RUN/$name.cmd)"
 
 case $action in

@@ -5,10 +5,29 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+cluster_lock
 if [[ ! -d $STATE ]]; then
   log "no cluster state at $STATE; nothing to do"
   exit 0
 fi
+
+# kube-router's iptables chains and ipsets (its --cleanup-config in v2.1.0 skips
+# the filter table when no controller is running).
+remove_netpol_rules() {
+  local rule chain chains
+  iptables-save -t filter | grep -E '^-A (INPUT|FORWARD|OUTPUT) .*-j KUBE-(ROUTER|NWPLCY|POD-FW)' \
+    | sed 's/^-A /-D /' | while read -r rule; do
+      eval "iptables -t filter $rule" || log "could not remove iptables rule: $rule"
+    done
+  chains=$(iptables-save -t filter | sed -n 's/^:\(KUBE-\(ROUTER\|NWPLCY\|POD-FW\)[^ ]*\) .*/\1/p')
+  for chain in $chains; do iptables -t filter -F "$chain"; done
+  for chain in $chains; do iptables -t filter -X "$chain" || log "could not delete chain $chain"; done
+  if command -v ipset >/dev/null; then
+    for set in $(ipset list -n | grep -E '^KUBE-(DST|SRC|ROUTER|NWPLCY)' || true); do
+      ipset destroy "$set" 2>/dev/null || log "could not destroy ipset $set"
+    done
+  fi
+}
 
 ctr_k8s() { ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
 
@@ -38,11 +57,7 @@ for ((c = ${#COMPONENTS[@]} - 1; c >= 0; c--)); do
     done
   fi
   stop_component "$name"
-  if [[ $name == kube-router && -f $RUN/kube-router.cmd && -x $KUBE_ROUTER_BIN/kube-router ]]; then
-    # Remove the iptables chains and ipsets it programmed for NetworkPolicies.
-    "$KUBE_ROUTER_BIN/kube-router" --cleanup-config --run-router=false --run-service-proxy=false \
-      >>"$LOGS/kube-router.log" 2>&1 || log "kube-router --cleanup-config failed (see its log)"
-  fi
+  if [[ $name == kube-router ]]; then remove_netpol_rules; fi
 done
 
 # Shims outlive containerd by design; ours carry our containerd's socket address.

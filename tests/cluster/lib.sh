@@ -45,6 +45,16 @@ CONTAINERD_SOCK=$STATE/containerd/containerd.sock
 # Start order; down.sh stops in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-router kwok)
 
+# Serialise up.sh, down.sh and component.sh start/stop: pytest sessions may call
+# up.sh at the same time, and two racing starts would leave untracked processes.
+# The lock fd is closed in every component we launch (see launch_component), or
+# the daemons would hold the lock for as long as they live.
+cluster_lock() {
+  mkdir -p "$(dirname "$STATE")"
+  exec {CLUSTER_LOCK_FD}>"${STATE%/}.oplock"
+  flock "$CLUSTER_LOCK_FD"
+}
+
 kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 
 # running NAME: the pid in NAME's pid file is alive and still runs the binary we started.
@@ -87,7 +97,11 @@ start_component() {
 launch_component() {
   local name=$1
   echo "==== $(date -u +%FT%TZ) starting $name" >>"$LOGS/$name.log"
-  setsid bash "$RUN/$name.cmd" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  if [[ -n ${CLUSTER_LOCK_FD:-} ]]; then
+    setsid bash "$RUN/$name.cmd" >>"$LOGS/$name.log" 2>&1 </dev/null {CLUSTER_LOCK_FD}>&- &
+  else
+    setsid bash "$RUN/$name.cmd" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  fi
   echo $! >"$RUN/$name.pid"
   log "started $name (pid $!, log $LOGS/$name.log)"
 }

@@ -279,6 +279,7 @@ start_kwok() {
 }
 
 main() {
+  cluster_lock
   ensure_packages
   mkdir -p "$STATE" "$RUN" "$LOGS"
   bash "$CLUSTER_DIR/build.sh" || die "building cluster components failed"
