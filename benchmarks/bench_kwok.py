@@ -126,11 +126,12 @@ def main() -> None:
     try:
         make_namespace(api, ns_e)
         make_namespace(api, ns_k)
+        # kubectl first: its peak RSS is then the only one in RUSAGE_CHILDREN.
+        kc = kubectl_side(info, ns_k, args.runs)
         child = subprocess.run([sys.executable, __file__, "--side", "evalrun", "--runs",
                                 str(args.runs), "--parallel", str(args.parallel),
                                 "--namespace", ns_e], capture_output=True, text=True, check=True)
         ev = json.loads(child.stdout.strip().splitlines()[-1])
-        kc = kubectl_side(info, ns_k, args.runs)
     finally:
         for ns in (ns_e, ns_k):
             try:
