@@ -8,7 +8,7 @@ SPEC ?= examples/digits/eval.yaml
 PYTEST := $(VENV)/bin/pytest
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv host-up base-image run test test-unit test-docker test-k8s lint fmt bench \
+.PHONY: help venv host-up base-image run test test-deps test-unit test-docker test-k8s lint fmt bench \
         cluster-up cluster-down schema clean
 
 help:
@@ -41,10 +41,13 @@ run: venv host-up
 schema: venv
 	$(EVALRUN) schema > runner/schema/evaluation-v1.json
 
-test: venv host-up cluster-up
+test: venv host-up test-deps cluster-up
 	bash scripts/test.sh
 
-test-unit: venv
+test-deps:
+	bash scripts/test-deps.sh
+
+test-unit: venv test-deps
 	bash scripts/test.sh unit
 
 test-docker: venv host-up
@@ -62,10 +65,11 @@ fmt: venv
 	$(VENV)/bin/ruff format runner tests
 	$(VENV)/bin/ruff check --fix runner
 
-bench: venv host-up
+bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_run.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_bundle.py
+	$(PY) benchmarks/bench_kwok.py --runs 500
 
 cluster-up:
 	bash tests/cluster/up.sh
