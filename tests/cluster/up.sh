@@ -259,13 +259,17 @@ start_kwok() {
   local ip=$1
   bash "$CLUSTER_DIR/kwok-nodes.sh" "$KWOK_NODE_COUNT" >"$STATE/kwok/nodes.yaml"
   kc apply -f "$CLUSTER_DIR/manifests/runtimeclass-gvisor.yaml" >&2
-  kc apply -f "$STATE/kwok/nodes.yaml" >/dev/null || die "creating kwok nodes failed"
-  # Capacity lives in node status, which create ignores; kwok's node-initialize
-  # stage keeps an allocatable that is already there.
-  local res='{"cpu":"96","memory":"1843Gi","pods":"110","ephemeral-storage":"7Ti","nvidia.com/gpu":"8"}'
-  kc patch -f "$STATE/kwok/nodes.yaml" --subresource=status --type=merge \
-    -p "{\"status\":{\"capacity\":$res,\"allocatable\":$res}}" >/dev/null \
-    || die "setting kwok node GPU capacity failed"
+  local gpus
+  gpus=$(kc get nodes -l type=kwok -o jsonpath='{range .items[*]}{.status.allocatable.nvidia\.com/gpu}{"\n"}{end}')
+  if (($(grep -c '^8$' <<<"$gpus") != KWOK_NODE_COUNT)); then
+    kc apply -f "$STATE/kwok/nodes.yaml" >/dev/null || die "creating kwok nodes failed"
+    # Capacity lives in node status, which create ignores; kwok's node-initialize
+    # stage keeps an allocatable that is already there.
+    local res='{"cpu":"96","memory":"1843Gi","pods":"110","ephemeral-storage":"7Ti","nvidia.com/gpu":"8"}'
+    kc patch -f "$STATE/kwok/nodes.yaml" --subresource=status --type=merge \
+      -p "{\"status\":{\"capacity\":$res,\"allocatable\":$res}}" >/dev/null \
+      || die "setting kwok node GPU capacity failed"
+  fi
   local cfg=()
   for f in "$KWOK_BIN"/../stages/*.yaml; do cfg+=(--config "$(realpath "$f")"); done
   start_component kwok "$KWOK_BIN/kwok" "${cfg[@]}" \
