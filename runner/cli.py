@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -301,7 +302,16 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
     from runner.signing import load_verifier
     from runner.verify import verify_bundle
 
-    vb = verify_bundle(args.bundle, load_verifier(args.key))
+    verifier = load_verifier(args.key)
+    from runner.oci_artifacts import fetch_bundle, is_registry_ref
+
+    if is_registry_ref(str(args.bundle)) and not args.bundle.exists():
+        # A bundle stored as an OCI artifact: fetch (every blob digest-checked), then verify.
+        with tempfile.TemporaryDirectory(prefix="evalrun-verify-") as tmp:
+            fetched = fetch_bundle(str(args.bundle), Path(tmp) / "bundle")
+            vb = verify_bundle(fetched, verifier)
+    else:
+        vb = verify_bundle(args.bundle, verifier)
     if args.json:
         _emit_json(
             {
@@ -424,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("verify", parents=[common], help="verify a bundle offline")
-    p.add_argument("bundle", type=Path, help="bundle directory or .tar")
+    p.add_argument(
+        "bundle", type=Path, help="bundle directory, .tar, or registry reference (repo@sha256:…)"
+    )
     p.add_argument("--key", type=Path, required=True, help="public key (PEM)")
     p.set_defaults(fn=cmd_verify)
 

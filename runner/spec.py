@@ -249,9 +249,15 @@ class EvalSpec(_Model):
         return self
 
     def canonical_json(self) -> bytes:
-        """Canonical bytes of the spec: the basis of the spec digest."""
+        """Canonical bytes of the spec: the basis of the spec digest.
+
+        Fields left at their defaults are omitted, so adding a new optional field to the
+        schema does not change the digest (and run ids) of every existing spec.
+        """
         return json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+            self.model_dump(mode="json", exclude_defaults=True),
+            sort_keys=True,
+            separators=(",", ":"),
         ).encode()
 
     def digest(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -127,6 +128,21 @@ class ClusterTarget:
 
 def connect(target: ClusterTarget) -> tuple[k8s.ApiClient, str]:
     """An API client and the namespace (flag, then the context's, then 'default')."""
+    if (
+        target.kubeconfig is None
+        and target.context is None
+        and not os.environ.get("KUBECONFIG")
+        and not Path("~/.kube/config").expanduser().exists()
+        and os.environ.get("KUBERNETES_SERVICE_HOST")
+    ):
+        # Inside a pod (e.g. the audit CronJob): the mounted service-account token.
+        cfg = k8s.Configuration()
+        k8s_config.load_incluster_config(client_configuration=cfg)
+        ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        in_pod_ns = target.namespace or (
+            ns_file.read_text().strip() if ns_file.exists() else "default"
+        )
+        return k8s.ApiClient(cfg), in_pod_ns
     try:
         api = k8s_config.new_client_from_config(
             config_file=target.kubeconfig, context=target.context, persist_config=False

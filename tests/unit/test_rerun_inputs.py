@@ -20,7 +20,8 @@ from runner.rerun import (
 )
 from runner.settings import Settings
 from runner.signing import generate_keypair, load_signer, load_verifier
-from runner.spec import load_lock, load_spec
+from runner.build import write_lock
+from runner.spec import LockedSpec, load_lock, load_spec
 from runner.store import Store
 
 pytestmark = pytest.mark.unit
@@ -34,10 +35,23 @@ def env(tmp_path: Path):
     signer, verifier = load_signer(tmp_path / "k"), load_verifier(tmp_path / "k.pub")
     store = Store(settings.home)
     spec = load_spec(EXAMPLE / "eval.yaml")
-    lock = load_lock(EXAMPLE / "eval.lock.json")
+    # A lock written here: the example's own lock is a local build artifact (not in git).
+    lock = LockedSpec.model_validate({
+        "schema": "evalrun/lock/v1", "spec_name": spec.metadata.name,
+        "spec_digest": spec.digest(), "base": None, "wheels": [],
+        "image": {"ref": "127.0.0.1:5000/evalrun/digits-logreg@sha256:" + "a" * 64,
+                  "rootfs_digest": "sha256:" + "b" * 64},
+        "model": {"path": "model/weights.json", "sha256": spec.model.sha256,
+                  "size": (EXAMPLE / "model" / "weights.json").stat().st_size},
+        "datasets": [{"path": "data/digits_test.jsonl", "sha256": d.sha256,
+                      "size": (EXAMPLE / "data" / "digits_test.jsonl").stat().st_size,
+                      "name": d.name, "split": d.split, "license": d.license,
+                      "source": d.source} for d in spec.datasets],
+        "source": {"commit": None, "dirty": False, "tree_sha256": "e" * 64},
+    })
     with store.staging_dir() as stage:
         shutil.copy(EXAMPLE / "eval.yaml", stage / "spec.yaml")
-        shutil.copy(EXAMPLE / "eval.lock.json", stage / "eval.lock.json")
+        write_lock(lock, stage / "eval.lock.json")
         pred = {
             "run_id": "r-111111111111111111111111",
             "spec": {"name": spec.metadata.name, "digest": spec.digest()},
@@ -117,7 +131,7 @@ def test_workspace_places_inputs_at_their_locked_paths(env) -> None:
 def test_lock_from_an_older_spec_model_is_repinned_with_a_note(env) -> None:
     settings, verifier, store, stored, tmp = env
     signer = load_signer(tmp / "k")
-    lock = json.loads((EXAMPLE / "eval.lock.json").read_text())
+    lock = json.loads((store.bundle_path(stored.digest) / "eval.lock.json").read_text())
     lock["spec_digest"] = "sha256:" + "0" * 64  # what an older evalrun computed
     with store.staging_dir() as stage:
         shutil.copy(EXAMPLE / "eval.yaml", stage / "spec.yaml")
