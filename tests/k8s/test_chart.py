@@ -115,3 +115,19 @@ def test_chart_installs_and_the_runner_cannot_read_secrets(cluster, namespace, k
         assert sorted(deny.spec.policy_types) == ["Egress", "Ingress"]
     finally:
         _helm(cluster, "uninstall", release, "--namespace", namespace)
+
+
+def test_audit_cronjob_is_opt_in_and_digest_pinned(cluster):
+    image = "127.0.0.1:5000/evalrun/runner@sha256:" + "a" * 64
+    proc = _helm(cluster, "template", "evalrun", str(CHART), "--set", "audit.enabled=true",
+                 "--set", f"audit.image={image}")
+    assert proc.returncode == 0, proc.stderr
+    cron = next(d for d in _docs(proc.stdout) if d["kind"] == "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0
+    container = job["template"]["spec"]["containers"][0]
+    assert container["image"] == image and container["args"][0] == "audit"
+    tagged = _helm(cluster, "template", "evalrun", str(CHART), "--set", "audit.enabled=true",
+                   "--set", "audit.image=127.0.0.1:5000/evalrun/runner:latest")
+    assert tagged.returncode != 0 and "pinned by digest" in tagged.stderr
