@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner import cli_history
+from runner import cli_blueprints, cli_history
 from runner.errors import EvalrunError, InputError, Interrupted
 from runner.settings import Settings
 
@@ -449,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_keys_generate)
 
     cli_history.register(sub, common)
+    cli_blueprints.register(sub, common)
     return parser
 
 
