@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from runner import cli_blueprints, cli_history
-from runner.errors import EvalrunError, InputError, Interrupted
+from runner.cli_common import add_backend_args, backend_for, signer_for
+from runner.errors import EvalrunError, Interrupted
 from runner.settings import Settings
 
 log = logging.getLogger("evalrun")
@@ -168,70 +169,6 @@ def cmd_base_image(args: argparse.Namespace, settings: Settings, term: Terminal)
     return 0
 
 
-def _signer(args: argparse.Namespace, settings: Settings, term: Terminal) -> Any:
-    from runner.signing import generate_keypair, load_signer
-
-    key = args.key
-    if key is None:
-        key = settings.default_private_key
-        if not key.exists():
-            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            info = generate_keypair(key, settings.default_public_key)
-            term(
-                f"created signing key {key} (public: {settings.default_public_key}, "
-                f"keyid {info.keyid[:16]}…)"
-            )
-    return load_signer(key)
-
-
-def _make_backend(args: argparse.Namespace) -> Any:
-    if args.backend == "docker":
-        from runner.backends.docker import DockerBackend
-
-        return DockerBackend()
-    from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
-
-    return KubernetesBackend(
-        ClusterTarget(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace),
-        unschedulable_grace_s=args.stuck_after,
-        image_pull_grace_s=args.stuck_after,
-        extra_tolerations=tuple(_toleration(t) for t in args.tolerate),
-    )
-
-
-def _toleration(text: str) -> tuple[str, str]:
-    key, _, effect = text.partition(":")
-    if not key or effect not in ("NoSchedule", "NoExecute", "PreferNoSchedule"):
-        raise InputError(
-            f"--tolerate {text!r}: expected KEY:EFFECT (EFFECT NoSchedule, NoExecute or "
-            "PreferNoSchedule)"
-        )
-    return key, effect
-
-
-def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
-    p.add_argument("--context", help="kubeconfig context (default: the current one)")
-    p.add_argument("-n", "--namespace", help="namespace (default: the context's)")
-    p.add_argument(
-        "--stuck-after",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="kubernetes: fail a pod that stays Unschedulable or in image-pull backoff this "
-        "long (default 60)",
-    )
-    p.add_argument(
-        "--tolerate",
-        action="append",
-        default=[],
-        metavar="KEY:EFFECT",
-        help="kubernetes: also tolerate this node taint (cluster-specific; repeatable)",
-    )
-    p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
-
-
 def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.sweep import load_matrix, run_sweep, summary_rows, summary_table, sweep_exit_code
 
@@ -240,8 +177,8 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> i
     results = run_sweep(
         args.spec,
         cells,
-        _make_backend(args),
-        _signer(args, settings, term),
+        backend_for(args),
+        signer_for(args, settings, term),
         settings,
         parallel=args.parallel,
         progress=term,
@@ -259,8 +196,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     from runner.signing import load_verifier
     from runner.verify import verify_bundle
 
-    backend = _make_backend(args)
-    signer = _signer(args, settings, term)
+    backend = backend_for(args)
+    signer = signer_for(args, settings, term)
     outcome = run_evaluation(args.spec, backend, signer, settings, rerun=args.rerun, progress=term)
     public = args.pub or (settings.default_public_key if args.key is None else None)
     verified: str = "not checked (pass --pub to verify with a public key)"
@@ -418,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
     p.add_argument("spec", type=Path)
     p.add_argument("--rerun", action="store_true", help="start a new attempt even if one exists")
-    _add_backend_args(p)
+    add_backend_args(p)
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
     p.set_defaults(fn=cmd_run)
 
@@ -430,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path)
     p.add_argument("--matrix", type=Path, required=True, help="YAML: axis → list of values")
     p.add_argument("--parallel", type=int, default=4, help="runs in flight at once")
-    _add_backend_args(p)
+    add_backend_args(p)
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("verify", parents=[common], help="verify a bundle offline")

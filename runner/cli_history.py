@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from runner.cli_common import add_backend_args, backend_for, signer_for
 from runner.errors import InputError, VerificationFailed
 from runner.settings import Settings
 
@@ -37,33 +38,6 @@ def _verifier(args: argparse.Namespace, settings: Settings) -> Any:
             hint="pass --pub KEY.pub (the key the bundles were signed with)",
         )
     return load_verifier(public)
-
-
-def _signer(args: argparse.Namespace, settings: Settings, term: Term) -> Any:
-    from runner.signing import generate_keypair, load_signer
-
-    key: Path | None = args.key
-    if key is None:
-        key = settings.default_private_key
-        if not key.exists():
-            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            info = generate_keypair(key, settings.default_public_key)
-            term(f"created signing key {key} (keyid {info.keyid[:16]}…)")
-    return load_signer(key)
-
-
-def _backend(args: argparse.Namespace) -> Any:
-    if args.backend == "docker":
-        from runner.backends.docker import DockerBackend
-
-        return DockerBackend()
-    from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
-
-    return KubernetesBackend(
-        ClusterTarget(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace),
-        unschedulable_grace_s=args.stuck_after,
-        image_pull_grace_s=args.stuck_after,
-    )
 
 
 @contextmanager
@@ -248,8 +222,8 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
             return 0
         result = rerun(
             original,
-            _backend(args),
-            _signer(args, settings, term),
+            backend_for(args),
+            signer_for(args, settings, term),
             settings,
             search_dirs=args.inputs or [],
             tolerance=args.tolerance,
@@ -318,8 +292,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
         since=args.since,
         until=args.until,
         spec=args.spec,
-        backend=_backend(args),
-        signer=_signer(args, settings, term),
+        backend=backend_for(args),
+        signer=signer_for(args, settings, term),
         verifier=_verifier(args, settings),
         settings=settings,
         search_dirs=args.inputs or [],
@@ -451,20 +425,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--pub", type=Path, help="public key to verify bundles (default: $EVALRUN_HOME/keys)"
     )
     signing = argparse.ArgumentParser(add_help=False)
-    signing.add_argument(
-        "--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)"
-    )
-    signing.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
-    signing.add_argument("--kubeconfig", help="kubernetes: kubeconfig file")
-    signing.add_argument("--context", help="kubernetes: kubeconfig context")
-    signing.add_argument("-n", "--namespace", help="kubernetes: namespace")
-    signing.add_argument(
-        "--stuck-after",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="kubernetes: fail a pod stuck Unschedulable or in image-pull backoff this long",
-    )
+    add_backend_args(signing)
     signing.add_argument(
         "--inputs",
         type=Path,
