@@ -83,46 +83,15 @@ def packages() -> list[dict[str, str]]:
 
 
 def gpu_capture() -> dict[str, Any]:
-    """NVML view of the GPUs; a clear 'no GPU visible' record when there is none."""
-    try:
-        import pynvml  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return {"visible": False, "reason": "nvidia-ml-py (pynvml) is not installed in the image"}
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return {"visible": False, "reason": f"NVML unavailable: {exc}"}
-    try:
+    """NVML's view of the GPUs (every field guarded) and the frameworks' own view.
 
-        def text(value: Any) -> str:
-            return value.decode() if isinstance(value, bytes) else str(value)
+    A clear ``{"visible": False, "reason": ...}`` when no GPU, driver or pynvml is there.
+    See ``runner.agent.gpu`` for the fields.
+    """
+    # Imported on use: only GPU capture needs it, and the agent's import graph stays small.
+    from runner.agent.gpu import gpu_capture as capture_gpus
 
-        info: dict[str, Any] = {
-            "visible": True,
-            "driver_version": text(pynvml.nvmlSystemGetDriverVersion()),
-        }
-        try:
-            cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-            info["cuda_driver_version"] = f"{cuda // 1000}.{(cuda % 1000) // 10}"
-        except Exception as exc:
-            info["cuda_driver_version"] = f"unsupported: {exc}"
-        count = pynvml.nvmlDeviceGetCount()
-        gpus = []
-        for i in range(count):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            gpus.append(
-                {
-                    "index": i,
-                    "name": text(pynvml.nvmlDeviceGetName(handle)),
-                    "uuid": text(pynvml.nvmlDeviceGetUUID(handle)),
-                    "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
-                }
-            )
-        info["count"] = count
-        info["gpus"] = gpus
-        return info
-    finally:
-        pynvml.nvmlShutdown()
+    return capture_gpus()
 
 
 def capture_environment(image_ref: str) -> dict[str, Any]:

@@ -1,0 +1,286 @@
+"""NVML capture of the GPUs the container can see, plus the frameworks' own view.
+
+Standard library only, with ``pynvml`` (nvidia-ml-py) and ``torch`` used when they
+import. Every NVML field is read on its own: a field the GPU or driver does not
+support (or may not be read here) is recorded as ``{"unsupported": reason}``, any
+other NVML failure as ``{"error": reason}``; neither stops the capture. No pynvml,
+no libnvidia-ml or no driver gives ``{"visible": False, "reason": ...}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+GPU_CAPTURE_SCHEMA = "evalrun-gpu/v1"
+
+# NVML answers that mean "this GPU, driver or container cannot tell", not "it broke".
+UNSUPPORTED_ERRORS = (
+    "NVMLError_NotSupported",
+    "NVMLError_NoPermission",
+    "NVMLError_FunctionNotFound",
+)
+
+# Clock domains recorded for application and maximum clocks (NVML_CLOCK_* constants).
+CLOCK_DOMAINS = (
+    ("graphics", "NVML_CLOCK_GRAPHICS"),
+    ("sm", "NVML_CLOCK_SM"),
+    ("memory", "NVML_CLOCK_MEM"),
+)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _reason(exc: BaseException) -> str:
+    try:
+        detail = str(exc)
+    except Exception:  # str() of an NVMLError may call back into a missing library
+        detail = ""
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def _enabled(value: Any) -> str:
+    return "enabled" if int(value) else "disabled"
+
+
+def _current_pending(value: Any) -> dict[str, str]:
+    current, pending = value
+    return {"current": _enabled(current), "pending": _enabled(pending)}
+
+
+def is_unsupported(value: Any) -> bool:
+    """True for a field recorded as unsupported (or unreadable) rather than a reading."""
+    return isinstance(value, dict) and ("unsupported" in value or "error" in value)
+
+
+class _FieldReader:
+    """Reads one NVML field at a time and turns failures into markers, never exceptions."""
+
+    def __init__(self, nvml: ModuleType) -> None:
+        self.nvml = nvml
+        base = getattr(nvml, "NVMLError", None)
+        self._error: type[BaseException] = base if isinstance(base, type) else Exception
+        found = [getattr(nvml, name, None) for name in UNSUPPORTED_ERRORS]
+        self._unsupported: tuple[type[BaseException], ...] = tuple(
+            c for c in found if isinstance(c, type) and issubclass(c, BaseException)
+        )
+
+    def read(self, call: Callable[[], Any], convert: Callable[[Any], Any] | None = None) -> Any:
+        try:
+            value = call()
+        except self._unsupported as exc:
+            return {"unsupported": _reason(exc)}
+        except AttributeError as exc:  # this pynvml predates the function
+            return {"unsupported": f"pynvml lacks it: {exc}"}
+        except Exception as exc:
+            return {"error": _reason(exc)}
+        if convert is None:
+            return value
+        try:
+            return convert(value)
+        except Exception as exc:
+            return {"error": f"unexpected NVML value {value!r}: {_reason(exc)}"}
+
+    def call(self, name: str, *args: Any, convert: Callable[[Any], Any] | None = None) -> Any:
+        def invoke() -> Any:
+            return getattr(self.nvml, name)(*args)
+
+        return self.read(invoke, convert)
+
+
+def _cuda_version(raw: Any) -> str:
+    value = int(raw)
+    return f"{value // 1000}.{(value % 1000) // 10}"
+
+
+def _clocks(reader: _FieldReader, handle: Any, function: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for domain, constant in CLOCK_DOMAINS:
+        clock_type = getattr(reader.nvml, constant, None)
+        if clock_type is None:
+            out[domain] = {"unsupported": f"pynvml lacks {constant}"}
+        else:
+            out[domain] = reader.call(function, handle, clock_type, convert=int)
+    return out
+
+
+def _pci_bus_id(info: Any) -> str:
+    bus_id = getattr(info, "busId", b"") or getattr(info, "busIdLegacy", b"")
+    return _text(bus_id)
+
+
+def _mig_devices(reader: _FieldReader, handle: Any) -> Any:
+    slots = reader.call("nvmlDeviceGetMaxMigDeviceCount", handle, convert=int)
+    if is_unsupported(slots):
+        return slots
+    not_found = getattr(reader.nvml, "NVMLError_NotFound", None)
+    devices: list[dict[str, Any]] = []
+    for slot in range(slots):
+        try:
+            mig = reader.nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except Exception as exc:
+            if isinstance(not_found, type) and isinstance(exc, not_found):
+                continue  # an empty slot: no MIG device configured there
+            devices.append({"slot": slot, "error": _reason(exc)})
+            continue
+        devices.append(
+            {
+                "slot": slot,
+                "uuid": reader.call("nvmlDeviceGetUUID", mig, convert=_text),
+                "name": reader.call("nvmlDeviceGetName", mig, convert=_text),
+                "memory_total": reader.call(
+                    "nvmlDeviceGetMemoryInfo", mig, convert=lambda m: int(m.total)
+                ),
+                "gpu_instance_id": reader.call("nvmlDeviceGetGpuInstanceId", mig, convert=int),
+                "compute_instance_id": reader.call(
+                    "nvmlDeviceGetComputeInstanceId", mig, convert=int
+                ),
+            }
+        )
+    return devices
+
+
+def _device(reader: _FieldReader, index: int) -> dict[str, Any]:
+    handle = reader.call("nvmlDeviceGetHandleByIndex", index)
+    if is_unsupported(handle):
+        return {"index": index, **handle}
+    gpu: dict[str, Any] = {
+        "index": index,
+        "name": reader.call("nvmlDeviceGetName", handle, convert=_text),
+        "uuid": reader.call("nvmlDeviceGetUUID", handle, convert=_text),
+        "serial": reader.call("nvmlDeviceGetSerial", handle, convert=_text),
+        "pci_bus_id": reader.call("nvmlDeviceGetPciInfo", handle, convert=_pci_bus_id),
+        "memory_total": reader.call(
+            "nvmlDeviceGetMemoryInfo", handle, convert=lambda m: int(m.total)
+        ),
+        "compute_capability": reader.call(
+            "nvmlDeviceGetCudaComputeCapability",
+            handle,
+            convert=lambda cc: f"{int(cc[0])}.{int(cc[1])}",
+        ),
+        "mig": reader.call("nvmlDeviceGetMigMode", handle, convert=_current_pending),
+        "ecc": reader.call("nvmlDeviceGetEccMode", handle, convert=_current_pending),
+        "persistence_mode": reader.call("nvmlDeviceGetPersistenceMode", handle, convert=_enabled),
+        "power_limit_mw": reader.call("nvmlDeviceGetPowerManagementLimit", handle, convert=int),
+        "enforced_power_limit_mw": reader.call(
+            "nvmlDeviceGetEnforcedPowerLimit", handle, convert=int
+        ),
+        "clocks_mhz": {
+            "applications": _clocks(reader, handle, "nvmlDeviceGetApplicationsClock"),
+            "max": _clocks(reader, handle, "nvmlDeviceGetMaxClockInfo"),
+        },
+    }
+    mig = gpu["mig"]
+    if isinstance(mig, dict) and mig.get("current") == "enabled":
+        gpu["mig_devices"] = _mig_devices(reader, handle)
+    else:
+        gpu["mig_devices"] = []
+    return gpu
+
+
+def _nvml_module() -> ModuleType | str:
+    try:
+        return importlib.import_module("pynvml")
+    except ImportError:
+        return "nvidia-ml-py (pynvml) is not installed"
+    except Exception as exc:  # a broken install must not stop the agent
+        return f"pynvml failed to import: {_reason(exc)}"
+
+
+def nvml_capture() -> dict[str, Any]:
+    """NVML's view: driver, CUDA driver, NVML versions and every GPU it reports."""
+    started = time.monotonic()
+    nvml = _nvml_module()
+    if isinstance(nvml, str):
+        return {"visible": False, "reason": nvml}
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+        return {"visible": False, "reason": f"NVML unavailable: {_reason(exc)}"}
+    info: dict[str, Any] = {"visible": True, "schema": GPU_CAPTURE_SCHEMA}
+    try:
+        reader = _FieldReader(nvml)
+        info["driver_version"] = reader.call("nvmlSystemGetDriverVersion", convert=_text)
+        info["nvml_version"] = reader.call("nvmlSystemGetNVMLVersion", convert=_text)
+        # v2 on purpose: v1 reports a wrong version when libcuda is absent.
+        cuda = reader.call("nvmlSystemGetCudaDriverVersion_v2", convert=int)
+        info["cuda_driver_version"] = cuda if is_unsupported(cuda) else _cuda_version(cuda)
+        info["cuda_driver_version_int"] = cuda
+        count = reader.call("nvmlDeviceGetCount", convert=int)
+        if is_unsupported(count):
+            info.update(visible=False, reason=f"NVML could not count GPUs: {count}", count=0)
+            info["gpus"] = []
+        else:
+            info["count"] = count
+            info["gpus"] = [_device(reader, i) for i in range(count)]
+            if count == 0:
+                info.update(visible=False, reason="NVML initialised but reports no GPU")
+    finally:
+        # A failed shutdown changes nothing that was read.
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+    info["duration_s"] = round(time.monotonic() - started, 6)
+    return info
+
+
+def _guarded(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except Exception as exc:
+        return {"error": _reason(exc)}
+
+
+def torch_view() -> dict[str, Any] | None:
+    """What torch itself reports (versions, determinism flags); None when torch is absent.
+
+    Does not initialise CUDA in this process beyond ``torch.cuda.is_available()``.
+    """
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    started = time.monotonic()
+    try:
+        torch = importlib.import_module("torch")
+    except Exception as exc:
+        return {"error": f"torch failed to import: {_reason(exc)}"}
+    cudnn = torch.backends.cudnn
+    view: dict[str, Any] = {
+        "version": _guarded(lambda: str(torch.__version__)),
+        "cuda": _guarded(lambda: torch.version.cuda),
+        "cudnn_version": _guarded(lambda: cudnn.version()),
+        "cuda_available": _guarded(lambda: bool(torch.cuda.is_available())),
+        "deterministic_algorithms": _guarded(
+            lambda: bool(torch.are_deterministic_algorithms_enabled())
+        ),
+        "deterministic_algorithms_warn_only": _guarded(
+            lambda: bool(torch.is_deterministic_algorithms_warn_only_enabled())
+        ),
+        "cudnn_enabled": _guarded(lambda: bool(cudnn.enabled)),
+        "cudnn_deterministic": _guarded(lambda: bool(cudnn.deterministic)),
+        "cudnn_benchmark": _guarded(lambda: bool(cudnn.benchmark)),
+        "cudnn_allow_tf32": _guarded(lambda: bool(cudnn.allow_tf32)),
+        "matmul_allow_tf32": _guarded(lambda: bool(torch.backends.cuda.matmul.allow_tf32)),
+    }
+    view["duration_s"] = round(time.monotonic() - started, 6)
+    return view
+
+
+def gpu_capture(*, frameworks: bool = True) -> dict[str, Any]:
+    """NVML's view of the GPUs and, when importable, the frameworks' own view."""
+    info = nvml_capture()
+    if frameworks:
+        views: dict[str, Any] = {}
+        torch = torch_view()
+        if torch is not None:
+            views["torch"] = torch
+        info["frameworks"] = views
+    return info
