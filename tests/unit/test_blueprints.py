@@ -185,7 +185,7 @@ def test_torch_gpu_blueprint_pins_its_gpu_environment_explicitly(tmp_path, capsy
 
 
 class _FakeLock:
-    class image:  # noqa: N801 - mimics LockedSpec.image
+    class image:  # mimics LockedSpec.image
         ref = "127.0.0.1:5000/evalrun/digits-logreg@sha256:" + "a" * 64
 
     def digest(self) -> str:
@@ -253,7 +253,7 @@ def test_a_file_in_place_of_the_directory_is_refused(tmp_path, capsys):
 def test_an_existing_empty_directory_is_used(tmp_path, capsys):
     dest = tmp_path / "p"
     dest.mkdir()
-    code, out = init_json(capsys, "--blueprint", "sweep", "--no-lock", str(dest))
+    code, _ = init_json(capsys, "--blueprint", "sweep", "--no-lock", str(dest))
     assert code == 0 and (dest / "sweep.yaml").is_file()
 
 
