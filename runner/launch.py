@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.backends.base import Backend, BackendResult, PlanInput, RunPlan
-from runner.build import sha256_file
+from runner.build import image_reproducibility, sha256_file
 from runner.bundle import build_bundle
 from runner.collect import collect_results, read_json, recompute_metrics
 from runner.errors import (
@@ -473,6 +473,7 @@ def _predicate(
         "model": lock.model.model_dump(mode="json"),
         "datasets": [d.model_dump(mode="json") for d in lock.datasets],
         "source": lock.source.model_dump(mode="json"),
+        "image_reproducibility": image_reproducibility(lock),
         "params": spec.params,
         "seeds": {"seed": spec.seed, "determinism": summary.get("determinism")},
         "environment": facts.get("environment") or {},

@@ -372,9 +372,14 @@ class LockedSpec(_Model):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     def canonical_json(self) -> bytes:
-        return json.dumps(
-            self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
-        ).encode()
+        """The inputs that identify a run. Findings about them (the image's
+        reproducibility check, its time of build) are left out: recording a check
+        must not turn the same locked inputs into a different run."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        image = data.get("image") or {}
+        for key in ("reproducibility", "built_at"):
+            image.pop(key, None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
