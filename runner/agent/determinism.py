@@ -9,10 +9,8 @@ Standard library only; ``numpy`` and ``torch`` are used when they import.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import random
-import sys
 from typing import Any
 
 # cuBLAS is deterministic only with one of these workspace settings (CUDA >= 10.2 docs).
@@ -29,13 +27,14 @@ def child_environment(seed: int) -> dict[str, str]:
     }
 
 
-def _importable(name: str) -> bool:
-    if name in sys.modules:
-        return True
+def _optional_module(name: str) -> tuple[Any, str | None]:
+    """The module, or None and why (not installed, or failed to import)."""
     try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+        return importlib.import_module(name), None
+    except ImportError:
+        return None, f"{name} is not installed"
+    except Exception as exc:  # a broken install is recorded, not fatal
+        return None, f"{name} failed to import: {exc!r}"
 
 
 def _applied(value: Any) -> dict[str, Any]:
@@ -119,16 +118,16 @@ def apply_determinism(seed: int | None = None, *, warn_only: bool = False) -> di
     settings: dict[str, Any] = {"PYTHONHASHSEED": _python_hash_seed()}
     random.seed(seed)
     settings["random.seed"] = _applied(seed)
-    if _importable("numpy"):
-        numpy = importlib.import_module("numpy")
+    numpy, why_not = _optional_module("numpy")
+    if numpy is None:
+        settings["numpy.random.seed"] = _not_applied(str(why_not))
+    else:
         numpy.random.seed(seed % 2**32)
         settings["numpy.random.seed"] = _applied(seed % 2**32)
-    else:
-        settings["numpy.random.seed"] = _not_applied("numpy is not installed")
-    torch = importlib.import_module("torch") if _importable("torch") else None
+    torch, why_not = _optional_module("torch")
     settings["CUBLAS_WORKSPACE_CONFIG"] = _cublas_workspace(torch)
     if torch is None:
-        settings["torch"] = _not_applied("torch is not installed")
+        settings["torch"] = _not_applied(str(why_not))
     else:
         settings.update(_torch_settings(torch, seed, warn_only))
     return {"seed": seed, "settings": settings}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -116,10 +115,9 @@ def _pci_bus_id(info: Any) -> str:
     return _text(bus_id)
 
 
-def _mig_devices(reader: _FieldReader, handle: Any) -> Any:
-    slots = reader.call("nvmlDeviceGetMaxMigDeviceCount", handle, convert=int)
-    if is_unsupported(slots):
-        return slots
+def _mig_devices(reader: _FieldReader, handle: Any, slots: Any) -> list[dict[str, Any]]:
+    if not isinstance(slots, int):
+        return []  # the slot count itself was unreadable; recorded beside this list
     not_found = getattr(reader.nvml, "NVMLError_NotFound", None)
     devices: list[dict[str, Any]] = []
     for slot in range(slots):
@@ -179,7 +177,8 @@ def _device(reader: _FieldReader, index: int) -> dict[str, Any]:
     }
     mig = gpu["mig"]
     if isinstance(mig, dict) and mig.get("current") == "enabled":
-        gpu["mig_devices"] = _mig_devices(reader, handle)
+        gpu["max_mig_devices"] = reader.call("nvmlDeviceGetMaxMigDeviceCount", handle, convert=int)
+        gpu["mig_devices"] = _mig_devices(reader, handle, gpu["max_mig_devices"])
     else:
         gpu["mig_devices"] = []
     return gpu
@@ -242,15 +241,14 @@ def torch_view() -> dict[str, Any] | None:
 
     Does not initialise CUDA in this process beyond ``torch.cuda.is_available()``.
     """
-    try:
-        if importlib.util.find_spec("torch") is None:
-            return None
-    except (ImportError, ValueError):
-        return None
     started = time.monotonic()
     try:
         torch = importlib.import_module("torch")
-    except Exception as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":
+            return None
+        return {"error": f"torch failed to import: {_reason(exc)}"}
+    except Exception as exc:  # a broken install is recorded, not fatal
         return {"error": f"torch failed to import: {_reason(exc)}"}
     cudnn = torch.backends.cudnn
     view: dict[str, Any] = {
