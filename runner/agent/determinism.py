@@ -13,6 +13,8 @@ import os
 import random
 from typing import Any
 
+from runner.agent.gpu import torch_view
+
 # cuBLAS is deterministic only with one of these workspace settings (CUDA >= 10.2 docs).
 DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
 CUBLAS_WORKSPACE_CONFIG = DETERMINISTIC_CUBLAS_CONFIGS[0]
@@ -130,4 +132,7 @@ def apply_determinism(seed: int | None = None, *, warn_only: bool = False) -> di
         settings["torch"] = _not_applied(str(why_not))
     else:
         settings.update(_torch_settings(torch, seed, warn_only))
-    return {"seed": seed, "settings": settings}
+    record: dict[str, Any] = {"seed": seed, "settings": settings}
+    if torch is not None:
+        record["torch"] = torch_view()  # the flags as torch reports them after applying
+    return record

@@ -9,10 +9,15 @@ no libnvidia-ml or no driver gives ``{"visible": False, "reason": ...}``.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
+import importlib.metadata
+import importlib.util
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -250,7 +255,7 @@ def torch_view() -> dict[str, Any] | None:
         return {"error": f"torch failed to import: {_reason(exc)}"}
     except Exception as exc:  # a broken install is recorded, not fatal
         return {"error": f"torch failed to import: {_reason(exc)}"}
-    cudnn = torch.backends.cudnn
+    cudnn = _guarded(lambda: torch.backends.cudnn)
     view: dict[str, Any] = {
         "version": _guarded(lambda: str(torch.__version__)),
         "cuda": _guarded(lambda: torch.version.cuda),
@@ -272,13 +277,66 @@ def torch_view() -> dict[str, Any] | None:
     return view
 
 
+# The wheels that carry cuDNN for torch; their version is cuDNN's, read without loading it.
+CUDNN_DISTRIBUTIONS = ("nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "nvidia-cudnn-cu11")
+
+
+def _static_assignments(source: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for node in ast.parse(source).body:
+        target = value = None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
+            values[target.id] = value.value
+    return values
+
+
+def torch_static_view() -> dict[str, Any] | None:
+    """torch's version, CUDA and cuDNN as installed, read from files without importing torch.
+
+    Importing torch costs seconds; the agent's preflight must stay fast, and the flags
+    that matter are the evaluation's own (see ``runner.agent.determinism``).
+    """
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    view: dict[str, Any] = {"source": "installed files (torch not imported)"}
+    version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        values = _static_assignments(version_file.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        view["error"] = f"cannot read {version_file}: {_reason(exc)}"
+    else:
+        view["version"] = values.get("__version__")
+        view["cuda"] = values.get("cuda")
+        view["git_version"] = values.get("git_version")
+    for dist in CUDNN_DISTRIBUTIONS:
+        try:
+            view["cudnn_package"] = f"{dist}=={importlib.metadata.version(dist)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return view
+
+
+def framework_capture() -> dict[str, Any]:
+    """The frameworks' own view: live when already imported here, else from installed files."""
+    views: dict[str, Any] = {}
+    torch = torch_view() if sys.modules.get("torch") is not None else torch_static_view()
+    if torch is not None:
+        views["torch"] = torch
+    return views
+
+
 def gpu_capture(*, frameworks: bool = True) -> dict[str, Any]:
-    """NVML's view of the GPUs and, when importable, the frameworks' own view."""
+    """NVML's view of the GPUs and, when present, the frameworks' own view."""
     info = nvml_capture()
     if frameworks:
-        views: dict[str, Any] = {}
-        torch = torch_view()
-        if torch is not None:
-            views["torch"] = torch
-        info["frameworks"] = views
+        info["frameworks"] = framework_capture()
     return info

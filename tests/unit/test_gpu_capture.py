@@ -185,7 +185,8 @@ def test_cuda_driver_version_comes_from_the_v2_call(use_nvml):
 def test_missing_v2_call_is_unsupported_and_fails_a_cuda_pin(use_nvml):
     system = h100_system(nvmlSystemGetCudaDriverVersion_v2=nvml_error("NVMLError_FunctionNotFound"))
     cap, mod = capture_with(use_nvml, system, [h100_device()])
-    assert cap["cuda_driver_version"] == {"unsupported": "NVMLError_FunctionNotFound: Function Not Found"}
+    assert cap["cuda_driver_version"] == {
+        "unsupported": "NVMLError_FunctionNotFound: Function Not Found"}
     assert "nvmlSystemGetCudaDriverVersion" not in mod.calls  # no silent fallback to v1
     (check,) = check_expected_environment({"cuda": ">=12"}, cap)
     assert check["passed"] is False and check["found"] == cap["cuda_driver_version"]
@@ -323,8 +324,25 @@ def test_framework_view_reads_torch_when_importable(use_nvml, monkeypatch):
     assert view["version"] == "2.5.1+cu124" and view["cuda"] == "12.4"
     assert view["cudnn_version"] == 90100 and view["cuda_available"] is True
     assert view["deterministic_algorithms"] is False and view["cudnn_benchmark"] is False
-    assert view["deterministic_algorithms_warn_only"] == {"error": "RuntimeError: not in this build"}
+    assert view["deterministic_algorithms_warn_only"] == {
+        "error": "RuntimeError: not in this build"}
     assert cap["visible"] is True
+
+
+def test_agent_reads_torch_versions_from_installed_files_without_importing_it(
+        monkeypatch, tmp_path):
+    package = tmp_path / "torch"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('torch must not be imported')\n")
+    (package / "version.py").write_text(
+        "from typing import Optional\n__version__ = '2.5.1+cu124'\ndebug = False\n"
+        "cuda: Optional[str] = '12.4'\ngit_version = 'a8d6afb511a69687bbb2b7e88a3cf67917e1697e'\n")
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    view = gpu_mod.framework_capture()["torch"]
+    assert view["version"] == "2.5.1+cu124" and view["cuda"] == "12.4"
+    assert view["git_version"].startswith("a8d6afb")
+    assert "not imported" in view["source"] and "torch" not in sys.modules
 
 
 def test_gpu_capture_keeps_the_agent_inside_its_import_boundary():
