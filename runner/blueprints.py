@@ -245,8 +245,12 @@ def scaffold(blueprint: Blueprint, dest: Path, *, name: str | None = None) -> Sc
             lock_artifact(staging, ds.uri, ds.sha256, f"datasets[{i}] ({ds.name})")
         _check_destination(dest)
         if dest.is_dir():
-            dest.rmdir()
-        staging.rename(dest)
+            # Fill the existing directory rather than replace it: it may be someone's cwd.
+            for entry in sorted(staging.iterdir()):
+                entry.rename(dest / entry.name)
+            staging.rmdir()
+        else:
+            staging.rename(dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

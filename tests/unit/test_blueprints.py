@@ -272,3 +272,15 @@ def test_invalid_name_is_refused_before_anything_is_written(tmp_path, capsys):
                  str(dest)]) == 2
     assert "not a valid evaluation name" in capsys.readouterr().err
     assert not dest.exists()
+
+
+def test_init_into_the_current_directory_keeps_that_directory(tmp_path, capsys, monkeypatch):
+    dest = tmp_path / "here"
+    dest.mkdir()
+    inode = dest.stat().st_ino
+    monkeypatch.chdir(dest)
+    code, out = init_json(capsys, "--blueprint", "digits", "--no-lock", ".")
+    assert code == 0 and out["dir"] == str(dest)
+    assert dest.stat().st_ino == inode  # a shell sitting in it still sees the project
+    assert (Path.cwd() / "eval.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "home"]
