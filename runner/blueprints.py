@@ -210,11 +210,12 @@ def _check_name(name: str) -> None:
 
 
 def scaffold(blueprint: Blueprint, dest: Path, *, name: str | None = None) -> Scaffolded:
-    """Write a new project from ``blueprint`` into ``dest`` (new or empty), all or nothing.
+    """Write a new project from ``blueprint`` into ``dest``, which must be new or empty.
 
     The project is complete before it appears: files are written to a hidden sibling
     directory, its spec is validated and its pinned inputs hashed, and only then is
-    it moved into place. ``name`` replaces the spec's ``metadata.name``.
+    it moved into place (one rename for a new directory). Nothing is ever overwritten.
+    ``name`` replaces the spec's ``metadata.name``.
     """
     if name is not None:
         _check_name(name)
