@@ -67,13 +67,13 @@ Progress = Callable[[str], None]
 
 REPO_ROOT = Path(runner.__file__).resolve().parent.parent
 IMAGES_DIR = Path(os.environ.get("EVALRUN_IMAGES_DIR", REPO_ROOT / "images"))
+# What goes into the image: the agent package (every module of it) and what it imports.
 AGENT_FILES = (
     "__init__.py",
     "metrics.py",
-    "agent/__init__.py",
-    "agent/__main__.py",
-    "agent/capture.py",
-    "agent/rootfs.py",
+    *sorted(
+        f"agent/{p.name}" for p in (REPO_ROOT / "runner" / "agent").glob("*.py") if p.is_file()
+    ),
 )
 WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "any")
 IMAGE_PYTHON = "3.11"

@@ -70,3 +70,11 @@ def test_agent_package_imports_nothing_from_runner_outside_agent_and_metrics():
     mods = json.loads(out.replace("'", '"'))
     assert set(mods) <= {"runner", "runner.agent", "runner.agent.__main__",
                          "runner.agent.capture", "runner.agent.rootfs", "runner.metrics"}
+
+
+def test_every_agent_module_goes_into_the_image():
+    from runner.build import AGENT_FILES
+
+    modules = {f"agent/{p.name}" for p in (ROOT / "runner" / "agent").glob("*.py")}
+    assert modules <= set(AGENT_FILES)
+    assert "metrics.py" in AGENT_FILES
