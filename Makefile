@@ -71,6 +71,10 @@ bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_bundle.py
 	$(PY) benchmarks/bench_kwok.py --runs 500
 
+# On the GPU machine (Python + torch, no index): carry build/gpu-wheels (scripts/gpu-wheels.sh).
+gpu-validate:
+	python3 scripts/gpu_validate.py
+
 cluster-up:
 	bash tests/cluster/up.sh
 
