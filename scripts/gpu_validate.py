@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -581,6 +582,15 @@ def validate(v: Validation) -> int:
     v.step("preflight_timing", time_preflight, v, passing)
     if not v.rehearse:
         v.step("nvidia_smi_cross_check", cross_check_smi, v, cap)
+
+    torch_spec = importlib.util.find_spec("torch")
+    v.check(
+        "torch importable by this Python",
+        torch_spec is not None,
+        python=sys.executable,
+        origin=getattr(torch_spec, "origin", None),
+        hint=None if torch_spec else "run this script with the Python that has torch",
+    )
 
     # The stand-in rootfs: a copy of the agent's code (see agent_run).
     shutil.copytree(
