@@ -69,8 +69,6 @@ class _FieldReader:
 
     def __init__(self, nvml: ModuleType) -> None:
         self.nvml = nvml
-        base = getattr(nvml, "NVMLError", None)
-        self._error: type[BaseException] = base if isinstance(base, type) else Exception
         found = [getattr(nvml, name, None) for name in UNSUPPORTED_ERRORS]
         self._unsupported: tuple[type[BaseException], ...] = tuple(
             c for c in found if isinstance(c, type) and issubclass(c, BaseException)
