@@ -521,7 +521,7 @@ class KubernetesBackend:
             self._delete(api, namespace, name)
             if reason == "Unschedulable":
                 raise EnvironmentMismatch(
-                    f"Job {name} is unschedulable: {message}",
+                    f"Job {name} is Unschedulable: {message}",
                     gpu_product=plan.gpu_product,
                     gpus=plan.gpus or None,
                     hint="no node offers what the spec asks for (resources, GPU product label, "
@@ -540,6 +540,8 @@ class KubernetesBackend:
             "namespace": namespace,
             "job_condition": (failed.reason if failed else "Complete"),
             "pods": [p.metadata.name for p in pods],
+            "job_failed_pods": job.status.failed or 0,
+            "job_succeeded_pods": job.status.succeeded or 0,
         }
         exit_code: int | None = None
         image_ok = False
