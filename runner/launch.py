@@ -27,6 +27,7 @@ from runner.backends.base import Backend, BackendResult, PlanInput, RunPlan
 from runner.build import image_reproducibility, sha256_file
 from runner.bundle import build_bundle
 from runner.collect import collect_results, read_json, recompute_metrics
+from runner.crosscheck import crosscheck_node_labels
 from runner.errors import (
     DigestMismatch,
     EnvironmentMismatch,
@@ -379,6 +380,13 @@ def _judge(
         return "timeout", reason, facts
     summary = facts["summary"] if isinstance(facts["summary"], dict) else {}
     agent_outcome = summary.get("outcome")
+    labels = result.details.get("node_labels")
+    environment = facts["environment"] if isinstance(facts["environment"], dict) else {}
+    if isinstance(labels, dict) and agent_outcome == "completed":
+        disagreements = crosscheck_node_labels(labels, environment.get("gpu") or {})
+        facts["node_crosscheck"] = disagreements
+        if disagreements:
+            return "environment_mismatch", "; ".join(disagreements), facts
     if result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed"):
         return "evaluation_failed", "the container was OOMKilled (memory limit reached)", facts
     if result.exit_code == 137 and not agent_outcome:
@@ -478,6 +486,7 @@ def _predicate(
         "seeds": {"seed": spec.seed, "determinism": summary.get("determinism")},
         "environment": facts.get("environment") or {},
         "preflight": preflight or {},
+        "node_crosscheck": facts.get("node_crosscheck"),
         "evaluation": summary.get("evaluation"),
         "metrics": metrics,
         "outcome": outcome,
