@@ -207,9 +207,9 @@ def test_unknown_gpu_product_ends_unschedulable_with_reason(
     assert "node affinity/selector" in out["reason"] or "nvidia.com/gpu" in out["reason"]
 
 
-@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
-def test_api_server_restart_mid_run_is_survived(cluster, namespace, k8s_example, tmp_path):
-    spec = _variant(k8s_example, tmp_path, params={"sleep_s": 15})
+def _start_run_until_running(cluster, namespace, k8s_example, tmp_path, sleep_s):
+    """Start `evalrun run` in the background; return it and the name of its running pod."""
+    spec = _variant(k8s_example, tmp_path, params={"sleep_s": sleep_s})
     home = tmp_path / "home"
     assert _evalrun(home, "lock", str(spec)).returncode == 0
     env = {**os.environ, "EVALRUN_HOME": str(home)}
@@ -224,10 +224,19 @@ def test_api_server_restart_mid_run_is_survived(cluster, namespace, k8s_example,
     core = client.CoreV1Api(client.ApiClient(_config(cluster)))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        pods = core.list_namespaced_pod(namespace).items
-        if any(p.status.phase == "Running" for p in pods):
-            break
+        running = [
+            p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"
+        ]
+        if running:
+            return proc, core, running[0].metadata.name
         time.sleep(0.5)
+    proc.kill()
+    pytest.fail("the pod never ran")
+
+
+@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
+def test_api_server_restart_mid_run_is_survived(cluster, namespace, k8s_example, tmp_path):
+    proc, _, _ = _start_run_until_running(cluster, namespace, k8s_example, tmp_path, 15)
     cluster_mod.restart_component("kube-apiserver")
     stdout, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 0, stdout + stderr
@@ -236,28 +245,7 @@ def test_api_server_restart_mid_run_is_survived(cluster, namespace, k8s_example,
 
 @pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
 def test_pod_deleted_mid_run_follows_the_failure_policy(cluster, namespace, k8s_example, tmp_path):
-    spec = _variant(k8s_example, tmp_path, params={"sleep_s": 30})
-    home = tmp_path / "home"
-    assert _evalrun(home, "lock", str(spec)).returncode == 0
-    env = {**os.environ, "EVALRUN_HOME": str(home)}
-    proc = subprocess.Popen(
-        [*EVALRUN, *_run_args(cluster, namespace, spec)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    core = client.CoreV1Api(client.ApiClient(_config(cluster)))
-    deadline = time.monotonic() + 120
-    victim = None
-    while time.monotonic() < deadline and victim is None:
-        running = [
-            p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"
-        ]
-        victim = running[0].metadata.name if running else None
-        time.sleep(0.5)
-    assert victim, "the pod never ran"
+    proc, core, victim = _start_run_until_running(cluster, namespace, k8s_example, tmp_path, 30)
     core.delete_namespaced_pod(victim, namespace, grace_period_seconds=0)
     stdout, stderr = proc.communicate(timeout=400)
     out = json.loads(stdout)
