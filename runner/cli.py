@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner import cli_blueprints, cli_history
+from runner import cli_blueprints, cli_compare, cli_history
 from runner.cli_common import add_backend_args, backend_for, signer_for
 from runner.errors import EvalrunError, Interrupted
 from runner.settings import Settings
@@ -198,7 +198,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
 
     backend = backend_for(args)
     signer = signer_for(args, settings, term)
-    outcome = run_evaluation(args.spec, backend, signer, settings, rerun=args.rerun, progress=term)
+    outcome = run_evaluation(
+        args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
+    )
     public = args.pub or (settings.default_public_key if args.key is None else None)
     verified: str = "not checked (pass --pub to verify with a public key)"
     if public is not None:
@@ -355,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
     p.add_argument("spec", type=Path)
     p.add_argument("--rerun", action="store_true", help="start a new attempt even if one exists")
+    p.add_argument(
+        "--reason",
+        metavar="TEXT",
+        help="why this run exists; recorded in the bundle (wins over metadata.rationale)",
+    )
     add_backend_args(p)
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
     p.set_defaults(fn=cmd_run)
@@ -387,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_history.register(sub, common)
     cli_blueprints.register(sub, common)
+    cli_compare.register(sub, common)
     return parser
 
 

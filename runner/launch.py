@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -36,7 +37,8 @@ from runner.errors import (
     IntegrityError,
     SpecError,
 )
-from runner.metrics import threshold_verdicts
+from runner.metrics import is_gating, threshold_verdicts
+from runner.provenance import preprocessing_records, provenance
 from runner.report import render_markdown
 from runner.settings import Settings
 from runner.signing import Signer
@@ -228,12 +230,17 @@ def run_evaluation(
     rerun: bool = False,
     progress: Progress = lambda _: None,
     annotate: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    reason: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> RunOutcome:
     """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
 
     ``annotate`` (used by ``evalrun rerun``) is called with the finished predicate
     of a new run; the keys it returns are added to the predicate before it is
-    signed (they may not replace existing ones).
+    signed (they may not replace existing ones). ``reason`` is the launcher's
+    rationale (``--reason``); it wins over the spec's ``metadata.rationale`` and both
+    are recorded in the predicate's ``provenance``, with the launcher's identity read
+    from ``environ`` (default: the process environment).
     """
     spec, lock = load_locked(spec_path)
     store = Store(settings.home)
@@ -255,8 +262,18 @@ def run_evaluation(
             reused=True,
         )
 
+    spec_dir = spec_path.resolve().parent
+    steps = preprocessing_records(spec, spec_dir)
     journal = Journal(run_id)
     started = _now()
+    run_provenance = provenance(
+        spec,
+        env=os.environ if environ is None else environ,
+        launched_at=started,
+        evalrun_version=_evalrun_version(),
+        reason=reason,
+        preprocessing=steps,
+    )
     journal.emit(
         "run_start",
         spec=spec.metadata.name,
@@ -264,7 +281,6 @@ def run_evaluation(
         attempt=attempt,
         backend=backend.name,
     )
-    spec_dir = spec_path.resolve().parent
     with store.staging_dir() as stage:
         shutil.copy2(spec_path, stage / "spec.yaml")
         shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
@@ -331,6 +347,7 @@ def run_evaluation(
             started,
             stage,
             backend.name,
+            run_provenance,
         )
         if annotate is not None:
             extra = dict(annotate(predicate))
@@ -418,7 +435,8 @@ def _judge(
         )
     verdicts = threshold_verdicts(plan.metrics, {m["name"]: m["value"] for m in check.metrics})
     facts["verdicts"] = verdicts
-    failed = [n for n, v in verdicts.items() if v["passed"] is False]
+    # only gating metrics (primary, or promoted supplementary) decide the outcome
+    failed = [n for n, v in verdicts.items() if v.get("gating", True) and v["passed"] is False]
     if failed:
         return "thresholds_failed", "metrics below threshold: " + ", ".join(failed), facts
     return "passed", None, facts
@@ -437,6 +455,7 @@ def _predicate(
     started: str,
     stage: Path,
     backend: str,
+    run_provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     preflight: dict[str, Any] = facts.get("preflight") or {}
     summary: dict[str, Any] = facts.get("summary") or {}
@@ -448,13 +467,21 @@ def _predicate(
     metrics = []
     for m in facts.get("metrics") or []:
         definition = next(d for d in spec.metrics if d.name == m["name"])
+        verdict = verdicts.get(m["name"]) or {}
         metrics.append(
             {
                 **m,
                 "threshold": definition.threshold,
                 "direction": definition.direction,
                 "compute": definition.compute,
-                "passed": (verdicts.get(m["name"]) or {}).get("passed"),
+                "field": definition.field,
+                "role": definition.role,
+                "gating": is_gating(definition.model_dump(mode="json")),
+                "promoted": (
+                    definition.promoted.model_dump(mode="json") if definition.promoted else None
+                ),
+                "threshold_met": verdict.get("threshold_met"),
+                "passed": verdict.get("passed"),
             }
         )
     rootfs = (preflight or {}).get("rootfs") or {}
@@ -482,6 +509,12 @@ def _predicate(
         "datasets": [d.model_dump(mode="json") for d in lock.datasets],
         "source": lock.source.model_dump(mode="json"),
         "image_reproducibility": image_reproducibility(lock),
+        "provenance": dict(run_provenance or {}),
+        "comparison_group": spec.metadata.comparison_group,
+        "preprocessing": list((run_provenance or {}).get("preprocessing") or []),
+        "metric_definitions": [
+            d.model_dump(mode="json") | {"gating": d.gating} for d in spec.metrics
+        ],
         "params": spec.params,
         "seeds": {"seed": spec.seed, "determinism": summary.get("determinism")},
         "environment": facts.get("environment") or {},

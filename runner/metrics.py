@@ -253,22 +253,41 @@ def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[d
     return samples
 
 
+def is_gating(definition: Mapping[str, Any]) -> bool:
+    """Primary metrics gate; a supplementary one only when promoted (with a justification)."""
+    return definition.get("role", "primary") == "primary" or bool(definition.get("promoted"))
+
+
 def threshold_verdicts(
     definitions: Iterable[Mapping[str, Any]], values: Mapping[str, float]
 ) -> dict[str, dict[str, Any]]:
-    """Per metric: pass/fail against its threshold (None when no threshold)."""
+    """Per metric: pass/fail against its threshold (None when no threshold).
+
+    Only gating metrics (:func:`is_gating`) get a ``passed`` verdict; a supplementary
+    metric's threshold is reported as ``threshold_met`` and never decides the run.
+    """
     verdicts: dict[str, dict[str, Any]] = {}
     for d in definitions:
         threshold = d.get("threshold")
         value = values[d["name"]]
+        role = d.get("role", "primary")
+        gating = is_gating(d)
         if threshold is None:
-            verdicts[d["name"]] = {"threshold": None, "passed": None}
+            verdicts[d["name"]] = {
+                "threshold": None,
+                "passed": None,
+                "role": role,
+                "gating": gating,
+            }
             continue
         higher = d.get("direction", "higher_is_better") == "higher_is_better"
-        passed = value >= threshold if higher else value <= threshold
+        met = value >= threshold if higher else value <= threshold
         verdicts[d["name"]] = {
             "threshold": threshold,
             "direction": d.get("direction", "higher_is_better"),
-            "passed": passed,
+            "passed": met if gating else None,
+            "threshold_met": met,
+            "role": role,
+            "gating": gating,
         }
     return verdicts

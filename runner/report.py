@@ -38,16 +38,51 @@ def metric_rows(predicate: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+ROLE_HEADER = ["metric", "role", "value", "confidence interval", "threshold", "verdict"]
+
+
+def _role(m: Mapping[str, Any]) -> str:
+    role = str(m.get("role") or "primary")
+    return f"{role} (promoted)" if m.get("promoted") else role
+
+
+def metric_rows_with_role(predicate: Mapping[str, Any]) -> list[list[str]]:
+    """:func:`metric_rows` with the metric's role after its name.
+
+    A supplementary metric's threshold never gates: its verdict says whether the
+    threshold was met and that it did not count.
+    """
+    rows = []
+    for m, row in zip(predicate.get("metrics") or [], metric_rows(predicate), strict=True):
+        verdict = row[4]
+        met = m.get("threshold_met")
+        if m.get("gating") is False and met is not None:
+            verdict = ("met" if met else "missed") + " (not gating)"
+        rows.append([row[0], _role(m), *row[1:4], verdict])
+    return rows
+
+
+def promotion_lines(predicate: Mapping[str, Any]) -> list[str]:
+    """One line per supplementary metric promoted to gate, with its justification."""
+    lines = []
+    for m in predicate.get("metrics") or []:
+        promoted = m.get("promoted")
+        if isinstance(promoted, Mapping):
+            lines.append(f"promoted to gating: {m.get('name')} — {promoted.get('justification')}")
+    return lines
+
+
 def metric_table(predicate: Mapping[str, Any]) -> str:
-    """A plain-text table for the terminal."""
-    header = ["metric", "value", "confidence interval", "threshold", "verdict"]
-    rows = metric_rows(predicate)
+    """A plain-text table for the terminal (with each metric's role)."""
+    header = ROLE_HEADER
+    rows = metric_rows_with_role(predicate)
     if not rows:
         return "(no metrics)"
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines += promotion_lines(predicate)
     return "\n".join(lines)
 
 
@@ -76,13 +111,18 @@ def render_markdown(predicate: Mapping[str, Any]) -> str:
         "## Metrics",
         "",
     ]
-    rows = metric_rows(predicate)
+    rows = metric_rows_with_role(predicate)
     if rows:
-        lines.append("| metric | value | confidence interval | threshold | verdict |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| " + " | ".join(ROLE_HEADER) + " |")
+        lines.append("|" + "---|" * len(ROLE_HEADER))
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+        promotions = promotion_lines(predicate)
+        if promotions:
+            lines.append("")
+            lines += [f"- {line}" for line in promotions]
     else:
         lines.append("No metrics were computed.")
+    lines += provenance_markdown(predicate)
     lines += ["", "## Inputs", ""]
     model = predicate.get("model") or {}
     lines.append(f"- model `{model.get('path')}` sha256 `{model.get('sha256')}`")
@@ -115,6 +155,41 @@ def render_markdown(predicate: Mapping[str, Any]) -> str:
     )
     lines += reproduction_markdown(predicate)
     return "\n".join(lines) + "\n"
+
+
+def provenance_markdown(predicate: Mapping[str, Any]) -> list[str]:
+    """The ``## Provenance`` section: who launched the run, when, why, with which steps."""
+    prov = predicate.get("provenance")
+    if not isinstance(prov, Mapping) or not prov:
+        return []
+    who = prov.get("launched_by") or {}
+    ci = who.get("ci") or {}
+    why = prov.get("rationale") or {}
+    lines = [
+        "",
+        "## Provenance",
+        "",
+        f"- launched by: {who.get('user') or 'unknown user'} on {who.get('host') or '?'}"
+        f" at {prov.get('launched_at')} (evalrun {prov.get('evalrun_version')})",
+    ]
+    if ci:
+        lines.append(
+            f"- CI: {ci.get('system')}, pipeline {_fmt(ci.get('pipeline'))}, "
+            f"run {_fmt(ci.get('run_id'))}, job {_fmt(ci.get('job_url'))}"
+        )
+    lines.append(
+        f"- rationale: {why.get('text')} (from {why.get('source')})"
+        if why.get("text")
+        else "- rationale: none given"
+    )
+    if prov.get("comparison_group"):
+        lines.append(f"- comparison group: {prov.get('comparison_group')}")
+    for step in prov.get("preprocessing") or []:
+        lines.append(
+            f"- preprocessing {step.get('name')}: `{step.get('code')}` "
+            f"`{step.get('code_digest')}` params {step.get('params')}"
+        )
+    return lines
 
 
 def reproduction_markdown(predicate: Mapping[str, Any]) -> list[str]:

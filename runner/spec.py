@@ -59,6 +59,16 @@ class Metadata(_Model):
     name: Name = Field(description="Evaluation name: lowercase letters, digits, '.', '_', '-'.")
     description: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
+    rationale: str | None = Field(
+        default=None,
+        description="Why this run exists (e.g. why this model is a release candidate); "
+        "recorded in the bundle's provenance. `evalrun run --reason` takes precedence.",
+    )
+    comparison_group: Name | None = Field(
+        default=None,
+        description="Runs with the same group are compared by `evalrun compare GROUP`, "
+        "which refuses runs that are not comparable.",
+    )
 
 
 class ImageSpec(_Model):
@@ -142,6 +152,21 @@ class ConfidenceIntervalSpec(_Model):
     resamples: int = Field(default=1000, ge=100, le=100_000)
 
 
+class Promotion(_Model):
+    """Why a supplementary metric gates the run after all; recorded in bundle and report."""
+
+    justification: str = Field(
+        min_length=1, description="Why this supplementary metric is promoted to gate the run."
+    )
+
+    @field_validator("justification")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a promotion needs a non-empty justification")
+        return value
+
+
 class MetricSpec(_Model):
     name: Name
     compute: Literal["accuracy", "macro_f1", "error_rate", "mean"] = Field(
@@ -155,6 +180,26 @@ class MetricSpec(_Model):
         default=None, description="Pass if the point estimate is on the good side of this."
     )
     ci: ConfidenceIntervalSpec = Field(default_factory=ConfidenceIntervalSpec)
+    role: Literal["primary", "supplementary"] = Field(
+        default="primary",
+        description="primary metrics are the acceptance criteria (their thresholds gate the "
+        "run); supplementary ones are reported and never gate unless promoted.",
+    )
+    promoted: Promotion | None = Field(
+        default=None,
+        description="Make a supplementary metric gate, with a recorded justification.",
+    )
+
+    @property
+    def gating(self) -> bool:
+        """Whether this metric's threshold decides the run's verdict."""
+        return self.role == "primary" or self.promoted is not None
+
+    @model_validator(mode="after")
+    def _promotion_is_for_supplementary(self) -> MetricSpec:
+        if self.promoted is not None and self.role != "supplementary":
+            raise ValueError("only a supplementary metric can be promoted (role: supplementary)")
+        return self
 
     @model_validator(mode="after")
     def _field_for_mean(self) -> MetricSpec:
@@ -204,6 +249,25 @@ class ExpectedEnvironment(_Model):
     ecc: Literal["required"] | None = None
 
 
+class PreprocessingStep(_Model):
+    """A declared preprocessing / feature step, so the feature space can be replayed."""
+
+    name: Name
+    code: str = Field(
+        description="File or directory with the step's code, relative to the spec file; "
+        "its digest is recorded in the bundle."
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("code")
+    @classmethod
+    def _relative_inside(cls, value: str) -> str:
+        parts = Path(value).parts
+        if not value or Path(value).is_absolute() or ".." in parts:
+            raise ValueError(f"code {value!r} must be a relative path inside the spec directory")
+        return value
+
+
 class EvalSpec(_Model):
     """A whole ``eval.yaml``."""
 
@@ -222,6 +286,11 @@ class EvalSpec(_Model):
     expect: ExpectedEnvironment = Field(default_factory=ExpectedEnvironment)
     timeout_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
     retries: int = Field(default=2, ge=0, le=10)
+    preprocessing: list[PreprocessingStep] = Field(
+        default_factory=list,
+        description="Preprocessing / feature steps (name, code, params), recorded with the "
+        "digest of their code.",
+    )
 
     @model_validator(mode="after")
     def _gpu_sandbox_is_explicit(self) -> EvalSpec:
@@ -242,6 +311,7 @@ class EvalSpec(_Model):
         for what, names in (
             ("datasets", [d.name for d in self.datasets]),
             ("metrics", [m.name for m in self.metrics]),
+            ("preprocessing", [p.name for p in self.preprocessing]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
