@@ -333,48 +333,48 @@ def _rows(c: Comparison) -> list[list[str]]:
     ]
 
 
-HEADER = ["rank", "run", "spec", "value", "confidence interval", "≠ leader", "≠ next"]
+HEADER = ["rank", "run", "spec", "value", "confidence interval", "sig. vs leader", "sig. vs next"]
 
 
-def _notes(c: Comparison) -> list[str]:
+def _heading(c: Comparison) -> list[str]:
+    """What the ranking is by, the significance criterion, and every allowed difference."""
     arrow = "higher" if c.direction == "higher_is_better" else "lower"
-    notes = [
+    lines = [
         f"comparison group {c.group}: ranked by {c.metric} ({arrow} is better)",
         f"significance: {c.criterion}",
     ]
     for d in c.allowed:
-        notes.append(f"ALLOWED difference in {d.field} (--allow {d.field}):")
-        for value, runs in d.variants:
-            notes.append(f"  {', '.join(runs)}: {value}")
-    for run_id, why in c.excluded:
-        notes.append(f"left out {run_id}: {why}")
-    return notes
+        lines.append(f"ALLOWED difference in {d.field} (--allow {d.field}):")
+        lines += [f"  {', '.join(runs)}: {value}" for value, runs in d.variants]
+    return lines
+
+
+def _footer(c: Comparison) -> list[str]:
+    return [f"left out {run_id}: {why}" for run_id, why in c.excluded]
 
 
 def format_text(c: Comparison) -> str:
     rows = _rows(c)
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    lines = [*_notes(c)[:2], ""]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    extra = _notes(c)[2:]
-    if extra:
-        lines += ["", *extra]
+    lines = [*_heading(c), ""]
+    for row in [HEADER, ["-" * w for w in widths], *rows]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    if c.excluded:
+        lines += ["", *_footer(c)]
     return "\n".join(lines) + "\n"
 
 
+def _md_item(line: str) -> str:
+    return f"  - {line.strip()}" if line.startswith("  ") else f"- {line}"
+
+
 def format_markdown(c: Comparison) -> str:
-    notes = _notes(c)
-    lines = [f"# evalrun comparison — {c.group}", "", *[f"- {n}" for n in notes[:2]], ""]
+    lines = [f"# evalrun comparison — {c.group}", "", *map(_md_item, _heading(c)), ""]
     lines.append("| " + " | ".join(HEADER) + " |")
     lines.append("|" + "---|" * len(HEADER))
     lines += ["| " + " | ".join(r) + " |" for r in _rows(c)]
-    if notes[2:]:
-        lines += [
-            "",
-            *[f"- {n}" if not n.startswith("  ") else f"  - {n.strip()}" for n in notes[2:]],
-        ]
+    if c.excluded:
+        lines += ["", *map(_md_item, _footer(c))]
     return "\n".join(lines) + "\n"
 
 
