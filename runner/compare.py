@@ -56,7 +56,7 @@ class NotComparable(InputError):
 
     def as_dict(self) -> dict[str, object]:
         data = super().as_dict()
-        data["differences"] = [asdict(d) for d in self.differences]
+        data["differences"] = [d.as_dict() for d in self.differences]
         return data
 
 
@@ -66,6 +66,12 @@ class Difference:
 
     field: str
     variants: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "field": self.field,
+            "variants": [{"value": json.loads(v), "runs": list(r)} for v, r in self.variants],
+        }
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,10 @@ class Comparison:
     excluded: tuple[tuple[str, str], ...] = field(default=())
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["allowed"] = [d.as_dict() for d in self.allowed]
+        data["excluded"] = [{"run_id": r, "why": why} for r, why in self.excluded]
+        return data
 
 
 # --------------------------------------------------------------------------- loading

@@ -157,6 +157,18 @@ def test_cli_refuses_with_exit_2_and_allows_with_json(home, capsys):
     _run(home, "b", 0.95, 0.93, 0.97, seeds={"seed": 9})
     assert main(["compare", "digits"]) == 2
     assert "seeds" in capsys.readouterr().err
+    assert main(["compare", "digits", "--json"]) == 2
+    refusal = json.loads(capsys.readouterr().out)
+    assert refusal["error"] == "not_comparable"
+    assert refusal["differences"] == [
+        {
+            "field": "seeds",
+            "variants": [
+                {"value": {"seed": 1234}, "runs": ["r-" + "a" * 24]},
+                {"value": {"seed": 9}, "runs": ["r-" + "b" * 24]},
+            ],
+        }
+    ]
     assert main(["compare", "digits", "--allow", "seeds", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [d["field"] for d in out["allowed"]] == ["seeds"]
