@@ -46,6 +46,7 @@ from runner.errors import (
     IntegrityError,
     SpecError,
 )
+from runner.provenance import preprocessing_records
 from runner.settings import Settings
 from runner.spec import (
     EvalSpec,
@@ -53,6 +54,7 @@ from runner.spec import (
     LockedBase,
     LockedDataset,
     LockedImage,
+    LockedPreprocessing,
     LockedSource,
     LockedSpec,
     LockedWheel,
@@ -844,6 +846,10 @@ def lock_spec(
         model=model,
         datasets=datasets,
         source=LockedSource(commit=commit, dirty=dirty, tree_sha256=tree),
+        preprocessing=[
+            LockedPreprocessing.model_validate(step)
+            for step in preprocessing_records(spec, spec_path.resolve().parent)
+        ],
     )
     write_lock(lock, lock_path_for(spec_path))
     return lock, built

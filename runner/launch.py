@@ -171,6 +171,20 @@ def _check_inputs_on_host(spec_dir: Path, lock: LockedSpec) -> list[PlanInput]:
     return inputs
 
 
+def _check_preprocessing(steps: list[dict[str, Any]], lock: LockedSpec) -> None:
+    """The preprocessing code found now must be the code that was locked."""
+    locked = {p.name: p.code_digest for p in lock.preprocessing}
+    for step in steps:
+        expected = locked.get(step["name"])
+        if expected != step["code_digest"]:
+            raise DigestMismatch(
+                f"preprocessing step {step['name']} ({step['code']})",
+                expected=expected or "not in the lock",
+                found=step["code_digest"],
+                hint="the preprocessing code changed since it was locked; re-lock deliberately",
+            )
+
+
 def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt: int) -> RunPlan:
     return RunPlan(
         run_id=run_id_for(lock.digest(), attempt),
@@ -289,6 +303,7 @@ def run_evaluation(
         facts: dict[str, Any] = {}
         try:
             inputs = _check_inputs_on_host(spec_dir, lock)
+            _check_preprocessing(steps, lock)
             journal.emit("inputs_verified", count=len(inputs))
             plan = make_plan(spec, lock, inputs, attempt)
             (stage / "plan.json").write_text(

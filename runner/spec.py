@@ -426,6 +426,14 @@ class LockedSource(_Model):
     tree_sha256: Sha256Hex = Field(description="Digest of the build context's files.")
 
 
+class LockedPreprocessing(_Model):
+    name: str
+    code: str = Field(description="Path of the step's code, relative to the spec.")
+    code_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    kind: Literal["file", "directory"]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class LockedSpec(_Model):
     """``eval.lock.json``: every input of a run resolved to a digest."""
 
@@ -438,6 +446,9 @@ class LockedSpec(_Model):
     model: LockedArtifact
     datasets: list[LockedDataset]
     source: LockedSource
+    preprocessing: list[LockedPreprocessing] = Field(
+        default_factory=list, description="Declared preprocessing steps and their code digests."
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -102,6 +103,14 @@ def _derive(spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path) -> P
         artifact["uri"] = str((spec_dir / uri).resolve())
     cell_dir = root / f"cell-{cell.index:04d}"
     cell_dir.mkdir(parents=True, exist_ok=True)
+    for step in data.get("preprocessing") or []:
+        # Preprocessing code is named relative to the spec: the cell gets the same code.
+        src, dst = spec_dir / step["code"], cell_dir / step["code"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, dst)
     cell_spec = cell_dir / "eval.yaml"
     cell_spec.write_text(yaml.safe_dump(data, sort_keys=False))
     spec = parse_spec(data, source=f"{cell_spec} (sweep cell {cell.index})")

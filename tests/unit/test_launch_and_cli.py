@@ -83,3 +83,20 @@ def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "runner.cli", "--help"], capture_output=True,
                          text=True, check=True, cwd=ROOT)
     assert "verify" in out.stdout and "run" in out.stdout
+
+
+def test_changed_preprocessing_code_is_an_integrity_failure():
+    from runner.errors import DigestMismatch
+    from runner.launch import _check_preprocessing
+    from runner.spec import LockedPreprocessing
+
+    class _Lock:
+        preprocessing = [LockedPreprocessing(name="scale", code="prep.py",
+                                             code_digest="sha256:" + "a" * 64, kind="file")]
+
+    same = [{"name": "scale", "code": "prep.py", "code_digest": "sha256:" + "a" * 64}]
+    _check_preprocessing(same, _Lock())  # type: ignore[arg-type]
+    changed = [{"name": "scale", "code": "prep.py", "code_digest": "sha256:" + "b" * 64}]
+    with pytest.raises(DigestMismatch) as exc:
+        _check_preprocessing(changed, _Lock())  # type: ignore[arg-type]
+    assert exc.value.exit_code == 3 and "scale" in exc.value.message
