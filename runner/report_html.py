@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from runner.history import read_predicate
-from runner.report import metric_rows, reproduction_markdown
+from runner.report import (
+    ROLE_HEADER,
+    metric_rows,
+    metric_rows_with_role,
+    promotion_lines,
+    reproduction_markdown,
+)
 
 MAX_SLICES = 40
 MAX_SAMPLES = 2_000_000
@@ -361,13 +367,10 @@ def render_html(data: ReportData) -> str:
     sections = _sections(data)
     body.append("<h2>Summary</h2>" + _table([], [list(r) for r in sections[0][1]], "kv"))
     body.append("<h2>Metrics</h2>")
-    body.append(
-        _table(
-            ["metric", "value", "confidence interval", "threshold", "verdict"],
-            metric_rows(p),
-            "metrics",
-        )
-    )
+    body.append(_table(ROLE_HEADER, metric_rows_with_role(p), "metrics"))
+    promotions = promotion_lines(p)
+    if promotions:
+        body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in promotions) + "</ul>")
     body.append(metrics_svg(p.get("metrics") or []))
     if data.slices:
         body.append(f"<h2>Per-slice breakdown (by {html.escape(str(data.slice_field))})</h2>")
