@@ -190,6 +190,50 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> i
     return sweep_exit_code(results)
 
 
+def _run_set(
+    args: argparse.Namespace,
+    settings: Settings,
+    term: Terminal,
+    seeds: list[int],
+    backend: Any,
+    signer: Any,
+) -> int:
+    from runner.runset import run_set
+
+    result = run_set(args.spec, seeds, backend, signer, settings, progress=term)
+    if args.json:
+        _emit_json(
+            {
+                "run_set": result.run_id,
+                "outcome": result.outcome,
+                "exit_code": result.exit_code,
+                "bundle": str(result.bundle.path),
+                "reused": result.reused,
+                "members": result.predicate["members"],
+                "across_seeds": result.predicate["across_seeds"],
+            }
+        )
+    else:
+        print(f"run set  {result.run_id}{' (existing)' if result.reused else ''}")
+        print(f"outcome  {result.outcome}")
+        print()
+        print(f"{'metric':12} {'n':>3} {'mean':>8} {'sd':>8}  CI across seeds (Student t)")
+        for s in result.predicate["across_seeds"]:
+            ci = s.get("ci") or {}
+            if s.get("mean") is None:
+                print(f"{s['name']:12} {s['n']:>3}  —  ({s.get('note')})")
+                continue
+            print(
+                f"{s['name']:12} {s['n']:>3} {s['mean']:8.4f} {s['sd']:8.4f}  "
+                f"[{ci['low']:.4f}, {ci['high']:.4f}] ({int(ci['level'] * 100)}%)"
+            )
+        print()
+        for m in result.predicate["members"]:
+            print(f"  seed {m['seed']:>10}  {m.get('run_id', '—')}  {m['outcome']}")
+        print(f"bundle   {result.bundle.path}")
+    return result.exit_code
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.launch import run_evaluation
     from runner.report import metric_table
@@ -198,6 +242,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
 
     backend = backend_for(args)
     signer = signer_for(args, settings, term)
+    from runner.spec import load_spec
+
+    seeds = load_spec(args.spec).run_set_seeds()
+    if seeds:
+        return _run_set(args, settings, term, seeds, backend, signer)
     outcome = run_evaluation(
         args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
     )

@@ -280,6 +280,19 @@ class EvalSpec(_Model):
     command: list[str] = Field(min_length=1, description="argv run inside the container.")
     params: dict[str, Any] = Field(default_factory=dict)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    seeds: list[int] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=100,
+        description="Run the evaluation once per seed as one run set (per-seed metrics, "
+        "mean, standard deviation, CI across seeds). Excludes 'seed' and 'repeats'.",
+    )
+    repeats: int | None = Field(
+        default=None,
+        ge=2,
+        le=100,
+        description="Shorthand for seeds: seed, seed+1, …, seed+repeats-1.",
+    )
     metrics: list[MetricSpec] = Field(min_length=1)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
@@ -291,6 +304,27 @@ class EvalSpec(_Model):
         description="Preprocessing / feature steps (name, code, params), recorded with the "
         "digest of their code.",
     )
+
+    @model_validator(mode="after")
+    def _one_seed_policy(self) -> EvalSpec:
+        if self.seeds is not None:
+            if self.repeats is not None:
+                raise ValueError("give either 'seeds' or 'repeats', not both")
+            if "seed" in self.model_fields_set:
+                raise ValueError("give either 'seed' or 'seeds', not both")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds: duplicate values in {self.seeds}")
+            if any(not 0 <= s <= 2**32 - 1 for s in self.seeds):
+                raise ValueError("seeds: each must be between 0 and 2**32-1")
+        return self
+
+    def run_set_seeds(self) -> list[int] | None:
+        """The seeds of a run set, or None for a single run."""
+        if self.seeds is not None:
+            return list(self.seeds)
+        if self.repeats is not None:
+            return [self.seed + i for i in range(self.repeats)]
+        return None
 
     @model_validator(mode="after")
     def _gpu_sandbox_is_explicit(self) -> EvalSpec:

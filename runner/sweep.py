@@ -93,6 +93,10 @@ def _derive(spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path) -> P
         **(data["metadata"].get("labels") or {}),
         "evalrun.dev/sweep-cell": str(cell.index),
     }
+    if "seed" in cell.overrides:
+        # A cell runs exactly one seed: the run-set policy of the base spec does not apply.
+        data.pop("seeds", None)
+        data.pop("repeats", None)
     for key, value in cell.overrides.items():
         if key.startswith("params."):
             data.setdefault("params", {})[key.removeprefix("params.")] = value

@@ -285,3 +285,36 @@ def test_sweep_runs_every_cell_with_its_own_bundle(vcli, locked_example, tmp_pat
     for c in cells:
         proc = vcli("verify", c["bundle"], "--key", str(vcli.pub))
         assert proc.returncode == 0
+
+
+def test_multi_seed_run_set_reports_per_seed_and_across_seed_uncertainty(vcli, variant):
+    import numpy as np
+
+    spec = variant(params={"pixel_dropout": 0.3})
+    import yaml
+
+    data = yaml.safe_load(spec.read_text())
+    data.pop("seed", None)
+    data["seeds"] = [1, 2, 3]
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert vcli("lock", str(spec)).returncode == 0
+    code, out = vcli.json("run", str(spec))
+    assert out["run_set"].startswith("rs-"), out
+    members = out["members"]
+    assert [m["seed"] for m in members] == [1, 2, 3]
+    acc = [next(x["value"] for x in m["metrics"] if x["name"] == "accuracy") for m in members]
+    assert len(set(acc)) > 1  # the seeded perturbation moves the per-seed numbers
+    stats = next(s for s in out["across_seeds"] if s["name"] == "accuracy")
+    arr = np.asarray(acc)
+    half = 4.302652729911275 * arr.std(ddof=1) / np.sqrt(3)  # t(0.975, df=2)
+    assert stats["mean"] == pytest.approx(arr.mean(), abs=1e-12)
+    assert stats["sd"] == pytest.approx(arr.std(ddof=1), abs=1e-12)
+    assert stats["ci"]["low"] == pytest.approx(arr.mean() - half, abs=1e-9)
+    assert code == (0 if all(m["outcome"] == "passed" for m in members) else 6)
+    # the run set is sealed and verifies; its members are linked by digest
+    proc = vcli("verify", out["bundle"], "--key", str(vcli.pub))
+    assert proc.returncode == 0, proc.stderr
+    assert "Across seeds" in (Path(out["bundle"]) / "report.md").read_text()
+    # idempotent
+    code2, again = vcli.json("run", str(spec))
+    assert again["reused"] is True and again["run_set"] == out["run_set"]
