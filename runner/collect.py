@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.metrics import SampleFormatError, compute_metrics, read_samples
+from runner.metrics import (
+    SampleFormatError,
+    compute_metrics,
+    perturbation_effects,
+    read_samples,
+    select_perturbed,
+)
 
 MAX_FILE_BYTES = 4 * 1024**3
 MAX_TOTAL_BYTES = 16 * 1024**3
@@ -117,9 +123,69 @@ def _same(a: Any, b: Any) -> bool:
 class MetricCheck:
     metrics: list[dict[str, Any]]
     problems: list[str]
+    perturbations: list[dict[str, Any]] = field(default_factory=list)
 
 
-def recompute_metrics(results: Path, definitions: list[dict[str, Any]], seed: int) -> MetricCheck:
+def _recompute_perturbations(
+    results: Path,
+    definitions: list[dict[str, Any]],
+    perturbations: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    reported: Any,
+    seed: int,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Recompute each perturbation's metrics and deltas; compare with the container's."""
+    ours: list[dict[str, Any]] = []
+    problems: list[str] = []
+    theirs = {
+        p.get("name"): p
+        for p in (reported.get("perturbations") or [] if isinstance(reported, dict) else [])
+        if isinstance(p, dict)
+    }
+    for pert in perturbations:
+        try:
+            if pert["kind"] in ("subsample", "slice"):
+                perturbed: list[dict[str, Any]] = [
+                    dict(x) for x in select_perturbed(pert, samples, seed)
+                ]
+            else:
+                perturbed = read_samples(
+                    results / "perturbations" / f"{pert['name']}.jsonl", definitions
+                )
+            effect = perturbation_effects(definitions, pert, samples, perturbed, seed)
+        except (OSError, SampleFormatError) as exc:
+            problems.append(f"perturbation {pert['name']}: outputs unusable: {exc}")
+            continue
+        ours.append(effect)
+        other = theirs.pop(pert["name"], None)
+        if other is None:
+            problems.append(f"perturbation {pert['name']}: not reported by the container")
+            continue
+        their_metrics = {m.get("name"): m for m in other.get("metrics") or []}
+        for m in effect["metrics"]:
+            o = their_metrics.get(m["name"]) or {}
+            for label, a, b in (
+                ("value", m["value"], o.get("value")),
+                ("delta", m["delta"], o.get("delta")),
+                ("delta_ci.low", m["delta_ci"]["low"], (o.get("delta_ci") or {}).get("low")),
+                ("delta_ci.high", m["delta_ci"]["high"], (o.get("delta_ci") or {}).get("high")),
+            ):
+                if not _same(a, b):
+                    problems.append(
+                        f"perturbation {pert['name']} metric {m['name']} {label}: container "
+                        f"reported {b!r}, recomputed {a!r}"
+                    )
+    for extra in sorted(str(k) for k in theirs):
+        problems.append(f"perturbation {extra}: reported by the container but not declared")
+    return ours, problems
+
+
+def recompute_metrics(
+    results: Path,
+    definitions: list[dict[str, Any]],
+    seed: int,
+    perturbations: list[dict[str, Any]] | None = None,
+) -> MetricCheck:
     """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``."""
     try:
         samples = read_samples(results / "predictions.jsonl", definitions)
@@ -152,7 +218,10 @@ def recompute_metrics(results: Path, definitions: list[dict[str, Any]], seed: in
                 )
     for extra in sorted(str(k) for k in theirs):
         problems.append(f"metric {extra}: reported by the container but not declared in the spec")
-    return MetricCheck(ours, problems)
+    effects, more = _recompute_perturbations(
+        results, definitions, perturbations or [], samples, reported, seed
+    )
+    return MetricCheck(ours, problems + more, effects)
 
 
 # --------------------------------------------------------------------------- framed results

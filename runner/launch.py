@@ -197,6 +197,7 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
         params=dict(spec.params),
         seed=spec.seed,
         metrics=[m.model_dump(mode="json") for m in spec.metrics],
+        perturbations=[x.model_dump(mode="json") for x in spec.perturbations],
         expect=spec.expect.model_dump(mode="json"),
         inputs=inputs,
         timeout_s=spec.timeout_s,
@@ -440,8 +441,9 @@ def _judge(
                 if tail:
                     reason += " — stderr: " + " | ".join(tail)
         return outcome, reason, facts
-    check = recompute_metrics(results, plan.metrics, plan.seed)
+    check = recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations)
     facts["metrics"] = check.metrics
+    facts["perturbations"] = check.perturbations
     if check.problems:
         return (
             "integrity_failure",
@@ -535,6 +537,7 @@ def _predicate(
         "environment": facts.get("environment") or {},
         "preflight": preflight or {},
         "node_crosscheck": facts.get("node_crosscheck"),
+        "perturbations": facts.get("perturbations") or [],
         "evaluation": summary.get("evaluation"),
         "metrics": metrics,
         "outcome": outcome,

@@ -291,3 +291,101 @@ def threshold_verdicts(
             "gating": gating,
         }
     return verdicts
+
+
+# --------------------------------------------------------------------------- perturbations
+
+
+def _stream(seed: int, label: str) -> int:
+    return int.from_bytes(f"{seed}:{label}".encode(), "big") % (2**63)
+
+
+def select_perturbed(
+    perturbation: Mapping[str, Any], baseline: Sequence[Sample], seed: int
+) -> list[Sample]:
+    """The samples a ``subsample`` or ``slice`` perturbation keeps from the baseline."""
+    kind = perturbation["kind"]
+    if kind == "subsample":
+        rng = random.Random(_stream(perturbation.get("seed") or seed, perturbation["name"]))
+        k = max(1, round(len(baseline) * float(perturbation["fraction"])))
+        keep = set(rng.sample(range(len(baseline)), k))
+        return [s for i, s in enumerate(baseline) if i in keep]
+    if kind == "slice":
+        field, value = perturbation["field"], perturbation["value"]
+        return [s for s in baseline if s.get(field) == value]
+    raise ValueError(f"perturbation {kind!r} is evaluated by re-running, not by selection")
+
+
+def perturbation_effects(
+    definitions: Iterable[Mapping[str, Any]],
+    perturbation: Mapping[str, Any],
+    baseline: Sequence[Sample],
+    perturbed: Sequence[Sample],
+    seed: int,
+) -> dict[str, Any]:
+    """Each metric on the perturbed samples, and its change from the baseline with a CI.
+
+    The change's interval is a paired bootstrap over the baseline's sample ids: each
+    resample draws ids, scores the baseline on them and the perturbed outputs on the
+    drawn ids they contain, and takes the difference.
+    """
+    if not perturbed:
+        raise SampleFormatError(f"perturbation {perturbation['name']}: no samples")
+    by_id = {str(s["id"]): s for s in perturbed}
+    ids = [str(s["id"]) for s in baseline]
+    unknown = set(by_id) - set(ids)
+    if unknown:
+        raise SampleFormatError(
+            f"perturbation {perturbation['name']}: sample ids not in the baseline: "
+            f"{sorted(unknown)[:5]}"
+        )
+    base_by_id = {str(s["id"]): s for s in baseline}
+    effects = []
+    for d in definitions:
+        fn = metric_function(d["compute"], d.get("field"))
+        ci = d.get("ci") or {}
+        level = float(ci.get("level", 0.95))
+        resamples = int(ci.get("resamples", 1000))
+        value = fn(perturbed)
+        base_value = fn(baseline)
+        rng = random.Random(_stream(seed, f"{perturbation['name']}:{d['name']}"))
+        deltas: list[float] = []
+        values: list[float] = []
+        for _ in range(resamples):
+            draw = rng.choices(ids, k=len(ids))
+            picked = [by_id[i] for i in draw if i in by_id]
+            if not picked:
+                continue
+            v = fn(picked)
+            values.append(v)
+            deltas.append(v - fn([base_by_id[i] for i in draw]))
+        deltas.sort()
+        values.sort()
+        alpha = (1 - level) / 2
+        effects.append(
+            {
+                "name": d["name"],
+                "value": value,
+                "baseline": base_value,
+                "delta": value - base_value,
+                "ci": {
+                    "low": _percentile(values, alpha),
+                    "high": _percentile(values, 1 - alpha),
+                    "level": level,
+                    "method": "bootstrap_percentile",
+                },
+                "delta_ci": {
+                    "low": _percentile(deltas, alpha),
+                    "high": _percentile(deltas, 1 - alpha),
+                    "level": level,
+                    "method": "paired_bootstrap",
+                },
+                "n": len(perturbed),
+            }
+        )
+    return {
+        "name": perturbation["name"],
+        "kind": perturbation["kind"],
+        "n": len(perturbed),
+        "metrics": effects,
+    }

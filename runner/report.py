@@ -123,6 +123,7 @@ def render_markdown(predicate: Mapping[str, Any]) -> str:
     else:
         lines.append("No metrics were computed.")
     lines += provenance_markdown(predicate)
+    lines += perturbation_lines(predicate)
     lines += ["", "## Inputs", ""]
     model = predicate.get("model") or {}
     lines.append(f"- model `{model.get('path')}` sha256 `{model.get('sha256')}`")
@@ -214,4 +215,27 @@ def reproduction_markdown(predicate: Mapping[str, Any]) -> list[str]:
             f"| {m.get('name')} | {_fmt(m.get('original'))} | {_fmt(m.get('rerun'))} | "
             f"{_fmt(m.get('delta'))} | {m.get('verdict')} |"
         )
+    return lines
+
+
+def perturbation_lines(predicate: Mapping[str, Any]) -> list[str]:
+    """The sensitivity table: each metric under each perturbation, its change and CI."""
+    perts = predicate.get("perturbations") or []
+    if not perts:
+        return []
+    lines = [
+        "",
+        "## Sensitivity to data perturbations",
+        "",
+        "| perturbation | kind | n | metric | value | change | change CI (paired bootstrap) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in perts:
+        for m in p.get("metrics") or []:
+            dci = m.get("delta_ci") or {}
+            lines.append(
+                f"| {p.get('name')} | {p.get('kind')} | {p.get('n')} | {m.get('name')} | "
+                f"{_fmt(m.get('value'))} | {m.get('delta', 0.0):+.4f} | "
+                f"[{dci.get('low', 0.0):+.4f}, {dci.get('high', 0.0):+.4f}] |"
+            )
     return lines

@@ -167,6 +167,33 @@ class Promotion(_Model):
         return value
 
 
+class PerturbationSpec(_Model):
+    """A declared data perturbation, evaluated in the same run as the baseline.
+
+    ``subsample`` and ``slice`` select samples from the baseline outputs; ``noise`` and
+    ``drop_feature`` re-run the evaluation on perturbed inputs (the evaluation reads
+    ``EVALRUN_PERTURBATION``). All are seeded and recorded.
+    """
+
+    name: Name
+    kind: Literal["subsample", "slice", "noise", "drop_feature"]
+    fraction: float | None = Field(default=None, gt=0, lt=1, description="subsample: share kept.")
+    field: str | None = Field(default=None, description="slice: per-sample field to match.")
+    value: str | int | float | bool | None = Field(default=None, description="slice: value.")
+    std: float | None = Field(default=None, gt=0, description="noise: standard deviation.")
+    feature: str | None = Field(default=None, description="drop_feature: which feature.")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _parameters_for_kind(self) -> PerturbationSpec:
+        needs = {"subsample": ["fraction"], "slice": ["field", "value"], "noise": ["std"],
+                 "drop_feature": ["feature"]}[self.kind]
+        missing = [n for n in needs if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"perturbation kind {self.kind!r} needs {missing}")
+        return self
+
+
 class MetricSpec(_Model):
     name: Name
     compute: Literal["accuracy", "macro_f1", "error_rate", "mean"] = Field(
@@ -294,6 +321,11 @@ class EvalSpec(_Model):
         description="Shorthand for seeds: seed, seed+1, …, seed+repeats-1.",
     )
     metrics: list[MetricSpec] = Field(min_length=1)
+    perturbations: list[PerturbationSpec] = Field(
+        default_factory=list,
+        description="Data perturbations evaluated in the same run; the report shows each "
+        "metric's change with its CI.",
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
     expect: ExpectedEnvironment = Field(default_factory=ExpectedEnvironment)

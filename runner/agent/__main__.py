@@ -19,12 +19,19 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from runner.agent.capture import capture_environment
 from runner.agent.rootfs import rootfs_digest
-from runner.metrics import SampleFormatError, compute_metrics, read_samples
+from runner.metrics import (
+    SampleFormatError,
+    compute_metrics,
+    perturbation_effects,
+    read_samples,
+    select_perturbed,
+)
 
 EXIT_OK = 0
 EXIT_BAD_PLAN = 2
@@ -356,7 +363,16 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
         return EXIT_EVAL_OUTPUT
     log.emit("data_loaded", samples=len(samples))
     values = compute_metrics(plan["metrics"], samples, seed)
-    _write_json(results / "metrics.json", {"seed": seed, "metrics": [v.as_dict() for v in values]})
+    try:
+        perturbations = _run_perturbations(plan, samples, child_env, results, log, seed)
+    except (OSError, SampleFormatError, subprocess.SubprocessError) as exc:
+        summary.update(outcome="bad_output", reason=f"perturbation failed: {exc}")
+        log.emit("bad_output", level="error", reason=summary["reason"])
+        return EXIT_EVAL_OUTPUT
+    report: dict[str, Any] = {"seed": seed, "metrics": [v.as_dict() for v in values]}
+    if perturbations:
+        report["perturbations"] = perturbations
+    _write_json(results / "metrics.json", report)
     log.emit(
         "metrics_done",
         duration_s=round(time.monotonic() - t2, 4),
@@ -364,6 +380,59 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
     )
     summary.update(outcome="completed")
     return EXIT_OK
+
+
+def _run_perturbations(
+    plan: dict[str, Any],
+    baseline: list[dict[str, Any]],
+    child_env: dict[str, str],
+    results: Path,
+    log: EventLog,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Evaluate each declared perturbation: by selection, or by re-running the command."""
+    out = []
+    for pert in plan.get("perturbations") or []:
+        t0 = time.monotonic()
+        perturbed: Sequence[Mapping[str, Any]]
+        if pert["kind"] in ("subsample", "slice"):
+            perturbed = select_perturbed(pert, baseline, seed)
+        else:
+            folder = results / "perturbations"
+            folder.mkdir(exist_ok=True)
+            target = folder / f"{pert['name']}.jsonl"
+            env = {
+                **child_env,
+                "EVALRUN_OUTPUT": str(target),
+                "EVALRUN_PERTURBATION": json.dumps(
+                    {**pert, "seed": pert.get("seed") or seed}, sort_keys=True
+                ),
+            }
+            with (results / "logs" / f"perturbation-{pert['name']}.stderr").open("wb") as err:
+                proc = subprocess.run(
+                    plan["command"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    timeout=plan["timeout_s"],
+                    check=False,
+                )
+            if proc.returncode != 0:
+                raise SampleFormatError(
+                    f"{pert['name']}: the evaluation exited {proc.returncode} under the "
+                    "perturbation (does it read EVALRUN_PERTURBATION?)"
+                )
+            perturbed = read_samples(target, plan["metrics"])
+        effects = perturbation_effects(plan["metrics"], pert, baseline, perturbed, seed)
+        log.emit(
+            "perturbation_done",
+            name=pert["name"],
+            kind=pert["kind"],
+            duration_s=round(time.monotonic() - t0, 4),
+        )
+        out.append(effects)
+    return out
 
 
 RESULTS_FRAME_BEGIN = "-----BEGIN EVALRUN RESULTS"

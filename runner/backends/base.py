@@ -49,6 +49,7 @@ class RunPlan(BaseModel):
     params: dict[str, Any]
     seed: int
     metrics: list[dict[str, Any]]
+    perturbations: list[dict[str, Any]] = Field(default_factory=list)
     expect: dict[str, Any]
     inputs: list[PlanInput]
     timeout_s: int
@@ -83,6 +84,7 @@ class RunPlan(BaseModel):
             "command": self.command,
             "timeout_s": self.timeout_s,
             "metrics": self.metrics,
+            "perturbations": self.perturbations,
             "expect": self.expect,
             "inputs": [
                 {"role": i.role, "name": i.name, "path": i.container_path, "sha256": i.sha256}

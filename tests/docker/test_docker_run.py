@@ -318,3 +318,23 @@ def test_multi_seed_run_set_reports_per_seed_and_across_seed_uncertainty(vcli, v
     # idempotent
     code2, again = vcli.json("run", str(spec))
     assert again["reused"] is True and again["run_set"] == out["run_set"]
+
+
+def test_perturbations_report_sensible_deltas(vcli, variant):
+    spec = variant(perturbations=[
+        {"name": "noise-0-3", "kind": "noise", "std": 0.3, "seed": 5},
+        {"name": "drop-center", "kind": "drop_feature", "feature": "pixel_28"},
+        {"name": "half", "kind": "subsample", "fraction": 0.5},
+        {"name": "only-eights", "kind": "slice", "field": "label", "value": 8},
+    ])
+    code, out = vcli.json("run", str(spec))
+    assert code == 0, out
+    pred = predicate_of(Path(out["bundle"]))
+    effects = {p["name"]: {m["name"]: m for m in p["metrics"]} for p in pred["perturbations"]}
+    noise = effects["noise-0-3"]["accuracy"]
+    assert noise["delta"] < -0.02 and noise["delta_ci"]["high"] < 0  # noise hurts, clearly
+    assert -0.05 < effects["drop-center"]["accuracy"]["delta"] <= 0.0
+    half = effects["half"]["accuracy"]
+    assert half["delta_ci"]["low"] < 0 < half["delta_ci"]["high"]  # a subsample: no real change
+    assert {p["n"] for p in pred["perturbations"] if p["name"] == "half"} == {225}
+    assert "Sensitivity to data perturbations" in (Path(out["bundle"]) / "report.md").read_text()

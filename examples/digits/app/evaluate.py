@@ -37,6 +37,16 @@ def main() -> int:
             labels.append(row["label"])
             pixels.append(row["pixels"])
     x = np.asarray(pixels, dtype=np.float64) / float(model["input_scale"])
+    perturbation = json.loads(os.environ.get("EVALRUN_PERTURBATION", "null"))
+    if perturbation and perturbation["kind"] == "noise":
+        noise_rng = np.random.default_rng(int(perturbation["seed"]))
+        x = np.clip(x + noise_rng.normal(0.0, float(perturbation["std"]), x.shape), 0.0, 1.0)
+    elif perturbation and perturbation["kind"] == "drop_feature":
+        # Features are named pixel_0 … pixel_63; a dropped pixel reads as blank.
+        x[:, int(str(perturbation["feature"]).removeprefix("pixel_"))] = 0.0
+    elif perturbation:
+        print(f"evaluate.py: unsupported perturbation {perturbation['kind']}", file=sys.stderr)
+        return 2
     dropout = float(params.get("pixel_dropout", 0.0))
     if dropout:
         # Seeded input perturbation: different seeds give different (reproducible) scores.
