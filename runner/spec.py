@@ -186,8 +186,12 @@ class PerturbationSpec(_Model):
 
     @model_validator(mode="after")
     def _parameters_for_kind(self) -> PerturbationSpec:
-        needs = {"subsample": ["fraction"], "slice": ["field", "value"], "noise": ["std"],
-                 "drop_feature": ["feature"]}[self.kind]
+        needs = {
+            "subsample": ["fraction"],
+            "slice": ["field", "value"],
+            "noise": ["std"],
+            "drop_feature": ["feature"],
+        }[self.kind]
         missing = [n for n in needs if getattr(self, n) is None]
         if missing:
             raise ValueError(f"perturbation kind {self.kind!r} needs {missing}")
