@@ -389,3 +389,37 @@ def format_markdown(c: Comparison) -> str:
 
 def format_json(c: Comparison) -> str:
     return json.dumps(c.as_dict(), indent=2, sort_keys=True, default=str) + "\n"
+
+
+def check_group_definitions(store: Store, spec: Any) -> None:
+    """Refuse a run that would change a comparison group's primary metric definitions.
+
+    Once runs exist in a group, its primary metrics (definition and threshold) are
+    fixed; a changed definition needs a new version of the group (a new
+    ``comparison_group`` name, e.g. ``NAME.v2``), so old and new runs are never ranked
+    against each other by accident.
+    """
+    group = spec.metadata.comparison_group
+    if not group:
+        return
+    runs, _ = load_group(store, group)
+    if not runs:
+        return
+    mine = primary_metrics(
+        {"metric_definitions": [d.model_dump(mode="json") for d in spec.metrics]}
+    )
+    theirs = primary_metrics(runs[0].predicate)
+    if mine != theirs:
+        changed = sorted(
+            {str(d.get("name")) for d in mine if d not in theirs}
+            | {str(d.get("name")) for d in theirs if d not in mine}
+        )
+        raise InputError(
+            f"comparison group {group!r} already has runs ({len(runs)}) whose primary metrics "
+            f"are defined differently: {', '.join(changed)}",
+            file="metadata.comparison_group",
+            expected=json.dumps(theirs, sort_keys=True),
+            found=json.dumps(mine, sort_keys=True),
+            hint=f"keep the group's definitions, or start a new version of the group "
+            f"(comparison_group: {group}.v2)",
+        )

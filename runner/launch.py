@@ -28,6 +28,7 @@ from runner.backends.base import Backend, BackendResult, PlanInput, RunPlan
 from runner.build import image_reproducibility, sha256_file
 from runner.bundle import build_bundle
 from runner.collect import collect_results, read_json, recompute_metrics
+from runner.compare import check_group_definitions
 from runner.crosscheck import crosscheck_node_labels
 from runner.errors import (
     DigestMismatch,
@@ -278,6 +279,7 @@ def run_evaluation(
         )
 
     spec_dir = spec_path.resolve().parent
+    check_group_definitions(store, spec)
     steps = preprocessing_records(spec, spec_dir)
     journal = Journal(run_id)
     started = _now()

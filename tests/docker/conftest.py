@@ -79,8 +79,11 @@ def vcli(host, tmp_path) -> Cli:
 def variant(locked_example, tmp_path, vcli):
     """A locked copy of the example using the prebuilt image by digest, with changes."""
 
+    made: list[int] = []
+
     def make(lock: bool = True, **changes) -> Path:
-        dest = tmp_path / "variant"
+        made.append(1)
+        dest = tmp_path / ("variant" if len(made) == 1 else f"variant-{len(made)}")
         shutil.copytree(locked_example, dest, ignore=shutil.ignore_patterns("eval.lock.json"))
         ref = json.loads((locked_example / "eval.lock.json").read_text())["image"]["ref"]
         spec = yaml.safe_load((dest / "eval.yaml").read_text())

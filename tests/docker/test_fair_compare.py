@@ -61,14 +61,20 @@ def test_bundle_records_who_and_why_and_compare_refuses_other_preprocessing(vari
     [step] = pred["preprocessing"]
     assert step["name"] == "scale" and step["code_digest"].startswith("sha256:")
     roles = {m["name"]: (m["role"], m["passed"], m["threshold_met"]) for m in pred["metrics"]}
-    assert roles == {"accuracy": ("primary", True, True), "macro-f1": ("supplementary", None, False)}
+    assert roles == {
+        "accuracy": ("primary", True, True),
+        "macro-f1": ("supplementary", None, False),
+    }
     report = (bundle / "report.md").read_text()
     assert "| macro-f1 | supplementary |" in report and "missed (not gating)" in report
     assert "re-check after data fix (from cli)" in report
 
     # same evaluation, other preprocessing parameters: not comparable
-    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()),
-                                    "preprocessing": _changes(8)["preprocessing"]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {**yaml.safe_load(spec.read_text()), "preprocessing": _changes(8)["preprocessing"]}
+        )
+    )
     assert vcli("lock", str(spec)).returncode == 0
     code, second = vcli.json("run", str(spec))
     assert code == 0, second
@@ -81,3 +87,23 @@ def test_bundle_records_who_and_why_and_compare_refuses_other_preprocessing(vari
     assert [d["field"] for d in result["allowed"]] == ["preprocessing"]
     assert {r["run_id"] for r in result["ranking"]} == {out["run_id"], second["run_id"]}
     assert result["metric"] == "accuracy"
+
+
+def test_changing_a_groups_primary_metric_needs_a_new_group_version(vcli, variant):
+    example = yaml.safe_load((EXAMPLE / "eval.yaml").read_text())
+    meta = {**example["metadata"], "comparison_group": "digits-versioned"}
+    code, _ = vcli.json("run", str(variant(metadata=meta)))
+    assert code == 0
+    stricter = [dict(example["metrics"][0], threshold=0.91), example["metrics"][1]]
+    spec = variant(metadata=meta, metrics=stricter)
+    proc = vcli("run", str(spec))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "digits-versioned" in proc.stderr and "accuracy" in proc.stderr
+    assert "digits-versioned.v2" in proc.stderr
+    code, out = vcli.json(
+        "run",
+        str(
+            variant(metadata={**meta, "comparison_group": "digits-versioned.v2"}, metrics=stricter)
+        ),
+    )
+    assert code == 0, out
