@@ -172,6 +172,20 @@ def _check_inputs_on_host(spec_dir: Path, lock: LockedSpec) -> list[PlanInput]:
     return inputs
 
 
+def _carry_preprocessing(spec: EvalSpec, spec_dir: Path, dest: Path) -> None:
+    """Copy the declared preprocessing code into the bundle, so a re-run can replay it."""
+    for step in spec.preprocessing:
+        src = spec_dir / step.code
+        target = dest / step.code
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(
+                src, target, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
+        elif src.is_file():
+            shutil.copy2(src, target)
+
+
 def _check_preprocessing(steps: list[dict[str, Any]], lock: LockedSpec) -> None:
     """The preprocessing code found now must be the code that was locked."""
     locked = {p.name: p.code_digest for p in lock.preprocessing}
@@ -301,6 +315,7 @@ def run_evaluation(
     with store.staging_dir() as stage:
         shutil.copy2(spec_path, stage / "spec.yaml")
         shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
+        _carry_preprocessing(spec, spec_dir, stage / "preprocessing")
         result: BackendResult | None = None
         plan: RunPlan | None = None
         facts: dict[str, Any] = {}

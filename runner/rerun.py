@@ -346,6 +346,11 @@ def workspace(
             _place(source, dest)
         (spec_dir / "eval.yaml").write_bytes(original.spec_bytes)
         (spec_dir / "eval.lock.json").write_bytes(original.lock_bytes)
+        # Preprocessing code travels in the bundle (signed); put it back where the spec
+        # names it. The lock's code digests are checked again before the run starts.
+        carried = original.path / "preprocessing"
+        if carried.is_dir():
+            shutil.copytree(carried, spec_dir, dirs_exist_ok=True)
         yield spec_dir / "eval.yaml"
     finally:
         shutil.rmtree(root, ignore_errors=True)

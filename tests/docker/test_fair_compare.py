@@ -107,3 +107,19 @@ def test_changing_a_groups_primary_metric_needs_a_new_group_version(vcli, varian
         ),
     )
     assert code == 0, out
+
+
+def test_rerun_replays_the_preprocessing_code_carried_in_the_bundle(vcli, variant, tmp_path):
+    spec = variant(**_changes(2))
+    code, out = vcli.json("run", str(spec))
+    assert code == 0, out
+    bundle = Path(out["bundle"])
+    assert (bundle / "preprocessing" / "app" / "evaluate.py").is_file()
+    # the original checkout is gone: only the bundle and the inputs remain
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for rel in ("model/weights.json", "data/digits_test.jsonl"):
+        (inputs / Path(rel).name).write_bytes((spec.parent / rel).read_bytes())
+    code, again = vcli.json("rerun", out["run_id"], "--inputs", str(inputs))
+    assert code == 0, again
+    assert again["verdict"] == "identical"
