@@ -769,16 +769,8 @@ def _resolve_base(
     return ensure_base_image(spec.image.base, settings, client, progress)
 
 
-def lock_spec(
-    spec: EvalSpec,
-    spec_path: Path,
-    settings: Settings,
-    *,
-    progress: Progress = _noop,
-    rebuild: bool = False,
-) -> tuple[LockedSpec, BuiltImage | None]:
-    """Resolve every input of ``spec`` to a digest, build the image, write the lock."""
-    spec_dir = spec_path.resolve().parent
+def lock_inputs(spec: EvalSpec, spec_dir: Path) -> tuple[LockedArtifact, list[LockedDataset]]:
+    """The model and datasets of ``spec``, each checked against its pinned sha256."""
     model = lock_artifact(spec_dir, spec.model.uri, spec.model.sha256, "model")
     datasets = []
     for i, ds in enumerate(spec.datasets):
@@ -792,6 +784,20 @@ def lock_spec(
                 source=ds.source,
             )
         )
+    return model, datasets
+
+
+def lock_spec(
+    spec: EvalSpec,
+    spec_path: Path,
+    settings: Settings,
+    *,
+    progress: Progress = _noop,
+    rebuild: bool = False,
+) -> tuple[LockedSpec, BuiltImage | None]:
+    """Resolve every input of ``spec`` to a digest, build the image, write the lock."""
+    spec_dir = spec_path.resolve().parent
+    model, datasets = lock_inputs(spec, spec_dir)
     commit, dirty = git_source(spec_dir)
     client = None
     built: BuiltImage | None = None

@@ -20,12 +20,12 @@ from typing import Any
 import yaml
 
 from runner.backends.base import Backend
-from runner.build import lock_artifact, write_lock
+from runner.build import lock_inputs, write_lock
 from runner.errors import EvalrunError, InputError
 from runner.launch import OUTCOME_EXIT, RunOutcome, load_locked, run_evaluation
 from runner.settings import Settings
 from runner.signing import Signer
-from runner.spec import LockedDataset, LockedSpec, load_yaml_document, lock_path_for, parse_spec
+from runner.spec import LockedSpec, load_yaml_document, lock_path_for, parse_spec
 
 Progress = Callable[[str], None]
 MAX_CELLS = 10_000
@@ -118,19 +118,7 @@ def _derive(spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path) -> P
     cell_spec = cell_dir / "eval.yaml"
     cell_spec.write_text(yaml.safe_dump(data, sort_keys=False))
     spec = parse_spec(data, source=f"{cell_spec} (sweep cell {cell.index})")
-    model = lock_artifact(cell_dir, spec.model.uri, spec.model.sha256, "model")
-    datasets = []
-    for i, ds in enumerate(spec.datasets):
-        art = lock_artifact(cell_dir, ds.uri, ds.sha256, f"datasets[{i}] ({ds.name})")
-        datasets.append(
-            LockedDataset(
-                **art.model_dump(),
-                name=ds.name,
-                split=ds.split,
-                license=ds.license,
-                source=ds.source,
-            )
-        )
+    model, datasets = lock_inputs(spec, cell_dir)
     lock = base_lock.model_copy(
         update={"spec_digest": spec.digest(), "model": model, "datasets": datasets}
     )
