@@ -343,6 +343,13 @@ def _render(bundle: Path, digest: str | None, fmt: str, verification: str) -> st
         if fmt == "html":
             return render_audit_html(predicate, verification)
         return render_audit_markdown(predicate) + f"\nverification: {verification}\n"
+    if predicate.get("kind") == "run_set":
+        from runner.report_html import render_run_set_html
+        from runner.runset import render_run_set
+
+        if fmt == "html":
+            return render_run_set_html(predicate, verification)
+        return render_run_set(predicate) + f"\nverification: {verification}\n"
     data = load_report_data(bundle, verification, digest)
     return render_html(data) if fmt == "html" else render_markdown_full(data)
 

@@ -496,6 +496,11 @@ def render_audit_html(predicate: Mapping[str, Any], verification: str) -> str:
         "<h2>Runs</h2>",
         _table(["run", "spec", "reproduced", "why", "re-run"], rows),
     ]
+    return _document(title, body)
+
+
+def _document(title: str, body: Sequence[str]) -> str:
+    """A self-contained page: inline CSS only, a CSP that forbids fetching anything."""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
@@ -504,6 +509,54 @@ def render_audit_html(predicate: Mapping[str, Any], verification: str) -> str:
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
         "<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
+
+
+def _n(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "—"
+
+
+def render_run_set_html(predicate: Mapping[str, Any], verification: str) -> str:
+    """A run set's report: per-seed metrics with bootstrap CIs, then the spread across seeds."""
+    title = (
+        f"evalrun run set {predicate.get('run_id')} — {(predicate.get('spec') or {}).get('name')}"
+    )
+    stats = [s for s in predicate.get("across_seeds") or [] if isinstance(s, Mapping)]
+    names = [str(s.get("name")) for s in stats]
+    summary = [
+        ["outcome", f"{predicate.get('outcome')} (exit {predicate.get('exit_code')})"],
+        ["seeds", json.dumps((predicate.get("seeds") or {}).get("seeds"))],
+        ["verification", verification],
+    ]
+    per_seed = []
+    for row in predicate.get("members") or []:
+        by = {m.get("name"): m for m in row.get("metrics") or [] if isinstance(m, Mapping)}
+        cells = [str(row.get("seed")), str(row.get("run_id") or row.get("outcome"))]
+        for n in names:
+            m = by.get(n) or {}
+            ci = m.get("ci") or {}
+            cells.append(f"{_n(m.get('value'))} [{_n(ci.get('low'))}, {_n(ci.get('high'))}]")
+        per_seed.append(cells)
+    across = []
+    for s in stats:
+        ci = s.get("ci") or {}
+        across.append(
+            [
+                str(s.get("name")),
+                str(s.get("n")),
+                _n(s.get("mean")),
+                _n(s.get("sd")),
+                f"[{_n(ci.get('low'))}, {_n(ci.get('high'))}]",
+            ]
+        )
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        _table([], summary, "kv"),
+        "<h2>Per seed (value and bootstrap CI)</h2>",
+        _table(["seed", "run", *names], per_seed),
+        "<h2>Across seeds (mean, sd, Student-t CI of the mean)</h2>",
+        _table(["metric", "n", "mean", "sd", "CI"], across),
+    ]
+    return _document(title, body)
 
 
 __all__ = [
@@ -515,5 +568,6 @@ __all__ = [
     "render_audit_html",
     "render_html",
     "render_markdown_full",
+    "render_run_set_html",
     "slices_svg",
 ]

@@ -67,3 +67,24 @@ def test_bad_seed_policies_are_refused(extra, message):
     with pytest.raises(SpecError) as exc:
         _spec(**extra)
     assert message in exc.value.diagnostics()
+
+
+def test_run_set_reports_show_per_seed_and_across_seed_tables():
+    from runner.report_html import render_run_set_html
+    from runner.runset import render_run_set
+
+    pred = {
+        "run_id": "rs-1", "spec": {"name": "digits"}, "outcome": "passed", "exit_code": 0,
+        "seeds": {"seeds": [1, 2]},
+        "members": [{"seed": s, "run_id": f"r-{s}", "outcome": "passed",
+                     "metrics": [{"name": "accuracy", "value": v,
+                                  "ci": {"low": v - 0.02, "high": v + 0.02}}]}
+                    for s, v in ((1, 0.9), (2, 0.92))],
+        "across_seeds": [across_seeds("accuracy", [0.9, 0.92], 0.95).as_dict()],
+    }
+    md = render_run_set(pred)
+    assert "| 1 | `r-1` | 0.9000 [0.8800, 0.9200] |" in md
+    assert "Across seeds" in md and "0.9100" in md
+    page = render_run_set_html(pred, "valid")
+    assert page == render_run_set_html(pred, "valid")  # deterministic
+    assert "Student-t" in page and "r-2" in page and "http" not in page.split("</head>")[1]
