@@ -57,27 +57,18 @@ def _scheme(registry: str) -> str:
     return "http" if host in ("127.0.0.1", "localhost", "::1") else "https"
 
 
+def _base_url(name: ImageName) -> str:
+    return f"{_scheme(name.registry)}://{name.registry}/v2/{name.repository}"
+
+
 def _request(method: str, url: str, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, method=method, headers={"Accept": MANIFEST_TYPES})  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            return resp.status, dict(resp.headers), resp.read() if method == "GET" else b""
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            raise TransientInfrastructureError(f"registry answered {exc.code}", url=url) from None
-        return exc.code, dict(exc.headers), b""
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TransientInfrastructureError(
-            f"registry unreachable: {reason}",
-            url=url,
-            hint="start the local registry with `make host-up` (scripts/host-up.sh)",
-        ) from None
+    """A manifest-API request (``Accept``: every manifest type), translated by :func:`_send`."""
+    return _send(method, url, headers={"Accept": MANIFEST_TYPES}, timeout=timeout)
 
 
 def resolve_tag(name: ImageName, tag: str) -> str | None:
     """The manifest digest a tag points to, or None if the tag does not exist."""
-    url = f"{_scheme(name.registry)}://{name.registry}/v2/{name.repository}/manifests/{tag}"
+    url = f"{_base_url(name)}/manifests/{tag}"
     status, headers, _ = call_with_retries(
         lambda: _request("HEAD", url), what=f"resolve {name}:{tag}"
     )
@@ -93,7 +84,7 @@ def resolve_tag(name: ImageName, tag: str) -> str | None:
 
 def manifest_exists(name: ImageName, digest: str) -> bool:
     """Whether the registry holds a manifest with exactly this digest."""
-    url = f"{_scheme(name.registry)}://{name.registry}/v2/{name.repository}/manifests/{digest}"
+    url = f"{_base_url(name)}/manifests/{digest}"
     status, _, _ = call_with_retries(lambda: _request("HEAD", url), what=f"check {name}@{digest}")
     if status in (404, 400):
         return False
@@ -112,7 +103,7 @@ def registry_reachable(registry: str) -> bool:
 
 
 def get_manifest(name: ImageName, reference: str) -> dict[str, object]:
-    url = f"{_scheme(name.registry)}://{name.registry}/v2/{name.repository}/manifests/{reference}"
+    url = f"{_base_url(name)}/manifests/{reference}"
     status, _, body = call_with_retries(lambda: _request("GET", url), what=f"get {name}")
     if status != 200:
         raise InfrastructureError(f"registry answered {status} for {name}@{reference}", url=url)
@@ -121,10 +112,6 @@ def get_manifest(name: ImageName, reference: str) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------- push
-
-
-def _base_url(name: ImageName) -> str:
-    return f"{_scheme(name.registry)}://{name.registry}/v2/{name.repository}"
 
 
 def _send(

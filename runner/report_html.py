@@ -408,14 +408,7 @@ def render_html(data: ReportData) -> str:
         )
     for name, rows in sections[1:]:
         body.append(f"<h2>{html.escape(name)}</h2>" + _table([], [list(r) for r in rows], "kv"))
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "style-src 'unsafe-inline'; img-src data:\">"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
-        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+    return _document(title, body)
 
 
 def _fmt(value: Any) -> str:
