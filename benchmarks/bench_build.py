@@ -36,16 +36,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runner.build import (  # noqa: E402
+from runner.build.image import (  # noqa: E402
     _docker_build,
     build_image,
     build_inputs_for,
     lock_spec,
     stage_context,
 )
-from runner.docker_engine import connect  # noqa: E402
-from runner.settings import Settings  # noqa: E402
-from runner.spec import load_spec  # noqa: E402
+from runner.adapters.docker_engine import connect  # noqa: E402
+from runner._internal.settings import Settings  # noqa: E402
+from runner.model.spec import load_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

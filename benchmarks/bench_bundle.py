@@ -31,15 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runner.bundle import (
+from runner.bundle.build import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     STATEMENT_NAME,
     build_bundle,
     default_workers,
 )
-from runner.signing import generate_keypair, load_signer, load_verifier
-from runner.verify import verify_bundle
+from runner.bundle.signing import generate_keypair, load_signer, load_verifier
+from runner.bundle.verify import verify_bundle
 
 MIB = 1 << 20
 

@@ -1,7 +1,7 @@
 """Submit N evalrun Jobs to kwok GPU nodes and wait for all, vs pinned kubectl apply + wait.
 
 Both sides create the same objects (one ConfigMap + one Job per run, built by
-runner.manifests) in fresh namespaces of the local test cluster. Reports wall time,
+runner.backends.manifests) in fresh namespaces of the local test cluster. Reports wall time,
 API requests per run and peak memory of each side, and the ratio, from one run.
 
     python benchmarks/bench_kwok.py [--runs 500] [--parallel 16]
@@ -27,9 +27,9 @@ import cluster as cluster_mod  # noqa: E402
 import yaml  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 
-from runner.backends.base import PlanInput, RunPlan  # noqa: E402
+from runner.model.plan import PlanInput, RunPlan  # noqa: E402
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch  # noqa: E402
-from runner.manifests import JobOptions, build_configmap, build_job, job_name  # noqa: E402
+from runner.backends.manifests import JobOptions, build_configmap, build_job, job_name  # noqa: E402
 
 PRODUCTS = ["NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"]
 KWOK_TAINT = (("kwok.x-k8s.io/node", "NoSchedule"),)

@@ -25,7 +25,7 @@ from typing import Any
 
 from runner.agent.capture import capture_environment
 from runner.agent.rootfs import rootfs_digest
-from runner.metrics import (
+from runner.shared.metrics import (
     SampleFormatError,
     compute_metrics,
     perturbation_effects,

@@ -20,15 +20,15 @@ from typing import Any
 
 import docker.types
 
-from runner.backends.base import (
+from runner.adapters.docker_engine import connect, docker_call, runtimes, translated
+from runner.errors import EnvironmentMismatch, EvalrunError
+from runner.model.plan import (
     PLAN_MOUNT,
     RESULTS_MOUNT,
     SANDBOX_UID,
     BackendResult,
     RunPlan,
 )
-from runner.docker_engine import connect, docker_call, runtimes, translated
-from runner.errors import EnvironmentMismatch, EvalrunError
 
 log = logging.getLogger("evalrun.backend.docker")
 

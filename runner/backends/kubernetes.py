@@ -27,16 +27,9 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
 
-from runner.backends.base import BackendResult, RunPlan
-from runner.collect import extract_results_frame
-from runner.errors import (
-    EnvironmentMismatch,
-    EvalrunError,
-    InfrastructureError,
-    InputError,
-    TransientInfrastructureError,
-)
-from runner.manifests import (
+from runner._internal.retry import call_with_retries
+from runner.backends.collect import extract_results_frame
+from runner.backends.manifests import (
     CONTAINER_NAME,
     LABEL_RUN_ID,
     MANAGED_BY,
@@ -45,7 +38,14 @@ from runner.manifests import (
     build_job,
     spec_hash_of,
 )
-from runner.retry import call_with_retries
+from runner.errors import (
+    EnvironmentMismatch,
+    EvalrunError,
+    InfrastructureError,
+    InputError,
+    TransientInfrastructureError,
+)
+from runner.model.plan import BackendResult, RunPlan
 
 log = logging.getLogger("evalrun.backend.kubernetes")
 

@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits"
-EVALRUN = [sys.executable, "-m", "runner.cli"]
+EVALRUN = [sys.executable, "-m", "runner.cli.main"]
 
 
 @dataclass

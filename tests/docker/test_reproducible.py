@@ -10,8 +10,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from runner.build import resolve_wheels
-from runner.settings import Settings
+from runner.build.image import resolve_wheels
+from runner._internal.settings import Settings
 
 pytestmark = pytest.mark.docker
 

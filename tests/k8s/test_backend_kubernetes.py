@@ -16,15 +16,15 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 import cluster as cluster_mod
-from runner.backends.base import PlanInput
-from runner.launch import make_plan
-from runner.manifests import JobOptions, build_job
-from runner.spec import load_lock, load_spec
+from runner.model.plan import PlanInput
+from runner.workflows.run import make_plan
+from runner.backends.manifests import JobOptions, build_job
+from runner.model.spec import load_lock, load_spec
 
 pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[2]
-EVALRUN = [sys.executable, "-m", "runner.cli"]
+EVALRUN = [sys.executable, "-m", "runner.cli.main"]
 RESTRICTED = [{"pod-security": "restricted"}]
 
 
@@ -130,7 +130,7 @@ def _plan_for(spec_path: Path, **overrides):
         data = spec.model_dump(mode="json")
         for key, value in overrides.items():
             data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-        from runner.spec import parse_spec
+        from runner.model.spec import parse_spec
 
         spec = parse_spec(data, source="test")
     lock = load_lock(spec_path.with_name("eval.lock.json"))

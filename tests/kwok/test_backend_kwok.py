@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from runner.backends.base import PlanInput, RunPlan
+from runner.model.plan import PlanInput, RunPlan
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch
-from runner.manifests import job_name
+from runner.backends.manifests import job_name
 
 pytestmark = pytest.mark.kwok
 

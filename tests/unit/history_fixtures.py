@@ -6,9 +6,9 @@ import copy
 import json
 from pathlib import Path
 
-from runner.bundle import build_bundle
-from runner.signing import Signer
-from runner.store import Store, StoredBundle
+from runner.bundle.build import build_bundle
+from runner.bundle.signing import Signer
+from runner.bundle.store import Store, StoredBundle
 
 BASE_PREDICATE = {
     "run_id": "r-000000000000000000000000",

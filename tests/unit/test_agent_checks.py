@@ -69,12 +69,13 @@ def test_agent_package_imports_nothing_from_runner_outside_agent_and_metrics():
                          check=True, cwd=ROOT).stdout
     mods = json.loads(out.replace("'", '"'))
     assert set(mods) <= {"runner", "runner.agent", "runner.agent.__main__",
-                         "runner.agent.capture", "runner.agent.rootfs", "runner.metrics"}
+                         "runner.agent.capture", "runner.agent.rootfs", "runner.shared",
+                         "runner.shared.metrics"}
 
 
 def test_every_agent_module_goes_into_the_image():
-    from runner.build import AGENT_FILES
+    from runner.build.image import AGENT_FILES
 
     modules = {f"agent/{p.name}" for p in (ROOT / "runner" / "agent").glob("*.py")}
     assert modules <= set(AGENT_FILES)
-    assert "metrics.py" in AGENT_FILES
+    assert {"shared/__init__.py", "shared/metrics.py"} <= set(AGENT_FILES)

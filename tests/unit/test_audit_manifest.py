@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.cli import build_parser
+from runner.cli.main import build_parser
 
 pytestmark = pytest.mark.unit
 MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "audit-cronjob.yaml"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.bundle import (
+from runner.bundle.build import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     PAYLOAD_TYPE,
@@ -29,8 +29,8 @@ from runner.bundle import (
     write_bundle_tar,
 )
 from runner.errors import InputError, IntegrityError
-from runner.signing import Signer, Verifier, generate_keypair, load_signer, load_verifier
-from runner.verify import verify_bundle
+from runner.bundle.signing import Signer, Verifier, generate_keypair, load_signer, load_verifier
+from runner.bundle.verify import verify_bundle
 
 pytestmark = pytest.mark.unit
 
@@ -292,7 +292,7 @@ def test_build_reports_missing_content_dir(tmp_path: Path, keys: tuple[Signer, V
 def test_failed_build_leaves_no_metadata_behind(
     content: Path, keys: tuple[Signer, Verifier], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runner.bundle as bundle_module
+    import runner.bundle.build as bundle_module
 
     def boom(*args: object) -> dict[str, object]:
         raise KeyboardInterrupt
@@ -489,7 +489,7 @@ def test_build_refuses_destination_inside_content(
 def test_failed_copy_build_leaves_an_existing_empty_destination_empty(
     tmp_path: Path, content: Path, keys: tuple[Signer, Verifier], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runner.bundle as bundle_module
+    import runner.bundle.build as bundle_module
 
     def boom(*args: object) -> dict[str, object]:
         raise RuntimeError("signing failed")

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from runner.collect import collect_results, recompute_metrics
-from runner.metrics import compute_metrics
+from runner.backends.collect import collect_results, recompute_metrics
+from runner.shared.metrics import compute_metrics
 
 pytestmark = pytest.mark.unit
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from history_fixtures import predicate, store_run
 
-from runner.cli import main
-from runner.compare import NotComparable, compare_group, format_markdown, format_text
+from runner.cli.main import main
+from runner.workflows.compare import NotComparable, compare_group, format_markdown, format_text
 from runner.errors import InputError
-from runner.signing import generate_keypair, load_signer
-from runner.store import Store
+from runner.bundle.signing import generate_keypair, load_signer
+from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit
 

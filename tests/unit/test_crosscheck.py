@@ -1,6 +1,6 @@
 import pytest
 
-from runner.crosscheck import crosscheck_node_labels
+from runner.backends.crosscheck import crosscheck_node_labels
 
 pytestmark = pytest.mark.unit
 

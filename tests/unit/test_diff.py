@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from history_fixtures import predicate, store_run
 
-from runner.cli import main
-from runner.diff import diff_runs, format_diff, judge_metric, overall_verdict
-from runner.rerun import judge_reproduction
-from runner.signing import generate_keypair, load_signer
-from runner.store import Store
+from runner.cli.main import main
+from runner.workflows.diff import diff_runs, format_diff, judge_metric, overall_verdict
+from runner.workflows.rerun import judge_reproduction
+from runner.bundle.signing import generate_keypair, load_signer
+from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.cli import main
+from runner.cli.main import main
 from runner.errors import InfrastructureError, TransientInfrastructureError
-from runner.launch import run_id_for
-from runner.retry import call_with_retries, transient_policy
+from runner.workflows.run import run_id_for
+from runner._internal.retry import call_with_retries, transient_policy
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,15 +80,15 @@ def test_keys_generate_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
 
 
 def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "runner.cli", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "runner.cli.main", "--help"], capture_output=True,
                          text=True, check=True, cwd=ROOT)
     assert "verify" in out.stdout and "run" in out.stdout
 
 
 def test_changed_preprocessing_code_is_an_integrity_failure():
     from runner.errors import DigestMismatch
-    from runner.launch import _check_preprocessing
-    from runner.spec import LockedPreprocessing
+    from runner.workflows.run import _check_preprocessing
+    from runner.model.spec import LockedPreprocessing
 
     class _Lock:
         preprocessing = [LockedPreprocessing(name="scale", code="prep.py",

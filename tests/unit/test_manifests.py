@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.backends.base import PlanInput
+from runner.model.plan import PlanInput
 from runner.errors import InputError, SpecError
-from runner.launch import make_plan, run_id_for
-from runner.manifests import (
+from runner.workflows.run import make_plan, run_id_for
+from runner.backends.manifests import (
     GPU_PRODUCT_LABEL,
     LABEL_RUN_ID,
     LABEL_SPEC_HASH,
@@ -18,7 +18,7 @@ from runner.manifests import (
     build_job,
     job_name,
 )
-from runner.spec import LockedSpec, load_spec, parse_spec
+from runner.model.spec import LockedSpec, load_spec, parse_spec
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from runner.errors import SpecError
-from runner.metrics import threshold_verdicts
-from runner.report import metric_table, render_markdown
-from runner.spec import parse_spec
+from runner.shared.metrics import threshold_verdicts
+from runner.render.markdown import metric_table, render_markdown
+from runner.model.spec import parse_spec
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ import random
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from runner.metrics import (
+from runner.shared.metrics import (
     SampleFormatError,
     compute_metric,
     read_samples,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.oci_artifacts import is_registry_ref
+from runner.bundle.oci_artifacts import is_registry_ref
 
 pytestmark = pytest.mark.unit
 D = "sha256:" + "a" * 64

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.build import format_check_report, image_reproducibility, record_reproducibility
-from runner.spec import load_lock
+from runner.build.image import format_check_report, image_reproducibility, record_reproducibility
+from runner.model.spec import load_lock
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from runner.errors import SpecError
-from runner.provenance import (
+from runner.build.provenance import (
     ci_identity,
     code_digest,
     launcher,
@@ -17,8 +17,8 @@ from runner.provenance import (
     provenance,
     rationale,
 )
-from runner.report import render_markdown
-from runner.spec import EvalSpec, parse_spec
+from runner.render.markdown import render_markdown
+from runner.model.spec import EvalSpec, parse_spec
 
 pytestmark = pytest.mark.unit
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from history_fixtures import predicate, store_run
 
-from runner.cli import main
-from runner.signing import generate_keypair, load_signer
-from runner.store import Store
+from runner.cli.main import main
+from runner.bundle.signing import generate_keypair, load_signer
+from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from history_fixtures import predicate, store_run
 
-from runner.cli import main
-from runner.report import render_markdown
-from runner.report_html import load_report_data, metrics_svg, per_slice, render_html
-from runner.signing import generate_keypair, load_signer
-from runner.store import Store
+from runner.cli.main import main
+from runner.render.markdown import render_markdown
+from runner.render.html import load_report_data, metrics_svg, per_slice, render_html
+from runner.bundle.signing import generate_keypair, load_signer
+from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit
 

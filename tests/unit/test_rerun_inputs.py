@@ -9,20 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from runner.bundle import build_bundle
+from runner.bundle.build import build_bundle
 from runner.errors import IntegrityError, VerificationFailed
-from runner.rerun import (
+from runner.workflows.rerun import (
     InputResolver,
     InputsUnavailable,
     load_original,
     resolve_inputs,
     workspace,
 )
-from runner.settings import Settings
-from runner.signing import generate_keypair, load_signer, load_verifier
-from runner.build import write_lock
-from runner.spec import LockedSpec, load_lock, load_spec
-from runner.store import Store
+from runner._internal.settings import Settings
+from runner.bundle.signing import generate_keypair, load_signer, load_verifier
+from runner.build.image import write_lock
+from runner.model.spec import LockedSpec, load_lock, load_spec
+from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits"

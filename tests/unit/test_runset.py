@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from runner.runset import across_seeds, student_t_cdf, student_t_quantile
-from runner.spec import parse_spec
+from runner.workflows.runset import across_seeds, student_t_cdf, student_t_quantile
+from runner.model.spec import parse_spec
 
 pytestmark = pytest.mark.unit
 
@@ -70,8 +70,8 @@ def test_bad_seed_policies_are_refused(extra, message):
 
 
 def test_run_set_reports_show_per_seed_and_across_seed_tables():
-    from runner.report_html import render_run_set_html
-    from runner.runset import render_run_set
+    from runner.render.html import render_run_set_html
+    from runner.workflows.runset import render_run_set
 
     pred = {
         "run_id": "rs-1", "spec": {"name": "digits"}, "outcome": "passed", "exit_code": 0,

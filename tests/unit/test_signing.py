@@ -19,7 +19,7 @@ from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from runner.errors import InputError, VerificationFailed
-from runner.signing import (
+from runner.bundle.signing import (
     ALGORITHMS,
     Algorithm,
     Signer,

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from runner.errors import SpecError
-from runner.spec import (
+from runner.model.spec import (
     MAX_SPEC_BYTES,
     EvalSpec,
     load_spec,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from runner.bundle import ENVELOPE_NAME, STATEMENT_NAME, build_bundle
+from runner.bundle.build import ENVELOPE_NAME, STATEMENT_NAME, build_bundle
 from runner.errors import InputError, IntegrityError
-from runner.signing import Signer, Verifier, generate_keypair, load_signer, load_verifier
-from runner.store import BundleNotFound, Store, StoreConflict, default_root, parse_digest
-from runner.verify import verify_bundle
+from runner.bundle.signing import Signer, Verifier, generate_keypair, load_signer, load_verifier
+from runner.bundle.store import BundleNotFound, Store, StoreConflict, default_root, parse_digest
+from runner.bundle.verify import verify_bundle
 
 pytestmark = pytest.mark.unit
 

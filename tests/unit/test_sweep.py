@@ -1,7 +1,7 @@
 import pytest
 
 from runner.errors import InputError
-from runner.sweep import CellResult, load_matrix, sweep_exit_code
+from runner.workflows.sweep import CellResult, load_matrix, sweep_exit_code
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.bundle import (
+from runner.bundle.build import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     STATEMENT_NAME,
@@ -23,7 +23,7 @@ from runner.bundle import (
     write_bundle_tar,
 )
 from runner.errors import InputError, VerificationFailed
-from runner.signing import (
+from runner.bundle.signing import (
     ALGORITHMS,
     Algorithm,
     Signer,
@@ -33,7 +33,7 @@ from runner.signing import (
     load_verifier,
     sign_envelope,
 )
-from runner.verify import CHECKS, VerifiedBundle, verify_bundle
+from runner.bundle.verify import CHECKS, VerifiedBundle, verify_bundle
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,81 @@
+"""The boundary to the Docker engine: connect, and translate its errors once.
+
+``docker.errors`` and ``requests`` exceptions become evalrun errors here, split
+into transient (daemon unreachable, 5xx) and permanent ones; callers catch
+meaning, not status numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from runner._internal.retry import call_with_retries
+from runner.errors import InfrastructureError, InputError, TransientInfrastructureError
+
+T = TypeVar("T")
+
+DOCKER_HINT = "start the engine with `make host-up` (scripts/host-up.sh), or set DOCKER_HOST"
+
+
+@contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Translate Docker SDK and transport errors raised inside the block."""
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise InputError(f"{what}: image not found: {exc.explanation}") from None
+    except docker.errors.NotFound as exc:
+        raise InfrastructureError(f"{what}: not found: {exc.explanation}") from None
+    except docker.errors.APIError as exc:
+        status = exc.status_code or 0
+        if status >= 500 or status == 0:
+            raise TransientInfrastructureError(
+                f"{what}: Docker engine error {status}: {exc.explanation}"
+            ) from None
+        raise InfrastructureError(
+            f"{what}: Docker engine refused ({status}): {exc.explanation}"
+        ) from None
+    except docker.errors.DockerException as exc:
+        raise TransientInfrastructureError(
+            f"{what}: Docker engine unreachable: {exc}", hint=DOCKER_HINT
+        ) from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise TransientInfrastructureError(
+            f"{what}: Docker engine unreachable: {exc.__class__.__name__}", hint=DOCKER_HINT
+        ) from None
+
+
+def docker_call(what: str, fn: Callable[[], T], *, retries: bool = True) -> T:
+    """Run one Docker operation with translation and (by default) bounded retries."""
+
+    def attempt() -> T:
+        with translated(what):
+            return fn()
+
+    if not retries:
+        return attempt()
+    result: T = call_with_retries(attempt, what=what)
+    return result
+
+
+def connect(timeout: int = 120) -> Any:
+    """A Docker client that has answered a ping (retried, then exit 5)."""
+
+    def open_client() -> Any:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+        return client
+
+    return docker_call("connect to Docker engine", open_client)
+
+
+def runtimes(client: Any) -> set[str]:
+    """The OCI runtimes registered with the engine (``runc``, ``runsc``, …)."""
+    info = docker_call("docker info", client.info)
+    return set((info.get("Runtimes") or {}).keys())

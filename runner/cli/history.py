@@ -1,0 +1,522 @@
+"""CLI commands over past runs: runs ls|show|reindex, rerun, diff, audit, report, push, pull.
+
+Wired into ``evalrun`` by :func:`register`. Each command is ``fn(args, settings,
+term) -> int`` and raises :mod:`runner.errors` exceptions; ``cli.main`` maps
+them to exit codes and messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runner._internal.settings import Settings
+from runner.cli.common import add_backend_args, backend_for, signer_for
+from runner.errors import InputError, VerificationFailed
+
+Term = Callable[[str], None]
+
+
+def _emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _verifier(args: argparse.Namespace, settings: Settings) -> Any:
+    from runner.bundle.signing import load_verifier
+
+    public: Path = args.pub or settings.default_public_key
+    if not public.exists():
+        raise InputError(
+            "no public key to verify bundles with",
+            file=str(public),
+            hint="pass --pub KEY.pub (the key the bundles were signed with)",
+        )
+    return load_verifier(public)
+
+
+@contextmanager
+def _bundle_for(
+    ref: str, settings: Settings, args: argparse.Namespace, term: Term
+) -> Iterator[tuple[Path, str | None]]:
+    """A local bundle directory for ``ref``: path, run id/digest in the store, or registry ref."""
+    from runner.bundle.index import locate_bundle
+    from runner.bundle.oci_artifacts import is_registry_ref, pull_bundle
+    from runner.bundle.store import Store
+
+    store = Store(settings.home)
+    if is_registry_ref(ref):
+        local = _latest_run_for_image(ref, settings)
+        if local is not None:
+            yield local
+            return
+        pulled = pull_bundle(ref, store, _verifier(args, settings), progress=term)
+        # an image with several evaluations attached: the newest one
+        newest = max(pulled, key=lambda p: (_started(p.stored.path), p.run_id))
+        yield newest.stored.path, newest.stored.digest
+        return
+    store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ref-", dir=store.tmp_dir) as tmp:
+        try:
+            located = locate_bundle(ref, store, Path(tmp))
+        except InputError:
+            image_run = _latest_run_for_image(ref, settings)
+            if image_run is None:
+                raise
+            yield image_run
+            return
+        yield located.path, located.digest
+
+
+def _started(bundle: Path) -> str:
+    from runner.bundle.index import read_predicate
+
+    started = (read_predicate(bundle).get("timestamps") or {}).get("started")
+    return started if isinstance(started, str) else ""
+
+
+def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
+    """The newest original run of an image given by digest (``sha256:…``), if any."""
+    from runner.bundle.index import History, RunFilter
+    from runner.bundle.store import Store
+
+    text = ref.split("@", 1)[-1]
+    if not text.startswith("sha256:") or len(text) != 71:
+        return None
+    runs = [
+        r
+        for r in History(Store(settings.home)).query(RunFilter(image=text))
+        if r.reproduction_of is None
+    ]
+    return (runs[-1].path, runs[-1].bundle_digest) if runs else None
+
+
+def _verification_text(bundle: Path, args: argparse.Namespace, settings: Settings) -> str:
+    from runner.bundle.signing import load_verifier
+    from runner.bundle.verify import verify_bundle
+
+    public: Path = args.pub or settings.default_public_key
+    if not public.exists():
+        return "not checked (no public key; pass --pub)"
+    try:
+        vb = verify_bundle(bundle, load_verifier(public))
+    except VerificationFailed as exc:
+        return "FAILED: " + "; ".join(exc.problems)
+    return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.bundle.index import History, RunFilter, format_table
+    from runner.bundle.store import Store
+
+    flt = RunFilter(
+        spec=args.spec,
+        model=args.model,
+        dataset=args.dataset,
+        image=args.image,
+        outcome=args.outcome,
+        since=args.since,
+        until=args.until,
+        kind=None if args.all else ("audit" if args.audits else "run"),
+        reproduction_of=args.reproduces,
+        limit=args.limit,
+    )
+    records = History(Store(settings.home)).query(flt)
+    if args.json:
+        _emit_json([r.as_dict() for r in records])
+    else:
+        print(format_table(records))
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.bundle.index import History, RunFilter, read_predicate
+    from runner.bundle.store import Store
+    from runner.render.markdown import metric_table
+
+    with _bundle_for(args.run, settings, args, term) as (bundle, digest):
+        if args.json:
+            _emit_json(
+                {
+                    "bundle": str(bundle),
+                    "bundle_digest": digest,
+                    "verification": _verification_text(bundle, args, settings),
+                    "predicate": read_predicate(bundle),
+                }
+            )
+            return 0
+        verification = _verification_text(bundle, args, settings)
+        print(_render(bundle, digest, "md", verification), end="")
+        predicate = read_predicate(bundle)
+        if predicate.get("kind", "run") == "run":
+            print()
+            print(metric_table(predicate))
+            reruns = History(Store(settings.home)).query(
+                RunFilter(reproduction_of=str(predicate.get("run_id")))
+            )
+            if reruns:
+                print()
+                print("re-run as:")
+                for r in reruns:
+                    print(f"  {r.run_id}  {r.reproduction_verdict}  {r.started}")
+    return 0
+
+
+def cmd_runs_reindex(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.bundle.index import History
+    from runner.bundle.store import Store
+
+    history = History(Store(settings.home))
+    report = history.rebuild()
+    summary = {
+        "index": str(history.path),
+        "indexed": report.total,
+        "unreadable": list(report.unreadable),
+    }
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(f"reindexed {report.total} bundle(s) into {history.path}")
+        for digest in report.unreadable:
+            print(f"  unreadable bundle skipped: {digest}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- rerun
+
+
+def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.render.markdown import metric_table
+    from runner.workflows.rerun import load_original, prepare, rerun
+
+    verifier = _verifier(args, settings)
+    with _bundle_for(args.ref, settings, args, term) as (bundle, _):
+        original = load_original(bundle, verifier)
+        term(f"original {original.run_id} verified (keyid {original.keyid[:16]}…)")
+        if args.check:
+            inputs = prepare(original, settings, search_dirs=args.inputs or [], progress=term)
+            located = {f"{w.role} {w.name}": str(path) for w, path in inputs.items()}
+            summary = {
+                "original": original.run_id,
+                "original_bundle": original.digest,
+                "image": original.lock.image.ref,
+                "inputs": located,
+                "notes": list(original.notes),
+                "ready": True,
+            }
+            if args.json:
+                _emit_json(summary)
+            else:
+                print(f"{original.run_id}: ready to re-run (nothing was started)")
+                for label, path in located.items():
+                    print(f"  {label}: {path}")
+                print(f"  image: {original.lock.image.ref}")
+            return 0
+        result = rerun(
+            original,
+            backend_for(args),
+            signer_for(args, settings, term),
+            settings,
+            search_dirs=args.inputs or [],
+            tolerance=args.tolerance,
+            progress=term,
+        )
+    repro = result.reproduction
+    if args.json:
+        _emit_json(
+            {
+                "original": original.run_id,
+                "original_bundle": original.digest,
+                "run_id": result.outcome.run_id,
+                "outcome": result.outcome.outcome,
+                "bundle": str(result.outcome.bundle.path),
+                "bundle_digest": result.outcome.bundle.digest,
+                "verdict": repro.verdict,
+                "reason": repro.reason,
+                "metrics": repro.as_predicate(args.tolerance)["metrics"],
+                "exit_code": result.exit_code,
+            }
+        )
+        return result.exit_code
+    print(f"original {original.run_id} ({original.digest})")
+    print(f"re-run   {result.outcome.run_id} — outcome {result.outcome.outcome}")
+    print()
+    print(metric_table(result.outcome.predicate))
+    print()
+    for d in repro.deltas:
+        delta = "—" if d.delta is None else f"{d.delta:+.6f}"
+        print(f"  {d.name}: {d.a} → {d.b} (delta {delta}): {d.verdict}")
+    print(f"verdict  {repro.verdict}" + (f" — {repro.reason}" if repro.reason else ""))
+    print(f"bundle   {result.outcome.bundle.path}")
+    print(f"digest   {result.outcome.bundle.digest}")
+    return result.exit_code
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def cmd_diff(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.bundle.index import read_predicate
+    from runner.workflows.diff import diff_runs, format_diff
+
+    with (
+        _bundle_for(args.a, settings, args, term) as (a, _),
+        _bundle_for(args.b, settings, args, term) as (b, _),
+    ):
+        result = diff_runs(read_predicate(a), read_predicate(b), tolerance=args.tolerance)
+    if args.json:
+        _emit_json(result.as_dict())
+    else:
+        print(format_diff(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.bundle.build import write_bundle_tar
+    from runner.workflows.audit import run_audit
+
+    result = run_audit(
+        n=args.sample,
+        seed=args.seed,
+        since=args.since,
+        until=args.until,
+        spec=args.spec,
+        backend=backend_for(args),
+        signer=signer_for(args, settings, term),
+        verifier=_verifier(args, settings),
+        settings=settings,
+        search_dirs=args.inputs or [],
+        tolerance=args.tolerance,
+        progress=term,
+    )
+    tar_path: Path | None = None
+    if args.out is not None:
+        # a directory (existing, or given with a trailing /) collects one tar per audit
+        out: Path = args.out
+        if out.is_dir() or str(out).endswith("/"):
+            out.mkdir(parents=True, exist_ok=True)
+            out = out / f"{result.audit_id}.tar"
+        tar_path = write_bundle_tar(result.bundle.path, out)
+    if args.json:
+        _emit_json({**result.as_dict(), "tar": str(tar_path) if tar_path else None})
+        return result.exit_code
+    print(
+        f"audit {result.audit_id} (seed {result.seed}, {len(result.entries)} of "
+        f"{result.sampled_from} runs)"
+    )
+    for e in result.entries:
+        mark = "reproduced    " if e.reproduced else "NOT reproduced"
+        print(f"  {mark} {e.run_id}  {e.category}: {e.detail}")
+    print(f"bundle   {result.bundle.path}")
+    print(f"digest   {result.bundle.digest}")
+    if tar_path is not None:
+        print(f"tar      {tar_path}")
+    return result.exit_code
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _render(bundle: Path, digest: str | None, fmt: str, verification: str) -> str:
+    from runner.bundle.index import read_predicate
+    from runner.render.html import (
+        load_report_data,
+        render_audit_html,
+        render_html,
+        render_markdown_full,
+    )
+    from runner.workflows.audit import render_audit_markdown
+
+    predicate = read_predicate(bundle)
+    if predicate.get("kind") == "audit":
+        if fmt == "html":
+            return render_audit_html(predicate, verification)
+        return render_audit_markdown(predicate) + f"\nverification: {verification}\n"
+    if predicate.get("kind") == "run_set":
+        from runner.render.html import render_run_set_html
+        from runner.workflows.runset import render_run_set
+
+        if fmt == "html":
+            return render_run_set_html(predicate, verification)
+        return render_run_set(predicate) + f"\nverification: {verification}\n"
+    data = load_report_data(bundle, verification, digest)
+    return render_html(data) if fmt == "html" else render_markdown_full(data)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    with _bundle_for(args.run, settings, args, term) as (bundle, digest):
+        text = _render(bundle, digest, args.format, _verification_text(bundle, args, settings))
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    if args.json:
+        _emit_json({"report": str(args.out), "format": args.format, "bytes": len(text.encode())})
+    else:
+        term(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def cmd_push(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.bundle.oci_artifacts import push_bundle
+    from runner.bundle.store import Store
+    from runner.bundle.verify import verify_bundle
+
+    store = Store(settings.home)
+    with _bundle_for(args.run, settings, args, term) as (bundle, _):
+        verify_bundle(bundle, _verifier(args, settings))  # never publish what does not verify
+        store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="push-", dir=store.tmp_dir) as tmp:
+            pushed = push_bundle(bundle, Path(tmp), progress=term)
+    if args.json:
+        _emit_json(
+            {
+                "reference": pushed.reference,
+                "digest": pushed.manifest_digest,
+                "subject": pushed.subject,
+                "already_present": pushed.already_present,
+                "referrers_fallback_tag": pushed.referrers_fallback,
+            }
+        )
+    else:
+        print(f"{'already pushed' if pushed.already_present else 'pushed'} {pushed.reference}")
+        print(f"  subject  {pushed.subject}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    from runner.bundle.oci_artifacts import pull_bundle
+    from runner.bundle.store import Store
+
+    pulled = pull_bundle(args.ref, Store(settings.home), _verifier(args, settings), progress=term)
+    if args.json:
+        _emit_json(
+            [
+                {
+                    "reference": p.reference,
+                    "run_id": p.run_id,
+                    "bundle": str(p.stored.path),
+                    "bundle_digest": p.stored.digest,
+                }
+                for p in pulled
+            ]
+        )
+    else:
+        for p in pulled:
+            print(f"{p.run_id}  {p.stored.digest}  {p.stored.path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    """Add ``runs``, ``rerun``, ``diff``, ``audit``, ``report``, ``push``, ``pull``."""
+    keys = argparse.ArgumentParser(add_help=False)
+    keys.add_argument(
+        "--pub", type=Path, help="public key to verify bundles (default: $EVALRUN_HOME/keys)"
+    )
+    signing = argparse.ArgumentParser(add_help=False)
+    add_backend_args(signing)
+    signing.add_argument(
+        "--inputs",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="where to look for inputs by sha256 (repeatable; also $EVALRUN_INPUTS)",
+    )
+    signing.add_argument(
+        "--tolerance",
+        type=float,
+        help="absolute difference a metric may move and still count as reproduced",
+    )
+
+    runs = sub.add_parser("runs", help="run history").add_subparsers(dest="runs_cmd", required=True)
+    p = runs.add_parser("ls", parents=[common], help="list stored runs (filters combine)")
+    p.add_argument("--spec", help="spec name")
+    p.add_argument("--model", metavar="SHA256", help="model digest (or prefix)")
+    p.add_argument("--dataset", metavar="SHA256", help="dataset digest (or prefix)")
+    p.add_argument("--image", metavar="DIGEST", help="image digest (or prefix)")
+    p.add_argument("--outcome", help="e.g. passed, thresholds_failed, integrity_failure")
+    p.add_argument("--since", metavar="DATE", help="started on or after (YYYY-MM-DD or ISO)")
+    p.add_argument("--until", metavar="DATE", help="started on or before")
+    p.add_argument("--limit", type=int, help="only the newest N")
+    p.add_argument("--reproduces", metavar="RUN_ID", help="only re-runs of this run")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--audits", action="store_true", help="list audit reports instead")
+    group.add_argument("--all", action="store_true", help="runs and audit reports")
+    p.set_defaults(fn=cmd_runs_ls)
+    p = runs.add_parser("show", parents=[common, keys], help="a run's report in the terminal")
+    p.add_argument("run", help="run id, bundle digest (or prefix), bundle path, registry ref")
+    p.set_defaults(fn=cmd_runs_show)
+    p = runs.add_parser("reindex", parents=[common], help="rebuild the run index from bundles")
+    p.set_defaults(fn=cmd_runs_reindex)
+
+    p = sub.add_parser(
+        "rerun",
+        parents=[common, keys, signing],
+        help="re-run a past evaluation by run id, bundle, image digest or registry ref",
+    )
+    p.add_argument("ref", help="run id | bundle digest | BUNDLE_PATH | IMAGE_DIGEST | registry ref")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="verify, resolve every input and check the image, but start nothing",
+    )
+    p.set_defaults(fn=cmd_rerun)
+
+    p = sub.add_parser("diff", parents=[common, keys], help="what differs between two runs")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--tolerance", type=float, help="absolute tolerance for metric deltas")
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser(
+        "audit", parents=[common, keys, signing], help="re-run a sample of past runs, sign a report"
+    )
+    p.add_argument("--sample", type=int, default=3, metavar="N", help="how many runs (default 3)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: today's date, YYYYMMDD)")
+    p.add_argument("--since", metavar="DATE")
+    p.add_argument("--until", metavar="DATE")
+    p.add_argument("--spec", help="only runs of this spec name")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        help="also write the audit bundle as a .tar (a directory: DIR/<audit id>.tar)",
+    )
+    p.set_defaults(fn=cmd_audit)
+
+    p = sub.add_parser("report", parents=[common, keys], help="a run's report as HTML or Markdown")
+    p.add_argument("run", help="run id, bundle digest (or prefix), bundle path, registry ref")
+    p.add_argument("--format", choices=["html", "md"], default="html")
+    p.add_argument("-o", "--out", type=Path, help="output file (default: stdout)")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser(
+        "push", parents=[common, keys], help="push a bundle to the registry, attached to its image"
+    )
+    p.add_argument("run", help="run id, bundle digest (or prefix) or bundle path")
+    p.set_defaults(fn=cmd_push)
+
+    p = sub.add_parser("pull", parents=[common, keys], help="pull a bundle (or an image's bundles)")
+    p.add_argument("ref", help="registry/repo@sha256:… of a bundle artifact or an evaluated image")
+    p.set_defaults(fn=cmd_pull)
+
+
+__all__ = ["register"]

@@ -1,0 +1,130 @@
+"""What every backend receives and returns.
+
+A backend takes a :class:`RunPlan` (everything resolved, digest-pinned), runs
+the agent in a sandbox, and fills the plan's results directory. It returns a
+:class:`BackendResult` describing how the container ended; it never judges the
+evaluation and never touches the signing key or the store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runner.model.spec import parse_digest_ref
+
+PLAN_MOUNT = "/evalrun/plan"
+INPUTS_MOUNT = "/evalrun/inputs"
+RESULTS_MOUNT = "/evalrun/results"
+SANDBOX_UID = 65532
+
+
+class PlanInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    role: Literal["model", "dataset"]
+    name: str
+    host_path: Path = Field(description="File on the runner's host (mounted read-only).")
+    sha256: str
+
+    @property
+    def container_path(self) -> str:
+        folder = "model" if self.role == "model" else f"data/{self.name}"
+        return f"{INPUTS_MOUNT}/{folder}/{self.host_path.name}"
+
+
+class RunPlan(BaseModel):
+    """One sandboxed execution of a locked spec."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    run_id: str
+    attempt: int
+    image_ref: str
+    expected_rootfs_digest: str
+    runtime: Literal["gvisor", "runc"]
+    network: Literal["none"] = "none"
+    command: list[str]
+    params: dict[str, Any]
+    seed: int
+    metrics: list[dict[str, Any]]
+    perturbations: list[dict[str, Any]] = Field(default_factory=list)
+    expect: dict[str, Any]
+    inputs: list[PlanInput]
+    timeout_s: int
+    cpus: float
+    memory_mib: int
+    pids: int
+    gpus: int = 0
+    retries: int = 2
+    gpu_product: str | None = None
+    gpu_driver_major: int | None = None
+    runtime_class: str | None = None
+    spec_digest: str
+    lock_digest: str
+    spec_name: str
+
+    def image_digest(self) -> str:
+        return parse_digest_ref(self.image_ref)[1]
+
+    def agent_plan(self, *, emit_results: bool = False) -> dict[str, Any]:
+        """The JSON the in-container agent reads (paths as seen inside).
+
+        ``emit_results`` asks the agent to also print its results as a framed tar on
+        stdout (for backends that cannot read the results volume).
+        """
+        return {
+            "emit_results": emit_results,
+            "run_id": self.run_id,
+            "image_ref": self.image_ref,
+            "expected_rootfs_digest": self.expected_rootfs_digest,
+            "seed": self.seed,
+            "params": self.params,
+            "command": self.command,
+            "timeout_s": self.timeout_s,
+            "metrics": self.metrics,
+            "perturbations": self.perturbations,
+            "expect": self.expect,
+            "inputs": [
+                {"role": i.role, "name": i.name, "path": i.container_path, "sha256": i.sha256}
+                for i in self.inputs
+            ],
+        }
+
+    def write_agent_plan(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "plan.json"
+        path.write_text(json.dumps(self.agent_plan(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+class BackendResult(BaseModel):
+    """How the sandboxed container ended, as the backend saw it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    backend: str
+    exit_code: int | None = Field(description="Agent exit code; None when killed/timed out.")
+    timed_out: bool = False
+    interrupted: bool = False
+    image_digest_confirmed: bool = Field(description="The container ran the pinned digest.")
+    runtime: str = Field(description="OCI runtime that actually ran the container.")
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    container_log: str = ""
+    collection_problems: list[str] = Field(
+        default_factory=list, description="What the backend refused while fetching results."
+    )
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    def preflight(self, plan: RunPlan) -> None:
+        """Fail early (exit 4/5) if this backend cannot honour the plan's sandbox policy."""
+
+    def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
+        """Run the plan to completion; results land in ``results_dir``."""
+        ...

@@ -1,0 +1,425 @@
+"""Fair comparison of the runs in a comparison group (``evalrun compare GROUP``).
+
+Comparability is checked before anything is ranked: the runs must share their
+dataset digests and splits, their preprocessing steps (names, code digests,
+params), their primary metric definitions and their seeds policy. Any field that
+differs is listed and the comparison refused, unless the caller allows that
+field by name; an allowance is carried on the result so every output shows it.
+
+Ranking is by the group's first primary metric, respecting its direction.
+Significance criterion: two runs differ significantly when their confidence
+intervals (as recorded in the bundles) do not overlap. This is conservative:
+overlapping intervals do not prove that there is no difference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.bundle.index import History, RunFilter, read_predicate
+from runner.bundle.store import Store
+from runner.errors import InputError, IntegrityError
+
+COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
+SIGNIFICANCE_CRITERION = "non-overlapping confidence intervals (as recorded per run)"
+RANKED_OUTCOMES = ("passed", "thresholds_failed", "completed")
+
+
+class NotComparable(InputError):
+    """The runs of a group differ in fields that make a ranking unfair (exit 2)."""
+
+    kind = "not_comparable"
+
+    def __init__(self, group: str, differences: Sequence[Difference]) -> None:
+        fields = ", ".join(d.field for d in differences)
+        super().__init__(
+            f"the runs of comparison group {group!r} are not comparable: {fields} differ",
+            group=group,
+            hint="make the runs comparable, or name each field you accept to differ with "
+            + " ".join(f"--allow {d.field}" for d in differences),
+        )
+        self.differences = list(differences)
+
+    def diagnostics(self) -> str:
+        lines = [self.message]
+        for d in self.differences:
+            lines.append(f"  - {d.field}:")
+            for value, runs in d.variants:
+                lines.append(f"      {', '.join(runs)}: {value}")
+        if self.hint:
+            lines.append(f"hint: {self.hint}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, object]:
+        data = super().as_dict()
+        data["differences"] = [d.as_dict() for d in self.differences]
+        return data
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One comparability field and the distinct values it takes (with the runs of each)."""
+
+    field: str
+    variants: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "field": self.field,
+            "variants": [{"value": json.loads(v), "runs": list(r)} for v, r in self.variants],
+        }
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    run_id: str
+    bundle_digest: str
+    path: Path
+    started: str
+    predicate: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RankedRun:
+    rank: int
+    run_id: str
+    bundle_digest: str
+    spec_name: str | None
+    model_sha256: str | None
+    outcome: str | None
+    value: float
+    ci_low: float | None
+    ci_high: float | None
+    ci_method: str | None
+    ci_level: float | None
+    significant_vs_leader: bool | None
+    significant_vs_next: bool | None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    group: str
+    metric: str
+    direction: str
+    criterion: str
+    ranking: tuple[RankedRun, ...]
+    allowed: tuple[Difference, ...] = ()
+    excluded: tuple[tuple[str, str], ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["allowed"] = [d.as_dict() for d in self.allowed]
+        data["excluded"] = [{"run_id": r, "why": why} for r, why in self.excluded]
+        return data
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_group(store: Store, group: str) -> tuple[list[GroupRun], list[tuple[str, str]]]:
+    """The group's runs from the run index (oldest first), and those left out with why."""
+    runs: list[GroupRun] = []
+    excluded: list[tuple[str, str]] = []
+    for record in History(store).query(RunFilter(kind="run")):
+        try:
+            predicate = read_predicate(record.path)
+        except IntegrityError:
+            continue
+        if predicate.get("comparison_group") != group:
+            continue
+        if record.reproduction_of:
+            excluded.append((record.run_id, f"a re-run of {record.reproduction_of}"))
+            continue
+        if predicate.get("outcome") not in RANKED_OUTCOMES:
+            excluded.append((record.run_id, f"outcome {predicate.get('outcome')}: no metrics"))
+            continue
+        runs.append(
+            GroupRun(
+                run_id=record.run_id,
+                bundle_digest=record.bundle_digest,
+                path=record.path,
+                started=record.started or "",
+                predicate=predicate,
+            )
+        )
+    return runs, excluded
+
+
+# --------------------------------------------------------------------------- comparability
+
+
+def _metric_definitions(predicate: Mapping[str, Any]) -> list[dict[str, Any]]:
+    definitions = predicate.get("metric_definitions")
+    if isinstance(definitions, list):
+        return [dict(d) for d in definitions if isinstance(d, Mapping)]
+    # bundles from before metric roles: every metric was primary
+    return [
+        {
+            "name": m.get("name"),
+            "compute": m.get("compute"),
+            "direction": m.get("direction"),
+            "threshold": m.get("threshold"),
+            "role": "primary",
+            "ci": {k: (m.get("ci") or {}).get(k) for k in ("method", "level", "resamples")},
+        }
+        for m in predicate.get("metrics") or []
+    ]
+
+
+def primary_metrics(predicate: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The definitions of the run's primary metrics (promotions are not primaries)."""
+    keep = ("name", "compute", "field", "direction", "threshold", "ci")
+    return [
+        {k: d.get(k) for k in keep}
+        for d in _metric_definitions(predicate)
+        if d.get("role", "primary") == "primary"
+    ]
+
+
+def comparability_key(predicate: Mapping[str, Any], name: str) -> Any:
+    """The value of one comparability field for a run (JSON-comparable)."""
+    if name == "datasets":
+        return sorted(
+            (
+                {"name": d.get("name"), "sha256": d.get("sha256"), "split": d.get("split")}
+                for d in predicate.get("datasets") or []
+            ),
+            key=lambda d: str(d["name"]),
+        )
+    if name == "preprocessing":
+        steps = predicate.get("preprocessing")
+        if steps is None:
+            steps = (predicate.get("provenance") or {}).get("preprocessing") or []
+        return [
+            {"name": s.get("name"), "code_digest": s.get("code_digest"), "params": s.get("params")}
+            for s in steps
+        ]
+    if name == "primary_metrics":
+        return primary_metrics(predicate)
+    if name == "seeds":
+        seeds = predicate.get("seeds") or {}
+        return {"seed": seeds.get("seed")}
+    raise ValueError(f"unknown comparability field {name!r}")
+
+
+def differences(runs: Sequence[GroupRun]) -> list[Difference]:
+    """Every comparability field on which the runs do not all agree."""
+    found = []
+    for name in COMPARABILITY_FIELDS:
+        variants: dict[str, list[str]] = {}
+        for run in runs:
+            value = json.dumps(comparability_key(run.predicate, name), sort_keys=True)
+            variants.setdefault(value, []).append(run.run_id)
+        if len(variants) > 1:
+            found.append(Difference(name, tuple((v, tuple(ids)) for v, ids in variants.items())))
+    return found
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def _disjoint(a: RankedRun, b: RankedRun) -> bool | None:
+    if None in (a.ci_low, a.ci_high, b.ci_low, b.ci_high):
+        return None
+    assert a.ci_low is not None and a.ci_high is not None
+    assert b.ci_low is not None and b.ci_high is not None
+    return a.ci_high < b.ci_low or b.ci_high < a.ci_low
+
+
+def rank(runs: Sequence[GroupRun], metric: str, direction: str) -> list[RankedRun]:
+    """Runs ordered best first by ``metric``; ties keep the older run first."""
+    rows = []
+    for run in runs:
+        m = next((m for m in run.predicate.get("metrics") or [] if m.get("name") == metric), None)
+        if m is None or m.get("value") is None:
+            continue
+        ci = m.get("ci") or {}
+        rows.append((run, m, ci))
+    sign = -1.0 if direction == "higher_is_better" else 1.0
+    rows.sort(key=lambda r: (sign * float(r[1]["value"]), r[0].started, r[0].run_id))
+    ranked = [
+        RankedRun(
+            rank=i + 1,
+            run_id=run.run_id,
+            bundle_digest=run.bundle_digest,
+            spec_name=(run.predicate.get("spec") or {}).get("name"),
+            model_sha256=(run.predicate.get("model") or {}).get("sha256"),
+            outcome=run.predicate.get("outcome"),
+            value=float(m["value"]),
+            ci_low=ci.get("low"),
+            ci_high=ci.get("high"),
+            ci_method=ci.get("method"),
+            ci_level=ci.get("level"),
+            significant_vs_leader=None,
+            significant_vs_next=None,
+        )
+        for i, (run, m, ci) in enumerate(rows)
+    ]
+    out = []
+    for i, r in enumerate(ranked):
+        vs_leader = None if i == 0 else _disjoint(ranked[0], r)
+        vs_next = _disjoint(r, ranked[i + 1]) if i + 1 < len(ranked) else None
+        out.append(
+            RankedRun(
+                **{**asdict(r), "significant_vs_leader": vs_leader, "significant_vs_next": vs_next}
+            )
+        )
+    return out
+
+
+def compare_group(store: Store, group: str, *, allow: Sequence[str] = ()) -> Comparison:
+    """Check the group's runs are comparable, then rank them.
+
+    Raises :class:`NotComparable` naming every differing field not in ``allow``, and
+    :class:`InputError` for an unknown ``allow`` field or a group without runs.
+    """
+    unknown = sorted(set(allow) - set(COMPARABILITY_FIELDS))
+    if unknown:
+        raise InputError(
+            f"--allow names unknown field(s) {unknown}",
+            hint=f"comparability fields: {', '.join(COMPARABILITY_FIELDS)}",
+        )
+    runs, excluded = load_group(store, group)
+    if not runs:
+        raise InputError(
+            f"no comparable runs in comparison group {group!r}",
+            hint="set metadata.comparison_group in the spec and run it (`evalrun run`)",
+        )
+    diffs = differences(runs)
+    refused = [d for d in diffs if d.field not in allow]
+    if refused:
+        raise NotComparable(group, refused)
+    newest = max(runs, key=lambda r: (r.started, r.run_id))
+    primaries = primary_metrics(newest.predicate)
+    if not primaries:
+        raise InputError(f"the runs of comparison group {group!r} declare no primary metric")
+    metric = str(primaries[0]["name"])
+    direction = str(primaries[0].get("direction") or "higher_is_better")
+    ranking = rank(runs, metric, direction)
+    ranked_ids = {r.run_id for r in ranking}
+    excluded += [
+        (r.run_id, f"no value for metric {metric}") for r in runs if r.run_id not in ranked_ids
+    ]
+    return Comparison(
+        group=group,
+        metric=metric,
+        direction=direction,
+        criterion=SIGNIFICANCE_CRITERION,
+        ranking=tuple(ranking),
+        allowed=tuple(d for d in diffs if d.field in allow),
+        excluded=tuple(excluded),
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _yes_no(value: bool | None) -> str:
+    return {True: "yes", False: "no", None: "—"}[value]
+
+
+def _rows(c: Comparison) -> list[list[str]]:
+    return [
+        [
+            str(r.rank),
+            r.run_id,
+            r.spec_name or "—",
+            _num(r.value),
+            f"[{_num(r.ci_low)}, {_num(r.ci_high)}]"
+            + (f" ({int(r.ci_level * 100)}% {r.ci_method})" if r.ci_level else ""),
+            _yes_no(r.significant_vs_leader),
+            _yes_no(r.significant_vs_next),
+        ]
+        for r in c.ranking
+    ]
+
+
+HEADER = ["rank", "run", "spec", "value", "confidence interval", "sig. vs leader", "sig. vs next"]
+
+
+def _heading(c: Comparison) -> list[str]:
+    """What the ranking is by, the significance criterion, and every allowed difference."""
+    arrow = "higher" if c.direction == "higher_is_better" else "lower"
+    lines = [
+        f"comparison group {c.group}: ranked by {c.metric} ({arrow} is better)",
+        f"significance: {c.criterion}",
+    ]
+    for d in c.allowed:
+        lines.append(f"ALLOWED difference in {d.field} (--allow {d.field}):")
+        lines += [f"  {', '.join(runs)}: {value}" for value, runs in d.variants]
+    return lines
+
+
+def _footer(c: Comparison) -> list[str]:
+    return [f"left out {run_id}: {why}" for run_id, why in c.excluded]
+
+
+def format_text(c: Comparison) -> str:
+    rows = _rows(c)
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    lines = [*_heading(c), ""]
+    for row in [HEADER, ["-" * w for w in widths], *rows]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    if c.excluded:
+        lines += ["", *_footer(c)]
+    return "\n".join(lines) + "\n"
+
+
+def _md_item(line: str) -> str:
+    return f"  - {line.strip()}" if line.startswith("  ") else f"- {line}"
+
+
+def format_markdown(c: Comparison) -> str:
+    lines = [f"# evalrun comparison — {c.group}", "", *map(_md_item, _heading(c)), ""]
+    lines.append("| " + " | ".join(HEADER) + " |")
+    lines.append("|" + "---|" * len(HEADER))
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(c)]
+    if c.excluded:
+        lines += ["", *map(_md_item, _footer(c))]
+    return "\n".join(lines) + "\n"
+
+
+def format_json(c: Comparison) -> str:
+    return json.dumps(c.as_dict(), indent=2, sort_keys=True, default=str) + "\n"
+
+
+def check_group_definitions(store: Store, spec: Any) -> None:
+    """Refuse a run that would change a comparison group's primary metric definitions.
+
+    Once runs exist in a group, its primary metrics (definition and threshold) are
+    fixed; a changed definition needs a new version of the group (a new
+    ``comparison_group`` name, e.g. ``NAME.v2``), so old and new runs are never ranked
+    against each other by accident.
+    """
+    group = spec.metadata.comparison_group
+    if not group:
+        return
+    runs, _ = load_group(store, group)
+    if not runs:
+        return
+    mine = primary_metrics(
+        {"metric_definitions": [d.model_dump(mode="json") for d in spec.metrics]}
+    )
+    theirs = primary_metrics(runs[0].predicate)
+    if mine != theirs:
+        changed = sorted(
+            {str(d.get("name")) for d in mine if d not in theirs}
+            | {str(d.get("name")) for d in theirs if d not in mine}
+        )
+        raise InputError(
+            f"comparison group {group!r} already has runs ({len(runs)}) whose primary metrics "
+            f"are defined differently: {', '.join(changed)}",
+            file="metadata.comparison_group",
+            expected=json.dumps(theirs, sort_keys=True),
+            found=json.dumps(mine, sort_keys=True),
+            hint=f"keep the group's definitions, or start a new version of the group "
+            f"(comparison_group: {group}.v2)",
+        )

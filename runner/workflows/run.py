@@ -1,0 +1,579 @@
+"""Run a locked evaluation on a backend and seal the result into a signed bundle.
+
+Order of events: load spec + lock (the lock must match the spec) → re-hash every
+input on the host (exit 3 before any container) → derive the run id (from the
+lock digest and attempt: a repeated run finds the existing bundle) → backend
+preflight (sandbox policy) → sandboxed run → collect without trusting the
+container → recompute metrics → thresholds → bundle (signed, content addressed,
+atomic). Failed and rejected runs are sealed too, saying why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+
+from runner._internal.settings import Settings
+from runner.backends.collect import collect_results, read_json, recompute_metrics
+from runner.backends.crosscheck import crosscheck_node_labels
+from runner.build.image import image_reproducibility, sha256_file
+from runner.build.provenance import preprocessing_records, provenance
+from runner.bundle.build import build_bundle
+from runner.bundle.signing import Signer
+from runner.bundle.store import Store, StoredBundle
+from runner.errors import (
+    DigestMismatch,
+    EnvironmentMismatch,
+    EvalrunError,
+    InfrastructureError,
+    IntegrityError,
+    SpecError,
+)
+from runner.model.plan import Backend, BackendResult, PlanInput, RunPlan
+from runner.model.spec import EvalSpec, LockedSpec, load_lock, load_spec, lock_path_for
+from runner.render.markdown import render_markdown
+from runner.shared.metrics import is_gating, threshold_verdicts
+from runner.workflows.compare import check_group_definitions
+
+log = logging.getLogger("evalrun.run")
+Progress = Callable[[str], None]
+
+_LOG_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
+
+# outcome → process exit code (DESIGN.md)
+OUTCOME_EXIT = {
+    "passed": 0,
+    "completed": 0,
+    "thresholds_failed": 6,
+    "evaluation_failed": 6,
+    "timeout": 6,
+    "bad_output": 6,
+    "integrity_failure": 3,
+    "environment_mismatch": 4,
+    "infrastructure_failure": 5,
+    "interrupted": 130,
+    "agent_error": 1,
+}
+
+
+def run_id_for(lock_digest: str, attempt: int) -> str:
+    """Deterministic run id: the same locked spec and attempt always name the same run."""
+    h = hashlib.sha256(f"evalrun-run/v1\n{lock_digest}\n{attempt}".encode()).hexdigest()
+    return f"r-{h[:24]}"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _evalrun_version() -> str:
+    try:
+        return dist_version("evalrun")
+    except Exception:
+        return "unknown"
+
+
+class Journal:
+    """The runner's own JSON-lines events for one run; also sent to logging."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.records: list[dict[str, Any]] = []
+
+    def emit(self, event: str, level: str = "info", **fields: Any) -> None:
+        record = {
+            "ts": time.time(),
+            "level": level,
+            "event": event,
+            "run_id": self.run_id,
+            "source": "runner",
+            **fields,
+        }
+        self.records.append(record)
+        safe = {k: v for k, v in fields.items() if k not in _LOG_RESERVED}
+        log.log(
+            logging.getLevelName(level.upper()),
+            event,
+            extra={"event": event, "run_id": self.run_id, **safe},
+        )
+
+    def dump(self) -> bytes:
+        return "".join(
+            json.dumps(r, sort_keys=True, default=str) + "\n" for r in self.records
+        ).encode()
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What ``evalrun run`` reports: the stored bundle and its verdict."""
+
+    run_id: str
+    outcome: str
+    exit_code: int
+    reason: str | None
+    bundle: StoredBundle
+    predicate: dict[str, Any]
+    reused: bool
+
+
+def load_locked(spec_path: Path) -> tuple[EvalSpec, LockedSpec]:
+    """Spec plus its lock; refuse a lock that belongs to a different spec."""
+    spec = load_spec(spec_path)
+    lock_path = lock_path_for(spec_path)
+    lock = load_lock(lock_path)
+    if lock.spec_digest != spec.digest():
+        raise SpecError(
+            "the lock does not match the spec (the spec changed since it was locked)",
+            file=str(lock_path),
+            problems=[("spec_digest", f"lock has {lock.spec_digest}, spec is {spec.digest()}")],
+            hint=f"run `evalrun lock {spec_path}` to resolve the inputs again",
+        )
+    return spec, lock
+
+
+def _check_inputs_on_host(spec_dir: Path, lock: LockedSpec) -> list[PlanInput]:
+    """Re-hash model and datasets now; a changed file stops the run before any container."""
+    inputs = []
+    items: list[tuple[str, str, str, str]] = [
+        ("model", "model", lock.model.path, lock.model.sha256)
+    ]
+    items += [("dataset", d.name, d.path, d.sha256) for d in lock.datasets]
+    for role, name, rel, expected in items:
+        path = (spec_dir / rel).resolve()
+        found = sha256_file(path) if path.is_file() else "missing (file not found)"
+        if found != expected:
+            raise DigestMismatch(
+                f"{role} {name}",
+                expected=expected,
+                found=found,
+                path=str(path),
+                hint="the input changed since it was locked; restore it or re-lock deliberately",
+            )
+        inputs.append(
+            PlanInput(
+                role=role,
+                name=name,
+                host_path=path,
+                sha256=found,
+            )
+        )
+    return inputs
+
+
+def _carry_preprocessing(spec: EvalSpec, spec_dir: Path, dest: Path) -> None:
+    """Copy the declared preprocessing code into the bundle, so a re-run can replay it."""
+    for step in spec.preprocessing:
+        src = spec_dir / step.code
+        target = dest / step.code
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(
+                src, target, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
+        elif src.is_file():
+            shutil.copy2(src, target)
+
+
+def _check_preprocessing(steps: list[dict[str, Any]], lock: LockedSpec) -> None:
+    """The preprocessing code found now must be the code that was locked."""
+    locked = {p.name: p.code_digest for p in lock.preprocessing}
+    for step in steps:
+        expected = locked.get(step["name"])
+        if expected != step["code_digest"]:
+            raise DigestMismatch(
+                f"preprocessing step {step['name']} ({step['code']})",
+                expected=expected or "not in the lock",
+                found=step["code_digest"],
+                hint="the preprocessing code changed since it was locked; re-lock deliberately",
+            )
+
+
+def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt: int) -> RunPlan:
+    return RunPlan(
+        run_id=run_id_for(lock.digest(), attempt),
+        attempt=attempt,
+        image_ref=lock.image.ref,
+        expected_rootfs_digest=lock.image.rootfs_digest,
+        runtime=spec.sandbox.runtime,
+        network=spec.sandbox.network,
+        command=list(spec.command),
+        params=dict(spec.params),
+        seed=spec.seed,
+        metrics=[m.model_dump(mode="json") for m in spec.metrics],
+        perturbations=[x.model_dump(mode="json") for x in spec.perturbations],
+        expect=spec.expect.model_dump(mode="json"),
+        inputs=inputs,
+        timeout_s=spec.timeout_s,
+        cpus=spec.resources.cpus,
+        memory_mib=spec.resources.memory_mib,
+        pids=spec.resources.pids,
+        gpus=spec.resources.gpus,
+        retries=spec.retries,
+        gpu_product=spec.resources.gpu_product,
+        gpu_driver_major=spec.resources.gpu_driver_major,
+        runtime_class=spec.sandbox.runtime_class,
+        spec_digest=spec.digest(),
+        lock_digest=lock.digest(),
+        spec_name=spec.metadata.name,
+    )
+
+
+# Runs that never got to evaluate: a plain `evalrun run` tries again instead of reusing them.
+RETRYABLE_OUTCOMES = {"infrastructure_failure", "interrupted"}
+
+
+def _current_attempt(store: Store, lock_digest: str) -> int:
+    """The attempt a plain run attaches to: the first one not ended by infrastructure/Ctrl-C."""
+    attempt = 0
+    while (found := store.find_run(run_id_for(lock_digest, attempt))) is not None:
+        if found.outcome not in RETRYABLE_OUTCOMES:
+            return attempt
+        attempt += 1
+    return attempt
+
+
+def _next_attempt(store: Store, lock_digest: str) -> int:
+    attempt = 0
+    while store.find_run(run_id_for(lock_digest, attempt)) is not None:
+        attempt += 1
+    return attempt
+
+
+def run_evaluation(
+    spec_path: Path,
+    backend: Backend,
+    signer: Signer,
+    settings: Settings,
+    *,
+    rerun: bool = False,
+    progress: Progress = lambda _: None,
+    annotate: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    reason: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunOutcome:
+    """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
+
+    ``annotate`` (used by ``evalrun rerun``) is called with the finished predicate
+    of a new run; the keys it returns are added to the predicate before it is
+    signed (they may not replace existing ones). ``reason`` is the launcher's
+    rationale (``--reason``); it wins over the spec's ``metadata.rationale`` and both
+    are recorded in the predicate's ``provenance``, with the launcher's identity read
+    from ``environ`` (default: the process environment).
+    """
+    spec, lock = load_locked(spec_path)
+    store = Store(settings.home)
+    lock_digest = lock.digest()
+    attempt = _next_attempt(store, lock_digest) if rerun else _current_attempt(store, lock_digest)
+    run_id = run_id_for(lock_digest, attempt)
+    existing = store.find_run(run_id)
+    if existing is not None:
+        progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
+        predicate = _load_predicate(existing.path)
+        outcome = str(predicate.get("outcome"))
+        return RunOutcome(
+            run_id,
+            outcome,
+            OUTCOME_EXIT.get(outcome, 1),
+            predicate.get("reason"),
+            existing,
+            predicate,
+            reused=True,
+        )
+
+    spec_dir = spec_path.resolve().parent
+    check_group_definitions(store, spec)
+    steps = preprocessing_records(spec, spec_dir)
+    journal = Journal(run_id)
+    started = _now()
+    run_provenance = provenance(
+        spec,
+        env=os.environ if environ is None else environ,
+        launched_at=started,
+        evalrun_version=_evalrun_version(),
+        reason=reason,
+        preprocessing=steps,
+    )
+    journal.emit(
+        "run_start",
+        spec=spec.metadata.name,
+        lock_digest=lock_digest,
+        attempt=attempt,
+        backend=backend.name,
+    )
+    with store.staging_dir() as stage:
+        shutil.copy2(spec_path, stage / "spec.yaml")
+        shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
+        _carry_preprocessing(spec, spec_dir, stage / "preprocessing")
+        result: BackendResult | None = None
+        plan: RunPlan | None = None
+        facts: dict[str, Any] = {}
+        try:
+            inputs = _check_inputs_on_host(spec_dir, lock)
+            _check_preprocessing(steps, lock)
+            journal.emit("inputs_verified", count=len(inputs))
+            plan = make_plan(spec, lock, inputs, attempt)
+            (stage / "plan.json").write_text(
+                json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
+            )
+            progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
+            backend.preflight(plan)
+            progress(
+                f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
+            )
+            with tempfile.TemporaryDirectory(prefix="evalrun-results-") as tmp:
+                results_tmp = Path(tmp) / "results"
+                result = backend.run(plan, results_tmp)
+                journal.emit(
+                    "container_done",
+                    exit_code=result.exit_code,
+                    timed_out=result.timed_out,
+                    duration_s=result.duration_s,
+                    runtime=result.runtime,
+                )
+                collected = collect_results(results_tmp, stage / "results")
+                collected.problems[:0] = result.collection_problems
+                journal.emit(
+                    "results_collected",
+                    files=len(collected.files),
+                    bytes=collected.total_bytes,
+                    problems=collected.problems,
+                )
+            outcome, reason, facts = _judge(spec, plan, result, collected.problems, stage)
+        except KeyboardInterrupt:
+            outcome, reason = "interrupted", "interrupted by the user (Ctrl-C)"
+        except DigestMismatch as exc:
+            outcome, reason = "integrity_failure", exc.diagnostics().replace("\n", "; ")
+        except EnvironmentMismatch as exc:
+            outcome, reason = "environment_mismatch", exc.diagnostics().replace("\n", "; ")
+        except InfrastructureError as exc:
+            outcome, reason = "infrastructure_failure", exc.diagnostics().replace("\n", "; ")
+        if result is not None and result.interrupted:
+            outcome, reason = "interrupted", "interrupted by the user (Ctrl-C)"
+        journal.emit(
+            "run_end",
+            level="info" if OUTCOME_EXIT[outcome] == 0 else "error",
+            outcome=outcome,
+            reason=reason,
+        )
+        predicate = _predicate(
+            spec,
+            lock,
+            run_id,
+            attempt,
+            plan,
+            result,
+            outcome,
+            reason,
+            facts,
+            started,
+            stage,
+            backend.name,
+            run_provenance,
+        )
+        if annotate is not None:
+            extra = dict(annotate(predicate))
+            if clash := sorted(extra.keys() & predicate.keys()):
+                raise ValueError(f"annotate may not replace predicate keys {clash}")
+            predicate = {**predicate, **extra}
+        (stage / "report.md").write_text(render_markdown(predicate))
+        (stage / "logs").mkdir(exist_ok=True)
+        (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
+        if result is not None and result.container_log:
+            (stage / "logs" / "container.log").write_text(result.container_log)
+        progress("sealing the bundle (hash, sign)")
+        build_bundle(stage, predicate, signer, stage)
+        stored = store.put(stage)
+    return RunOutcome(
+        run_id, outcome, OUTCOME_EXIT[outcome], reason, stored, predicate, reused=False
+    )
+
+
+def _load_predicate(bundle_dir: Path) -> dict[str, Any]:
+    statement = json.loads((bundle_dir / "statement.json").read_text())
+    predicate: dict[str, Any] = statement["predicate"]
+    return predicate
+
+
+def _judge(
+    spec: EvalSpec, plan: RunPlan, result: BackendResult, collect_problems: list[str], stage: Path
+) -> tuple[str, str | None, dict[str, Any]]:
+    """Turn what the container left behind into an outcome, trusting nothing it says."""
+    results = stage / "results"
+    facts: dict[str, Any] = {
+        "summary": read_json(results / "summary.json"),
+        "preflight": read_json(results / "preflight.json"),
+        "environment": read_json(results / "env.json"),
+    }
+    if result.interrupted:
+        return "interrupted", "interrupted by the user (Ctrl-C)", facts
+    if not result.image_digest_confirmed:
+        return "integrity_failure", "the container did not run the pinned image digest", facts
+    if collect_problems:
+        return "integrity_failure", "; ".join(collect_problems), facts
+    if result.timed_out:
+        reason = (
+            f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
+            "preflight allowance) and was killed"
+        )
+        return "timeout", reason, facts
+    summary = facts["summary"] if isinstance(facts["summary"], dict) else {}
+    agent_outcome = summary.get("outcome")
+    labels = result.details.get("node_labels")
+    environment = facts["environment"] if isinstance(facts["environment"], dict) else {}
+    if isinstance(labels, dict) and agent_outcome == "completed":
+        disagreements = crosscheck_node_labels(labels, environment.get("gpu") or {})
+        facts["node_crosscheck"] = disagreements
+        if disagreements:
+            return "environment_mismatch", "; ".join(disagreements), facts
+    if result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed"):
+        return "evaluation_failed", "the container was OOMKilled (memory limit reached)", facts
+    if result.exit_code == 137 and not agent_outcome:
+        return "evaluation_failed", "the container was killed (out of memory?)", facts
+    if agent_outcome != "completed" or result.exit_code != 0:
+        known = {
+            "integrity_failure",
+            "environment_mismatch",
+            "evaluation_failed",
+            "timeout",
+            "bad_output",
+        }
+        outcome = agent_outcome if agent_outcome in known else "evaluation_failed"
+        reason = summary.get("reason") or f"agent exited {result.exit_code}"
+        if outcome == "evaluation_failed":
+            stderr = results / "logs" / "evaluation.stderr"
+            if stderr.is_file():
+                tail = stderr.read_text(errors="replace").strip().splitlines()[-3:]
+                if tail:
+                    reason += " — stderr: " + " | ".join(tail)
+        return outcome, reason, facts
+    check = recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations)
+    facts["metrics"] = check.metrics
+    facts["perturbations"] = check.perturbations
+    if check.problems:
+        return (
+            "integrity_failure",
+            "metrics do not match the per-sample outputs: " + "; ".join(check.problems),
+            facts,
+        )
+    verdicts = threshold_verdicts(plan.metrics, {m["name"]: m["value"] for m in check.metrics})
+    facts["verdicts"] = verdicts
+    # only gating metrics (primary, or promoted supplementary) decide the outcome
+    failed = [n for n, v in verdicts.items() if v.get("gating", True) and v["passed"] is False]
+    if failed:
+        return "thresholds_failed", "metrics below threshold: " + ", ".join(failed), facts
+    return "passed", None, facts
+
+
+def _predicate(
+    spec: EvalSpec,
+    lock: LockedSpec,
+    run_id: str,
+    attempt: int,
+    plan: RunPlan | None,
+    result: BackendResult | None,
+    outcome: str,
+    reason: str | None,
+    facts: dict[str, Any],
+    started: str,
+    stage: Path,
+    backend: str,
+    run_provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    preflight: dict[str, Any] = facts.get("preflight") or {}
+    summary: dict[str, Any] = facts.get("summary") or {}
+    if not isinstance(preflight, dict):
+        preflight = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    verdicts = facts.get("verdicts") or {}
+    metrics = []
+    for m in facts.get("metrics") or []:
+        definition = next(d for d in spec.metrics if d.name == m["name"])
+        verdict = verdicts.get(m["name"]) or {}
+        metrics.append(
+            {
+                **m,
+                "threshold": definition.threshold,
+                "direction": definition.direction,
+                "compute": definition.compute,
+                "field": definition.field,
+                "role": definition.role,
+                "gating": is_gating(definition.model_dump(mode="json")),
+                "promoted": (
+                    definition.promoted.model_dump(mode="json") if definition.promoted else None
+                ),
+                "threshold_met": verdict.get("threshold_met"),
+                "passed": verdict.get("passed"),
+            }
+        )
+    rootfs = (preflight or {}).get("rootfs") or {}
+    return {
+        "run_id": run_id,
+        "attempt": attempt,
+        "evalrun_version": _evalrun_version(),
+        "backend": backend,
+        "spec": {"name": spec.metadata.name, "digest": spec.digest()},
+        "lock_digest": lock.digest(),
+        "image": {
+            "ref": lock.image.ref,
+            "digest": lock.image.ref.split("@", 1)[1],
+            "rootfs_expected": lock.image.rootfs_digest,
+            "rootfs_found": rootfs.get("found"),
+            "digest_confirmed_by_backend": result.image_digest_confirmed if result else None,
+        },
+        "sandbox": {
+            "runtime_requested": spec.sandbox.runtime,
+            "runtime_used": result.runtime if result else None,
+            "network": spec.sandbox.network,
+            "details": result.details if result else {},
+        },
+        "model": lock.model.model_dump(mode="json"),
+        "datasets": [d.model_dump(mode="json") for d in lock.datasets],
+        "source": lock.source.model_dump(mode="json"),
+        "image_reproducibility": image_reproducibility(lock),
+        "provenance": dict(run_provenance or {}),
+        "comparison_group": spec.metadata.comparison_group,
+        "preprocessing": list((run_provenance or {}).get("preprocessing") or []),
+        "metric_definitions": [
+            d.model_dump(mode="json") | {"gating": d.gating} for d in spec.metrics
+        ],
+        "params": spec.params,
+        "seeds": {"seed": spec.seed, "determinism": summary.get("determinism")},
+        "environment": facts.get("environment") or {},
+        "preflight": preflight or {},
+        "node_crosscheck": facts.get("node_crosscheck"),
+        "perturbations": facts.get("perturbations") or [],
+        "evaluation": summary.get("evaluation"),
+        "metrics": metrics,
+        "outcome": outcome,
+        "reason": reason,
+        "exit_code": OUTCOME_EXIT[outcome],
+        "timestamps": {
+            "started": started,
+            "finished": _now(),
+            "container_started": result.started_at if result else None,
+            "container_finished": result.finished_at if result else None,
+        },
+    }
+
+
+__all__ = [
+    "OUTCOME_EXIT",
+    "EvalrunError",
+    "IntegrityError",
+    "RunOutcome",
+    "run_evaluation",
+    "run_id_for",
+]
