@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make run          – set up the embedded default and run examples/digits end to end"
 	@echo "make test         – set up everything and run every test tier (unit, docker, k8s, kwok)"
-	@echo "make lint | fmt   – mypy --strict + ruff | ruff format"
+	@echo "make lint | fmt   – mypy --strict + ruff + import contracts | ruff format"
 	@echo "make bench        – benchmarks (results printed as JSON lines)"
 	@echo "make base-image   – build and push the base image (mmdebstrap)"
 	@echo "make cluster-up / cluster-down – the local Kubernetes test cluster"
@@ -60,6 +60,7 @@ lint: venv
 	$(VENV)/bin/mypy runner
 	$(VENV)/bin/ruff check runner
 	$(VENV)/bin/ruff format --check runner
+	$(VENV)/bin/lint-imports --no-logo
 
 fmt: venv
 	$(VENV)/bin/ruff format runner tests
