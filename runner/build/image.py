@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
@@ -37,8 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import runner
 from runner._internal import oci
+from runner._internal.settings import Settings
 from runner.adapters import registry
 from runner.adapters.docker_engine import connect, docker_call, translated
+from runner.build.provenance import preprocessing_records
 from runner.errors import (
     DigestMismatch,
     EvalrunError,
@@ -47,8 +50,6 @@ from runner.errors import (
     IntegrityError,
     SpecError,
 )
-from runner.build.provenance import preprocessing_records
-from runner._internal.settings import Settings
 from runner.model.spec import (
     EvalSpec,
     LockedArtifact,
@@ -68,15 +69,24 @@ from runner.model.spec import (
 log = logging.getLogger("evalrun.build")
 Progress = Callable[[str], None]
 
-REPO_ROOT = Path(runner.__file__).resolve().parent.parent
-IMAGES_DIR = Path(os.environ.get("EVALRUN_IMAGES_DIR", REPO_ROOT / "images"))
+# The runner package on disk: runner/ in a checkout, site-packages/runner when installed.
+PACKAGE_DIR = Path(str(importlib.resources.files(runner))).resolve()
+REPO_ROOT = PACKAGE_DIR.parent
+# A wheel carries the top-level images/ as runner/_images (setup.py); a checkout reads images/.
+_PACKAGED_IMAGES = PACKAGE_DIR / "_images"
+IMAGES_DIR = Path(
+    os.environ.get(
+        "EVALRUN_IMAGES_DIR",
+        _PACKAGED_IMAGES if _PACKAGED_IMAGES.is_dir() else REPO_ROOT / "images",
+    )
+)
 # What goes into the image: the agent package (every module of it) and what it imports.
 AGENT_FILES = (
     "__init__.py",
     *sorted(
         f"{package}/{p.name}"
         for package in ("agent", "shared")
-        for p in (REPO_ROOT / "runner" / package).glob("*.py")
+        for p in (PACKAGE_DIR / package).glob("*.py")
         if p.is_file()
     ),
 )
@@ -500,7 +510,7 @@ def agent_digest() -> str:
     """sha256 over the agent files that go into every image (path and content)."""
     h = hashlib.sha256(b"evalrun-agent/v1\n")
     for rel in AGENT_FILES:
-        h.update(f"{rel} {sha256_file(REPO_ROOT / 'runner' / rel)}\n".encode())
+        h.update(f"{rel} {sha256_file(PACKAGE_DIR / rel)}\n".encode())
     return h.hexdigest()
 
 
@@ -517,7 +527,7 @@ def stage_context(inputs: BuildInputs, dest: Path, settings: Settings) -> str:
     for rel in AGENT_FILES:
         target = agent_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / "runner" / rel, target)
+        shutil.copy2(PACKAGE_DIR / rel, target)
     shutil.copytree(
         inputs.context,
         dest / "app",
