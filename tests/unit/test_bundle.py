@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from bundle_fixtures import PAYLOAD, Keys, make_keys, write_payload
 
 from runner.bundle.build import (
     ENVELOPE_NAME,
@@ -28,21 +29,11 @@ from runner.bundle.build import (
     unsafe_path_reason,
     write_bundle_tar,
 )
-from runner.errors import InputError, IntegrityError
-from runner.bundle.signing import Signer, Verifier, generate_keypair, load_signer, load_verifier
+from runner.bundle.signing import Signer, Verifier
 from runner.bundle.verify import verify_bundle
+from runner.errors import InputError, IntegrityError
 
 pytestmark = pytest.mark.unit
-
-PAYLOAD = {
-    "spec.yaml": b"apiVersion: evalrun/v1\nkind: Evaluation\n",
-    "eval.lock.json": b'{"lock": true}\n',
-    "env.json": b'{"python": "3.11"}\n',
-    "report.md": b"# Report\n\naccuracy 0.97\n",
-    "results/metrics.json": b'{"accuracy": {"value": 0.97, "ci": [0.95, 0.98]}}\n',
-    "results/samples.jsonl": b'{"id": 0, "pred": 1, "label": 1}\n' * 50,
-    "logs/events.jsonl": b'{"event": "start"}\n{"event": "end"}\n',
-}
 
 
 def predicate(run_id: str = "run-a") -> dict[str, object]:
@@ -54,22 +45,14 @@ def predicate(run_id: str = "run-a") -> dict[str, object]:
     }
 
 
-def write_content(root: Path, files: dict[str, bytes] = PAYLOAD) -> Path:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
-
-
 @pytest.fixture
-def keys(tmp_path: Path) -> tuple[Signer, Verifier]:
-    generate_keypair(tmp_path / "k", tmp_path / "k.pub", "ed25519")
-    return load_signer(tmp_path / "k"), load_verifier(tmp_path / "k.pub")
+def keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path)
 
 
 @pytest.fixture
 def content(tmp_path: Path) -> Path:
-    return write_content(tmp_path / "content")
+    return write_payload(tmp_path / "content")
 
 
 # --- what a bundle contains -------------------------------------------------------
@@ -140,8 +123,8 @@ def test_envelope_signs_the_exact_statement_bytes(
 def test_build_in_place_and_by_copy_give_the_same_manifest(
     tmp_path: Path, keys: tuple[Signer, Verifier]
 ) -> None:
-    copy_src = write_content(tmp_path / "src")
-    in_place = write_content(tmp_path / "inplace")
+    copy_src = write_payload(tmp_path / "src")
+    in_place = write_payload(tmp_path / "inplace")
     a = build_bundle(copy_src, predicate(), keys[0], tmp_path / "copied")
     b = build_bundle(in_place, predicate(), keys[0], in_place)
     assert a.manifest_digest == b.manifest_digest
@@ -162,7 +145,7 @@ def test_build_bundle_handles_multi_mebibyte_files(
     tmp_path: Path, keys: tuple[Signer, Verifier]
 ) -> None:
     big = os.urandom(3 * (1 << 20) + 17)
-    write_content(tmp_path / "c", {"results/big.bin": big, "a": b"", "z/y/x": b"x"})
+    write_payload(tmp_path / "c", {"results/big.bin": big, "a": b"", "z/y/x": b"x"})
     build_bundle(tmp_path / "c", predicate(), keys[0], tmp_path / "b", workers=3)
     manifest = json.loads((tmp_path / "b" / MANIFEST_NAME).read_bytes())
     by_path = {f["path"]: f for f in manifest["files"]}
@@ -333,8 +316,8 @@ def test_safe_paths_are_accepted() -> None:
 
 
 def test_bundle_tar_is_deterministic(tmp_path: Path, keys: tuple[Signer, Verifier]) -> None:
-    a = write_content(tmp_path / "a")
-    b = write_content(tmp_path / "b")
+    a = write_payload(tmp_path / "a")
+    b = write_payload(tmp_path / "b")
     os.utime(b / "report.md", (1, 1))
     (b / "results").chmod(0o700)
     build_bundle(a, predicate(), keys[0], a)

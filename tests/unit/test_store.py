@@ -9,46 +9,25 @@ import threading
 from pathlib import Path
 
 import pytest
+from bundle_fixtures import PAYLOAD, Keys, make_keys, seal_bundle
 
-from runner.bundle.build import ENVELOPE_NAME, STATEMENT_NAME, build_bundle
-from runner.errors import InputError, IntegrityError
-from runner.bundle.signing import Signer, Verifier, generate_keypair, load_signer, load_verifier
+from runner.bundle.build import ENVELOPE_NAME, STATEMENT_NAME
+from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import BundleNotFound, Store, StoreConflict, default_root, parse_digest
 from runner.bundle.verify import verify_bundle
+from runner.errors import InputError, IntegrityError
 
 pytestmark = pytest.mark.unit
 
-PAYLOAD = {
-    "spec.yaml": b"apiVersion: evalrun/v1\n",
-    "report.md": b"# Report\n",
-    "results/metrics.json": b'{"accuracy": 0.97}\n',
-    "logs/events.jsonl": b'{"event": "start"}\n',
-}
-
 
 @pytest.fixture
-def keys(tmp_path: Path) -> tuple[Signer, Verifier]:
-    generate_keypair(tmp_path / "k", tmp_path / "k.pub", "ed25519")
-    return load_signer(tmp_path / "k"), load_verifier(tmp_path / "k.pub")
+def keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path)
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "home")
-
-
-def stage(
-    directory: Path,
-    signer: Signer,
-    run_id: str = "run-a",
-    outcome: object = "passed",
-    files: dict[str, bytes] = PAYLOAD,
-) -> Path:
-    for rel, data in files.items():
-        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-        (directory / rel).write_bytes(data)
-    build_bundle(directory, {"run_id": run_id, "outcome": outcome}, signer, directory)
-    return directory
 
 
 def statement_digest(bundle: Path) -> str:
@@ -59,7 +38,7 @@ def test_put_moves_bundle_to_its_digest_and_indexes_the_run(
     store: Store, keys: tuple[Signer, Verifier]
 ) -> None:
     with store.staging_dir() as staging:
-        bundle = stage(staging / "b", keys[0])
+        bundle = seal_bundle(staging / "b", keys[0])
         digest = statement_digest(bundle)
         stored = store.put(bundle)
         assert not bundle.exists()
@@ -89,7 +68,7 @@ def test_interrupted_run_leaves_nothing_half_written(
     store: Store, keys: tuple[Signer, Verifier], exc: BaseException
 ) -> None:
     with pytest.raises(type(exc)), store.staging_dir() as staging:
-        stage(staging / "b", keys[0])
+        seal_bundle(staging / "b", keys[0])
         raise exc
     assert list((store.root / "tmp").iterdir()) == []
     assert list((store.root / "bundles").iterdir()) == []
@@ -103,7 +82,7 @@ def test_failed_rename_leaves_store_unchanged(
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space"), store.staging_dir() as staging:
-        bundle = stage(staging / "b", keys[0])
+        bundle = seal_bundle(staging / "b", keys[0])
         monkeypatch.setattr(Path, "rename", fail_rename)
         store.put(bundle)
     monkeypatch.undo()
@@ -116,10 +95,10 @@ def test_put_of_a_stored_digest_is_a_noop_returning_the_stored_bundle(
     store: Store, keys: tuple[Signer, Verifier]
 ) -> None:
     with store.staging_dir() as staging:
-        first = store.put(stage(staging / "b", keys[0]))
+        first = store.put(seal_bundle(staging / "b", keys[0]))
     index_before = (store.root / "runs" / "run-a.json").read_bytes()
     with store.staging_dir() as staging:
-        again_dir = stage(staging / "b", keys[0])  # ed25519: identical bundle, same digest
+        again_dir = seal_bundle(staging / "b", keys[0])  # ed25519: identical bundle, same digest
         second = store.put(again_dir)
         assert not again_dir.exists()
     assert second.digest == first.digest
@@ -132,11 +111,11 @@ def test_put_of_a_stored_digest_is_a_noop_returning_the_stored_bundle(
 def test_put_repairs_a_missing_index_entry(store: Store, keys: tuple[Signer, Verifier]) -> None:
     # as if the process died between the rename and the index write
     with store.staging_dir() as staging:
-        stored = store.put(stage(staging / "b", keys[0]))
+        stored = store.put(seal_bundle(staging / "b", keys[0]))
     (store.root / "runs" / "run-a.json").unlink()
     assert store.find_run("run-a") is None
     with store.staging_dir() as staging:
-        store.put(stage(staging / "b", keys[0]))
+        store.put(seal_bundle(staging / "b", keys[0]))
     found = store.find_run("run-a")
     assert found is not None and found.digest == stored.digest
 
@@ -151,7 +130,7 @@ def test_concurrent_puts_of_the_same_bundle_store_it_once(
     def worker() -> None:
         try:
             with store.staging_dir() as staging:
-                bundle = stage(staging / "b", keys[0])
+                bundle = seal_bundle(staging / "b", keys[0])
                 barrier.wait()
                 results.append(store.put(bundle).digest)
         except BaseException as exc:
@@ -170,7 +149,7 @@ def test_concurrent_puts_of_the_same_bundle_store_it_once(
 
 def test_stored_bundles_are_read_only(store: Store, keys: tuple[Signer, Verifier]) -> None:
     with store.staging_dir() as staging:
-        stored = store.put(stage(staging / "b", keys[0]))
+        stored = store.put(seal_bundle(staging / "b", keys[0]))
     for path in [stored.path, *stored.path.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o222 == 0, f"{path} is writable ({oct(mode)})"
@@ -181,9 +160,10 @@ def test_a_run_id_is_never_reindexed_to_another_bundle(
     store: Store, keys: tuple[Signer, Verifier]
 ) -> None:
     with store.staging_dir() as staging:
-        first = store.put(stage(staging / "b", keys[0]))
+        first = store.put(seal_bundle(staging / "b", keys[0]))
     with pytest.raises(StoreConflict) as err, store.staging_dir() as staging:
-        other = stage(staging / "b", keys[0], files=dict(PAYLOAD, **{"report.md": b"changed"}))
+        changed = dict(PAYLOAD, **{"report.md": b"changed"})
+        other = seal_bundle(staging / "b", keys[0], files=changed)
         store.put(other)
     assert err.value.exit_code == 3
     assert err.value.fields["expected"] == first.digest
@@ -194,7 +174,7 @@ def test_a_run_id_is_never_reindexed_to_another_bundle(
 
 def test_get_accepts_every_digest_spelling(store: Store, keys: tuple[Signer, Verifier]) -> None:
     with store.staging_dir() as staging:
-        stored = store.put(stage(staging / "b", keys[0]))
+        stored = store.put(seal_bundle(staging / "b", keys[0]))
     hexdigest = stored.digest.removeprefix("sha256:")
     for spelling in (stored.digest, f"sha256-{hexdigest}", hexdigest):
         assert store.get(spelling) == stored
@@ -224,7 +204,7 @@ def test_find_run_refuses_unsafe_run_ids(store: Store) -> None:
 def test_outcome_may_be_a_mapping_with_status(store: Store, keys: tuple[Signer, Verifier]) -> None:
     with store.staging_dir() as staging:
         stored = store.put(
-            stage(staging / "b", keys[0], outcome={"status": "failed", "reason": "timeout"})
+            seal_bundle(staging / "b", keys[0], outcome={"status": "failed", "reason": "timeout"})
         )
     assert stored.outcome == "failed"
 
@@ -232,14 +212,14 @@ def test_outcome_may_be_a_mapping_with_status(store: Store, keys: tuple[Signer, 
 def test_runs_lists_every_indexed_run(store: Store, keys: tuple[Signer, Verifier]) -> None:
     for run_id in ("run-a", "run-b"):
         with store.staging_dir() as staging:
-            store.put(stage(staging / "b", keys[0], run_id=run_id))
+            store.put(seal_bundle(staging / "b", keys[0], run_id=run_id))
     assert sorted(r.run_id for r in store.runs()) == ["run-a", "run-b"]
 
 
 def test_put_refuses_bundles_staged_outside_the_store(
     tmp_path: Path, store: Store, keys: tuple[Signer, Verifier]
 ) -> None:
-    bundle = stage(tmp_path / "elsewhere", keys[0])
+    bundle = seal_bundle(tmp_path / "elsewhere", keys[0])
     with pytest.raises(InputError, match="not staged inside the store"):
         store.put(bundle)
     assert bundle.exists()
@@ -249,7 +229,7 @@ def test_put_refuses_statement_that_is_not_the_signed_payload(
     store: Store, keys: tuple[Signer, Verifier]
 ) -> None:
     with pytest.raises(IntegrityError, match="not the payload signed"), store.staging_dir() as st:
-        bundle = stage(st / "b", keys[0])
+        bundle = seal_bundle(st / "b", keys[0])
         data = json.loads((bundle / STATEMENT_NAME).read_bytes())
         data["predicate"]["outcome"] = "failed"
         (bundle / STATEMENT_NAME).write_text(json.dumps(data))
@@ -259,7 +239,7 @@ def test_put_refuses_statement_that_is_not_the_signed_payload(
 
 def test_put_refuses_symlinks_in_the_bundle(store: Store, keys: tuple[Signer, Verifier]) -> None:
     with pytest.raises(IntegrityError, match="symlink"), store.staging_dir() as staging:
-        bundle = stage(staging / "b", keys[0])
+        bundle = seal_bundle(staging / "b", keys[0])
         (bundle / "results" / "l").symlink_to("/etc/hostname")
         store.put(bundle)
     assert list((store.root / "bundles").iterdir()) == []

@@ -14,51 +14,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bundle_fixtures import PAYLOAD, Keys, make_keys, seal_bundle
 
 from runner.bundle.build import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     STATEMENT_NAME,
-    build_bundle,
     write_bundle_tar,
 )
-from runner.errors import InputError, VerificationFailed
 from runner.bundle.signing import (
     ALGORITHMS,
     Algorithm,
     Signer,
     Verifier,
-    generate_keypair,
-    load_signer,
-    load_verifier,
     sign_envelope,
 )
 from runner.bundle.verify import CHECKS, VerifiedBundle, verify_bundle
+from runner.errors import InputError, VerificationFailed
 
 pytestmark = pytest.mark.unit
 
-PAYLOAD = {
-    "spec.yaml": b"apiVersion: evalrun/v1\nkind: Evaluation\n",
-    "eval.lock.json": b'{"lock": true}\n',
-    "env.json": b'{"python": "3.11"}\n',
-    "report.md": b"# Report\n\naccuracy 0.97\n",
-    "results/metrics.json": b'{"accuracy": {"value": 0.97, "ci": [0.95, 0.98]}}\n',
-    "results/samples.jsonl": b'{"id": 0, "pred": 1, "label": 1}\n' * 50,
-    "logs/events.jsonl": b'{"event": "start"}\n{"event": "end"}\n',
-}
 METADATA = [MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME]
 ALL_FILES = sorted(PAYLOAD) + METADATA
 SHA = "[0-9a-f]{64}"
-
-
-def build(
-    root: Path, signer: Signer, run_id: str = "run-a", files: dict[str, bytes] = PAYLOAD
-) -> Path:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    build_bundle(root, {"run_id": run_id, "outcome": "passed"}, signer, root)
-    return root
 
 
 def problems_of(path: Path, verifier: Verifier) -> list[str]:
@@ -74,21 +52,19 @@ def has(problems: list[str], pattern: str) -> bool:
 
 
 @pytest.fixture(params=ALGORITHMS)
-def keys(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Signer, Verifier]:
+def keys(request: pytest.FixtureRequest, tmp_path: Path) -> Keys:
     algorithm: Algorithm = request.param
-    generate_keypair(tmp_path / "k", tmp_path / "k.pub", algorithm)
-    return load_signer(tmp_path / "k"), load_verifier(tmp_path / "k.pub")
+    return make_keys(tmp_path, "k", algorithm)
 
 
 @pytest.fixture
-def ed_keys(tmp_path: Path) -> tuple[Signer, Verifier]:
-    generate_keypair(tmp_path / "e", tmp_path / "e.pub", "ed25519")
-    return load_signer(tmp_path / "e"), load_verifier(tmp_path / "e.pub")
+def ed_keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path, "e", "ed25519")
 
 
 @pytest.fixture
 def bundle(tmp_path: Path, keys: tuple[Signer, Verifier]) -> Path:
-    return build(tmp_path / "bundle", keys[0])
+    return seal_bundle(tmp_path / "bundle", keys[0])
 
 
 def flip(path: Path, offset: int) -> None:
@@ -179,7 +155,7 @@ def test_verify_rejects_every_single_byte_flip_in_metadata(
     tmp_path: Path, ed_keys: tuple[Signer, Verifier], rel: str
 ) -> None:
     # small payload keeps this exhaustive check fast
-    bundle = build(tmp_path / "b", ed_keys[0], files={"r.txt": b"x"})
+    bundle = seal_bundle(tmp_path / "b", ed_keys[0], files={"r.txt": b"x"})
     original = (bundle / rel).read_bytes()
     accepted = []
     for offset in range(len(original)):
@@ -227,7 +203,7 @@ def test_verify_rejects_file_swapped_in_from_another_run(
     tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
 ) -> None:
     other = dict(PAYLOAD, **{"results/metrics.json": b'{"accuracy": {"value": 0.99}}\n'})
-    b = build(tmp_path / "other", keys[0], "run-b", other)
+    b = seal_bundle(tmp_path / "other", keys[0], "run-b", other)
     shutil.copyfile(b / "results" / "metrics.json", bundle / "results" / "metrics.json")
     problems = problems_of(bundle, keys[1])
     assert has(problems, rf"file 'results/metrics\.json': expected sha256 {SHA}, found {SHA}")
@@ -294,8 +270,7 @@ def test_verify_rejects_changed_payload_type(bundle: Path, keys: tuple[Signer, V
 def test_verify_rejects_wrong_key_naming_both_keyids(
     tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
 ) -> None:
-    generate_keypair(tmp_path / "other", tmp_path / "other.pub", keys[1].algorithm)
-    other = load_verifier(tmp_path / "other.pub")
+    _, other = make_keys(tmp_path, "other", keys[1].algorithm)
     problems = problems_of(bundle, other)
     assert problems == [
         f"wrong key: expected a signature by keyid {other.keyid}, "
@@ -306,9 +281,9 @@ def test_verify_rejects_wrong_key_naming_both_keyids(
 def test_verify_rejects_bundle_resigned_by_another_key(
     tmp_path: Path, keys: tuple[Signer, Verifier]
 ) -> None:
-    generate_keypair(tmp_path / "attacker", tmp_path / "attacker.pub")
+    attacker, _ = make_keys(tmp_path, "attacker", "ecdsa-p256")
     tampered = dict(PAYLOAD, **{"report.md": b"# Report\n\naccuracy 0.99\n"})
-    bundle = build(tmp_path / "forged", load_signer(tmp_path / "attacker"), files=tampered)
+    bundle = seal_bundle(tmp_path / "forged", attacker, files=tampered)
     assert has(
         problems_of(bundle, keys[1]), rf"wrong key: expected a signature by keyid {keys[1].keyid}"
     )
@@ -317,11 +292,9 @@ def test_verify_rejects_bundle_resigned_by_another_key(
 def test_verify_rejects_another_keys_signature_under_our_keyid(
     tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
 ) -> None:
-    generate_keypair(tmp_path / "attacker", tmp_path / "attacker.pub", keys[1].algorithm)
+    attacker, _ = make_keys(tmp_path, "attacker", keys[1].algorithm)
     payload = (bundle / STATEMENT_NAME).read_bytes()
-    forged = sign_envelope(
-        payload, "application/vnd.in-toto+json", load_signer(tmp_path / "attacker")
-    )
+    forged = sign_envelope(payload, "application/vnd.in-toto+json", attacker)
     forged["signatures"][0]["keyid"] = keys[1].keyid
     (bundle / ENVELOPE_NAME).write_text(json.dumps(forged))
     assert problems_of(bundle, keys[1]) == [
@@ -342,7 +315,7 @@ def test_verify_rejects_extra_signature(
 def test_verify_rejects_another_runs_envelope_replayed(
     tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
 ) -> None:
-    other = build(tmp_path / "other", keys[0], "run-b")
+    other = seal_bundle(tmp_path / "other", keys[0], "run-b")
     for name in (ENVELOPE_NAME, STATEMENT_NAME):
         shutil.copyfile(other / name, bundle / name)
     problems = problems_of(bundle, keys[1])
@@ -357,7 +330,7 @@ def test_verify_rejects_another_runs_envelope_replayed(
 def test_verify_rejects_another_runs_envelope_alone(
     tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
 ) -> None:
-    other = build(tmp_path / "other", keys[0], "run-b")
+    other = seal_bundle(tmp_path / "other", keys[0], "run-b")
     shutil.copyfile(other / ENVELOPE_NAME, bundle / ENVELOPE_NAME)
     problems = problems_of(bundle, keys[1])
     assert has(problems, "statement.json differs from the payload signed")
@@ -368,7 +341,7 @@ def test_verify_rejects_replay_of_same_content_under_other_run_id(
     tmp_path: Path, bundle: Path, keys: tuple[Signer, Verifier]
 ) -> None:
     # identical files, other run: only the run id tells them apart
-    other = build(tmp_path / "other", keys[0], "run-b")
+    other = seal_bundle(tmp_path / "other", keys[0], "run-b")
     for name in (ENVELOPE_NAME, STATEMENT_NAME):
         shutil.copyfile(other / name, bundle / name)
     problems = problems_of(bundle, keys[1])
@@ -551,7 +524,7 @@ def test_verify_rejects_duplicate_member_in_tar(
 def test_verify_rejects_non_canonical_base64_in_envelope(
     tmp_path: Path, ed_keys: tuple[Signer, Verifier]
 ) -> None:
-    bundle = build(tmp_path / "b", ed_keys[0])
+    bundle = seal_bundle(tmp_path / "b", ed_keys[0])
     envelope = json.loads((bundle / ENVELOPE_NAME).read_bytes())
     sig = envelope["signatures"][0]["sig"]
     # 64 bytes: the last character before '==' carries 2 data bits and 4 unused bits
