@@ -22,7 +22,7 @@ from runner.build.image import AGENT_FILES, agent_digest, load_recipe
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "runner", "images")
+SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "runner", "images")
 
 PROBE = """
 import json, sys
