@@ -94,9 +94,7 @@ def test_keyboard_interrupt_exits_130(
 ) -> None:
     _raise_from_validate(monkeypatch, KeyboardInterrupt())
     assert main(["validate", "eval.yaml"]) == 130
-    assert capsys.readouterr().err == (
-        "evalrun: interrupted; nothing was left half-written\n"
-    )
+    assert capsys.readouterr().err == ("evalrun: interrupted; nothing was left half-written\n")
 
 
 def test_intentional_errors_keep_their_exit_code_and_message(
