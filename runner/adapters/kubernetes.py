@@ -45,6 +45,7 @@ from runner.errors import (
     TransientKubernetesError,
 )
 
+# The watch logged under this name before it moved here; log consumers filter on it.
 log = logging.getLogger("evalrun.backend.kubernetes")
 
 UNREACHABLE_HINT = "check the kubeconfig/context and that the cluster is up"
@@ -87,15 +88,15 @@ def translated(
     try:
         yield
     except ApiException as exc:
-        status = exc.status or 0
         body = _status_body(exc)
-        cls, tail = _classify(status, str(body.get("message") or exc.reason))
+        cls, tail = _classify(exc.status or 0, str(body.get("message") or exc.reason))
+        reason = body.get("reason") or exc.reason  # the Status reason, e.g. AlreadyExists
         raise cls(
             f"{what}: {tail}",
             namespace=namespace,
             name=name,
             status=exc.status,
-            reason=str(body.get("reason") or exc.reason or "") or None,
+            reason=str(reason) if reason else None,
         ) from exc
     except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError) as exc:
         raise TransientKubernetesError(
