@@ -1,8 +1,8 @@
 """The boundary to the Docker engine: connect, and translate its errors once.
 
-``docker.errors`` and ``requests`` exceptions become evalrun errors here, split
-into transient (daemon unreachable, 5xx) and permanent ones; callers catch
-meaning, not status numbers.
+``docker.errors`` and ``requests`` exceptions become evalrun errors here (and only
+here), split into transient (daemon unreachable, 5xx: retried by type) and
+permanent ones carrying the HTTP status; callers catch meaning, not status numbers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import docker.errors
 import requests.exceptions
 
 from runner._internal.retry import call_with_retries
-from runner.errors import InfrastructureError, InputError, TransientInfrastructureError
+from runner.errors import DockerAPIError, DockerImageNotFound, TransientDockerError
 
 T = TypeVar("T")
 
@@ -25,30 +25,42 @@ DOCKER_HINT = "start the engine with `make host-up` (scripts/host-up.sh), or set
 
 @contextmanager
 def translated(what: str) -> Iterator[None]:
-    """Translate Docker SDK and transport errors raised inside the block."""
+    """Translate Docker SDK and transport errors raised inside the block (cause chained)."""
     try:
         yield
     except docker.errors.ImageNotFound as exc:
-        raise InputError(f"{what}: image not found: {exc.explanation}") from None
+        raise DockerImageNotFound(
+            f"{what}: image not found: {exc.explanation}",
+            operation=what,
+            status=exc.status_code,
+        ) from exc
     except docker.errors.NotFound as exc:
-        raise InfrastructureError(f"{what}: not found: {exc.explanation}") from None
+        raise DockerAPIError(
+            f"{what}: not found: {exc.explanation}", operation=what, status=exc.status_code
+        ) from exc
     except docker.errors.APIError as exc:
         status = exc.status_code or 0
         if status >= 500 or status == 0:
-            raise TransientInfrastructureError(
-                f"{what}: Docker engine error {status}: {exc.explanation}"
-            ) from None
-        raise InfrastructureError(
-            f"{what}: Docker engine refused ({status}): {exc.explanation}"
-        ) from None
+            raise TransientDockerError(
+                f"{what}: Docker engine error {status}: {exc.explanation}",
+                operation=what,
+                status=exc.status_code,
+            ) from exc
+        raise DockerAPIError(
+            f"{what}: Docker engine refused ({status}): {exc.explanation}",
+            operation=what,
+            status=status,
+        ) from exc
     except docker.errors.DockerException as exc:
-        raise TransientInfrastructureError(
-            f"{what}: Docker engine unreachable: {exc}", hint=DOCKER_HINT
-        ) from None
+        raise TransientDockerError(
+            f"{what}: Docker engine unreachable: {exc}", operation=what, hint=DOCKER_HINT
+        ) from exc
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise TransientInfrastructureError(
-            f"{what}: Docker engine unreachable: {exc.__class__.__name__}", hint=DOCKER_HINT
-        ) from None
+        raise TransientDockerError(
+            f"{what}: Docker engine unreachable: {exc.__class__.__name__}",
+            operation=what,
+            hint=DOCKER_HINT,
+        ) from exc
 
 
 def docker_call(what: str, fn: Callable[[], T], *, retries: bool = True) -> T:

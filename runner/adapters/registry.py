@@ -9,18 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypedDict
 
 from runner._internal.retry import call_with_retries
 from runner.errors import (
     InfrastructureError,
     InputError,
     IntegrityError,
+    RegistryAPIError,
     TransientInfrastructureError,
+    TransientRegistryError,
 )
 
 MANIFEST_TYPES = ", ".join(
@@ -31,6 +34,12 @@ MANIFEST_TYPES = ", ".join(
         "application/vnd.docker.distribution.manifest.list.v2+json",
     ]
 )
+
+
+class _RequestFacts(TypedDict):
+    registry: str | None
+    repository: str | None
+    url: str
 
 
 @dataclass(frozen=True)
@@ -130,15 +139,27 @@ def _send(
     except urllib.error.HTTPError as exc:
         body = exc.read()
         if exc.code >= 500:
-            raise TransientInfrastructureError(f"registry answered {exc.code}", url=url) from None
+            raise TransientRegistryError(
+                f"registry answered {exc.code}", **_request_facts(url), status=exc.code
+            ) from exc
         return exc.code, dict(exc.headers), body
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TransientInfrastructureError(
+        raise TransientRegistryError(
             f"registry unreachable: {reason}",
-            url=url,
+            **_request_facts(url),
             hint="start the local registry with `make host-up` (scripts/host-up.sh)",
-        ) from None
+        ) from exc
+
+
+def _request_facts(url: str) -> _RequestFacts:
+    """Which registry and repository a distribution-API URL addresses (for error fields)."""
+    parts = urllib.parse.urlsplit(url)
+    rest = parts.path.removeprefix("/v2/")
+    repository = next(
+        (rest.split(m, 1)[0] for m in ("/manifests/", "/blobs/", "/tags/") if m in rest), None
+    )
+    return {"registry": parts.netloc or None, "repository": repository or None, "url": url}
 
 
 def blob_exists(name: ImageName, digest: str) -> bool:
@@ -247,14 +268,16 @@ def get_blob(name: ImageName, digest: str, dest: Path) -> None:
                     out.write(chunk)
         except urllib.error.HTTPError as exc:
             if exc.code >= 500:
-                raise TransientInfrastructureError(
-                    f"registry answered {exc.code}", url=url
-                ) from None
-            raise InfrastructureError(f"registry answered {exc.code} for blob", url=url) from None
+                raise TransientRegistryError(
+                    f"registry answered {exc.code}", **_request_facts(url), status=exc.code
+                ) from exc
+            raise RegistryAPIError(
+                f"registry answered {exc.code} for blob", **_request_facts(url), status=exc.code
+            ) from exc
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise TransientInfrastructureError(
-                f"registry unreachable: {getattr(exc, 'reason', exc)}", url=url
-            ) from None
+            raise TransientRegistryError(
+                f"registry unreachable: {getattr(exc, 'reason', exc)}", **_request_facts(url)
+            ) from exc
         if "sha256:" + h.hexdigest() != digest:
             raise IntegrityError(
                 f"blob {digest} from {name} does not match its digest",

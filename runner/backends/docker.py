@@ -1,10 +1,12 @@
 """The embedded default backend: one sandboxed container on the local Docker engine.
 
-Policy, by construction: the image only by ``repo@sha256``, gVisor (``runsc``)
+Policy, by construction (built by the pure ``docker_policy.container_policy``;
+this module only sends it): the image only by ``repo@sha256``, gVisor (``runsc``)
 unless the spec asks for runc, no network, read-only rootfs, tmpfs ``/tmp``,
 non-root, no capabilities, no-new-privileges, pids/memory/CPU limits, inputs
-read-only and one writable results mount, a wall-clock limit. If gVisor is
+read-only and one writable results mount; plus a wall-clock limit. If gVisor is
 demanded and missing, the run is refused (exit 4): never a silent downgrade.
+Engine errors are translated by ``runner.adapters.docker_engine``.
 """
 
 from __future__ import annotations
@@ -21,24 +23,29 @@ from typing import Any
 import docker.types
 
 from runner.adapters.docker_engine import connect, docker_call, runtimes, translated
+from runner.backends.docker_policy import RUNTIME_NAMES, ContainerPolicy, container_policy
 from runner.errors import EnvironmentMismatch, EvalrunError
-from runner.model.plan import (
-    PLAN_MOUNT,
-    RESULTS_MOUNT,
-    SANDBOX_UID,
-    BackendResult,
-    RunPlan,
-)
+from runner.model.plan import SANDBOX_UID, BackendResult, RunPlan
 
 log = logging.getLogger("evalrun.backend.docker")
 
-RUNTIME_NAMES = {"gvisor": "runsc", "runc": "runc"}
 # Extra wall-clock allowance on top of the evaluation timeout, for the agent's preflight.
 PREFLIGHT_ALLOWANCE_S = 120
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _create(client: Any, policy: ContainerPolicy) -> Any:
+    """Send ``policy`` to the engine as-is: create (not start) the run's container."""
+    mounts = [
+        docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+        for m in policy.mounts
+    ]
+    return client.containers.create(
+        policy.image, list(policy.command), mounts=mounts, detach=True, **policy.engine_options()
+    )
 
 
 class DockerBackend:
@@ -94,44 +101,9 @@ class DockerBackend:
             plan_path = plan.write_agent_plan(Path(plan_dir))
             plan_path.chmod(0o444)
             Path(plan_dir).chmod(0o755)
-            mounts = [
-                docker.types.Mount(PLAN_MOUNT, plan_dir, type="bind", read_only=True),
-                docker.types.Mount(RESULTS_MOUNT, str(results_dir), type="bind", read_only=False),
-            ]
-            for item in plan.inputs:
-                mounts.append(
-                    docker.types.Mount(
-                        item.container_path, str(item.host_path), type="bind", read_only=True
-                    )
-                )
-            name = f"evalrun-{plan.run_id}"
-            self._remove_stale(name)
-            container = docker_call(
-                "create container",
-                lambda: client.containers.create(
-                    plan.image_ref,
-                    ["run", "--plan", f"{PLAN_MOUNT}/plan.json", "--results", RESULTS_MOUNT],
-                    name=name,
-                    runtime=RUNTIME_NAMES[plan.runtime],
-                    network_mode="none",
-                    read_only=True,
-                    tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
-                    user=f"{SANDBOX_UID}:{SANDBOX_UID}",
-                    cap_drop=["ALL"],
-                    security_opt=["no-new-privileges"],
-                    pids_limit=plan.pids,
-                    mem_limit=f"{plan.memory_mib}m",
-                    memswap_limit=f"{plan.memory_mib}m",
-                    nano_cpus=int(plan.cpus * 1e9),
-                    mounts=mounts,
-                    labels={
-                        "org.evalrun.run-id": plan.run_id,
-                        "org.evalrun.spec": plan.spec_name,
-                        "org.evalrun.lock-digest": plan.lock_digest,
-                    },
-                    detach=True,
-                ),
-            )
+            policy = container_policy(plan, plan_dir=Path(plan_dir), results_dir=results_dir)
+            self._remove_stale(policy.name)
+            container = docker_call("create container", lambda: _create(client, policy))
             try:
                 return self._run_container(container, plan)
             finally:
@@ -165,10 +137,12 @@ class DockerBackend:
                 exit_code = int(status.get("StatusCode", -1))
             except EvalrunError:
                 # requests' read timeout surfaces as unreachable; check what really happened.
-                container.reload()
+                with translated("inspect container"):
+                    container.reload()
                 if container.status == "running":
                     timed_out = True
-                    container.kill()
+                    with translated("kill container"):
+                        container.kill()
                 else:
                     raise
         except KeyboardInterrupt:

@@ -3,31 +3,34 @@
 Submission is idempotent (the Job and ConfigMap names derive from the run id; a
 409 attaches after comparing the spec-hash label). One shared watch per
 namespace follows every evalrun Job and Pod (resourceVersion bookkeeping, 410 →
-re-list, reconnects across API server restarts). Waits are bounded and end with
-a named reason. Results leave the pod as a framed, checksummed tar on the log
-stream; the runner checks and unpacks it. The signing key never enters the cluster.
+re-list, reconnects across API server restarts; see runner.adapters.kubernetes,
+which also translates every API error). Waits are bounded and end with a named
+reason. The objects are built by the pure runner.backends.manifests. Results
+leave the pod as a framed, checksummed tar on the log stream; the runner checks
+and unpacks it. The signing key never enters the cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import urllib3.exceptions
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes import watch as k8s_watch
-from kubernetes.client.rest import ApiException
 
-from runner._internal.retry import call_with_retries
+from runner.adapters.kubernetes import (
+    ClusterTarget,
+    NamespaceWatch,
+    api_call,
+    as_plain,
+    connect,
+)
+from runner.adapters.kubernetes import shared_watch as watch_matching
 from runner.backends.collect import extract_results_frame
 from runner.backends.manifests import (
     CONTAINER_NAME,
@@ -39,11 +42,13 @@ from runner.backends.manifests import (
     spec_hash_of,
 )
 from runner.errors import (
+    APIConflict,
+    APIForbidden,
+    APINotFound,
     EnvironmentMismatch,
     EvalrunError,
     InfrastructureError,
     InputError,
-    TransientInfrastructureError,
 )
 from runner.model.plan import BackendResult, RunPlan
 
@@ -53,270 +58,14 @@ PULL_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrIma
 CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
 
-class APIConflict(InfrastructureError):
-    kind = "k8s_conflict"
-
-
-class APIForbidden(InfrastructureError):
-    kind = "k8s_forbidden"
-
-
-class APINotFound(InfrastructureError):
-    kind = "k8s_not_found"
-
-
-class APIGone(TransientInfrastructureError):
-    kind = "k8s_gone"
-
-
-@contextlib.contextmanager
-def translated(what: str) -> Iterator[None]:
-    """Turn ApiException/transport errors into evalrun errors, once, here."""
-    try:
-        yield
-    except ApiException as exc:
-        status = exc.status or 0
-        reason = _api_message(exc)
-        if status == 409:
-            raise APIConflict(f"{what}: conflict: {reason}") from None
-        if status == 403:
-            raise APIForbidden(f"{what}: forbidden: {reason}") from None
-        if status == 404:
-            raise APINotFound(f"{what}: not found: {reason}") from None
-        if status == 410:
-            raise APIGone(f"{what}: resource version too old") from None
-        if status in (0, 429) or status >= 500:
-            raise TransientInfrastructureError(
-                f"{what}: API server error {status}: {reason}"
-            ) from None
-        if status in (400, 422):
-            raise InputError(f"{what}: rejected by the API server: {reason}") from None
-        raise InfrastructureError(f"{what}: API error {status}: {reason}") from None
-    except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError) as exc:
-        raise TransientInfrastructureError(
-            f"{what}: API server unreachable: {exc.__class__.__name__}",
-            hint="check the kubeconfig/context and that the cluster is up",
-        ) from None
-
-
-def _api_message(exc: ApiException) -> str:
-    import json
-
-    try:
-        body = json.loads(exc.body or "{}")
-        return str(body.get("message") or exc.reason)
-    except (ValueError, TypeError):
-        return str(exc.reason)
-
-
-def api_call(what: str, fn: Callable[[], Any], *, retries: bool = True) -> Any:
-    def attempt() -> Any:
-        with translated(what):
-            return fn()
-
-    return call_with_retries(attempt, what=what) if retries else attempt()
-
-
-@dataclass(frozen=True)
-class ClusterTarget:
-    """Where to run: kubeconfig, context and namespace, as kubectl users expect."""
-
-    kubeconfig: str | None = None
-    context: str | None = None
-    namespace: str | None = None
-
-
-def connect(target: ClusterTarget) -> tuple[k8s.ApiClient, str]:
-    """An API client and the namespace (flag, then the context's, then 'default')."""
-    if (
-        target.kubeconfig is None
-        and target.context is None
-        and not os.environ.get("KUBECONFIG")
-        and not Path("~/.kube/config").expanduser().exists()
-        and os.environ.get("KUBERNETES_SERVICE_HOST")
-    ):
-        # Inside a pod (e.g. the audit CronJob): the mounted service-account token.
-        cfg = k8s.Configuration()
-        k8s_config.load_incluster_config(client_configuration=cfg)
-        ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-        in_pod_ns = target.namespace or (
-            ns_file.read_text().strip() if ns_file.exists() else "default"
-        )
-        return k8s.ApiClient(cfg), in_pod_ns
-    try:
-        api = k8s_config.new_client_from_config(
-            config_file=target.kubeconfig, context=target.context, persist_config=False
-        )
-        contexts, active = k8s_config.list_kube_config_contexts(config_file=target.kubeconfig)
-    except (k8s_config.ConfigException, FileNotFoundError, TypeError) as exc:
-        raise InputError(f"cannot load kubeconfig: {exc}", file=target.kubeconfig) from None
-    namespace = target.namespace
-    if namespace is None:
-        chosen = next((c for c in contexts if c["name"] == target.context), active)
-        namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
-    return api, namespace
-
-
-# --------------------------------------------------------------------------- shared watch
-
-
-@dataclass
-class _Cache:
-    objects: dict[str, Any] = field(default_factory=dict)
-    resource_version: str | None = None
-    relists: int = 0
-    events: int = 0
-
-
-class NamespaceWatch:
-    """One watch per kind per namespace for every evalrun object; waiters share it."""
-
-    def __init__(self, api: k8s.ApiClient, namespace: str) -> None:
-        self.namespace = namespace
-        self._core = k8s.CoreV1Api(api)
-        self._batch = k8s.BatchV1Api(api)
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self.jobs = _Cache()
-        self.pods = _Cache()
-        self.requests = 0
-        self._threads = [
-            threading.Thread(target=self._loop, args=("jobs",), daemon=True),
-            threading.Thread(target=self._loop, args=("pods",), daemon=True),
-        ]
-        self._synced = {"jobs": threading.Event(), "pods": threading.Event()}
-
-    def start(self) -> NamespaceWatch:
-        for t in self._threads:
-            t.start()
-        for event in self._synced.values():
-            if not event.wait(60):
-                raise InfrastructureError(
-                    f"could not list evalrun objects in namespace {self.namespace!r}"
-                )
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-
-    def _list_fn(self, kind: str) -> Any:
-        if kind == "jobs":
-            return self._batch.list_namespaced_job
-        return self._core.list_namespaced_pod
-
-    def _relist(self, kind: str, cache: _Cache) -> None:
-        listing = self._list_fn(kind)(
-            self.namespace, label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}"
-        )
-        self.requests += 1
-        with self._cond:
-            cache.objects = {o.metadata.name: o for o in listing.items}
-            cache.resource_version = listing.metadata.resource_version
-            cache.relists += 1
-            self._cond.notify_all()
-        self._synced[kind].set()
-
-    def _loop(self, kind: str) -> None:
-        cache = self.jobs if kind == "jobs" else self.pods
-        backoff = 0.2
-        need_list = True
-        while not self._stop.is_set():
-            try:
-                if need_list:
-                    self._relist(kind, cache)
-                    need_list = False
-                w = k8s_watch.Watch()
-                self.requests += 1
-                for event in w.stream(
-                    self._list_fn(kind),
-                    self.namespace,
-                    label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
-                    resource_version=cache.resource_version,
-                    timeout_seconds=30,
-                    allow_watch_bookmarks=True,
-                ):
-                    if self._stop.is_set():
-                        w.stop()
-                        break
-                    obj = event["object"]
-                    etype = event["type"]
-                    if etype == "ERROR":
-                        code = obj.get("code") if isinstance(obj, dict) else None
-                        if code == 410:
-                            need_list = True
-                            break
-                        continue
-                    with self._cond:
-                        cache.resource_version = obj.metadata.resource_version
-                        cache.events += 1
-                        if etype == "DELETED":
-                            cache.objects.pop(obj.metadata.name, None)
-                        elif etype != "BOOKMARK":
-                            cache.objects[obj.metadata.name] = obj
-                        self._cond.notify_all()
-                backoff = 0.2
-            except ApiException as exc:
-                if exc.status == 410:
-                    need_list = True
-                else:
-                    log.warning(
-                        "watch error; re-listing",
-                        extra={"event": "watch_error", "kind": kind, "status": exc.status},
-                    )
-                    need_list = True
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-            except Exception as exc:  # connection refused during an API server restart
-                log.warning(
-                    "watch disconnected; re-listing",
-                    extra={"event": "watch_disconnected", "kind": kind, "error": repr(exc)},
-                )
-                need_list = True
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def wait(self, check: Callable[[], Any], timeout: float) -> Any:
-        """Block until ``check()`` returns something truthy (re-checked on every event)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                result = check()
-                if result:
-                    return result
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(min(remaining, 1.0))
-
-    def job(self, name: str) -> Any:
-        return self.jobs.objects.get(name)
-
-    def pods_of(self, run_id: str) -> list[Any]:
-        return sorted(
-            (
-                p
-                for p in self.pods.objects.values()
-                if (p.metadata.labels or {}).get(LABEL_RUN_ID) == run_id
-            ),
-            key=lambda p: p.metadata.creation_timestamp or dt.datetime.min,
-        )
-
-
-_WATCHES: dict[tuple[int, str], NamespaceWatch] = {}
-_WATCH_LOCK = threading.Lock()
-
-
 def shared_watch(api: k8s.ApiClient, namespace: str) -> NamespaceWatch:
-    """The process-wide watch for this client and namespace (started on first use)."""
-    key = (id(api), namespace)
-    with _WATCH_LOCK:
-        watch = _WATCHES.get(key)
-        if watch is None:
-            watch = NamespaceWatch(api, namespace).start()
-            _WATCHES[key] = watch
-        return watch
+    """The process-wide watch of evalrun's Jobs and Pods in ``namespace`` (started on first use)."""
+    return watch_matching(
+        api,
+        namespace,
+        selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
+        run_label=LABEL_RUN_ID,
+    )
 
 
 # --------------------------------------------------------------------------- backend
@@ -388,15 +137,19 @@ class KubernetesBackend:
         if plan.runtime == "gvisor" or plan.runtime_class:
             wanted = plan.runtime_class or "gvisor"
             try:
-                api_call("read RuntimeClass", lambda: k8s.NodeV1Api(api).read_runtime_class(wanted))
+                api_call(
+                    "read RuntimeClass",
+                    lambda: k8s.NodeV1Api(api).read_runtime_class(wanted),
+                    name=wanted,
+                )
                 self.requests += 1
-            except APINotFound:
+            except APINotFound as exc:
                 raise EnvironmentMismatch(
                     f"the spec demands RuntimeClass {wanted!r}, which the cluster does not have",
                     expected=wanted,
                     hint="install the evalrun chart (charts/evalrun) or manifests/; evalrun "
                     "never falls back to a weaker sandbox",
-                ) from None
+                ) from exc
             except APIForbidden:
                 # The runner may not read cluster-scoped objects; admission will decide.
                 pass
@@ -408,8 +161,6 @@ class KubernetesBackend:
             namespace=namespace, extra_tolerations=self.extra_tolerations
         )
         inputs = {i.name: i.host_path.read_bytes() for i in plan.inputs}
-        import json
-
         plan_json = (
             json.dumps(plan.agent_plan(emit_results=True), indent=2, sort_keys=True) + "\n"
         ).encode()
@@ -418,12 +169,14 @@ class KubernetesBackend:
         core, batch = k8s.CoreV1Api(api), k8s.BatchV1Api(api)
         self._create_or_attach(
             "ConfigMap",
+            namespace,
             configmap,
             lambda: core.create_namespaced_config_map(namespace, configmap),
             lambda: core.read_namespaced_config_map(configmap["metadata"]["name"], namespace),
         )
         self._create_or_attach(
             "Job",
+            namespace,
             job,
             lambda: batch.create_namespaced_job(namespace, job),
             lambda: batch.read_namespaced_job(job["metadata"]["name"], namespace),
@@ -431,21 +184,27 @@ class KubernetesBackend:
         return str(job["metadata"]["name"])
 
     def _create_or_attach(
-        self, kind: str, body: dict[str, Any], create: Callable[[], Any], read: Callable[[], Any]
+        self,
+        kind: str,
+        namespace: str,
+        body: dict[str, Any],
+        create: Callable[[], Any],
+        read: Callable[[], Any],
     ) -> None:
         name = body["metadata"]["name"]
         try:
-            api_call(f"create {kind} {name}", create)
+            api_call(f"create {kind} {name}", create, namespace=namespace, name=name)
             self.requests += 1
             return
         except (APIConflict, APIForbidden) as exc:
             self.requests += 1
             try:
-                existing = api_call(f"read {kind} {name}", read)
+                existing = api_call(f"read {kind} {name}", read, namespace=namespace, name=name)
                 self.requests += 1
             except APINotFound:
-                raise exc from None
-        existing_dict = k8s.ApiClient().sanitize_for_serialization(existing)
+                # Nothing to attach to: the create's refusal is the error to report.
+                raise exc from exc.__cause__
+        existing_dict = as_plain(existing)
         if spec_hash_of(existing_dict) != spec_hash_of(body):
             raise InputError(
                 f"{kind} {name} already exists for a different spec",
@@ -486,6 +245,8 @@ class KubernetesBackend:
                 lambda: k8s.BatchV1Api(api).delete_namespaced_job(
                     name, namespace, propagation_policy="Background"
                 ),
+                namespace=namespace,
+                name=name,
                 retries=False,
             )
 
@@ -568,6 +329,8 @@ class KubernetesBackend:
                     lambda: k8s.CoreV1Api(api).read_namespaced_pod_log(
                         pod.metadata.name, namespace, container=CONTAINER_NAME
                     ),
+                    namespace=namespace,
+                    name=pod.metadata.name,
                 )
                 self.requests += 1
                 collected = extract_results_frame(text, results_dir)
@@ -600,7 +363,9 @@ class KubernetesBackend:
         if not node:
             return {}
         try:
-            obj = api_call("read node", lambda: k8s.CoreV1Api(api).read_node(node), retries=False)
+            obj = api_call(
+                "read node", lambda: k8s.CoreV1Api(api).read_node(node), name=node, retries=False
+            )
             self.requests += 1
             return dict(obj.metadata.labels or {})
         except EvalrunError as exc:
@@ -613,6 +378,8 @@ class KubernetesBackend:
             api_call(
                 "set Job TTL",
                 lambda: k8s.BatchV1Api(api).patch_namespaced_job(name, namespace, body),
+                namespace=namespace,
+                name=name,
                 retries=False,
             )
             self.requests += 1
@@ -623,3 +390,7 @@ def _image_id_matches(image_id: str | None, digest: str) -> bool:
     if not image_id:
         return False
     return image_id.rsplit("@", 1)[-1] == digest or image_id == digest
+
+
+# ClusterTarget is part of this backend's interface (callers build one to construct it).
+__all__ = ["ClusterTarget", "KubernetesBackend", "NamespaceWatch", "shared_watch"]

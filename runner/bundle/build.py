@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runner.bundle.signing import Signer, sign_envelope
-from runner.errors import InputError, IntegrityError
+from runner.errors import InputError, UnsafeBundleEntry
 
 MANIFEST_NAME = "manifest.json"
 STATEMENT_NAME = "statement.json"
@@ -59,21 +59,6 @@ _R = TypeVar("_R")
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class UnsafeBundleEntry(IntegrityError):
-    """A bundle (or the content it is built from) holds an entry the runner refuses.
-
-    Symlinks, hard links, devices, FIFOs, sockets, and paths that are absolute or
-    contain ``..``: following any of them could read or write outside the bundle.
-    """
-
-    kind = "unsafe_bundle_entry"
-
-    def __init__(self, message: str, *, path: str, reason: str, root: str | None = None) -> None:
-        super().__init__(message, path=path, reason=reason, root=root)
-        self.path = path
-        self.reason = reason
 
 
 def unsafe_path_reason(path: str) -> str | None:

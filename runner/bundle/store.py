@@ -44,22 +44,10 @@ from runner.bundle.build import (
     scan_tree,
 )
 from runner.bundle.signing import DsseEnvelope, b64_decode_canonical
-from runner.errors import InputError, IntegrityError
+from runner.errors import BundleNotFound, InputError, IntegrityError, StoreConflict
 
 _DIGEST = re.compile(r"^(?:sha256[:-])?([0-9a-f]{64})$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class BundleNotFound(InputError):
-    """No stored bundle has the requested digest."""
-
-    kind = "bundle_not_found"
-
-
-class StoreConflict(IntegrityError):
-    """A run id is already indexed to a different bundle; the index is write-once."""
-
-    kind = "store_conflict"
 
 
 class RunIndexEntry(BaseModel):

@@ -14,6 +14,7 @@ import logging
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -474,7 +475,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"evalrun: error: {err.diagnostics()}", file=sys.stderr)
         return err.exit_code
+    except Exception as exc:  # a bug: the user still gets one line and exit 1, the log the rest
+        return _internal_error(exc, settings, as_json=getattr(args, "json", False))
     return code
+
+
+def _internal_error(exc: Exception, settings: Settings, *, as_json: bool) -> int:
+    """Report an unexpected exception: the traceback to the log file, one line to the user.
+
+    Under ``--json`` the line is a JSON error object on stdout. Returns exit code 1.
+    """
+    summary = f"{type(exc).__name__}: " + " ".join(str(exc).splitlines())
+    logged = any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers)
+    log.error(
+        summary,
+        extra={
+            "event": "internal_error",
+            "traceback": "".join(traceback.format_exception(exc)),
+        },
+    )
+    where = str(settings.log_file) if logged else "stderr"
+    if not logged:  # no log file could be opened: the traceback must still go somewhere
+        traceback.print_exception(exc, file=sys.stderr)
+    if as_json:
+        _emit_json({"error": "internal", "exit_code": 1, "message": summary, "log": where})
+    else:
+        print(f"evalrun: internal error: {summary} (traceback in {where})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

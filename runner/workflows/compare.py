@@ -22,42 +22,11 @@ from typing import Any
 
 from runner.bundle.index import History, RunFilter, read_predicate
 from runner.bundle.store import Store
-from runner.errors import InputError, IntegrityError
+from runner.errors import InputError, IntegrityError, NotComparable
 
 COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
 SIGNIFICANCE_CRITERION = "non-overlapping confidence intervals (as recorded per run)"
 RANKED_OUTCOMES = ("passed", "thresholds_failed", "completed")
-
-
-class NotComparable(InputError):
-    """The runs of a group differ in fields that make a ranking unfair (exit 2)."""
-
-    kind = "not_comparable"
-
-    def __init__(self, group: str, differences: Sequence[Difference]) -> None:
-        fields = ", ".join(d.field for d in differences)
-        super().__init__(
-            f"the runs of comparison group {group!r} are not comparable: {fields} differ",
-            group=group,
-            hint="make the runs comparable, or name each field you accept to differ with "
-            + " ".join(f"--allow {d.field}" for d in differences),
-        )
-        self.differences = list(differences)
-
-    def diagnostics(self) -> str:
-        lines = [self.message]
-        for d in self.differences:
-            lines.append(f"  - {d.field}:")
-            for value, runs in d.variants:
-                lines.append(f"      {', '.join(runs)}: {value}")
-        if self.hint:
-            lines.append(f"hint: {self.hint}")
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, object]:
-        data = super().as_dict()
-        data["differences"] = [d.as_dict() for d in self.differences]
-        return data
 
 
 @dataclass(frozen=True)

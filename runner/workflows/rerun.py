@@ -37,7 +37,13 @@ from runner.bundle.index import read_predicate
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import Store, StoreConflict
 from runner.bundle.verify import verify_bundle
-from runner.errors import EvalrunError, InputError, IntegrityError
+from runner.errors import (
+    EvalrunError,
+    ImageUnavailable,
+    InputError,
+    InputsUnavailable,
+    IntegrityError,
+)
 from runner.model.plan import Backend
 from runner.model.spec import EvalSpec, LockedSpec, load_lock, load_spec, parse_digest_ref
 from runner.workflows.diff import MetricDelta, compare_metrics, overall_verdict
@@ -67,48 +73,6 @@ class WantedInput:
 class UnresolvedInput:
     wanted: WantedInput
     reason: str
-
-
-class InputsUnavailable(IntegrityError):
-    """Inputs of the original run that no longer resolve to their pinned digests (exit 3)."""
-
-    kind = "inputs_unavailable"
-
-    def __init__(self, run_id: str, missing: Sequence[UnresolvedInput]) -> None:
-        super().__init__(
-            f"cannot re-run {run_id}: {len(missing)} input(s) no longer resolve to the "
-            "pinned digest; nothing was started",
-            run_id=run_id,
-            hint="pass --inputs DIR where the original files are (matched by sha256)",
-        )
-        self.missing = list(missing)
-
-    def diagnostics(self) -> str:
-        lines = [self.message]
-        lines += [f"  - {m.wanted.label}: {m.reason}" for m in self.missing]
-        if self.hint:
-            lines.append(f"hint: {self.hint}")
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, object]:
-        data = super().as_dict()
-        data["missing"] = [
-            {
-                "role": m.wanted.role,
-                "name": m.wanted.name,
-                "path": m.wanted.path,
-                "sha256": m.wanted.sha256,
-                "reason": m.reason,
-            }
-            for m in self.missing
-        ]
-        return data
-
-
-class ImageUnavailable(IntegrityError):
-    """The pinned image digest is no longer in its registry (exit 3)."""
-
-    kind = "image_unavailable"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,348 @@
+"""The boundary to the Kubernetes API: connect, translate its errors once, watch.
+
+``kubernetes.client.ApiException`` and urllib3/transport errors become evalrun
+errors here (and only here), split into transient ones (unreachable, 429, 5xx,
+410 Gone), which the retry policy retries by type, and permanent ones that name
+the namespace, the object, the HTTP status and the API server's reason.
+
+One shared watch per client, namespace and label selector follows Jobs and Pods:
+list, then watch from the listed resourceVersion; a 410 (in the stream or as an
+error) re-lists; a dropped connection (API server restart) re-lists after a
+bounded backoff. Waiters share its cache instead of polling the API server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import urllib3.exceptions
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
+from kubernetes.client.rest import ApiException
+from tenacity import Retrying
+
+from runner._internal.retry import call_with_retries
+from runner.errors import (
+    APIConflict,
+    APIForbidden,
+    APIGone,
+    APINotFound,
+    InputError,
+    KubernetesAPIError,
+    KubernetesError,
+    KubernetesRejected,
+    TransientKubernetesError,
+)
+
+# The watch logged under this name before it moved here; log consumers filter on it.
+log = logging.getLogger("evalrun.backend.kubernetes")
+
+UNREACHABLE_HINT = "check the kubeconfig/context and that the cluster is up"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _classify(status: int, message: str) -> tuple[type[KubernetesError], str]:
+    """The error class and message tail for an API status (0: no HTTP answer at all)."""
+    if status == 409:
+        return APIConflict, f"conflict: {message}"
+    if status == 403:
+        return APIForbidden, f"forbidden: {message}"
+    if status == 404:
+        return APINotFound, f"not found: {message}"
+    if status == 410:
+        return APIGone, "resource version too old"
+    if status in (0, 429) or status >= 500:
+        return TransientKubernetesError, f"API server error {status}: {message}"
+    if status in (400, 422):
+        return KubernetesRejected, f"rejected by the API server: {message}"
+    return KubernetesAPIError, f"API error {status}: {message}"
+
+
+def _status_body(exc: ApiException) -> dict[str, Any]:
+    """The ``Status`` object the API server sent with the error, if it parses."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (ValueError, TypeError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+@contextlib.contextmanager
+def translated(
+    what: str, *, namespace: str | None = None, name: str | None = None
+) -> Iterator[None]:
+    """Turn ApiException/transport errors raised inside the block into evalrun errors."""
+    try:
+        yield
+    except ApiException as exc:
+        body = _status_body(exc)
+        cls, tail = _classify(exc.status or 0, str(body.get("message") or exc.reason))
+        reason = body.get("reason") or exc.reason  # the Status reason, e.g. AlreadyExists
+        raise cls(
+            f"{what}: {tail}",
+            namespace=namespace,
+            name=name,
+            status=exc.status,
+            reason=str(reason) if reason else None,
+        ) from exc
+    except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError) as exc:
+        raise TransientKubernetesError(
+            f"{what}: API server unreachable: {exc.__class__.__name__}",
+            namespace=namespace,
+            name=name,
+            hint=UNREACHABLE_HINT,
+        ) from exc
+
+
+def api_call(
+    what: str,
+    fn: Callable[[], Any],
+    *,
+    namespace: str | None = None,
+    name: str | None = None,
+    retries: bool = True,
+    policy: Retrying | None = None,
+) -> Any:
+    """Call ``fn`` with translation and (by default) transient errors retried by type."""
+
+    def attempt() -> Any:
+        with translated(what, namespace=namespace, name=name):
+            return fn()
+
+    return call_with_retries(attempt, what=what, policy=policy) if retries else attempt()
+
+
+def as_plain(obj: Any) -> Any:
+    """An API object (or anything the client returns) as plain JSON-compatible data."""
+    return k8s.ApiClient().sanitize_for_serialization(obj)
+
+
+# --------------------------------------------------------------------------- connect
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """Where to run: kubeconfig, context and namespace, as kubectl users expect."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+
+
+def connect(target: ClusterTarget) -> tuple[k8s.ApiClient, str]:
+    """An API client and the namespace (flag, then the context's, then 'default')."""
+    if (
+        target.kubeconfig is None
+        and target.context is None
+        and not os.environ.get("KUBECONFIG")
+        and not Path("~/.kube/config").expanduser().exists()
+        and os.environ.get("KUBERNETES_SERVICE_HOST")
+    ):
+        # Inside a pod (e.g. the audit CronJob): the mounted service-account token.
+        cfg = k8s.Configuration()
+        k8s_config.load_incluster_config(client_configuration=cfg)
+        ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        in_pod_ns = target.namespace or (
+            ns_file.read_text().strip() if ns_file.exists() else "default"
+        )
+        return k8s.ApiClient(cfg), in_pod_ns
+    try:
+        api = k8s_config.new_client_from_config(
+            config_file=target.kubeconfig, context=target.context, persist_config=False
+        )
+        contexts, active = k8s_config.list_kube_config_contexts(config_file=target.kubeconfig)
+    except (k8s_config.ConfigException, FileNotFoundError, TypeError) as exc:
+        raise InputError(f"cannot load kubeconfig: {exc}", file=target.kubeconfig) from exc
+    namespace = target.namespace
+    if namespace is None:
+        chosen = next((c for c in contexts if c["name"] == target.context), active)
+        namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
+    return api, namespace
+
+
+# --------------------------------------------------------------------------- shared watch
+
+
+@dataclass
+class _Cache:
+    objects: dict[str, Any] = field(default_factory=dict)
+    resource_version: str | None = None
+    relists: int = 0
+    events: int = 0
+
+
+class NamespaceWatch:
+    """One watch per kind (Jobs, Pods) of the objects ``selector`` matches; waiters share it.
+
+    ``run_label`` is the label whose value :meth:`pods_of` looks up.
+    """
+
+    def __init__(
+        self, api: k8s.ApiClient, namespace: str, *, selector: str, run_label: str
+    ) -> None:
+        self.namespace = namespace
+        self.selector = selector
+        self.run_label = run_label
+        self._core = k8s.CoreV1Api(api)
+        self._batch = k8s.BatchV1Api(api)
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self.jobs = _Cache()
+        self.pods = _Cache()
+        self.requests = 0
+        self._threads = [
+            threading.Thread(target=self._loop, args=("jobs",), daemon=True),
+            threading.Thread(target=self._loop, args=("pods",), daemon=True),
+        ]
+        self._synced = {"jobs": threading.Event(), "pods": threading.Event()}
+
+    def start(self, sync_timeout_s: float = 60.0) -> NamespaceWatch:
+        """Start both watches; raises once a first listing has not arrived in time."""
+        for t in self._threads:
+            t.start()
+        for event in self._synced.values():
+            if not event.wait(sync_timeout_s):
+                raise KubernetesAPIError(
+                    f"could not list evalrun objects in namespace {self.namespace!r}",
+                    namespace=self.namespace,
+                    hint=UNREACHABLE_HINT,
+                )
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _list_fn(self, kind: str) -> Any:
+        if kind == "jobs":
+            return self._batch.list_namespaced_job
+        return self._core.list_namespaced_pod
+
+    def _new_watch(self, kind: str) -> Any:
+        return k8s_watch.Watch()
+
+    def _relist(self, kind: str, cache: _Cache) -> None:
+        listing = self._list_fn(kind)(self.namespace, label_selector=self.selector)
+        self.requests += 1
+        with self._cond:
+            cache.objects = {o.metadata.name: o for o in listing.items}
+            cache.resource_version = listing.metadata.resource_version
+            cache.relists += 1
+            self._cond.notify_all()
+        self._synced[kind].set()
+
+    def _loop(self, kind: str) -> None:
+        cache = self.jobs if kind == "jobs" else self.pods
+        backoff = 0.2
+        need_list = True
+        while not self._stop.is_set():
+            try:
+                if need_list:
+                    self._relist(kind, cache)
+                    need_list = False
+                w = self._new_watch(kind)
+                self.requests += 1
+                for event in w.stream(
+                    self._list_fn(kind),
+                    self.namespace,
+                    label_selector=self.selector,
+                    resource_version=cache.resource_version,
+                    timeout_seconds=30,
+                    allow_watch_bookmarks=True,
+                ):
+                    if self._stop.is_set():
+                        w.stop()
+                        break
+                    obj = event["object"]
+                    etype = event["type"]
+                    if etype == "ERROR":
+                        code = obj.get("code") if isinstance(obj, dict) else None
+                        if code == 410:
+                            need_list = True
+                            break
+                        continue
+                    with self._cond:
+                        cache.resource_version = obj.metadata.resource_version
+                        cache.events += 1
+                        if etype == "DELETED":
+                            cache.objects.pop(obj.metadata.name, None)
+                        elif etype != "BOOKMARK":
+                            cache.objects[obj.metadata.name] = obj
+                        self._cond.notify_all()
+                backoff = 0.2
+            except ApiException as exc:
+                if exc.status == 410:
+                    need_list = True
+                else:
+                    log.warning(
+                        "watch error; re-listing",
+                        extra={"event": "watch_error", "kind": kind, "status": exc.status},
+                    )
+                    need_list = True
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            except Exception as exc:  # connection refused during an API server restart
+                log.warning(
+                    "watch disconnected; re-listing",
+                    extra={"event": "watch_disconnected", "kind": kind, "error": repr(exc)},
+                )
+                need_list = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def wait(self, check: Callable[[], Any], timeout: float) -> Any:
+        """Block until ``check()`` returns something truthy (re-checked on every event)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                result = check()
+                if result:
+                    return result
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(min(remaining, 1.0))
+
+    def job(self, name: str) -> Any:
+        return self.jobs.objects.get(name)
+
+    def pods_of(self, run_id: str) -> list[Any]:
+        return sorted(
+            (
+                p
+                for p in self.pods.objects.values()
+                if (p.metadata.labels or {}).get(self.run_label) == run_id
+            ),
+            key=lambda p: p.metadata.creation_timestamp or dt.datetime.min,
+        )
+
+
+_WATCHES: dict[tuple[int, str, str], NamespaceWatch] = {}
+_WATCH_LOCK = threading.Lock()
+
+
+def shared_watch(
+    api: k8s.ApiClient, namespace: str, *, selector: str, run_label: str
+) -> NamespaceWatch:
+    """The process-wide watch for this client, namespace and selector (started on first use)."""
+    key = (id(api), namespace, selector)
+    with _WATCH_LOCK:
+        watch = _WATCHES.get(key)
+        if watch is None:
+            watch = NamespaceWatch(api, namespace, selector=selector, run_label=run_label).start()
+            _WATCHES[key] = watch
+        return watch

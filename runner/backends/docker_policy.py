@@ -1,0 +1,116 @@
+"""The Docker sandbox policy as a pure function: one run plan in, the container options out.
+
+What ``backends/docker.py`` asks the engine to enforce, built without a client in
+sight (as ``manifests.py`` is for Kubernetes), so every option is pinned by unit
+tests: the image only by ``repo@sha256``; gVisor (``runsc``) unless the spec asks
+for runc; no network; a read-only root filesystem with a small tmpfs ``/tmp``;
+the non-root sandbox user; every capability dropped; no-new-privileges; pids,
+memory (no extra swap) and CPU limits; the plan and every input mounted read-only
+and one writable results mount. The backend only sends these options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, RunPlan
+
+RUNTIME_NAMES = {"gvisor": "runsc", "runc": "runc"}
+"""The Docker runtime that enforces each sandbox the spec may name."""
+TMPFS_OPTIONS = "rw,nosuid,nodev,size=256m"
+"""``/tmp`` inside the sandbox: writable, in memory, bounded; the rootfs stays read-only."""
+
+
+class BindMount(BaseModel):
+    """One host path bound into the container."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    target: str
+    source: str
+    read_only: bool
+
+
+class ContainerPolicy(BaseModel):
+    """Everything the engine is asked for when the run's container is created."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    image: str
+    command: tuple[str, ...]
+    name: str
+    runtime: str
+    network_mode: Literal["none"]
+    read_only_rootfs: bool
+    tmpfs: dict[str, str]
+    user: str
+    cap_drop: tuple[str, ...]
+    security_opt: tuple[str, ...]
+    pids_limit: int
+    memory: str
+    memory_and_swap: str
+    nano_cpus: int
+    mounts: tuple[BindMount, ...]
+    labels: dict[str, str]
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments of docker-py's ``containers.create`` other than image,
+        command and mounts (which the sender turns into its mount objects)."""
+        return {
+            "name": self.name,
+            "runtime": self.runtime,
+            "network_mode": self.network_mode,
+            "read_only": self.read_only_rootfs,
+            "tmpfs": dict(self.tmpfs),
+            "user": self.user,
+            "cap_drop": list(self.cap_drop),
+            "security_opt": list(self.security_opt),
+            "pids_limit": self.pids_limit,
+            "mem_limit": self.memory,
+            "memswap_limit": self.memory_and_swap,
+            "nano_cpus": self.nano_cpus,
+            "labels": dict(self.labels),
+        }
+
+
+def container_name(run_id: str) -> str:
+    """The container's name: one per run id, so a stale one can be found and removed."""
+    return f"evalrun-{run_id}"
+
+
+def container_policy(plan: RunPlan, *, plan_dir: Path, results_dir: Path) -> ContainerPolicy:
+    """The sandbox for ``plan``: ``plan_dir`` holds the agent's plan.json (mounted
+    read-only), ``results_dir`` receives its results (the only writable mount)."""
+    mounts = [
+        BindMount(target=PLAN_MOUNT, source=str(plan_dir), read_only=True),
+        BindMount(target=RESULTS_MOUNT, source=str(results_dir), read_only=False),
+    ]
+    mounts.extend(
+        BindMount(target=item.container_path, source=str(item.host_path), read_only=True)
+        for item in plan.inputs
+    )
+    memory = f"{plan.memory_mib}m"
+    return ContainerPolicy(
+        image=plan.image_ref,
+        command=("run", "--plan", f"{PLAN_MOUNT}/plan.json", "--results", RESULTS_MOUNT),
+        name=container_name(plan.run_id),
+        runtime=RUNTIME_NAMES[plan.runtime],
+        network_mode="none",
+        read_only_rootfs=True,
+        tmpfs={"/tmp": TMPFS_OPTIONS},
+        user=f"{SANDBOX_UID}:{SANDBOX_UID}",
+        cap_drop=("ALL",),
+        security_opt=("no-new-privileges",),
+        pids_limit=plan.pids,
+        memory=memory,
+        # Equal to the memory limit: the sandbox gets no swap on top of it.
+        memory_and_swap=memory,
+        nano_cpus=int(plan.cpus * 1e9),
+        mounts=tuple(mounts),
+        labels={
+            "org.evalrun.run-id": plan.run_id,
+            "org.evalrun.spec": plan.spec_name,
+            "org.evalrun.lock-digest": plan.lock_digest,
+        },
+    )
