@@ -134,6 +134,21 @@ class VerificationFailed(IntegrityError):
         return data
 
 
+class UnsafeBundleEntry(IntegrityError):
+    """A bundle (or the content it is built from) holds an entry the runner refuses.
+
+    Symlinks, hard links, devices, FIFOs, sockets, and paths that are absolute or
+    contain ``..``: following any of them could read or write outside the bundle.
+    """
+
+    kind = "unsafe_bundle_entry"
+
+    def __init__(self, message: str, *, path: str, reason: str, root: str | None = None) -> None:
+        super().__init__(message, path=path, reason=reason, root=root)
+        self.path = path
+        self.reason = reason
+
+
 class EnvironmentMismatch(EvalrunError):
     """The sandbox, driver, GPU or policy is not what the spec demands (exit 4)."""
 
