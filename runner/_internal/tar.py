@@ -3,7 +3,9 @@
 Every tar the runner reads goes through :func:`scan_members` (regular files the
 caller may read; everything else a problem) or :func:`layer_members` (OCI layers,
 which legitimately hold links and devices); every tar it writes from a
-directory goes through :func:`write_tree_tar`. Member names follow the rules of
+directory goes through :func:`write_tree_tar` (image layers are re-written by
+``runner._internal.oci.normalize_layer``, whose headers keep modes and owners
+because they are image content). Member names follow the rules of
 :mod:`runner.shared.tarformat`, the same module the in-container agent writes
 its results frame with.
 
