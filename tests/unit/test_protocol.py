@@ -308,3 +308,24 @@ def test_frame_problems_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="the limit is"):
         decode_frame(good.replace(lines[0], huge))
     assert decode_frame(good) == body
+
+
+def test_a_frame_from_an_agent_baked_into_an_older_image_still_unpacks(tmp_path: Path) -> None:
+    # older agents kept each file's mode and used gettarinfo(); the reader ignores modes
+    results = _results(tmp_path)
+    (results / "summary.json").chmod(0o600)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(results.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                info = tar.gettarinfo(str(path), arcname=path.relative_to(results).as_posix())
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mtime = 0
+                with path.open("rb") as fh:
+                    tar.addfile(info, fh)
+    collected = extract_results_frame(encode_frame(buf.getvalue()), tmp_path / "out")
+    assert collected.problems == []
+    assert (tmp_path / "out" / "summary.json").read_bytes() == (
+        results / "summary.json"
+    ).read_bytes()
