@@ -437,10 +437,17 @@ class RegistryError(EvalrunError):
         repository: str | None = None,
         status: int | None = None,
         url: str | None = None,
+        detail: str | None = None,
         hint: str | None = None,
     ) -> None:
         super().__init__(
-            message, hint=hint, registry=registry, repository=repository, status=status, url=url
+            message,
+            hint=hint,
+            registry=registry,
+            repository=repository,
+            status=status,
+            url=url,
+            detail=detail,
         )
         self.registry = registry
         self.repository = repository

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from runner._internal.tar import layer_members, layer_name
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -81,13 +83,8 @@ class Blob:
 # --------------------------------------------------------------------------- layers
 
 
-def _clean_name(name: str) -> str:
-    """``./usr/bin/`` and ``/usr/bin`` → ``usr/bin``; ``.`` and ``./`` → ``""``."""
-    name = name.lstrip("/")
-    while name.startswith("./"):
-        name = name[2:].lstrip("/")
-    name = name.rstrip("/")
-    return "" if name == "." else name
+def _link_target(member: tarfile.TarInfo) -> str:
+    return layer_name(member.linkname, what="image layer hard link target")
 
 
 def normalize_layer(src: IO[bytes], dest: Path, epoch: int) -> Blob:
@@ -96,20 +93,20 @@ def normalize_layer(src: IO[bytes], dest: Path, epoch: int) -> Blob:
     Entries are sorted by path; each hard-link group is carried by its smallest
     path so a link never precedes its target; headers keep only type, path, mode,
     uid, gid, size, link target, device numbers and ``SCHILY.xattr.*`` records.
+    Names go through the strict reader's rules (:func:`runner._internal.tar.layer_name`):
+    a ``..`` or absolute name raises IntegrityError.
     """
     with tarfile.open(fileobj=src, mode="r:") as tar:
         members: dict[str, tarfile.TarInfo] = {}
-        for member in tar:
-            name = _clean_name(member.name)
-            if not name:
-                continue  # the root directory entry carries nothing a layer needs
+        # the root directory entry is skipped: it carries nothing a layer needs
+        for name, member in layer_members(tar):
             members[name] = member  # a later entry for the same path wins, as on extraction
         # hard links: the smallest path of each group carries the data, so a link
         # never precedes its target in the sorted output
         groups: dict[str, list[str]] = {}
         for name, member in members.items():
             if member.islnk():
-                target = _clean_name(member.linkname)
+                target = _link_target(member)
                 if target in members and members[target].isreg():
                     groups.setdefault(target, [target]).append(name)
         group_of: dict[str, tuple[str, tarfile.TarInfo]] = {}
@@ -153,7 +150,7 @@ def _header(member: tarfile.TarInfo, name: str, epoch: int) -> tarfile.TarInfo:
     info.mtime = epoch
     info.size = member.size if member.isreg() else 0
     if member.issym() or member.islnk():
-        info.linkname = _clean_name(member.linkname) if member.islnk() else member.linkname
+        info.linkname = _link_target(member) if member.islnk() else member.linkname
     if member.ischr() or member.isblk():
         info.devmajor, info.devminor = member.devmajor, member.devminor
     info.pax_headers = {
@@ -269,6 +266,7 @@ def read_saved(archive: tarfile.TarFile) -> SavedImage:
 
 
 def _json_member(archive: tarfile.TarFile, name: str) -> Any:
+    layer_name(name, what="archive member")
     fh = archive.extractfile(name)
     if fh is None:
         raise ValueError(f"{name} missing from archive")
@@ -318,10 +316,7 @@ def layer_entries(layer: IO[bytes]) -> Iterable[tuple[str, FileEntry | None]]:
     An opaque-directory marker yields ``(dir + "/", None)``.
     """
     with tarfile.open(fileobj=layer, mode="r:*") as tar:
-        for member in tar:
-            name = _clean_name(member.name)
-            if not name:
-                continue
+        for name, member in layer_members(tar):
             parent, _, base = name.rpartition("/")
             if base == ".wh..wh..opq":
                 yield (parent + "/" if parent else "/"), None
@@ -341,7 +336,7 @@ def layer_entries(layer: IO[bytes]) -> Iterable[tuple[str, FileEntry | None]]:
             elif member.issym():
                 digest = member.linkname
             elif member.islnk():
-                digest = "-> " + _clean_name(member.linkname)
+                digest = "-> " + _link_target(member)
             yield (
                 name,
                 FileEntry(
@@ -430,8 +425,8 @@ def diff_json(expected: Any, found: Any, path: str = "") -> list[dict[str, Any]]
 def dpkg_packages(layer: IO[bytes]) -> dict[str, str]:
     """``package[:arch]`` → version of every installed package in a root tar's dpkg status."""
     with tarfile.open(fileobj=layer, mode="r:*") as tar:
-        for member in tar:
-            if _clean_name(member.name) == "var/lib/dpkg/status" and member.isreg():
+        for name, member in layer_members(tar):
+            if name == "var/lib/dpkg/status" and member.isreg():
                 fh = tar.extractfile(member)
                 assert fh is not None
                 with fh:
@@ -478,7 +473,8 @@ def empty_layer(path: Path) -> bool:
 
 
 def open_member(archive: tarfile.TarFile, name: str) -> IO[bytes]:
-    """A member of an archive as a seekable file object."""
+    """A member of an archive as a seekable file object; ``name`` must be a safe member name."""
+    layer_name(name, what="archive member")
     fh = archive.extractfile(name)
     if fh is None:
         raise ValueError(f"{name} is not a file in the archive")

@@ -1,39 +1,53 @@
-"""A small OCI distribution client over HTTP(S): resolve tags, check manifests.
+"""The one OCI distribution client: tags, manifests, blobs and referrers over HTTP(S).
 
-Used for the embedded default registry; errors are translated once, here, into
-transient (connection refused, 5xx) and permanent ones.
+Every request to a registry goes through :func:`_send`, which turns urllib's
+answers into a :class:`Response` or an evalrun error once, here: 5xx answers,
+refused connections and timeouts are transient (each operation retries them
+with the tenacity policy), any other unexpected status is a permanent
+InfrastructureError naming the URL. Content is checked against its digest where
+it is read (IntegrityError). Used for images (``runner.build``) and for bundles
+as OCI artifacts (``runner.bundle.oci_artifacts``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypedDict
+from typing import Any, BinaryIO, Literal, TypedDict, TypeVar
 
-from runner._internal.retry import call_with_retries
+from tenacity import Retrying
+
+from runner._internal.retry import call_with_retries, transient_policy
 from runner.errors import (
     InfrastructureError,
     InputError,
     IntegrityError,
     RegistryAPIError,
-    TransientInfrastructureError,
     TransientRegistryError,
 )
 
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPES = ", ".join(
     [
-        "application/vnd.oci.image.manifest.v1+json",
+        OCI_MANIFEST,
         "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.oci.image.index.v1+json",
+        OCI_INDEX,
         "application/vnd.docker.distribution.manifest.list.v2+json",
     ]
 )
+# Manifests are small: a registry that takes longer is not answering.
+MANIFEST_TIMEOUT_S = 10.0
+BLOB_TIMEOUT_S = 300.0
+_CHUNK = 1 << 20
+_T = TypeVar("_T")
 
 
 class _RequestFacts(TypedDict):
@@ -61,6 +75,24 @@ class ImageName:
         return f"{self.registry}/{self.repository}"
 
 
+@dataclass(frozen=True)
+class ManifestRef:
+    """What a registry says about a manifest without sending it."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Response:
+    """One registry answer; ``headers`` has lower-case names."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
 def _scheme(registry: str) -> str:
     host = registry.split(":")[0]
     return "http" if host in ("127.0.0.1", "localhost", "::1") else "https"
@@ -70,57 +102,16 @@ def _base_url(name: ImageName) -> str:
     return f"{_scheme(name.registry)}://{name.registry}/v2/{name.repository}"
 
 
-def _request(method: str, url: str, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """A manifest-API request (``Accept``: every manifest type), translated by :func:`_send`."""
-    return _send(method, url, headers={"Accept": MANIFEST_TYPES}, timeout=timeout)
+# --------------------------------------------------------------------------- the one request path
 
 
-def resolve_tag(name: ImageName, tag: str) -> str | None:
-    """The manifest digest a tag points to, or None if the tag does not exist."""
-    url = f"{_base_url(name)}/manifests/{tag}"
-    status, headers, _ = call_with_retries(
-        lambda: _request("HEAD", url), what=f"resolve {name}:{tag}"
-    )
-    if status == 404:
-        return None
-    if status != 200:
-        raise InfrastructureError(f"registry answered {status} for {name}:{tag}", url=url)
-    digest = headers.get("Docker-Content-Digest") or headers.get("docker-content-digest")
-    if not digest:
-        raise InfrastructureError("registry gave no Docker-Content-Digest", url=url)
-    return str(digest)
+def _urlopen(request: urllib.request.Request, timeout: float) -> Any:
+    # the seam unit tests replace: everything above it is this module's own logic
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) URLs only
 
 
-def manifest_exists(name: ImageName, digest: str) -> bool:
-    """Whether the registry holds a manifest with exactly this digest."""
-    url = f"{_base_url(name)}/manifests/{digest}"
-    status, _, _ = call_with_retries(lambda: _request("HEAD", url), what=f"check {name}@{digest}")
-    if status in (404, 400):
-        return False
-    if status != 200:
-        raise InfrastructureError(f"registry answered {status} for {name}@{digest}", url=url)
-    return True
-
-
-def registry_reachable(registry: str) -> bool:
-    """A single, unretried probe of ``/v2/``."""
-    try:
-        status, _, _ = _request("GET", f"{_scheme(registry)}://{registry}/v2/", timeout=2.0)
-    except TransientInfrastructureError:
-        return False
-    return status in (200, 401)
-
-
-def get_manifest(name: ImageName, reference: str) -> dict[str, object]:
-    url = f"{_base_url(name)}/manifests/{reference}"
-    status, _, body = call_with_retries(lambda: _request("GET", url), what=f"get {name}")
-    if status != 200:
-        raise InfrastructureError(f"registry answered {status} for {name}@{reference}", url=url)
-    data: dict[str, object] = json.loads(body)
-    return data
-
-
-# --------------------------------------------------------------------------- push
+def _retry_policy() -> Retrying:
+    return transient_policy()
 
 
 def _send(
@@ -128,22 +119,32 @@ def _send(
     url: str,
     *,
     data: bytes | BinaryIO | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 300.0,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request with a body; 5xx and connection failures are transient."""
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
+    headers: Mapping[str, str] | None = None,
+    timeout: float = BLOB_TIMEOUT_S,
+    sink: Callable[[bytes], object] | None = None,
+) -> Response:
+    """One request, not retried: any status comes back; 5xx and no answer are transient.
+
+    With ``sink`` a successful answer's body is passed to it in chunks instead of
+    being returned.
+    """
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))  # noqa: S310
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            return resp.status, dict(resp.headers), resp.read()
+        with _urlopen(req, timeout) as resp:
+            found = {k.lower(): v for k, v in resp.headers.items()}
+            if sink is None:
+                return Response(resp.status, found, resp.read())
+            while chunk := resp.read(_CHUNK):
+                sink(chunk)
+            return Response(resp.status, found, b"")
     except urllib.error.HTTPError as exc:
-        body = exc.read()
         if exc.code >= 500:
             raise TransientRegistryError(
                 f"registry answered {exc.code}", **_request_facts(url), status=exc.code
             ) from exc
-        return exc.code, dict(exc.headers), body
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        found = {k.lower(): v for k, v in (exc.headers.items() if exc.headers else [])}
+        return Response(exc.code, found, exc.read())
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise TransientRegistryError(
             f"registry unreachable: {reason}",
@@ -162,10 +163,148 @@ def _request_facts(url: str) -> _RequestFacts:
     return {"registry": parts.netloc or None, "repository": repository or None, "url": url}
 
 
+def _retried(what: str, fn: Callable[[], _T]) -> _T:
+    result: _T = call_with_retries(fn, what=what, policy=_retry_policy())
+    return result
+
+
+def _refused(
+    message: str, url: str, response: Response, repository: str | None = None
+) -> InfrastructureError:
+    detail = response.body[:500].decode("utf-8", "replace").strip()
+    facts = _request_facts(url)
+    if repository:
+        facts["repository"] = repository
+    return RegistryAPIError(message, **facts, status=response.status, detail=detail or None)
+
+
+def _manifest_call(method: str, name: ImageName, reference: str, what: str) -> Response:
+    url = f"{_base_url(name)}/manifests/{reference}"
+    return _retried(
+        what,
+        lambda: _send(method, url, headers={"Accept": MANIFEST_TYPES}, timeout=MANIFEST_TIMEOUT_S),
+    )
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def resolve_tag(name: ImageName, tag: str) -> str | None:
+    """The manifest digest a tag points to, or None if the tag does not exist."""
+    response = _manifest_call("HEAD", name, tag, f"resolve {name}:{tag}")
+    url = f"{_base_url(name)}/manifests/{tag}"
+    if response.status == 404:
+        return None
+    if response.status != 200:
+        raise InfrastructureError(f"registry answered {response.status} for {name}:{tag}", url=url)
+    digest = response.headers.get("docker-content-digest")
+    if not digest:
+        raise InfrastructureError("registry gave no Docker-Content-Digest", url=url)
+    return digest
+
+
+def manifest_exists(name: ImageName, digest: str) -> bool:
+    """Whether the registry holds a manifest with exactly this digest."""
+    response = _manifest_call("HEAD", name, digest, f"check {name}@{digest}")
+    if response.status in (404, 400):
+        return False
+    if response.status != 200:
+        raise InfrastructureError(
+            f"registry answered {response.status} for {name}@{digest}",
+            url=f"{_base_url(name)}/manifests/{digest}",
+        )
+    return True
+
+
+def manifest_ref(name: ImageName, reference: str) -> ManifestRef | None:
+    """Media type, digest and size of a manifest (by tag or digest), or None if absent."""
+    response = _manifest_call("HEAD", name, reference, f"check {name}@{reference}")
+    if response.status == 404:
+        return None
+    if response.status != 200:
+        raise InfrastructureError(
+            f"registry answered {response.status} for {name}@{reference}",
+            url=f"{_base_url(name)}/manifests/{reference}",
+        )
+    return ManifestRef(
+        media_type=response.headers.get("content-type", OCI_MANIFEST),
+        digest=response.headers.get("docker-content-digest", reference),
+        size=int(response.headers.get("content-length", "0")),
+    )
+
+
+def find_manifest(name: ImageName, reference: str) -> tuple[str, bytes] | None:
+    """(media type, exact bytes) of a manifest, or None if absent; the caller checks its digest."""
+    response = _manifest_call("GET", name, reference, f"get {name}@{reference}")
+    if response.status == 404:
+        return None
+    if response.status != 200:
+        raise InfrastructureError(
+            f"registry answered {response.status} for {name}@{reference}",
+            url=f"{_base_url(name)}/manifests/{reference}",
+        )
+    return response.headers.get("content-type", ""), response.body
+
+
+def get_manifest_bytes(name: ImageName, reference: str) -> bytes:
+    """The exact manifest bytes (so their digest can be checked); absent is an error."""
+    found = find_manifest(name, reference)
+    if found is None:
+        raise InfrastructureError(
+            f"registry answered 404 for {name}@{reference}",
+            url=f"{_base_url(name)}/manifests/{reference}",
+        )
+    return found[1]
+
+
+def put_manifest(name: ImageName, reference: str, manifest: bytes, media_type: str) -> str:
+    """PUT a manifest under a tag (or its digest); returns the digest the registry reports.
+
+    A registry that reports none is taken to have stored the bytes sent (their sha256).
+    """
+    url = f"{_base_url(name)}/manifests/{reference}"
+    response = _retried(
+        f"put manifest {name}:{reference}",
+        lambda: _send("PUT", url, data=manifest, headers={"Content-Type": media_type}),
+    )
+    if response.status != 201:
+        raise _refused(
+            f"registry refused the manifest for {name}:{reference} ({response.status})",
+            url,
+            response,
+        )
+    reported = response.headers.get("docker-content-digest")
+    return reported or "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+def referrers(name: ImageName, subject: str) -> list[dict[str, Any]] | None:
+    """The referrers API's descriptors for ``subject``; None when the registry lacks the API."""
+    url = f"{_base_url(name)}/referrers/{subject}"
+    response = _retried(
+        f"list referrers of {name}@{subject}",
+        lambda: _send("GET", url, headers={"Accept": OCI_INDEX}, timeout=MANIFEST_TIMEOUT_S),
+    )
+    if response.status in (404, 400, 405):
+        return None
+    if response.status != 200:
+        raise _refused(f"registry answered {response.status} for the referrers", url, response)
+    if OCI_INDEX not in response.headers.get("content-type", ""):
+        return None
+    return list(json.loads(response.body).get("manifests") or [])
+
+
+# --------------------------------------------------------------------------- blobs
+
+
 def blob_exists(name: ImageName, digest: str) -> bool:
+    """Whether the repository holds the blob ``digest``."""
     url = f"{_base_url(name)}/blobs/{digest}"
-    status, _, _ = call_with_retries(lambda: _request("HEAD", url), what=f"check blob {digest}")
-    return bool(status == 200)
+    response = _retried(
+        f"check blob {digest}", lambda: _send("HEAD", url, timeout=MANIFEST_TIMEOUT_S)
+    )
+    if response.status not in (200, 404):
+        raise InfrastructureError(f"registry answered {response.status} for blob {digest}", url=url)
+    return response.status == 200
 
 
 def _absolute(name: ImageName, location: str) -> str:
@@ -176,7 +315,7 @@ def _absolute(name: ImageName, location: str) -> str:
 
 def push_blob(
     name: ImageName, digest: str, size: int, path: Path | None, *, mount_from: Iterable[str] = ()
-) -> str:
+) -> Literal["exists", "mounted", "uploaded"]:
     """Make ``digest`` present in ``name``: already there, mounted from a sibling, or uploaded.
 
     Returns how: ``"exists"``, ``"mounted"`` or ``"uploaded"``.
@@ -186,13 +325,12 @@ def push_blob(
     for other in mount_from:
         if other == name.repository:
             continue
-        mount_url = f"{_base_url(name)}/blobs/uploads/?mount={digest}&from={other}"
+        url = f"{_base_url(name)}/blobs/uploads/?mount={digest}&from={other}"
 
-        def mount(url: str = mount_url) -> tuple[int, dict[str, str], bytes]:
+        def mount(url: str = url) -> Response:
             return _send("POST", url, data=b"")
 
-        status, _, _ = call_with_retries(mount, what=f"mount {digest}")
-        if status == 201:
+        if _retried(f"mount {digest}", mount).status == 201:
             return "mounted"
 
     if path is None:
@@ -205,79 +343,60 @@ def push_blob(
         with path.open("rb") as fh:
             _upload(name, digest, fh, size)
 
-    call_with_retries(upload, what=f"upload {digest}")
+    _retried(f"upload {digest}", upload)
     return "uploaded"
 
 
 def put_blob_bytes(name: ImageName, digest: str, data: bytes) -> None:
     """Upload a small blob (an image config) held in memory, unless already present."""
     if not blob_exists(name, digest):
-        call_with_retries(lambda: _upload(name, digest, data, len(data)), what=f"upload {digest}")
+        _retried(f"upload {digest}", lambda: _upload(name, digest, data, len(data)))
 
 
 def _upload(name: ImageName, digest: str, data: bytes | BinaryIO, size: int) -> None:
     """A monolithic upload: POST to open a session, PUT the bytes with their digest."""
-    status, headers, _ = _send("POST", f"{_base_url(name)}/blobs/uploads/", data=b"")
-    if status != 202 or "Location" not in headers:
+    start = _send("POST", f"{_base_url(name)}/blobs/uploads/", data=b"")
+    if start.status != 202 or "location" not in start.headers:
         raise InfrastructureError(
-            f"registry refused to start an upload ({status})", repository=str(name)
+            f"registry refused to start an upload ({start.status})", repository=str(name)
         )
-    location = _absolute(name, headers["Location"])
+    location = _absolute(name, start.headers["location"])
     sep = "&" if "?" in location else "?"
-    status, _, body = _send(
+    url = f"{location}{sep}digest={digest}"
+    response = _send(
         "PUT",
-        f"{location}{sep}digest={digest}",
+        url,
         data=data,
         headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
     )
-    if status != 201:
-        raise InfrastructureError(
-            f"registry refused blob {digest} ({status})",
+    if response.status != 201:
+        raise _refused(
+            f"registry refused blob {digest} ({response.status})",
+            url,
+            response,
             repository=str(name),
-            detail=body.decode("utf-8", "replace")[:500],
         )
-
-
-def put_manifest(name: ImageName, reference: str, manifest: bytes, media_type: str) -> str:
-    """PUT a manifest under a tag (or its digest); returns the digest the registry reports."""
-    url = f"{_base_url(name)}/manifests/{reference}"
-    status, headers, body = call_with_retries(
-        lambda: _send("PUT", url, data=manifest, headers={"Content-Type": media_type}),
-        what=f"put manifest {name}:{reference}",
-    )
-    if status != 201:
-        raise InfrastructureError(
-            f"registry refused the manifest for {name}:{reference} ({status})",
-            detail=body.decode("utf-8", "replace")[:500],
-        )
-    digest = headers.get("Docker-Content-Digest") or headers.get("docker-content-digest") or ""
-    return str(digest)
 
 
 def get_blob(name: ImageName, digest: str, dest: Path) -> None:
-    """Download a blob to ``dest`` and check its digest."""
+    """Download a blob to ``dest`` and check its digest (IntegrityError if it does not match)."""
+    url = f"{_base_url(name)}/blobs/{digest}"
 
     def fetch() -> None:
-        url = f"{_base_url(name)}/blobs/{digest}"
-        req = urllib.request.Request(url, method="GET")  # noqa: S310
         h = hashlib.sha256()
-        try:
-            with urllib.request.urlopen(req, timeout=300) as resp, dest.open("wb") as out:  # noqa: S310
-                while chunk := resp.read(1 << 20):
-                    h.update(chunk)
-                    out.write(chunk)
-        except urllib.error.HTTPError as exc:
-            if exc.code >= 500:
-                raise TransientRegistryError(
-                    f"registry answered {exc.code}", **_request_facts(url), status=exc.code
-                ) from exc
+        with dest.open("wb") as out:
+
+            def write(chunk: bytes) -> None:
+                h.update(chunk)
+                out.write(chunk)
+
+            response = _send("GET", url, sink=write)
+        if response.status != 200:
             raise RegistryAPIError(
-                f"registry answered {exc.code} for blob", **_request_facts(url), status=exc.code
-            ) from exc
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise TransientRegistryError(
-                f"registry unreachable: {getattr(exc, 'reason', exc)}", **_request_facts(url)
-            ) from exc
+                f"registry answered {response.status} for blob",
+                **_request_facts(url),
+                status=response.status,
+            )
         if "sha256:" + h.hexdigest() != digest:
             raise IntegrityError(
                 f"blob {digest} from {name} does not match its digest",
@@ -285,24 +404,18 @@ def get_blob(name: ImageName, digest: str, dest: Path) -> None:
                 found="sha256:" + h.hexdigest(),
             )
 
-    call_with_retries(fetch, what=f"get blob {digest}")
-
-
-def get_manifest_bytes(name: ImageName, reference: str) -> bytes:
-    """The exact manifest bytes (so their digest can be checked)."""
-    url = f"{_base_url(name)}/manifests/{reference}"
-    status, _, body = call_with_retries(lambda: _request("GET", url), what=f"get {name}")
-    if status != 200:
-        raise InfrastructureError(f"registry answered {status} for {name}@{reference}", url=url)
-    return bytes(body)
+    _retried(f"get blob {digest}", fetch)
 
 
 def get_blob_bytes(name: ImageName, digest: str, limit: int = 4 << 20) -> bytes:
     """A small blob (an image config) in memory, checked against its digest."""
     url = f"{_base_url(name)}/blobs/{digest}"
-    status, _, body = call_with_retries(lambda: _send("GET", url), what=f"get blob {digest}")
-    if status != 200:
-        raise InfrastructureError(f"registry answered {status} for blob {digest}", url=url)
-    if len(body) > limit or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+    response = _retried(f"get blob {digest}", lambda: _send("GET", url))
+    if response.status != 200:
+        raise InfrastructureError(f"registry answered {response.status} for blob {digest}", url=url)
+    if (
+        len(response.body) > limit
+        or "sha256:" + hashlib.sha256(response.body).hexdigest() != digest
+    ):
         raise IntegrityError(f"blob {digest} from {name} does not match its digest")
-    return bytes(body)
+    return response.body

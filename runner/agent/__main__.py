@@ -4,24 +4,27 @@
 preflight (rootfs digest, input digests, expected environment) → environment
 capture → the evaluation command → metrics from the per-sample outputs.
 Everything it learns goes to the results directory; the runner collects,
-re-checks and signs it. Exit codes: 0 ok, 3 integrity, 4 environment mismatch,
-20 evaluation failed, 21 evaluation output unusable, 2 bad plan.
+re-checks and signs it. The plan, the exit codes (:class:`AgentExit`) and the
+results frame are defined once, in :mod:`runner.shared.protocol`.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
 import resource
+import stat
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from runner.agent.capture import capture_environment
 from runner.agent.rootfs import rootfs_digest
@@ -32,14 +35,18 @@ from runner.shared.metrics import (
     read_samples,
     select_perturbed,
 )
-
-EXIT_OK = 0
-EXIT_BAD_PLAN = 2
-EXIT_INTEGRITY = 3
-EXIT_ENVIRONMENT = 4
-EXIT_EVAL_FAILED = 20
-EXIT_EVAL_OUTPUT = 21
-EXIT_EVAL_TIMEOUT = 22
+from runner.shared.protocol import (
+    MAX_RESULT_FILE_BYTES,
+    MAX_RESULT_FILES,
+    PLAN_FILE,
+    RESULTS_MOUNT,
+    AgentExit,
+    AgentPlan,
+    PlanError,
+    encode_frame,
+    read_agent_plan,
+)
+from runner.shared.tarformat import MAX_DEPTH, file_header, member_name_reason
 
 
 class EventLog:
@@ -211,7 +218,17 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def run(plan_path: Path, results: Path) -> int:
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    """Read the plan at ``plan_path`` and run it (:func:`run_plan`); a bad plan exits 2."""
+    try:
+        plan = read_agent_plan(plan_path)
+    except (OSError, PlanError) as exc:
+        print(f"agent: cannot use the plan {plan_path}: {exc}", file=sys.stderr)
+        return AgentExit.BAD_PLAN
+    return run_plan(plan, results)
+
+
+def run_plan(plan: AgentPlan, results: Path) -> int:
+    """Preflight, evaluation and metrics for ``plan``; always leaves ``summary.json`` behind."""
     (results / "logs").mkdir(parents=True, exist_ok=True)
     log = EventLog(results / "logs" / "events.jsonl", plan["run_id"])
     summary: dict[str, Any] = {"run_id": plan["run_id"], "started": time.time()}
@@ -220,15 +237,15 @@ def run(plan_path: Path, results: Path) -> int:
     except Exception as exc:  # the agent must always leave a summary behind
         log.emit("agent_error", level="error", error=repr(exc))
         summary.update(outcome="agent_error", reason=repr(exc))
-        code = 1
+        code = AgentExit.AGENT_ERROR
     summary["finished"] = time.time()
-    summary["exit_code"] = code
+    summary["exit_code"] = int(code)
     _write_json(results / "summary.json", summary)
     log.close()
     return code
 
 
-def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, Any]) -> int:
+def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any]) -> AgentExit:
     # --- preflight: image content
     t0 = time.monotonic()
     found_rootfs, entries = rootfs_digest("/")
@@ -264,7 +281,7 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
         )
     env = capture_environment(plan["image_ref"])
     _write_json(results / "env.json", env)
-    preflight["environment"] = check_expected_environment(plan.get("expect") or {}, env["gpu"])
+    preflight["environment"] = check_expected_environment(plan["expect"], env["gpu"])
     preflight["duration_s"] = round(time.monotonic() - t0, 4)
     _write_json(results / "preflight.json", preflight)
     log.emit("preflight_done", duration_s=preflight["duration_s"])
@@ -277,7 +294,7 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
             else f"input digest mismatch: {[i['name'] for i in bad_inputs]}",
         )
         log.emit("preflight_failed", level="error", reason=summary["reason"])
-        return EXIT_INTEGRITY
+        return AgentExit.INTEGRITY
     bad_env = [c for c in preflight["environment"] if not c["passed"]]
     if bad_env:
         summary.update(
@@ -287,7 +304,7 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
             ),
         )
         log.emit("environment_mismatch", level="error", reason=summary["reason"])
-        return EXIT_ENVIRONMENT
+        return AgentExit.ENVIRONMENT
 
     # --- the evaluation
     seed = int(plan["seed"])
@@ -301,7 +318,7 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
         "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
         "EVALRUN_RUN_ID": plan["run_id"],
         "EVALRUN_SEED": str(seed),
-        "EVALRUN_PARAMS": json.dumps(plan.get("params") or {}, sort_keys=True),
+        "EVALRUN_PARAMS": json.dumps(plan["params"], sort_keys=True),
         "EVALRUN_OUTPUT": str(output),
     }
     datasets = {}
@@ -341,17 +358,17 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
         except OSError as exc:
             summary.update(outcome="evaluation_failed", reason=f"cannot start command: {exc}")
             log.emit("evaluation_failed", level="error", reason=summary["reason"])
-            return EXIT_EVAL_FAILED
+            return AgentExit.EVAL_FAILED
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     duration = round(time.monotonic() - t1, 4)
     log.emit("evaluation_end", returncode=rc, duration_s=duration, peak_rss_kib=peak_kib)
     summary["evaluation"] = {"returncode": rc, "duration_s": duration, "peak_rss_kib": peak_kib}
     if rc is None:
         summary.update(outcome="timeout", reason=f"evaluation exceeded {plan['timeout_s']} s")
-        return EXIT_EVAL_TIMEOUT
+        return AgentExit.EVAL_TIMEOUT
     if rc != 0:
         summary.update(outcome="evaluation_failed", reason=f"evaluation command exited {rc}")
-        return EXIT_EVAL_FAILED
+        return AgentExit.EVAL_FAILED
 
     # --- metrics from the per-sample outputs
     t2 = time.monotonic()
@@ -360,7 +377,7 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
     except (OSError, SampleFormatError) as exc:
         summary.update(outcome="bad_output", reason=f"per-sample output unusable: {exc}")
         log.emit("bad_output", level="error", reason=summary["reason"])
-        return EXIT_EVAL_OUTPUT
+        return AgentExit.EVAL_OUTPUT
     log.emit("data_loaded", samples=len(samples))
     values = compute_metrics(plan["metrics"], samples, seed)
     try:
@@ -368,7 +385,7 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
     except (OSError, SampleFormatError, subprocess.SubprocessError) as exc:
         summary.update(outcome="bad_output", reason=f"perturbation failed: {exc}")
         log.emit("bad_output", level="error", reason=summary["reason"])
-        return EXIT_EVAL_OUTPUT
+        return AgentExit.EVAL_OUTPUT
     report: dict[str, Any] = {"seed": seed, "metrics": [v.as_dict() for v in values]}
     if perturbations:
         report["perturbations"] = perturbations
@@ -379,11 +396,11 @@ def _run(plan: dict[str, Any], results: Path, log: EventLog, summary: dict[str, 
         metrics={v.name: v.value for v in values},
     )
     summary.update(outcome="completed")
-    return EXIT_OK
+    return AgentExit.OK
 
 
 def _run_perturbations(
-    plan: dict[str, Any],
+    plan: AgentPlan,
     baseline: list[dict[str, Any]],
     child_env: dict[str, str],
     results: Path,
@@ -392,7 +409,7 @@ def _run_perturbations(
 ) -> list[dict[str, Any]]:
     """Evaluate each declared perturbation: by selection, or by re-running the command."""
     out = []
-    for pert in plan.get("perturbations") or []:
+    for pert in plan["perturbations"]:
         t0 = time.monotonic()
         perturbed: Sequence[Mapping[str, Any]]
         if pert["kind"] in ("subsample", "slice"):
@@ -435,38 +452,75 @@ def _run_perturbations(
     return out
 
 
-RESULTS_FRAME_BEGIN = "-----BEGIN EVALRUN RESULTS"
-RESULTS_FRAME_END = "-----END EVALRUN RESULTS-----"
+def results_tar(results: Path, notes: IO[str] | None = None) -> bytes:
+    """The results directory as one tar the runner's strict reader accepts.
+
+    Regular files only, walked without following links, each with the shared
+    deterministic header; a link, a special file, a name the reader would refuse,
+    a file over :data:`MAX_RESULT_FILE_BYTES` or beyond :data:`MAX_RESULT_FILES`
+    is left out, with one line on ``notes`` (stderr) saying so.
+    """
+    notes = notes or sys.stderr
+    buf = io.BytesIO()
+    count = 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for rel, path in _result_files(results, "", notes):
+            reason = member_name_reason(rel, portable=False)
+            if reason is None and count >= MAX_RESULT_FILES:
+                reason = f"more than {MAX_RESULT_FILES} result files"
+            if reason:
+                print(f"agent: results entry {rel!r} not framed: {reason}", file=notes)
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                print(f"agent: results entry {rel!r} not framed: {exc.strerror}", file=notes)
+                continue
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RESULT_FILE_BYTES:
+                    print(
+                        f"agent: results entry {rel!r} not framed: not a regular file "
+                        f"of at most {MAX_RESULT_FILE_BYTES} bytes",
+                        file=notes,
+                    )
+                    continue
+                tar.addfile(file_header(rel, st.st_size), fh)
+                count += 1
+    return buf.getvalue()
 
 
-def emit_results(results: Path, out: Any = None) -> None:
+def _result_files(
+    folder: Path, prefix: str, notes: IO[str], depth: int = 0
+) -> list[tuple[str, Path]]:
+    """(relative name, path) of the regular files under ``folder``, in path order; no links."""
+    out: list[tuple[str, Path]] = []
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        rel = prefix + entry.name
+        if entry.is_symlink():
+            print(f"agent: results entry {rel!r} not framed: a symlink", file=notes)
+        elif entry.is_dir(follow_symlinks=False):
+            if depth >= MAX_DEPTH:
+                print(f"agent: results entry {rel!r} not framed: too deep", file=notes)
+            else:
+                out += _result_files(Path(entry.path), rel + "/", notes, depth + 1)
+        elif entry.is_file(follow_symlinks=False):
+            out.append((rel, Path(entry.path)))
+        else:
+            print(f"agent: results entry {rel!r} not framed: not a regular file", file=notes)
+    return out
+
+
+def emit_results(results: Path, out: IO[str] | None = None) -> None:
     """Write the results directory to stdout as one framed, checksummed tar (base64).
 
     Used where the runner cannot read the results volume (Kubernetes): the frame
     travels on the log stream; the runner checks the checksum and every member.
     """
-    import base64
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(results.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                info = tar.gettarinfo(str(path), arcname=path.relative_to(results).as_posix())
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mtime = 0
-                with path.open("rb") as fh:
-                    tar.addfile(info, fh)
-    data = buf.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
     stream = out or sys.stdout
-    stream.write(f"\n{RESULTS_FRAME_BEGIN} sha256={digest} bytes={len(data)}-----\n")
-    encoded = base64.b64encode(data).decode()
-    for i in range(0, len(encoded), 76):
-        stream.write(encoded[i : i + 76] + "\n")
-    stream.write(RESULTS_FRAME_END + "\n")
+    stream.write(encode_frame(results_tar(results)))
     stream.flush()
 
 
@@ -474,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.agent")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run one evaluation from a plan")
-    p_run.add_argument("--plan", type=Path, default=Path("/evalrun/plan/plan.json"))
-    p_run.add_argument("--results", type=Path, default=Path("/evalrun/results"))
+    p_run.add_argument("--plan", type=Path, default=Path(PLAN_FILE))
+    p_run.add_argument("--results", type=Path, default=Path(RESULTS_MOUNT))
     p_run.add_argument(
         "--emit-results",
         action="store_true",
@@ -489,13 +543,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.plan.is_file():
         print(f"agent: plan not found: {args.plan}", file=sys.stderr)
-        return EXIT_BAD_PLAN
-    code = run(args.plan, args.results)
+        return AgentExit.BAD_PLAN
     try:
-        wants_frame = bool(json.loads(args.plan.read_text(encoding="utf-8")).get("emit_results"))
-    except (OSError, ValueError):
-        wants_frame = False
-    if args.emit_results or wants_frame:
+        plan = read_agent_plan(args.plan)
+    except (OSError, PlanError) as exc:
+        print(f"agent: cannot use the plan {args.plan}: {exc}", file=sys.stderr)
+        return AgentExit.BAD_PLAN
+    code = run_plan(plan, args.results)
+    if args.emit_results or plan["emit_results"]:
         emit_results(args.results)
     return code
 

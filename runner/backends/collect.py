@@ -8,22 +8,17 @@ per-sample file itself and compares it with the container's aggregate.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import io
 import json
 import math
 import os
-import posixpath
-import re
-import shutil
 import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner._internal.tar import MemberRules, extract_members, file_under_file, scan_members
 from runner.shared.metrics import (
     SampleFormatError,
     compute_metrics,
@@ -31,10 +26,13 @@ from runner.shared.metrics import (
     read_samples,
     select_perturbed,
 )
-
-MAX_FILE_BYTES = 4 * 1024**3
-MAX_TOTAL_BYTES = 16 * 1024**3
-MAX_FILES = 10_000
+from runner.shared.protocol import (
+    MAX_RESULT_BYTES,
+    MAX_RESULT_FILE_BYTES,
+    MAX_RESULT_FILES,
+    FrameError,
+    decode_frame,
+)
 
 
 @dataclass
@@ -79,9 +77,14 @@ def _walk(dir_fd: int, prefix: str, dest: Path, out: Collected) -> None:
             finally:
                 os.close(child)
         elif stat.S_ISREG(st.st_mode):
-            if len(out.files) >= MAX_FILES:
-                out.problems.append(f"more than {MAX_FILES} result files; {rel!r} not collected")
-            elif st.st_size > MAX_FILE_BYTES or out.total_bytes + st.st_size > MAX_TOTAL_BYTES:
+            if len(out.files) >= MAX_RESULT_FILES:
+                out.problems.append(
+                    f"more than {MAX_RESULT_FILES} result files; {rel!r} not collected"
+                )
+            elif (
+                st.st_size > MAX_RESULT_FILE_BYTES
+                or out.total_bytes + st.st_size > MAX_RESULT_BYTES
+            ):
                 out.problems.append(f"results entry {rel!r}: too large ({st.st_size} bytes)")
             else:
                 _copy(dir_fd, name, dest / rel)
@@ -226,50 +229,29 @@ def recompute_metrics(
 
 # --------------------------------------------------------------------------- framed results
 
-FRAME_BEGIN_RE = re.compile(r"^-----BEGIN EVALRUN RESULTS sha256=([0-9a-f]{64}) bytes=(\d+)-----$")
-FRAME_END = "-----END EVALRUN RESULTS-----"
-MAX_FRAME_BYTES = 64 * 1024 * 1024
+# The results frame is read with the one strict tar reader; names need only the structure
+# rule here, because collect_results applies its own name rule right after.
+FRAME_TAR_RULES = MemberRules(
+    max_members=MAX_RESULT_FILES,
+    max_file_bytes=MAX_RESULT_FILE_BYTES,
+    portable_names=False,
+    label="results entry",
+)
 
 
 def extract_results_frame(log_text: str, dest: Path) -> Collected:
     """Find the agent's results frame in a log stream, check it, and unpack it safely.
 
-    The frame's checksum and size are checked before the tar is opened; every member
-    must be a regular file or directory with a relative, normalized, unique path;
-    links, devices, absolute paths and ``..`` are refused and nothing is extracted
-    from a frame with any such member.
+    The frame (:mod:`runner.shared.protocol`) is checked for size and checksum
+    before the tar is opened; every member must be a regular file or directory
+    with a relative, normalized, unique path; links, devices, absolute paths and
+    ``..`` are refused and nothing is extracted from a frame with any such member.
     """
     out = Collected()
-    lines = log_text.splitlines()
-    begins = [i for i, line in enumerate(lines) if FRAME_BEGIN_RE.match(line.strip())]
-    if not begins:
-        out.problems.append("no results frame in the pod log (the agent did not finish)")
-        return out
-    if len(begins) > 1:
-        out.problems.append(f"{len(begins)} results frames in the pod log; expected one")
-        return out
-    start = begins[0]
-    match = FRAME_BEGIN_RE.match(lines[start].strip())
-    assert match is not None
-    expected_sha, size = match[1], int(match[2])
-    if size > MAX_FRAME_BYTES:
-        out.problems.append(f"results frame is {size} bytes; the limit is {MAX_FRAME_BYTES}")
-        return out
     try:
-        end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == FRAME_END)
-    except StopIteration:
-        out.problems.append("results frame is truncated (no end marker)")
-        return out
-    try:
-        data = base64.b64decode("".join(x.strip() for x in lines[start + 1 : end]), validate=True)
-    except (binascii.Error, ValueError):
-        out.problems.append("results frame is not valid base64")
-        return out
-    if len(data) != size or hashlib.sha256(data).hexdigest() != expected_sha:
-        out.problems.append(
-            f"results frame checksum mismatch: header says sha256={expected_sha} "
-            f"bytes={size}, found sha256={hashlib.sha256(data).hexdigest()} bytes={len(data)}"
-        )
+        data = decode_frame(log_text)
+    except FrameError as exc:
+        out.problems.append(str(exc))
         return out
     try:
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 - closed below
@@ -277,35 +259,22 @@ def extract_results_frame(log_text: str, dest: Path) -> Collected:
         out.problems.append(f"results frame is not a tar archive: {exc}")
         return out
     with tar:
-        members = tar.getmembers()
-        seen: set[str] = set()
-        for m in members:
-            name = m.name
-            norm = posixpath.normpath(name)
-            if name.startswith("/") or norm.startswith("..") or norm != name or norm == ".":
-                out.problems.append(f"results entry {name!r}: unsafe path")
-            elif not (m.isfile() or m.isdir()):
-                out.problems.append(f"results entry {name!r}: not a regular file")
-            elif name in seen:
-                out.problems.append(f"results entry {name!r}: duplicate")
-            elif m.isfile() and m.size > MAX_FILE_BYTES:
-                out.problems.append(f"results entry {name!r}: too large ({m.size} bytes)")
-            seen.add(name)
-        if len(members) > MAX_FILES:
-            out.problems.append(f"more than {MAX_FILES} result entries")
-        if out.problems:
+        try:
+            members, problems = scan_members(tar, FRAME_TAR_RULES)
+        except tarfile.TarError as exc:
+            out.problems.append(f"results frame is not a readable tar archive: {exc}")
+            return out
+        clash = file_under_file(members)
+        if clash:
+            problems.append(f"results entry {clash[0]!r} lies under the file {clash[1]!r}")
+        if problems:
+            out.problems.extend(problems)
             return out
         dest.mkdir(parents=True, exist_ok=True)
-        for m in members:
-            target = dest / m.name
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            assert src is not None
-            with target.open("xb") as fh:
-                shutil.copyfileobj(src, fh, 4 * 1024 * 1024)
-            out.files.append(m.name)
-            out.total_bytes += m.size
+        try:
+            out.total_bytes = extract_members(tar, members, dest)
+        except (tarfile.TarError, OSError) as exc:
+            out.problems.append(f"results frame could not be unpacked: {exc}")
+            return out
+        out.files.extend(m.path for m in members)
     return out

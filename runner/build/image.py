@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import runner
 from runner._internal import oci
 from runner._internal.settings import Settings
+from runner._internal.tree import TreeDigestFormat, digest_tree
 from runner.adapters import registry
 from runner.adapters.docker_engine import connect, docker_call, translated
 from runner.build.provenance import preprocessing_records
@@ -415,18 +416,11 @@ def lock_artifact(spec_dir: Path, uri: str, expected: str, field: str) -> Locked
 
 
 def tree_digest(root: Path) -> str:
-    """sha256 over a directory's files (path, executable bit, content); links refused."""
-    h = hashlib.sha256(b"evalrun-tree/v1\n")
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            raise InputError(f"build context contains a symlink: {rel}", file=str(path))
-        if "__pycache__" in path.parts or path.suffix == ".pyc":
-            continue
-        if path.is_file():
-            exe = "x" if os.access(path, os.X_OK) else "-"
-            h.update(f"{rel} {exe} {sha256_file(path)}\n".encode())
-    return h.hexdigest()
+    """The build context's digest (``context_sha256``): files, exec bits, content; no links.
+
+    The :attr:`~runner._internal.tree.TreeDigestFormat.BUILD_CONTEXT` layout, bare hex.
+    """
+    return digest_tree(root, TreeDigestFormat.BUILD_CONTEXT, what="build context")
 
 
 def git_source(path: Path) -> tuple[str | None, bool]:

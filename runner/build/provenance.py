@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from runner._internal.tree import TreeDigestFormat, digest_tree
 from runner.errors import SpecError
 from runner.model.spec import EvalSpec
 
@@ -149,18 +150,18 @@ def rationale(spec_text: str | None, cli_text: str | None) -> dict[str, Any]:
 
 
 def code_digest(path: Path) -> str:
-    """``sha256:`` of a file, or of a directory (sorted relative paths and file digests)."""
+    """``sha256:`` of a file, or of a directory (sorted relative paths and file digests).
+
+    A directory uses the :attr:`~runner._internal.tree.TreeDigestFormat.CODE`
+    layout; a symlink below it raises InputError (links are never followed).
+    """
     if path.is_file():
         h = hashlib.sha256()
         with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         return "sha256:" + h.hexdigest()
-    h = hashlib.sha256(b"evalrun-tree/v1\n")
-    for item in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        rel = item.relative_to(path).as_posix()
-        h.update(f"{rel}\0{code_digest(item)}\n".encode())
-    return "sha256:" + h.hexdigest()
+    return digest_tree(path, TreeDigestFormat.CODE, what="preprocessing code")
 
 
 def preprocessing_records(spec: EvalSpec, spec_dir: Path) -> list[dict[str, Any]]:

@@ -16,17 +16,14 @@ A bundle also has a deterministic ``.tar`` form (:func:`write_bundle_tar`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import io
 import itertools
 import json
 import os
 import re
 import shutil
-import stat
 import tarfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +31,27 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runner._internal.tar import (
+    MemberRules,
+    TarMember,
+    extract_members,
+    file_under_file,
+    open_tar,
+    scan_members,
+    write_tree_tar,
+)
+from runner._internal.tar import iter_chunks as iter_tar_chunks
+from runner._internal.tree import (
+    READ_CHUNK,
+    TreeEntry,
+    hash_fd,
+    open_beneath,
+    open_root,
+    scan_tree,
+)
 from runner.bundle.signing import Signer, sign_envelope
 from runner.errors import InputError, UnsafeBundleEntry
+from runner.shared.tarformat import MAX_DEPTH, unsafe_path_reason
 
 MANIFEST_NAME = "manifest.json"
 STATEMENT_NAME = "statement.json"
@@ -47,10 +63,6 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
-# Large enough that syscalls are negligible, small enough to stay in L2 while hashed.
-READ_CHUNK = 1 << 20
-# Deeper trees are refused rather than walked (each level holds a directory fd).
-MAX_DEPTH = 64
 # A manifest/statement/envelope larger than this is not one the runner wrote.
 METADATA_MAX_BYTES = 256 << 20
 
@@ -59,32 +71,6 @@ _R = TypeVar("_R")
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def unsafe_path_reason(path: str) -> str | None:
-    """Why ``path`` is not a safe bundle-relative POSIX path, or None if it is.
-
-    Safe means: relative, '/'-separated, no empty, '.' or '..' components, no
-    backslashes, NULs or control characters, and encodable as UTF-8.
-    """
-    if not path:
-        return "empty path"
-    if path.startswith("/"):
-        return "absolute path"
-    parts = path.split("/")
-    if ".." in parts:
-        return "path contains '..'"
-    if "." in parts or "" in parts:
-        return "path has an empty or '.' component"
-    if "\\" in path:
-        return "path contains a backslash"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
-        return "path contains a control character"
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return "path is not valid UTF-8"
-    return None
 
 
 def _check_sha256_hex(value: str) -> str:
@@ -254,19 +240,7 @@ def load_json_strict(data: bytes) -> Any:
         raise ValueError("JSON nested too deeply") from exc
 
 
-# --- walking and hashing trees without following links -------------------------
-
-EntryKind = Literal["file", "dir", "symlink", "special"]
-
-
-@dataclass(frozen=True)
-class TreeEntry:
-    """One entry found under a root; ``path`` is '/'-separated and root-relative."""
-
-    path: str
-    kind: EntryKind
-    size: int
-    links: int = 1
+# --- hashing many files at once ---------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -276,143 +250,6 @@ class FileDigest:
     path: str
     sha256: str
     size: int
-
-
-def _kind_of(mode: int) -> EntryKind:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "special"
-
-
-def _open_root(root: Path) -> int:
-    try:
-        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise InputError("directory not found", file=str(root)) from exc
-    except NotADirectoryError as exc:
-        raise InputError("not a directory", file=str(root)) from exc
-
-
-def scan_tree(root: Path) -> list[TreeEntry]:
-    """List everything under ``root`` (not root itself), sorted by path, following no links.
-
-    Directories are opened relative to their parent with O_NOFOLLOW, so a link
-    can neither be listed through nor swapped in mid-walk. Symlinks, devices,
-    FIFOs and sockets are reported with their kind, never opened. Names that
-    are not safe paths (see :func:`unsafe_path_reason`) are reported as they are.
-    Nesting deeper than :data:`MAX_DEPTH` raises UnsafeBundleEntry.
-    """
-    root_fd = _open_root(root)
-    out: list[TreeEntry] = []
-    try:
-        _scan_dir(root_fd, "", out, 0)
-    finally:
-        os.close(root_fd)
-    out.sort(key=lambda e: e.path)
-    return out
-
-
-def _scan_dir(dir_fd: int, prefix: str, out: list[TreeEntry], depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise UnsafeBundleEntry(
-            f"directories nested deeper than {MAX_DEPTH} levels at {prefix!r}",
-            path=prefix,
-            reason="nesting too deep",
-        )
-    with os.scandir(dir_fd) as it:
-        entries = list(it)
-    for entry in entries:
-        rel = prefix + entry.name
-        st = entry.stat(follow_symlinks=False)
-        kind = _kind_of(st.st_mode)
-        size = st.st_size if kind == "file" else 0
-        out.append(TreeEntry(rel, kind, size, st.st_nlink if kind == "file" else 1))
-        if kind == "dir":
-            sub_fd = os.open(
-                entry.name,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=dir_fd,
-            )
-            try:
-                _scan_dir(sub_fd, rel + "/", out, depth + 1)
-            finally:
-                os.close(sub_fd)
-
-
-def open_beneath(root_fd: int, path: str) -> int:
-    """Open the regular file ``path`` under the directory ``root_fd`` for reading.
-
-    Every component is opened with O_NOFOLLOW relative to its parent, so no
-    symlink anywhere on the way is followed. Raises UnsafeBundleEntry for an
-    unsafe path, a link, or anything that is not a regular file; FileNotFoundError
-    if it does not exist.
-    """
-    reason = unsafe_path_reason(path)
-    if reason:
-        raise UnsafeBundleEntry(f"unsafe path {path!r}", path=path, reason=reason)
-    parts = path.split("/")
-    fd = os.dup(root_fd)
-    try:
-        for part in parts[:-1]:
-            try:
-                next_fd = os.open(
-                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafeBundleEntry(
-                        f"{path!r}: {part!r} is a symlink or not a directory",
-                        path=path,
-                        reason="symlink or non-directory on the path",
-                    ) from exc
-                raise
-            os.close(fd)
-            fd = next_fd
-        try:
-            # O_NONBLOCK: opening a FIFO must not hang; it is rejected just below
-            file_fd = os.open(
-                parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd
-            )
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeBundleEntry(
-                    f"{path!r} is a symlink", path=path, reason="symlink"
-                ) from exc
-            raise
-    finally:
-        os.close(fd)
-    mode = os.fstat(file_fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(file_fd)
-        kind = _kind_of(mode)
-        raise UnsafeBundleEntry(
-            f"{path!r} is not a regular file ({kind})",
-            path=path,
-            reason=f"not a regular file: {kind}",
-        )
-    os.set_blocking(file_fd, True)
-    return file_fd
-
-
-def _hash_fd(fd: int, copy_to: int | None = None) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    buffer = bytearray(READ_CHUNK)
-    view = memoryview(buffer)
-    size = 0
-    with io.FileIO(fd, "rb", closefd=False) as reader:
-        while n := reader.readinto(buffer):
-            chunk = view[:n]
-            digest.update(chunk)
-            if copy_to is not None:
-                written = 0
-                while written < n:
-                    written += os.write(copy_to, chunk[written:])
-            size += n
-    return digest.hexdigest(), size
 
 
 def default_workers() -> int:
@@ -429,7 +266,7 @@ def hash_files(
     :data:`READ_CHUNK` pieces, several files at once. ``errors`` maps each path
     that could not be hashed to the reason (missing, symlink, not a regular file).
     """
-    root_fd = _open_root(root)
+    root_fd = open_root(root)
     try:
 
         def one(path: str) -> FileDigest | str:
@@ -442,7 +279,7 @@ def hash_files(
             except OSError as exc:
                 return f"cannot open: {exc.strerror}"
             try:
-                sha, size = _hash_fd(fd)
+                sha, size = hash_fd(fd)
             except OSError as exc:
                 return f"cannot read: {exc.strerror}"
             finally:
@@ -539,7 +376,7 @@ def _copy_and_hash(src_root_fd: int, dest: Path, path: str) -> FileDigest:
         target.parent.mkdir(parents=True, exist_ok=True)
         out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            sha, size = _hash_fd(src_fd, copy_to=out_fd)
+            sha, size = hash_fd(src_fd, copy_to=out_fd)
         finally:
             os.close(out_fd)
     finally:
@@ -609,7 +446,7 @@ def build_bundle(
                 )
             found = [digests[p] for p in paths]
         else:
-            src_fd = _open_root(content_dir)
+            src_fd = open_root(content_dir)
             try:
                 found = _map(lambda p: _copy_and_hash(src_fd, dest, p), paths, workers)
             finally:
@@ -674,7 +511,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-# --- tar form -------------------------------------------------------------------
+# --- tar form (the one strict implementation lives in runner._internal.tar) -----------
+
+# A bundle holds its payload (at most MAX_FILES results plus logs) and three metadata
+# files; a tar with more members than this is not one the runner wrote.
+MAX_TAR_MEMBERS = 100_000
+BUNDLE_TAR_RULES = MemberRules(max_members=MAX_TAR_MEMBERS)
 
 
 def write_bundle_tar(bundle_dir: Path, tar_path: Path) -> Path:
@@ -685,102 +527,17 @@ def write_bundle_tar(bundle_dir: Path, tar_path: Path) -> Path:
     bundle always gives the same bytes. Links and special files raise
     UnsafeBundleEntry; the partial tar is removed on failure.
     """
-    entries = scan_tree(bundle_dir)
-    for entry in entries:
-        if entry.kind in ("symlink", "special"):
-            raise UnsafeBundleEntry(
-                f"refusing to tar {entry.path!r}: {entry.kind}",
-                path=str(bundle_dir / entry.path),
-                reason=entry.kind,
-            )
-        reason = unsafe_path_reason(entry.path)
-        if reason:
-            raise UnsafeBundleEntry(
-                f"refusing to tar {entry.path!r}: {reason}",
-                path=str(bundle_dir / entry.path),
-                reason=reason,
-            )
-    files = [e.path for e in entries if e.kind == "file"]
-    root_fd = _open_root(bundle_dir)
-    try:
-        out_fd = os.open(tar_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except FileExistsError as exc:
-        os.close(root_fd)
-        raise InputError("tar file already exists", file=str(tar_path)) from exc
-    try:
-        with (
-            io.FileIO(out_fd, "wb", closefd=True) as raw,
-            io.BufferedWriter(raw, buffer_size=READ_CHUNK) as out,
-            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            for path in files:
-                fd = open_beneath(root_fd, path)
-                with io.FileIO(fd, "rb", closefd=True) as src:
-                    info = tarfile.TarInfo(path)
-                    info.size = os.fstat(fd).st_size
-                    info.mtime = 0
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BufferedReader(src, buffer_size=READ_CHUNK))
-    except BaseException:
-        tar_path.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(root_fd)
-    return tar_path
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """A tar member the runner will read: a regular file at a safe path."""
-
-    path: str
-    member: tarfile.TarInfo
+    return write_tree_tar(bundle_dir, tar_path)
 
 
 def scan_tar(tar: tarfile.TarFile) -> tuple[list[TarMember], list[str]]:
-    """Sort a tar's members into readable regular files and problems (one per bad member).
+    """Sort a bundle tar's members into readable regular files and problems (one per bad member).
 
     Accepts regular files and directories at safe paths (a leading ``./`` is
     allowed); refuses symlinks, hard links, devices, FIFOs, unsafe paths and
-    duplicate names, each named in a problem.
+    duplicate names, each named in a problem (see :func:`runner._internal.tar.scan_members`).
     """
-    members: list[TarMember] = []
-    problems: list[str] = []
-    seen: set[str] = set()
-    for member in tar:
-        name = member.name
-        while name.startswith("./"):
-            name = name[2:]
-        name = name.rstrip("/") if member.isdir() else name
-        if name in ("", ".") and member.isdir():
-            continue
-        reason = unsafe_path_reason(name)
-        if reason:
-            problems.append(f"tar member {member.name!r}: {reason}")
-            continue
-        if member.issym():
-            problems.append(
-                f"tar member {name!r} is a symlink (-> {member.linkname!r}); links are refused"
-            )
-            continue
-        if member.islnk():
-            problems.append(
-                f"tar member {name!r} is a hard link (-> {member.linkname!r}); links are refused"
-            )
-            continue
-        if member.isdir():
-            continue
-        if not member.isreg():
-            problems.append(f"tar member {name!r} is a device, FIFO or other special file")
-            continue
-        if name in seen:
-            problems.append(f"tar member {name!r} appears more than once")
-            continue
-        seen.add(name)
-        members.append(TarMember(name, member))
-    return members, problems
+    return scan_members(tar, BUNDLE_TAR_RULES)
 
 
 def open_bundle_tar(tar_path: Path) -> tarfile.TarFile:
@@ -788,12 +545,7 @@ def open_bundle_tar(tar_path: Path) -> tarfile.TarFile:
 
     Raises InputError naming the file if it is missing or not a tar.
     """
-    if not tar_path.is_file():
-        raise InputError("bundle tar not found", file=str(tar_path))
-    try:
-        return tarfile.open(tar_path, mode="r:")  # the caller closes it
-    except tarfile.TarError as exc:
-        raise InputError(f"not an uncompressed tar file: {exc}", file=str(tar_path)) from exc
+    return open_tar(tar_path, what="bundle tar")
 
 
 def extract_bundle_tar(tar_path: Path, dest: Path) -> Path:
@@ -812,50 +564,32 @@ def extract_bundle_tar(tar_path: Path, dest: Path) -> Path:
                 path=str(tar_path),
                 reason=problems[0],
             )
-        paths = {m.path for m in members}
-        for m in members:
-            parts = m.path.split("/")
-            for i in range(1, len(parts)):
-                if "/".join(parts[:i]) in paths:
-                    raise UnsafeBundleEntry(
-                        f"tar member {m.path!r} lies under the file {'/'.join(parts[:i])!r}",
-                        path=str(tar_path),
-                        reason="file used as directory",
-                    )
+        clash = file_under_file(members)
+        if clash:
+            raise UnsafeBundleEntry(
+                f"tar member {clash[0]!r} lies under the file {clash[1]!r}",
+                path=str(tar_path),
+                reason="file used as directory",
+            )
         dest.mkdir(parents=True, exist_ok=False)
         try:
-            for m in members:
-                target = dest / m.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(m.member)
-                assert source is not None  # regular file
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                with io.FileIO(fd, "wb", closefd=True) as out, source:
-                    while chunk := source.read(READ_CHUNK):
-                        out.write(chunk)
+            extract_members(tar, members, dest)
         except BaseException:
             remove_tree(dest)
             raise
     return dest
 
 
-def iter_tar_chunks(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
-    """Yield the content of a regular-file member in :data:`READ_CHUNK` pieces."""
-    source = tar.extractfile(member)
-    if source is None:
-        return
-    with source:
-        while chunk := source.read(READ_CHUNK):
-            yield chunk
-
-
 __all__ = [
     "ENVELOPE_NAME",
     "MANIFEST_NAME",
     "MANIFEST_SCHEMA",
+    "MAX_DEPTH",
+    "METADATA_MAX_BYTES",
     "METADATA_NAMES",
     "PAYLOAD_TYPE",
     "PREDICATE_TYPE",
+    "READ_CHUNK",
     "STATEMENT_NAME",
     "STATEMENT_TYPE",
     "BundleInfo",
@@ -864,11 +598,15 @@ __all__ = [
     "ManifestFile",
     "Statement",
     "Subject",
+    "TarMember",
     "TreeEntry",
     "UnsafeBundleEntry",
     "build_bundle",
+    "default_workers",
     "extract_bundle_tar",
     "hash_files",
+    "iter_tar_chunks",
+    "load_json_strict",
     "open_beneath",
     "open_bundle_tar",
     "remove_tree",

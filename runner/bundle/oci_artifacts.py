@@ -21,27 +21,19 @@ import hashlib
 import json
 import re
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from runner._internal.retry import call_with_retries
-from runner.adapters.registry import ImageName, _scheme
+from runner.adapters import registry
+from runner.adapters.registry import ImageName
 from runner.bundle.build import extract_bundle_tar, remove_tree, write_bundle_tar
 from runner.bundle.index import read_predicate
 from runner.bundle.signing import Verifier
 from runner.bundle.store import Store, StoredBundle
 from runner.bundle.verify import verify_bundle
-from runner.errors import (
-    InfrastructureError,
-    InputError,
-    IntegrityError,
-    TransientInfrastructureError,
-    VerificationFailed,
-)
+from runner.errors import InputError, IntegrityError, VerificationFailed
 from runner.model.spec import parse_digest_ref
 
 ARTIFACT_TYPE = "application/vnd.evalrun.bundle.v1"
@@ -49,14 +41,6 @@ CONFIG_TYPE = "application/vnd.evalrun.bundle.config.v1+json"
 LAYER_TYPE = "application/vnd.evalrun.bundle.v1.tar"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-ACCEPT = ", ".join(
-    [
-        OCI_MANIFEST,
-        OCI_INDEX,
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    ]
-)
 _REF = re.compile(r"^(?P<repo>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 Progress = Callable[[str], None]
 
@@ -100,131 +84,6 @@ class PushedBundle:
     referrers_fallback: bool
 
 
-# --------------------------------------------------------------------------- HTTP
-
-
-class _Client:
-    """Just enough of the OCI distribution API: blobs, manifests, referrers."""
-
-    def __init__(self, name: ImageName) -> None:
-        self.name = name
-        self.base = f"{_scheme(name.registry)}://{name.registry}/v2/{name.repository}"
-
-    def _call(
-        self,
-        method: str,
-        url: str,
-        *,
-        body: bytes | IO[bytes] | None = None,
-        headers: Mapping[str, str] | None = None,
-        ok: tuple[int, ...] = (200,),
-        sink: IO[bytes] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        def once() -> tuple[int, dict[str, str], bytes]:
-            if hasattr(body, "seek"):
-                body.seek(0)  # type: ignore[union-attr]
-            req = urllib.request.Request(  # noqa: S310
-                url, data=body, method=method, headers=dict(headers or {})
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=60.0) as resp:  # noqa: S310
-                    hdrs = {k.lower(): v for k, v in resp.headers.items()}
-                    if sink is not None:
-                        while chunk := resp.read(1 << 20):
-                            sink.write(chunk)
-                        return resp.status, hdrs, b""
-                    return resp.status, hdrs, resp.read()
-            except urllib.error.HTTPError as exc:
-                if exc.code >= 500:
-                    raise TransientInfrastructureError(
-                        f"registry answered {exc.code}", url=url
-                    ) from None
-                hdrs = {k.lower(): v for k, v in exc.headers.items()}
-                return exc.code, hdrs, exc.read()
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                raise TransientInfrastructureError(
-                    f"registry unreachable: {getattr(exc, 'reason', exc)}",
-                    url=url,
-                    hint="start the local registry with `make host-up` (scripts/host-up.sh)",
-                ) from None
-
-        status, hdrs, data = call_with_retries(once, what=f"{method} {url}")
-        if status not in ok:
-            detail = data[:300].decode("utf-8", "replace").strip()
-            raise InfrastructureError(
-                f"registry answered {status} to {method}", url=url, detail=detail or None
-            )
-        return status, hdrs, data
-
-    def blob_exists(self, digest: str) -> bool:
-        status, _, _ = self._call("HEAD", f"{self.base}/blobs/{digest}", ok=(200, 404))
-        return status == 200
-
-    def put_blob(self, data: bytes | IO[bytes], digest: str, size: int) -> None:
-        if self.blob_exists(digest):
-            return
-        _, hdrs, _ = self._call("POST", f"{self.base}/blobs/uploads/", ok=(202,))
-        location = hdrs.get("location")
-        if not location:
-            raise InfrastructureError("registry gave no upload location", url=self.base)
-        if location.startswith("/"):
-            location = f"{_scheme(self.name.registry)}://{self.name.registry}{location}"
-        sep = "&" if "?" in location else "?"
-        self._call(
-            "PUT",
-            f"{location}{sep}digest={digest}",
-            body=data,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-            ok=(201,),
-        )
-
-    def get_blob(self, digest: str, sink: IO[bytes]) -> None:
-        self._call("GET", f"{self.base}/blobs/{digest}", sink=sink)
-
-    def manifest(self, reference: str) -> tuple[str, bytes] | None:
-        """(media type, raw bytes) of a manifest, or None when absent."""
-        status, hdrs, data = self._call(
-            "GET", f"{self.base}/manifests/{reference}", headers={"Accept": ACCEPT}, ok=(200, 404)
-        )
-        if status == 404:
-            return None
-        return hdrs.get("content-type", ""), data
-
-    def manifest_head(self, reference: str) -> Descriptor | None:
-        status, hdrs, _ = self._call(
-            "HEAD", f"{self.base}/manifests/{reference}", headers={"Accept": ACCEPT}, ok=(200, 404)
-        )
-        if status == 404:
-            return None
-        return Descriptor(
-            media_type=hdrs.get("content-type", OCI_MANIFEST),
-            digest=hdrs.get("docker-content-digest", reference),
-            size=int(hdrs.get("content-length", "0")),
-        )
-
-    def put_manifest(self, reference: str, body: bytes, media_type: str) -> str:
-        _, hdrs, _ = self._call(
-            "PUT",
-            f"{self.base}/manifests/{reference}",
-            body=body,
-            headers={"Content-Type": media_type},
-            ok=(201,),
-        )
-        return hdrs.get("docker-content-digest", "sha256:" + hashlib.sha256(body).hexdigest())
-
-    def referrers_api(self, subject: str) -> list[dict[str, Any]] | None:
-        """The referrers API answer, or None when the registry does not implement it."""
-        status, hdrs, data = self._call(
-            "GET",
-            f"{self.base}/referrers/{subject}",
-            headers={"Accept": OCI_INDEX},
-            ok=(200, 404, 400, 405),
-        )
-        if status != 200 or OCI_INDEX not in hdrs.get("content-type", ""):
-            return None
-        return list(json.loads(data).get("manifests") or [])
-
-
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -247,8 +106,7 @@ def push_bundle(
         raise InputError("the bundle names no image to attach to", bundle=str(bundle))
     repo, image_digest = parse_digest_ref(image_ref)
     name = ImageName.parse(repo)
-    client = _Client(name)
-    subject = client.manifest_head(image_digest)
+    subject = registry.manifest_ref(name, image_digest)
     if subject is None:
         raise IntegrityError(
             "the evaluated image is not in the registry; cannot attach the bundle to it",
@@ -302,25 +160,24 @@ def push_bundle(
     body = _canonical(manifest)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     reference = f"{name}@{digest}"
-    present = client.manifest_head(digest) is not None
+    present = registry.manifest_ref(name, digest) is not None
     if present:
         progress(f"{reference} is already in the registry")
     else:
-        client.put_blob(config_body, config.digest, config.size)
+        registry.put_blob_bytes(name, config.digest, config_body)
         progress(f"uploading the bundle ({layer.size} bytes)")
-        with tar_path.open("rb") as f:
-            client.put_blob(f, layer.digest, layer.size)
-        pushed = client.put_manifest(digest, body, OCI_MANIFEST)
+        registry.push_blob(name, layer.digest, layer.size, tar_path)
+        pushed = registry.put_manifest(name, digest, body, OCI_MANIFEST)
         if pushed != digest:
             raise IntegrityError(
                 "the registry stored the artifact under another digest",
                 expected=digest,
                 found=pushed,
             )
-    fallback = client.referrers_api(subject.digest) is None
+    fallback = registry.referrers(name, subject.digest) is None
     if fallback:
         _add_to_fallback_index(
-            client,
+            name,
             subject.digest,
             Descriptor(
                 OCI_MANIFEST,
@@ -339,9 +196,9 @@ def push_bundle(
     )
 
 
-def _add_to_fallback_index(client: _Client, subject: str, entry: Descriptor) -> None:
+def _add_to_fallback_index(name: ImageName, subject: str, entry: Descriptor) -> None:
     tag = _fallback_tag(subject)
-    found = client.manifest(tag)
+    found = registry.find_manifest(name, tag)
     manifests: list[dict[str, Any]] = []
     if found is not None:
         manifests = list(json.loads(found[1]).get("manifests") or [])
@@ -350,7 +207,7 @@ def _add_to_fallback_index(client: _Client, subject: str, entry: Descriptor) -> 
     manifests.append(entry.as_json())
     manifests.sort(key=lambda m: str(m.get("digest")))
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
-    client.put_manifest(tag, _canonical(index), OCI_INDEX)
+    registry.put_manifest(name, tag, _canonical(index), OCI_INDEX)
 
 
 # --------------------------------------------------------------------------- pull
@@ -359,10 +216,10 @@ def _add_to_fallback_index(client: _Client, subject: str, entry: Descriptor) -> 
 def bundle_referrers(image_ref: str) -> list[dict[str, Any]]:
     """Descriptors of the evalrun bundles attached to the image ``repo@sha256:…``."""
     repo, digest = parse_digest_ref(image_ref)
-    client = _Client(ImageName.parse(repo))
-    listed = client.referrers_api(digest)
+    name = ImageName.parse(repo)
+    listed = registry.referrers(name, digest)
     if listed is None:
-        found = client.manifest(_fallback_tag(digest))
+        found = registry.find_manifest(name, _fallback_tag(digest))
         listed = list(json.loads(found[1]).get("manifests") or []) if found else []
     return [m for m in listed if m.get("artifactType") == ARTIFACT_TYPE]
 
@@ -379,7 +236,7 @@ def _is_bundle_manifest(data: Mapping[str, Any]) -> bool:
     return data.get("artifactType") == ARTIFACT_TYPE or config.get("mediaType") == CONFIG_TYPE
 
 
-def _manifest_of(reference: str) -> tuple[_Client, ImageName, str, dict[str, Any]]:
+def _manifest_of(reference: str) -> tuple[ImageName, str, dict[str, Any]]:
     """The manifest named by ``reference`` (``repo@sha256:…``), checked against its digest."""
     match = _REF.match(reference.strip())
     if not match:
@@ -388,8 +245,7 @@ def _manifest_of(reference: str) -> tuple[_Client, ImageName, str, dict[str, Any
             hint="expected host:port/repository@sha256:<64 hex>",
         )
     name = ImageName.parse(match["repo"])
-    client = _Client(name)
-    found = client.manifest(match["digest"])
+    found = registry.find_manifest(name, match["digest"])
     if found is None:
         raise InputError("no such manifest in the registry", reference=reference)
     _, body = found
@@ -398,11 +254,11 @@ def _manifest_of(reference: str) -> tuple[_Client, ImageName, str, dict[str, Any
             "the registry returned a manifest with another digest", reference=reference
         )
     data: dict[str, Any] = json.loads(body)
-    return client, name, match["digest"], data
+    return name, match["digest"], data
 
 
 def _download_bundle(
-    client: _Client, reference: str, data: Mapping[str, Any], scratch: Path, dest: Path
+    name: ImageName, reference: str, data: Mapping[str, Any], scratch: Path, dest: Path
 ) -> None:
     layers = data.get("layers") or []
     if len(layers) != 1 or layers[0].get("mediaType") != LAYER_TYPE:
@@ -411,19 +267,7 @@ def _download_bundle(
         )
     layer_digest = str(layers[0]["digest"])
     tar_path = scratch / "bundle.tar"
-    with tar_path.open("wb") as sink:
-        client.get_blob(layer_digest, sink)
-    h = hashlib.sha256()
-    with tar_path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    if "sha256:" + h.hexdigest() != layer_digest:
-        raise IntegrityError(
-            "downloaded bundle does not match its digest",
-            reference=reference,
-            expected=layer_digest,
-            found="sha256:" + h.hexdigest(),
-        )
+    registry.get_blob(name, layer_digest, tar_path)  # checks the digest while downloading
     extract_bundle_tar(tar_path, dest)
     tar_path.unlink()
 
@@ -434,7 +278,7 @@ def fetch_bundle(reference: str, dest: Path) -> Path:
     Every blob is checked against its digest; the bundle itself is NOT verified —
     pass ``dest`` to :func:`runner.bundle.verify.verify_bundle` (what ``evalrun verify REF`` does).
     """
-    client, _, _, data = _manifest_of(reference)
+    name, _, data = _manifest_of(reference)
     if not _is_bundle_manifest(data):
         raise InputError(
             "not an evalrun bundle artifact (an image? `evalrun pull` lists its bundles)",
@@ -442,7 +286,7 @@ def fetch_bundle(reference: str, dest: Path) -> Path:
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fetch-", dir=dest.parent) as tmp:
-        _download_bundle(client, reference, data, Path(tmp), dest)
+        _download_bundle(name, reference, data, Path(tmp), dest)
     return dest
 
 
@@ -458,7 +302,7 @@ def pull_bundle(
     If ``reference`` is an evaluated image rather than a bundle, every bundle
     attached to it is pulled. Returns what was stored (already stored: no-op).
     """
-    client, name, digest, data = _manifest_of(reference)
+    name, digest, data = _manifest_of(reference)
     if not _is_bundle_manifest(data):
         attached = bundle_referrers(reference)
         if not attached:
@@ -489,7 +333,7 @@ def pull_bundle(
     staged = Path(tempfile.mkdtemp(prefix="stage-", dir=store.tmp_dir))
     try:
         bundle_dir = staged / "bundle"
-        _download_bundle(client, reference, data, staged, bundle_dir)
+        _download_bundle(name, reference, data, staged, bundle_dir)
         verified = verify_bundle(bundle_dir, verifier)
         annotated = (data.get("annotations") or {}).get("dev.evalrun.bundle-digest")
         if annotated and annotated != verified.bundle_digest:

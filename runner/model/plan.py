@@ -8,17 +8,17 @@ evaluation and never touches the signing key or the store.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from runner.model.spec import parse_digest_ref
+from runner.shared.protocol import INPUTS_MOUNT as INPUTS_MOUNT
+from runner.shared.protocol import PLAN_MOUNT as PLAN_MOUNT
+from runner.shared.protocol import RESULTS_MOUNT as RESULTS_MOUNT
+from runner.shared.protocol import AgentPlan, encode_agent_plan
 
-PLAN_MOUNT = "/evalrun/plan"
-INPUTS_MOUNT = "/evalrun/inputs"
-RESULTS_MOUNT = "/evalrun/results"
 SANDBOX_UID = 65532
 
 
@@ -68,8 +68,8 @@ class RunPlan(BaseModel):
     def image_digest(self) -> str:
         return parse_digest_ref(self.image_ref)[1]
 
-    def agent_plan(self, *, emit_results: bool = False) -> dict[str, Any]:
-        """The JSON the in-container agent reads (paths as seen inside).
+    def agent_plan(self, *, emit_results: bool = False) -> AgentPlan:
+        """The plan the in-container agent reads (``runner.shared.protocol``; paths as inside).
 
         ``emit_results`` asks the agent to also print its results as a framed tar on
         stdout (for backends that cannot read the results volume).
@@ -95,7 +95,7 @@ class RunPlan(BaseModel):
     def write_agent_plan(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "plan.json"
-        path.write_text(json.dumps(self.agent_plan(), indent=2, sort_keys=True) + "\n")
+        path.write_bytes(encode_agent_plan(self.agent_plan()))
         return path
 
 

@@ -70,7 +70,8 @@ def test_agent_package_imports_nothing_from_runner_outside_agent_and_metrics():
     mods = json.loads(out.replace("'", '"'))
     assert set(mods) <= {"runner", "runner.agent", "runner.agent.__main__",
                          "runner.agent.capture", "runner.agent.rootfs", "runner.shared",
-                         "runner.shared.metrics"}
+                         "runner.shared.metrics", "runner.shared.protocol",
+                         "runner.shared.tarformat"}
 
 
 def test_every_agent_module_goes_into_the_image():
@@ -78,4 +79,5 @@ def test_every_agent_module_goes_into_the_image():
 
     modules = {f"agent/{p.name}" for p in (ROOT / "runner" / "agent").glob("*.py")}
     assert modules <= set(AGENT_FILES)
-    assert {"shared/__init__.py", "shared/metrics.py"} <= set(AGENT_FILES)
+    assert {"shared/__init__.py", "shared/metrics.py", "shared/protocol.py",
+            "shared/tarformat.py"} <= set(AGENT_FILES)

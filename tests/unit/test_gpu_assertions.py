@@ -155,7 +155,7 @@ def nvml_h100(monkeypatch):
 def test_agent_run_with_a_wrong_driver_pin_exits_4_with_expected_vs_found(tmp_path, nvml_h100):
     results = tmp_path / "results"
     code = agent.run(_plan(tmp_path, {"driver": ">=560", "gpu_product": "H100"}), results)
-    assert code == agent.EXIT_ENVIRONMENT == 4
+    assert code == agent.AgentExit.ENVIRONMENT == 4
     summary = json.loads((results / "summary.json").read_text())
     assert summary["outcome"] == "environment_mismatch"
     assert summary["reason"] == "driver: expected >=560, found 550.54.15"

@@ -1,0 +1,275 @@
+"""The contract between the runner and the in-container agent; one definition of each part.
+
+Standard library only: the agent imports it inside the image. The host writes
+the plan with ``RunPlan.agent_plan()`` and reads the results frame with
+``runner.backends.collect.extract_results_frame``; the agent (``runner.agent``)
+reads the plan with :func:`parse_agent_plan` and writes the frame with
+:func:`encode_frame`. The parts:
+
+* where things are inside the container (:data:`PLAN_FILE`, :data:`INPUTS_MOUNT`,
+  :data:`RESULTS_MOUNT`);
+* the plan (:class:`AgentPlan`), parsed strictly: a bad field is named;
+* the agent's exit codes (:class:`AgentExit`);
+* the results frame: the results directory as one tar (see
+  :mod:`runner.shared.tarformat`), base64 between marker lines with its sha256
+  and size, for backends that cannot read the results volume (Kubernetes).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, TypedDict, cast
+
+# --------------------------------------------------------------------------- paths
+
+PLAN_MOUNT = "/evalrun/plan"
+PLAN_FILE = f"{PLAN_MOUNT}/plan.json"
+INPUTS_MOUNT = "/evalrun/inputs"
+RESULTS_MOUNT = "/evalrun/results"
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+class AgentExit(enum.IntEnum):
+    """How ``python -m runner.agent run`` ends; ``summary.json`` says why."""
+
+    OK = 0
+    AGENT_ERROR = 1  # an unexpected exception in the agent itself
+    BAD_PLAN = 2
+    INTEGRITY = 3  # rootfs or input digest mismatch
+    ENVIRONMENT = 4  # driver, CUDA, GPU or another expectation not met
+    EVAL_FAILED = 20
+    EVAL_OUTPUT = 21  # the per-sample output is unusable
+    EVAL_TIMEOUT = 22
+
+
+# Exits a retry of the same plan on the same image cannot change (a Job fails at once on them).
+FINAL_EXITS = (AgentExit.BAD_PLAN, AgentExit.INTEGRITY, AgentExit.ENVIRONMENT)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class AgentPlanInput(TypedDict):
+    """One input file as the agent sees it (``path`` inside the container)."""
+
+    role: Literal["model", "dataset"]
+    name: str
+    path: str
+    sha256: str
+
+
+class AgentPlan(TypedDict):
+    """``plan.json``: everything the agent needs, with paths as seen inside the container.
+
+    ``metrics``, ``perturbations`` and ``expect`` are the spec's own definitions,
+    interpreted by :mod:`runner.shared.metrics` and the agent's checks.
+    """
+
+    emit_results: bool
+    run_id: str
+    image_ref: str
+    expected_rootfs_digest: str
+    seed: int
+    params: dict[str, Any]
+    command: list[str]
+    timeout_s: int
+    metrics: list[dict[str, Any]]
+    perturbations: list[dict[str, Any]]
+    expect: dict[str, Any]
+    inputs: list[AgentPlanInput]
+
+
+class PlanError(ValueError):
+    """The plan is not one this agent can run; ``field`` names the offending part."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"plan field {field!r}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _str(data: dict[str, Any], key: str, where: str = "") -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise PlanError(where + key, f"expected a non-empty string, found {_type_name(value)}")
+    return value
+
+
+def _int(data: dict[str, Any], key: str, *, minimum: int) -> int:
+    value = data.get(key)
+    # bool is an int in Python, never in a plan
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PlanError(key, f"expected an integer >= {minimum}, found {value!r}")
+    return value
+
+
+def _object(data: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
+    if optional and key not in data:
+        return {}
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise PlanError(key, f"expected an object, found {_type_name(value)}")
+    return value
+
+
+def _objects(data: dict[str, Any], key: str, *, optional: bool = False) -> list[dict[str, Any]]:
+    if optional and key not in data:
+        return []
+    value = data.get(key)
+    if not isinstance(value, list):
+        raise PlanError(key, f"expected a list, found {_type_name(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise PlanError(f"{key}[{index}]", f"expected an object, found {_type_name(item)}")
+    return value
+
+
+def _plan_input(index: int, item: dict[str, Any]) -> AgentPlanInput:
+    where = f"inputs[{index}]."
+    role = item.get("role")
+    if role not in ("model", "dataset"):
+        raise PlanError(where + "role", f"expected 'model' or 'dataset', found {role!r}")
+    sha256 = _str(item, "sha256", where)
+    if not _SHA256_HEX.fullmatch(sha256):
+        raise PlanError(where + "sha256", "expected 64 lowercase hex characters")
+    return {
+        "role": cast(Literal["model", "dataset"], role),
+        "name": _str(item, "name", where),
+        "path": _str(item, "path", where),
+        "sha256": sha256,
+    }
+
+
+def parse_agent_plan(data: object) -> AgentPlan:
+    """Check a decoded ``plan.json`` and return it as an :class:`AgentPlan`.
+
+    Strict on what the agent uses: a missing field or one of the wrong type
+    raises :class:`PlanError` naming it. ``emit_results``, ``params``,
+    ``perturbations`` and ``expect`` may be absent (false or empty). Unknown
+    fields are ignored, so a newer runner can still drive an agent baked into
+    an older image.
+    """
+    if not isinstance(data, dict):
+        raise PlanError("(root)", f"expected an object, found {_type_name(data)}")
+    emit = data.get("emit_results", False)
+    if not isinstance(emit, bool):
+        raise PlanError("emit_results", f"expected true or false, found {emit!r}")
+    command = data.get("command")
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(arg, str) for arg in command)
+    ):
+        raise PlanError("command", "expected a non-empty list of strings")
+    perturbations = _objects(data, "perturbations", optional=True)
+    for index, pert in enumerate(perturbations):
+        _str(pert, "name", f"perturbations[{index}].")
+        _str(pert, "kind", f"perturbations[{index}].")
+    return {
+        "emit_results": emit,
+        "run_id": _str(data, "run_id"),
+        "image_ref": _str(data, "image_ref"),
+        "expected_rootfs_digest": _str(data, "expected_rootfs_digest"),
+        "seed": _int(data, "seed", minimum=0),
+        "params": _object(data, "params", optional=True),
+        "command": list(command),
+        "timeout_s": _int(data, "timeout_s", minimum=1),
+        "metrics": _objects(data, "metrics"),
+        "perturbations": perturbations,
+        "expect": _object(data, "expect", optional=True),
+        "inputs": [_plan_input(i, item) for i, item in enumerate(_objects(data, "inputs"))],
+    }
+
+
+def read_agent_plan(path: Path) -> AgentPlan:
+    """Read and parse ``plan.json``; PlanError if it is not JSON or not a valid plan."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise PlanError("(root)", f"not JSON: {exc}") from exc
+    return parse_agent_plan(data)
+
+
+def encode_agent_plan(plan: AgentPlan) -> bytes:
+    """The exact bytes of ``plan.json`` (sorted keys, two-space indent, final newline)."""
+    return (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode()
+
+
+# --------------------------------------------------------------------------- results frame
+
+FRAME_BEGIN = "-----BEGIN EVALRUN RESULTS"
+FRAME_END = "-----END EVALRUN RESULTS-----"
+FRAME_BEGIN_RE = re.compile(r"^-----BEGIN EVALRUN RESULTS sha256=([0-9a-f]{64}) bytes=(\d+)-----$")
+FRAME_LINE_CHARS = 76
+# The frame travels on the pod log, which the kubelet rotates (10 MiB by default).
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+# What the runner collects from a results directory, on any backend.
+MAX_RESULT_FILES = 10_000
+MAX_RESULT_FILE_BYTES = 4 * 1024**3
+MAX_RESULT_BYTES = 16 * 1024**3
+
+
+def encode_frame(data: bytes) -> str:
+    """The results tar ``data`` as frame text: begin line with sha256 and size, base64, end line."""
+    digest = hashlib.sha256(data).hexdigest()
+    encoded = base64.b64encode(data).decode()
+    lines = [f"{FRAME_BEGIN} sha256={digest} bytes={len(data)}-----"]
+    lines += [encoded[i : i + FRAME_LINE_CHARS] for i in range(0, len(encoded), FRAME_LINE_CHARS)]
+    lines.append(FRAME_END)
+    return "\n" + "\n".join(lines) + "\n"
+
+
+class FrameError(ValueError):
+    """No single, complete, intact results frame in a log; the message says what is wrong."""
+
+
+def decode_frame(log_text: str) -> bytes:
+    """The tar bytes of the one results frame in ``log_text``, checked against its header.
+
+    Raises FrameError when there is no frame or more than one, when the declared
+    size exceeds :data:`MAX_FRAME_BYTES` (checked before decoding), when the end
+    marker is missing, or when the base64, size or sha256 do not hold.
+    """
+    lines = log_text.splitlines()
+    begins = [i for i, line in enumerate(lines) if FRAME_BEGIN_RE.match(line.strip())]
+    if not begins:
+        raise FrameError("no results frame in the pod log (the agent did not finish)")
+    if len(begins) > 1:
+        raise FrameError(f"{len(begins)} results frames in the pod log; expected one")
+    start = begins[0]
+    match = FRAME_BEGIN_RE.match(lines[start].strip())
+    assert match is not None
+    expected_sha, size = match[1], int(match[2])
+    if size > MAX_FRAME_BYTES:
+        raise FrameError(f"results frame is {size} bytes; the limit is {MAX_FRAME_BYTES}")
+    try:
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == FRAME_END)
+    except StopIteration:
+        raise FrameError("results frame is truncated (no end marker)") from None
+    try:
+        data = base64.b64decode("".join(x.strip() for x in lines[start + 1 : end]), validate=True)
+    except (binascii.Error, ValueError):
+        raise FrameError("results frame is not valid base64") from None
+    found = hashlib.sha256(data).hexdigest()
+    if len(data) != size or found != expected_sha:
+        raise FrameError(
+            f"results frame checksum mismatch: header says sha256={expected_sha} "
+            f"bytes={size}, found sha256={found} bytes={len(data)}"
+        )
+    return data
