@@ -547,11 +547,11 @@ class EnvironmentView:
     has no such field or a different shape.
     """
 
-    data: Mapping[str, JsonValue]
+    data: JsonObject
 
     def at(self, path: str) -> JsonValue:
         """The captured value at a dotted path (``"os.PRETTY_NAME"``)."""
-        return json_at(dict(self.data), path)
+        return json_at(self.data, path)
 
     def packages(self) -> list[dict[str, JsonValue]]:
         """The captured package entries (objects only)."""
