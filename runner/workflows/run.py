@@ -37,6 +37,7 @@ from runner.errors import (
     EnvironmentMismatch,
     EvalrunError,
     InfrastructureError,
+    InputError,
     IntegrityError,
     SpecError,
 )
@@ -46,6 +47,7 @@ from runner.model.predicate import (
     DatasetInput,
     ImageFacts,
     ImageReproducibility,
+    JsonObject,
     MetricDefinition,
     MetricResult,
     ModelInput,
@@ -427,6 +429,16 @@ def _load_predicate(bundle_dir: Path) -> RunPredicate:
 # --------------------------------------------------------------------------- the predicate
 
 
+def _plain_json(value: Mapping[str, Any]) -> JsonObject:
+    """``value`` as the bundle will hold it: what ``json.dumps`` makes of it (tuples as lists)."""
+    try:
+        data = json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bundle predicate is not plain JSON: {exc}") from exc
+    assert isinstance(data, dict)
+    return data
+
+
 def _metric_result(
     recomputed: MetricResult, spec: EvalSpec, verdicts: Mapping[str, ThresholdVerdict]
 ) -> MetricResult:
@@ -485,7 +497,7 @@ def build_run_predicate(
             runtime_requested=spec.sandbox.runtime,
             runtime_used=result.runtime if result else None,
             network=spec.sandbox.network,
-            details=result.details if result else {},
+            details=_plain_json(result.details) if result else {},
         ),
         model=ModelInput.model_validate(lock.model.model_dump(mode="json")),
         datasets=tuple(
@@ -503,7 +515,7 @@ def build_run_predicate(
             MetricDefinition.model_validate(d.model_dump(mode="json") | {"gating": d.gating})
             for d in spec.metrics
         ),
-        params=spec.params,
+        params=_plain_json(spec.params),
         seeds=Seeds(seed=spec.seed, determinism=report.summary.get("determinism")),
         environment=report.environment,
         preflight=report.preflight,

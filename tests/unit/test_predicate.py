@@ -177,3 +177,31 @@ def test_judging_trusts_no_outcome_or_reason_the_agent_invents() -> None:
     assert judged.reason == "agent exited 17 — stderr: Traceback | ValueError: boom"
     collected = judge(_plan(), _result(), ["results/x: a symlink"], report)
     assert collected is not None and collected.outcome is Outcome.INTEGRITY_FAILURE
+
+
+def test_backend_details_are_recorded_as_the_json_they_sign_as() -> None:
+    from inprocess_backend import SOURCE
+
+    from runner.workflows.judge import Judgement
+    from runner.workflows.run import build_run_predicate, load_locked
+
+    spec, lock = load_locked(SOURCE / "eval.yaml")
+    built = build_run_predicate(
+        spec,
+        lock,
+        run_id="r-1",
+        attempt=0,
+        result=_result(details={"security_opt": ("no-new-privileges",), "oom_killed": False}),
+        judgement=Judgement(Outcome.INFRASTRUCTURE_FAILURE, "daemon down"),
+        report=ContainerReport(),
+        started="2026-11-29T12:00:00.000+00:00",
+        backend="test",
+    )
+    signed = built.to_json()
+    assert signed["sandbox"]["details"] == {
+        "security_opt": ["no-new-privileges"],
+        "oom_killed": False,
+    }
+    assert signed["outcome"] == "infrastructure_failure" and signed["exit_code"] == 5
+    assert "kind" not in signed  # a run predicate is written without a kind, as always
+    assert parse_predicate(signed).to_json() == signed
