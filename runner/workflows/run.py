@@ -51,7 +51,6 @@ from runner.model.predicate import (
     MetricDefinition,
     MetricResult,
     ModelInput,
-    PreprocessingRecord,
     Provenance,
     RunPredicate,
     SandboxFacts,
@@ -478,7 +477,7 @@ def build_run_predicate(
 ) -> RunPredicate:
     """The signed predicate of a run: what ran, where, on what, and how it ended."""
     facts = judgement.facts
-    run_provenance = run_provenance or {}
+    launched = Provenance.model_validate(run_provenance or {})
     return RunPredicate(
         run_id=run_id,
         attempt=attempt,
@@ -505,12 +504,9 @@ def build_run_predicate(
         ),
         source=SourceFacts.model_validate(lock.source.model_dump(mode="json")),
         image_reproducibility=ImageReproducibility.model_validate(image_reproducibility(lock)),
-        provenance=Provenance.model_validate(run_provenance),
+        provenance=launched,
         comparison_group=spec.metadata.comparison_group,
-        preprocessing=tuple(
-            PreprocessingRecord.model_validate(step)
-            for step in run_provenance.get("preprocessing") or []
-        ),
+        preprocessing=launched.preprocessing,
         metric_definitions=tuple(
             MetricDefinition.model_validate(d.model_dump(mode="json") | {"gating": d.gating})
             for d in spec.metrics
