@@ -315,6 +315,8 @@ class UnresolvedInputLike(Protocol):
     @property
     def reason(self) -> str: ...
 
+    def as_dict(self) -> dict[str, str]: ...
+
 
 class InputsUnavailable(IntegrityError):
     """Inputs of the original run that no longer resolve to their pinned digests (exit 3)."""

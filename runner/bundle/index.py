@@ -15,19 +15,29 @@ verifies the bundle itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.bundle.build import STATEMENT_NAME, Statement, extract_bundle_tar, load_json_strict
+from runner.bundle.build import STATEMENT_NAME, extract_bundle_tar
+from runner.bundle.reader import read_predicate
 from runner.bundle.store import BundleNotFound, Store, parse_digest
 from runner.errors import InputError, IntegrityError
+from runner.model.predicate import (
+    AuditPredicate,
+    ConfidenceInterval,
+    MetricResult,
+    Predicate,
+    RunPredicate,
+    SpecRef,
+)
 
 INDEX_NAME = "history.sqlite"
 SCHEMA_VERSION = "3"
@@ -172,94 +182,65 @@ def _digest_pattern(value: str) -> str:
     return f"%{text}%"
 
 
-def _opt_str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _opt_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _opt_float(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def _normalized(moment: str | None) -> str | None:
+    """A recorded time in the index's comparable form (as recorded if it does not parse)."""
+    if not moment:
         return None
-    return float(value)
-
-
-def read_predicate(bundle: Path) -> dict[str, Any]:
-    """The predicate of the bundle directory ``bundle`` (not verified)."""
-    try:
-        statement = Statement.model_validate(
-            load_json_strict((bundle / STATEMENT_NAME).read_bytes())
-        )
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"unreadable bundle: {exc}", path=str(bundle)) from exc
-    return dict(statement.predicate)
-
-
-def record_from_predicate(digest: str, path: Path, predicate: Mapping[str, Any]) -> RunRecord:
-    """Flatten a predicate into the fields the index stores."""
-    spec = predicate.get("spec") if isinstance(predicate.get("spec"), Mapping) else {}
-    image = predicate.get("image") if isinstance(predicate.get("image"), Mapping) else {}
-    model = predicate.get("model") if isinstance(predicate.get("model"), Mapping) else {}
-    seeds = predicate.get("seeds") if isinstance(predicate.get("seeds"), Mapping) else {}
-    times = predicate.get("timestamps")
-    times = times if isinstance(times, Mapping) else {}
-    origin = predicate.get("reproduction_of")
-    origin = origin if isinstance(origin, Mapping) else {}
-    repro = predicate.get("reproduction")
-    repro = repro if isinstance(repro, Mapping) else {}
-    assert isinstance(spec, Mapping) and isinstance(image, Mapping)
-    assert isinstance(model, Mapping) and isinstance(seeds, Mapping)
-    started = _opt_str(times.get("started"))
-    finished = _opt_str(times.get("finished"))
     with contextlib.suppress(InputError):
-        started = normalize_time(started) if started else None
-    with contextlib.suppress(InputError):
-        finished = normalize_time(finished) if finished else None
-    datasets = tuple(
-        (str(d.get("name")), str(d.get("sha256")), str(d.get("split")))
-        for d in predicate.get("datasets") or []
-        if isinstance(d, Mapping)
-    )
-    metrics = []
-    for m in predicate.get("metrics") or []:
-        if not isinstance(m, Mapping):
-            continue
-        ci = m.get("ci") if isinstance(m.get("ci"), Mapping) else {}
-        assert isinstance(ci, Mapping)
-        passed = m.get("passed")
-        metrics.append(
-            MetricRecord(
-                name=str(m.get("name")),
-                value=_opt_float(m.get("value")),
-                low=_opt_float(ci.get("low")),
-                high=_opt_float(ci.get("high")),
-                passed=passed if isinstance(passed, bool) else None,
-            )
-        )
-    return RunRecord(
-        run_id=str(predicate.get("run_id")),
+        return normalize_time(moment)
+    return moment
+
+
+def record_from_predicate(digest: str, path: Path, predicate: Predicate) -> RunRecord:
+    """Flatten a predicate into the fields the index stores (a run set or audit has fewer)."""
+    spec = predicate.spec if not isinstance(predicate, AuditPredicate) else SpecRef()
+    record = RunRecord(
+        run_id=predicate.run_id,
         bundle_digest=digest,
         path=path,
-        kind=_opt_str(predicate.get("kind")) or "run",
-        spec_name=_opt_str(spec.get("name")),
-        spec_digest=_opt_str(spec.get("digest")),
-        lock_digest=_opt_str(predicate.get("lock_digest")),
-        attempt=_opt_int(predicate.get("attempt")),
-        image_ref=_opt_str(image.get("ref")),
-        image_digest=_opt_str(image.get("digest")),
-        model_sha256=_opt_str(model.get("sha256")),
-        outcome=_opt_str(predicate.get("outcome")),
-        exit_code=_opt_int(predicate.get("exit_code")),
-        started=started,
-        finished=finished,
-        seed=_opt_int(seeds.get("seed")),
-        backend=_opt_str(predicate.get("backend")),
-        reproduction_of=_opt_str(origin.get("run_id")),
-        reproduction_verdict=_opt_str(repro.get("verdict")),
-        datasets=datasets,
-        metrics=tuple(metrics),
+        kind=predicate.kind,
+        spec_name=spec.name,
+        spec_digest=spec.digest,
+        lock_digest=None if isinstance(predicate, AuditPredicate) else predicate.lock_digest,
+        attempt=None,
+        image_ref=None,
+        image_digest=None,
+        model_sha256=None,
+        outcome=None if predicate.outcome is None else str(predicate.outcome),
+        exit_code=predicate.exit_code,
+        started=_normalized(predicate.timestamps.started),
+        finished=_normalized(predicate.timestamps.finished),
+        seed=None,
+        backend=None,
+        reproduction_of=None,
+        reproduction_verdict=None,
+    )
+    if not isinstance(predicate, RunPredicate):
+        return record
+    origin, repro = predicate.reproduction_of, predicate.reproduction
+    return dataclasses.replace(
+        record,
+        attempt=predicate.attempt,
+        image_ref=predicate.image.ref,
+        image_digest=predicate.image.digest,
+        model_sha256=predicate.model.sha256,
+        seed=predicate.seeds.seed,
+        backend=predicate.backend,
+        reproduction_of=origin.run_id if origin is not None else None,
+        reproduction_verdict=repro.verdict if repro is not None else None,
+        datasets=tuple((str(d.name), str(d.sha256), str(d.split)) for d in predicate.datasets),
+        metrics=tuple(_metric_record(m) for m in predicate.metrics),
+    )
+
+
+def _metric_record(m: MetricResult) -> MetricRecord:
+    ci = m.ci or ConfidenceInterval()
+    return MetricRecord(
+        name=m.name,
+        value=None if m.value is None else float(m.value),
+        low=None if ci.low is None else float(ci.low),
+        high=None if ci.high is None else float(ci.high),
+        passed=m.passed,
     )
 
 
@@ -627,6 +608,5 @@ __all__ = [
     "format_table",
     "locate_bundle",
     "normalize_time",
-    "read_predicate",
     "record_from_predicate",
 ]

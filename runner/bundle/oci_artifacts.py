@@ -29,11 +29,12 @@ from typing import Any
 from runner.adapters import registry
 from runner.adapters.registry import ImageName
 from runner.bundle.build import extract_bundle_tar, remove_tree, write_bundle_tar
-from runner.bundle.index import read_predicate
+from runner.bundle.reader import read_predicate
 from runner.bundle.signing import Verifier
 from runner.bundle.store import Store, StoredBundle
 from runner.bundle.verify import verify_bundle
 from runner.errors import InputError, IntegrityError, VerificationFailed
+from runner.model.predicate import AuditPredicate, RunPredicate
 from runner.model.spec import parse_digest_ref
 
 ARTIFACT_TYPE = "application/vnd.evalrun.bundle.v1"
@@ -100,9 +101,8 @@ def push_bundle(
 ) -> PushedBundle:
     """Push a (verified) bundle directory as an OCI artifact referring to its image."""
     predicate = read_predicate(bundle)
-    image = predicate.get("image") or {}
-    image_ref = image.get("ref")
-    if not isinstance(image_ref, str):
+    image_ref = predicate.image.ref if isinstance(predicate, RunPredicate) else None
+    if image_ref is None:
         raise InputError("the bundle names no image to attach to", bundle=str(bundle))
     repo, image_digest = parse_digest_ref(image_ref)
     name = ImageName.parse(repo)
@@ -122,31 +122,33 @@ def push_bundle(
         LAYER_TYPE,
         "sha256:" + h.hexdigest(),
         tar_path.stat().st_size,
-        annotations=(("org.opencontainers.image.title", f"{predicate['run_id']}.bundle.tar"),),
+        annotations=(("org.opencontainers.image.title", f"{predicate.run_id}.bundle.tar"),),
     )
     statement_digest = (
         "sha256:" + hashlib.sha256((bundle / "statement.json").read_bytes()).hexdigest()
     )
+    spec_name = predicate.spec.name if not isinstance(predicate, AuditPredicate) else None
+    outcome = None if predicate.outcome is None else str(predicate.outcome)
     config_body = _canonical(
         {
-            "run_id": predicate.get("run_id"),
+            "run_id": predicate.run_id,
             "bundle_digest": statement_digest,
-            "spec": (predicate.get("spec") or {}).get("name"),
-            "outcome": predicate.get("outcome"),
-            "kind": predicate.get("kind", "run"),
+            "spec": spec_name,
+            "outcome": outcome,
+            "kind": predicate.kind,
         }
     )
     config = Descriptor(
         CONFIG_TYPE, "sha256:" + hashlib.sha256(config_body).hexdigest(), len(config_body)
     )
     annotations = {
-        "dev.evalrun.run-id": str(predicate.get("run_id")),
+        "dev.evalrun.run-id": predicate.run_id,
         "dev.evalrun.bundle-digest": statement_digest,
-        "dev.evalrun.outcome": str(predicate.get("outcome")),
-        "dev.evalrun.spec": str((predicate.get("spec") or {}).get("name")),
+        "dev.evalrun.outcome": str(outcome),
+        "dev.evalrun.spec": str(spec_name),
     }
-    started = (predicate.get("timestamps") or {}).get("started")
-    if isinstance(started, str):
+    started = predicate.timestamps.started
+    if started is not None:
         annotations["org.opencontainers.image.created"] = started
     manifest = {
         "schemaVersion": 2,

@@ -14,11 +14,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner._internal.settings import Settings
 from runner.cli.common import add_backend_args, backend_for, signer_for
 from runner.errors import InputError, VerificationFailed
+
+if TYPE_CHECKING:
+    from runner.model.predicate import Predicate
 
 Term = Callable[[str], None]
 
@@ -74,10 +77,9 @@ def _bundle_for(
 
 
 def _started(bundle: Path) -> str:
-    from runner.bundle.index import read_predicate
+    from runner.bundle.reader import read_predicate
 
-    started = (read_predicate(bundle).get("timestamps") or {}).get("started")
-    return started if isinstance(started, str) else ""
+    return read_predicate(bundle).timestamps.started or ""
 
 
 def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
@@ -138,8 +140,10 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
 
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.index import History, RunFilter, read_predicate
+    from runner.bundle.index import History, RunFilter
+    from runner.bundle.reader import read_predicate
     from runner.bundle.store import Store
+    from runner.model.predicate import RunPredicate
     from runner.render.markdown import metric_table
 
     with _bundle_for(args.run, settings, args, term) as (bundle, digest):
@@ -149,18 +153,18 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> i
                     "bundle": str(bundle),
                     "bundle_digest": digest,
                     "verification": _verification_text(bundle, args, settings),
-                    "predicate": read_predicate(bundle),
+                    "predicate": read_predicate(bundle).to_json(),
                 }
             )
             return 0
         verification = _verification_text(bundle, args, settings)
-        print(_render(bundle, digest, "md", verification), end="")
         predicate = read_predicate(bundle)
-        if predicate.get("kind", "run") == "run":
+        print(_render(bundle, digest, "md", verification, predicate), end="")
+        if isinstance(predicate, RunPredicate):
             print()
-            print(metric_table(predicate))
+            print(metric_table(predicate.metrics))
             reruns = History(Store(settings.home)).query(
-                RunFilter(reproduction_of=str(predicate.get("run_id")))
+                RunFilter(reproduction_of=predicate.run_id)
             )
             if reruns:
                 print()
@@ -241,7 +245,7 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
                 "bundle_digest": result.outcome.bundle.digest,
                 "verdict": repro.verdict,
                 "reason": repro.reason,
-                "metrics": repro.as_predicate(args.tolerance)["metrics"],
+                "metrics": [m.to_json() for m in repro.record(args.tolerance).metrics],
                 "exit_code": result.exit_code,
             }
         )
@@ -249,7 +253,7 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     print(f"original {original.run_id} ({original.digest})")
     print(f"re-run   {result.outcome.run_id} — outcome {result.outcome.outcome}")
     print()
-    print(metric_table(result.outcome.predicate))
+    print(metric_table(result.outcome.predicate.metrics))
     print()
     for d in repro.deltas:
         delta = "—" if d.delta is None else f"{d.delta:+.6f}"
@@ -264,14 +268,19 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
 
 
 def cmd_diff(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.index import read_predicate
+    from runner.bundle.reader import expect_kind, read_predicate
+    from runner.model.predicate import RunPredicate
     from runner.workflows.diff import diff_runs, format_diff
 
     with (
         _bundle_for(args.a, settings, args, term) as (a, _),
         _bundle_for(args.b, settings, args, term) as (b, _),
     ):
-        result = diff_runs(read_predicate(a), read_predicate(b), tolerance=args.tolerance)
+        result = diff_runs(
+            expect_kind(read_predicate(a), RunPredicate, a),
+            expect_kind(read_predicate(b), RunPredicate, b),
+            tolerance=args.tolerance,
+        )
     if args.json:
         _emit_json(result.as_dict())
     else:
@@ -328,8 +337,16 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
 # --------------------------------------------------------------------------- report
 
 
-def _render(bundle: Path, digest: str | None, fmt: str, verification: str) -> str:
-    from runner.bundle.index import read_predicate
+def _render(
+    bundle: Path,
+    digest: str | None,
+    fmt: str,
+    verification: str,
+    predicate: Predicate | None = None,
+) -> str:
+    """The bundle's report in ``fmt``, laid out for its kind (``predicate``: already read)."""
+    from runner.bundle.reader import read_predicate
+    from runner.model.predicate import AuditPredicate, RunSetPredicate
     from runner.render.html import (
         load_report_data,
         render_audit_html,
@@ -338,19 +355,20 @@ def _render(bundle: Path, digest: str | None, fmt: str, verification: str) -> st
     )
     from runner.workflows.audit import render_audit_markdown
 
-    predicate = read_predicate(bundle)
-    if predicate.get("kind") == "audit":
+    if predicate is None:
+        predicate = read_predicate(bundle)
+    if isinstance(predicate, AuditPredicate):
         if fmt == "html":
             return render_audit_html(predicate, verification)
         return render_audit_markdown(predicate) + f"\nverification: {verification}\n"
-    if predicate.get("kind") == "run_set":
+    if isinstance(predicate, RunSetPredicate):
         from runner.render.html import render_run_set_html
         from runner.workflows.runset import render_run_set
 
         if fmt == "html":
             return render_run_set_html(predicate, verification)
         return render_run_set(predicate) + f"\nverification: {verification}\n"
-    data = load_report_data(bundle, verification, digest)
+    data = load_report_data(bundle, verification, digest, predicate=predicate)
     return render_html(data) if fmt == "html" else render_markdown_full(data)
 
 

@@ -218,8 +218,8 @@ def _run_set(
                 "exit_code": result.exit_code,
                 "bundle": str(result.bundle.path),
                 "reused": result.reused,
-                "members": result.predicate["members"],
-                "across_seeds": result.predicate["across_seeds"],
+                "members": [m.to_json() for m in result.predicate.members],
+                "across_seeds": [s.to_json() for s in result.predicate.across_seeds],
             }
         )
     else:
@@ -227,18 +227,19 @@ def _run_set(
         print(f"outcome  {result.outcome}")
         print()
         print(f"{'metric':12} {'n':>3} {'mean':>8} {'sd':>8}  CI across seeds (Student t)")
-        for s in result.predicate["across_seeds"]:
-            ci = s.get("ci") or {}
-            if s.get("mean") is None:
-                print(f"{s['name']:12} {s['n']:>3}  —  ({s.get('note')})")
+        for s in result.predicate.across_seeds:
+            ci = s.ci
+            if s.mean is None or s.sd is None or ci is None or ci.low is None or ci.high is None:
+                print(f"{s.name!s:12} {s.n!s:>3}  —  ({s.note})")
                 continue
             print(
-                f"{s['name']:12} {s['n']:>3} {s['mean']:8.4f} {s['sd']:8.4f}  "
-                f"[{ci['low']:.4f}, {ci['high']:.4f}] ({int(ci['level'] * 100)}%)"
+                f"{s.name!s:12} {s.n!s:>3} {s.mean:8.4f} {s.sd:8.4f}  "
+                f"[{ci.low:.4f}, {ci.high:.4f}] ({int((ci.level or 0) * 100)}%)"
             )
         print()
-        for m in result.predicate["members"]:
-            print(f"  seed {m['seed']:>10}  {m.get('run_id', '—')}  {m['outcome']}")
+        for m in result.predicate.members:
+            run = m.run_id if "run_id" in m.model_fields_set else "—"
+            print(f"  seed {m.seed!s:>10}  {run}  {m.outcome}")
         print(f"bundle   {result.bundle.path}")
     return result.exit_code
 
@@ -275,14 +276,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
                 "bundle_digest": outcome.bundle.digest,
                 "reused": outcome.reused,
                 "verified": verified,
-                "metrics": outcome.predicate.get("metrics"),
+                "metrics": outcome.predicate.to_json().get("metrics"),
             }
         )
     else:
         print(f"run id   {outcome.run_id}{' (existing run)' if outcome.reused else ''}")
         print(f"outcome  {outcome.outcome}" + (f" — {outcome.reason}" if outcome.reason else ""))
         print()
-        print(metric_table(outcome.predicate))
+        print(metric_table(outcome.predicate.metrics))
         print()
         verdict = {
             0: "PASS: every metric meets its threshold",

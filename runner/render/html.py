@@ -12,12 +12,22 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from runner.bundle.index import read_predicate
+from pydantic import JsonValue
+
+from runner.bundle.reader import expect_kind, read_predicate
+from runner.model.predicate import (
+    AuditPredicate,
+    ConfidenceInterval,
+    JsonObject,
+    MetricResult,
+    RunPredicate,
+    RunSetPredicate,
+    json_at,
+)
 from runner.render.markdown import (
     ROLE_HEADER,
     metric_rows,
@@ -45,8 +55,9 @@ class SliceRow:
 class ReportData:
     """What a report shows about one bundle."""
 
-    predicate: Mapping[str, Any]
-    lock: Mapping[str, Any]
+    predicate: RunPredicate
+    # the bundle's eval.lock.json as found (a lock of any evalrun version; shown, not trusted)
+    lock: JsonObject
     slice_field: str | None
     slices: tuple[SliceRow, ...]
     verification: str
@@ -92,12 +103,19 @@ def per_slice(predictions: Path) -> tuple[str | None, tuple[SliceRow, ...]]:
     return key, rows[:MAX_SLICES]
 
 
-def load_report_data(bundle: Path, verification: str, digest: str | None = None) -> ReportData:
-    """Read what the report needs from a bundle directory."""
-    predicate = read_predicate(bundle)
+def load_report_data(
+    bundle: Path,
+    verification: str,
+    digest: str | None = None,
+    *,
+    predicate: RunPredicate | None = None,
+) -> ReportData:
+    """Read what the report needs from a bundle directory (``predicate``: already read)."""
+    if predicate is None:
+        predicate = expect_kind(read_predicate(bundle), RunPredicate, bundle)
     try:
         lock = json.loads((bundle / "eval.lock.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         lock = {}
     slice_field, slices = per_slice(bundle / "results" / "predictions.jsonl")
     return ReportData(
@@ -132,19 +150,15 @@ def _axis_range(values: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
-def metrics_svg(metrics: Sequence[Mapping[str, Any]]) -> str:
+def metrics_svg(metrics: Sequence[MetricResult]) -> str:
     """Each metric as a point with its confidence interval and threshold mark."""
-    rows = [m for m in metrics if isinstance(m.get("value"), int | float)]
+    rows = [m for m in metrics if m.value is not None]
     if not rows:
         return ""
     values: list[float] = []
     for m in rows:
-        ci = m.get("ci") or {}
-        values += [
-            float(v)
-            for v in (m.get("value"), ci.get("low"), ci.get("high"), m.get("threshold"))
-            if isinstance(v, int | float)
-        ]
+        ci_low, ci_high = (m.ci.low, m.ci.high) if m.ci is not None else (None, None)
+        values += [float(v) for v in (m.value, ci_low, ci_high, m.threshold) if v is not None]
     lo, hi = _axis_range(values)
     left, width, row_h = 140.0, 420.0, 34.0
     height = 40.0 + row_h * len(rows)
@@ -167,30 +181,27 @@ def metrics_svg(metrics: Sequence[Mapping[str, Any]]) -> str:
         )
     for i, m in enumerate(rows):
         y = 20.0 + row_h * i
-        ci = m.get("ci") or {}
-        name = html.escape(str(m.get("name")))
+        assert m.value is not None  # rows keep only metrics with a value
         parts.append(
             f'<text x="{_num(left - 8)}" y="{_num(y + 4)}" font-size="12" '
-            f'text-anchor="end">{name}</text>'
+            f'text-anchor="end">{html.escape(m.name)}</text>'
         )
-        if isinstance(ci.get("low"), int | float) and isinstance(ci.get("high"), int | float):
+        if m.ci is not None and m.ci.low is not None and m.ci.high is not None:
             parts.append(
-                f'<line x1="{_num(x(float(ci["low"])))}" y1="{_num(y)}" '
-                f'x2="{_num(x(float(ci["high"])))}" y2="{_num(y)}" stroke="#1f6fb2" '
+                f'<line x1="{_num(x(float(m.ci.low)))}" y1="{_num(y)}" '
+                f'x2="{_num(x(float(m.ci.high)))}" y2="{_num(y)}" stroke="#1f6fb2" '
                 'stroke-width="3"/>'
             )
-        threshold = m.get("threshold")
-        if isinstance(threshold, int | float):
+        if m.threshold is not None:
             parts.append(
-                f'<line x1="{_num(x(float(threshold)))}" y1="{_num(y - 10)}" '
-                f'x2="{_num(x(float(threshold)))}" y2="{_num(y + 10)}" stroke="#c0392b" '
+                f'<line x1="{_num(x(float(m.threshold)))}" y1="{_num(y - 10)}" '
+                f'x2="{_num(x(float(m.threshold)))}" y2="{_num(y + 10)}" stroke="#c0392b" '
                 'stroke-width="2" stroke-dasharray="3,2"/>'
             )
-        passed = m.get("passed")
-        colour = "#1e8449" if passed is True else "#c0392b" if passed is False else "#333"
+        colour = "#1e8449" if m.passed is True else "#c0392b" if m.passed is False else "#333"
 
         parts.append(
-            f'<circle cx="{_num(x(float(m["value"])))}" cy="{_num(y)}" r="5" fill="{colour}"/>'
+            f'<circle cx="{_num(x(float(m.value)))}" cy="{_num(y)}" r="5" fill="{colour}"/>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -229,97 +240,75 @@ def slices_svg(slices: Sequence[SliceRow]) -> str:
 def _sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]:
     """Key/value sections shared by the HTML and Markdown forms."""
     p = data.predicate
-    spec = p.get("spec") or {}
-    image = p.get("image") or {}
-    model = p.get("model") or {}
-    source = p.get("source") or {}
-    seeds = p.get("seeds") or {}
-    env = p.get("environment") or {}
-    sandbox = p.get("sandbox") or {}
-    times = p.get("timestamps") or {}
-    base = data.lock.get("base") or {}
-    gpu = env.get("gpu") or {}
-    cpu = env.get("cpu") or {}
-    gpus = ", ".join(str(g.get("name")) for g in gpu.get("gpus") or [] if isinstance(g, dict))
+    env = p.env
+    gpus = ", ".join(str(g.get("name")) for g in env.gpus())
+    wheels = data.lock.get("wheels")
     summary = [
-        ("run id", f"{p.get('run_id')} (attempt {p.get('attempt')})"),
-        ("outcome", str(p.get("outcome")) + (f" — {p['reason']}" if p.get("reason") else "")),
+        ("run id", f"{p.run_id} (attempt {p.attempt})"),
+        ("outcome", str(p.outcome) + (f" — {p.reason}" if p.reason else "")),
         ("verification", data.verification),
         ("bundle digest", data.bundle_digest or "—"),
-        ("backend", str(p.get("backend"))),
-        ("started", str(times.get("started"))),
-        ("finished", str(times.get("finished"))),
-        ("evalrun", str(p.get("evalrun_version"))),
+        ("backend", str(p.backend)),
+        ("started", str(p.timestamps.started)),
+        ("finished", str(p.timestamps.finished)),
+        ("evalrun", str(p.evalrun_version)),
     ]
-    model_rows = [
-        ("model", f"{model.get('path')} sha256:{model.get('sha256')} ({model.get('size')} bytes)")
-    ]
+    model_rows = [("model", f"{p.model.path} sha256:{p.model.sha256} ({p.model.size} bytes)")]
     data_rows = [
         (
-            f"dataset {d.get('name')}",
-            f"sha256:{d.get('sha256')} — split: {d.get('split')}; license: {d.get('license')}; "
-            f"source: {d.get('source')}",
+            f"dataset {d.name}",
+            f"sha256:{d.sha256} — split: {d.split}; license: {d.license}; source: {d.source}",
         )
-        for d in p.get("datasets") or []
-        if isinstance(d, dict)
+        for d in p.datasets
     ]
     config = [
-        ("params", json.dumps(p.get("params") or {}, sort_keys=True)),
-        ("seed", str(seeds.get("seed"))),
-        ("determinism", json.dumps(seeds.get("determinism") or {}, sort_keys=True)),
+        ("params", json.dumps(p.params, sort_keys=True)),
+        ("seed", str(p.seeds.seed)),
+        ("determinism", json.dumps(p.seeds.determinism or {}, sort_keys=True)),
     ]
     environment = [
-        ("image", str(image.get("ref"))),
-        ("rootfs", f"expected {image.get('rootfs_expected')}, found {image.get('rootfs_found')}"),
+        ("image", str(p.image.ref)),
+        ("rootfs", f"expected {p.image.rootfs_expected}, found {p.image.rootfs_found}"),
         (
             "sandbox",
-            f"{sandbox.get('runtime_used')} (requested {sandbox.get('runtime_requested')}), "
-            f"network {sandbox.get('network')}",
+            f"{p.sandbox.runtime_used} (requested {p.sandbox.runtime_requested}), "
+            f"network {p.sandbox.network}",
         ),
-        ("OS", str((env.get("os") or {}).get("PRETTY_NAME"))),
-        ("kernel", str((env.get("kernel") or {}).get("release"))),
-        ("Python", str((env.get("python") or {}).get("version"))),
+        ("OS", str(env.at("os.PRETTY_NAME"))),
+        ("kernel", str(env.at("kernel.release"))),
+        ("Python", str(env.at("python.version"))),
         (
             "packages",
-            ", ".join(
-                f"{pkg.get('name')}=={pkg.get('version')}"
-                for pkg in env.get("packages") or []
-                if isinstance(pkg, dict)
-            )
-            or "—",
+            ", ".join(f"{pkg.get('name')}=={pkg.get('version')}" for pkg in env.packages()) or "—",
         ),
-        (
-            "CPU",
-            f"{cpu.get('model')} ({cpu.get('usable_cpus')} usable)",
-        ),
+        ("CPU", f"{env.at('cpu.model')} ({env.at('cpu.usable_cpus')} usable)"),
         (
             "GPU",
-            f"{gpus}; driver {gpu.get('driver_version')}, CUDA {gpu.get('cuda_driver_version')}"
-            if gpu.get("visible")
-            else f"none visible ({gpu.get('reason')})",
+            f"{gpus}; driver {env.at('gpu.driver_version')}, "
+            f"CUDA {env.at('gpu.cuda_driver_version')}"
+            if env.gpu_visible
+            else f"none visible ({env.at('gpu.reason')})",
         ),
     ]
     lineage = [
-        ("spec", f"{spec.get('name')} {spec.get('digest')}"),
-        ("lock", str(p.get("lock_digest"))),
-        ("base image", str(base.get("ref") or "—")),
+        ("spec", f"{p.spec.name} {p.spec.digest}"),
+        ("lock", str(p.lock_digest)),
+        ("base image", str(json_at(data.lock, "base.ref") or "—")),
         (
             "wheels",
             ", ".join(
                 f"{w.get('filename')} sha256:{str(w.get('sha256'))[:16]}…"
-                for w in data.lock.get("wheels") or []
+                for w in (wheels if isinstance(wheels, list) else [])
                 if isinstance(w, dict)
             )
             or "—",
         ),
-        ("code", f"commit {source.get('commit')}, dirty: {source.get('dirty')}"),
-        ("build context", f"sha256:{source.get('tree_sha256')}"),
+        ("code", f"commit {p.source.commit}, dirty: {p.source.dirty}"),
+        ("build context", f"sha256:{p.source.tree_sha256}"),
     ]
-    origin = p.get("reproduction_of")
-    if isinstance(origin, dict):
-        lineage.append(
-            ("reproduction of", f"{origin.get('run_id')} (bundle {origin.get('bundle_digest')})")
-        )
+    origin = p.reproduction_of
+    if origin is not None:
+        lineage.append(("reproduction of", f"{origin.run_id} (bundle {origin.bundle_digest})"))
     return [
         ("Summary", summary),
         ("Model", model_rows),
@@ -362,16 +351,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
 def render_html(data: ReportData) -> str:
     """The report as one self-contained HTML document (deterministic)."""
     p = data.predicate
-    title = f"evalrun report — {(p.get('spec') or {}).get('name')} — {p.get('run_id')}"
+    title = f"evalrun report — {p.spec.name} — {p.run_id}"
     body = [f"<h1>{html.escape(title)}</h1>"]
     sections = _sections(data)
     body.append("<h2>Summary</h2>" + _table([], [list(r) for r in sections[0][1]], "kv"))
     body.append("<h2>Metrics</h2>")
-    body.append(_table(ROLE_HEADER, metric_rows_with_role(p), "metrics"))
-    promotions = promotion_lines(p)
+    body.append(_table(ROLE_HEADER, metric_rows_with_role(p.metrics), "metrics"))
+    promotions = promotion_lines(p.metrics)
     if promotions:
         body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in promotions) + "</ul>")
-    body.append(metrics_svg(p.get("metrics") or []))
+    body.append(metrics_svg(p.metrics))
     if data.slices:
         body.append(f"<h2>Per-slice breakdown (by {html.escape(str(data.slice_field))})</h2>")
         body.append(
@@ -381,14 +370,14 @@ def render_html(data: ReportData) -> str:
             )
         )
         body.append(slices_svg(data.slices))
-    repro = p.get("reproduction")
-    if isinstance(repro, dict):
+    repro = p.reproduction
+    if repro is not None:
         body.append("<h2>Reproduction</h2>")
         body.append(
             "<p>verdict: <b>"
-            + html.escape(str(repro.get("verdict")))
+            + html.escape(str(repro.verdict))
             + "</b>"
-            + (f" — {html.escape(str(repro['reason']))}" if repro.get("reason") else "")
+            + (f" — {html.escape(repro.reason)}" if repro.reason else "")
             + "</p>"
         )
         body.append(
@@ -396,13 +385,13 @@ def render_html(data: ReportData) -> str:
                 ["metric", "original", "re-run", "delta", "verdict"],
                 [
                     [
-                        str(m.get("name")),
-                        _fmt(m.get("original")),
-                        _fmt(m.get("rerun")),
-                        _fmt(m.get("delta")),
-                        str(m.get("verdict")),
+                        str(m.name),
+                        _fmt(m.original),
+                        _fmt(m.rerun),
+                        _fmt(m.delta),
+                        str(m.verdict),
                     ]
-                    for m in repro.get("metrics") or []
+                    for m in repro.metrics
                 ],
             )
         )
@@ -411,7 +400,7 @@ def render_html(data: ReportData) -> str:
     return _document(title, body)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: JsonValue) -> str:
     if isinstance(value, float):
         return f"{value:+.4f}" if value < 0 else f"{value:.4f}"
     return "—" if value is None else str(value)
@@ -420,7 +409,7 @@ def _fmt(value: Any) -> str:
 def render_markdown_full(data: ReportData) -> str:
     """The report as Markdown (deterministic); the same content as the HTML, no plots."""
     p = data.predicate
-    lines = [f"# evalrun report — {(p.get('spec') or {}).get('name')} — {p.get('run_id')}", ""]
+    lines = [f"# evalrun report — {p.spec.name} — {p.run_id}", ""]
     sections = _sections(data)
 
     def kv(rows: Sequence[tuple[str, str]]) -> None:
@@ -431,7 +420,7 @@ def render_markdown_full(data: ReportData) -> str:
     lines += ["## Summary", ""]
     kv(sections[0][1])
     lines += ["## Metrics", ""]
-    rows = metric_rows(p)
+    rows = metric_rows(p.metrics)
     if rows:
         lines.append("| metric | value | confidence interval | threshold | verdict |")
         lines.append("|---|---|---|---|---|")
@@ -454,34 +443,29 @@ def render_markdown_full(data: ReportData) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def render_audit_html(predicate: Mapping[str, Any], verification: str) -> str:
+def render_audit_html(predicate: AuditPredicate, verification: str) -> str:
     """An audit bundle's report as one self-contained HTML document (deterministic)."""
-    title = f"evalrun reproduction audit {predicate.get('run_id')}"
+    p = predicate
+    title = f"evalrun reproduction audit {p.run_id}"
     summary = [
-        ["started", str(predicate.get("started"))],
+        ["started", str(p.started)],
         ["verification", verification],
-        [
-            "sample",
-            f"seed {predicate.get('seed')}: {len(predicate.get('runs') or [])} of "
-            f"{predicate.get('sampled_from')} runs",
-        ],
-        ["filters", json.dumps(predicate.get("filters") or {}, sort_keys=True)],
+        ["sample", f"seed {p.seed}: {len(p.runs)} of {p.sampled_from} runs"],
+        ["filters", json.dumps(p.filters.to_json(), sort_keys=True)],
         [
             "result",
-            f"{predicate.get('outcome')} ({predicate.get('reproduced')} reproduced, "
-            f"{predicate.get('failed')} not; exit {predicate.get('exit_code')})",
+            f"{p.outcome} ({p.reproduced} reproduced, {p.failed} not; exit {p.exit_code})",
         ],
     ]
     rows = [
         [
-            str(e.get("run_id")),
-            str(e.get("spec")),
-            "yes" if e.get("reproduced") else "NO",
-            f"{e.get('category')}: {e.get('detail')}",
-            str(e.get("rerun_id") or "—"),
+            str(e.run_id),
+            str(e.spec),
+            "yes" if e.reproduced else "NO",
+            f"{e.category}: {e.detail}",
+            str(e.rerun_id or "—"),
         ]
-        for e in predicate.get("runs") or []
-        if isinstance(e, Mapping)
+        for e in p.runs
     ]
     body = [
         f"<h1>{html.escape(title)}</h1>",
@@ -504,42 +488,35 @@ def _document(title: str, body: Sequence[str]) -> str:
     )
 
 
-def _n(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else "—"
+def _n(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
-def render_run_set_html(predicate: Mapping[str, Any], verification: str) -> str:
+def render_run_set_html(predicate: RunSetPredicate, verification: str) -> str:
     """A run set's report: per-seed metrics with bootstrap CIs, then the spread across seeds."""
-    title = (
-        f"evalrun run set {predicate.get('run_id')} — {(predicate.get('spec') or {}).get('name')}"
-    )
-    stats = [s for s in predicate.get("across_seeds") or [] if isinstance(s, Mapping)]
-    names = [str(s.get("name")) for s in stats]
+    p = predicate
+    title = f"evalrun run set {p.run_id} — {p.spec.name}"
+    names = [str(s.name) for s in p.across_seeds]
     summary = [
-        ["outcome", f"{predicate.get('outcome')} (exit {predicate.get('exit_code')})"],
-        ["seeds", json.dumps((predicate.get("seeds") or {}).get("seeds"))],
+        ["outcome", f"{p.outcome} (exit {p.exit_code})"],
+        ["seeds", json.dumps(p.seeds.seeds)],
         ["verification", verification],
     ]
     per_seed = []
-    for row in predicate.get("members") or []:
-        by = {m.get("name"): m for m in row.get("metrics") or [] if isinstance(m, Mapping)}
-        cells = [str(row.get("seed")), str(row.get("run_id") or row.get("outcome"))]
+    for row in p.members:
+        by = {m.name: m for m in row.metrics}
+        cells = [str(row.seed), str(row.run_id or row.outcome)]
         for n in names:
-            m = by.get(n) or {}
-            ci = m.get("ci") or {}
-            cells.append(f"{_n(m.get('value'))} [{_n(ci.get('low'))}, {_n(ci.get('high'))}]")
+            m = by.get(n)
+            ci = (m.ci if m is not None else None) or ConfidenceInterval()
+            value = m.value if m is not None else None
+            cells.append(f"{_n(value)} [{_n(ci.low)}, {_n(ci.high)}]")
         per_seed.append(cells)
     across = []
-    for s in stats:
-        ci = s.get("ci") or {}
+    for s in p.across_seeds:
+        ci = s.ci or ConfidenceInterval()
         across.append(
-            [
-                str(s.get("name")),
-                str(s.get("n")),
-                _n(s.get("mean")),
-                _n(s.get("sd")),
-                f"[{_n(ci.get('low'))}, {_n(ci.get('high'))}]",
-            ]
+            [str(s.name), str(s.n), _n(s.mean), _n(s.sd), f"[{_n(ci.low)}, {_n(ci.high)}]"]
         )
     body = [
         f"<h1>{html.escape(title)}</h1>",

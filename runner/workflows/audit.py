@@ -13,10 +13,11 @@ can gate on it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,19 +28,25 @@ from runner.bundle.index import History, RunFilter, RunRecord
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import EvalrunError, InputError
+from runner.model.outcome import Outcome, worst_exit_code
 from runner.model.plan import Backend
+from runner.model.predicate import (
+    AuditedRun,
+    AuditFilters,
+    AuditPredicate,
+    MissingInput,
+    Timestamps,
+)
 from runner.workflows.rerun import (
     REPRODUCED,
     ImageUnavailable,
     InputsUnavailable,
+    evaluated,
     load_original,
     rerun,
 )
 
 Progress = Callable[[str], None]
-AUDITABLE_OUTCOMES = ("passed", "completed", "thresholds_failed")
-# the exit code of an audit is that of its most serious failure, in this order
-_SEVERITY = (3, 4, 5, 6, 1, 130)
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,24 @@ class AuditEntry:
     rerun_id: str | None = None
     rerun_bundle: str | None = None
     verdicts: dict[str, str] = field(default_factory=dict)
-    missing: list[dict[str, object]] = field(default_factory=list)
+    missing: list[dict[str, str]] = field(default_factory=list)
     exit_code: int = 0
+
+    def record(self) -> AuditedRun:
+        """This entry as the audit predicate records it (every field, as ``as_dict``)."""
+        return AuditedRun(
+            run_id=self.run_id,
+            bundle_digest=self.bundle_digest,
+            spec=self.spec,
+            reproduced=self.reproduced,
+            category=self.category,
+            detail=self.detail,
+            rerun_id=self.rerun_id,
+            rerun_bundle=self.rerun_bundle,
+            verdicts=dict(self.verdicts),
+            missing=tuple(MissingInput(**m) for m in self.missing),
+            exit_code=self.exit_code,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,10 +120,13 @@ def candidates(
     """Original runs with metrics, oldest first."""
     records = history.query(RunFilter(since=since, until=until, spec=spec))
     return [
-        r
-        for r in records
-        if r.reproduction_of is None and r.outcome in AUDITABLE_OUTCOMES and r.metrics
+        r for r in records if r.reproduction_of is None and _has_metrics(r.outcome) and r.metrics
     ]
+
+
+def _has_metrics(outcome: str | None) -> bool:
+    parsed = Outcome.parse(outcome)
+    return parsed is not None and parsed.has_metrics
 
 
 def sample(records: Sequence[RunRecord], n: int, seed: int) -> list[RunRecord]:
@@ -123,11 +149,12 @@ def _audit_one(
     tolerance: float | None,
     progress: Progress,
 ) -> AuditEntry:
-    base: dict[str, Any] = {
-        "run_id": record.run_id,
-        "bundle_digest": record.bundle_digest,
-        "spec": record.spec_name,
-    }
+    entry = functools.partial(
+        AuditEntry,
+        run_id=record.run_id,
+        bundle_digest=record.bundle_digest,
+        spec=record.spec_name,
+    )
     try:
         original = load_original(record.path, verifier)
         result = rerun(
@@ -140,17 +167,15 @@ def _audit_one(
             progress=progress,
         )
     except InputsUnavailable as exc:
-        return AuditEntry(
-            **base,
+        return entry(
             reproduced=False,
             category="missing_artifact",
             detail="; ".join(f"{m.wanted.label}: {m.reason}" for m in exc.missing),
-            missing=exc.as_dict()["missing"],  # type: ignore[arg-type]
+            missing=[m.as_dict() for m in exc.missing],
             exit_code=exc.exit_code,
         )
     except ImageUnavailable as exc:
-        return AuditEntry(
-            **base,
+        return entry(
             reproduced=False,
             category="image_unavailable",
             detail=exc.diagnostics().replace("\n", "; "),
@@ -158,8 +183,7 @@ def _audit_one(
         )
     except EvalrunError as exc:
         category = "bundle_invalid" if exc.kind == "verification_failed" else exc.kind
-        return AuditEntry(
-            **base,
+        return entry(
             reproduced=False,
             category=category,
             detail=exc.diagnostics().replace("\n", "; "),
@@ -169,14 +193,13 @@ def _audit_one(
     reproduced = result.exit_code == 0 and repro.verdict in REPRODUCED
     if reproduced:
         category = repro.verdict
-    elif result.outcome.exit_code not in (0, 6):
-        category = result.outcome.outcome
+    elif not evaluated(result.outcome.outcome):
+        category = result.outcome.outcome.value
     elif repro.verdict == "failed":
         category = "evaluation_failed"
     else:
         category = "metric_drift"
-    return AuditEntry(
-        **base,
+    return entry(
         reproduced=reproduced,
         category=category,
         detail=repro.reason or f"{repro.verdict}; re-run outcome {result.outcome.outcome}",
@@ -187,23 +210,24 @@ def _audit_one(
     )
 
 
-def render_audit_markdown(data: Mapping[str, Any]) -> str:
+def render_audit_markdown(predicate: AuditPredicate) -> str:
     """An audit's ``report.md`` (from its predicate; deterministic)."""
+    p = predicate
     lines = [
-        f"# evalrun reproduction audit {data['run_id']}",
+        f"# evalrun reproduction audit {p.run_id}",
         "",
-        f"- started: {data['started']}",
-        f"- seed: {data['seed']}; sampled {len(data['runs'])} of {data['sampled_from']} runs",
-        f"- filters: {json.dumps(data['filters'], sort_keys=True)}",
-        f"- result: **{data['outcome']}** ({data['reproduced']} reproduced, {data['failed']} not)",
+        f"- started: {p.started}",
+        f"- seed: {p.seed}; sampled {len(p.runs)} of {p.sampled_from} runs",
+        f"- filters: {json.dumps(p.filters.to_json(), sort_keys=True)}",
+        f"- result: **{p.outcome}** ({p.reproduced} reproduced, {p.failed} not)",
         "",
         "| run | spec | reproduced | why | re-run |",
         "|---|---|---|---|---|",
     ]
-    for e in data["runs"]:
+    for e in p.runs:
         lines.append(
-            f"| {e['run_id']} | {e['spec']} | {'yes' if e['reproduced'] else 'NO'} | "
-            f"{e['category']}: {e['detail']} | {e['rerun_id'] or '—'} |"
+            f"| {e.run_id} | {e.spec} | {'yes' if e.reproduced else 'NO'} | "
+            f"{e.category}: {e.detail} | {e.rerun_id or '—'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -256,28 +280,29 @@ def run_audit(
         )
         entries.append(entry)
     failed = [e for e in entries if not e.reproduced]
-    codes = {e.exit_code or 6 for e in failed}
-    exit_code = next((c for c in _SEVERITY if c in codes), 1) if failed else 0
-    data = {
-        "kind": "audit",
-        "run_id": audit_id,
-        "started": started,
-        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-        "seed": seed,
-        "sample": n,
-        "sampled_from": len(pool),
-        "filters": {"since": since, "until": until, "spec": spec, "tolerance": tolerance},
-        "outcome": "reproduced" if not failed else "not_reproduced",
-        "reproduced": len(entries) - len(failed),
-        "failed": len(failed),
-        "exit_code": exit_code,
-        "runs": [asdict(e) for e in entries],
-        "timestamps": {"started": started},
-    }
+    # a failed entry without an exit code still failed: it counts as "did not reproduce" (6)
+    exit_code = worst_exit_code(e.exit_code or 6 for e in failed) if failed else 0
+    predicate = AuditPredicate(
+        kind="audit",
+        run_id=audit_id,
+        started=started,
+        finished=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        seed=seed,
+        sample=n,
+        sampled_from=len(pool),
+        filters=AuditFilters(since=since, until=until, spec=spec, tolerance=tolerance),
+        outcome="reproduced" if not failed else "not_reproduced",
+        reproduced=len(entries) - len(failed),
+        failed=len(failed),
+        exit_code=exit_code,
+        runs=tuple(e.record() for e in entries),
+        timestamps=Timestamps(started=started),
+    )
+    body = predicate.to_json()
     with store.staging_dir() as stage:
-        (stage / "audit.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        (stage / "report.md").write_text(render_audit_markdown(data))
-        build_bundle(stage, data, signer, stage)
+        (stage / "audit.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        (stage / "report.md").write_text(render_audit_markdown(predicate))
+        build_bundle(stage, body, signer, stage)
         stored = store.put(stage)
     return AuditResult(
         audit_id=audit_id,

@@ -15,18 +15,26 @@ overlapping intervals do not prove that there is no difference.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.bundle.index import History, RunFilter, read_predicate
+from pydantic import JsonValue
+
+from runner.bundle.index import History, RunFilter
+from runner.bundle.reader import read_predicate
 from runner.bundle.store import Store
 from runner.errors import InputError, IntegrityError, NotComparable
+from runner.model.predicate import (
+    ConfidenceInterval,
+    MetricDefinition,
+    RunPredicate,
+)
+from runner.model.spec import EvalSpec
 
 COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
 SIGNIFICANCE_CRITERION = "non-overlapping confidence intervals (as recorded per run)"
-RANKED_OUTCOMES = ("passed", "thresholds_failed", "completed")
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class GroupRun:
     bundle_digest: str
     path: Path
     started: str
-    predicate: Mapping[str, Any]
+    predicate: RunPredicate
 
 
 @dataclass(frozen=True)
@@ -98,13 +106,13 @@ def load_group(store: Store, group: str) -> tuple[list[GroupRun], list[tuple[str
             predicate = read_predicate(record.path)
         except IntegrityError:
             continue
-        if predicate.get("comparison_group") != group:
+        if not isinstance(predicate, RunPredicate) or predicate.comparison_group != group:
             continue
         if record.reproduction_of:
             excluded.append((record.run_id, f"a re-run of {record.reproduction_of}"))
             continue
-        if predicate.get("outcome") not in RANKED_OUTCOMES:
-            excluded.append((record.run_id, f"outcome {predicate.get('outcome')}: no metrics"))
+        if predicate.outcome is None or not predicate.outcome.has_metrics:
+            excluded.append((record.run_id, f"outcome {predicate.outcome}: no metrics"))
             continue
         runs.append(
             GroupRun(
@@ -121,57 +129,61 @@ def load_group(store: Store, group: str) -> tuple[list[GroupRun], list[tuple[str
 # --------------------------------------------------------------------------- comparability
 
 
-def _metric_definitions(predicate: Mapping[str, Any]) -> list[dict[str, Any]]:
-    definitions = predicate.get("metric_definitions")
-    if isinstance(definitions, list):
-        return [dict(d) for d in definitions if isinstance(d, Mapping)]
+def _metric_definitions(predicate: RunPredicate) -> list[MetricDefinition]:
+    if predicate.metric_definitions is not None:
+        return list(predicate.metric_definitions)
     # bundles from before metric roles: every metric was primary
     return [
-        {
-            "name": m.get("name"),
-            "compute": m.get("compute"),
-            "direction": m.get("direction"),
-            "threshold": m.get("threshold"),
-            "role": "primary",
-            "ci": {k: (m.get("ci") or {}).get(k) for k in ("method", "level", "resamples")},
-        }
-        for m in predicate.get("metrics") or []
+        MetricDefinition(
+            name=m.name,
+            compute=m.compute,
+            direction=m.direction,
+            threshold=m.threshold,
+            role="primary",
+            ci=ConfidenceInterval(
+                method=m.ci.method if m.ci else None,
+                level=m.ci.level if m.ci else None,
+                resamples=m.ci.resamples if m.ci else None,
+            ),
+        )
+        for m in predicate.metrics
     ]
 
 
-def primary_metrics(predicate: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The definitions of the run's primary metrics (promotions are not primaries)."""
-    keep = ("name", "compute", "field", "direction", "threshold", "ci")
+def _primaries(definitions: Sequence[MetricDefinition]) -> list[dict[str, JsonValue]]:
     return [
-        {k: d.get(k) for k in keep}
-        for d in _metric_definitions(predicate)
-        if d.get("role", "primary") == "primary"
+        {
+            "name": d.name,
+            "compute": d.compute,
+            "field": d.field,
+            "direction": d.direction,
+            "threshold": d.threshold,
+            "ci": d.ci.to_json() if d.ci is not None else None,
+        }
+        for d in definitions
+        if d.role == "primary" or "role" not in d.model_fields_set
     ]
 
 
-def comparability_key(predicate: Mapping[str, Any], name: str) -> Any:
+def primary_metrics(predicate: RunPredicate) -> list[dict[str, JsonValue]]:
+    """The definitions of the run's primary metrics (promotions are not primaries)."""
+    return _primaries(_metric_definitions(predicate))
+
+
+def comparability_key(predicate: RunPredicate, name: str) -> JsonValue:
     """The value of one comparability field for a run (JSON-comparable)."""
     if name == "datasets":
-        return sorted(
-            (
-                {"name": d.get("name"), "sha256": d.get("sha256"), "split": d.get("split")}
-                for d in predicate.get("datasets") or []
-            ),
-            key=lambda d: str(d["name"]),
-        )
+        ordered = sorted(predicate.datasets, key=lambda d: str(d.name))
+        return [{"name": d.name, "sha256": d.sha256, "split": d.split} for d in ordered]
     if name == "preprocessing":
-        steps = predicate.get("preprocessing")
+        steps = predicate.preprocessing
         if steps is None:
-            steps = (predicate.get("provenance") or {}).get("preprocessing") or []
-        return [
-            {"name": s.get("name"), "code_digest": s.get("code_digest"), "params": s.get("params")}
-            for s in steps
-        ]
+            steps = predicate.provenance.preprocessing
+        return [{"name": s.name, "code_digest": s.code_digest, "params": s.params} for s in steps]
     if name == "primary_metrics":
-        return primary_metrics(predicate)
+        return list(primary_metrics(predicate))
     if name == "seeds":
-        seeds = predicate.get("seeds") or {}
-        return {"seed": seeds.get("seed")}
+        return {"seed": predicate.seeds.seed}
     raise ValueError(f"unknown comparability field {name!r}")
 
 
@@ -201,32 +213,31 @@ def _disjoint(a: RankedRun, b: RankedRun) -> bool | None:
 
 def rank(runs: Sequence[GroupRun], metric: str, direction: str) -> list[RankedRun]:
     """Runs ordered best first by ``metric``; ties keep the older run first."""
-    rows = []
+    rows: list[tuple[GroupRun, float, ConfidenceInterval]] = []
     for run in runs:
-        m = next((m for m in run.predicate.get("metrics") or [] if m.get("name") == metric), None)
-        if m is None or m.get("value") is None:
+        m = run.predicate.metric(metric)
+        if m is None or m.value is None:
             continue
-        ci = m.get("ci") or {}
-        rows.append((run, m, ci))
+        rows.append((run, float(m.value), m.ci or ConfidenceInterval()))
     sign = -1.0 if direction == "higher_is_better" else 1.0
-    rows.sort(key=lambda r: (sign * float(r[1]["value"]), r[0].started, r[0].run_id))
+    rows.sort(key=lambda r: (sign * r[1], r[0].started, r[0].run_id))
     ranked = [
         RankedRun(
             rank=i + 1,
             run_id=run.run_id,
             bundle_digest=run.bundle_digest,
-            spec_name=(run.predicate.get("spec") or {}).get("name"),
-            model_sha256=(run.predicate.get("model") or {}).get("sha256"),
-            outcome=run.predicate.get("outcome"),
-            value=float(m["value"]),
-            ci_low=ci.get("low"),
-            ci_high=ci.get("high"),
-            ci_method=ci.get("method"),
-            ci_level=ci.get("level"),
+            spec_name=run.predicate.spec.name,
+            model_sha256=run.predicate.model.sha256,
+            outcome=None if run.predicate.outcome is None else run.predicate.outcome.value,
+            value=value,
+            ci_low=ci.low,
+            ci_high=ci.high,
+            ci_method=ci.method,
+            ci_level=ci.level,
             significant_vs_leader=None,
             significant_vs_next=None,
         )
-        for i, (run, m, ci) in enumerate(rows)
+        for i, (run, value, ci) in enumerate(rows)
     ]
     out = []
     for i, r in enumerate(ranked):
@@ -360,7 +371,7 @@ def format_json(c: Comparison) -> str:
     return json.dumps(c.as_dict(), indent=2, sort_keys=True, default=str) + "\n"
 
 
-def check_group_definitions(store: Store, spec: Any) -> None:
+def check_group_definitions(store: Store, spec: EvalSpec) -> None:
     """Refuse a run that would change a comparison group's primary metric definitions.
 
     Once runs exist in a group, its primary metrics (definition and threshold) are
@@ -374,8 +385,8 @@ def check_group_definitions(store: Store, spec: Any) -> None:
     runs, _ = load_group(store, group)
     if not runs:
         return
-    mine = primary_metrics(
-        {"metric_definitions": [d.model_dump(mode="json") for d in spec.metrics]}
+    mine = _primaries(
+        [MetricDefinition.model_validate(d.model_dump(mode="json")) for d in spec.metrics]
     )
     theirs = primary_metrics(runs[0].predicate)
     if mine != theirs:

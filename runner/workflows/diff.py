@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
+
+from pydantic import JsonValue
+
+from runner.model.predicate import DatasetInput, MetricResult, MetricVerdict, RunPredicate
 
 GROUPS = ("environment", "code", "data", "config")
 
-Verdict = Literal["identical", "within_tolerance", "within_ci", "changed", "missing"]
+Verdict = MetricVerdict
 # worst first: the overall verdict of a reproduction is its worst metric's
 VERDICT_ORDER: tuple[Verdict, ...] = (
     "missing",
@@ -38,8 +42,8 @@ VERDICT_ORDER: tuple[Verdict, ...] = (
 class Change:
     group: str
     field: str
-    a: Any
-    b: Any
+    a: JsonValue
+    b: JsonValue
 
 
 @dataclass(frozen=True)
@@ -81,35 +85,21 @@ class RunDiff:
         }
 
 
-def _get(data: Mapping[str, Any], path: str) -> Any:
-    node: Any = data
-    for key in path.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(key)
-    return node
+def _num(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def _ci(metric: MetricResult | None) -> tuple[float, float] | None:
+    ci = metric.ci if metric is not None else None
+    if ci is None or ci.low is None or ci.high is None:
         return None
-    return float(value)
-
-
-def _ci(metric: Mapping[str, Any] | None) -> tuple[float, float] | None:
-    if not metric:
-        return None
-    ci = metric.get("ci")
-    if not isinstance(ci, Mapping):
-        return None
-    low, high = _num(ci.get("low")), _num(ci.get("high"))
-    return (low, high) if low is not None and high is not None else None
+    return float(ci.low), float(ci.high)
 
 
 def judge_metric(
     name: str,
-    a: Mapping[str, Any] | None,
-    b: Mapping[str, Any] | None,
+    a: MetricResult | None,
+    b: MetricResult | None,
     tolerance: float | None = None,
 ) -> MetricDelta:
     """Compare metric ``a`` (original/baseline) with ``b`` (re-run/candidate).
@@ -118,8 +108,8 @@ def judge_metric(
     b's value lies inside a's confidence interval; changed: none of those;
     missing: one side has no value.
     """
-    va = _num(a.get("value")) if a else None
-    vb = _num(b.get("value")) if b else None
+    va = _num(a.value) if a else None
+    vb = _num(b.value) if b else None
     a_ci, b_ci = _ci(a), _ci(b)
     overlap = None
     if a_ci and b_ci:
@@ -141,13 +131,13 @@ def judge_metric(
 
 
 def compare_metrics(
-    a: Sequence[Mapping[str, Any]],
-    b: Sequence[Mapping[str, Any]],
+    a: Sequence[MetricResult],
+    b: Sequence[MetricResult],
     tolerance: float | None = None,
 ) -> list[MetricDelta]:
     """Per metric name (in a's order, then b's new ones), the comparison of a with b."""
-    by_a = {str(m.get("name")): m for m in a if isinstance(m, Mapping)}
-    by_b = {str(m.get("name")): m for m in b if isinstance(m, Mapping)}
+    by_a = {m.name: m for m in a}
+    by_b = {m.name: m for m in b}
     names = list(by_a) + [n for n in by_b if n not in by_a]
     return [judge_metric(n, by_a.get(n), by_b.get(n), tolerance) for n in names]
 
@@ -159,53 +149,77 @@ def overall_verdict(deltas: Sequence[MetricDelta]) -> Verdict:
     return min((d.verdict for d in deltas), key=VERDICT_ORDER.index)
 
 
-def _packages(predicate: Mapping[str, Any]) -> dict[str, str]:
-    packages = _get(predicate, "environment.packages") or []
+def _packages(predicate: RunPredicate) -> dict[str, str]:
     return {
-        str(p.get("name")): str(p.get("version"))
-        for p in packages
-        if isinstance(p, Mapping) and p.get("name")
+        str(p.get("name")): str(p.get("version")) for p in predicate.env.packages() if p.get("name")
     }
 
 
-def _gpus(predicate: Mapping[str, Any]) -> str | None:
-    gpus = _get(predicate, "environment.gpu.gpus")
+def _gpus(predicate: RunPredicate) -> str | None:
+    gpus = predicate.env.at("gpu.gpus")
     if not isinstance(gpus, list) or not gpus:
         return None
-    return ", ".join(str(g.get("name")) for g in gpus if isinstance(g, Mapping))
+    return ", ".join(str(g.get("name")) for g in predicate.env.gpus())
 
 
-_SCALARS: tuple[tuple[str, str], ...] = (
-    ("environment", "image.ref"),
-    ("environment", "image.rootfs_found"),
-    ("environment", "sandbox.runtime_used"),
-    ("environment", "backend"),
-    ("environment", "evalrun_version"),
-    ("environment", "environment.os.PRETTY_NAME"),
-    ("environment", "environment.kernel.release"),
-    ("environment", "environment.python.version"),
-    ("environment", "environment.cpu.model"),
-    ("environment", "environment.cpu.usable_cpus"),
-    ("environment", "environment.gpu.driver_version"),
-    ("environment", "environment.gpu.cuda_driver_version"),
-    ("code", "source.commit"),
-    ("code", "source.dirty"),
-    ("code", "source.tree_sha256"),
-    ("data", "model.sha256"),
-    ("data", "model.path"),
-    ("config", "seeds.seed"),
-    ("config", "spec.digest"),
-    ("config", "lock_digest"),
+def _env(path: str) -> Callable[[RunPredicate], JsonValue]:
+    return lambda p: p.env.at(path)
+
+
+# (group, field as shown, how to read it from a predicate)
+_SCALARS: tuple[tuple[str, str, Callable[[RunPredicate], JsonValue]], ...] = (
+    ("environment", "image.ref", lambda p: p.image.ref),
+    ("environment", "image.rootfs_found", lambda p: p.image.rootfs_found),
+    ("environment", "sandbox.runtime_used", lambda p: p.sandbox.runtime_used),
+    ("environment", "backend", lambda p: p.backend),
+    ("environment", "evalrun_version", lambda p: p.evalrun_version),
+    ("environment", "environment.os.PRETTY_NAME", _env("os.PRETTY_NAME")),
+    ("environment", "environment.kernel.release", _env("kernel.release")),
+    ("environment", "environment.python.version", _env("python.version")),
+    ("environment", "environment.cpu.model", _env("cpu.model")),
+    ("environment", "environment.cpu.usable_cpus", _env("cpu.usable_cpus")),
+    ("environment", "environment.gpu.driver_version", _env("gpu.driver_version")),
+    ("environment", "environment.gpu.cuda_driver_version", _env("gpu.cuda_driver_version")),
+    ("code", "source.commit", lambda p: p.source.commit),
+    ("code", "source.dirty", lambda p: p.source.dirty),
+    ("code", "source.tree_sha256", lambda p: p.source.tree_sha256),
+    ("data", "model.sha256", lambda p: p.model.sha256),
+    ("data", "model.path", lambda p: p.model.path),
+    ("config", "seeds.seed", lambda p: p.seeds.seed),
+    ("config", "spec.digest", lambda p: p.spec.digest),
+    ("config", "lock_digest", lambda p: p.lock_digest),
 )
+_DATASET_FIELDS = ("sha256", "split", "license", "source", "path")
 
 
-def diff_runs(
-    a: Mapping[str, Any], b: Mapping[str, Any], *, tolerance: float | None = None
-) -> RunDiff:
+def _dataset_facts(d: DatasetInput) -> dict[str, JsonValue]:
+    return {
+        "sha256": d.sha256,
+        "split": d.split,
+        "license": d.license,
+        "source": d.source,
+        "path": d.path,
+    }
+
+
+def _metric_config(m: MetricResult) -> dict[str, JsonValue]:
+    """The metric's definition as recorded next to its value (what a diff compares)."""
+    ci = m.ci
+    return {
+        "threshold": m.threshold,
+        "direction": m.direction,
+        "compute": m.compute,
+        "ci.method": ci.method if ci is not None else None,
+        "ci.level": ci.level if ci is not None else None,
+        "ci.resamples": ci.resamples if ci is not None else None,
+    }
+
+
+def diff_runs(a: RunPredicate, b: RunPredicate, *, tolerance: float | None = None) -> RunDiff:
     """Everything that differs between run ``a`` and run ``b`` (predicates)."""
     changes: list[Change] = []
-    for group, path in _SCALARS:
-        va, vb = _get(a, path), _get(b, path)
+    for group, path, read in _SCALARS:
+        va, vb = read(a), read(b)
         if va != vb:
             changes.append(Change(group, path, va, vb))
     ga, gb = _gpus(a), _gpus(b)
@@ -215,37 +229,34 @@ def diff_runs(
     for name in sorted(pa.keys() | pb.keys()):
         if pa.get(name) != pb.get(name):
             changes.append(Change("environment", f"packages.{name}", pa.get(name), pb.get(name)))
-    da = {str(d.get("name")): d for d in a.get("datasets") or [] if isinstance(d, Mapping)}
-    db = {str(d.get("name")): d for d in b.get("datasets") or [] if isinstance(d, Mapping)}
+    da = {str(d.name): _dataset_facts(d) for d in a.datasets}
+    db = {str(d.name): _dataset_facts(d) for d in b.datasets}
     for name in sorted(da.keys() | db.keys()):
-        for key in ("sha256", "split", "license", "source", "path"):
+        for key in _DATASET_FIELDS:
             va = da[name].get(key) if name in da else None
             vb = db[name].get(key) if name in db else None
             if va != vb:
                 changes.append(Change("data", f"datasets.{name}.{key}", va, vb))
-    prm_a = a.get("params") if isinstance(a.get("params"), Mapping) else {}
-    prm_b = b.get("params") if isinstance(b.get("params"), Mapping) else {}
-    assert isinstance(prm_a, Mapping) and isinstance(prm_b, Mapping)
-    for key in sorted(prm_a.keys() | prm_b.keys()):
-        if prm_a.get(key) != prm_b.get(key):
-            changes.append(Change("config", f"params.{key}", prm_a.get(key), prm_b.get(key)))
-    ma = {str(m.get("name")): m for m in a.get("metrics") or [] if isinstance(m, Mapping)}
-    mb = {str(m.get("name")): m for m in b.get("metrics") or [] if isinstance(m, Mapping)}
+    for key in sorted(a.params.keys() | b.params.keys()):
+        if a.params.get(key) != b.params.get(key):
+            changes.append(Change("config", f"params.{key}", a.params.get(key), b.params.get(key)))
+    ma = {m.name: _metric_config(m) for m in a.metrics}
+    mb = {m.name: _metric_config(m) for m in b.metrics}
     for name in sorted(ma.keys() & mb.keys()):
-        for key in ("threshold", "direction", "compute", "ci.method", "ci.level", "ci.resamples"):
-            va, vb = _get(ma[name], key), _get(mb[name], key)
+        for key, va in ma[name].items():
+            vb = mb[name][key]
             if va != vb:
                 changes.append(Change("config", f"metrics.{name}.{key}", va, vb))
-    deltas = compare_metrics(a.get("metrics") or [], b.get("metrics") or [], tolerance)
+    deltas = compare_metrics(a.metrics, b.metrics, tolerance)
     return RunDiff(
-        a_run=str(a.get("run_id")),
-        b_run=str(b.get("run_id")),
+        a_run=a.run_id,
+        b_run=b.run_id,
         changes=tuple(changes),
         metrics=tuple(deltas),
     )
 
 
-def _show(value: Any) -> str:
+def _show(value: JsonValue) -> str:
     if value is None:
         return "—"
     if isinstance(value, str):

@@ -28,12 +28,11 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from runner._internal.settings import Settings
 from runner.adapters.registry import ImageName, manifest_exists
 from runner.build.image import sha256_file
-from runner.bundle.index import read_predicate
+from runner.bundle.reader import predicate_of
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import Store, StoreConflict
 from runner.bundle.verify import verify_bundle
@@ -44,7 +43,15 @@ from runner.errors import (
     InputsUnavailable,
     IntegrityError,
 )
+from runner.model.outcome import Outcome
 from runner.model.plan import Backend
+from runner.model.predicate import (
+    ReproducedMetric,
+    ReproductionOf,
+    ReproductionRecord,
+    ReproductionVerdict,
+    RunPredicate,
+)
 from runner.model.spec import EvalSpec, LockedSpec, load_lock, load_spec, parse_digest_ref
 from runner.workflows.diff import MetricDelta, compare_metrics, overall_verdict
 from runner.workflows.run import RunOutcome, run_evaluation
@@ -52,8 +59,13 @@ from runner.workflows.run import RunOutcome, run_evaluation
 Progress = Callable[[str], None]
 MAX_WALK_FILES = 50_000
 REPRODUCED = ("identical", "within_tolerance", "within_ci")
-# run outcomes that say nothing about the evaluation: reported with their own exit code
-_NOT_EVALUATED_EXITS = {1, 3, 4, 5, 130}
+# the evaluation's own verdicts; any other outcome is reported with its own exit code
+_EVALUATED_EXITS = frozenset({Outcome.PASSED.exit_code, Outcome.THRESHOLDS_FAILED.exit_code})
+
+
+def evaluated(outcome: Outcome) -> bool:
+    """Whether ``outcome`` is a verdict on the evaluation (exit 0 or 6), not a failure to run."""
+    return outcome.exit_code in _EVALUATED_EXITS
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,16 @@ class UnresolvedInput:
     wanted: WantedInput
     reason: str
 
+    def as_dict(self) -> dict[str, str]:
+        """What an audit records about the input (role, name, path, sha256, reason)."""
+        return {
+            "role": self.wanted.role,
+            "name": self.wanted.name,
+            "path": self.wanted.path,
+            "sha256": self.wanted.sha256,
+            "reason": self.reason,
+        }
+
 
 @dataclass(frozen=True)
 class Original:
@@ -82,7 +104,7 @@ class Original:
     path: Path
     digest: str
     run_id: str
-    predicate: Mapping[str, Any]
+    predicate: RunPredicate
     spec: EvalSpec
     lock: LockedSpec
     spec_bytes: bytes
@@ -94,10 +116,11 @@ class Original:
 def load_original(bundle: Path, verifier: Verifier) -> Original:
     """Verify ``bundle`` and read the spec and lock it ran (VerificationFailed: exit 3)."""
     verified = verify_bundle(bundle, verifier)
-    predicate = read_predicate(bundle)
-    if predicate.get("kind", "run") != "run":
+    # the predicate of the statement that was verified, not the file read again
+    predicate = predicate_of(verified.statement)
+    if not isinstance(predicate, RunPredicate):
         raise InputError(
-            f"bundle {verified.run_id} is a {predicate.get('kind')} report, not a run",
+            f"bundle {verified.run_id} is a {predicate.kind} report, not a run",
             bundle=str(bundle),
         )
     spec_path, lock_path = bundle / "spec.yaml", bundle / "eval.lock.json"
@@ -112,7 +135,7 @@ def load_original(bundle: Path, verifier: Verifier) -> Original:
     # version's spec digest, and the note says so. Inputs and image stay as locked.
     notes: list[str] = []
     lock_bytes = lock_path.read_bytes()
-    recorded_spec = (predicate.get("spec") or {}).get("digest")
+    recorded_spec = predicate.spec.digest
     if lock.spec_digest != recorded_spec:
         raise IntegrityError(
             "inconsistent bundle: the lock names another spec than the run",
@@ -128,10 +151,10 @@ def load_original(bundle: Path, verifier: Verifier) -> Original:
         data = json.loads(lock_bytes)
         data["spec_digest"] = spec.digest()
         lock_bytes = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    elif lock.digest() != predicate.get("lock_digest"):
+    elif lock.digest() != predicate.lock_digest:
         notes.append(
             f"lock digest under this evalrun is {lock.digest()} "
-            f"(run recorded {predicate.get('lock_digest')})"
+            f"(run recorded {predicate.lock_digest})"
         )
     return Original(
         path=bundle,
@@ -322,45 +345,45 @@ def workspace(
 
 @dataclass(frozen=True)
 class Reproduction:
-    verdict: str
+    verdict: ReproductionVerdict
     reason: str | None
     deltas: tuple[MetricDelta, ...]
 
-    def as_predicate(self, tolerance: float | None) -> dict[str, Any]:
-        return {
-            "verdict": self.verdict,
-            "reason": self.reason,
-            "tolerance": tolerance,
-            "metrics": [
-                {
-                    "name": d.name,
-                    "original": d.a,
-                    "rerun": d.b,
-                    "delta": d.delta,
-                    "original_ci": list(d.a_ci) if d.a_ci else None,
-                    "rerun_ci": list(d.b_ci) if d.b_ci else None,
-                    "verdict": d.verdict,
-                }
+    def record(self, tolerance: float | None) -> ReproductionRecord:
+        """What the re-run's predicate records (``reproduction``)."""
+        return ReproductionRecord(
+            verdict=self.verdict,
+            reason=self.reason,
+            tolerance=tolerance,
+            metrics=tuple(
+                ReproducedMetric(
+                    name=d.name,
+                    original=d.a,
+                    rerun=d.b,
+                    delta=d.delta,
+                    original_ci=d.a_ci or None,
+                    rerun_ci=d.b_ci or None,
+                    verdict=d.verdict,
+                )
                 for d in self.deltas
-            ],
-        }
+            ),
+        )
 
 
 def judge_reproduction(
-    original: Mapping[str, Any], rerun: Mapping[str, Any], tolerance: float | None
+    original: RunPredicate, rerun: RunPredicate, tolerance: float | None
 ) -> Reproduction:
     """Per-metric verdicts of ``rerun`` against ``original`` and the overall verdict."""
-    a, b = original.get("metrics") or [], rerun.get("metrics") or []
+    a, b = original.metrics, rerun.metrics
     if not a and not b:
-        same = original.get("outcome") == rerun.get("outcome")
+        same = original.outcome == rerun.outcome
         return Reproduction(
             "identical" if same else "changed",
-            f"no metrics on either side; outcome {original.get('outcome')} → "
-            f"{rerun.get('outcome')}",
+            f"no metrics on either side; outcome {original.outcome} → {rerun.outcome}",
             (),
         )
     if not b:
-        return Reproduction("failed", f"the re-run produced no metrics: {rerun.get('outcome')}", ())
+        return Reproduction("failed", f"the re-run produced no metrics: {rerun.outcome}", ())
     deltas = tuple(compare_metrics(a, b, tolerance))
     verdict = overall_verdict(deltas)
     changed = [d.name for d in deltas if d.verdict not in REPRODUCED]
@@ -431,20 +454,22 @@ def rerun(
         except StoreConflict:
             # the same lock already ran here as this attempt: its run id is taken either way
             progress(f"run id {original.run_id} is already stored here as another bundle")
-    reproduction_of = {
-        "run_id": original.run_id,
-        "bundle_digest": original.digest,
-        "outcome": original.predicate.get("outcome"),
-        "lock_digest": original.predicate.get("lock_digest"),
-        "signer_keyid": original.keyid,
-        "notes": list(original.notes),
-    }
+    reproduction_of = ReproductionOf(
+        run_id=original.run_id,
+        bundle_digest=original.digest,
+        outcome=original.predicate.outcome,
+        lock_digest=original.predicate.lock_digest,
+        signer_keyid=original.keyid,
+        notes=original.notes,
+    )
     judged: list[Reproduction] = []
 
-    def annotate(predicate: dict[str, Any]) -> dict[str, Any]:
+    def annotate(predicate: RunPredicate) -> RunPredicate:
         repro = judge_reproduction(original.predicate, predicate, tolerance)
         judged.append(repro)
-        return {"reproduction_of": reproduction_of, "reproduction": repro.as_predicate(tolerance)}
+        return predicate.model_copy(
+            update={"reproduction_of": reproduction_of, "reproduction": repro.record(tolerance)}
+        )
 
     with workspace(original, inputs, store) as spec_path:
         outcome = run_evaluation(
@@ -453,7 +478,7 @@ def rerun(
     if not judged:  # the run was not new (cannot happen with rerun=True); judge it anyway
         judged.append(judge_reproduction(original.predicate, outcome.predicate, tolerance))
     repro = judged[0]
-    if outcome.exit_code in _NOT_EVALUATED_EXITS:
+    if not evaluated(outcome.outcome):
         code = outcome.exit_code
     elif repro.verdict in REPRODUCED:
         code = 0
@@ -488,6 +513,7 @@ __all__ = [
     "Original",
     "Reproduction",
     "RerunResult",
+    "evaluated",
     "failure_category",
     "judge_reproduction",
     "load_original",

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
-from runner.backends.collect import collect_results, read_json, recompute_metrics
-from runner.backends.crosscheck import crosscheck_node_labels
+from runner.backends.collect import collect_results, recompute_metrics
 from runner.build.image import image_reproducibility, sha256_file
 from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.build import build_bundle
+from runner.bundle.reader import expect_kind, read_predicate
 from runner.bundle.signing import Signer
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import (
@@ -37,35 +37,49 @@ from runner.errors import (
     EnvironmentMismatch,
     EvalrunError,
     InfrastructureError,
+    InputError,
     IntegrityError,
     SpecError,
 )
+from runner.model.outcome import Outcome
 from runner.model.plan import Backend, BackendResult, PlanInput, RunPlan
+from runner.model.predicate import (
+    DatasetInput,
+    ImageFacts,
+    ImageReproducibility,
+    JsonObject,
+    MetricDefinition,
+    MetricResult,
+    ModelInput,
+    Provenance,
+    RunPredicate,
+    SandboxFacts,
+    Seeds,
+    SourceFacts,
+    SpecRef,
+    Timestamps,
+    json_at,
+)
 from runner.model.spec import EvalSpec, LockedSpec, load_lock, load_spec, lock_path_for
 from runner.render.markdown import render_markdown
-from runner.shared.metrics import is_gating, threshold_verdicts
+from runner.shared.metrics import is_gating
 from runner.workflows.compare import check_group_definitions
+from runner.workflows.judge import (
+    INTERRUPTED,
+    ContainerReport,
+    Judgement,
+    ThresholdVerdict,
+    judge,
+    judge_metrics,
+    read_container_report,
+)
 
 log = logging.getLogger("evalrun.run")
 Progress = Callable[[str], None]
+# A re-run's hook: the finished predicate with keys added (it may not change existing ones).
+Annotate = Callable[[RunPredicate], RunPredicate]
 
 _LOG_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
-PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
-
-# outcome → process exit code (DESIGN.md)
-OUTCOME_EXIT = {
-    "passed": 0,
-    "completed": 0,
-    "thresholds_failed": 6,
-    "evaluation_failed": 6,
-    "timeout": 6,
-    "bad_output": 6,
-    "integrity_failure": 3,
-    "environment_mismatch": 4,
-    "infrastructure_failure": 5,
-    "interrupted": 130,
-    "agent_error": 1,
-}
 
 
 def run_id_for(lock_digest: str, attempt: int) -> str:
@@ -120,11 +134,11 @@ class RunOutcome:
     """What ``evalrun run`` reports: the stored bundle and its verdict."""
 
     run_id: str
-    outcome: str
+    outcome: Outcome
     exit_code: int
     reason: str | None
     bundle: StoredBundle
-    predicate: dict[str, Any]
+    predicate: RunPredicate
     reused: bool
 
 
@@ -230,15 +244,13 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
     )
 
 
-# Runs that never got to evaluate: a plain `evalrun run` tries again instead of reusing them.
-RETRYABLE_OUTCOMES = {"infrastructure_failure", "interrupted"}
-
-
 def _current_attempt(store: Store, lock_digest: str) -> int:
     """The attempt a plain run attaches to: the first one not ended by infrastructure/Ctrl-C."""
     attempt = 0
     while (found := store.find_run(run_id_for(lock_digest, attempt))) is not None:
-        if found.outcome not in RETRYABLE_OUTCOMES:
+        outcome = Outcome.parse(found.outcome)
+        # runs that never got to evaluate: a plain `evalrun run` tries again
+        if outcome is None or not outcome.retryable:
             return attempt
         attempt += 1
     return attempt
@@ -259,15 +271,15 @@ def run_evaluation(
     *,
     rerun: bool = False,
     progress: Progress = lambda _: None,
-    annotate: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    annotate: Annotate | None = None,
     reason: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> RunOutcome:
     """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
 
     ``annotate`` (used by ``evalrun rerun``) is called with the finished predicate
-    of a new run; the keys it returns are added to the predicate before it is
-    signed (they may not replace existing ones). ``reason`` is the launcher's
+    of a new run and returns it with keys added; that is what gets signed (it may
+    not replace or drop existing keys: ValueError). ``reason`` is the launcher's
     rationale (``--reason``); it wins over the spec's ``metadata.rationale`` and both
     are recorded in the predicate's ``provenance``, with the launcher's identity read
     from ``environ`` (default: the process environment).
@@ -280,16 +292,11 @@ def run_evaluation(
     existing = store.find_run(run_id)
     if existing is not None:
         progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
-        predicate = _load_predicate(existing.path)
-        outcome = str(predicate.get("outcome"))
+        found = _load_predicate(existing.path)
+        # a stored run always has an outcome; one without is an internal error (exit 1)
+        outcome = found.outcome or Outcome.AGENT_ERROR
         return RunOutcome(
-            run_id,
-            outcome,
-            OUTCOME_EXIT.get(outcome, 1),
-            predicate.get("reason"),
-            existing,
-            predicate,
-            reused=True,
+            run_id, outcome, outcome.exit_code, found.reason, existing, found, reused=True
         )
 
     spec_dir = spec_path.resolve().parent
@@ -317,8 +324,8 @@ def run_evaluation(
         shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
         _carry_preprocessing(spec, spec_dir, stage / "preprocessing")
         result: BackendResult | None = None
-        plan: RunPlan | None = None
-        facts: dict[str, Any] = {}
+        report = ContainerReport()
+        judgement: Judgement
         try:
             inputs = _check_inputs_on_host(spec_dir, lock)
             _check_preprocessing(steps, lock)
@@ -350,230 +357,185 @@ def run_evaluation(
                     bytes=collected.total_bytes,
                     problems=collected.problems,
                 )
-            outcome, reason, facts = _judge(spec, plan, result, collected.problems, stage)
+            results = stage / "results"
+            agent_report = read_container_report(results)
+            judgement = judge(plan, result, collected.problems, agent_report) or judge_metrics(
+                plan,
+                result,
+                agent_report,
+                recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations),
+            )
+            report = agent_report  # recorded only once judged, as it always was
         except KeyboardInterrupt:
-            outcome, reason = "interrupted", "interrupted by the user (Ctrl-C)"
+            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
         except DigestMismatch as exc:
-            outcome, reason = "integrity_failure", exc.diagnostics().replace("\n", "; ")
+            judgement = Judgement(Outcome.INTEGRITY_FAILURE, _one_line(exc))
         except EnvironmentMismatch as exc:
-            outcome, reason = "environment_mismatch", exc.diagnostics().replace("\n", "; ")
+            judgement = Judgement(Outcome.ENVIRONMENT_MISMATCH, _one_line(exc))
         except InfrastructureError as exc:
-            outcome, reason = "infrastructure_failure", exc.diagnostics().replace("\n", "; ")
+            judgement = Judgement(Outcome.INFRASTRUCTURE_FAILURE, _one_line(exc))
         if result is not None and result.interrupted:
-            outcome, reason = "interrupted", "interrupted by the user (Ctrl-C)"
+            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED, facts=judgement.facts)
+        outcome, reason = judgement.outcome, judgement.reason
         journal.emit(
             "run_end",
-            level="info" if OUTCOME_EXIT[outcome] == 0 else "error",
+            level="info" if outcome.exit_code == 0 else "error",
             outcome=outcome,
             reason=reason,
         )
-        predicate = _predicate(
+        predicate = build_run_predicate(
             spec,
             lock,
-            run_id,
-            attempt,
-            plan,
-            result,
-            outcome,
-            reason,
-            facts,
-            started,
-            stage,
-            backend.name,
-            run_provenance,
+            run_id=run_id,
+            attempt=attempt,
+            result=result,
+            judgement=judgement,
+            report=report,
+            started=started,
+            backend=backend.name,
+            run_provenance=run_provenance,
         )
         if annotate is not None:
-            extra = dict(annotate(predicate))
-            if clash := sorted(extra.keys() & predicate.keys()):
-                raise ValueError(f"annotate may not replace predicate keys {clash}")
-            predicate = {**predicate, **extra}
+            predicate = _annotated(predicate, annotate)
         (stage / "report.md").write_text(render_markdown(predicate))
         (stage / "logs").mkdir(exist_ok=True)
         (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
         if result is not None and result.container_log:
             (stage / "logs" / "container.log").write_text(result.container_log)
         progress("sealing the bundle (hash, sign)")
-        build_bundle(stage, predicate, signer, stage)
+        build_bundle(stage, predicate.to_json(), signer, stage)
         stored = store.put(stage)
-    return RunOutcome(
-        run_id, outcome, OUTCOME_EXIT[outcome], reason, stored, predicate, reused=False
+    return RunOutcome(run_id, outcome, outcome.exit_code, reason, stored, predicate, reused=False)
+
+
+def _one_line(exc: EvalrunError) -> str:
+    return exc.diagnostics().replace("\n", "; ")
+
+
+def _annotated(predicate: RunPredicate, annotate: Annotate) -> RunPredicate:
+    """The predicate ``annotate`` returns, refused if it changed or dropped a key."""
+    annotated = annotate(predicate)
+    before, after = predicate.to_json(), annotated.to_json()
+    if changed := sorted(k for k, v in before.items() if k not in after or after[k] != v):
+        raise ValueError(f"annotate may not replace predicate keys {changed}")
+    return annotated
+
+
+def _load_predicate(bundle_dir: Path) -> RunPredicate:
+    return expect_kind(read_predicate(bundle_dir), RunPredicate, bundle_dir)
+
+
+# --------------------------------------------------------------------------- the predicate
+
+
+def _plain_json(value: Mapping[str, Any]) -> JsonObject:
+    """``value`` as the bundle will hold it: what ``json.dumps`` makes of it (tuples as lists)."""
+    try:
+        data = json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bundle predicate is not plain JSON: {exc}") from exc
+    assert isinstance(data, dict)
+    return data
+
+
+def _metric_result(
+    recomputed: MetricResult, spec: EvalSpec, verdicts: Mapping[str, ThresholdVerdict]
+) -> MetricResult:
+    """A recomputed metric with its definition from the spec and its threshold verdict."""
+    definition = next(d for d in spec.metrics if d.name == recomputed.name)
+    verdict = verdicts.get(recomputed.name) or ThresholdVerdict(None, None)
+    return MetricResult.model_validate(
+        {
+            **recomputed.to_json(),
+            "threshold": definition.threshold,
+            "direction": definition.direction,
+            "compute": definition.compute,
+            "field": definition.field,
+            "role": definition.role,
+            "gating": is_gating(definition.model_dump(mode="json")),
+            "promoted": (
+                definition.promoted.model_dump(mode="json") if definition.promoted else None
+            ),
+            "threshold_met": verdict.threshold_met,
+            "passed": verdict.passed,
+        }
     )
 
 
-def _load_predicate(bundle_dir: Path) -> dict[str, Any]:
-    statement = json.loads((bundle_dir / "statement.json").read_text())
-    predicate: dict[str, Any] = statement["predicate"]
-    return predicate
-
-
-def _judge(
-    spec: EvalSpec, plan: RunPlan, result: BackendResult, collect_problems: list[str], stage: Path
-) -> tuple[str, str | None, dict[str, Any]]:
-    """Turn what the container left behind into an outcome, trusting nothing it says."""
-    results = stage / "results"
-    facts: dict[str, Any] = {
-        "summary": read_json(results / "summary.json"),
-        "preflight": read_json(results / "preflight.json"),
-        "environment": read_json(results / "env.json"),
-    }
-    if result.interrupted:
-        return "interrupted", "interrupted by the user (Ctrl-C)", facts
-    if not result.image_digest_confirmed:
-        return "integrity_failure", "the container did not run the pinned image digest", facts
-    if collect_problems:
-        return "integrity_failure", "; ".join(collect_problems), facts
-    if result.timed_out:
-        reason = (
-            f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
-            "preflight allowance) and was killed"
-        )
-        return "timeout", reason, facts
-    summary = facts["summary"] if isinstance(facts["summary"], dict) else {}
-    agent_outcome = summary.get("outcome")
-    labels = result.details.get("node_labels")
-    environment = facts["environment"] if isinstance(facts["environment"], dict) else {}
-    if isinstance(labels, dict) and agent_outcome == "completed":
-        disagreements = crosscheck_node_labels(labels, environment.get("gpu") or {})
-        facts["node_crosscheck"] = disagreements
-        if disagreements:
-            return "environment_mismatch", "; ".join(disagreements), facts
-    if result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed"):
-        return "evaluation_failed", "the container was OOMKilled (memory limit reached)", facts
-    if result.exit_code == 137 and not agent_outcome:
-        return "evaluation_failed", "the container was killed (out of memory?)", facts
-    if agent_outcome != "completed" or result.exit_code != 0:
-        known = {
-            "integrity_failure",
-            "environment_mismatch",
-            "evaluation_failed",
-            "timeout",
-            "bad_output",
-        }
-        outcome = agent_outcome if agent_outcome in known else "evaluation_failed"
-        reason = summary.get("reason") or f"agent exited {result.exit_code}"
-        if outcome == "evaluation_failed":
-            stderr = results / "logs" / "evaluation.stderr"
-            if stderr.is_file():
-                tail = stderr.read_text(errors="replace").strip().splitlines()[-3:]
-                if tail:
-                    reason += " — stderr: " + " | ".join(tail)
-        return outcome, reason, facts
-    check = recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations)
-    facts["metrics"] = check.metrics
-    facts["perturbations"] = check.perturbations
-    if check.problems:
-        return (
-            "integrity_failure",
-            "metrics do not match the per-sample outputs: " + "; ".join(check.problems),
-            facts,
-        )
-    verdicts = threshold_verdicts(plan.metrics, {m["name"]: m["value"] for m in check.metrics})
-    facts["verdicts"] = verdicts
-    # only gating metrics (primary, or promoted supplementary) decide the outcome
-    failed = [n for n, v in verdicts.items() if v.get("gating", True) and v["passed"] is False]
-    if failed:
-        return "thresholds_failed", "metrics below threshold: " + ", ".join(failed), facts
-    return "passed", None, facts
-
-
-def _predicate(
+def build_run_predicate(
     spec: EvalSpec,
     lock: LockedSpec,
+    *,
     run_id: str,
     attempt: int,
-    plan: RunPlan | None,
     result: BackendResult | None,
-    outcome: str,
-    reason: str | None,
-    facts: dict[str, Any],
+    judgement: Judgement,
+    report: ContainerReport,
     started: str,
-    stage: Path,
     backend: str,
     run_provenance: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    preflight: dict[str, Any] = facts.get("preflight") or {}
-    summary: dict[str, Any] = facts.get("summary") or {}
-    if not isinstance(preflight, dict):
-        preflight = {}
-    if not isinstance(summary, dict):
-        summary = {}
-    verdicts = facts.get("verdicts") or {}
-    metrics = []
-    for m in facts.get("metrics") or []:
-        definition = next(d for d in spec.metrics if d.name == m["name"])
-        verdict = verdicts.get(m["name"]) or {}
-        metrics.append(
-            {
-                **m,
-                "threshold": definition.threshold,
-                "direction": definition.direction,
-                "compute": definition.compute,
-                "field": definition.field,
-                "role": definition.role,
-                "gating": is_gating(definition.model_dump(mode="json")),
-                "promoted": (
-                    definition.promoted.model_dump(mode="json") if definition.promoted else None
-                ),
-                "threshold_met": verdict.get("threshold_met"),
-                "passed": verdict.get("passed"),
-            }
-        )
-    rootfs = (preflight or {}).get("rootfs") or {}
-    return {
-        "run_id": run_id,
-        "attempt": attempt,
-        "evalrun_version": _evalrun_version(),
-        "backend": backend,
-        "spec": {"name": spec.metadata.name, "digest": spec.digest()},
-        "lock_digest": lock.digest(),
-        "image": {
-            "ref": lock.image.ref,
-            "digest": lock.image.ref.split("@", 1)[1],
-            "rootfs_expected": lock.image.rootfs_digest,
-            "rootfs_found": rootfs.get("found"),
-            "digest_confirmed_by_backend": result.image_digest_confirmed if result else None,
-        },
-        "sandbox": {
-            "runtime_requested": spec.sandbox.runtime,
-            "runtime_used": result.runtime if result else None,
-            "network": spec.sandbox.network,
-            "details": result.details if result else {},
-        },
-        "model": lock.model.model_dump(mode="json"),
-        "datasets": [d.model_dump(mode="json") for d in lock.datasets],
-        "source": lock.source.model_dump(mode="json"),
-        "image_reproducibility": image_reproducibility(lock),
-        "provenance": dict(run_provenance or {}),
-        "comparison_group": spec.metadata.comparison_group,
-        "preprocessing": list((run_provenance or {}).get("preprocessing") or []),
-        "metric_definitions": [
-            d.model_dump(mode="json") | {"gating": d.gating} for d in spec.metrics
-        ],
-        "params": spec.params,
-        "seeds": {"seed": spec.seed, "determinism": summary.get("determinism")},
-        "environment": facts.get("environment") or {},
-        "preflight": preflight or {},
-        "node_crosscheck": facts.get("node_crosscheck"),
-        "perturbations": facts.get("perturbations") or [],
-        "evaluation": summary.get("evaluation"),
-        "metrics": metrics,
-        "outcome": outcome,
-        "reason": reason,
-        "exit_code": OUTCOME_EXIT[outcome],
-        "timestamps": {
-            "started": started,
-            "finished": _now(),
-            "container_started": result.started_at if result else None,
-            "container_finished": result.finished_at if result else None,
-        },
-    }
+) -> RunPredicate:
+    """The signed predicate of a run: what ran, where, on what, and how it ended."""
+    facts = judgement.facts
+    launched = Provenance.model_validate(run_provenance or {})
+    return RunPredicate(
+        run_id=run_id,
+        attempt=attempt,
+        evalrun_version=_evalrun_version(),
+        backend=backend,
+        spec=SpecRef(name=spec.metadata.name, digest=spec.digest()),
+        lock_digest=lock.digest(),
+        image=ImageFacts(
+            ref=lock.image.ref,
+            digest=lock.image.ref.split("@", 1)[1],
+            rootfs_expected=lock.image.rootfs_digest,
+            rootfs_found=json_at(report.preflight, "rootfs.found"),
+            digest_confirmed_by_backend=result.image_digest_confirmed if result else None,
+        ),
+        sandbox=SandboxFacts(
+            runtime_requested=spec.sandbox.runtime,
+            runtime_used=result.runtime if result else None,
+            network=spec.sandbox.network,
+            details=_plain_json(result.details) if result else {},
+        ),
+        model=ModelInput.model_validate(lock.model.model_dump(mode="json")),
+        datasets=tuple(
+            DatasetInput.model_validate(d.model_dump(mode="json")) for d in lock.datasets
+        ),
+        source=SourceFacts.model_validate(lock.source.model_dump(mode="json")),
+        image_reproducibility=ImageReproducibility.model_validate(image_reproducibility(lock)),
+        provenance=launched,
+        comparison_group=spec.metadata.comparison_group,
+        preprocessing=launched.preprocessing,
+        metric_definitions=tuple(
+            MetricDefinition.model_validate(d.model_dump(mode="json") | {"gating": d.gating})
+            for d in spec.metrics
+        ),
+        params=_plain_json(spec.params),
+        seeds=Seeds(seed=spec.seed, determinism=report.summary.get("determinism")),
+        environment=report.environment,
+        preflight=report.preflight,
+        node_crosscheck=facts.node_crosscheck,
+        perturbations=facts.perturbations,
+        evaluation=report.summary.get("evaluation"),
+        metrics=tuple(_metric_result(m, spec, facts.verdicts) for m in facts.metrics),
+        outcome=judgement.outcome,
+        reason=judgement.reason,
+        exit_code=judgement.outcome.exit_code,
+        timestamps=Timestamps(
+            started=started,
+            finished=_now(),
+            container_started=result.started_at if result else None,
+            container_finished=result.finished_at if result else None,
+        ),
+    )
 
 
 __all__ = [
-    "OUTCOME_EXIT",
     "EvalrunError",
     "IntegrityError",
     "RunOutcome",
+    "build_run_predicate",
     "run_evaluation",
     "run_id_for",
 ]

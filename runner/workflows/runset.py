@@ -13,17 +13,30 @@ import datetime as dt
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
 from runner.bundle.build import build_bundle
+from runner.bundle.reader import expect_kind, read_predicate
 from runner.bundle.signing import Signer
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import InputError
+from runner.model.outcome import Outcome
 from runner.model.plan import Backend
+from runner.model.predicate import (
+    AcrossSeedsStat,
+    ConfidenceInterval,
+    MetricResult,
+    RunSetMember,
+    RunSetPredicate,
+    SeedList,
+    SpecRef,
+    Timestamps,
+)
+from runner.model.spec import MetricSpec
 from runner.workflows.run import load_locked
 from runner.workflows.sweep import Cell, CellResult, run_sweep, sweep_exit_code
 
@@ -115,19 +128,23 @@ class AcrossSeeds:
     ci_high: float
     level: float
 
+    def stat(self) -> AcrossSeedsStat:
+        """The run set predicate's record of this metric."""
+        return AcrossSeedsStat(
+            name=self.name,
+            n=self.n,
+            mean=self.mean,
+            sd=self.sd,
+            ci=ConfidenceInterval(
+                low=self.ci_low,
+                high=self.ci_high,
+                level=self.level,
+                method="student_t_across_seeds",
+            ),
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "n": self.n,
-            "mean": self.mean,
-            "sd": self.sd,
-            "ci": {
-                "low": self.ci_low,
-                "high": self.ci_high,
-                "level": self.level,
-                "method": "student_t_across_seeds",
-            },
-        }
+        return self.stat().to_json()
 
 
 def across_seeds(name: str, values: Sequence[float], level: float) -> AcrossSeeds:
@@ -152,38 +169,57 @@ def run_set_id(lock_digest: str, seeds: Sequence[int]) -> str:
 @dataclass(frozen=True)
 class RunSetOutcome:
     run_id: str
-    outcome: str
+    outcome: Outcome
     exit_code: int
     bundle: StoredBundle
-    predicate: dict[str, Any]
+    predicate: RunSetPredicate
     reused: bool
 
 
-def _stats(members: list[CellResult], definitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _stats(members: list[CellResult], definitions: Sequence[MetricSpec]) -> list[AcrossSeedsStat]:
     out = []
     for d in definitions:
-        values = []
-        for r in members:
-            if r.outcome is None:
-                continue
-            for m in r.outcome.predicate.get("metrics") or []:
-                if m.get("name") == d["name"] and isinstance(m.get("value"), int | float):
-                    values.append(float(m["value"]))
-        level = float((d.get("ci") or {}).get("level", 0.95))
+        values = [
+            float(m.value)
+            for r in members
+            if r.outcome is not None
+            for m in r.outcome.predicate.metrics
+            if m.name == d.name and m.value is not None
+        ]
         if len(values) >= 2:
-            out.append(across_seeds(d["name"], values, level).as_dict())
+            out.append(across_seeds(d.name, values, d.ci.level).stat())
         else:
             out.append(
-                {
-                    "name": d["name"],
-                    "n": len(values),
-                    "mean": None,
-                    "sd": None,
-                    "ci": None,
-                    "note": "fewer than two seeds produced this metric",
-                }
+                AcrossSeedsStat(
+                    name=d.name,
+                    n=len(values),
+                    mean=None,
+                    sd=None,
+                    ci=None,
+                    note="fewer than two seeds produced this metric",
+                )
             )
     return out
+
+
+def _member(seed: int, result: CellResult) -> RunSetMember:
+    """One seed's row: its run by id and bundle digest, or why there is none."""
+    if result.outcome is None:
+        return RunSetMember(
+            seed=seed,
+            outcome="error",
+            reason=result.error.message if result.error else None,
+        )
+    return RunSetMember(
+        seed=seed,
+        run_id=result.outcome.run_id,
+        bundle_digest=result.outcome.bundle.digest,
+        outcome=result.outcome.outcome,
+        metrics=tuple(
+            MetricResult(name=m.name, value=m.value, ci=m.ci)
+            for m in result.outcome.predicate.metrics
+        ),
+    )
 
 
 def run_set(
@@ -202,13 +238,13 @@ def run_set(
     store = Store(settings.home)
     existing = store.find_run(set_id)
     if existing is not None:
-        predicate = json.loads((existing.path / "statement.json").read_text())["predicate"]
+        found = expect_kind(read_predicate(existing.path), RunSetPredicate, existing.path)
         return RunSetOutcome(
             set_id,
-            str(predicate["outcome"]),
-            int(predicate["exit_code"]),
+            found.outcome or Outcome.INFRASTRUCTURE_FAILURE,
+            found.exit_code if found.exit_code is not None else 1,
             existing,
-            predicate,
+            found,
             reused=True,
         )
     started = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
@@ -217,81 +253,65 @@ def run_set(
     members = run_sweep(
         spec_path, cells, backend, signer, settings, parallel=parallel, progress=progress
     )
-    definitions = [m.model_dump(mode="json") for m in spec.metrics]
     code = sweep_exit_code(members)
     worst = next((r for r in members if r.exit_code == code), None)
-    outcome = "passed"
+    outcome = Outcome.PASSED
     if code and worst is not None:
-        outcome = worst.outcome.outcome if worst.outcome else "infrastructure_failure"
-    member_rows = []
-    for seed, r in zip(seeds, members, strict=True):
-        row: dict[str, Any] = {"seed": seed}
-        if r.outcome is not None:
-            row.update(
-                run_id=r.outcome.run_id,
-                bundle_digest=r.outcome.bundle.digest,
-                outcome=r.outcome.outcome,
-                metrics=[
-                    {"name": m["name"], "value": m.get("value"), "ci": m.get("ci")}
-                    for m in r.outcome.predicate.get("metrics") or []
-                ],
-            )
-        else:
-            row.update(outcome="error", reason=r.error.message if r.error else None)
-        member_rows.append(row)
-    predicate = {
-        "run_id": set_id,
-        "kind": "run_set",
-        "spec": {"name": spec.metadata.name, "digest": spec.digest()},
-        "lock_digest": lock.digest(),
-        "seeds": {"seeds": seeds},
-        "members": member_rows,
-        "across_seeds": _stats(members, definitions),
-        "outcome": outcome,
-        "exit_code": code,
-        "timestamps": {
-            "started": started,
-            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-        },
-    }
+        outcome = worst.outcome.outcome if worst.outcome else Outcome.INFRASTRUCTURE_FAILURE
+    predicate = RunSetPredicate(
+        run_id=set_id,
+        kind="run_set",
+        spec=SpecRef(name=spec.metadata.name, digest=spec.digest()),
+        lock_digest=lock.digest(),
+        seeds=SeedList(seeds=tuple(seeds)),
+        members=tuple(_member(seed, r) for seed, r in zip(seeds, members, strict=True)),
+        across_seeds=tuple(_stats(members, spec.metrics)),
+        outcome=outcome,
+        exit_code=code,
+        timestamps=Timestamps(
+            started=started,
+            finished=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        ),
+    )
+    body = predicate.to_json()
     with store.staging_dir() as stage:
-        (stage / "runset.json").write_text(json.dumps(predicate, indent=2, sort_keys=True) + "\n")
+        (stage / "runset.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         (stage / "report.md").write_text(render_run_set(predicate))
-        build_bundle(stage, predicate, signer, stage)
+        build_bundle(stage, body, signer, stage)
         stored = store.put(stage)
     return RunSetOutcome(set_id, outcome, code, stored, predicate, reused=False)
 
 
-def _f(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else "—"
+def _f(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
-def render_run_set(predicate: Mapping[str, Any]) -> str:
+def render_run_set(predicate: RunSetPredicate) -> str:
     """Per-seed metrics with their bootstrap CIs, then the spread across seeds."""
-    names = [s["name"] for s in predicate.get("across_seeds") or []]
+    p = predicate
+    names = [s.name for s in p.across_seeds]
+    seeds = list(p.seeds.seeds) if p.seeds.seeds is not None else None
     lines = [
-        f"# evalrun run set — {predicate['spec']['name']}",
+        f"# evalrun run set — {p.spec.name}",
         "",
-        f"- run set: `{predicate['run_id']}`, outcome **{predicate['outcome']}**",
-        f"- seeds: {predicate['seeds']['seeds']}",
+        f"- run set: `{p.run_id}`, outcome **{p.outcome}**",
+        f"- seeds: {seeds}",
         "",
         "## Per seed",
         "",
         "| seed | run | " + " | ".join(f"{n} (bootstrap CI)" for n in names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
-    for row in predicate.get("members") or []:
-        by = {m["name"]: m for m in row.get("metrics") or []}
+    for row in p.members:
+        by = {m.name: m for m in row.metrics}
         cells = []
         for n in names:
-            m = by.get(n) or {}
-            ci = m.get("ci") or {}
-            cells.append(f"{_f(m.get('value'))} [{_f(ci.get('low'))}, {_f(ci.get('high'))}]")
-        lines.append(
-            f"| {row['seed']} | `{row.get('run_id', row.get('outcome'))}` | "
-            + " | ".join(cells)
-            + " |"
-        )
+            m = by.get(n) if n is not None else None
+            ci = (m.ci if m is not None else None) or ConfidenceInterval()
+            value = m.value if m is not None else None
+            cells.append(f"{_f(value)} [{_f(ci.low)}, {_f(ci.high)}]")
+        run = row.run_id if "run_id" in row.model_fields_set else row.outcome
+        lines.append(f"| {row.seed} | `{run}` | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Across seeds (Student-t CI of the mean)",
@@ -299,15 +319,10 @@ def render_run_set(predicate: Mapping[str, Any]) -> str:
         "| metric | n | mean | sd | CI |",
         "|---|---|---|---|---|",
     ]
-    for s in predicate.get("across_seeds") or []:
-        ci = s.get("ci") or {}
-        level = ci.get("level")
-        ci_text = (
-            f"[{_f(ci.get('low'))}, {_f(ci.get('high'))}] ({int(level * 100)}%)" if level else "—"
-        )
-        lines.append(
-            f"| {s['name']} | {s['n']} | {_f(s.get('mean'))} | {_f(s.get('sd'))} | {ci_text} |"
-        )
+    for s in p.across_seeds:
+        ci = s.ci or ConfidenceInterval()
+        ci_text = f"[{_f(ci.low)}, {_f(ci.high)}] ({int(ci.level * 100)}%)" if ci.level else "—"
+        lines.append(f"| {s.name} | {s.n} | {_f(s.mean)} | {_f(s.sd)} | {ci_text} |")
     return "\n".join(lines) + "\n"
 
 

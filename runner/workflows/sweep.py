@@ -23,14 +23,13 @@ from runner._internal.settings import Settings
 from runner.build.image import lock_inputs, write_lock
 from runner.bundle.signing import Signer
 from runner.errors import EvalrunError, InputError
+from runner.model.outcome import worst_exit_code
 from runner.model.plan import Backend
 from runner.model.spec import LockedSpec, load_yaml_document, lock_path_for, parse_spec
-from runner.workflows.run import OUTCOME_EXIT, RunOutcome, load_locked, run_evaluation
+from runner.workflows.run import RunOutcome, load_locked, run_evaluation
 
 Progress = Callable[[str], None]
 MAX_CELLS = 10_000
-# Worst first: the sweep's exit code is the most severe of its cells'.
-SEVERITY = [1, 3, 4, 5, 130, 2, 6, 0]
 
 
 @dataclass(frozen=True)
@@ -181,11 +180,8 @@ def run_sweep(
 
 
 def sweep_exit_code(results: list[CellResult]) -> int:
-    codes = {r.exit_code for r in results}
-    for code in SEVERITY:
-        if code in codes:
-            return code
-    return max(codes) if codes else 0
+    """The sweep's exit code: the most severe of its cells' (see ``model.outcome.SEVERITY``)."""
+    return worst_exit_code(r.exit_code for r in results)
 
 
 def summary_rows(results: list[CellResult]) -> list[dict[str, Any]]:
@@ -198,7 +194,7 @@ def summary_rows(results: list[CellResult]) -> list[dict[str, Any]]:
                 outcome=r.outcome.outcome,
                 exit_code=r.outcome.exit_code,
                 bundle=str(r.outcome.bundle.path),
-                metrics={m["name"]: m["value"] for m in r.outcome.predicate.get("metrics") or []},
+                metrics={m.name: m.value for m in r.outcome.predicate.metrics},
             )
         else:
             row.update(
@@ -235,4 +231,4 @@ def summary_table(results: list[CellResult]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OUTCOME_EXIT", "Cell", "CellResult", "load_matrix", "run_sweep", "summary_table"]
+__all__ = ["Cell", "CellResult", "load_matrix", "run_sweep", "summary_table"]

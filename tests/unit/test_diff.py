@@ -9,8 +9,10 @@ import pytest
 from history_fixtures import predicate, store_run
 
 from runner.cli.main import main
-from runner.workflows.diff import diff_runs, format_diff, judge_metric, overall_verdict
-from runner.workflows.rerun import judge_reproduction
+from runner.model.predicate import MetricResult, RunPredicate
+from runner.workflows.diff import diff_runs as _diff_runs
+from runner.workflows.diff import format_diff, judge_metric, overall_verdict
+from runner.workflows.rerun import judge_reproduction as _judge_reproduction
 from runner.bundle.signing import generate_keypair, load_signer
 from runner.bundle.store import Store
 
@@ -21,7 +23,18 @@ def metric(value, low=None, high=None):
     data = {"name": "accuracy", "value": value}
     if low is not None:
         data["ci"] = {"low": low, "high": high}
-    return data
+    return MetricResult.model_validate(data)
+
+
+# the workflows take typed predicates; these tests build them as dicts
+def diff_runs(a: dict, b: dict, **kwargs):
+    return _diff_runs(RunPredicate.model_validate(a), RunPredicate.model_validate(b), **kwargs)
+
+
+def judge_reproduction(a: dict, b: dict, tolerance):
+    return _judge_reproduction(
+        RunPredicate.model_validate(a), RunPredicate.model_validate(b), tolerance
+    )
 
 
 def test_identical_runs_differ_in_nothing() -> None:

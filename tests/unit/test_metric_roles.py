@@ -9,7 +9,9 @@ import yaml
 
 from runner.errors import SpecError
 from runner.shared.metrics import threshold_verdicts
-from runner.render.markdown import metric_table, render_markdown
+from runner.model.predicate import RunPredicate
+from runner.render.markdown import render_markdown
+from runner.render.markdown import metric_table as _metric_table
 from runner.model.spec import parse_spec
 
 pytestmark = pytest.mark.unit
@@ -75,9 +77,14 @@ def test_promotion_needs_a_supplementary_metric_and_a_justification(metric):
         _metrics(metric)
 
 
-def _predicate() -> dict:
+def metric_table(predicate: RunPredicate) -> str:
+    return _metric_table(predicate.metrics)
+
+
+def _predicate() -> RunPredicate:
     ci = {"low": 0.9, "high": 0.95, "level": 0.95, "method": "bootstrap_percentile"}
-    return {
+    return RunPredicate.model_validate({
+        "run_id": "r-roles",
         "metrics": [
             {
                 "name": "acc",
@@ -114,7 +121,7 @@ def _predicate() -> dict:
                 "threshold_met": True,
             },
         ]
-    }
+    })
 
 
 def test_terminal_table_and_report_show_roles_and_promotions():

@@ -17,6 +17,7 @@ from runner.build.provenance import (
     provenance,
     rationale,
 )
+from runner.model.predicate import RunPredicate
 from runner.render.markdown import render_markdown
 from runner.model.spec import EvalSpec, parse_spec
 
@@ -189,7 +190,9 @@ def test_provenance_block_and_report_section():
     assert prov["launched_by"]["ci"]["job_url"] == "https://ci.example/1"
     assert prov["rationale"]["text"] == "release candidate"
     assert prov["comparison_group"] == "g1"
-    md = render_markdown({"provenance": prov, "metrics": []})
+    md = render_markdown(
+        RunPredicate.model_validate({"run_id": "r-prov", "provenance": prov, "metrics": []})
+    )
     assert "## Provenance" in md
     assert "launched by: carol" in md
     assert "rationale: release candidate (from spec)" in md

@@ -9,12 +9,17 @@ import pytest
 from history_fixtures import predicate, store_run
 
 from runner.cli.main import main
-from runner.render.markdown import render_markdown
+from runner.model.predicate import MetricResult, RunPredicate
+from runner.render.markdown import render_markdown as _render_markdown
 from runner.render.html import load_report_data, metrics_svg, per_slice, render_html
 from runner.bundle.signing import generate_keypair, load_signer
 from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit
+
+
+def render_markdown(predicate: dict) -> str:
+    return _render_markdown(RunPredicate.model_validate(predicate))
 
 
 @pytest.fixture
@@ -73,7 +78,7 @@ def test_report_says_when_verification_fails(stored, tmp_path, monkeypatch) -> N
 
 
 def test_svg_plot_is_deterministic_text() -> None:
-    metrics = predicate()["metrics"]
+    metrics = [MetricResult.model_validate(m) for m in predicate()["metrics"]]
     assert metrics_svg(metrics) == metrics_svg(list(metrics))
     svg = metrics_svg(metrics)
     assert svg.startswith("<svg") and 'stroke-dasharray="3,2"' in svg  # threshold marks

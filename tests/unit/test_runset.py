@@ -70,11 +70,13 @@ def test_bad_seed_policies_are_refused(extra, message):
 
 
 def test_run_set_reports_show_per_seed_and_across_seed_tables():
+    from runner.model.predicate import RunSetPredicate
     from runner.render.html import render_run_set_html
     from runner.workflows.runset import render_run_set
 
     pred = {
-        "run_id": "rs-1", "spec": {"name": "digits"}, "outcome": "passed", "exit_code": 0,
+        "run_id": "rs-1", "kind": "run_set", "spec": {"name": "digits"}, "outcome": "passed",
+        "exit_code": 0,
         "seeds": {"seeds": [1, 2]},
         "members": [{"seed": s, "run_id": f"r-{s}", "outcome": "passed",
                      "metrics": [{"name": "accuracy", "value": v,
@@ -82,6 +84,7 @@ def test_run_set_reports_show_per_seed_and_across_seed_tables():
                     for s, v in ((1, 0.9), (2, 0.92))],
         "across_seeds": [across_seeds("accuracy", [0.9, 0.92], 0.95).as_dict()],
     }
+    pred = RunSetPredicate.model_validate(pred)
     md = render_run_set(pred)
     assert "| 1 | `r-1` | 0.9000 [0.8800, 0.9200] |" in md
     assert "Across seeds" in md and "0.9100" in md

@@ -1,0 +1,208 @@
+"""Judging a sandboxed run: how it ended, from what the backend saw and the agent left.
+
+Pure functions over data read once (:func:`read_container_report`): the agent's files
+are trusted for nothing beyond choosing among failures; only metrics the runner
+recomputed from the per-sample outputs can make a run pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from pydantic import JsonValue
+
+from runner.backends.collect import MetricCheck, read_json
+from runner.backends.crosscheck import crosscheck_node_labels
+from runner.model.outcome import Outcome
+from runner.model.plan import BackendResult, RunPlan
+from runner.model.predicate import JsonObject, MetricResult, PerturbationResult
+from runner.shared.metrics import threshold_verdicts
+
+# The outcomes an agent may report for itself; anything else it says is an evaluation failure.
+_AGENT_OUTCOMES = frozenset(
+    {
+        Outcome.INTEGRITY_FAILURE,
+        Outcome.ENVIRONMENT_MISMATCH,
+        Outcome.EVALUATION_FAILED,
+        Outcome.TIMEOUT,
+        Outcome.BAD_OUTPUT,
+    }
+)
+# How much of the end of the evaluation's stderr is read for the last lines of a failure.
+_STDERR_TAIL_BYTES = 1 << 20
+INTERRUPTED = "interrupted by the user (Ctrl-C)"
+
+
+def _object(value: JsonValue) -> JsonObject:
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class ContainerReport:
+    """What the agent left in ``results/``, read once and trusted for nothing.
+
+    ``summary``, ``preflight`` and ``environment`` are the agent's JSON objects (an
+    absent file, or one that is not a JSON object, reads as ``{}``); ``stderr_tail``
+    is the last three lines of the evaluation's stderr.
+    """
+
+    summary: JsonObject = field(default_factory=dict)
+    preflight: JsonObject = field(default_factory=dict)
+    environment: JsonObject = field(default_factory=dict)
+    stderr_tail: tuple[str, ...] = ()
+
+
+def _tail_lines(path: Path, count: int) -> tuple[str, ...]:
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - _STDERR_TAIL_BYTES))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ()
+    return tuple(text.strip().splitlines()[-count:])
+
+
+def read_container_report(results: Path) -> ContainerReport:
+    """Read the agent's summary, preflight and environment capture from ``results``."""
+    return ContainerReport(
+        summary=_object(read_json(results / "summary.json")),
+        preflight=_object(read_json(results / "preflight.json")),
+        environment=_object(read_json(results / "env.json")),
+        stderr_tail=_tail_lines(results / "logs" / "evaluation.stderr", 3),
+    )
+
+
+class ThresholdVerdict(NamedTuple):
+    threshold_met: bool | None
+    passed: bool | None
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the runner established itself while judging (recorded in the predicate)."""
+
+    node_crosscheck: tuple[str, ...] | None = None
+    metrics: tuple[MetricResult, ...] = ()
+    perturbations: tuple[PerturbationResult, ...] = ()
+    verdicts: Mapping[str, ThresholdVerdict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How a run ended, why, and the facts behind it."""
+
+    outcome: Outcome
+    reason: str | None
+    facts: RunFacts = RunFacts()
+
+
+def judge(
+    plan: RunPlan,
+    result: BackendResult,
+    collect_problems: list[str],
+    report: ContainerReport,
+) -> Judgement | None:
+    """The outcome of a sandboxed run from what the backend saw and the agent reported.
+
+    Pure: trusts nothing the container says beyond choosing among failures. Returns
+    None when the evaluation ran to the end and only its recomputed metrics can
+    decide (:func:`judge_metrics`).
+    """
+    if result.interrupted:
+        return Judgement(Outcome.INTERRUPTED, INTERRUPTED)
+    if not result.image_digest_confirmed:
+        return Judgement(
+            Outcome.INTEGRITY_FAILURE, "the container did not run the pinned image digest"
+        )
+    if collect_problems:
+        return Judgement(Outcome.INTEGRITY_FAILURE, "; ".join(collect_problems))
+    if result.timed_out:
+        reason = (
+            f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
+            "preflight allowance) and was killed"
+        )
+        return Judgement(Outcome.TIMEOUT, reason)
+    agent_outcome = report.summary.get("outcome")
+    crosscheck = _node_crosscheck(result, report)
+    facts = RunFacts(node_crosscheck=crosscheck)
+    if crosscheck:
+        return Judgement(Outcome.ENVIRONMENT_MISMATCH, "; ".join(crosscheck), facts)
+    if result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed"):
+        return Judgement(
+            Outcome.EVALUATION_FAILED, "the container was OOMKilled (memory limit reached)", facts
+        )
+    if result.exit_code == 137 and not agent_outcome:
+        return Judgement(
+            Outcome.EVALUATION_FAILED, "the container was killed (out of memory?)", facts
+        )
+    if agent_outcome != "completed" or result.exit_code != 0:
+        reported = Outcome.parse(agent_outcome)
+        outcome = reported if reported in _AGENT_OUTCOMES else Outcome.EVALUATION_FAILED
+        said = report.summary.get("reason")
+        reason = said if isinstance(said, str) and said else f"agent exited {result.exit_code}"
+        if outcome is Outcome.EVALUATION_FAILED and report.stderr_tail:
+            reason += " — stderr: " + " | ".join(report.stderr_tail)
+        return Judgement(outcome, reason, facts)
+    return None
+
+
+def _node_crosscheck(result: BackendResult, report: ContainerReport) -> tuple[str, ...] | None:
+    """Where the node's labels disagree with the GPUs the agent saw (None: not checked)."""
+    labels = result.details.get("node_labels")
+    if not isinstance(labels, dict) or report.summary.get("outcome") != "completed":
+        return None
+    gpu = report.environment.get("gpu") or {}
+    return tuple(crosscheck_node_labels(labels, gpu if isinstance(gpu, dict) else {}))
+
+
+def judge_metrics(
+    plan: RunPlan, result: BackendResult, report: ContainerReport, check: MetricCheck
+) -> Judgement:
+    """The outcome of a run that evaluated to the end: its recomputed metrics decide.
+
+    Pure. Only gating metrics (primary, or promoted supplementary) decide the outcome.
+    """
+    facts = RunFacts(
+        node_crosscheck=_node_crosscheck(result, report),
+        metrics=tuple(MetricResult.model_validate(m) for m in check.metrics),
+        perturbations=tuple(PerturbationResult.model_validate(p) for p in check.perturbations),
+    )
+    if check.problems:
+        return Judgement(
+            Outcome.INTEGRITY_FAILURE,
+            "metrics do not match the per-sample outputs: " + "; ".join(check.problems),
+            facts,
+        )
+    verdicts = threshold_verdicts(plan.metrics, {m["name"]: m["value"] for m in check.metrics})
+    facts = RunFacts(
+        node_crosscheck=facts.node_crosscheck,
+        metrics=facts.metrics,
+        perturbations=facts.perturbations,
+        verdicts={
+            name: ThresholdVerdict(v.get("threshold_met"), v.get("passed"))
+            for name, v in verdicts.items()
+        },
+    )
+    failed = [n for n, v in verdicts.items() if v.get("gating", True) and v["passed"] is False]
+    if failed:
+        return Judgement(
+            Outcome.THRESHOLDS_FAILED, "metrics below threshold: " + ", ".join(failed), facts
+        )
+    return Judgement(Outcome.PASSED, None, facts)
+
+
+__all__ = [
+    "INTERRUPTED",
+    "ContainerReport",
+    "Judgement",
+    "RunFacts",
+    "ThresholdVerdict",
+    "judge",
+    "judge_metrics",
+    "read_container_report",
+]
