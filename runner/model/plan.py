@@ -22,17 +22,49 @@ from runner.shared.protocol import AgentPlan, encode_agent_plan
 SANDBOX_UID = 65532
 
 
+class PlanInputFile(BaseModel):
+    """One file of an input: its path relative to the input's root, sha256 and size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    sha256: str
+    size: int = Field(ge=0)
+
+
 class PlanInput(BaseModel):
+    """One locked input (model or dataset) as a backend delivers it to the container.
+
+    A ``file`` input is one file named ``file_name``; a ``directory`` input is a tree
+    whose every file is listed in ``files``. ``host_path`` is the verified copy on the
+    runner's host (a content-cache blob or materialized tree), mounted read-only by the
+    Docker backend; ``artifact_ref`` is where the input is published by digest
+    (``registry/repo@sha256:…``), which the Kubernetes backend mounts as an image volume.
+    """
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     role: Literal["model", "dataset"]
     name: str
-    host_path: Path = Field(description="File on the runner's host (mounted read-only).")
-    sha256: str
+    host_path: Path = Field(description="Verified file or tree on the runner's host.")
+    sha256: str = Field(description="File sha256, or the tree digest of a directory (hex).")
+    kind: Literal["file", "directory"] = "file"
+    file_name: str | None = Field(
+        default=None, description="Name of a file input inside its mount (default: host name)."
+    )
+    files: tuple[PlanInputFile, ...] = ()
+    artifact_ref: str | None = None
+
+    @property
+    def mount_path(self) -> str:
+        """The directory inside the container that holds this input."""
+        folder = "model" if self.role == "model" else f"data/{self.name}"
+        return f"{INPUTS_MOUNT}/{folder}"
 
     @property
     def container_path(self) -> str:
-        folder = "model" if self.role == "model" else f"data/{self.name}"
-        return f"{INPUTS_MOUNT}/{folder}/{self.host_path.name}"
+        """The input as the evaluation opens it: the file, or the directory's root."""
+        if self.kind == "directory":
+            return self.mount_path
+        return f"{self.mount_path}/{self.file_name or self.host_path.name}"
 
 
 class RunPlan(BaseModel):
