@@ -180,6 +180,12 @@ def hash_fd(fd: int, copy_to: int | None = None) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 hex of one file the caller named (a link there is followed: the caller chose it)."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 # --- tree digests ---------------------------------------------------------------
 
 
