@@ -1,7 +1,7 @@
 """Build hook: the wheel carries the top-level images/ as package data runner/_images.
 
 images/ stays the source of truth (the project layout is fixed); an installed evalrun
-finds the copy through importlib.resources (runner.build.image.IMAGES_DIR).
+finds the copy through importlib.resources (runner.build.package_files.IMAGES_DIR).
 Everything else about the package is declared in pyproject.toml.
 """
 

@@ -36,13 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runner.build.image import (  # noqa: E402
-    _docker_build,
-    build_image,
-    build_inputs_for,
-    lock_spec,
-    stage_context,
-)
+from runner.build.context import build_inputs_for, stage_context  # noqa: E402
+from runner.build.image import _docker_build, build_image  # noqa: E402
+from runner.build.lock import lock_spec  # noqa: E402
 from runner.adapters.docker_engine import connect  # noqa: E402
 from runner._internal.settings import Settings  # noqa: E402
 from runner.model.spec import load_spec  # noqa: E402

@@ -31,13 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runner.bundle.build import (
-    ENVELOPE_NAME,
-    MANIFEST_NAME,
-    STATEMENT_NAME,
-    build_bundle,
-    default_workers,
-)
+from runner.bundle.build import build_bundle
+from runner.bundle.hashing import default_workers
+from runner.bundle.metadata import ENVELOPE_NAME, MANIFEST_NAME, STATEMENT_NAME
 from runner.bundle.signing import generate_keypair, load_signer, load_verifier
 from runner.bundle.verify import verify_bundle
 

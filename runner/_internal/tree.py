@@ -8,11 +8,13 @@ digests (:class:`TreeDigestFormat`) all walk trees with these.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import hashlib
 import io
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -178,6 +180,28 @@ def hash_fd(fd: int, copy_to: int | None = None) -> tuple[str, int]:
                     written += os.write(copy_to, chunk[written:])
             size += n
     return digest.hexdigest(), size
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex of one file the caller named (a link there is followed: the caller chose it)."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything under it, read-only entries included; links not followed."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    for dirpath, dirnames, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            Path(dirpath).chmod(0o700)
+        for name in dirnames:
+            sub = Path(dirpath) / name
+            if not sub.is_symlink():
+                with contextlib.suppress(OSError):
+                    sub.chmod(0o700)
+    shutil.rmtree(path)
 
 
 # --- tree digests ---------------------------------------------------------------

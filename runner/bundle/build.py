@@ -10,194 +10,53 @@ A bundle is a directory::
 The runner hashes every file itself and never follows links: symlinks, devices,
 FIFOs, sockets and paths that could escape the bundle are refused. The bundle
 digest is the sha256 of the exact statement bytes (which are the signed payload).
-A bundle also has a deterministic ``.tar`` form (:func:`write_bundle_tar`).
+The metadata models and their canonical bytes are in :mod:`runner.bundle.metadata`; a
+bundle also has a deterministic ``.tar`` form (:mod:`runner.bundle.archive`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
 import os
-import re
-import shutil
-import tarfile
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from runner._internal.tar import (
-    MemberRules,
-    TarMember,
-    extract_members,
-    file_under_file,
-    open_tar,
-    scan_members,
-    write_tree_tar,
-)
-from runner._internal.tar import iter_chunks as iter_tar_chunks
 from runner._internal.tree import (
-    READ_CHUNK,
     TreeEntry,
     hash_fd,
     open_beneath,
     open_root,
+    remove_tree,
     scan_tree,
+)
+from runner.bundle.archive import extract_bundle_tar, write_bundle_tar
+from runner.bundle.hashing import FileDigest, hash_files, map_in_threads
+from runner.bundle.metadata import (
+    ENVELOPE_NAME,
+    MANIFEST_NAME,
+    METADATA_NAMES,
+    PAYLOAD_TYPE,
+    RUN_ID_PATTERN,
+    STATEMENT_NAME,
+    BundleManifest,
+    ManifestFile,
+    Statement,
+    Subject,
+    canonical_json_bytes,
+    load_json_strict,
 )
 from runner.bundle.signing import Signer, sign_envelope
 from runner.errors import InputError, UnsafeBundleEntry
-from runner.shared.tarformat import MAX_DEPTH, unsafe_path_reason
+from runner.shared.tarformat import unsafe_path_reason
 
-MANIFEST_NAME = "manifest.json"
-STATEMENT_NAME = "statement.json"
-ENVELOPE_NAME = "envelope.dsse.json"
-METADATA_NAMES: frozenset[str] = frozenset({MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME})
-
-MANIFEST_SCHEMA = "evalrun/bundle-manifest/v1"
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
-
-# A manifest/statement/envelope larger than this is not one the runner wrote.
-METADATA_MAX_BYTES = 256 << 20
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def _check_sha256_hex(value: str) -> str:
-    if not _SHA256_HEX.match(value):
-        raise ValueError("expected 64 lowercase hex characters")
-    return value
-
-
-# --- models -------------------------------------------------------------------
-
-
-class ManifestFile(BaseModel):
-    """One payload file of a bundle."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    path: str
-    sha256: str
-    size: int = Field(ge=0)
-
-    @field_validator("path")
-    @classmethod
-    def _safe_path(cls, value: str) -> str:
-        reason = unsafe_path_reason(value)
-        if reason:
-            raise ValueError(f"{reason}: {value!r}")
-        if value in METADATA_NAMES:
-            raise ValueError(f"{value!r} is reserved for bundle metadata")
-        return value
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha256_hex(cls, value: str) -> str:
-        return _check_sha256_hex(value)
-
-
-class BundleManifest(BaseModel):
-    """``manifest.json``: the run it belongs to and every payload file, sorted by path."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    schema_: Literal["evalrun/bundle-manifest/v1"] = Field(
-        default="evalrun/bundle-manifest/v1", alias="schema"
-    )
-    run_id: str
-    files: tuple[ManifestFile, ...]
-
-    @field_validator("run_id")
-    @classmethod
-    def _valid_run_id(cls, value: str) -> str:
-        if not _RUN_ID.match(value):
-            raise ValueError("run id must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-        return value
-
-    @model_validator(mode="after")
-    def _sorted_unique(self) -> BundleManifest:
-        paths = [f.path for f in self.files]
-        for before, after in itertools.pairwise(paths):
-            if before >= after:
-                raise ValueError(f"files not strictly sorted by path at {after!r}")
-        # a file and a directory of the same name cannot both exist on disk
-        names = set(paths)
-        for p in paths:
-            parts = p.split("/")
-            for i in range(1, len(parts)):
-                if "/".join(parts[:i]) in names:
-                    raise ValueError(f"{p!r} lies under {'/'.join(parts[:i])!r}, which is a file")
-        return self
-
-    def to_json_bytes(self) -> bytes:
-        """The exact bytes written to ``manifest.json``."""
-        return _json_bytes(self.model_dump(mode="json", by_alias=True))
-
-
-class Subject(BaseModel):
-    """An in-toto ResourceDescriptor naming a bundle file by path and sha256."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    digest: dict[str, str]
-
-    @field_validator("digest")
-    @classmethod
-    def _has_sha256(cls, value: dict[str, str]) -> dict[str, str]:
-        if set(value) != {"sha256"}:
-            raise ValueError("digest must hold exactly one 'sha256' entry")
-        _check_sha256_hex(value["sha256"])
-        return value
-
-
-class Statement(BaseModel):
-    """An in-toto Statement v1 with the evalrun predicate type."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    type_: Literal["https://in-toto.io/Statement/v1"] = Field(
-        default="https://in-toto.io/Statement/v1", alias="_type"
-    )
-    subject: tuple[Subject, ...] = Field(min_length=1)
-    predicate_type: Literal["https://evalrun.dev/EvalRun/v1"] = Field(
-        default="https://evalrun.dev/EvalRun/v1", alias="predicateType"
-    )
-    predicate: dict[str, Any]
-
-    @field_validator("predicate")
-    @classmethod
-    def _has_run_id(cls, value: dict[str, Any]) -> dict[str, Any]:
-        run_id = value.get("run_id")
-        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-            raise ValueError("predicate.run_id must be a run id string")
-        return value
-
-    @property
-    def run_id(self) -> str:
-        """The run this statement is about (``predicate.run_id``)."""
-        value = self.predicate["run_id"]
-        assert isinstance(value, str)  # checked by the validator
-        return value
-
-    def subject_digests(self) -> dict[str, str]:
-        """Subject name → sha256 hex."""
-        return {s.name: s.digest["sha256"] for s in self.subject}
-
-    def to_json_bytes(self) -> bytes:
-        """The exact bytes written to ``statement.json`` and signed as the DSSE payload."""
-        return _json_bytes(self.model_dump(mode="json", by_alias=True))
+# extract_bundle_tar, write_bundle_tar and remove_tree are re-exported for
+# runner/bundle/oci_artifacts.py, which is being changed on another branch; drop them
+# here once its imports point at runner.bundle.archive and runner._internal.tree.
+__all__ = ["BundleInfo", "build_bundle", "extract_bundle_tar", "remove_tree", "write_bundle_tar"]
 
 
 class BundleInfo(BaseModel):
@@ -214,102 +73,6 @@ class BundleInfo(BaseModel):
     total_size: int
 
 
-def _json_bytes(obj: Any) -> bytes:
-    # sorted keys, no NaN/Infinity: one canonical form a verifier can rely on
-    text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False)
-    return (text + "\n").encode("ascii")
-
-
-def load_json_strict(data: bytes) -> Any:
-    """Parse JSON, refusing duplicate object keys and non-finite numbers."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"non-finite number {name}")
-
-    try:
-        return json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constant)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
-
-
-# --- hashing many files at once ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    """The sha256 hex and size of one file, as read by the runner."""
-
-    path: str
-    sha256: str
-    size: int
-
-
-def default_workers() -> int:
-    """How many files are hashed at once: one per CPU, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def hash_files(
-    root: Path, paths: Sequence[str], *, workers: int | None = None
-) -> tuple[dict[str, FileDigest], dict[str, str]]:
-    """Hash each regular file ``paths[i]`` under ``root``; return (digests, errors).
-
-    Files are opened with :func:`open_beneath` (no link is followed) and read in
-    :data:`READ_CHUNK` pieces, several files at once. ``errors`` maps each path
-    that could not be hashed to the reason (missing, symlink, not a regular file).
-    """
-    root_fd = open_root(root)
-    try:
-
-        def one(path: str) -> FileDigest | str:
-            try:
-                fd = open_beneath(root_fd, path)
-            except UnsafeBundleEntry as exc:
-                return exc.reason
-            except FileNotFoundError:
-                return "missing"
-            except OSError as exc:
-                return f"cannot open: {exc.strerror}"
-            try:
-                sha, size = hash_fd(fd)
-            except OSError as exc:
-                return f"cannot read: {exc.strerror}"
-            finally:
-                os.close(fd)
-            return FileDigest(path, sha, size)
-
-        results = _map(one, paths, workers)
-    finally:
-        os.close(root_fd)
-    digests: dict[str, FileDigest] = {}
-    errors: dict[str, str] = {}
-    for path, result in zip(paths, results, strict=True):
-        if isinstance(result, FileDigest):
-            digests[path] = result
-        else:
-            errors[path] = result
-    return digests, errors
-
-
-def _map(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None) -> list[_R]:
-    count = workers or default_workers()
-    if count <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(count, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
-# --- building -----------------------------------------------------------------
-
-
 def _plain_json_predicate(predicate: Mapping[str, Any]) -> dict[str, Any]:
     try:
         data = load_json_strict(json.dumps(dict(predicate), allow_nan=False).encode("utf-8"))
@@ -317,7 +80,7 @@ def _plain_json_predicate(predicate: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(f"bundle predicate is not plain JSON: {exc}") from exc
     assert isinstance(data, dict)
     run_id = data.get("run_id")
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
         raise InputError(
             "bundle predicate needs a 'run_id' string",
             hint="run ids match [A-Za-z0-9][A-Za-z0-9._-]{0,127}",
@@ -448,7 +211,7 @@ def build_bundle(
         else:
             src_fd = open_root(content_dir)
             try:
-                found = _map(lambda p: _copy_and_hash(src_fd, dest, p), paths, workers)
+                found = map_in_threads(lambda p: _copy_and_hash(src_fd, dest, p), paths, workers)
             finally:
                 os.close(src_fd)
 
@@ -464,7 +227,7 @@ def build_bundle(
         statement = Statement(subject=tuple(subjects), predicate=body)
         statement_bytes = statement.to_json_bytes()
         envelope = sign_envelope(statement_bytes, PAYLOAD_TYPE, signer)
-        envelope_bytes = _json_bytes(envelope)
+        envelope_bytes = canonical_json_bytes(envelope)
 
         for name, data in (
             (MANIFEST_NAME, manifest_bytes),
@@ -493,125 +256,3 @@ def build_bundle(
         file_count=len(manifest.files),
         total_size=sum(f.size for f in manifest.files),
     )
-
-
-def remove_tree(path: Path) -> None:
-    """Remove ``path`` and everything under it, read-only entries included; links not followed."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    for dirpath, dirnames, _ in os.walk(path):
-        with contextlib.suppress(OSError):
-            Path(dirpath).chmod(0o700)
-        for name in dirnames:
-            sub = Path(dirpath) / name
-            if not sub.is_symlink():
-                with contextlib.suppress(OSError):
-                    sub.chmod(0o700)
-    shutil.rmtree(path)
-
-
-# --- tar form (the one strict implementation lives in runner._internal.tar) -----------
-
-# A bundle holds its payload (at most MAX_FILES results plus logs) and three metadata
-# files; a tar with more members than this is not one the runner wrote.
-MAX_TAR_MEMBERS = 100_000
-BUNDLE_TAR_RULES = MemberRules(max_members=MAX_TAR_MEMBERS)
-
-
-def write_bundle_tar(bundle_dir: Path, tar_path: Path) -> Path:
-    """Write ``bundle_dir`` as a deterministic tar at ``tar_path`` (which must not exist).
-
-    Regular files only, sorted by path, with mtime 0, uid/gid 0, empty owner
-    names and mode 0644 (PAX format only where a long name needs it): the same
-    bundle always gives the same bytes. Links and special files raise
-    UnsafeBundleEntry; the partial tar is removed on failure.
-    """
-    return write_tree_tar(bundle_dir, tar_path)
-
-
-def scan_tar(tar: tarfile.TarFile) -> tuple[list[TarMember], list[str]]:
-    """Sort a bundle tar's members into readable regular files and problems (one per bad member).
-
-    Accepts regular files and directories at safe paths (a leading ``./`` is
-    allowed); refuses symlinks, hard links, devices, FIFOs, unsafe paths and
-    duplicate names, each named in a problem (see :func:`runner._internal.tar.scan_members`).
-    """
-    return scan_members(tar, BUNDLE_TAR_RULES)
-
-
-def open_bundle_tar(tar_path: Path) -> tarfile.TarFile:
-    """Open an uncompressed bundle tar for reading; the caller closes it.
-
-    Raises InputError naming the file if it is missing or not a tar.
-    """
-    return open_tar(tar_path, what="bundle tar")
-
-
-def extract_bundle_tar(tar_path: Path, dest: Path) -> Path:
-    """Extract a bundle tar into the new directory ``dest``, refusing anything unsafe.
-
-    Every member is checked before anything is written: links, devices, unsafe
-    paths and duplicates raise UnsafeBundleEntry (naming the first, listing all).
-    Files are written 0644 under ``dest`` regardless of the modes and owners in
-    the tar. ``dest`` is removed again if extraction fails.
-    """
-    with open_bundle_tar(tar_path) as tar:
-        members, problems = scan_tar(tar)
-        if problems:
-            raise UnsafeBundleEntry(
-                f"refusing to extract {tar_path.name}: {'; '.join(problems)}",
-                path=str(tar_path),
-                reason=problems[0],
-            )
-        clash = file_under_file(members)
-        if clash:
-            raise UnsafeBundleEntry(
-                f"tar member {clash[0]!r} lies under the file {clash[1]!r}",
-                path=str(tar_path),
-                reason="file used as directory",
-            )
-        dest.mkdir(parents=True, exist_ok=False)
-        try:
-            extract_members(tar, members, dest)
-        except BaseException:
-            remove_tree(dest)
-            raise
-    return dest
-
-
-__all__ = [
-    "ENVELOPE_NAME",
-    "MANIFEST_NAME",
-    "MANIFEST_SCHEMA",
-    "MAX_DEPTH",
-    "METADATA_MAX_BYTES",
-    "METADATA_NAMES",
-    "PAYLOAD_TYPE",
-    "PREDICATE_TYPE",
-    "READ_CHUNK",
-    "STATEMENT_NAME",
-    "STATEMENT_TYPE",
-    "BundleInfo",
-    "BundleManifest",
-    "FileDigest",
-    "ManifestFile",
-    "Statement",
-    "Subject",
-    "TarMember",
-    "TreeEntry",
-    "UnsafeBundleEntry",
-    "build_bundle",
-    "default_workers",
-    "extract_bundle_tar",
-    "hash_files",
-    "iter_tar_chunks",
-    "load_json_strict",
-    "open_beneath",
-    "open_bundle_tar",
-    "remove_tree",
-    "scan_tar",
-    "scan_tree",
-    "unsafe_path_reason",
-    "write_bundle_tar",
-]

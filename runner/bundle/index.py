@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.bundle.build import STATEMENT_NAME, extract_bundle_tar
+from runner.bundle.archive import extract_bundle_tar
+from runner.bundle.metadata import STATEMENT_NAME
 from runner.bundle.reader import read_predicate
 from runner.bundle.store import BundleNotFound, Store, parse_digest
 from runner.errors import InputError, IntegrityError

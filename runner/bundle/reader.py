@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import TypeVar
 
-from runner.bundle.build import METADATA_MAX_BYTES, STATEMENT_NAME, Statement, load_json_strict
+from runner.bundle.metadata import METADATA_MAX_BYTES, STATEMENT_NAME, Statement, load_json_strict
 from runner.errors import InputError, IntegrityError
 from runner.model.predicate import (
     AuditPredicate,

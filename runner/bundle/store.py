@@ -31,20 +31,23 @@ from typing import Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runner.bundle.build import (
+from runner._internal.tree import open_beneath, remove_tree, scan_tree
+from runner.bundle.metadata import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     METADATA_MAX_BYTES,
     STATEMENT_NAME,
     Statement,
-    UnsafeBundleEntry,
     load_json_strict,
-    open_beneath,
-    remove_tree,
-    scan_tree,
 )
 from runner.bundle.signing import DsseEnvelope, b64_decode_canonical
-from runner.errors import BundleNotFound, InputError, IntegrityError, StoreConflict
+from runner.errors import (
+    BundleNotFound,
+    InputError,
+    IntegrityError,
+    StoreConflict,
+    UnsafeBundleEntry,
+)
 
 _DIGEST = re.compile(r"^(?:sha256[:-])?([0-9a-f]{64})$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -25,7 +25,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from runner.bundle.build import (
+from runner._internal.tar import TarMember
+from runner._internal.tar import iter_chunks as iter_tar_chunks
+from runner._internal.tree import open_beneath, scan_tree
+from runner.bundle.archive import open_bundle_tar, scan_tar
+from runner.bundle.hashing import FileDigest, hash_files
+from runner.bundle.metadata import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     METADATA_MAX_BYTES,
@@ -33,21 +38,12 @@ from runner.bundle.build import (
     PAYLOAD_TYPE,
     STATEMENT_NAME,
     BundleManifest,
-    FileDigest,
     Statement,
-    TarMember,
-    UnsafeBundleEntry,
-    hash_files,
-    iter_tar_chunks,
     load_json_strict,
-    open_beneath,
-    open_bundle_tar,
-    scan_tar,
-    scan_tree,
-    unsafe_path_reason,
 )
 from runner.bundle.signing import DsseEnvelope, Verifier, b64_decode_canonical, envelope_problems
-from runner.errors import InputError, VerificationFailed
+from runner.errors import InputError, UnsafeBundleEntry, VerificationFailed
+from runner.shared.tarformat import unsafe_path_reason
 
 
 class CheckReport(BaseModel):

@@ -110,7 +110,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings, term: Term) -> int:
 
 def _lock(spec_path: Path, settings: Settings, term: Term) -> dict[str, Any]:
     """Lock the new project exactly as ``evalrun lock`` does."""
-    from runner.build.image import lock_spec
+    from runner.build.lock import lock_spec
     from runner.model.spec import load_spec, lock_path_for
 
     try:

@@ -292,7 +292,7 @@ def cmd_diff(args: argparse.Namespace, settings: Settings, term: Term) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.build import write_bundle_tar
+    from runner.bundle.archive import write_bundle_tar
     from runner.workflows.audit import run_audit
 
     result = run_audit(

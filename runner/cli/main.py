@@ -109,7 +109,7 @@ def cmd_schema(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 
 
 def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.image import lock_spec
+    from runner.build.lock import lock_spec
     from runner.model.spec import load_spec, lock_path_for
 
     spec = load_spec(args.spec)
@@ -134,7 +134,11 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.image import check_reproducible, format_check_report, record_reproducibility
+    from runner.build.reproducibility import (
+        check_reproducible,
+        format_check_report,
+        record_reproducibility,
+    )
     from runner.errors import IntegrityError
     from runner.workflows.run import load_locked
 
@@ -162,7 +166,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings, term: Terminal) -> i
 
 
 def cmd_base_image(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.image import ensure_base_image
+    from runner.build.base_image import ensure_base_image
 
     base = ensure_base_image(args.recipe, settings, progress=term)
     if args.json:

@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from runner.build.image import lock_artifact
+from runner.build.lock import lock_artifact
 from runner.errors import InputError
 from runner.model.spec import EvalSpec, Metadata, load_spec
 

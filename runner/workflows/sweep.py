@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from runner._internal.settings import Settings
-from runner.build.image import lock_inputs, write_lock
+from runner.build.lock import lock_inputs, write_lock
 from runner.bundle.signing import Signer
 from runner.errors import EvalrunError, InputError
 from runner.model.outcome import worst_exit_code

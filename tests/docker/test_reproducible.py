@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from runner.build.image import resolve_wheels
+from runner.build.wheels import resolve_wheels
 from runner._internal.settings import Settings
 
 pytestmark = pytest.mark.docker

@@ -75,7 +75,7 @@ def test_agent_package_imports_nothing_from_runner_outside_agent_and_metrics():
 
 
 def test_every_agent_module_goes_into_the_image():
-    from runner.build.image import AGENT_FILES
+    from runner.build.package_files import AGENT_FILES
 
     modules = {f"agent/{p.name}" for p in (ROOT / "runner" / "agent").glob("*.py")}
     assert modules <= set(AGENT_FILES)

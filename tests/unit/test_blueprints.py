@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runner.workflows import blueprints
-from runner.build.image import render_dockerfile
+from runner.build.context import render_dockerfile
 from runner.cli.main import main
 from runner.errors import InfrastructureError, InputError
 from runner.model.spec import load_spec
@@ -199,7 +199,7 @@ def test_init_locks_through_the_lock_code_path(tmp_path, capsys, monkeypatch):
         calls.append((spec.metadata.name, spec_path))
         return _FakeLock(), None
 
-    monkeypatch.setattr("runner.build.image.lock_spec", fake_lock_spec)
+    monkeypatch.setattr("runner.build.lock.lock_spec", fake_lock_spec)
     dest = tmp_path / "d"
     code, out = init_json(capsys, "--blueprint", "digits", str(dest))
     assert code == 0
@@ -219,7 +219,7 @@ def test_init_that_cannot_lock_keeps_the_project_and_says_how_to_finish(
     def failing_lock_spec(*args, **kwargs):
         raise InfrastructureError("registry unreachable", hint="run scripts/host-up.sh")
 
-    monkeypatch.setattr("runner.build.image.lock_spec", failing_lock_spec)
+    monkeypatch.setattr("runner.build.lock.lock_spec", failing_lock_spec)
     dest = tmp_path / "d"
     assert main(["init", "--blueprint", "digits", str(dest)]) == 5
     err = capsys.readouterr().err

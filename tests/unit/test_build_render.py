@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.build.image import render_dockerfile, tree_digest
+from runner.build.context import render_dockerfile, tree_digest
 from runner.errors import InputError
 
 pytestmark = pytest.mark.unit

@@ -15,23 +15,21 @@ from pathlib import Path
 import pytest
 from bundle_fixtures import PAYLOAD, Keys, make_keys, write_payload
 
-from runner.bundle.build import (
+from runner._internal.tree import scan_tree
+from runner.bundle.archive import extract_bundle_tar, write_bundle_tar
+from runner.bundle.build import build_bundle
+from runner.bundle.metadata import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     PAYLOAD_TYPE,
     STATEMENT_NAME,
     BundleManifest,
     Statement,
-    UnsafeBundleEntry,
-    build_bundle,
-    extract_bundle_tar,
-    scan_tree,
-    unsafe_path_reason,
-    write_bundle_tar,
 )
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.verify import verify_bundle
-from runner.errors import InputError, IntegrityError
+from runner.errors import InputError, IntegrityError, UnsafeBundleEntry
+from runner.shared.tarformat import unsafe_path_reason
 
 pytestmark = pytest.mark.unit
 

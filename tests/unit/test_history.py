@@ -149,7 +149,7 @@ def test_index_follows_bundles_added_or_removed_behind_its_back(populated) -> No
     store, runs = populated
     history = History(store)
     assert len(history.query()) == 4
-    from runner.bundle.build import remove_tree
+    from runner._internal.tree import remove_tree
 
     remove_tree(runs["b"].path)
     assert ids(history.query()) == ["a", "c", "d"]
@@ -198,7 +198,7 @@ def test_bad_date_is_bad_input() -> None:
 
 def test_locate_bundle_accepts_a_directory_and_a_tar(populated, tmp_path) -> None:
     store, runs = populated
-    from runner.bundle.build import write_bundle_tar
+    from runner.bundle.archive import write_bundle_tar
 
     assert locate_bundle(str(runs["a"].path), store).path == runs["a"].path
     tar = write_bundle_tar(runs["a"].path, tmp_path / "a.tar")

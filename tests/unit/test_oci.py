@@ -221,7 +221,7 @@ def test_package_drift_names_each_moved_package():
 
 
 def test_base_image_keeps_labels_small_and_packages_in_an_annotation(tmp_path):
-    from runner.build.image import PACKAGES_ANNOTATION, BaseRecipe, assemble_base
+    from runner.build.base_image import PACKAGES_ANNOTATION, BaseRecipe, assemble_base
 
     status = "\n\n".join(
         f"Package: pkg{i}\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1.{i}"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.build.image import format_check_report, image_reproducibility, record_reproducibility
+from runner.build.image import image_reproducibility
+from runner.build.reproducibility import format_check_report, record_reproducibility
 from runner.model.spec import load_lock
 
 pytestmark = pytest.mark.unit

@@ -18,7 +18,8 @@ import pytest
 import setuptools
 from packaging.version import Version
 
-from runner.build.image import AGENT_FILES, agent_digest, load_recipe
+from runner.build.base_image import load_recipe
+from runner.build.package_files import AGENT_FILES, agent_digest
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,20 +30,20 @@ import json, sys
 from importlib.metadata import Distribution
 from pathlib import Path
 import runner
-from runner.build import image
+from runner.build import base_image, package_files
 site = Path(sys.argv[1])
-recipe, recipe_sha = image.load_recipe("bookworm-python")
+recipe, recipe_sha = base_image.load_recipe("bookworm-python")
 (dist_info,) = site.glob("evalrun-*.dist-info")
 (entry,) = [e for e in Distribution.at(dist_info).entry_points if e.name == "evalrun"]
 print(json.dumps({
     "runner": runner.__file__,
-    "images_dir": str(image.IMAGES_DIR),
-    "template": (image.IMAGES_DIR / "python-eval.Dockerfile.j2").read_text(),
+    "images_dir": str(package_files.IMAGES_DIR),
+    "template": (package_files.IMAGES_DIR / "python-eval.Dockerfile.j2").read_text(),
     "recipe_name": recipe.name,
     "recipe_sha": recipe_sha,
-    "agent_files": list(image.AGENT_FILES),
-    "agent_files_exist": all((image.PACKAGE_DIR / rel).is_file() for rel in image.AGENT_FILES),
-    "agent_digest": image.agent_digest(),
+    "agent_files": list(package_files.AGENT_FILES),
+    "agent_files_exist": all((package_files.PACKAGE_DIR / rel).is_file() for rel in package_files.AGENT_FILES),
+    "agent_digest": package_files.agent_digest(),
     "entry_point": entry.value,
 }))
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from bundle_fixtures import PAYLOAD, Keys, make_keys, seal_bundle
 
-from runner.bundle.build import ENVELOPE_NAME, STATEMENT_NAME
+from runner.bundle.metadata import ENVELOPE_NAME, STATEMENT_NAME
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import BundleNotFound, Store, StoreConflict, default_root, parse_digest
 from runner.bundle.verify import verify_bundle

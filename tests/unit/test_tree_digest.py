@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runner._internal.tree import TreeDigestFormat, digest_tree
-from runner.build.image import tree_digest
+from runner.build.context import tree_digest
 from runner.build.provenance import code_digest
 from runner.errors import InputError
 

@@ -16,12 +16,8 @@ from pathlib import Path
 import pytest
 from bundle_fixtures import PAYLOAD, Keys, make_keys, seal_bundle
 
-from runner.bundle.build import (
-    ENVELOPE_NAME,
-    MANIFEST_NAME,
-    STATEMENT_NAME,
-    write_bundle_tar,
-)
+from runner.bundle.archive import write_bundle_tar
+from runner.bundle.metadata import ENVELOPE_NAME, MANIFEST_NAME, STATEMENT_NAME
 from runner.bundle.signing import (
     ALGORITHMS,
     Algorithm,
