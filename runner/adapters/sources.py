@@ -334,12 +334,26 @@ class _Meter:
             self.done += n
             self._progress(self.done, self.total)
 
+    def learn_total(self, total: int | None) -> None:
+        """Set the total once a transfer announces it (no-op when already known)."""
+        if self._progress is None or total is None or self.total is not None:
+            return
+        with self._lock:
+            self.total = total
+            self._progress(self.done, self.total)
+
     def grow(self, extra: int) -> None:
         if self._progress is None or extra <= 0:
             return
         with self._lock:
             self.total = (self.total or 0) + extra
             self._progress(self.done, self.total)
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
 
 
 def stream_into(
@@ -362,6 +376,7 @@ def stream_into(
 
     def attempt() -> None:
         stream = open_at(writer.size)
+        meter.learn_total(stream.total)
         if stream.start != writer.size:
             if stream.start != 0:
                 raise TransientInfrastructureError(
@@ -370,16 +385,27 @@ def stream_into(
                 )
             meter.advance(-writer.size)
             writer.reset()
-        limit = min(stream.total, options.max_file_bytes) if stream.total is not None else None
-        for chunk in stream.chunks:
-            writer.write(chunk)
-            meter.advance(len(chunk))
-            if writer.size > (limit if limit is not None else options.max_file_bytes):
-                raise InputError(
-                    f"{what}: the source sent more bytes than it announced or than allowed",
-                    url=source,
-                    limit=limit if limit is not None else options.max_file_bytes,
-                )
+        limit = options.max_file_bytes if stream.total is None else stream.total
+        if limit > options.max_file_bytes:
+            _close(stream.chunks)
+            raise InputError(
+                f"{what}: {source} is {stream.total} bytes, over the size limit",
+                url=source,
+                limit=options.max_file_bytes,
+                hint="raise SourceOptions.max_file_bytes if this input is really that large",
+            )
+        try:
+            for chunk in stream.chunks:
+                writer.write(chunk)
+                meter.advance(len(chunk))
+                if writer.size > limit:
+                    raise InputError(
+                        f"{what}: {source} sent more bytes than it announced or than allowed",
+                        url=source,
+                        limit=limit,
+                    )
+        finally:
+            _close(stream.chunks)  # release the connection whatever happened
         if stream.total is not None and writer.size != stream.total:
             raise TransientInfrastructureError(
                 f"{what}: transfer ended at byte {writer.size} of {stream.total}", url=source
@@ -448,11 +474,23 @@ def _tls_refused(what: str, url: str, exc: BaseException) -> InfrastructureError
     )
 
 
+def _untrusted(reason: BaseException) -> bool:
+    """A certificate the client refused (chain or name), as opposed to a broken transfer."""
+    if isinstance(reason, urllib3.exceptions.SSLError) and reason.args:
+        inner = reason.args[0]
+        if isinstance(inner, BaseException):
+            reason = inner
+    return isinstance(reason, ssl.SSLCertVerificationError) or (
+        isinstance(reason, urllib3.exceptions.SSLError | ssl.SSLError)
+        and "CERTIFICATE_VERIFY_FAILED" in str(reason)
+    )
+
+
 def _translate_urllib3(exc: Exception, what: str, url: str) -> EvalrunError:
     reason: BaseException = exc
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         reason = exc.reason
-    if isinstance(reason, urllib3.exceptions.SSLError | ssl.SSLError):
+    if _untrusted(reason):
         return _tls_refused(what, url, reason)
     if isinstance(reason, urllib3.exceptions.LocationParseError):
         return InputError(f"{what}: malformed URL", url=url, error=str(reason))
@@ -607,7 +645,8 @@ def _translate_s3(exc: Exception, what: str, source: str) -> EvalrunError:
     if isinstance(exc, S3Error):
         status = exc.response.status if exc.response is not None else 0
         if exc.code in _S3_NOT_FOUND:
-            return InputError(f"{what}: {source} not found ({exc.code})", uri=source)
+            hint = None if source.endswith("/") else "a directory input's URI ends with '/'"
+            return InputError(f"{what}: {source} not found ({exc.code})", uri=source, hint=hint)
         if exc.code in _S3_DENIED:
             return InputError(
                 f"{what}: access to {source} denied ({exc.code})",
@@ -1053,7 +1092,10 @@ def _acquire_oci(
             )
         found = f"sha256:{listing.files[0].sha256}"
     else:
-        found = tree_digest(listing.files)
+        try:
+            found = tree_digest(listing.files)
+        except ValueError as exc:
+            raise InputError(f"{field}: {source} lists its files badly ({exc})") from None
     if found != want:
         raise _mismatch(field, want, found, source, "the artifact is not the pinned input")
     missing = {f.sha256: f for f in listing.files if not store.has_blob(f.sha256)}

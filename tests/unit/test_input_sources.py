@@ -651,3 +651,20 @@ def test_meter_is_thread_safe():
     for t in threads:
         t.join()
     assert meter.done == 1000 and max(seen) == 1000
+
+
+def test_stream_refuses_an_announced_size_over_the_limit_before_reading(tmp_path):
+    store = ContentStore(tmp_path / "cache")
+    read = []
+
+    def huge(offset):
+        def chunks():
+            read.append(offset)
+            yield b"x"
+
+        return ByteStream(chunks(), 10_000, 0)
+
+    opts, _ = no_sleep_options(max_file_bytes=100)
+    with pytest.raises(InputError, match="over the size limit"), store.writer(what="m") as w:
+        stream_into(w, huge, what="m", source="s", options=opts)
+    assert read == []
