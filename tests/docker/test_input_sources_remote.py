@@ -59,9 +59,11 @@ def options(environ: dict[str, str] | None = None, attempts: int = 3, **kw):
 
 
 def nothing_cached(store: ContentStore) -> bool:
-    return not any(os.scandir(store.blobs_dir)) and not any(os.scandir(store.tmp_dir)) and not [
-        e for e in os.scandir(store.trees_dir)
-    ]
+    return (
+        not any(os.scandir(store.blobs_dir))
+        and not any(os.scandir(store.tmp_dir))
+        and not [e for e in os.scandir(store.trees_dir)]
+    )
 
 
 # ----------------------------------------------------------------------------- test PKI
@@ -91,14 +93,22 @@ def make_pki(directory: Path) -> Pki:
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
@@ -110,20 +120,28 @@ def make_pki(directory: Path) -> Pki:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-            critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     pki = Pki(ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key")
     pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    pki.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return pki
 
 
@@ -170,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         start = 0
         if rng and rng.startswith("bytes=") and rng.endswith("-"):
-            start = int(rng[len("bytes="):-1])
+            start = int(rng[len("bytes=") : -1])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -199,8 +217,9 @@ def https_server(tmp_path):
     state = HttpsServer(base=f"https://127.0.0.1:{httpd.server_address[1]}", pki=pki)
     handler = type("Handler", (_Handler,), {"state": state})
     httpd.RequestHandlerClass = handler
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield state
@@ -231,8 +250,15 @@ def test_https_fetch_is_verified_cached_and_reported(https_server, store, tmp_pa
     url = https_server.serve("model.safetensors", data)
     opts, _ = options(ca_file=https_server.pki.ca)
     seen: list[tuple[int, int | None]] = []
-    got = acquire(url, sha(data), field="model", spec_dir=tmp_path, store=store,
-                  progress=lambda d, t: seen.append((d, t)), options=opts)
+    got = acquire(
+        url,
+        sha(data),
+        field="model",
+        spec_dir=tmp_path,
+        store=store,
+        progress=lambda d, t: seen.append((d, t)),
+        options=opts,
+    )
     assert got.kind == "file" and got.source == url and got.size == len(data)
     assert got.path == store.blob_path(sha(data)) and got.path.read_bytes() == data
     assert got.files[0].path == "model.safetensors"
@@ -247,8 +273,14 @@ def test_https_fetch_is_verified_cached_and_reported(https_server, store, tmp_pa
 def test_https_trusts_a_ca_bundle_from_the_environment(https_server, store, tmp_path, variable):
     url = https_server.serve("data.jsonl", b'{"x": 1}\n')
     opts, _ = options(environ={variable: str(https_server.pki.ca)})
-    got = acquire(url, sha(b'{"x": 1}\n'), field="datasets[0] (d)", spec_dir=tmp_path,
-                  store=store, options=opts)
+    got = acquire(
+        url,
+        sha(b'{"x": 1}\n'),
+        field="datasets[0] (d)",
+        spec_dir=tmp_path,
+        store=store,
+        options=opts,
+    )
     assert got.path.read_bytes() == b'{"x": 1}\n'
 
 
@@ -256,8 +288,9 @@ def test_https_wrong_sha256_is_exit_3_and_nothing_is_cached(https_server, store,
     url = https_server.serve("model.bin", b"tampered weights")
     opts, _ = options(ca_file=https_server.pki.ca)
     with pytest.raises(DigestMismatch) as err:
-        acquire(url, sha(b"honest weights"), field="model", spec_dir=tmp_path, store=store,
-                options=opts)
+        acquire(
+            url, sha(b"honest weights"), field="model", spec_dir=tmp_path, store=store, options=opts
+        )
     assert err.value.exit_code == 3
     assert "model" in err.value.message and err.value.fields["path"] == url
     assert err.value.found == "sha256:" + sha(b"tampered weights")
@@ -293,8 +326,9 @@ def test_https_5xx_is_retried_then_succeeds(https_server, store, tmp_path):
     url = https_server.serve("flaky.bin", b"eventually")
     https_server.faults["/flaky.bin"] = ["503", "503"]
     opts, slept = options(ca_file=https_server.pki.ca, attempts=3)
-    got = acquire(url, sha(b"eventually"), field="model", spec_dir=tmp_path, store=store,
-                  options=opts)
+    got = acquire(
+        url, sha(b"eventually"), field="model", spec_dir=tmp_path, store=store, options=opts
+    )
     assert got.path.read_bytes() == b"eventually"
     assert len(https_server.requests) == 3 and len(slept) == 2
 
@@ -309,14 +343,20 @@ def test_https_cut_transfer_resumes_with_range(https_server, store, tmp_path):
     assert https_server.requests[0] == ("/shard.bin", None)
     path, rng = https_server.requests[1]
     assert path == "/shard.bin" and rng is not None and rng.startswith("bytes=")
-    assert int(rng[len("bytes="):-1]) > 0  # resumed, not restarted
+    assert int(rng[len("bytes=") : -1]) > 0  # resumed, not restarted
 
 
 def test_https_not_found_is_an_input_error(https_server, store, tmp_path):
     opts, slept = options(ca_file=https_server.pki.ca)
     with pytest.raises(InputError) as err:
-        acquire(f"{https_server.base}/missing.bin", "0" * 64, field="model", spec_dir=tmp_path,
-                store=store, options=opts)
+        acquire(
+            f"{https_server.base}/missing.bin",
+            "0" * 64,
+            field="model",
+            spec_dir=tmp_path,
+            store=store,
+            options=opts,
+        )
     assert err.value.exit_code == 2 and "404" in err.value.message and slept == []
 
 
@@ -356,8 +396,13 @@ def upload(s3, content: dict[str, bytes]) -> None:
     from minio import Minio
 
     parts = urllib.parse.urlsplit(s3.endpoint)
-    client = Minio(parts.netloc, access_key=s3.access_key, secret_key=s3.secret_key,
-                   secure=parts.scheme == "https", region=getattr(s3, "region", "us-east-1"))
+    client = Minio(
+        parts.netloc,
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        secure=parts.scheme == "https",
+        region=getattr(s3, "region", "us-east-1"),
+    )
     if not client.bucket_exists(s3.bucket):
         client.make_bucket(s3.bucket)
     for key, data in content.items():
@@ -370,8 +415,15 @@ def test_s3_object_fetch_with_env_credentials(s3, store, tmp_path):
     upload(s3, {key: data})
     opts, _ = options(environ=s3_env(s3))
     seen: list[tuple[int, int | None]] = []
-    got = acquire(f"s3://{s3.bucket}/{key}", sha(data), field="model", spec_dir=tmp_path,
-                  store=store, progress=lambda d, t: seen.append((d, t)), options=opts)
+    got = acquire(
+        f"s3://{s3.bucket}/{key}",
+        sha(data),
+        field="model",
+        spec_dir=tmp_path,
+        store=store,
+        progress=lambda d, t: seen.append((d, t)),
+        options=opts,
+    )
     assert got.kind == "file" and got.path.read_bytes() == data
     assert got.endpoint == s3.endpoint and got.source == f"s3://{s3.bucket}/{key}"
     assert seen[-1] == (len(data), len(data))
@@ -379,10 +431,13 @@ def test_s3_object_fetch_with_env_credentials(s3, store, tmp_path):
 
 def test_s3_prefix_is_a_directory_with_the_local_tree_digest(s3, store, tmp_path):
     prefix = f"{uuid.uuid4().hex}/ckpt/"
-    content = {"model-00001.safetensors": os.urandom(300_000),
-               "model-00002.safetensors": os.urandom(200_000),
-               "config.json": b"{}", "tokenizer/vocab.txt": b"a\nb\n",
-               "tokenizer/copy.json": b"{}"}
+    content = {
+        "model-00001.safetensors": os.urandom(300_000),
+        "model-00002.safetensors": os.urandom(200_000),
+        "config.json": b"{}",
+        "tokenizer/vocab.txt": b"a\nb\n",
+        "tokenizer/copy.json": b"{}",
+    }
     upload(s3, {prefix + rel: data for rel, data in content.items()})
     local = tmp_path / "local"
     for rel, data in content.items():
@@ -390,29 +445,50 @@ def test_s3_prefix_is_a_directory_with_the_local_tree_digest(s3, store, tmp_path
         (local / rel).write_bytes(data)
     digest = scan_tree(local, what="local").digest
     opts, _ = options(environ=s3_env(s3))
-    got = acquire(f"s3://{s3.bucket}/{prefix}", digest, field="model", spec_dir=tmp_path,
-                  store=store, options=opts)
+    got = acquire(
+        f"s3://{s3.bucket}/{prefix}",
+        digest,
+        field="model",
+        spec_dir=tmp_path,
+        store=store,
+        options=opts,
+    )
     assert got.kind == "directory" and got.digest == digest
     assert [f.path for f in got.files] == sorted(content)
     assert scan_tree(got.path, what="cached").digest == digest
     assert (got.path / "tokenizer" / "copy.json").stat().st_ino == (
-        store.blob_path(sha(b"{}")).stat().st_ino)
+        store.blob_path(sha(b"{}")).stat().st_ino
+    )
     # the same digest from a local directory finds the same tree
-    assert acquire(str(local), digest, field="model", spec_dir=tmp_path, store=store).path == got.path
+    assert (
+        acquire(str(local), digest, field="model", spec_dir=tmp_path, store=store).path == got.path
+    )
 
 
 def test_s3_credentials_from_a_profile_file(s3, store, tmp_path):
     key = f"{uuid.uuid4().hex}/data.jsonl"
     upload(s3, {key: b'{"y": 2}\n'})
     creds = tmp_path / "credentials"
-    creds.write_text(f"[default]\naws_access_key_id = WRONG\naws_secret_access_key = wrong\n"
-                     f"[lab]\naws_access_key_id = {s3.access_key}\n"
-                     f"aws_secret_access_key = {s3.secret_key}\n")
-    env = {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_PROFILE": "lab",
-           "AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_REGION": getattr(s3, "region", "us-east-1")}
+    creds.write_text(
+        f"[default]\naws_access_key_id = WRONG\naws_secret_access_key = wrong\n"
+        f"[lab]\naws_access_key_id = {s3.access_key}\n"
+        f"aws_secret_access_key = {s3.secret_key}\n"
+    )
+    env = {
+        "AWS_SHARED_CREDENTIALS_FILE": str(creds),
+        "AWS_PROFILE": "lab",
+        "AWS_ENDPOINT_URL_S3": s3.endpoint,
+        "AWS_REGION": getattr(s3, "region", "us-east-1"),
+    }
     opts, _ = options(environ=env)
-    got = acquire(f"s3://{s3.bucket}/{key}", sha(b'{"y": 2}\n'), field="datasets[0] (d)",
-                  spec_dir=tmp_path, store=store, options=opts)
+    got = acquire(
+        f"s3://{s3.bucket}/{key}",
+        sha(b'{"y": 2}\n'),
+        field="datasets[0] (d)",
+        spec_dir=tmp_path,
+        store=store,
+        options=opts,
+    )
     assert got.path.read_bytes() == b'{"y": 2}\n'
 
 
@@ -421,8 +497,14 @@ def test_s3_wrong_sha256_is_exit_3_and_nothing_is_cached(s3, store, tmp_path):
     upload(s3, {key: b"not what was pinned"})
     opts, _ = options(environ=s3_env(s3))
     with pytest.raises(DigestMismatch) as err:
-        acquire(f"s3://{s3.bucket}/{key}", sha(b"pinned"), field="model", spec_dir=tmp_path,
-                store=store, options=opts)
+        acquire(
+            f"s3://{s3.bucket}/{key}",
+            sha(b"pinned"),
+            field="model",
+            spec_dir=tmp_path,
+            store=store,
+            options=opts,
+        )
     assert err.value.exit_code == 3 and nothing_cached(store)
 
 
@@ -431,8 +513,14 @@ def test_s3_prefix_with_wrong_tree_digest_caches_nothing(s3, store, tmp_path):
     upload(s3, {prefix + "a.jsonl": b"1\n", prefix + "b.jsonl": b"2\n"})
     opts, _ = options(environ=s3_env(s3))
     with pytest.raises(DigestMismatch) as err:
-        acquire(f"s3://{s3.bucket}/{prefix}", "sha256:" + "e" * 64, field="datasets[0] (ds)",
-                spec_dir=tmp_path, store=store, options=opts)
+        acquire(
+            f"s3://{s3.bucket}/{prefix}",
+            "sha256:" + "e" * 64,
+            field="datasets[0] (ds)",
+            spec_dir=tmp_path,
+            store=store,
+            options=opts,
+        )
     assert err.value.exit_code == 3 and "datasets[0] (ds)" in err.value.message
     assert nothing_cached(store)
 
@@ -440,8 +528,14 @@ def test_s3_prefix_with_wrong_tree_digest_caches_nothing(s3, store, tmp_path):
 def test_s3_missing_object_is_an_input_error(s3, store, tmp_path):
     opts, slept = options(environ=s3_env(s3))
     with pytest.raises(InputError) as err:
-        acquire(f"s3://{s3.bucket}/{uuid.uuid4().hex}/absent.bin", "0" * 64, field="model",
-                spec_dir=tmp_path, store=store, options=opts)
+        acquire(
+            f"s3://{s3.bucket}/{uuid.uuid4().hex}/absent.bin",
+            "0" * 64,
+            field="model",
+            spec_dir=tmp_path,
+            store=store,
+            options=opts,
+        )
     assert err.value.exit_code == 2 and "not found" in err.value.message and slept == []
 
 
@@ -451,8 +545,14 @@ def test_s3_wrong_secret_is_an_input_error_naming_credentials(s3, store, tmp_pat
     env = {**s3_env(s3), "AWS_SECRET_ACCESS_KEY": "definitely-wrong"}
     opts, _ = options(environ=env)
     with pytest.raises(InputError) as err:
-        acquire(f"s3://{s3.bucket}/{key}", sha(b"x"), field="model", spec_dir=tmp_path,
-                store=store, options=opts)
+        acquire(
+            f"s3://{s3.bucket}/{key}",
+            sha(b"x"),
+            field="model",
+            spec_dir=tmp_path,
+            store=store,
+            options=opts,
+        )
     assert err.value.exit_code == 2 and "denied" in err.value.message
     assert "AWS_" in err.value.hint
 
@@ -462,7 +562,13 @@ def test_s3_unreachable_endpoint_is_exit_5_after_bounded_retries(store, tmp_path
     env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}
     opts, slept = options(environ=env, attempts=3, s3_endpoint=endpoint)
     with pytest.raises(InfrastructureError) as err:
-        acquire("s3://bucket/model.bin", "0" * 64, field="model", spec_dir=tmp_path,
-                store=store, options=opts)
+        acquire(
+            "s3://bucket/model.bin",
+            "0" * 64,
+            field="model",
+            spec_dir=tmp_path,
+            store=store,
+            options=opts,
+        )
     assert err.value.exit_code == 5 and "s3://bucket/model.bin" in err.value.message
     assert len(slept) == 2 and nothing_cached(store)

@@ -46,7 +46,10 @@ def test_blob_lands_under_its_sha256_read_only(tmp_path):
 
 def test_mismatch_never_lands_in_the_cache(tmp_path):
     store = ContentStore(tmp_path / "cache")
-    with pytest.raises(DigestMismatch) as err, store.writer(what="model", expected=sha(b"good")) as w:
+    with (
+        pytest.raises(DigestMismatch) as err,
+        store.writer(what="model", expected=sha(b"good")) as w,
+    ):
         w.write(b"evil")
         w.commit()
     assert err.value.exit_code == 3
@@ -88,7 +91,10 @@ def test_unverified_writer_is_named_by_its_content(tmp_path):
 def test_second_writer_of_same_blob_keeps_first_inode(tmp_path):
     store = ContentStore(tmp_path / "cache")
     data = b"same bytes"
-    with store.writer(what="a", expected=sha(data)) as a, store.writer(what="b", expected=sha(data)) as b:
+    with (
+        store.writer(what="a", expected=sha(data)) as a,
+        store.writer(what="b", expected=sha(data)) as b,
+    ):
         a.write(data)
         b.write(data)
         first = a.commit()
@@ -156,8 +162,13 @@ def test_two_processes_filling_the_same_blob(tmp_path):
     start = str(time.time() + 1.0)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(cache), expected, start],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, str(script), str(cache), expected, start],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -179,7 +190,7 @@ def test_two_writers_without_the_lock_are_safe_too(tmp_path):
     def fill(_):
         with store.writer(what="race", expected=sha(data)) as w:
             for i in range(0, len(data), 65536):
-                w.write(data[i:i + 65536])
+                w.write(data[i : i + 65536])
             return w.commit()
 
     with ThreadPoolExecutor(4) as pool:
@@ -198,8 +209,15 @@ def files_for(store: ContentStore, content: dict[str, bytes]) -> list[InputFile]
 
 def test_tree_is_hard_links_to_blobs_and_read_only(tmp_path):
     store = ContentStore(tmp_path / "cache")
-    files = files_for(store, {"config.json": b"{}", "shards/a.bin": b"A" * 100,
-                              "shards/b.bin": b"B" * 50, "copy.json": b"{}"})
+    files = files_for(
+        store,
+        {
+            "config.json": b"{}",
+            "shards/a.bin": b"A" * 100,
+            "shards/b.bin": b"B" * 50,
+            "copy.json": b"{}",
+        },
+    )
     tree = store.materialize_tree(files, what="model")
     assert tree == store.tree_path(tree_digest(files))
     for f in files:
@@ -212,7 +230,12 @@ def test_tree_is_hard_links_to_blobs_and_read_only(tmp_path):
     for d in (tree, tree / "shards"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o555
     assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*")) == [
-        "config.json", "copy.json", "shards", "shards/a.bin", "shards/b.bin"]
+        "config.json",
+        "copy.json",
+        "shards",
+        "shards/a.bin",
+        "shards/b.bin",
+    ]
     if os.geteuid() != 0:  # root ignores modes
         with pytest.raises(PermissionError):
             (tree / "new").write_bytes(b"x")
