@@ -64,8 +64,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from runner.errors import InputError
 
 TREE_TAG = "evalrun-input-tree/v1"
-READ_CHUNK = 4 * 1024 * 1024
-"""Bytes per read while hashing: large reads keep syscall overhead far below hash cost."""
+READ_CHUNK = 1024 * 1024
+"""Bytes per read while hashing: large enough that syscalls cost little next to SHA-256,
+small enough to stay in L2 between the read and the hash (measured: 4 MiB is no faster).
+No mmap: a file truncated while mapped kills the process with SIGBUS."""
 MAX_FILES = 200_000
 MAX_DEPTH = 64
 MAX_PATH_BYTES = 4096
