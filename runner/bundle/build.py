@@ -5,6 +5,8 @@ A bundle is a directory::
     manifest.json        every payload file: path, sha256, size (sorted by path)
     statement.json       in-toto Statement v1; subjects = every payload file + manifest.json
     envelope.dsse.json   DSSE envelope over statement.json (application/vnd.in-toto+json)
+    envelope.sigstore.json   the same envelope as a Sigstore bundle (for cosign; optional:
+                         bundles sealed before it existed have none)
     spec.yaml, eval.lock.json, env.json, report.md, results/..., logs/...   (the payload)
 
 The runner hashes every file itself and never follows links: symlinks, devices,
@@ -34,13 +36,17 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runner.bundle.signing import Signer, sign_envelope
+from runner.bundle.signing import Signer, sign_envelope, sigstore_bundle
 from runner.errors import InputError, UnsafeBundleEntry
 
 MANIFEST_NAME = "manifest.json"
 STATEMENT_NAME = "statement.json"
 ENVELOPE_NAME = "envelope.dsse.json"
-METADATA_NAMES: frozenset[str] = frozenset({MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME})
+# Not signed itself: it restates the envelope, and verification checks that it does.
+SIGSTORE_BUNDLE_NAME = "envelope.sigstore.json"
+METADATA_NAMES: frozenset[str] = frozenset(
+    {MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME, SIGSTORE_BUNDLE_NAME}
+)
 
 MANIFEST_SCHEMA = "evalrun/bundle-manifest/v1"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -576,7 +582,7 @@ def build_bundle(
     ``predicate`` is plain JSON with a ``run_id``; it becomes the Statement's
     predicate unchanged. Symlinks, devices, FIFOs, sockets and unsafe names in
     ``content_dir`` raise UnsafeBundleEntry naming the path; top-level
-    ``manifest.json``/``statement.json``/``envelope.dsse.json`` raise InputError.
+    metadata names (``manifest.json``, ``statement.json``, ``envelope.*.json``) raise InputError.
     On any failure the metadata (and, when copying, ``dest``) written so far is removed.
     """
     body = _plain_json_predicate(predicate)
@@ -633,6 +639,7 @@ def build_bundle(
             (MANIFEST_NAME, manifest_bytes),
             (STATEMENT_NAME, statement_bytes),
             (ENVELOPE_NAME, envelope_bytes),
+            (SIGSTORE_BUNDLE_NAME, _json_bytes(sigstore_bundle(envelope))),
         ):
             _write_new(dest / name, data)
             written.append(dest / name)
@@ -856,6 +863,7 @@ __all__ = [
     "METADATA_NAMES",
     "PAYLOAD_TYPE",
     "PREDICATE_TYPE",
+    "SIGSTORE_BUNDLE_NAME",
     "STATEMENT_NAME",
     "STATEMENT_TYPE",
     "BundleInfo",
