@@ -584,8 +584,10 @@ SIGSTORE_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 def sigstore_bundle(envelope: Mapping[str, Any]) -> dict[str, Any]:
     """The DSSE ``envelope`` restated as a Sigstore bundle (protobuf-specs JSON, v0.3).
 
-    The bundle carries the same payload, payloadType and signatures, and names the
-    signing key by its keyid (``verificationMaterial.publicKey.hint``); it has no
+    The bundle carries the same payload, payloadType and signature, and names the
+    signing key by its keyid in ``verificationMaterial.publicKey.hint`` only: the
+    signature itself carries no keyid there, because sigstore-go's DSSE check skips
+    a signature whose keyid is not its own fingerprint of the key. It has no
     transparency-log entries, so verifiers that expect them must be told to skip
     the log (cosign: ``--insecure-ignore-tlog=true``). Raises ValueError if the
     envelope is not well-formed or does not carry exactly one signature.
@@ -602,7 +604,11 @@ def sigstore_bundle(envelope: Mapping[str, Any]) -> dict[str, Any]:
             "publicKey": {"hint": parsed.signatures[0].keyid},
             "tlogEntries": [],
         },
-        "dsseEnvelope": parsed.to_json_dict(),
+        "dsseEnvelope": {
+            "payload": parsed.payload,
+            "payloadType": parsed.payload_type,
+            "signatures": [{"sig": parsed.signatures[0].sig}],
+        },
     }
 
 
