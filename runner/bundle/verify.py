@@ -275,6 +275,33 @@ def _gather(path: Path, workers: int | None) -> _Facts:
     return facts
 
 
+def _decoded_sigstore(bundle: Any, problems: list[str]) -> Any:
+    """The Sigstore bundle with its base64 fields decoded (either DSSE alphabet says the same);
+    a field that does not decode is kept as text and named in ``problems``."""
+    if not isinstance(bundle, dict) or not isinstance(bundle.get("dsseEnvelope"), dict):
+        return bundle
+    envelope = dict(bundle["dsseEnvelope"])
+
+    def decode(text: object, where: str) -> object:
+        if not isinstance(text, str):
+            return text
+        try:
+            return b64_decode_canonical(text)
+        except ValueError as exc:
+            problems.append(f"dsseEnvelope.{where} is {exc}")
+            return text
+
+    envelope["payload"] = decode(envelope.get("payload"), "payload")
+    if isinstance(envelope.get("signatures"), list):
+        envelope["signatures"] = [
+            {**sig, "sig": decode(sig.get("sig"), f"signatures[{i}].sig")}
+            if isinstance(sig, dict)
+            else sig
+            for i, sig in enumerate(envelope["signatures"])
+        ]
+    return {**bundle, "dsseEnvelope": envelope}
+
+
 # --- the checks ---------------------------------------------------------------------
 
 _Check = Callable[[_Facts, TrustedKeys], tuple[int, list[str]]]
@@ -313,14 +340,21 @@ def _sigstore_problems(facts: _Facts) -> list[str]:
     raw = facts.raw.get(SIGSTORE_BUNDLE_NAME)
     if raw is None or facts.envelope is None:
         return []
+    envelope_problems_: list[str] = []
     try:
-        expected = sigstore_bundle(facts.envelope)
+        expected = _decoded_sigstore(sigstore_bundle(facts.envelope), envelope_problems_)
     except ValueError:
         return []  # the envelope's own problems are reported already
+    if envelope_problems_:
+        return []  # likewise
     try:
-        found = load_json_strict(raw)
+        loaded = load_json_strict(raw)
     except ValueError as exc:
         return [f"{SIGSTORE_BUNDLE_NAME} is not JSON: {exc}"]
+    problems: list[str] = []
+    found = _decoded_sigstore(loaded, problems)
+    if problems:
+        return [f"{SIGSTORE_BUNDLE_NAME}: {p}" for p in problems]
     if found != expected:
         differing = (
             sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
