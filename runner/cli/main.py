@@ -254,7 +254,6 @@ def _run_set(
 
 def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.bundle.signing import load_verifier
-    from runner.bundle.verify import verify_bundle
     from runner.render.markdown import metric_table
     from runner.workflows.run import run_evaluation
 
@@ -269,10 +268,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
         args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
     )
     # --pub checks against the key the user trusts; without it, against the signing key itself
-    vb = verify_bundle(
-        outcome.bundle.path, load_verifier(args.pub) if args.pub else signer.verifier()
-    )
-    verified = f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
+    if args.pub:
+        verified = _self_check(outcome, load_verifier(args.pub), explicit=True)
+    else:
+        verified = _self_check(outcome, signer.verifier(), explicit=False)
     if args.json:
         _emit_json(
             {
@@ -302,6 +301,25 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
         print(f"digest   {outcome.bundle.digest}")
         print(f"verify   {verified}")
     return outcome.exit_code
+
+
+def _self_check(outcome: Any, verifier: Any, *, explicit: bool) -> str:
+    """Verify the run's bundle with ``verifier`` (--pub, or the signing key's public half).
+
+    Without --pub, a run found in the store (not signed now) may have been signed by an
+    earlier key: that is said, not failed. Any other problem fails (exit 3).
+    """
+    from runner.bundle.verify import verify_bundle
+    from runner.errors import VerificationFailed
+
+    try:
+        vb = verify_bundle(outcome.bundle.path, verifier)
+    except VerificationFailed as exc:
+        wrong_key_only = all(p.startswith("wrong key:") for p in exc.problems)
+        if outcome.reused and not explicit and wrong_key_only and exc.problems:
+            return "not checked: the existing run was signed by another key (pass --pub)"
+        raise
+    return f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:

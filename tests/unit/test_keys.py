@@ -656,3 +656,62 @@ def test_make_run_creates_the_default_key_explicitly_before_running() -> None:
     assert lines.index("$(EVALRUN) keys generate --if-absent") < lines.index(
         "$(EVALRUN) run $(SPEC)"
     )
+
+
+# --------------------------------------------------------------------------- run's self-check
+
+
+def test_a_new_run_is_checked_with_the_key_that_signed_it(tmp_path: Path) -> None:
+    from key_fixtures import locked_example
+
+    spec = locked_example(tmp_path / "digits")
+    key = generate_keypair(tmp_path / "a.key", tmp_path / "a.pub", "ed25519")
+    proc = _evalrun(
+        tmp_path,
+        "run",
+        str(spec),
+        "--json",
+        DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock",  # the run fails, and is signed
+        EVALRUN_KEY="env:CI_PEM",
+        CI_PEM=key.private_path.read_text(),
+        CI="true",
+    )
+    assert proc.returncode == 5, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["outcome"] == "infrastructure_failure" and out["reused"] is False
+    assert out["verified"] == f"valid (7 checks, keyid {key.keyid[:16]}…)"
+
+
+def test_a_stored_run_signed_by_an_earlier_key_is_named_not_failed(tmp_path: Path) -> None:
+    from key_fixtures import locked_example
+
+    from runner.bundle.build import build_bundle
+    from runner.bundle.signing import load_signer
+    from runner.bundle.store import Store
+    from runner.model.spec import load_lock
+    from runner.workflows.run import run_id_for
+
+    spec = locked_example(tmp_path / "digits")
+    old = generate_keypair(tmp_path / "old.key", tmp_path / "old.pub")
+    new = generate_keypair(tmp_path / "new.key", tmp_path / "new.pub", "ed25519")
+    run_id = run_id_for(load_lock(spec.with_name("eval.lock.json")).digest(), 0)
+    store = Store(tmp_path / "home")
+    with store.staging_dir() as stage:  # the run as it was sealed before the key rotation
+        (stage / "report.md").write_text("# passed\n")
+        predicate = {"run_id": run_id, "outcome": "passed", "metrics": []}
+        build_bundle(stage, predicate, load_signer(old.private_path), stage)
+        store.put(stage)
+
+    def run(*args: str, **env: str) -> tuple[int, dict]:
+        proc = _evalrun(tmp_path, "run", str(spec), "--json", *args, **env)
+        return proc.returncode, json.loads(proc.stdout)
+
+    code, out = run(EVALRUN_KEY=str(new.private_path))
+    assert (code, out["reused"]) == (0, True)
+    assert out["verified"].startswith("not checked: the existing run was signed by another key")
+    code, out = run("--key", str(old.private_path))
+    assert code == 0 and out["verified"].startswith("valid")
+    code, out = run("--key", str(new.private_path), "--pub", str(old.public_path))
+    assert code == 0 and out["verified"].startswith("valid")
+    code, out = run("--key", str(new.private_path), "--pub", str(new.public_path))
+    assert code == 3 and out["error"] == "verification_failed"

@@ -25,13 +25,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from key_fixtures import locked_example
 
 from runner.bundle.signing import pae
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "digits"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 LABEL = "evalrun ci"  # a space: percent-encoded in the URI
 PIN = "246810"
@@ -140,46 +140,7 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Token:
 
 @pytest.fixture(scope="module")
 def locked_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """examples/digits with a lock written here (no image build: the run never starts one)."""
-    from runner.build.image import write_lock
-    from runner.model.spec import LockedSpec, load_spec
-
-    dest = tmp_path_factory.mktemp("spec") / "digits"
-    shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns("eval.lock.json", "__pycache__"))
-    spec = load_spec(dest / "eval.yaml")
-    lock = LockedSpec.model_validate(
-        {
-            "schema": "evalrun/lock/v1",
-            "spec_name": spec.metadata.name,
-            "spec_digest": spec.digest(),
-            "base": None,
-            "wheels": [],
-            "image": {
-                "ref": "127.0.0.1:5000/evalrun/digits-logreg@sha256:" + "a" * 64,
-                "rootfs_digest": "sha256:" + "b" * 64,
-            },
-            "model": {
-                "path": "model/weights.json",
-                "sha256": spec.model.sha256,
-                "size": (dest / "model" / "weights.json").stat().st_size,
-            },
-            "datasets": [
-                {
-                    "path": "data/digits_test.jsonl",
-                    "sha256": d.sha256,
-                    "size": (dest / "data" / "digits_test.jsonl").stat().st_size,
-                    "name": d.name,
-                    "split": d.split,
-                    "license": d.license,
-                    "source": d.source,
-                }
-                for d in spec.datasets
-            ],
-            "source": {"commit": None, "dirty": False, "tree_sha256": "e" * 64},
-        }
-    )
-    write_lock(lock, dest / "eval.lock.json")
-    return dest / "eval.yaml"
+    return locked_example(tmp_path_factory.mktemp("spec") / "digits")
 
 
 def test_the_private_key_cannot_leave_the_token(token: Token) -> None:
