@@ -22,7 +22,11 @@ from runner.shared.tarformat import unsafe_path_reason
 MANIFEST_NAME = "manifest.json"
 STATEMENT_NAME = "statement.json"
 ENVELOPE_NAME = "envelope.dsse.json"
-METADATA_NAMES: frozenset[str] = frozenset({MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME})
+# Not signed itself: it restates the envelope, and verification checks that it does.
+SIGSTORE_BUNDLE_NAME = "envelope.sigstore.json"
+METADATA_NAMES: frozenset[str] = frozenset(
+    {MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME, SIGSTORE_BUNDLE_NAME}
+)
 
 MANIFEST_SCHEMA = "evalrun/bundle-manifest/v1"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner._internal.settings import Settings
-from runner.cli.common import add_backend_args, backend_for, signer_for
+from runner.cli.common import (
+    add_backend_args,
+    add_keyring_arg,
+    backend_for,
+    signer_for,
+    verifier_for,
+)
 from runner.errors import InputError, VerificationFailed
 
 if TYPE_CHECKING:
@@ -31,16 +37,7 @@ def _emit_json(data: Any) -> None:
 
 
 def _verifier(args: argparse.Namespace, settings: Settings) -> Any:
-    from runner.bundle.signing import load_verifier
-
-    public: Path = args.pub or settings.default_public_key
-    if not public.exists():
-        raise InputError(
-            "no public key to verify bundles with",
-            file=str(public),
-            hint="pass --pub KEY.pub (the key the bundles were signed with)",
-        )
-    return load_verifier(public)
+    return verifier_for(args, settings, args.pub)
 
 
 @contextmanager
@@ -99,14 +96,13 @@ def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | No
 
 
 def _verification_text(bundle: Path, args: argparse.Namespace, settings: Settings) -> str:
-    from runner.bundle.signing import load_verifier
     from runner.bundle.verify import verify_bundle
 
     public: Path = args.pub or settings.default_public_key
-    if not public.exists():
-        return "not checked (no public key; pass --pub)"
+    if args.keyring is None and not public.exists():
+        return "not checked (no public key; pass --pub or --keyring)"
     try:
-        vb = verify_bundle(bundle, load_verifier(public))
+        vb = verify_bundle(bundle, _verifier(args, settings))
     except VerificationFailed as exc:
         return "FAILED: " + "; ".join(exc.problems)
     return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"
@@ -449,6 +445,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     keys.add_argument(
         "--pub", type=Path, help="public key to verify bundles (default: $EVALRUN_HOME/keys)"
     )
+    add_keyring_arg(keys)
     signing = argparse.ArgumentParser(add_help=False)
     add_backend_args(signing)
     signing.add_argument(

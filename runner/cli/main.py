@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -23,8 +24,16 @@ from runner._internal.settings import Settings
 from runner.cli import blueprints as cli_blueprints
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
-from runner.cli.common import add_backend_args, backend_for, signer_for
-from runner.errors import EvalrunError, Interrupted
+from runner.cli.common import (
+    add_backend_args,
+    add_keyring_arg,
+    add_unlock_args,
+    backend_for,
+    key_access,
+    signer_for,
+    verifier_for,
+)
+from runner.errors import EvalrunError, InputError, Interrupted
 
 log = logging.getLogger("evalrun")
 
@@ -250,7 +259,6 @@ def _run_set(
 
 def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.bundle.signing import load_verifier
-    from runner.bundle.verify import verify_bundle
     from runner.render.markdown import metric_table
     from runner.workflows.run import run_evaluation
 
@@ -264,11 +272,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     outcome = run_evaluation(
         args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
     )
-    public = args.pub or (settings.default_public_key if args.key is None else None)
-    verified: str = "not checked (pass --pub to verify with a public key)"
-    if public is not None:
-        vb = verify_bundle(outcome.bundle.path, load_verifier(public))
-        verified = f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
+    # --pub checks against the key the user trusts; without it, against the signing key itself
+    if args.pub:
+        verified = _self_check(outcome, load_verifier(args.pub), explicit=True)
+    else:
+        verified = _self_check(outcome, signer.verifier(), explicit=False)
     if args.json:
         _emit_json(
             {
@@ -300,11 +308,34 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     return outcome.exit_code
 
 
+def _self_check(outcome: Any, verifier: Any, *, explicit: bool) -> str:
+    """Verify the run's bundle with ``verifier`` (--pub, or the signing key's public half).
+
+    Without --pub, a run found in the store (not signed now) may have been signed by an
+    earlier key: that is said, not failed. Any other problem fails (exit 3).
+    """
+    from runner.bundle.verify import verify_bundle
+    from runner.errors import VerificationFailed
+
+    try:
+        vb = verify_bundle(outcome.bundle.path, verifier)
+    except VerificationFailed as exc:
+        wrong_key_only = all(p.startswith("wrong key:") for p in exc.problems)
+        if outcome.reused and not explicit and wrong_key_only and exc.problems:
+            return "not checked: the existing run was signed by another key (pass --pub)"
+        raise
+    return f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.bundle.signing import load_verifier
     from runner.bundle.verify import verify_bundle
 
-    verifier = load_verifier(args.key)
+    if args.key is None and args.keyring is None:
+        raise InputError(
+            "verify needs the key(s) to trust: --key PUB and/or --keyring PATH",
+            hint="the .pub file of the signing key, or a keyring of every key you trust",
+        )
+    verifier = verifier_for(args, settings, args.key)
     from runner.bundle.oci_artifacts import fetch_bundle, is_registry_ref
 
     if is_registry_ref(str(args.bundle)) and not args.bundle.exists():
@@ -337,11 +368,40 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 
 
 def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import FileKey, describe_key
     from runner.bundle.signing import generate_keypair
 
-    private = args.out or settings.default_private_key
+    private: Path = args.out or settings.default_private_key
     public = private.with_suffix(".pub")
-    info = generate_keypair(private, public, args.algorithm)
+    if args.if_absent and (private.exists() or private.is_symlink()):
+        ref = FileKey(public if public.is_file() else private)
+        found = describe_key(ref, key_access(args))
+        if args.json:
+            _emit_json(
+                {
+                    "private_key": str(private),
+                    "public_key": str(public),
+                    "keyid": found.keyid,
+                    "algorithm": found.algorithm,
+                    "created": False,
+                }
+            )
+        else:
+            print(f"signing key exists: {private} (keyid {found.keyid})")
+        return 0
+    password = None
+    if args.encrypt:
+        var = args.key_passphrase_env or "EVALRUN_KEY_PASSPHRASE"
+        value = os.environ.get(var)
+        if not value:
+            raise InputError(
+                f"--encrypt takes the passphrase from ${var}, which is not set",
+                hint="set it, or name another variable with --key-passphrase-env",
+            )
+        password = value.encode("utf-8")
+    if args.out is None:
+        private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = generate_keypair(private, public, args.algorithm, password=password)
     if args.json:
         _emit_json(
             {
@@ -349,12 +409,120 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Termin
                 "public_key": str(public),
                 "keyid": info.keyid,
                 "algorithm": args.algorithm,
+                "created": True,
             }
         )
     else:
         print(f"private key {private} (mode 0600; never leaves this machine)")
         print(f"public key  {public}")
         print(f"keyid       {info.keyid}")
+    return 0
+
+
+def _key_row(d: Any) -> str:
+    return f"{d.keyid[:16]}  {d.algorithm:10}  {d.holds:19}  {d.source}"
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import (
+        FileKey,
+        KeyDescription,
+        describe_key,
+        key_ref_from_env,
+        list_token_keys,
+        load_keyring,
+    )
+
+    access = key_access(args)
+    found: list[KeyDescription] = []
+    unreadable: list[dict[str, str]] = []
+    sources: list[Any] = []
+    keys_dir = settings.default_private_key.parent
+    if keys_dir.is_dir():
+        sources.extend(
+            FileKey(p)
+            for p in sorted(keys_dir.iterdir())
+            if p.suffix in (".key", ".pub", ".pem") and p.is_file()
+        )
+    from_env = key_ref_from_env(access.environ)
+    if from_env is not None:
+        sources.append(from_env)
+    for ref in sources:
+        try:
+            found.append(describe_key(ref, access))
+        except EvalrunError as err:
+            unreadable.append({"source": str(ref), "problem": err.message})
+    if args.keyring is not None:
+        for verifier in load_keyring(args.keyring).verifiers:
+            found.append(
+                KeyDescription(
+                    keyid=verifier.keyid,
+                    algorithm=verifier.algorithm,
+                    source=f"keyring {args.keyring}",
+                    holds="public key",
+                    public_pem=verifier.public_pem().decode("ascii"),
+                )
+            )
+    if args.pkcs11 is not None:
+        found.extend(list_token_keys(args.pkcs11, access))
+    if args.json:
+        _emit_json(
+            {
+                "keys": [d.model_dump(mode="json", exclude={"public_pem"}) for d in found],
+                "unreadable": unreadable,
+            }
+        )
+        return 0
+    if not found and not unreadable:
+        print(f"no keys in {keys_dir} (create one with `evalrun keys generate`)")
+        return 0
+    print(f"{'KEYID':16}  {'ALGORITHM':10}  {'HOLDS':19}  SOURCE")
+    for d in found:
+        print(_key_row(d))
+    for u in unreadable:
+        print(f"{'?':16}  {'?':10}  {'(unreadable)':19}  {u['source']}: {u['problem']}")
+    return 0
+
+
+def cmd_keys_describe(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import describe_key, parse_key_ref
+
+    d = describe_key(parse_key_ref(args.key), key_access(args))
+    if args.json:
+        _emit_json(d.model_dump(mode="json"))
+        return 0
+    print(f"keyid       {d.keyid}")
+    print(f"algorithm   {d.algorithm}")
+    print(f"holds       {d.holds}")
+    print(f"source      {d.source}")
+    if d.encrypted is not None:
+        print(f"encrypted   {'yes' if d.encrypted else 'no'}")
+    if d.token is not None:
+        print(
+            f"token       {d.token.token} (serial {d.token.serial}, {d.token.manufacturer}, "
+            f"{d.token.model})"
+        )
+        print(f"object      label {d.token.object or '—'}, id {d.token.id or '—'}")
+        print(f"mechanisms  {', '.join(d.token.mechanisms) or 'none usable'}")
+    return 0
+
+
+def cmd_keys_public(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import describe_key, parse_key_ref
+
+    d = describe_key(parse_key_ref(args.key), key_access(args))
+    if args.out is None:
+        sys.stdout.write(d.public_pem)
+        return 0
+    try:
+        with args.out.open("x", encoding="ascii") as f:
+            f.write(d.public_pem)
+    except FileExistsError as exc:
+        raise InputError("refusing to overwrite an existing file", file=str(args.out)) from exc
+    if args.json:
+        _emit_json({"public_key": str(args.out), "keyid": d.keyid, "algorithm": d.algorithm})
+    else:
+        print(f"public key {args.out} (keyid {d.keyid})")
     return 0
 
 
@@ -444,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "bundle", type=Path, help="bundle directory, .tar, or registry reference (repo@sha256:…)"
     )
-    p.add_argument("--key", type=Path, required=True, help="public key (PEM)")
+    p.add_argument("--key", type=Path, help="the trusted public key (PEM)")
+    add_keyring_arg(p)
     p.set_defaults(fn=cmd_verify)
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
@@ -453,7 +622,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("generate", parents=[common], help="create a signing key pair")
     p.add_argument("--out", type=Path, help="private key path (public key: same name, .pub)")
     p.add_argument("--algorithm", choices=["ecdsa-p256", "ed25519"], default="ecdsa-p256")
+    p.add_argument(
+        "--if-absent",
+        action="store_true",
+        help="do nothing (and say so) if the private key file exists",
+    )
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the private key with the passphrase in $EVALRUN_KEY_PASSPHRASE "
+        "(or the variable --key-passphrase-env names)",
+    )
+    add_unlock_args(p)
     p.set_defaults(fn=cmd_keys_generate)
+    p = keys.add_parser(
+        "list",
+        parents=[common],
+        help="keys in $EVALRUN_HOME/keys and $EVALRUN_KEY (plus a keyring or a token)",
+    )
+    add_keyring_arg(p)
+    p.add_argument("--pkcs11", metavar="URI", help="also list the keys in this token")
+    add_unlock_args(p)
+    p.set_defaults(fn=cmd_keys_list)
+    p = keys.add_parser(
+        "describe", parents=[common], help="keyid, algorithm and source of a key (no secrets)"
+    )
+    p.add_argument("key", help="a PEM file (private or public), env:VAR, -, k8s://… or pkcs11:…")
+    add_unlock_args(p)
+    p.add_argument("--kubeconfig", help="for k8s:// keys")
+    p.add_argument("--context", help="for k8s:// keys")
+    p.set_defaults(fn=cmd_keys_describe)
+    p = keys.add_parser(
+        "public-key", parents=[common], help="print (or --out) a key's public half as PEM"
+    )
+    p.add_argument("key", help="a PEM file, env:VAR, -, k8s://… or pkcs11:…")
+    p.add_argument("--out", type=Path, help="write it to this new file")
+    add_unlock_args(p)
+    p.add_argument("--kubeconfig", help="for k8s:// keys")
+    p.add_argument("--context", help="for k8s:// keys")
+    p.set_defaults(fn=cmd_keys_public)
 
     cli_history.register(sub, common)
     cli_blueprints.register(sub, common)
