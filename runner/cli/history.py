@@ -347,12 +347,8 @@ def _render(
     """The bundle's report in ``fmt``, laid out for its kind (``predicate``: already read)."""
     from runner.bundle.reader import read_predicate
     from runner.model.predicate import AuditPredicate, RunSetPredicate
-    from runner.render.html import (
-        load_report_data,
-        render_audit_html,
-        render_html,
-        render_markdown_full,
-    )
+    from runner.render.html import render_audit_html, render_html
+    from runner.render.run_report import load_report_data, render_markdown_full
     from runner.workflows.audit import render_audit_markdown
 
     if predicate is None:

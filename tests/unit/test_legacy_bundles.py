@@ -23,7 +23,8 @@ from runner.bundle.verify import verify_bundle
 from runner.cli.main import main
 from runner.model.outcome import Outcome
 from runner.model.predicate import AuditPredicate, RunPredicate, RunSetPredicate
-from runner.render.html import load_report_data, render_html, render_markdown_full
+from runner.render.html import render_html
+from runner.render.run_report import load_report_data, render_markdown_full
 from runner.render.markdown import render_markdown
 from runner.workflows.audit import render_audit_markdown
 from runner.workflows.diff import diff_runs
