@@ -48,7 +48,7 @@ def _bundle_for(
     ref: str, settings: Settings, args: argparse.Namespace, term: Term
 ) -> Iterator[tuple[Path, str | None]]:
     """A local bundle directory for ``ref``: path, run id/digest in the store, or registry ref."""
-    from runner.bundle.index import locate_bundle
+    from runner.bundle.locate import locate_bundle
     from runner.bundle.oci_artifacts import is_registry_ref, pull_bundle
     from runner.bundle.store import Store
 
@@ -84,7 +84,8 @@ def _started(bundle: Path) -> str:
 
 def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
     """The newest original run of an image given by digest (``sha256:…``), if any."""
-    from runner.bundle.index import History, RunFilter
+    from runner.bundle.index import History
+    from runner.bundle.run_records import RunFilter
     from runner.bundle.store import Store
 
     text = ref.split("@", 1)[-1]
@@ -116,8 +117,10 @@ def _verification_text(bundle: Path, args: argparse.Namespace, settings: Setting
 
 
 def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.index import History, RunFilter, format_table
+    from runner.bundle.index import History
+    from runner.bundle.run_records import RunFilter
     from runner.bundle.store import Store
+    from runner.render.run_list import format_table
 
     flt = RunFilter(
         spec=args.spec,
@@ -140,8 +143,9 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
 
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.index import History, RunFilter
+    from runner.bundle.index import History
     from runner.bundle.reader import read_predicate
+    from runner.bundle.run_records import RunFilter
     from runner.bundle.store import Store
     from runner.model.predicate import RunPredicate
     from runner.render.markdown import metric_table

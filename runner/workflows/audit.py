@@ -24,7 +24,8 @@ from typing import Any
 
 from runner._internal.settings import Settings
 from runner.bundle.build import build_bundle
-from runner.bundle.index import History, RunFilter, RunRecord
+from runner.bundle.index import History
+from runner.bundle.run_records import RunFilter, RunRecord
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import EvalrunError, InputError

@@ -22,8 +22,9 @@ from typing import Any
 
 from pydantic import JsonValue
 
-from runner.bundle.index import History, RunFilter
+from runner.bundle.index import History
 from runner.bundle.reader import read_predicate
+from runner.bundle.run_records import RunFilter
 from runner.bundle.store import Store
 from runner.errors import InputError, IntegrityError, NotComparable
 from runner.model.predicate import (

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from inprocess_backend import BUNDLE_NAMES, BUNDLES, PUBLIC_KEY, SOURCE, run_sequence
 
-from runner.bundle.index import History, RunFilter
+from runner.bundle.index import History
+from runner.bundle.run_records import RunFilter
 from runner.bundle.reader import read_predicate
 from runner.bundle.signing import load_verifier
 from runner.bundle.store import Store
