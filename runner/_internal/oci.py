@@ -21,7 +21,7 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NotRequired, TypedDict
 
 from runner._internal.tar import layer_members, layer_name
 
@@ -48,7 +48,90 @@ _PAX_KEEP_PREFIX = "SCHILY.xattr."
 _CHUNK = 1 << 20
 
 
-def canonical_json(data: Any) -> bytes:
+# --------------------------------------------------------------------------- documents
+# The JSON documents evalrun writes and reads back. Static shapes only: what comes
+# from a registry or ``docker save`` is not validated here (a missing key is a
+# KeyError, as before); what evalrun writes has exactly these keys.
+
+
+class Descriptor(TypedDict):
+    """An OCI content descriptor: a blob named by digest, with its size and media type."""
+
+    mediaType: str
+    digest: str
+    size: int
+
+
+class RootFs(TypedDict):
+    type: str
+    diff_ids: list[str]
+
+
+class HistoryEntry(TypedDict, total=False):
+    created: str
+    created_by: str
+    empty_layer: bool
+
+
+class ImageConfig(TypedDict, total=False):
+    """An image config: platform, runtime settings (``config``), layer diff ids, history."""
+
+    architecture: str
+    os: str
+    created: str
+    # The runtime settings (CONFIG_FIELDS and more); copied field by field, never read.
+    config: dict[str, object]
+    rootfs: RootFs
+    history: list[HistoryEntry]
+
+
+class ImageManifest(TypedDict):
+    """A single-platform OCI image manifest."""
+
+    schemaVersion: int
+    mediaType: str
+    config: Descriptor
+    layers: list[Descriptor]
+    annotations: NotRequired[dict[str, str]]
+
+
+class FileFacts(TypedDict):
+    """One path of an image as ``build --check`` compares it (:meth:`FileEntry.describe`)."""
+
+    type: str
+    mode: str
+    owner: str
+    size: int
+    sha256: str
+
+
+class FileChange(TypedDict):
+    """A path whose entry differs between two images; the sides it has, and which fields."""
+
+    path: str
+    change: str  # added, removed, changed
+    fields: NotRequired[list[str]]
+    expected: NotRequired[FileFacts]
+    found: NotRequired[FileFacts]
+
+
+class FieldChange(TypedDict):
+    """A leaf of two JSON documents that differs, by dotted path (None: absent on that side)."""
+
+    field: str
+    expected: object
+    found: object
+
+
+class PackageChange(TypedDict):
+    """A Debian package whose version differs (None: not installed on that side)."""
+
+    package: str
+    expected: str | None
+    found: str | None
+
+
+def canonical_json(data: object) -> bytes:
     """The one JSON encoding used for every digested document."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -76,7 +159,7 @@ class Blob:
     size: int
     media_type: str
 
-    def descriptor(self) -> dict[str, Any]:
+    def descriptor(self) -> Descriptor:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
 
 
@@ -165,7 +248,7 @@ def _header(member: tarfile.TarInfo, name: str, epoch: int) -> tarfile.TarInfo:
 def image_config(
     *,
     diff_ids: list[str],
-    config: Mapping[str, Any],
+    config: Mapping[str, object],
     epoch: int,
     history: list[str],
     architecture: str = "amd64",
@@ -175,7 +258,7 @@ def image_config(
         raise ValueError("one history line per layer")
     created = epoch_iso(epoch)
     kept = {k: config[k] for k in CONFIG_FIELDS if config.get(k) not in (None, "", [], {})}
-    doc = {
+    doc: ImageConfig = {
         "architecture": architecture,
         "os": "linux",
         "created": created,
@@ -190,7 +273,7 @@ def image_manifest(
     config: bytes, layers: list[Blob], annotations: Mapping[str, str] | None = None
 ) -> bytes:
     """An OCI image manifest over a config and its layers; canonical JSON bytes."""
-    doc: dict[str, Any] = {
+    doc: ImageManifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
@@ -220,7 +303,7 @@ class AssembledImage:
 
 def assemble(
     layers: list[Blob],
-    config: Mapping[str, Any],
+    config: Mapping[str, object],
     epoch: int,
     history: list[str],
     diff_ids: list[str] | None = None,
@@ -252,7 +335,7 @@ LAYER_TYPES = {
 class SavedImage:
     """The layers and config of a ``docker save`` archive (legacy layout)."""
 
-    config: dict[str, Any]
+    config: ImageConfig
     layer_members: list[str]
 
 
@@ -288,7 +371,7 @@ class FileEntry:
     size: int
     sha256: str  # content hash for files; link target for links; "" otherwise
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> FileFacts:
         return {
             "type": self.kind,
             "mode": self.mode,
@@ -376,35 +459,36 @@ def filesystem_index(layers: Iterable[IO[bytes]]) -> dict[str, FileEntry]:
 
 def diff_index(
     expected: Mapping[str, FileEntry], found: Mapping[str, FileEntry]
-) -> list[dict[str, Any]]:
+) -> list[FileChange]:
     """Per-path differences, sorted by path: added, removed, changed (with both sides)."""
-    out: list[dict[str, Any]] = []
+    out: list[FileChange] = []
     for path in sorted(expected.keys() | found.keys()):
         a, b = expected.get(path), found.get(path)
         if a == b:
             continue
-        item: dict[str, Any] = {"path": "/" + path}
         if a is None:
             assert b is not None
-            item.update(change="added", found=b.describe())
+            out.append({"path": "/" + path, "change": "added", "found": b.describe()})
         elif b is None:
-            item.update(change="removed", expected=a.describe())
+            out.append({"path": "/" + path, "change": "removed", "expected": a.describe()})
         else:
             da, db = a.describe(), b.describe()
-            item.update(
-                change="changed",
-                fields=sorted(k for k in da if da[k] != db[k]),
-                expected=da,
-                found=db,
+            out.append(
+                {
+                    "path": "/" + path,
+                    "change": "changed",
+                    "fields": sorted(k for k, v in da.items() if db.get(k) != v),
+                    "expected": da,
+                    "found": db,
+                }
             )
-        out.append(item)
     return out
 
 
-def diff_json(expected: Any, found: Any, path: str = "") -> list[dict[str, Any]]:
+def diff_json(expected: object, found: object, path: str = "") -> list[FieldChange]:
     """Leaf-level differences between two JSON documents, as dotted field paths."""
     if isinstance(expected, dict) and isinstance(found, dict):
-        out: list[dict[str, Any]] = []
+        out: list[FieldChange] = []
         for key in sorted(expected.keys() | found.keys()):
             sub = f"{path}.{key}" if path else str(key)
             if key not in expected:
@@ -450,9 +534,9 @@ def parse_dpkg_status(text: str) -> dict[str, str]:
     return dict(sorted(packages.items()))
 
 
-def diff_packages(expected: Mapping[str, str], found: Mapping[str, str]) -> list[dict[str, Any]]:
+def diff_packages(expected: Mapping[str, str], found: Mapping[str, str]) -> list[PackageChange]:
     """Debian packages whose installed version moved (or that appeared or vanished)."""
-    out = []
+    out: list[PackageChange] = []
     for name in sorted(expected.keys() | found.keys()):
         if expected.get(name) != found.get(name):
             out.append({"package": name, "expected": expected.get(name), "found": found.get(name)})

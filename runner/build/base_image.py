@@ -116,7 +116,7 @@ def _locked_base_from_registry(
 ) -> LockedBase:
     """What the lock records of a pushed base image, read back from its manifest and config."""
     name = registry.ImageName.parse(repo)
-    manifest = json.loads(registry.get_manifest_bytes(name, digest))
+    manifest: oci.ImageManifest = json.loads(registry.get_manifest_bytes(name, digest))
     annotations = manifest.get("annotations") or {}
     return LockedBase(
         ref=f"{repo}@{digest}",
