@@ -15,12 +15,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from runner.errors import InputError
 from runner.model.predicate import (
     AuditPredicate,
     ConfidenceInterval,
+    JsonObject,
     MetricResult,
     Predicate,
     RunPredicate,
@@ -63,7 +63,8 @@ class RunRecord:
     datasets: tuple[tuple[str, str, str], ...] = ()
     metrics: tuple[MetricRecord, ...] = field(default=())
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JsonObject:
+        """``evalrun runs ls --json``: every field; path as text, datasets as objects."""
         data = asdict(self)
         data["path"] = str(self.path)
         data["datasets"] = [{"name": n, "sha256": s, "split": sp} for n, s, sp in self.datasets]

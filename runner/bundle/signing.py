@@ -18,7 +18,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TypedDict
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -329,6 +329,19 @@ def b64_decode_canonical(text: str) -> bytes:
     return data
 
 
+class SignatureJson(TypedDict):
+    keyid: str
+    sig: str
+
+
+class EnvelopeJson(TypedDict):
+    """A DSSE envelope as standard JSON: base64 payload, its type, the signatures."""
+
+    payload: str
+    payloadType: str
+    signatures: list[SignatureJson]
+
+
 class DsseSignature(BaseModel):
     """One DSSE signature: the signer's key id and the base64 signature."""
 
@@ -347,7 +360,7 @@ class DsseEnvelope(BaseModel):
     payload_type: StrictStr = Field(alias="payloadType")
     signatures: tuple[DsseSignature, ...]
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_json_dict(self) -> EnvelopeJson:
         """The standard DSSE JSON object."""
         return {
             "payload": self.payload,
@@ -356,7 +369,7 @@ class DsseEnvelope(BaseModel):
         }
 
 
-def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> dict[str, Any]:
+def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> EnvelopeJson:
     """Sign ``payload`` and return a standard DSSE JSON object with one signature.
 
     The result is ``{"payload": b64, "payloadType": ..., "signatures": [{"keyid", "sig"}]}``
@@ -373,7 +386,7 @@ def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> dict[str
 
 
 def envelope_problems(
-    envelope: Mapping[str, Any], verifier: Verifier, expected_payload_type: str
+    envelope: Mapping[str, object], verifier: Verifier, expected_payload_type: str
 ) -> tuple[bytes | None, list[str]]:
     """Check a DSSE envelope; return (payload, []) if it verifies, else (None, problems).
 
@@ -434,7 +447,7 @@ def envelope_problems(
 
 
 def verify_envelope(
-    envelope: Mapping[str, Any], verifier: Verifier, expected_payload_type: str
+    envelope: Mapping[str, object], verifier: Verifier, expected_payload_type: str
 ) -> bytes:
     """Verify a DSSE envelope and return its payload bytes.
 
@@ -453,6 +466,7 @@ __all__ = [
     "Algorithm",
     "DsseEnvelope",
     "DsseSignature",
+    "EnvelopeJson",
     "KeyInfo",
     "Signer",
     "Verifier",

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -90,7 +89,7 @@ class _Facts:
     payload_files: set[str] = field(default_factory=set)
     raw: dict[str, bytes] = field(default_factory=dict)
     raw_problems: dict[str, str] = field(default_factory=dict)
-    envelope: dict[str, Any] | None = None
+    envelope: dict[str, object] | None = None  # the JSON object read, not yet validated
     envelope_problem: str | None = None
     payload: bytes | None = None
     statement: Statement | None = None

@@ -27,7 +27,8 @@ class JsonLinesFormatter(logging.Formatter):
     """Stable schema: ts, level, event, run_id, logger, message, then the extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
+        # the fixed fields, then whatever the caller passed as ``extra`` (rendered with str)
+        data: dict[str, object] = {
             "ts": round(record.created, 6),
             "level": record.levelname.lower(),
             "event": getattr(record, "event", record.getMessage()),

@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from runner._internal.settings import Settings
 from runner.bundle.build import build_bundle
@@ -35,6 +35,7 @@ from runner.model.predicate import (
     AuditedRun,
     AuditFilters,
     AuditPredicate,
+    JsonObject,
     MissingInput,
     Timestamps,
 )
@@ -81,6 +82,21 @@ class AuditEntry:
         )
 
 
+class AuditSummary(TypedDict):
+    """``evalrun audit --json``: how many were re-run and reproduced, and each run's entry."""
+
+    audit_id: str
+    seed: int
+    sampled_from: int
+    audited: int
+    reproduced: int
+    failed: int
+    bundle: str
+    bundle_digest: str
+    exit_code: int
+    runs: list[JsonObject]  # each AuditEntry's fields
+
+
 @dataclass(frozen=True)
 class AuditResult:
     audit_id: str
@@ -94,7 +110,7 @@ class AuditResult:
     def failed(self) -> list[AuditEntry]:
         return [e for e in self.entries if not e.reproduced]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> AuditSummary:
         return {
             "audit_id": self.audit_id,
             "seed": self.seed,

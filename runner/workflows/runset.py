@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner._internal.settings import Settings
 from runner.bundle.build import build_bundle
@@ -29,6 +28,7 @@ from runner.model.plan import Backend
 from runner.model.predicate import (
     AcrossSeedsStat,
     ConfidenceInterval,
+    JsonObject,
     MetricResult,
     RunSetMember,
     RunSetPredicate,
@@ -143,7 +143,7 @@ class AcrossSeeds:
             ),
         )
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JsonObject:
         return self.stat().to_json()
 
 
