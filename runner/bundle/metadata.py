@@ -24,9 +24,6 @@ STATEMENT_NAME = "statement.json"
 ENVELOPE_NAME = "envelope.dsse.json"
 METADATA_NAMES: frozenset[str] = frozenset({MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME})
 
-MANIFEST_SCHEMA = "evalrun/bundle-manifest/v1"
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 # A manifest/statement/envelope larger than this is not one the runner wrote.

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,7 +175,3 @@ def _metric_record(m: MetricResult) -> MetricRecord:
         high=None if ci.high is None else float(ci.high),
         passed=m.passed,
     )
-
-
-def dumps(records: Sequence[RunRecord]) -> str:
-    return json.dumps([r.as_dict() for r in records], indent=2, sort_keys=True)

@@ -91,10 +91,6 @@ class RunDiff:
     def group(self, name: str) -> list[Change]:
         return [c for c in self.changes if c.group == name]
 
-    @property
-    def identical_lineage(self) -> bool:
-        return not self.changes
-
     def as_dict(self) -> RunDiffJson:
         return {
             "a": self.a_run,
