@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
-from runner._internal import oci
+from runner._internal import image_contents, oci
 from runner._internal.settings import Settings
 from runner._internal.tree import sha256_file
 from runner.adapters import registry
@@ -64,8 +64,8 @@ class ImageDiff(TypedDict):
     """What differs between two pushed images (config fields under ``rootfs.`` left out)."""
 
     layers: list[LayerChange]
-    config: list[oci.FieldChange]
-    files: list[oci.FileChange]
+    config: list[image_contents.FieldChange]
+    files: list[image_contents.FileChange]
 
 
 class CheckReport(TypedDict):
@@ -80,12 +80,12 @@ class CheckReport(TypedDict):
     locked_base: str
     rebuilt_base: str
     from_scratch: bool
-    package_drift: list[oci.PackageChange] | None
+    package_drift: list[image_contents.PackageChange] | None
     locked_rootfs: str
     rebuilt_rootfs: str
     rootfs_identical: bool
-    files: list[oci.FileChange]
-    config: list[oci.FieldChange]
+    files: list[image_contents.FileChange]
+    config: list[image_contents.FieldChange]
     layers: list[LayerChange]
     seconds: float
     checked_at: str
@@ -183,7 +183,7 @@ def check_reproducible(
         "locked_base": lock.base.ref,
         "rebuilt_base": fresh_base_ref,
         "from_scratch": fresh_base,
-        "package_drift": oci.diff_packages(lock.base.packages or {}, base.packages)
+        "package_drift": image_contents.diff_packages(lock.base.packages or {}, base.packages)
         if lock.base.packages is not None
         else None,
         "locked_rootfs": lock.image.rootfs_digest,
@@ -238,7 +238,7 @@ def image_diff(expected_ref: str, found_ref: str) -> ImageDiff:
                     blobs[layer["digest"]] = path
             handles = [blobs[d["digest"]].open("rb") for d in manifest.get("layers", [])]
             try:
-                indexes.append(oci.filesystem_index(handles))
+                indexes.append(image_contents.filesystem_index(handles))
             finally:
                 for fh in handles:
                     fh.close()
@@ -252,9 +252,11 @@ def image_diff(expected_ref: str, found_ref: str) -> ImageDiff:
             if a != b
         ],
         "config": [
-            d for d in oci.diff_json(c_exp, c_found) if not d["field"].startswith("rootfs.")
+            d
+            for d in image_contents.diff_json(c_exp, c_found)
+            if not d["field"].startswith("rootfs.")
         ],
-        "files": oci.diff_index(indexes[0], indexes[1]),
+        "files": image_contents.diff_index(indexes[0], indexes[1]),
     }
 
 
