@@ -23,7 +23,6 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,6 +46,7 @@ from runner.bundle.metadata import (
     STATEMENT_NAME,
     BundleManifest,
     ManifestFile,
+    SignedPredicate,
     Statement,
     Subject,
     canonical_json_bytes,
@@ -76,7 +76,7 @@ class BundleInfo(BaseModel):
     total_size: int
 
 
-def _plain_json_predicate(predicate: Mapping[str, Any]) -> dict[str, Any]:
+def _plain_json_predicate(predicate: Mapping[str, object]) -> SignedPredicate:
     try:
         data = load_json_strict(json.dumps(dict(predicate), allow_nan=False).encode("utf-8"))
     except (TypeError, ValueError) as exc:
@@ -163,7 +163,7 @@ def _write_new(path: Path, data: bytes) -> None:
 
 def build_bundle(
     content_dir: Path,
-    predicate: Mapping[str, Any],
+    predicate: Mapping[str, object],
     signer: Signer,
     dest: Path,
     *,

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -424,6 +424,19 @@ def b64_decode_canonical(text: str) -> bytes:
     return data
 
 
+class SignatureJson(TypedDict):
+    keyid: str
+    sig: str
+
+
+class EnvelopeJson(TypedDict):
+    """A DSSE envelope as standard JSON: base64 payload, its type, the signatures."""
+
+    payload: str
+    payloadType: str
+    signatures: list[SignatureJson]
+
+
 class DsseSignature(BaseModel):
     """One DSSE signature: the signer's key id and the base64 signature."""
 
@@ -442,7 +455,7 @@ class DsseEnvelope(BaseModel):
     payload_type: StrictStr = Field(alias="payloadType")
     signatures: tuple[DsseSignature, ...]
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_json_dict(self) -> EnvelopeJson:
         """The standard DSSE JSON object."""
         return {
             "payload": self.payload,
@@ -451,7 +464,7 @@ class DsseEnvelope(BaseModel):
         }
 
 
-def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> dict[str, Any]:
+def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> EnvelopeJson:
     """Sign ``payload`` and return a standard DSSE JSON object with one signature.
 
     The result is ``{"payload": b64, "payloadType": ..., "signatures": [{"keyid", "sig"}]}``
@@ -477,7 +490,7 @@ class EnvelopeCheck:
 
 
 def check_envelope(
-    envelope: Mapping[str, Any], trusted: TrustedKeys, expected_payload_type: str
+    envelope: Mapping[str, object], trusted: TrustedKeys, expected_payload_type: str
 ) -> EnvelopeCheck:
     """Check a DSSE envelope against one trusted key or a keyring.
 
@@ -562,7 +575,7 @@ def envelope_problems(
 
 
 def verify_envelope(
-    envelope: Mapping[str, Any], verifier: TrustedKeys, expected_payload_type: str
+    envelope: Mapping[str, object], verifier: TrustedKeys, expected_payload_type: str
 ) -> bytes:
     """Verify a DSSE envelope and return its payload bytes.
 
@@ -619,6 +632,7 @@ __all__ = [
     "DsseEnvelope",
     "DsseSignature",
     "EnvelopeCheck",
+    "EnvelopeJson",
     "KeyInfo",
     "Keyring",
     "PrivateKeySigner",

@@ -99,7 +99,7 @@ class _Facts:
     payload_files: set[str] = field(default_factory=set)
     raw: dict[str, bytes] = field(default_factory=dict)
     raw_problems: dict[str, str] = field(default_factory=dict)
-    envelope: dict[str, Any] | None = None
+    envelope: dict[str, Any] | None = None  # the JSON object read, not yet validated
     envelope_problem: str | None = None
     payload: bytes | None = None
     statement: Statement | None = None

@@ -1,15 +1,19 @@
-"""What several CLI commands share: the signing key, trusted keys, the backend and its flags."""
+"""What several CLI commands share: the signing key, trusted keys, the backend and its
+flags, and the local bundle a REF argument names."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
-from runner.errors import InputError
+from runner.cli.output import Term
+from runner.errors import InputError, VerificationFailed
 
 
 def key_access(args: argparse.Namespace) -> Any:
@@ -149,3 +153,73 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         help="kubernetes: also tolerate this node taint (cluster-specific; repeatable)",
     )
     add_signing_key_args(p)
+
+
+@contextmanager
+def bundle_for(
+    ref: str, settings: Settings, args: argparse.Namespace, term: Term
+) -> Iterator[tuple[Path, str | None]]:
+    """A local bundle directory for ``ref``: path, run id/digest in the store, or registry ref."""
+    from runner.bundle.locate import locate_bundle
+    from runner.bundle.oci_artifacts import is_registry_ref, pull_bundle
+    from runner.bundle.store import Store
+
+    store = Store(settings.home)
+    if is_registry_ref(ref):
+        local = _latest_run_for_image(ref, settings)
+        if local is not None:
+            yield local
+            return
+        pulled = pull_bundle(ref, store, verifier_for(args, settings, args.pub), progress=term)
+        # an image with several evaluations attached: the newest one
+        newest = max(pulled, key=lambda p: (_started(p.stored.path), p.run_id))
+        yield newest.stored.path, newest.stored.digest
+        return
+    store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ref-", dir=store.tmp_dir) as tmp:
+        try:
+            located = locate_bundle(ref, store, Path(tmp))
+        except InputError:
+            image_run = _latest_run_for_image(ref, settings)
+            if image_run is None:
+                raise
+            yield image_run
+            return
+        yield located.path, located.digest
+
+
+def _started(bundle: Path) -> str:
+    from runner.bundle.reader import read_predicate
+
+    return read_predicate(bundle).timestamps.started or ""
+
+
+def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
+    """The newest original run of an image given by digest (``sha256:…``), if any."""
+    from runner.bundle.index import History
+    from runner.bundle.run_records import RunFilter
+    from runner.bundle.store import Store
+
+    text = ref.split("@", 1)[-1]
+    if not text.startswith("sha256:") or len(text) != 71:
+        return None
+    runs = [
+        r
+        for r in History(Store(settings.home)).query(RunFilter(image=text))
+        if r.reproduction_of is None
+    ]
+    return (runs[-1].path, runs[-1].bundle_digest) if runs else None
+
+
+def verification_text(bundle: Path, args: argparse.Namespace, settings: Settings) -> str:
+    """One line: does ``bundle`` verify with the ``--pub``/``--keyring`` (or default) keys?"""
+    from runner.bundle.verify import verify_bundle
+
+    public: Path = args.pub or settings.default_public_key
+    if getattr(args, "keyring", None) is None and not public.exists():
+        return "not checked (no public key; pass --pub or --keyring)"
+    try:
+        vb = verify_bundle(bundle, verifier_for(args, settings, args.pub))
+    except VerificationFailed as exc:
+        return "FAILED: " + "; ".join(exc.problems)
+    return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"

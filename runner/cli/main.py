@@ -1,20 +1,19 @@
 """The ``evalrun`` command line. The only place that configures logging and exits.
 
-Human output goes to the terminal (progress on stderr, results on stdout);
-``--json`` prints one structured summary object on stdout instead. Structured
-JSON-lines logs (``ts``, ``level``, ``event``, ``run_id``, …) always go to the
-log file, and to stderr with ``--log-json``.
+Commands live by area (:mod:`~runner.cli.build`, :mod:`~runner.cli.history`,
+:mod:`~runner.cli.blueprints`, :mod:`~runner.cli.compare`; run, sweep, verify and keys
+here), each added to the parser by its ``register``; how output and logs look is
+:mod:`runner.cli.output`. :func:`main` turns every error into an exit code and a
+one-line message (a JSON error object under ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from runner._internal.settings import Settings
 from runner.cli import blueprints as cli_blueprints
+from runner.cli import build as cli_build
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
 from runner.cli.common import (
@@ -33,156 +33,13 @@ from runner.cli.common import (
     signer_for,
     verifier_for,
 )
+from runner.cli.output import Terminal, configure_logging, emit_json
 from runner.errors import EvalrunError, InputError, Interrupted
 
 log = logging.getLogger("evalrun")
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class JsonLinesFormatter(logging.Formatter):
-    """Stable schema: ts, level, event, run_id, logger, message, then the extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "event": getattr(record, "event", record.getMessage()),
-            "run_id": getattr(record, "run_id", None),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _RESERVED and key not in data:
-                data[key] = value
-        return json.dumps(data, default=str, sort_keys=True)
-
-
-def _configure_logging(settings: Settings, log_json: bool, verbose: bool) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    try:
-        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
-        file_handler.setFormatter(JsonLinesFormatter())
-        root.addHandler(file_handler)
-    except OSError:
-        pass
-    if log_json:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(JsonLinesFormatter())
-        root.addHandler(stream)
-    for noisy in ("urllib3", "docker", "kubernetes"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-class Terminal:
-    """Progress lines on stderr with elapsed time; silent in --json mode."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.t0 = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
 
 # --------------------------------------------------------------------------- commands
-
-
-def cmd_validate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.model.spec import load_spec
-
-    spec = load_spec(args.spec)
-    if args.json:
-        _emit_json(
-            {
-                "valid": True,
-                "file": str(args.spec),
-                "name": spec.metadata.name,
-                "spec_digest": spec.digest(),
-            }
-        )
-    else:
-        print(f"{args.spec}: valid ({spec.metadata.name}, {spec.digest()})")
-    return 0
-
-
-def cmd_schema(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.model.spec import spec_json_schema
-
-    print(json.dumps(spec_json_schema(), indent=2, sort_keys=True))
-    return 0
-
-
-def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.lock import lock_spec
-    from runner.model.spec import load_spec, lock_path_for
-
-    spec = load_spec(args.spec)
-    t0 = time.monotonic()
-    lock, built = lock_spec(spec, args.spec, settings, progress=term, rebuild=args.rebuild)
-    summary = {
-        "lock": str(lock_path_for(args.spec)),
-        "lock_digest": lock.digest(),
-        "image": lock.image.ref,
-        "rootfs_digest": lock.image.rootfs_digest,
-        "built": bool(built and not built.skipped),
-        "seconds": round(time.monotonic() - t0, 3),
-    }
-    if args.json:
-        _emit_json(summary)
-    else:
-        print(f"locked {args.spec} → {summary['lock']}")
-        print(f"  image  {lock.image.ref}")
-        print(f"  rootfs {lock.image.rootfs_digest}")
-        print(f"  lock   {lock.digest()}")
-    return 0
-
-
-def cmd_build(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.reproducibility import (
-        check_reproducible,
-        format_check_report,
-        record_reproducibility,
-    )
-    from runner.errors import IntegrityError
-    from runner.workflows.run import load_locked
-
-    if not args.check:
-        return cmd_lock(args, settings, term)
-    spec, lock = load_locked(args.spec)
-    report = check_reproducible(
-        spec, args.spec, lock, settings, progress=term, fresh_base=not args.cached_base
-    )
-    record_reproducibility(args.spec, report)
-    if args.json:
-        _emit_json(report)
-    else:
-        print("\n".join(format_check_report(report)))
-    if report["image_identical"]:
-        return 0
-    err = IntegrityError(
-        "the rebuild does not reproduce the locked image digest",
-        expected=report["locked_image"],
-        found=report["rebuilt_image"],
-    )
-    if not args.json:
-        print(f"evalrun: error: {err.message}", file=sys.stderr)
-    return err.exit_code
-
-
-def cmd_base_image(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.base_image import ensure_base_image
-
-    base = ensure_base_image(args.recipe, settings, progress=term)
-    if args.json:
-        _emit_json(base.model_dump(mode="json"))
-    else:
-        print(f"base image {args.recipe}: {base.ref}")
-    return 0
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
@@ -206,7 +63,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> i
         progress=term,
     )
     if args.json:
-        _emit_json({"cells": summary_rows(results), "exit_code": sweep_exit_code(results)})
+        emit_json({"cells": summary_rows(results), "exit_code": sweep_exit_code(results)})
     else:
         print(summary_table(results))
     return sweep_exit_code(results)
@@ -224,7 +81,7 @@ def _run_set(
 
     result = run_set(args.spec, seeds, backend, signer, settings, progress=term)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "run_set": result.run_id,
                 "outcome": result.outcome,
@@ -278,7 +135,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     else:
         verified = _self_check(outcome, signer.verifier(), explicit=False)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "run_id": outcome.run_id,
                 "outcome": outcome.outcome,
@@ -346,7 +203,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
     else:
         vb = verify_bundle(args.bundle, verifier)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "valid": True,
                 "bundle": str(args.bundle),
@@ -377,7 +234,7 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Termin
         ref = FileKey(public if public.is_file() else private)
         found = describe_key(ref, key_access(args))
         if args.json:
-            _emit_json(
+            emit_json(
                 {
                     "private_key": str(private),
                     "public_key": str(public),
@@ -403,7 +260,7 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Termin
         private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = generate_keypair(private, public, args.algorithm, password=password)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "private_key": str(private),
                 "public_key": str(public),
@@ -466,7 +323,7 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings, term: Terminal) 
     if args.pkcs11 is not None:
         found.extend(list_token_keys(args.pkcs11, access))
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "keys": [d.model_dump(mode="json", exclude={"public_pem"}) for d in found],
                 "unreadable": unreadable,
@@ -489,7 +346,7 @@ def cmd_keys_describe(args: argparse.Namespace, settings: Settings, term: Termin
 
     d = describe_key(parse_key_ref(args.key), key_access(args))
     if args.json:
-        _emit_json(d.model_dump(mode="json"))
+        emit_json(d.model_dump(mode="json"))
         return 0
     print(f"keyid       {d.keyid}")
     print(f"algorithm   {d.algorithm}")
@@ -520,14 +377,10 @@ def cmd_keys_public(args: argparse.Namespace, settings: Settings, term: Terminal
     except FileExistsError as exc:
         raise InputError("refusing to overwrite an existing file", file=str(args.out)) from exc
     if args.json:
-        _emit_json({"public_key": str(args.out), "keyid": d.keyid, "algorithm": d.algorithm})
+        emit_json({"public_key": str(args.out), "keyid": d.keyid, "algorithm": d.algorithm})
     else:
         print(f"public key {args.out} (keyid {d.keyid})")
     return 0
-
-
-def _emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 # --------------------------------------------------------------------------- parser
@@ -546,44 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("validate", parents=[common], help="check an eval.yaml")
-    p.add_argument("spec", type=Path)
-    p.set_defaults(fn=cmd_validate)
-
-    p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of eval.yaml")
-    p.set_defaults(fn=cmd_schema)
-
-    for name, fn, text in (
-        ("lock", cmd_lock, "resolve every input to a digest (builds the image)"),
-        ("build", cmd_build, "build the image; --check rebuilds and compares"),
-    ):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("spec", type=Path)
-        p.add_argument("--rebuild", action="store_true", help="build even if nothing changed")
-        if name == "build":
-            p.add_argument(
-                "--check",
-                action="store_true",
-                help="rebuild from nothing (fresh mmdebstrap base, no cache) and compare "
-                "with the lock; exit 3 with a per-file diff if the image digest differs",
-            )
-            p.add_argument(
-                "--cached-base",
-                action="store_true",
-                help="with --check: reuse the cached base tar instead of running mmdebstrap",
-            )
-        else:
-            p.set_defaults(check=False, cached_base=False)
-        p.set_defaults(fn=fn)
-
-    p = sub.add_parser(
-        "base-image",
-        parents=[common],
-        help="build (if absent) and push a base image from images/base/",
-    )
-    p.add_argument("recipe", nargs="?", default="bookworm-python")
-    p.set_defaults(fn=cmd_base_image)
+    cli_build.register(sub, common)
 
     p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
     p.add_argument("spec", type=Path)
@@ -672,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings()
-    _configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
+    configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
     term = Terminal(quiet=getattr(args, "json", False))
     try:
         code: int = args.fn(args, settings, term)
@@ -683,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalrunError as err:
         log.error(err.message, extra={"event": "error", "error": err.as_dict()})
         if getattr(args, "json", False):
-            _emit_json(err.as_dict())
+            emit_json(err.as_dict())
         else:
             print(f"evalrun: error: {err.diagnostics()}", file=sys.stderr)
         return err.exit_code
@@ -710,7 +526,7 @@ def _internal_error(exc: Exception, settings: Settings, *, as_json: bool) -> int
     if not logged:  # no log file could be opened: the traceback must still go somewhere
         traceback.print_exception(exc, file=sys.stderr)
     if as_json:
-        _emit_json({"error": "internal", "exit_code": 1, "message": summary, "log": where})
+        emit_json({"error": "internal", "exit_code": 1, "message": summary, "log": where})
     else:
         print(f"evalrun: internal error: {summary} (traceback in {where})", file=sys.stderr)
     return 1
