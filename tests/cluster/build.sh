@@ -185,7 +185,7 @@ build_seaweedfs() {
   have "$out" weed && return 0
   local upstream
   upstream=$(new_wrapper seaweedfs github.com/seaweedfs/seaweedfs "$SEAWEEDFS_VERSION" "$out")
-  grep -E '^replace [^ ]+ => [^./][^ ]* v[^ ]+$' "$upstream" >>"$out/src/go.mod" || true
+  { echo; grep -E '^replace [^ ]+ => [^./][^ ]* v[^ ]+$' "$upstream" || true; } >>"$out/src/go.mod"
   build_wrapper seaweedfs "$SEAWEEDFS_VERSION" "$out" "-s -w" github.com/seaweedfs/seaweedfs/weed
 }
 
