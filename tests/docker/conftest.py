@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+
+from s3 import s3_server  # noqa: E402, F401  (a real S3 server: SeaweedFS on loopback)
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits"
 EVALRUN = [sys.executable, "-m", "runner.cli.main"]
