@@ -385,3 +385,23 @@ def test_without_the_variable_no_summary_is_written(
     spec = locked_example(tmp_path / "digits")
     assert main(["run", str(spec)]) == 5
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_sweep_junit_has_a_suite_per_cell(
+    ci_env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = locked_example(tmp_path / "digits")
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text("seed: [1, 2]\n")
+    junit = tmp_path / "junit.xml"
+    argv = ["sweep", str(spec), "--matrix", str(matrix), "--junit", str(junit), "--json"]
+    assert main(argv) == 5  # no Docker engine: every cell a signed infrastructure failure
+    cells = json.loads(capsys.readouterr().out)["cells"]
+    root = valid_junit(junit.read_bytes())
+    suites = root.findall("testsuite")
+    assert [s.get("name") for s in suites] == ["digits-logreg [seed=1]", "digits-logreg [seed=2]"]
+    runs = {p.get("value") for p in root.iter("property") if p.get("name") == "run_id"}
+    assert runs == {c["run_id"] for c in cells}
+    assert root.get("errors") == "2"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### evalrun sweep: digits-logreg" in summary and "seed=1" in summary
