@@ -17,7 +17,7 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from runner._internal.settings import Settings
 from runner.cli import blueprints as cli_blueprints
@@ -459,7 +459,9 @@ def cmd_keys_public(args: argparse.Namespace, settings: Settings, term: Terminal
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
     """The whole ``evalrun`` command tree.
 
     ``common`` (given to every command's parser, and to each area's ``register``) holds
@@ -469,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     add_global_options(common, defaults=False)
 
-    parser = argparse.ArgumentParser(
+    parser = parser_class(
         prog="evalrun",
         usage="evalrun [global options] COMMAND [options]",
         description="Build digest-pinned evaluation images, run them sandboxed, and seal "
@@ -610,9 +612,25 @@ def _is_global(parser: argparse.ArgumentParser, action: argparse.Action) -> bool
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are raised (as InputError), not printed."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(message, command=self.prog, usage=self.format_usage().strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(parser_class=_Parser)
+    try:
+        args = parser.parse_args(words)
+    except InputError as usage:  # under --json (anywhere), a usage error is a JSON object too
+        if "--json" in words:
+            emit_json(usage.as_dict())
+        else:
+            f = usage.fields
+            print(f"{f['usage']}\n{f['command']}: error: {usage.message}", file=sys.stderr)
+        return usage.exit_code
     settings = Settings()
     configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
     term = Terminal(quiet=getattr(args, "json", False))

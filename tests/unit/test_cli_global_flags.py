@@ -241,3 +241,35 @@ def test_help_shows_one_tree_with_every_command_nested_ones_included(
         if name.startswith("keys "):
             assert f"  {name}" in keys_help and summary in keys_help
     assert "{generate," not in keys_help
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "keys"],
+        ["keys", "--json"],
+        ["--json", "run", "eval.yaml", "--no-such-flag"],
+        ["run", "--backend", "nomad", "eval.yaml", "--json"],
+    ],
+)
+def test_a_usage_error_under_json_is_one_json_object_and_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)
+    assert error["error"] == "bad_input" and error["exit_code"] == 2
+    assert error["usage"].startswith("usage: evalrun")
+    assert captured.err == ""
+
+
+def test_a_usage_error_without_json_is_argparse_s_two_lines_on_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["keys"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "usage: evalrun keys [-h] COMMAND ... [global options]\n"
+        "evalrun keys: error: the following arguments are required: COMMAND\n"
+    )
