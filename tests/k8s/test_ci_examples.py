@@ -13,7 +13,8 @@ would have it committed.
   written.
 - GitLab CI, the key in a PKCS#11 token (SoftHSM; the private key never leaves it), and
   a spec whose threshold cannot be met: the job fails on the run's exit code (6) after
-  the bundle verified, and the artifacts and the JUnit report (with the failure) are kept.
+  the bundle verified, and the artifacts and the JUnit report (with the failure) are kept;
+  an auditor verifies the bundle with the public key and cosign alone.
 """
 
 from __future__ import annotations
@@ -234,3 +235,30 @@ def test_the_gitlab_job_fails_on_missed_thresholds_with_the_key_in_a_token(
     failure = junit.find(".//testcase[@name='accuracy']/failure")
     assert failure is not None and failure.get("message").startswith("expected accuracy >= 0.999")
     assert junit.find(".//testcase[@name='macro-f1']/failure") is None
+    # an auditor verifies the token-signed bundle with the public key and cosign alone
+    bundle = tmp_path / "audited"
+    bundle.mkdir()
+    subprocess.run(
+        ["tar", "-xf", str(tmp_path / "artifacts" / "reports" / "bundle.tar"), "-C", str(bundle)],
+        check=True,
+    )
+    cosign = subprocess.run(
+        [
+            str(cluster.cosign),
+            "verify-blob-attestation",
+            "--key",
+            str(workspace / "examples" / "ci" / "trusted-keys" / "hsm.pub"),
+            "--bundle",
+            str(bundle / "envelope.sigstore.json"),
+            "--type",
+            "https://evalrun.dev/EvalRun/v1",
+            "--insecure-ignore-tlog=true",
+            str(bundle / "manifest.json"),
+        ],
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "SIGSTORE_NO_CACHE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert cosign.returncode == 0 and "Verified OK" in cosign.stdout + cosign.stderr, cosign.stderr
