@@ -153,8 +153,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.set_defaults(fn=cmd_init)
 
-    blueprints = sub.add_parser("blueprints", help="evaluation blueprints").add_subparsers(
-        dest="blueprints_cmd", required=True
-    )
+    blueprints = sub.add_parser(
+        "blueprints", parents=[common], help="evaluation blueprints"
+    ).add_subparsers(dest="blueprints_cmd", required=True, metavar="COMMAND")
     p = blueprints.add_parser("ls", parents=[common], help="list blueprints with a description")
     p.set_defaults(fn=cmd_blueprints_ls)

@@ -131,12 +131,60 @@ def toleration(text: str) -> tuple[str, str]:
     return key, effect
 
 
+GLOBAL_OPTIONS_TITLE = "global options (before or after the command, same meaning)"
+
+
+def add_global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, in one group: output, logs and the cluster.
+
+    The top-level parser gets them with their defaults (``defaults=True``); every
+    command's parser gets them with no default at all, so a flag given before the
+    command is never reset by the command's parser, and one given after it wins.
+    """
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    g = p.add_argument_group(GLOBAL_OPTIONS_TITLE)
+    g.add_argument(
+        "--json", action="store_true", default=default(False), help="one JSON object on stdout"
+    )
+    g.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default(False),
+        help="JSON-lines logs on stderr (they always go to $EVALRUN_HOME/logs too)",
+    )
+    g.add_argument(
+        "-v", "--verbose", action="store_true", default=default(False), help="debug logs"
+    )
+    g.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        default=default(None),
+        help="kubeconfig for commands that reach a cluster (default: $KUBECONFIG, ~/.kube/config)",
+    )
+    g.add_argument(
+        "--context",
+        metavar="NAME",
+        default=default(None),
+        help="kubeconfig context (default: the current one)",
+    )
+    g.add_argument(
+        "-n",
+        "--namespace",
+        metavar="NS",
+        default=default(None),
+        help="Kubernetes namespace (default: the context's)",
+    )
+
+
 def add_backend_args(p: argparse.ArgumentParser) -> None:
-    """``--backend`` and the Kubernetes flags, plus ``--key`` and what unlocks it."""
+    """``--backend`` and the Kubernetes flags, plus ``--key`` and what unlocks it.
+
+    The cluster itself (``--kubeconfig``, ``--context``, ``-n``) is a global option.
+    """
     p.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
-    p.add_argument("--context", help="kubeconfig context (default: the current one)")
-    p.add_argument("-n", "--namespace", help="namespace (default: the context's)")
     p.add_argument(
         "--stuck-after",
         type=float,
@@ -223,3 +271,30 @@ def verification_text(bundle: Path, args: argparse.Namespace, settings: Settings
     except VerificationFailed as exc:
         return "FAILED: " + "; ".join(exc.problems)
     return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"
+
+
+def add_tar_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``-o/--out``: also write the bundle as a ``.tar`` (as ``audit`` does)."""
+    p.add_argument(
+        "-o",
+        "--out",
+        metavar="PATH",
+        help=f"also write the {what}'s bundle as a .tar (a directory: DIR/<run id>.tar); "
+        "it must not exist yet",
+    )
+
+
+def bundle_tar(where: str | None, bundle: Path, run_id: str) -> Path | None:
+    """Write ``bundle`` as a deterministic ``.tar`` at ``where`` (a directory, existing or
+    written with a trailing ``/``: ``where/RUN_ID.tar``)."""
+    from runner.bundle.archive import write_bundle_tar
+
+    if where is None:
+        return None
+    out = Path(where)
+    if out.is_dir() or where.endswith("/"):
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / f"{run_id}.tar"
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return write_bundle_tar(bundle, out)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner._internal.settings import Settings
+from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports, properties_of
 from runner.cli.common import (
     add_backend_args,
     add_keyring_arg,
@@ -118,7 +119,14 @@ def cmd_runs_reindex(args: argparse.Namespace, settings: Settings, term: Term) -
 
 
 def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    with ci_reports(args, "rerun", args.ref) as reports:
+        return _rerun(args, settings, term, reports)
+
+
+def _rerun(args: argparse.Namespace, settings: Settings, term: Term, reports: CiReports) -> int:
+    from runner.render.junit import reproduction_suite
     from runner.render.markdown import metric_table
+    from runner.render.step_summary import rerun_summary
     from runner.workflows.rerun import load_original, prepare, rerun
 
     verifier = verifier_for(args, settings, args.pub)
@@ -154,6 +162,16 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
             progress=term,
         )
     repro = result.reproduction
+    rerun_predicate = result.outcome.predicate
+    reports.write(
+        [reproduction_suite(rerun_predicate, result.exit_code, properties_of(result.outcome))],
+        rerun_summary(
+            rerun_predicate,
+            exit_code=result.exit_code,
+            bundle=str(result.outcome.bundle.path),
+            digest=result.outcome.bundle.digest,
+        ),
+    )
     if args.json:
         emit_json(
             {
@@ -292,7 +310,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     with bundle_for(args.run, settings, args, term) as (bundle, digest):
         text = _render(bundle, digest, args.format, verification_text(bundle, args, settings))
     if args.out is None:
-        sys.stdout.write(text)
+        if args.json:  # one JSON object on stdout, the report inside it
+            emit_json({"format": args.format, "content": text})
+        else:
+            sys.stdout.write(text)
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
@@ -385,7 +406,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="absolute difference a metric may move and still count as reproduced",
     )
 
-    runs = sub.add_parser("runs", help="run history").add_subparsers(dest="runs_cmd", required=True)
+    runs = sub.add_parser("runs", parents=[common], help="run history").add_subparsers(
+        dest="runs_cmd", required=True, metavar="COMMAND"
+    )
     p = runs.add_parser("ls", parents=[common], help="list stored runs (filters combine)")
     p.add_argument("--spec", help="spec name")
     p.add_argument("--model", metavar="SHA256", help="model digest (or prefix)")
@@ -417,6 +440,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         action="store_true",
         help="verify, resolve every input and check the image, but start nothing",
     )
+    add_junit_arg(p)
     p.set_defaults(fn=cmd_rerun)
 
     p = sub.add_parser("diff", parents=[common, keys], help="what differs between two runs")

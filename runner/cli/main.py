@@ -17,18 +17,23 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from runner._internal.settings import Settings
 from runner.cli import blueprints as cli_blueprints
 from runner.cli import build as cli_build
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
+from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports, properties_of
 from runner.cli.common import (
+    GLOBAL_OPTIONS_TITLE,
     add_backend_args,
+    add_global_options,
     add_keyring_arg,
+    add_tar_arg,
     add_unlock_args,
     backend_for,
+    bundle_tar,
     key_access,
     signer_for,
     verifier_for,
@@ -43,6 +48,8 @@ log = logging.getLogger("evalrun")
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.render.junit import error_suite, run_suite
+    from runner.render.step_summary import SweepCellSummary, sweep_summary
     from runner.workflows.sweep import (
         load_matrix,
         run_sweep,
@@ -51,22 +58,54 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> i
         sweep_exit_code,
     )
 
-    cells = load_matrix(args.matrix)
-    term(f"sweep: {len(cells)} cells, at most {args.parallel} at once, backend {args.backend}")
-    results = run_sweep(
-        args.spec,
-        cells,
-        backend_for(args),
-        signer_for(args, settings, term),
-        settings,
-        parallel=args.parallel,
-        progress=term,
-    )
+    with ci_reports(args, "sweep", str(args.spec)) as reports:
+        cells = load_matrix(args.matrix)
+        term(f"sweep: {len(cells)} cells, at most {args.parallel} at once, backend {args.backend}")
+        results = run_sweep(
+            args.spec,
+            cells,
+            backend_for(args),
+            signer_for(args, settings, term),
+            settings,
+            parallel=args.parallel,
+            progress=term,
+        )
+        code = sweep_exit_code(results)
+        suites = [
+            run_suite(
+                r.outcome.predicate,
+                name=f"{r.outcome.predicate.spec.name} [{r.cell.label()}]",
+                properties=properties_of(r.outcome),
+            )
+            if r.outcome is not None
+            else error_suite(
+                f"cell {r.cell.index} [{r.cell.label()}]",
+                error=r.error.kind if r.error else "internal",
+                message=r.error.diagnostics() if r.error else "no result",
+                exit_code=r.exit_code,
+            )
+            for r in results
+        ]
+        spec_name = next((r.outcome.predicate.spec.name for r in results if r.outcome), None)
+        summary = sweep_summary(
+            spec_name,
+            [
+                SweepCellSummary(
+                    label=r.cell.label(),
+                    exit_code=r.exit_code,
+                    predicate=r.outcome.predicate if r.outcome else None,
+                    error=r.error.message if r.error else None,
+                )
+                for r in results
+            ],
+            code,
+        )
+        reports.write(suites, summary)
     if args.json:
-        emit_json({"cells": summary_rows(results), "exit_code": sweep_exit_code(results)})
+        emit_json({"cells": summary_rows(results), "exit_code": code})
     else:
         print(summary_table(results))
-    return sweep_exit_code(results)
+    return code
 
 
 def _run_set(
@@ -76,10 +115,20 @@ def _run_set(
     seeds: list[int],
     backend: Any,
     signer: Any,
+    reports: CiReports,
 ) -> int:
+    from runner.render.junit import run_set_suites
+    from runner.render.step_summary import run_set_summary
     from runner.workflows.runset import run_set
 
     result = run_set(args.spec, seeds, backend, signer, settings, progress=term)
+    tar = bundle_tar(args.out, result.bundle.path, result.run_id)
+    reports.write(
+        run_set_suites(result.predicate, {"bundle": str(result.bundle.path)}),
+        run_set_summary(
+            result.predicate, bundle=str(result.bundle.path), digest=result.bundle.digest
+        ),
+    )
     if args.json:
         emit_json(
             {
@@ -87,6 +136,7 @@ def _run_set(
                 "outcome": result.outcome,
                 "exit_code": result.exit_code,
                 "bundle": str(result.bundle.path),
+                "tar": str(tar) if tar else None,
                 "reused": result.reused,
                 "members": [m.to_json() for m in result.predicate.members],
                 "across_seeds": [s.to_json() for s in result.predicate.across_seeds],
@@ -111,21 +161,29 @@ def _run_set(
             run = m.run_id if "run_id" in m.model_fields_set else "—"
             print(f"  seed {m.seed!s:>10}  {run}  {m.outcome}")
         print(f"bundle   {result.bundle.path}")
+        if tar is not None:
+            print(f"tar      {tar}")
     return result.exit_code
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    with ci_reports(args, "run", str(args.spec)) as reports:
+        return _run(args, settings, term, reports)
+
+
+def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: CiReports) -> int:
     from runner.bundle.signing import load_verifier
+    from runner.model.spec import load_spec
+    from runner.render.junit import run_suite
     from runner.render.markdown import metric_table
+    from runner.render.step_summary import run_summary, verdict_text
     from runner.workflows.run import run_evaluation
 
     backend = backend_for(args)
     signer = signer_for(args, settings, term)
-    from runner.model.spec import load_spec
-
     seeds = load_spec(args.spec).run_set_seeds()
     if seeds:
-        return _run_set(args, settings, term, seeds, backend, signer)
+        return _run_set(args, settings, term, seeds, backend, signer, reports)
     outcome = run_evaluation(
         args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
     )
@@ -134,6 +192,18 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
         verified = _self_check(outcome, load_verifier(args.pub), explicit=True)
     else:
         verified = _self_check(outcome, signer.verifier(), explicit=False)
+    tar = bundle_tar(args.out, outcome.bundle.path, outcome.run_id)
+    reports.write(
+        [run_suite(outcome.predicate, properties=properties_of(outcome, verified))],
+        run_summary(
+            outcome.predicate,
+            exit_code=outcome.exit_code,
+            bundle=str(outcome.bundle.path),
+            digest=outcome.bundle.digest,
+            verified=verified,
+            reused=outcome.reused,
+        ),
+    )
     if args.json:
         emit_json(
             {
@@ -143,6 +213,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
                 "reason": outcome.reason,
                 "bundle": str(outcome.bundle.path),
                 "bundle_digest": outcome.bundle.digest,
+                "tar": str(tar) if tar else None,
+                "junit": str(args.junit) if args.junit else None,
                 "reused": outcome.reused,
                 "verified": verified,
                 "metrics": outcome.predicate.to_json().get("metrics"),
@@ -154,12 +226,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
         print()
         print(metric_table(outcome.predicate.metrics))
         print()
-        verdict = {
-            0: "PASS: every metric meets its threshold",
-            6: "FAIL: the evaluation did not meet its thresholds",
-        }
-        print(f"verdict  {verdict.get(outcome.exit_code, 'NOT EVALUATED: ' + outcome.outcome)}")
+        print(f"verdict  {verdict_text(outcome.exit_code, outcome.outcome, plain=True)}")
         print(f"bundle   {outcome.bundle.path}")
+        if tar is not None:
+            print(f"tar      {tar}")
         print(f"digest   {outcome.bundle.digest}")
         print(f"verify   {verified}")
     return outcome.exit_code
@@ -369,7 +439,10 @@ def cmd_keys_public(args: argparse.Namespace, settings: Settings, term: Terminal
 
     d = describe_key(parse_key_ref(args.key), key_access(args))
     if args.out is None:
-        sys.stdout.write(d.public_pem)
+        if args.json:
+            emit_json({"keyid": d.keyid, "algorithm": d.algorithm, "public_pem": d.public_pem})
+        else:
+            sys.stdout.write(d.public_pem)
         return 0
     try:
         with args.out.open("x", encoding="ascii") as f:
@@ -386,19 +459,26 @@ def cmd_keys_public(args: argparse.Namespace, settings: Settings, term: Terminal
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="one JSON summary on stdout")
-    common.add_argument("--log-json", action="store_true", help="JSON-lines logs on stderr")
-    common.add_argument("-v", "--verbose", action="store_true")
+def build_parser(
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """The whole ``evalrun`` command tree.
 
-    parser = argparse.ArgumentParser(
+    ``common`` (given to every command's parser, and to each area's ``register``) holds
+    the global options without defaults; the top-level parser holds them with defaults.
+    So ``evalrun --json validate X`` and ``evalrun validate X --json`` mean the same.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    add_global_options(common, defaults=False)
+
+    parser = parser_class(
         prog="evalrun",
+        usage="evalrun [global options] COMMAND [options]",
         description="Build digest-pinned evaluation images, run them sandboxed, and seal "
         "the results into signed, verifiable bundles.",
-        parents=[common],
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_global_options(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="evalrun")
     cli_build.register(sub, common)
 
     p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
@@ -411,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_backend_args(p)
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
+    add_junit_arg(p)
+    add_tar_arg(p, "run")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser(
@@ -422,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", type=Path, required=True, help="YAML: axis → list of values")
     p.add_argument("--parallel", type=int, default=4, help="runs in flight at once")
     add_backend_args(p)
+    add_junit_arg(p)
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("verify", parents=[common], help="verify a bundle offline")
@@ -432,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_keyring_arg(p)
     p.set_defaults(fn=cmd_verify)
 
-    keys = sub.add_parser("keys", help="signing keys").add_subparsers(
-        dest="keys_cmd", required=True
+    keys = sub.add_parser("keys", parents=[common], help="signing keys").add_subparsers(
+        dest="keys_cmd", required=True, metavar="COMMAND"
     )
     p = keys.add_parser("generate", parents=[common], help="create a signing key pair")
     p.add_argument("--out", type=Path, help="private key path (public key: same name, .pub)")
@@ -465,8 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("key", help="a PEM file (private or public), env:VAR, -, k8s://… or pkcs11:…")
     add_unlock_args(p)
-    p.add_argument("--kubeconfig", help="for k8s:// keys")
-    p.add_argument("--context", help="for k8s:// keys")
     p.set_defaults(fn=cmd_keys_describe)
     p = keys.add_parser(
         "public-key", parents=[common], help="print (or --out) a key's public half as PEM"
@@ -474,19 +555,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", help="a PEM file, env:VAR, -, k8s://… or pkcs11:…")
     p.add_argument("--out", type=Path, help="write it to this new file")
     add_unlock_args(p)
-    p.add_argument("--kubeconfig", help="for k8s:// keys")
-    p.add_argument("--context", help="for k8s:// keys")
     p.set_defaults(fn=cmd_keys_public)
 
     cli_history.register(sub, common)
     cli_blueprints.register(sub, common)
     cli_compare.register(sub, common)
+    describe_command_tree(parser)
     return parser
 
 
+def command_tree(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """Every command under ``parser`` as (``"keys generate"``, its one-line help), in order."""
+    rows: list[tuple[str, str]] = []
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {a.dest: a.help or "" for a in action._choices_actions}
+        for name, child in action.choices.items():
+            nested = command_tree(child)
+            rows += [(f"{name} {n}", h) for n, h in nested] or [(name, helps.get(name, ""))]
+    return rows
+
+
+def describe_command_tree(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` and every command under it describe themselves the same way.
+
+    A command's usage line shows its own options and ``[global options]`` once (the
+    group is in its help); a command with commands of its own lists the full tree
+    below it, nested commands included, as ``evalrun --help`` does.
+    """
+    if parser.prog != "evalrun":
+        own = [a for a in parser._actions if not _is_global(parser, a)]
+        formatter = parser._get_formatter()
+        formatter.add_usage(None, own, parser._mutually_exclusive_groups, prefix="usage: ")
+        text = formatter.format_help().strip().removeprefix("usage: ")
+        parser.usage = text.replace("%", "%%") + " [global options]"
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        rows = command_tree(parser)
+        width = max(len(n) for n, _ in rows) + 2
+        prefix = parser.prog.removeprefix("evalrun").strip()
+        prefix += " " if prefix else ""
+        lines = [f"  {prefix}{n:{width}}{h}" for n, h in rows]
+        parser.epilog = "commands (COMMAND --help for its options):\n" + "\n".join(lines)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        action.help = argparse.SUPPRESS
+        for child in action.choices.values():
+            describe_command_tree(child)
+
+
+def _is_global(parser: argparse.ArgumentParser, action: argparse.Action) -> bool:
+    return any(
+        g.title == GLOBAL_OPTIONS_TITLE and action in g._group_actions
+        for g in parser._action_groups
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are raised (as InputError), not printed."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(message, command=self.prog, usage=self.format_usage().strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(parser_class=_Parser)
+    try:
+        args = parser.parse_args(words)
+    except InputError as usage:  # under --json (anywhere), a usage error is a JSON object too
+        if "--json" in words:
+            emit_json(usage.as_dict())
+        else:
+            f = usage.fields
+            print(f"{f['usage']}\n{f['command']}: error: {usage.message}", file=sys.stderr)
+        return usage.exit_code
     settings = Settings()
     configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
     term = Terminal(quiet=getattr(args, "json", False))

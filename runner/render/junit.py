@@ -1,0 +1,505 @@
+"""A run's verdict as JUnit XML, the test report CI systems render (``--junit FILE``).
+
+One test case per gating metric: its value, confidence interval, threshold and direction;
+a missed threshold is a ``<failure>`` that says what was expected and what was found, with
+the CI. A run that never got to a verdict on its metrics (crash, timeout, unusable output,
+environment or integrity problem, infrastructure) is one failing test case with the reason;
+an evalrun error before any bundle existed is one ``<error>`` case. The report fails exactly
+when the command's exit code is not 0.
+
+The dialect is the one GitLab, Jenkins (xUnit's ``junit-10.xsd``) and the GitHub JUnit
+reporters read, kept to what the strictest of them (Ant's schema) requires:
+``<testsuites>`` of ``<testsuite name tests failures errors skipped time timestamp
+hostname>``, each with ``<properties>``, ``<testcase classname name time>`` holding at
+most one ``<failure>``/``<error>`` (``type``, ``message``, text) and a ``<system-out>``.
+Strings from a bundle are made XML-safe (characters XML 1.0 forbids are replaced) and
+bounded in length; the XML itself escapes the rest.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from runner.model.outcome import Outcome
+from runner.model.predicate import (
+    ConfidenceInterval,
+    MetricResult,
+    ReproducedMetric,
+    RunPredicate,
+    RunSetMember,
+    RunSetPredicate,
+)
+
+# A message attribute is one line a reporter shows in a list; the text under it may be longer.
+MESSAGE_MAX = 1000
+TEXT_MAX = 16_384
+# What a re-run's metric verdicts count as reproduced (runner.workflows.diff agrees).
+REPRODUCED = frozenset({"identical", "within_tolerance", "within_ci"})
+# Characters XML 1.0 allows; anything else (control characters, lone surrogates) is replaced.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+@dataclass(frozen=True)
+class JUnitProblem:
+    """Why a test case did not pass: ``failure`` (a verdict) or ``error`` (no verdict)."""
+
+    kind: Literal["failure", "error"]
+    type: str
+    message: str
+    text: str
+
+
+@dataclass(frozen=True)
+class JUnitCase:
+    """One test case: a gating metric, a re-run's metric, or the run as a whole."""
+
+    classname: str
+    name: str
+    output: str
+    problem: JUnitProblem | None = None
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class JUnitSuite:
+    """One run (or run-set seed, or sweep cell) and its test cases."""
+
+    name: str
+    cases: tuple[JUnitCase, ...]
+    properties: tuple[tuple[str, str], ...] = ()
+    timestamp: str | None = None
+    time: float = 0.0
+    hostname: str = "localhost"
+    output: str = ""
+
+    def count(self, kind: str) -> int:
+        return sum(1 for c in self.cases if c.problem is not None and c.problem.kind == kind)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _bounded(text: str, limit: int) -> str:
+    text = _NOT_XML.sub("\ufffd", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _ci_text(ci: ConfidenceInterval | None) -> str | None:
+    if ci is None or ci.low is None or ci.high is None:
+        return None
+    level = f"{round(ci.level * 100)}% " if ci.level is not None else ""
+    how = ", ".join(
+        x
+        for x in (ci.method, f"{ci.resamples} resamples" if ci.resamples else None)
+        if x is not None
+    )
+    return f"{level}CI [{_num(ci.low)}, {_num(ci.high)}]" + (f" ({how})" if how else "")
+
+
+def _pair_ci(ci: tuple[float, float] | None) -> str:
+    return "—" if ci is None else f"[{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def _op(m: MetricResult) -> str:
+    return "<=" if m.direction == "lower_is_better" else ">="
+
+
+def _timestamp(rfc3339: str | None) -> str | None:
+    """``YYYY-MM-DDTHH:MM:SS`` in UTC (the form Ant's schema requires), or None."""
+    if not rfc3339:
+        return None
+    try:
+        moment = datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _seconds(started: str | None, finished: str | None) -> float:
+    try:
+        a = datetime.fromisoformat((started or "").replace("Z", "+00:00"))
+        b = datetime.fromisoformat((finished or "").replace("Z", "+00:00"))
+        return max(0.0, (b - a).total_seconds())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def is_gating(m: MetricResult) -> bool:
+    """Whether ``m`` decides the run (bundles from before metric roles: every metric did)."""
+    if m.gating is not None:
+        return m.gating
+    return m.role != "supplementary"
+
+
+def metric_facts(m: MetricResult) -> list[str]:
+    """What a metric case says: value, CI, threshold and direction, role."""
+    lines = [f"{m.name} = {_num(m.value)}" + (f" (n={m.n})" if m.n is not None else "")]
+    if (ci := _ci_text(m.ci)) is not None:
+        lines.append(ci)
+    if m.threshold is not None:
+        verdict = {True: "met", False: "MISSED", None: "not judged"}[m.passed]
+        lines.append(
+            f"threshold {_op(m)} {m.threshold:g} ({m.direction or 'higher_is_better'}): {verdict}"
+        )
+    else:
+        lines.append("no threshold declared: reported, nothing to gate on")
+    promoted = " (promoted)" if m.promoted is not None and not m.promoted.is_empty() else ""
+    lines.append(f"role {m.role or 'primary'}{promoted}, gating")
+    return lines
+
+
+def metric_case(m: MetricResult, classname: str) -> JUnitCase:
+    """A gating metric: passes unless its threshold was missed (expected vs found, CI)."""
+    facts = "\n".join(metric_facts(m))
+    if m.passed is not False:
+        return JUnitCase(classname, m.name, facts)
+    ci = _ci_text(m.ci)
+    threshold = "—" if m.threshold is None else f"{m.threshold:g}"
+    message = f"expected {m.name} {_op(m)} {threshold}, found {_num(m.value)}" + (
+        f" ({ci})" if ci else ""
+    )
+    return JUnitCase(
+        classname, m.name, "", JUnitProblem("failure", "threshold_missed", message, facts)
+    )
+
+
+def outcome_case(
+    classname: str,
+    outcome: Outcome | str | None,
+    reason: str | None,
+    exit_code: int,
+    *,
+    name: str = "evaluation",
+    detail: Sequence[str] = (),
+) -> JUnitCase:
+    """The run as one test case: passing when ``exit_code`` is 0, else failing with the reason.
+
+    A verdict on the evaluation (exit 6: thresholds, crash, timeout, unusable output) is a
+    ``failure``; anything that kept it from a verdict (integrity, environment,
+    infrastructure, internal, interrupted) is an ``error``.
+    """
+    said = f"{outcome or 'error'}" + (f": {_one_line(reason)}" if reason else "")
+    text = "\n".join([said, f"exit code {exit_code}", *detail])
+    if exit_code == 0:
+        return JUnitCase(classname, name, text)
+    kind: Literal["failure", "error"] = (
+        "failure" if exit_code == Outcome.THRESHOLDS_FAILED.exit_code else "error"
+    )
+    return JUnitCase(classname, name, "", JUnitProblem(kind, str(outcome or "error"), said, text))
+
+
+def _classname(spec_name: str | None) -> str:
+    return f"evalrun.{spec_name or 'evaluation'}"
+
+
+def _metric_cases(
+    classname: str,
+    metrics: Sequence[MetricResult],
+    outcome: Outcome | str | None,
+    reason: str | None,
+    exit_code: int,
+    detail: Sequence[str],
+) -> tuple[JUnitCase, ...]:
+    """Gating metric cases when the evaluation got to a verdict; else the one outcome case.
+
+    Whatever the metrics say, the cases fail when the exit code is not 0 (and pass when it is).
+    """
+    evaluated = Outcome.parse(outcome)
+    if evaluated is None or not evaluated.has_metrics:
+        return (outcome_case(classname, outcome, reason, exit_code, detail=detail),)
+    cases = tuple(metric_case(m, classname) for m in metrics if is_gating(m))
+    failing = any(c.problem is not None for c in cases)
+    if not cases or (exit_code != 0 and not failing):
+        cases += (outcome_case(classname, outcome, reason, exit_code, detail=detail),)
+    return cases
+
+
+def _supplementary(metrics: Sequence[MetricResult]) -> list[str]:
+    return [
+        f"not gating: {m.name} = {_num(m.value)}" + (f" ({ci})" if (ci := _ci_text(m.ci)) else "")
+        for m in metrics
+        if not is_gating(m)
+    ]
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def run_suite(
+    predicate: RunPredicate,
+    *,
+    name: str | None = None,
+    properties: Mapping[str, str | None] | None = None,
+) -> JUnitSuite:
+    """A run's suite: a case per gating metric, or one case for a run without a verdict.
+
+    ``properties`` (bundle path and digest, verification, …) follow the predicate's own
+    (run id, outcome, exit code, spec, lock and image digests).
+    """
+    p = predicate
+    exit_code = p.exit_code if p.exit_code is not None else _exit_of(p.outcome)
+    classname = _classname(p.spec.name)
+    detail = [f"run id {p.run_id}"]
+    cases = _metric_cases(classname, p.metrics, p.outcome, p.reason, exit_code, detail)
+    return JUnitSuite(
+        name=name or p.spec.name or p.run_id,
+        cases=cases,
+        output="\n".join(_supplementary(p.metrics)),
+        properties=_properties(
+            {
+                "run_id": p.run_id,
+                "outcome": str(p.outcome) if p.outcome is not None else None,
+                "exit_code": str(exit_code),
+                "reason": p.reason,
+                "spec_digest": p.spec.digest,
+                "lock_digest": p.lock_digest,
+                "image": p.image.ref,
+                "backend": p.backend,
+                **(properties or {}),
+            }
+        ),
+        timestamp=_timestamp(p.timestamps.started),
+        time=_seconds(p.timestamps.started, p.timestamps.finished),
+        hostname=_host(p),
+    )
+
+
+def run_set_suites(
+    predicate: RunSetPredicate,
+    properties: Mapping[str, str | None] | None = None,
+) -> list[JUnitSuite]:
+    """A run set: one suite per seed (its gating metrics, or why it has none)."""
+    p = predicate
+    extra = properties or {}
+    return [_member_suite(p, m, extra) for m in p.members] or [
+        JUnitSuite(
+            name=p.spec.name or p.run_id,
+            cases=(
+                outcome_case(
+                    _classname(p.spec.name),
+                    p.outcome,
+                    "the run set has no members",
+                    p.exit_code if p.exit_code is not None else _exit_of(p.outcome),
+                ),
+            ),
+            properties=_properties({"run_set": p.run_id, **extra}),
+        )
+    ]
+
+
+def _member_suite(
+    p: RunSetPredicate, m: RunSetMember, properties: Mapping[str, str | None]
+) -> JUnitSuite:
+    exit_code = _exit_of(m.outcome)
+    classname = f"{_classname(p.spec.name)}.seed-{m.seed}"
+    detail = [f"run id {m.run_id}", f"run set {p.run_id}"]
+    return JUnitSuite(
+        name=f"{p.spec.name or p.run_id} seed {m.seed}",
+        cases=_metric_cases(classname, m.metrics, m.outcome, m.reason, exit_code, detail),
+        properties=_properties(
+            {
+                "run_set": p.run_id,
+                "run_id": m.run_id,
+                "seed": str(m.seed),
+                "outcome": str(m.outcome) if m.outcome is not None else None,
+                "bundle_digest": m.bundle_digest,
+                **properties,
+            }
+        ),
+        timestamp=_timestamp(p.timestamps.started),
+    )
+
+
+def reproduction_suite(
+    predicate: RunPredicate,
+    exit_code: int,
+    properties: Mapping[str, str | None] | None = None,
+) -> JUnitSuite:
+    """A re-run: one case per metric, failing when the re-run did not reproduce it.
+
+    A re-run that did not evaluate is one failing case with its outcome and reason.
+    """
+    p = predicate
+    origin, repro = p.reproduction_of, p.reproduction
+    classname = f"{_classname(p.spec.name)}.reproduction"
+    detail = [f"re-run {p.run_id}", f"of {origin.run_id if origin else '?'}"]
+    evaluated = Outcome.parse(p.outcome)
+    cases: tuple[JUnitCase, ...]
+    if repro is None or evaluated is None or not evaluated.has_metrics or not repro.metrics:
+        reason = p.reason if not evaluated or not evaluated.has_metrics else None
+        reason = reason or (repro.reason if repro else None)
+        cases = (outcome_case(classname, p.outcome, reason, exit_code, detail=detail),)
+    else:
+        cases = tuple(_reproduced_case(m, classname, repro.tolerance) for m in repro.metrics)
+        if exit_code != 0 and not any(c.problem for c in cases):
+            cases += (outcome_case(classname, repro.verdict, repro.reason, exit_code),)
+    return JUnitSuite(
+        name=f"{p.spec.name or p.run_id} reproduction",
+        cases=cases,
+        properties=_properties(
+            {
+                "run_id": p.run_id,
+                "reproduction_of": origin.run_id if origin else None,
+                "original_bundle": origin.bundle_digest if origin else None,
+                "verdict": repro.verdict if repro else None,
+                "outcome": str(p.outcome) if p.outcome is not None else None,
+                "exit_code": str(exit_code),
+                **(properties or {}),
+            }
+        ),
+        timestamp=_timestamp(p.timestamps.started),
+        time=_seconds(p.timestamps.started, p.timestamps.finished),
+        hostname=_host(p),
+    )
+
+
+def _reproduced_case(m: ReproducedMetric, classname: str, tolerance: float | None) -> JUnitCase:
+    delta = "—" if m.delta is None else f"{m.delta:+.4f}"
+    facts = "\n".join(
+        [
+            f"original {_num(m.original)} CI {_pair_ci(m.original_ci)}",
+            f"re-run   {_num(m.rerun)} CI {_pair_ci(m.rerun_ci)}",
+            f"delta {delta}" + (f" (tolerance {tolerance:g})" if tolerance is not None else ""),
+            f"verdict {m.verdict}",
+        ]
+    )
+    name = m.name or "metric"
+    if m.verdict in REPRODUCED:
+        return JUnitCase(classname, name, facts)
+    message = (
+        f"expected {name} to reproduce {_num(m.original)} (CI {_pair_ci(m.original_ci)}), "
+        f"found {_num(m.rerun)} (CI {_pair_ci(m.rerun_ci)}): {m.verdict}"
+    )
+    return JUnitCase(classname, name, "", JUnitProblem("failure", "not_reproduced", message, facts))
+
+
+def error_suite(name: str, *, error: str, message: str, exit_code: int) -> JUnitSuite:
+    """An evalrun error before any bundle existed (bad spec, no key, …): one ``<error>`` case."""
+    text = f"{message}\nexit code {exit_code}"
+    case = JUnitCase("evalrun", name, "", JUnitProblem("error", error, _one_line(message), text))
+    return JUnitSuite(name=name, cases=(case,), properties=(("exit_code", str(exit_code)),))
+
+
+def _exit_of(outcome: object) -> int:
+    parsed = Outcome.parse(outcome)
+    return parsed.exit_code if parsed is not None else 1
+
+
+def _host(p: RunPredicate) -> str:
+    return p.provenance.launched_by.host or "localhost"
+
+
+def _properties(values: Mapping[str, str | None]) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in values.items() if v is not None)
+
+
+# --------------------------------------------------------------------------- XML
+
+
+def render_junit(suites: Sequence[JUnitSuite], *, name: str = "evalrun") -> bytes:
+    """The JUnit XML document (UTF-8, with declaration) of ``suites``. Deterministic."""
+    root = ET.Element("testsuites")
+    totals = {"tests": 0, "failures": 0, "errors": 0}
+    elapsed = 0.0
+    for suite in suites:
+        tests, failures, errors = len(suite.cases), suite.count("failure"), suite.count("error")
+        totals["tests"] += tests
+        totals["failures"] += failures
+        totals["errors"] += errors
+        elapsed += suite.time
+        node = ET.SubElement(
+            root,
+            "testsuite",
+            {
+                "name": _bounded(_one_line(suite.name), MESSAGE_MAX),
+                "tests": str(tests),
+                "failures": str(failures),
+                "errors": str(errors),
+                "skipped": "0",
+                "time": f"{suite.time:.3f}",
+                "timestamp": suite.timestamp or _EPOCH,
+                "hostname": _bounded(_one_line(suite.hostname), MESSAGE_MAX) or "localhost",
+            },
+        )
+        props = ET.SubElement(node, "properties")
+        for key, value in suite.properties:
+            ET.SubElement(
+                props,
+                "property",
+                {"name": _bounded(key, MESSAGE_MAX), "value": _bounded(value, MESSAGE_MAX)},
+            )
+        for case in suite.cases:
+            _case_element(node, case)
+        ET.SubElement(node, "system-out").text = _bounded(suite.output, TEXT_MAX)
+        ET.SubElement(node, "system-err").text = ""
+    root.attrib = {
+        "name": name,
+        "tests": str(totals["tests"]),
+        "failures": str(totals["failures"]),
+        "errors": str(totals["errors"]),
+        "time": f"{elapsed:.3f}",
+    }
+    ET.indent(root)
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return data + b"\n"
+
+
+# Ant's schema requires a timestamp; a suite without one (an error before any run) gets this.
+_EPOCH = "1970-01-01T00:00:00"
+
+
+def _case_element(parent: ET.Element, case: JUnitCase) -> None:
+    node = ET.SubElement(
+        parent,
+        "testcase",
+        {
+            "classname": _bounded(_one_line(case.classname), MESSAGE_MAX),
+            "name": _bounded(_one_line(case.name), MESSAGE_MAX),
+            "time": f"{case.time:.3f}",
+        },
+    )
+    if case.problem is not None:
+        problem = ET.SubElement(
+            node,
+            case.problem.kind,
+            {
+                "type": _bounded(_one_line(case.problem.type), MESSAGE_MAX),
+                "message": _bounded(_one_line(case.problem.message), MESSAGE_MAX),
+            },
+        )
+        problem.text = _bounded(case.problem.text, TEXT_MAX)
+    if case.output:
+        ET.SubElement(node, "system-out").text = _bounded(case.output, TEXT_MAX)
+
+
+__all__ = [
+    "JUnitCase",
+    "JUnitProblem",
+    "JUnitSuite",
+    "error_suite",
+    "is_gating",
+    "metric_case",
+    "outcome_case",
+    "render_junit",
+    "reproduction_suite",
+    "run_set_suites",
+    "run_suite",
+]
