@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.bundle.build import build_bundle
 from runner.bundle.hashing import default_workers
-from runner.bundle.metadata import ENVELOPE_NAME, MANIFEST_NAME, STATEMENT_NAME
+from runner.bundle.metadata import METADATA_NAMES
 from runner.bundle.signing import generate_keypair, load_signer, load_verifier
 from runner.bundle.verify import verify_bundle
 
@@ -100,7 +100,7 @@ def main() -> int:
             verified = time.perf_counter()
             build_times.append(built - start)
             verify_times.append(verified - built)
-            for name in (MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME):
+            for name in METADATA_NAMES:
                 (content / name).unlink()
 
         size_mib = total / MIB
