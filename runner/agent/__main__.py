@@ -374,12 +374,12 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
     t2 = time.monotonic()
     try:
         samples = read_samples(output, plan["metrics"])
+        log.emit("data_loaded", samples=len(samples))
+        values = compute_metrics(plan["metrics"], samples, seed)
     except (OSError, SampleFormatError) as exc:
         summary.update(outcome="bad_output", reason=f"per-sample output unusable: {exc}")
         log.emit("bad_output", level="error", reason=summary["reason"])
         return AgentExit.EVAL_OUTPUT
-    log.emit("data_loaded", samples=len(samples))
-    values = compute_metrics(plan["metrics"], samples, seed)
     try:
         perturbations = _run_perturbations(plan, samples, child_env, results, log, seed)
     except (OSError, SampleFormatError, subprocess.SubprocessError) as exc:

@@ -192,11 +192,11 @@ def recompute_metrics(
     """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``."""
     try:
         samples = read_samples(results / "predictions.jsonl", definitions)
+        ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
     except FileNotFoundError:
         return MetricCheck([], ["predictions.jsonl is missing: no per-sample outputs"])
     except (OSError, SampleFormatError) as exc:
         return MetricCheck([], [f"per-sample outputs unusable: {exc}"])
-    ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
     reported = read_json(results / "metrics.json")
     problems: list[str] = []
     if not isinstance(reported, dict) or not isinstance(reported.get("metrics"), list):
@@ -219,6 +219,11 @@ def recompute_metrics(
                     f"metric {metric['name']} {label}: container reported {b!r}, "
                     f"recomputed from per-sample outputs {a!r}"
                 )
+        if metric.get("confusion_matrix") != other.get("confusion_matrix"):
+            problems.append(
+                f"metric {metric['name']} confusion_matrix: the container's differs from the "
+                "one recomputed from per-sample outputs"
+            )
     for extra in sorted(str(k) for k in theirs):
         problems.append(f"metric {extra}: reported by the container but not declared in the spec")
     effects, more = _recompute_perturbations(

@@ -1,0 +1,190 @@
+"""Classification metrics over (label, prediction) pairs and (positive?, score) pairs.
+
+Stdlib only. Counts are integers and every ratio is one division of integers, so a
+per-class score is correctly rounded; averages are :func:`math.fsum` sums. The conventions
+are scikit-learn's (a class with no predicted or true samples scores 0; ROC-AUC counts a
+tie as half; average precision steps at each distinct score), and the unit tests hold the
+two together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from runner.shared.sample_fields import MetricUndefined
+
+Pair = tuple[Hashable, Hashable]
+Ratio = Literal["precision", "recall", "f1"]
+Average = Literal["micro", "macro", "weighted"]
+ScorePairs = Sequence[tuple[bool, float]]
+
+
+def label_sort_key(value: Any) -> tuple[int, Any]:
+    """A total, deterministic order of labels: numbers (booleans too), then strings, then others."""
+    if isinstance(value, bool | int | float):
+        return (0, value)
+    if isinstance(value, str):
+        return (1, value)
+    return (2, repr(value))
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    """Per class: true positives, false positives, false negatives and support (true count)."""
+
+    labels: tuple[Hashable, ...]
+    tp: Counter[Hashable]
+    fp: Counter[Hashable]
+    fn: Counter[Hashable]
+    support: Counter[Hashable]
+    n: int
+
+
+def label_counts(pairs: Iterable[Pair]) -> LabelCounts:
+    tp: Counter[Hashable] = Counter()
+    fp: Counter[Hashable] = Counter()
+    fn: Counter[Hashable] = Counter()
+    support: Counter[Hashable] = Counter()
+    seen: set[Hashable] = set()
+    n = 0
+    for truth, predicted in pairs:
+        n += 1
+        support[truth] += 1
+        seen.add(truth)
+        seen.add(predicted)
+        if predicted == truth:
+            tp[truth] += 1
+        else:
+            fp[predicted] += 1
+            fn[truth] += 1
+    return LabelCounts(tuple(sorted(seen, key=label_sort_key)), tp, fp, fn, support, n)
+
+
+def _ratio(which: Ratio, tp: int, fp: int, fn: int) -> float:
+    num, den = {
+        "precision": (tp, tp + fp),
+        "recall": (tp, tp + fn),
+        "f1": (2 * tp, 2 * tp + fp + fn),
+    }[which]
+    return num / den if den else 0.0
+
+
+def class_ratio(which: Ratio, counts: LabelCounts, positive: Hashable) -> float:
+    """Precision, recall or F1 of one class against the rest (0 when it never occurs)."""
+    return _ratio(which, counts.tp[positive], counts.fp[positive], counts.fn[positive])
+
+
+def averaged_ratio(which: Ratio, counts: LabelCounts, average: Average) -> float:
+    """Precision, recall or F1 averaged over the labels seen (true or predicted)."""
+    if average == "micro":
+        return _ratio(
+            which,
+            sum(counts.tp.values()),
+            sum(counts.fp.values()),
+            sum(counts.fn.values()),
+        )
+    scores = [class_ratio(which, counts, c) for c in counts.labels]
+    if average == "macro":
+        return math.fsum(scores) / len(scores)
+    weights = [counts.support[c] for c in counts.labels]
+    return math.fsum(s * w for s, w in zip(scores, weights, strict=True)) / counts.n
+
+
+def balanced_accuracy(counts: LabelCounts) -> float:
+    """Mean recall over the classes that occur among the true labels."""
+    recalls = [counts.tp[c] / counts.support[c] for c in counts.labels if counts.support[c]]
+    return math.fsum(recalls) / len(recalls)
+
+
+def confusion_matrix(pairs: Iterable[Pair]) -> dict[str, Any]:
+    """Rows are true labels, columns predicted labels, both in :func:`label_sort_key` order."""
+    cells: Counter[Pair] = Counter(pairs)
+    labels = sorted({t for t, _ in cells} | {p for _, p in cells}, key=label_sort_key)
+    return {
+        "labels": labels,
+        "counts": [[cells[(t, p)] for p in labels] for t in labels],
+    }
+
+
+# --------------------------------------------------------------------------- from scores
+
+
+def roc_auc(pairs: ScorePairs) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties half.
+
+    Computed from doubled mid-ranks in integers, so the result is one correctly rounded
+    division whatever the order of the input.
+    """
+    positives = sum(1 for p, _ in pairs if p)
+    negatives = len(pairs) - positives
+    if not positives or not negatives:
+        which = "positive" if not positives else "negative"
+        raise MetricUndefined(f"ROC-AUC needs positive and negative samples; none is {which}")
+    ordered = sorted(pairs, key=lambda x: x[1])
+    doubled_rank_sum = 0
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1][1] == ordered[i][1]:
+            j += 1
+        # ranks i+1 … j+1 share the mid-rank (i+j+2)/2; doubled, that is i+j+2.
+        doubled_rank_sum += (i + j + 2) * sum(1 for k in range(i, j + 1) if ordered[k][0])
+        i = j + 1
+    return (doubled_rank_sum - positives * (positives + 1)) / (2 * positives * negatives)
+
+
+def average_precision(pairs: ScorePairs) -> float:
+    """Area under the precision-recall curve as a step function over distinct scores.
+
+    Σ (recall gained at a threshold) x (precision at it), thresholds from the highest score
+    down, tied scores taken together (scikit-learn's ``average_precision_score``).
+    """
+    positives = sum(1 for p, _ in pairs if p)
+    if not positives:
+        raise MetricUndefined("average precision needs positive samples; none is positive")
+    ordered = sorted(pairs, key=lambda x: x[1], reverse=True)
+    terms = []
+    tp = fp = 0
+    i = 0
+    while i < len(ordered):
+        gained = 0
+        j = i
+        while j < len(ordered) and ordered[j][1] == ordered[i][1]:
+            if ordered[j][0]:
+                gained += 1
+            else:
+                fp += 1
+            j += 1
+        tp += gained
+        if gained:
+            terms.append(gained * tp / (tp + fp))
+        i = j
+    return math.fsum(terms) / positives
+
+
+def one_vs_rest(
+    score_fn: Callable[[ScorePairs], float],
+    records: Sequence[tuple[int, tuple[float, ...]]],
+    classes: Sequence[str],
+    average: Literal["macro", "weighted"],
+) -> float:
+    """A binary score metric per class (that class against the rest), averaged over classes.
+
+    ``records`` are (index of the true class, one score per class); ``weighted`` weighs
+    each class by how often it is the true class.
+    """
+    values = []
+    weights = []
+    for k, name in enumerate(classes):
+        try:
+            values.append(score_fn([(truth == k, scores[k]) for truth, scores in records]))
+        except MetricUndefined as exc:
+            raise MetricUndefined(f"class {name!r}: {exc}") from None
+        weights.append(sum(1 for truth, _ in records if truth == k))
+    if average == "macro":
+        return math.fsum(values) / len(values)
+    return math.fsum(v * w for v, w in zip(values, weights, strict=True)) / len(records)
