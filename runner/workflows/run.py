@@ -225,7 +225,7 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
         command=list(spec.command),
         params=dict(spec.params),
         seed=spec.seed,
-        metrics=[m.model_dump(mode="json") for m in spec.metrics],
+        metrics=[m.definition() for m in spec.metrics],
         perturbations=[x.model_dump(mode="json") for x in spec.perturbations],
         expect=spec.expect.model_dump(mode="json"),
         inputs=inputs,
@@ -508,7 +508,7 @@ def build_run_predicate(
         comparison_group=spec.metadata.comparison_group,
         preprocessing=launched.preprocessing,
         metric_definitions=tuple(
-            MetricDefinition.model_validate(d.model_dump(mode="json") | {"gating": d.gating})
+            MetricDefinition.model_validate(d.definition() | {"gating": d.gating})
             for d in spec.metrics
         ),
         params=_plain_json(spec.params),
