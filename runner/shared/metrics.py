@@ -28,11 +28,15 @@ __all__ = [
     "MetricUndefined",
     "MetricValue",
     "SampleFormatError",
+    "SampleRead",
+    "compute_available",
     "compute_metric",
     "compute_metrics",
     "is_gating",
     "metric_function",
+    "partial_reason",
     "perturbation_effects",
+    "read_outputs",
     "read_samples",
     "select_perturbed",
     "threshold_verdicts",
@@ -229,51 +233,109 @@ def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[d
     it reads them; the first problem is raised as a :class:`SampleFormatError` naming the
     file, the line, the field, the metric, and what was expected and found.
     """
-    metrics = [build_metric(d) for d in definitions]
+    return _read(path, [build_metric(d) for d in definitions], strict=True).samples
+
+
+@dataclass(frozen=True)
+class SampleRead:
+    """The samples of a per-sample file, and the metrics they cannot feed (name → why)."""
+
+    samples: list[dict[str, Any]]
+    unusable: dict[str, str]
+
+
+def read_outputs(path: Path, definitions: Iterable[Mapping[str, Any]]) -> SampleRead:
+    """Like :func:`read_samples`, but a field a metric cannot use sets only that metric aside.
+
+    What no metric can do without (a row that is not a JSON object, a missing or duplicate
+    ``id``, no samples at all) still raises :class:`SampleFormatError`. For every other
+    metric the first problem (file, line, field, expected, found) is in ``unusable``.
+    """
+    return _read(path, [build_metric(d) for d in definitions], strict=False)
+
+
+def _read(path: Path, metrics: list[Metric], *, strict: bool) -> SampleRead:
     readers: dict[str, list[str]] = {"id": []}
     for m in metrics:
         for field in m.reads.values():
             readers.setdefault(field, []).append(m.name)
     samples: list[dict[str, Any]] = []
+    unusable: dict[str, str] = {}
     seen: set[str] = set()
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            where = f"{path.name} line {lineno}"
             if len(samples) >= MAX_SAMPLES:
                 raise SampleFormatError(f"{path.name}: more than {MAX_SAMPLES} samples")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SampleFormatError(
-                    f"{path.name} line {lineno}: not JSON ({exc.msg})"
-                ) from None
+                raise SampleFormatError(f"{where}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise SampleFormatError(f"{path.name} line {lineno}: expected an object")
+                raise SampleFormatError(f"{where}: expected an object")
             missing = sorted(readers.keys() - row.keys())
-            if missing:
+            if missing and (strict or "id" in missing):
                 who = sorted({n for f in missing for n in readers[f]})
                 raise SampleFormatError(
-                    f"{path.name} line {lineno}: missing field(s) {missing}"
+                    f"{where}: missing field(s) {missing}"
                     + (f" (read by metric(s) {', '.join(who)})" if who else "")
                 )
             for m in metrics:
+                if m.name in unusable:
+                    continue
+                lacks = sorted(f for f in set(m.reads.values()) if f not in row)
+                if lacks:
+                    unusable[m.name] = f"{where}: missing field(s) {lacks}"
+                    continue
                 try:
                     m.extract(row)
                     if m.matrix_pair is not None:
                         m.matrix_pair(row)
                 except FieldError as exc:
-                    raise SampleFormatError(
-                        f"{path.name} line {lineno}: {exc} (metric {m.name})"
-                    ) from None
+                    if strict:
+                        raise SampleFormatError(f"{where}: {exc} (metric {m.name})") from None
+                    unusable[m.name] = f"{where}: {exc}"
             sid = str(row["id"])
             if sid in seen:
-                raise SampleFormatError(f"{path.name} line {lineno}: duplicate sample id {sid!r}")
+                raise SampleFormatError(f"{where}: duplicate sample id {sid!r}")
             seen.add(sid)
             samples.append(row)
     if not samples:
         raise SampleFormatError(f"{path.name}: no samples")
-    return samples
+    return SampleRead(samples, unusable)
+
+
+def compute_available(
+    definitions: Iterable[Mapping[str, Any]],
+    samples: Sequence[Sample],
+    seed: int,
+    unusable: Mapping[str, str],
+) -> tuple[list[MetricValue], dict[str, str]]:
+    """Every metric not in ``unusable`` that has a value, and all that could not be computed.
+
+    The values are :func:`compute_metric`'s, bit for bit; a metric without a value on
+    these samples joins the unusable ones with the reason.
+    """
+    values: list[MetricValue] = []
+    left_out = dict(unusable)
+    for d in definitions:
+        if d["name"] in left_out:
+            continue
+        try:
+            values.append(compute_metric(d, samples, seed))
+        except SampleFormatError as exc:
+            left_out[d["name"]] = str(exc)
+    return values, left_out
+
+
+def partial_reason(computed: Sequence[str], unusable: Mapping[str, str]) -> str:
+    """Why a run whose outputs feed only some metrics failed, and what it could compute."""
+    total = len(computed) + len(unusable)
+    why = "; ".join(f"{name}: {reason}" for name, reason in unusable.items())
+    done = f"computed: {', '.join(computed)}" if computed else "nothing could be computed"
+    return f"per-sample output unusable for {len(unusable)} of {total} metrics ({why}); {done}"
 
 
 def is_gating(definition: Mapping[str, Any]) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
-from runner.backends.collect import collect_results, recompute_metrics
+from runner.backends.collect import collect_results, recompute_available, recompute_metrics
 from runner.build.image import image_reproducibility, sha256_file
 from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.build import build_bundle
@@ -71,6 +71,7 @@ from runner.workflows.judge import (
     ThresholdVerdict,
     judge,
     judge_metrics,
+    judge_partial,
     read_container_report,
 )
 
@@ -365,6 +366,10 @@ def run_evaluation(
                 agent_report,
                 recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations),
             )
+            if judgement.outcome is Outcome.BAD_OUTPUT:
+                judgement = judge_partial(
+                    judgement, recompute_available(results, plan.metrics, plan.seed)
+                )
             report = agent_report  # recorded only once judged, as it always was
         except KeyboardInterrupt:
             judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
