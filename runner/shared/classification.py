@@ -44,24 +44,23 @@ class LabelCounts:
     n: int
 
 
-def label_counts(pairs: Iterable[Pair]) -> LabelCounts:
+def label_counts(pairs: Sequence[Pair]) -> LabelCounts:
     tp: Counter[Hashable] = Counter()
     fp: Counter[Hashable] = Counter()
     fn: Counter[Hashable] = Counter()
     support: Counter[Hashable] = Counter()
     seen: set[Hashable] = set()
-    n = 0
-    for truth, predicted in pairs:
-        n += 1
-        support[truth] += 1
+    # counting the cells in C first keeps bootstrap resamples cheap
+    for (truth, predicted), count in Counter(pairs).items():
+        support[truth] += count
         seen.add(truth)
         seen.add(predicted)
         if predicted == truth:
-            tp[truth] += 1
+            tp[truth] += count
         else:
-            fp[predicted] += 1
-            fn[truth] += 1
-    return LabelCounts(tuple(sorted(seen, key=label_sort_key)), tp, fp, fn, support, n)
+            fp[predicted] += count
+            fn[truth] += count
+    return LabelCounts(tuple(sorted(seen, key=label_sort_key)), tp, fp, fn, support, len(pairs))
 
 
 def _ratio(which: Ratio, tp: int, fp: int, fn: int) -> float:
@@ -113,57 +112,56 @@ def confusion_matrix(pairs: Iterable[Pair]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- from scores
 
 
+def _by_score(pairs: ScorePairs) -> tuple[Counter[float], Counter[float]]:
+    """How many positives and negatives have each distinct score."""
+    positives: Counter[float] = Counter(score for is_pos, score in pairs if is_pos)
+    negatives: Counter[float] = Counter(score for is_pos, score in pairs if not is_pos)
+    return positives, negatives
+
+
 def roc_auc(pairs: ScorePairs) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties half.
 
     Computed from doubled mid-ranks in integers, so the result is one correctly rounded
     division whatever the order of the input.
     """
-    positives = sum(1 for p, _ in pairs if p)
-    negatives = len(pairs) - positives
-    if not positives or not negatives:
-        which = "positive" if not positives else "negative"
+    positives, negatives = _by_score(pairs)
+    p, n = positives.total(), negatives.total()
+    if not p or not n:
+        which = "positive" if not p else "negative"
         raise MetricUndefined(f"ROC-AUC needs positive and negative samples; none is {which}")
-    ordered = sorted(pairs, key=lambda x: x[1])
     doubled_rank_sum = 0
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1][1] == ordered[i][1]:
-            j += 1
-        # ranks i+1 … j+1 share the mid-rank (i+j+2)/2; doubled, that is i+j+2.
-        doubled_rank_sum += (i + j + 2) * sum(1 for k in range(i, j + 1) if ordered[k][0])
-        i = j + 1
-    return (doubled_rank_sum - positives * (positives + 1)) / (2 * positives * negatives)
+    below = 0
+    pos, neg = positives.get, negatives.get  # .get: Counter's __missing__ is slow in a loop
+    for score in sorted(positives.keys() | negatives.keys()):
+        gained = pos(score, 0)
+        tied = gained + neg(score, 0)
+        # ranks below+1 … below+tied share the mid-rank; doubled: 2*below + tied + 1
+        doubled_rank_sum += gained * (2 * below + tied + 1)
+        below += tied
+    return (doubled_rank_sum - p * (p + 1)) / (2 * p * n)
 
 
 def average_precision(pairs: ScorePairs) -> float:
     """Area under the precision-recall curve as a step function over distinct scores.
 
-    Σ (recall gained at a threshold) x (precision at it), thresholds from the highest score
-    down, tied scores taken together (scikit-learn's ``average_precision_score``).
+    Sum of (recall gained at a threshold) x (precision at it), thresholds from the highest
+    score down, tied scores taken together (scikit-learn's ``average_precision_score``).
     """
-    positives = sum(1 for p, _ in pairs if p)
-    if not positives:
+    positives, negatives = _by_score(pairs)
+    p = positives.total()
+    if not p:
         raise MetricUndefined("average precision needs positive samples; none is positive")
-    ordered = sorted(pairs, key=lambda x: x[1], reverse=True)
     terms = []
     tp = fp = 0
-    i = 0
-    while i < len(ordered):
-        gained = 0
-        j = i
-        while j < len(ordered) and ordered[j][1] == ordered[i][1]:
-            if ordered[j][0]:
-                gained += 1
-            else:
-                fp += 1
-            j += 1
+    pos, neg = positives.get, negatives.get
+    for score in sorted(positives.keys() | negatives.keys(), reverse=True):
+        gained = pos(score, 0)
         tp += gained
+        fp += neg(score, 0)
         if gained:
             terms.append(gained * tp / (tp + fp))
-        i = j
-    return math.fsum(terms) / positives
+    return math.fsum(terms) / p
 
 
 def one_vs_rest(

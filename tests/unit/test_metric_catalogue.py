@@ -648,3 +648,50 @@ def test_pre_catalogue_metrics_keep_their_stream_even_where_it_ignores_the_seed(
     rows = _example_rows("labels")
     definition = {"name": "accuracy", "compute": "accuracy", "ci": {"resamples": 200}}
     assert compute_metric(definition, rows, 5) == compute_metric(definition, rows, 6)
+
+
+_DETERMINISM_SCRIPT = """
+import json, random, sys
+sys.path.insert(0, sys.argv[1])
+from runner.shared.metrics import compute_metric
+rng = random.Random(1)
+names = ["cat", "dog", "bird", "fish", "ant"]
+rows = []
+for i in range(150):
+    label = rng.choice(names)
+    probs = [rng.random() for _ in names]
+    total = sum(probs)
+    rows.append({"id": str(i), "label": label,
+                 "prediction": label if rng.random() < 0.6 else rng.choice(names),
+                 "score": rng.random(), "probabilities": {n: p / total for n, p in zip(names, probs)}})
+defs = [
+    {"compute": "f1", "average": "macro"}, {"compute": "f1", "average": "weighted"},
+    {"compute": "balanced_accuracy"}, {"compute": "macro_f1"},
+    {"compute": "precision", "positive": "dog"},
+    {"compute": "roc_auc", "classes": names}, {"compute": "average_precision", "classes": names},
+    {"compute": "log_loss", "classes": names}, {"compute": "brier", "classes": names},
+    {"compute": "ece", "classes": names, "bins": 7},
+    {"compute": "accuracy", "confusion_matrix": True},
+]
+out = [compute_metric({"name": f"m{i}", "ci": {"method": "bootstrap_bca", "resamples": 150},
+                       **d}, rows, seed=3).as_dict() for i, d in enumerate(defs)]
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def test_metrics_are_bit_identical_across_processes_and_hash_seeds():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", _DETERMINISM_SCRIPT, root],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            capture_output=True, text=True, check=True,
+        ).stdout
+        for hash_seed in ("0", "1", "4242")
+    }
+    assert len(outputs) == 1
