@@ -161,7 +161,15 @@ def _binary_scores(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate,
 
     if compute in ("roc_auc", "average_precision"):
         ranking = _ranking(compute)
-        return pair, lambda pairs: ranking(_nonempty(pairs)), None
+
+        def binary(pairs: Sequence[tuple[bool, float]]) -> float:
+            try:
+                return ranking(_nonempty(pairs))
+            except MetricUndefined as exc:
+                # a label 1 is not the class "1": say which class was looked for
+                raise MetricUndefined(f"{exc} (positive: {positive!r})") from None
+
+        return pair, binary, None
     if compute == "log_loss":
         return lambda row: calibration.binary_log_loss(*pair(row)), _mean, None
     if compute == "brier":

@@ -152,3 +152,20 @@ def test_outputs_no_metric_can_use_keep_the_agents_verdict(tmp_path, monkeypatch
     first = judge(plan, _result(code), [], read_container_report(results))
     assert first is not None and "line 6: missing field(s) ['id'" in first.reason
     assert judge_partial(first, recompute_available(results, plan.metrics, plan.seed)) is first
+
+
+def test_the_report_shows_a_requested_confusion_matrix(tmp_path, monkeypatch):
+    from runner.model.predicate import MetricResult
+    from runner.render.markdown import MAX_MATRIX_CLASSES, confusion_lines
+
+    plan, results, _ = _run_agent(tmp_path, monkeypatch, _rows())
+    check = recompute_metrics(results, plan.metrics, plan.seed)
+    lines = confusion_lines([MetricResult.model_validate(m) for m in check.metrics])
+    assert "Confusion matrix of f1-1 (rows: true label, columns: predicted):" in lines
+    assert "| true \\ predicted | 0 | 1 | 2 |" in lines
+    rows = [line for line in lines if line.startswith(("| 0 |", "| 1 |", "| 2 |"))]
+    assert sum(int(c) for r in rows for c in r.strip("| ").split(" | ")[1:]) == 90
+    many = MetricResult.model_validate({"name": "big", "confusion_matrix": {
+        "labels": list(range(MAX_MATRIX_CLASSES + 1)),
+        "counts": [[0] * (MAX_MATRIX_CLASSES + 1)] * (MAX_MATRIX_CLASSES + 1)}})
+    assert confusion_lines([many])[-1] == "21 classes: see `confusion_matrix` in the predicate."

@@ -231,8 +231,8 @@ def test_score_metrics_without_both_classes_are_undefined():
     rows = rows_of(label=[1, 1, 1], score=[0.2, 0.4, 0.9])
     with pytest.raises(MetricUndefined, match="metric m: not defined here: .*none is negative"):
         value("roc_auc", rows, positive=1)
-    with pytest.raises(MetricUndefined, match="none is positive"):
-        value("average_precision", rows, positive=0)
+    with pytest.raises(MetricUndefined, match=r"none is positive \(positive: '1'\)"):
+        value("average_precision", rows, positive="1")
     # defined with a single class: all positives ranked perfectly
     assert value("average_precision", rows, positive=1) == pytest.approx(
         skm.average_precision_score([1, 1, 1], [0.2, 0.4, 0.9]), abs=TOL
