@@ -30,8 +30,10 @@ from runner.agent.capture import capture_environment
 from runner.agent.rootfs import rootfs_digest
 from runner.shared.metrics import (
     SampleFormatError,
-    compute_metrics,
+    compute_available,
+    partial_reason,
     perturbation_effects,
+    read_outputs,
     read_samples,
     select_perturbed,
 )
@@ -373,13 +375,25 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
     # --- metrics from the per-sample outputs
     t2 = time.monotonic()
     try:
-        samples = read_samples(output, plan["metrics"])
+        read = read_outputs(output, plan["metrics"])
     except (OSError, SampleFormatError) as exc:
         summary.update(outcome="bad_output", reason=f"per-sample output unusable: {exc}")
         log.emit("bad_output", level="error", reason=summary["reason"])
         return AgentExit.EVAL_OUTPUT
+    samples = read.samples
     log.emit("data_loaded", samples=len(samples))
-    values = compute_metrics(plan["metrics"], samples, seed)
+    values, unusable = compute_available(plan["metrics"], samples, seed, read.unusable)
+    if unusable:
+        # What could be computed is still written (the runner recomputes it); the run fails.
+        computed = [v.as_dict() for v in values]
+        _write_json(
+            results / "metrics.json", {"seed": seed, "metrics": computed, "unusable": unusable}
+        )
+        summary.update(
+            outcome="bad_output", reason=partial_reason([v.name for v in values], unusable)
+        )
+        log.emit("bad_output", level="error", reason=summary["reason"])
+        return AgentExit.EVAL_OUTPUT
     try:
         perturbations = _run_perturbations(plan, samples, child_env, results, log, seed)
     except (OSError, SampleFormatError, subprocess.SubprocessError) as exc:

@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from typing import Any
 from runner._internal.tar import MemberRules, extract_members, file_under_file, scan_members
 from runner.shared.metrics import (
     SampleFormatError,
+    compute_available,
     compute_metrics,
     perturbation_effects,
+    read_outputs,
     read_samples,
     select_perturbed,
 )
@@ -127,6 +130,8 @@ class MetricCheck:
     metrics: list[dict[str, Any]]
     problems: list[str]
     perturbations: list[dict[str, Any]] = field(default_factory=list)
+    # metrics the per-sample outputs cannot feed (name → why), from recompute_available
+    unusable: dict[str, str] = field(default_factory=dict)
 
 
 def _recompute_perturbations(
@@ -183,26 +188,21 @@ def _recompute_perturbations(
     return ours, problems
 
 
-def recompute_metrics(
-    results: Path,
-    definitions: list[dict[str, Any]],
-    seed: int,
-    perturbations: list[dict[str, Any]] | None = None,
-) -> MetricCheck:
-    """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``."""
-    try:
-        samples = read_samples(results / "predictions.jsonl", definitions)
-    except FileNotFoundError:
-        return MetricCheck([], ["predictions.jsonl is missing: no per-sample outputs"])
-    except (OSError, SampleFormatError) as exc:
-        return MetricCheck([], [f"per-sample outputs unusable: {exc}"])
-    ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
-    reported = read_json(results / "metrics.json")
-    problems: list[str] = []
+_MALFORMED = "metrics.json from the container is missing or malformed"
+
+
+def _reported_metrics(reported: Any) -> list[Any] | None:
     if not isinstance(reported, dict) or not isinstance(reported.get("metrics"), list):
-        problems.append("metrics.json from the container is missing or malformed")
-        return MetricCheck(ours, problems)
-    theirs = {m.get("name"): m for m in reported["metrics"] if isinstance(m, dict)}
+        return None
+    return list(reported["metrics"])
+
+
+def _compare_reported(
+    ours: list[dict[str, Any]], reported: list[Any], unusable: Mapping[str, str]
+) -> list[str]:
+    """Where the container's metrics differ from the runner's own numbers."""
+    problems: list[str] = []
+    theirs = {m.get("name"): m for m in reported if isinstance(m, dict)}
     for metric in ours:
         other = theirs.pop(metric["name"], None)
         if other is None:
@@ -219,12 +219,66 @@ def recompute_metrics(
                     f"metric {metric['name']} {label}: container reported {b!r}, "
                     f"recomputed from per-sample outputs {a!r}"
                 )
+        if metric.get("confusion_matrix") != other.get("confusion_matrix"):
+            problems.append(
+                f"metric {metric['name']} confusion_matrix: the container's differs from the "
+                "one recomputed from per-sample outputs"
+            )
     for extra in sorted(str(k) for k in theirs):
-        problems.append(f"metric {extra}: reported by the container but not declared in the spec")
+        if extra in unusable:
+            problems.append(
+                f"metric {extra}: reported by the container, but the per-sample outputs "
+                f"cannot give it ({unusable[extra]})"
+            )
+        else:
+            problems.append(
+                f"metric {extra}: reported by the container but not declared in the spec"
+            )
+    return problems
+
+
+def recompute_metrics(
+    results: Path,
+    definitions: list[dict[str, Any]],
+    seed: int,
+    perturbations: list[dict[str, Any]] | None = None,
+) -> MetricCheck:
+    """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``."""
+    try:
+        samples = read_samples(results / "predictions.jsonl", definitions)
+        ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
+    except FileNotFoundError:
+        return MetricCheck([], ["predictions.jsonl is missing: no per-sample outputs"])
+    except (OSError, SampleFormatError) as exc:
+        return MetricCheck([], [f"per-sample outputs unusable: {exc}"])
+    reported = read_json(results / "metrics.json")
+    theirs = _reported_metrics(reported)
+    if theirs is None:
+        return MetricCheck(ours, [_MALFORMED])
+    problems = _compare_reported(ours, theirs, {})
     effects, more = _recompute_perturbations(
         results, definitions, perturbations or [], samples, reported, seed
     )
     return MetricCheck(ours, problems + more, effects)
+
+
+def recompute_available(results: Path, definitions: list[dict[str, Any]], seed: int) -> MetricCheck:
+    """The metrics the per-sample outputs can feed, when they cannot feed them all.
+
+    For a run the agent reported as bad output: every metric whose fields are there is
+    recomputed and compared with what the container reported, and ``unusable`` says why
+    each of the others could not be. Outputs no metric can use give an empty check.
+    """
+    try:
+        read = read_outputs(results / "predictions.jsonl", definitions)
+    except (OSError, SampleFormatError):
+        return MetricCheck([], [])
+    values, unusable = compute_available(definitions, read.samples, seed, read.unusable)
+    ours = [m.as_dict() for m in values]
+    theirs = _reported_metrics(read_json(results / "metrics.json"))
+    if theirs is None:
+        return MetricCheck(ours, [_MALFORMED] if ours else [], unusable=unusable)
+    return MetricCheck(ours, _compare_reported(ours, theirs, unusable), unusable=unusable)
 
 
 # --------------------------------------------------------------------------- framed results

@@ -109,6 +109,13 @@ class Promotion(Record):
     justification: Text | None = None
 
 
+class ConfusionMatrix(Record):
+    """Sample counts by (true label, predicted label): rows true, columns predicted."""
+
+    labels: tuple[JsonValue, ...] | None = None
+    counts: tuple[tuple[Count, ...], ...] | None = None
+
+
 class MetricResult(Record):
     """One metric as the runner recomputed it, with its definition and verdict."""
 
@@ -125,6 +132,8 @@ class MetricResult(Record):
     promoted: Promotion | None = None
     threshold_met: Flag | None = None
     passed: Flag | None = None
+    # when the spec asked for it (confusion_matrix: true); absent before the catalogue
+    confusion_matrix: ConfusionMatrix | None = None
 
 
 class Timestamps(Record):
@@ -266,6 +275,15 @@ class MetricDefinition(Record):
     role: Role | None = None
     promoted: Promotion | None = None
     gating: Flag | None = None
+    # the catalogue's parameters, present only where the spec set them
+    fields: dict[str, Text] | None = None
+    average: Text | None = None
+    positive: JsonValue = None
+    classes: tuple[JsonValue, ...] | None = None
+    bins: Count | None = None
+    k: Count | None = None
+    normalize: JsonValue = None
+    confusion_matrix: Flag | None = None
 
 
 class Seeds(Record):

@@ -12,13 +12,16 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -26,6 +29,7 @@ from pydantic import (
 )
 
 from runner.errors import SpecError
+from runner.shared.metric_catalogue import CATALOGUE, LEGACY, PARAMETERS, definition_problems
 
 API_VERSION = "evalrun/v1"
 MAX_SPEC_BYTES = 256 * 1024
@@ -198,15 +202,101 @@ class PerturbationSpec(_Model):
         return self
 
 
+MetricCompute = Literal[
+    "accuracy",
+    "error_rate",
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "macro_f1",
+    "roc_auc",
+    "average_precision",
+    "log_loss",
+    "brier",
+    "ece",
+    "mae",
+    "rmse",
+    "r2",
+    "exact_match",
+    "token_f1",
+    "pass_at_k",
+    "mean",
+]
+SampleField = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ClassLabel = StrictStr | StrictBool | StrictInt
+NormalizationStep = Literal["lowercase", "punctuation", "articles", "whitespace"]
+
+
+class SampleFieldNames(_Model):
+    """Which per-sample field holds each input a metric reads (each defaults to its own name)."""
+
+    label: SampleField | None = Field(default=None, description="The true class.")
+    prediction: SampleField | None = Field(
+        default=None, description="The predicted class, value (regression) or text."
+    )
+    score: SampleField | None = Field(
+        default=None, description="Score or probability of the 'positive' class."
+    )
+    probabilities: SampleField | None = Field(
+        default=None, description="One score or probability per class of 'classes'."
+    )
+    target: SampleField | None = Field(default=None, description="The true value (regression).")
+    reference: SampleField | None = Field(
+        default=None, description="The reference text, or a list of acceptable ones."
+    )
+    n: SampleField | None = Field(default=None, description="pass@k: generations made.")
+    c: SampleField | None = Field(default=None, description="pass@k: generations that passed.")
+
+
 class MetricSpec(_Model):
     name: Name
-    compute: Literal["accuracy", "macro_f1", "error_rate", "mean"] = Field(
-        description="Built-in metric computed from the per-sample outputs."
+    compute: MetricCompute = Field(
+        description="Built-in metric computed from the per-sample outputs (see the README's "
+        "metric catalogue)."
     )
     field: str | None = Field(
         default=None, description="Per-sample field for 'mean' (e.g. 'score')."
     )
-    direction: Literal["higher_is_better", "lower_is_better"] = "higher_is_better"
+    fields: SampleFieldNames | None = Field(
+        default=None,
+        description="Per-sample field names for what the metric reads, where they differ from "
+        "the defaults (label, prediction, score, probabilities, target, reference, n, c).",
+    )
+    average: Literal["micro", "macro", "weighted"] | None = Field(
+        default=None,
+        description="precision/recall/f1: how classes are averaged; roc_auc/average_precision "
+        "over 'classes': macro (default) or weighted one-vs-rest.",
+    )
+    positive: ClassLabel | None = Field(
+        default=None,
+        description="The one class scored: precision/recall/f1 of that class, or a binary "
+        "score metric reading that class's 'score'.",
+    )
+    classes: list[ClassLabel] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=10_000,
+        description="Score metrics without 'positive': the classes, in the order of a list "
+        "'probabilities' field (an object field is keyed by class).",
+    )
+    bins: int | None = Field(
+        default=None, ge=1, le=1000, description="ece: number of equal-width bins over [0, 1]."
+    )
+    k: int | None = Field(default=None, ge=1, le=100_000, description="pass_at_k: k.")
+    normalize: Literal["squad", "none"] | list[NormalizationStep] | None = Field(
+        default=None,
+        description="exact_match/token_f1: text normalisation, 'squad' (all steps), 'none', or "
+        "a list of steps. Default: none for exact_match, squad for token_f1.",
+    )
+    confusion_matrix: bool = Field(
+        default=False,
+        description="Attach the confusion matrix (rows: true labels, columns: predictions).",
+    )
+    direction: Literal["higher_is_better", "lower_is_better"] = Field(
+        default="higher_is_better",
+        description="Defaults to lower_is_better for log_loss, brier, ece, mae and rmse.",
+    )
     threshold: float | None = Field(
         default=None, description="Pass if the point estimate is on the good side of this."
     )
@@ -226,6 +316,47 @@ class MetricSpec(_Model):
         """Whether this metric's threshold decides the run's verdict."""
         return self.role == "primary" or self.promoted is not None
 
+    def definition(self) -> dict[str, Any]:
+        """The metric as JSON for the agent, the runner and the bundle.
+
+        Catalogue parameters left unset are omitted, so a metric that uses none of them is
+        written exactly as before the catalogue (plans, signed metric definitions).
+        """
+        data = self.model_dump(mode="json")
+        for key in ("fields", *PARAMETERS):
+            if data[key] is None or (key == "confusion_matrix" and data[key] is False):
+                del data[key]
+        return data
+
+    @field_validator("positive", "classes", mode="before")
+    @classmethod
+    def _class_labels(cls, value: Any) -> Any:
+        labels = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(v, str | int) for v in labels):
+            raise ValueError("expected a class label: a string, an integer or a boolean")
+        return value
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalization_steps(cls, value: Any) -> Any:
+        steps = list(get_args(NormalizationStep))
+        ok = value is None or value in ("squad", "none")
+        ok = ok or (isinstance(value, list) and all(v in steps for v in value))
+        if not ok:
+            raise ValueError(f"expected 'squad', 'none' or a list of steps from {steps}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _natural_direction(cls, data: Any) -> Any:
+        # Losses and errors of the catalogue are lower-is-better unless the spec says so;
+        # the pre-catalogue error_rate keeps its old default (its specs' digests stay).
+        if isinstance(data, dict) and "direction" not in data:
+            kind = CATALOGUE.get(str(data.get("compute")))
+            if kind and kind.direction == "lower_is_better" and data["compute"] not in LEGACY:
+                return {**data, "direction": "lower_is_better"}
+        return data
+
     @model_validator(mode="after")
     def _promotion_is_for_supplementary(self) -> MetricSpec:
         if self.promoted is not None and self.role != "supplementary":
@@ -233,11 +364,15 @@ class MetricSpec(_Model):
         return self
 
     @model_validator(mode="after")
-    def _field_for_mean(self) -> MetricSpec:
-        if self.compute == "mean" and not self.field:
-            raise ValueError("metric 'mean' needs 'field'")
-        if self.ci.method == "wilson" and self.compute not in ("accuracy", "error_rate"):
-            raise ValueError("the Wilson interval applies to proportions (accuracy, error_rate)")
+    def _parameters_fit_compute(self) -> MetricSpec:
+        problems = definition_problems(self.model_dump(mode="json"))
+        if self.compute not in LEGACY and self.direction != CATALOGUE[self.compute].direction:
+            problems.append(
+                f"{self.compute!r} is {CATALOGUE[self.compute].direction.replace('_', '-')}; "
+                f"direction {self.direction!r} contradicts it"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

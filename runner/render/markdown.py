@@ -54,6 +54,29 @@ def _role(m: MetricResult) -> str:
     return f"{role} (promoted)" if m.promoted is not None and not m.promoted.is_empty() else role
 
 
+# Beyond this many classes the matrix stays in the bundle (metrics.json, the predicate).
+MAX_MATRIX_CLASSES = 20
+
+
+def confusion_lines(metrics: Metrics) -> list[str]:
+    """A Markdown table per metric that carries a confusion matrix (rows: true label)."""
+    lines: list[str] = []
+    for m in metrics:
+        matrix = m.confusion_matrix
+        if matrix is None or matrix.labels is None or matrix.counts is None:
+            continue
+        labels = [str(v) for v in matrix.labels]
+        lines += ["", f"Confusion matrix of {m.name} (rows: true label, columns: predicted):", ""]
+        if len(labels) > MAX_MATRIX_CLASSES:
+            lines.append(f"{len(labels)} classes: see `confusion_matrix` in the predicate.")
+            continue
+        lines.append("| true \\ predicted | " + " | ".join(labels) + " |")
+        lines.append("|" + "---|" * (len(labels) + 1))
+        for label, row in zip(labels, matrix.counts, strict=False):
+            lines.append(f"| {label} | " + " | ".join(str(c) for c in row) + " |")
+    return lines
+
+
 def metric_rows_with_role(metrics: Metrics) -> list[list[str]]:
     """:func:`metric_rows` with the metric's role after its name.
 
@@ -122,6 +145,7 @@ def render_markdown(predicate: RunPredicate) -> str:
         if promotions:
             lines.append("")
             lines += [f"- {line}" for line in promotions]
+        lines += confusion_lines(p.metrics)
     else:
         lines.append("No metrics were computed.")
     lines += provenance_markdown(p)

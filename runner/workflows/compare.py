@@ -163,6 +163,10 @@ def _metric_definitions(predicate: RunPredicate) -> list[MetricDefinition]:
     ]
 
 
+# What the metric catalogue's parameters change about a value (not confusion_matrix).
+_CATALOGUE_KEYS = ("fields", "average", "positive", "classes", "bins", "k", "normalize")
+
+
 def _primaries(definitions: Sequence[MetricDefinition]) -> list[dict[str, JsonValue]]:
     return [
         {
@@ -172,6 +176,7 @@ def _primaries(definitions: Sequence[MetricDefinition]) -> list[dict[str, JsonVa
             "direction": d.direction,
             "threshold": d.threshold,
             "ci": d.ci.to_json() if d.ci is not None else None,
+            **{k: v for k, v in d.to_json().items() if k in _CATALOGUE_KEYS},
         }
         for d in definitions
         if d.role == "primary" or "role" not in d.model_fields_set
@@ -398,9 +403,7 @@ def check_group_definitions(store: Store, spec: EvalSpec) -> None:
     runs, _ = load_group(store, group)
     if not runs:
         return
-    mine = _primaries(
-        [MetricDefinition.model_validate(d.model_dump(mode="json")) for d in spec.metrics]
-    )
+    mine = _primaries([MetricDefinition.model_validate(d.definition()) for d in spec.metrics])
     theirs = primary_metrics(runs[0].predicate)
     if mine != theirs:
         changed = sorted(

@@ -20,7 +20,7 @@ from runner.backends.crosscheck import crosscheck_node_labels
 from runner.model.outcome import Outcome
 from runner.model.plan import BackendResult, RunPlan
 from runner.model.predicate import JsonObject, MetricResult, PerturbationResult
-from runner.shared.metrics import threshold_verdicts
+from runner.shared.metrics import partial_reason, threshold_verdicts
 
 # The outcomes an agent may report for itself; anything else it says is an evaluation failure.
 _AGENT_OUTCOMES = frozenset(
@@ -196,6 +196,33 @@ def judge_metrics(
     return Judgement(Outcome.PASSED, None, facts)
 
 
+def judge_partial(judgement: Judgement, check: MetricCheck) -> Judgement:
+    """A bad-output run whose per-sample outputs feed only some metrics: say which, keep those.
+
+    Pure. The outcome stays a failure; the metrics the runner could recompute are recorded
+    (never ranked: a bad-output run has no metrics to compare) and the reason names each
+    metric that could not be computed and why. A container whose partial numbers differ
+    from the runner's is an integrity failure, as for a complete run.
+    """
+    if judgement.outcome is not Outcome.BAD_OUTPUT or not (check.metrics or check.problems):
+        return judgement
+    facts = RunFacts(
+        node_crosscheck=judgement.facts.node_crosscheck,
+        metrics=tuple(MetricResult.model_validate(m) for m in check.metrics),
+    )
+    if check.problems:
+        return Judgement(
+            Outcome.INTEGRITY_FAILURE,
+            "metrics do not match the per-sample outputs: " + "; ".join(check.problems),
+            facts,
+        )
+    if not check.unusable:
+        # every metric was computable: the agent failed on something else (perturbations)
+        return judgement
+    reason = partial_reason([m["name"] for m in check.metrics], check.unusable)
+    return Judgement(Outcome.BAD_OUTPUT, reason, facts)
+
+
 __all__ = [
     "INTERRUPTED",
     "ContainerReport",
@@ -204,5 +231,6 @@ __all__ = [
     "ThresholdVerdict",
     "judge",
     "judge_metrics",
+    "judge_partial",
     "read_container_report",
 ]

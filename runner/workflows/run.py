@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
-from runner.backends.collect import collect_results, recompute_metrics
+from runner.backends.collect import collect_results, recompute_available, recompute_metrics
 from runner.build.image import image_reproducibility, sha256_file
 from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.build import build_bundle
@@ -71,6 +71,7 @@ from runner.workflows.judge import (
     ThresholdVerdict,
     judge,
     judge_metrics,
+    judge_partial,
     read_container_report,
 )
 
@@ -225,7 +226,7 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
         command=list(spec.command),
         params=dict(spec.params),
         seed=spec.seed,
-        metrics=[m.model_dump(mode="json") for m in spec.metrics],
+        metrics=[m.definition() for m in spec.metrics],
         perturbations=[x.model_dump(mode="json") for x in spec.perturbations],
         expect=spec.expect.model_dump(mode="json"),
         inputs=inputs,
@@ -365,6 +366,10 @@ def run_evaluation(
                 agent_report,
                 recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations),
             )
+            if judgement.outcome is Outcome.BAD_OUTPUT:
+                judgement = judge_partial(
+                    judgement, recompute_available(results, plan.metrics, plan.seed)
+                )
             report = agent_report  # recorded only once judged, as it always was
         except KeyboardInterrupt:
             judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
@@ -508,7 +513,7 @@ def build_run_predicate(
         comparison_group=spec.metadata.comparison_group,
         preprocessing=launched.preprocessing,
         metric_definitions=tuple(
-            MetricDefinition.model_validate(d.model_dump(mode="json") | {"gating": d.gating})
+            MetricDefinition.model_validate(d.definition() | {"gating": d.gating})
             for d in spec.metrics
         ),
         params=_plain_json(spec.params),

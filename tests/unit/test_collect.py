@@ -78,3 +78,54 @@ def test_collect_copies_files_and_refuses_links(tmp_path):
     assert "'evil': is a symlink" in joined
     assert "'logs/dir-link': is a symlink" in joined
     assert "'fifo': not a regular file" in joined
+
+
+CATALOGUE_DEFS = [
+    {"name": "f1", "compute": "f1", "average": "macro", "confusion_matrix": True,
+     "ci": {"method": "bootstrap_bca", "level": 0.9, "resamples": 200}},
+    {"name": "auc", "compute": "roc_auc", "positive": 1, "fields": {"score": "p"},
+     "ci": {"method": "bootstrap_percentile", "level": 0.95, "resamples": 200}},
+]
+
+
+def _catalogue_results(tmp_path, rows, tweak=None):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = [m.as_dict() for m in compute_metrics(CATALOGUE_DEFS, rows, seed=5)]
+    if tweak:
+        tweak(metrics)
+    (res / "metrics.json").write_text(json.dumps({"seed": 5, "metrics": metrics}))
+    return res
+
+
+def _binary_rows(n=80):
+    return [{"id": str(i), "label": i % 2, "prediction": (i % 2) if i % 5 else 1 - i % 2,
+             "p": ((i * 37) % 100) / 100} for i in range(n)]
+
+
+def test_recompute_accepts_catalogue_metrics_and_their_confusion_matrix(tmp_path):
+    check = recompute_metrics(_catalogue_results(tmp_path, _binary_rows()), CATALOGUE_DEFS, 5)
+    assert check.problems == []
+    assert check.metrics[0]["confusion_matrix"]["labels"] == [0, 1]
+    assert sum(map(sum, check.metrics[0]["confusion_matrix"]["counts"])) == 80
+
+
+def test_recompute_refuses_a_doctored_confusion_matrix(tmp_path):
+    def doctor(metrics):
+        metrics[0]["confusion_matrix"]["counts"][0][0] += 1
+
+    check = recompute_metrics(_catalogue_results(tmp_path, _binary_rows(), doctor),
+                              CATALOGUE_DEFS, 5)
+    assert any("f1 confusion_matrix" in p for p in check.problems)
+
+
+def test_recompute_reports_a_metric_the_samples_cannot_define(tmp_path):
+    rows = [{**r, "label": 1} for r in _binary_rows()]
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check = recompute_metrics(res, CATALOGUE_DEFS, 5)
+    assert check.metrics == []
+    assert "metric auc: not defined here" in check.problems[0]
+    assert "none is negative" in check.problems[0]
