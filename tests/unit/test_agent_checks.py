@@ -69,9 +69,9 @@ def test_agent_package_imports_nothing_from_runner_outside_agent_and_metrics():
                          check=True, cwd=ROOT).stdout
     mods = json.loads(out.replace("'", '"'))
     assert set(mods) <= {"runner", "runner.agent", "runner.agent.__main__",
-                         "runner.agent.capture", "runner.agent.rootfs", "runner.shared",
-                         "runner.shared.metrics", "runner.shared.protocol",
-                         "runner.shared.tarformat"}
+                         "runner.agent.capture", "runner.agent.inputs", "runner.agent.rootfs",
+                         "runner.shared", "runner.shared.inputs", "runner.shared.metrics",
+                         "runner.shared.protocol", "runner.shared.tarformat"}
 
 
 def test_every_agent_module_goes_into_the_image():

@@ -352,8 +352,9 @@ def test_gpu_capture_keeps_the_agent_inside_its_import_boundary():
             "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('runner'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout.split()
-    assert all(m in ("runner", "runner.shared", "runner.shared.metrics", "runner.shared.protocol",
-                     "runner.shared.tarformat") or m.startswith("runner.agent") for m in out), out
+    assert all(m in ("runner", "runner.shared", "runner.shared.inputs", "runner.shared.metrics",
+                     "runner.shared.protocol", "runner.shared.tarformat")
+               or m.startswith("runner.agent") for m in out), out
 
 
 # --- fixtures captured on real hardware, replayed through the fake ---------------------
