@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from runner._internal.settings import Settings
 from runner.cli.common import add_backend_args, backend_for, signer_for
+from runner.cli.progress import TransferBars
 from runner.errors import InputError, VerificationFailed
 
 if TYPE_CHECKING:
@@ -205,8 +206,15 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     with _bundle_for(args.ref, settings, args, term) as (bundle, _):
         original = load_original(bundle, verifier)
         term(f"original {original.run_id} verified (keyid {original.keyid[:16]}…)")
+        transfer = TransferBars(quiet=args.json)
         if args.check:
-            inputs = prepare(original, settings, search_dirs=args.inputs or [], progress=term)
+            inputs = prepare(
+                original,
+                settings,
+                search_dirs=args.inputs or [],
+                progress=term,
+                transfer=transfer,
+            )
             located = {f"{w.role} {w.name}": str(path) for w, path in inputs.items()}
             summary = {
                 "original": original.run_id,
@@ -232,6 +240,7 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
             search_dirs=args.inputs or [],
             tolerance=args.tolerance,
             progress=term,
+            transfer=transfer,
         )
     repro = result.reproduction
     if args.json:

@@ -23,7 +23,9 @@ from runner._internal.settings import Settings
 from runner.cli import blueprints as cli_blueprints
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
+from runner.cli import inputs as cli_inputs
 from runner.cli.common import add_backend_args, backend_for, signer_for
+from runner.cli.progress import TransferBars
 from runner.errors import EvalrunError, Interrupted
 
 log = logging.getLogger("evalrun")
@@ -114,13 +116,25 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
 
     spec = load_spec(args.spec)
     t0 = time.monotonic()
-    lock, built = lock_spec(spec, args.spec, settings, progress=term, rebuild=args.rebuild)
+    lock, built = lock_spec(
+        spec,
+        args.spec,
+        settings,
+        progress=term,
+        rebuild=args.rebuild,
+        transfer=TransferBars(quiet=args.json),
+    )
+    inputs = [("model", lock.model), *((f"dataset {d.name}", d) for d in lock.datasets)]
     summary = {
         "lock": str(lock_path_for(args.spec)),
         "lock_digest": lock.digest(),
         "image": lock.image.ref,
         "rootfs_digest": lock.image.rootfs_digest,
         "built": bool(built and not built.skipped),
+        "inputs": [
+            {"input": what, "kind": a.kind, "digest": a.digest, "artifact": a.artifact}
+            for what, a in inputs
+        ],
         "seconds": round(time.monotonic() - t0, 3),
     }
     if args.json:
@@ -130,6 +144,8 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
         print(f"  image  {lock.image.ref}")
         print(f"  rootfs {lock.image.rootfs_digest}")
         print(f"  lock   {lock.digest()}")
+        for what, a in inputs:
+            print(f"  {what}: {a.kind} {a.digest} → {a.artifact}")
     return 0
 
 
@@ -262,7 +278,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     if seeds:
         return _run_set(args, settings, term, seeds, backend, signer)
     outcome = run_evaluation(
-        args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
+        args.spec,
+        backend,
+        signer,
+        settings,
+        rerun=args.rerun,
+        progress=term,
+        reason=args.reason,
+        transfer=TransferBars(quiet=args.json),
     )
     public = args.pub or (settings.default_public_key if args.key is None else None)
     verified: str = "not checked (pass --pub to verify with a public key)"
@@ -458,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_history.register(sub, common)
     cli_blueprints.register(sub, common)
     cli_compare.register(sub, common)
+    cli_inputs.register(sub, common)
     return parser
 
 
