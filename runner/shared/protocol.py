@@ -181,13 +181,15 @@ def _plan_input(index: int, item: dict[str, Any]) -> AgentPlanInput:
 
 
 def _plan_files(where: str, item: dict[str, Any]) -> list[AgentPlanFile]:
-    files = _objects(item, "files")
-    if not files:
-        raise PlanError(where + "files", "a directory input lists at least one file")
+    files = item.get("files")
+    if not isinstance(files, list) or not files:
+        raise PlanError(where + "files", "a directory input lists its files (at least one)")
     out: list[AgentPlanFile] = []
     seen: set[str] = set()
     for index, entry in enumerate(files):
         at = f"{where}files[{index}]."
+        if not isinstance(entry, dict):
+            raise PlanError(at.rstrip("."), f"expected an object, found {_type_name(entry)}")
         path = _str(entry, "path", at)
         reason = path_structure_reason(path)
         if reason or path in seen:
