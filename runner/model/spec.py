@@ -31,7 +31,7 @@ from runner.model.base import FrozenModel as _Model
 from runner.model.base import Name, format_errors
 from runner.model.base import Sha256Hex as Sha256Hex
 from runner.model.base import parse_digest_ref as parse_digest_ref
-from runner.model.input_uri import HttpsUri, LocalUri, S3Uri, parse_input_uri
+from runner.model.input_uri import HttpsUri, S3Uri, parse_input_uri
 from runner.model.lock import LOCK_SCHEMA as LOCK_SCHEMA
 from runner.model.lock import LockedArtifact as LockedArtifact
 from runner.model.lock import LockedBase as LockedBase
@@ -193,11 +193,6 @@ class ArtifactSpec(_Model):
         if self.ca_file is not None and not isinstance(parsed, HttpsUri | S3Uri):
             raise ValueError("'ca_file' applies to https:// and s3:// inputs only")
         return self
-
-    @property
-    def is_local(self) -> bool:
-        """Whether the input is a local file or directory (a path or file:// URI)."""
-        return isinstance(parse_input_uri(self.uri, field="uri"), LocalUri)
 
 
 class DatasetSpec(ArtifactSpec):

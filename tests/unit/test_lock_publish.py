@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from runner.cli.progress import TransferBars
 from runner.errors import DigestMismatch, InfrastructureError, InputError, InputsUnavailable
 from runner.model.lock import LockedSpec
 from runner.model.spec import load_spec
-from runner.workflows.inputs import InputResolver, WantedInput, wanted_inputs
+from runner.workflows.inputs import InputResolver, WantedInput, host_inputs, wanted_inputs
 from runner.workflows.rerun import Original, resolve_inputs
 
 pytestmark = pytest.mark.unit
@@ -248,3 +249,14 @@ def test_transfer_bars_redraw_one_line_on_a_terminal():
         bar(done, 100)
     text = out.getvalue()
     assert text.count("\r") == 5 and text.endswith("\n") and "100%" in text
+
+
+def test_a_run_whose_input_must_come_from_a_registry_that_is_down_is_exit_5(reg, tmp_path):
+    spec_path = _sharded_spec(tmp_path)
+    lock, _ = _lock(spec_path, ContentStore(tmp_path / "cache"))
+    shutil.rmtree(spec_path.parent / "model")  # not next to the spec, not cached here
+    reg.failures = [urllib.error.URLError("connection refused")] * 100
+    elsewhere = Settings(home=tmp_path / "h2", cache=tmp_path / "c2")
+    with pytest.raises(InfrastructureError) as err:
+        host_inputs(lock, InputResolver(elsewhere, spec_dir=spec_path.parent))
+    assert err.value.exit_code == 5 and err.value.message.startswith("model model:")
