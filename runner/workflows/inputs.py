@@ -174,8 +174,7 @@ class InputResolver:
         return None
 
     def _file_candidates(self, want: WantedInput) -> Iterator[Path]:
-        if want.sha256:
-            yield self.legacy_cache / want.sha256
+        yield self.legacy_cache / want.sha256
         rel = PurePosixPath(want.path) if want.locked.path is not None else None
         name = want.locked.entries()[0].path
         for base in self.search_dirs:
@@ -249,7 +248,7 @@ class InputResolver:
         sources: list[tuple[str, str]] = []
         if self.fetch and want.locked.artifact:
             sources.append((f"oci://{want.locked.artifact}", "fetching the published artifact"))
-        if self.fetch and want.locked.uri and want.locked.uri.split("://")[0] != "file":
+        if self.fetch and want.locked.uri:
             sources.append((want.locked.uri, "fetching from its source"))
         for uri, how in sources:
             self.progress(f"{want.what}: {how} {uri}")
