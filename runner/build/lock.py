@@ -133,7 +133,7 @@ def lock_input(
         field=field,
         spec_dir=spec_dir,
         store=store,
-        progress=transfer(f"{field}: fetching") if transfer else None,
+        progress=transfer(field) if transfer else None,
         options=source_options(artifact, spec_dir),
         oci=oci_resolver(),
     )
