@@ -252,10 +252,15 @@ def test_ctrl_c_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant)
     proc = subprocess.Popen([*EVALRUN, "run", str(spec), "--json"], cwd=ROOT, env=vcli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = docker.from_env()
+    # this run's own container: other sessions on the same engine run digits-logreg too
+    from runner.model.lock import load_lock
+
+    lock_digest = load_lock(spec.with_name("eval.lock.json")).digest()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        running = client.containers.list(filters={"label": "org.evalrun.spec=digits-logreg",
-                                                  "status": "running"})
+        running = client.containers.list(
+            filters={"label": f"org.evalrun.lock-digest={lock_digest}", "status": "running"}
+        )
         if running:
             break
         time.sleep(0.2)
