@@ -72,6 +72,7 @@ bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_run.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_bundle.py
+	$(PY) benchmarks/bench_lock_inputs.py
 	$(PY) benchmarks/bench_kwok.py --runs 500
 
 # On the GPU machine (Python + torch, no index): carry build/gpu-wheels (scripts/gpu-wheels.sh).

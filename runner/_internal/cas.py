@@ -8,6 +8,8 @@ or ``~/.cache/evalrun``)::
     trees/<hex>.json         its file list (``InputFile``s), written before the tree appears
     tmp/                     partial writes; same filesystem, so publishing is a rename
     locks/<key>.lock         advisory locks so two processes do not fetch the same thing twice
+    memo/<kind>/<hex>        small derived facts worth not recomputing (e.g. the digest of
+                             the OCI layer a blob is published as), keyed by a digest
 
 Promises:
 
@@ -191,6 +193,7 @@ class ContentStore:
         self.trees_dir = root / "trees"
         self.tmp_dir = root / "tmp"
         self.locks_dir = root / "locks"
+        self.memo_dir = root / "memo"
         for d in (self.blobs_dir, self.trees_dir, self.tmp_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -338,6 +341,28 @@ class ContentStore:
                 raise
             shutil.copyfile(blob, dest, follow_symlinks=False)
             dest.chmod(_BLOB_MODE)
+
+    # ------------------------------------------------------------------ memo
+
+    def recall(self, kind: str, key: str) -> str | None:
+        """A fact remembered under ``kind``/``key`` (a digest), or None."""
+        if not re.fullmatch(r"[a-z0-9-]+", kind):
+            raise ValueError(f"bad memo kind {kind!r}")
+        try:
+            return (self.memo_dir / kind / _hex_of(key)).read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+
+    def remember(self, kind: str, key: str, value: str) -> None:
+        """Remember ``value`` under ``kind``/``key`` (atomically; the last writer wins)."""
+        if not re.fullmatch(r"[a-z0-9-]+", kind):
+            raise ValueError(f"bad memo kind {kind!r}")
+        folder = self.memo_dir / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="memo-")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(value + "\n")
+        Path(name).replace(folder / _hex_of(key))
 
     # ------------------------------------------------------------------ locking
 

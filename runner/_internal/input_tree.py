@@ -49,12 +49,10 @@ and an entry swapped for a link between listing and reading is refused the same 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import itertools
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
@@ -62,12 +60,12 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from runner.errors import InputError
+from runner.shared.inputs import READ_CHUNK as READ_CHUNK
+from runner.shared.inputs import TREE_TAG as TREE_TAG
+from runner.shared.inputs import hash_fd as hash_fd
+from runner.shared.inputs import tree_digest_of
 
-TREE_TAG = "evalrun-input-tree/v1"
-READ_CHUNK = 1024 * 1024
-"""Bytes per read while hashing: large enough that syscalls cost little next to SHA-256,
-small enough to stay in L2 between the read and the hash (measured: 4 MiB is no faster).
-No mmap: a file truncated while mapped kills the process with SIGBUS."""
+# No mmap for hashing: a file truncated while mapped kills the process with SIGBUS.
 MAX_FILES = 200_000
 MAX_DEPTH = 64
 MAX_PATH_BYTES = 4096
@@ -152,31 +150,13 @@ def sorted_files(files: Iterable[InputFile]) -> tuple[InputFile, ...]:
 
 def tree_digest(files: Iterable[InputFile]) -> str:
     """The ``evalrun-input-tree/v1`` digest (``sha256:<hex>``) of a directory's file list."""
-    h = hashlib.sha256(TREE_TAG.encode() + b"\n")
-    for f in sorted_files(files):
-        h.update(f"{f.sha256} {f.size} {f.path}\n".encode())
-    return "sha256:" + h.hexdigest()
+    return tree_digest_of((f.path, f.sha256, f.size) for f in sorted_files(files))
 
 
 def make_tree(files: Iterable[InputFile]) -> InputTree:
     """An :class:`InputTree` over ``files`` (sorted, checked, digested)."""
     ordered = sorted_files(files)
     return InputTree(digest=tree_digest(ordered), size=sum(f.size for f in ordered), files=ordered)
-
-
-def hash_fd(fd: int, *, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
-    """(sha256 hex, bytes read) of an open descriptor from its current offset to EOF."""
-    digest = hashlib.sha256()
-    buffer = bytearray(READ_CHUNK)
-    view = memoryview(buffer)
-    size = 0
-    with io.FileIO(fd, "rb", closefd=False) as reader:
-        while n := reader.readinto(buffer):
-            digest.update(view[:n])
-            size += n
-            if on_bytes is not None:
-                on_bytes(n)
-    return digest.hexdigest(), size
 
 
 def hash_file(path: Path) -> tuple[str, int]:

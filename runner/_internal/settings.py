@@ -30,7 +30,7 @@ class Settings:
             "EVALRUN_CACHE", Path(platformdirs.user_cache_dir("evalrun"))
         )
     )
-    """Wheels and base-image tarballs, keyed by content; shared by every checkout."""
+    """Wheels, base-image tarballs and inputs, keyed by content; shared by every checkout."""
 
     registry: str = field(
         default_factory=lambda: os.environ.get("EVALRUN_REGISTRY", "127.0.0.1:5000")
@@ -44,6 +44,11 @@ class Settings:
     @property
     def default_public_key(self) -> Path:
         return self.home / "keys" / "evalrun.pub"
+
+    @property
+    def input_cache(self) -> Path:
+        """The content-addressed cache of model and dataset inputs (``$EVALRUN_CACHE/inputs``)."""
+        return self.cache / "inputs"
 
     @property
     def wheel_cache(self) -> Path:

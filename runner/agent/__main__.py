@@ -11,7 +11,6 @@ results frame are defined once, in :mod:`runner.shared.protocol`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from runner.agent.capture import capture_environment
+from runner.agent.inputs import check_input, failure_reason
 from runner.agent.rootfs import rootfs_digest
 from runner.shared.metrics import (
     SampleFormatError,
@@ -72,11 +72,6 @@ class EventLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def _sha256_file(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -268,19 +263,16 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
         duration_s=round(time.monotonic() - t0, 4),
         passed=found_rootfs == expected_rootfs,
     )
-    # --- preflight: every input file, before use
-    for item in plan["inputs"]:
-        path = Path(item["path"])
-        found = _sha256_file(path) if path.is_file() else "missing"
-        preflight["inputs"].append(
-            {
-                "name": item["name"],
-                "role": item["role"],
-                "expected": item["sha256"],
-                "found": found,
-                "passed": found == item["sha256"],
-            }
-        )
+    # --- preflight: every input file, before use (streamed; directories file by file)
+    t_inputs = time.monotonic()
+    preflight["inputs"] = [check_input(item) for item in plan["inputs"]]
+    log.emit(
+        "preflight_inputs",
+        inputs=len(preflight["inputs"]),
+        bytes=sum(int(i.get("bytes", 0)) for i in preflight["inputs"]),
+        duration_s=round(time.monotonic() - t_inputs, 4),
+        passed=all(i["passed"] for i in preflight["inputs"]),
+    )
     env = capture_environment(plan["image_ref"])
     _write_json(results / "env.json", env)
     preflight["environment"] = check_expected_environment(plan["expect"], env["gpu"])
@@ -293,7 +285,7 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
             outcome="integrity_failure",
             reason="rootfs digest mismatch"
             if not preflight["rootfs"]["passed"]
-            else f"input digest mismatch: {[i['name'] for i in bad_inputs]}",
+            else failure_reason(bad_inputs),
         )
         log.emit("preflight_failed", level="error", reason=summary["reason"])
         return AgentExit.INTEGRITY

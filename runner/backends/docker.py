@@ -25,7 +25,7 @@ import docker.types
 from runner.adapters.docker_engine import connect, docker_call, runtimes, translated
 from runner.backends.docker_policy import RUNTIME_NAMES, ContainerPolicy, container_policy
 from runner.errors import EnvironmentMismatch, EvalrunError
-from runner.model.plan import SANDBOX_UID, BackendResult, RunPlan
+from runner.model.plan import INPUTS_MOUNT, SANDBOX_UID, BackendResult, RunPlan
 
 log = logging.getLogger("evalrun.backend.docker")
 
@@ -177,5 +177,15 @@ class DockerBackend:
                 "security_opt": host_config.get("SecurityOpt"),
                 "user": attrs.get("Config", {}).get("User"),
                 "oom_killed": attrs.get("State", {}).get("OOMKilled"),
+                "input_mounts": _input_mounts(attrs),
             },
         )
+
+
+def _input_mounts(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The inputs as the engine mounted them (target, cached source, read-only): evidence."""
+    return [
+        {"target": m.get("Destination"), "source": m.get("Source"), "read_only": not m.get("RW")}
+        for m in attrs.get("Mounts") or []
+        if str(m.get("Destination", "")).startswith(INPUTS_MOUNT + "/")
+    ]

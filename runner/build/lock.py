@@ -1,8 +1,10 @@
 """``evalrun lock``: every input of a spec resolved to a digest, the image built, the lock written.
 
-The model and datasets are checked against their pinned sha256 (:func:`lock_inputs`); the
-base image, wheels and evaluation image are resolved or built (reusing the previous lock's
-when their inputs did not change); the result is written atomically as ``eval.lock.json``.
+The model and datasets are fetched where remote, checked against their pinned digest and
+cached by content (:func:`lock_inputs`), then published by digest as OCI artifacts next
+to the image (:func:`publish_inputs`); the base image, wheels and evaluation image are
+resolved or built (reusing the previous lock's when their inputs did not change); the
+result is written atomically as ``eval.lock.json``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from runner._internal import oci
+from runner._internal.cas import ContentStore
+from runner._internal.input_tree import scan_tree
 from runner._internal.settings import Settings
 from runner._internal.tree import sha256_file
 from runner.adapters import registry
 from runner.adapters.docker_engine import connect
+from runner.adapters.input_artifacts import inputs_repository, oci_resolver, publish_input
+from runner.adapters.sources import AcquiredInput, SourceOptions, acquire
+from runner.adapters.sources import Progress as TransferCallback
 from runner.build.base_image import ensure_base_image
 from runner.build.context import BUILD_EPOCH, BuildInputs, build_inputs_for, tree_digest
 from runner.build.image import BuiltImage, build_image, measure_rootfs
@@ -30,8 +38,9 @@ from runner.build.package_files import agent_digest
 from runner.build.provenance import preprocessing_records
 from runner.build.wheels import cached_wheel, normalize_project_name, resolve_wheels
 from runner.errors import DigestMismatch, EvalrunError, InputError, SpecError
-from runner.model.spec import (
-    EvalSpec,
+from runner.model.base import parse_digest_ref
+from runner.model.input_uri import LocalUri, parse_input_uri
+from runner.model.lock import (
     LockedArtifact,
     LockedBase,
     LockedDataset,
@@ -42,42 +51,195 @@ from runner.model.spec import (
     LockedWheel,
     load_lock,
     lock_path_for,
-    parse_digest_ref,
 )
+from runner.model.spec import ArtifactSpec, DatasetSpec, EvalSpec
 
 log = logging.getLogger("evalrun.build")
 Progress = Callable[[str], None]
+TransferProgress = Callable[[str], TransferCallback | None]
+"""``transfer(what)``: a ``(done_bytes, total_bytes)`` callback following one transfer
+(``what`` says which, e.g. ``model: fetching``), or None not to follow it."""
 
 
 def _noop(_: str) -> None:
     return None
 
 
-def resolve_input(spec_dir: Path, uri: str, field: str) -> Path:
-    """A spec input path (relative to the spec, or file://) as a real local file."""
-    raw = uri.removeprefix("file://")
-    if "://" in raw:
-        raise InputError(f"{field}: only local files and file:// URIs are supported, found {uri!r}")
-    path = (spec_dir / raw).resolve()
-    if not path.is_file():
-        raise InputError(f"{field}: file not found", file=str(path), uri=uri)
-    return path
+def _field_of(role: str, index: int | None, name: str | None) -> str:
+    return "model" if role == "model" else f"datasets[{index}] ({name})"
 
 
-def lock_artifact(spec_dir: Path, uri: str, expected: str, field: str) -> LockedArtifact:
-    path = resolve_input(spec_dir, uri, field)
-    found = sha256_file(path)
-    if found != expected:
+def source_options(artifact: ArtifactSpec, spec_dir: Path) -> SourceOptions:
+    """How to reach one input: its spec's ``ca_file`` and ``endpoint`` over the defaults."""
+    return SourceOptions(
+        ca_file=(spec_dir / artifact.ca_file).resolve() if artifact.ca_file else None,
+        s3_endpoint=artifact.endpoint,
+    )
+
+
+def check_local_input(spec_dir: Path, uri: str, expected: str, field: str) -> None:
+    """Check a local input (file or directory) against its pin without caching it.
+
+    Remote inputs are left alone (``evalrun lock`` fetches them). DigestMismatch (exit 3)
+    for other bytes, InputError (exit 2) for a missing input or an escaping entry.
+    """
+    parsed = parse_input_uri(uri, field=f"{field}.uri")
+    if not isinstance(parsed, LocalUri):
+        return
+    path = parsed.resolve(spec_dir)
+    if path.is_dir():
+        found = scan_tree(path, what=field).digest
+    elif path.is_file():
+        found = "sha256:" + sha256_file(path)
+    else:
+        raise InputError(f"{field}: input not found", path=str(path), uri=uri)
+    if found != f"sha256:{expected.removeprefix('sha256:')}":
         raise DigestMismatch(
             field,
-            expected=expected,
+            expected=f"sha256:{expected.removeprefix('sha256:')}",
             found=found,
             path=str(path),
-            hint="the file changed since the spec was written; check its origin",
+            hint="the input changed since the spec was written; check its origin",
         )
-    return LockedArtifact(
-        path=os.path.relpath(path, spec_dir), sha256=found, size=path.stat().st_size
+
+
+@dataclass(frozen=True)
+class LockedInput:
+    """One input as ``evalrun lock`` resolved it: the lock's record and the cached content."""
+
+    role: Literal["model", "dataset"]
+    field: str
+    locked: LockedArtifact
+    acquired: AcquiredInput
+
+    @property
+    def name(self) -> str:
+        return self.locked.name if isinstance(self.locked, LockedDataset) else "model"
+
+
+def lock_input(
+    artifact: ArtifactSpec,
+    *,
+    role: Literal["model", "dataset"],
+    field: str,
+    spec_dir: Path,
+    store: ContentStore,
+    transfer: TransferProgress | None = None,
+) -> LockedInput:
+    """Fetch (if remote), verify and cache one input; its lock record (not yet published)."""
+    got = acquire(
+        artifact.uri,
+        artifact.sha256,
+        field=field,
+        spec_dir=spec_dir,
+        store=store,
+        progress=transfer(field) if transfer else None,
+        options=source_options(artifact, spec_dir),
+        oci=oci_resolver(),
     )
+    record: dict[str, Any] = {
+        "kind": got.kind,
+        "sha256": got.sha256,
+        "size": got.size,
+        "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in got.files],
+    }
+    if isinstance(parse_input_uri(artifact.uri, field=f"{field}.uri"), LocalUri):
+        record["path"] = got.source
+    else:
+        record["uri"] = got.source
+        record["endpoint"] = got.endpoint
+    if isinstance(artifact, DatasetSpec):
+        record |= {
+            "name": artifact.name,
+            "split": artifact.split,
+            "license": artifact.license,
+            "source": artifact.source,
+        }
+        return LockedInput(role, field, LockedDataset.model_validate(record), got)
+    return LockedInput(role, field, LockedArtifact.model_validate(record), got)
+
+
+def lock_inputs(
+    spec: EvalSpec,
+    spec_dir: Path,
+    store: ContentStore,
+    *,
+    transfer: TransferProgress | None = None,
+) -> list[LockedInput]:
+    """The model and every dataset of ``spec``: fetched, verified against their pins, cached.
+
+    Errors name the input: DigestMismatch (exit 3) for other bytes than pinned, before
+    any container; InputError (exit 2) for a bad URI, a missing input or a directory
+    entry that escapes its root; InfrastructureError (exit 5) for a source that stays
+    unreachable after bounded retries.
+    """
+    found = [
+        lock_input(
+            spec.model,
+            role="model",
+            field="model",
+            spec_dir=spec_dir,
+            store=store,
+            transfer=transfer,
+        )
+    ]
+    for i, ds in enumerate(spec.datasets):
+        found.append(
+            lock_input(
+                ds,
+                role="dataset",
+                field=_field_of("dataset", i, ds.name),
+                spec_dir=spec_dir,
+                store=store,
+                transfer=transfer,
+            )
+        )
+    return found
+
+
+def image_repository(spec: EvalSpec) -> str:
+    """The repository the evaluation image lives in (known before it is built)."""
+    if spec.image.ref:
+        return parse_digest_ref(spec.image.ref)[0]
+    return f"{spec.image.repository}/{spec.metadata.name}"
+
+
+def publish_inputs(
+    inputs: list[LockedInput],
+    repository: str,
+    store: ContentStore,
+    *,
+    progress: Progress = _noop,
+    transfer: TransferProgress | None = None,
+) -> list[LockedInput]:
+    """Publish every input by digest next to the image; each lock record names its artifact."""
+    target = inputs_repository(repository)
+    published = []
+    for item in inputs:
+        locked = item.locked
+        notes = {"role": item.role, "name": item.name}
+        if isinstance(locked, LockedDataset):
+            notes |= {"split": locked.split, "license": locked.license, "source": locked.source}
+        pub = publish_input(
+            store,
+            target,
+            kind=locked.kind,
+            digest=locked.digest,
+            files=item.acquired.files,
+            annotations=notes,
+            progress=transfer(f"{item.field}: publishing") if transfer else None,
+        )
+        how = "already there" if pub.already_present else f"{_mib(pub.uploaded_bytes)} uploaded"
+        progress(f"{item.field}: published as {pub.reference} ({how})")
+        record = locked.model_dump(mode="json") | {"artifact": pub.reference}
+        published.append(
+            LockedInput(item.role, item.field, type(locked).model_validate(record), item.acquired)
+        )
+    return published
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def git_source(path: Path) -> tuple[str | None, bool]:
@@ -107,24 +269,6 @@ def _resolve_base(
     return ensure_base_image(spec.image.base, settings, client, progress)
 
 
-def lock_inputs(spec: EvalSpec, spec_dir: Path) -> tuple[LockedArtifact, list[LockedDataset]]:
-    """The model and datasets of ``spec``, each checked against its pinned sha256."""
-    model = lock_artifact(spec_dir, spec.model.uri, spec.model.sha256, "model")
-    datasets = []
-    for i, ds in enumerate(spec.datasets):
-        art = lock_artifact(spec_dir, ds.uri, ds.sha256, f"datasets[{i}] ({ds.name})")
-        datasets.append(
-            LockedDataset(
-                **art.model_dump(),
-                name=ds.name,
-                split=ds.split,
-                license=ds.license,
-                source=ds.source,
-            )
-        )
-    return model, datasets
-
-
 def lock_spec(
     spec: EvalSpec,
     spec_path: Path,
@@ -132,10 +276,28 @@ def lock_spec(
     *,
     progress: Progress = _noop,
     rebuild: bool = False,
+    transfer: TransferProgress | None = None,
 ) -> tuple[LockedSpec, BuiltImage | None]:
-    """Resolve every input of ``spec`` to a digest, build the image, write the lock."""
+    """Resolve every input of ``spec`` to a digest, build the image, write the lock.
+
+    Inputs are fetched and verified into the content-addressed cache at
+    ``settings.input_cache``, then published by digest as OCI artifacts next to the
+    image (each lock record names its artifact); ``transfer(what)`` may return a
+    ``(done, total)`` callback to follow large transfers (the CLI draws a bar).
+    """
     spec_dir = spec_path.resolve().parent
-    model, datasets = lock_inputs(spec, spec_dir)
+    store = ContentStore(settings.input_cache)
+    locked_inputs = lock_inputs(spec, spec_dir, store, transfer=transfer)
+    for item in locked_inputs:
+        progress(
+            f"{item.field}: {item.locked.kind} {item.locked.digest[:19]}… "
+            f"({_mib(item.locked.size)}, {len(item.acquired.files)} file(s)) verified"
+        )
+    locked_inputs = publish_inputs(
+        locked_inputs, image_repository(spec), store, progress=progress, transfer=transfer
+    )
+    model = locked_inputs[0].locked
+    datasets = [i.locked for i in locked_inputs[1:] if isinstance(i.locked, LockedDataset)]
     commit, dirty = git_source(spec_dir)
     client = None
     built: BuiltImage | None = None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from runner._internal.settings import Settings
 from runner.cli.output import Terminal, emit_json
+from runner.cli.progress import TransferBars
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
@@ -48,13 +49,25 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
 
     spec = load_spec(args.spec)
     t0 = time.monotonic()
-    lock, built = lock_spec(spec, args.spec, settings, progress=term, rebuild=args.rebuild)
+    lock, built = lock_spec(
+        spec,
+        args.spec,
+        settings,
+        progress=term,
+        rebuild=args.rebuild,
+        transfer=TransferBars(quiet=args.json),
+    )
+    inputs = [("model", lock.model), *((f"dataset {d.name}", d) for d in lock.datasets)]
     summary = {
         "lock": str(lock_path_for(args.spec)),
         "lock_digest": lock.digest(),
         "image": lock.image.ref,
         "rootfs_digest": lock.image.rootfs_digest,
         "built": bool(built and not built.skipped),
+        "inputs": [
+            {"input": what, "kind": a.kind, "digest": a.digest, "artifact": a.artifact}
+            for what, a in inputs
+        ],
         "seconds": round(time.monotonic() - t0, 3),
     }
     if args.json:
@@ -64,6 +77,8 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
         print(f"  image  {lock.image.ref}")
         print(f"  rootfs {lock.image.rootfs_digest}")
         print(f"  lock   {lock.digest()}")
+        for what, a in inputs:
+            print(f"  {what}: {a.kind} {a.digest} → {a.artifact}")
     return 0
 
 

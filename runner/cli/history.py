@@ -25,6 +25,7 @@ from runner.cli.common import (
     verifier_for,
 )
 from runner.cli.output import Term, emit_json
+from runner.cli.progress import TransferBars
 
 if TYPE_CHECKING:
     from runner.model.predicate import Predicate
@@ -133,8 +134,15 @@ def _rerun(args: argparse.Namespace, settings: Settings, term: Term, reports: Ci
     with bundle_for(args.ref, settings, args, term) as (bundle, _):
         original = load_original(bundle, verifier)
         term(f"original {original.run_id} verified (keyid {original.keyid[:16]}…)")
+        transfer = TransferBars(quiet=args.json)
         if args.check:
-            inputs = prepare(original, settings, search_dirs=args.inputs or [], progress=term)
+            inputs = prepare(
+                original,
+                settings,
+                search_dirs=args.inputs or [],
+                progress=term,
+                transfer=transfer,
+            )
             located = {f"{w.role} {w.name}": str(path) for w, path in inputs.items()}
             summary = {
                 "original": original.run_id,
@@ -160,6 +168,7 @@ def _rerun(args: argparse.Namespace, settings: Settings, term: Term, reports: Ci
             search_dirs=args.inputs or [],
             tolerance=args.tolerance,
             progress=term,
+            transfer=transfer,
         )
     repro = result.reproduction
     rerun_predicate = result.outcome.predicate

@@ -39,6 +39,7 @@ from runner.cli.common import (
     verifier_for,
 )
 from runner.cli.output import Terminal, configure_logging, emit_json
+from runner.cli.progress import TransferBars
 from runner.errors import EvalrunError, InputError, Interrupted
 
 log = logging.getLogger("evalrun")
@@ -185,7 +186,14 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
     if seeds:
         return _run_set(args, settings, term, seeds, backend, signer, reports)
     outcome = run_evaluation(
-        args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
+        args.spec,
+        backend,
+        signer,
+        settings,
+        rerun=args.rerun,
+        progress=term,
+        reason=args.reason,
+        transfer=TransferBars(quiet=args.json),
     )
     # --pub checks against the key the user trusts; without it, against the signing key itself
     if args.pub:

@@ -17,7 +17,7 @@ from runner.model.spec import parse_digest_ref
 from runner.shared.protocol import INPUTS_MOUNT as INPUTS_MOUNT
 from runner.shared.protocol import PLAN_MOUNT as PLAN_MOUNT
 from runner.shared.protocol import RESULTS_MOUNT as RESULTS_MOUNT
-from runner.shared.protocol import AgentPlan, encode_agent_plan
+from runner.shared.protocol import AgentPlan, AgentPlanInput, encode_agent_plan
 
 SANDBOX_UID = 65532
 
@@ -65,6 +65,25 @@ class PlanInput(BaseModel):
         if self.kind == "directory":
             return self.mount_path
         return f"{self.mount_path}/{self.file_name or self.host_path.name}"
+
+    def agent_input(self) -> AgentPlanInput:
+        """The input as the agent's plan lists it: where it is inside, what it must be.
+
+        A file input keeps the shape plans always had (so plans, and the bundles that
+        hold them, of file inputs do not change); a directory adds its kind and files.
+        """
+        item: AgentPlanInput = {
+            "role": self.role,
+            "name": self.name,
+            "path": self.container_path,
+            "sha256": self.sha256,
+        }
+        if self.kind == "directory":
+            item["kind"] = "directory"
+            item["files"] = [
+                {"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files
+            ]
+        return item
 
 
 class RunPlan(BaseModel):
@@ -118,10 +137,7 @@ class RunPlan(BaseModel):
             "metrics": self.metrics,
             "perturbations": self.perturbations,
             "expect": self.expect,
-            "inputs": [
-                {"role": i.role, "name": i.name, "path": i.container_path, "sha256": i.sha256}
-                for i in self.inputs
-            ],
+            "inputs": [i.agent_input() for i in self.inputs],
         }
 
     def write_agent_plan(self, directory: Path) -> Path:

@@ -169,11 +169,24 @@ class SandboxFacts(Record):
 
 
 class ModelInput(Record):
-    """The locked model file: path relative to the spec, sha256, size."""
+    """The locked model: where it came from, its digest, size and where it is published.
+
+    Runs before directory and remote inputs record only ``path``, ``sha256`` and ``size``
+    (a local file); the full file list of a directory is in the bundle's lock.
+    """
 
     path: Text | None = None
     sha256: Text | None = None
     size: Count | None = None
+    kind: Text | None = None
+    uri: Text | None = None
+    endpoint: Text | None = None
+    artifact: Text | None = None
+
+    @property
+    def origin(self) -> str | None:
+        """The local path or, for a remote input, its URI."""
+        return self.path if self.path is not None else self.uri
 
 
 class DatasetInput(ModelInput):

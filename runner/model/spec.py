@@ -1,23 +1,23 @@
-"""The evaluation spec (``eval.yaml``) and its lock (``eval.lock.json``).
+"""The evaluation spec (``eval.yaml``).
 
-Models are frozen and strict: once you hold an :class:`EvalSpec` or a
-:class:`LockedSpec`, it is well-formed. Loading goes through a YAML loader that
-refuses custom tags, duplicate keys, alias bombs and oversized files.
+Models are frozen and strict: once you hold an :class:`EvalSpec`, it is
+well-formed. Loading goes through a YAML loader that refuses custom tags, duplicate
+keys, alias bombs and oversized files. The lock's models live in
+:mod:`runner.model.lock` (re-exported here for the code that imported them from here).
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
+    AfterValidator,
     Field,
     StrictBool,
     StrictInt,
@@ -28,35 +28,38 @@ from pydantic import (
     model_validator,
 )
 
-from runner.errors import SpecError
+from runner.errors import InputError, SpecError
+from runner.model.base import DIGEST_REF_RE as DIGEST_REF_RE
+from runner.model.base import FrozenModel as _Model
+from runner.model.base import Name, format_errors
+from runner.model.base import Sha256Hex as Sha256Hex
+from runner.model.base import parse_digest_ref as parse_digest_ref
+from runner.model.input_uri import HttpsUri, S3Uri, parse_input_uri
+from runner.model.lock import LOCK_SCHEMA as LOCK_SCHEMA
+from runner.model.lock import LockedArtifact as LockedArtifact
+from runner.model.lock import LockedBase as LockedBase
+from runner.model.lock import LockedDataset as LockedDataset
+from runner.model.lock import LockedFile as LockedFile
+from runner.model.lock import LockedImage as LockedImage
+from runner.model.lock import LockedPreprocessing as LockedPreprocessing
+from runner.model.lock import LockedSource as LockedSource
+from runner.model.lock import LockedSpec as LockedSpec
+from runner.model.lock import LockedWheel as LockedWheel
+from runner.model.lock import Reproducibility as Reproducibility
+from runner.model.lock import load_lock as load_lock
+from runner.model.lock import lock_path_for as lock_path_for
 from runner.shared.metric_catalogue import CATALOGUE, LEGACY, PARAMETERS, definition_problems
 
 API_VERSION = "evalrun/v1"
 MAX_SPEC_BYTES = 256 * 1024
 MAX_ALIASES = 16
-LOCK_SCHEMA = "evalrun/lock/v1"
 
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
-DIGEST_REF_RE = re.compile(
-    r"^(?P<repo>[a-z0-9]+(?:[._:/-][a-z0-9]+)*)@(?P<digest>sha256:[0-9a-f]{64})$"
-)
-
-
-def parse_digest_ref(ref: str) -> tuple[str, str]:
-    """Split ``repo@sha256:…`` into (repo, digest); raise ValueError for anything else."""
-    match = DIGEST_REF_RE.match(ref)
-    if not match:
-        if "@" not in ref:
-            raise ValueError(
-                f"image reference {ref!r} is not pinned by digest; expected repo@sha256:<64 hex>"
-            )
-        raise ValueError(f"image reference {ref!r} is not of the form repo@sha256:<64 hex>")
-    return match["repo"], match["digest"]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+InputDigest = Annotated[
+    str,
+    StringConstraints(pattern=r"^(?:sha256:)?[0-9a-f]{64}$"),
+    AfterValidator(lambda value: value.removeprefix("sha256:")),
+]
+"""A pinned input digest: ``<hex>`` or ``sha256:<hex>`` accepted, recorded as ``<hex>``."""
 
 
 class Metadata(_Model):
@@ -136,8 +139,64 @@ class ImageSpec(_Model):
 
 
 class ArtifactSpec(_Model):
-    uri: str = Field(description="Path relative to the spec file, or file:// URI.")
-    sha256: Sha256Hex = Field(description="Expected sha256 of the file (64 lowercase hex).")
+    """A model (or, as :class:`DatasetSpec`, a dataset) input: where it is, what it must be."""
+
+    uri: str = Field(
+        description="Where the input is: a path relative to the spec file or a file:// URI "
+        "(a file or a directory), https://host/path (a file), s3://bucket/key (an object) or "
+        "s3://bucket/prefix/ (every object under it, as a directory), or "
+        "oci://registry/repo@sha256:… (an input published as an OCI artifact)."
+    )
+    sha256: InputDigest = Field(
+        description="What it must be: a file's sha256, or a directory's evalrun-input-tree/v1 "
+        "digest (64 lowercase hex, optionally prefixed 'sha256:'). `evalrun digest PATH` "
+        "prints it."
+    )
+    ca_file: str | None = Field(
+        default=None,
+        description="https:// inputs (and S3 over https): PEM file of the CAs to trust, "
+        "relative to the spec file (default: $REQUESTS_CA_BUNDLE, $SSL_CERT_FILE, else the "
+        "system store).",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="s3:// inputs: the S3-compatible endpoint, http[s]://host[:port] "
+        "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS). Credentials come from "
+        "the usual places ($AWS_ACCESS_KEY_ID…, $AWS_PROFILE), never from the spec.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_parses(cls, value: str) -> str:
+        try:
+            parse_input_uri(value, field="uri")
+        except InputError as exc:
+            reason = exc.message.removeprefix("uri: ")
+            raise ValueError(f"{reason} (hint: {exc.hint})" if exc.hint else reason) from None
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urllib.parse.urlsplit(value)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+        ):
+            raise ValueError(f"endpoint {value!r} is not http[s]://host[:port] without a path")
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_the_source(self) -> ArtifactSpec:
+        parsed = parse_input_uri(self.uri, field="uri")
+        if self.endpoint is not None and not isinstance(parsed, S3Uri):
+            raise ValueError("'endpoint' applies to s3:// inputs only")
+        if self.ca_file is not None and not isinstance(parsed, HttpsUri | S3Uri):
+            raise ValueError("'ca_file' applies to https:// and s3:// inputs only")
+        return self
 
 
 class DatasetSpec(ArtifactSpec):
@@ -539,138 +598,6 @@ class EvalSpec(_Model):
         return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
 
 
-# --------------------------------------------------------------------------- lock
-
-
-class LockedArtifact(_Model):
-    path: str = Field(description="Resolved path relative to the spec directory.")
-    sha256: Sha256Hex
-    size: int = Field(ge=0)
-
-
-class LockedDataset(LockedArtifact):
-    name: Name
-    split: str
-    license: str
-    source: str
-
-
-class LockedWheel(_Model):
-    name: str
-    version: str
-    filename: str
-    sha256: Sha256Hex
-
-
-class LockedBase(_Model):
-    ref: str = Field(description="repo@sha256 of the base image.")
-    recipe: str | None = None
-    recipe_sha256: Sha256Hex | None = None
-    suite: str | None = Field(default=None, description="Debian suite of the recipe.")
-    mirror: str | None = Field(default=None, description="Debian mirror the recipe used.")
-    source_date_epoch: int | None = Field(
-        default=None, description="SOURCE_DATE_EPOCH of the base."
-    )
-    layer_digest: str | None = Field(
-        default=None,
-        pattern=r"^sha256:[0-9a-f]{64}$",
-        description="Digest of the normalized base layer (uncompressed tar).",
-    )
-    packages: dict[str, str] | None = Field(
-        default=None, description="Debian packages as installed (dpkg status): name → version."
-    )
-
-    @field_validator("ref")
-    @classmethod
-    def _pinned(cls, value: str) -> str:
-        parse_digest_ref(value)
-        return value
-
-
-class Reproducibility(_Model):
-    """The outcome of the last ``evalrun build --check`` of this image."""
-
-    checked_at: str = Field(description="When the rebuild finished (UTC, RFC 3339).")
-    result: Literal["identical", "differs"]
-    rebuilt_ref: str = Field(description="repo@sha256 of the image the rebuild produced.")
-    base_identical: bool = Field(description="The fresh base layer equals the locked one.")
-    from_scratch: bool = Field(description="Base rebuilt with mmdebstrap and no build cache.")
-    differences: int = Field(default=0, ge=0, description="Files + config fields that differ.")
-
-
-class LockedImage(_Model):
-    ref: str = Field(description="repo@sha256 manifest digest of the evaluation image.")
-    rootfs_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    template_sha256: Sha256Hex | None = None
-    context_sha256: Sha256Hex | None = None
-    inputs_digest: Sha256Hex | None = Field(
-        default=None, description="Digest over every build input (base, wheels, template, context)."
-    )
-    built_at: str | None = None
-    assembly: str | None = Field(
-        default=None, description="How evalrun assembled the image (evalrun-oci/v1)."
-    )
-    agent_sha256: Sha256Hex | None = Field(
-        default=None, description="Digest of the in-container agent files copied into the image."
-    )
-    source_date_epoch: int | None = None
-    config_digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
-    layers: list[str] | None = Field(default=None, description="Layer digests (diff ids).")
-    reproducibility: Reproducibility | None = None
-
-    @field_validator("ref")
-    @classmethod
-    def _pinned(cls, value: str) -> str:
-        parse_digest_ref(value)
-        return value
-
-
-class LockedSource(_Model):
-    commit: str | None = Field(description="git commit of the evaluated code, None outside git.")
-    dirty: bool
-    tree_sha256: Sha256Hex = Field(description="Digest of the build context's files.")
-
-
-class LockedPreprocessing(_Model):
-    name: str
-    code: str = Field(description="Path of the step's code, relative to the spec.")
-    code_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    kind: Literal["file", "directory"]
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class LockedSpec(_Model):
-    """``eval.lock.json``: every input of a run resolved to a digest."""
-
-    schema_: Literal["evalrun/lock/v1"] = Field(alias="schema", default="evalrun/lock/v1")
-    spec_name: Name
-    spec_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    base: LockedBase | None
-    wheels: list[LockedWheel]
-    image: LockedImage
-    model: LockedArtifact
-    datasets: list[LockedDataset]
-    source: LockedSource
-    preprocessing: list[LockedPreprocessing] = Field(
-        default_factory=list, description="Declared preprocessing steps and their code digests."
-    )
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    def canonical_json(self) -> bytes:
-        """The inputs that identify a run. Findings about them (the image's
-        reproducibility check, its time of build) are left out: recording a check
-        must not turn the same locked inputs into a different run."""
-        data = self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-        image = data.get("image") or {}
-        for key in ("reproducibility", "built_at"):
-            image.pop(key, None)
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-    def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -740,61 +667,6 @@ def load_yaml_document(path: Path) -> Any:
     return docs[0]
 
 
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """Walk ``loc`` through nested pydantic models; None when it leaves models."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        info = current.model_fields.get(part)
-        if info is None:
-            return None
-        current = info.annotation
-        args = getattr(current, "__args__", ())
-        for arg in (current, *args):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                current = arg
-                break
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _format_errors(model: type[BaseModel], exc: ValidationError) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-        where = where or "(top level)"
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(model, loc[:-1])
-            key = str(loc[-1])
-            msg = f"unknown field {key!r}"
-            if parent is not None:
-                close = difflib.get_close_matches(key, _field_names(parent), n=1, cutoff=0.5)
-                if close:
-                    msg += f"; did you mean {close[0]!r}?"
-                else:
-                    msg += f"; expected one of {sorted(_field_names(parent))}"
-            problems.append((where, msg))
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "required field is missing"
-        elif "input" in err and err["type"] not in ("missing",):
-            found = err["input"]
-            shown = repr(found)
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            msg = f"{msg} (found {type(found).__name__} {shown})"
-        problems.append((where, msg))
-    return problems
-
-
 def parse_spec(data: Any, *, source: str) -> EvalSpec:
     """Validate a loaded document into an :class:`EvalSpec`."""
     if not isinstance(data, dict):
@@ -803,44 +675,13 @@ def parse_spec(data: Any, *, source: str) -> EvalSpec:
         return EvalSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(
-            "invalid evaluation spec", file=source, problems=_format_errors(EvalSpec, exc)
+            "invalid evaluation spec", file=source, problems=format_errors(EvalSpec, exc)
         ) from None
 
 
 def load_spec(path: Path) -> EvalSpec:
     """Load and validate ``eval.yaml``."""
     return parse_spec(load_yaml_document(path), source=str(path))
-
-
-def load_lock(path: Path) -> LockedSpec:
-    """Load and validate ``eval.lock.json``."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(
-            f"lock file not found: {path}",
-            file=str(path),
-            hint="run `evalrun lock SPEC` to resolve every input to a digest",
-        ) from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SpecError(
-            "lock file is not valid JSON",
-            file=str(path),
-            problems=[(f"line {exc.lineno}, column {exc.colno}", exc.msg)],
-        ) from None
-    try:
-        return LockedSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(
-            "invalid lock file", file=str(path), problems=_format_errors(LockedSpec, exc)
-        ) from None
-
-
-def lock_path_for(spec_path: Path) -> Path:
-    """The lock file that belongs next to a spec: ``eval.yaml`` → ``eval.lock.json``."""
-    return spec_path.with_name(spec_path.stem + ".lock.json")
 
 
 def spec_json_schema() -> dict[str, Any]:

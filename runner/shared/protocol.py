@@ -24,7 +24,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, NotRequired, TypedDict, cast
+
+from runner.shared.tarformat import path_structure_reason
 
 # --------------------------------------------------------------------------- paths
 
@@ -57,13 +59,29 @@ FINAL_EXITS = (AgentExit.BAD_PLAN, AgentExit.INTEGRITY, AgentExit.ENVIRONMENT)
 # --------------------------------------------------------------------------- the plan
 
 
+class AgentPlanFile(TypedDict):
+    """One file of a directory input: path relative to the input's root, sha256, size."""
+
+    path: str
+    sha256: str
+    size: int
+
+
 class AgentPlanInput(TypedDict):
-    """One input file as the agent sees it (``path`` inside the container)."""
+    """One input as the agent sees it (``path`` inside the container).
+
+    A ``file`` input (the default; plans from before directories have no ``kind``)
+    is the file at ``path`` with sha256 ``sha256``. A ``directory`` input is the tree
+    at ``path`` holding exactly ``files``; ``sha256`` is its evalrun-input-tree/v1
+    digest (:func:`runner.shared.inputs.tree_digest_of`).
+    """
 
     role: Literal["model", "dataset"]
     name: str
     path: str
     sha256: str
+    kind: NotRequired[Literal["file", "directory"]]
+    files: NotRequired[list[AgentPlanFile]]
 
 
 class AgentPlan(TypedDict):
@@ -110,11 +128,11 @@ def _str(data: dict[str, Any], key: str, where: str = "") -> str:
     return value
 
 
-def _int(data: dict[str, Any], key: str, *, minimum: int) -> int:
+def _int(data: dict[str, Any], key: str, *, minimum: int, where: str = "") -> int:
     value = data.get(key)
     # bool is an int in Python, never in a plan
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise PlanError(key, f"expected an integer >= {minimum}, found {value!r}")
+        raise PlanError(where + key, f"expected an integer >= {minimum}, found {value!r}")
     return value
 
 
@@ -147,12 +165,42 @@ def _plan_input(index: int, item: dict[str, Any]) -> AgentPlanInput:
     sha256 = _str(item, "sha256", where)
     if not _SHA256_HEX.fullmatch(sha256):
         raise PlanError(where + "sha256", "expected 64 lowercase hex characters")
-    return {
+    parsed: AgentPlanInput = {
         "role": cast(Literal["model", "dataset"], role),
         "name": _str(item, "name", where),
         "path": _str(item, "path", where),
         "sha256": sha256,
     }
+    kind = item.get("kind", "file")
+    if kind not in ("file", "directory"):
+        raise PlanError(where + "kind", f"expected 'file' or 'directory', found {kind!r}")
+    if kind == "directory":
+        parsed["kind"] = "directory"
+        parsed["files"] = _plan_files(where, item)
+    return parsed
+
+
+def _plan_files(where: str, item: dict[str, Any]) -> list[AgentPlanFile]:
+    files = item.get("files")
+    if not isinstance(files, list) or not files:
+        raise PlanError(where + "files", "a directory input lists its files (at least one)")
+    out: list[AgentPlanFile] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(files):
+        at = f"{where}files[{index}]."
+        if not isinstance(entry, dict):
+            raise PlanError(at.rstrip("."), f"expected an object, found {_type_name(entry)}")
+        path = _str(entry, "path", at)
+        reason = path_structure_reason(path)
+        if reason or path in seen:
+            raise PlanError(at + "path", reason or f"{path!r} is listed twice")
+        seen.add(path)
+        sha256 = _str(entry, "sha256", at)
+        if not _SHA256_HEX.fullmatch(sha256):
+            raise PlanError(at + "sha256", "expected 64 lowercase hex characters")
+        size = _int(entry, "size", minimum=0, where=at)
+        out.append({"path": path, "sha256": sha256, "size": size})
+    return out
 
 
 def parse_agent_plan(data: object) -> AgentPlan:

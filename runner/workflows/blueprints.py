@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from runner.build.lock import lock_artifact
+from runner.build.lock import check_local_input
 from runner.errors import InputError
 from runner.model.spec import EvalSpec, Metadata, load_spec
 
@@ -241,9 +241,9 @@ def scaffold(blueprint: Blueprint, dest: Path, *, name: str | None = None) -> Sc
             spec_path.write_text(text, encoding="utf-8")
             spec = load_spec(spec_path)
         # Fail here, not at lock time, if a packaged input does not match its pin.
-        lock_artifact(staging, spec.model.uri, spec.model.sha256, "model")
+        check_local_input(staging, spec.model.uri, spec.model.sha256, "model")
         for i, ds in enumerate(spec.datasets):
-            lock_artifact(staging, ds.uri, ds.sha256, f"datasets[{i}] ({ds.name})")
+            check_local_input(staging, ds.uri, ds.sha256, f"datasets[{i}] ({ds.name})")
         _check_destination(dest)
         if dest.is_dir():
             # Fill the existing directory rather than replace it: it may be someone's cwd.

@@ -8,30 +8,27 @@ check the pinned image digest is still in the registry → run the same lock
 again as a new attempt → add to the new, signed predicate a link to the
 original (``reproduction_of``) and a verdict per metric (``reproduction``).
 
-Where inputs are found (first match by sha256 wins):
-
-1. the input cache ``$EVALRUN_HOME/inputs/sha256/<hex>`` (filled by every
-   successful resolution, so a later re-run or audit needs no hints);
-2. each ``--inputs DIR`` (and ``$EVALRUN_INPUTS``, ``:``-separated): first the
-   path the lock names relative to DIR, then its file name in DIR, then any file
-   under DIR with the pinned size (only those are hashed).
+Inputs are found by digest (:class:`~runner.workflows.inputs.InputResolver`): in the
+input cache (``$EVALRUN_CACHE/inputs``), in each ``--inputs DIR`` (and
+``$EVALRUN_INPUTS``, ``:``-separated), else fetched from the OCI artifact the lock says
+each input was published as — so a re-run on an empty machine needs only the registry.
+Every byte is checked against the locked digest before it enters the cache; an input
+altered where it was published is refused before anything starts (exit 3).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from runner._internal.settings import Settings
 from runner.adapters.registry import ImageName, manifest_exists
-from runner.build.image import sha256_file
 from runner.bundle.reader import predicate_of
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import Store, StoreConflict
@@ -39,10 +36,13 @@ from runner.bundle.verify import verify_bundle
 from runner.errors import (
     EvalrunError,
     ImageUnavailable,
+    InfrastructureError,
     InputError,
     InputsUnavailable,
     IntegrityError,
 )
+from runner.model.base import parse_digest_ref
+from runner.model.lock import LockedSpec, load_lock
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend
 from runner.model.predicate import (
@@ -52,12 +52,18 @@ from runner.model.predicate import (
     ReproductionVerdict,
     RunPredicate,
 )
-from runner.model.spec import EvalSpec, LockedSpec, load_lock, load_spec, parse_digest_ref
+from runner.model.spec import EvalSpec, load_spec
 from runner.workflows.diff import MetricDelta, compare_metrics, overall_verdict
+from runner.workflows.inputs import (
+    InputResolver,
+    TransferProgress,
+    UnresolvedInput,
+    WantedInput,
+    wanted_inputs,
+)
 from runner.workflows.run import RunOutcome, run_evaluation
 
 Progress = Callable[[str], None]
-MAX_WALK_FILES = 50_000
 REPRODUCED = ("identical", "within_tolerance", "within_ci")
 # the evaluation's own verdicts; any other outcome is reported with its own exit code
 _EVALUATED_EXITS = frozenset({Outcome.PASSED.exit_code, Outcome.THRESHOLDS_FAILED.exit_code})
@@ -66,35 +72,6 @@ _EVALUATED_EXITS = frozenset({Outcome.PASSED.exit_code, Outcome.THRESHOLDS_FAILE
 def evaluated(outcome: Outcome) -> bool:
     """Whether ``outcome`` is a verdict on the evaluation (exit 0 or 6), not a failure to run."""
     return outcome.exit_code in _EVALUATED_EXITS
-
-
-@dataclass(frozen=True)
-class WantedInput:
-    role: str
-    name: str
-    path: str
-    sha256: str
-    size: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.role} {self.name} ({self.path}, sha256:{self.sha256[:12]}…)"
-
-
-@dataclass(frozen=True)
-class UnresolvedInput:
-    wanted: WantedInput
-    reason: str
-
-    def as_dict(self) -> dict[str, str]:
-        """What an audit records about the input (role, name, path, sha256, reason)."""
-        return {
-            "role": self.wanted.role,
-            "name": self.wanted.name,
-            "path": self.wanted.path,
-            "sha256": self.wanted.sha256,
-            "reason": self.reason,
-        }
 
 
 @dataclass(frozen=True)
@@ -170,118 +147,19 @@ def load_original(bundle: Path, verifier: Verifier) -> Original:
     )
 
 
-def wanted_inputs(lock: LockedSpec) -> list[WantedInput]:
-    items = [WantedInput("model", "model", lock.model.path, lock.model.sha256, lock.model.size)]
-    items += [WantedInput("dataset", d.name, d.path, d.sha256, d.size) for d in lock.datasets]
-    return items
-
-
 def search_dirs_from_env() -> list[Path]:
     """``$EVALRUN_INPUTS``: extra input directories, ``:``-separated."""
     value = os.environ.get("EVALRUN_INPUTS", "")
     return [Path(p).expanduser() for p in value.split(":") if p]
 
 
-class InputResolver:
-    """Finds files by sha256 in the input cache and the given directories."""
-
-    def __init__(self, settings: Settings, search_dirs: Sequence[Path] = ()) -> None:
-        self.cache_dir = settings.home / "inputs" / "sha256"
-        self.search_dirs = [Path(d) for d in search_dirs]
-        self._hashes: dict[tuple[Path, int, int], str] = {}
-
-    def _sha(self, path: Path) -> str:
-        st = path.stat()
-        key = (path.resolve(), st.st_size, st.st_mtime_ns)
-        if key not in self._hashes:
-            self._hashes[key] = sha256_file(path)
-        return self._hashes[key]
-
-    def _candidates(self, want: WantedInput) -> Iterator[Path]:
-        yield self.cache_dir / want.sha256
-        rel = PurePosixPath(want.path)
-        for base in self.search_dirs:
-            if ".." not in rel.parts and not rel.is_absolute():
-                yield base / rel
-            yield base / rel.name
-        for base in self.search_dirs:
-            yield from self._walk_by_size(base, want.size)
-
-    @staticmethod
-    def _walk_by_size(base: Path, size: int) -> Iterator[Path]:
-        seen = 0
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                seen += 1
-                if seen > MAX_WALK_FILES:
-                    return
-                path = Path(dirpath) / name
-                with contextlib.suppress(OSError):
-                    if not path.is_symlink() and path.stat().st_size == size:
-                        yield path
-
-    def resolve(self, want: WantedInput) -> Path | UnresolvedInput:
-        """A regular file whose sha256 is the pinned one, or why there is none."""
-        mismatches: list[str] = []
-        tried: set[Path] = set()
-        for path in self._candidates(want):
-            if path in tried:
-                continue
-            tried.add(path)
-            try:
-                if not path.is_file():
-                    continue
-                found = self._sha(path)
-            except OSError:
-                continue
-            if found == want.sha256:
-                return path
-            if path.name == PurePosixPath(want.path).name:
-                mismatches.append(f"{path} has sha256:{found[:12]}… (changed)")
-        if mismatches:
-            reason = "; ".join(mismatches[:3])
-        else:
-            where = ", ".join(str(d) for d in self.search_dirs) or "no --inputs given"
-            reason = f"not found (input cache, {where})"
-        return UnresolvedInput(want, reason)
-
-    def remember(self, path: Path, sha256: str) -> Path:
-        """Copy a resolved file into the input cache (read-only, by sha256); return it.
-
-        A copy, not a link: an edit of the user's file in place must not change
-        the cached bytes.
-        """
-        target = self.cache_dir / sha256
-        if target.is_file():
-            return target
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".in-", dir=self.cache_dir)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            shutil.copyfile(path, tmp)
-            if sha256_file(tmp) != sha256:
-                raise IntegrityError("input changed while it was cached", path=str(path))
-            tmp.chmod(0o444)
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return target
-
-
-def _place(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, dest)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
-            raise
-        shutil.copyfile(source, dest)
-
-
 def resolve_inputs(original: Original, resolver: InputResolver) -> dict[WantedInput, Path]:
-    """Every input of ``original`` by sha256, or InputsUnavailable listing all that are not."""
+    """Every input of ``original`` in the cache, or an error listing all that are not.
+
+    InputsUnavailable (exit 3) lists each input no source delivered, and why (an input
+    altered where it was published included); when every one of them failed only
+    because a source stayed unreachable, InfrastructureError (exit 5) instead.
+    """
     found: dict[WantedInput, Path] = {}
     missing: list[UnresolvedInput] = []
     for want in wanted_inputs(original.lock):
@@ -291,10 +169,15 @@ def resolve_inputs(original: Original, resolver: InputResolver) -> dict[WantedIn
         else:
             found[want] = result
     if missing:
+        if all(isinstance(m.error, InfrastructureError) for m in missing) and not any(
+            isinstance(m.error, IntegrityError) for m in missing
+        ):
+            raise InfrastructureError(
+                f"cannot re-run {original.run_id}: "
+                + "; ".join(f"{m.wanted.what}: {m.reason}" for m in missing),
+                hint="the registry holding the inputs is unreachable; try again when it is up",
+            )
         raise InputsUnavailable(original.run_id, missing)
-    for want, path in list(found.items()):
-        with contextlib.suppress(OSError):
-            found[want] = resolver.remember(path, want.sha256)
     return found
 
 
@@ -310,35 +193,23 @@ def check_image_available(lock: LockedSpec) -> None:
 
 
 @contextlib.contextmanager
-def workspace(
-    original: Original, inputs: Mapping[WantedInput, Path], store: Store
-) -> Iterator[Path]:
-    """A scratch spec directory: the original spec and lock, inputs at their locked paths.
+def workspace(original: Original, store: Store) -> Iterator[Path]:
+    """A scratch spec directory holding the original spec, lock and preprocessing code.
 
-    Yields the spec path. Lock paths that climb out of the spec dir (``../x``)
-    get enough directory levels above the spec to stay inside the workspace.
+    Yields the spec path. The inputs are not placed there: the run finds them by digest
+    in the input cache, where :func:`prepare` put them.
     """
-    depth = max(
-        (sum(1 for p in PurePosixPath(w.path).parts if p == "..") for w in inputs), default=0
-    )
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="rerun-", dir=store.tmp_dir))
     try:
-        spec_dir = root.joinpath(*[f"d{i}" for i in range(depth)]) if depth else root
-        spec_dir.mkdir(parents=True, exist_ok=True)
-        for want, source in inputs.items():
-            dest = (spec_dir / want.path).resolve()
-            if not dest.is_relative_to(root.resolve()):
-                raise InputError(f"lock path escapes the workspace: {want.path!r}")
-            _place(source, dest)
-        (spec_dir / "eval.yaml").write_bytes(original.spec_bytes)
-        (spec_dir / "eval.lock.json").write_bytes(original.lock_bytes)
+        (root / "eval.yaml").write_bytes(original.spec_bytes)
+        (root / "eval.lock.json").write_bytes(original.lock_bytes)
         # Preprocessing code travels in the bundle (signed); put it back where the spec
         # names it. The lock's code digests are checked again before the run starts.
         carried = original.path / "preprocessing"
         if carried.is_dir():
-            shutil.copytree(carried, spec_dir, dirs_exist_ok=True)
-        yield spec_dir / "eval.yaml"
+            shutil.copytree(carried, root, dirs_exist_ok=True)
+        yield root / "eval.yaml"
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -418,14 +289,22 @@ def prepare(
     *,
     search_dirs: Sequence[Path] = (),
     progress: Progress = lambda _: None,
+    transfer: TransferProgress | None = None,
 ) -> dict[WantedInput, Path]:
-    """Everything a re-run needs, checked: each input by sha256, the image in its registry.
+    """Everything a re-run needs, checked: each input by digest, the image in its registry.
 
-    Raises InputsUnavailable or ImageUnavailable (exit 3); starts nothing.
+    Inputs not cached are fetched by digest (``transfer`` follows the bytes). Raises
+    InputsUnavailable or ImageUnavailable (exit 3), or InfrastructureError (exit 5)
+    when the registry stays unreachable; starts nothing.
     """
     for note in original.notes:
         progress(f"note: {note}")
-    resolver = InputResolver(settings, [*search_dirs, *search_dirs_from_env()])
+    resolver = InputResolver(
+        settings,
+        [*search_dirs, *search_dirs_from_env()],
+        progress=progress,
+        transfer=transfer,
+    )
     inputs = resolve_inputs(original, resolver)
     progress(f"all {len(inputs)} inputs resolved to their pinned digests")
     check_image_available(original.lock)
@@ -442,10 +321,11 @@ def rerun(
     search_dirs: Sequence[Path] = (),
     tolerance: float | None = None,
     progress: Progress = lambda _: None,
+    transfer: TransferProgress | None = None,
 ) -> RerunResult:
     """Re-run a verified original run; the new bundle is signed and stored."""
     store = Store(settings.home)
-    inputs = prepare(original, settings, search_dirs=search_dirs, progress=progress)
+    prepare(original, settings, search_dirs=search_dirs, progress=progress, transfer=transfer)
     # the original must be in the store, so the new attempt gets a new run id
     if not store.bundle_path(original.digest).is_dir():
         progress(f"importing the original bundle {original.digest[:19]}… into the store")
@@ -471,7 +351,7 @@ def rerun(
             update={"reproduction_of": reproduction_of, "reproduction": repro.record(tolerance)}
         )
 
-    with workspace(original, inputs, store) as spec_path:
+    with workspace(original, store) as spec_path:
         outcome = run_evaluation(
             spec_path, backend, signer, settings, rerun=True, progress=progress, annotate=annotate
         )
@@ -513,6 +393,8 @@ __all__ = [
     "Original",
     "Reproduction",
     "RerunResult",
+    "UnresolvedInput",
+    "WantedInput",
     "evaluated",
     "failure_category",
     "judge_reproduction",
@@ -520,4 +402,5 @@ __all__ = [
     "prepare",
     "rerun",
     "resolve_inputs",
+    "wanted_inputs",
 ]

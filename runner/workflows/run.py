@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
+from runner.adapters.sources import SourceOptions
 from runner.backends.collect import collect_results, recompute_available, recompute_metrics
-from runner.build.image import image_reproducibility, sha256_file
+from runner.build.image import image_reproducibility
+from runner.build.lock import source_options
 from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.build import build_bundle
 from runner.bundle.reader import expect_kind, read_predicate
@@ -41,6 +43,7 @@ from runner.errors import (
     IntegrityError,
     SpecError,
 )
+from runner.model.lock import LockedSpec, load_lock, lock_path_for
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, BackendResult, PlanInput, RunPlan
 from runner.model.predicate import (
@@ -60,10 +63,11 @@ from runner.model.predicate import (
     Timestamps,
     json_at,
 )
-from runner.model.spec import EvalSpec, LockedSpec, load_lock, load_spec, lock_path_for
+from runner.model.spec import EvalSpec, load_spec
 from runner.render.markdown import render_markdown
 from runner.shared.metrics import is_gating
 from runner.workflows.compare import check_group_definitions
+from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
 from runner.workflows.judge import (
     INTERRUPTED,
     ContainerReport,
@@ -158,33 +162,35 @@ def load_locked(spec_path: Path) -> tuple[EvalSpec, LockedSpec]:
     return spec, lock
 
 
-def _check_inputs_on_host(spec_dir: Path, lock: LockedSpec) -> list[PlanInput]:
-    """Re-hash model and datasets now; a changed file stops the run before any container."""
-    inputs = []
-    items: list[tuple[str, str, str, str]] = [
-        ("model", "model", lock.model.path, lock.model.sha256)
-    ]
-    items += [("dataset", d.name, d.path, d.sha256) for d in lock.datasets]
-    for role, name, rel, expected in items:
-        path = (spec_dir / rel).resolve()
-        found = sha256_file(path) if path.is_file() else "missing (file not found)"
-        if found != expected:
-            raise DigestMismatch(
-                f"{role} {name}",
-                expected=expected,
-                found=found,
-                path=str(path),
-                hint="the input changed since it was locked; restore it or re-lock deliberately",
-            )
-        inputs.append(
-            PlanInput(
-                role=role,
-                name=name,
-                host_path=path,
-                sha256=found,
-            )
-        )
-    return inputs
+def _check_inputs_on_host(
+    spec_dir: Path,
+    lock: LockedSpec,
+    settings: Settings,
+    *,
+    spec: EvalSpec | None = None,
+    progress: Progress = lambda _: None,
+    transfer: TransferProgress | None = None,
+) -> list[PlanInput]:
+    """Every input verified in the cache before any container: local ones re-hashed now.
+
+    A local input edited since the lock stops the run (exit 3); one that is gone, or a
+    remote one not cached here, is fetched by digest from where the lock says it was
+    published (see :mod:`runner.workflows.inputs`).
+    """
+    by_name = {"model": spec.model} if spec else {}
+    if spec:
+        by_name |= {f"dataset {d.name}": d for d in spec.datasets}
+
+    def options(want: WantedInput) -> SourceOptions:
+        declared = by_name.get(want.what)
+        if declared is None:
+            return SourceOptions(s3_endpoint=want.locked.endpoint)
+        return source_options(declared, spec_dir)
+
+    resolver = InputResolver(
+        settings, spec_dir=spec_dir, options=options, progress=progress, transfer=transfer
+    )
+    return host_inputs(lock, resolver)
 
 
 def _carry_preprocessing(spec: EvalSpec, spec_dir: Path, dest: Path) -> None:
@@ -275,6 +281,7 @@ def run_evaluation(
     annotate: Annotate | None = None,
     reason: str | None = None,
     environ: Mapping[str, str] | None = None,
+    transfer: TransferProgress | None = None,
 ) -> RunOutcome:
     """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
 
@@ -283,7 +290,8 @@ def run_evaluation(
     not replace or drop existing keys: ValueError). ``reason`` is the launcher's
     rationale (``--reason``); it wins over the spec's ``metadata.rationale`` and both
     are recorded in the predicate's ``provenance``, with the launcher's identity read
-    from ``environ`` (default: the process environment).
+    from ``environ`` (default: the process environment). ``transfer(what)`` may return
+    a ``(done, total)`` callback to follow an input fetched by digest (the CLI's bar).
     """
     spec, lock = load_locked(spec_path)
     store = Store(settings.home)
@@ -328,7 +336,9 @@ def run_evaluation(
         report = ContainerReport()
         judgement: Judgement
         try:
-            inputs = _check_inputs_on_host(spec_dir, lock)
+            inputs = _check_inputs_on_host(
+                spec_dir, lock, settings, spec=spec, progress=progress, transfer=transfer
+            )
             _check_preprocessing(steps, lock)
             journal.emit("inputs_verified", count=len(inputs))
             plan = make_plan(spec, lock, inputs, attempt)
@@ -373,7 +383,7 @@ def run_evaluation(
             report = agent_report  # recorded only once judged, as it always was
         except KeyboardInterrupt:
             judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
-        except DigestMismatch as exc:
+        except IntegrityError as exc:
             judgement = Judgement(Outcome.INTEGRITY_FAILURE, _one_line(exc))
         except EnvironmentMismatch as exc:
             judgement = Judgement(Outcome.ENVIRONMENT_MISMATCH, _one_line(exc))
@@ -503,10 +513,8 @@ def build_run_predicate(
             network=spec.sandbox.network,
             details=_plain_json(result.details) if result else {},
         ),
-        model=ModelInput.model_validate(lock.model.model_dump(mode="json")),
-        datasets=tuple(
-            DatasetInput.model_validate(d.model_dump(mode="json")) for d in lock.datasets
-        ),
+        model=ModelInput.model_validate(lock.model.record()),
+        datasets=tuple(DatasetInput.model_validate(d.record()) for d in lock.datasets),
         source=SourceFacts.model_validate(lock.source.model_dump(mode="json")),
         image_reproducibility=ImageReproducibility.model_validate(image_reproducibility(lock)),
         provenance=launched,

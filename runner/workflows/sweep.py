@@ -13,19 +13,23 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
 import yaml
 
+from runner._internal.cas import ContentStore
 from runner._internal.settings import Settings
-from runner.build.lock import lock_inputs, write_lock
+from runner.build.lock import LockedInput, lock_inputs, publish_inputs, write_lock
 from runner.bundle.signing import Signer
 from runner.errors import EvalrunError, InputError
+from runner.model.base import parse_digest_ref
+from runner.model.input_uri import LocalUri, parse_input_uri
+from runner.model.lock import LockedSpec, lock_path_for
 from runner.model.outcome import worst_exit_code
 from runner.model.plan import Backend
-from runner.model.spec import LockedSpec, load_yaml_document, lock_path_for, parse_spec
+from runner.model.spec import EvalSpec, load_yaml_document, parse_spec
 from runner.workflows.run import RunOutcome, load_locked, run_evaluation
 
 Progress = Callable[[str], None]
@@ -84,7 +88,31 @@ def load_matrix(path: Path) -> list[Cell]:
     return cells
 
 
-def _derive(spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path) -> Path:
+def _cell_inputs(
+    spec: EvalSpec, cell_dir: Path, base_lock: LockedSpec, store: ContentStore
+) -> list[LockedInput]:
+    """The cell's inputs, locked; published where the base's are (artifacts reused by digest)."""
+    inputs = lock_inputs(spec, cell_dir, store)
+    base = [base_lock.model, *base_lock.datasets]
+    known = {(a.kind, a.sha256): a.artifact for a in base if a.artifact}
+    if not known:
+        return inputs  # the base lock publishes nothing (locked before inputs were)
+    carried = []
+    for item in inputs:
+        artifact = known.get((item.locked.kind, item.locked.sha256))
+        if artifact is None:
+            repository = parse_digest_ref(base_lock.image.ref)[0]
+            item = publish_inputs([item], repository, store)[0]
+        else:
+            record = item.locked.model_dump(mode="json") | {"artifact": artifact}
+            item = replace(item, locked=type(item.locked).model_validate(record))
+        carried.append(item)
+    return carried
+
+
+def _derive(
+    spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path, store: ContentStore
+) -> Path:
     """Write the cell's spec and lock: the base image by digest, the cell's inputs."""
     spec_dir = spec_path.resolve().parent
     data = yaml.safe_load(spec_path.read_text())
@@ -103,8 +131,11 @@ def _derive(spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path) -> P
         else:
             data[key] = value
     for artifact in [data["model"], *data["datasets"]]:
-        uri = str(artifact["uri"]).removeprefix("file://")
-        artifact["uri"] = str((spec_dir / uri).resolve())
+        parsed = parse_input_uri(str(artifact["uri"]), field="uri")
+        if isinstance(parsed, LocalUri):
+            artifact["uri"] = str(parsed.resolve(spec_dir))
+        if artifact.get("ca_file"):
+            artifact["ca_file"] = str((spec_dir / str(artifact["ca_file"])).resolve())
     cell_dir = root / f"cell-{cell.index:04d}"
     cell_dir.mkdir(parents=True, exist_ok=True)
     for step in data.get("preprocessing") or []:
@@ -118,9 +149,13 @@ def _derive(spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path) -> P
     cell_spec = cell_dir / "eval.yaml"
     cell_spec.write_text(yaml.safe_dump(data, sort_keys=False))
     spec = parse_spec(data, source=f"{cell_spec} (sweep cell {cell.index})")
-    model, datasets = lock_inputs(spec, cell_dir)
+    inputs = _cell_inputs(spec, cell_dir, base_lock, store)
     lock = base_lock.model_copy(
-        update={"spec_digest": spec.digest(), "model": model, "datasets": datasets}
+        update={
+            "spec_digest": spec.digest(),
+            "model": inputs[0].locked,
+            "datasets": [i.locked for i in inputs[1:]],
+        }
     )
     write_lock(LockedSpec.model_validate(lock.model_dump(by_alias=True)), lock_path_for(cell_spec))
     return cell_spec
@@ -152,7 +187,8 @@ def run_sweep(
     """Run every cell (at most ``parallel`` at once); one bundle per cell."""
     _, base_lock = load_locked(spec_path)
     root = settings.home / "sweeps" / base_lock.digest().removeprefix("sha256:")[:16]
-    specs = [(cell, _derive(spec_path, base_lock, cell, root)) for cell in matrix]
+    store = ContentStore(settings.input_cache)
+    specs = [(cell, _derive(spec_path, base_lock, cell, root, store)) for cell in matrix]
     results: list[CellResult] = []
     done = 0
     lock = threading.Lock()

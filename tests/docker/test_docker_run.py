@@ -103,12 +103,21 @@ def test_wrong_checksum_dataset_stops_before_any_container(vcli, variant):
     assert _containers_for(out["run_id"]) == []
 
 
-def test_missing_model_is_an_integrity_failure(vcli, variant):
+def test_changed_model_is_an_integrity_failure_and_a_missing_one_comes_by_digest(
+    vcli, variant
+):
     spec = variant()
-    (spec.parent / "model" / "weights.json").unlink()
+    weights = spec.parent / "model" / "weights.json"
+    weights.write_text(weights.read_text().replace("0", "1", 1))
     code, out = vcli.json("run", str(spec))
     assert code == 3
     assert "model" in predicate_of(Path(out["bundle"]))["reason"]
+    # an input gone from the spec's directory is not a different input: the run takes
+    # the locked bytes from the cache (or the registry), by digest
+    other = variant(seed=4321)
+    (other.parent / "model" / "weights.json").unlink()
+    code, out = vcli.json("run", str(other))
+    assert code == 0, out
 
 
 def test_evaluation_crash_is_sealed_with_the_reason(vcli, variant):
@@ -243,10 +252,15 @@ def test_ctrl_c_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant)
     proc = subprocess.Popen([*EVALRUN, "run", str(spec), "--json"], cwd=ROOT, env=vcli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = docker.from_env()
+    # this run's own container: other sessions on the same engine run digits-logreg too
+    from runner.model.lock import load_lock
+
+    lock_digest = load_lock(spec.with_name("eval.lock.json")).digest()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        running = client.containers.list(filters={"label": "org.evalrun.spec=digits-logreg",
-                                                  "status": "running"})
+        running = client.containers.list(
+            filters={"label": f"org.evalrun.lock-digest={lock_digest}", "status": "running"}
+        )
         if running:
             break
         time.sleep(0.2)

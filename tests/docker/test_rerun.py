@@ -47,10 +47,10 @@ def test_rerun_by_run_id_is_identical_and_linked(cli, locked_example, original, 
     linked = [r for r in listed if r["reproduction_of"] == original["run_id"]]
     assert out["run_id"] in {r["run_id"] for r in linked}
 
-    # the inputs are now cached by sha256: a re-run needs no --inputs any more
+    # the inputs are in the content cache by digest: a re-run needs no --inputs
     code, ready = cli.json("rerun", original["run_id"], "--check")
     assert code == 0 and ready["ready"] is True, ready
-    assert all("/inputs/sha256/" in path for path in ready["inputs"].values())
+    assert all("/inputs/blobs/sha256/" in path for path in ready["inputs"].values())
     code, again = cli.json("rerun", out["bundle_digest"].split(":")[1][:16])
     assert code == 0 and again["verdict"] == "identical", again
 
@@ -62,24 +62,25 @@ def test_rerun_by_run_id_is_identical_and_linked(cli, locked_example, original, 
     assert "Reproduction" in a.read_text() and "<script" not in a.read_text()
 
 
-def test_rerun_with_changed_dataset_is_refused_before_any_container(
+def test_rerun_never_uses_a_changed_copy_and_fetches_the_locked_bytes_instead(
     cli, locked_example, original, tmp_path
 ):
     changed = tmp_path / "digits"
     shutil.copytree(locked_example, changed)
     data = changed / "data" / "digits_test.jsonl"
     data.write_text(data.read_text().replace('"label": 4', '"label": 5', 1) + "\n")
-    empty = fresh_cli(tmp_path)  # nothing cached: only --inputs can resolve them
-    t0 = time.monotonic()
-    proc = empty("rerun", original["bundle"], "--inputs", str(changed), "--pub", str(cli.pub))
-    assert proc.returncode == 3, proc.stderr
-    assert time.monotonic() - t0 < 20
-    assert "dataset digits-test" in proc.stderr and "(changed)" in proc.stderr
-    assert "model" not in proc.stderr.split("hint:")[0].split("\n", 1)[1]  # only the dataset
-    code, listed = empty.json("runs", "ls")
-    assert listed == []  # nothing was started, nothing was imported
-    bundles = empty.home / "bundles"
-    assert not bundles.exists() or not any(bundles.iterdir())
+    home, cache = tmp_path / "empty-home", tmp_path / "empty-cache"
+    empty = Cli(home=home, env={**os.environ, "EVALRUN_HOME": str(home), "EVALRUN_CACHE": str(cache)})
+    # nothing cached, the --inputs copy is changed: the published artifact has the bytes
+    code, out = empty.json(
+        "rerun", original["bundle"], "--inputs", str(changed), "--pub", str(cli.pub)
+    )
+    assert code == 0 and out["verdict"] == "identical", out
+    cached = cache / "inputs" / "blobs" / "sha256"
+    locked = json.loads((locked_example / "eval.lock.json").read_text())
+    assert (cached / locked["datasets"][0]["sha256"]).read_bytes() == (
+        locked_example / "data" / "digits_test.jsonl"
+    ).read_bytes()
 
 
 def test_push_pull_and_rerun_from_registry_on_an_empty_store(
@@ -157,11 +158,22 @@ def test_diff_of_two_runs_with_different_seeds(three_runs):
     assert "seeds.seed: 1 → 2" in text and "delta" in text
 
 
-def test_audit_reports_exactly_the_run_whose_artifact_was_deleted(three_runs):
+def test_audit_reports_exactly_the_run_whose_artifact_was_deleted(three_runs, tmp_path):
     home, specs, outs = three_runs
     (specs[2].parent / "data" / "subset.jsonl").unlink()
+    # the input's published artifact is deleted too, and this machine caches nothing
+    lock = json.loads((specs[2].parent / "eval.lock.json").read_text())
+    repo, digest = lock["datasets"][0]["artifact"].split("@")
+    host, name = repo.split("/", 1)
+    deleted = urllib.request.urlopen(  # noqa: S310
+        urllib.request.Request(f"http://{host}/v2/{name}/manifests/{digest}", method="DELETE")
+    )
+    assert deleted.status == 202
     dirs = [arg for spec in specs for arg in ("--inputs", str(spec.parent))]
-    code, report = home.json("audit", "--sample", "3", "--seed", "7", *dirs)
+    code, report = home.json(
+        "audit", "--sample", "3", "--seed", "7", *dirs,
+        env={"EVALRUN_CACHE": str(tmp_path / "empty-cache")},
+    )
     assert code == 3, report
     assert report["audited"] == 3 and report["failed"] == 1
     failed = [r for r in report["runs"] if not r["reproduced"]]

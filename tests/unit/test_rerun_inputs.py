@@ -11,11 +11,13 @@ import pytest
 
 from runner.bundle.build import build_bundle
 from runner.errors import IntegrityError, VerificationFailed
+from runner.workflows.inputs import host_inputs
 from runner.workflows.rerun import (
     InputResolver,
     InputsUnavailable,
     load_original,
     resolve_inputs,
+    wanted_inputs,
     workspace,
 )
 from runner._internal.settings import Settings
@@ -84,7 +86,7 @@ def test_inputs_resolve_by_sha256_and_are_cached(env) -> None:
     (flat / "noise.bin").write_bytes(b"x" * 100)
     found = resolve_inputs(original, InputResolver(settings, [flat]))
     assert {w.name for w in found} == {"model", "digits-test"}
-    cache = settings.home / "inputs" / "sha256"
+    cache = settings.input_cache / "blobs" / "sha256"
     for want, path in found.items():
         assert path == cache / want.sha256
         assert hashlib.sha256(path.read_bytes()).hexdigest() == want.sha256
@@ -110,22 +112,37 @@ def test_changed_and_missing_inputs_are_listed_together(env) -> None:
     assert reasons["model"].startswith("not found")
     text = err.diagnostics()
     assert "dataset digits-test (data/digits_test.jsonl" in text and "model model" in text
-    assert not (settings.home / "inputs").exists()  # nothing cached from a refused re-run
+    blobs = settings.input_cache / "blobs" / "sha256"
+    assert not blobs.exists() or not any(blobs.iterdir())  # nothing cached from a refusal
 
 
-def test_workspace_places_inputs_at_their_locked_paths(env) -> None:
+def test_workspace_holds_spec_and_lock_and_the_run_finds_inputs_by_digest(env) -> None:
     settings, verifier, store, stored, tmp = env
     original = load_original(stored.path, verifier)
     found = resolve_inputs(original, InputResolver(settings, [EXAMPLE]))
-    with workspace(original, found, store) as spec_path:
+    with workspace(original, store) as spec_path:
         root = spec_path.parent
         assert spec_path.read_bytes() == (EXAMPLE / "eval.yaml").read_bytes()
         assert (root / "eval.lock.json").is_file()
-        for want in found:
-            placed = root / want.path
-            assert hashlib.sha256(placed.read_bytes()).hexdigest() == want.sha256
-            assert placed.name == Path(want.path).name  # same name inside the container
+        # the inputs are not copied: the run takes them from the cache, by digest
+        plan_inputs = host_inputs(original.lock, InputResolver(settings, spec_dir=root))
+        assert [i.host_path for i in plan_inputs] == list(found.values())
+        assert [i.container_path for i in plan_inputs] == [
+            "/evalrun/inputs/model/weights.json",
+            "/evalrun/inputs/data/digits-test/digits_test.jsonl",
+        ]
     assert not root.exists()
+
+
+def test_legacy_input_cache_is_still_read(env) -> None:
+    settings, verifier, store, stored, tmp = env
+    original = load_original(stored.path, verifier)
+    legacy = settings.home / "inputs" / "sha256"
+    legacy.mkdir(parents=True)
+    for want in wanted_inputs(original.lock):
+        shutil.copy(EXAMPLE / want.path, legacy / want.sha256)
+    found = resolve_inputs(original, InputResolver(settings, []))
+    assert all(p.is_relative_to(settings.input_cache) for p in found.values())
 
 
 def test_lock_from_an_older_spec_model_is_repinned_with_a_note(env) -> None:
