@@ -382,6 +382,9 @@ class MetricSpec(_Model):
         written exactly as before the catalogue (plans, signed metric definitions).
         """
         data = self.model_dump(mode="json")
+        if data["fields"] is not None:
+            # a field left at its default is not named (the signed definition lists renames only)
+            data["fields"] = {k: v for k, v in data["fields"].items() if v is not None} or None
         for key in ("fields", *PARAMETERS):
             if data[key] is None or (key == "confusion_matrix" and data[key] is False):
                 del data[key]

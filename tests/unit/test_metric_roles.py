@@ -134,3 +134,15 @@ def test_terminal_table_and_report_show_roles_and_promotions():
     assert "| metric | role | value |" in md
     assert "| f1 | supplementary |" in md
     assert "promoted to gating: ece — calibration is a release criterion" in md
+
+
+def test_a_partial_field_rename_signs_only_the_renamed_fields():
+    from runner.model.predicate import MetricDefinition
+    from runner.model.spec import MetricSpec
+
+    spec = MetricSpec.model_validate(
+        {"name": "auc", "compute": "roc_auc", "positive": 1, "fields": {"score": "p1"}}
+    )
+    definition = spec.definition()
+    assert definition["fields"] == {"score": "p1"}
+    assert MetricDefinition.model_validate(definition | {"gating": True}).fields == {"score": "p1"}
