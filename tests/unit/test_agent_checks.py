@@ -69,7 +69,8 @@ def test_agent_package_imports_nothing_from_runner_outside_agent_and_metrics():
                          check=True, cwd=ROOT).stdout
     mods = json.loads(out.replace("'", '"'))
     assert set(mods) <= {"runner", "runner.agent", "runner.agent.__main__",
-                         "runner.agent.capture", "runner.agent.rootfs", "runner.shared",
+                         "runner.agent.capture", "runner.agent.hold", "runner.agent.rootfs",
+                         "runner.shared",
                          "runner.shared.metrics", "runner.shared.protocol",
                          "runner.shared.tarformat"}
 
