@@ -23,7 +23,7 @@ from runner._internal.settings import Settings
 from runner.cli import blueprints as cli_blueprints
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
-from runner.cli.common import add_backend_args, backend_for, signer_for
+from runner.cli.common import add_backend_args, backend_for, live_printer, signer_for
 from runner.errors import EvalrunError, Interrupted
 
 log = logging.getLogger("evalrun")
@@ -254,7 +254,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     from runner.render.markdown import metric_table
     from runner.workflows.run import run_evaluation
 
-    backend = backend_for(args)
+    backend = backend_for(args, output=live_printer(term))
     signer = signer_for(args, settings, term)
     from runner.model.spec import load_spec
 
