@@ -1,0 +1,195 @@
+"""The Kubernetes data plane on the real cluster: inputs by image volume, results by exec.
+
+Under gVisor, in a restricted namespace: the inputs arrive as image volumes pulled by
+digest (the agent verifies every file before the evaluation), ≥ 20 MiB of results leave
+through the API server's exec stream while the agent holds the pod, the bundle verifies;
+a runner killed in the middle of a collection is replaced by a second `evalrun run` of
+the same spec, which collects from the held pod; the pod reaches nothing on the network;
+the ConfigMap goes with its Job. Data stays small (tens of MiB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from input_artifacts import publish_input
+from kubernetes import client
+
+# the locked digits example (its image built once), and the spec variant helper
+from k8s.test_backend_kubernetes import _evalrun, _variant, k8s_example  # noqa: F401
+from runner.backends.manifests import job_name
+from runner.model.spec import load_lock
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).resolve().parent / "data_plane_driver.py"
+RESTRICTED = [{"pod-security": "restricted"}]
+BLOB_MIB = 24
+SHAPE = os.environ.get("EVALRUN_INPUT_SHAPE", "artifact")
+
+# The evaluation: a live line on each stream, BLOB_MIB of seeded bytes in the results, a try
+# at the network, then the digits evaluation itself.
+EVALUATE = r"""
+import json, os, random, runpy, socket, sys
+out = os.path.dirname(os.environ["EVALRUN_OUTPUT"])
+params = json.loads(os.environ["EVALRUN_PARAMS"])
+print("data-plane: live on stdout", flush=True)
+print("data-plane: live on stderr", file=sys.stderr, flush=True)
+rng = random.Random(params["blob_seed"])
+with open(os.path.join(out, "blob.bin"), "wb") as f:
+    for _ in range(params["blob_mib"]):
+        f.write(rng.randbytes(1 << 20))
+reached = {}
+for target in params["targets"]:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        reached[target] = "connected"
+    except OSError as exc:
+        reached[target] = type(exc).__name__
+with open(os.path.join(out, "network.json"), "w") as f:
+    json.dump(reached, f)
+sys.argv = ["/app/evaluate.py"]
+runpy.run_path("/app/evaluate.py", run_name="__main__")
+"""
+
+
+def _blob_sha(seed: int, mib: int) -> str:
+    rng, h = random.Random(seed), hashlib.sha256()
+    for _ in range(mib):
+        h.update(rng.randbytes(1 << 20))
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def data_plane_spec(cluster, k8s_example, tmp_path_factory, k8s_client):  # noqa: F811
+    """The digits example with the data-plane evaluation, locked, and its inputs published."""
+    tmp = tmp_path_factory.mktemp("data-plane")
+    node = client.CoreV1Api(k8s_client).read_node(cluster.node_name)
+    node_ip = next(a.address for a in node.status.addresses if a.type == "InternalIP")
+    spec = _variant(
+        k8s_example,
+        tmp,
+        command=["python3", "-c", EVALUATE],
+        params={
+            "blob_mib": BLOB_MIB,
+            "blob_seed": 7,
+            "targets": [f"{node_ip}:10250", "10.96.0.1:443", "1.1.1.1:53"],
+        },
+    )
+    assert _evalrun(tmp / "home", "lock", str(spec)).returncode == 0
+    lock = load_lock(spec.with_name("eval.lock.json"))
+    base = spec.parent
+    published = [
+        publish_input(cluster.registry, "evalrun/digits-inputs", "model", "model",
+                      base / lock.model.path, shape=SHAPE),
+        *(
+            publish_input(cluster.registry, "evalrun/digits-inputs", "dataset", d.name,
+                          base / d.path, shape=SHAPE)
+            for d in lock.datasets
+        ),
+    ]
+    inputs = tmp / "inputs.json"
+    inputs.write_text(json.dumps([p.model_dump(mode="json") for p in published]))
+    return spec, inputs
+
+
+def _run(cluster, namespace, spec, inputs, home, *extra, die_after=0):
+    args = [sys.executable, str(DRIVER), "--inputs", str(inputs)]
+    if die_after:
+        args += ["--die-after-bytes", str(die_after)]
+    args += ["--", "run", str(spec), "--backend", "kubernetes", "--kubeconfig",
+             str(cluster.kubeconfig), "-n", namespace, "--json", *extra]
+    env = {**os.environ, "EVALRUN_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
+                          check=False)
+
+
+def _predicate(out: dict) -> dict:
+    return json.loads((Path(out["bundle"]) / "statement.json").read_text())["predicate"]
+
+
+@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
+def test_inputs_by_image_volume_and_results_by_exec_under_gvisor(
+    cluster, namespace, k8s_client, data_plane_spec, tmp_path
+):
+    spec, inputs = data_plane_spec
+    proc = _run(cluster, namespace, spec, inputs, tmp_path / "home", "--ttl-after-finished", "900")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["outcome"] == "passed" and out["verified"].startswith("valid")
+    pred = _predicate(out)
+    details = pred["sandbox"]["details"]
+    assert pred["sandbox"]["runtime_used"] == "gvisor"
+    assert details["collection"]["mode"] == "exec" and details["collection"]["acknowledged"]
+    assert details["collection"]["bytes"] >= BLOB_MIB << 20
+    assert details["collection_problems"] == []
+    bundle = Path(out["bundle"])
+    blob = bundle / "results" / "blob.bin"
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == _blob_sha(7, BLOB_MIB)
+    # the agent read its inputs from the image volumes and checked every file first
+    preflight = json.loads((bundle / "results" / "preflight.json").read_text())
+    assert preflight["inputs"] and all(i["passed"] for i in preflight["inputs"])
+    # live output reached the terminal while it ran (stdout and stderr, through the log)
+    assert "data-plane: live on stdout" in proc.stderr
+    assert "data-plane: live on stderr" in proc.stderr
+    # the pod reached nothing: gVisor runs it without a network
+    reached = json.loads((bundle / "results" / "network.json").read_text())
+    assert reached and "connected" not in reached.values(), reached
+    # the Job: inputs as image volumes, the plan-only ConfigMap owned by it, the TTL set
+    batch, core = client.BatchV1Api(k8s_client), client.CoreV1Api(k8s_client)
+    name = job_name(pred["run_id"])
+    job = batch.read_namespaced_job(name, namespace)
+    volumes = {v.name: v for v in job.spec.template.spec.volumes}
+    assert volumes["input-0"].image.reference.startswith(cluster.registry)
+    assert job.spec.ttl_seconds_after_finished == 900
+    configmap = core.read_namespaced_config_map(name, namespace)
+    assert set(configmap.binary_data) == {"plan.json"}
+    (owner,) = configmap.metadata.owner_references
+    assert (owner.kind, owner.name, owner.uid) == ("Job", name, job.metadata.uid)
+    # ... and the ConfigMap goes with the Job
+    batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+    deadline = time.monotonic() + 120
+    while core.list_namespaced_config_map(namespace, field_selector=f"metadata.name={name}").items:
+        assert time.monotonic() < deadline, "the ConfigMap outlived its Job"
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
+def test_a_runner_killed_mid_collection_is_replaced_by_a_second_run_that_collects(
+    cluster, namespace, k8s_client, data_plane_spec, tmp_path
+):
+    spec, inputs = data_plane_spec
+    home = tmp_path / "home"
+    first = _run(cluster, namespace, spec, inputs, home, die_after=4 << 20)
+    assert first.returncode == -9, first.stdout + first.stderr
+    assert "dying after" in first.stderr
+    # the agent still holds: its pod runs, the Job is not finished
+    core = client.CoreV1Api(k8s_client)
+    pods = core.list_namespaced_pod(
+        namespace, label_selector="app.kubernetes.io/managed-by=evalrun"
+    )
+    assert [p.status.phase for p in pods.items] == ["Running"]
+    run_id = pods.items[0].metadata.labels["evalrun.dev/run-id"]
+    t0 = time.monotonic()
+    second = _run(cluster, namespace, spec, inputs, home)
+    assert second.returncode == 0, second.stdout + second.stderr
+    out = json.loads(second.stdout)
+    assert out["run_id"] == run_id and out["reused"] is False
+    details = _predicate(out)["sandbox"]["details"]
+    assert details["collection"]["pod"] == pods.items[0].metadata.name
+    assert details["collection"]["bytes"] >= BLOB_MIB << 20
+    blob = Path(out["bundle"]) / "results" / "blob.bin"
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == _blob_sha(7, BLOB_MIB)
+    assert time.monotonic() - t0 < 120  # it attached and collected; it did not re-evaluate
+    jobs = client.BatchV1Api(k8s_client).list_namespaced_job(namespace).items
+    assert len(jobs) == 1 and jobs[0].status.succeeded == 1
