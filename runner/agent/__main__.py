@@ -511,9 +511,7 @@ def write_results_tar(results: Path, fileobj: Any, notes: IO[str] | None = None)
     notes = notes or sys.stderr
     count = 0
     # Stream mode: the tar is written as it is made, never held whole in memory.
-    with tarfile.open(
-        fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT, bufsize=1024 * 1024
-    ) as tar:
+    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for rel, path in _result_files(results, "", notes):
             reason = member_name_reason(rel, portable=False)
             if reason is None and count >= MAX_RESULT_FILES:

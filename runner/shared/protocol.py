@@ -341,15 +341,20 @@ class StreamWriter:
 
     def write(self, data: bytes) -> int:
         self._buf += data
-        while len(self._buf) >= STREAM_CHUNK_BYTES:
-            self._chunk(bytes(self._buf[:STREAM_CHUNK_BYTES]))
-            del self._buf[:STREAM_CHUNK_BYTES]
+        if len(self._buf) >= STREAM_CHUNK_BYTES:
+            view = memoryview(self._buf)
+            full = len(self._buf) - len(self._buf) % STREAM_CHUNK_BYTES
+            for start in range(0, full, STREAM_CHUNK_BYTES):
+                self._chunk(view[start : start + STREAM_CHUNK_BYTES])
+            view.release()
+            del self._buf[:full]
         return len(data)
 
-    def _chunk(self, data: bytes) -> None:
+    def _chunk(self, data: bytes | memoryview) -> None:
         self._sha.update(data)
         self._size += len(data)
-        self._sink.write(len(data).to_bytes(4, "big") + data)
+        self._sink.write(len(data).to_bytes(4, "big"))
+        self._sink.write(data)
 
     def close(self) -> tuple[str, int]:
         """Flush, end the stream; returns the sha256 (hex) and size of the payload."""
@@ -365,7 +370,8 @@ class StreamWriter:
 class StreamReader:
     """Incremental reader of one results stream; refuses it the moment it goes wrong.
 
-    :meth:`feed` takes bytes as they arrive and returns the payload they complete;
+    :meth:`feed` takes bytes as they arrive and returns the payload pieces among them
+    (views of ``data``: use them before the next call);
     :meth:`finish` raises :class:`FrameError` unless the stream ended exactly after
     a trailer whose sha256 and size match the payload. At most ``max_bytes`` of
     payload are accepted (checked before they are returned).
@@ -379,42 +385,48 @@ class StreamReader:
         self._sha = hashlib.sha256()
         self.size = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        self._pending += data
-        out: list[bytes] = []
-        while True:
-            if self._state == "trailer":
-                self._trailer(final=False)
-                return out
-            if self._state == "done":
-                if self._pending:
-                    raise FrameError("results stream has bytes after its trailer")
-                return out
-            if len(self._pending) < self._need:
-                return out
-            piece = bytes(self._pending[: self._need])
-            del self._pending[: self._need]
-            if self._state == "magic":
-                if piece != STREAM_MAGIC:
-                    raise FrameError("not a results stream (bad magic)")
-                self._state, self._need = "length", 4
-            elif self._state == "length":
-                length = int.from_bytes(piece, "big")
-                if length == 0:
-                    self._state = "trailer"
-                elif length > STREAM_CHUNK_BYTES:
-                    raise FrameError(
-                        f"results stream chunk of {length} bytes; limit {STREAM_CHUNK_BYTES}"
-                    )
-                else:
-                    self._state, self._need = "chunk", length
-            else:
+    def feed(self, data: bytes) -> list[memoryview]:
+        view = memoryview(data)
+        out: list[memoryview] = []
+        pos = 0
+        while pos < len(view):
+            if self._state == "chunk":  # payload passes through as it arrives, never buffered
+                piece = view[pos : pos + self._need]
                 if self.size + len(piece) > self.max_bytes:
                     raise FrameError(f"results stream exceeds {self.max_bytes} bytes")
                 self._sha.update(piece)
                 self.size += len(piece)
                 out.append(piece)
+                pos += len(piece)
+                self._need -= len(piece)
+                if self._need == 0:
+                    self._state, self._need = "length", 4
+                continue
+            if self._state == "done":
+                raise FrameError("results stream has bytes after its trailer")
+            if self._state == "trailer":
+                self._pending += view[pos:]
+                self._trailer(final=False)
+                break
+            take = view[pos : pos + self._need - len(self._pending)]
+            self._pending += take
+            pos += len(take)
+            if len(self._pending) < self._need:
+                break
+            head = bytes(self._pending)
+            self._pending.clear()
+            if self._state == "magic":
+                if head != STREAM_MAGIC:
+                    raise FrameError("not a results stream (bad magic)")
                 self._state, self._need = "length", 4
+                continue
+            length = int.from_bytes(head, "big")
+            if length > STREAM_CHUNK_BYTES:
+                raise FrameError(
+                    f"results stream chunk of {length} bytes; limit {STREAM_CHUNK_BYTES}"
+                )
+            self._state, self._need = ("trailer", 0) if length == 0 else ("chunk", length)
+        return out
 
     def _trailer(self, *, final: bool) -> None:
         end = self._pending.find(b"\n")
