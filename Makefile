@@ -34,7 +34,9 @@ host-up:
 base-image: venv host-up
 	$(EVALRUN) base-image bookworm-python
 
+# evalrun never creates a signing key on the fly outside a terminal: make one, visibly, first.
 run: venv host-up
+	$(EVALRUN) keys generate --if-absent
 	$(EVALRUN) lock $(SPEC)
 	$(EVALRUN) run $(SPEC)
 

@@ -215,6 +215,22 @@ class NotComparable(InputError):
         )
 
 
+class SigningKeyRequired(InputError):
+    """No signing key was given, and evalrun will not create one here (CI, or no terminal).
+
+    ``reason`` says why this is not an interactive session; the message names every way
+    to provide a key.
+    """
+
+    kind = "signing_key_required"
+    stated_fields = frozenset({"reason"})
+
+    def __init__(self, message: str, *, reason: str, default_key: str) -> None:
+        super().__init__(message, reason=reason, default_key=default_key)
+        self.reason = reason
+        self.default_key = default_key
+
+
 # --------------------------------------------------------------------------- integrity (3)
 
 
@@ -494,3 +510,36 @@ class TransientDockerError(DockerEngineError, TransientInfrastructureError):
 
 class DockerImageNotFound(DockerEngineError, InputError):
     """The engine does not have the image (exit 2; callers may pull it)."""
+
+
+class TokenError(EvalrunError):
+    """Facts of a failed PKCS#11 token operation: module, token and key object (never the PIN).
+
+    Raised only as one of its subclasses, which set the exit code.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        module: str | None = None,
+        token: str | None = None,
+        key_object: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint, module=module, token=token, key_object=key_object)
+        self.module = module
+        self.token = token
+        self.key_object = key_object
+
+
+class TokenRefused(TokenError, InputError):
+    """The token, key, PIN or module named is not usable as given (exit 2)."""
+
+    kind = "token_refused"
+
+
+class TokenFailure(TokenError, InfrastructureError):
+    """The token failed an operation it should have done (device or module error) (exit 5)."""
+
+    kind = "token_failure"

@@ -6,10 +6,8 @@ function of the file tree (entries sorted by path, mtime = ``SOURCE_DATE_EPOCH``
 numeric uid/gid kept, user and group names empty, no atime/ctime, pax records only
 where a name needs them), so the manifest digest is a pure function of the files
 and the config. Layers stay uncompressed: a gzip stream's bytes depend on the zlib
-version, and the digest must not.
-
-Also here: reading a layer stack back into a per-file index, and the diff of two
-images (files and config fields) that ``evalrun build --check`` reports.
+version, and the digest must not. Reading an image back and diffing two:
+:mod:`runner._internal.image_contents`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NotRequired, TypedDict
 
 from runner._internal.tar import layer_members, layer_name
 
@@ -45,10 +43,56 @@ CONFIG_FIELDS = (
     "StopSignal",
 )
 _PAX_KEEP_PREFIX = "SCHILY.xattr."
-_CHUNK = 1 << 20
 
 
-def canonical_json(data: Any) -> bytes:
+# --------------------------------------------------------------------------- documents
+# The JSON documents evalrun writes and reads back. Static shapes only: what comes
+# from a registry or ``docker save`` is not validated here (a missing key is a
+# KeyError, as before); what evalrun writes has exactly these keys.
+
+
+class Descriptor(TypedDict):
+    """An OCI content descriptor: a blob named by digest, with its size and media type."""
+
+    mediaType: str
+    digest: str
+    size: int
+
+
+class RootFs(TypedDict):
+    type: str
+    diff_ids: list[str]
+
+
+class HistoryEntry(TypedDict, total=False):
+    created: str
+    created_by: str
+    empty_layer: bool
+
+
+class ImageConfig(TypedDict, total=False):
+    """An image config: platform, runtime settings (``config``), layer diff ids, history."""
+
+    architecture: str
+    os: str
+    created: str
+    # The runtime settings (CONFIG_FIELDS and more); copied field by field, never read.
+    config: dict[str, object]
+    rootfs: RootFs
+    history: list[HistoryEntry]
+
+
+class ImageManifest(TypedDict):
+    """A single-platform OCI image manifest."""
+
+    schemaVersion: int
+    mediaType: str
+    config: Descriptor
+    layers: list[Descriptor]
+    annotations: NotRequired[dict[str, str]]
+
+
+def canonical_json(data: object) -> bytes:
     """The one JSON encoding used for every digested document."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -76,14 +120,15 @@ class Blob:
     size: int
     media_type: str
 
-    def descriptor(self) -> dict[str, Any]:
+    def descriptor(self) -> Descriptor:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
 
 
 # --------------------------------------------------------------------------- layers
 
 
-def _link_target(member: tarfile.TarInfo) -> str:
+def link_target(member: tarfile.TarInfo) -> str:
+    """A hard link's target, under the same name rules as every layer member."""
     return layer_name(member.linkname, what="image layer hard link target")
 
 
@@ -106,7 +151,7 @@ def normalize_layer(src: IO[bytes], dest: Path, epoch: int) -> Blob:
         groups: dict[str, list[str]] = {}
         for name, member in members.items():
             if member.islnk():
-                target = _link_target(member)
+                target = link_target(member)
                 if target in members and members[target].isreg():
                     groups.setdefault(target, [target]).append(name)
         group_of: dict[str, tuple[str, tarfile.TarInfo]] = {}
@@ -150,7 +195,7 @@ def _header(member: tarfile.TarInfo, name: str, epoch: int) -> tarfile.TarInfo:
     info.mtime = epoch
     info.size = member.size if member.isreg() else 0
     if member.issym() or member.islnk():
-        info.linkname = _link_target(member) if member.islnk() else member.linkname
+        info.linkname = link_target(member) if member.islnk() else member.linkname
     if member.ischr() or member.isblk():
         info.devmajor, info.devminor = member.devmajor, member.devminor
     info.pax_headers = {
@@ -165,7 +210,7 @@ def _header(member: tarfile.TarInfo, name: str, epoch: int) -> tarfile.TarInfo:
 def image_config(
     *,
     diff_ids: list[str],
-    config: Mapping[str, Any],
+    config: Mapping[str, object],
     epoch: int,
     history: list[str],
     architecture: str = "amd64",
@@ -175,7 +220,7 @@ def image_config(
         raise ValueError("one history line per layer")
     created = epoch_iso(epoch)
     kept = {k: config[k] for k in CONFIG_FIELDS if config.get(k) not in (None, "", [], {})}
-    doc = {
+    doc: ImageConfig = {
         "architecture": architecture,
         "os": "linux",
         "created": created,
@@ -190,7 +235,7 @@ def image_manifest(
     config: bytes, layers: list[Blob], annotations: Mapping[str, str] | None = None
 ) -> bytes:
     """An OCI image manifest over a config and its layers; canonical JSON bytes."""
-    doc: dict[str, Any] = {
+    doc: ImageManifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
@@ -220,7 +265,7 @@ class AssembledImage:
 
 def assemble(
     layers: list[Blob],
-    config: Mapping[str, Any],
+    config: Mapping[str, object],
     epoch: int,
     history: list[str],
     diff_ids: list[str] | None = None,
@@ -252,7 +297,7 @@ LAYER_TYPES = {
 class SavedImage:
     """The layers and config of a ``docker save`` archive (legacy layout)."""
 
-    config: dict[str, Any]
+    config: ImageConfig
     layer_members: list[str]
 
 
@@ -272,191 +317,6 @@ def _json_member(archive: tarfile.TarFile, name: str) -> Any:
         raise ValueError(f"{name} missing from archive")
     with fh:
         return json.loads(fh.read())
-
-
-# --------------------------------------------------------------------------- index and diff
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """What the diff compares for one path."""
-
-    kind: str  # f (file), d (dir), l (symlink), h (hard link), c/b (device), p (fifo)
-    mode: str
-    uid: int
-    gid: int
-    size: int
-    sha256: str  # content hash for files; link target for links; "" otherwise
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "type": self.kind,
-            "mode": self.mode,
-            "owner": f"{self.uid}:{self.gid}",
-            "size": self.size,
-            "sha256": self.sha256,
-        }
-
-
-_KIND = {
-    tarfile.REGTYPE: "f",
-    tarfile.AREGTYPE: "f",
-    tarfile.DIRTYPE: "d",
-    tarfile.SYMTYPE: "l",
-    tarfile.LNKTYPE: "h",
-    tarfile.CHRTYPE: "c",
-    tarfile.BLKTYPE: "b",
-    tarfile.FIFOTYPE: "p",
-}
-
-
-def layer_entries(layer: IO[bytes]) -> Iterable[tuple[str, FileEntry | None]]:
-    """(path, entry) per tar member; entry None for an OCI whiteout of that path.
-
-    An opaque-directory marker yields ``(dir + "/", None)``.
-    """
-    with tarfile.open(fileobj=layer, mode="r:*") as tar:
-        for name, member in layer_members(tar):
-            parent, _, base = name.rpartition("/")
-            if base == ".wh..wh..opq":
-                yield (parent + "/" if parent else "/"), None
-                continue
-            if base.startswith(".wh."):
-                yield (f"{parent}/{base[4:]}" if parent else base[4:]), None
-                continue
-            digest = ""
-            if member.isreg():
-                fh = tar.extractfile(member)
-                assert fh is not None
-                with fh:
-                    h = hashlib.sha256()
-                    while chunk := fh.read(_CHUNK):
-                        h.update(chunk)
-                    digest = h.hexdigest()
-            elif member.issym():
-                digest = member.linkname
-            elif member.islnk():
-                digest = "-> " + _link_target(member)
-            yield (
-                name,
-                FileEntry(
-                    kind=_KIND.get(member.type, "?"),
-                    mode=f"{member.mode & 0o7777:04o}",
-                    uid=member.uid,
-                    gid=member.gid,
-                    size=member.size if member.isreg() else 0,
-                    sha256=digest,
-                ),
-            )
-
-
-def filesystem_index(layers: Iterable[IO[bytes]]) -> dict[str, FileEntry]:
-    """Apply layers in order (whiteouts delete); path → entry of the resulting tree."""
-    index: dict[str, FileEntry] = {}
-    for layer in layers:
-        for name, entry in layer_entries(layer):
-            if entry is None:
-                if name.endswith("/"):
-                    prefix = name if name != "/" else ""
-                    for key in [k for k in index if k.startswith(prefix)]:
-                        del index[key]
-                else:
-                    for key in [k for k in index if k == name or k.startswith(name + "/")]:
-                        del index[key]
-                continue
-            if entry.kind == "h":
-                target = index.get(entry.sha256.removeprefix("-> "))
-                if target is not None:
-                    entry = FileEntry(
-                        "f", target.mode, target.uid, target.gid, target.size, target.sha256
-                    )
-            index[name] = entry
-    return index
-
-
-def diff_index(
-    expected: Mapping[str, FileEntry], found: Mapping[str, FileEntry]
-) -> list[dict[str, Any]]:
-    """Per-path differences, sorted by path: added, removed, changed (with both sides)."""
-    out: list[dict[str, Any]] = []
-    for path in sorted(expected.keys() | found.keys()):
-        a, b = expected.get(path), found.get(path)
-        if a == b:
-            continue
-        item: dict[str, Any] = {"path": "/" + path}
-        if a is None:
-            assert b is not None
-            item.update(change="added", found=b.describe())
-        elif b is None:
-            item.update(change="removed", expected=a.describe())
-        else:
-            da, db = a.describe(), b.describe()
-            item.update(
-                change="changed",
-                fields=sorted(k for k in da if da[k] != db[k]),
-                expected=da,
-                found=db,
-            )
-        out.append(item)
-    return out
-
-
-def diff_json(expected: Any, found: Any, path: str = "") -> list[dict[str, Any]]:
-    """Leaf-level differences between two JSON documents, as dotted field paths."""
-    if isinstance(expected, dict) and isinstance(found, dict):
-        out: list[dict[str, Any]] = []
-        for key in sorted(expected.keys() | found.keys()):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in expected:
-                out.append({"field": sub, "expected": None, "found": found[key]})
-            elif key not in found:
-                out.append({"field": sub, "expected": expected[key], "found": None})
-            else:
-                out += diff_json(expected[key], found[key], sub)
-        return out
-    if expected != found:
-        return [{"field": path, "expected": expected, "found": found}]
-    return []
-
-
-# --------------------------------------------------------------------------- dpkg
-
-
-def dpkg_packages(layer: IO[bytes]) -> dict[str, str]:
-    """``package[:arch]`` → version of every installed package in a root tar's dpkg status."""
-    with tarfile.open(fileobj=layer, mode="r:*") as tar:
-        for name, member in layer_members(tar):
-            if name == "var/lib/dpkg/status" and member.isreg():
-                fh = tar.extractfile(member)
-                assert fh is not None
-                with fh:
-                    return parse_dpkg_status(fh.read().decode("utf-8", "replace"))
-    return {}
-
-
-def parse_dpkg_status(text: str) -> dict[str, str]:
-    packages: dict[str, str] = {}
-    for stanza in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line[:1] in (" ", "\t") or ":" not in line:
-                continue
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        if "Package" in fields and fields.get("Status", "").endswith(" installed"):
-            arch = fields.get("Architecture", "")
-            name = fields["Package"] + (f":{arch}" if arch and arch != "all" else "")
-            packages[name] = fields.get("Version", "")
-    return dict(sorted(packages.items()))
-
-
-def diff_packages(expected: Mapping[str, str], found: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Debian packages whose installed version moved (or that appeared or vanished)."""
-    out = []
-    for name in sorted(expected.keys() | found.keys()):
-        if expected.get(name) != found.get(name):
-            out.append({"package": name, "expected": expected.get(name), "found": found.get(name)})
-    return out
 
 
 def copy_stream(chunks: Iterable[bytes], dest: Path) -> None:

@@ -16,6 +16,8 @@ bounded backoff. Waiters share its cache instead of polling the API server.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import datetime as dt
 import json
@@ -178,6 +180,31 @@ def connect(target: ClusterTarget) -> tuple[k8s.ApiClient, str]:
         chosen = next((c for c in contexts if c["name"] == target.context), active)
         namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
     return api, namespace
+
+
+def read_secret_data(target: ClusterTarget, namespace: str, name: str) -> dict[str, bytes]:
+    """The decoded ``data`` of Secret ``namespace/name`` (field name -> bytes).
+
+    Errors are translated (404: APINotFound, 403: APIForbidden); a field that is not
+    valid base64 is left out rather than guessed at.
+    """
+    api, _ = connect(ClusterTarget(target.kubeconfig, target.context, namespace))
+    try:
+        secret = api_call(
+            f"read Secret {namespace}/{name}",
+            lambda: k8s.CoreV1Api(api).read_namespaced_secret(name, namespace),
+            namespace=namespace,
+            name=name,
+        )
+    finally:
+        api.close()
+    data: dict[str, bytes] = {}
+    for field_name, value in ((secret.data or {}) if secret is not None else {}).items():
+        try:
+            data[str(field_name)] = base64.b64decode(str(value), validate=True)
+        except binascii.Error:
+            continue
+    return data
 
 
 # --------------------------------------------------------------------------- shared watch

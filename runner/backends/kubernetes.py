@@ -90,8 +90,9 @@ log = logging.getLogger("evalrun.backend.kubernetes")
 PULL_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 # What a kubelet or runtime says when it cannot mount an image volume.
+# (A mount that fails, e.g. "ImageVolumeMountFailed" for a malformed artifact, is not this.)
 _IMAGE_VOLUME_UNSUPPORTED = re.compile(
-    r"image ?volume.*(not supported|unsupported|not enabled|disabled)|ImageVolume", re.I
+    r"image ?volumes?\b.*\b(not supported|unsupported|not enabled|disabled)", re.I
 )
 # containerd's words for a blob whose bytes do not match its digest.
 _PULL_DIGEST = re.compile(

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runner._internal import oci
+from runner._internal import image_contents, oci
 from runner._internal.settings import Settings
 from runner._internal.tree import sha256_file
 from runner.adapters import registry
@@ -90,7 +90,7 @@ def assemble_base(recipe: BaseRecipe, rootfs_tar: Path, workdir: Path) -> BaseIm
         layer = oci.normalize_layer(src, workdir / "base-layer.tar", recipe.source_date_epoch)
     assert layer.path is not None
     with layer.path.open("rb") as fh:
-        packages = oci.dpkg_packages(fh)
+        packages = image_contents.dpkg_packages(fh)
     config = {
         "Env": [f"PATH={oci.DEFAULT_PATH}", "LANG=C.UTF-8"],
         "Cmd": ["/bin/bash"],
@@ -116,7 +116,7 @@ def _locked_base_from_registry(
 ) -> LockedBase:
     """What the lock records of a pushed base image, read back from its manifest and config."""
     name = registry.ImageName.parse(repo)
-    manifest = json.loads(registry.get_manifest_bytes(name, digest))
+    manifest: oci.ImageManifest = json.loads(registry.get_manifest_bytes(name, digest))
     annotations = manifest.get("annotations") or {}
     return LockedBase(
         ref=f"{repo}@{digest}",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import jinja2.meta
@@ -37,7 +37,7 @@ def tree_digest(root: Path) -> str:
     return digest_tree(root, TreeDigestFormat.BUILD_CONTEXT, what="build context")
 
 
-def render_dockerfile(template: Path, variables: dict[str, Any]) -> str:
+def render_dockerfile(template: Path, variables: Mapping[str, str | int | bool]) -> str:
     """Render a Dockerfile template strictly; every FROM must be digest-pinned."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template.parent)),

@@ -28,6 +28,7 @@ from runner.adapters import registry
 from runner.adapters.docker_engine import connect, docker_call, translated
 from runner.build.context import BUILD_EPOCH, BuildInputs, stage_context
 from runner.errors import EvalrunError, InfrastructureError, InputError, IntegrityError
+from runner.model.predicate import ImageReproducibility
 from runner.model.spec import LockedSpec, parse_digest_ref
 
 Progress = Callable[[str], None]
@@ -181,10 +182,12 @@ def _base_layers(base_ref: str) -> tuple[list[oci.Blob], list[str], list[str]]:
     """The base image's layers (registry-held blobs), diff ids and history lines."""
     repo, digest = parse_digest_ref(base_ref)
     name = registry.ImageName.parse(repo)
-    manifest = json.loads(registry.get_manifest_bytes(name, digest))
+    manifest: oci.ImageManifest = json.loads(registry.get_manifest_bytes(name, digest))
     if "layers" not in manifest:
         raise InputError(f"base image {base_ref} is an index, not a single-platform image")
-    config = json.loads(registry.get_blob_bytes(name, manifest["config"]["digest"]))
+    config: oci.ImageConfig = json.loads(
+        registry.get_blob_bytes(name, manifest["config"]["digest"])
+    )
     layers = [
         oci.Blob(
             None, d["digest"], int(d["size"]), oci.LAYER_TYPES.get(d["mediaType"], d["mediaType"])
@@ -288,9 +291,11 @@ def build_image(
     )
 
 
-def image_reproducibility(lock: LockedSpec) -> dict[str, Any]:
+def image_reproducibility(lock: LockedSpec) -> ImageReproducibility:
     """What a bundle records about its image: checked or not, when, with what result."""
     record = lock.image.reproducibility
     if record is None:
-        return {"checked": False, "assembly": lock.image.assembly}
-    return {"checked": True, "assembly": lock.image.assembly, **record.model_dump(mode="json")}
+        return ImageReproducibility(checked=False, assembly=lock.image.assembly)
+    return ImageReproducibility(
+        checked=True, assembly=lock.image.assembly, **record.model_dump(mode="json")
+    )

@@ -11,12 +11,19 @@ import getpass
 import hashlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from runner._internal.tree import TreeDigestFormat, digest_tree
 from runner.errors import SpecError
+from runner.model.predicate import (
+    CiIdentity,
+    JsonObject,
+    Launcher,
+    PreprocessingRecord,
+    Provenance,
+    Rationale,
+)
 from runner.model.spec import EvalSpec
 
 PROVENANCE_SCHEMA = "evalrun/provenance/v1"
@@ -30,71 +37,71 @@ def _first(env: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
-def _github(env: Mapping[str, str]) -> dict[str, Any]:
+def _github(env: Mapping[str, str]) -> CiIdentity:
     server = env.get("GITHUB_SERVER_URL", "https://github.com").rstrip("/")
     repo = env.get("GITHUB_REPOSITORY")
     run_id = env.get("GITHUB_RUN_ID")
     url = f"{server}/{repo}/actions/runs/{run_id}" if repo and run_id else None
-    return {
-        "system": "github_actions",
-        "pipeline": env.get("GITHUB_WORKFLOW"),
-        "run_id": run_id,
-        "run_attempt": env.get("GITHUB_RUN_ATTEMPT"),
-        "job": env.get("GITHUB_JOB"),
-        "job_url": url,
-        "actor": env.get("GITHUB_ACTOR"),
-        "repository": repo,
-        "ref": env.get("GITHUB_REF"),
-        "commit": env.get("GITHUB_SHA"),
-    }
+    return CiIdentity(
+        system="github_actions",
+        pipeline=env.get("GITHUB_WORKFLOW"),
+        run_id=run_id,
+        run_attempt=env.get("GITHUB_RUN_ATTEMPT"),
+        job=env.get("GITHUB_JOB"),
+        job_url=url,
+        actor=env.get("GITHUB_ACTOR"),
+        repository=repo,
+        ref=env.get("GITHUB_REF"),
+        commit=env.get("GITHUB_SHA"),
+    )
 
 
-def _gitlab(env: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        "system": "gitlab_ci",
-        "pipeline": env.get("CI_PIPELINE_ID"),
-        "run_id": env.get("CI_JOB_ID"),
-        "job": env.get("CI_JOB_NAME"),
-        "job_url": env.get("CI_JOB_URL"),
-        "pipeline_url": env.get("CI_PIPELINE_URL"),
-        "actor": env.get("GITLAB_USER_LOGIN"),
-        "repository": env.get("CI_PROJECT_PATH"),
-        "ref": env.get("CI_COMMIT_REF_NAME"),
-        "commit": env.get("CI_COMMIT_SHA"),
-    }
+def _gitlab(env: Mapping[str, str]) -> CiIdentity:
+    return CiIdentity(
+        system="gitlab_ci",
+        pipeline=env.get("CI_PIPELINE_ID"),
+        run_id=env.get("CI_JOB_ID"),
+        job=env.get("CI_JOB_NAME"),
+        job_url=env.get("CI_JOB_URL"),
+        pipeline_url=env.get("CI_PIPELINE_URL"),
+        actor=env.get("GITLAB_USER_LOGIN"),
+        repository=env.get("CI_PROJECT_PATH"),
+        ref=env.get("CI_COMMIT_REF_NAME"),
+        commit=env.get("CI_COMMIT_SHA"),
+    )
 
 
-def _jenkins(env: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        "system": "jenkins",
-        "pipeline": env.get("JOB_NAME"),
-        "run_id": env.get("BUILD_NUMBER"),
-        "job": env.get("JOB_NAME"),
-        "job_url": env.get("BUILD_URL"),
-        "actor": env.get("BUILD_USER_ID"),
-        "repository": env.get("GIT_URL"),
-        "ref": env.get("GIT_BRANCH"),
-        "commit": env.get("GIT_COMMIT"),
-    }
+def _jenkins(env: Mapping[str, str]) -> CiIdentity:
+    return CiIdentity(
+        system="jenkins",
+        pipeline=env.get("JOB_NAME"),
+        run_id=env.get("BUILD_NUMBER"),
+        job=env.get("JOB_NAME"),
+        job_url=env.get("BUILD_URL"),
+        actor=env.get("BUILD_USER_ID"),
+        repository=env.get("GIT_URL"),
+        ref=env.get("GIT_BRANCH"),
+        commit=env.get("GIT_COMMIT"),
+    )
 
 
-def _buildkite(env: Mapping[str, str]) -> dict[str, Any]:
+def _buildkite(env: Mapping[str, str]) -> CiIdentity:
     build_url = env.get("BUILDKITE_BUILD_URL")
     job_id = env.get("BUILDKITE_JOB_ID")
-    return {
-        "system": "buildkite",
-        "pipeline": env.get("BUILDKITE_PIPELINE_SLUG"),
-        "run_id": env.get("BUILDKITE_BUILD_NUMBER") or env.get("BUILDKITE_BUILD_ID"),
-        "job": env.get("BUILDKITE_LABEL") or job_id,
-        "job_url": f"{build_url}#{job_id}" if build_url and job_id else build_url,
-        "actor": env.get("BUILDKITE_BUILD_CREATOR") or env.get("BUILDKITE_BUILD_AUTHOR"),
-        "repository": env.get("BUILDKITE_REPO"),
-        "ref": env.get("BUILDKITE_BRANCH"),
-        "commit": env.get("BUILDKITE_COMMIT"),
-    }
+    return CiIdentity(
+        system="buildkite",
+        pipeline=env.get("BUILDKITE_PIPELINE_SLUG"),
+        run_id=env.get("BUILDKITE_BUILD_NUMBER") or env.get("BUILDKITE_BUILD_ID"),
+        job=env.get("BUILDKITE_LABEL") or job_id,
+        job_url=f"{build_url}#{job_id}" if build_url and job_id else build_url,
+        actor=env.get("BUILDKITE_BUILD_CREATOR") or env.get("BUILDKITE_BUILD_AUTHOR"),
+        repository=env.get("BUILDKITE_REPO"),
+        ref=env.get("BUILDKITE_BRANCH"),
+        commit=env.get("BUILDKITE_COMMIT"),
+    )
 
 
-def ci_identity(env: Mapping[str, str]) -> dict[str, Any] | None:
+def ci_identity(env: Mapping[str, str]) -> CiIdentity | None:
     """The CI system, pipeline, run id and job URL the environment names; None outside CI.
 
     Specific systems are recognised by their own variables first; a bare ``CI=true``
@@ -109,13 +116,13 @@ def ci_identity(env: Mapping[str, str]) -> dict[str, Any] | None:
     if env.get("BUILDKITE") == "true":
         return _buildkite(env)
     if env.get("CI", "").lower() in ("true", "1", "yes"):
-        return {
-            "system": "generic",
-            "pipeline": None,
-            "run_id": _first(env, "CI_RUN_ID", "BUILD_ID", "BUILD_NUMBER"),
-            "job": None,
-            "job_url": _first(env, "CI_JOB_URL", "BUILD_URL"),
-        }
+        return CiIdentity(
+            system="generic",
+            pipeline=None,
+            run_id=_first(env, "CI_RUN_ID", "BUILD_ID", "BUILD_NUMBER"),
+            job=None,
+            job_url=_first(env, "CI_JOB_URL", "BUILD_URL"),
+        )
     return None
 
 
@@ -130,23 +137,23 @@ def local_user(env: Mapping[str, str]) -> str | None:
         return None
 
 
-def launcher(env: Mapping[str, str]) -> dict[str, Any]:
+def launcher(env: Mapping[str, str]) -> Launcher:
     """Who launched the run: user, host, uid and CI identity (None outside CI)."""
-    return {
-        "user": local_user(env),
-        "uid": os.getuid() if hasattr(os, "getuid") else None,
-        "host": socket.gethostname() or None,
-        "ci": ci_identity(env),
-    }
+    return Launcher(
+        user=local_user(env),
+        uid=os.getuid() if hasattr(os, "getuid") else None,
+        host=socket.gethostname() or None,
+        ci=ci_identity(env),
+    )
 
 
-def rationale(spec_text: str | None, cli_text: str | None) -> dict[str, Any]:
+def rationale(spec_text: str | None, cli_text: str | None) -> Rationale:
     """The run's free-text rationale: ``--reason`` wins over ``metadata.rationale``; both kept."""
     spec_value = spec_text.strip() if spec_text and spec_text.strip() else None
     cli_value = cli_text.strip() if cli_text and cli_text.strip() else None
     text = cli_value or spec_value
     source = "cli" if cli_value else ("spec" if spec_value else None)
-    return {"text": text, "source": source, "cli": cli_value, "spec": spec_value}
+    return Rationale(text=text, source=source, cli=cli_value, spec=spec_value)
 
 
 def code_digest(path: Path) -> str:
@@ -164,10 +171,12 @@ def code_digest(path: Path) -> str:
     return digest_tree(path, TreeDigestFormat.CODE, what="preprocessing code")
 
 
-def preprocessing_records(spec: EvalSpec, spec_dir: Path) -> list[dict[str, Any]]:
+def preprocessing_records(spec: EvalSpec, spec_dir: Path) -> list[JsonObject]:
     """The spec's preprocessing steps with the digest of their code, as found now.
 
-    A step whose code is missing is a spec error (exit 2): its digest cannot be recorded.
+    Each is a :class:`PreprocessingRecord` as the JSON it is signed as (workflows/run.py
+    compares them with the lock by key). A step whose code is missing is a spec error
+    (exit 2): its digest cannot be recorded.
     """
     records = []
     missing = []
@@ -177,13 +186,13 @@ def preprocessing_records(spec: EvalSpec, spec_dir: Path) -> list[dict[str, Any]
             missing.append((f"preprocessing[{index}].code", f"{step.code} not found"))
             continue
         records.append(
-            {
-                "name": step.name,
-                "code": step.code,
-                "code_digest": code_digest(path),
-                "kind": "file" if path.is_file() else "directory",
-                "params": step.params,
-            }
+            PreprocessingRecord(
+                name=step.name,
+                code=step.code,
+                code_digest=code_digest(path),
+                kind="file" if path.is_file() else "directory",
+                params=step.params,
+            ).to_json()
         )
     if missing:
         raise SpecError("preprocessing code not found", file=str(spec_dir), problems=missing)
@@ -197,15 +206,15 @@ def provenance(
     launched_at: str,
     evalrun_version: str,
     reason: str | None,
-    preprocessing: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """The ``provenance`` block of a run's predicate."""
-    return {
-        "schema": PROVENANCE_SCHEMA,
-        "launched_by": launcher(env),
-        "launched_at": launched_at,
-        "evalrun_version": evalrun_version,
-        "rationale": rationale(spec.metadata.rationale, reason),
-        "comparison_group": spec.metadata.comparison_group,
-        "preprocessing": preprocessing,
-    }
+    preprocessing: Sequence[JsonObject],
+) -> JsonObject:
+    """The ``provenance`` block of a run's predicate, as the JSON it is signed as."""
+    return Provenance(
+        schema_=PROVENANCE_SCHEMA,
+        launched_by=launcher(env),
+        launched_at=launched_at,
+        evalrun_version=evalrun_version,
+        rationale=rationale(spec.metadata.rationale, reason),
+        comparison_group=spec.metadata.comparison_group,
+        preprocessing=tuple(PreprocessingRecord.model_validate(p) for p in preprocessing),
+    ).to_json()

@@ -13,9 +13,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Literal, NotRequired, TypedDict
 
-from runner._internal import oci
+from runner._internal import image_contents, oci
 from runner._internal.settings import Settings
 from runner._internal.tree import sha256_file
 from runner.adapters import registry
@@ -44,6 +44,54 @@ from runner.model.spec import (
 Progress = Callable[[str], None]
 
 
+class InputChange(TypedDict):
+    """A build input from the checkout (not the registry) that moved since the lock."""
+
+    input: str
+    expected: str | None
+    found: str
+
+
+class LayerChange(TypedDict):
+    """A layer position whose digest differs (None: the image has no layer there)."""
+
+    index: int
+    expected: str | None
+    found: str | None
+
+
+class ImageDiff(TypedDict):
+    """What differs between two pushed images (config fields under ``rootfs.`` left out)."""
+
+    layers: list[LayerChange]
+    config: list[image_contents.FieldChange]
+    files: list[image_contents.FileChange]
+
+
+class CheckReport(TypedDict):
+    """The report of ``evalrun build --check`` (printed by ``--json`` as it is)."""
+
+    result: Literal["identical", "differs"]
+    inputs_changed: list[InputChange]
+    image_identical: bool
+    locked_image: str
+    rebuilt_image: str
+    base_identical: bool
+    locked_base: str
+    rebuilt_base: str
+    from_scratch: bool
+    package_drift: list[image_contents.PackageChange] | None
+    locked_rootfs: str
+    rebuilt_rootfs: str
+    rootfs_identical: bool
+    files: list[image_contents.FileChange]
+    config: list[image_contents.FieldChange]
+    layers: list[LayerChange]
+    seconds: float
+    checked_at: str
+    note: NotRequired[str]
+
+
 def _noop(_: str) -> None:
     return None
 
@@ -56,7 +104,7 @@ def check_reproducible(
     progress: Progress = _noop,
     *,
     fresh_base: bool = True,
-) -> dict[str, Any]:
+) -> CheckReport:
     """Rebuild the locked image from nothing and compare it with the lock, file by file.
 
     ``fresh_base`` runs mmdebstrap again into a temporary directory (the audit of
@@ -109,9 +157,25 @@ def check_reproducible(
         progress=progress,
     )
     identical = rebuilt.ref == lock.image.ref
-    report: dict[str, Any] = {
+    inputs_changed = _inputs_changed(lock, inputs)
+    diff: ImageDiff = {"layers": [], "config": [], "files": []}
+    note: str | None = None
+    if identical:
+        # same manifest digest ⇒ same config and layer bytes ⇒ same files
+        rebuilt_rootfs = lock.image.rootfs_digest
+    else:
+        progress("rebuilt image differs; comparing files and config")
+        diff = image_diff(lock.image.ref, rebuilt.ref)
+        ensure_local(client, rebuilt.ref, progress)
+        rebuilt_rootfs = measure_rootfs(client, rebuilt.ref, "runc")
+        if lock.image.assembly is None:
+            note = (
+                "the locked image was built before evalrun assembled images itself; "
+                "run `evalrun lock --rebuild` once to lock a reproducible image"
+            )
+    report: CheckReport = {
         "result": "identical" if identical else "differs",
-        "inputs_changed": _inputs_changed(lock, inputs),
+        "inputs_changed": inputs_changed,
         "image_identical": identical,
         "locked_image": lock.image.ref,
         "rebuilt_image": rebuilt.ref,
@@ -119,34 +183,24 @@ def check_reproducible(
         "locked_base": lock.base.ref,
         "rebuilt_base": fresh_base_ref,
         "from_scratch": fresh_base,
-        "package_drift": oci.diff_packages(lock.base.packages or {}, base.packages)
+        "package_drift": image_contents.diff_packages(lock.base.packages or {}, base.packages)
         if lock.base.packages is not None
         else None,
         "locked_rootfs": lock.image.rootfs_digest,
-        "files": [],
-        "config": [],
-        "layers": [],
+        "rebuilt_rootfs": rebuilt_rootfs,
+        "rootfs_identical": rebuilt_rootfs == lock.image.rootfs_digest,
+        "files": diff["files"],
+        "config": diff["config"],
+        "layers": diff["layers"],
+        "seconds": round(time.monotonic() - t0, 1),
+        "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    if identical:
-        # same manifest digest ⇒ same config and layer bytes ⇒ same files
-        report["rebuilt_rootfs"] = lock.image.rootfs_digest
-    else:
-        progress("rebuilt image differs; comparing files and config")
-        report.update(image_diff(lock.image.ref, rebuilt.ref))
-        ensure_local(client, rebuilt.ref, progress)
-        report["rebuilt_rootfs"] = measure_rootfs(client, rebuilt.ref, "runc")
-        if lock.image.assembly is None:
-            report["note"] = (
-                "the locked image was built before evalrun assembled images itself; "
-                "run `evalrun lock --rebuild` once to lock a reproducible image"
-            )
-    report["rootfs_identical"] = report["rebuilt_rootfs"] == lock.image.rootfs_digest
-    report["seconds"] = round(time.monotonic() - t0, 1)
-    report["checked_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if note is not None:
+        report["note"] = note
     return report
 
 
-def _inputs_changed(lock: LockedSpec, inputs: BuildInputs) -> list[dict[str, str | None]]:
+def _inputs_changed(lock: LockedSpec, inputs: BuildInputs) -> list[InputChange]:
     """Build inputs that come from the checkout, not the registry, and moved since the lock."""
     now = {
         "template_sha256": sha256_file(inputs.template),
@@ -163,17 +217,19 @@ def _inputs_changed(lock: LockedSpec, inputs: BuildInputs) -> list[dict[str, str
     ]
 
 
-def image_diff(expected_ref: str, found_ref: str) -> dict[str, Any]:
+def image_diff(expected_ref: str, found_ref: str) -> ImageDiff:
     """Which layers, config fields and files differ between two pushed images."""
-    sides: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    sides: dict[str, tuple[oci.ImageManifest, oci.ImageConfig]] = {}
     with tempfile.TemporaryDirectory(prefix="evalrun-diff-") as tmp:
         blobs: dict[str, Path] = {}
         indexes = []
         for side, ref in (("expected", expected_ref), ("found", found_ref)):
             repo, digest = parse_digest_ref(ref)
             name = registry.ImageName.parse(repo)
-            manifest = json.loads(registry.get_manifest_bytes(name, digest))
-            config = json.loads(registry.get_blob_bytes(name, manifest["config"]["digest"]))
+            manifest: oci.ImageManifest = json.loads(registry.get_manifest_bytes(name, digest))
+            config: oci.ImageConfig = json.loads(
+                registry.get_blob_bytes(name, manifest["config"]["digest"])
+            )
             sides[side] = (manifest, config)
             for layer in manifest.get("layers", []):
                 if layer["digest"] not in blobs:
@@ -182,7 +238,7 @@ def image_diff(expected_ref: str, found_ref: str) -> dict[str, Any]:
                     blobs[layer["digest"]] = path
             handles = [blobs[d["digest"]].open("rb") for d in manifest.get("layers", [])]
             try:
-                indexes.append(oci.filesystem_index(handles))
+                indexes.append(image_contents.filesystem_index(handles))
             finally:
                 for fh in handles:
                     fh.close()
@@ -196,9 +252,11 @@ def image_diff(expected_ref: str, found_ref: str) -> dict[str, Any]:
             if a != b
         ],
         "config": [
-            d for d in oci.diff_json(c_exp, c_found) if not d["field"].startswith("rootfs.")
+            d
+            for d in image_contents.diff_json(c_exp, c_found)
+            if not d["field"].startswith("rootfs.")
         ],
-        "files": oci.diff_index(indexes[0], indexes[1]),
+        "files": image_contents.diff_index(indexes[0], indexes[1]),
     }
 
 
@@ -207,7 +265,7 @@ def _pad(a: list[str], b: list[str]) -> list[tuple[str | None, str | None]]:
     return [(a[i] if i < len(a) else None, b[i] if i < len(b) else None) for i in range(n)]
 
 
-def record_reproducibility(spec_path: Path, report: dict[str, Any]) -> LockedSpec:
+def record_reproducibility(spec_path: Path, report: CheckReport) -> LockedSpec:
     """Store the outcome of a ``build --check`` in the lock (``image.reproducibility``)."""
     path = lock_path_for(spec_path)
     lock = load_lock(path)
@@ -228,7 +286,7 @@ def record_reproducibility(spec_path: Path, report: dict[str, Any]) -> LockedSpe
     return updated
 
 
-def format_check_report(report: dict[str, Any], limit: int = 50) -> list[str]:
+def format_check_report(report: CheckReport, limit: int = 50) -> list[str]:
     """The human rendering of a ``build --check`` report."""
     verdict = "identical" if report["image_identical"] else "DIFFERS"
     lines = [
@@ -242,9 +300,10 @@ def format_check_report(report: dict[str, Any], limit: int = 50) -> list[str]:
     if drift:
         lines.append(f"  {len(drift)} Debian package(s) differ from the lock (mirror moved on?):")
         lines += [f"    {d['package']}: {d['expected']} → {d['found']}" for d in drift[:limit]]
-    for item in report.get("inputs_changed") or []:
+    for moved in report.get("inputs_changed") or []:
         lines.append(
-            f"input   {item['input']} changed since the lock: {item['expected']} → {item['found']}"
+            f"input   {moved['input']} changed since the lock: "
+            f"{moved['expected']} → {moved['found']}"
         )
     rootfs = "identical" if report["rootfs_identical"] else "DIFFERS"
     lines.append(f"rootfs  {rootfs} ({report['rebuilt_rootfs']})")
@@ -256,14 +315,13 @@ def format_check_report(report: dict[str, Any], limit: int = 50) -> list[str]:
         for item in files[:limit]:
             lines.append(f"  {item['change']:<8} {item['path']}")
             if item["change"] == "changed":
+                expected, found = item["expected"], item["found"]
                 for field in item["fields"]:
-                    lines.append(
-                        f"           {field}: {item['expected'][field]} → {item['found'][field]}"
-                    )
+                    lines.append(f"           {field}: {expected.get(field)} → {found.get(field)}")
         if len(files) > limit:
             lines.append(f"  … and {len(files) - limit} more (--json lists all)")
-    for item in report["config"]:
-        lines.append(f"config  {item['field']}: {item['expected']!r} → {item['found']!r}")
+    for changed in report["config"]:
+        lines.append(f"config  {changed['field']}: {changed['expected']!r} → {changed['found']!r}")
     if report.get("note"):
         lines.append(f"note    {report['note']}")
     lines.append(f"rebuilt in {report['seconds']} s")

@@ -5,6 +5,8 @@ A bundle is a directory::
     manifest.json        every payload file: path, sha256, size (sorted by path)
     statement.json       in-toto Statement v1; subjects = every payload file + manifest.json
     envelope.dsse.json   DSSE envelope over statement.json (application/vnd.in-toto+json)
+    envelope.sigstore.json   the same envelope as a Sigstore bundle (for cosign; optional:
+                         bundles sealed before it existed have none)
     spec.yaml, eval.lock.json, env.json, report.md, results/..., logs/...   (the payload)
 
 The runner hashes every file itself and never follows links: symlinks, devices,
@@ -21,7 +23,6 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,15 +42,17 @@ from runner.bundle.metadata import (
     METADATA_NAMES,
     PAYLOAD_TYPE,
     RUN_ID_PATTERN,
+    SIGSTORE_BUNDLE_NAME,
     STATEMENT_NAME,
     BundleManifest,
     ManifestFile,
+    SignedPredicate,
     Statement,
     Subject,
     canonical_json_bytes,
     load_json_strict,
 )
-from runner.bundle.signing import Signer, sign_envelope
+from runner.bundle.signing import Signer, sign_envelope, sigstore_bundle
 from runner.errors import InputError, UnsafeBundleEntry
 from runner.shared.tarformat import unsafe_path_reason
 
@@ -73,7 +76,7 @@ class BundleInfo(BaseModel):
     total_size: int
 
 
-def _plain_json_predicate(predicate: Mapping[str, Any]) -> dict[str, Any]:
+def _plain_json_predicate(predicate: Mapping[str, object]) -> SignedPredicate:
     try:
         data = load_json_strict(json.dumps(dict(predicate), allow_nan=False).encode("utf-8"))
     except (TypeError, ValueError) as exc:
@@ -160,7 +163,7 @@ def _write_new(path: Path, data: bytes) -> None:
 
 def build_bundle(
     content_dir: Path,
-    predicate: Mapping[str, Any],
+    predicate: Mapping[str, object],
     signer: Signer,
     dest: Path,
     *,
@@ -176,7 +179,7 @@ def build_bundle(
     ``predicate`` is plain JSON with a ``run_id``; it becomes the Statement's
     predicate unchanged. Symlinks, devices, FIFOs, sockets and unsafe names in
     ``content_dir`` raise UnsafeBundleEntry naming the path; top-level
-    ``manifest.json``/``statement.json``/``envelope.dsse.json`` raise InputError.
+    metadata names (``manifest.json``, ``statement.json``, ``envelope.*.json``) raise InputError.
     On any failure the metadata (and, when copying, ``dest``) written so far is removed.
     """
     body = _plain_json_predicate(predicate)
@@ -233,6 +236,7 @@ def build_bundle(
             (MANIFEST_NAME, manifest_bytes),
             (STATEMENT_NAME, statement_bytes),
             (ENVELOPE_NAME, envelope_bytes),
+            (SIGSTORE_BUNDLE_NAME, canonical_json_bytes(sigstore_bundle(envelope))),
         ):
             _write_new(dest / name, data)
             written.append(dest / name)

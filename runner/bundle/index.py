@@ -15,30 +15,21 @@ verifies the bundle itself.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime as dt
-import hashlib
-import json
-import re
 import sqlite3
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from runner.bundle.archive import extract_bundle_tar
-from runner.bundle.metadata import STATEMENT_NAME
 from runner.bundle.reader import read_predicate
+from runner.bundle.run_records import (
+    MetricRecord,
+    RunFilter,
+    RunRecord,
+    normalize_time,
+    record_from_predicate,
+)
 from runner.bundle.store import BundleNotFound, Store, parse_digest
 from runner.errors import InputError, IntegrityError
-from runner.model.predicate import (
-    AuditPredicate,
-    ConfidenceInterval,
-    MetricResult,
-    Predicate,
-    RunPredicate,
-    SpecRef,
-)
 
 INDEX_NAME = "history.sqlite"
 SCHEMA_VERSION = "3"
@@ -80,99 +71,11 @@ CREATE TABLE metrics (
 
 
 @dataclass(frozen=True)
-class MetricRecord:
-    name: str
-    value: float | None
-    low: float | None
-    high: float | None
-    passed: bool | None
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One indexed bundle: a run, or an audit report (``kind == "audit"``)."""
-
-    run_id: str
-    bundle_digest: str
-    path: Path
-    kind: str
-    spec_name: str | None
-    spec_digest: str | None
-    lock_digest: str | None
-    attempt: int | None
-    image_ref: str | None
-    image_digest: str | None
-    model_sha256: str | None
-    outcome: str | None
-    exit_code: int | None
-    started: str | None
-    finished: str | None
-    seed: int | None
-    backend: str | None
-    reproduction_of: str | None
-    reproduction_verdict: str | None
-    datasets: tuple[tuple[str, str, str], ...] = ()
-    metrics: tuple[MetricRecord, ...] = field(default=())
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        data["datasets"] = [{"name": n, "sha256": s, "split": sp} for n, s, sp in self.datasets]
-        return data
-
-
-@dataclass(frozen=True)
-class RunFilter:
-    """What ``runs ls`` selects; every field narrows the result, None means any."""
-
-    spec: str | None = None
-    model: str | None = None
-    dataset: str | None = None
-    image: str | None = None
-    outcome: str | None = None
-    since: str | None = None
-    until: str | None = None
-    kind: str | None = "run"
-    reproduction_of: str | None = None
-    limit: int | None = None
-
-
-@dataclass(frozen=True)
 class SyncReport:
     added: int
     removed: int
     unreadable: tuple[str, ...]
     total: int
-
-
-def normalize_time(value: str, *, end_of_day: bool = False) -> str:
-    """An ISO date or date-time as a UTC ISO string comparable with the stored ones.
-
-    A bare date means the start of that day (UTC), or its end with ``end_of_day``.
-    ``30d``, ``12h`` or ``2w`` mean that long before now (for scheduled audits).
-    """
-    text = value.strip()
-    relative = re.fullmatch(r"(\d{1,5})([hdw])", text)
-    if relative:
-        hours = int(relative[1]) * {"h": 1, "d": 24, "w": 168}[relative[2]]
-        moment = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
-        return moment.isoformat(timespec="milliseconds")
-    try:
-        if len(text) == 10:
-            day = dt.date.fromisoformat(text)
-            moment = dt.datetime.combine(
-                day, dt.time.max if end_of_day else dt.time.min, tzinfo=dt.UTC
-            )
-        else:
-            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=dt.UTC)
-    except ValueError:
-        raise InputError(
-            f"not a date: {value!r}",
-            hint="use YYYY-MM-DD, an ISO 8601 date-time, or a span back from now (30d, 12h, 2w)",
-        ) from None
-    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _digest_pattern(value: str) -> str:
@@ -181,68 +84,6 @@ def _digest_pattern(value: str) -> str:
     if not text or any(c not in "0123456789abcdef" for c in text):
         raise InputError(f"not a sha256 digest or prefix: {value!r}")
     return f"%{text}%"
-
-
-def _normalized(moment: str | None) -> str | None:
-    """A recorded time in the index's comparable form (as recorded if it does not parse)."""
-    if not moment:
-        return None
-    with contextlib.suppress(InputError):
-        return normalize_time(moment)
-    return moment
-
-
-def record_from_predicate(digest: str, path: Path, predicate: Predicate) -> RunRecord:
-    """Flatten a predicate into the fields the index stores (a run set or audit has fewer)."""
-    spec = predicate.spec if not isinstance(predicate, AuditPredicate) else SpecRef()
-    record = RunRecord(
-        run_id=predicate.run_id,
-        bundle_digest=digest,
-        path=path,
-        kind=predicate.kind,
-        spec_name=spec.name,
-        spec_digest=spec.digest,
-        lock_digest=None if isinstance(predicate, AuditPredicate) else predicate.lock_digest,
-        attempt=None,
-        image_ref=None,
-        image_digest=None,
-        model_sha256=None,
-        outcome=None if predicate.outcome is None else str(predicate.outcome),
-        exit_code=predicate.exit_code,
-        started=_normalized(predicate.timestamps.started),
-        finished=_normalized(predicate.timestamps.finished),
-        seed=None,
-        backend=None,
-        reproduction_of=None,
-        reproduction_verdict=None,
-    )
-    if not isinstance(predicate, RunPredicate):
-        return record
-    origin, repro = predicate.reproduction_of, predicate.reproduction
-    return dataclasses.replace(
-        record,
-        attempt=predicate.attempt,
-        image_ref=predicate.image.ref,
-        image_digest=predicate.image.digest,
-        model_sha256=predicate.model.sha256,
-        seed=predicate.seeds.seed,
-        backend=predicate.backend,
-        reproduction_of=origin.run_id if origin is not None else None,
-        reproduction_verdict=repro.verdict if repro is not None else None,
-        datasets=tuple((str(d.name), str(d.sha256), str(d.split)) for d in predicate.datasets),
-        metrics=tuple(_metric_record(m) for m in predicate.metrics),
-    )
-
-
-def _metric_record(m: MetricResult) -> MetricRecord:
-    ci = m.ci or ConfidenceInterval()
-    return MetricRecord(
-        name=m.name,
-        value=None if m.value is None else float(m.value),
-        low=None if ci.low is None else float(ci.low),
-        high=None if ci.high is None else float(ci.high),
-        passed=m.passed,
-    )
 
 
 class History:
@@ -532,82 +373,4 @@ class History:
             return self._record(conn, rows[0])
 
 
-@dataclass(frozen=True)
-class LocatedBundle:
-    """A bundle directory to act on, and where it came from."""
-
-    path: Path
-    digest: str | None
-    source: str
-
-
-def _statement_digest(bundle: Path) -> str | None:
-    """The bundle digest (sha256 of statement.json), or None if it cannot be read."""
-    try:
-        return "sha256:" + hashlib.sha256((bundle / STATEMENT_NAME).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def locate_bundle(ref: str, store: Store, scratch: Path | None = None) -> LocatedBundle:
-    """Find the bundle named by ``ref``: a bundle directory or ``.tar``, or a run in the store.
-
-    A ``.tar`` is extracted (safely) under ``scratch``. Registry references are
-    handled by :mod:`runner.bundle.oci_artifacts`, not here.
-    """
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return LocatedBundle(path=path, digest=_statement_digest(path), source=f"directory {path}")
-    if path.is_file():
-        if scratch is None:
-            raise InputError("a bundle .tar needs a scratch directory to be read", file=str(path))
-        dest = scratch / "bundle"
-        extract_bundle_tar(path, dest)
-        return LocatedBundle(path=dest, digest=_statement_digest(dest), source=f"tar {path}")
-    record = History(store).lookup(ref)
-    return LocatedBundle(path=record.path, digest=record.bundle_digest, source="store")
-
-
-def format_table(records: Sequence[RunRecord]) -> str:
-    """``runs ls`` as a plain-text table."""
-    header = ["run id", "spec", "outcome", "started (UTC)", "metrics", "bundle"]
-    rows = []
-    for r in records:
-        metrics = ", ".join(f"{m.name}={m.value:.4f}" for m in r.metrics if m.value is not None)
-        repro = f" ↺{r.reproduction_verdict}" if r.reproduction_of else ""
-        rows.append(
-            [
-                r.run_id,
-                r.spec_name or "?",
-                (r.outcome or "?") + repro,
-                (r.started or "?")[:19].replace("T", " "),
-                metrics or "—",
-                r.bundle_digest[:19] + "…",
-            ]
-        )
-    if not rows:
-        return "(no runs)"
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-    return "\n".join(lines)
-
-
-def dumps(records: Sequence[RunRecord]) -> str:
-    return json.dumps([r.as_dict() for r in records], indent=2, sort_keys=True)
-
-
-__all__ = [
-    "History",
-    "LocatedBundle",
-    "RunFilter",
-    "RunRecord",
-    "SyncReport",
-    "format_table",
-    "locate_bundle",
-    "normalize_time",
-    "record_from_predicate",
-]
+__all__ = ["History", "SyncReport"]

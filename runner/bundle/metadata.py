@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,11 +22,12 @@ from runner.shared.tarformat import unsafe_path_reason
 MANIFEST_NAME = "manifest.json"
 STATEMENT_NAME = "statement.json"
 ENVELOPE_NAME = "envelope.dsse.json"
-METADATA_NAMES: frozenset[str] = frozenset({MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME})
+# Not signed itself: it restates the envelope, and verification checks that it does.
+SIGSTORE_BUNDLE_NAME = "envelope.sigstore.json"
+METADATA_NAMES: frozenset[str] = frozenset(
+    {MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME, SIGSTORE_BUNDLE_NAME}
+)
 
-MANIFEST_SCHEMA = "evalrun/bundle-manifest/v1"
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 # A manifest/statement/envelope larger than this is not one the runner wrote.
@@ -123,6 +124,12 @@ class Subject(BaseModel):
         return value
 
 
+# The predicate exactly as signed. Any, not JsonValue, on purpose: it is read into its model
+# by runner.bundle.reader, and validating it as JsonValue here would re-walk every value of
+# a large predicate and refuse nesting deeper than pydantic's recursion limit.
+SignedPredicate: TypeAlias = dict[str, Any]
+
+
 class Statement(BaseModel):
     """An in-toto Statement v1 with the evalrun predicate type."""
 
@@ -135,11 +142,11 @@ class Statement(BaseModel):
     predicate_type: Literal["https://evalrun.dev/EvalRun/v1"] = Field(
         default="https://evalrun.dev/EvalRun/v1", alias="predicateType"
     )
-    predicate: dict[str, Any]
+    predicate: SignedPredicate
 
     @field_validator("predicate")
     @classmethod
-    def _has_run_id(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _has_run_id(cls, value: SignedPredicate) -> SignedPredicate:
         run_id = value.get("run_id")
         if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
             raise ValueError("predicate.run_id must be a run id string")
@@ -161,7 +168,7 @@ class Statement(BaseModel):
         return canonical_json_bytes(self.model_dump(mode="json", by_alias=True))
 
 
-def canonical_json_bytes(obj: Any) -> bytes:
+def canonical_json_bytes(obj: object) -> bytes:
     """The bytes a bundle's metadata is written as: sorted keys, indented, ASCII, finite."""
     # one canonical form a verifier can rely on
     text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False)
@@ -171,8 +178,8 @@ def canonical_json_bytes(obj: Any) -> bytes:
 def load_json_strict(data: bytes) -> Any:
     """Parse JSON, refusing duplicate object keys and non-finite numbers."""
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
         for key, value in pairs:
             if key in out:
                 raise ValueError(f"duplicate key {key!r}")

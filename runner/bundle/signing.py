@@ -1,11 +1,13 @@
 """Signing keys and DSSE envelopes.
 
 The runner signs on the host with a key that never enters a container. Keys are
-PEM files made by :func:`generate_keypair` (ECDSA P-256 with SHA-256, or Ed25519);
-a key's id is the sha256 hex of its DER SubjectPublicKeyInfo, so the same key has
-the same id everywhere. Envelopes follow DSSE v1 (the format sigstore, in-toto
-and securesystemslib verify): signatures are over ``PAE(payloadType, payload)``,
-ECDSA signatures are DER-encoded.
+PEM files made by :func:`generate_keypair` (ECDSA P-256 with SHA-256, or Ed25519)
+or keys held in a PKCS#11 token (:mod:`runner.bundle.keys`); a key's id is the
+sha256 hex of its DER SubjectPublicKeyInfo, so the same key has the same id
+everywhere. Envelopes follow DSSE v1 (the format sigstore, in-toto and
+securesystemslib verify): signatures are over ``PAE(payloadType, payload)``,
+ECDSA signatures are DER-encoded. Verification trusts one key (:class:`Verifier`)
+or several (:class:`Keyring`); the envelope's keyid selects which.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import binascii
 import hashlib
 import os
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -96,38 +99,95 @@ class Verifier:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+    def select(self, keyid: str) -> Verifier | None:
+        """This verifier if ``keyid`` is its key id, else None (the :class:`Keyring` interface)."""
+        return self if keyid == self.keyid else None
+
 
 @dataclass(frozen=True)
-class Signer:
-    """A private key that signs. Build one with :func:`load_signer`."""
+class Keyring:
+    """Several trusted public keys: a signature's keyid selects the one that checks it.
 
-    private_key: _PrivateKey
-    algorithm: Algorithm
-    keyid: str
+    Verifying with a keyring accepts a bundle signed by any of its keys (so bundles
+    signed before a key rotation still verify) and names an unknown keyid as such.
+    Build one with :func:`runner.bundle.keys.load_keyring` or :meth:`of`.
+    """
+
+    verifiers: tuple[Verifier, ...]
+    source: str = "keyring"
 
     @classmethod
-    def from_private_key(cls, private_key: _PrivateKey) -> Signer:
+    def of(cls, verifiers: Iterable[Verifier], source: str = "keyring") -> Keyring:
+        """A keyring of ``verifiers`` (duplicates by keyid kept once); at least one key."""
+        unique = tuple({v.keyid: v for v in verifiers}.values())
+        if not unique:
+            raise InputError("the keyring holds no public key", file=source)
+        return cls(verifiers=unique, source=source)
+
+    @property
+    def keyids(self) -> tuple[str, ...]:
+        """The key ids of every trusted key, in keyring order."""
+        return tuple(v.keyid for v in self.verifiers)
+
+    def select(self, keyid: str) -> Verifier | None:
+        """The trusted key with this key id, or None."""
+        return next((v for v in self.verifiers if v.keyid == keyid), None)
+
+
+TrustedKeys = Verifier | Keyring
+"""What verification accepts: one public key, or a keyring."""
+
+
+@dataclass(frozen=True)
+class Signer(ABC):
+    """Signs for one key, wherever the private key lives (memory or a PKCS#11 token).
+
+    Build one with :func:`load_signer` (a PEM file) or
+    :func:`runner.bundle.keys.load_signing_key` (any key source).
+    """
+
+    public_key: _PublicKey
+    algorithm: Algorithm
+    keyid: str
+    source: str
+    """Where the key came from, for people (a path, ``env:VAR``, ``pkcs11:…``); never a secret."""
+
+    @abstractmethod
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data``: raw 64-byte Ed25519, or DER-encoded ECDSA P-256/SHA-256."""
+
+    def verifier(self) -> Verifier:
+        """The matching public-key verifier."""
+        return Verifier.from_public_key(self.public_key)
+
+    @classmethod
+    def from_private_key(cls, private_key: _PrivateKey, *, source: str = "memory") -> Signer:
         """Wrap a `cryptography` private key; raises InputError for unsupported key types."""
         algorithm = _algorithm_of(private_key)
         if algorithm is None:
             raise InputError(
                 "unsupported private key type", hint=f"use one of: {', '.join(ALGORITHMS)}"
             )
-        return cls(
-            private_key=private_key,
+        return PrivateKeySigner(
+            public_key=private_key.public_key(),
             algorithm=algorithm,
             keyid=keyid_of(private_key.public_key()),
+            source=source,
+            private_key=private_key,
         )
+
+
+@dataclass(frozen=True)
+class PrivateKeySigner(Signer):
+    """A signer whose private key is in this process's memory (loaded from PEM)."""
+
+    private_key: _PrivateKey = field(repr=False)
 
     def sign(self, data: bytes) -> bytes:
         """Sign ``data``: raw 64-byte Ed25519, or DER-encoded ECDSA P-256/SHA-256."""
         if isinstance(self.private_key, ed25519.Ed25519PrivateKey):
             return self.private_key.sign(data)
         return self.private_key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-    def verifier(self) -> Verifier:
-        """The matching public-key verifier."""
-        return Verifier.from_public_key(self.private_key.public_key())
 
 
 def _new_private_key(algorithm: Algorithm) -> _PrivateKey:
@@ -210,7 +270,8 @@ def generate_keypair(
     )
 
 
-def _read_key_file(path: Path, what: str) -> bytes:
+def read_key_file(path: Path, what: str) -> bytes:
+    """The bytes of key file ``path`` (a regular file of at most 64 KiB); InputError names it."""
     try:
         st = path.stat()
     except FileNotFoundError as exc:
@@ -234,11 +295,23 @@ def load_signer(path: Path, *, password: bytes | None = None) -> Signer:
     (a public key is called out as such), encrypted without a password, or of
     an unsupported type.
     """
-    data = _read_key_file(path, "signing key")
+    return signer_from_pem(read_key_file(path, "signing key"), source=str(path), password=password)
+
+
+def signer_from_pem(
+    data: bytes, *, source: str, password: bytes | None = None, password_hint: str | None = None
+) -> Signer:
+    """A signer for the PEM private key ``data`` read from ``source`` (named in errors).
+
+    Raises InputError if ``data`` is not a PEM private key (a public key is called
+    out as such), is encrypted and ``password`` is missing or wrong, is not
+    encrypted but a password was given, or is of an unsupported type.
+    ``password_hint`` says how to supply the password.
+    """
     if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
         raise InputError(
             "this is a public key; signing needs the private key",
-            file=str(path),
+            file=source,
             hint="pass the private key file made by `evalrun keys generate`",
         )
     try:
@@ -247,24 +320,29 @@ def load_signer(path: Path, *, password: bytes | None = None) -> Signer:
         # cryptography: password missing for an encrypted key, or given for a plain one
         raise InputError(
             f"cannot load signing key: {exc}",
-            file=str(path),
-            hint="set or unset the key password",
+            file=source,
+            hint=password_hint or "set or unset the key password",
         ) from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise InputError(
             "not a PEM private key (or wrong password)",
-            file=str(path),
-            hint="expected a PKCS#8 PEM made by `evalrun keys generate`",
+            file=source,
+            hint=password_hint or "expected a PKCS#8 PEM made by `evalrun keys generate`",
         ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) or (
         _algorithm_of(key) is None
     ):
         raise InputError(
             f"unsupported signing key type {type(key).__name__}",
-            file=str(path),
+            file=source,
             hint=f"use one of: {', '.join(ALGORITHMS)}",
         )
-    return Signer.from_private_key(key)
+    return Signer.from_private_key(key, source=source)
+
+
+def pem_is_encrypted(data: bytes) -> bool:
+    """True if ``data`` is an encrypted PEM private key (PKCS#8 or legacy OpenSSL)."""
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
 
 
 def load_verifier(path: Path) -> Verifier:
@@ -274,11 +352,19 @@ def load_verifier(path: Path) -> Verifier:
     (a private key is refused: verification never needs one), or of an
     unsupported type.
     """
-    data = _read_key_file(path, "public key")
+    return verifier_from_pem(read_key_file(path, "public key"), source=str(path))
+
+
+def verifier_from_pem(data: bytes, *, source: str) -> Verifier:
+    """A verifier for the one PEM public key ``data`` read from ``source`` (named in errors).
+
+    Raises InputError if ``data`` holds a private key (verification never needs
+    one), is not a PEM public key, or is of an unsupported type.
+    """
     if b"PRIVATE KEY-----" in data:
         raise InputError(
             "this is a private key; verification takes the public key",
-            file=str(path),
+            file=source,
             hint="pass the .pub file written by `evalrun keys generate`",
         )
     try:
@@ -286,7 +372,7 @@ def load_verifier(path: Path) -> Verifier:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise InputError(
             "not a PEM public key",
-            file=str(path),
+            file=source,
             hint="expected a SubjectPublicKeyInfo PEM ('-----BEGIN PUBLIC KEY-----')",
         ) from exc
     if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey) or (
@@ -294,7 +380,7 @@ def load_verifier(path: Path) -> Verifier:
     ):
         raise InputError(
             f"unsupported public key type {type(key).__name__}",
-            file=str(path),
+            file=source,
             hint=f"use one of: {', '.join(ALGORITHMS)}",
         )
     return Verifier.from_public_key(key)
@@ -315,18 +401,40 @@ def b64_encode(data: bytes) -> str:
 
 
 def b64_decode_canonical(text: str) -> bytes:
-    """Decode standard padded base64, refusing any text that is not its canonical encoding.
+    """Decode padded base64, standard or URL-safe (DSSE allows both), canonical text only.
 
-    Canonical only: otherwise a changed padding bit would alter the envelope's
-    bytes without altering what they decode to.
+    One alphabet per text (``+/`` or ``-_``, never both), padded, and exactly the
+    encoding of what it decodes to: otherwise a changed padding bit would alter
+    the envelope's bytes without altering what they decode to.
     """
+    urlsafe = "-" in text or "_" in text
+    if urlsafe and ("+" in text or "/" in text):
+        raise ValueError("not valid base64 (mixes the standard and URL-safe alphabets)")
     try:
-        data = base64.b64decode(text.encode("ascii"), validate=True)
+        raw = text.encode("ascii")
+        if urlsafe:
+            data = base64.b64decode(raw, altchars=b"-_", validate=True)
+        else:
+            data = base64.b64decode(raw, validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
         raise ValueError("not valid base64") from exc
-    if base64.b64encode(data).decode("ascii") != text:
+    canonical = base64.urlsafe_b64encode(data) if urlsafe else base64.b64encode(data)
+    if canonical.decode("ascii") != text:
         raise ValueError("not canonical base64")
     return data
+
+
+class SignatureJson(TypedDict):
+    keyid: str
+    sig: str
+
+
+class EnvelopeJson(TypedDict):
+    """A DSSE envelope as standard JSON: base64 payload, its type, the signatures."""
+
+    payload: str
+    payloadType: str
+    signatures: list[SignatureJson]
 
 
 class DsseSignature(BaseModel):
@@ -347,7 +455,7 @@ class DsseEnvelope(BaseModel):
     payload_type: StrictStr = Field(alias="payloadType")
     signatures: tuple[DsseSignature, ...]
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_json_dict(self) -> EnvelopeJson:
         """The standard DSSE JSON object."""
         return {
             "payload": self.payload,
@@ -356,7 +464,7 @@ class DsseEnvelope(BaseModel):
         }
 
 
-def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> dict[str, Any]:
+def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> EnvelopeJson:
     """Sign ``payload`` and return a standard DSSE JSON object with one signature.
 
     The result is ``{"payload": b64, "payloadType": ..., "signatures": [{"keyid", "sig"}]}``
@@ -372,42 +480,57 @@ def sign_envelope(payload: bytes, payload_type: str, signer: Signer) -> dict[str
     return envelope.to_json_dict()
 
 
-def envelope_problems(
-    envelope: Mapping[str, Any], verifier: Verifier, expected_payload_type: str
-) -> tuple[bytes | None, list[str]]:
-    """Check a DSSE envelope; return (payload, []) if it verifies, else (None, problems).
+@dataclass(frozen=True)
+class EnvelopeCheck:
+    """What checking a DSSE envelope found: the payload and signer if it verified, else why not."""
+
+    payload: bytes | None
+    keyid: str | None
+    problems: tuple[str, ...]
+
+
+def check_envelope(
+    envelope: Mapping[str, object], trusted: TrustedKeys, expected_payload_type: str
+) -> EnvelopeCheck:
+    """Check a DSSE envelope against one trusted key or a keyring.
 
     It verifies only if it is well-formed, its payloadType is exactly
-    ``expected_payload_type``, and a signature whose keyid is the verifier's key
-    id is a valid signature by that key over the PAE. Each problem says what
-    did not hold (for a wrong key: the key id expected and the ones found).
+    ``expected_payload_type``, and a signature whose keyid selects a trusted key
+    is a valid signature by that key over the PAE. Each problem says what did
+    not hold: for a single key, the key id expected and the ones found; for a
+    keyring, each unknown keyid.
     """
     try:
         parsed = DsseEnvelope.model_validate(dict(envelope))
     except ValidationError as exc:
-        return None, [
-            f"envelope: {'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in exc.errors()
-        ]
+        return EnvelopeCheck(
+            None,
+            None,
+            tuple(
+                f"envelope: {'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+                for err in exc.errors()
+            ),
+        )
     problems: list[str] = []
     try:
         payload = b64_decode_canonical(parsed.payload)
     except ValueError as exc:
-        return None, [f"envelope: payload is {exc}"]
+        return EnvelopeCheck(None, None, (f"envelope: payload is {exc}",))
     if parsed.payload_type != expected_payload_type:
         problems.append(
             f"envelope: payloadType is {parsed.payload_type!r}, expected {expected_payload_type!r}"
         )
     if not parsed.signatures:
         problems.append("envelope: has no signatures")
-        return None, problems
+        return EnvelopeCheck(None, None, tuple(problems))
 
     message = pae(parsed.payload_type, payload)
     found_keyids: list[str] = []
-    verified = False
+    verified_by: str | None = None
     for index, signature in enumerate(parsed.signatures):
         found_keyids.append(signature.keyid)
-        if signature.keyid != verifier.keyid:
+        verifier = trusted.select(signature.keyid)
+        if verifier is None:
             continue
         try:
             raw = b64_decode_canonical(signature.sig)
@@ -415,32 +538,50 @@ def envelope_problems(
             problems.append(f"envelope: signatures[{index}].sig is {exc}")
             continue
         if verifier.verify(raw, message):
-            verified = True
+            verified_by = verified_by or verifier.keyid
         else:
             problems.append(
                 f"signature by keyid {verifier.keyid} is invalid "
                 "(the signed payload, payloadType or signature was altered)"
             )
-    if verifier.keyid not in found_keyids:
-        problems.append(
-            f"wrong key: expected a signature by keyid {verifier.keyid}, "
-            f"envelope is signed by keyid {', '.join(found_keyids)}"
-        )
-    if problems or not verified:
+    if not any(trusted.select(k) for k in found_keyids):
+        if isinstance(trusted, Keyring):
+            problems.extend(
+                f"unknown keyid {k}: not in the keyring {trusted.source} "
+                f"({len(trusted.verifiers)} trusted key{'s' * (len(trusted.verifiers) != 1)})"
+                for k in dict.fromkeys(found_keyids)
+            )
+        else:
+            problems.append(
+                f"wrong key: expected a signature by keyid {trusted.keyid}, "
+                f"envelope is signed by keyid {', '.join(found_keyids)}"
+            )
+    if problems or verified_by is None:
         if not problems:
-            problems.append(f"no valid signature by keyid {verifier.keyid}")
-        return None, problems
-    return payload, []
+            problems.append("no valid signature by a trusted key")
+        return EnvelopeCheck(None, None, tuple(problems))
+    return EnvelopeCheck(payload, verified_by, ())
+
+
+def envelope_problems(
+    envelope: Mapping[str, Any], trusted: TrustedKeys, expected_payload_type: str
+) -> tuple[bytes | None, list[str]]:
+    """Check a DSSE envelope; return (payload, []) if it verifies, else (None, problems).
+
+    See :func:`check_envelope` for what is checked.
+    """
+    found = check_envelope(envelope, trusted, expected_payload_type)
+    return found.payload, list(found.problems)
 
 
 def verify_envelope(
-    envelope: Mapping[str, Any], verifier: Verifier, expected_payload_type: str
+    envelope: Mapping[str, object], verifier: TrustedKeys, expected_payload_type: str
 ) -> bytes:
     """Verify a DSSE envelope and return its payload bytes.
 
     Fails closed: raises VerificationFailed listing every problem unless the
     envelope is well-formed, carries exactly ``expected_payload_type``, and has a
-    valid signature by ``verifier``'s key (matched by key id).
+    valid signature by a trusted key (matched by key id).
     """
     payload, problems = envelope_problems(envelope, verifier, expected_payload_type)
     if payload is None or problems:
@@ -448,22 +589,70 @@ def verify_envelope(
     return payload
 
 
+# --- Sigstore bundle ------------------------------------------------------------------
+
+SIGSTORE_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+
+
+def sigstore_bundle(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The DSSE ``envelope`` restated as a Sigstore bundle (protobuf-specs JSON, v0.3).
+
+    The bundle carries the same payload, payloadType and signature, and names the
+    signing key by its keyid in ``verificationMaterial.publicKey.hint`` only: the
+    signature itself carries no keyid there, because sigstore-go's DSSE check skips
+    a signature whose keyid is not its own fingerprint of the key. It has no
+    transparency-log entries, so verifiers that expect them must be told to skip
+    the log (cosign: ``--insecure-ignore-tlog=true``). Raises ValueError if the
+    envelope is not well-formed or does not carry exactly one signature.
+    """
+    try:
+        parsed = DsseEnvelope.model_validate(dict(envelope))
+    except ValidationError as exc:
+        raise ValueError(f"not a DSSE envelope: {exc.error_count()} problem(s)") from exc
+    if len(parsed.signatures) != 1:
+        raise ValueError(f"expected exactly one signature, found {len(parsed.signatures)}")
+    return {
+        "mediaType": SIGSTORE_BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {
+            "publicKey": {"hint": parsed.signatures[0].keyid},
+            "tlogEntries": [],
+        },
+        "dsseEnvelope": {
+            "payload": parsed.payload,
+            "payloadType": parsed.payload_type,
+            "signatures": [{"sig": parsed.signatures[0].sig}],
+        },
+    }
+
+
 __all__ = [
     "ALGORITHMS",
+    "SIGSTORE_BUNDLE_MEDIA_TYPE",
     "Algorithm",
     "DsseEnvelope",
     "DsseSignature",
+    "EnvelopeCheck",
+    "EnvelopeJson",
     "KeyInfo",
+    "Keyring",
+    "PrivateKeySigner",
     "Signer",
+    "TrustedKeys",
     "Verifier",
     "b64_decode_canonical",
     "b64_encode",
+    "check_envelope",
     "envelope_problems",
     "generate_keypair",
     "keyid_of",
     "load_signer",
     "load_verifier",
     "pae",
+    "pem_is_encrypted",
+    "read_key_file",
     "sign_envelope",
+    "signer_from_pem",
+    "sigstore_bundle",
+    "verifier_from_pem",
     "verify_envelope",
 ]

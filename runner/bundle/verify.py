@@ -7,9 +7,11 @@ inputs could not be read reports that as a problem, so no check passes without
 having checked something. The bundle is valid only if every check ran and found
 nothing. There is no option to skip a check.
 
-The chain of trust: the DSSE signature (by the given key) covers statement.json;
-its subjects pin manifest.json and every payload file by sha256; the manifest
-must list exactly the files present, with the digests the runner recomputes.
+The chain of trust: the DSSE signature (by the given key, or by the keyring key
+its keyid selects) covers statement.json; its subjects pin manifest.json and
+every payload file by sha256; the manifest must list exactly the files present,
+with the digests the runner recomputes. ``envelope.sigstore.json``, where present,
+must restate exactly that envelope (bundles sealed before it existed have none).
 """
 
 from __future__ import annotations
@@ -36,12 +38,19 @@ from runner.bundle.metadata import (
     METADATA_MAX_BYTES,
     METADATA_NAMES,
     PAYLOAD_TYPE,
+    SIGSTORE_BUNDLE_NAME,
     STATEMENT_NAME,
     BundleManifest,
     Statement,
     load_json_strict,
 )
-from runner.bundle.signing import DsseEnvelope, Verifier, b64_decode_canonical, envelope_problems
+from runner.bundle.signing import (
+    DsseEnvelope,
+    TrustedKeys,
+    b64_decode_canonical,
+    envelope_problems,
+    sigstore_bundle,
+)
 from runner.errors import InputError, UnsafeBundleEntry, VerificationFailed
 from runner.shared.tarformat import unsafe_path_reason
 
@@ -90,7 +99,7 @@ class _Facts:
     payload_files: set[str] = field(default_factory=set)
     raw: dict[str, bytes] = field(default_factory=dict)
     raw_problems: dict[str, str] = field(default_factory=dict)
-    envelope: dict[str, Any] | None = None
+    envelope: dict[str, Any] | None = None  # the JSON object read, not yet validated
     envelope_problem: str | None = None
     payload: bytes | None = None
     statement: Statement | None = None
@@ -218,11 +227,11 @@ def _gather(path: Path, workers: int | None) -> _Facts:
     facts = _Facts(location=str(path))
     with _open_source(path, workers) as source:
         source.scan(facts)
-        for name in (ENVELOPE_NAME, STATEMENT_NAME, MANIFEST_NAME):
+        for name in (ENVELOPE_NAME, STATEMENT_NAME, MANIFEST_NAME, SIGSTORE_BUNDLE_NAME):
             data = source.read_metadata(name)
             if isinstance(data, bytes):
                 facts.raw[name] = data
-            else:
+            elif name != SIGSTORE_BUNDLE_NAME or data != "missing":  # older bundles lack it
                 facts.raw_problems[name] = f"{name}: {data}"
 
         if ENVELOPE_NAME in facts.raw:
@@ -262,12 +271,39 @@ def _gather(path: Path, workers: int | None) -> _Facts:
     return facts
 
 
+def _decoded_sigstore(bundle: Any, problems: list[str]) -> Any:
+    """The Sigstore bundle with its base64 fields decoded (either DSSE alphabet says the same);
+    a field that does not decode is kept as text and named in ``problems``."""
+    if not isinstance(bundle, dict) or not isinstance(bundle.get("dsseEnvelope"), dict):
+        return bundle
+    envelope = dict(bundle["dsseEnvelope"])
+
+    def decode(text: object, where: str) -> object:
+        if not isinstance(text, str):
+            return text
+        try:
+            return b64_decode_canonical(text)
+        except ValueError as exc:
+            problems.append(f"dsseEnvelope.{where} is {exc}")
+            return text
+
+    envelope["payload"] = decode(envelope.get("payload"), "payload")
+    if isinstance(envelope.get("signatures"), list):
+        envelope["signatures"] = [
+            {**sig, "sig": decode(sig.get("sig"), f"signatures[{i}].sig")}
+            if isinstance(sig, dict)
+            else sig
+            for i, sig in enumerate(envelope["signatures"])
+        ]
+    return {**bundle, "dsseEnvelope": envelope}
+
+
 # --- the checks ---------------------------------------------------------------------
 
-_Check = Callable[[_Facts, Verifier], tuple[int, list[str]]]
+_Check = Callable[[_Facts, TrustedKeys], tuple[int, list[str]]]
 
 
-def _check_layout(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_layout(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
     """Every entry is a regular file or directory at a safe relative path."""
     problems = list(facts.layout_problems)
     for name in METADATA_NAMES:
@@ -276,8 +312,9 @@ def _check_layout(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     return facts.entry_count, problems
 
 
-def _check_signature(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
-    """The envelope carries exactly one signature, by the given key, over the in-toto payload."""
+def _check_signature(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
+    """The envelope carries exactly one signature, by a trusted key, over the in-toto payload;
+    the Sigstore bundle, if there is one, restates exactly that envelope."""
     if facts.envelope is None:
         if ENVELOPE_NAME not in facts.raw:
             return 0, [facts.raw_problems.get(ENVELOPE_NAME, f"{ENVELOPE_NAME}: missing")]
@@ -289,10 +326,45 @@ def _check_signature(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]
             f"{ENVELOPE_NAME}: carries {len(signatures)} signatures; "
             "an evalrun bundle carries exactly one"
         )
+    problems.extend(_sigstore_problems(facts))
     return 1, problems
 
 
-def _check_statement(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _sigstore_problems(facts: _Facts) -> list[str]:
+    if SIGSTORE_BUNDLE_NAME in facts.raw_problems:
+        return [facts.raw_problems[SIGSTORE_BUNDLE_NAME]]
+    raw = facts.raw.get(SIGSTORE_BUNDLE_NAME)
+    if raw is None or facts.envelope is None:
+        return []
+    envelope_problems_: list[str] = []
+    try:
+        expected = _decoded_sigstore(sigstore_bundle(facts.envelope), envelope_problems_)
+    except ValueError:
+        return []  # the envelope's own problems are reported already
+    if envelope_problems_:
+        return []  # likewise
+    try:
+        loaded = load_json_strict(raw)
+    except ValueError as exc:
+        return [f"{SIGSTORE_BUNDLE_NAME} is not JSON: {exc}"]
+    problems: list[str] = []
+    found = _decoded_sigstore(loaded, problems)
+    if problems:
+        return [f"{SIGSTORE_BUNDLE_NAME}: {p}" for p in problems]
+    if found != expected:
+        differing = (
+            sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            if isinstance(found, dict)
+            else ["(root)"]
+        )
+        return [
+            f"{SIGSTORE_BUNDLE_NAME} does not restate {ENVELOPE_NAME} "
+            f"({', '.join(differing)} differ{'s' * (len(differing) == 1)})"
+        ]
+    return []
+
+
+def _check_statement(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
     """statement.json is byte-for-byte the signed payload, and that is an evalrun Statement."""
     if facts.payload is None:
         return 0, [f"statement not checked: no readable payload in {ENVELOPE_NAME}"]
@@ -308,14 +380,14 @@ def _check_statement(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]
     return 1, problems
 
 
-def _check_manifest(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_manifest(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
     """manifest.json is a well-formed evalrun manifest (safe, sorted, unique paths)."""
     if MANIFEST_NAME not in facts.raw:
         return 0, [facts.raw_problems.get(MANIFEST_NAME, f"{MANIFEST_NAME}: missing")]
     return 1, list(facts.manifest_problems)
 
 
-def _check_subjects(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_subjects(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
     """The signed subjects are exactly the manifest files plus manifest.json, same digests."""
     if facts.statement is None or facts.manifest is None:
         return 0, ["subjects not checked: statement or manifest unreadable"]
@@ -342,7 +414,7 @@ def _check_subjects(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
     return len(expected), problems
 
 
-def _check_run_identity(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_run_identity(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
     """The signed statement is about the run this bundle's manifest belongs to."""
     if facts.statement is None or facts.manifest is None:
         return 0, ["run identity not checked: statement or manifest unreadable"]
@@ -355,7 +427,7 @@ def _check_run_identity(facts: _Facts, verifier: Verifier) -> tuple[int, list[st
     return 1, []
 
 
-def _check_files(facts: _Facts, verifier: Verifier) -> tuple[int, list[str]]:
+def _check_files(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
     """Exactly the manifest's files are present, each with its sha256 and size."""
     if facts.manifest is None:
         return 0, ["files not checked: manifest unreadable"]
@@ -395,9 +467,13 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def verify_bundle(path: Path, verifier: Verifier, *, workers: int | None = None) -> VerifiedBundle:
+def verify_bundle(
+    path: Path, verifier: TrustedKeys, *, workers: int | None = None
+) -> VerifiedBundle:
     """Verify the bundle at ``path`` (a directory or an uncompressed ``.tar``) offline.
 
+    ``verifier`` is the one trusted public key, or a keyring whose key the
+    envelope's keyid selects (an unknown keyid is a problem naming it).
     Returns a VerifiedBundle only if every check in :data:`CHECKS` compared
     something and found no problem. Otherwise raises VerificationFailed whose
     ``problems`` name each mismatch (file, expected vs found sha256, extra or
@@ -433,12 +509,13 @@ def verify_bundle(path: Path, verifier: Verifier, *, workers: int | None = None)
             bundle=str(path),
         )
     assert facts.statement is not None and facts.manifest is not None and facts.payload
+    assert facts.envelope is not None  # the signature check passed: one signature, trusted
     return VerifiedBundle(
         path=path,
         run_id=facts.statement.run_id,
         bundle_digest="sha256:" + _sha(facts.payload),
         manifest_digest="sha256:" + _sha(facts.raw[MANIFEST_NAME]),
-        keyid=verifier.keyid,
+        keyid=facts.envelope["signatures"][0]["keyid"],
         file_count=len(facts.manifest.files),
         total_size=sum(f.size for f in facts.manifest.files),
         statement=facts.statement,

@@ -8,26 +8,19 @@ them to exit codes and messages.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
+from runner.cli.output import Term, emit_json
 from runner.errors import EvalrunError
-
-Term = Callable[[str], None]
 
 REQUIRES = {
     "docker": "local Docker backend (CPU, gVisor)",
     "gpu": "an NVIDIA GPU node: --backend kubernetes",
 }
-
-
-def _emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def _as_typed(path: Path) -> str:
@@ -44,7 +37,7 @@ def cmd_blueprints_ls(args: argparse.Namespace, settings: Settings, term: Term) 
 
     catalogue = list_blueprints()
     if args.json:
-        _emit_json(
+        emit_json(
             [
                 {
                     "name": b.name,
@@ -90,7 +83,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     elif not any(cmd.startswith("evalrun lock") for cmd in blueprint.manifest.next):
         summary["next"].insert(1, "evalrun lock eval.yaml")
     if args.json:
-        _emit_json(summary)
+        emit_json(summary)
         return 0
     print(f"scaffolded {blueprint.name} → {typed}")
     print(f"  spec   {project.spec_path} ({project.spec.metadata.name})")

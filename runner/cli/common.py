@@ -1,31 +1,108 @@
-"""What several CLI commands share: the signing key, the backend and its flags."""
+"""What several CLI commands share: the signing key, trusted keys, the backend and its
+flags, and the local bundle a REF argument names."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
-from runner.errors import InputError
+from runner.cli.output import Term
+from runner.errors import InputError, VerificationFailed
+
+
+def key_access(args: argparse.Namespace) -> Any:
+    """How this command reaches and unlocks keys (passphrase and PIN variables, the cluster)."""
+    from runner.bundle.keys import PASSPHRASE_ENV, PIN_ENV, KeyAccess
+
+    return KeyAccess(
+        passphrase_env=getattr(args, "key_passphrase_env", None) or PASSPHRASE_ENV,
+        pin_env=getattr(args, "pin_env", None) or PIN_ENV,
+        kubeconfig=getattr(args, "kubeconfig", None),
+        kube_context=getattr(args, "context", None),
+    )
 
 
 def signer_for(args: argparse.Namespace, settings: Settings, term: Callable[[str], None]) -> Any:
-    """The signer of ``--key``, or the default key (created, and said so, on first use)."""
-    from runner.bundle.signing import generate_keypair, load_signer
+    """The signer of ``--key``, else ``$EVALRUN_KEY``, else the default key.
 
-    key = args.key
-    if key is None:
-        key = settings.default_private_key
-        if not key.exists():
-            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            info = generate_keypair(key, settings.default_public_key)
-            term(
-                f"created signing key {key} (public: {settings.default_public_key}, "
-                f"keyid {info.keyid[:16]}…)"
-            )
-    return load_signer(key)
+    The default key is created on the fly only in an interactive session, and then
+    announced loudly on stderr (even under ``--json``); in CI or without a terminal
+    this raises SigningKeyRequired (exit 2) instead.
+    """
+    from runner.bundle.keys import Session, resolve_signing_key
+
+    return resolve_signing_key(
+        args.key,
+        key_access(args),
+        default_private=settings.default_private_key,
+        default_public=settings.default_public_key,
+        session=Session.current(),
+        announce=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+
+
+def verifier_for(args: argparse.Namespace, settings: Settings, public: Path | None = None) -> Any:
+    """The keys a bundle may be signed by: ``public`` and/or ``--keyring``, else the default
+    public key. InputError if none is there."""
+    from runner.bundle.keys import load_keyring
+    from runner.bundle.signing import Keyring, load_verifier
+
+    keyring: Path | None = getattr(args, "keyring", None)
+    if keyring is not None:
+        ring = load_keyring(keyring)
+        if public is None:
+            return ring
+        return Keyring.of((load_verifier(public), *ring.verifiers), source=str(keyring))
+    if public is None and not settings.default_public_key.exists():
+        raise InputError(
+            "no public key to verify bundles with",
+            file=str(settings.default_public_key),
+            hint="pass --pub KEY.pub (the key the bundles were signed with) or --keyring PATH",
+        )
+    return load_verifier(public or settings.default_public_key)
+
+
+def add_signing_key_args(p: argparse.ArgumentParser) -> None:
+    """``--key`` (any key source) and the variables that unlock it."""
+    p.add_argument(
+        "--key",
+        metavar="KEY",
+        help="signing key: a PEM file, env:VAR, - (stdin), k8s://NAMESPACE/SECRET[/FIELD] or "
+        "pkcs11:token=…;object=… (default: $EVALRUN_KEY, then $EVALRUN_HOME/keys/evalrun.key)",
+    )
+    add_unlock_args(p)
+
+
+def add_unlock_args(p: argparse.ArgumentParser) -> None:
+    """``--key-passphrase-env`` and ``--pin-env``."""
+    p.add_argument(
+        "--key-passphrase-env",
+        metavar="VAR",
+        help="variable holding the passphrase of an encrypted PEM key "
+        "(default EVALRUN_KEY_PASSPHRASE)",
+    )
+    p.add_argument(
+        "--pin-env",
+        metavar="VAR",
+        help="variable holding the PKCS#11 token's user PIN (default EVALRUN_PKCS11_PIN)",
+    )
+
+
+def add_keyring_arg(p: argparse.ArgumentParser) -> None:
+    """``--keyring``: several trusted public keys."""
+    p.add_argument(
+        "--keyring",
+        type=Path,
+        metavar="PATH",
+        help="trusted public keys: a directory of *.pub/*.pem files or a file of concatenated "
+        "PEM public keys; the bundle's keyid selects one (keys from before a rotation)",
+    )
 
 
 def backend_for(args: argparse.Namespace, output: Callable[[Any], None] | None = None) -> Any:
@@ -62,7 +139,7 @@ def toleration(text: str) -> tuple[str, str]:
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
-    """``--backend`` and the Kubernetes flags, plus ``--key``."""
+    """``--backend`` and the Kubernetes flags, plus ``--key`` and what unlocks it."""
     p.add_argument("--backend", default="docker", choices=["docker", "kubernetes"])
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
@@ -90,4 +167,74 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         help="kubernetes: remove a finished Job (and its ConfigMap) this long after its "
         "results are collected (default 600)",
     )
-    p.add_argument("--key", type=Path, help="private signing key (default: $EVALRUN_HOME/keys)")
+    add_signing_key_args(p)
+
+
+@contextmanager
+def bundle_for(
+    ref: str, settings: Settings, args: argparse.Namespace, term: Term
+) -> Iterator[tuple[Path, str | None]]:
+    """A local bundle directory for ``ref``: path, run id/digest in the store, or registry ref."""
+    from runner.bundle.locate import locate_bundle
+    from runner.bundle.oci_artifacts import is_registry_ref, pull_bundle
+    from runner.bundle.store import Store
+
+    store = Store(settings.home)
+    if is_registry_ref(ref):
+        local = _latest_run_for_image(ref, settings)
+        if local is not None:
+            yield local
+            return
+        pulled = pull_bundle(ref, store, verifier_for(args, settings, args.pub), progress=term)
+        # an image with several evaluations attached: the newest one
+        newest = max(pulled, key=lambda p: (_started(p.stored.path), p.run_id))
+        yield newest.stored.path, newest.stored.digest
+        return
+    store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ref-", dir=store.tmp_dir) as tmp:
+        try:
+            located = locate_bundle(ref, store, Path(tmp))
+        except InputError:
+            image_run = _latest_run_for_image(ref, settings)
+            if image_run is None:
+                raise
+            yield image_run
+            return
+        yield located.path, located.digest
+
+
+def _started(bundle: Path) -> str:
+    from runner.bundle.reader import read_predicate
+
+    return read_predicate(bundle).timestamps.started or ""
+
+
+def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
+    """The newest original run of an image given by digest (``sha256:…``), if any."""
+    from runner.bundle.index import History
+    from runner.bundle.run_records import RunFilter
+    from runner.bundle.store import Store
+
+    text = ref.split("@", 1)[-1]
+    if not text.startswith("sha256:") or len(text) != 71:
+        return None
+    runs = [
+        r
+        for r in History(Store(settings.home)).query(RunFilter(image=text))
+        if r.reproduction_of is None
+    ]
+    return (runs[-1].path, runs[-1].bundle_digest) if runs else None
+
+
+def verification_text(bundle: Path, args: argparse.Namespace, settings: Settings) -> str:
+    """One line: does ``bundle`` verify with the ``--pub``/``--keyring`` (or default) keys?"""
+    from runner.bundle.verify import verify_bundle
+
+    public: Path = args.pub or settings.default_public_key
+    if getattr(args, "keyring", None) is None and not public.exists():
+        return "not checked (no public key; pass --pub or --keyring)"
+    try:
+        vb = verify_bundle(bundle, verifier_for(args, settings, args.pub))
+    except VerificationFailed as exc:
+        return "FAILED: " + "; ".join(exc.problems)
+    return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"

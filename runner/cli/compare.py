@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 from runner._internal.settings import Settings
-
-Term = Callable[[str], None]
+from runner.cli.output import Term
 
 
 def cmd_compare(args: argparse.Namespace, settings: Settings, term: Term) -> int:

@@ -8,116 +8,35 @@ them to exit codes and messages.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from runner._internal.settings import Settings
-from runner.cli.common import add_backend_args, backend_for, signer_for
-from runner.errors import InputError, VerificationFailed
+from runner.cli.common import (
+    add_backend_args,
+    add_keyring_arg,
+    backend_for,
+    bundle_for,
+    signer_for,
+    verification_text,
+    verifier_for,
+)
+from runner.cli.output import Term, emit_json
 
 if TYPE_CHECKING:
     from runner.model.predicate import Predicate
-
-Term = Callable[[str], None]
-
-
-def _emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _verifier(args: argparse.Namespace, settings: Settings) -> Any:
-    from runner.bundle.signing import load_verifier
-
-    public: Path = args.pub or settings.default_public_key
-    if not public.exists():
-        raise InputError(
-            "no public key to verify bundles with",
-            file=str(public),
-            hint="pass --pub KEY.pub (the key the bundles were signed with)",
-        )
-    return load_verifier(public)
-
-
-@contextmanager
-def _bundle_for(
-    ref: str, settings: Settings, args: argparse.Namespace, term: Term
-) -> Iterator[tuple[Path, str | None]]:
-    """A local bundle directory for ``ref``: path, run id/digest in the store, or registry ref."""
-    from runner.bundle.index import locate_bundle
-    from runner.bundle.oci_artifacts import is_registry_ref, pull_bundle
-    from runner.bundle.store import Store
-
-    store = Store(settings.home)
-    if is_registry_ref(ref):
-        local = _latest_run_for_image(ref, settings)
-        if local is not None:
-            yield local
-            return
-        pulled = pull_bundle(ref, store, _verifier(args, settings), progress=term)
-        # an image with several evaluations attached: the newest one
-        newest = max(pulled, key=lambda p: (_started(p.stored.path), p.run_id))
-        yield newest.stored.path, newest.stored.digest
-        return
-    store.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ref-", dir=store.tmp_dir) as tmp:
-        try:
-            located = locate_bundle(ref, store, Path(tmp))
-        except InputError:
-            image_run = _latest_run_for_image(ref, settings)
-            if image_run is None:
-                raise
-            yield image_run
-            return
-        yield located.path, located.digest
-
-
-def _started(bundle: Path) -> str:
-    from runner.bundle.reader import read_predicate
-
-    return read_predicate(bundle).timestamps.started or ""
-
-
-def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
-    """The newest original run of an image given by digest (``sha256:…``), if any."""
-    from runner.bundle.index import History, RunFilter
-    from runner.bundle.store import Store
-
-    text = ref.split("@", 1)[-1]
-    if not text.startswith("sha256:") or len(text) != 71:
-        return None
-    runs = [
-        r
-        for r in History(Store(settings.home)).query(RunFilter(image=text))
-        if r.reproduction_of is None
-    ]
-    return (runs[-1].path, runs[-1].bundle_digest) if runs else None
-
-
-def _verification_text(bundle: Path, args: argparse.Namespace, settings: Settings) -> str:
-    from runner.bundle.signing import load_verifier
-    from runner.bundle.verify import verify_bundle
-
-    public: Path = args.pub or settings.default_public_key
-    if not public.exists():
-        return "not checked (no public key; pass --pub)"
-    try:
-        vb = verify_bundle(bundle, load_verifier(public))
-    except VerificationFailed as exc:
-        return "FAILED: " + "; ".join(exc.problems)
-    return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"
 
 
 # --------------------------------------------------------------------------- runs
 
 
 def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.index import History, RunFilter, format_table
+    from runner.bundle.index import History
+    from runner.bundle.run_records import RunFilter
     from runner.bundle.store import Store
+    from runner.render.run_list import format_table
 
     flt = RunFilter(
         spec=args.spec,
@@ -133,31 +52,32 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
     )
     records = History(Store(settings.home)).query(flt)
     if args.json:
-        _emit_json([r.as_dict() for r in records])
+        emit_json([r.as_dict() for r in records])
     else:
         print(format_table(records))
     return 0
 
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.index import History, RunFilter
+    from runner.bundle.index import History
     from runner.bundle.reader import read_predicate
+    from runner.bundle.run_records import RunFilter
     from runner.bundle.store import Store
     from runner.model.predicate import RunPredicate
     from runner.render.markdown import metric_table
 
-    with _bundle_for(args.run, settings, args, term) as (bundle, digest):
+    with bundle_for(args.run, settings, args, term) as (bundle, digest):
         if args.json:
-            _emit_json(
+            emit_json(
                 {
                     "bundle": str(bundle),
                     "bundle_digest": digest,
-                    "verification": _verification_text(bundle, args, settings),
+                    "verification": verification_text(bundle, args, settings),
                     "predicate": read_predicate(bundle).to_json(),
                 }
             )
             return 0
-        verification = _verification_text(bundle, args, settings)
+        verification = verification_text(bundle, args, settings)
         predicate = read_predicate(bundle)
         print(_render(bundle, digest, "md", verification, predicate), end="")
         if isinstance(predicate, RunPredicate):
@@ -186,7 +106,7 @@ def cmd_runs_reindex(args: argparse.Namespace, settings: Settings, term: Term) -
         "unreadable": list(report.unreadable),
     }
     if args.json:
-        _emit_json(summary)
+        emit_json(summary)
     else:
         print(f"reindexed {report.total} bundle(s) into {history.path}")
         for digest in report.unreadable:
@@ -201,8 +121,8 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.render.markdown import metric_table
     from runner.workflows.rerun import load_original, prepare, rerun
 
-    verifier = _verifier(args, settings)
-    with _bundle_for(args.ref, settings, args, term) as (bundle, _):
+    verifier = verifier_for(args, settings, args.pub)
+    with bundle_for(args.ref, settings, args, term) as (bundle, _):
         original = load_original(bundle, verifier)
         term(f"original {original.run_id} verified (keyid {original.keyid[:16]}…)")
         if args.check:
@@ -217,7 +137,7 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
                 "ready": True,
             }
             if args.json:
-                _emit_json(summary)
+                emit_json(summary)
             else:
                 print(f"{original.run_id}: ready to re-run (nothing was started)")
                 for label, path in located.items():
@@ -235,7 +155,7 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings, term: Term) -> int:
         )
     repro = result.reproduction
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "original": original.run_id,
                 "original_bundle": original.digest,
@@ -273,8 +193,8 @@ def cmd_diff(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.workflows.diff import diff_runs, format_diff
 
     with (
-        _bundle_for(args.a, settings, args, term) as (a, _),
-        _bundle_for(args.b, settings, args, term) as (b, _),
+        bundle_for(args.a, settings, args, term) as (a, _),
+        bundle_for(args.b, settings, args, term) as (b, _),
     ):
         result = diff_runs(
             expect_kind(read_predicate(a), RunPredicate, a),
@@ -282,7 +202,7 @@ def cmd_diff(args: argparse.Namespace, settings: Settings, term: Term) -> int:
             tolerance=args.tolerance,
         )
     if args.json:
-        _emit_json(result.as_dict())
+        emit_json(result.as_dict())
     else:
         print(format_diff(result))
     return 0
@@ -303,7 +223,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
         spec=args.spec,
         backend=backend_for(args),
         signer=signer_for(args, settings, term),
-        verifier=_verifier(args, settings),
+        verifier=verifier_for(args, settings, args.pub),
         settings=settings,
         search_dirs=args.inputs or [],
         tolerance=args.tolerance,
@@ -318,7 +238,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
             out = out / f"{result.audit_id}.tar"
         tar_path = write_bundle_tar(result.bundle.path, out)
     if args.json:
-        _emit_json({**result.as_dict(), "tar": str(tar_path) if tar_path else None})
+        emit_json({**result.as_dict(), "tar": str(tar_path) if tar_path else None})
         return result.exit_code
     print(
         f"audit {result.audit_id} (seed {result.seed}, {len(result.entries)} of "
@@ -347,12 +267,8 @@ def _render(
     """The bundle's report in ``fmt``, laid out for its kind (``predicate``: already read)."""
     from runner.bundle.reader import read_predicate
     from runner.model.predicate import AuditPredicate, RunSetPredicate
-    from runner.render.html import (
-        load_report_data,
-        render_audit_html,
-        render_html,
-        render_markdown_full,
-    )
+    from runner.render.html import render_audit_html, render_html
+    from runner.render.run_report import load_report_data, render_markdown_full
     from runner.workflows.audit import render_audit_markdown
 
     if predicate is None:
@@ -373,15 +289,15 @@ def _render(
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    with _bundle_for(args.run, settings, args, term) as (bundle, digest):
-        text = _render(bundle, digest, args.format, _verification_text(bundle, args, settings))
+    with bundle_for(args.run, settings, args, term) as (bundle, digest):
+        text = _render(bundle, digest, args.format, verification_text(bundle, args, settings))
     if args.out is None:
         sys.stdout.write(text)
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     if args.json:
-        _emit_json({"report": str(args.out), "format": args.format, "bytes": len(text.encode())})
+        emit_json({"report": str(args.out), "format": args.format, "bytes": len(text.encode())})
     else:
         term(f"wrote {args.out}")
     return 0
@@ -396,13 +312,15 @@ def cmd_push(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.bundle.verify import verify_bundle
 
     store = Store(settings.home)
-    with _bundle_for(args.run, settings, args, term) as (bundle, _):
-        verify_bundle(bundle, _verifier(args, settings))  # never publish what does not verify
+    with bundle_for(args.run, settings, args, term) as (bundle, _):
+        verify_bundle(
+            bundle, verifier_for(args, settings, args.pub)
+        )  # never publish what does not verify
         store.tmp_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="push-", dir=store.tmp_dir) as tmp:
             pushed = push_bundle(bundle, Path(tmp), progress=term)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "reference": pushed.reference,
                 "digest": pushed.manifest_digest,
@@ -421,9 +339,11 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.bundle.oci_artifacts import pull_bundle
     from runner.bundle.store import Store
 
-    pulled = pull_bundle(args.ref, Store(settings.home), _verifier(args, settings), progress=term)
+    pulled = pull_bundle(
+        args.ref, Store(settings.home), verifier_for(args, settings, args.pub), progress=term
+    )
     if args.json:
-        _emit_json(
+        emit_json(
             [
                 {
                     "reference": p.reference,
@@ -449,6 +369,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     keys.add_argument(
         "--pub", type=Path, help="public key to verify bundles (default: $EVALRUN_HOME/keys)"
     )
+    add_keyring_arg(keys)
     signing = argparse.ArgumentParser(add_help=False)
     add_backend_args(signing)
     signing.add_argument(

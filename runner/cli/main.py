@@ -1,19 +1,19 @@
 """The ``evalrun`` command line. The only place that configures logging and exits.
 
-Human output goes to the terminal (progress on stderr, results on stdout);
-``--json`` prints one structured summary object on stdout instead. Structured
-JSON-lines logs (``ts``, ``level``, ``event``, ``run_id``, …) always go to the
-log file, and to stderr with ``--log-json``.
+Commands live by area (:mod:`~runner.cli.build`, :mod:`~runner.cli.history`,
+:mod:`~runner.cli.blueprints`, :mod:`~runner.cli.compare`; run, sweep, verify and keys
+here), each added to the parser by its ``register``; how output and logs look is
+:mod:`runner.cli.output`. :func:`main` turns every error into an exit code and a
+one-line message (a JSON error object under ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,159 +21,26 @@ from typing import Any
 
 from runner._internal.settings import Settings
 from runner.cli import blueprints as cli_blueprints
+from runner.cli import build as cli_build
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
-from runner.cli.common import add_backend_args, backend_for, live_printer, signer_for
-from runner.errors import EvalrunError, Interrupted
+from runner.cli.common import (
+    add_backend_args,
+    add_keyring_arg,
+    add_unlock_args,
+    backend_for,
+    key_access,
+    live_printer,
+    signer_for,
+    verifier_for,
+)
+from runner.cli.output import Terminal, configure_logging, emit_json
+from runner.errors import EvalrunError, InputError, Interrupted
 
 log = logging.getLogger("evalrun")
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class JsonLinesFormatter(logging.Formatter):
-    """Stable schema: ts, level, event, run_id, logger, message, then the extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "event": getattr(record, "event", record.getMessage()),
-            "run_id": getattr(record, "run_id", None),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _RESERVED and key not in data:
-                data[key] = value
-        return json.dumps(data, default=str, sort_keys=True)
-
-
-def _configure_logging(settings: Settings, log_json: bool, verbose: bool) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    try:
-        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
-        file_handler.setFormatter(JsonLinesFormatter())
-        root.addHandler(file_handler)
-    except OSError:
-        pass
-    if log_json:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(JsonLinesFormatter())
-        root.addHandler(stream)
-    for noisy in ("urllib3", "docker", "kubernetes"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-class Terminal:
-    """Progress lines on stderr with elapsed time; silent in --json mode."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.t0 = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
 
 # --------------------------------------------------------------------------- commands
-
-
-def cmd_validate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.model.spec import load_spec
-
-    spec = load_spec(args.spec)
-    if args.json:
-        _emit_json(
-            {
-                "valid": True,
-                "file": str(args.spec),
-                "name": spec.metadata.name,
-                "spec_digest": spec.digest(),
-            }
-        )
-    else:
-        print(f"{args.spec}: valid ({spec.metadata.name}, {spec.digest()})")
-    return 0
-
-
-def cmd_schema(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.model.spec import spec_json_schema
-
-    print(json.dumps(spec_json_schema(), indent=2, sort_keys=True))
-    return 0
-
-
-def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.lock import lock_spec
-    from runner.model.spec import load_spec, lock_path_for
-
-    spec = load_spec(args.spec)
-    t0 = time.monotonic()
-    lock, built = lock_spec(spec, args.spec, settings, progress=term, rebuild=args.rebuild)
-    summary = {
-        "lock": str(lock_path_for(args.spec)),
-        "lock_digest": lock.digest(),
-        "image": lock.image.ref,
-        "rootfs_digest": lock.image.rootfs_digest,
-        "built": bool(built and not built.skipped),
-        "seconds": round(time.monotonic() - t0, 3),
-    }
-    if args.json:
-        _emit_json(summary)
-    else:
-        print(f"locked {args.spec} → {summary['lock']}")
-        print(f"  image  {lock.image.ref}")
-        print(f"  rootfs {lock.image.rootfs_digest}")
-        print(f"  lock   {lock.digest()}")
-    return 0
-
-
-def cmd_build(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.reproducibility import (
-        check_reproducible,
-        format_check_report,
-        record_reproducibility,
-    )
-    from runner.errors import IntegrityError
-    from runner.workflows.run import load_locked
-
-    if not args.check:
-        return cmd_lock(args, settings, term)
-    spec, lock = load_locked(args.spec)
-    report = check_reproducible(
-        spec, args.spec, lock, settings, progress=term, fresh_base=not args.cached_base
-    )
-    record_reproducibility(args.spec, report)
-    if args.json:
-        _emit_json(report)
-    else:
-        print("\n".join(format_check_report(report)))
-    if report["image_identical"]:
-        return 0
-    err = IntegrityError(
-        "the rebuild does not reproduce the locked image digest",
-        expected=report["locked_image"],
-        found=report["rebuilt_image"],
-    )
-    if not args.json:
-        print(f"evalrun: error: {err.message}", file=sys.stderr)
-    return err.exit_code
-
-
-def cmd_base_image(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.build.base_image import ensure_base_image
-
-    base = ensure_base_image(args.recipe, settings, progress=term)
-    if args.json:
-        _emit_json(base.model_dump(mode="json"))
-    else:
-        print(f"base image {args.recipe}: {base.ref}")
-    return 0
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
@@ -197,7 +64,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> i
         progress=term,
     )
     if args.json:
-        _emit_json({"cells": summary_rows(results), "exit_code": sweep_exit_code(results)})
+        emit_json({"cells": summary_rows(results), "exit_code": sweep_exit_code(results)})
     else:
         print(summary_table(results))
     return sweep_exit_code(results)
@@ -215,7 +82,7 @@ def _run_set(
 
     result = run_set(args.spec, seeds, backend, signer, settings, progress=term)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "run_set": result.run_id,
                 "outcome": result.outcome,
@@ -250,7 +117,6 @@ def _run_set(
 
 def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.bundle.signing import load_verifier
-    from runner.bundle.verify import verify_bundle
     from runner.render.markdown import metric_table
     from runner.workflows.run import run_evaluation
 
@@ -264,13 +130,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     outcome = run_evaluation(
         args.spec, backend, signer, settings, rerun=args.rerun, progress=term, reason=args.reason
     )
-    public = args.pub or (settings.default_public_key if args.key is None else None)
-    verified: str = "not checked (pass --pub to verify with a public key)"
-    if public is not None:
-        vb = verify_bundle(outcome.bundle.path, load_verifier(public))
-        verified = f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
+    # --pub checks against the key the user trusts; without it, against the signing key itself
+    if args.pub:
+        verified = _self_check(outcome, load_verifier(args.pub), explicit=True)
+    else:
+        verified = _self_check(outcome, signer.verifier(), explicit=False)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "run_id": outcome.run_id,
                 "outcome": outcome.outcome,
@@ -300,11 +166,34 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
     return outcome.exit_code
 
 
+def _self_check(outcome: Any, verifier: Any, *, explicit: bool) -> str:
+    """Verify the run's bundle with ``verifier`` (--pub, or the signing key's public half).
+
+    Without --pub, a run found in the store (not signed now) may have been signed by an
+    earlier key: that is said, not failed. Any other problem fails (exit 3).
+    """
+    from runner.bundle.verify import verify_bundle
+    from runner.errors import VerificationFailed
+
+    try:
+        vb = verify_bundle(outcome.bundle.path, verifier)
+    except VerificationFailed as exc:
+        wrong_key_only = all(p.startswith("wrong key:") for p in exc.problems)
+        if outcome.reused and not explicit and wrong_key_only and exc.problems:
+            return "not checked: the existing run was signed by another key (pass --pub)"
+        raise
+    return f"valid ({len(vb.checks)} checks, keyid {vb.keyid[:16]}…)"
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.bundle.signing import load_verifier
     from runner.bundle.verify import verify_bundle
 
-    verifier = load_verifier(args.key)
+    if args.key is None and args.keyring is None:
+        raise InputError(
+            "verify needs the key(s) to trust: --key PUB and/or --keyring PATH",
+            hint="the .pub file of the signing key, or a keyring of every key you trust",
+        )
+    verifier = verifier_for(args, settings, args.key)
     from runner.bundle.oci_artifacts import fetch_bundle, is_registry_ref
 
     if is_registry_ref(str(args.bundle)) and not args.bundle.exists():
@@ -315,7 +204,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
     else:
         vb = verify_bundle(args.bundle, verifier)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "valid": True,
                 "bundle": str(args.bundle),
@@ -337,18 +226,48 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 
 
 def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import FileKey, describe_key
     from runner.bundle.signing import generate_keypair
 
-    private = args.out or settings.default_private_key
+    private: Path = args.out or settings.default_private_key
     public = private.with_suffix(".pub")
-    info = generate_keypair(private, public, args.algorithm)
+    if args.if_absent and (private.exists() or private.is_symlink()):
+        ref = FileKey(public if public.is_file() else private)
+        found = describe_key(ref, key_access(args))
+        if args.json:
+            emit_json(
+                {
+                    "private_key": str(private),
+                    "public_key": str(public),
+                    "keyid": found.keyid,
+                    "algorithm": found.algorithm,
+                    "created": False,
+                }
+            )
+        else:
+            print(f"signing key exists: {private} (keyid {found.keyid})")
+        return 0
+    password = None
+    if args.encrypt:
+        var = args.key_passphrase_env or "EVALRUN_KEY_PASSPHRASE"
+        value = os.environ.get(var)
+        if not value:
+            raise InputError(
+                f"--encrypt takes the passphrase from ${var}, which is not set",
+                hint="set it, or name another variable with --key-passphrase-env",
+            )
+        password = value.encode("utf-8")
+    if args.out is None:
+        private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = generate_keypair(private, public, args.algorithm, password=password)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "private_key": str(private),
                 "public_key": str(public),
                 "keyid": info.keyid,
                 "algorithm": args.algorithm,
+                "created": True,
             }
         )
     else:
@@ -358,8 +277,111 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Termin
     return 0
 
 
-def _emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+def _key_row(d: Any) -> str:
+    return f"{d.keyid[:16]}  {d.algorithm:10}  {d.holds:19}  {d.source}"
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import (
+        FileKey,
+        KeyDescription,
+        describe_key,
+        key_ref_from_env,
+        list_token_keys,
+        load_keyring,
+    )
+
+    access = key_access(args)
+    found: list[KeyDescription] = []
+    unreadable: list[dict[str, str]] = []
+    sources: list[Any] = []
+    keys_dir = settings.default_private_key.parent
+    if keys_dir.is_dir():
+        sources.extend(
+            FileKey(p)
+            for p in sorted(keys_dir.iterdir())
+            if p.suffix in (".key", ".pub", ".pem") and p.is_file()
+        )
+    from_env = key_ref_from_env(access.environ)
+    if from_env is not None:
+        sources.append(from_env)
+    for ref in sources:
+        try:
+            found.append(describe_key(ref, access))
+        except EvalrunError as err:
+            unreadable.append({"source": str(ref), "problem": err.message})
+    if args.keyring is not None:
+        for verifier in load_keyring(args.keyring).verifiers:
+            found.append(
+                KeyDescription(
+                    keyid=verifier.keyid,
+                    algorithm=verifier.algorithm,
+                    source=f"keyring {args.keyring}",
+                    holds="public key",
+                    public_pem=verifier.public_pem().decode("ascii"),
+                )
+            )
+    if args.pkcs11 is not None:
+        found.extend(list_token_keys(args.pkcs11, access))
+    if args.json:
+        emit_json(
+            {
+                "keys": [d.model_dump(mode="json", exclude={"public_pem"}) for d in found],
+                "unreadable": unreadable,
+            }
+        )
+        return 0
+    if not found and not unreadable:
+        print(f"no keys in {keys_dir} (create one with `evalrun keys generate`)")
+        return 0
+    print(f"{'KEYID':16}  {'ALGORITHM':10}  {'HOLDS':19}  SOURCE")
+    for d in found:
+        print(_key_row(d))
+    for u in unreadable:
+        print(f"{'?':16}  {'?':10}  {'(unreadable)':19}  {u['source']}: {u['problem']}")
+    return 0
+
+
+def cmd_keys_describe(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import describe_key, parse_key_ref
+
+    d = describe_key(parse_key_ref(args.key), key_access(args))
+    if args.json:
+        emit_json(d.model_dump(mode="json"))
+        return 0
+    print(f"keyid       {d.keyid}")
+    print(f"algorithm   {d.algorithm}")
+    print(f"holds       {d.holds}")
+    print(f"source      {d.source}")
+    if d.encrypted is not None:
+        print(f"encrypted   {'yes' if d.encrypted else 'no'}")
+    if d.token is not None:
+        print(
+            f"token       {d.token.token} (serial {d.token.serial}, {d.token.manufacturer}, "
+            f"{d.token.model})"
+        )
+        print(f"object      label {d.token.object or '—'}, id {d.token.id or '—'}")
+        print(f"mechanisms  {', '.join(d.token.mechanisms) or 'none usable'}")
+    return 0
+
+
+def cmd_keys_public(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.bundle.keys import describe_key, parse_key_ref
+
+    d = describe_key(parse_key_ref(args.key), key_access(args))
+    if args.out is None:
+        sys.stdout.write(d.public_pem)
+        return 0
+    try:
+        with args.out.open("x", encoding="ascii") as f:
+            f.write(d.public_pem)
+    except FileExistsError as exc:
+        raise InputError("refusing to overwrite an existing file", file=str(args.out)) from exc
+    if args.json:
+        emit_json({"public_key": str(args.out), "keyid": d.keyid, "algorithm": d.algorithm})
+    else:
+        print(f"public key {args.out} (keyid {d.keyid})")
+    return 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -378,44 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("validate", parents=[common], help="check an eval.yaml")
-    p.add_argument("spec", type=Path)
-    p.set_defaults(fn=cmd_validate)
-
-    p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of eval.yaml")
-    p.set_defaults(fn=cmd_schema)
-
-    for name, fn, text in (
-        ("lock", cmd_lock, "resolve every input to a digest (builds the image)"),
-        ("build", cmd_build, "build the image; --check rebuilds and compares"),
-    ):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("spec", type=Path)
-        p.add_argument("--rebuild", action="store_true", help="build even if nothing changed")
-        if name == "build":
-            p.add_argument(
-                "--check",
-                action="store_true",
-                help="rebuild from nothing (fresh mmdebstrap base, no cache) and compare "
-                "with the lock; exit 3 with a per-file diff if the image digest differs",
-            )
-            p.add_argument(
-                "--cached-base",
-                action="store_true",
-                help="with --check: reuse the cached base tar instead of running mmdebstrap",
-            )
-        else:
-            p.set_defaults(check=False, cached_base=False)
-        p.set_defaults(fn=fn)
-
-    p = sub.add_parser(
-        "base-image",
-        parents=[common],
-        help="build (if absent) and push a base image from images/base/",
-    )
-    p.add_argument("recipe", nargs="?", default="bookworm-python")
-    p.set_defaults(fn=cmd_base_image)
+    cli_build.register(sub, common)
 
     p = sub.add_parser("run", parents=[common], help="run a locked evaluation, seal a bundle")
     p.add_argument("spec", type=Path)
@@ -444,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "bundle", type=Path, help="bundle directory, .tar, or registry reference (repo@sha256:…)"
     )
-    p.add_argument("--key", type=Path, required=True, help="public key (PEM)")
+    p.add_argument("--key", type=Path, help="the trusted public key (PEM)")
+    add_keyring_arg(p)
     p.set_defaults(fn=cmd_verify)
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
@@ -453,7 +439,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("generate", parents=[common], help="create a signing key pair")
     p.add_argument("--out", type=Path, help="private key path (public key: same name, .pub)")
     p.add_argument("--algorithm", choices=["ecdsa-p256", "ed25519"], default="ecdsa-p256")
+    p.add_argument(
+        "--if-absent",
+        action="store_true",
+        help="do nothing (and say so) if the private key file exists",
+    )
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the private key with the passphrase in $EVALRUN_KEY_PASSPHRASE "
+        "(or the variable --key-passphrase-env names)",
+    )
+    add_unlock_args(p)
     p.set_defaults(fn=cmd_keys_generate)
+    p = keys.add_parser(
+        "list",
+        parents=[common],
+        help="keys in $EVALRUN_HOME/keys and $EVALRUN_KEY (plus a keyring or a token)",
+    )
+    add_keyring_arg(p)
+    p.add_argument("--pkcs11", metavar="URI", help="also list the keys in this token")
+    add_unlock_args(p)
+    p.set_defaults(fn=cmd_keys_list)
+    p = keys.add_parser(
+        "describe", parents=[common], help="keyid, algorithm and source of a key (no secrets)"
+    )
+    p.add_argument("key", help="a PEM file (private or public), env:VAR, -, k8s://… or pkcs11:…")
+    add_unlock_args(p)
+    p.add_argument("--kubeconfig", help="for k8s:// keys")
+    p.add_argument("--context", help="for k8s:// keys")
+    p.set_defaults(fn=cmd_keys_describe)
+    p = keys.add_parser(
+        "public-key", parents=[common], help="print (or --out) a key's public half as PEM"
+    )
+    p.add_argument("key", help="a PEM file, env:VAR, -, k8s://… or pkcs11:…")
+    p.add_argument("--out", type=Path, help="write it to this new file")
+    add_unlock_args(p)
+    p.add_argument("--kubeconfig", help="for k8s:// keys")
+    p.add_argument("--context", help="for k8s:// keys")
+    p.set_defaults(fn=cmd_keys_public)
 
     cli_history.register(sub, common)
     cli_blueprints.register(sub, common)
@@ -465,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings()
-    _configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
+    configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
     term = Terminal(quiet=getattr(args, "json", False))
     try:
         code: int = args.fn(args, settings, term)
@@ -476,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalrunError as err:
         log.error(err.message, extra={"event": "error", "error": err.as_dict()})
         if getattr(args, "json", False):
-            _emit_json(err.as_dict())
+            emit_json(err.as_dict())
         else:
             print(f"evalrun: error: {err.diagnostics()}", file=sys.stderr)
         return err.exit_code
@@ -503,7 +527,7 @@ def _internal_error(exc: Exception, settings: Settings, *, as_json: bool) -> int
     if not logged:  # no log file could be opened: the traceback must still go somewhere
         traceback.print_exception(exc, file=sys.stderr)
     if as_json:
-        _emit_json({"error": "internal", "exit_code": 1, "message": summary, "log": where})
+        emit_json({"error": "internal", "exit_code": 1, "message": summary, "log": where})
     else:
         print(f"evalrun: internal error: {summary} (traceback in {where})", file=sys.stderr)
     return 1

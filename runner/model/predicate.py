@@ -205,6 +205,13 @@ class CiIdentity(Record):
     run_id: Text | None = None
     job: Text | None = None
     job_url: Text | None = None
+    # recorded for the systems that name them (runner.build.provenance)
+    run_attempt: Text | None = None
+    pipeline_url: Text | None = None
+    actor: Text | None = None
+    repository: Text | None = None
+    ref: Text | None = None
+    commit: Text | None = None
 
 
 class Launcher(Record):

@@ -1,9 +1,7 @@
-"""``evalrun report``: a full run report as self-contained HTML or Markdown.
+"""``evalrun report`` as self-contained HTML: a run, a run set, an audit.
 
-Everything shown comes from the bundle (predicate, lock, per-sample outputs)
-plus the verification result of that bundle. Rendering is a pure function of
-those: no clock, no random ids, floats printed at fixed precision, plots drawn
-as inline SVG by this module — the same bundle gives byte-identical files.
+Each page is a pure function of what it shows (no clock, no random ids; plots drawn as
+inline SVG by :mod:`runner.render.svg`), so the same bundle gives byte-identical files.
 The HTML needs nothing outside itself (no scripts, fonts, images or links).
 """
 
@@ -11,313 +9,14 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 from pydantic import JsonValue
 
-from runner.bundle.reader import expect_kind, read_predicate
-from runner.model.predicate import (
-    AuditPredicate,
-    ConfidenceInterval,
-    JsonObject,
-    MetricResult,
-    RunPredicate,
-    RunSetPredicate,
-    json_at,
-)
-from runner.render.markdown import (
-    ROLE_HEADER,
-    metric_rows,
-    metric_rows_with_role,
-    promotion_lines,
-    reproduction_markdown,
-)
-
-MAX_SLICES = 40
-MAX_SAMPLES = 2_000_000
-
-
-@dataclass(frozen=True)
-class SliceRow:
-    name: str
-    n: int
-    correct: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.n if self.n else 0.0
-
-
-@dataclass(frozen=True)
-class ReportData:
-    """What a report shows about one bundle."""
-
-    predicate: RunPredicate
-    # the bundle's eval.lock.json as found (a lock of any evalrun version; shown, not trusted)
-    lock: JsonObject
-    slice_field: str | None
-    slices: tuple[SliceRow, ...]
-    verification: str
-    bundle_digest: str | None
-
-
-def per_slice(predictions: Path) -> tuple[str | None, tuple[SliceRow, ...]]:
-    """Accuracy per slice of the per-sample outputs.
-
-    Slices by the ``slice`` field when samples carry one, otherwise by ``label``.
-    Samples without label/prediction are skipped; an unreadable file gives none.
-    """
-    try:
-        lines = predictions.read_text(encoding="utf-8").splitlines()[:MAX_SAMPLES]
-    except (OSError, UnicodeDecodeError):
-        return None, ()
-    samples = []
-    for line in lines:
-        try:
-            sample = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(sample, dict) and "label" in sample and "prediction" in sample:
-            samples.append(sample)
-    if not samples:
-        return None, ()
-    key = "slice" if any("slice" in s for s in samples) else "label"
-    counts: dict[str, list[int]] = {}
-    for s in samples:
-        bucket = counts.setdefault(str(s.get(key)), [0, 0])
-        bucket[0] += 1
-        bucket[1] += int(s["prediction"] == s["label"])
-
-    def order(name: str) -> tuple[int, float, str]:
-        try:
-            return (0, float(name), name)
-        except ValueError:
-            return (1, 0.0, name)
-
-    rows = tuple(
-        SliceRow(n, c[0], c[1]) for n, c in sorted(counts.items(), key=lambda kv: order(kv[0]))
-    )
-    return key, rows[:MAX_SLICES]
-
-
-def load_report_data(
-    bundle: Path,
-    verification: str,
-    digest: str | None = None,
-    *,
-    predicate: RunPredicate | None = None,
-) -> ReportData:
-    """Read what the report needs from a bundle directory (``predicate``: already read)."""
-    if predicate is None:
-        predicate = expect_kind(read_predicate(bundle), RunPredicate, bundle)
-    try:
-        lock = json.loads((bundle / "eval.lock.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        lock = {}
-    slice_field, slices = per_slice(bundle / "results" / "predictions.jsonl")
-    return ReportData(
-        predicate=predicate,
-        lock=lock if isinstance(lock, dict) else {},
-        slice_field=slice_field,
-        slices=slices,
-        verification=verification,
-        bundle_digest=digest,
-    )
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _num(value: float) -> str:
-    """SVG coordinates at fixed precision (deterministic text)."""
-    text = f"{value:.2f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
-
-
-def _axis_range(values: Sequence[float]) -> tuple[float, float]:
-    """The plotted span: the values with a margin, kept inside [0, 1] for proportions."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return 0.0, 1.0
-    lo, hi = min(finite), max(finite)
-    span = hi - lo or abs(hi) * 0.1 or 1.0
-    lo, hi = lo - span * 0.25, hi + span * 0.25
-    if min(finite) >= 0.0 and max(finite) <= 1.0:
-        lo, hi = max(lo, 0.0), min(hi, 1.0)
-    return lo, hi
-
-
-def metrics_svg(metrics: Sequence[MetricResult]) -> str:
-    """Each metric as a point with its confidence interval and threshold mark."""
-    rows = [m for m in metrics if m.value is not None]
-    if not rows:
-        return ""
-    values: list[float] = []
-    for m in rows:
-        ci_low, ci_high = (m.ci.low, m.ci.high) if m.ci is not None else (None, None)
-        values += [float(v) for v in (m.value, ci_low, ci_high, m.threshold) if v is not None]
-    lo, hi = _axis_range(values)
-    left, width, row_h = 140.0, 420.0, 34.0
-    height = 40.0 + row_h * len(rows)
-
-    def x(v: float) -> float:
-        return left + (v - lo) / (hi - lo) * width
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_num(left + width + 30)}" '
-        f'height="{_num(height)}" viewBox="0 0 {_num(left + width + 30)} {_num(height)}" '
-        'role="img" aria-label="metrics with confidence intervals">',
-        f'<line x1="{_num(left)}" y1="{_num(height - 24)}" x2="{_num(left + width)}" '
-        f'y2="{_num(height - 24)}" stroke="#555"/>',
-    ]
-    for i in range(5):
-        v = lo + (hi - lo) * i / 4
-        parts.append(
-            f'<text x="{_num(x(v))}" y="{_num(height - 8)}" font-size="11" '
-            f'text-anchor="middle">{v:.3f}</text>'
-        )
-    for i, m in enumerate(rows):
-        y = 20.0 + row_h * i
-        assert m.value is not None  # rows keep only metrics with a value
-        parts.append(
-            f'<text x="{_num(left - 8)}" y="{_num(y + 4)}" font-size="12" '
-            f'text-anchor="end">{html.escape(m.name)}</text>'
-        )
-        if m.ci is not None and m.ci.low is not None and m.ci.high is not None:
-            parts.append(
-                f'<line x1="{_num(x(float(m.ci.low)))}" y1="{_num(y)}" '
-                f'x2="{_num(x(float(m.ci.high)))}" y2="{_num(y)}" stroke="#1f6fb2" '
-                'stroke-width="3"/>'
-            )
-        if m.threshold is not None:
-            parts.append(
-                f'<line x1="{_num(x(float(m.threshold)))}" y1="{_num(y - 10)}" '
-                f'x2="{_num(x(float(m.threshold)))}" y2="{_num(y + 10)}" stroke="#c0392b" '
-                'stroke-width="2" stroke-dasharray="3,2"/>'
-            )
-        colour = "#1e8449" if m.passed is True else "#c0392b" if m.passed is False else "#333"
-
-        parts.append(
-            f'<circle cx="{_num(x(float(m.value)))}" cy="{_num(y)}" r="5" fill="{colour}"/>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def slices_svg(slices: Sequence[SliceRow]) -> str:
-    """Per-slice accuracy as horizontal bars (0 to 1)."""
-    if not slices:
-        return ""
-    left, width, bar_h, gap = 90.0, 400.0, 14.0, 4.0
-    height = 10.0 + (bar_h + gap) * len(slices) + 10.0
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_num(left + width + 90)}" '
-        f'height="{_num(height)}" viewBox="0 0 {_num(left + width + 90)} {_num(height)}" '
-        'role="img" aria-label="accuracy per slice">'
-    ]
-    for i, row in enumerate(slices):
-        y = 10.0 + (bar_h + gap) * i
-        parts.append(
-            f'<text x="{_num(left - 6)}" y="{_num(y + bar_h - 3)}" font-size="11" '
-            f'text-anchor="end">{html.escape(row.name[:14])}</text>'
-            f'<rect x="{_num(left)}" y="{_num(y)}" width="{_num(width)}" '
-            f'height="{_num(bar_h)}" fill="#eee"/>'
-            f'<rect x="{_num(left)}" y="{_num(y)}" width="{_num(width * row.accuracy)}" '
-            f'height="{_num(bar_h)}" fill="#1f6fb2"/>'
-            f'<text x="{_num(left + width + 6)}" y="{_num(y + bar_h - 3)}" '
-            f'font-size="11">{row.accuracy:.3f} (n={row.n})</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-# --------------------------------------------------------------------------- sections
-
-
-def _sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]:
-    """Key/value sections shared by the HTML and Markdown forms."""
-    p = data.predicate
-    env = p.env
-    gpus = ", ".join(str(g.get("name")) for g in env.gpus())
-    wheels = data.lock.get("wheels")
-    summary = [
-        ("run id", f"{p.run_id} (attempt {p.attempt})"),
-        ("outcome", str(p.outcome) + (f" — {p.reason}" if p.reason else "")),
-        ("verification", data.verification),
-        ("bundle digest", data.bundle_digest or "—"),
-        ("backend", str(p.backend)),
-        ("started", str(p.timestamps.started)),
-        ("finished", str(p.timestamps.finished)),
-        ("evalrun", str(p.evalrun_version)),
-    ]
-    model_rows = [("model", f"{p.model.path} sha256:{p.model.sha256} ({p.model.size} bytes)")]
-    data_rows = [
-        (
-            f"dataset {d.name}",
-            f"sha256:{d.sha256} — split: {d.split}; license: {d.license}; source: {d.source}",
-        )
-        for d in p.datasets
-    ]
-    config = [
-        ("params", json.dumps(p.params, sort_keys=True)),
-        ("seed", str(p.seeds.seed)),
-        ("determinism", json.dumps(p.seeds.determinism or {}, sort_keys=True)),
-    ]
-    environment = [
-        ("image", str(p.image.ref)),
-        ("rootfs", f"expected {p.image.rootfs_expected}, found {p.image.rootfs_found}"),
-        (
-            "sandbox",
-            f"{p.sandbox.runtime_used} (requested {p.sandbox.runtime_requested}), "
-            f"network {p.sandbox.network}",
-        ),
-        ("OS", str(env.at("os.PRETTY_NAME"))),
-        ("kernel", str(env.at("kernel.release"))),
-        ("Python", str(env.at("python.version"))),
-        (
-            "packages",
-            ", ".join(f"{pkg.get('name')}=={pkg.get('version')}" for pkg in env.packages()) or "—",
-        ),
-        ("CPU", f"{env.at('cpu.model')} ({env.at('cpu.usable_cpus')} usable)"),
-        (
-            "GPU",
-            f"{gpus}; driver {env.at('gpu.driver_version')}, "
-            f"CUDA {env.at('gpu.cuda_driver_version')}"
-            if env.gpu_visible
-            else f"none visible ({env.at('gpu.reason')})",
-        ),
-    ]
-    lineage = [
-        ("spec", f"{p.spec.name} {p.spec.digest}"),
-        ("lock", str(p.lock_digest)),
-        ("base image", str(json_at(data.lock, "base.ref") or "—")),
-        (
-            "wheels",
-            ", ".join(
-                f"{w.get('filename')} sha256:{str(w.get('sha256'))[:16]}…"
-                for w in (wheels if isinstance(wheels, list) else [])
-                if isinstance(w, dict)
-            )
-            or "—",
-        ),
-        ("code", f"commit {p.source.commit}, dirty: {p.source.dirty}"),
-        ("build context", f"sha256:{p.source.tree_sha256}"),
-    ]
-    origin = p.reproduction_of
-    if origin is not None:
-        lineage.append(("reproduction of", f"{origin.run_id} (bundle {origin.bundle_digest})"))
-    return [
-        ("Summary", summary),
-        ("Model", model_rows),
-        ("Data", data_rows),
-        ("Configuration", config),
-        ("Environment", environment),
-        ("Lineage", lineage),
-    ]
-
+from runner.model.predicate import AuditPredicate, ConfidenceInterval, RunSetPredicate
+from runner.render.markdown import ROLE_HEADER, metric_rows_with_role, promotion_lines
+from runner.render.run_report import ReportData, report_sections
+from runner.render.svg import metrics_svg, slices_svg
 
 _CSS = (
     "body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
@@ -353,7 +52,7 @@ def render_html(data: ReportData) -> str:
     p = data.predicate
     title = f"evalrun report — {p.spec.name} — {p.run_id}"
     body = [f"<h1>{html.escape(title)}</h1>"]
-    sections = _sections(data)
+    sections = report_sections(data)
     body.append("<h2>Summary</h2>" + _table([], [list(r) for r in sections[0][1]], "kv"))
     body.append("<h2>Metrics</h2>")
     body.append(_table(ROLE_HEADER, metric_rows_with_role(p.metrics), "metrics"))
@@ -404,43 +103,6 @@ def _fmt(value: JsonValue) -> str:
     if isinstance(value, float):
         return f"{value:+.4f}" if value < 0 else f"{value:.4f}"
     return "—" if value is None else str(value)
-
-
-def render_markdown_full(data: ReportData) -> str:
-    """The report as Markdown (deterministic); the same content as the HTML, no plots."""
-    p = data.predicate
-    lines = [f"# evalrun report — {p.spec.name} — {p.run_id}", ""]
-    sections = _sections(data)
-
-    def kv(rows: Sequence[tuple[str, str]]) -> None:
-        for key, value in rows:
-            lines.append(f"- {key}: {value}")
-        lines.append("")
-
-    lines += ["## Summary", ""]
-    kv(sections[0][1])
-    lines += ["## Metrics", ""]
-    rows = metric_rows(p.metrics)
-    if rows:
-        lines.append("| metric | value | confidence interval | threshold | verdict |")
-        lines.append("|---|---|---|---|---|")
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        lines.append("No metrics were computed.")
-    lines.append("")
-    if data.slices:
-        lines += [f"## Per-slice breakdown (by {data.slice_field})", ""]
-        lines.append(f"| {data.slice_field} | n | correct | accuracy |")
-        lines.append("|---|---|---|---|")
-        lines += [f"| {s.name} | {s.n} | {s.correct} | {s.accuracy:.4f} |" for s in data.slices]
-        lines.append("")
-    repro = reproduction_markdown(p)
-    if repro:
-        lines += [*repro[1:], ""]
-    for name, section_rows in sections[1:]:
-        lines += [f"## {name}", ""]
-        kv(section_rows)
-    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def render_audit_html(predicate: AuditPredicate, verification: str) -> str:
@@ -529,15 +191,4 @@ def render_run_set_html(predicate: RunSetPredicate, verification: str) -> str:
     return _document(title, body)
 
 
-__all__ = [
-    "ReportData",
-    "SliceRow",
-    "load_report_data",
-    "metrics_svg",
-    "per_slice",
-    "render_audit_html",
-    "render_html",
-    "render_markdown_full",
-    "render_run_set_html",
-    "slices_svg",
-]
+__all__ = ["render_audit_html", "render_html", "render_run_set_html"]

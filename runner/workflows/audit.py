@@ -20,11 +20,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from runner._internal.settings import Settings
 from runner.bundle.build import build_bundle
-from runner.bundle.index import History, RunFilter, RunRecord
+from runner.bundle.index import History
+from runner.bundle.run_records import RunFilter, RunRecord
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import EvalrunError, InputError
@@ -34,6 +35,7 @@ from runner.model.predicate import (
     AuditedRun,
     AuditFilters,
     AuditPredicate,
+    JsonObject,
     MissingInput,
     Timestamps,
 )
@@ -80,6 +82,21 @@ class AuditEntry:
         )
 
 
+class AuditSummary(TypedDict):
+    """``evalrun audit --json``: how many were re-run and reproduced, and each run's entry."""
+
+    audit_id: str
+    seed: int
+    sampled_from: int
+    audited: int
+    reproduced: int
+    failed: int
+    bundle: str
+    bundle_digest: str
+    exit_code: int
+    runs: list[JsonObject]  # each AuditEntry's fields
+
+
 @dataclass(frozen=True)
 class AuditResult:
     audit_id: str
@@ -93,7 +110,7 @@ class AuditResult:
     def failed(self) -> list[AuditEntry]:
         return [e for e in self.entries if not e.reproduced]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> AuditSummary:
         return {
             "audit_id": self.audit_id,
             "seed": self.seed,

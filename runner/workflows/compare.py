@@ -18,16 +18,18 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from pydantic import JsonValue
 
-from runner.bundle.index import History, RunFilter
+from runner.bundle.index import History
 from runner.bundle.reader import read_predicate
+from runner.bundle.run_records import RunFilter
 from runner.bundle.store import Store
 from runner.errors import InputError, IntegrityError, NotComparable
 from runner.model.predicate import (
     ConfidenceInterval,
+    JsonObject,
     MetricDefinition,
     RunPredicate,
 )
@@ -37,6 +39,16 @@ COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
 SIGNIFICANCE_CRITERION = "non-overlapping confidence intervals (as recorded per run)"
 
 
+class VariantJson(TypedDict):
+    value: JsonValue
+    runs: list[str]
+
+
+class DifferenceJson(TypedDict):
+    field: str
+    variants: list[VariantJson]
+
+
 @dataclass(frozen=True)
 class Difference:
     """One comparability field and the distinct values it takes (with the runs of each)."""
@@ -44,7 +56,7 @@ class Difference:
     field: str
     variants: tuple[tuple[str, tuple[str, ...]], ...]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> DifferenceJson:
         return {
             "field": self.field,
             "variants": [{"value": json.loads(v), "runs": list(r)} for v, r in self.variants],
@@ -87,7 +99,8 @@ class Comparison:
     allowed: tuple[Difference, ...] = ()
     excluded: tuple[tuple[str, str], ...] = field(default=())
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JsonObject:
+        """``evalrun compare --format json``: every field, the ranking row by row."""
         data = asdict(self)
         data["allowed"] = [d.as_dict() for d in self.allowed]
         data["excluded"] = [{"run_id": r, "why": why} for r, why in self.excluded]

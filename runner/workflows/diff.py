@@ -19,11 +19,17 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TypedDict
 
 from pydantic import JsonValue
 
-from runner.model.predicate import DatasetInput, MetricResult, MetricVerdict, RunPredicate
+from runner.model.predicate import (
+    DatasetInput,
+    JsonObject,
+    MetricResult,
+    MetricVerdict,
+    RunPredicate,
+)
 
 GROUPS = ("environment", "code", "data", "config")
 
@@ -60,6 +66,21 @@ class MetricDelta:
     verdict: Verdict
 
 
+class ChangeJson(TypedDict):
+    field: str
+    a: JsonValue
+    b: JsonValue
+
+
+class RunDiffJson(TypedDict):
+    """``evalrun diff --json``: the changed fields by group, and every metric's delta."""
+
+    a: str
+    b: str
+    changes: dict[str, list[ChangeJson]]
+    metrics: list[JsonObject]  # each MetricDelta's fields
+
+
 @dataclass(frozen=True)
 class RunDiff:
     a_run: str
@@ -70,11 +91,7 @@ class RunDiff:
     def group(self, name: str) -> list[Change]:
         return [c for c in self.changes if c.group == name]
 
-    @property
-    def identical_lineage(self) -> bool:
-        return not self.changes
-
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> RunDiffJson:
         return {
             "a": self.a_run,
             "b": self.b_run,

@@ -16,19 +16,18 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner._internal.settings import Settings
 from runner.bundle.build import build_bundle
 from runner.bundle.reader import expect_kind, read_predicate
 from runner.bundle.signing import Signer
 from runner.bundle.store import Store, StoredBundle
-from runner.errors import InputError
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend
 from runner.model.predicate import (
     AcrossSeedsStat,
     ConfidenceInterval,
+    JsonObject,
     MetricResult,
     RunSetMember,
     RunSetPredicate,
@@ -143,7 +142,7 @@ class AcrossSeeds:
             ),
         )
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JsonObject:
         return self.stat().to_json()
 
 
@@ -324,9 +323,3 @@ def render_run_set(predicate: RunSetPredicate) -> str:
         ci_text = f"[{_f(ci.low)}, {_f(ci.high)}] ({int(ci.level * 100)}%)" if ci.level else "—"
         lines.append(f"| {s.name} | {s.n} | {_f(s.mean)} | {_f(s.sd)} | {ci_text} |")
     return "\n".join(lines) + "\n"
-
-
-def check_seeds(seeds: list[int] | None) -> list[int]:
-    if not seeds:
-        raise InputError("the spec declares no 'seeds' or 'repeats'")
-    return seeds

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import yaml
 
@@ -35,13 +35,14 @@ MAX_CELLS = 10_000
 @dataclass(frozen=True)
 class Cell:
     index: int
-    overrides: dict[str, Any]
+    # axis → the value the matrix file gives it (any YAML: a seed, a param, a model, datasets)
+    overrides: dict[str, object]
 
     def label(self) -> str:
         return ", ".join(f"{k}={_short(v)}" for k, v in self.overrides.items()) or "(base)"
 
 
-def _short(value: Any) -> str:
+def _short(value: object) -> str:
     if isinstance(value, dict) and "uri" in value:
         return Path(str(value["uri"])).name
     if isinstance(value, list) and value and isinstance(value[0], dict) and "name" in value[0]:
@@ -57,7 +58,7 @@ def load_matrix(path: Path) -> list[Cell]:
         raise InputError(
             "the matrix must be a non-empty mapping of axis → list of values", file=str(path)
         )
-    axes: list[tuple[str, list[Any]]] = []
+    axes: list[tuple[str, list[object]]] = []
     for key, values in data.items():
         if not isinstance(values, list) or not values:
             raise InputError(
@@ -184,23 +185,44 @@ def sweep_exit_code(results: list[CellResult]) -> int:
     return worst_exit_code(r.exit_code for r in results)
 
 
-def summary_rows(results: list[CellResult]) -> list[dict[str, Any]]:
-    rows = []
+class SweepRow(TypedDict):
+    """One cell of ``evalrun sweep --json``: its axes and its run (or why it has none)."""
+
+    cell: int
+    axes: dict[str, object]
+    outcome: str
+    exit_code: int
+    run_id: NotRequired[str]
+    bundle: NotRequired[str]
+    metrics: NotRequired[dict[str, float | None]]
+    reason: NotRequired[str | None]
+
+
+def summary_rows(results: list[CellResult]) -> list[SweepRow]:
+    rows: list[SweepRow] = []
     for r in results:
-        row: dict[str, Any] = {"cell": r.cell.index, "axes": r.cell.overrides}
         if r.outcome:
-            row.update(
-                run_id=r.outcome.run_id,
-                outcome=r.outcome.outcome,
-                exit_code=r.outcome.exit_code,
-                bundle=str(r.outcome.bundle.path),
-                metrics={m.name: m.value for m in r.outcome.predicate.metrics},
+            rows.append(
+                {
+                    "cell": r.cell.index,
+                    "axes": r.cell.overrides,
+                    "run_id": r.outcome.run_id,
+                    "outcome": r.outcome.outcome,
+                    "exit_code": r.outcome.exit_code,
+                    "bundle": str(r.outcome.bundle.path),
+                    "metrics": {m.name: m.value for m in r.outcome.predicate.metrics},
+                }
             )
         else:
-            row.update(
-                outcome="error", exit_code=r.exit_code, reason=r.error.message if r.error else None
+            rows.append(
+                {
+                    "cell": r.cell.index,
+                    "axes": r.cell.overrides,
+                    "outcome": "error",
+                    "exit_code": r.exit_code,
+                    "reason": r.error.message if r.error else None,
+                }
             )
-        rows.append(row)
     return rows
 
 

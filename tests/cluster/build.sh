@@ -164,6 +164,31 @@ build_gvisor() {
   mv "$out/bin/shim" "$out/bin/containerd-shim-runsc-v1"
 }
 
+# containerd 2.x (CRI plugin included): the node's container runtime. Needs >= 2.1
+# for Kubernetes image volumes. CGO_ENABLED=0, so the btrfs snapshotter (cgo)
+# is left out, as the config disables it anyway.
+build_containerd() {
+  local out=$CONTAINERD_DIR
+  have "$out" containerd ctr containerd-shim-runc-v2 && return 0
+  new_wrapper containerd github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" "$out" >/dev/null
+  local pkg=github.com/containerd/containerd/v2
+  build_wrapper containerd "$CONTAINERD_VERSION" "$out" \
+    "-s -w -X $pkg/version.Version=$CONTAINERD_VERSION -X $pkg/version.Package=$pkg" \
+    $pkg/cmd/containerd $pkg/cmd/ctr $pkg/cmd/containerd-shim-runc-v2
+}
+
+# SeaweedFS `weed`: the S3-compatible server the tests start (tests/cluster/s3.py).
+# Upstream has no semver tags, so the pin is a pseudo-version. Its non-local
+# replace lines (a fork standing in for a deleted repository) are copied.
+build_seaweedfs() {
+  local out=$SEAWEEDFS_DIR
+  have "$out" weed && return 0
+  local upstream
+  upstream=$(new_wrapper seaweedfs github.com/seaweedfs/seaweedfs "$SEAWEEDFS_VERSION" "$out")
+  { echo; grep -E '^replace [^ ]+ => [^./][^ ]* v[^ ]+$' "$upstream" || true; } >>"$out/src/go.mod"
+  build_wrapper seaweedfs "$SEAWEEDFS_VERSION" "$out" "-s -w" github.com/seaweedfs/seaweedfs/weed
+}
+
 # The pause and probe images' binaries; keyed by a hash of their sources.
 build_images() {
   local out=$IMAGES_DIR
@@ -179,5 +204,5 @@ build_images() {
 [[ -x $GO ]] || die "Go toolchain not found at $GO (set EVALRUN_GO)"
 mkdir -p "$CACHE"
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(kubernetes etcd kwok helm cosign gvisor kuberouter images)
+[[ ${#components[@]} -gt 0 ]] || components=(kubernetes etcd containerd kwok helm cosign gvisor kuberouter seaweedfs images)
 for c in "${components[@]}"; do "build_$c"; done

@@ -125,6 +125,10 @@ def cluster_ready() -> bool:
     info = _info_from_state()
     if not info.kubectl.is_file():  # versions changed since it was started
         return False
+    # A cluster started before a containerd bump still runs the old runtime (up.sh says so).
+    pinned = f"/containerd-{versions()['CONTAINERD_VERSION']}/bin/containerd"
+    if not (state_dir() / "run" / "containerd.exe").read_text().strip().endswith(pinned):
+        return False
     probe = subprocess.run(
         info.kubectl_cmd("get", "--raw", "/readyz"),
         capture_output=True,

@@ -29,7 +29,10 @@ remove_netpol_rules() {
   fi
 }
 
-ctr_k8s() { ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
+# The pinned ctr (containerd 2.x); it also talks to a containerd 1.x left by older scripts.
+CTR=$CONTAINERD_BIN/ctr
+[[ -x $CTR ]] || CTR=ctr
+ctr_k8s() { "$CTR" --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
 
 # Let kubelet tear pods down properly (CNI DEL, unmounts) while it still can.
 if running kube-apiserver && running kubelet && running containerd; then

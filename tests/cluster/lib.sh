@@ -22,6 +22,10 @@ KWOK_BIN=$CACHE/kwok-$KWOK_VERSION/bin
 HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
 COSIGN_BIN=$CACHE/cosign-$COSIGN_VERSION/bin
 KUBE_ROUTER_BIN=$CACHE/kube-router-$KUBE_ROUTER_VERSION/bin
+CONTAINERD_DIR=$CACHE/containerd-$CONTAINERD_VERSION
+CONTAINERD_BIN=$CONTAINERD_DIR/bin
+SEAWEEDFS_DIR=$CACHE/seaweedfs-$SEAWEEDFS_VERSION
+SEAWEEDFS_BIN=$SEAWEEDFS_DIR/bin
 GVISOR_BIN=$CACHE/gvisor-shim-$GVISOR_SHIM_VERSION-$(cat "$CLUSTER_DIR"/patches/gvisor-*.patch | sha256sum | cut -c1-12)/bin
 IMAGES_DIR=$CACHE/images-$(cd "$CLUSTER_DIR/images" && cat go.mod */*.go | sha256sum | cut -c1-16)
 PAUSE_IMAGE=$REGISTRY/evalrun/pause:$PAUSE_VERSION
@@ -81,6 +85,9 @@ fail_component() { log "ERROR: $1: $2"; log_tail "$1"; exit 1; }
 start_component() {
   local name=$1; shift
   if running "$name"; then
+    # A version bump changes the binary's path; an old process must not pass for the new one.
+    [[ $(cat "$RUN/$name.exe") == "$(realpath "$1")" ]] \
+      || die "$name runs $(cat "$RUN/$name.exe"), but this checkout pins $(realpath "$1"): run tests/cluster/down.sh (make cluster-down) first"
     log "$name already running (pid $(cat "$RUN/$name.pid"))"
     return 0
   fi

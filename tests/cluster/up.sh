@@ -13,7 +13,6 @@ started_at=$SECONDS
 
 ensure_packages() {
   local missing=()
-  command -v containerd >/dev/null && command -v ctr >/dev/null || missing+=(containerd)
   command -v runc >/dev/null || missing+=(runc)
   command -v runsc >/dev/null || missing+=(runsc)
   [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local && -x /usr/lib/cni/loopback ]] \
@@ -77,41 +76,54 @@ server = "http://$REGISTRY"
 [host."http://$REGISTRY"]
   capabilities = ["pull", "resolve"]
 HOSTS
+  # containerd 2.4's config format, version 4 (2.0-2.3 used 3, which 2.4 still
+  # migrates with a warning): the CRI plugin is split into io.containerd.cri.v1.images
+  # (pulls, registry, sandbox image) and io.containerd.cri.v1.runtime (runtimes,
+  # CNI, OOM), and the gRPC/ttrpc listeners are server plugins. The ttrpc socket
+  # must be set too: its default is the host's /run/containerd/containerd.sock.ttrpc.
   cat >"$STATE/containerd/config.toml" <<TOML
-version = 2
+version = 4
 root = "$STATE/containerd/root"
 state = "$STATE/containerd/state"
+# NRI would listen on the host-wide /var/run/nri/nri.sock; nothing here uses it.
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.nri.v1.nri"]
 
-[grpc]
+[plugins."io.containerd.server.v1.grpc"]
   address = "$CONTAINERD_SOCK"
+[plugins."io.containerd.server.v1.ttrpc"]
+  address = "$CONTAINERD_SOCK.ttrpc"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "$STATE/containerd/opt"
 
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$PAUSE_IMAGE"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$PAUSE_IMAGE"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "$STATE/containerd/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
   # root here lacks CAP_SYS_RESOURCE: no oom_score_adj below containerd's own (0),
   # which the pause container's default -998 would need.
   restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "$(command -v runc)"
         SystemdCgroup = false
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.gvisor]
       runtime_type = "io.containerd.runsc.v1"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor.options]
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.gvisor.options]
         TypeUrl = "io.containerd.runsc.v1.options"
         ConfigPath = "$STATE/containerd/runsc.toml"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
     conf_dir = "$STATE/cni/net.d"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "$STATE/containerd/certs.d"
 TOML
   cat >"$STATE/cni/net.d/10-evalrun.conflist" <<CNI
 {
@@ -218,8 +230,10 @@ start_control_plane() {
 
 start_node() {
   local ip=$1
-  COMPONENT_PATH=$GVISOR_BIN start_component containerd /usr/bin/containerd --config "$STATE/containerd/config.toml"
-  wait_for containerd 60 "containerd socket" ctr --address "$CONTAINERD_SOCK" version
+  # containerd finds containerd-shim-runc-v2 and containerd-shim-runsc-v1 on its PATH.
+  COMPONENT_PATH=$CONTAINERD_BIN:$GVISOR_BIN start_component containerd "$CONTAINERD_BIN/containerd" \
+    --config "$STATE/containerd/config.toml"
+  wait_for containerd 60 "containerd socket" "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" version
   start_component kubelet "$K8S_BIN/kubelet" \
     --config "$STATE/kubelet-config.yaml" \
     --kubeconfig "$PKI/kubelet.kubeconfig" \

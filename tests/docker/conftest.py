@@ -40,6 +40,13 @@ class Cli:
         return self.home / "keys" / "evalrun.pub"
 
 
+def with_signing_key(cli: Cli) -> Cli:
+    """Make this store's signing key first: evalrun never creates one without a terminal."""
+    proc = cli("keys", "generate", "--if-absent")
+    assert proc.returncode == 0, proc.stderr
+    return cli
+
+
 @pytest.fixture(scope="session")
 def host() -> None:
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "host-up.sh")], capture_output=True,
@@ -52,7 +59,7 @@ def host() -> None:
 def cli(host, tmp_path_factory) -> Cli:
     home = tmp_path_factory.mktemp("evalrun-home")
     env = {**os.environ, "EVALRUN_HOME": str(home)}
-    return Cli(home=home, env=env)
+    return with_signing_key(Cli(home=home, env=env))
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +79,7 @@ def locked_example(cli, tmp_path_factory) -> Path:
 def vcli(host, tmp_path) -> Cli:
     """A CLI with its own store: variant runs must not find each other's runs."""
     home = tmp_path / "evalrun-home"
-    return Cli(home=home, env={**os.environ, "EVALRUN_HOME": str(home)})
+    return with_signing_key(Cli(home=home, env={**os.environ, "EVALRUN_HOME": str(home)}))
 
 
 @pytest.fixture

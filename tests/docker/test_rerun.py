@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Cli, predicate_of
+from conftest import Cli, predicate_of, with_signing_key
 
 pytestmark = pytest.mark.docker
 
 
 def fresh_cli(tmp_path: Path, name: str = "home") -> Cli:
-    """An empty store (its own signing key is created on first use)."""
+    """An empty store with its own signing key."""
     home = tmp_path / name
-    return Cli(home=home, env={**os.environ, "EVALRUN_HOME": str(home)})
+    return with_signing_key(Cli(home=home, env={**os.environ, "EVALRUN_HOME": str(home)}))
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from runner.bundle.metadata import (
     ENVELOPE_NAME,
     MANIFEST_NAME,
     PAYLOAD_TYPE,
+    SIGSTORE_BUNDLE_NAME,
     STATEMENT_NAME,
     BundleManifest,
     Statement,
@@ -56,12 +57,17 @@ def content(tmp_path: Path) -> Path:
 # --- what a bundle contains -------------------------------------------------------
 
 
-def test_build_bundle_writes_payload_and_three_metadata_files(
+def test_build_bundle_writes_payload_and_four_metadata_files(
     tmp_path: Path, content: Path, keys: tuple[Signer, Verifier]
 ) -> None:
     info = build_bundle(content, predicate(), keys[0], tmp_path / "b")
     files = {e.path for e in scan_tree(tmp_path / "b") if e.kind == "file"}
-    assert files == set(PAYLOAD) | {MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME}
+    assert files == set(PAYLOAD) | {
+        MANIFEST_NAME,
+        STATEMENT_NAME,
+        ENVELOPE_NAME,
+        SIGSTORE_BUNDLE_NAME,
+    }
     for rel, data in PAYLOAD.items():
         assert (tmp_path / "b" / rel).read_bytes() == data
     assert info.run_id == "run-a"
@@ -217,7 +223,9 @@ def test_build_rejects_unsafe_file_names(
     assert name in str(err.value.fields["path"])
 
 
-@pytest.mark.parametrize("name", [MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME])
+@pytest.mark.parametrize(
+    "name", [MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME, SIGSTORE_BUNDLE_NAME]
+)
 def test_build_rejects_content_using_reserved_names(
     tmp_path: Path, content: Path, keys: tuple[Signer, Verifier], name: str
 ) -> None:

@@ -416,3 +416,12 @@ def test_pod_problems_name_image_volume_support_and_altered_blobs_at_once() -> N
     )
     assert _pod_problem(altered, time.time(), grace)[0] == "DigestMismatch"
     assert _pod_problem(_waiting_pod("ErrImagePull", "timeout"), time.time(), grace) is None
+    # a malformed artifact fails to mount: an infrastructure problem after the grace, not exit 4
+    mount = _waiting_pod(
+        "CreateContainerError",
+        "failed to mount image volume: ImageVolumeMountFailed: failed to unpack image volume: "
+        "mismatched image rootfs and manifest layers",
+    )
+    assert _pod_problem(mount, time.time(), grace) is None
+    assert _pod_problem(mount, time.time(), {**grace, "image_pull": -1.0})[0] == (
+        "CreateContainerError")

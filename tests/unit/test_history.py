@@ -11,7 +11,9 @@ from history_fixtures import predicate, store_run
 
 from runner.cli.main import main
 from runner.errors import InputError
-from runner.bundle.index import History, RunFilter, locate_bundle, normalize_time
+from runner.bundle.index import History
+from runner.bundle.locate import locate_bundle
+from runner.bundle.run_records import RunFilter, normalize_time
 from runner.bundle.signing import generate_keypair, load_signer
 from runner.bundle.store import BundleNotFound, Store
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from inprocess_backend import BUNDLE_NAMES, BUNDLES, PUBLIC_KEY, SOURCE, run_sequence
 
-from runner.bundle.index import History, RunFilter
+from runner.bundle.index import History
+from runner.bundle.run_records import RunFilter
 from runner.bundle.reader import read_predicate
 from runner.bundle.signing import load_verifier
 from runner.bundle.store import Store
@@ -23,7 +24,8 @@ from runner.bundle.verify import verify_bundle
 from runner.cli.main import main
 from runner.model.outcome import Outcome
 from runner.model.predicate import AuditPredicate, RunPredicate, RunSetPredicate
-from runner.render.html import load_report_data, render_html, render_markdown_full
+from runner.render.html import render_html
+from runner.render.run_report import load_report_data, render_markdown_full
 from runner.render.markdown import render_markdown
 from runner.workflows.audit import render_audit_markdown
 from runner.workflows.diff import diff_runs

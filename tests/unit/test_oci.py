@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner._internal import oci
+from runner._internal import image_contents, oci
 
 pytestmark = pytest.mark.unit
 
@@ -162,25 +162,25 @@ def test_filesystem_index_applies_whiteouts_and_opaque_dirs():
         {"name": "opt/old/.wh..wh..opq", "data": b""},
         {"name": "opt/old/new", "data": b"2"},
     ])
-    index = oci.filesystem_index([lower, upper])
+    index = image_contents.filesystem_index([lower, upper])
     assert "usr/lib/b.so" not in index
     assert "opt/old/f" not in index and "opt/old/new" in index
     assert "opt/keep" in index and index["usr/lib/link"].sha256 == "a.py"
 
 
 def test_diff_names_the_changed_file_and_the_fields():
-    a = oci.filesystem_index([_tar(TREE)])
+    a = image_contents.filesystem_index([_tar(TREE)])
     changed = [dict(e, data=b"other\n") if e["name"] == "usr/lib/a.py" else e for e in TREE]
-    b = oci.filesystem_index([_tar([*changed, {"name": "usr/lib/new", "data": b""}])])
-    diff = oci.diff_index(a, b)
+    b = image_contents.filesystem_index([_tar([*changed, {"name": "usr/lib/new", "data": b""}])])
+    diff = image_contents.diff_index(a, b)
     assert [(d["path"], d["change"]) for d in diff] == [
         ("/usr/lib/a.py", "changed"), ("/usr/lib/new", "added")]
     assert diff[0]["fields"] == ["sha256", "size"]
-    assert oci.diff_index(a, a) == []
+    assert image_contents.diff_index(a, a) == []
 
 
 def test_diff_json_reports_leaf_fields():
-    assert oci.diff_json({"config": {"Env": ["A=1"], "User": "0"}},
+    assert image_contents.diff_json({"config": {"Env": ["A=1"], "User": "0"}},
                          {"config": {"Env": ["A=2"], "User": "0", "Cmd": ["x"]}}) == [
         {"field": "config.Cmd", "expected": None, "found": ["x"]},
         {"field": "config.Env", "expected": ["A=1"], "found": ["A=2"]},
@@ -207,13 +207,13 @@ Version: 1.5.82
 
 
 def test_dpkg_status_gives_installed_versions():
-    assert oci.parse_dpkg_status(STATUS) == {"bash:amd64": "5.2.15-2+b13", "debconf": "1.5.82"}
+    assert image_contents.parse_dpkg_status(STATUS) == {"bash:amd64": "5.2.15-2+b13", "debconf": "1.5.82"}
     layer = _tar([{"name": "./var/lib/dpkg/status", "data": STATUS.encode()}])
-    assert oci.dpkg_packages(layer) == {"bash:amd64": "5.2.15-2+b13", "debconf": "1.5.82"}
+    assert image_contents.dpkg_packages(layer) == {"bash:amd64": "5.2.15-2+b13", "debconf": "1.5.82"}
 
 
 def test_package_drift_names_each_moved_package():
-    assert oci.diff_packages({"bash": "1", "gone": "2"}, {"bash": "1.1", "new": "3"}) == [
+    assert image_contents.diff_packages({"bash": "1", "gone": "2"}, {"bash": "1.1", "new": "3"}) == [
         {"package": "bash", "expected": "1", "found": "1.1"},
         {"package": "gone", "expected": "2", "found": None},
         {"package": "new", "expected": None, "found": "3"},

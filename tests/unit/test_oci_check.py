@@ -66,10 +66,11 @@ def _lock_file(tmp_path: Path) -> Path:
 
 def test_check_result_is_recorded_in_the_lock_for_the_bundle(tmp_path):
     spec = _lock_file(tmp_path)
-    assert image_reproducibility(load_lock(tmp_path / "eval.lock.json"))["checked"] is False
+    assert image_reproducibility(load_lock(tmp_path / "eval.lock.json")).to_json() == {
+        "checked": False, "assembly": None}
     updated = record_reproducibility(spec, _report())
     assert load_lock(tmp_path / "eval.lock.json") == updated
-    info = image_reproducibility(updated)
+    info = image_reproducibility(updated).to_json()  # the JSON a bundle signs
     assert info["checked"] is True and info["result"] == "differs"
     assert info["checked_at"] == "2026-11-26T13:00:00+00:00"
     assert info["rebuilt_ref"] == REBUILT and info["differences"] == 3

@@ -66,11 +66,11 @@ def test_github_actions_identity_names_run_and_job_url():
     }
     ci = ci_identity(env)
     assert ci is not None
-    assert ci["system"] == "github_actions"
-    assert ci["run_id"] == "987"
-    assert ci["pipeline"] == "eval"
-    assert ci["actor"] == "alice"
-    assert ci["job_url"] == "https://github.com/acme/models/actions/runs/987"
+    assert ci.system == "github_actions"
+    assert ci.run_id == "987"
+    assert ci.pipeline == "eval"
+    assert ci.actor == "alice"
+    assert ci.job_url == "https://github.com/acme/models/actions/runs/987"
 
 
 @pytest.mark.parametrize(
@@ -115,27 +115,27 @@ def test_github_actions_identity_names_run_and_job_url():
 def test_ci_systems_are_recognised(env, system, run_id, job_url):
     ci = ci_identity(env)
     assert ci is not None
-    assert (ci["system"], ci["run_id"], ci["job_url"]) == (system, run_id, job_url)
+    assert (ci.system, ci.run_id, ci.job_url) == (system, run_id, job_url)
 
 
 def test_no_ci_outside_ci():
     assert ci_identity({"CI": "false", "USER": "bob"}) is None
     who = launcher({"USER": "bob"})
-    assert who["user"] == "bob"
-    assert who["ci"] is None
-    assert who["host"]
+    assert who.user == "bob"
+    assert who.ci is None
+    assert who.host
 
 
 def test_cli_reason_wins_and_both_are_recorded():
     r = rationale("release candidate for v2", "re-check after data fix")
-    assert r == {
+    assert r.to_json() == {
         "text": "re-check after data fix",
         "source": "cli",
         "cli": "re-check after data fix",
         "spec": "release candidate for v2",
     }
-    assert rationale("from spec", None)["source"] == "spec"
-    assert rationale(None, "  ")["text"] is None
+    assert rationale("from spec", None).source == "spec"
+    assert rationale(None, "  ").text is None
 
 
 def test_preprocessing_code_digest_for_file_and_directory(tmp_path):

@@ -11,7 +11,9 @@ from history_fixtures import predicate, store_run
 from runner.cli.main import main
 from runner.model.predicate import MetricResult, RunPredicate
 from runner.render.markdown import render_markdown as _render_markdown
-from runner.render.html import load_report_data, metrics_svg, per_slice, render_html
+from runner.render.html import render_html
+from runner.render.run_report import load_report_data, per_slice
+from runner.render.svg import metrics_svg
 from runner.bundle.signing import generate_keypair, load_signer
 from runner.bundle.store import Store
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner._internal import oci
+from runner._internal import image_contents, oci
 from runner._internal.tar import MemberRules, layer_name, scan_members, write_tree_tar
 from runner.errors import IntegrityError, UnsafeBundleEntry
 from runner.shared.tarformat import (
@@ -147,6 +147,6 @@ def test_layer_index_still_lists_links_and_devices() -> None:
     sym.type, sym.linkname = tarfile.SYMTYPE, "/usr/bin/dash"
     dev = tarfile.TarInfo("dev/null")
     dev.type = tarfile.CHRTYPE
-    index = oci.filesystem_index([_layer((sym, None), (dev, None))])
+    index = image_contents.filesystem_index([_layer((sym, None), (dev, None))])
     assert (index["bin/sh"].kind, index["bin/sh"].sha256) == ("l", "/usr/bin/dash")
     assert index["dev/null"].kind == "c"

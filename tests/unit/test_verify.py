@@ -17,13 +17,19 @@ import pytest
 from bundle_fixtures import PAYLOAD, Keys, make_keys, seal_bundle
 
 from runner.bundle.archive import write_bundle_tar
-from runner.bundle.metadata import ENVELOPE_NAME, MANIFEST_NAME, STATEMENT_NAME
+from runner.bundle.metadata import (
+    ENVELOPE_NAME,
+    MANIFEST_NAME,
+    SIGSTORE_BUNDLE_NAME,
+    STATEMENT_NAME,
+)
 from runner.bundle.signing import (
     ALGORITHMS,
     Algorithm,
     Signer,
     Verifier,
     sign_envelope,
+    sigstore_bundle,
 )
 from runner.bundle.verify import CHECKS, VerifiedBundle, verify_bundle
 from runner.errors import InputError, VerificationFailed
@@ -31,7 +37,8 @@ from runner.errors import InputError, VerificationFailed
 pytestmark = pytest.mark.unit
 
 METADATA = [MANIFEST_NAME, STATEMENT_NAME, ENVELOPE_NAME]
-ALL_FILES = sorted(PAYLOAD) + METADATA
+# optional: bundles sealed before it existed have none
+ALL_FILES = sorted(PAYLOAD) + METADATA + [SIGSTORE_BUNDLE_NAME]
 SHA = "[0-9a-f]{64}"
 
 
@@ -132,6 +139,7 @@ EXPECTED_FOR_FLIP = {
     MANIFEST_NAME: r"manifest\.json",
     STATEMENT_NAME: r"statement\.json differs from the payload signed in envelope\.dsse\.json",
     ENVELOPE_NAME: r"envelope\.dsse\.json|signature|payloadType|keyid",
+    SIGSTORE_BUNDLE_NAME: r"envelope\.sigstore\.json (is not JSON|does not restate)",
 }
 
 
@@ -146,7 +154,7 @@ def test_verify_rejects_flipped_byte_in_any_file(
     assert has(problems, EXPECTED_FOR_FLIP[rel]), problems
 
 
-@pytest.mark.parametrize("rel", METADATA)
+@pytest.mark.parametrize("rel", [*METADATA, SIGSTORE_BUNDLE_NAME])
 def test_verify_rejects_every_single_byte_flip_in_metadata(
     tmp_path: Path, ed_keys: tuple[Signer, Verifier], rel: str
 ) -> None:
@@ -293,6 +301,8 @@ def test_verify_rejects_another_keys_signature_under_our_keyid(
     forged = sign_envelope(payload, "application/vnd.in-toto+json", attacker)
     forged["signatures"][0]["keyid"] = keys[1].keyid
     (bundle / ENVELOPE_NAME).write_text(json.dumps(forged))
+    # a careful forger restates the forged envelope in the Sigstore bundle too
+    (bundle / SIGSTORE_BUNDLE_NAME).write_text(json.dumps(sigstore_bundle(forged)))
     assert problems_of(bundle, keys[1]) == [
         f"signature by keyid {keys[1].keyid} is invalid "
         "(the signed payload, payloadType or signature was altered)"
@@ -565,7 +575,11 @@ def test_bundle_verifies_with_securesystemslib_and_plain_hashlib(
         data = (bundle / subject["name"]).read_bytes()
         assert subject["digest"] == {"sha256": hashlib.sha256(data).hexdigest()}
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
-    assert on_disk - {s["name"] for s in statement["subject"]} == {STATEMENT_NAME, ENVELOPE_NAME}
+    assert on_disk - {s["name"] for s in statement["subject"]} == {
+        STATEMENT_NAME,
+        ENVELOPE_NAME,
+        SIGSTORE_BUNDLE_NAME,
+    }
 
 
 def test_verify_rejects_truncated_tar(

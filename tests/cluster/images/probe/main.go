@@ -9,12 +9,23 @@
 //	                        print "connected" (exit 0) or the last error (exit 1)
 //	probe serve ADDR        accept TCP connections on ADDR and answer "ok"
 //	probe cat FILE          print FILE
+//	probe tree DIR          one JSON line per entry under DIR (path, type, mode, uid, gid,
+//	                        size, sha256 of files), then {"mount": ...} with DIR's mount
+//	                        options from /proc/self/mountinfo
+//	probe write FILE        try to create FILE; print "written" or the error (exit 0 either way)
 package main
 
 import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"io"
+	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -23,7 +34,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: probe sleep|echo|dmesg|connect|serve|cat ...")
+		fail("usage: probe sleep|echo|dmesg|connect|serve|cat|tree|write ...")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -100,9 +111,93 @@ func main() {
 			}
 			os.Stdout.Write(b)
 		}
+	case "tree":
+		if len(args) != 1 {
+			fail("usage: probe tree DIR")
+		}
+		tree(args[0])
+	case "write":
+		if len(args) != 1 {
+			fail("usage: probe write FILE")
+		}
+		if err := os.WriteFile(args[0], []byte("x"), 0o644); err != nil {
+			fmt.Println("write failed:", err)
+		} else {
+			fmt.Println("written")
+		}
 	default:
 		fail("unknown command " + os.Args[1])
 	}
+}
+
+func tree(root string) {
+	enc := json.NewEncoder(os.Stdout)
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := os.Lstat(path)
+		if err != nil {
+			return err
+		}
+		st := info.Sys().(*syscall.Stat_t)
+		rel, _ := filepath.Rel(root, path)
+		e := map[string]any{
+			"path": rel, "type": kind(info.Mode()), "mode": fmt.Sprintf("%04o", info.Mode().Perm()),
+			"uid": st.Uid, "gid": st.Gid, "size": info.Size(),
+		}
+		if info.Mode().IsRegular() {
+			f, err := os.Open(path)
+			if err != nil {
+				e["error"] = err.Error()
+			} else {
+				h := sha256.New()
+				_, err = io.Copy(h, f)
+				f.Close()
+				if err != nil {
+					e["error"] = err.Error()
+				} else {
+					e["sha256"] = hex.EncodeToString(h.Sum(nil))
+				}
+			}
+		}
+		return enc.Encode(e)
+	})
+	if err != nil {
+		fail("tree: " + err.Error())
+	}
+	// mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS ... - FSTYPE SOURCE SUPEROPTIONS
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		fail("tree: " + err.Error())
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 || fields[4] != filepath.Clean(root) {
+			continue
+		}
+		m := map[string]any{"mountpoint": fields[4], "options": fields[5]}
+		for i, fld := range fields {
+			if fld == "-" && i+3 < len(fields) {
+				m["fstype"], m["source"], m["superoptions"] = fields[i+1], fields[i+2], fields[i+3]
+			}
+		}
+		enc.Encode(map[string]any{"mount": m})
+	}
+}
+
+func kind(m fs.FileMode) string {
+	switch {
+	case m.IsRegular():
+		return "file"
+	case m.IsDir():
+		return "dir"
+	case m&fs.ModeSymlink != 0:
+		return "symlink"
+	}
+	return "other"
 }
 
 func fail(msg string) {

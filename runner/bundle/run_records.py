@@ -1,0 +1,177 @@
+"""What the run index holds of one bundle, what ``runs ls`` selects, and the times both compare.
+
+:func:`record_from_predicate` flattens a signed predicate (run, run set or audit) into a
+:class:`RunRecord`; :class:`RunFilter` narrows a query of :class:`~runner.bundle.index.History`.
+Times are stored and compared in one form (:func:`normalize_time`: UTC, milliseconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runner.errors import InputError
+from runner.model.predicate import (
+    AuditPredicate,
+    ConfidenceInterval,
+    JsonObject,
+    MetricResult,
+    Predicate,
+    RunPredicate,
+    SpecRef,
+)
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    name: str
+    value: float | None
+    low: float | None
+    high: float | None
+    passed: bool | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One indexed bundle: a run, or an audit report (``kind == "audit"``)."""
+
+    run_id: str
+    bundle_digest: str
+    path: Path
+    kind: str
+    spec_name: str | None
+    spec_digest: str | None
+    lock_digest: str | None
+    attempt: int | None
+    image_ref: str | None
+    image_digest: str | None
+    model_sha256: str | None
+    outcome: str | None
+    exit_code: int | None
+    started: str | None
+    finished: str | None
+    seed: int | None
+    backend: str | None
+    reproduction_of: str | None
+    reproduction_verdict: str | None
+    datasets: tuple[tuple[str, str, str], ...] = ()
+    metrics: tuple[MetricRecord, ...] = field(default=())
+
+    def as_dict(self) -> JsonObject:
+        """``evalrun runs ls --json``: every field; path as text, datasets as objects."""
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["datasets"] = [{"name": n, "sha256": s, "split": sp} for n, s, sp in self.datasets]
+        return data
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """What ``runs ls`` selects; every field narrows the result, None means any."""
+
+    spec: str | None = None
+    model: str | None = None
+    dataset: str | None = None
+    image: str | None = None
+    outcome: str | None = None
+    since: str | None = None
+    until: str | None = None
+    kind: str | None = "run"
+    reproduction_of: str | None = None
+    limit: int | None = None
+
+
+def normalize_time(value: str, *, end_of_day: bool = False) -> str:
+    """An ISO date or date-time as a UTC ISO string comparable with the stored ones.
+
+    A bare date means the start of that day (UTC), or its end with ``end_of_day``.
+    ``30d``, ``12h`` or ``2w`` mean that long before now (for scheduled audits).
+    """
+    text = value.strip()
+    relative = re.fullmatch(r"(\d{1,5})([hdw])", text)
+    if relative:
+        hours = int(relative[1]) * {"h": 1, "d": 24, "w": 168}[relative[2]]
+        moment = dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours)
+        return moment.isoformat(timespec="milliseconds")
+    try:
+        if len(text) == 10:
+            day = dt.date.fromisoformat(text)
+            moment = dt.datetime.combine(
+                day, dt.time.max if end_of_day else dt.time.min, tzinfo=dt.UTC
+            )
+        else:
+            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise InputError(
+            f"not a date: {value!r}",
+            hint="use YYYY-MM-DD, an ISO 8601 date-time, or a span back from now (30d, 12h, 2w)",
+        ) from None
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _normalized(moment: str | None) -> str | None:
+    """A recorded time in the index's comparable form (as recorded if it does not parse)."""
+    if not moment:
+        return None
+    with contextlib.suppress(InputError):
+        return normalize_time(moment)
+    return moment
+
+
+def record_from_predicate(digest: str, path: Path, predicate: Predicate) -> RunRecord:
+    """Flatten a predicate into the fields the index stores (a run set or audit has fewer)."""
+    spec = predicate.spec if not isinstance(predicate, AuditPredicate) else SpecRef()
+    record = RunRecord(
+        run_id=predicate.run_id,
+        bundle_digest=digest,
+        path=path,
+        kind=predicate.kind,
+        spec_name=spec.name,
+        spec_digest=spec.digest,
+        lock_digest=None if isinstance(predicate, AuditPredicate) else predicate.lock_digest,
+        attempt=None,
+        image_ref=None,
+        image_digest=None,
+        model_sha256=None,
+        outcome=None if predicate.outcome is None else str(predicate.outcome),
+        exit_code=predicate.exit_code,
+        started=_normalized(predicate.timestamps.started),
+        finished=_normalized(predicate.timestamps.finished),
+        seed=None,
+        backend=None,
+        reproduction_of=None,
+        reproduction_verdict=None,
+    )
+    if not isinstance(predicate, RunPredicate):
+        return record
+    origin, repro = predicate.reproduction_of, predicate.reproduction
+    return dataclasses.replace(
+        record,
+        attempt=predicate.attempt,
+        image_ref=predicate.image.ref,
+        image_digest=predicate.image.digest,
+        model_sha256=predicate.model.sha256,
+        seed=predicate.seeds.seed,
+        backend=predicate.backend,
+        reproduction_of=origin.run_id if origin is not None else None,
+        reproduction_verdict=repro.verdict if repro is not None else None,
+        datasets=tuple((str(d.name), str(d.sha256), str(d.split)) for d in predicate.datasets),
+        metrics=tuple(_metric_record(m) for m in predicate.metrics),
+    )
+
+
+def _metric_record(m: MetricResult) -> MetricRecord:
+    ci = m.ci or ConfidenceInterval()
+    return MetricRecord(
+        name=m.name,
+        value=None if m.value is None else float(m.value),
+        low=None if ci.low is None else float(ci.low),
+        high=None if ci.high is None else float(ci.high),
+        passed=m.passed,
+    )

@@ -1,0 +1,78 @@
+"""How the CLI speaks: progress lines, ``--json`` objects, and JSON-lines logs.
+
+Human output goes to the terminal (progress on stderr, results on stdout);
+``--json`` prints one structured summary object on stdout instead. Structured
+JSON-lines logs (``ts``, ``level``, ``event``, ``run_id``, …) always go to the
+log file, and to stderr with ``--log-json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from runner._internal.settings import Settings
+
+# What a command is given to report progress with (a Terminal, or any callable in tests).
+Term = Callable[[str], None]
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """Stable schema: ts, level, event, run_id, logger, message, then the extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        # the fixed fields, then whatever the caller passed as ``extra`` (rendered with str)
+        data: dict[str, object] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", record.getMessage()),
+            "run_id": getattr(record, "run_id", None),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED and key not in data:
+                data[key] = value
+        return json.dumps(data, default=str, sort_keys=True)
+
+
+def configure_logging(settings: Settings, log_json: bool, verbose: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
+        file_handler.setFormatter(JsonLinesFormatter())
+        root.addHandler(file_handler)
+    except OSError:
+        pass
+    if log_json:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(JsonLinesFormatter())
+        root.addHandler(stream)
+    for noisy in ("urllib3", "docker", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Terminal:
+    """Progress lines on stderr with elapsed time; silent in --json mode."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as the one ``--json`` object on stdout."""
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))

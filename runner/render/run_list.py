@@ -1,0 +1,35 @@
+"""``evalrun runs ls`` as a plain-text table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from runner.bundle.run_records import RunRecord
+
+
+def format_table(records: Sequence[RunRecord]) -> str:
+    """``runs ls`` as a plain-text table."""
+    header = ["run id", "spec", "outcome", "started (UTC)", "metrics", "bundle"]
+    rows = []
+    for r in records:
+        metrics = ", ".join(f"{m.name}={m.value:.4f}" for m in r.metrics if m.value is not None)
+        repro = f" ↺{r.reproduction_verdict}" if r.reproduction_of else ""
+        rows.append(
+            [
+                r.run_id,
+                r.spec_name or "?",
+                (r.outcome or "?") + repro,
+                (r.started or "?")[:19].replace("T", " "),
+                metrics or "—",
+                r.bundle_digest[:19] + "…",
+            ]
+        )
+    if not rows:
+        return "(no runs)"
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)

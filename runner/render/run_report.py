@@ -1,0 +1,229 @@
+"""``evalrun report`` for a run: what it shows, read from the bundle, and its Markdown form.
+
+Everything shown comes from the bundle (predicate, lock, per-sample outputs) plus the
+verification result of that bundle. :func:`report_sections` are the key/value sections
+the HTML (:mod:`runner.render.html`) and Markdown forms share; both are pure functions of
+:class:`ReportData`, with floats at fixed precision, so the same bundle gives
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.bundle.reader import expect_kind, read_predicate
+from runner.model.predicate import JsonObject, RunPredicate, json_at
+from runner.render.markdown import metric_rows, reproduction_markdown
+
+MAX_SLICES = 40
+MAX_SAMPLES = 2_000_000
+
+
+@dataclass(frozen=True)
+class SliceRow:
+    name: str
+    n: int
+    correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """What a report shows about one bundle."""
+
+    predicate: RunPredicate
+    # the bundle's eval.lock.json as found (a lock of any evalrun version; shown, not trusted)
+    lock: JsonObject
+    slice_field: str | None
+    slices: tuple[SliceRow, ...]
+    verification: str
+    bundle_digest: str | None
+
+
+def per_slice(predictions: Path) -> tuple[str | None, tuple[SliceRow, ...]]:
+    """Accuracy per slice of the per-sample outputs.
+
+    Slices by the ``slice`` field when samples carry one, otherwise by ``label``.
+    Samples without label/prediction are skipped; an unreadable file gives none.
+    """
+    try:
+        lines = predictions.read_text(encoding="utf-8").splitlines()[:MAX_SAMPLES]
+    except (OSError, UnicodeDecodeError):
+        return None, ()
+    samples = []
+    for line in lines:
+        try:
+            sample = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(sample, dict) and "label" in sample and "prediction" in sample:
+            samples.append(sample)
+    if not samples:
+        return None, ()
+    key = "slice" if any("slice" in s for s in samples) else "label"
+    counts: dict[str, list[int]] = {}
+    for s in samples:
+        bucket = counts.setdefault(str(s.get(key)), [0, 0])
+        bucket[0] += 1
+        bucket[1] += int(s["prediction"] == s["label"])
+
+    def order(name: str) -> tuple[int, float, str]:
+        try:
+            return (0, float(name), name)
+        except ValueError:
+            return (1, 0.0, name)
+
+    rows = tuple(
+        SliceRow(n, c[0], c[1]) for n, c in sorted(counts.items(), key=lambda kv: order(kv[0]))
+    )
+    return key, rows[:MAX_SLICES]
+
+
+def load_report_data(
+    bundle: Path,
+    verification: str,
+    digest: str | None = None,
+    *,
+    predicate: RunPredicate | None = None,
+) -> ReportData:
+    """Read what the report needs from a bundle directory (``predicate``: already read)."""
+    if predicate is None:
+        predicate = expect_kind(read_predicate(bundle), RunPredicate, bundle)
+    try:
+        lock = json.loads((bundle / "eval.lock.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        lock = {}
+    slice_field, slices = per_slice(bundle / "results" / "predictions.jsonl")
+    return ReportData(
+        predicate=predicate,
+        lock=lock if isinstance(lock, dict) else {},
+        slice_field=slice_field,
+        slices=slices,
+        verification=verification,
+        bundle_digest=digest,
+    )
+
+
+def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Key/value sections shared by the HTML and Markdown forms."""
+    p = data.predicate
+    env = p.env
+    gpus = ", ".join(str(g.get("name")) for g in env.gpus())
+    wheels = data.lock.get("wheels")
+    summary = [
+        ("run id", f"{p.run_id} (attempt {p.attempt})"),
+        ("outcome", str(p.outcome) + (f" — {p.reason}" if p.reason else "")),
+        ("verification", data.verification),
+        ("bundle digest", data.bundle_digest or "—"),
+        ("backend", str(p.backend)),
+        ("started", str(p.timestamps.started)),
+        ("finished", str(p.timestamps.finished)),
+        ("evalrun", str(p.evalrun_version)),
+    ]
+    model_rows = [("model", f"{p.model.path} sha256:{p.model.sha256} ({p.model.size} bytes)")]
+    data_rows = [
+        (
+            f"dataset {d.name}",
+            f"sha256:{d.sha256} — split: {d.split}; license: {d.license}; source: {d.source}",
+        )
+        for d in p.datasets
+    ]
+    config = [
+        ("params", json.dumps(p.params, sort_keys=True)),
+        ("seed", str(p.seeds.seed)),
+        ("determinism", json.dumps(p.seeds.determinism or {}, sort_keys=True)),
+    ]
+    environment = [
+        ("image", str(p.image.ref)),
+        ("rootfs", f"expected {p.image.rootfs_expected}, found {p.image.rootfs_found}"),
+        (
+            "sandbox",
+            f"{p.sandbox.runtime_used} (requested {p.sandbox.runtime_requested}), "
+            f"network {p.sandbox.network}",
+        ),
+        ("OS", str(env.at("os.PRETTY_NAME"))),
+        ("kernel", str(env.at("kernel.release"))),
+        ("Python", str(env.at("python.version"))),
+        (
+            "packages",
+            ", ".join(f"{pkg.get('name')}=={pkg.get('version')}" for pkg in env.packages()) or "—",
+        ),
+        ("CPU", f"{env.at('cpu.model')} ({env.at('cpu.usable_cpus')} usable)"),
+        (
+            "GPU",
+            f"{gpus}; driver {env.at('gpu.driver_version')}, "
+            f"CUDA {env.at('gpu.cuda_driver_version')}"
+            if env.gpu_visible
+            else f"none visible ({env.at('gpu.reason')})",
+        ),
+    ]
+    lineage = [
+        ("spec", f"{p.spec.name} {p.spec.digest}"),
+        ("lock", str(p.lock_digest)),
+        ("base image", str(json_at(data.lock, "base.ref") or "—")),
+        (
+            "wheels",
+            ", ".join(
+                f"{w.get('filename')} sha256:{str(w.get('sha256'))[:16]}…"
+                for w in (wheels if isinstance(wheels, list) else [])
+                if isinstance(w, dict)
+            )
+            or "—",
+        ),
+        ("code", f"commit {p.source.commit}, dirty: {p.source.dirty}"),
+        ("build context", f"sha256:{p.source.tree_sha256}"),
+    ]
+    origin = p.reproduction_of
+    if origin is not None:
+        lineage.append(("reproduction of", f"{origin.run_id} (bundle {origin.bundle_digest})"))
+    return [
+        ("Summary", summary),
+        ("Model", model_rows),
+        ("Data", data_rows),
+        ("Configuration", config),
+        ("Environment", environment),
+        ("Lineage", lineage),
+    ]
+
+
+def render_markdown_full(data: ReportData) -> str:
+    """The report as Markdown (deterministic); the same content as the HTML, no plots."""
+    p = data.predicate
+    lines = [f"# evalrun report — {p.spec.name} — {p.run_id}", ""]
+    sections = report_sections(data)
+
+    def kv(rows: Sequence[tuple[str, str]]) -> None:
+        for key, value in rows:
+            lines.append(f"- {key}: {value}")
+        lines.append("")
+
+    lines += ["## Summary", ""]
+    kv(sections[0][1])
+    lines += ["## Metrics", ""]
+    rows = metric_rows(p.metrics)
+    if rows:
+        lines.append("| metric | value | confidence interval | threshold | verdict |")
+        lines.append("|---|---|---|---|---|")
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        lines.append("No metrics were computed.")
+    lines.append("")
+    if data.slices:
+        lines += [f"## Per-slice breakdown (by {data.slice_field})", ""]
+        lines.append(f"| {data.slice_field} | n | correct | accuracy |")
+        lines.append("|---|---|---|---|")
+        lines += [f"| {s.name} | {s.n} | {s.correct} | {s.accuracy:.4f} |" for s in data.slices]
+        lines.append("")
+    repro = reproduction_markdown(p)
+    if repro:
+        lines += [*repro[1:], ""]
+    for name, section_rows in sections[1:]:
+        lines += [f"## {name}", ""]
+        kv(section_rows)
+    return "\n".join(lines).rstrip("\n") + "\n"
