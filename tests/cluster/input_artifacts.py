@@ -2,10 +2,12 @@
 
 For the k8s tier and benchmarks/bench_k8s_data.py, until (and besides) ``evalrun lock``
 publishing them: one uncompressed, deterministic tar layer per file (the file at its
-relative path, mode 0444, uid/gid 0, mtime 0), titled with its path. ``shape`` picks the
-manifest's config: ``"artifact"`` (artifactType ``application/vnd.evalrun.input.v1`` and
-the empty config, the shape docs/data.md describes) or ``"image"`` (a minimal image config
-whose rootfs lists the layers' diff ids, for runtimes that unpack only images).
+relative path, mode 0444, uid/gid 0, mtime 0), titled with its path, streamed from disk
+(shards of GiB are fine). The manifest is shape (d) of docs/data.md ("image-artifact": a
+real image config whose ``rootfs.diff_ids`` list the layers, plus ``artifactType``
+``application/vnd.evalrun.input.v1``), the one containerd 2.4 mounts that is still marked
+as evalrun's; ``shape="image"`` leaves out ``artifactType`` (shape (c)). In-memory shapes,
+including the ones that do not mount, are in ``imagevol.py``.
 
 Returns the ``PlanInput`` the Kubernetes backend mounts (``artifact_ref`` by digest).
 """
@@ -25,7 +27,6 @@ from runner.model.plan import PlanInput, PlanInputFile
 ARTIFACT_TYPE = "application/vnd.evalrun.input.v1"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 LAYER = "application/vnd.oci.image.layer.v1.tar"
-EMPTY = "application/vnd.oci.empty.v1+json"
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 Shape = Literal["artifact", "image"]
 
@@ -79,20 +80,16 @@ def publish_input(
                                 "org.evalrun.file.sha256": file_sha},
             })
             plan_files.append(PlanInputFile(path=rel, sha256=file_sha, size=src.stat().st_size))
-    if shape == "image":
-        config = json.dumps({
-            "architecture": "amd64", "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
-        }, sort_keys=True, separators=(",", ":")).encode()
-        config_type = IMAGE_CONFIG
-    else:
-        config, config_type = b"{}", EMPTY
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
+    }, sort_keys=True, separators=(",", ":")).encode()
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
     put_blob_bytes(target, config_digest, config)
     manifest: dict = {
         "schemaVersion": 2,
         "mediaType": MANIFEST,
-        "config": {"mediaType": config_type, "digest": config_digest, "size": len(config)},
+        "config": {"mediaType": IMAGE_CONFIG, "digest": config_digest, "size": len(config)},
         "layers": layers,
         "annotations": {"org.evalrun.input.role": role, "org.evalrun.input.name": name},
     }
