@@ -535,6 +535,8 @@ def _frame(sock: Any) -> tuple[int, bytes]:
 
 # --------------------------------------------------------------------------- pod logs
 
+LOG_QUIET_S = 600
+
 
 class PodLogFollower:
     """Follows one container's log from its start, in a thread, as raw bytes.
@@ -584,6 +586,7 @@ class PodLogFollower:
         reconnects, backoff = 0, 0.5
         try:
             while not self._stop.is_set():
+                before = self.delivered
                 try:
                     self._follow_once()
                     self.error = None
@@ -593,6 +596,8 @@ class PodLogFollower:
                     self.error = f"log stream broke: {exc.__class__.__name__}"
                 if self._stop.is_set() or not self._still_running():
                     return
+                if self.delivered > before:  # only attempts that brought nothing count
+                    reconnects, backoff = 0, 0.5
                 reconnects += 1
                 if reconnects > self._max_reconnects:
                     return
@@ -610,7 +615,8 @@ class PodLogFollower:
                 container=self.container,
                 follow=True,
                 _preload_content=False,
-                _request_timeout=(30, None),
+                # (connect, read): a log quiet this long is re-followed, skipping what came
+                _request_timeout=(30, LOG_QUIET_S),
             )
         try:
             for chunk in self._response.stream(64 * 1024, decode_content=True):

@@ -24,8 +24,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import importlib
+
 import runner.backends.kubernetes as k8s_backend
-import runner.cli.main as cli
 from runner.backends.collect import StreamReceiver
 from runner.model.plan import PlanInput, RunPlan
 
@@ -62,7 +63,9 @@ def main() -> int:
 
         StreamReceiver.feed = dying_feed  # type: ignore[method-assign]
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    return cli.main(rest)
+    # runner.cli re-exports main(), which hides the submodule of that name
+    cli = importlib.import_module("runner.cli.main")
+    return int(cli.main(rest))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from input_artifacts import publish_input
 from kubernetes import client
 
 # the locked digits example (its image built once), and the spec variant helper
-from k8s.test_backend_kubernetes import _evalrun, _variant, k8s_example  # noqa: F401
+from k8s.test_backend_kubernetes import EVALRUN, _evalrun, _variant, k8s_example  # noqa: F401
 from runner.backends.manifests import job_name
 from runner.model.spec import load_lock
 
@@ -110,6 +110,11 @@ def _run(cluster, namespace, spec, inputs, home, *extra, die_after=0):
     args += ["--", "run", str(spec), "--backend", "kubernetes", "--kubeconfig",
              str(cluster.kubeconfig), "-n", namespace, "--json", *extra]
     env = {**os.environ, "EVALRUN_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    if not (home / "keys" / "evalrun.key").exists():
+        # evalrun never creates a signing key without a terminal
+        made = subprocess.run([*EVALRUN, "keys", "generate"], capture_output=True, text=True,
+                              env=env, cwd=ROOT, check=False)
+        assert made.returncode == 0, made.stderr
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
                           check=False)
 
@@ -123,7 +128,8 @@ def test_inputs_by_image_volume_and_results_by_exec_under_gvisor(
     cluster, namespace, k8s_client, data_plane_spec, tmp_path
 ):
     spec, inputs = data_plane_spec
-    proc = _run(cluster, namespace, spec, inputs, tmp_path / "home", "--ttl-after-finished", "900")
+    proc = _run(cluster, namespace, spec, inputs, tmp_path / "home", "--ttl-after-finished", "900",
+                "--log-json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout)
     assert out["outcome"] == "passed" and out["verified"].startswith("valid")
@@ -139,9 +145,14 @@ def test_inputs_by_image_volume_and_results_by_exec_under_gvisor(
     # the agent read its inputs from the image volumes and checked every file first
     preflight = json.loads((bundle / "results" / "preflight.json").read_text())
     assert preflight["inputs"] and all(i["passed"] for i in preflight["inputs"])
-    # live output reached the terminal while it ran (stdout and stderr, through the log)
-    assert "data-plane: live on stdout" in proc.stderr
-    assert "data-plane: live on stderr" in proc.stderr
+    # live output reached the JSON-lines log while it ran (stdout and stderr, via the pod log)
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    live = [r for r in records if r.get("event") == "evaluation_output"]
+    assert {r["line"] for r in live} >= {"data-plane: live on stdout", "data-plane: live on stderr"}
+    assert {r["run_id"] for r in live} == {pred["run_id"]}
+    assert not any("EVALRUN RESULTS READY" in r["line"] for r in live)
+    collected_at = next(r["ts"] for r in records if r.get("event") == "results_collected_exec")
+    assert max(r["ts"] for r in live if r["line"].startswith("data-plane")) < collected_at
     # the pod reached nothing: gVisor runs it without a network
     reached = json.loads((bundle / "results" / "network.json").read_text())
     assert reached and "connected" not in reached.values(), reached

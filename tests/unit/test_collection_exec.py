@@ -23,7 +23,9 @@ import pytest
 from websocket import ABNF, WebSocketConnectionClosedException
 
 import runner.agent.__main__ as agent
-from runner.adapters.kubernetes import read_exec_frames
+from kubernetes import client as k8s
+
+from runner.adapters.kubernetes import LOG_QUIET_S, PodLogFollower, read_exec_frames
 from runner.backends.collect import StreamReceiver
 from runner.backends.kubernetes import _pod_problem
 from runner.backends.live import MAX_LINE_BYTES, LineRelay, OutputLine
@@ -370,6 +372,39 @@ def test_an_exec_stream_that_breaks_before_its_status_is_transient() -> None:
     closed = iter([(ABNF.OPCODE_BINARY, b"\x01abc"), (ABNF.OPCODE_CLOSE, b"")]).__next__
     with pytest.raises(TransientKubernetesError, match="closed after 3 bytes without a status"):
         read_exec_frames(closed, lambda b: None, what="exec")
+
+
+class _LogResponse:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def stream(self, amt: int, decode_content: bool) -> Any:
+        yield from self.chunks
+
+    def release_conn(self) -> None:
+        pass
+
+
+def test_the_log_follower_streams_through_the_client_and_resumes_without_repeats() -> None:
+    # the real generated client (it validates every argument), answering from a script
+    api = k8s.ApiClient(k8s.Configuration(host="http://api.invalid"))
+    sessions = [[b"line 1\nli", b"ne 2\n"], [b"line 1\nline 2\nline 3\n"]]
+    calls: list[dict[str, Any]] = []
+
+    def call_api(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return SimpleNamespace(status=200, response=_LogResponse(sessions[len(calls) - 1]))
+
+    api.call_api = call_api  # type: ignore[method-assign]
+    running = iter([True, False])  # the stream breaks once while the container runs
+    got = bytearray()
+    follower = PodLogFollower(
+        api, "ns", "pod", "agent", got.extend, still_running=lambda: next(running, False)
+    ).start()
+    assert follower.done.wait(30)
+    assert follower.error is None
+    assert bytes(got) == b"line 1\nline 2\nline 3\n"
+    assert [c["_request_timeout"] for c in calls] == [(30, LOG_QUIET_S)] * 2
 
 
 # --------------------------------------------------------------------------- live output
