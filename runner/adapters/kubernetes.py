@@ -16,6 +16,7 @@ bounded backoff. Waiters share its cache instead of polling the API server.
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import contextlib
@@ -513,8 +514,7 @@ def exec_in_pod(
                     hint=UNREACHABLE_HINT,
                 ) from exc
             status = int(match[1])
-            body = re.search(r'"message":\s*"((?:[^"\\]|\\.)*)"', text)
-            cls, tail = _classify(status, body[1] if body else text[:200])
+            cls, tail = _classify(status, _handshake_message(text))
             raise cls(f"{what}: {tail}", namespace=namespace, name=pod, status=status) from exc
         try:
             ws.sock.settimeout(idle_timeout_s)
@@ -526,6 +526,21 @@ def exec_in_pod(
                 ws.close()
     finally:
         own.close()
+
+
+def _handshake_message(text: str) -> str:
+    """The API server's ``Status`` message from a refused websocket handshake's text.
+
+    websocket-client words it ``Handshake status 403 Forbidden -+-+- {headers} -+-+- b'{…}'``.
+    """
+    body = text.rsplit("-+-+-", 1)[-1].strip()
+    with contextlib.suppress(ValueError, SyntaxError):
+        if body.startswith(("b'", 'b"')):
+            body = ast.literal_eval(body).decode("utf-8", "replace")
+        status = json.loads(body)
+        if isinstance(status, dict) and status.get("message"):
+            return str(status["message"])
+    return text[:300]
 
 
 def _frame(sock: Any) -> tuple[int, bytes]:

@@ -407,6 +407,17 @@ def test_the_log_follower_streams_through_the_client_and_resumes_without_repeats
     assert [c["_request_timeout"] for c in calls] == [(30, LOG_QUIET_S)] * 2
 
 
+@pytest.mark.parametrize("wrap", [str, lambda body: repr(body.encode())])
+def test_a_refused_exec_handshake_names_the_api_servers_reason(wrap: Any) -> None:
+    from runner.adapters.kubernetes import _handshake_message
+
+    body = json.dumps({"kind": "Status", "code": 403, "message": 'pods "p" is forbidden: '
+                       'cannot get resource "pods/exec"'})
+    text = f"Handshake status 403 Forbidden -+-+- {{'audit-id': 'x'}} -+-+- {wrap(body)}"
+    assert _handshake_message(text) == 'pods "p" is forbidden: cannot get resource "pods/exec"'
+    assert _handshake_message("Handshake status 500 oops") == "Handshake status 500 oops"
+
+
 # --------------------------------------------------------------------------- live output
 
 
