@@ -164,9 +164,10 @@ def bench_results(info: Any, api: client.ApiClient, ns: str, image: tuple[str, s
         time.sleep(1)
     dest = work / "kubectl-cp"
     t0 = time.perf_counter()
-    subprocess.run(info.kubectl_cmd("cp", "-n", ns, f"{name}:/data/out", str(dest)),
-                   check=True, capture_output=True)
+    copied = subprocess.run(info.kubectl_cmd("cp", "-n", ns, f"{name}:/data/out", str(dest)),
+                            capture_output=True, text=True, check=False)
     kubectl_s = time.perf_counter() - t0
+    assert copied.returncode == 0, copied.stderr
     got = sum(p.stat().st_size for p in dest.rglob("part-*.bin"))
     assert got == mib * MIB, got
     core.delete_namespaced_pod(name, ns, grace_period_seconds=0)

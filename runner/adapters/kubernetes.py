@@ -310,6 +310,13 @@ class NamespaceWatch:
                             need_list = True
                             break
                         continue
+                    if isinstance(obj, dict):
+                        # kubernetes >= 37 leaves a BOOKMARK's object undeserialized
+                        version = (obj.get("metadata") or {}).get("resourceVersion")
+                        if etype == "BOOKMARK" and version:
+                            with self._cond:
+                                cache.resource_version = str(version)
+                        continue
                     with self._cond:
                         cache.resource_version = obj.metadata.resource_version
                         cache.events += 1
