@@ -97,6 +97,9 @@ def hold(
                     elif request == f"ack {run_id}":
                         conn.sendall(f"ok exit={exit_code}\n".encode())
                         how = "results acknowledged by the runner"
+                        # let `ack` read the answer and end before this container does
+                        with contextlib.suppress(OSError):
+                            conn.recv(1)
                         break
                     else:
                         conn.sendall(b"error unknown request\n")

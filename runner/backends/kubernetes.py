@@ -670,16 +670,20 @@ class _RunSession:
                 continue
             break
         facts["duration_s"] = round(time.monotonic() - t0, 3)
-        acked = self._ack(pod_name)
-        facts["acknowledged"] = acked is not None
+        released, acked = self._ack(pod_name)
+        facts["acknowledged"] = released
         self.collection = _Collection(pod_name, problems, acked, facts)
         log.info(
             "results collected",
             extra={"event": "results_collected_exec", "run_id": self.plan.run_id, **facts},
         )
 
-    def _ack(self, pod_name: str) -> int | None:
-        """Release the holding agent; the exit code it ends with, or None."""
+    def _ack(self, pod_name: str) -> tuple[bool, int | None]:
+        """Release the holding agent: (released, the exit code it answered, if it did).
+
+        The agent exits right after answering, so the exec's own status may be lost with
+        its container; an agent container that has ended after an ack counts as released.
+        """
         answer = bytearray()
         for _ in range(COLLECT_ATTEMPTS):
             answer.clear()
@@ -694,12 +698,25 @@ class _RunSession:
                     idle_timeout_s=30.0,
                 )
             except TransientKubernetesError:
+                if self._agent_ended(pod_name):
+                    return True, _ack_exit(answer)
                 continue
             except EvalrunError:
-                return None
-            match = ACK_RE.match(answer.decode("ascii", "replace").strip())
-            return int(match[1]) if ran.exit_code == 0 and match else None
-        return None
+                return self._agent_ended(pod_name), _ack_exit(answer)
+            code = _ack_exit(answer)
+            if ran.exit_code == 0 and code is not None:
+                return True, code
+            return self._agent_ended(pod_name), code
+        return self._agent_ended(pod_name), None
+
+    def _agent_ended(self, pod_name: str, timeout_s: float = 30.0) -> bool:
+        """Whether the pod's agent container stops running (or the pod goes) within a while."""
+
+        def ended() -> bool:
+            pod = self.watch.pods.objects.get(pod_name)
+            return pod is None or not _running(pod)
+
+        return bool(self.watch.wait(ended, timeout=timeout_s))
 
     # ---- the end
 
@@ -789,6 +806,11 @@ class _RunSession:
             ]
         details["collection"] = {"pod": pod_name, "mode": "log-frame"}
         return extract_results_frame(text, self.results_dir).problems
+
+
+def _ack_exit(answer: bytes | bytearray) -> int | None:
+    match = ACK_RE.match(bytes(answer).decode("ascii", "replace").strip())
+    return int(match[1]) if match else None
 
 
 def _image_id_matches(image_id: str | None, digest: str) -> bool:

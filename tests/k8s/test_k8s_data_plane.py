@@ -70,10 +70,8 @@ def _blob_sha(seed: int, mib: int) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def data_plane_spec(cluster, k8s_example, tmp_path_factory, k8s_client):  # noqa: F811
+def _locked_variant(cluster, k8s_example, tmp, k8s_client, **params):  # noqa: F811
     """The digits example with the data-plane evaluation, locked, and its inputs published."""
-    tmp = tmp_path_factory.mktemp("data-plane")
     node = client.CoreV1Api(k8s_client).read_node(cluster.node_name)
     node_ip = next(a.address for a in node.status.addresses if a.type == "InternalIP")
     spec = _variant(
@@ -84,6 +82,7 @@ def data_plane_spec(cluster, k8s_example, tmp_path_factory, k8s_client):  # noqa
             "blob_mib": BLOB_MIB,
             "blob_seed": 7,
             "targets": [f"{node_ip}:10250", "10.96.0.1:443", "1.1.1.1:53"],
+            **params,
         },
     )
     assert _evalrun(tmp / "home", "lock", str(spec)).returncode == 0
@@ -101,6 +100,12 @@ def data_plane_spec(cluster, k8s_example, tmp_path_factory, k8s_client):  # noqa
     inputs = tmp / "inputs.json"
     inputs.write_text(json.dumps([p.model_dump(mode="json") for p in published]))
     return spec, inputs
+
+
+@pytest.fixture(scope="module")
+def data_plane_spec(cluster, k8s_example, tmp_path_factory, k8s_client):  # noqa: F811
+    return _locked_variant(cluster, k8s_example, tmp_path_factory.mktemp("data-plane"),
+                           k8s_client)
 
 
 def _run(cluster, namespace, spec, inputs, home, *extra, die_after=0):
@@ -204,3 +209,31 @@ def test_a_runner_killed_mid_collection_is_replaced_by_a_second_run_that_collect
     assert time.monotonic() - t0 < 120  # it attached and collected; it did not re-evaluate
     jobs = client.BatchV1Api(k8s_client).list_namespaced_job(namespace).items
     assert len(jobs) == 1 and jobs[0].status.succeeded == 1
+
+
+@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
+def test_a_pod_deleted_mid_run_is_retried_and_the_retry_is_collected(
+    cluster, namespace, k8s_client, k8s_example, tmp_path  # noqa: F811
+):
+    spec, inputs = _locked_variant(cluster, k8s_example, tmp_path, k8s_client, sleep_s=20)
+    env = {**os.environ, "EVALRUN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    subprocess.run([*EVALRUN, "keys", "generate", "--if-absent"], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    args = [sys.executable, str(DRIVER), "--inputs", str(inputs), "--", "run", str(spec),
+            "--backend", "kubernetes", "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
+            "--json"]
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    core = client.CoreV1Api(k8s_client)
+    deadline = time.monotonic() + 300
+    while not (running := [p for p in core.list_namespaced_pod(namespace).items
+                           if p.status.phase == "Running"]):
+        assert time.monotonic() < deadline and proc.poll() is None, "the pod never ran"
+        time.sleep(0.5)
+    victim = running[0].metadata.name
+    core.delete_namespaced_pod(victim, namespace, grace_period_seconds=0)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    details = _predicate(json.loads(stdout))["sandbox"]["details"]
+    assert details["pod"] != victim and details["collection"]["pod"] == details["pod"]
+    assert details["collection"]["acknowledged"] and details["collection_problems"] == []
