@@ -170,6 +170,7 @@ def bench_results(info: Any, api: client.ApiClient, ns: str, image: tuple[str, s
     assert copied.returncode == 0, copied.stderr
     got = sum(p.stat().st_size for p in dest.rglob("part-*.bin"))
     assert got == mib * MIB, got
+    binary_s, text_s = transports(api, ns, name, mib)
     core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
     emit({
         "benchmark": "k8s_results_collect", "results_mib": mib, "files": files,
@@ -177,9 +178,54 @@ def bench_results(info: Any, api: client.ApiClient, ns: str, image: tuple[str, s
         "evalrun_stream_bytes": collection.get("bytes"),
         "kubectl_cp_s": round(kubectl_s, 3), "kubectl_cp_mib_s": round(mib / kubectl_s, 1),
         "rate_ratio": round(kubectl_s / evalrun_s, 3),
+        "exec_binary_stream_s": binary_s,
+        "exec_base64_frame_s": text_s,
         "note": "evalrun: exec emit-results + stream sha256/size + tar member checks + unpack "
                 "+ ack; kubectl cp: tar over exec, unchecked",
     })
+
+
+# The same tar two ways through the exec stream: the binary results stream, and the base64
+# text frame of the log path (held whole in memory by both sides).
+EMIT_BINARY = (
+    "import sys; from pathlib import Path; import runner.agent.__main__ as a; "
+    "from runner.shared.protocol import StreamWriter; w = StreamWriter(sys.stdout.buffer); "
+    "a.write_results_tar(Path('/data/out'), w); w.close()"
+)
+EMIT_TEXT = (
+    "import sys; from pathlib import Path; import runner.agent.__main__ as a; "
+    "from runner.shared.protocol import encode_frame; "
+    "sys.stdout.write(encode_frame(a.results_tar(Path('/data/out')))); sys.stdout.flush()"
+)
+
+
+def transports(api: client.ApiClient, ns: str, pod: str, mib: int) -> tuple[float, float | None]:
+    """Seconds to receive and check the pod's /data/out as a binary stream, as a text frame
+    (the latter only up to 512 MiB: both sides hold it whole, base64 in a string)."""
+    import base64
+
+    from runner.adapters.kubernetes import exec_in_pod
+    from runner.shared.protocol import StreamReader
+
+    reader = StreamReader(1 << 40)
+    t0 = time.perf_counter()
+    ran = exec_in_pod(api, ns, pod, "main", ["python3", "-c", EMIT_BINARY],
+                      stdout=lambda b: reader.feed(b) and None)
+    reader.finish()
+    binary_s = time.perf_counter() - t0
+    assert ran.exit_code == 0, ran.stderr
+    if mib > 512:
+        return round(binary_s, 3), None
+    text = bytearray()
+    t0 = time.perf_counter()
+    ran = exec_in_pod(api, ns, pod, "main", ["python3", "-c", EMIT_TEXT], stdout=text.extend)
+    lines = bytes(text).split(b"\n")
+    data = base64.b64decode(b"".join(lines[2:-2]))
+    header = lines[1].decode()
+    assert f"sha256={hashlib.sha256(data).hexdigest()} bytes={len(data)}" in header, header[:120]
+    text_s = time.perf_counter() - t0
+    assert ran.exit_code == 0, ran.stderr
+    return round(binary_s, 3), round(text_s, 3)
 
 
 # --------------------------------------------------------------------------- inputs
