@@ -237,3 +237,45 @@ def test_a_pod_deleted_mid_run_is_retried_and_the_retry_is_collected(
     details = _predicate(json.loads(stdout))["sandbox"]["details"]
     assert details["pod"] != victim and details["collection"]["pod"] == details["pod"]
     assert details["collection"]["acknowledged"] and details["collection_problems"] == []
+
+
+REGISTRY_DIR = Path(os.environ.get("EVALRUN_REGISTRY_DIR", "/var/lib/evalrun-registry"))
+
+
+@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
+def test_an_input_blob_altered_in_the_registry_is_refused_before_the_evaluation(
+    cluster, namespace, k8s_client, data_plane_spec, tmp_path
+):
+    spec, inputs = data_plane_spec
+    published = json.loads(inputs.read_text())
+    # a model artifact no node has cached: the model file plus a fresh file beside it
+    folder = tmp_path / "model"
+    folder.mkdir()
+    lock = load_lock(spec.with_name("eval.lock.json"))
+    (folder / Path(lock.model.path).name).write_bytes((spec.parent / lock.model.path).read_bytes())
+    (folder / "nonce").write_bytes(os.urandom(200_000))
+    fresh = publish_input(cluster.registry, "evalrun/digits-inputs", "model", "model", folder)
+    victim = next(f for f in fresh.files if f.path == "nonce")
+    manifest = json.loads(subprocess.run(
+        ["curl", "-fsS", "-H", "Accept: application/vnd.oci.image.manifest.v1+json",
+         f"http://{cluster.registry}/v2/evalrun/digits-inputs/manifests/"
+         + fresh.artifact_ref.split("@")[1]], capture_output=True, check=True).stdout)
+    layer = next(x["digest"] for x in manifest["layers"]
+                 if x["annotations"]["org.opencontainers.image.title"] == victim.path)[7:]
+    data = REGISTRY_DIR / "docker/registry/v2/blobs/sha256" / layer[:2] / layer / "data"
+    original = data.read_bytes()
+    data.write_bytes(original[:600] + bytes(b ^ 0xFF for b in original[600:700]) + original[700:])
+    try:
+        model = next(p for p in published if p["role"] == "model")
+        model["artifact_ref"] = fresh.artifact_ref
+        altered = tmp_path / "inputs.json"
+        altered.write_text(json.dumps(published))
+        proc = _run(cluster, namespace, spec, altered, tmp_path / "home")
+    finally:
+        data.write_bytes(original)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["outcome"] == "integrity_failure" and out["verified"].startswith("valid")
+    assert "digest mismatch" in out["reason"] and f"sha256:{layer}" in out["reason"]
+    # refused before any evaluation: the Job is gone, nothing ran
+    assert not client.BatchV1Api(k8s_client).list_namespaced_job(namespace).items
