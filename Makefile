@@ -74,6 +74,7 @@ bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_bundle.py
 	$(PY) benchmarks/bench_lock_inputs.py
 	$(PY) benchmarks/bench_kwok.py --runs 500
+	$(PY) benchmarks/bench_k8s_data.py --inputs-gib 2 --results-mib 1024
 
 # On the GPU machine (Python + torch, no index): carry build/gpu-wheels (scripts/gpu-wheels.sh).
 gpu-validate:

@@ -44,7 +44,8 @@ def plans(n: int, tmp: Path, prefix: str) -> list[RunPlan]:
         expected_rootfs_digest="sha256:" + "1" * 64, runtime="runc", command=["true"],
         params={}, seed=0, metrics=[], expect={}, timeout_s=600, cpus=0.01, memory_mib=64,
         pids=64, gpus=1, gpu_product=PRODUCTS[i % 2],
-        inputs=[PlanInput(role="model", name="model", host_path=model, sha256="2" * 64)],
+        inputs=[PlanInput(role="model", name="model", host_path=model, sha256="2" * 64,
+                          artifact_ref="127.0.0.1:5000/evalrun/kwok-inputs@sha256:" + "2" * 64)],
         spec_digest="sha256:" + "3" * 64, lock_digest="sha256:" + "4" * 64, spec_name="bench",
     ) for i in range(n)]
 

@@ -1,4 +1,4 @@
-"""Agent entry point: ``python -m runner.agent {run,rootfs-digest}``.
+"""Agent entry point: ``python -m runner.agent {run,rootfs-digest,emit-results,ack}``.
 
 ``run`` executes one evaluation inside the sandbox:
 preflight (rootfs digest, input digests, expected environment) → environment
@@ -20,12 +20,14 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from runner.agent.capture import capture_environment
+from runner.agent.hold import acknowledge, emit_stream, hold, is_holding
 from runner.agent.inputs import check_input, failure_reason
 from runner.agent.rootfs import rootfs_digest
 from runner.shared.metrics import (
@@ -38,8 +40,10 @@ from runner.shared.metrics import (
     select_perturbed,
 )
 from runner.shared.protocol import (
+    DEFAULT_HOLD_S,
     MAX_RESULT_FILE_BYTES,
     MAX_RESULT_FILES,
+    NOT_HOLDING_EXIT,
     PLAN_FILE,
     RESULTS_MOUNT,
     AgentExit,
@@ -332,27 +336,12 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
     }
     log.emit("evaluation_start", command=plan["command"])
     t1 = time.monotonic()
-    with (
-        (results / "logs" / "evaluation.stdout").open("wb") as out,
-        (results / "logs" / "evaluation.stderr").open("wb") as err,
-    ):
-        try:
-            proc = subprocess.run(
-                plan["command"],
-                env=child_env,
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                timeout=plan["timeout_s"],
-                check=False,
-            )
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = None
-        except OSError as exc:
-            summary.update(outcome="evaluation_failed", reason=f"cannot start command: {exc}")
-            log.emit("evaluation_failed", level="error", reason=summary["reason"])
-            return AgentExit.EVAL_FAILED
+    try:
+        rc = run_teed(plan["command"], child_env, results / "logs", plan["timeout_s"])
+    except OSError as exc:
+        summary.update(outcome="evaluation_failed", reason=f"cannot start command: {exc}")
+        log.emit("evaluation_failed", level="error", reason=summary["reason"])
+        return AgentExit.EVAL_FAILED
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     duration = round(time.monotonic() - t1, 4)
     log.emit("evaluation_end", returncode=rc, duration_s=duration, peak_rss_kib=peak_kib)
@@ -403,6 +392,58 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
     )
     summary.update(outcome="completed")
     return AgentExit.OK
+
+
+# After the evaluation exits, its output pipes get this long to drain (a leftover child
+# process may keep them open; its output is then cut, never waited for).
+_DRAIN_S = 5.0
+
+
+def _tee(source: IO[bytes], keep: IO[bytes], live: IO[bytes]) -> None:
+    """Copy ``source`` to the file ``keep`` and, as it arrives, to the agent's own ``live``."""
+    try:
+        while chunk := source.read1(64 * 1024):  # type: ignore[attr-defined]
+            keep.write(chunk)
+            live.write(chunk)
+            live.flush()
+    except (OSError, ValueError):
+        pass  # the file was closed after the drain time, or the live stream is gone
+
+
+def run_teed(command: list[str], env: dict[str, str], logs: Path, timeout_s: int) -> int | None:
+    """Run the evaluation; its stdout/stderr go to ``logs/evaluation.{stdout,stderr}`` and,
+    live, to the agent's own stdout/stderr (the container log the runner follows).
+
+    Returns the exit code, or None when it ran past ``timeout_s`` (then it is killed).
+    """
+    with (
+        (logs / "evaluation.stdout").open("wb") as out,
+        (logs / "evaluation.stderr").open("wb") as err,
+    ):
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps = [
+            threading.Thread(target=_tee, args=(proc.stdout, out, sys.stdout.buffer), daemon=True),
+            threading.Thread(target=_tee, args=(proc.stderr, err, sys.stderr.buffer), daemon=True),
+        ]
+        for pump in pumps:
+            pump.start()
+        try:
+            rc: int | None = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+        drain_until = time.monotonic() + _DRAIN_S
+        for pump in pumps:
+            pump.join(max(0.0, drain_until - time.monotonic()))
+    return rc
 
 
 def _run_perturbations(
@@ -466,10 +507,17 @@ def results_tar(results: Path, notes: IO[str] | None = None) -> bytes:
     a file over :data:`MAX_RESULT_FILE_BYTES` or beyond :data:`MAX_RESULT_FILES`
     is left out, with one line on ``notes`` (stderr) saying so.
     """
-    notes = notes or sys.stderr
     buf = io.BytesIO()
+    write_results_tar(results, buf, notes)
+    return buf.getvalue()
+
+
+def write_results_tar(results: Path, fileobj: Any, notes: IO[str] | None = None) -> None:
+    """:func:`results_tar`, written as it is made to ``fileobj`` (anything with ``write``)."""
+    notes = notes or sys.stderr
     count = 0
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    # Stream mode: the tar is written as it is made, never held whole in memory.
+    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for rel, path in _result_files(results, "", notes):
             reason = member_name_reason(rel, portable=False)
             if reason is None and count >= MAX_RESULT_FILES:
@@ -493,7 +541,6 @@ def results_tar(results: Path, notes: IO[str] | None = None) -> bytes:
                     continue
                 tar.addfile(file_header(rel, st.st_size), fh)
                 count += 1
-    return buf.getvalue()
 
 
 def _result_files(
@@ -542,11 +589,21 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the results as a framed, checksummed tar on stdout",
     )
     sub.add_parser("rootfs-digest", help="print the rootfs content digest of this container")
+    p_emit = sub.add_parser(
+        "emit-results", help="write the held results as one checksummed stream on stdout"
+    )
+    p_emit.add_argument("--results", type=Path, default=Path(RESULTS_MOUNT))
+    p_ack = sub.add_parser("ack", help="tell the holding agent its results are collected")
+    p_ack.add_argument("--plan", type=Path, default=Path(PLAN_FILE))
     args = parser.parse_args(argv)
     if args.command == "rootfs-digest":
         digest, count = rootfs_digest("/")
         print(json.dumps({"rootfs_digest": digest, "entries": count}))
         return 0
+    if args.command == "emit-results":
+        return _emit_held(args.results)
+    if args.command == "ack":
+        return _ack(args.plan)
     if not args.plan.is_file():
         print(f"agent: plan not found: {args.plan}", file=sys.stderr)
         return AgentExit.BAD_PLAN
@@ -556,9 +613,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent: cannot use the plan {args.plan}: {exc}", file=sys.stderr)
         return AgentExit.BAD_PLAN
     code = run_plan(plan, args.results)
+    if plan.get("collect") == "exec":
+        return hold(plan["run_id"], code, plan.get("hold_s", DEFAULT_HOLD_S))
     if args.emit_results or plan["emit_results"]:
         emit_results(args.results)
     return code
+
+
+def _emit_held(results: Path) -> int:
+    """``emit-results``: only while the agent holds, so the results are final."""
+    if not is_holding():
+        print(
+            "agent: no agent holds finished results here (still running, or already acknowledged)",
+            file=sys.stderr,
+        )
+        return NOT_HOLDING_EXIT
+    emit_stream(results, write_results_tar, sys.stdout.buffer)
+    return 0
+
+
+def _ack(plan_path: Path) -> int:
+    """``ack``: the holding agent answers with the exit code it now ends with."""
+    try:
+        code = acknowledge(read_agent_plan(plan_path)["run_id"])
+    except (PlanError, ValueError) as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 1
+    except OSError:
+        print("agent: no agent holds results here (already acknowledged?)", file=sys.stderr)
+        return NOT_HOLDING_EXIT
+    print(f"ok exit={code}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ import io
 import json
 import math
 import os
+import shutil
 import stat
 import tarfile
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from runner._internal.tar import MemberRules, extract_members, file_under_file, scan_members
 from runner.shared.metrics import (
@@ -34,6 +36,7 @@ from runner.shared.protocol import (
     MAX_RESULT_FILE_BYTES,
     MAX_RESULT_FILES,
     FrameError,
+    StreamReader,
     decode_frame,
 )
 
@@ -307,16 +310,21 @@ def extract_results_frame(log_text: str, dest: Path) -> Collected:
     except FrameError as exc:
         out.problems.append(str(exc))
         return out
+    return _unpack(io.BytesIO(data), dest, out, what="results frame")
+
+
+def _unpack(fileobj: IO[bytes], dest: Path, out: Collected, *, what: str) -> Collected:
+    """Check every member of the results tar in ``fileobj``, then extract into ``dest``."""
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 - closed below
+        tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 - closed below
     except tarfile.TarError as exc:
-        out.problems.append(f"results frame is not a tar archive: {exc}")
+        out.problems.append(f"{what} is not a tar archive: {exc}")
         return out
     with tar:
         try:
             members, problems = scan_members(tar, FRAME_TAR_RULES)
         except tarfile.TarError as exc:
-            out.problems.append(f"results frame is not a readable tar archive: {exc}")
+            out.problems.append(f"{what} is not a readable tar archive: {exc}")
             return out
         clash = file_under_file(members)
         if clash:
@@ -328,7 +336,80 @@ def extract_results_frame(log_text: str, dest: Path) -> Collected:
         try:
             out.total_bytes = extract_members(tar, members, dest)
         except (tarfile.TarError, OSError) as exc:
-            out.problems.append(f"results frame could not be unpacked: {exc}")
+            out.problems.append(f"{what} could not be unpacked: {exc}")
             return out
         out.files.extend(m.path for m in members)
     return out
+
+
+class StreamReceiver:
+    """One results stream (the agent's ``emit-results``) on its way in, checked as it comes.
+
+    Bytes go to :meth:`feed` as they arrive; the payload (a tar) is spooled to a file in
+    ``spool_dir``, never held in memory. :meth:`unpack` then requires the stream to have
+    ended intact (sha256 and size of its trailer), checks every tar member and only then
+    extracts, into a fresh directory that replaces ``dest`` whole: a stream cut half way,
+    a bad checksum or one bad member leaves ``dest`` as it was. Nothing is hashed for the
+    bundle here; the run workflow collects ``dest`` like any results directory.
+    """
+
+    def __init__(self, spool_dir: Path, max_bytes: int = MAX_RESULT_BYTES) -> None:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(tempfile.mkdtemp(prefix="results-stream-", dir=spool_dir))
+        self._spool = (self._dir / "results.tar").open("xb")
+        self._reader = StreamReader(max_bytes)
+        self.error: str | None = None
+
+    @property
+    def received(self) -> int:
+        """Payload bytes accepted so far."""
+        return self._reader.size
+
+    def feed(self, data: bytes) -> None:
+        """Take the next bytes of the stream; a malformed stream is remembered, not raised."""
+        if self.error is not None:
+            return
+        try:
+            for piece in self._reader.feed(data):
+                self._spool.write(piece)
+        except FrameError as exc:
+            self.error = str(exc)
+
+    def unpack(self, dest: Path) -> Collected:
+        """Check the ended stream and its tar; replace ``dest`` with its files (or keep it)."""
+        out = Collected()
+        try:
+            self._spool.close()
+            if self.error is None:
+                try:
+                    self._reader.finish()
+                except FrameError as exc:
+                    self.error = str(exc)
+            if self.error is not None:
+                out.problems.append(self.error)
+                return out
+            fresh = self._dir / "results"
+            with (self._dir / "results.tar").open("rb") as fh:
+                _unpack(fh, fresh, out, what="results stream")
+            if out.problems:
+                out.files.clear()
+                return out
+            fresh.mkdir(exist_ok=True)
+            _replace_dir(fresh, dest)
+            return out
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the spool (idempotent)."""
+        self._spool.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Put the directory ``new`` at ``dest``, replacing what was there, by renames."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,8 @@ Policy, by construction (built by the pure ``docker_policy.container_policy``;
 this module only sends it): the image only by ``repo@sha256``, gVisor (``runsc``)
 unless the spec asks for runc, no network, read-only rootfs, tmpfs ``/tmp``,
 non-root, no capabilities, no-new-privileges, pids/memory/CPU limits, inputs
-read-only and one writable results mount; plus a wall-clock limit. If gVisor is
+read-only and one writable results mount; plus a wall-clock limit. The container's
+output is relayed line by line while it runs (runner.backends.live). If gVisor is
 demanded and missing, the run is refused (exit 4): never a silent downgrade.
 Engine errors are translated by ``runner.adapters.docker_engine``.
 """
@@ -16,6 +17,7 @@ import datetime as dt
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import docker.types
 
 from runner.adapters.docker_engine import connect, docker_call, runtimes, translated
 from runner.backends.docker_policy import RUNTIME_NAMES, ContainerPolicy, container_policy
+from runner.backends.live import LineRelay, OutputSink
 from runner.errors import EnvironmentMismatch, EvalrunError
 from runner.model.plan import INPUTS_MOUNT, SANDBOX_UID, BackendResult, RunPlan
 
@@ -53,8 +56,9 @@ class DockerBackend:
 
     name = "docker"
 
-    def __init__(self, client: Any | None = None) -> None:
+    def __init__(self, client: Any | None = None, *, output: OutputSink | None = None) -> None:
         self._client = client
+        self.output = output
 
     @property
     def client(self) -> Any:
@@ -123,13 +127,35 @@ class DockerBackend:
         except EvalrunError:
             pass
 
+    def _follow_output(self, container: Any, relay: LineRelay) -> None:
+        """Relay the container's stdout and stderr, line by line, while it runs."""
+        try:
+            with translated("follow container output"):
+                for out, err in self.client.api.attach(
+                    container.id, stdout=True, stderr=True, stream=True, logs=True, demux=True
+                ):
+                    if out:
+                        relay.feed("stdout", out)
+                    if err:
+                        relay.feed("stderr", err)
+        except EvalrunError as exc:
+            log.warning(
+                "live output unavailable",
+                extra={"event": "output_follow_failed", "error": exc.message},
+            )
+
     def _run_container(self, container: Any, plan: RunPlan) -> BackendResult:
         started = _now()
         t0 = time.monotonic()
         timed_out = interrupted = False
         exit_code: int | None = None
+        relay = LineRelay(plan.run_id, self.output)
+        follower = threading.Thread(
+            target=self._follow_output, args=(container, relay), daemon=True
+        )
         try:
             docker_call("start container", container.start, retries=False)
+            follower.start()
             deadline = plan.timeout_s + PREFLIGHT_ALLOWANCE_S
             try:
                 with translated("wait for container"):
@@ -151,6 +177,9 @@ class DockerBackend:
             with contextlib.suppress(Exception):
                 container.kill()
         duration = time.monotonic() - t0
+        if follower.ident is not None:
+            follower.join(5.0)
+        relay.close()
         with translated("inspect container"):
             container.reload()
             attrs = container.attrs

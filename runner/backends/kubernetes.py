@@ -1,23 +1,32 @@
 """Kubernetes backend: one sandboxed Job per run, watched, collected without trust.
 
 Submission is idempotent (the Job and ConfigMap names derive from the run id; a
-409 attaches after comparing the spec-hash label). One shared watch per
-namespace follows every evalrun Job and Pod (resourceVersion bookkeeping, 410 →
-re-list, reconnects across API server restarts; see runner.adapters.kubernetes,
-which also translates every API error). Waits are bounded and end with a named
-reason. The objects are built by the pure runner.backends.manifests. Results
-leave the pod as a framed, checksummed tar on the log stream; the runner checks
-and unpacks it. The signing key never enters the cluster.
+409 attaches after comparing the spec-hash label). The Job is created suspended,
+then its ConfigMap (the plan, nothing else) owned by the Job, then the Job is
+resumed: no pod starts without its plan, and the ConfigMap goes with the Job.
+Inputs arrive as read-only image volumes pulled by digest by the node (no network,
+no credentials in the pod); a cluster that cannot mount them is refused (exit 4).
+
+One shared watch per namespace follows every evalrun Job and Pod (see
+runner.adapters.kubernetes, which also translates every API error). The pod's log
+is followed live (each line to the caller's sink and the JSON-lines log). When the
+agent has finished it holds the pod and prints a ready line; the runner then
+execs ``emit-results`` through the API server, checks the stream and every tar
+member before anything is unpacked (runner.backends.collect), and execs ``ack``;
+the agent exits with its real exit code. A runner that re-attaches (same run id,
+same Job) collects from the holding pod. The signing key never enters the cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,36 +35,71 @@ from kubernetes import client as k8s
 from runner.adapters.kubernetes import (
     ClusterTarget,
     NamespaceWatch,
+    PodLogFollower,
     api_call,
     as_plain,
     connect,
+    exec_in_pod,
 )
 from runner.adapters.kubernetes import shared_watch as watch_matching
-from runner.backends.collect import extract_results_frame
+from runner.backends.collect import StreamReceiver, extract_results_frame
+from runner.backends.live import LineRelay, OutputSink
 from runner.backends.manifests import (
     CONTAINER_NAME,
+    IMAGE_VOLUME_REQUIREMENT,
     LABEL_RUN_ID,
     MANAGED_BY,
+    RESUME_PATCH,
     JobOptions,
+    active_deadline_s,
     build_configmap,
     build_job,
+    dropped_image_volumes,
+    image_volume_support,
+    input_volumes,
     spec_hash_of,
+    ttl_patch,
 )
 from runner.errors import (
     APIConflict,
     APIForbidden,
     APINotFound,
+    DigestMismatch,
     EnvironmentMismatch,
     EvalrunError,
     InfrastructureError,
     InputError,
+    KubernetesRejected,
+    TransientKubernetesError,
 )
 from runner.model.plan import BackendResult, RunPlan
+from runner.shared.protocol import (
+    ACK_COMMAND,
+    ACK_RE,
+    DEFAULT_HOLD_S,
+    EMIT_COMMAND,
+    FRAME_BEGIN,
+    FRAME_END,
+    NOT_HOLDING_EXIT,
+    READY_RE,
+    encode_agent_plan,
+)
 
 log = logging.getLogger("evalrun.backend.kubernetes")
 
 PULL_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# What a kubelet or runtime says when it cannot mount an image volume.
+# (A mount that fails, e.g. "ImageVolumeMountFailed" for a malformed artifact, is not this.)
+_IMAGE_VOLUME_UNSUPPORTED = re.compile(
+    r"image ?volumes?\b.*\b(not supported|unsupported|not enabled|disabled)", re.I
+)
+# containerd's words for a blob whose bytes do not match its digest.
+_PULL_DIGEST = re.compile(
+    r"unexpected commit digest (sha256:[0-9a-f]{64}), expected (sha256:[0-9a-f]{64})"
+)
+# Attempts at one collection (a stream cut half way is retried; a refused one is not).
+COLLECT_ATTEMPTS = 3
 
 
 def shared_watch(api: k8s.ApiClient, namespace: str) -> NamespaceWatch:
@@ -94,13 +138,55 @@ def _pod_problem(pod: Any, now: float, grace: dict[str, float]) -> tuple[str, st
             return "Unschedulable", c.message or "no node matches"
     for cs in pod.status.container_statuses or []:
         waiting = cs.state.waiting if cs.state else None
+        message = (waiting.message or "") if waiting else ""
+        if waiting and _PULL_DIGEST.search(message):
+            return "DigestMismatch", message
+        if waiting and _IMAGE_VOLUME_UNSUPPORTED.search(message):
+            return "ImageVolumeUnsupported", message
         if waiting and waiting.reason in PULL_FAILURES and age > grace["image_pull"]:
-            return waiting.reason, waiting.message or cs.image
+            return waiting.reason, message or cs.image
         if waiting and waiting.reason in CONFIG_FAILURES and age > grace["image_pull"]:
-            return waiting.reason, waiting.message or ""
+            return waiting.reason, message
     if pod.status.reason == "Evicted":
         return "Evicted", pod.status.message or "evicted"
     return None
+
+
+def _agent_status(pod: Any) -> Any:
+    return next((c for c in pod.status.container_statuses or [] if c.name == CONTAINER_NAME), None)
+
+
+def _started(pod: Any) -> bool:
+    status = _agent_status(pod)
+    state = status.state if status is not None else None
+    return bool(state and (state.running or state.terminated))
+
+
+def _running(pod: Any) -> bool:
+    status = _agent_status(pod)
+    return bool(status is not None and status.state and status.state.running)
+
+
+@dataclass
+class _Tracked:
+    """What the runner knows about one pod of the run."""
+
+    follower: PodLogFollower | None = None
+    relay: LineRelay | None = None
+    ready_exit: int | None = None  # from the agent's ready line
+    collected: bool = False
+    node_checked: bool = False
+    frame_lines: int = 0
+
+
+@dataclass
+class _Collection:
+    """The results the runner took from the run's pods (the last pod's win)."""
+
+    pod: str | None = None
+    problems: list[str] = field(default_factory=list)
+    acked_exit: int | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 class KubernetesBackend:
@@ -115,13 +201,20 @@ class KubernetesBackend:
         unschedulable_grace_s: float = 60.0,
         image_pull_grace_s: float = 60.0,
         extra_tolerations: tuple[tuple[str, str], ...] = (),
+        hold_s: int = DEFAULT_HOLD_S,
+        ttl_after_finished_s: int = 600,
+        output: OutputSink | None = None,
     ) -> None:
         self.target = target
         self.extra_tolerations = extra_tolerations
+        self.hold_s = hold_s
+        self.ttl_after_finished_s = ttl_after_finished_s
+        self.output = output
         self._api: k8s.ApiClient | None = None
         self._namespace: str | None = None
         self.grace = {"unschedulable": unschedulable_grace_s, "image_pull": image_pull_grace_s}
         self.requests = 0
+        self._nodes: dict[str, Any] = {}
 
     def _connect(self) -> tuple[k8s.ApiClient, str]:
         if self._api is None or self._namespace is None:
@@ -132,7 +225,17 @@ class KubernetesBackend:
     def namespace(self) -> str:
         return self._connect()[1]
 
+    def options(self, namespace: str) -> JobOptions:
+        """The cluster-side choices this backend makes for every Job."""
+        return JobOptions(
+            namespace=namespace,
+            ttl_after_finished_s=self.ttl_after_finished_s,
+            extra_tolerations=self.extra_tolerations,
+            hold_s=self.hold_s,
+        )
+
     def preflight(self, plan: RunPlan) -> None:
+        input_volumes(plan)  # every input must be published by digest (exit 2 naming it)
         api, _ = self._connect()
         if plan.runtime == "gvisor" or plan.runtime_class:
             wanted = plan.runtime_class or "gvisor"
@@ -155,33 +258,89 @@ class KubernetesBackend:
                 pass
 
     def submit(self, plan: RunPlan, options: JobOptions | None = None) -> str:
-        """Create (or attach to) the ConfigMap and Job of ``plan``; returns the Job name."""
+        """Create (or attach to) the Job and ConfigMap of ``plan``; returns the Job name.
+
+        Order: the Job, suspended; its ConfigMap, owned by it; the Job resumed. A Job whose
+        stored template lost its image volumes (the API server lacks the ImageVolume
+        feature) is deleted and refused with exit 4.
+        """
         api, namespace = self._connect()
-        options = options or JobOptions(
-            namespace=namespace, extra_tolerations=self.extra_tolerations
-        )
-        inputs = {i.name: i.host_path.read_bytes() for i in plan.inputs}
-        plan_json = (
-            json.dumps(plan.agent_plan(emit_results=True), indent=2, sort_keys=True) + "\n"
-        ).encode()
-        configmap = build_configmap(plan, plan_json, inputs, options)
+        options = options or self.options(namespace)
+        plan_json = encode_agent_plan(plan.agent_plan(emit_results=True, hold_s=options.hold_s))
         job = build_job(plan, options)
+        name = str(job["metadata"]["name"])
         core, batch = k8s.CoreV1Api(api), k8s.BatchV1Api(api)
-        self._create_or_attach(
+        try:
+            stored = self._create_or_attach(
+                "Job",
+                namespace,
+                job,
+                lambda: batch.create_namespaced_job(namespace, job),
+                lambda: batch.read_namespaced_job(name, namespace),
+            )
+        except KubernetesRejected as exc:
+            if plan.inputs and re.search(r"volumes\[\d+\]", exc.message):
+                raise EnvironmentMismatch(
+                    f"the API server refused the Job's input volumes: {exc.message}",
+                    expected=IMAGE_VOLUME_REQUIREMENT,
+                    hint="enable the ImageVolume feature gate (kube-apiserver and kubelet); "
+                    "evalrun never falls back to shipping inputs another way",
+                ) from exc
+            raise
+        dropped = dropped_image_volumes(stored)
+        if dropped:
+            self._delete(api, namespace, name)
+            raise EnvironmentMismatch(
+                f"the API server dropped the Job's image volumes {dropped}: it does not "
+                "support image volumes",
+                expected=IMAGE_VOLUME_REQUIREMENT,
+                hint="enable the ImageVolume feature gate (kube-apiserver and kubelet); "
+                "evalrun never falls back to shipping inputs another way",
+            )
+        uid = str(stored["metadata"]["uid"])
+        configmap = build_configmap(plan, plan_json, options, job_uid=uid)
+        self._ensure_configmap(core, namespace, configmap, uid)
+        if (stored.get("spec") or {}).get("suspend"):
+            api_call(
+                "resume Job",
+                lambda: batch.patch_namespaced_job(name, namespace, RESUME_PATCH),
+                namespace=namespace,
+                name=name,
+            )
+            self.requests += 1
+        return name
+
+    def _ensure_configmap(
+        self, core: k8s.CoreV1Api, namespace: str, body: dict[str, Any], uid: str
+    ) -> None:
+        """Create the ConfigMap; one left by an earlier Job of the same name is replaced."""
+        name = body["metadata"]["name"]
+        existing = self._create_or_attach(
             "ConfigMap",
             namespace,
-            configmap,
-            lambda: core.create_namespaced_config_map(namespace, configmap),
-            lambda: core.read_namespaced_config_map(configmap["metadata"]["name"], namespace),
+            body,
+            lambda: core.create_namespaced_config_map(namespace, body),
+            lambda: core.read_namespaced_config_map(name, namespace),
         )
-        self._create_or_attach(
-            "Job",
-            namespace,
-            job,
-            lambda: batch.create_namespaced_job(namespace, job),
-            lambda: batch.read_namespaced_job(job["metadata"]["name"], namespace),
+        owners = {
+            o.get("uid") for o in (existing.get("metadata") or {}).get("ownerReferences") or []
+        }
+        if uid in owners:
+            return
+        # Owned by a Job that is gone (or by none): the garbage collector would take it away.
+        api_call(
+            "replace stale ConfigMap",
+            lambda: core.delete_namespaced_config_map(name, namespace),
+            namespace=namespace,
+            name=name,
         )
-        return str(job["metadata"]["name"])
+        api_call(
+            "create ConfigMap",
+            lambda: core.create_namespaced_config_map(namespace, body),
+            namespace=namespace,
+            name=name,
+        )
+        self.requests += 2
 
     def _create_or_attach(
         self,
@@ -190,12 +349,13 @@ class KubernetesBackend:
         body: dict[str, Any],
         create: Callable[[], Any],
         read: Callable[[], Any],
-    ) -> None:
+    ) -> dict[str, Any]:
+        """The object as stored: created now, or the existing one for the same spec."""
         name = body["metadata"]["name"]
         try:
-            api_call(f"create {kind} {name}", create, namespace=namespace, name=name)
+            created = api_call(f"create {kind} {name}", create, namespace=namespace, name=name)
             self.requests += 1
-            return
+            return dict(as_plain(created))
         except (APIConflict, APIForbidden) as exc:
             self.requests += 1
             try:
@@ -204,7 +364,7 @@ class KubernetesBackend:
             except APINotFound:
                 # Nothing to attach to: the create's refusal is the error to report.
                 raise exc from exc.__cause__
-        existing_dict = as_plain(existing)
+        existing_dict = dict(as_plain(existing))
         if spec_hash_of(existing_dict) != spec_hash_of(body):
             raise InputError(
                 f"{kind} {name} already exists for a different spec",
@@ -216,6 +376,7 @@ class KubernetesBackend:
             "attached to existing object",
             extra={"event": "k8s_attach", "kind": kind, "object": name},
         )
+        return existing_dict
 
     def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
         api, namespace = self._connect()
@@ -224,8 +385,9 @@ class KubernetesBackend:
         t0 = time.monotonic()
         name = self.submit(plan)
         watch = shared_watch(api, namespace)
+        session = _RunSession(self, api, watch, plan, name, results_dir)
         try:
-            return self._follow(api, watch, plan, name, results_dir, started, t0)
+            return session.follow(started, t0)
         except KeyboardInterrupt:
             self._delete(api, namespace, name)
             return BackendResult(
@@ -237,6 +399,8 @@ class KubernetesBackend:
                 started_at=started,
                 duration_s=round(time.monotonic() - t0, 3),
             )
+        finally:
+            session.close()
 
     def _delete(self, api: k8s.ApiClient, namespace: str, name: str) -> None:
         with contextlib.suppress(EvalrunError):
@@ -250,54 +414,322 @@ class KubernetesBackend:
                 retries=False,
             )
 
-    def _follow(
+    def node(self, api: k8s.ApiClient, node: str | None) -> Any:
+        """The Node object (cached), or a string saying why it could not be read."""
+        if not node:
+            return None
+        if node not in self._nodes:
+            try:
+                self._nodes[node] = api_call(
+                    "read node",
+                    lambda: k8s.CoreV1Api(api).read_node(node),
+                    name=node,
+                    retries=False,
+                )
+                self.requests += 1
+            except EvalrunError as exc:
+                return f"unavailable: {exc.message}"
+        return self._nodes[node]
+
+    def _node_labels(self, api: k8s.ApiClient, node: str | None) -> dict[str, str] | str:
+        obj = self.node(api, node)
+        if obj is None:
+            return {}
+        if isinstance(obj, str):
+            return obj
+        return dict(obj.metadata.labels or {})
+
+    def _expire(self, api: k8s.ApiClient, namespace: str, name: str) -> None:
+        """After collection: the TTL option starts counting for the finished Job."""
+        body = ttl_patch(self.options(namespace))
+        with contextlib.suppress(EvalrunError):
+            api_call(
+                "set Job TTL",
+                lambda: k8s.BatchV1Api(api).patch_namespaced_job(name, namespace, body),
+                namespace=namespace,
+                name=name,
+                retries=False,
+            )
+            self.requests += 1
+
+
+class _RunSession:
+    """Following one run's Job: its pods' logs, their held results, how it ended."""
+
+    def __init__(
         self,
+        backend: KubernetesBackend,
         api: k8s.ApiClient,
         watch: NamespaceWatch,
         plan: RunPlan,
         name: str,
         results_dir: Path,
-        started: str,
-        t0: float,
-    ) -> BackendResult:
-        namespace = watch.namespace
-        limit = plan.timeout_s + 600
+    ) -> None:
+        self.backend = backend
+        self.api = api
+        self.watch = watch
+        self.namespace = watch.namespace
+        self.plan = plan
+        self.name = name
+        self.results_dir = results_dir
+        self.pods: dict[str, _Tracked] = {}
+        self.collection = _Collection()
+        self._lock = threading.Lock()
 
-        def finished_or_stuck() -> Any:
-            job = watch.job(name)
-            if _condition(job, "Complete") or _condition(job, "Failed"):
-                return ("done", job)
-            for pod in watch.pods_of(plan.run_id):
-                problem = _pod_problem(pod, time.time(), self.grace)
-                if problem:
-                    return ("stuck", problem)
-            return None
+    def close(self) -> None:
+        for tracked in self.pods.values():
+            if tracked.follower is not None:
+                tracked.follower.stop()
 
-        outcome = watch.wait(finished_or_stuck, timeout=limit)
-        if outcome is None:
-            self._delete(api, namespace, name)
-            raise InfrastructureError(f"Job {name} did not finish within {limit} s")
-        if outcome[0] == "stuck":
-            reason, message = outcome[1]
-            self._delete(api, namespace, name)
-            if reason == "Unschedulable":
-                raise EnvironmentMismatch(
-                    f"Job {name} is Unschedulable: {message}",
-                    gpu_product=plan.gpu_product,
-                    gpus=plan.gpus or None,
-                    hint="no node offers what the spec asks for (resources, GPU product label, "
-                    "taints); check `kubectl describe nodes`",
+    # ---- live log
+
+    def _follow_log(self, pod_name: str) -> None:
+        tracked = self.pods[pod_name]
+
+        def intercept(line: str) -> bool:
+            match = READY_RE.match(line.strip())
+            if match:
+                with self._lock:
+                    tracked.ready_exit = int(match[1])
+                self.watch.notify()
+                return True
+            # an older agent's results frame (base64 on the log) is no one's reading
+            if line.startswith(FRAME_BEGIN) or tracked.frame_lines:
+                tracked.frame_lines = 0 if line.strip() == FRAME_END else tracked.frame_lines + 1
+                return True
+            return False
+
+        relay = LineRelay(self.plan.run_id, self.backend.output, intercept=intercept)
+        tracked.relay = relay
+
+        def still_running() -> bool:
+            pod = self.watch.pods.objects.get(pod_name)
+            return bool(pod is not None and _running(pod))
+
+        def on_data(data: bytes) -> None:
+            relay.feed("log", data)
+
+        follower = PodLogFollower(
+            self.api,
+            self.namespace,
+            pod_name,
+            CONTAINER_NAME,
+            on_data,
+            still_running=still_running,
+        )
+        tracked.follower = follower
+        follower.start()
+
+    # ---- waiting
+
+    def _next(self) -> Any:
+        job = self.watch.job(self.name)
+        for pod in self.watch.pods_of(self.plan.run_id):
+            pod_name = pod.metadata.name
+            tracked = self.pods.setdefault(pod_name, _Tracked())
+            with self._lock:
+                ready = tracked.ready_exit is not None and not tracked.collected
+            if ready:
+                return ("ready", pod)
+            if pod.spec.node_name and not tracked.node_checked:
+                return ("scheduled", pod)
+            if tracked.follower is None and _started(pod):
+                return ("follow", pod)
+            problem = _pod_problem(pod, time.time(), self.backend.grace)
+            if problem:
+                return ("stuck", problem)
+        if _condition(job, "Complete") or _condition(job, "Failed"):
+            return ("done", job)
+        return None
+
+    def follow(self, started: str, t0: float) -> BackendResult:
+        options = self.backend.options(self.namespace)
+        limit = active_deadline_s(self.plan, options) + 600
+        deadline = time.monotonic() + limit
+        while True:
+            outcome = self.watch.wait(self._next, timeout=max(0.0, deadline - time.monotonic()))
+            if outcome is None:
+                self.backend._delete(self.api, self.namespace, self.name)
+                raise InfrastructureError(f"Job {self.name} did not finish within {limit} s")
+            kind, obj = outcome
+            if kind == "scheduled":
+                self._check_node(obj)
+            elif kind == "follow":
+                self._follow_log(obj.metadata.name)
+            elif kind == "ready":
+                self._collect(obj.metadata.name)
+            elif kind == "stuck":
+                self._stuck(*obj)
+            else:
+                return self._result(obj, started, t0)
+
+    def _check_node(self, pod: Any) -> None:
+        """Refuse (exit 4) a node whose container runtime cannot mount image volumes."""
+        self.pods[pod.metadata.name].node_checked = True
+        if not self.plan.inputs:
+            return
+        node = self.backend.node(self.api, pod.spec.node_name)
+        info = getattr(getattr(node, "status", None), "node_info", None)
+        version = getattr(info, "container_runtime_version", None)
+        if image_volume_support(version) is False:
+            self.backend._delete(self.api, self.namespace, self.name)
+            raise EnvironmentMismatch(
+                f"node {pod.spec.node_name} runs {version}, which cannot mount the run's "
+                "inputs as image volumes",
+                expected=IMAGE_VOLUME_REQUIREMENT,
+                found=version,
+                hint="upgrade the node's container runtime, or keep evalrun Jobs off such "
+                "nodes; evalrun never falls back to shipping inputs another way",
+            )
+
+    def _stuck(self, reason: str, message: str) -> None:
+        self.backend._delete(self.api, self.namespace, self.name)
+        plan = self.plan
+        if reason == "Unschedulable":
+            raise EnvironmentMismatch(
+                f"Job {self.name} is Unschedulable: {message}",
+                gpu_product=plan.gpu_product,
+                gpus=plan.gpus or None,
+                hint="no node offers what the spec asks for (resources, GPU product label, "
+                "taints); check `kubectl describe nodes`",
+            )
+        if reason == "ImageVolumeUnsupported":
+            raise EnvironmentMismatch(
+                f"Job {self.name}: the node cannot mount image volumes: {message}",
+                expected=IMAGE_VOLUME_REQUIREMENT,
+                hint="evalrun never falls back to shipping inputs another way",
+            )
+        if reason == "DigestMismatch":
+            match = _PULL_DIGEST.search(message)
+            assert match is not None
+            raise DigestMismatch(
+                f"Job {self.name}: a pulled blob (image or input artifact)",
+                expected=match[2],
+                found=match[1],
+                hint="the registry serves bytes that are not the locked ones; re-publish "
+                "the input or investigate the registry",
+            )
+        raise InfrastructureError(f"Job {self.name}: {reason}: {message}", image=plan.image_ref)
+
+    # ---- collection
+
+    def _collect(self, pod_name: str) -> None:
+        """Take the held results of ``pod_name`` (retrying a cut stream), then acknowledge."""
+        tracked = self.pods[pod_name]
+        with self._lock:
+            tracked.collected = True
+        t0 = time.monotonic()
+        problems: list[str] = []
+        facts: dict[str, Any] = {"pod": pod_name, "mode": "exec"}
+        for attempt in range(1, COLLECT_ATTEMPTS + 1):
+            receiver = StreamReceiver(self.results_dir.parent)
+            try:
+                ran = exec_in_pod(
+                    self.api,
+                    self.namespace,
+                    pod_name,
+                    CONTAINER_NAME,
+                    list(EMIT_COMMAND),
+                    stdout=receiver.feed,
                 )
-            raise InfrastructureError(f"Job {name}: {reason}: {message}", image=plan.image_ref)
-        job = outcome[1]
+            except TransientKubernetesError as exc:
+                receiver.discard()
+                problems = [f"collection attempt {attempt}: {exc.message}"]
+                log.warning(
+                    "results stream broke; retrying",
+                    extra={"event": "collect_retry", "pod": pod_name, "error": exc.message},
+                )
+                continue
+            except APINotFound:
+                receiver.discard()
+                problems = [f"pod {pod_name} disappeared before its results were collected"]
+                break
+            except APIForbidden as exc:
+                receiver.discard()
+                raise InfrastructureError(
+                    f"the runner may not exec into pod {pod_name}: {exc.message}",
+                    hint="the runner's Role needs pods/exec (create, get): install the evalrun "
+                    "chart (charts/evalrun) or manifests/evalrun.yaml",
+                ) from exc
+            facts["attempts"] = attempt
+            if ran.exit_code == NOT_HOLDING_EXIT:
+                receiver.discard()
+                problems = [f"pod {pod_name}: the agent no longer holds its results"]
+                break
+            if ran.exit_code != 0:
+                receiver.discard()
+                problems = [
+                    f"emit-results in pod {pod_name} failed ({ran.message or ran.exit_code}): "
+                    + ran.stderr.strip()[-300:]
+                ]
+                break
+            collected = receiver.unpack(self.results_dir)
+            facts.update(bytes=ran.stdout_bytes, files=len(collected.files))
+            problems = collected.problems
+            if problems and "truncated" in problems[0] and attempt < COLLECT_ATTEMPTS:
+                continue
+            break
+        facts["duration_s"] = round(time.monotonic() - t0, 3)
+        released, acked = self._ack(pod_name)
+        facts["acknowledged"] = released
+        self.collection = _Collection(pod_name, problems, acked, facts)
+        log.info(
+            "results collected",
+            extra={"event": "results_collected_exec", "run_id": self.plan.run_id, **facts},
+        )
+
+    def _ack(self, pod_name: str) -> tuple[bool, int | None]:
+        """Release the holding agent: (released, the exit code it answered, if it did).
+
+        The agent exits right after answering, so the exec's own status may be lost with
+        its container; an agent container that has ended after an ack counts as released.
+        """
+        answer = bytearray()
+        for _ in range(COLLECT_ATTEMPTS):
+            answer.clear()
+            try:
+                ran = exec_in_pod(
+                    self.api,
+                    self.namespace,
+                    pod_name,
+                    CONTAINER_NAME,
+                    list(ACK_COMMAND),
+                    stdout=answer.extend,
+                    idle_timeout_s=30.0,
+                )
+            except TransientKubernetesError:
+                if self._agent_ended(pod_name):
+                    return True, _ack_exit(answer)
+                continue
+            except EvalrunError:
+                return self._agent_ended(pod_name), _ack_exit(answer)
+            code = _ack_exit(answer)
+            if ran.exit_code == 0 and code is not None:
+                return True, code
+            return self._agent_ended(pod_name), code
+        return self._agent_ended(pod_name), None
+
+    def _agent_ended(self, pod_name: str, timeout_s: float = 30.0) -> bool:
+        """Whether the pod's agent container stops running (or the pod goes) within a while."""
+
+        def ended() -> bool:
+            pod = self.watch.pods.objects.get(pod_name)
+            return pod is None or not _running(pod)
+
+        return bool(self.watch.wait(ended, timeout=timeout_s))
+
+    # ---- the end
+
+    def _result(self, job: Any, started: str, t0: float) -> BackendResult:
+        api, namespace, plan = self.api, self.namespace, self.plan
         failed = _condition(job, "Failed")
-        pods = watch.pods_of(plan.run_id)
+        pods = self.watch.pods_of(plan.run_id)
         pod = next(
             (p for p in reversed(pods) if p.status.phase in ("Succeeded", "Failed")),
             pods[-1] if pods else None,
         )
         details: dict[str, Any] = {
-            "job": name,
+            "job": self.name,
             "namespace": namespace,
             "job_condition": (failed.reason if failed else "Complete"),
             "pods": [p.metadata.name for p in pods],
@@ -310,11 +742,10 @@ class KubernetesBackend:
         timed_out = bool(failed and failed.reason == "DeadlineExceeded")
         collection: list[str] = []
         if pod is not None:
-            details["pod"] = pod.metadata.name
+            pod_name = pod.metadata.name
+            details["pod"] = pod_name
             details["node"] = pod.spec.node_name
-            status = next(
-                (c for c in pod.status.container_statuses or [] if c.name == CONTAINER_NAME), None
-            )
+            status = _agent_status(pod)
             if status is not None:
                 term = status.state.terminated if status.state else None
                 if term is not None:
@@ -322,32 +753,27 @@ class KubernetesBackend:
                     details["termination_reason"] = term.reason
                 details["image_id"] = status.image_id
                 image_ok = _image_id_matches(status.image_id, plan.image_digest())
-            details["node_labels"] = self._node_labels(api, pod.spec.node_name)
-            try:
-                text = api_call(
-                    "read pod log",
-                    lambda: k8s.CoreV1Api(api).read_namespaced_pod_log(
-                        pod.metadata.name, namespace, container=CONTAINER_NAME
-                    ),
-                    namespace=namespace,
-                    name=pod.metadata.name,
-                )
-                self.requests += 1
-                collected = extract_results_frame(text, results_dir)
-                collection = collected.problems
-                details["log_tail"] = "\n".join(
-                    line for line in text.splitlines()[-20:] if not line.startswith(("-----", " "))
-                )
-            except EvalrunError as exc:
-                collection = [f"could not read the pod log: {exc.message}"]
+            details["node_labels"] = self.backend._node_labels(api, pod.spec.node_name)
+            tracked = self.pods.get(pod_name)
+            if tracked is not None and tracked.follower and tracked.relay:
+                tracked.follower.done.wait(10.0)
+                tracked.relay.close()
+                details["log_tail"] = "\n".join(list(tracked.relay.tail)[-20:])
+            if self.collection.pod == pod_name:
+                collection = self.collection.problems
+                details["collection"] = self.collection.facts
+                if exit_code is None:
+                    exit_code = self.collection.acked_exit
+            else:
+                collection = self._from_log(pod_name, details)
         else:
             collection = ["the Job has no pod to collect from"]
         details["collection_problems"] = collection
-        self._expire(api, namespace, name)
+        self.backend._expire(api, namespace, self.name)
         if timed_out:
             exit_code = None
         return BackendResult(
-            backend=self.name,
+            backend=self.backend.name,
             exit_code=exit_code,
             timed_out=timed_out,
             image_digest_confirmed=image_ok,
@@ -359,30 +785,32 @@ class KubernetesBackend:
             collection_problems=collection,
         )
 
-    def _node_labels(self, api: k8s.ApiClient, node: str | None) -> dict[str, str] | str:
-        if not node:
-            return {}
+    def _from_log(self, pod_name: str, details: dict[str, Any]) -> list[str]:
+        """Results of a pod that was not collected by exec: an older agent's log frame."""
         try:
-            obj = api_call(
-                "read node", lambda: k8s.CoreV1Api(api).read_node(node), name=node, retries=False
+            text = api_call(
+                "read pod log",
+                lambda: k8s.CoreV1Api(self.api).read_namespaced_pod_log(
+                    pod_name, self.namespace, container=CONTAINER_NAME
+                ),
+                namespace=self.namespace,
+                name=pod_name,
             )
-            self.requests += 1
-            return dict(obj.metadata.labels or {})
+            self.backend.requests += 1
         except EvalrunError as exc:
-            return f"unavailable: {exc.message}"
+            return [f"could not read the pod log: {exc.message}"]
+        if FRAME_BEGIN not in text:
+            return [
+                f"the results of pod {pod_name} were not collected: the agent ended without "
+                f"holding them (crashed, killed, or its hold of {self.backend.hold_s} s expired)"
+            ]
+        details["collection"] = {"pod": pod_name, "mode": "log-frame"}
+        return extract_results_frame(text, self.results_dir).problems
 
-    def _expire(self, api: k8s.ApiClient, namespace: str, name: str) -> None:
-        """After collection: let the TTL controller remove the finished Job."""
-        body = {"spec": {"ttlSecondsAfterFinished": 300}}
-        with contextlib.suppress(EvalrunError):
-            api_call(
-                "set Job TTL",
-                lambda: k8s.BatchV1Api(api).patch_namespaced_job(name, namespace, body),
-                namespace=namespace,
-                name=name,
-                retries=False,
-            )
-            self.requests += 1
+
+def _ack_exit(answer: bytes | bytearray) -> int | None:
+    match = ACK_RE.match(bytes(answer).decode("ascii", "replace").strip())
+    return int(match[1]) if match else None
 
 
 def _image_id_matches(image_id: str | None, digest: str) -> bool:

@@ -1,5 +1,9 @@
 """Pure builders: a run plan → the Kubernetes objects that run it. No client in sight.
 
+Inputs arrive as read-only image volumes, pulled by digest by the node (the
+ConfigMap carries only the plan); results leave through the API server's exec
+stream while the agent holds the finished pod (see runner.backends.kubernetes).
+
 Security is by construction: every pod satisfies Pod Security "restricted"
 (non-root fixed UID/GID, seccomp RuntimeDefault, no privilege escalation, all
 capabilities dropped, read-only root filesystem), has no service-account token,
@@ -17,7 +21,8 @@ from importlib.metadata import version as dist_version
 from typing import Any
 
 from runner.errors import InputError
-from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, RunPlan
+from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, PlanInput, RunPlan
+from runner.shared.protocol import DEFAULT_HOLD_S
 
 MANAGED_BY = "evalrun"
 LABEL_RUN_ID = "evalrun.dev/run-id"
@@ -33,6 +38,13 @@ GPU_DRIVER_MAJOR_LABEL = "nvidia.com/cuda.driver.major"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 # ConfigMaps are capped at 1 MiB by the API server; leave room for metadata.
 MAX_CONFIGMAP_BYTES = 900 * 1024
+INPUT_VOLUME_PREFIX = "input-"
+# What a node's container runtime must offer for inputs by image volume.
+IMAGE_VOLUME_REQUIREMENT = (
+    "Kubernetes image volumes (feature gate ImageVolume, on by default from 1.35) and a "
+    "container runtime that supports them: containerd >= 2.1 or CRI-O >= 1.31"
+)
+_MIN_RUNTIME = {"containerd": (2, 1), "cri-o": (1, 31)}
 # Exit codes of the agent that mean "do not retry": bad plan (2), integrity (3), environment (4).
 NON_RETRYABLE_EXIT_CODES = (2, 3, 4)
 PREFLIGHT_ALLOWANCE_S = 300
@@ -45,6 +57,8 @@ class JobOptions:
     namespace: str
     ttl_after_finished_s: int = 600
     image_pull_policy: str = "IfNotPresent"
+    # How long the agent holds its finished pod for the runner to collect the results.
+    hold_s: int = DEFAULT_HOLD_S
     # Cluster-specific taints to tolerate (set by the operator, never by a spec).
     extra_tolerations: tuple[tuple[str, str], ...] = ()
 
@@ -81,39 +95,116 @@ def labels_for(plan: RunPlan) -> dict[str, str]:
     }
 
 
-def _input_key(role: str, name: str, filename: str) -> str:
-    key = re.sub(r"[^-._a-zA-Z0-9]", "_", f"{role}--{name}--{filename}")
-    return key[:253]
-
-
 def build_configmap(
-    plan: RunPlan, plan_json: bytes, inputs: Mapping[str, bytes], options: JobOptions
+    plan: RunPlan, plan_json: bytes, options: JobOptions, *, job_uid: str
 ) -> dict[str, Any]:
-    """The ConfigMap carrying plan.json and the (small) input files, by content."""
-    total = len(plan_json) + sum(len(v) for v in inputs.values())
-    if total > MAX_CONFIGMAP_BYTES:
+    """The ConfigMap carrying plan.json, and nothing else, owned by the run's Job.
+
+    Inputs never travel here (they arrive by image volume, see :func:`input_volumes`);
+    the owner reference to the Job (``job_uid``) lets the garbage collector delete the
+    ConfigMap with the Job.
+    """
+    if len(plan_json) > MAX_CONFIGMAP_BYTES:
         raise InputError(
-            f"the run's inputs are {total} bytes; the Kubernetes backend delivers inputs "
-            f"through a ConfigMap, limited to {MAX_CONFIGMAP_BYTES} bytes",
-            hint="bake large inputs into the evaluation image, or use the docker backend",
+            f"the run's plan is {len(plan_json)} bytes; a ConfigMap holds at most "
+            f"{MAX_CONFIGMAP_BYTES} bytes",
+            hint="the plan carries params, metrics and input file lists; trim params",
         )
     import base64
 
-    binary = {"plan.json": base64.b64encode(plan_json).decode()}
-    for item in plan.inputs:
-        key = _input_key(item.role, item.name, item.host_path.name)
-        binary[key] = base64.b64encode(inputs[item.name]).decode()
+    name = job_name(plan.run_id)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": job_name(plan.run_id),
+            "name": name,
             "namespace": options.namespace,
             "labels": labels_for(plan),
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": name,
+                    "uid": job_uid,
+                    "blockOwnerDeletion": False,
+                    "controller": False,
+                }
+            ],
         },
         "immutable": True,
-        "binaryData": binary,
+        "binaryData": {"plan.json": base64.b64encode(plan_json).decode()},
     }
+
+
+def _input_ref(item: PlanInput) -> str:
+    if not item.artifact_ref:
+        raise InputError(
+            f"{item.role} {item.name!r} has no published artifact: the Kubernetes backend "
+            "mounts every input by digest from a registry",
+            field=f"{item.role} {item.name}",
+            hint="re-lock with a registry (`evalrun lock` publishes every input next to the "
+            "image), then run again",
+        )
+    if "@sha256:" not in item.artifact_ref:
+        raise InputError(
+            f"{item.role} {item.name!r}: artifact {item.artifact_ref!r} is not pinned by digest",
+            field=f"{item.role} {item.name}",
+            hint="re-lock with a registry",
+        )
+    return item.artifact_ref
+
+
+def input_volumes(plan: RunPlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts): one read-only image volume per input, by digest.
+
+    The kubelet and the container runtime pull each input artifact (no network and no
+    credentials in the pod) and cache it per node; the agent checks every file's sha256
+    before the evaluation starts. Raises InputError naming an input without a digest.
+    """
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for index, item in enumerate(plan.inputs):
+        name = f"{INPUT_VOLUME_PREFIX}{index}"
+        volumes.append(
+            {"name": name, "image": {"reference": _input_ref(item), "pullPolicy": "IfNotPresent"}}
+        )
+        mounts.append({"name": name, "mountPath": item.mount_path, "readOnly": True})
+    return volumes, mounts
+
+
+def dropped_image_volumes(job: Mapping[str, Any]) -> list[str]:
+    """Input volumes the API server stored without their ``image`` source.
+
+    An API server without the ImageVolume feature gate drops the field silently; the
+    Job it returns then names the inputs that would arrive empty.
+    """
+    template = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return [
+        str(v.get("name"))
+        for v in template.get("volumes") or []
+        if str(v.get("name", "")).startswith(INPUT_VOLUME_PREFIX) and not v.get("image")
+    ]
+
+
+def image_volume_support(container_runtime_version: str | None) -> bool | None:
+    """Whether a node's ``status.nodeInfo.containerRuntimeVersion`` supports image volumes.
+
+    ``containerd://2.1.4`` → True, ``containerd://1.7.24`` → False; a runtime or version
+    this does not know → None (the kubelet's own error, if any, decides).
+    """
+    if not container_runtime_version or "://" not in container_runtime_version:
+        return None
+    runtime, _, version = container_runtime_version.partition("://")
+    minimum = _MIN_RUNTIME.get(runtime.lower())
+    match = re.match(r"v?(\d+)\.(\d+)", version)
+    if minimum is None or match is None:
+        return None
+    return (int(match[1]), int(match[2])) >= minimum
+
+
+def active_deadline_s(plan: RunPlan, options: JobOptions) -> int:
+    """The Job's activeDeadlineSeconds: evaluation, agent preflight, and the results hold."""
+    return plan.timeout_s + PREFLIGHT_ALLOWANCE_S + options.hold_s
 
 
 def _runtime_class(plan: RunPlan) -> str | None:
@@ -127,9 +218,14 @@ def _runtime_class(plan: RunPlan) -> str | None:
 
 
 def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
-    """The batch/v1 Job that runs the agent once for this plan."""
+    """The batch/v1 Job that runs the agent once for this plan, created suspended.
+
+    The sender creates it, then its ConfigMap (:func:`build_configmap`, owned by it),
+    then resumes it (:data:`RESUME_PATCH`).
+    """
     name = job_name(plan.run_id)
     labels = labels_for(plan)
+    input_vols, input_mounts = input_volumes(plan)
     resources: dict[str, dict[str, str]] = {
         "requests": {"cpu": f"{int(plan.cpus * 1000)}m", "memory": f"{plan.memory_mib}Mi"},
         "limits": {"cpu": f"{int(plan.cpus * 1000)}m", "memory": f"{plan.memory_mib}Mi"},
@@ -170,7 +266,7 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
                 "resources": resources,
                 "volumeMounts": [
                     {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
-                    {"name": "inputs", "mountPath": "/evalrun/inputs", "readOnly": True},
+                    *input_mounts,
                     {"name": "results", "mountPath": RESULTS_MOUNT},
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
@@ -182,20 +278,8 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
                 "name": "plan",
                 "configMap": {"name": name, "items": [{"key": "plan.json", "path": "plan.json"}]},
             },
-            {
-                "name": "inputs",
-                "configMap": {
-                    "name": name,
-                    "items": [
-                        {
-                            "key": _input_key(i.role, i.name, i.host_path.name),
-                            "path": i.container_path.removeprefix("/evalrun/inputs/"),
-                        }
-                        for i in plan.inputs
-                    ],
-                },
-            },
-            {"name": "results", "emptyDir": {"sizeLimit": "2Gi"}},
+            *input_vols,
+            {"name": "results", "emptyDir": {"sizeLimit": f"{plan.results_mib}Mi"}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
         ],
     }
@@ -229,8 +313,10 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
             "annotations": {ANNOTATION_IMAGE: plan.image_ref},
         },
         "spec": {
+            # Created suspended: no pod starts before its ConfigMap (owned by this Job) exists.
+            "suspend": True,
             "backoffLimit": plan.retries,
-            "activeDeadlineSeconds": plan.timeout_s + PREFLIGHT_ALLOWANCE_S,
+            "activeDeadlineSeconds": active_deadline_s(plan, options),
             "podFailurePolicy": {
                 "rules": [
                     {
@@ -259,6 +345,14 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
+
+
+RESUME_PATCH: dict[str, Any] = {"spec": {"suspend": False}}
+
+
+def ttl_patch(options: JobOptions) -> dict[str, Any]:
+    """After collection: let the TTL controller remove the finished Job (and its ConfigMap)."""
+    return {"spec": {"ttlSecondsAfterFinished": options.ttl_after_finished_s}}
 
 
 def spec_hash_of(obj: Mapping[str, Any]) -> str | None:

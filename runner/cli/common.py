@@ -105,12 +105,12 @@ def add_keyring_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def backend_for(args: argparse.Namespace) -> Any:
-    """The backend chosen by ``--backend`` and its flags."""
+def backend_for(args: argparse.Namespace, output: Callable[[Any], None] | None = None) -> Any:
+    """The backend chosen by ``--backend`` and its flags; ``output`` gets live output lines."""
     if args.backend == "docker":
         from runner.backends.docker import DockerBackend
 
-        return DockerBackend()
+        return DockerBackend(output=output)
     from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
 
     return KubernetesBackend(
@@ -118,7 +118,14 @@ def backend_for(args: argparse.Namespace) -> Any:
         unschedulable_grace_s=args.stuck_after,
         image_pull_grace_s=args.stuck_after,
         extra_tolerations=tuple(toleration(t) for t in args.tolerate),
+        ttl_after_finished_s=args.ttl_after_finished,
+        output=output,
     )
+
+
+def live_printer(term: Callable[[str], None]) -> Callable[[Any], None]:
+    """Print each live output line of the evaluation (an ``OutputLine``) on the terminal."""
+    return lambda line: term(f"\u2502 {line.text}")
 
 
 def toleration(text: str) -> tuple[str, str]:
@@ -199,6 +206,14 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY:EFFECT",
         help="kubernetes: also tolerate this node taint (cluster-specific; repeatable)",
+    )
+    p.add_argument(
+        "--ttl-after-finished",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="kubernetes: remove a finished Job (and its ConfigMap) this long after its "
+        "results are collected (default 600)",
     )
     add_signing_key_args(p)
 

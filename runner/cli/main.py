@@ -35,6 +35,7 @@ from runner.cli.common import (
     backend_for,
     bundle_tar,
     key_access,
+    live_printer,
     signer_for,
     verifier_for,
 )
@@ -180,7 +181,7 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
     from runner.render.step_summary import run_summary, verdict_text
     from runner.workflows.run import run_evaluation
 
-    backend = backend_for(args)
+    backend = backend_for(args, output=live_printer(term))
     signer = signer_for(args, settings, term)
     seeds = load_spec(args.spec).run_set_seeds()
     if seeds:

@@ -108,6 +108,7 @@ class RunPlan(BaseModel):
     memory_mib: int
     pids: int
     gpus: int = 0
+    results_mib: int = Field(default=2048, description="Size limit of the results volume.")
     retries: int = 2
     gpu_product: str | None = None
     gpu_driver_major: int | None = None
@@ -119,13 +120,14 @@ class RunPlan(BaseModel):
     def image_digest(self) -> str:
         return parse_digest_ref(self.image_ref)[1]
 
-    def agent_plan(self, *, emit_results: bool = False) -> AgentPlan:
+    def agent_plan(self, *, emit_results: bool = False, hold_s: int | None = None) -> AgentPlan:
         """The plan the in-container agent reads (``runner.shared.protocol``; paths as inside).
 
         ``emit_results`` asks the agent to also print its results as a framed tar on
-        stdout (for backends that cannot read the results volume).
+        stdout (for backends that cannot read the results volume). ``hold_s`` asks it
+        to hold its finished results that long for collection by exec (``collect: exec``).
         """
-        return {
+        plan: AgentPlan = {
             "emit_results": emit_results,
             "run_id": self.run_id,
             "image_ref": self.image_ref,
@@ -139,6 +141,9 @@ class RunPlan(BaseModel):
             "expect": self.expect,
             "inputs": [i.agent_input() for i in self.inputs],
         }
+        if hold_s is not None:
+            plan["collect"], plan["hold_s"] = "exec", hold_s
+        return plan
 
     def write_agent_plan(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)

@@ -443,6 +443,12 @@ class ResourcesSpec(_Model):
     memory_mib: int = Field(default=1024, ge=64, le=4 * 1024 * 1024)
     pids: int = Field(default=256, ge=16, le=65536)
     gpus: int = Field(default=0, ge=0, le=16)
+    results_mib: int = Field(
+        default=2048,
+        ge=16,
+        le=1024 * 1024,
+        description="Size limit of the results volume (Kubernetes: the emptyDir's sizeLimit).",
+    )
     gpu_product: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$",

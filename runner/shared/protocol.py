@@ -92,6 +92,9 @@ class AgentPlan(TypedDict):
     """
 
     emit_results: bool
+    # How the runner collects the results (absent: "volume"); see "results stream" below.
+    collect: NotRequired[Literal["volume", "exec"]]
+    hold_s: NotRequired[int]
     run_id: str
     image_ref: str
     expected_rootfs_digest: str
@@ -208,7 +211,9 @@ def parse_agent_plan(data: object) -> AgentPlan:
 
     Strict on what the agent uses: a missing field or one of the wrong type
     raises :class:`PlanError` naming it. ``emit_results``, ``params``,
-    ``perturbations`` and ``expect`` may be absent (false or empty). Unknown
+    ``perturbations`` and ``expect`` may be absent (false or empty); ``collect``
+    and ``hold_s`` are kept only when present (absent: the runner reads the
+    results volume, or the log frame with ``emit_results``). Unknown
     fields are ignored, so a newer runner can still drive an agent baked into
     an older image.
     """
@@ -228,7 +233,7 @@ def parse_agent_plan(data: object) -> AgentPlan:
     for index, pert in enumerate(perturbations):
         _str(pert, "name", f"perturbations[{index}].")
         _str(pert, "kind", f"perturbations[{index}].")
-    return {
+    plan: AgentPlan = {
         "emit_results": emit,
         "run_id": _str(data, "run_id"),
         "image_ref": _str(data, "image_ref"),
@@ -242,6 +247,11 @@ def parse_agent_plan(data: object) -> AgentPlan:
         "expect": _object(data, "expect", optional=True),
         "inputs": [_plan_input(i, item) for i, item in enumerate(_objects(data, "inputs"))],
     }
+    if "collect" in data:
+        plan["collect"] = _collect_mode(data["collect"])
+    if "hold_s" in data:
+        plan["hold_s"] = _hold_s(data)
+    return plan
 
 
 def read_agent_plan(path: Path) -> AgentPlan:
@@ -321,3 +331,179 @@ def decode_frame(log_text: str) -> bytes:
             f"bytes={size}, found sha256={found} bytes={len(data)}"
         )
     return data
+
+
+# --------------------------------------------------------------------------- results stream
+# Kubernetes: the agent holds its finished pod; the runner execs ``emit-results`` (raw binary
+# stream on stdout, below), checks it, then execs ``ack``; the agent exits with its real code.
+
+COLLECT_MODES = ("volume", "exec")
+DEFAULT_HOLD_S = 600
+MAX_HOLD_S = 24 * 3600
+# The agent listens here while it holds (a Unix socket on the container's /tmp).
+HOLD_SOCKET = "/tmp/evalrun-agent.sock"
+AGENT_COMMAND = ("python3", "-m", "runner.agent")
+EMIT_COMMAND = (*AGENT_COMMAND, "emit-results")
+ACK_COMMAND = (*AGENT_COMMAND, "ack")
+# ``emit-results`` and ``ack`` exit with this when no agent holds results (EX_TEMPFAIL).
+NOT_HOLDING_EXIT = 75
+# The line the agent prints once its results are final and it holds the pod.
+READY_RE = re.compile(r"^-----EVALRUN RESULTS READY exit=(\d{1,3})-----$")
+# ``ack``'s answer, with the exit code the agent is about to end with.
+ACK_RE = re.compile(r"^ok exit=(\d{1,3})$")
+# Raw stream: magic, chunks (4-byte big-endian length 1..STREAM_CHUNK_BYTES, then the bytes),
+# a zero length, then the trailer with the sha256 and size of the concatenated chunks.
+STREAM_MAGIC = b"EVALRUN-RESULTS-STREAM/1\n"
+STREAM_CHUNK_BYTES = 1024 * 1024
+STREAM_TRAILER_RE = re.compile(rb"sha256=([0-9a-f]{64}) bytes=(\d{1,20})\n")
+_TRAILER_MAX = len(b"sha256= bytes=\n") + 64 + 20
+
+
+def ready_line(exit_code: int) -> str:
+    """The ready marker for an agent that will exit with ``exit_code``."""
+    return f"-----EVALRUN RESULTS READY exit={exit_code}-----"
+
+
+def _collect_mode(value: object) -> Literal["volume", "exec"]:
+    if value == "volume" or value == "exec":
+        return value
+    raise PlanError("collect", f"expected one of {list(COLLECT_MODES)}, found {value!r}")
+
+
+def _hold_s(data: dict[str, Any]) -> int:
+    hold = _int(data, "hold_s", minimum=1)
+    if hold > MAX_HOLD_S:
+        raise PlanError("hold_s", f"expected at most {MAX_HOLD_S}, found {hold}")
+    return hold
+
+
+class StreamWriter:
+    """Writes one results stream to ``sink`` (a binary file); :meth:`close` adds the trailer."""
+
+    def __init__(self, sink: Any) -> None:
+        self._sink = sink
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._buf = bytearray()
+        sink.write(STREAM_MAGIC)
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        if len(self._buf) >= STREAM_CHUNK_BYTES:
+            view = memoryview(self._buf)
+            full = len(self._buf) - len(self._buf) % STREAM_CHUNK_BYTES
+            for start in range(0, full, STREAM_CHUNK_BYTES):
+                self._chunk(view[start : start + STREAM_CHUNK_BYTES])
+            view.release()
+            del self._buf[:full]
+        return len(data)
+
+    def _chunk(self, data: bytes | memoryview) -> None:
+        self._sha.update(data)
+        self._size += len(data)
+        self._sink.write(len(data).to_bytes(4, "big"))
+        self._sink.write(data)
+
+    def close(self) -> tuple[str, int]:
+        """Flush, end the stream; returns the sha256 (hex) and size of the payload."""
+        if self._buf:
+            self._chunk(bytes(self._buf))
+            self._buf.clear()
+        digest = self._sha.hexdigest()
+        self._sink.write(b"\0\0\0\0" + f"sha256={digest} bytes={self._size}\n".encode())
+        self._sink.flush()
+        return digest, self._size
+
+
+class StreamReader:
+    """Incremental reader of one results stream; refuses it the moment it goes wrong.
+
+    :meth:`feed` takes bytes as they arrive and returns the payload pieces among them
+    (views of ``data``: use them before the next call);
+    :meth:`finish` raises :class:`FrameError` unless the stream ended exactly after
+    a trailer whose sha256 and size match the payload. At most ``max_bytes`` of
+    payload are accepted (checked before they are returned).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._pending = bytearray()
+        self._state = "magic"  # magic → length → chunk → trailer → done
+        self._need = len(STREAM_MAGIC)
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        view = memoryview(data)
+        out: list[memoryview] = []
+        pos = 0
+        while pos < len(view):
+            if self._state == "chunk":  # payload passes through as it arrives, never buffered
+                piece = view[pos : pos + self._need]
+                if self.size + len(piece) > self.max_bytes:
+                    raise FrameError(f"results stream exceeds {self.max_bytes} bytes")
+                self._sha.update(piece)
+                self.size += len(piece)
+                out.append(piece)
+                pos += len(piece)
+                self._need -= len(piece)
+                if self._need == 0:
+                    self._state, self._need = "length", 4
+                continue
+            if self._state == "done":
+                raise FrameError("results stream has bytes after its trailer")
+            if self._state == "trailer":
+                self._pending += view[pos:]
+                self._trailer(final=False)
+                break
+            take = view[pos : pos + self._need - len(self._pending)]
+            self._pending += take
+            pos += len(take)
+            if len(self._pending) < self._need:
+                break
+            head = bytes(self._pending)
+            self._pending.clear()
+            if self._state == "magic":
+                if head != STREAM_MAGIC:
+                    raise FrameError("not a results stream (bad magic)")
+                self._state, self._need = "length", 4
+                continue
+            length = int.from_bytes(head, "big")
+            if length > STREAM_CHUNK_BYTES:
+                raise FrameError(
+                    f"results stream chunk of {length} bytes; limit {STREAM_CHUNK_BYTES}"
+                )
+            self._state, self._need = ("trailer", 0) if length == 0 else ("chunk", length)
+        return out
+
+    def _trailer(self, *, final: bool) -> None:
+        end = self._pending.find(b"\n")
+        if end < 0:
+            if len(self._pending) > _TRAILER_MAX:
+                raise FrameError("results stream trailer is malformed")
+            if final:
+                raise FrameError("results stream is truncated (no trailer)")
+            return
+        line = bytes(self._pending[: end + 1])
+        del self._pending[: end + 1]
+        match = STREAM_TRAILER_RE.fullmatch(line)
+        if match is None:
+            raise FrameError("results stream trailer is malformed")
+        expected_sha, size = match[1].decode(), int(match[2])
+        found = self._sha.hexdigest()
+        if size != self.size or found != expected_sha:
+            raise FrameError(
+                f"results stream checksum mismatch: trailer says sha256={expected_sha} "
+                f"bytes={size}, found sha256={found} bytes={self.size}"
+            )
+        self._state = "done"
+        if self._pending:
+            raise FrameError("results stream has bytes after its trailer")
+
+    def finish(self) -> tuple[str, int]:
+        """The payload's sha256 (hex) and size, once the stream ended intact."""
+        if self._state == "trailer":
+            self._trailer(final=True)
+        if self._state != "done":
+            raise FrameError(f"results stream is truncated after {self.size} payload bytes")
+        return self._sha.hexdigest(), self.size

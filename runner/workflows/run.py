@@ -241,6 +241,7 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
         memory_mib=spec.resources.memory_mib,
         pids=spec.resources.pids,
         gpus=spec.resources.gpus,
+        results_mib=spec.resources.results_mib,
         retries=spec.retries,
         gpu_product=spec.resources.gpu_product,
         gpu_driver_major=spec.resources.gpu_driver_major,

@@ -140,7 +140,8 @@ def _plan_for(spec_path: Path, **overrides):
 
         spec = parse_spec(data, source="test")
     lock = load_lock(spec_path.with_name("eval.lock.json"))
-    inputs = [PlanInput(role="model", name="model", host_path=Path("/x/w.json"), sha256="c" * 64)]
+    inputs = [PlanInput(role="model", name="model", host_path=Path("/x/w.json"), sha256="c" * 64,
+                        artifact_ref="127.0.0.1:5000/evalrun/inputs@sha256:" + "c" * 64)]
     return make_plan(spec, lock, inputs, attempt=0)
 
 

@@ -38,7 +38,9 @@ def gpu_plan(tmp_path: Path, i: int, product: str, gpus: int = 1) -> RunPlan:
         pids=64,
         gpus=gpus,
         gpu_product=product,
-        inputs=[PlanInput(role="model", name="model", host_path=model, sha256="2" * 64)],
+        # kwok's fake kubelet never pulls: a digest reference is all the Job needs
+        inputs=[PlanInput(role="model", name="model", host_path=model, sha256="2" * 64,
+                          artifact_ref="127.0.0.1:5000/evalrun/kwok-inputs@sha256:" + "2" * 64)],
         spec_digest="sha256:" + "3" * 64,
         lock_digest="sha256:" + "4" * 64,
         spec_name="kwok",

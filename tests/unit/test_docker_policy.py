@@ -16,6 +16,7 @@ import requests.exceptions
 
 from runner.adapters.docker_engine import translated
 from runner.backends.docker import DockerBackend
+from runner.backends.live import OutputLine
 from runner.backends.docker_policy import (
     RUNTIME_NAMES,
     BindMount,
@@ -155,6 +156,7 @@ class _Container:
             "Config": {"User": "65532:65532"},
             "State": {"OOMKilled": False},
         }
+        self.id = "c1"
         self.status = "exited"
         self.removed = False
 
@@ -192,8 +194,18 @@ class _Client:
             def get(self, ref: str) -> Any:
                 return type("Image", (), {"id": "sha256:img"})()
 
+        class Api:
+            def attach(self, container: str, **kwargs: Any) -> Any:
+                client.attached.append((container, kwargs))
+                # demuxed chunks, as the engine sends them: lines split across chunks
+                yield b"loading model\nstep 1", None
+                yield None, b"warning: slow\n"
+                yield b"/2\nno newline at the end", None
+
+        self.attached: list[tuple[str, dict[str, Any]]] = []
         self.containers = Containers()
         self.images = Images()
+        self.api = Api()
 
 
 def test_backend_sends_exactly_the_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,6 +226,28 @@ def test_backend_sends_exactly_the_policy(tmp_path: Path, monkeypatch: pytest.Mo
         for m in expected.mounts
     ]
     assert kwargs == expected.engine_options()
+
+
+def test_backend_relays_the_container_output_live(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("os.chown", lambda *a: None)
+    lines: list[OutputLine] = []
+    client = _Client()
+    with caplog.at_level("INFO", logger="evalrun.output"):
+        DockerBackend(client, output=lines.append).run(_plan(), tmp_path / "results")
+    assert [(x.stream, x.text) for x in lines] == [
+        ("stdout", "loading model"),
+        ("stderr", "warning: slow"),
+        ("stdout", "step 1/2"),
+        ("stdout", "no newline at the end"),
+    ]
+    assert {x.run_id for x in lines} == {_plan().run_id}
+    ((container, kwargs),) = client.attached
+    assert container == "c1" and kwargs["demux"] and kwargs["logs"] and kwargs["stream"]
+    events = [r for r in caplog.records if getattr(r, "event", None) == "evaluation_output"]
+    assert [(r.stream, r.line) for r in events] == [(x.stream, x.text) for x in lines]
+    assert all(r.run_id == _plan().run_id for r in events)
 
 
 # --------------------------------------------------------------------------- engine errors

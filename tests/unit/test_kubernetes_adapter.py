@@ -288,6 +288,23 @@ def test_watch_events_update_the_cache_bookmarks_only_the_version() -> None:
         watch.stop()
 
 
+def test_a_bookmark_left_as_a_dict_moves_the_version_without_a_relist() -> None:
+    # kubernetes >= 37 hands BOOKMARK objects over undeserialized
+    bookmark = {"kind": "Job", "metadata": {"resourceVersion": "7"}}
+    jobs = _ScriptedServer(
+        listings=[_listing([_obj("job-a", "1")], "1")],
+        streams=[[_event("BOOKMARK", bookmark), _event("ADDED", _obj("job-b", "8"))]],
+    )
+    pods = _ScriptedServer(listings=[_listing([], "1")], streams=[])
+    watch = _ScriptedWatch(jobs, pods).start(sync_timeout_s=5)
+    try:
+        assert watch.wait(lambda: "job-b" in watch.jobs.objects, timeout=10)
+        assert watch.jobs.relists == 1 and watch.jobs.resource_version == "8"
+        assert sorted(watch.jobs.objects) == ["job-a", "job-b"]
+    finally:
+        watch.stop()
+
+
 def test_watch_that_cannot_list_fails_start_with_the_namespace() -> None:
     class Unlistable(_ScriptedServer):
         def list(self, namespace: str, **kwargs: Any) -> Any:

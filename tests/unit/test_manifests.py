@@ -10,13 +10,21 @@ from runner.errors import InputError, SpecError
 from runner.workflows.run import make_plan, run_id_for
 from runner.backends.manifests import (
     GPU_PRODUCT_LABEL,
+    IMAGE_VOLUME_REQUIREMENT,
     LABEL_RUN_ID,
     LABEL_SPEC_HASH,
     MAX_CONFIGMAP_BYTES,
+    PREFLIGHT_ALLOWANCE_S,
+    RESUME_PATCH,
     JobOptions,
+    active_deadline_s,
     build_configmap,
     build_job,
+    dropped_image_volumes,
+    image_volume_support,
+    input_volumes,
     job_name,
+    ttl_patch,
 )
 from runner.model.spec import LockedSpec, load_spec, parse_spec
 
@@ -25,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits" / "eval.yaml"
 OPTS = JobOptions(namespace="evals")
 IMAGE = "127.0.0.1:5000/evalrun/digits@sha256:" + "a" * 64
+INPUTS = "127.0.0.1:5000/evalrun/digits-inputs@sha256:"
+MODEL_REF, DATA_REF = INPUTS + "1" * 64, INPUTS + "2" * 64
 
 
 def _lock(spec) -> LockedSpec:
@@ -39,7 +49,14 @@ def _lock(spec) -> LockedSpec:
     })
 
 
-def _plan(**changes):
+def _inputs(model_ref=MODEL_REF, data_ref=DATA_REF):
+    return [PlanInput(role="model", name="model", host_path=Path("/x/weights.json"),
+                      sha256="c" * 64, artifact_ref=model_ref),
+            PlanInput(role="dataset", name="digits-test", host_path=Path("/x/d.jsonl"),
+                      sha256="d" * 64, artifact_ref=data_ref)]
+
+
+def _plan(inputs=None, **changes):
     data = yaml.safe_load(EXAMPLE.read_text())
     for key, value in changes.items():
         section, _, field = key.partition("__")
@@ -48,11 +65,7 @@ def _plan(**changes):
         else:
             data[section] = value
     spec = parse_spec(data, source="test")
-    inputs = [PlanInput(role="model", name="model", host_path=Path("/x/weights.json"),
-                        sha256="c" * 64),
-              PlanInput(role="dataset", name="digits-test", host_path=Path("/x/d.jsonl"),
-                        sha256="d" * 64)]
-    return make_plan(spec, _lock(spec), inputs, attempt=0)
+    return make_plan(spec, _lock(spec), _inputs() if inputs is None else inputs, attempt=0)
 
 
 def _pod(job):
@@ -74,7 +87,11 @@ def _assert_restricted(job):
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert "@sha256:" in c["image"]
     for v in pod["volumes"]:
-        assert set(v) - {"name"} <= {"configMap", "emptyDir"}, v
+        assert set(v) - {"name"} <= {"configMap", "emptyDir", "image"}, v
+    for c in pod["containers"]:
+        for m in c["volumeMounts"]:
+            if m["name"] != "results" and m["name"] != "tmp":
+                assert m["readOnly"] is True, m
     text = json.dumps(job)
     assert "hostPath" not in text and '"privileged": true' not in text
 
@@ -143,18 +160,98 @@ def test_gpu_under_gvisor_must_name_its_runtime_class():
     assert pod["runtimeClassName"] == "gvisor-nvproxy"
 
 
-def test_configmap_carries_plan_and_inputs_and_is_bounded():
+def test_configmap_carries_only_the_plan_owned_by_the_job():
     plan = _plan()
-    cm = build_configmap(plan, b"{}", {"model": b"m", "digits-test": b"d"}, OPTS)
+    cm = build_configmap(plan, b'{"plan": 1}', OPTS, job_uid="uid-123")
     assert cm["immutable"] is True
-    assert set(cm["binaryData"]) == {"plan.json", "model--model--weights.json",
-                                     "dataset--digits-test--d.jsonl"}
+    assert set(cm["binaryData"]) == {"plan.json"}
+    assert cm["metadata"]["name"] == job_name(plan.run_id)
+    assert cm["metadata"]["ownerReferences"] == [{
+        "apiVersion": "batch/v1", "kind": "Job", "name": job_name(plan.run_id),
+        "uid": "uid-123", "blockOwnerDeletion": False, "controller": False}]
     job = build_job(plan, OPTS)
-    items = next(v for v in _pod(job)["volumes"] if v["name"] == "inputs")["configMap"]["items"]
-    assert {i["path"] for i in items} == {"model/weights.json", "data/digits-test/d.jsonl"}
+    # the plan volume is the only ConfigMap volume; no input bytes ride in any ConfigMap
+    assert [v["name"] for v in _pod(job)["volumes"] if "configMap" in v] == ["plan"]
     with pytest.raises(InputError, match="ConfigMap"):
-        build_configmap(plan, b"{}", {"model": b"x" * MAX_CONFIGMAP_BYTES, "digits-test": b""},
-                        OPTS)
+        build_configmap(plan, b"x" * (MAX_CONFIGMAP_BYTES + 1), OPTS, job_uid="u")
+
+
+def test_inputs_arrive_as_read_only_image_volumes_by_digest():
+    job = build_job(_plan(), OPTS)
+    volumes = {v["name"]: v for v in _pod(job)["volumes"]}
+    mounts = {m["name"]: m for m in _pod(job)["containers"][0]["volumeMounts"]}
+    assert volumes["input-0"] == {"name": "input-0",
+                                  "image": {"reference": MODEL_REF, "pullPolicy": "IfNotPresent"}}
+    assert volumes["input-1"]["image"]["reference"] == DATA_REF
+    assert mounts["input-0"] == {"name": "input-0", "mountPath": "/evalrun/inputs/model",
+                                 "readOnly": True}
+    assert mounts["input-1"]["mountPath"] == "/evalrun/inputs/data/digits-test"
+    # what the agent opens lies inside the mounted artifact
+    plan = _plan()
+    paths = [i["path"] for i in plan.agent_plan()["inputs"]]
+    assert paths == ["/evalrun/inputs/model/weights.json",
+                     "/evalrun/inputs/data/digits-test/d.jsonl"]
+    assert "hostPath" not in json.dumps(job)
+
+
+@pytest.mark.parametrize("ref", [None, "127.0.0.1:5000/evalrun/digits-inputs:latest"])
+def test_an_input_without_a_digest_reference_is_refused_naming_it(ref):
+    plan = _plan(inputs=_inputs(data_ref=ref))
+    with pytest.raises(InputError) as exc:
+        build_job(plan, OPTS)
+    assert exc.value.exit_code == 2
+    assert "digits-test" in exc.value.message
+    assert "re-lock with a registry" in exc.value.diagnostics()
+    with pytest.raises(InputError):
+        input_volumes(plan)
+
+
+def test_job_is_created_suspended_and_resumed_by_patch():
+    job = build_job(_plan(), OPTS)
+    assert job["spec"]["suspend"] is True
+    assert RESUME_PATCH == {"spec": {"suspend": False}}
+    assert ttl_patch(JobOptions(namespace="x", ttl_after_finished_s=42)) == {
+        "spec": {"ttlSecondsAfterFinished": 42}}
+
+
+def test_deadline_covers_evaluation_preflight_and_the_results_hold():
+    plan = _plan(timeout_s=100)
+    for hold in (1, 600, 3600):
+        opts = JobOptions(namespace="evals", hold_s=hold)
+        expected = 100 + PREFLIGHT_ALLOWANCE_S + hold
+        assert active_deadline_s(plan, opts) == expected
+        assert build_job(plan, opts)["spec"]["activeDeadlineSeconds"] == expected
+
+
+def test_results_volume_is_bounded_by_the_spec():
+    default = next(v for v in _pod(build_job(_plan(), OPTS))["volumes"] if v["name"] == "results")
+    assert default["emptyDir"] == {"sizeLimit": "2048Mi"}
+    sized = build_job(_plan(resources__results_mib=300), OPTS)
+    results = next(v for v in _pod(sized)["volumes"] if v["name"] == "results")
+    assert results["emptyDir"] == {"sizeLimit": "300Mi"}
+    with pytest.raises(SpecError):
+        _plan(resources__results_mib=1)
+
+
+def test_dropped_image_volumes_are_named():
+    job = build_job(_plan(), OPTS)
+    assert dropped_image_volumes(job) == []
+    stored = json.loads(json.dumps(job))
+    for v in stored["spec"]["template"]["spec"]["volumes"]:
+        v.pop("image", None)
+    assert dropped_image_volumes(stored) == ["input-0", "input-1"]
+    assert dropped_image_volumes({}) == []
+
+
+@pytest.mark.parametrize(("version", "supported"), [
+    ("containerd://2.1.0", True), ("containerd://2.2.1", True), ("containerd://v2.1.4", True),
+    ("containerd://3.0.0", True), ("containerd://2.0.5", False), ("containerd://1.7.24", False),
+    ("cri-o://1.31.0", True), ("cri-o://1.30.9", False), ("docker://28.0.1", None),
+    ("containerd://dev", None), ("", None), (None, None),
+])
+def test_container_runtime_versions_that_mount_image_volumes(version, supported):
+    assert image_volume_support(version) is supported
+    assert "containerd >= 2.1" in IMAGE_VOLUME_REQUIREMENT
 
 
 def test_job_name_is_deterministic_and_valid():

@@ -1,0 +1,65 @@
+"""The runner's RBAC grows only by what results-by-exec needs (pods/exec), in both forms.
+
+The k8s tier renders the chart with the pinned helm, compares it with manifests/, and asks
+the real API server (SubjectAccessReview) what the ServiceAccount may do; this tier pins the
+rules themselves, so a widened Role fails without a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Exactly what `evalrun run --backend kubernetes` calls in its namespace.
+EXPECTED_RULES = {
+    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get"},
+    ("", "pods/exec"): {"create", "get"},
+    ("", "configmaps"): {"create", "get", "delete"},
+    ("", "events"): {"get", "list", "watch"},
+}
+
+
+def _role() -> dict:
+    docs = [d for d in yaml.safe_load_all((ROOT / "manifests" / "evalrun.yaml").read_text()) if d]
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "evalrun-runner"]
+    return role
+
+
+def _grants(role: dict) -> dict[tuple[str, str], set[str]]:
+    grants: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
+def test_the_runner_may_exec_and_nothing_more_than_it_needs():
+    grants = _grants(_role())
+    assert grants == EXPECTED_RULES
+    assert not any(resource == "secrets" or "*" in (resource, *verbs)
+                   for (_, resource), verbs in grants.items())
+    assert "create" not in grants[("", "pods")]  # exec into its own pods, never new pods
+    assert "patch" not in grants[("", "configmaps")]  # the ConfigMap is created owned
+
+
+def test_chart_and_plain_manifests_grant_the_same_rules():
+    chart = (ROOT / "charts" / "evalrun" / "templates" / "rbac.yaml").read_text()
+    plain = (ROOT / "manifests" / "evalrun.yaml").read_text()
+
+    def rules_block(text: str) -> str:
+        match = re.search(r"name: evalrun-runner\n.*?rules:\n(.*?)\n---", text, re.S)
+        assert match, "no evalrun-runner Role"
+        return match[1]
+
+    chart_role = re.search(r"kind: Role\n.*?rules:\n(.*?)\n---", chart, re.S)
+    assert chart_role and chart_role[1] == rules_block(plain[plain.index("kind: Role\n"):])
