@@ -11,6 +11,7 @@ results frame are defined once, in :mod:`runner.shared.protocol`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -614,10 +615,31 @@ def main(argv: list[str] | None = None) -> int:
         return AgentExit.BAD_PLAN
     code = run_plan(plan, args.results)
     if plan.get("collect") == "exec":
+        # Small results also stay in the pod log, so a runner that attaches after another
+        # one collected them (another store) can still seal them; large ones leave by exec only.
+        if plan["emit_results"] and _tree_size(args.results) <= LOG_FRAME_MAX_BYTES:
+            emit_results(args.results)
         return hold(plan["run_id"], code, plan.get("hold_s", DEFAULT_HOLD_S))
     if args.emit_results or plan["emit_results"]:
         emit_results(args.results)
     return code
+
+
+# Results up to this size are also left in the pod log as a frame (base64: ~1.4x, under
+# the kubelet's default 10 MiB log rotation).
+LOG_FRAME_MAX_BYTES = 4 << 20
+
+
+def _tree_size(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (links not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = (Path(dirpath) / name).lstat()
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
 
 
 def _emit_held(results: Path) -> int:

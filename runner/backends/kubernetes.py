@@ -100,6 +100,10 @@ _PULL_DIGEST = re.compile(
 )
 # Attempts at one collection (a stream cut half way is retried; a refused one is not).
 COLLECT_ATTEMPTS = 3
+# How long collection waits out an unreachable API server (a restart) before giving up,
+# and the pause between tries; the holding agent keeps its results meanwhile.
+COLLECT_UNREACHABLE_S = 180.0
+COLLECT_BACKOFF_S = 3.0
 
 
 def shared_watch(api: k8s.ApiClient, namespace: str) -> NamespaceWatch:
@@ -621,7 +625,10 @@ class _RunSession:
         t0 = time.monotonic()
         problems: list[str] = []
         facts: dict[str, Any] = {"pod": pod_name, "mode": "exec"}
-        for attempt in range(1, COLLECT_ATTEMPTS + 1):
+        unreachable_until = time.monotonic() + COLLECT_UNREACHABLE_S
+        attempt = 0
+        while attempt < COLLECT_ATTEMPTS:
+            attempt += 1
             receiver = StreamReceiver(self.results_dir.parent)
             try:
                 ran = exec_in_pod(
@@ -639,6 +646,10 @@ class _RunSession:
                     "results stream broke; retrying",
                     extra={"event": "collect_retry", "pod": pod_name, "error": exc.message},
                 )
+                if time.monotonic() < unreachable_until:
+                    # an API server away (e.g. restarting) is not a cut stream: wait it out
+                    attempt -= 1
+                    time.sleep(COLLECT_BACKOFF_S)
                 continue
             except APINotFound:
                 receiver.discard()
