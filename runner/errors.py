@@ -166,6 +166,17 @@ class SpecError(InputError):
         )
 
 
+class RefusedFile(InputError):
+    """A file that is there but not one to read: a directory, FIFO or device, larger than
+    the reader's bound, or unreadable (exit 2). ``reason`` fits a one-line message."""
+
+    kind = "refused_file"
+
+    def __init__(self, reason: str, *, file: str | None = None) -> None:
+        super().__init__(reason, file=file)
+        self.reason = reason
+
+
 class BundleNotFound(InputError):
     """No stored bundle has the requested digest (or matches the requested run)."""
 

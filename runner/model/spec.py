@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,11 +26,16 @@ from pydantic import (
     model_validator,
 )
 
+from runner._internal.files import RefusedFile, read_regular_file
+from runner._internal.strict_json import load_json_strict
 from runner.errors import SpecError
 
 API_VERSION = "evalrun/v1"
 MAX_SPEC_BYTES = 256 * 1024
+MAX_LOCK_BYTES = 16 * 1024 * 1024
 MAX_ALIASES = 16
+# Deeper YAML is refused before it is composed (the composer recurses per level).
+MAX_YAML_DEPTH = 64
 LOCK_SCHEMA = "evalrun/lock/v1"
 
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -398,6 +404,7 @@ class EvalSpec(_Model):
             self.model_dump(mode="json", exclude_defaults=True),
             sort_keys=True,
             separators=(",", ":"),
+            allow_nan=False,
         ).encode()
 
     def digest(self) -> str:
@@ -530,7 +537,7 @@ class LockedSpec(_Model):
         image = data.get("image") or {}
         for key in ("reproducibility", "built_at"):
             image.pop(key, None)
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
@@ -540,9 +547,11 @@ class LockedSpec(_Model):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that also refuses duplicate keys and counts aliases."""
+    """SafeLoader that also refuses duplicate and non-scalar keys, non-finite numbers,
+    tags beyond plain JSON types and deep nesting, and counts aliases."""
 
     alias_count = 0
+    depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -555,11 +564,28 @@ class _StrictLoader(yaml.SafeLoader):
                     f"more than {MAX_ALIASES} YAML aliases; refusing possible alias expansion",
                     event.start_mark,
                 )
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "a mapping key must be a plain scalar, not a "
+                    + ("sequence" if isinstance(key_node, yaml.SequenceNode) else "mapping"),
+                    key_node.start_mark,
+                )
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -571,16 +597,68 @@ class _StrictLoader(yaml.SafeLoader):
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
+    def construct_finite_float(self, node: yaml.ScalarNode) -> float:
+        value: float = self.construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"non-finite number {node.value!r} is not allowed", node.start_mark
+            )
+        return value
 
-def load_yaml_document(path: Path) -> Any:
-    """Read one YAML document safely, raising :class:`SpecError` naming the file and line."""
+    def construct_text(self, node: yaml.ScalarNode) -> str:
+        return str(self.construct_scalar(node))
+
+    def construct_refused(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"YAML type {node.tag} is not allowed in a spec", node.start_mark
+        )
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_finite_float)
+# dates stay the text they were written as; a spec holds JSON types only
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _StrictLoader.construct_text)
+for _tag in ("binary", "omap", "pairs", "set"):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _StrictLoader.construct_refused)
+
+
+def read_input_file(path: Path, *, what: str, max_bytes: int) -> bytes:
+    """The bytes of a spec, lock or matrix file the user named, bounded and never blocking.
+
+    SpecError (exit 2) naming the file when it is missing, not a regular file (a
+    directory, FIFO or device), larger than ``max_bytes`` or unreadable.
+    """
     try:
-        size = path.stat().st_size
+        return read_regular_file(path, max_bytes=max_bytes)
     except FileNotFoundError:
-        raise SpecError(f"spec file not found: {path}", file=str(path)) from None
-    if size > MAX_SPEC_BYTES:
-        raise SpecError(f"spec file is {size} bytes; the limit is {MAX_SPEC_BYTES}", file=str(path))
-    text = path.read_text(encoding="utf-8", errors="strict")
+        raise SpecError(f"{what} not found: {path}", file=str(path)) from None
+    except NotADirectoryError:
+        raise SpecError(f"{what} not found: {path}", file=str(path)) from None
+    except RefusedFile as exc:
+        if "limit" in exc.reason:
+            raise SpecError(f"{what} {path} {exc.reason}", file=str(path)) from None
+        raise SpecError(f"cannot read {what} {path}: {exc.reason}", file=str(path)) from None
+
+
+def _decoded(data: bytes, *, what: str, source: str) -> str:
+    try:
+        return data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{what} {source} is not UTF-8 text "
+            f"(byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            file=source,
+        ) from None
+
+
+def load_yaml_bytes(data: bytes, *, source: str, what: str = "spec file") -> Any:
+    """One YAML document from ``data`` (read from ``source``), strictly.
+
+    Raises :class:`SpecError` naming ``source`` (and the line, where there is one) for
+    text that is not UTF-8, malformed YAML, custom tags, duplicate or non-scalar keys,
+    non-finite numbers, alias bombs, nesting deeper than :data:`MAX_YAML_DEPTH`, or
+    not exactly one document.
+    """
+    text = _decoded(data, what=what, source=source)
     try:
         loader = _StrictLoader(text)
         try:
@@ -594,15 +672,42 @@ def load_yaml_document(path: Path) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
         problem = getattr(exc, "problem", None) or str(exc)
         if "could not determine a constructor" in str(exc):
-            problem = f"custom YAML tags are not allowed ({problem})"
             tag = getattr(exc, "problem", "")
             problem = f"custom YAML tags are not allowed: {tag}"
         raise SpecError(
-            "malformed YAML", file=str(path), problems=[(where, str(problem))]
+            f"malformed YAML in {source}", file=source, problems=[(where, str(problem))]
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        # e.g. an integer literal with more digits than Python converts
+        raise SpecError(
+            f"malformed YAML in {source}", file=source, problems=[("document", str(exc)[:200])]
         ) from None
     if len(docs) != 1:
-        raise SpecError(f"expected exactly one YAML document, found {len(docs)}", file=str(path))
+        raise SpecError(
+            f"{source}: expected exactly one YAML document, found {len(docs)}", file=source
+        )
     return docs[0]
+
+
+def load_yaml_document(path: Path, *, what: str = "spec file") -> Any:
+    """Read one YAML document safely, raising :class:`SpecError` naming the file and line."""
+    data = read_input_file(path, what=what, max_bytes=MAX_SPEC_BYTES)
+    return load_yaml_bytes(data, source=str(path), what=what)
+
+
+def _non_finite(data: Any, where: str = "") -> list[tuple[str, str]]:
+    """Where ``data`` (parsed YAML or JSON) holds a NaN or an infinity."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[Any, str]] = [(data, where)]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((loc or "(top level)", f"non-finite number {value!r} is not allowed"))
+        elif isinstance(value, dict):
+            stack.extend((v, f"{loc}.{k}" if loc else str(k)) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, f"{loc}[{i}]") for i, v in enumerate(value))
+    return sorted(found)
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
@@ -663,12 +768,17 @@ def _format_errors(model: type[BaseModel], exc: ValidationError) -> list[tuple[s
 def parse_spec(data: Any, *, source: str) -> EvalSpec:
     """Validate a loaded document into an :class:`EvalSpec`."""
     if not isinstance(data, dict):
-        raise SpecError(f"the spec must be a mapping, found {type(data).__name__}", file=source)
+        raise SpecError(
+            f"the spec {source} must be a mapping, found {type(data).__name__}", file=source
+        )
+    non_finite = _non_finite(data)
+    if non_finite:
+        raise SpecError(f"invalid evaluation spec {source}", file=source, problems=non_finite)
     try:
         return EvalSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(
-            "invalid evaluation spec", file=source, problems=_format_errors(EvalSpec, exc)
+            f"invalid evaluation spec {source}", file=source, problems=_format_errors(EvalSpec, exc)
         ) from None
 
 
@@ -677,30 +787,44 @@ def load_spec(path: Path) -> EvalSpec:
     return parse_spec(load_yaml_document(path), source=str(path))
 
 
-def load_lock(path: Path) -> LockedSpec:
-    """Load and validate ``eval.lock.json``."""
+def load_spec_bytes(data: bytes, *, source: str) -> EvalSpec:
+    """Validate the bytes of an ``eval.yaml`` read elsewhere (e.g. from a verified bundle)."""
+    return parse_spec(load_yaml_bytes(data, source=source), source=source)
+
+
+def parse_lock_bytes(raw: bytes, *, source: str) -> LockedSpec:
+    """Validate the bytes of an ``eval.lock.json`` (strict JSON: no duplicate keys, no NaN)."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(
-            f"lock file not found: {path}",
-            file=str(path),
-            hint="run `evalrun lock SPEC` to resolve every input to a digest",
-        ) from None
-    try:
-        data = json.loads(raw)
+        data = load_json_strict(_decoded(raw, what="lock file", source=source))
     except json.JSONDecodeError as exc:
         raise SpecError(
-            "lock file is not valid JSON",
-            file=str(path),
+            f"lock file {source} is not valid JSON",
+            file=source,
             problems=[(f"line {exc.lineno}, column {exc.colno}", exc.msg)],
+        ) from None
+    except ValueError as exc:
+        raise SpecError(
+            f"lock file {source} is not valid JSON",
+            file=source,
+            problems=[("document", str(exc)[:200])],
         ) from None
     try:
         return LockedSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(
-            "invalid lock file", file=str(path), problems=_format_errors(LockedSpec, exc)
+            f"invalid lock file {source}", file=source, problems=_format_errors(LockedSpec, exc)
         ) from None
+
+
+def load_lock(path: Path) -> LockedSpec:
+    """Load and validate ``eval.lock.json``."""
+    try:
+        raw = read_input_file(path, what="lock file", max_bytes=MAX_LOCK_BYTES)
+    except SpecError as exc:
+        if "not found" in exc.message:
+            exc.hint = "run `evalrun lock SPEC` to resolve every input to a digest"
+        raise
+    return parse_lock_bytes(raw, source=str(path))
 
 
 def lock_path_for(spec_path: Path) -> Path:

@@ -87,7 +87,7 @@ def load_matrix(path: Path) -> list[Cell]:
 def _derive(spec_path: Path, base_lock: LockedSpec, cell: Cell, root: Path) -> Path:
     """Write the cell's spec and lock: the base image by digest, the cell's inputs."""
     spec_dir = spec_path.resolve().parent
-    data = yaml.safe_load(spec_path.read_text())
+    data = load_yaml_document(spec_path)
     data["image"] = {"ref": base_lock.image.ref}
     data["metadata"]["labels"] = {
         **(data["metadata"].get("labels") or {}),
