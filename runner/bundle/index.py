@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner._internal.sanitize import one_line
 from runner.bundle.reader import read_predicate
 from runner.bundle.run_records import (
     MetricRecord,
@@ -82,7 +83,7 @@ def _digest_pattern(value: str) -> str:
     """A LIKE pattern matching a full or abbreviated sha256 digest, with or without prefix."""
     text = value.strip().lower().removeprefix("sha256:").removeprefix("sha256-")
     if not text or any(c not in "0123456789abcdef" for c in text):
-        raise InputError(f"not a sha256 digest or prefix: {value!r}")
+        raise InputError(f"not a sha256 digest or prefix: {one_line(value, limit=80)!r}")
     return f"%{text}%"
 
 
@@ -361,13 +362,13 @@ class History:
                     ).fetchall()
             if len(rows) > 1:
                 raise InputError(
-                    f"{ref!r} names {len(rows)} runs",
+                    f"{one_line(ref, limit=80)!r} names {len(rows)} runs",
                     hint="give more characters: "
                     + ", ".join(f"{r['run_id']} ({r['bundle_digest'][:19]}…)" for r in rows[:5]),
                 )
             if not rows:
                 raise BundleNotFound(
-                    f"no stored run or bundle matches {ref!r}",
+                    f"no stored run or bundle matches {one_line(ref, limit=80)!r}",
                     hint="`evalrun runs ls` lists stored runs; `evalrun pull REF` fetches one",
                 )
             return self._record(conn, rows[0])

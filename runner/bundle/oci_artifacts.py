@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner._internal.sanitize import one_line
 from runner.adapters import registry
 from runner.adapters.registry import ImageName
 from runner.bundle.build import extract_bundle_tar, remove_tree, write_bundle_tar
-from runner.bundle.reader import read_predicate
-from runner.bundle.signing import Verifier
+from runner.bundle.reader import predicate_of, read_predicate
+from runner.bundle.signing import TrustedKeys, Verifier
 from runner.bundle.store import Store, StoredBundle
 from runner.bundle.verify import verify_bundle
 from runner.errors import InputError, IntegrityError, VerificationFailed
@@ -42,6 +43,8 @@ CONFIG_TYPE = "application/vnd.evalrun.bundle.config.v1+json"
 LAYER_TYPE = "application/vnd.evalrun.bundle.v1.tar"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+# No registry reference is longer (the distribution spec bounds repository names).
+MAX_REFERENCE_CHARS = 4096
 _REF = re.compile(r"^(?P<repo>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 Progress = Callable[[str], None]
 
@@ -49,8 +52,13 @@ Progress = Callable[[str], None]
 def is_registry_ref(text: str) -> bool:
     """Whether ``text`` looks like ``host[:port]/repo@sha256:…`` (and is not a local path)."""
     match = _REF.match(text.strip())
-    if not match or Path(text).exists():
+    if not match or len(text) > MAX_REFERENCE_CHARS:
         return False
+    try:
+        if Path(text).exists():
+            return False
+    except (OSError, ValueError):  # not a name a local path can have: not a local path
+        pass
     first = match["repo"].split("/", 1)[0]
     return "/" in match["repo"] and ("." in first or ":" in first or first == "localhost")
 
@@ -97,10 +105,29 @@ def _fallback_tag(subject: str) -> str:
 
 
 def push_bundle(
-    bundle: Path, scratch: Path, *, progress: Progress = lambda _: None
+    bundle: Path,
+    scratch: Path,
+    *,
+    progress: Progress = lambda _: None,
+    verifier: TrustedKeys | None = None,
 ) -> PushedBundle:
-    """Push a (verified) bundle directory as an OCI artifact referring to its image."""
-    predicate = read_predicate(bundle)
+    """Push a (verified) bundle directory as an OCI artifact referring to its image.
+
+    With ``verifier``, the tar that is uploaded is itself verified first, and what the
+    artifact's config and annotations say is read from that verification: exactly the
+    bytes that were checked leave the machine.
+    """
+    tar_path = scratch / "bundle.tar"
+    write_bundle_tar(bundle, tar_path)
+    if verifier is not None:
+        verified = verify_bundle(tar_path, verifier)
+        predicate = predicate_of(verified.statement)
+        statement_digest = verified.bundle_digest
+    else:
+        predicate = read_predicate(bundle)
+        statement_digest = (
+            "sha256:" + hashlib.sha256((bundle / "statement.json").read_bytes()).hexdigest()
+        )
     image_ref = predicate.image.ref if isinstance(predicate, RunPredicate) else None
     if image_ref is None:
         raise InputError("the bundle names no image to attach to", bundle=str(bundle))
@@ -112,8 +139,6 @@ def push_bundle(
             "the evaluated image is not in the registry; cannot attach the bundle to it",
             image=image_ref,
         )
-    tar_path = scratch / "bundle.tar"
-    write_bundle_tar(bundle, tar_path)
     h = hashlib.sha256()
     with tar_path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -123,9 +148,6 @@ def push_bundle(
         "sha256:" + h.hexdigest(),
         tar_path.stat().st_size,
         annotations=(("org.opencontainers.image.title", f"{predicate.run_id}.bundle.tar"),),
-    )
-    statement_digest = (
-        "sha256:" + hashlib.sha256((bundle / "statement.json").read_bytes()).hexdigest()
     )
     spec_name = predicate.spec.name if not isinstance(predicate, AuditPredicate) else None
     outcome = None if predicate.outcome is None else str(predicate.outcome)
@@ -240,10 +262,11 @@ def _is_bundle_manifest(data: Mapping[str, Any]) -> bool:
 
 def _manifest_of(reference: str) -> tuple[ImageName, str, dict[str, Any]]:
     """The manifest named by ``reference`` (``repo@sha256:…``), checked against its digest."""
-    match = _REF.match(reference.strip())
+    match = _REF.match(reference.strip()) if len(reference) <= MAX_REFERENCE_CHARS else None
     if not match:
         raise InputError(
-            f"not a registry reference by digest: {reference!r}",
+            f"not a registry reference by digest: {one_line(reference, limit=80)!r}"
+            + (f" ({len(reference)} characters)" if len(reference) > MAX_REFERENCE_CHARS else ""),
             hint="expected host:port/repository@sha256:<64 hex>",
         )
     name = ImageName.parse(match["repo"])

@@ -25,6 +25,7 @@ stays what the builder says.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeAlias
@@ -48,16 +49,26 @@ from runner.model.outcome import Outcome
 PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
 
 
+# The largest magnitude a recorded number may have: every consumer can take it as a
+# float (an int beyond it would overflow float(), and crash whoever computes with it).
+_FLOAT_MAX = 2**1023
+
+
 def _number(value: object) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PydanticCustomError("number_type", "Input should be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("number_finite", "Input should be a finite number")
+    if isinstance(value, int) and not -_FLOAT_MAX < value < _FLOAT_MAX:
+        raise PydanticCustomError("number_range", "Input should be a number a float can hold")
     return value
 
 
-# Strict scalars: a signed 1 stays 1, 0.9 stays 0.9, and true is never read as 1.
+# Strict scalars: a signed 1 stays 1, 0.9 stays 0.9, and true is never read as 1. Counts
+# fit a signed 64-bit integer (what the run index stores them as).
 Text: TypeAlias = StrictStr
 Flag: TypeAlias = StrictBool
-Count: TypeAlias = StrictInt
+Count: TypeAlias = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]
 Number: TypeAlias = Annotated[int | float, PlainValidator(_number)]
 # Free-form evidence (see the module docstring): any JSON object, kept as signed.
 JsonObject: TypeAlias = dict[str, JsonValue]

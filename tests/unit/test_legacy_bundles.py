@@ -17,7 +17,7 @@ from inprocess_backend import BUNDLE_NAMES, BUNDLES, PUBLIC_KEY, SOURCE, run_seq
 
 from runner.bundle.index import History
 from runner.bundle.run_records import RunFilter
-from runner.bundle.reader import read_predicate
+from runner.bundle.reader import open_bundle, read_predicate
 from runner.bundle.signing import load_verifier
 from runner.bundle.store import Store
 from runner.bundle.verify import verify_bundle
@@ -108,7 +108,8 @@ def test_run_set_and_audit_reports_are_the_ones_they_were_sealed_with() -> None:
 
 @pytest.mark.parametrize("name", ["run", "rerun", "run-infrastructure-failure"])
 def test_html_and_full_markdown_reports_of_legacy_runs(name: str) -> None:
-    data = load_report_data(BUNDLES / name, "valid", "sha256:" + "0" * 64)
+    data = load_report_data(open_bundle(BUNDLES / name, load_verifier(PUBLIC_KEY)))
+    assert data.verification.startswith("valid: signed by keyid")
     page = render_html(data)
     assert data.predicate.run_id in page and "<script" not in page
     assert render_html(data) == page  # deterministic
