@@ -33,7 +33,7 @@ from runner.cli.common import (
     signer_for,
     verifier_for,
 )
-from runner.cli.output import Terminal, configure_logging, emit_json
+from runner.cli.output import Terminal, configure_logging, emit_json, safe_streams
 from runner.errors import EvalrunError, InputError, Interrupted
 
 log = logging.getLogger("evalrun")
@@ -77,6 +77,7 @@ def _run_set(
     backend: Any,
     signer: Any,
 ) -> int:
+    from runner.render.markdown import percent
     from runner.workflows.runset import run_set
 
     result = run_set(args.spec, seeds, backend, signer, settings, progress=term)
@@ -104,7 +105,7 @@ def _run_set(
                 continue
             print(
                 f"{s.name!s:12} {s.n!s:>3} {s.mean:8.4f} {s.sd:8.4f}  "
-                f"[{ci.low:.4f}, {ci.high:.4f}] ({int((ci.level or 0) * 100)}%)"
+                f"[{ci.low:.4f}, {ci.high:.4f}] ({percent(ci.level)}%)"
             )
         print()
         for m in result.predicate.members:
@@ -485,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # everything any command prints passes one sanitiser (control characters shown escaped)
+    with safe_streams():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings()

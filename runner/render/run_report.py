@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from runner._internal.sanitize import markdown_text
 from runner._internal.strict_json import load_json_strict
 from runner.bundle.reader import OpenedBundle, expect_kind
 from runner.model.predicate import JsonObject, RunPredicate, json_at
 from runner.render.markdown import metric_rows, reproduction_markdown
+from runner.render.safe import markdown_json, markdown_view
 
 MAX_SLICES = 40
 MAX_SAMPLES = 2_000_000
@@ -204,6 +206,16 @@ def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]
 
 def render_markdown_full(data: ReportData) -> str:
     """The report as Markdown (deterministic); the same content as the HTML, no plots."""
+    lock = markdown_json(data.lock)
+    data = replace(
+        data,
+        predicate=markdown_view(data.predicate),
+        lock=lock if isinstance(lock, dict) else {},
+        slice_field=None if data.slice_field is None else markdown_text(data.slice_field),
+        slices=tuple(replace(s, name=markdown_text(s.name)) for s in data.slices),
+        verification=markdown_text(data.verification),
+        bundle_digest=None if data.bundle_digest is None else markdown_text(data.bundle_digest),
+    )
     p = data.predicate
     lines = [f"# evalrun report — {p.spec.name} — {p.run_id}", ""]
     sections = report_sections(data)

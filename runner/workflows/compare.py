@@ -40,6 +40,7 @@ from runner.model.predicate import (
     RunPredicate,
 )
 from runner.model.spec import EvalSpec
+from runner.render.markdown import percent
 
 COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
 # a candidate significantly worse than the leader fails a gate like a missed threshold
@@ -421,7 +422,7 @@ def _rows(c: Comparison, esc: _Escape) -> list[list[str]]:
             esc(r.spec_name or "—"),
             _num(r.value),
             f"[{_num(r.ci_low)}, {_num(r.ci_high)}]"
-            + (f" ({int(r.ci_level * 100)}% {esc(r.ci_method)})" if r.ci_level else ""),
+            + (f" ({percent(r.ci_level)}% {esc(r.ci_method)})" if r.ci_level else ""),
             _yes_no(r.significant_vs_leader),
             _yes_no(r.significant_vs_next),
         ]
