@@ -8,7 +8,6 @@ per-sample file itself and compares it with the container's aggregate.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -18,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner._internal.tar import MemberRules, extract_members, file_under_file, scan_members
+from runner._internal.tar import (
+    MemberRules,
+    extract_members,
+    file_under_file,
+    open_tar_bytes,
+    scan_members,
+)
 from runner.shared.metrics import (
     SampleFormatError,
     compute_metrics,
@@ -254,7 +259,7 @@ def extract_results_frame(log_text: str, dest: Path) -> Collected:
         out.problems.append(str(exc))
         return out
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 - closed below
+        tar = open_tar_bytes(data)  # closed below
     except tarfile.TarError as exc:
         out.problems.append(f"results frame is not a tar archive: {exc}")
         return out
