@@ -46,6 +46,9 @@ class EvalrunError(Exception):
     """What the error lists (failed checks, offending fields); subclasses fill it in."""
 
     def __init__(self, message: str, *, hint: str | None = None, **fields: object) -> None:
+        # the message is one line, whatever text (an SDK's, a bundle's) went into it
+        if "\n" in message or "\r" in message:
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(message)
         self.message = message
         self.hint = hint

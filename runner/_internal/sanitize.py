@@ -95,4 +95,25 @@ def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
     return value
 
 
-__all__ = ["VALUE_LIMIT", "map_strings", "markdown_text", "one_line", "terminal_text"]
+def exception_text(exc: BaseException, *, limit: int = 300) -> str:
+    """What went wrong, in one line: a pydantic ValidationError as its first error
+    (``field: message``, and how many more), anything else as its text."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        found = errors(include_url=False, include_input=False)
+        if found:
+            first = found[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            return one_line(f"{where}: {first.get('msg', '')}{more}", limit=limit)
+    return one_line(str(exc) or type(exc).__name__, limit=limit)
+
+
+__all__ = [
+    "VALUE_LIMIT",
+    "exception_text",
+    "map_strings",
+    "markdown_text",
+    "one_line",
+    "terminal_text",
+]

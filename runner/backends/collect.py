@@ -8,7 +8,6 @@ per-sample file itself and compares it with the container's aggregate.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner._internal.files import read_regular_file
+from runner._internal.strict_json import load_json_strict
 from runner._internal.tar import (
     MemberRules,
     extract_members,
@@ -24,6 +25,7 @@ from runner._internal.tar import (
     open_tar_bytes,
     scan_members,
 )
+from runner.errors import EvalrunError
 from runner.shared.metrics import (
     SampleFormatError,
     compute_metrics,
@@ -109,11 +111,18 @@ def _copy(dir_fd: int, name: str, target: Path) -> None:
         os.close(fd)
 
 
+# A container report (summary, preflight, environment, metrics) larger than this is not read.
+MAX_REPORT_BYTES = 64 << 20
+
+
 def read_json(path: Path) -> Any:
-    """JSON from a collected file, or None when absent or unreadable."""
+    """Strict JSON from a collected file (no NaN/Infinity, no duplicate keys, at most
+    :data:`MAX_REPORT_BYTES`, no link followed), or None when absent or unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_json_strict(
+            read_regular_file(path, max_bytes=MAX_REPORT_BYTES, follow_links=False)
+        )
+    except (OSError, ValueError, EvalrunError):
         return None
 
 

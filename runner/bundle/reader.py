@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from runner._internal.files import RefusedFile
+from runner._internal.sanitize import exception_text
 from runner.bundle.contents import read_bundle_file
 from runner.bundle.metadata import METADATA_MAX_BYTES, STATEMENT_NAME, Statement, load_json_strict
 from runner.bundle.signing import TrustedKeys
@@ -72,7 +73,7 @@ def read_statement(bundle: Path) -> Statement:
         data = load_json_strict(_read_statement_bytes(bundle / STATEMENT_NAME))
         return Statement.model_validate(data)
     except (OSError, ValueError) as exc:
-        raise IntegrityError(f"unreadable bundle: {exc}", path=str(bundle)) from exc
+        raise IntegrityError(f"unreadable bundle: {exception_text(exc)}", path=str(bundle)) from exc
 
 
 def predicate_of(statement: Statement) -> Predicate:
@@ -170,7 +171,9 @@ def open_bundle(path: Path, trust: Trust) -> OpenedBundle:
         except FileNotFoundError as exc:
             raise IntegrityError(f"not a bundle: no {STATEMENT_NAME}", path=str(path)) from exc
         except (OSError, RefusedFile, ValueError, tarfile.TarError) as exc:
-            raise IntegrityError(f"unreadable bundle: {exc}", path=str(path)) from exc
+            raise IntegrityError(
+                f"unreadable bundle: {exception_text(exc)}", path=str(path)
+            ) from exc
         predicate = _predicate_at(statement, path)
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         return OpenedBundle(path, digest, statement, predicate, None)

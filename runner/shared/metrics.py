@@ -214,6 +214,17 @@ def compute_metrics(
     return [compute_metric(d, samples, seed) for d in definitions]
 
 
+def _refuse(name: str) -> float:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is not finite")
+    return value
+
+
 def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Read a per-sample JSON-lines file, checking each row has what the metrics need."""
     needed = {"id"}
@@ -224,17 +235,18 @@ def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[d
             needed.add(d["field"])
     samples: list[dict[str, Any]] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             if len(samples) >= MAX_SAMPLES:
                 raise SampleFormatError(f"{path.name}: more than {MAX_SAMPLES} samples")
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
+                # strict: UTF-8, and no NaN/Infinity (nor 1e400) a signed bundle could not hold
+                row = json.loads(raw.decode("utf-8"), parse_constant=_refuse, parse_float=_finite)
+            except ValueError as exc:
                 raise SampleFormatError(
-                    f"{path.name} line {lineno}: not JSON ({exc.msg})"
+                    f"{path.name} line {lineno}: not JSON ({getattr(exc, 'msg', exc)})"
                 ) from None
             if not isinstance(row, dict):
                 raise SampleFormatError(f"{path.name} line {lineno}: expected an object")

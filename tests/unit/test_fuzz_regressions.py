@@ -114,3 +114,27 @@ def test_a_frame_header_with_an_absurd_size_is_a_frame_error(header: str) -> Non
     with pytest.raises(FrameError) as exc:
         decode_frame(f"{header}\nAAAA\n-----END EVALRUN RESULTS-----\n")
     assert "\n" not in str(exc.value)
+
+
+def test_a_statement_that_does_not_fit_is_one_line_when_read_unverified(tmp_path: Path) -> None:
+    # fuzz_bundle: "unreadable bundle: 1 validation error for Statement\npredicateType\n  …"
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+    from seeds import bundle_dir
+
+    from runner.bundle.reader import UNVERIFIED, open_bundle
+
+    bundle = bundle_dir(tmp_path)
+    statement = (bundle / "statement.json").read_text()
+    (bundle / "statement.json").write_text(statement.replace("EvalRun/v1", "EvlauRn/v1"))
+    with pytest.raises(EvalrunError) as exc:
+        open_bundle(bundle, UNVERIFIED)
+    _one_line(exc.value)
+    assert "predicateType" in exc.value.message
+
+
+def test_every_evalrun_error_message_is_one_line() -> None:
+    # the rule behind the case above, for any text (an SDK's, a bundle's) put in a message
+    error = EvalrunError("first\nsecond\r\nthird")
+    assert error.message == "first\\nsecond\\r\\nthird"
