@@ -29,6 +29,7 @@ from runner.adapters.kubernetes import (
     api_call,
     as_plain,
     connect,
+    read_namespace_policy,
 )
 from runner.adapters.kubernetes import shared_watch as watch_matching
 from runner.backends.collect import extract_results_frame
@@ -39,7 +40,14 @@ from runner.backends.manifests import (
     JobOptions,
     build_configmap,
     build_job,
+    labels_for,
     spec_hash_of,
+)
+from runner.backends.namespace_policy import (
+    NamespaceObjects,
+    NamespacePolicy,
+    check_namespace,
+    runtime_class_of,
 )
 from runner.errors import (
     APIConflict,
@@ -122,6 +130,7 @@ class KubernetesBackend:
         self._namespace: str | None = None
         self.grace = {"unschedulable": unschedulable_grace_s, "image_pull": image_pull_grace_s}
         self.requests = 0
+        self._policy: NamespacePolicy | None = None
 
     def _connect(self) -> tuple[k8s.ApiClient, str]:
         if self._api is None or self._namespace is None:
@@ -133,26 +142,10 @@ class KubernetesBackend:
         return self._connect()[1]
 
     def preflight(self, plan: RunPlan) -> None:
-        api, _ = self._connect()
-        if plan.runtime == "gvisor" or plan.runtime_class:
-            wanted = plan.runtime_class or "gvisor"
-            try:
-                api_call(
-                    "read RuntimeClass",
-                    lambda: k8s.NodeV1Api(api).read_runtime_class(wanted),
-                    name=wanted,
-                )
-                self.requests += 1
-            except APINotFound as exc:
-                raise EnvironmentMismatch(
-                    f"the spec demands RuntimeClass {wanted!r}, which the cluster does not have",
-                    expected=wanted,
-                    hint="install the evalrun chart (charts/evalrun) or manifests/; evalrun "
-                    "never falls back to a weaker sandbox",
-                ) from exc
-            except APIForbidden:
-                # The runner may not read cluster-scoped objects; admission will decide.
-                pass
+        api, namespace = self._connect()
+        # the namespace must enforce the sandbox policy (exit 4 naming what it lacks); what
+        # was observed, not what the spec says, goes into the bundle
+        self._policy = namespace_policy(api, namespace, plan).enforce()
 
     def submit(self, plan: RunPlan, options: JobOptions | None = None) -> str:
         """Create (or attach to) the ConfigMap and Job of ``plan``; returns the Job name."""
@@ -225,7 +218,8 @@ class KubernetesBackend:
         name = self.submit(plan)
         watch = shared_watch(api, namespace)
         try:
-            return self._follow(api, watch, plan, name, results_dir, started, t0)
+            result = self._follow(api, watch, plan, name, results_dir, started, t0)
+            return self._policy.observed(result) if self._policy else result
         except KeyboardInterrupt:
             self._delete(api, namespace, name)
             return BackendResult(
@@ -383,6 +377,21 @@ class KubernetesBackend:
                 retries=False,
             )
             self.requests += 1
+
+
+def namespace_policy(api: k8s.ApiClient, namespace: str, plan: RunPlan) -> NamespacePolicy:
+    """What ``namespace`` enforces for ``plan``'s pods, read now (see backends.namespace_policy)."""
+    runtime_class = runtime_class_of(plan)
+    read = read_namespace_policy(api, namespace, runtime_class)
+    objects = NamespaceObjects(
+        namespace=namespace,
+        namespace_object=read.namespace,
+        network_policies=read.network_policies,
+        runtime_class=runtime_class,
+        runtime_class_found=read.runtime_class_found,
+        unreadable=read.unreadable,
+    )
+    return check_namespace(objects, pod_labels=labels_for(plan), network=plan.network)
 
 
 def _image_id_matches(image_id: str | None, digest: str) -> bool:
