@@ -475,16 +475,44 @@ def _check_subjects(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str
 
 
 def _check_run_identity(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
-    """The signed statement is about the run this bundle's manifest belongs to."""
+    """The signed statement is about the run this bundle's manifest belongs to, and the
+    launcher it names (self-asserted) is bound to the key that signed it."""
     if facts.statement is None or facts.manifest is None:
         return 0, ["run identity not checked: statement or manifest unreadable"]
+    checked, problems = 1, []
     if facts.statement.run_id != facts.manifest.run_id:
-        return 1, [
+        problems.append(
             f"envelope of another run: the signed statement is for run "
             f"{facts.statement.run_id!r}, this bundle's manifest is for run "
             f"{facts.manifest.run_id!r}"
-        ]
-    return 1, []
+        )
+    bound = _launcher_keyid(facts.statement)
+    if bound is not None:
+        checked += 1
+        signed_by = _envelope_keyids(facts)
+        if bound not in signed_by:
+            problems.append(
+                f"provenance.launched_by is bound to keyid {one_line(bound, limit=80)}, "
+                f"but the bundle is signed by keyid {', '.join(signed_by) or '(none)'}"
+            )
+    return checked, problems
+
+
+def _launcher_keyid(statement: Statement) -> str | None:
+    """``provenance.launched_by.signer_keyid`` of the signed predicate, if it names one."""
+    node: Any = statement.predicate
+    for key in ("provenance", "launched_by", "signer_keyid"):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, str) else None
+
+
+def _envelope_keyids(facts: _Facts) -> list[str]:
+    signatures = facts.envelope.get("signatures") if facts.envelope is not None else None
+    if not isinstance(signatures, list):
+        return []
+    return [
+        s["keyid"] for s in signatures if isinstance(s, dict) and isinstance(s.get("keyid"), str)
+    ]
 
 
 def _check_files(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:

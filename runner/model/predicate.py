@@ -162,11 +162,18 @@ class ImageFacts(Record):
 
 
 class SandboxFacts(Record):
-    """The sandbox asked for and the one the backend says it used."""
+    """The sandbox asked for and what the backend observed it to be.
+
+    ``network`` is what the backend observed enforcing the network policy (the
+    container's network mode, the namespace's NetworkPolicies), never copied from the
+    spec; ``network_requested`` is the spec's. Bundles from before the distinction have
+    only ``network``, copied from the spec.
+    """
 
     runtime_requested: Text | None = None
     runtime_used: Text | None = None
     network: Text | None = None
+    network_requested: Text | None = None
     details: JsonObject = Field(default_factory=dict)
 
 
@@ -225,13 +232,26 @@ class CiIdentity(Record):
     commit: Text | None = None
 
 
+# What ``Launcher.evidence`` says of every launcher evalrun records: nothing in it is
+# authenticated; the signing key is the only identity a verifier can check.
+SELF_ASSERTED = "self-asserted: the launching process's environment variables and host name"
+
+
 class Launcher(Record):
-    """Who launched a run: user, uid, host, CI identity."""
+    """Who launched a run: user, uid, host, CI identity — as the launching process said.
+
+    ``evidence`` says what these claims rest on (:data:`SELF_ASSERTED`: environment
+    variables, not authenticated) and ``signer_keyid`` binds them to the key that signs
+    the bundle: verification checks that key signed it. Bundles from before either field
+    have neither.
+    """
 
     user: Text | None = None
     uid: Count | None = None
     host: Text | None = None
     ci: CiIdentity | None = None
+    evidence: Text | None = None
+    signer_keyid: Text | None = None
 
 
 class Rationale(Record):
@@ -594,6 +614,7 @@ class EnvironmentView:
 
 __all__ = [
     "PREDICATE_TYPE",
+    "SELF_ASSERTED",
     "AcrossSeedsStat",
     "AuditFilters",
     "AuditPredicate",

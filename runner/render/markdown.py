@@ -182,6 +182,9 @@ def provenance_markdown(predicate: RunPredicate) -> list[str]:
             f"- CI: {ci.system}, pipeline {_fmt(ci.pipeline)}, "
             f"run {_fmt(ci.run_id)}, job {_fmt(ci.job_url)}"
         )
+    if who.evidence is not None:
+        lines.append(f"- these launcher claims are {who.evidence}")
+        lines.append(f"- bound to the signing key: keyid {who.signer_keyid}")
     lines.append(
         f"- rationale: {why.text} (from {why.source})" if why.text else "- rationale: none given"
     )

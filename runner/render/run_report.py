@@ -122,6 +122,19 @@ def load_report_data(opened: OpenedBundle) -> ReportData:
     )
 
 
+def launcher_text(p: RunPredicate) -> str:
+    """Who launched the run, and what that claim rests on (never more than it says)."""
+    who = p.provenance.launched_by
+    if who.is_empty():
+        return "—"
+    text = f"{who.user or 'unknown user'} on {who.host or '?'}"
+    if who.ci is not None and not who.ci.is_empty():
+        text += f", CI {who.ci.system} {who.ci.job_url or who.ci.run_id or ''}".rstrip()
+    if who.evidence is None:
+        return text + " (self-asserted)"
+    return f"{text} ({who.evidence}; bound to signing keyid {who.signer_keyid})"
+
+
 def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]:
     """Key/value sections shared by the HTML and Markdown forms."""
     p = data.predicate
@@ -137,6 +150,7 @@ def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]
         ("started", str(p.timestamps.started)),
         ("finished", str(p.timestamps.finished)),
         ("evalrun", str(p.evalrun_version)),
+        ("launched by", launcher_text(p)),
     ]
     model_rows = [("model", f"{p.model.path} sha256:{p.model.sha256} ({p.model.size} bytes)")]
     data_rows = [
