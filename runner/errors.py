@@ -46,6 +46,9 @@ class EvalrunError(Exception):
     """What the error lists (failed checks, offending fields); subclasses fill it in."""
 
     def __init__(self, message: str, *, hint: str | None = None, **fields: object) -> None:
+        # the message is one line, whatever text (an SDK's, a bundle's) went into it
+        if "\n" in message or "\r" in message:
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -138,6 +141,46 @@ class Interrupted(EvalrunError):
     kind = "interrupted"
 
 
+class UnmetDemand(Protocol):
+    """What :class:`NamespacePolicyUnmet` needs of one finding (see backends.namespace_policy)."""
+
+    @property
+    def demand(self) -> str: ...
+
+    @property
+    def observed(self) -> str: ...
+
+    @property
+    def required(self) -> str: ...
+
+    def as_json(self) -> Mapping[str, object]: ...
+
+
+class NamespacePolicyUnmet(EnvironmentMismatch):
+    """The target namespace does not enforce what the spec's sandbox policy demands (exit 4).
+
+    Lists each demand not met with what was found and what is required.
+    """
+
+    kind = "namespace_policy_unmet"
+    listing_key = "unmet"
+    stated_fields = frozenset({"namespace"})
+
+    def __init__(
+        self, namespace: str, unmet: Sequence[UnmetDemand], *, hint: str | None = None
+    ) -> None:
+        names = ", ".join(f.demand for f in unmet)
+        super().__init__(
+            f"namespace {namespace!r} does not enforce what the sandbox policy demands: {names}",
+            namespace=namespace,
+            hint=hint,
+        )
+        self.listing = tuple(
+            Problem(f"{f.demand}: found {f.observed}; required {f.required}", dict(f.as_json()))
+            for f in unmet
+        )
+
+
 # --------------------------------------------------------------------------- bad input (2)
 
 
@@ -164,6 +207,17 @@ class SpecError(InputError):
         self.listing = tuple(
             Problem(f"{loc}: {msg}", {"field": loc, "message": msg}) for loc, msg in self.problems
         )
+
+
+class RefusedFile(InputError):
+    """A file that is there but not one to read: a directory, FIFO or device, larger than
+    the reader's bound, or unreadable (exit 2). ``reason`` fits a one-line message."""
+
+    kind = "refused_file"
+
+    def __init__(self, reason: str, *, file: str | None = None) -> None:
+        super().__init__(reason, file=file)
+        self.reason = reason
 
 
 class BundleNotFound(InputError):
