@@ -416,7 +416,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     runs = sub.add_parser("runs", parents=[common], help="run history").add_subparsers(
         dest="runs_cmd", required=True, metavar="COMMAND"
     )
-    p = runs.add_parser("ls", parents=[common], help="list stored runs (filters combine)")
+    p = runs.add_parser(
+        "ls",
+        parents=[common],
+        help="list stored runs (filters combine) from the run index, a cache: bundles are "
+        "verified when a command acts on them",
+    )
     p.add_argument("--spec", help="spec name")
     p.add_argument("--model", metavar="SHA256", help="model digest (or prefix)")
     p.add_argument("--dataset", metavar="SHA256", help="dataset digest (or prefix)")
