@@ -60,12 +60,17 @@ class EvalrunError(Exception):
         lines.extend(
             f"  {key}: {value}"
             for key, value in self.fields.items()
-            if key not in self.stated_fields
+            if key not in self.stated_fields and not self._states(value)
         )
         lines.extend(f"  - {problem.text}" for problem in self.listing)
         if self.hint:
             lines.append(f"hint: {self.hint}")
         return "\n".join(lines)
+
+    def _states(self, value: object) -> bool:
+        # a long value the message already quotes (a file path, a digest) is not repeated
+        text = str(value)
+        return len(text) >= 8 and text in self.message
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-safe description for ``--json`` output and log lines."""

@@ -215,6 +215,7 @@ def test_cli_validate_exits_2_with_one_line(tmp_path: Path, target: str, capsys)
     err = capsys.readouterr().err
     assert err.startswith("evalrun: error: ") and str(path) in err.splitlines()[0]
     assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # the file is named once, in the line
 
 
 def test_cli_validate_of_dev_zero_does_not_hang_in_a_fresh_process() -> None:
