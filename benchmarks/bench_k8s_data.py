@@ -49,7 +49,7 @@ from runner.adapters.registry import (  # noqa: E402
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend  # noqa: E402
 from runner.model.plan import PlanInput, RunPlan  # noqa: E402
 
-EVALRUN = [sys.executable, "-m", "runner.cli.main"]
+EVALRUN = [sys.executable, "-m", "runner.cli"]
 MIB = 1 << 20
 SECURITY = {
     "allowPrivilegeEscalation": False,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "examples" / "digits" / "eval.yaml"
-EVALRUN = [sys.executable, "-m", "runner.cli.main"]
+EVALRUN = [sys.executable, "-m", "runner.cli"]
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> float:

@@ -19,7 +19,7 @@ from s3 import s3_server  # noqa: E402, F401  (a real S3 server: SeaweedFS on lo
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits"
-EVALRUN = [sys.executable, "-m", "runner.cli.main"]
+EVALRUN = [sys.executable, "-m", "runner.cli"]
 
 
 @dataclass

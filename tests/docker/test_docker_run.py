@@ -16,7 +16,7 @@ import docker
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EVALRUN = [sys.executable, "-m", "runner.cli.main"]
+EVALRUN = [sys.executable, "-m", "runner.cli"]
 
 
 def predicate_of(bundle: Path) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, Cli, predicate_of
+from conftest import ROOT, Cli, predicate_of, with_signing_key
 from test_input_sources_remote import https_server, s3, s3_env, upload  # noqa: F401
 
 pytestmark = pytest.mark.docker
@@ -38,7 +38,7 @@ def fresh(tmp_path: Path, name: str) -> Cli:
     """An empty machine: its own store (and key) and its own, empty, input cache."""
     home, cache = tmp_path / name / "home", tmp_path / name / "cache"
     env = {**os.environ, "EVALRUN_HOME": str(home), "EVALRUN_CACHE": str(cache)}
-    return Cli(home=home, env=env)
+    return with_signing_key(Cli(home=home, env=env))
 
 
 def copy_example(dest: Path, **changes: object) -> Path:

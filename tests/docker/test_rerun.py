@@ -70,7 +70,9 @@ def test_rerun_never_uses_a_changed_copy_and_fetches_the_locked_bytes_instead(
     data = changed / "data" / "digits_test.jsonl"
     data.write_text(data.read_text().replace('"label": 4', '"label": 5', 1) + "\n")
     home, cache = tmp_path / "empty-home", tmp_path / "empty-cache"
-    empty = Cli(home=home, env={**os.environ, "EVALRUN_HOME": str(home), "EVALRUN_CACHE": str(cache)})
+    empty = with_signing_key(
+        Cli(home=home, env={**os.environ, "EVALRUN_HOME": str(home), "EVALRUN_CACHE": str(cache)})
+    )
     # nothing cached, the --inputs copy is changed: the published artifact has the bytes
     code, out = empty.json(
         "rerun", original["bundle"], "--inputs", str(changed), "--pub", str(cli.pub)

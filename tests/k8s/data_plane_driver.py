@@ -64,7 +64,7 @@ def main() -> int:
         StreamReceiver.feed = dying_feed  # type: ignore[method-assign]
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     # runner.cli re-exports main(), which hides the submodule of that name
-    cli = importlib.import_module("runner.cli.main")
+    cli = importlib.import_module("runner.cli")
     return int(cli.main(rest))
 
 

@@ -24,7 +24,7 @@ from runner.model.spec import load_lock, load_spec
 pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[2]
-EVALRUN = [sys.executable, "-m", "runner.cli.main"]
+EVALRUN = [sys.executable, "-m", "runner.cli"]
 # what the preflight demands of a namespace: Pod Security restricted, default-deny egress
 RESTRICTED = [{"pod-security": "restricted", "default-deny": True}]
 

@@ -80,7 +80,7 @@ def test_keys_generate_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
 
 
 def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "runner.cli.main", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "runner.cli", "--help"], capture_output=True,
                          text=True, check=True, cwd=ROOT)
     assert "verify" in out.stdout and "run" in out.stdout
 
