@@ -27,7 +27,7 @@ pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "tests" / "unit" / "fixtures" / "legacy" / "source"
-EVALRUN = [sys.executable, "-m", "runner.cli.main"]
+EVALRUN = [sys.executable, "-m", "runner.cli"]
 SANDBOXED = [{"pod-security": "restricted", "default-deny": True}]
 
 
