@@ -9,13 +9,14 @@ PYTEST := $(VENV)/bin/pytest
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help venv host-up base-image run test test-deps test-unit test-docker test-k8s lint fmt bench \
-        cluster-up cluster-down schema clean
+        fuzz cluster-up cluster-down schema clean
 
 help:
 	@echo "make run          – set up the embedded default and run examples/digits end to end"
 	@echo "make test         – set up everything and run every test tier (unit, docker, k8s, kwok)"
 	@echo "make lint | fmt   – mypy --strict + ruff + import contracts | ruff format"
 	@echo "make bench        – benchmarks (results printed as JSON lines)"
+	@echo "make fuzz         – coverage-guided fuzz targets, FUZZ_SECONDS in all (default 300)"
 	@echo "make base-image   – build and push the base image (mmdebstrap)"
 	@echo "make cluster-up / cluster-down – the local Kubernetes test cluster"
 
@@ -75,6 +76,13 @@ bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_lock_inputs.py
 	$(PY) benchmarks/bench_kwok.py --runs 500
 	$(PY) benchmarks/bench_k8s_data.py --inputs-gib 2 --results-mib 1024
+
+# Coverage-guided fuzzing (atheris): every target in tests/fuzz/, one after the other,
+# FUZZ_SECONDS in all; prints executions per target, crashes under build/fuzz/.
+FUZZ_SECONDS ?= 300
+fuzz: venv
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q 'atheris>=2.3'
+	$(PY) tests/fuzz/run_fuzzers.py --seconds $(FUZZ_SECONDS)
 
 # On the GPU machine (Python + torch, no index): carry build/gpu-wheels (scripts/gpu-wheels.sh).
 gpu-validate:

@@ -46,6 +46,9 @@ class EvalrunError(Exception):
     """What the error lists (failed checks, offending fields); subclasses fill it in."""
 
     def __init__(self, message: str, *, hint: str | None = None, **fields: object) -> None:
+        # the message is one line, whatever text (an SDK's, a bundle's) went into it
+        if "\n" in message or "\r" in message:
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -57,12 +60,17 @@ class EvalrunError(Exception):
         lines.extend(
             f"  {key}: {value}"
             for key, value in self.fields.items()
-            if key not in self.stated_fields
+            if key not in self.stated_fields and not self._states(value)
         )
         lines.extend(f"  - {problem.text}" for problem in self.listing)
         if self.hint:
             lines.append(f"hint: {self.hint}")
         return "\n".join(lines)
+
+    def _states(self, value: object) -> bool:
+        # a long value the message already quotes (a file path, a digest) is not repeated
+        text = str(value)
+        return len(text) >= 8 and text in self.message
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-safe description for ``--json`` output and log lines."""
@@ -138,6 +146,46 @@ class Interrupted(EvalrunError):
     kind = "interrupted"
 
 
+class UnmetDemand(Protocol):
+    """What :class:`NamespacePolicyUnmet` needs of one finding (see backends.namespace_policy)."""
+
+    @property
+    def demand(self) -> str: ...
+
+    @property
+    def observed(self) -> str: ...
+
+    @property
+    def required(self) -> str: ...
+
+    def as_json(self) -> Mapping[str, object]: ...
+
+
+class NamespacePolicyUnmet(EnvironmentMismatch):
+    """The target namespace does not enforce what the spec's sandbox policy demands (exit 4).
+
+    Lists each demand not met with what was found and what is required.
+    """
+
+    kind = "namespace_policy_unmet"
+    listing_key = "unmet"
+    stated_fields = frozenset({"namespace"})
+
+    def __init__(
+        self, namespace: str, unmet: Sequence[UnmetDemand], *, hint: str | None = None
+    ) -> None:
+        names = ", ".join(f.demand for f in unmet)
+        super().__init__(
+            f"namespace {namespace!r} does not enforce what the sandbox policy demands: {names}",
+            namespace=namespace,
+            hint=hint,
+        )
+        self.listing = tuple(
+            Problem(f"{f.demand}: found {f.observed}; required {f.required}", dict(f.as_json()))
+            for f in unmet
+        )
+
+
 # --------------------------------------------------------------------------- bad input (2)
 
 
@@ -164,6 +212,17 @@ class SpecError(InputError):
         self.listing = tuple(
             Problem(f"{loc}: {msg}", {"field": loc, "message": msg}) for loc, msg in self.problems
         )
+
+
+class RefusedFile(InputError):
+    """A file that is there but not one to read: a directory, FIFO or device, larger than
+    the reader's bound, or unreadable (exit 2). ``reason`` fits a one-line message."""
+
+    kind = "refused_file"
+
+    def __init__(self, reason: str, *, file: str | None = None) -> None:
+        super().__init__(reason, file=file)
+        self.reason = reason
 
 
 class BundleNotFound(InputError):

@@ -8,14 +8,18 @@ filesystem gives the package list the lock records of a base image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import lzma
 import tarfile
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, NotRequired, TypedDict
 
 from runner._internal.oci import link_target
 from runner._internal.tar import layer_members
+from runner.errors import IntegrityError
 
 _CHUNK = 1 << 20
 
@@ -89,11 +93,26 @@ _KIND = {
 }
 
 
+@contextlib.contextmanager
+def _layer_errors() -> Iterator[None]:
+    """A truncated, damaged or mis-compressed layer is an IntegrityError (one line, exit 3)."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+        raise IntegrityError(f"image layer is truncated or corrupt: {exc}") from exc
+
+
 def layer_entries(layer: IO[bytes]) -> Iterable[tuple[str, FileEntry | None]]:
     """(path, entry) per tar member; entry None for an OCI whiteout of that path.
 
-    An opaque-directory marker yields ``(dir + "/", None)``.
+    An opaque-directory marker yields ``(dir + "/", None)``. A layer that is not a
+    readable tar raises IntegrityError.
     """
+    with _layer_errors():
+        yield from _layer_entries(layer)
+
+
+def _layer_entries(layer: IO[bytes]) -> Iterable[tuple[str, FileEntry | None]]:
     with tarfile.open(fileobj=layer, mode="r:*") as tar:
         for name, member in layer_members(tar):
             parent, _, base = name.rpartition("/")
@@ -201,7 +220,7 @@ def diff_json(expected: object, found: object, path: str = "") -> list[FieldChan
 
 def dpkg_packages(layer: IO[bytes]) -> dict[str, str]:
     """``package[:arch]`` → version of every installed package in a root tar's dpkg status."""
-    with tarfile.open(fileobj=layer, mode="r:*") as tar:
+    with _layer_errors(), tarfile.open(fileobj=layer, mode="r:*") as tar:
         for name, member in layer_members(tar):
             if name == "var/lib/dpkg/status" and member.isreg():
                 fh = tar.extractfile(member)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from runner._internal.input_tree import InputFile, check_relative_path, sorted_files
+from runner._internal.strict_json import load_json_strict
 from runner.shared.tarformat import file_header
 
 ARTIFACT_TYPE = "application/vnd.evalrun.input.v1"
@@ -250,7 +251,8 @@ def parse_manifest(body: bytes) -> ArtifactListing:
     if len(body) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest is {len(body)} bytes, over {MAX_MANIFEST_BYTES}")
     try:
-        data = json.loads(body)
+        # strict, as every registry document: no duplicate keys, no NaN/Infinity
+        data = load_json_strict(body)
     except ValueError as exc:
         raise ValueError(f"manifest is not JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("schemaVersion") != 2:

@@ -23,6 +23,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from runner._internal.tree import READ_CHUNK, open_beneath, open_root, scan_tree
 from runner.errors import InputError, IntegrityError, UnsafeBundleEntry
@@ -47,6 +48,25 @@ class MemberRules:
     label: str = "tar member"
 
 
+# What tarfile raises besides TarError on headers it cannot parse (a GNU sparse map that
+# is not numbers, a size no offset can hold): all of it is a damaged tar.
+_HEADER_ERRORS = (ValueError, OverflowError, EOFError, IndexError, UnicodeError)
+
+
+def iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Every member of ``tar`` in order; a header tarfile cannot parse is a ReadError."""
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.TarError:
+            raise
+        except _HEADER_ERRORS as exc:
+            raise tarfile.ReadError(f"unreadable tar header: {exc}") from exc
+        if member is None:
+            return
+        yield member
+
+
 def scan_members(tar: tarfile.TarFile, rules: MemberRules) -> tuple[list[TarMember], list[str]]:
     """Sort a tar's members into readable regular files and problems (one per bad member).
 
@@ -60,7 +80,7 @@ def scan_members(tar: tarfile.TarFile, rules: MemberRules) -> tuple[list[TarMemb
     problems: list[str] = []
     seen: set[str] = set()
     label = rules.label
-    for count, member in enumerate(tar, start=1):
+    for count, member in enumerate(iter_members(tar), start=1):
         if count > rules.max_members:
             problems.append(f"more than {rules.max_members} tar members; the rest were not read")
             break
@@ -121,8 +141,24 @@ def open_tar(path: Path, *, what: str = "tar file") -> tarfile.TarFile:
         raise InputError(f"{what} not found", file=str(path))
     try:
         return tarfile.open(path, mode="r:")  # the caller closes it
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, *_HEADER_ERRORS) as exc:
         raise InputError(f"not an uncompressed tar file: {exc}", file=str(path)) from exc
+
+
+def open_tar_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
+    """A tar in an open binary file (a spool, a buffer), opened for reading; any header
+    it cannot parse is a ReadError. The caller closes the tar and ``fileobj``."""
+    try:
+        return tarfile.open(fileobj=fileobj, mode="r:")  # the caller closes it
+    except tarfile.TarError:
+        raise
+    except _HEADER_ERRORS as exc:
+        raise tarfile.ReadError(f"unreadable tar header: {exc}") from exc
+
+
+def open_tar_bytes(data: bytes) -> tarfile.TarFile:
+    """A tar held in memory, opened for reading; any header it cannot parse is a ReadError."""
+    return open_tar_stream(io.BytesIO(data))
 
 
 def iter_chunks(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
@@ -232,7 +268,7 @@ def layer_members(tar: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo]]
     Links, devices and FIFOs are listed (a root filesystem has them); every
     name goes through :func:`layer_name`.
     """
-    for member in tar:
+    for member in iter_members(tar):
         name = layer_name(member.name)
         if name:
             yield name, member

@@ -208,6 +208,66 @@ def read_secret_data(target: ClusterTarget, namespace: str, name: str) -> dict[s
     return data
 
 
+# --------------------------------------------------------------------------- namespace policy
+
+
+@dataclass(frozen=True)
+class NamespaceRead:
+    """The Namespace, its NetworkPolicies and a RuntimeClass as plain JSON; None (with a
+    reason in ``unreadable``) where the API server refused to show them."""
+
+    namespace: dict[str, Any] | None
+    network_policies: list[dict[str, Any]] | None
+    runtime_class_found: bool | None
+    unreadable: tuple[str, ...] = ()
+
+
+def read_namespace_policy(
+    api: k8s.ApiClient, namespace: str, runtime_class: str | None
+) -> NamespaceRead:
+    """Read what decides whether ``namespace`` enforces a run's sandbox policy.
+
+    Forbidden or absent objects are reported, not raised (the pure check turns them into
+    findings); a transient failure is retried and then raised like any API error.
+    """
+    unreadable: list[str] = []
+    ns_object: dict[str, Any] | None = None
+    policies: list[dict[str, Any]] | None = None
+    found: bool | None = None
+    try:
+        ns_object = as_plain(
+            api_call(
+                f"read Namespace {namespace}",
+                lambda: k8s.CoreV1Api(api).read_namespace(namespace),
+                name=namespace,
+            )
+        )
+    except (APIForbidden, APINotFound) as exc:
+        unreadable.append(exc.message)
+    try:
+        listing = api_call(
+            f"list NetworkPolicies in {namespace}",
+            lambda: k8s.NetworkingV1Api(api).list_namespaced_network_policy(namespace),
+            namespace=namespace,
+        )
+        policies = [as_plain(p) for p in (listing.items or [])]
+    except (APIForbidden, APINotFound) as exc:
+        unreadable.append(exc.message)
+    if runtime_class is not None:
+        try:
+            api_call(
+                f"read RuntimeClass {runtime_class}",
+                lambda: k8s.NodeV1Api(api).read_runtime_class(runtime_class),
+                name=runtime_class,
+            )
+            found = True
+        except APINotFound:
+            found = False
+        except APIForbidden:
+            found = None  # cluster-scoped: the runner may not read it; admission decides
+    return NamespaceRead(ns_object, policies, found, tuple(unreadable))
+
+
 # --------------------------------------------------------------------------- shared watch
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import re
 import urllib.error
 import urllib.parse
@@ -26,6 +25,7 @@ from typing import Any, BinaryIO, Literal, TypedDict, TypeVar
 from tenacity import Retrying
 
 from runner._internal.retry import call_with_retries, transient_policy
+from runner._internal.strict_json import load_json_strict
 from runner.errors import (
     InfrastructureError,
     InputError,
@@ -46,6 +46,11 @@ MANIFEST_TYPES = ", ".join(
 )
 # Manifests are small: a registry that takes longer is not answering.
 MANIFEST_TIMEOUT_S = 10.0
+# No manifest, index or referrers listing is larger (the distribution spec's own bound);
+# a registry answering with more is not believed, and nothing beyond is read.
+MAX_MANIFEST_BYTES = 4 << 20
+# What of an error answer is read, for its message.
+_MAX_ERROR_BYTES = 64 << 10
 BLOB_TIMEOUT_S = 300.0
 _CHUNK = 1 << 20
 _T = TypeVar("_T")
@@ -115,6 +120,21 @@ def _retry_policy() -> Retrying:
     return transient_policy()
 
 
+def _read_bounded(resp: Any, limit: int, url: str) -> bytes:
+    """At most ``limit`` bytes of an answer; IntegrityError when it holds more."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := resp.read(min(_CHUNK, limit + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise IntegrityError(
+                f"the registry answered with more than {limit} bytes",
+                **_request_facts(url),
+            )
+    return b"".join(chunks)
+
+
 def _send(
     method: str,
     url: str,
@@ -123,18 +143,20 @@ def _send(
     headers: Mapping[str, str] | None = None,
     timeout: float = BLOB_TIMEOUT_S,
     sink: Callable[[bytes], object] | None = None,
+    max_bytes: int = MAX_MANIFEST_BYTES,
 ) -> Response:
     """One request, not retried: any status comes back; 5xx and no answer are transient.
 
     With ``sink`` a successful answer's body is passed to it in chunks instead of
-    being returned.
+    being returned. A body to return is read to at most ``max_bytes`` (IntegrityError
+    beyond), an error's body to a few KiB.
     """
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))  # noqa: S310
     try:
         with _urlopen(req, timeout) as resp:
             found = {k.lower(): v for k, v in resp.headers.items()}
             if sink is None:
-                return Response(resp.status, found, resp.read())
+                return Response(resp.status, found, _read_bounded(resp, max_bytes, url))
             while chunk := resp.read(_CHUNK):
                 sink(chunk)
             return Response(resp.status, found, b"")
@@ -144,7 +166,7 @@ def _send(
                 f"registry answered {exc.code}", **_request_facts(url), status=exc.code
             ) from exc
         found = {k.lower(): v for k, v in (exc.headers.items() if exc.headers else [])}
-        return Response(exc.code, found, exc.read())
+        return Response(exc.code, found, exc.read(_MAX_ERROR_BYTES))
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise TransientRegistryError(
@@ -291,7 +313,14 @@ def referrers(name: ImageName, subject: str) -> list[dict[str, Any]] | None:
         raise _refused(f"registry answered {response.status} for the referrers", url, response)
     if OCI_INDEX not in response.headers.get("content-type", ""):
         return None
-    return list(json.loads(response.body).get("manifests") or [])
+    try:
+        index = load_json_strict(response.body)
+    except ValueError as exc:
+        raise IntegrityError(
+            f"the registry's referrers listing is not valid JSON: {str(exc)[:120]}", url=url
+        ) from None
+    listed = index.get("manifests") if isinstance(index, dict) else None
+    return [d for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
 
 
 # --------------------------------------------------------------------------- blobs
@@ -379,15 +408,28 @@ def _upload(name: ImageName, digest: str, data: bytes | BinaryIO, size: int) -> 
         )
 
 
-def get_blob(name: ImageName, digest: str, dest: Path) -> None:
-    """Download a blob to ``dest`` and check its digest (IntegrityError if it does not match)."""
+def get_blob(name: ImageName, digest: str, dest: Path, *, max_bytes: int | None = None) -> None:
+    """Download a blob to ``dest`` and check its digest (IntegrityError if it does not match).
+
+    With ``max_bytes`` (the size its descriptor declares) the download stops, with an
+    IntegrityError, as soon as the registry sends more: a blob is never larger than said.
+    """
     url = f"{_base_url(name)}/blobs/{digest}"
 
     def fetch() -> None:
         h = hashlib.sha256()
+        received = 0
         with dest.open("wb") as out:
 
             def write(chunk: bytes) -> None:
+                nonlocal received
+                received += len(chunk)
+                if max_bytes is not None and received > max_bytes:
+                    raise IntegrityError(
+                        f"blob {digest} from {name} is larger than the {max_bytes} bytes "
+                        "its descriptor declares",
+                        expected=str(max_bytes),
+                    )
                 h.update(chunk)
                 out.write(chunk)
 
@@ -411,7 +453,7 @@ def get_blob(name: ImageName, digest: str, dest: Path) -> None:
 def get_blob_bytes(name: ImageName, digest: str, limit: int = 4 << 20) -> bytes:
     """A small blob (an image config) in memory, checked against its digest."""
     url = f"{_base_url(name)}/blobs/{digest}"
-    response = _retried(f"get blob {digest}", lambda: _send("GET", url))
+    response = _retried(f"get blob {digest}", lambda: _send("GET", url, max_bytes=limit))
     if response.status != 200:
         raise InfrastructureError(f"registry answered {response.status} for blob {digest}", url=url)
     if (

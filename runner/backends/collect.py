@@ -9,7 +9,6 @@ per-sample file itself and compares it with the container's aggregate.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import shutil
@@ -21,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from runner._internal.tar import MemberRules, extract_members, file_under_file, scan_members
+from runner._internal.files import read_regular_file
+from runner._internal.strict_json import load_json_strict
+from runner._internal.tar import (
+    MemberRules,
+    extract_members,
+    file_under_file,
+    open_tar_stream,
+    scan_members,
+)
+from runner.errors import EvalrunError
 from runner.shared.metrics import (
     SampleFormatError,
     compute_available,
@@ -110,11 +118,18 @@ def _copy(dir_fd: int, name: str, target: Path) -> None:
         os.close(fd)
 
 
+# A container report (summary, preflight, environment, metrics) larger than this is not read.
+MAX_REPORT_BYTES = 64 << 20
+
+
 def read_json(path: Path) -> Any:
-    """JSON from a collected file, or None when absent or unreadable."""
+    """Strict JSON from a collected file (no NaN/Infinity, no duplicate keys, at most
+    :data:`MAX_REPORT_BYTES`, no link followed), or None when absent or unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_json_strict(
+            read_regular_file(path, max_bytes=MAX_REPORT_BYTES, follow_links=False)
+        )
+    except (OSError, ValueError, EvalrunError):
         return None
 
 
@@ -316,7 +331,7 @@ def extract_results_frame(log_text: str, dest: Path) -> Collected:
 def _unpack(fileobj: IO[bytes], dest: Path, out: Collected, *, what: str) -> Collected:
     """Check every member of the results tar in ``fileobj``, then extract into ``dest``."""
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 - closed below
+        tar = open_tar_stream(fileobj)  # closed below
     except tarfile.TarError as exc:
         out.problems.append(f"{what} is not a tar archive: {exc}")
         return out

@@ -193,6 +193,8 @@ class DockerBackend:
             interrupted=interrupted,
             image_digest_confirmed=attrs.get("Image") == image_id,
             runtime=host_config.get("Runtime", "?"),
+            # as the engine reports the container, not as the spec asked
+            network=str(host_config.get("NetworkMode")) if host_config.get("NetworkMode") else None,
             started_at=started,
             finished_at=_now(),
             duration_s=round(duration, 3),

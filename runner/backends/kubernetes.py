@@ -40,6 +40,7 @@ from runner.adapters.kubernetes import (
     as_plain,
     connect,
     exec_in_pod,
+    read_namespace_policy,
 )
 from runner.adapters.kubernetes import shared_watch as watch_matching
 from runner.backends.collect import StreamReceiver, extract_results_frame
@@ -57,8 +58,15 @@ from runner.backends.manifests import (
     dropped_image_volumes,
     image_volume_support,
     input_volumes,
+    labels_for,
     spec_hash_of,
     ttl_patch,
+)
+from runner.backends.namespace_policy import (
+    NamespaceObjects,
+    NamespacePolicy,
+    check_namespace,
+    runtime_class_of,
 )
 from runner.errors import (
     APIConflict,
@@ -219,6 +227,7 @@ class KubernetesBackend:
         self.grace = {"unschedulable": unschedulable_grace_s, "image_pull": image_pull_grace_s}
         self.requests = 0
         self._nodes: dict[str, Any] = {}
+        self._policy: NamespacePolicy | None = None
 
     def _connect(self) -> tuple[k8s.ApiClient, str]:
         if self._api is None or self._namespace is None:
@@ -240,26 +249,11 @@ class KubernetesBackend:
 
     def preflight(self, plan: RunPlan) -> None:
         input_volumes(plan)  # every input must be published by digest (exit 2 naming it)
-        api, _ = self._connect()
-        if plan.runtime == "gvisor" or plan.runtime_class:
-            wanted = plan.runtime_class or "gvisor"
-            try:
-                api_call(
-                    "read RuntimeClass",
-                    lambda: k8s.NodeV1Api(api).read_runtime_class(wanted),
-                    name=wanted,
-                )
-                self.requests += 1
-            except APINotFound as exc:
-                raise EnvironmentMismatch(
-                    f"the spec demands RuntimeClass {wanted!r}, which the cluster does not have",
-                    expected=wanted,
-                    hint="install the evalrun chart (charts/evalrun) or manifests/; evalrun "
-                    "never falls back to a weaker sandbox",
-                ) from exc
-            except APIForbidden:
-                # The runner may not read cluster-scoped objects; admission will decide.
-                pass
+        api, namespace = self._connect()
+        # the namespace must enforce the sandbox policy, the RuntimeClass included (exit 4
+        # naming what it lacks); what was observed, not what the spec says, goes into the
+        # bundle
+        self._policy = namespace_policy(api, namespace, plan).enforce()
 
     def submit(self, plan: RunPlan, options: JobOptions | None = None) -> str:
         """Create (or attach to) the Job and ConfigMap of ``plan``; returns the Job name.
@@ -391,7 +385,8 @@ class KubernetesBackend:
         watch = shared_watch(api, namespace)
         session = _RunSession(self, api, watch, plan, name, results_dir)
         try:
-            return session.follow(started, t0)
+            result = session.follow(started, t0)
+            return self._policy.observed(result) if self._policy else result
         except KeyboardInterrupt:
             self._delete(api, namespace, name)
             return BackendResult(
@@ -822,6 +817,21 @@ class _RunSession:
 def _ack_exit(answer: bytes | bytearray) -> int | None:
     match = ACK_RE.match(bytes(answer).decode("ascii", "replace").strip())
     return int(match[1]) if match else None
+
+
+def namespace_policy(api: k8s.ApiClient, namespace: str, plan: RunPlan) -> NamespacePolicy:
+    """What ``namespace`` enforces for ``plan``'s pods, read now (see backends.namespace_policy)."""
+    runtime_class = runtime_class_of(plan)
+    read = read_namespace_policy(api, namespace, runtime_class)
+    objects = NamespaceObjects(
+        namespace=namespace,
+        namespace_object=read.namespace,
+        network_policies=read.network_policies,
+        runtime_class=runtime_class,
+        runtime_class_found=read.runtime_class_found,
+        unreadable=read.unreadable,
+    )
+    return check_namespace(objects, pod_labels=labels_for(plan), network=plan.network)
 
 
 def _image_id_matches(image_id: str | None, digest: str) -> bool:

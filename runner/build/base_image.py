@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner._internal import image_contents, oci
 from runner._internal.settings import Settings
+from runner._internal.strict_json import load_json_strict
 from runner._internal.tree import sha256_file
 from runner.adapters import registry
 from runner.build.image import push_image
@@ -116,7 +117,7 @@ def _locked_base_from_registry(
 ) -> LockedBase:
     """What the lock records of a pushed base image, read back from its manifest and config."""
     name = registry.ImageName.parse(repo)
-    manifest: oci.ImageManifest = json.loads(registry.get_manifest_bytes(name, digest))
+    manifest: oci.ImageManifest = load_json_strict(registry.get_manifest_bytes(name, digest))
     annotations = manifest.get("annotations") or {}
     return LockedBase(
         ref=f"{repo}@{digest}",
@@ -126,7 +127,7 @@ def _locked_base_from_registry(
         mirror=recipe.mirror,
         source_date_epoch=recipe.source_date_epoch,
         layer_digest=manifest["layers"][0]["digest"],
-        packages=json.loads(annotations.get(PACKAGES_ANNOTATION, "{}")),
+        packages=load_json_strict(annotations.get(PACKAGES_ANNOTATION, "{}")),
     )
 
 

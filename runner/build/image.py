@@ -20,6 +20,7 @@ from typing import Any
 
 from runner._internal import oci
 from runner._internal.settings import Settings
+from runner._internal.strict_json import load_json_strict
 
 # runner/workflows/run.py and rerun.py import sha256_file from here; they are being changed on
 # another branch, so this re-export stays until their imports move to runner._internal.tree.
@@ -182,10 +183,10 @@ def _base_layers(base_ref: str) -> tuple[list[oci.Blob], list[str], list[str]]:
     """The base image's layers (registry-held blobs), diff ids and history lines."""
     repo, digest = parse_digest_ref(base_ref)
     name = registry.ImageName.parse(repo)
-    manifest: oci.ImageManifest = json.loads(registry.get_manifest_bytes(name, digest))
+    manifest: oci.ImageManifest = load_json_strict(registry.get_manifest_bytes(name, digest))
     if "layers" not in manifest:
         raise InputError(f"base image {base_ref} is an index, not a single-platform image")
-    config: oci.ImageConfig = json.loads(
+    config: oci.ImageConfig = load_json_strict(
         registry.get_blob_bytes(name, manifest["config"]["digest"])
     )
     layers = [

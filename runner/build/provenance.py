@@ -14,9 +14,12 @@ import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pydantic import JsonValue
+
 from runner._internal.tree import TreeDigestFormat, digest_tree
 from runner.errors import SpecError
 from runner.model.predicate import (
+    SELF_ASSERTED,
     CiIdentity,
     JsonObject,
     Launcher,
@@ -137,14 +140,36 @@ def local_user(env: Mapping[str, str]) -> str | None:
         return None
 
 
-def launcher(env: Mapping[str, str]) -> Launcher:
-    """Who launched the run: user, host, uid and CI identity (None outside CI)."""
-    return Launcher(
+def launcher(env: Mapping[str, str], *, signer_keyid: str | None = None) -> Launcher:
+    """Who launched the run: user, host, uid and CI identity (None outside CI).
+
+    All of it is what the environment says (marked :data:`SELF_ASSERTED`); with
+    ``signer_keyid`` the claims are bound to the key that signs the bundle.
+    """
+    found = Launcher(
         user=local_user(env),
         uid=os.getuid() if hasattr(os, "getuid") else None,
         host=socket.gethostname() or None,
         ci=ci_identity(env),
     )
+    if signer_keyid is None:
+        return found
+    # environment text may hold undecodable bytes (surrogates): recorded escaped
+    claims = _encodable(found.to_json())
+    assert isinstance(claims, dict)
+    return Launcher.model_validate(
+        {**claims, "evidence": SELF_ASSERTED, "signer_keyid": signer_keyid}
+    )
+
+
+def _encodable(value: JsonValue) -> JsonValue:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {str(_encodable(k)): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def rationale(spec_text: str | None, cli_text: str | None) -> Rationale:
@@ -207,11 +232,16 @@ def provenance(
     evalrun_version: str,
     reason: str | None,
     preprocessing: Sequence[JsonObject],
+    signer_keyid: str | None = None,
 ) -> JsonObject:
-    """The ``provenance`` block of a run's predicate, as the JSON it is signed as."""
+    """The ``provenance`` block of a run's predicate, as the JSON it is signed as.
+
+    ``signer_keyid``: the key that will sign the run, to which the (self-asserted)
+    launcher claims are bound.
+    """
     return Provenance(
         schema_=PROVENANCE_SCHEMA,
-        launched_by=launcher(env),
+        launched_by=launcher(env, signer_keyid=signer_keyid),
         launched_at=launched_at,
         evalrun_version=evalrun_version,
         rationale=rationale(spec.metadata.rationale, reason),

@@ -8,7 +8,6 @@ result is recorded in the lock, and from there in every bundle of the image.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Literal, NotRequired, TypedDict
 
 from runner._internal import image_contents, oci
 from runner._internal.settings import Settings
+from runner._internal.strict_json import load_json_strict
 from runner._internal.tree import sha256_file
 from runner.adapters import registry
 from runner.adapters.docker_engine import connect
@@ -226,8 +226,10 @@ def image_diff(expected_ref: str, found_ref: str) -> ImageDiff:
         for side, ref in (("expected", expected_ref), ("found", found_ref)):
             repo, digest = parse_digest_ref(ref)
             name = registry.ImageName.parse(repo)
-            manifest: oci.ImageManifest = json.loads(registry.get_manifest_bytes(name, digest))
-            config: oci.ImageConfig = json.loads(
+            manifest: oci.ImageManifest = load_json_strict(
+                registry.get_manifest_bytes(name, digest)
+            )
+            config: oci.ImageConfig = load_json_strict(
                 registry.get_blob_bytes(name, manifest["config"]["digest"])
             )
             sides[side] = (manifest, config)

@@ -19,7 +19,7 @@ from runner._internal.tar import (
     write_tree_tar,
 )
 from runner._internal.tree import remove_tree
-from runner.errors import UnsafeBundleEntry
+from runner.errors import IntegrityError, UnsafeBundleEntry
 
 # A bundle holds its payload (at most MAX_FILES results plus logs) and three metadata
 # files; a tar with more members than this is not one the runner wrote.
@@ -64,25 +64,34 @@ def extract_bundle_tar(tar_path: Path, dest: Path) -> Path:
     Files are written 0644 under ``dest`` regardless of the modes and owners in
     the tar. ``dest`` is removed again if extraction fails.
     """
-    with open_bundle_tar(tar_path) as tar:
-        members, problems = scan_tar(tar)
-        if problems:
-            raise UnsafeBundleEntry(
-                f"refusing to extract {tar_path.name}: {'; '.join(problems)}",
-                path=str(tar_path),
-                reason=problems[0],
-            )
-        clash = file_under_file(members)
-        if clash:
-            raise UnsafeBundleEntry(
-                f"tar member {clash[0]!r} lies under the file {clash[1]!r}",
-                path=str(tar_path),
-                reason="file used as directory",
-            )
-        dest.mkdir(parents=True, exist_ok=False)
-        try:
-            extract_members(tar, members, dest)
-        except BaseException:
-            remove_tree(dest)
-            raise
+    try:
+        with open_bundle_tar(tar_path) as tar:
+            members, problems = scan_tar(tar)
+            if problems:
+                shown = "; ".join(problems[:3]) + (
+                    f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+                )
+                raise UnsafeBundleEntry(
+                    f"refusing to extract {tar_path.name}: {shown}",
+                    path=str(tar_path),
+                    reason=problems[0],
+                )
+            clash = file_under_file(members)
+            if clash:
+                raise UnsafeBundleEntry(
+                    f"tar member {clash[0]!r} lies under the file {clash[1]!r}",
+                    path=str(tar_path),
+                    reason="file used as directory",
+                )
+            dest.mkdir(parents=True, exist_ok=False)
+            try:
+                extract_members(tar, members, dest)
+            except BaseException:
+                remove_tree(dest)
+                raise
+    except (tarfile.TarError, EOFError) as exc:
+        # a truncated or damaged tar: one line, exit 3, nothing left behind
+        raise IntegrityError(
+            f"bundle tar {tar_path.name} is truncated or corrupt: {exc}", path=str(tar_path)
+        ) from exc
     return dest

@@ -10,16 +10,28 @@ bundles that disappeared are dropped. Deleting the file loses nothing;
 The index reads ``statement.json`` without verifying signatures: it is a cache
 for finding runs. Anything that acts on a run (rerun, report, diff, audit)
 verifies the bundle itself.
+
+Because it is a cache, nothing in it can break a listing: a file that is not a
+database, a truncated or damaged one, another schema version or missing tables are
+thrown away and rebuilt from the bundles; when ``history.sqlite`` cannot be a file
+here at all (a directory, a FIFO in its place) the index lives in memory for this
+process. A bundle whose record cannot be stored is listed as unreadable, never fatal;
+values read back are checked for their column's type.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import sqlite3
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from runner._internal.sanitize import one_line
 from runner.bundle.reader import read_predicate
 from runner.bundle.run_records import (
     MetricRecord,
@@ -30,6 +42,8 @@ from runner.bundle.run_records import (
 )
 from runner.bundle.store import BundleNotFound, Store, parse_digest
 from runner.errors import InputError, IntegrityError
+
+log = logging.getLogger("evalrun.index")
 
 INDEX_NAME = "history.sqlite"
 SCHEMA_VERSION = "3"
@@ -82,8 +96,54 @@ def _digest_pattern(value: str) -> str:
     """A LIKE pattern matching a full or abbreviated sha256 digest, with or without prefix."""
     text = value.strip().lower().removeprefix("sha256:").removeprefix("sha256-")
     if not text or any(c not in "0123456789abcdef" for c in text):
-        raise InputError(f"not a sha256 digest or prefix: {value!r}")
+        raise InputError(f"not a sha256 digest or prefix: {one_line(value, limit=80)!r}")
     return f"%{text}%"
+
+
+_INT_COLUMNS = frozenset({"attempt", "exit_code", "seed"})
+_T = TypeVar("_T")
+
+
+def _text(value: str | None) -> str | None:
+    """``value`` as SQLite can store it: lone surrogates (from a bundle's odd strings)
+    written as their escape; everything else unchanged."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _storable(r: RunRecord) -> RunRecord:
+    texts = {
+        f.name: _text(getattr(r, f.name))
+        for f in dataclasses.fields(r)
+        if f.name not in ("path", "datasets", "metrics") and isinstance(getattr(r, f.name), str)
+    }
+    return dataclasses.replace(
+        r,
+        **texts,  # type: ignore[arg-type]
+        datasets=tuple(
+            (_text(n) or "", _text(s) or "", _text(sp) or "") for n, s, sp in r.datasets
+        ),
+        metrics=tuple(dataclasses.replace(m, name=_text(m.name) or "") for m in r.metrics),
+    )
+
+
+def _real(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _metric_row(n: object, v: object, lo: object, hi: object, p: object) -> MetricRecord:
+    return MetricRecord(
+        str(n),
+        _real(v),
+        _real(lo),
+        _real(hi),
+        None if not isinstance(p, int) else bool(p),
+    )
 
 
 class History:
@@ -92,21 +152,11 @@ class History:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.path = store.root / INDEX_NAME
+        self._memory: sqlite3.Connection | None = None
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = sqlite3.connect(self.path, timeout=30.0)
-        try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._ensure_schema(conn)
-        except sqlite3.DatabaseError:
-            # not a database (damaged, truncated): the index is a cache, start it over
-            conn.close()
-            self._remove_files()
-            conn = sqlite3.connect(self.path, timeout=30.0)
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._ensure_schema(conn)
+        conn = self._open()
         try:
             yield conn
             conn.commit()
@@ -114,21 +164,71 @@ class History:
             conn.rollback()
             raise
         finally:
-            conn.close()
+            if conn is not self._memory:
+                conn.close()
 
-    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+    def _open(self) -> sqlite3.Connection:
+        """A connection to a usable index: the file, started over if it is not one this
+        evalrun can use, or an in-memory index when no file can be there."""
+        if self._memory is not None:
+            return self._memory
+        self.store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self._file_possible():
+            return self._in_memory()
+        for attempt in range(2):
+            conn: sqlite3.Connection | None = None
+            try:
+                conn = sqlite3.connect(self.path, timeout=30.0)
+                conn.execute("PRAGMA foreign_keys = ON")
+                self._ensure_schema(conn)
+                return conn
+            except sqlite3.DatabaseError:
+                # not a database (damaged, truncated): the index is a cache, start it over
+                if conn is not None:
+                    conn.close()
+                if attempt == 0:
+                    self._remove_files()
+        return self._in_memory()
+
+    def _file_possible(self) -> bool:
+        """Whether the index can be a regular file at its path (a link there is removed)."""
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            self.path.unlink()  # never write through a link planted in the cache's place
+            return True
+        if stat.S_ISREG(st.st_mode):
+            return True
+        log.warning(
+            "the run index path is not a regular file; indexing in memory",
+            extra={"event": "index_in_memory", "path": str(self.path)},
+        )
+        return False
+
+    def _in_memory(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(":memory:")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._ensure_schema(conn)
+        self._memory = conn
+        return conn
+
+    @staticmethod
+    def _ensure_schema(conn: sqlite3.Connection) -> None:
+        """Create the schema in an empty database; DatabaseError for any other content
+        (another version, someone else's tables): the caller starts the file over."""
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         except sqlite3.DatabaseError:
             row = None
         if row is not None and row[0] == SCHEMA_VERSION:
             return
-        # an index of another version (or a damaged one) is a cache: start it over
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise sqlite3.DatabaseError("the run index holds another schema")
         conn.execute("BEGIN IMMEDIATE")
-        for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'"
-        ).fetchall():
-            conn.execute(f'DROP TABLE IF EXISTS "{name}"')
         for statement in _SCHEMA.strip().split(";"):
             if statement.strip():
                 conn.execute(statement)
@@ -149,8 +249,33 @@ class History:
         """Index bundles added to the store since the last sync; drop removed ones.
 
         Concurrent syncs (two ``evalrun`` processes) serialize on SQLite's write
-        lock and re-read the index under it, so no bundle is indexed twice.
+        lock and re-read the index under it, so no bundle is indexed twice. An index
+        found damaged on the way is rebuilt.
         """
+        return self._recovering(self._sync)
+
+    def _recovering(self, fn: Callable[[], _T]) -> _T:
+        """``fn()``; if the index turns out damaged, start it over and run ``fn`` once more."""
+        try:
+            return fn()
+        except sqlite3.DatabaseError as exc:
+            log.warning(
+                "the run index is damaged; rebuilding it from the bundles",
+                extra={"event": "index_rebuilt", "path": str(self.path), "error": str(exc)},
+            )
+            if self._memory is not None:
+                self._memory.close()
+                self._memory = None
+            elif self._file_possible():
+                self._remove_files()
+            try:
+                return fn()
+            except sqlite3.DatabaseError:
+                self._memory = None
+                self._in_memory()
+                return fn()
+
+    def _sync(self) -> SyncReport:
         on_disk = self._bundle_dirs()
         unreadable: list[str] = []
         added = removed = 0
@@ -168,8 +293,18 @@ class History:
                     except IntegrityError:
                         unreadable.append(digest)
                         continue
-                    self._delete(conn, digest)
-                    self._insert(conn, record_from_predicate(digest, on_disk[digest], predicate))
+                    conn.execute("SAVEPOINT one_bundle")
+                    try:
+                        self._delete(conn, digest)
+                        record = record_from_predicate(digest, on_disk[digest], predicate)
+                        self._insert(conn, record)
+                    except (sqlite3.InterfaceError, sqlite3.DataError, OverflowError, ValueError):
+                        # a value SQLite cannot hold: this bundle is unreadable, not the index
+                        conn.execute("ROLLBACK TO one_bundle")
+                        conn.execute("RELEASE one_bundle")
+                        unreadable.append(digest)
+                        continue
+                    conn.execute("RELEASE one_bundle")
                     added += 1
             total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
         return SyncReport(
@@ -183,15 +318,23 @@ class History:
 
     def rebuild(self) -> SyncReport:
         """Throw the index away and recreate it from the bundles."""
-        self._remove_files()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+        if self._file_possible():
+            self._remove_files()
         return self.sync()
 
     def _remove_files(self) -> None:
         for suffix in ("", "-journal", "-wal", "-shm"):
-            Path(str(self.path) + suffix).unlink(missing_ok=True)
+            path = Path(str(self.path) + suffix)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                if not path.is_dir() or path.is_symlink():
+                    path.unlink()
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, r: RunRecord) -> None:
+        r = _storable(r)
         conn.execute(
             "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
@@ -274,13 +417,25 @@ class History:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY started, run_id"
-        with self._connect() as conn:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute(sql, params).fetchall()
-            records = self._records(conn, rows)
+
+        def select() -> list[RunRecord]:
+            with self._connect() as conn:
+                conn.row_factory = sqlite3.Row
+                rows = conn.execute(sql, params).fetchall()
+                return self._records(conn, rows)
+
+        records = self._recovering(lambda: self._resynced(select))
         if flt.limit is not None:
             records = records[-flt.limit :] if flt.limit > 0 else []
         return records
+
+    def _resynced(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` over an index that is in sync (sync again if it was just rebuilt empty)."""
+        with self._connect() as conn:
+            empty = conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+        if empty and self._bundle_dirs():
+            self._sync()
+        return fn()
 
     def _records(self, conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[RunRecord]:
         """Rows of ``runs`` with their datasets and metrics (two queries in all)."""
@@ -290,48 +445,73 @@ class History:
             for d, n, sha, sp in conn.execute(
                 "SELECT bundle_digest, name, sha256, split FROM datasets ORDER BY rowid"
             ):
-                datasets.setdefault(d, []).append((str(n), str(sha), str(sp)))
+                datasets.setdefault(str(d), []).append((str(n), str(sha), str(sp)))
             for d, n, v, lo, hi, p in conn.execute(
                 "SELECT bundle_digest, name, value, low, high, passed FROM metrics ORDER BY rowid"
             ):
-                metrics.setdefault(d, []).append(
-                    MetricRecord(n, v, lo, hi, None if p is None else bool(p))
-                )
+                metrics.setdefault(str(d), []).append(_metric_row(n, v, lo, hi, p))
         out = []
         for row in rows:
-            digest = row["bundle_digest"]
-            fields = {k: row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row)
-            out.append(
-                RunRecord(
-                    path=self.store.bundle_path(digest),
-                    datasets=tuple(datasets.get(digest, ())),
-                    metrics=tuple(metrics.get(digest, ())),
-                    **fields,
-                )
-            )
+            record = self._row_record(row, datasets, metrics)
+            if record is not None:
+                out.append(record)
         return out
+
+    def _row_record(
+        self,
+        row: sqlite3.Row,
+        datasets: dict[str, list[tuple[str, str, str]]],
+        metrics: dict[str, list[MetricRecord]],
+    ) -> RunRecord | None:
+        """The record of one row, every value of its column's type (None where it is not);
+        a row without a valid digest or run id is skipped."""
+        digest, run_id = row["bundle_digest"], row["run_id"]
+        if not isinstance(digest, str) or not isinstance(run_id, str):
+            return None
+        try:
+            path = self.store.bundle_path(digest)
+        except InputError:
+            return None
+        fields: dict[str, object] = {}
+        for key in row.keys():  # noqa: SIM118 (sqlite3.Row)
+            value = row[key]
+            kind = int if key in _INT_COLUMNS else str
+            fields[key] = value if isinstance(value, kind) and not isinstance(value, bool) else None
+        fields["kind"] = fields.get("kind") or "run"
+        fields["bundle_digest"], fields["run_id"] = digest, run_id
+        return RunRecord(
+            path=path,
+            datasets=tuple(datasets.get(digest, ())),
+            metrics=tuple(metrics.get(digest, ())),
+            **fields,  # type: ignore[arg-type]
+        )
 
     def _record(self, conn: sqlite3.Connection, row: sqlite3.Row) -> RunRecord:
         digest = row["bundle_digest"]
-        datasets = tuple(
-            (str(n), str(s), str(sp))
-            for n, s, sp in conn.execute(
-                "SELECT name, sha256, split FROM datasets WHERE bundle_digest = ? ORDER BY rowid",
-                (digest,),
-            )
-        )
-        metrics = tuple(
-            MetricRecord(n, v, lo, hi, None if p is None else bool(p))
-            for n, v, lo, hi, p in conn.execute(
-                "SELECT name, value, low, high, passed FROM metrics WHERE bundle_digest = ? "
-                "ORDER BY rowid",
-                (digest,),
-            )
-        )
-        fields = {k: row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row)
-        return RunRecord(
-            path=self.store.bundle_path(digest), datasets=datasets, metrics=metrics, **fields
-        )
+        datasets = {
+            str(digest): [
+                (str(n), str(s), str(sp))
+                for n, s, sp in conn.execute(
+                    "SELECT name, sha256, split FROM datasets WHERE bundle_digest = ? "
+                    "ORDER BY rowid",
+                    (digest,),
+                )
+            ]
+        }
+        metrics = {
+            str(digest): [
+                _metric_row(n, v, lo, hi, p)
+                for n, v, lo, hi, p in conn.execute(
+                    "SELECT name, value, low, high, passed FROM metrics WHERE bundle_digest = ? "
+                    "ORDER BY rowid",
+                    (digest,),
+                )
+            ]
+        }
+        record = self._row_record(row, datasets, metrics)
+        if record is None:
+            raise sqlite3.DatabaseError("a run index row without a digest or run id")
+        return record
 
     def lookup(self, ref: str) -> RunRecord:
         """The one indexed run (or audit) named by ``ref``.
@@ -341,6 +521,9 @@ class History:
         InputError (ambiguous).
         """
         self.sync()
+        return self._recovering(lambda: self._resynced(lambda: self._lookup(ref)))
+
+    def _lookup(self, ref: str) -> RunRecord:
         text = ref.strip()
         exact_digest: str | None = None
         with contextlib.suppress(InputError):
@@ -361,13 +544,13 @@ class History:
                     ).fetchall()
             if len(rows) > 1:
                 raise InputError(
-                    f"{ref!r} names {len(rows)} runs",
+                    f"{one_line(ref, limit=80)!r} names {len(rows)} runs",
                     hint="give more characters: "
                     + ", ".join(f"{r['run_id']} ({r['bundle_digest'][:19]}…)" for r in rows[:5]),
                 )
             if not rows:
                 raise BundleNotFound(
-                    f"no stored run or bundle matches {ref!r}",
+                    f"no stored run or bundle matches {one_line(ref, limit=80)!r}",
                     hint="`evalrun runs ls` lists stored runs; `evalrun pull REF` fetches one",
                 )
             return self._record(conn, rows[0])

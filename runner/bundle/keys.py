@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pydantic import BaseModel, ConfigDict
 
+from runner._internal.files import RefusedFile, read_regular_file
 from runner.bundle.signing import (
     Algorithm,
     Keyring,
@@ -652,15 +653,15 @@ def load_keyring(path: Path) -> Keyring:
 
 def _keyring_file(path: Path) -> list[Verifier]:
     try:
-        size = path.stat().st_size
-    except OSError as exc:
+        data = read_regular_file(path, max_bytes=KEYRING_MAX_BYTES)
+    except FileNotFoundError as exc:
         raise InputError(f"cannot read keyring file: {exc.strerror}", file=str(path)) from exc
-    if size > KEYRING_MAX_BYTES:
-        raise InputError(f"keyring file is larger than {KEYRING_MAX_BYTES} bytes", file=str(path))
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read keyring file: {exc.strerror}", file=str(path)) from exc
+    except RefusedFile as exc:
+        if "limit" in exc.reason or "larger" in exc.reason:
+            raise InputError(
+                f"keyring file is larger than {KEYRING_MAX_BYTES} bytes", file=str(path)
+            ) from exc
+        raise InputError(f"cannot read keyring file: {exc.reason}", file=str(path)) from exc
     verifiers = []
     for index, match in enumerate(_PEM_BLOCK.finditer(data)):
         label = match.group(1).decode("ascii")

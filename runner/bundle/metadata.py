@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# the one strict JSON reader (duplicate keys and non-finite numbers refused)
+from runner._internal.strict_json import load_json_strict as load_json_strict
 from runner.shared.tarformat import unsafe_path_reason
 
 MANIFEST_NAME = "manifest.json"
@@ -173,23 +175,3 @@ def canonical_json_bytes(obj: object) -> bytes:
     # one canonical form a verifier can rely on
     text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False)
     return (text + "\n").encode("ascii")
-
-
-def load_json_strict(data: bytes) -> Any:
-    """Parse JSON, refusing duplicate object keys and non-finite numbers."""
-
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"non-finite number {name}")
-
-    try:
-        return json.loads(data, object_pairs_hook=no_duplicates, parse_constant=no_constant)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc

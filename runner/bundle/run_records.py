@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runner._internal.sanitize import one_line
 from runner.errors import InputError
 from runner.model.predicate import (
     AuditPredicate,
@@ -109,7 +110,7 @@ def normalize_time(value: str, *, end_of_day: bool = False) -> str:
                 moment = moment.replace(tzinfo=dt.UTC)
     except ValueError:
         raise InputError(
-            f"not a date: {value!r}",
+            f"not a date: {one_line(value, limit=80)!r}",
             hint="use YYYY-MM-DD, an ISO 8601 date-time, or a span back from now (30d, 12h, 2w)",
         ) from None
     return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")

@@ -16,7 +16,6 @@ import base64
 import binascii
 import hashlib
 import os
-import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
+from runner._internal.files import RefusedFile, read_regular_file
 from runner.errors import InputError, VerificationFailed
 
 Algorithm = Literal["ecdsa-p256", "ed25519"]
@@ -273,19 +273,15 @@ def generate_keypair(
 def read_key_file(path: Path, what: str) -> bytes:
     """The bytes of key file ``path`` (a regular file of at most 64 KiB); InputError names it."""
     try:
-        st = path.stat()
+        return read_regular_file(path, max_bytes=64 * 1024)
     except FileNotFoundError as exc:
         raise InputError(f"{what} not found", file=str(path)) from exc
-    except OSError as exc:
-        raise InputError(f"cannot read {what}: {exc.strerror}", file=str(path)) from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{what} is not a regular file", file=str(path))
-    if st.st_size > 64 * 1024:
-        raise InputError(f"{what} is too large to be a PEM key", file=str(path))
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read {what}: {exc.strerror}", file=str(path)) from exc
+    except RefusedFile as exc:
+        if "limit" in exc.reason or "larger" in exc.reason:
+            raise InputError(f"{what} is too large to be a PEM key", file=str(path)) from exc
+        if "regular file" in exc.reason:
+            raise InputError(f"{what} is not a regular file", file=str(path)) from exc
+        raise InputError(f"cannot read {what}: {exc.reason}", file=str(path)) from exc
 
 
 def load_signer(path: Path, *, password: bytes | None = None) -> Signer:

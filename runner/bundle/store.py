@@ -31,6 +31,7 @@ from typing import Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runner._internal.sanitize import exception_text
 from runner._internal.tree import open_beneath, remove_tree, scan_tree
 from runner.bundle.metadata import (
     ENVELOPE_NAME,
@@ -253,7 +254,9 @@ class Store:
             payload = b64_decode_canonical(envelope.payload)
             statement = Statement.model_validate(load_json_strict(statement_bytes))
         except (ValidationError, ValueError) as exc:
-            raise IntegrityError(f"not a well-formed bundle: {exc}", path=str(staged)) from exc
+            raise IntegrityError(
+                f"not a well-formed bundle: {exception_text(exc)}", path=str(staged)
+            ) from exc
         if payload != statement_bytes:
             raise IntegrityError(
                 f"{STATEMENT_NAME} is not the payload signed in {ENVELOPE_NAME}", path=str(staged)
@@ -274,7 +277,9 @@ class Store:
         try:
             return RunIndexEntry.model_validate(load_json_strict(data))
         except (ValidationError, ValueError) as exc:
-            raise IntegrityError(f"corrupt run index entry: {exc}", path=str(path)) from exc
+            raise IntegrityError(
+                f"corrupt run index entry: {exception_text(exc)}", path=str(path)
+            ) from exc
 
     def _refuse_index_conflict(self, run_id: str, digest: str) -> None:
         existing = self._read_index(run_id)
@@ -327,7 +332,9 @@ class Store:
             statement_bytes = _read_beneath(path, STATEMENT_NAME)
             statement = Statement.model_validate(load_json_strict(statement_bytes))
         except (OSError, UnsafeBundleEntry, ValidationError, ValueError) as exc:
-            raise IntegrityError(f"stored bundle is corrupt: {exc}", path=str(path)) from exc
+            raise IntegrityError(
+                f"stored bundle is corrupt: {exception_text(exc)}", path=str(path)
+            ) from exc
         full = f"sha256:{parse_digest(digest)}"
         entry = self._read_index(statement.run_id)
         return StoredBundle(

@@ -27,10 +27,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from runner._internal.files import RefusedFile
+from runner._internal.sanitize import one_line
 from runner._internal.tar import TarMember
 from runner._internal.tar import iter_chunks as iter_tar_chunks
 from runner._internal.tree import open_beneath, scan_tree
 from runner.bundle.archive import open_bundle_tar, scan_tar
+from runner.bundle.contents import read_bundle_file
 from runner.bundle.hashing import FileDigest, hash_files
 from runner.bundle.metadata import (
     ENVELOPE_NAME,
@@ -41,6 +44,7 @@ from runner.bundle.metadata import (
     SIGSTORE_BUNDLE_NAME,
     STATEMENT_NAME,
     BundleManifest,
+    ManifestFile,
     Statement,
     load_json_strict,
 )
@@ -51,7 +55,7 @@ from runner.bundle.signing import (
     envelope_problems,
     sigstore_bundle,
 )
-from runner.errors import InputError, UnsafeBundleEntry, VerificationFailed
+from runner.errors import InputError, IntegrityError, UnsafeBundleEntry, VerificationFailed
 from runner.shared.tarformat import unsafe_path_reason
 
 
@@ -84,6 +88,29 @@ class VerifiedBundle(BaseModel):
     total_size: int
     statement: Statement
     checks: tuple[CheckReport, ...]
+    files: tuple[ManifestFile, ...] = ()
+
+    def read_file(self, name: str, *, max_bytes: int) -> bytes:
+        """The bytes of payload file ``name``, exactly as signed.
+
+        Read again through the one link-free, bounded bundle reader and checked
+        against the signed manifest's sha256, so a file swapped after verification
+        is never used: IntegrityError (exit 3). FileNotFoundError when the manifest
+        lists no such file; RefusedFile when it is larger than ``max_bytes``.
+        """
+        entry = next((f for f in self.files if f.path == name), None)
+        if entry is None:
+            raise FileNotFoundError(name)
+        if entry.size > max_bytes:
+            raise RefusedFile(f"{name} is {entry.size} bytes; the limit is {max_bytes}")
+        data = read_bundle_file(self.path, name, max_bytes=max_bytes)
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise IntegrityError(
+                f"{name} changed after the bundle was verified; it is not used",
+                path=str(self.path),
+                expected=entry.sha256,
+            )
+        return data
 
 
 # --- reading a bundle -------------------------------------------------------------
@@ -108,6 +135,8 @@ class _Facts:
     manifest_problems: list[str] = field(default_factory=list)
     digests: dict[str, FileDigest] = field(default_factory=dict)
     hash_errors: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # payload file -> size found
+    signature_problems: list[str] = field(default_factory=list)
 
 
 class _DirSource:
@@ -137,6 +166,7 @@ class _DirSource:
                 )
             elif entry.kind == "file" and entry.path not in METADATA_NAMES:
                 facts.payload_files.add(entry.path)
+                facts.sizes[entry.path] = entry.size
 
     def read_metadata(self, name: str) -> bytes | str:
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -181,6 +211,7 @@ class _TarSource:
         facts.layout_problems.extend(problems)
         self.members = {m.path: m for m in members}
         facts.payload_files.update(p for p in self.members if p not in METADATA_NAMES)
+        facts.sizes.update((p, m.member.size) for p, m in self.members.items())
 
     def read_metadata(self, name: str) -> bytes | str:
         member = self.members.get(name)
@@ -223,7 +254,22 @@ def _pydantic_problems(what: str, exc: ValidationError) -> list[str]:
     ]
 
 
-def _gather(path: Path, workers: int | None) -> _Facts:
+def _pinned_sizes(facts: _Facts) -> str | None:
+    """Why the payload must not be hashed yet (None: it may be).
+
+    Hashing reads as many bytes as the files hold: that work is done only once the
+    signature holds and the signed statement pins this manifest, so every size that
+    decides it was declared by a trusted signer, not by whoever handed the bundle over.
+    """
+    if facts.signature_problems or facts.statement is None or facts.payload is None:
+        return "files not hashed: the signature does not verify"
+    signed = facts.statement.subject_digests().get(MANIFEST_NAME)
+    if signed is None or signed != _sha(facts.raw[MANIFEST_NAME]):
+        return "files not hashed: the manifest is not the signed one"
+    return None
+
+
+def _gather(path: Path, workers: int | None, verifier: TrustedKeys) -> _Facts:
     facts = _Facts(location=str(path))
     with _open_source(path, workers) as source:
         source.scan(facts)
@@ -246,6 +292,10 @@ def _gather(path: Path, workers: int | None) -> _Facts:
                 facts.envelope_problem = "; ".join(_pydantic_problems(ENVELOPE_NAME, exc))
             except ValueError as exc:
                 facts.envelope_problem = f"{ENVELOPE_NAME}: {exc}"
+            if facts.envelope is not None:
+                _, facts.signature_problems = envelope_problems(
+                    facts.envelope, verifier, PAYLOAD_TYPE
+                )
 
         if facts.payload is not None:
             try:
@@ -265,9 +315,19 @@ def _gather(path: Path, workers: int | None) -> _Facts:
             except ValueError as exc:
                 facts.manifest_problems = [f"{MANIFEST_NAME} is not JSON: {exc}"]
 
-        if facts.manifest is not None:
-            listed = [f.path for f in facts.manifest.files if f.path in facts.payload_files]
-            facts.digests, facts.hash_errors = source.hash(listed)
+        if facts.manifest is not None and _pinned_sizes(facts) is None:
+            listed: list[str] = []
+            for f in facts.manifest.files:
+                if f.path not in facts.payload_files:
+                    continue
+                found = facts.sizes.get(f.path)
+                if found != f.size:
+                    # a file of another size cannot have the signed digest: not read at all
+                    facts.hash_errors[f.path] = f"expected {f.size} bytes, found {found}"
+                    continue
+                listed.append(f.path)
+            facts.digests, hash_errors = source.hash(listed)
+            facts.hash_errors.update(hash_errors)
     return facts
 
 
@@ -319,7 +379,7 @@ def _check_signature(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[st
         if ENVELOPE_NAME not in facts.raw:
             return 0, [facts.raw_problems.get(ENVELOPE_NAME, f"{ENVELOPE_NAME}: missing")]
         return 0, [facts.envelope_problem or f"{ENVELOPE_NAME}: not readable"]
-    _, problems = envelope_problems(facts.envelope, verifier, PAYLOAD_TYPE)
+    problems = list(facts.signature_problems)
     signatures = facts.envelope.get("signatures")
     if isinstance(signatures, list) and len(signatures) != 1:
         problems.append(
@@ -415,22 +475,52 @@ def _check_subjects(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str
 
 
 def _check_run_identity(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
-    """The signed statement is about the run this bundle's manifest belongs to."""
+    """The signed statement is about the run this bundle's manifest belongs to, and the
+    launcher it names (self-asserted) is bound to the key that signed it."""
     if facts.statement is None or facts.manifest is None:
         return 0, ["run identity not checked: statement or manifest unreadable"]
+    checked, problems = 1, []
     if facts.statement.run_id != facts.manifest.run_id:
-        return 1, [
+        problems.append(
             f"envelope of another run: the signed statement is for run "
             f"{facts.statement.run_id!r}, this bundle's manifest is for run "
             f"{facts.manifest.run_id!r}"
-        ]
-    return 1, []
+        )
+    bound = _launcher_keyid(facts.statement)
+    if bound is not None:
+        checked += 1
+        signed_by = _envelope_keyids(facts)
+        if bound not in signed_by:
+            problems.append(
+                f"provenance.launched_by is bound to keyid {one_line(bound, limit=80)}, "
+                f"but the bundle is signed by keyid {', '.join(signed_by) or '(none)'}"
+            )
+    return checked, problems
+
+
+def _launcher_keyid(statement: Statement) -> str | None:
+    """``provenance.launched_by.signer_keyid`` of the signed predicate, if it names one."""
+    node: Any = statement.predicate
+    for key in ("provenance", "launched_by", "signer_keyid"):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, str) else None
+
+
+def _envelope_keyids(facts: _Facts) -> list[str]:
+    signatures = facts.envelope.get("signatures") if facts.envelope is not None else None
+    if not isinstance(signatures, list):
+        return []
+    return [
+        s["keyid"] for s in signatures if isinstance(s, dict) and isinstance(s.get("keyid"), str)
+    ]
 
 
 def _check_files(facts: _Facts, verifier: TrustedKeys) -> tuple[int, list[str]]:
     """Exactly the manifest's files are present, each with its sha256 and size."""
     if facts.manifest is None:
         return 0, ["files not checked: manifest unreadable"]
+    if _pinned_sizes(facts) is not None:
+        return 0, []  # the signature or subjects check names why
     problems: list[str] = []
     listed = {f.path: f for f in facts.manifest.files}
     for path in sorted(facts.payload_files - listed.keys()):
@@ -480,11 +570,15 @@ def verify_bundle(
     missing file, payloadType, key ids, subjects, run ids, unsafe entries).
     A missing path or a file that is not a tar raises InputError.
     """
-    if not path.exists():
-        raise InputError("bundle not found", file=str(path))
     try:
-        facts = _gather(path, workers)
-    except (OSError, tarfile.TarError) as exc:
+        present = path.exists()
+    except (OSError, ValueError):  # a name the system refuses (too long, NUL)
+        present = False
+    if not present:
+        raise InputError("bundle not found", file=one_line(path, limit=200))
+    try:
+        facts = _gather(path, workers, verifier)
+    except (OSError, tarfile.TarError, EOFError) as exc:
         # an unreadable or truncated bundle cannot be vouched for
         raise VerificationFailed(
             "bundle could not be read",
@@ -499,9 +593,12 @@ def verify_bundle(
         reports.append(CheckReport(name=name, checked=checked, problems=tuple(found)))
     # one missing file can be the cause named by two checks; say it once
     problems = list(dict.fromkeys(p for r in reports for p in r.problems))
-    problems.extend(
-        f"{r.name}: compared nothing" for r in reports if r.checked == 0 and not r.problems
-    )
+    if not problems:
+        # a check can only pass by checking something; one that was skipped because
+        # another failed adds nothing to the problems that other check names
+        problems.extend(
+            f"{r.name}: compared nothing" for r in reports if r.checked == 0 and not r.problems
+        )
     if problems or not all(r.passed for r in reports):
         raise VerificationFailed(
             f"bundle failed verification ({len(problems)} problem{'s' * (len(problems) != 1)})",
@@ -520,6 +617,7 @@ def verify_bundle(
         total_size=sum(f.size for f in facts.manifest.files),
         statement=facts.statement,
         checks=tuple(reports),
+        files=facts.manifest.files,
     )
 
 

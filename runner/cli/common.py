@@ -13,7 +13,7 @@ from typing import Any
 
 from runner._internal.settings import Settings
 from runner.cli.output import Term
-from runner.errors import InputError, VerificationFailed
+from runner.errors import InputError
 
 
 def key_access(args: argparse.Namespace) -> Any:
@@ -63,7 +63,8 @@ def verifier_for(args: argparse.Namespace, settings: Settings, public: Path | No
         raise InputError(
             "no public key to verify bundles with",
             file=str(settings.default_public_key),
-            hint="pass --pub KEY.pub (the key the bundles were signed with) or --keyring PATH",
+            hint="pass --pub KEY.pub (the key the bundles were signed with) or --keyring PATH"
+            + (" (or --no-verify, to read it unverified)" if hasattr(args, "no_verify") else ""),
         )
     return load_verifier(public or settings.default_public_key)
 
@@ -218,15 +219,44 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     add_signing_key_args(p)
 
 
+def add_no_verify_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-verify``: read a bundle without verifying it (said loudly on stderr)."""
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not verify the bundle before reading it (rarely right: what is shown is "
+        "then vouched for by nobody, and every output says so)",
+    )
+
+
+def trust_for(args: argparse.Namespace, settings: Settings) -> Any:
+    """The keys bundles must verify with (``--pub``/``--keyring``, else the default public
+    key), or, with ``--no-verify``, :data:`~runner.bundle.reader.UNVERIFIED` — announced on
+    stderr (even under ``--json``) so a log never hides it."""
+    from runner.bundle.reader import UNVERIFIED
+
+    if getattr(args, "no_verify", False):
+        print(
+            "evalrun: WARNING: --no-verify: bundles are read WITHOUT verifying their signature "
+            "and hashes; nothing shown is vouched for",
+            file=sys.stderr,
+            flush=True,
+        )
+        return UNVERIFIED
+    return verifier_for(args, settings, getattr(args, "pub", None))
+
+
 @contextmanager
 def bundle_for(
     ref: str, settings: Settings, args: argparse.Namespace, term: Term
-) -> Iterator[tuple[Path, str | None]]:
-    """A local bundle directory for ``ref``: path, run id/digest in the store, or registry ref."""
-    from runner.bundle.locate import locate_bundle
+) -> Iterator[Path]:
+    """A local bundle (directory or ``.tar``) for ``ref``: a path, a run id or bundle digest in
+    the store, an image digest (its newest run), or a registry ref (pulled, verified)."""
+    from runner.bundle.locate import check_reference, locate_bundle
     from runner.bundle.oci_artifacts import is_registry_ref, pull_bundle
     from runner.bundle.store import Store
 
+    check_reference(ref)
     store = Store(settings.home)
     if is_registry_ref(ref):
         local = _latest_run_for_image(ref, settings)
@@ -236,7 +266,7 @@ def bundle_for(
         pulled = pull_bundle(ref, store, verifier_for(args, settings, args.pub), progress=term)
         # an image with several evaluations attached: the newest one
         newest = max(pulled, key=lambda p: (_started(p.stored.path), p.run_id))
-        yield newest.stored.path, newest.stored.digest
+        yield newest.stored.path
         return
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ref-", dir=store.tmp_dir) as tmp:
@@ -248,7 +278,19 @@ def bundle_for(
                 raise
             yield image_run
             return
-        yield located.path, located.digest
+        yield located.path
+
+
+@contextmanager
+def opened_bundle(
+    ref: str, settings: Settings, args: argparse.Namespace, term: Term, trust: Any
+) -> Iterator[Any]:
+    """The :class:`~runner.bundle.reader.OpenedBundle` for ``ref``: located, then verified
+    with ``trust`` (see :func:`trust_for`) before anything of it is read."""
+    from runner.bundle.reader import open_bundle
+
+    with bundle_for(ref, settings, args, term) as path:
+        yield open_bundle(path, trust)
 
 
 def _started(bundle: Path) -> str:
@@ -257,7 +299,7 @@ def _started(bundle: Path) -> str:
     return read_predicate(bundle).timestamps.started or ""
 
 
-def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | None:
+def _latest_run_for_image(ref: str, settings: Settings) -> Path | None:
     """The newest original run of an image given by digest (``sha256:…``), if any."""
     from runner.bundle.index import History
     from runner.bundle.run_records import RunFilter
@@ -271,21 +313,7 @@ def _latest_run_for_image(ref: str, settings: Settings) -> tuple[Path, str] | No
         for r in History(Store(settings.home)).query(RunFilter(image=text))
         if r.reproduction_of is None
     ]
-    return (runs[-1].path, runs[-1].bundle_digest) if runs else None
-
-
-def verification_text(bundle: Path, args: argparse.Namespace, settings: Settings) -> str:
-    """One line: does ``bundle`` verify with the ``--pub``/``--keyring`` (or default) keys?"""
-    from runner.bundle.verify import verify_bundle
-
-    public: Path = args.pub or settings.default_public_key
-    if getattr(args, "keyring", None) is None and not public.exists():
-        return "not checked (no public key; pass --pub or --keyring)"
-    try:
-        vb = verify_bundle(bundle, verifier_for(args, settings, args.pub))
-    except VerificationFailed as exc:
-        return "FAILED: " + "; ".join(exc.problems)
-    return f"valid: signed by keyid {vb.keyid}, {vb.file_count} files, every hash matches"
+    return runs[-1].path if runs else None
 
 
 def add_tar_arg(p: argparse.ArgumentParser, what: str) -> None:

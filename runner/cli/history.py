@@ -18,17 +18,19 @@ from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports, properti
 from runner.cli.common import (
     add_backend_args,
     add_keyring_arg,
+    add_no_verify_arg,
     backend_for,
     bundle_for,
+    opened_bundle,
     signer_for,
-    verification_text,
+    trust_for,
     verifier_for,
 )
 from runner.cli.output import Term, emit_json
 from runner.cli.progress import TransferBars
 
 if TYPE_CHECKING:
-    from runner.model.predicate import Predicate
+    from runner.bundle.reader import OpenedBundle
 
 
 # --------------------------------------------------------------------------- runs
@@ -62,26 +64,26 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.bundle.index import History
-    from runner.bundle.reader import read_predicate
     from runner.bundle.run_records import RunFilter
     from runner.bundle.store import Store
     from runner.model.predicate import RunPredicate
     from runner.render.markdown import metric_table
 
-    with bundle_for(args.run, settings, args, term) as (bundle, digest):
+    trust = trust_for(args, settings)
+    with opened_bundle(args.run, settings, args, term, trust) as opened:
         if args.json:
             emit_json(
                 {
-                    "bundle": str(bundle),
-                    "bundle_digest": digest,
-                    "verification": verification_text(bundle, args, settings),
-                    "predicate": read_predicate(bundle).to_json(),
+                    "bundle": str(opened.path),
+                    "bundle_digest": opened.digest,
+                    "verified": opened.verified is not None,
+                    "verification": opened.verification,
+                    "predicate": opened.predicate.to_json(),
                 }
             )
             return 0
-        verification = verification_text(bundle, args, settings)
-        predicate = read_predicate(bundle)
-        print(_render(bundle, digest, "md", verification, predicate), end="")
+        predicate = opened.predicate
+        print(_render(opened, "md"), end="")
         if isinstance(predicate, RunPredicate):
             print()
             print(metric_table(predicate.metrics))
@@ -131,7 +133,7 @@ def _rerun(args: argparse.Namespace, settings: Settings, term: Term, reports: Ci
     from runner.workflows.rerun import load_original, prepare, rerun
 
     verifier = verifier_for(args, settings, args.pub)
-    with bundle_for(args.ref, settings, args, term) as (bundle, _):
+    with bundle_for(args.ref, settings, args, term) as bundle:
         original = load_original(bundle, verifier)
         term(f"original {original.run_id} verified (keyid {original.keyid[:16]}…)")
         transfer = TransferBars(quiet=args.json)
@@ -215,24 +217,25 @@ def _rerun(args: argparse.Namespace, settings: Settings, term: Term, reports: Ci
 
 
 def cmd_diff(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.reader import expect_kind, read_predicate
+    from runner.bundle.reader import expect_kind
     from runner.model.predicate import RunPredicate
     from runner.workflows.diff import diff_runs, format_diff
 
+    trust = trust_for(args, settings)
     with (
-        bundle_for(args.a, settings, args, term) as (a, _),
-        bundle_for(args.b, settings, args, term) as (b, _),
+        opened_bundle(args.a, settings, args, term, trust) as a,
+        opened_bundle(args.b, settings, args, term, trust) as b,
     ):
         result = diff_runs(
-            expect_kind(read_predicate(a), RunPredicate, a),
-            expect_kind(read_predicate(b), RunPredicate, b),
+            expect_kind(a.predicate, RunPredicate, a.path),
+            expect_kind(b.predicate, RunPredicate, b.path),
             tolerance=args.tolerance,
         )
     if args.json:
-        emit_json(result.as_dict())
+        emit_json({**result.as_dict(), "exit_code": result.exit_code})
     else:
         print(format_diff(result))
-    return 0
+    return result.exit_code
 
 
 # --------------------------------------------------------------------------- audit
@@ -284,22 +287,14 @@ def cmd_audit(args: argparse.Namespace, settings: Settings, term: Term) -> int:
 # --------------------------------------------------------------------------- report
 
 
-def _render(
-    bundle: Path,
-    digest: str | None,
-    fmt: str,
-    verification: str,
-    predicate: Predicate | None = None,
-) -> str:
-    """The bundle's report in ``fmt``, laid out for its kind (``predicate``: already read)."""
-    from runner.bundle.reader import read_predicate
+def _render(opened: OpenedBundle, fmt: str) -> str:
+    """The opened bundle's report in ``fmt`` (``md`` or ``html``), laid out for its kind."""
     from runner.model.predicate import AuditPredicate, RunSetPredicate
     from runner.render.html import render_audit_html, render_html
     from runner.render.run_report import load_report_data, render_markdown_full
     from runner.workflows.audit import render_audit_markdown
 
-    if predicate is None:
-        predicate = read_predicate(bundle)
+    predicate, verification = opened.predicate, opened.verification
     if isinstance(predicate, AuditPredicate):
         if fmt == "html":
             return render_audit_html(predicate, verification)
@@ -311,13 +306,16 @@ def _render(
         if fmt == "html":
             return render_run_set_html(predicate, verification)
         return render_run_set(predicate) + f"\nverification: {verification}\n"
-    data = load_report_data(bundle, verification, digest, predicate=predicate)
+    data = load_report_data(opened)
     return render_html(data) if fmt == "html" else render_markdown_full(data)
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    with bundle_for(args.run, settings, args, term) as (bundle, digest):
-        text = _render(bundle, digest, args.format, verification_text(bundle, args, settings))
+    from runner._internal.sanitize import terminal_text
+
+    trust = trust_for(args, settings)
+    with opened_bundle(args.run, settings, args, term, trust) as opened:
+        text = _render(opened, args.format)
     if args.out is None:
         if args.json:  # one JSON object on stdout, the report inside it
             emit_json({"format": args.format, "content": text})
@@ -325,7 +323,8 @@ def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
             sys.stdout.write(text)
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    # a report file is read in a terminal too: no control character reaches it
+    args.out.write_text(terminal_text(text), encoding="utf-8")
     if args.json:
         emit_json({"report": str(args.out), "format": args.format, "bytes": len(text.encode())})
     else:
@@ -342,13 +341,12 @@ def cmd_push(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.bundle.verify import verify_bundle
 
     store = Store(settings.home)
-    with bundle_for(args.run, settings, args, term) as (bundle, _):
-        verify_bundle(
-            bundle, verifier_for(args, settings, args.pub)
-        )  # never publish what does not verify
+    verifier = verifier_for(args, settings, args.pub)
+    with bundle_for(args.run, settings, args, term) as bundle:
+        verify_bundle(bundle, verifier)  # never publish what does not verify
         store.tmp_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="push-", dir=store.tmp_dir) as tmp:
-            pushed = push_bundle(bundle, Path(tmp), progress=term)
+            pushed = push_bundle(bundle, Path(tmp), progress=term, verifier=verifier)
     if args.json:
         emit_json(
             {
@@ -418,7 +416,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     runs = sub.add_parser("runs", parents=[common], help="run history").add_subparsers(
         dest="runs_cmd", required=True, metavar="COMMAND"
     )
-    p = runs.add_parser("ls", parents=[common], help="list stored runs (filters combine)")
+    p = runs.add_parser(
+        "ls",
+        parents=[common],
+        help="list stored runs (filters combine) from the run index, a cache: bundles are "
+        "verified when a command acts on them",
+    )
     p.add_argument("--spec", help="spec name")
     p.add_argument("--model", metavar="SHA256", help="model digest (or prefix)")
     p.add_argument("--dataset", metavar="SHA256", help="dataset digest (or prefix)")
@@ -432,8 +435,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     group.add_argument("--audits", action="store_true", help="list audit reports instead")
     group.add_argument("--all", action="store_true", help="runs and audit reports")
     p.set_defaults(fn=cmd_runs_ls)
-    p = runs.add_parser("show", parents=[common, keys], help="a run's report in the terminal")
+    p = runs.add_parser(
+        "show", parents=[common, keys], help="a run's report in the terminal (verified first)"
+    )
     p.add_argument("run", help="run id, bundle digest (or prefix), bundle path, registry ref")
+    add_no_verify_arg(p)
     p.set_defaults(fn=cmd_runs_show)
     p = runs.add_parser("reindex", parents=[common], help="rebuild the run index from bundles")
     p.set_defaults(fn=cmd_runs_reindex)
@@ -452,10 +458,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_junit_arg(p)
     p.set_defaults(fn=cmd_rerun)
 
-    p = sub.add_parser("diff", parents=[common, keys], help="what differs between two runs")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--tolerance", type=float, help="absolute tolerance for metric deltas")
+    p = sub.add_parser(
+        "diff",
+        parents=[common, keys],
+        help="what differs between two runs (verified first); exit 6 when a gating metric of "
+        "B regressed beyond A's confidence interval",
+    )
+    p.add_argument("a", help="the baseline run (run id, digest, bundle path, registry ref)")
+    p.add_argument("b", help="the candidate run")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="absolute tolerance for metric deltas (a regression must also exceed it)",
+    )
+    add_no_verify_arg(p)
     p.set_defaults(fn=cmd_diff)
 
     p = sub.add_parser(
@@ -474,8 +490,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.set_defaults(fn=cmd_audit)
 
-    p = sub.add_parser("report", parents=[common, keys], help="a run's report as HTML or Markdown")
+    p = sub.add_parser(
+        "report", parents=[common, keys], help="a run's report as HTML or Markdown (verified first)"
+    )
     p.add_argument("run", help="run id, bundle digest (or prefix), bundle path, registry ref")
+    add_no_verify_arg(p)
     p.add_argument("--format", choices=["html", "md"], default="html")
     p.add_argument("-o", "--out", type=Path, help="output file (default: stdout)")
     p.set_defaults(fn=cmd_report)

@@ -39,7 +39,7 @@ from runner.cli.common import (
     signer_for,
     verifier_for,
 )
-from runner.cli.output import Terminal, configure_logging, emit_json
+from runner.cli.output import Terminal, configure_logging, emit_json, safe_streams
 from runner.cli.progress import TransferBars
 from runner.errors import EvalrunError, InputError, Interrupted
 
@@ -120,6 +120,7 @@ def _run_set(
     reports: CiReports,
 ) -> int:
     from runner.render.junit import run_set_suites
+    from runner.render.markdown import percent
     from runner.render.step_summary import run_set_summary
     from runner.workflows.runset import run_set
 
@@ -156,7 +157,7 @@ def _run_set(
                 continue
             print(
                 f"{s.name!s:12} {s.n!s:>3} {s.mean:8.4f} {s.sd:8.4f}  "
-                f"[{ci.low:.4f}, {ci.high:.4f}] ({int((ci.level or 0) * 100)}%)"
+                f"[{ci.low:.4f}, {ci.high:.4f}] ({percent(ci.level)}%)"
             )
         print()
         for m in result.predicate.members:
@@ -629,6 +630,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # everything any command prints passes one sanitiser (control characters shown escaped)
+    with safe_streams():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(parser_class=_Parser)
     try:

@@ -8,13 +8,15 @@ log file, and to stderr with ``--log-json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
+from runner._internal.sanitize import terminal_text
 from runner._internal.settings import Settings
 
 # What a command is given to report progress with (a Terminal, or any callable in tests).
@@ -76,3 +78,49 @@ class Terminal:
 def emit_json(data: Any) -> None:
     """Print ``data`` as the one ``--json`` object on stdout."""
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+class SafeStream:
+    """A text stream that shows every control character but newline and tab as a visible
+    escape (:func:`~runner._internal.sanitize.terminal_text`) before it reaches the real
+    stream: no escape sequence, carriage return or bidi control from a bundle, a registry
+    or a container ever reaches the terminal, whichever command printed it."""
+
+    def __init__(self, raw: TextIO) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        self.raw.write(terminal_text(text))
+        return len(text)
+
+    def writelines(self, lines: Iterator[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def isatty(self) -> bool:
+        return self.raw.isatty()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.raw, "encoding", "utf-8")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+@contextlib.contextmanager
+def safe_streams() -> Iterator[None]:
+    """Route ``sys.stdout`` and ``sys.stderr`` through :class:`SafeStream` for the block."""
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout = SafeStream(stdout)
+    sys.stderr = SafeStream(stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr

@@ -1,13 +1,18 @@
 """What the spec and lock models share: the frozen base, field types, digest references,
-and the one way a validation error becomes ``(field, message)`` lines."""
+the one way a validation error becomes ``(field, message)`` lines, and the bounded,
+strict reading of the files a user names (spec, lock, matrix)."""
 
 from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+
+from runner._internal.files import RefusedFile, read_regular_file
+from runner.errors import SpecError
 
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
@@ -87,3 +92,33 @@ def format_errors(model: type[BaseModel], exc: ValidationError) -> list[tuple[st
             msg = f"{msg} (found {type(found).__name__} {shown})"
         problems.append((where, msg))
     return problems
+
+
+def read_input_file(path: Path, *, what: str, max_bytes: int) -> bytes:
+    """The bytes of a spec, lock or matrix file the user named, bounded and never blocking.
+
+    SpecError (exit 2) naming the file when it is missing, not a regular file (a
+    directory, FIFO or device), larger than ``max_bytes`` or unreadable.
+    """
+    try:
+        return read_regular_file(path, max_bytes=max_bytes)
+    except FileNotFoundError:
+        raise SpecError(f"{what} not found: {path}", file=str(path)) from None
+    except NotADirectoryError:
+        raise SpecError(f"{what} not found: {path}", file=str(path)) from None
+    except RefusedFile as exc:
+        if "limit" in exc.reason:
+            raise SpecError(f"{what} {path} {exc.reason}", file=str(path)) from None
+        raise SpecError(f"cannot read {what} {path}: {exc.reason}", file=str(path)) from None
+
+
+def decoded_text(data: bytes, *, what: str, source: str) -> str:
+    """``data`` as UTF-8 text; SpecError naming ``source`` and the first bad byte."""
+    try:
+        return data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{what} {source} is not UTF-8 text "
+            f"(byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            file=source,
+        ) from None

@@ -16,11 +16,21 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner._internal.input_tree import check_relative_path
+from runner._internal.strict_json import load_json_strict
 from runner.errors import SpecError
-from runner.model.base import FrozenModel, Name, Sha256Hex, format_errors, parse_digest_ref
+from runner.model.base import (
+    FrozenModel,
+    Name,
+    Sha256Hex,
+    decoded_text,
+    format_errors,
+    parse_digest_ref,
+    read_input_file,
+)
 from runner.shared.inputs import tree_digest_of
 
 LOCK_SCHEMA = "evalrun/lock/v1"
+MAX_LOCK_BYTES = 16 * 1024 * 1024
 
 
 class LockedFile(FrozenModel):
@@ -241,7 +251,7 @@ class LockedSpec(FrozenModel):
         image = data.get("image") or {}
         for key in ("reproducibility", "built_at"):
             image.pop(key, None)
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.canonical_json()).hexdigest()
@@ -250,30 +260,39 @@ class LockedSpec(FrozenModel):
 # --------------------------------------------------------------------------- loading
 
 
-def load_lock(path: Path) -> LockedSpec:
-    """Load and validate ``eval.lock.json``."""
+def parse_lock_bytes(raw: bytes, *, source: str) -> LockedSpec:
+    """Validate the bytes of an ``eval.lock.json`` (strict JSON: no duplicate keys, no NaN)."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(
-            f"lock file not found: {path}",
-            file=str(path),
-            hint="run `evalrun lock SPEC` to resolve every input to a digest",
-        ) from None
-    try:
-        data = json.loads(raw)
+        data = load_json_strict(decoded_text(raw, what="lock file", source=source))
     except json.JSONDecodeError as exc:
         raise SpecError(
-            "lock file is not valid JSON",
-            file=str(path),
+            f"lock file {source} is not valid JSON",
+            file=source,
             problems=[(f"line {exc.lineno}, column {exc.colno}", exc.msg)],
+        ) from None
+    except ValueError as exc:
+        raise SpecError(
+            f"lock file {source} is not valid JSON",
+            file=source,
+            problems=[("document", str(exc)[:200])],
         ) from None
     try:
         return LockedSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(
-            "invalid lock file", file=str(path), problems=format_errors(LockedSpec, exc)
+            f"invalid lock file {source}", file=source, problems=format_errors(LockedSpec, exc)
         ) from None
+
+
+def load_lock(path: Path) -> LockedSpec:
+    """Load and validate ``eval.lock.json`` (a regular file, at most :data:`MAX_LOCK_BYTES`)."""
+    try:
+        raw = read_input_file(path, what="lock file", max_bytes=MAX_LOCK_BYTES)
+    except SpecError as exc:
+        if "not found" in exc.message:
+            exc.hint = "run `evalrun lock SPEC` to resolve every input to a digest"
+        raise
+    return parse_lock_bytes(raw, source=str(path))
 
 
 def lock_path_for(spec_path: Path) -> Path:

@@ -162,6 +162,12 @@ class BackendResult(BaseModel):
     interrupted: bool = False
     image_digest_confirmed: bool = Field(description="The container ran the pinned digest.")
     runtime: str = Field(description="OCI runtime that actually ran the container.")
+    network: str | None = Field(
+        default=None,
+        description="The network isolation the backend observed in force for the container "
+        "(its network mode; the NetworkPolicies selecting its pod), e.g. 'none'; None when "
+        "it observed nothing.",
+    )
     started_at: str | None = None
     finished_at: str | None = None
     duration_s: float | None = None

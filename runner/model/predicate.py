@@ -25,6 +25,7 @@ stays what the builder says.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeAlias
@@ -48,16 +49,26 @@ from runner.model.outcome import Outcome
 PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
 
 
+# The largest magnitude a recorded number may have: every consumer can take it as a
+# float (an int beyond it would overflow float(), and crash whoever computes with it).
+_FLOAT_MAX = 2**1023
+
+
 def _number(value: object) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PydanticCustomError("number_type", "Input should be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("number_finite", "Input should be a finite number")
+    if isinstance(value, int) and not -_FLOAT_MAX < value < _FLOAT_MAX:
+        raise PydanticCustomError("number_range", "Input should be a number a float can hold")
     return value
 
 
-# Strict scalars: a signed 1 stays 1, 0.9 stays 0.9, and true is never read as 1.
+# Strict scalars: a signed 1 stays 1, 0.9 stays 0.9, and true is never read as 1. Counts
+# fit a signed 64-bit integer (what the run index stores them as).
 Text: TypeAlias = StrictStr
 Flag: TypeAlias = StrictBool
-Count: TypeAlias = StrictInt
+Count: TypeAlias = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]
 Number: TypeAlias = Annotated[int | float, PlainValidator(_number)]
 # Free-form evidence (see the module docstring): any JSON object, kept as signed.
 JsonObject: TypeAlias = dict[str, JsonValue]
@@ -160,11 +171,18 @@ class ImageFacts(Record):
 
 
 class SandboxFacts(Record):
-    """The sandbox asked for and the one the backend says it used."""
+    """The sandbox asked for and what the backend observed it to be.
+
+    ``network`` is what the backend observed enforcing the network policy (the
+    container's network mode, the namespace's NetworkPolicies), never copied from the
+    spec; ``network_requested`` is the spec's. Bundles from before the distinction have
+    only ``network``, copied from the spec.
+    """
 
     runtime_requested: Text | None = None
     runtime_used: Text | None = None
     network: Text | None = None
+    network_requested: Text | None = None
     details: JsonObject = Field(default_factory=dict)
 
 
@@ -236,13 +254,26 @@ class CiIdentity(Record):
     commit: Text | None = None
 
 
+# What ``Launcher.evidence`` says of every launcher evalrun records: nothing in it is
+# authenticated; the signing key is the only identity a verifier can check.
+SELF_ASSERTED = "self-asserted: the launching process's environment variables and host name"
+
+
 class Launcher(Record):
-    """Who launched a run: user, uid, host, CI identity."""
+    """Who launched a run: user, uid, host, CI identity — as the launching process said.
+
+    ``evidence`` says what these claims rest on (:data:`SELF_ASSERTED`: environment
+    variables, not authenticated) and ``signer_keyid`` binds them to the key that signs
+    the bundle: verification checks that key signed it. Bundles from before either field
+    have neither.
+    """
 
     user: Text | None = None
     uid: Count | None = None
     host: Text | None = None
     ci: CiIdentity | None = None
+    evidence: Text | None = None
+    signer_keyid: Text | None = None
 
 
 class Rationale(Record):
@@ -614,6 +645,7 @@ class EnvironmentView:
 
 __all__ = [
     "PREDICATE_TYPE",
+    "SELF_ASSERTED",
     "AcrossSeedsStat",
     "AuditFilters",
     "AuditPredicate",

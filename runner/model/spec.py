@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import urllib.parse
 from pathlib import Path
@@ -31,11 +32,13 @@ from pydantic import (
 from runner.errors import InputError, SpecError
 from runner.model.base import DIGEST_REF_RE as DIGEST_REF_RE
 from runner.model.base import FrozenModel as _Model
-from runner.model.base import Name, format_errors
+from runner.model.base import Name, decoded_text, format_errors
 from runner.model.base import Sha256Hex as Sha256Hex
 from runner.model.base import parse_digest_ref as parse_digest_ref
+from runner.model.base import read_input_file as read_input_file
 from runner.model.input_uri import HttpsUri, S3Uri, parse_input_uri
 from runner.model.lock import LOCK_SCHEMA as LOCK_SCHEMA
+from runner.model.lock import MAX_LOCK_BYTES as MAX_LOCK_BYTES
 from runner.model.lock import LockedArtifact as LockedArtifact
 from runner.model.lock import LockedBase as LockedBase
 from runner.model.lock import LockedDataset as LockedDataset
@@ -48,11 +51,14 @@ from runner.model.lock import LockedWheel as LockedWheel
 from runner.model.lock import Reproducibility as Reproducibility
 from runner.model.lock import load_lock as load_lock
 from runner.model.lock import lock_path_for as lock_path_for
+from runner.model.lock import parse_lock_bytes as parse_lock_bytes
 from runner.shared.metric_catalogue import CATALOGUE, LEGACY, PARAMETERS, definition_problems
 
 API_VERSION = "evalrun/v1"
 MAX_SPEC_BYTES = 256 * 1024
 MAX_ALIASES = 16
+# Deeper YAML is refused before it is composed (the composer recurses per level).
+MAX_YAML_DEPTH = 64
 
 InputDigest = Annotated[
     str,
@@ -601,6 +607,7 @@ class EvalSpec(_Model):
             self.model_dump(mode="json", exclude_defaults=True),
             sort_keys=True,
             separators=(",", ":"),
+            allow_nan=False,
         ).encode()
 
     def digest(self) -> str:
@@ -611,9 +618,11 @@ class EvalSpec(_Model):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that also refuses duplicate keys and counts aliases."""
+    """SafeLoader that also refuses duplicate and non-scalar keys, non-finite numbers,
+    tags beyond plain JSON types and deep nesting, and counts aliases."""
 
     alias_count = 0
+    depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -626,11 +635,28 @@ class _StrictLoader(yaml.SafeLoader):
                     f"more than {MAX_ALIASES} YAML aliases; refusing possible alias expansion",
                     event.start_mark,
                 )
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "a mapping key must be a plain scalar, not a "
+                    + ("sequence" if isinstance(key_node, yaml.SequenceNode) else "mapping"),
+                    key_node.start_mark,
+                )
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -642,16 +668,39 @@ class _StrictLoader(yaml.SafeLoader):
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
+    def construct_finite_float(self, node: yaml.ScalarNode) -> float:
+        value: float = self.construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"non-finite number {node.value!r} is not allowed", node.start_mark
+            )
+        return value
 
-def load_yaml_document(path: Path) -> Any:
-    """Read one YAML document safely, raising :class:`SpecError` naming the file and line."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise SpecError(f"spec file not found: {path}", file=str(path)) from None
-    if size > MAX_SPEC_BYTES:
-        raise SpecError(f"spec file is {size} bytes; the limit is {MAX_SPEC_BYTES}", file=str(path))
-    text = path.read_text(encoding="utf-8", errors="strict")
+    def construct_text(self, node: yaml.ScalarNode) -> str:
+        return str(self.construct_scalar(node))
+
+    def construct_refused(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"YAML type {node.tag} is not allowed in a spec", node.start_mark
+        )
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_finite_float)
+# dates stay the text they were written as; a spec holds JSON types only
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _StrictLoader.construct_text)
+for _tag in ("binary", "omap", "pairs", "set"):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _StrictLoader.construct_refused)
+
+
+def load_yaml_bytes(data: bytes, *, source: str, what: str = "spec file") -> Any:
+    """One YAML document from ``data`` (read from ``source``), strictly.
+
+    Raises :class:`SpecError` naming ``source`` (and the line, where there is one) for
+    text that is not UTF-8, malformed YAML, custom tags, duplicate or non-scalar keys,
+    non-finite numbers, alias bombs, nesting deeper than :data:`MAX_YAML_DEPTH`, or
+    not exactly one document.
+    """
+    text = decoded_text(data, what=what, source=source)
     try:
         loader = _StrictLoader(text)
         try:
@@ -665,32 +714,69 @@ def load_yaml_document(path: Path) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "document"
         problem = getattr(exc, "problem", None) or str(exc)
         if "could not determine a constructor" in str(exc):
-            problem = f"custom YAML tags are not allowed ({problem})"
             tag = getattr(exc, "problem", "")
             problem = f"custom YAML tags are not allowed: {tag}"
         raise SpecError(
-            "malformed YAML", file=str(path), problems=[(where, str(problem))]
+            f"malformed YAML in {source}", file=source, problems=[(where, str(problem))]
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        # e.g. an integer literal with more digits than Python converts
+        raise SpecError(
+            f"malformed YAML in {source}", file=source, problems=[("document", str(exc)[:200])]
         ) from None
     if len(docs) != 1:
-        raise SpecError(f"expected exactly one YAML document, found {len(docs)}", file=str(path))
+        raise SpecError(
+            f"{source}: expected exactly one YAML document, found {len(docs)}", file=source
+        )
     return docs[0]
+
+
+def load_yaml_document(path: Path, *, what: str = "spec file") -> Any:
+    """Read one YAML document safely, raising :class:`SpecError` naming the file and line."""
+    data = read_input_file(path, what=what, max_bytes=MAX_SPEC_BYTES)
+    return load_yaml_bytes(data, source=str(path), what=what)
+
+
+def _non_finite(data: Any, where: str = "") -> list[tuple[str, str]]:
+    """Where ``data`` (parsed YAML or JSON) holds a NaN or an infinity."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[Any, str]] = [(data, where)]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((loc or "(top level)", f"non-finite number {value!r} is not allowed"))
+        elif isinstance(value, dict):
+            stack.extend((v, f"{loc}.{k}" if loc else str(k)) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, f"{loc}[{i}]") for i, v in enumerate(value))
+    return sorted(found)
 
 
 def parse_spec(data: Any, *, source: str) -> EvalSpec:
     """Validate a loaded document into an :class:`EvalSpec`."""
     if not isinstance(data, dict):
-        raise SpecError(f"the spec must be a mapping, found {type(data).__name__}", file=source)
+        raise SpecError(
+            f"the spec {source} must be a mapping, found {type(data).__name__}", file=source
+        )
+    non_finite = _non_finite(data)
+    if non_finite:
+        raise SpecError(f"invalid evaluation spec {source}", file=source, problems=non_finite)
     try:
         return EvalSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(
-            "invalid evaluation spec", file=source, problems=format_errors(EvalSpec, exc)
+            f"invalid evaluation spec {source}", file=source, problems=format_errors(EvalSpec, exc)
         ) from None
 
 
 def load_spec(path: Path) -> EvalSpec:
     """Load and validate ``eval.yaml``."""
     return parse_spec(load_yaml_document(path), source=str(path))
+
+
+def load_spec_bytes(data: bytes, *, source: str) -> EvalSpec:
+    """Validate the bytes of an ``eval.yaml`` read elsewhere (e.g. from a verified bundle)."""
+    return parse_spec(load_yaml_bytes(data, source=source), source=source)
 
 
 def spec_json_schema() -> dict[str, Any]:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pydantic import JsonValue
 
+from runner._internal.sanitize import map_strings, one_line
 from runner.model.predicate import AuditPredicate, ConfidenceInterval, RunSetPredicate
 from runner.render.markdown import ROLE_HEADER, metric_rows_with_role, promotion_lines
 from runner.render.run_report import ReportData, report_sections
+from runner.render.safe import line_view
 from runner.render.svg import metrics_svg, slices_svg
 
 _CSS = (
@@ -49,6 +52,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
 
 def render_html(data: ReportData) -> str:
     """The report as one self-contained HTML document (deterministic)."""
+    lock = map_strings(data.lock, one_line)
+    data = replace(
+        data,
+        predicate=line_view(data.predicate),
+        lock=lock if isinstance(lock, dict) else {},
+        slices=tuple(replace(s, name=one_line(s.name)) for s in data.slices),
+    )
     p = data.predicate
     title = f"evalrun report — {p.spec.name} — {p.run_id}"
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -107,7 +117,7 @@ def _fmt(value: JsonValue) -> str:
 
 def render_audit_html(predicate: AuditPredicate, verification: str) -> str:
     """An audit bundle's report as one self-contained HTML document (deterministic)."""
-    p = predicate
+    p = line_view(predicate)
     title = f"evalrun reproduction audit {p.run_id}"
     summary = [
         ["started", str(p.started)],
@@ -156,7 +166,7 @@ def _n(value: float | None) -> str:
 
 def render_run_set_html(predicate: RunSetPredicate, verification: str) -> str:
     """A run set's report: per-seed metrics with bootstrap CIs, then the spread across seeds."""
-    p = predicate
+    p = line_view(predicate)
     title = f"evalrun run set {p.run_id} — {p.spec.name}"
     names = [str(s.name) for s in p.across_seeds]
     summary = [

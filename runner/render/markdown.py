@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 from pydantic import JsonValue
 
+from runner._internal.sanitize import one_line
 from runner.model.predicate import MetricResult, RunPredicate
+from runner.render.safe import markdown_view
 
 Metrics = Sequence[MetricResult]
 
@@ -15,6 +17,14 @@ def _fmt(value: JsonValue) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return "—" if value is None else str(value)
+
+
+def percent(level: float | None) -> str:
+    """A confidence level as whole percent (``0.95`` → ``95``); ``?`` for none or one that
+    is not a level at all (a bundle may say anything)."""
+    if level is None or not 0 < level <= 1:
+        return "?"
+    return str(int(level * 100))
 
 
 def _signed(value: float | None) -> str:
@@ -27,8 +37,7 @@ def metric_rows(metrics: Metrics) -> list[list[str]]:
     for m in metrics:
         ci = m.ci
         ci_text = (
-            f"[{_fmt(ci.low)}, {_fmt(ci.high)}] "
-            f"({int(ci.level * 100) if ci.level else '?'}% {ci.method})"
+            f"[{_fmt(ci.low)}, {_fmt(ci.high)}] ({percent(ci.level)}% {ci.method})"
             if ci is not None and ci.low is not None
             else "—"
         )
@@ -36,9 +45,9 @@ def metric_rows(metrics: Metrics) -> list[list[str]]:
         direction = ">=" if (m.direction or "higher_is_better") == "higher_is_better" else "<="
         rows.append(
             [
-                m.name,
+                one_line(m.name, limit=200),
                 _fmt(m.value),
-                ci_text,
+                one_line(ci_text, limit=300),
                 f"{direction} {m.threshold}" if m.threshold is not None else "—",
                 verdict,
             ]
@@ -96,7 +105,7 @@ def metric_rows_with_role(metrics: Metrics) -> list[list[str]]:
 def promotion_lines(metrics: Metrics) -> list[str]:
     """One line per supplementary metric promoted to gate, with its justification."""
     return [
-        f"promoted to gating: {m.name} — {m.promoted.justification}"
+        one_line(f"promoted to gating: {m.name} — {m.promoted.justification}")
         for m in metrics
         if m.promoted is not None
     ]
@@ -118,7 +127,7 @@ def metric_table(metrics: Metrics) -> str:
 
 def render_markdown(predicate: RunPredicate) -> str:
     """``report.md``: what ran, on what, with which result. Deterministic for a predicate."""
-    p = predicate
+    p = markdown_view(predicate)
     lines = [
         f"# evalrun report — {p.spec.name}",
         "",
@@ -197,6 +206,9 @@ def provenance_markdown(predicate: RunPredicate) -> list[str]:
             f"- CI: {ci.system}, pipeline {_fmt(ci.pipeline)}, "
             f"run {_fmt(ci.run_id)}, job {_fmt(ci.job_url)}"
         )
+    if who.evidence is not None:
+        lines.append(f"- these launcher claims are {who.evidence}")
+        lines.append(f"- bound to the signing key: keyid {who.signer_keyid}")
     lines.append(
         f"- rationale: {why.text} (from {why.source})" if why.text else "- rationale: none given"
     )

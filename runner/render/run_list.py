@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from runner._internal.sanitize import one_line
 from runner.bundle.run_records import RunRecord
 
 
@@ -12,16 +13,18 @@ def format_table(records: Sequence[RunRecord]) -> str:
     header = ["run id", "spec", "outcome", "started (UTC)", "metrics", "bundle"]
     rows = []
     for r in records:
-        metrics = ", ".join(f"{m.name}={m.value:.4f}" for m in r.metrics if m.value is not None)
+        metrics = ", ".join(
+            f"{one_line(m.name, limit=60)}={m.value:.4f}" for m in r.metrics if m.value is not None
+        )
         repro = f" ↺{r.reproduction_verdict}" if r.reproduction_of else ""
         rows.append(
             [
-                r.run_id,
-                r.spec_name or "?",
-                (r.outcome or "?") + repro,
-                (r.started or "?")[:19].replace("T", " "),
-                metrics or "—",
-                r.bundle_digest[:19] + "…",
+                one_line(r.run_id, limit=140),
+                one_line(r.spec_name or "?", limit=80),
+                one_line((r.outcome or "?") + repro, limit=80),
+                one_line((r.started or "?")[:19].replace("T", " ")),
+                one_line(metrics or "—", limit=300),
+                one_line(r.bundle_digest[:19]) + "…",
             ]
         )
     if not rows:

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
-from runner.bundle.reader import expect_kind, read_predicate
+from runner._internal.sanitize import markdown_text
+from runner._internal.strict_json import load_json_strict
+from runner.bundle.reader import OpenedBundle, expect_kind
 from runner.model.predicate import JsonObject, RunPredicate, json_at
 from runner.render.markdown import metric_rows, reproduction_markdown
+from runner.render.safe import markdown_json, markdown_view
 
 MAX_SLICES = 40
 MAX_SAMPLES = 2_000_000
+# What a report reads of a bundle at most; larger files are left out of the report.
+MAX_LOCK_BYTES = 16 << 20
+MAX_PREDICTIONS_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -46,20 +51,22 @@ class ReportData:
     bundle_digest: str | None
 
 
-def per_slice(predictions: Path) -> tuple[str | None, tuple[SliceRow, ...]]:
-    """Accuracy per slice of the per-sample outputs.
+def per_slice(predictions: bytes | None) -> tuple[str | None, tuple[SliceRow, ...]]:
+    """Accuracy per slice of the per-sample outputs (the bytes of ``predictions.jsonl``).
 
     Slices by the ``slice`` field when samples carry one, otherwise by ``label``.
-    Samples without label/prediction are skipped; an unreadable file gives none.
+    Samples without label/prediction are skipped; no or unreadable outputs give none.
     """
+    if predictions is None:
+        return None, ()
     try:
-        lines = predictions.read_text(encoding="utf-8").splitlines()[:MAX_SAMPLES]
-    except (OSError, UnicodeDecodeError):
+        lines = predictions.decode("utf-8").splitlines()[:MAX_SAMPLES]
+    except UnicodeDecodeError:
         return None, ()
     samples = []
     for line in lines:
         try:
-            sample = json.loads(line)
+            sample = load_json_strict(line)
         except ValueError:
             continue
         if isinstance(sample, dict) and "label" in sample and "prediction" in sample:
@@ -69,14 +76,14 @@ def per_slice(predictions: Path) -> tuple[str | None, tuple[SliceRow, ...]]:
     key = "slice" if any("slice" in s for s in samples) else "label"
     counts: dict[str, list[int]] = {}
     for s in samples:
-        bucket = counts.setdefault(str(s.get(key)), [0, 0])
+        bucket = counts.setdefault(_slice_name(s.get(key)), [0, 0])
         bucket[0] += 1
         bucket[1] += int(s["prediction"] == s["label"])
 
     def order(name: str) -> tuple[int, float, str]:
         try:
             return (0, float(name), name)
-        except ValueError:
+        except (ValueError, OverflowError):
             return (1, 0.0, name)
 
     rows = tuple(
@@ -85,29 +92,47 @@ def per_slice(predictions: Path) -> tuple[str | None, tuple[SliceRow, ...]]:
     return key, rows[:MAX_SLICES]
 
 
-def load_report_data(
-    bundle: Path,
-    verification: str,
-    digest: str | None = None,
-    *,
-    predicate: RunPredicate | None = None,
-) -> ReportData:
-    """Read what the report needs from a bundle directory (``predicate``: already read)."""
-    if predicate is None:
-        predicate = expect_kind(read_predicate(bundle), RunPredicate, bundle)
-    try:
-        lock = json.loads((bundle / "eval.lock.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        lock = {}
-    slice_field, slices = per_slice(bundle / "results" / "predictions.jsonl")
+def _slice_name(value: object) -> str:
+    # a slice is named by a scalar; anything else is shown by its type, not walked
+    if value is None or isinstance(value, str | int | float | bool):
+        return str(value)
+    return f"({type(value).__name__})"
+
+
+def load_report_data(opened: OpenedBundle) -> ReportData:
+    """What the report of the run bundle ``opened`` shows: its predicate, and its lock and
+    per-sample outputs as the signed bytes (bounded; absent or too large: not shown)."""
+    predicate = expect_kind(opened.predicate, RunPredicate, opened.path)
+    lock: object = {}
+    lock_bytes = opened.read_optional("eval.lock.json", max_bytes=MAX_LOCK_BYTES)
+    if lock_bytes is not None:
+        try:
+            lock = load_json_strict(lock_bytes)
+        except ValueError:
+            lock = {}
+    predictions = opened.read_optional("results/predictions.jsonl", max_bytes=MAX_PREDICTIONS_BYTES)
+    slice_field, slices = per_slice(predictions)
     return ReportData(
         predicate=predicate,
         lock=lock if isinstance(lock, dict) else {},
         slice_field=slice_field,
         slices=slices,
-        verification=verification,
-        bundle_digest=digest,
+        verification=opened.verification,
+        bundle_digest=opened.digest,
     )
+
+
+def launcher_text(p: RunPredicate) -> str:
+    """Who launched the run, and what that claim rests on (never more than it says)."""
+    who = p.provenance.launched_by
+    if who.is_empty():
+        return "—"
+    text = f"{who.user or 'unknown user'} on {who.host or '?'}"
+    if who.ci is not None and not who.ci.is_empty():
+        text += f", CI {who.ci.system} {who.ci.job_url or who.ci.run_id or ''}".rstrip()
+    if who.evidence is None:
+        return text + " (self-asserted)"
+    return f"{text} ({who.evidence}; bound to signing keyid {who.signer_keyid})"
 
 
 def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -125,6 +150,7 @@ def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]
         ("started", str(p.timestamps.started)),
         ("finished", str(p.timestamps.finished)),
         ("evalrun", str(p.evalrun_version)),
+        ("launched by", launcher_text(p)),
     ]
     model_rows = [("model", f"{p.model.path} sha256:{p.model.sha256} ({p.model.size} bytes)")]
     data_rows = [
@@ -194,6 +220,16 @@ def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]
 
 def render_markdown_full(data: ReportData) -> str:
     """The report as Markdown (deterministic); the same content as the HTML, no plots."""
+    lock = markdown_json(data.lock)
+    data = replace(
+        data,
+        predicate=markdown_view(data.predicate),
+        lock=lock if isinstance(lock, dict) else {},
+        slice_field=None if data.slice_field is None else markdown_text(data.slice_field),
+        slices=tuple(replace(s, name=markdown_text(s.name)) for s in data.slices),
+        verification=markdown_text(data.verification),
+        bundle_digest=None if data.bundle_digest is None else markdown_text(data.bundle_digest),
+    )
     p = data.predicate
     lines = [f"# evalrun report — {p.spec.name} — {p.run_id}", ""]
     sections = report_sections(data)

@@ -226,6 +226,17 @@ def compute_metrics(
     return [compute_metric(d, samples, seed) for d in definitions]
 
 
+def _refuse(name: str) -> float:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is not finite")
+    return value
+
+
 def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Read a per-sample JSON-lines file, checking each row has what the metrics need.
 
@@ -262,17 +273,18 @@ def _read(path: Path, metrics: list[Metric], *, strict: bool) -> SampleRead:
     samples: list[dict[str, Any]] = []
     unusable: dict[str, str] = {}
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             where = f"{path.name} line {lineno}"
             if len(samples) >= MAX_SAMPLES:
                 raise SampleFormatError(f"{path.name}: more than {MAX_SAMPLES} samples")
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SampleFormatError(f"{where}: not JSON ({exc.msg})") from None
+                # strict: UTF-8, and no NaN/Infinity (nor 1e400) a signed bundle could not hold
+                row = json.loads(raw.decode("utf-8"), parse_constant=_refuse, parse_float=_finite)
+            except ValueError as exc:
+                raise SampleFormatError(f"{where}: not JSON ({getattr(exc, 'msg', exc)})") from None
             if not isinstance(row, dict):
                 raise SampleFormatError(f"{where}: expected an object")
             missing = sorted(readers.keys() - row.keys())

@@ -272,7 +272,10 @@ def encode_agent_plan(plan: AgentPlan) -> bytes:
 
 FRAME_BEGIN = "-----BEGIN EVALRUN RESULTS"
 FRAME_END = "-----END EVALRUN RESULTS-----"
-FRAME_BEGIN_RE = re.compile(r"^-----BEGIN EVALRUN RESULTS sha256=([0-9a-f]{64}) bytes=(\d+)-----$")
+# the size has at most 15 digits: no frame is larger, and int() refuses thousands of digits
+FRAME_BEGIN_RE = re.compile(
+    r"^-----BEGIN EVALRUN RESULTS sha256=([0-9a-f]{64}) bytes=(\d{1,15})-----$"
+)
 FRAME_LINE_CHARS = 76
 # The frame travels on the pod log, which the kubelet rotates (10 MiB by default).
 MAX_FRAME_BYTES = 64 * 1024 * 1024

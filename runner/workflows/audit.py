@@ -39,6 +39,7 @@ from runner.model.predicate import (
     MissingInput,
     Timestamps,
 )
+from runner.render.safe import markdown_view
 from runner.workflows.rerun import (
     REPRODUCED,
     ImageUnavailable,
@@ -229,7 +230,7 @@ def _audit_one(
 
 def render_audit_markdown(predicate: AuditPredicate) -> str:
     """An audit's ``report.md`` (from its predicate; deterministic)."""
-    p = predicate
+    p = markdown_view(predicate)
     lines = [
         f"# evalrun reproduction audit {p.run_id}",
         "",

@@ -10,23 +10,29 @@ Ranking is by the group's first primary metric, respecting its direction.
 Significance criterion: two runs differ significantly when their confidence
 intervals (as recorded in the bundles) do not overlap. This is conservative:
 overlapping intervals do not prove that there is no difference.
+
+Every run of the group is verified (signature and every hash) before it is compared;
+one that does not verify stops the comparison (exit 3), naming it. A CI gate names
+its candidate (:func:`gate`): the comparison then fails (exit 6) when the candidate
+ranks below the leader with disjoint confidence intervals.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
 from pydantic import JsonValue
 
+from runner._internal.sanitize import markdown_text, one_line
 from runner.bundle.index import History
-from runner.bundle.reader import read_predicate
+from runner.bundle.reader import UNVERIFIED, Trust, open_bundle, read_predicate
 from runner.bundle.run_records import RunFilter
 from runner.bundle.store import Store
-from runner.errors import InputError, IntegrityError, NotComparable
+from runner.errors import InputError, IntegrityError, NotComparable, VerificationFailed
 from runner.model.predicate import (
     ConfidenceInterval,
     JsonObject,
@@ -34,8 +40,11 @@ from runner.model.predicate import (
     RunPredicate,
 )
 from runner.model.spec import EvalSpec
+from runner.render.markdown import percent
 
 COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
+# a candidate significantly worse than the leader fails a gate like a missed threshold
+THRESHOLDS_EXIT = 6
 SIGNIFICANCE_CRITERION = "non-overlapping confidence intervals (as recorded per run)"
 
 
@@ -87,6 +96,7 @@ class RankedRun:
     ci_level: float | None
     significant_vs_leader: bool | None
     significant_vs_next: bool | None
+    started: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,16 +120,31 @@ class Comparison:
 # --------------------------------------------------------------------------- loading
 
 
-def load_group(store: Store, group: str) -> tuple[list[GroupRun], list[tuple[str, str]]]:
-    """The group's runs from the run index (oldest first), and those left out with why."""
+def load_group(
+    store: Store, group: str, trust: Trust
+) -> tuple[list[GroupRun], list[tuple[str, str]]]:
+    """The group's runs from the run index (oldest first), and those left out with why.
+
+    Runs are found by the group their statement names and then opened with ``trust``:
+    VerificationFailed (exit 3) naming every run of the group that does not verify.
+    """
     runs: list[GroupRun] = []
     excluded: list[tuple[str, str]] = []
+    failed: list[str] = []
     for record in History(store).query(RunFilter(kind="run")):
         try:
-            predicate = read_predicate(record.path)
+            found = read_predicate(record.path)
         except IntegrityError:
             continue
-        if not isinstance(predicate, RunPredicate) or predicate.comparison_group != group:
+        if not isinstance(found, RunPredicate) or found.comparison_group != group:
+            continue
+        try:
+            opened = open_bundle(record.path, trust)
+        except IntegrityError as exc:
+            failed.append(f"{record.run_id}: {one_line(exc.message, limit=200)}")
+            continue
+        predicate = opened.predicate
+        if not isinstance(predicate, RunPredicate):
             continue
         if record.reproduction_of:
             excluded.append((record.run_id, f"a re-run of {record.reproduction_of}"))
@@ -135,6 +160,13 @@ def load_group(store: Store, group: str) -> tuple[list[GroupRun], list[tuple[str
                 started=record.started or "",
                 predicate=predicate,
             )
+        )
+    if failed:
+        raise VerificationFailed(
+            f"{len(failed)} run(s) of comparison group {group!r} do not verify; "
+            "nothing was compared",
+            problems=failed,
+            bundle=group,
         )
     return runs, excluded
 
@@ -254,6 +286,7 @@ def rank(runs: Sequence[GroupRun], metric: str, direction: str) -> list[RankedRu
             ci_level=ci.level,
             significant_vs_leader=None,
             significant_vs_next=None,
+            started=run.started,
         )
         for i, (run, value, ci) in enumerate(rows)
     ]
@@ -269,11 +302,14 @@ def rank(runs: Sequence[GroupRun], metric: str, direction: str) -> list[RankedRu
     return out
 
 
-def compare_group(store: Store, group: str, *, allow: Sequence[str] = ()) -> Comparison:
-    """Check the group's runs are comparable, then rank them.
+def compare_group(
+    store: Store, group: str, *, trust: Trust, allow: Sequence[str] = ()
+) -> Comparison:
+    """Verify the group's runs with ``trust``, check they are comparable, then rank them.
 
-    Raises :class:`NotComparable` naming every differing field not in ``allow``, and
-    :class:`InputError` for an unknown ``allow`` field or a group without runs.
+    Raises VerificationFailed (exit 3) for runs that do not verify, :class:`NotComparable`
+    naming every differing field not in ``allow``, and :class:`InputError` for an unknown
+    ``allow`` field or a group without runs.
     """
     unknown = sorted(set(allow) - set(COMPARABILITY_FIELDS))
     if unknown:
@@ -281,7 +317,7 @@ def compare_group(store: Store, group: str, *, allow: Sequence[str] = ()) -> Com
             f"--allow names unknown field(s) {unknown}",
             hint=f"comparability fields: {', '.join(COMPARABILITY_FIELDS)}",
         )
-    runs, excluded = load_group(store, group)
+    runs, excluded = load_group(store, group, trust)
     if not runs:
         raise InputError(
             f"no comparable runs in comparison group {group!r}",
@@ -313,6 +349,60 @@ def compare_group(store: Store, group: str, *, allow: Sequence[str] = ()) -> Com
     )
 
 
+# --------------------------------------------------------------------------- gate
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A CI gate's verdict on one candidate run of a comparison."""
+
+    candidate: str
+    rank: int
+    leader: str
+    significantly_worse: bool
+    exit_code: int
+
+    def line(self) -> str:
+        if self.significantly_worse:
+            return (
+                f"gate: FAIL — candidate {self.candidate} ranks {self.rank}, significantly "
+                f"worse than the leader {self.leader} (exit {self.exit_code})"
+            )
+        return f"gate: pass — candidate {self.candidate} ranks {self.rank}" + (
+            "" if self.rank == 1 else f"; not significantly worse than {self.leader}"
+        )
+
+
+def gate(c: Comparison, candidate: str) -> Gate:
+    """Judge ``candidate`` (a run id, or ``newest``: the run started last) in ``c``.
+
+    Fails (exit 6) when it ranks below the leader and their confidence intervals are
+    disjoint; InputError (exit 2) when the candidate is not in the ranking.
+    """
+    if not c.ranking:
+        raise InputError(f"comparison group {c.group!r} ranks no run")
+    if candidate == "newest":
+        row = max(c.ranking, key=lambda r: (r.started, r.run_id))
+    else:
+        found = [r for r in c.ranking if r.run_id == candidate]
+        if not found:
+            why = dict(c.excluded).get(candidate)
+            raise InputError(
+                f"candidate {one_line(candidate, limit=80)} is not ranked in comparison group "
+                f"{c.group!r}" + (f" ({why})" if why else ""),
+                hint="name a run id of the group, or `newest`",
+            )
+        row = found[0]
+    worse = row.rank > 1 and bool(row.significant_vs_leader)
+    return Gate(
+        candidate=row.run_id,
+        rank=row.rank,
+        leader=c.ranking[0].run_id,
+        significantly_worse=worse,
+        exit_code=THRESHOLDS_EXIT if worse else 0,
+    )
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -324,15 +414,20 @@ def _yes_no(value: bool | None) -> str:
     return {True: "yes", False: "no", None: "—"}[value]
 
 
-def _rows(c: Comparison) -> list[list[str]]:
+# How a value from a bundle (or the command line) is written: one line for the
+# terminal, escaped for Markdown.
+_Escape = Callable[[object], str]
+
+
+def _rows(c: Comparison, esc: _Escape) -> list[list[str]]:
     return [
         [
             str(r.rank),
-            r.run_id,
-            r.spec_name or "—",
+            esc(r.run_id),
+            esc(r.spec_name or "—"),
             _num(r.value),
             f"[{_num(r.ci_low)}, {_num(r.ci_high)}]"
-            + (f" ({int(r.ci_level * 100)}% {r.ci_method})" if r.ci_level else ""),
+            + (f" ({percent(r.ci_level)}% {esc(r.ci_method)})" if r.ci_level else ""),
             _yes_no(r.significant_vs_leader),
             _yes_no(r.significant_vs_next),
         ]
@@ -343,31 +438,33 @@ def _rows(c: Comparison) -> list[list[str]]:
 HEADER = ["rank", "run", "spec", "value", "confidence interval", "sig. vs leader", "sig. vs next"]
 
 
-def _heading(c: Comparison) -> list[str]:
+def _heading(c: Comparison, esc: _Escape) -> list[str]:
     """What the ranking is by, the significance criterion, and every allowed difference."""
     arrow = "higher" if c.direction == "higher_is_better" else "lower"
     lines = [
-        f"comparison group {c.group}: ranked by {c.metric} ({arrow} is better)",
+        f"comparison group {esc(c.group)}: ranked by {esc(c.metric)} ({arrow} is better)",
         f"significance: {c.criterion}",
     ]
     for d in c.allowed:
         lines.append(f"ALLOWED difference in {d.field} (--allow {d.field}):")
-        lines += [f"  {', '.join(runs)}: {value}" for value, runs in d.variants]
+        lines += [f"  {esc(', '.join(runs))}: {esc(value)}" for value, runs in d.variants]
     return lines
 
 
-def _footer(c: Comparison) -> list[str]:
-    return [f"left out {run_id}: {why}" for run_id, why in c.excluded]
+def _footer(c: Comparison, esc: _Escape) -> list[str]:
+    return [f"left out {esc(run_id)}: {esc(why)}" for run_id, why in c.excluded]
 
 
-def format_text(c: Comparison) -> str:
-    rows = _rows(c)
+def format_text(c: Comparison, candidate: Gate | None = None) -> str:
+    rows = _rows(c, one_line)
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    lines = [*_heading(c), ""]
+    lines = [*_heading(c, one_line), ""]
     for row in [HEADER, ["-" * w for w in widths], *rows]:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     if c.excluded:
-        lines += ["", *_footer(c)]
+        lines += ["", *_footer(c, one_line)]
+    if candidate is not None:
+        lines += ["", one_line(candidate.line())]
     return "\n".join(lines) + "\n"
 
 
@@ -375,18 +472,34 @@ def _md_item(line: str) -> str:
     return f"  - {line.strip()}" if line.startswith("  ") else f"- {line}"
 
 
-def format_markdown(c: Comparison) -> str:
-    lines = [f"# evalrun comparison — {c.group}", "", *map(_md_item, _heading(c)), ""]
+def format_markdown(c: Comparison, candidate: Gate | None = None) -> str:
+    lines = [
+        f"# evalrun comparison — {markdown_text(c.group)}",
+        "",
+        *map(_md_item, _heading(c, markdown_text)),
+        "",
+    ]
     lines.append("| " + " | ".join(HEADER) + " |")
     lines.append("|" + "---|" * len(HEADER))
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(c)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(c, markdown_text)]
     if c.excluded:
-        lines += ["", *map(_md_item, _footer(c))]
+        lines += ["", *map(_md_item, _footer(c, markdown_text))]
+    if candidate is not None:
+        lines += ["", f"- {markdown_text(candidate.line())}"]
     return "\n".join(lines) + "\n"
 
 
-def format_json(c: Comparison) -> str:
-    return json.dumps(c.as_dict(), indent=2, sort_keys=True, default=str) + "\n"
+def format_json(c: Comparison, candidate: Gate | None = None) -> str:
+    data = c.as_dict()
+    if candidate is not None:
+        data["gate"] = {
+            "candidate": candidate.candidate,
+            "rank": candidate.rank,
+            "leader": candidate.leader,
+            "significantly_worse": candidate.significantly_worse,
+            "exit_code": candidate.exit_code,
+        }
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
 
 
 def check_group_definitions(store: Store, spec: EvalSpec) -> None:
@@ -400,7 +513,9 @@ def check_group_definitions(store: Store, spec: EvalSpec) -> None:
     group = spec.metadata.comparison_group
     if not group:
         return
-    runs, _ = load_group(store, group)
+    # a consistency check of the launcher's own store before a run, not an output: the
+    # runs are read as stored (a tampered one can only make this refuse)
+    runs, _ = load_group(store, group, UNVERIFIED)
     if not runs:
         return
     mine = _primaries([MetricDefinition.model_validate(d.definition()) for d in spec.metrics])

@@ -11,6 +11,12 @@ Pure functions over two predicates (the signed facts of each bundle). Groups:
 Metric comparison: the delta, whether it exceeds an absolute tolerance (when
 one is given) and whether the two confidence intervals overlap. The same
 per-metric judgement gives a re-run its reproduction verdict.
+
+Gate (``evalrun diff`` exit code): ``b`` regressed when a metric that gates ``a`` (a
+primary or promoted metric; every metric of bundles from before metric roles) is worse
+in ``b``, in the metric's direction, beyond ``a``'s confidence interval (any worsening
+when ``a`` recorded none) and beyond ``--tolerance`` when one is given — or has no value
+in ``b`` at all. Then the exit code is 6 (:data:`REGRESSION_EXIT`), else 0.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TypedDict
 
 from pydantic import JsonValue
 
+from runner._internal.sanitize import one_line
 from runner.model.predicate import (
     DatasetInput,
     JsonObject,
@@ -32,6 +39,9 @@ from runner.model.predicate import (
 )
 
 GROUPS = ("environment", "code", "data", "config")
+# the exit code of a diff whose candidate regressed on a gating metric (DESIGN.md: a run
+# that failed its thresholds); 0 otherwise
+REGRESSION_EXIT = 6
 
 Verdict = MetricVerdict
 # worst first: the overall verdict of a reproduction is its worst metric's
@@ -64,6 +74,8 @@ class MetricDelta:
     tolerance: float | None
     exceeds_tolerance: bool | None
     verdict: Verdict
+    gating: bool = False
+    regressed: bool = False
 
 
 class ChangeJson(TypedDict):
@@ -79,6 +91,8 @@ class RunDiffJson(TypedDict):
     b: str
     changes: dict[str, list[ChangeJson]]
     metrics: list[JsonObject]  # each MetricDelta's fields
+    regressed: list[str]  # gating metrics of b that regressed (see the module docstring)
+    exit_code: int
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,16 @@ class RunDiff:
     def group(self, name: str) -> list[Change]:
         return [c for c in self.changes if c.group == name]
 
+    @property
+    def regressions(self) -> list[MetricDelta]:
+        """The gating metrics of ``b`` that regressed against ``a``."""
+        return [m for m in self.metrics if m.regressed]
+
+    @property
+    def exit_code(self) -> int:
+        """6 when a gating metric regressed (a CI gate fails), else 0."""
+        return REGRESSION_EXIT if self.regressions else 0
+
     def as_dict(self) -> RunDiffJson:
         return {
             "a": self.a_run,
@@ -99,6 +123,8 @@ class RunDiff:
                 g: [{"field": c.field, "a": c.a, "b": c.b} for c in self.group(g)] for g in GROUPS
             },
             "metrics": [asdict(m) for m in self.metrics],
+            "regressed": [m.name for m in self.regressions],
+            "exit_code": self.exit_code,
         }
 
 
@@ -147,6 +173,31 @@ def judge_metric(
     return MetricDelta(name, va, vb, delta, a_ci, b_ci, overlap, tolerance, exceeds, verdict)
 
 
+def gates(metric: MetricResult) -> bool:
+    """Whether ``metric`` gates its run: as recorded, else primary or promoted (a bundle
+    from before metric roles: every metric was primary)."""
+    if metric.gating is not None:
+        return metric.gating
+    return metric.role in (None, "primary") or metric.promoted is not None
+
+
+def regressed(delta: MetricDelta, baseline: MetricResult | None) -> bool:
+    """Whether the candidate regressed on ``baseline``'s gating metric (module docstring)."""
+    if baseline is None or not gates(baseline) or delta.a is None or not math.isfinite(delta.a):
+        return False
+    if delta.b is None or not math.isfinite(delta.b):
+        return True  # the gating metric has no value in the candidate
+    higher = (baseline.direction or "higher_is_better") == "higher_is_better"
+    worse = delta.b < delta.a if higher else delta.b > delta.a
+    if not worse:
+        return False
+    if delta.a_ci is not None:
+        beyond_ci = delta.b < delta.a_ci[0] if higher else delta.b > delta.a_ci[1]
+        if not beyond_ci:
+            return False
+    return delta.tolerance is None or bool(delta.exceeds_tolerance)
+
+
 def compare_metrics(
     a: Sequence[MetricResult],
     b: Sequence[MetricResult],
@@ -156,7 +207,18 @@ def compare_metrics(
     by_a = {m.name: m for m in a}
     by_b = {m.name: m for m in b}
     names = list(by_a) + [n for n in by_b if n not in by_a]
-    return [judge_metric(n, by_a.get(n), by_b.get(n), tolerance) for n in names]
+    deltas = []
+    for n in names:
+        delta = judge_metric(n, by_a.get(n), by_b.get(n), tolerance)
+        base = by_a.get(n)
+        deltas.append(
+            replace(
+                delta,
+                gating=base is not None and gates(base),
+                regressed=regressed(delta, base),
+            )
+        )
+    return deltas
 
 
 def overall_verdict(deltas: Sequence[MetricDelta]) -> Verdict:
@@ -277,8 +339,8 @@ def _show(value: JsonValue) -> str:
     if value is None:
         return "—"
     if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True)
+        return one_line(value)
+    return one_line(json.dumps(value, sort_keys=True))
 
 
 def _f(value: float | None, signed: bool = False) -> str:
@@ -289,7 +351,7 @@ def _f(value: float | None, signed: bool = False) -> str:
 
 def format_diff(d: RunDiff) -> str:
     """``evalrun diff`` for the terminal."""
-    lines = [f"a: {d.a_run}", f"b: {d.b_run}", ""]
+    lines = [f"a: {one_line(d.a_run)}", f"b: {one_line(d.b_run)}", ""]
     for group in GROUPS:
         changes = d.group(group)
         if not changes:
@@ -297,7 +359,7 @@ def format_diff(d: RunDiff) -> str:
             continue
         lines.append(f"{group}:")
         for c in changes:
-            lines.append(f"  {c.field}: {_show(c.a)} → {_show(c.b)}")
+            lines.append(f"  {one_line(c.field)}: {_show(c.a)} → {_show(c.b)}")
     lines.append("")
     header = ["metric", "a", "b", "delta", "a CI", "b CI", "CIs overlap", "tolerance", "verdict"]
     rows = []
@@ -307,7 +369,7 @@ def format_diff(d: RunDiff) -> str:
             tol = f"±{m.tolerance:g} " + ("EXCEEDED" if m.exceeds_tolerance else "ok")
         rows.append(
             [
-                m.name,
+                one_line(m.name, limit=80),
                 _f(m.a),
                 _f(m.b),
                 _f(m.delta, signed=True),
@@ -315,7 +377,7 @@ def format_diff(d: RunDiff) -> str:
                 f"[{m.b_ci[0]:.4f}, {m.b_ci[1]:.4f}]" if m.b_ci else "—",
                 {True: "yes", False: "NO", None: "—"}[m.ci_overlap],
                 tol,
-                m.verdict,
+                m.verdict + (" REGRESSED (gating)" if m.regressed else ""),
             ]
         )
     if rows:
@@ -327,11 +389,18 @@ def format_diff(d: RunDiff) -> str:
         ]
     else:
         lines.append("(no metrics on either side)")
+    lines.append("")
+    if d.regressions:
+        names = ", ".join(one_line(m.name, limit=80) for m in d.regressions)
+        lines.append(f"gate: FAIL — b regressed on gating metric(s) {names} (exit {d.exit_code})")
+    else:
+        lines.append("gate: pass — no gating metric of b regressed beyond a's confidence interval")
     return "\n".join(lines)
 
 
 __all__ = [
     "GROUPS",
+    "REGRESSION_EXIT",
     "Change",
     "MetricDelta",
     "RunDiff",

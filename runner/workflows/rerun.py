@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner._internal.files import RefusedFile
 from runner._internal.settings import Settings
 from runner.adapters.registry import ImageName, manifest_exists
 from runner.bundle.reader import predicate_of
@@ -42,7 +43,7 @@ from runner.errors import (
     IntegrityError,
 )
 from runner.model.base import parse_digest_ref
-from runner.model.lock import LockedSpec, load_lock
+from runner.model.lock import MAX_LOCK_BYTES, LockedSpec, parse_lock_bytes
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend
 from runner.model.predicate import (
@@ -52,7 +53,7 @@ from runner.model.predicate import (
     ReproductionVerdict,
     RunPredicate,
 )
-from runner.model.spec import EvalSpec, load_spec
+from runner.model.spec import MAX_SPEC_BYTES, EvalSpec, load_spec_bytes
 from runner.workflows.diff import MetricDelta, compare_metrics, overall_verdict
 from runner.workflows.inputs import (
     InputResolver,
@@ -100,18 +101,22 @@ def load_original(bundle: Path, verifier: Verifier) -> Original:
             f"bundle {verified.run_id} is a {predicate.kind} report, not a run",
             bundle=str(bundle),
         )
-    spec_path, lock_path = bundle / "spec.yaml", bundle / "eval.lock.json"
-    if not spec_path.is_file() or not lock_path.is_file():
+    # the signed bytes (checked against the manifest as they are read), never the path again
+    try:
+        spec_bytes = verified.read_file("spec.yaml", max_bytes=MAX_SPEC_BYTES)
+        lock_bytes = verified.read_file("eval.lock.json", max_bytes=MAX_LOCK_BYTES)
+    except (FileNotFoundError, RefusedFile) as exc:
         raise IntegrityError(
-            "the bundle holds no spec.yaml/eval.lock.json to re-run", bundle=str(bundle)
-        )
-    spec, lock = load_spec(spec_path), load_lock(lock_path)
+            f"the bundle holds no usable spec.yaml/eval.lock.json to re-run ({exc})",
+            bundle=str(bundle),
+        ) from exc
+    spec = load_spec_bytes(spec_bytes, source=f"{bundle}/spec.yaml")
+    lock = parse_lock_bytes(lock_bytes, source=f"{bundle}/eval.lock.json")
     # spec.yaml and eval.lock.json are signed (verify_bundle checked their bytes); their
     # model digests can still differ from the predicate's when this evalrun's spec or
     # lock model gained fields since the run: then the lock is re-pinned to this
     # version's spec digest, and the note says so. Inputs and image stay as locked.
     notes: list[str] = []
-    lock_bytes = lock_path.read_bytes()
     recorded_spec = predicate.spec.digest
     if lock.spec_digest != recorded_spec:
         raise IntegrityError(
@@ -140,7 +145,7 @@ def load_original(bundle: Path, verifier: Verifier) -> Original:
         predicate=predicate,
         spec=spec,
         lock=lock,
-        spec_bytes=spec_path.read_bytes(),
+        spec_bytes=spec_bytes,
         lock_bytes=lock_bytes,
         notes=tuple(notes),
         keyid=verified.keyid,

@@ -321,6 +321,7 @@ def run_evaluation(
         evalrun_version=_evalrun_version(),
         reason=reason,
         preprocessing=steps,
+        signer_keyid=signer.keyid,
     )
     journal.emit(
         "run_start",
@@ -511,7 +512,8 @@ def build_run_predicate(
         sandbox=SandboxFacts(
             runtime_requested=spec.sandbox.runtime,
             runtime_used=result.runtime if result else None,
-            network=spec.sandbox.network,
+            network=result.network if result else None,
+            network_requested=spec.sandbox.network,
             details=_plain_json(result.details) if result else {},
         ),
         model=ModelInput.model_validate(lock.model.record()),

@@ -36,6 +36,8 @@ from runner.model.predicate import (
     Timestamps,
 )
 from runner.model.spec import MetricSpec
+from runner.render.markdown import percent
+from runner.render.safe import markdown_view
 from runner.workflows.run import load_locked
 from runner.workflows.sweep import Cell, CellResult, run_sweep, sweep_exit_code
 
@@ -287,7 +289,7 @@ def _f(value: float | None) -> str:
 
 def render_run_set(predicate: RunSetPredicate) -> str:
     """Per-seed metrics with their bootstrap CIs, then the spread across seeds."""
-    p = predicate
+    p = markdown_view(predicate)
     names = [s.name for s in p.across_seeds]
     seeds = list(p.seeds.seeds) if p.seeds.seeds is not None else None
     lines = [
@@ -320,6 +322,6 @@ def render_run_set(predicate: RunSetPredicate) -> str:
     ]
     for s in p.across_seeds:
         ci = s.ci or ConfidenceInterval()
-        ci_text = f"[{_f(ci.low)}, {_f(ci.high)}] ({int(ci.level * 100)}%)" if ci.level else "—"
+        ci_text = f"[{_f(ci.low)}, {_f(ci.high)}] ({percent(ci.level)}%)" if ci.level else "—"
         lines.append(f"| {s.name} | {s.n} | {_f(s.mean)} | {_f(s.sd)} | {ci_text} |")
     return "\n".join(lines) + "\n"

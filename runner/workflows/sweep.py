@@ -115,7 +115,7 @@ def _derive(
 ) -> Path:
     """Write the cell's spec and lock: the base image by digest, the cell's inputs."""
     spec_dir = spec_path.resolve().parent
-    data = yaml.safe_load(spec_path.read_text())
+    data = load_yaml_document(spec_path)
     data["image"] = {"ref": base_lock.image.ref}
     data["metadata"]["labels"] = {
         **(data["metadata"].get("labels") or {}),

@@ -6,7 +6,8 @@
 - ``k8s_client``: a ``kubernetes.client.ApiClient`` for the cluster's admin kubeconfig.
 - ``namespace``: a fresh namespace per test, deleted afterwards. Pod Security labels
   can be requested with ``@pytest.mark.parametrize("namespace", [{"pod-security": "restricted"}],
-  indirect=True)``.
+  indirect=True)``, and ``"default-deny": True`` adds the chart's default-deny
+  NetworkPolicy (what evalrun's preflight demands of a namespace it runs in).
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ def namespace(request: pytest.FixtureRequest, k8s_client: client.ApiClient) -> I
     core.create_namespace(
         client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
     )
+    if options.get("default-deny"):
+        client.NetworkingV1Api(k8s_client).create_namespaced_network_policy(
+            name,
+            client.V1NetworkPolicy(
+                metadata=client.V1ObjectMeta(name="default-deny-all"),
+                spec=client.V1NetworkPolicySpec(
+                    pod_selector=client.V1LabelSelector(), policy_types=["Ingress", "Egress"]
+                ),
+            ),
+        )
     # Pods are rejected until the controller-manager has created the default ServiceAccount.
     deadline = time.monotonic() + 60
     while not core.list_namespaced_service_account(

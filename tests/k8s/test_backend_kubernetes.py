@@ -25,7 +25,8 @@ pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[2]
 EVALRUN = [sys.executable, "-m", "runner.cli"]
-RESTRICTED = [{"pod-security": "restricted"}]
+# what the preflight demands of a namespace: Pod Security restricted, default-deny egress
+RESTRICTED = [{"pod-security": "restricted", "default-deny": True}]
 
 
 def _evalrun(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

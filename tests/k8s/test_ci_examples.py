@@ -46,7 +46,8 @@ from runner.bundle.signing import generate_keypair  # noqa: E402
 
 pytestmark = pytest.mark.k8s
 
-RESTRICTED = [{"pod-security": "restricted"}]
+# what the preflight demands of a namespace: Pod Security restricted, default-deny egress
+RESTRICTED = [{"pod-security": "restricted", "default-deny": True}]
 SCHEMA = etree.XMLSchema(
     etree.parse(str(ROOT / "tests" / "unit" / "fixtures" / "junit" / "junit.xsd"))
 )

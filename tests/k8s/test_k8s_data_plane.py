@@ -32,7 +32,8 @@ pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).resolve().parent / "data_plane_driver.py"
-RESTRICTED = [{"pod-security": "restricted"}]
+# what the preflight demands of a namespace: Pod Security restricted, default-deny egress
+RESTRICTED = [{"pod-security": "restricted", "default-deny": True}]
 BLOB_MIB = 24
 SHAPE = os.environ.get("EVALRUN_INPUT_SHAPE", "artifact")
 

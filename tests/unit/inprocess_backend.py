@@ -152,6 +152,7 @@ class InProcessBackend:
             exit_code=0,
             image_digest_confirmed=True,
             runtime="runsc",
+            network="none",
             started_at="2026-11-29T12:00:01.000+00:00",
             finished_at="2026-11-29T12:00:02.500+00:00",
             duration_s=1.5,

@@ -11,7 +11,7 @@ from history_fixtures import predicate, store_run
 from runner.cli.main import main
 from runner.workflows.compare import NotComparable, compare_group, format_markdown, format_text
 from runner.errors import InputError
-from runner.bundle.signing import generate_keypair, load_signer
+from runner.bundle.signing import Verifier, generate_keypair, load_signer, load_verifier
 from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit
@@ -34,6 +34,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def _trust(home: Path) -> Verifier:
+    return load_verifier(home / "keys" / "evalrun.pub")
+
+
 def _run(home: Path, letter: str, value: float, low: float, high: float, **changes) -> None:
     fields = {"comparison_group": "digits", "preprocessing": [STEP], **changes}
     pred = predicate(run_id="r-" + letter * 24, **fields)
@@ -50,7 +54,7 @@ def test_comparable_runs_are_ranked_by_the_first_primary_metric(home):
     _run(home, "c", 0.91, 0.89, 0.96)
     _run(home, "d", 0.99, 0.98, 1.0, comparison_group="other")
     _run(home, "e", 0.99, 0.98, 1.0, outcome="evaluation_failed")
-    c = compare_group(Store(home), "digits")
+    c = compare_group(Store(home), "digits", trust=_trust(home))
     assert c.metric == "accuracy"
     assert [r.run_id[2] for r in c.ranking] == ["b", "c", "a"]
     assert [r.significant_vs_leader for r in c.ranking] == [None, False, True]
@@ -71,7 +75,7 @@ def test_lower_is_better_ranks_smallest_first(home):
     ]
     _run(home, "a", 0.10, 0.08, 0.12, metrics=json.loads(json.dumps(lower)))
     _run(home, "b", 0.05, 0.04, 0.06, metrics=json.loads(json.dumps(lower)))
-    c = compare_group(Store(home), "digits")
+    c = compare_group(Store(home), "digits", trust=_trust(home))
     assert [r.run_id[2] for r in c.ranking] == ["b", "a"]
     assert c.ranking[1].significant_vs_leader is True
 
@@ -80,7 +84,7 @@ def test_different_preprocessing_is_refused_naming_the_field(home):
     _run(home, "a", 0.90, 0.88, 0.92)
     _run(home, "b", 0.95, 0.93, 0.97, preprocessing=[{**STEP, "params": {"factor": 8}}])
     with pytest.raises(NotComparable) as exc:
-        compare_group(Store(home), "digits")
+        compare_group(Store(home), "digits", trust=_trust(home))
     assert [d.field for d in exc.value.differences] == ["preprocessing"]
     assert exc.value.exit_code == 2
     assert "--allow preprocessing" in exc.value.diagnostics()
@@ -89,7 +93,7 @@ def test_different_preprocessing_is_refused_naming_the_field(home):
 def test_allow_lets_the_difference_through_and_says_so(home):
     _run(home, "a", 0.90, 0.88, 0.92)
     _run(home, "b", 0.95, 0.93, 0.97, preprocessing=[{**STEP, "params": {"factor": 8}}])
-    c = compare_group(Store(home), "digits", allow=["preprocessing"])
+    c = compare_group(Store(home), "digits", trust=_trust(home), allow=["preprocessing"])
     assert [d.field for d in c.allowed] == ["preprocessing"]
     assert "ALLOWED difference in preprocessing" in format_text(c)
     assert "ALLOWED difference in preprocessing" in format_markdown(c)
@@ -124,7 +128,7 @@ def test_each_comparability_field_is_checked(home, changes, field):
         metrics=base["metrics"],
     )
     with pytest.raises(NotComparable) as exc:
-        compare_group(Store(home), "digits")
+        compare_group(Store(home), "digits", trust=_trust(home))
     assert [d.field for d in exc.value.differences] == [field]
 
 
@@ -142,14 +146,14 @@ def test_supplementary_metrics_do_not_affect_comparability(home):
     _run(home, "a", 0.90, 0.88, 0.92, metric_definitions=defs)
     extra = {"name": "f1", "compute": "macro_f1", "role": "supplementary"}
     _run(home, "b", 0.95, 0.93, 0.97, metric_definitions=[*defs, extra])
-    assert len(compare_group(Store(home), "digits").ranking) == 2
+    assert len(compare_group(Store(home), "digits", trust=_trust(home)).ranking) == 2
 
 
 def test_unknown_group_and_unknown_allow_field_are_input_errors(home):
     with pytest.raises(InputError, match="no comparable runs"):
-        compare_group(Store(home), "digits")
+        compare_group(Store(home), "digits", trust=_trust(home))
     with pytest.raises(InputError, match="unknown field"):
-        compare_group(Store(home), "digits", allow=["model"])
+        compare_group(Store(home), "digits", trust=_trust(home), allow=["model"])
 
 
 def test_cli_refuses_with_exit_2_and_allows_with_json(home, capsys):

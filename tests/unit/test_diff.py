@@ -137,8 +137,12 @@ def test_cli_diff_of_two_stored_runs(tmp_path: Path, monkeypatch, capsys) -> Non
     b = predicate(run_id="r-bbbbbbbbbbbbbbbbbbbbbbbb", **{"seeds.seed": 5})
     b["metrics"][0]["value"] = 0.8
     store_run(store, signer, b)
-    assert main(["diff", "r-aaaaaaaa", "r-bbbbbbbb", "--tolerance", "0.01", "--json"]) == 0
+    # b's gating accuracy dropped below a's CI by more than the tolerance: the gate fails
+    assert main(["diff", "r-aaaaaaaa", "r-bbbbbbbb", "--tolerance", "0.01", "--json"]) == 6
     out = json.loads(capsys.readouterr().out)
     assert out["changes"]["config"] == [{"field": "seeds.seed", "a": 1234, "b": 5}]
     assert out["metrics"][0]["exceeds_tolerance"] is True
     assert out["metrics"][0]["verdict"] == "changed"
+    assert out["regressed"] == ["accuracy"] and out["exit_code"] == 6
+    # the other way round it is an improvement: exit 0
+    assert main(["diff", "r-bbbbbbbb", "r-aaaaaaaa", "--json"]) == 0

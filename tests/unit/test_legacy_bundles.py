@@ -8,6 +8,7 @@ bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,13 +18,19 @@ from inprocess_backend import BUNDLE_NAMES, BUNDLES, PUBLIC_KEY, SOURCE, run_seq
 
 from runner.bundle.index import History
 from runner.bundle.run_records import RunFilter
-from runner.bundle.reader import read_predicate
+from runner.bundle.reader import open_bundle, read_predicate
 from runner.bundle.signing import load_verifier
 from runner.bundle.store import Store
 from runner.bundle.verify import verify_bundle
 from runner.cli.main import main
 from runner.model.outcome import Outcome
-from runner.model.predicate import AuditPredicate, RunPredicate, RunSetPredicate
+from runner.model.predicate import (
+    SELF_ASSERTED,
+    AuditPredicate,
+    RunPredicate,
+    RunSetPredicate,
+    parse_predicate,
+)
 from runner.render.html import render_html
 from runner.render.run_report import load_report_data, render_markdown_full
 from runner.render.markdown import render_markdown
@@ -108,7 +115,8 @@ def test_run_set_and_audit_reports_are_the_ones_they_were_sealed_with() -> None:
 
 @pytest.mark.parametrize("name", ["run", "rerun", "run-infrastructure-failure"])
 def test_html_and_full_markdown_reports_of_legacy_runs(name: str) -> None:
-    data = load_report_data(BUNDLES / name, "valid", "sha256:" + "0" * 64)
+    data = load_report_data(open_bundle(BUNDLES / name, load_verifier(PUBLIC_KEY)))
+    assert data.verification.startswith("valid: signed by keyid")
     page = render_html(data)
     assert data.predicate.run_id in page and "<script" not in page
     assert render_html(data) == page  # deterministic
@@ -166,16 +174,61 @@ def test_cli_diff_of_legacy_run_and_rerun(home: Path, capsys) -> None:
     assert [m["verdict"] for m in out["metrics"]] == ["identical"] * 4
 
 
+def _as_legacy(predicate: dict, digests: dict[str, str]) -> dict:
+    """Today's predicate in the legacy evalrun's terms: the fields added since taken out
+    (the sandbox's network is now observed, the spec's kept as ``network_requested``; the
+    self-asserted launcher is marked and bound to the signing key) and the digests of
+    today's bundles (which hold those fields) replaced by the legacy ones."""
+    data = json.loads(json.dumps(predicate))
+    sandbox = data.get("sandbox")
+    if isinstance(sandbox, dict) and "network_requested" in sandbox:
+        sandbox["network"] = sandbox.pop("network_requested")  # legacy copied the spec's
+    launched_by = data.get("provenance", {}).get("launched_by", {})
+    assert launched_by.pop("evidence", SELF_ASSERTED) == SELF_ASSERTED
+    launched_by.pop("signer_keyid", None)
+    text = json.dumps(data)
+    for today, legacy in digests.items():
+        text = text.replace(today, legacy)
+    return json.loads(text)
+
+
 def test_todays_builders_sign_what_the_legacy_evalrun_signed(tmp_path: Path) -> None:
     source = tmp_path / "elsewhere" / "source"
     shutil.copytree(SOURCE, source)
     made = run_sequence(source, tmp_path / "home")
-    for name in ("run-infrastructure-failure", "run", "rerun", "audit"):
-        # byte for byte: the same predicate, report, logs and so the same bundle digest
-        assert (made[name] / "statement.json").read_bytes() == (
-            BUNDLES / name / "statement.json"
-        ).read_bytes(), name
-        assert (made[name] / "report.md").read_bytes() == (BUNDLES / name / "report.md").read_bytes()
+    names = ("run-infrastructure-failure", "run", "rerun", "audit")
+    digests = {
+        hashlib.sha256((made[n] / "statement.json").read_bytes()).hexdigest(): hashlib.sha256(
+            (BUNDLES / n / "statement.json").read_bytes()
+        ).hexdigest()
+        for n in names
+    }
+    # the audit's id and its re-run derive from bundle digests too
+    today_audit = json.loads((made["audit"] / "statement.json").read_text())["predicate"]
+    legacy_audit = raw_predicate("audit")
+    digests[today_audit["run_id"]] = legacy_audit["run_id"]
+    for mine, theirs in zip(today_audit["runs"], legacy_audit["runs"], strict=True):
+        for key in ("rerun_bundle", "rerun_id"):
+            if mine.get(key):
+                digests[mine[key]] = theirs[key]
+    for name in names:
+        # the same facts as then, plus the fields added since (and so other digests)
+        today = json.loads((made[name] / "statement.json").read_text())["predicate"]
+        assert _as_legacy(today, digests) == raw_predicate(name), name
+        if name.startswith("run"):
+            launched_by = today["provenance"]["launched_by"]
+            assert launched_by["evidence"] == SELF_ASSERTED
+            assert launched_by["signer_keyid"] == verify_bundle(
+                made[name], load_verifier(PUBLIC_KEY)
+            ).keyid
+        # the report renders those facts exactly as the legacy evalrun did
+        parsed = parse_predicate(_as_legacy(today, digests))
+        rendered = (
+            render_audit_markdown(parsed)
+            if isinstance(parsed, AuditPredicate)
+            else render_markdown(parsed)  # type: ignore[arg-type]
+        )
+        assert rendered == (BUNDLES / name / "report.md").read_text(), name
     # a run set's member runs are derived into specs with absolute input paths (sweep
     # cells), so their ids and digests depend on where the source lies; the rest is equal
     made_set = json.loads((made["run-set"] / "statement.json").read_text())["predicate"]

@@ -13,6 +13,7 @@ from runner.model.predicate import MetricResult, RunPredicate
 from runner.render.markdown import render_markdown as _render_markdown
 from runner.render.html import render_html
 from runner.render.run_report import load_report_data, per_slice
+from runner.bundle.reader import UNVERIFIED, open_bundle
 from runner.render.svg import metrics_svg
 from runner.bundle.signing import generate_keypair, load_signer
 from runner.bundle.store import Store
@@ -70,13 +71,18 @@ def test_html_report_is_self_contained_and_complete(stored, tmp_path) -> None:
     assert html.count("<svg") == 2
 
 
-def test_report_says_when_verification_fails(stored, tmp_path, monkeypatch) -> None:
+def test_report_refuses_a_bundle_that_does_not_verify(stored, tmp_path, capsys) -> None:
     other = tmp_path / "other"
     generate_keypair(other, tmp_path / "other.pub")
     out = tmp_path / "r.md"
     assert main(["report", stored.run_id, "--format", "md", "--pub", str(tmp_path / "other.pub"),
-                 "-o", str(out)]) == 0
-    assert "verification: FAILED" in out.read_text()
+                 "-o", str(out)]) == 3
+    assert not out.exists()
+    assert "wrong key" in capsys.readouterr().err
+    # asked for by name, it is shown, and says so loudly on stderr and in the report
+    assert main(["report", stored.run_id, "--format", "md", "--no-verify", "-o", str(out)]) == 0
+    assert "verification: NOT VERIFIED (--no-verify)" in out.read_text()
+    assert "WARNING: --no-verify" in capsys.readouterr().err
 
 
 def test_svg_plot_is_deterministic_text() -> None:
@@ -95,10 +101,11 @@ def test_per_slice_uses_slice_field_when_present(tmp_path) -> None:
         '{"label": 0, "prediction": 0, "slice": "long"}\n'
         "not json\n"
     )
-    key, rows = per_slice(path)
+    key, rows = per_slice(path.read_bytes())
     assert key == "slice"
     assert [(r.name, r.n, r.correct) for r in rows] == [("long", 2, 1), ("short", 1, 1)]
-    assert per_slice(tmp_path / "missing.jsonl") == (None, ())
+    assert per_slice(None) == (None, ())
+    assert per_slice(b"\xff\xfe not utf-8") == (None, ())
 
 
 def test_reproduction_section_in_bundle_report() -> None:
@@ -118,7 +125,7 @@ def test_reproduction_section_in_bundle_report() -> None:
 
 
 def test_load_report_data_without_predictions(tmp_path, stored) -> None:
-    data = load_report_data(stored.path, "not checked")
+    data = load_report_data(open_bundle(stored.path, UNVERIFIED))
     assert data.slice_field == "label" and len(data.slices) == 3
     assert "Per-slice" in render_html(data)
 

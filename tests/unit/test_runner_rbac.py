@@ -1,4 +1,5 @@
-"""The runner's RBAC grows only by what results-by-exec needs (pods/exec), in both forms.
+"""The runner's RBAC grows only by what results-by-exec needs (pods/exec) and what the
+namespace-policy check reads (its namespace, its NetworkPolicies), in both forms.
 
 The k8s tier renders the chart with the pinned helm, compares it with manifests/, and asks
 the real API server (SubjectAccessReview) what the ServiceAccount may do; this tier pins the
@@ -25,6 +26,9 @@ EXPECTED_RULES = {
     ("", "pods/exec"): {"create", "get"},
     ("", "configmaps"): {"create", "get", "delete"},
     ("", "events"): {"get", "list", "watch"},
+    # the preflight's namespace-policy check (runner/backends/namespace_policy.py)
+    ("", "namespaces"): {"get"},
+    ("networking.k8s.io", "networkpolicies"): {"list"},
 }
 
 

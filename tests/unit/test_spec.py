@@ -121,7 +121,7 @@ def test_malformed_yaml_names_line(tmp_path):
     path = _write(tmp_path, "apiVersion: evalrun/v1\nkind: [Evaluation\nmetadata: {}\n")
     with pytest.raises(SpecError) as exc:
         load_spec(path)
-    assert exc.value.message == "malformed YAML"
+    assert exc.value.message == f"malformed YAML in {path}"
     assert any("line" in loc for loc, _ in exc.value.problems)
 
 
