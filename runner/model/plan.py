@@ -54,6 +54,11 @@ class PlanInput(BaseModel):
     artifact_ref: str | None = None
 
     @property
+    def size(self) -> int:
+        """Bytes of the input (every file's size; what it takes on a node's disk)."""
+        return sum(f.size for f in self.files)
+
+    @property
     def mount_path(self) -> str:
         """The directory inside the container that holds this input."""
         folder = "model" if self.role == "model" else f"data/{self.name}"
