@@ -45,7 +45,7 @@ MIB = 1 << 20
 # Appended to the example's evaluate.py: per-sample result files of params.results_mib in
 # all, one per sample, seeded by the run's seed and the sample id (so a rerun writes the
 # same bytes), and a digest over every shard's bytes so the whole model is read.
-PER_SAMPLE = r'''
+PER_SAMPLE = r"""
 
 def per_sample_results() -> None:
     import hashlib
@@ -73,7 +73,7 @@ if __name__ == "__main__":
     code = main()
     per_sample_results()
     sys.exit(code)
-'''
+"""
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -83,11 +83,13 @@ def emit(record: dict[str, Any]) -> None:
 def padding_shard(path: Path, name: str, mib: int, seed: int) -> None:
     """A safetensors file holding one F64 tensor of ``mib`` MiB of seeded bytes."""
     size = mib * MIB
-    header = {"__metadata__": {"format": "evalrun-padding"},
-              name: {"dtype": "F64", "shape": [size // 8], "data_offsets": [0, size]}}
+    header = {
+        "__metadata__": {"format": "evalrun-padding"},
+        name: {"dtype": "F64", "shape": [size // 8], "data_offsets": [0, size]},
+    }
     encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     encoded += b" " * (-len(encoded) % 8)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 (seeded padding, not secrets)
     with path.open("wb") as fh:
         fh.write(struct.pack("<Q", len(encoded)) + encoded)
         for _ in range(mib):
@@ -96,8 +98,11 @@ def padding_shard(path: Path, name: str, mib: int, seed: int) -> None:
 
 def make_example(work: Path, model_gib: float, shards: int, results_mib: int) -> Path:
     dest = work / "sharded"
-    shutil.copytree(ROOT / "examples" / "sharded", dest,
-                    ignore=shutil.ignore_patterns("eval.lock.json", "__pycache__"))
+    shutil.copytree(
+        ROOT / "examples" / "sharded",
+        dest,
+        ignore=shutil.ignore_patterns("eval.lock.json", "__pycache__"),
+    )
     model = dest / "model"
     index = json.loads((model / "model.safetensors.index.json").read_text())
     per = int(model_gib * 1024) // shards
@@ -115,8 +120,12 @@ def make_example(work: Path, model_gib: float, shards: int, results_mib: int) ->
     spec["metadata"]["name"] = "sharded-large"
     spec["image"]["template"] = str(ROOT / "images" / "python-eval.Dockerfile.j2")
     spec["params"] = {"results_mib": results_mib}
-    spec["resources"] = {"cpus": 1, "memory_mib": 1024, "pids": 128,
-                         "results_mib": results_mib + 256}
+    spec["resources"] = {
+        "cpus": 1,
+        "memory_mib": 1024,
+        "pids": 128,
+        "results_mib": results_mib + 256,
+    }
     spec["timeout_s"] = 1800
     (dest / "eval.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return dest / "eval.yaml"
@@ -124,8 +133,15 @@ def make_example(work: Path, model_gib: float, shards: int, results_mib: int) ->
 
 def evalrun(env: dict[str, str], *args: str, timeout: float = 3600) -> tuple[int, Any, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([*EVALRUN, *args, "--json"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [*EVALRUN, *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
     took = time.monotonic() - t0
     try:
         out = json.loads(proc.stdout)
@@ -137,21 +153,40 @@ def evalrun(env: dict[str, str], *args: str, timeout: float = 3600) -> tuple[int
 def namespace(api: client.ApiClient) -> str:
     name = f"e2e-large-{os.getpid()}"
     labels = {"evalrun.dev/test": "true"} | {
-        f"pod-security.kubernetes.io/{m}": "restricted" for m in ("enforce", "warn", "audit")}
+        f"pod-security.kubernetes.io/{m}": "restricted" for m in ("enforce", "warn", "audit")
+    }
     core = client.CoreV1Api(api)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name,
-                                                                          labels=labels)))
-    client.NetworkingV1Api(api).create_namespaced_network_policy(name, client.V1NetworkPolicy(
-        metadata=client.V1ObjectMeta(name="default-deny-all"),
-        spec=client.V1NetworkPolicySpec(pod_selector=client.V1LabelSelector(),
-                                        policy_types=["Ingress", "Egress"])))
+    core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
+    )
+    client.NetworkingV1Api(api).create_namespaced_network_policy(
+        name,
+        client.V1NetworkPolicy(
+            metadata=client.V1ObjectMeta(name="default-deny-all"),
+            spec=client.V1NetworkPolicySpec(
+                pod_selector=client.V1LabelSelector(), policy_types=["Ingress", "Egress"]
+            ),
+        ),
+    )
     deadline = time.monotonic() + 60
-    while not core.list_namespaced_service_account(name,
-                                                   field_selector="metadata.name=default").items:
+    while not core.list_namespaced_service_account(
+        name, field_selector="metadata.name=default"
+    ).items:
         if time.monotonic() > deadline:
             raise SystemExit(f"no default ServiceAccount in {name}")
         time.sleep(0.2)
     return name
+
+
+def results_digest(bundle: Path) -> dict[str, str]:
+    """sha256 of every result file (logs and timings aside), by its path in results/."""
+    import hashlib
+
+    found = {}
+    for path in sorted((bundle / "results").rglob("*")):
+        if path.is_file() and path.suffix not in {".log", ".txt"} and "timing" not in path.name:
+            found[str(path.relative_to(bundle))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
 
 
 def metrics_of(bundle: Path) -> Any:
@@ -173,25 +208,42 @@ def main() -> int:
     try:
         t0 = time.monotonic()
         spec = make_example(work, args.model_gib, args.shards, args.results_mib)
-        emit({"step": "make_inputs", "s": round(time.monotonic() - t0, 1),
-              "model_bytes": sum(f.stat().st_size for f in (spec.parent / "model").iterdir())})
+        emit(
+            {
+                "step": "make_inputs",
+                "s": round(time.monotonic() - t0, 1),
+                "model_bytes": sum(f.stat().st_size for f in (spec.parent / "model").iterdir()),
+            }
+        )
         homes = {}
         for side in ("first", "rerun"):
             home, cache = work / side / "home", work / side / "cache"
-            homes[side] = {**os.environ, "EVALRUN_HOME": str(home), "EVALRUN_CACHE": str(cache),
-                           "EVALRUN_REGISTRY": info.registry, "PYTHONPATH": str(ROOT)}
+            homes[side] = {
+                **os.environ,
+                "EVALRUN_HOME": str(home),
+                "EVALRUN_CACHE": str(cache),
+                "EVALRUN_REGISTRY": info.registry,
+                "PYTHONPATH": str(ROOT),
+            }
             code, out, took = evalrun(homes[side], "keys", "generate")
             assert code == 0, out
         env = homes["first"]
         cluster_args = ["--backend", "kubernetes", "--kubeconfig", str(info.kubeconfig), "-n", ns]
-        code, pins, took = evalrun(env, "digest", str(spec.parent / "model"),
-                                   str(spec.parent / "data"))
+        code, pins, took = evalrun(
+            env, "digest", str(spec.parent / "model"), str(spec.parent / "data")
+        )
         assert code == 0, pins
         doc = yaml.safe_load(spec.read_text())
         doc["model"]["sha256"], doc["datasets"][0]["sha256"] = (p["sha256"] for p in pins)
         spec.write_text(yaml.safe_dump(doc, sort_keys=False))
-        emit({"step": "digest", "s": round(took, 1), "model": pins[0]["sha256"],
-              "files": pins[0]["files"]})
+        emit(
+            {
+                "step": "digest",
+                "s": round(took, 1),
+                "model": pins[0]["sha256"],
+                "files": pins[0]["files"],
+            }
+        )
         code, out, took = evalrun(env, "lock", str(spec))
         emit({"step": "lock", "exit": code, "s": round(took, 1)})
         assert code == 0, out
@@ -206,20 +258,25 @@ def main() -> int:
         code, out, took = evalrun(env, "verify", str(bundle), "--key", str(pub))
         emit({"step": "verify", "exit": code, "s": round(took, 1)})
         assert code == 0, out
-        code, out, took = evalrun(homes["rerun"], "rerun", str(bundle), "--pub", str(pub),
-                                  *cluster_args)
+        code, out, took = evalrun(
+            homes["rerun"], "rerun", str(bundle), "--pub", str(pub), *cluster_args
+        )
         emit({"step": "rerun_empty_store_and_cache", "exit": code, "s": round(took, 1)})
         assert code == 0, out
         rerun_bundle = Path(out["bundle"])
         first, again = metrics_of(bundle), metrics_of(rerun_bundle)
         emit({"step": "metrics", "first": first, "rerun": again, "identical": first == again})
         assert first == again
+        same = results_digest(bundle) == results_digest(rerun_bundle)
+        emit({"step": "per_sample_results", "identical": same})
+        assert same
         ok = True
     except AssertionError as exc:
         emit({"step": "failed", "detail": str(exc)[-3000:]})
     finally:
-        client.CoreV1Api(api).delete_namespace(ns, body=client.V1DeleteOptions(
-            propagation_policy="Background"))
+        client.CoreV1Api(api).delete_namespace(
+            ns, body=client.V1DeleteOptions(propagation_policy="Background")
+        )
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     emit({"e2e_k8s_large": "passed" if ok else "failed", "work": str(work)})
