@@ -206,6 +206,7 @@ class KubernetesBackend:
     """Runs a :class:`RunPlan` as a Job in a namespace."""
 
     name = "kubernetes"
+    pulls_inputs = True
 
     def __init__(
         self,
