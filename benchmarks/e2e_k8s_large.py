@@ -119,7 +119,7 @@ def make_example(work: Path, model_gib: float, shards: int, results_mib: int) ->
     spec["params"] = {"results_mib": results_mib}
     spec["resources"] = {
         "cpus": 1,
-        "memory_mib": 1024,
+        "memory_mib": 2048,
         "pids": 128,
         "results_mib": results_mib + 256,
     }
