@@ -176,14 +176,16 @@ def namespace(api: client.ApiClient) -> str:
 
 
 def results_digest(bundle: Path) -> dict[str, str]:
-    """sha256 of every result file (logs and timings aside), by its path in results/."""
+    """sha256 of what the evaluation wrote: per-sample outputs and files, and metrics.
+
+    (summary.json and preflight.json carry the run's id and timings: they differ.)
+    """
     import hashlib
 
-    found = {}
-    for path in sorted((bundle / "results").rglob("*")):
-        if path.is_file() and path.suffix not in {".log", ".txt"} and "timing" not in path.name:
-            found[str(path.relative_to(bundle))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
+    results = bundle / "results"
+    paths = [results / "predictions.jsonl", results / "metrics.json"]
+    paths += sorted((results / "per_sample").iterdir())
+    return {str(p.relative_to(bundle)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
 def metrics_of(bundle: Path) -> Any:
