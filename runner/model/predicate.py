@@ -398,6 +398,9 @@ class RunPredicate(Record):
     attempt: Count | None = None
     evalrun_version: Text | None = None
     backend: Text | None = None
+    # where the backend ran it (e.g. a cluster's API server and namespace), part of the
+    # run id; absent for the local Docker engine and in bundles from before it
+    backend_target: Text | None = None
     spec: SpecRef = SpecRef()
     lock_digest: Text | None = None
     image: ImageFacts = ImageFacts()
