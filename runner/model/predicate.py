@@ -425,6 +425,9 @@ class RunPredicate(Record):
     metrics: tuple[MetricResult, ...] = ()
     outcome: Outcome | None = None
     reason: Text | None = None
+    # the last lines of the evaluation's stderr, as written, for a run that failed in the
+    # container (crashed, timed out, bad output); absent otherwise and in older bundles
+    stderr_tail: tuple[Text, ...] | None = None
     exit_code: Count | None = None
     timestamps: Timestamps = Timestamps()
     reproduction_of: ReproductionOf | None = None

@@ -580,6 +580,8 @@ def build_run_predicate(
         metrics=tuple(_metric_result(m, spec, facts.verdicts) for m in facts.metrics),
         outcome=judgement.outcome,
         reason=judgement.reason,
+        # only a run that failed in the container has one: others read as before
+        **({"stderr_tail": judgement.stderr_tail} if judgement.stderr_tail else {}),
         exit_code=judgement.outcome.exit_code,
         timestamps=Timestamps(
             started=started,
