@@ -221,6 +221,7 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
                 "outcome": outcome.outcome,
                 "exit_code": outcome.exit_code,
                 "reason": outcome.reason,
+                "stderr_tail": list(outcome.predicate.stderr_tail or []),
                 "bundle": str(outcome.bundle.path),
                 "bundle_digest": outcome.bundle.digest,
                 "tar": str(tar) if tar else None,

@@ -129,6 +129,12 @@ def test_a_crash_says_so_with_its_stderr_intact_everywhere(tmp_path: Path, capsy
     summary = run_summary(p, exit_code=6, bundle="b", digest="d", verified="valid")
     assert "crashed" in summary and "  File \"/work/evaluate.py\", line 9, in <module>" in summary
     assert "did not meet its thresholds" not in summary
+    from runner.render.junit import run_suite
+
+    (case,) = run_suite(p).cases
+    assert case.problem is not None and case.problem.type == "evaluation_failed"
+    assert "KeyError: 'EVALRUN_DATA_TEST'" in case.problem.message
+    assert '  File "/work/evaluate.py", line 9, in <module>' in case.problem.text.splitlines()
 
 
 def test_reports_of_runs_without_a_tail_are_unchanged():
