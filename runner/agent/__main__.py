@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from runner.agent.capture import capture_environment
+from runner.agent.hints import missing_input_hint, stderr_text
 from runner.agent.hold import acknowledge, emit_stream, hold, is_holding
 from runner.agent.inputs import check_input, failure_reason
 from runner.agent.rootfs import rootfs_digest
@@ -351,7 +352,16 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
         summary.update(outcome="timeout", reason=f"evaluation exceeded {plan['timeout_s']} s")
         return AgentExit.EVAL_TIMEOUT
     if rc != 0:
-        summary.update(outcome="evaluation_failed", reason=f"evaluation command exited {rc}")
+        reason = f"evaluation command exited {rc}"
+        hint = missing_input_hint(
+            stderr=stderr_text(results / "logs" / "evaluation.stderr"),
+            command=plan["command"],
+            env=child_env,
+            datasets=datasets,
+        )
+        summary.update(outcome="evaluation_failed", reason=reason)
+        if hint:
+            summary["hint"] = hint
         return AgentExit.EVAL_FAILED
 
     # --- metrics from the per-sample outputs

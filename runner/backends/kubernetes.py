@@ -240,6 +240,16 @@ class KubernetesBackend:
     def namespace(self) -> str:
         return self._connect()[1]
 
+    @property
+    def run_target(self) -> str:
+        """Where this backend runs, as part of a run's identity: API server and namespace.
+
+        Read from the kubeconfig (no request is sent): the same spec on another cluster
+        or in another namespace is another run.
+        """
+        api, namespace = self._connect()
+        return f"kubernetes {api.configuration.host} namespace {namespace}"
+
     def options(self, namespace: str) -> JobOptions:
         """The cluster-side choices this backend makes for every Job."""
         return JobOptions(

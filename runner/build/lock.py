@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 from runner._internal import oci
 from runner._internal.cas import ContentStore
+from runner._internal.files import read_regular_file
 from runner._internal.input_tree import scan_tree
 from runner._internal.settings import Settings
+from runner._internal.strict_json import load_json_strict
 from runner._internal.tree import sha256_file
 from runner.adapters import registry
 from runner.adapters.docker_engine import connect
@@ -36,7 +38,12 @@ from runner.build.context import BUILD_EPOCH, BuildInputs, build_inputs_for, tre
 from runner.build.image import BuiltImage, build_image, measure_rootfs
 from runner.build.package_files import agent_digest
 from runner.build.provenance import preprocessing_records
-from runner.build.wheels import cached_wheel, normalize_project_name, resolve_wheels
+from runner.build.wheels import (
+    cached_wheel,
+    normalize_project_name,
+    remembered_wheels,
+    resolve_wheels,
+)
 from runner.errors import DigestMismatch, EvalrunError, InputError, SpecError
 from runner.model.base import parse_digest_ref
 from runner.model.input_uri import LocalUri, parse_input_uri
@@ -318,7 +325,12 @@ def lock_spec(
         wheels = _reuse_or_resolve_wheels(spec, previous, settings, progress)
         inputs = build_inputs_for(spec, spec_dir, base, wheels)
         tree = tree_digest(inputs.context)
-        image_or_none = None if rebuild else _reusable_image(previous, inputs)
+        cache_key = _image_cache_key(spec, inputs)
+        image_or_none = (
+            None
+            if rebuild
+            else _reusable_image(previous, inputs) or _cached_image(settings, cache_key, inputs)
+        )
         if image_or_none is None:
             built = build_image(inputs, settings, progress=progress)
             image = LockedImage(
@@ -334,6 +346,7 @@ def lock_spec(
                 config_digest=built.config_digest,
                 layers=list(built.layers),
             )
+            _remember_image(settings, cache_key, image)
         else:
             image = image_or_none
             built = BuiltImage(
@@ -391,6 +404,10 @@ def _reuse_or_resolve_wheels(
                 return list(previous.wheels)
             except EvalrunError:
                 pass
+    remembered = remembered_wheels(spec.image.requirements, settings)
+    if remembered is not None:
+        progress(f"wheels: {len(remembered)} resolved earlier, all cached")
+        return remembered
     return resolve_wheels(spec.image.requirements, settings, progress)
 
 
@@ -402,6 +419,53 @@ def _reusable_image(previous: LockedSpec | None, inputs: BuildInputs) -> LockedI
     if not registry.manifest_exists(registry.ImageName.parse(repo), digest):
         return None
     return previous.image
+
+
+def _image_cache_key(spec: EvalSpec, inputs: BuildInputs) -> str:
+    """What names a built image in the cache: its build inputs, its repository and the
+    spec name its Dockerfile is rendered with (two specs never share a cached image)."""
+    text = f"evalrun-image-cache/v1\n{inputs.digest()}\n{image_repository(spec)}\n"
+    return hashlib.sha256((text + spec.metadata.name).encode()).hexdigest()
+
+
+def _image_cache_path(settings: Settings, key: str) -> Path:
+    return settings.cache / "images" / f"{key}.json"
+
+
+def _remember_image(settings: Settings, key: str, image: LockedImage) -> None:
+    """Record a built image under its cache key, so a later lock with the same image
+    inputs reuses it without a previous lock (a fresh checkout, another copy of a spec).
+    Best effort: a cache that cannot be written only costs a rebuild later."""
+    path = _image_cache_path(settings, key)
+    data = json.dumps(image.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".image.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data + "\n")
+        Path(tmp).replace(path)
+    except OSError as exc:
+        log.warning(
+            "image cache not written",
+            extra={"event": "image_cache_unwritable", "file": str(path), "error": str(exc)},
+        )
+
+
+def _cached_image(settings: Settings, key: str, inputs: BuildInputs) -> LockedImage | None:
+    """The image built earlier from the same inputs (the host's image cache), if it is
+    still in its registry; None for no record, an unreadable one or a different build."""
+    path = _image_cache_path(settings, key)
+    try:
+        data = read_regular_file(path, max_bytes=1 << 20)
+        image = LockedImage.model_validate(load_json_strict(data))
+    except (OSError, EvalrunError, ValueError):
+        return None
+    if image.inputs_digest != inputs.digest() or image.agent_sha256 != agent_digest():
+        return None
+    repo, digest = parse_digest_ref(image.ref)
+    if not registry.manifest_exists(registry.ImageName.parse(repo), digest):
+        return None
+    return image
 
 
 def write_lock(lock: LockedSpec, path: Path) -> None:

@@ -6,6 +6,9 @@ with ``--no-index --require-hashes`` (see :mod:`runner.build.context`).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,9 +17,11 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from runner._internal.files import read_regular_file
 from runner._internal.settings import Settings
+from runner._internal.strict_json import load_json_strict
 from runner._internal.tree import sha256_file
-from runner.errors import DigestMismatch, InfrastructureError, InputError
+from runner.errors import DigestMismatch, EvalrunError, InfrastructureError, InputError
 from runner.model.spec import LockedWheel
 
 Progress = Callable[[str], None]
@@ -87,6 +92,41 @@ def resolve_wheels(
                     sha256=digest,
                 )
             )
+    _remember_resolution(reqs, wheels, settings)
+    return wheels
+
+
+def _resolution_path(requirements: Iterable[str], settings: Settings) -> Path:
+    text = "\n".join(["evalrun-wheels/v1", IMAGE_PYTHON, *WHEEL_PLATFORMS, *sorted(requirements)])
+    return settings.wheel_cache / "resolved" / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
+
+
+def _remember_resolution(
+    requirements: Iterable[str], wheels: list[LockedWheel], settings: Settings
+) -> None:
+    """Record what ``requirements`` resolved to (best effort: only a later lock is faster)."""
+    path = _resolution_path(requirements, settings)
+    data = json.dumps([w.model_dump(mode="json") for w in wheels], sort_keys=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".resolved.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data + "\n")
+        Path(tmp).replace(path)
+    except OSError:
+        return
+
+
+def remembered_wheels(requirements: Iterable[str], settings: Settings) -> list[LockedWheel] | None:
+    """What ``requirements`` resolved to last time on this host, every wheel still in the
+    cache with its hash; None when there is no such record (then resolve again)."""
+    try:
+        data = read_regular_file(_resolution_path(requirements, settings), max_bytes=1 << 20)
+        wheels = [LockedWheel.model_validate(w) for w in load_json_strict(data)]
+        for wheel in wheels:
+            cached_wheel(wheel, settings)
+    except (OSError, EvalrunError, ValueError, TypeError):
+        return None
     return wheels
 
 

@@ -47,8 +47,20 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
     from runner.build.lock import lock_spec
     from runner.model.spec import load_spec, lock_path_for
 
-    spec = load_spec(args.spec)
     t0 = time.monotonic()
+    pins: list[dict[str, str | bool]] = []
+    if getattr(args, "refresh_pins", False):
+        from runner.build.pins import describe, refresh_pins
+
+        refreshed = refresh_pins(args.spec)
+        for line in describe(refreshed):
+            if not args.json:
+                print(f"pin {line}")
+        pins = [
+            {"input": p.label, "old": p.old, "new": p.new, "changed": p.changed}
+            for p in refreshed.pins
+        ]
+    spec = load_spec(args.spec)
     lock, built = lock_spec(
         spec,
         args.spec,
@@ -70,6 +82,8 @@ def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> in
         ],
         "seconds": round(time.monotonic() - t0, 3),
     }
+    if getattr(args, "refresh_pins", False):
+        summary["pins"] = pins
     if args.json:
         emit_json(summary)
     else:
@@ -141,6 +155,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("spec", type=Path)
         p.add_argument("--rebuild", action="store_true", help="build even if nothing changed")
+        if name == "lock":
+            p.add_argument(
+                "--refresh-pins",
+                action="store_true",
+                help="first set each local input's declared sha256 in the spec to what the "
+                "file (or directory) is now, printing each change; only those values are "
+                "edited (comments and formatting kept); remote inputs keep their pins",
+            )
         if name == "build":
             p.add_argument(
                 "--check",

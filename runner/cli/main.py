@@ -179,7 +179,7 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
     from runner.bundle.signing import load_verifier
     from runner.model.spec import load_spec
     from runner.render.junit import run_suite
-    from runner.render.markdown import metric_table
+    from runner.render.markdown import metric_table, stderr_lines
     from runner.render.step_summary import run_summary, verdict_text
     from runner.workflows.run import run_evaluation
 
@@ -222,6 +222,7 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
                 "outcome": outcome.outcome,
                 "exit_code": outcome.exit_code,
                 "reason": outcome.reason,
+                "stderr_tail": list(outcome.predicate.stderr_tail or []),
                 "bundle": str(outcome.bundle.path),
                 "bundle_digest": outcome.bundle.digest,
                 "tar": str(tar) if tar else None,
@@ -234,10 +235,17 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
     else:
         print(f"run id   {outcome.run_id}{' (existing run)' if outcome.reused else ''}")
         print(f"outcome  {outcome.outcome}" + (f" — {outcome.reason}" if outcome.reason else ""))
+        tail = stderr_lines(outcome.predicate)
+        if tail:
+            print(f"\nthe evaluation's stderr (last {len(tail)} lines):")
+            for line in tail:
+                print(f"  \u2502 {line}")
         print()
         print(metric_table(outcome.predicate.metrics))
         print()
-        print(f"verdict  {verdict_text(outcome.exit_code, outcome.outcome, plain=True)}")
+        partial = bool(outcome.predicate.metrics)
+        verdict = verdict_text(outcome.exit_code, outcome.outcome, plain=True, partial=partial)
+        print(f"verdict  {verdict}")
         print(f"bundle   {outcome.bundle.path}")
         if tar is not None:
             print(f"tar      {tar}")

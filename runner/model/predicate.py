@@ -398,6 +398,9 @@ class RunPredicate(Record):
     attempt: Count | None = None
     evalrun_version: Text | None = None
     backend: Text | None = None
+    # where the backend ran it (e.g. a cluster's API server and namespace), part of the
+    # run id; absent for the local Docker engine and in bundles from before it
+    backend_target: Text | None = None
     spec: SpecRef = SpecRef()
     lock_digest: Text | None = None
     image: ImageFacts = ImageFacts()
@@ -422,6 +425,9 @@ class RunPredicate(Record):
     metrics: tuple[MetricResult, ...] = ()
     outcome: Outcome | None = None
     reason: Text | None = None
+    # the last lines of the evaluation's stderr, as written, for a run that failed in the
+    # container (crashed, timed out, bad output); absent otherwise and in older bundles
+    stderr_tail: tuple[Text, ...] | None = None
     exit_code: Count | None = None
     timestamps: Timestamps = Timestamps()
     reproduction_of: ReproductionOf | None = None

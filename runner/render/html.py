@@ -16,7 +16,12 @@ from pydantic import JsonValue
 
 from runner._internal.sanitize import map_strings, one_line
 from runner.model.predicate import AuditPredicate, ConfidenceInterval, RunSetPredicate
-from runner.render.markdown import ROLE_HEADER, metric_rows_with_role, promotion_lines
+from runner.render.markdown import (
+    ROLE_HEADER,
+    metric_rows_with_role,
+    promotion_lines,
+    stderr_lines,
+)
 from runner.render.run_report import ReportData, report_sections
 from runner.render.safe import line_view
 from runner.render.svg import metrics_svg, slices_svg
@@ -53,6 +58,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
 def render_html(data: ReportData) -> str:
     """The report as one self-contained HTML document (deterministic)."""
     lock = map_strings(data.lock, one_line)
+    stderr = stderr_lines(data.predicate)
     data = replace(
         data,
         predicate=line_view(data.predicate),
@@ -64,6 +70,9 @@ def render_html(data: ReportData) -> str:
     body = [f"<h1>{html.escape(title)}</h1>"]
     sections = report_sections(data)
     body.append("<h2>Summary</h2>" + _table([], [list(r) for r in sections[0][1]], "kv"))
+    if stderr:
+        body.append(f"<h2>Evaluation stderr (last {len(stderr)} lines)</h2>")
+        body.append("<pre>" + html.escape("\n".join(stderr)) + "</pre>")
     body.append("<h2>Metrics</h2>")
     body.append(_table(ROLE_HEADER, metric_rows_with_role(p.metrics), "metrics"))
     promotions = promotion_lines(p.metrics)

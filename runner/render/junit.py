@@ -258,6 +258,9 @@ def run_suite(
     exit_code = p.exit_code if p.exit_code is not None else _exit_of(p.outcome)
     classname = _classname(p.spec.name)
     detail = [f"run id {p.run_id}"]
+    if p.stderr_tail:
+        # a run that failed in the container: the end of its stderr, line by line
+        detail += [f"the evaluation's stderr (last {len(p.stderr_tail)} lines):", *p.stderr_tail]
     cases = _metric_cases(classname, p.metrics, p.outcome, p.reason, exit_code, detail)
     return JUnitSuite(
         name=name or p.spec.name or p.run_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from pydantic import JsonValue
@@ -157,6 +158,7 @@ def render_markdown(predicate: RunPredicate) -> str:
         lines += confusion_lines(p.metrics)
     else:
         lines.append("No metrics were computed.")
+    lines += stderr_markdown(predicate)
     lines += provenance_markdown(p)
     lines += perturbation_lines(p)
     lines += ["", "## Inputs", ""]
@@ -184,6 +186,43 @@ def render_markdown(predicate: RunPredicate) -> str:
     )
     lines += reproduction_markdown(p)
     return "\n".join(lines) + "\n"
+
+
+# A line of the evaluation's stderr is shown up to this long (the bundle keeps all of it).
+STDERR_LINE_LIMIT = 500
+
+
+def stderr_lines(predicate: RunPredicate) -> list[str]:
+    """The end of the evaluation's stderr as recorded, each line intact but terminal-safe.
+
+    Indentation and punctuation are kept (a traceback reads as one); control characters
+    are escaped and each line is bounded. Empty for a run that recorded none.
+    """
+    return [
+        one_line(line.rstrip().expandtabs(4), limit=STDERR_LINE_LIMIT)
+        for line in predicate.stderr_tail or ()
+    ]
+
+
+def stderr_markdown(predicate: RunPredicate) -> list[str]:
+    """The ``## Evaluation stderr`` section: the recorded tail in a fenced code block.
+
+    Inside a fence nothing is Markdown or HTML; the fence is longer than any run of
+    backticks in the text, so no line can close it. Empty when none was recorded.
+    """
+    lines = stderr_lines(predicate)
+    if not lines:
+        return []
+    longest = max((len(run) for line in lines for run in re.findall("`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [
+        "",
+        f"## Evaluation stderr (last {len(lines)} lines)",
+        "",
+        fence + "text",
+        *lines,
+        fence,
+    ]
 
 
 def provenance_markdown(predicate: RunPredicate) -> list[str]:

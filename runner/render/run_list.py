@@ -10,7 +10,7 @@ from runner.bundle.run_records import RunRecord
 
 def format_table(records: Sequence[RunRecord]) -> str:
     """``runs ls`` as a plain-text table."""
-    header = ["run id", "spec", "outcome", "started (UTC)", "metrics", "bundle"]
+    header = ["run id", "spec", "backend", "outcome", "started (UTC)", "metrics", "bundle"]
     rows = []
     for r in records:
         metrics = ", ".join(
@@ -21,6 +21,8 @@ def format_table(records: Sequence[RunRecord]) -> str:
             [
                 one_line(r.run_id, limit=140),
                 one_line(r.spec_name or "?", limit=80),
+                # run sets and audits have no backend of their own; old runs may lack one
+                one_line(r.backend or "—", limit=40),
                 one_line((r.outcome or "?") + repro, limit=80),
                 one_line((r.started or "?")[:19].replace("T", " ")),
                 one_line(metrics or "—", limit=300),

@@ -17,7 +17,13 @@ from runner._internal.sanitize import markdown_text
 from runner._internal.strict_json import load_json_strict
 from runner.bundle.reader import OpenedBundle, expect_kind
 from runner.model.predicate import JsonObject, RunPredicate, json_at
-from runner.render.markdown import metric_rows, reproduction_markdown
+from runner.render.markdown import (
+    ROLE_HEADER,
+    metric_rows_with_role,
+    promotion_lines,
+    reproduction_markdown,
+    stderr_markdown,
+)
 from runner.render.safe import markdown_json, markdown_view
 
 MAX_SLICES = 40
@@ -135,6 +141,38 @@ def launcher_text(p: RunPredicate) -> str:
     return f"{text} ({who.evidence}; bound to signing keyid {who.signer_keyid})"
 
 
+def provenance_rows(p: RunPredicate) -> list[tuple[str, str]]:
+    """The facts of ``report.md``'s ``## Provenance`` section as key/value rows: who
+    launched the run, when, from which CI job, why, in which group, after which
+    preprocessing steps (empty for a run sealed before provenance was recorded)."""
+    prov = p.provenance
+    if prov.is_empty():
+        return []
+    who, ci, why = prov.launched_by, prov.launched_by.ci, prov.rationale
+    rows = [
+        ("launched by", launcher_text(p)),
+        ("launched at", f"{prov.launched_at} (evalrun {prov.evalrun_version})"),
+    ]
+    if ci is not None and not ci.is_empty():
+        rows.append(
+            ("CI", f"{ci.system}, pipeline {ci.pipeline}, run {ci.run_id}, job {ci.job_url}")
+        )
+    if who.evidence is not None:
+        rows.append(("launcher claims", f"{who.evidence}; signing keyid {who.signer_keyid}"))
+    rows.append(("rationale", f"{why.text} (from {why.source})" if why.text else "none given"))
+    if prov.comparison_group:
+        rows.append(("comparison group", prov.comparison_group))
+    for step in prov.preprocessing:
+        rows.append(
+            (
+                f"preprocessing {step.name}",
+                f"{step.code} {step.code_digest} params "
+                + json.dumps(step.params or {}, sort_keys=True),
+            )
+        )
+    return rows
+
+
 def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]:
     """Key/value sections shared by the HTML and Markdown forms."""
     p = data.predicate
@@ -146,7 +184,7 @@ def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]
         ("outcome", str(p.outcome) + (f" — {p.reason}" if p.reason else "")),
         ("verification", data.verification),
         ("bundle digest", data.bundle_digest or "—"),
-        ("backend", str(p.backend)),
+        ("backend", str(p.backend) + (f" — {p.backend_target}" if p.backend_target else "")),
         ("started", str(p.timestamps.started)),
         ("finished", str(p.timestamps.finished)),
         ("evalrun", str(p.evalrun_version)),
@@ -208,8 +246,10 @@ def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]
     origin = p.reproduction_of
     if origin is not None:
         lineage.append(("reproduction of", f"{origin.run_id} (bundle {origin.bundle_digest})"))
+    provenance = provenance_rows(p)
     return [
         ("Summary", summary),
+        *([("Provenance", provenance)] if provenance else []),
         ("Model", model_rows),
         ("Data", data_rows),
         ("Configuration", config),
@@ -221,6 +261,7 @@ def report_sections(data: ReportData) -> list[tuple[str, list[tuple[str, str]]]]
 def render_markdown_full(data: ReportData) -> str:
     """The report as Markdown (deterministic); the same content as the HTML, no plots."""
     lock = markdown_json(data.lock)
+    stderr = stderr_markdown(data.predicate)
     data = replace(
         data,
         predicate=markdown_view(data.predicate),
@@ -241,12 +282,15 @@ def render_markdown_full(data: ReportData) -> str:
 
     lines += ["## Summary", ""]
     kv(sections[0][1])
+    if stderr:
+        lines += [*stderr[1:], ""]
     lines += ["## Metrics", ""]
-    rows = metric_rows(p.metrics)
+    rows = metric_rows_with_role(p.metrics)
     if rows:
-        lines.append("| metric | value | confidence interval | threshold | verdict |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| " + " | ".join(ROLE_HEADER) + " |")
+        lines.append("|" + "---|" * len(ROLE_HEADER))
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += [f"- {line}" for line in promotion_lines(p.metrics)]
     else:
         lines.append("No metrics were computed.")
     lines.append("")

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 from runner.model.outcome import Outcome
 from runner.model.predicate import MetricResult, RunPredicate, RunSetPredicate
-from runner.render.markdown import ROLE_HEADER, metric_rows_with_role, promotion_lines
+from runner.render.markdown import (
+    ROLE_HEADER,
+    metric_rows_with_role,
+    promotion_lines,
+    stderr_markdown,
+)
 
 CELL_MAX = 300
 # Markdown's ASCII punctuation that can start or end emphasis, links and images (``[``
@@ -29,6 +34,18 @@ VERDICTS = {
     0: "PASS: every metric meets its threshold",
     6: "FAIL: the evaluation did not meet its thresholds",
 }
+# How a run ended, said for what it is: a crash or a timeout is not a missed threshold.
+OUTCOME_VERDICTS = {
+    Outcome.PASSED: "PASS: every metric meets its threshold",
+    Outcome.COMPLETED: "PASS: the evaluation completed (no thresholds declared)",
+    Outcome.THRESHOLDS_FAILED: "FAIL: the evaluation did not meet its thresholds",
+    Outcome.EVALUATION_FAILED: "FAIL: the evaluation crashed (see its stderr)",
+    Outcome.TIMEOUT: "FAIL: the evaluation timed out",
+    Outcome.BAD_OUTPUT: "FAIL: bad output — the per-sample output could not be scored",
+}
+PARTIAL_VERDICT = (
+    "FAIL: bad output — only some metrics could be computed (shown; they do not count)"
+)
 _MARKS = {0: "✅", 6: "❌"}
 
 
@@ -41,9 +58,22 @@ def md_text(value: object, limit: int = CELL_MAX) -> str:
     return _MARKDOWN.sub(r"\\\1", html.escape(text, quote=True))
 
 
-def verdict_text(exit_code: int, outcome: object, *, plain: bool = False) -> str:
-    """The verdict line of a run (the terminal's with ``plain``; else with a mark in front)."""
-    text = VERDICTS.get(exit_code, f"NOT EVALUATED: {outcome}")
+def verdict_text(
+    exit_code: int, outcome: object, *, plain: bool = False, partial: bool = False
+) -> str:
+    """The verdict line of a run (the terminal's with ``plain``; else with a mark in front).
+
+    A known outcome says how the run ended (crashed, timed out, bad output, thresholds
+    failed); ``partial``: a bad-output run that still has some metrics. Anything else
+    (a sweep's or an odd bundle's) falls back to the exit code.
+    """
+    parsed = Outcome.parse(outcome)
+    if parsed is Outcome.BAD_OUTPUT and partial:
+        text = PARTIAL_VERDICT
+    elif parsed in OUTCOME_VERDICTS and parsed is not None and parsed.exit_code == exit_code:
+        text = OUTCOME_VERDICTS[parsed]
+    else:
+        text = VERDICTS.get(exit_code, f"NOT EVALUATED: {outcome}")
     return text if plain else f"{_MARKS.get(exit_code, '⚠️')} {text}"
 
 
@@ -83,7 +113,8 @@ def run_summary(
     """The summary of ``evalrun run``: what the terminal prints, as Markdown."""
     p = predicate
     lines = [
-        f"### evalrun run: {md_text(p.spec.name)} — {md_text(verdict_text(exit_code, p.outcome))}",
+        f"### evalrun run: {md_text(p.spec.name)} — "
+        f"{md_text(verdict_text(exit_code, p.outcome, partial=bool(p.metrics)))}",
         "",
         *_facts(
             [
@@ -92,6 +123,7 @@ def run_summary(
                 ("exit code", exit_code),
             ]
         ),
+        *stderr_markdown(p),
         "",
         *metric_table_markdown(p.metrics),
         "",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from runner.model.predicate import MetricResult
 from runner.render.run_report import SliceRow
+from runner.shared.metric_catalogue import value_bounds
 
 
 def _num(value: float) -> str:
@@ -29,42 +30,71 @@ def _axis_range(values: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def metric_axis(m: MetricResult) -> tuple[float, float]:
+    """The span of ``m``'s own axis: 0 to 1 for a metric bounded to it (the catalogue
+    knows which); else its value, CI and threshold with a margin, kept inside the
+    metric's bounds; a metric the catalogue does not know: its data (inside [0, 1] when
+    all of it is)."""
+    ci_low, ci_high = (m.ci.low, m.ci.high) if m.ci is not None else (None, None)
+    values = [float(v) for v in (m.value, ci_low, ci_high, m.threshold) if v is not None]
+    bounds = value_bounds(m.compute)
+    if bounds is None:
+        return _axis_range(values)
+    low, high = bounds
+    if (low, high) == (0.0, 1.0):
+        return 0.0, 1.0
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return (low if low is not None else 0.0), (high if high is not None else 1.0)
+    lo, hi = min(finite), max(finite)
+    span = hi - lo or abs(hi) * 0.1 or 1.0
+    lo, hi = lo - span * 0.25, hi + span * 0.25
+    if low is not None:
+        lo = max(lo, low)
+    if high is not None:
+        hi = min(hi, high)
+    return lo, hi
+
+
+def _tick(value: float) -> str:
+    return f"{value:.4g}"
+
+
 def metrics_svg(metrics: Sequence[MetricResult]) -> str:
-    """Each metric as a point with its confidence interval and threshold mark."""
+    """Each metric as a point with its confidence interval and threshold mark, each on its
+    own axis (:func:`metric_axis`): an RMSE and an accuracy never share a scale."""
     rows = [m for m in metrics if m.value is not None]
     if not rows:
         return ""
-    values: list[float] = []
-    for m in rows:
-        ci_low, ci_high = (m.ci.low, m.ci.high) if m.ci is not None else (None, None)
-        values += [float(v) for v in (m.value, ci_low, ci_high, m.threshold) if v is not None]
-    lo, hi = _axis_range(values)
-    left, width, row_h = 140.0, 420.0, 34.0
-    height = 40.0 + row_h * len(rows)
-
-    def x(v: float) -> float:
-        return left + (v - lo) / (hi - lo) * width
-
+    left, width, row_h = 140.0, 420.0, 56.0
+    height = 12.0 + row_h * len(rows)
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_num(left + width + 30)}" '
         f'height="{_num(height)}" viewBox="0 0 {_num(left + width + 30)} {_num(height)}" '
-        'role="img" aria-label="metrics with confidence intervals">',
-        f'<line x1="{_num(left)}" y1="{_num(height - 24)}" x2="{_num(left + width)}" '
-        f'y2="{_num(height - 24)}" stroke="#555"/>',
+        'role="img" aria-label="metrics with confidence intervals, each on its own axis">',
     ]
-    for i in range(5):
-        v = lo + (hi - lo) * i / 4
-        parts.append(
-            f'<text x="{_num(x(v))}" y="{_num(height - 8)}" font-size="11" '
-            f'text-anchor="middle">{v:.3f}</text>'
-        )
     for i, m in enumerate(rows):
-        y = 20.0 + row_h * i
         assert m.value is not None  # rows keep only metrics with a value
+        lo, hi = metric_axis(m)
+        y = 20.0 + row_h * i
+
+        def x(v: float, lo: float = lo, hi: float = hi) -> float:
+            # a value outside the axis (a bundle may say anything) sits at its edge
+            return left + min(max((v - lo) / (hi - lo), 0.0), 1.0) * width
+
+        axis_y = y + 16
         parts.append(
             f'<text x="{_num(left - 8)}" y="{_num(y + 4)}" font-size="12" '
             f'text-anchor="end">{html.escape(m.name)}</text>'
+            f'<line x1="{_num(left)}" y1="{_num(axis_y)}" x2="{_num(left + width)}" '
+            f'y2="{_num(axis_y)}" stroke="#999"/>'
         )
+        for k in range(3):
+            v = lo + (hi - lo) * k / 2
+            parts.append(
+                f'<text x="{_num(x(v))}" y="{_num(axis_y + 12)}" font-size="10" '
+                f'text-anchor="middle" fill="#555">{_tick(v)}</text>'
+            )
         if m.ci is not None and m.ci.low is not None and m.ci.high is not None:
             parts.append(
                 f'<line x1="{_num(x(float(m.ci.low)))}" y1="{_num(y)}" '
@@ -78,7 +108,6 @@ def metrics_svg(metrics: Sequence[MetricResult]) -> str:
                 'stroke-width="2" stroke-dasharray="3,2"/>'
             )
         colour = "#1e8449" if m.passed is True else "#c0392b" if m.passed is False else "#333"
-
         parts.append(
             f'<circle cx="{_num(x(float(m.value)))}" cy="{_num(y)}" r="5" fill="{colour}"/>'
         )

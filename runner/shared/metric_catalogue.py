@@ -34,6 +34,8 @@ class Kind:
     params: frozenset[str] = frozenset()
     proportion: bool = False
     direction: Literal["higher_is_better", "lower_is_better"] = "higher_is_better"
+    # the values it can take (None: unbounded on that side); reports scale their axes by it
+    bounds: tuple[float | None, float | None] = (0.0, 1.0)
 
 
 def _kind(summary: str, reads: tuple[str, ...], *params: str, **kw: Any) -> Kind:
@@ -81,6 +83,7 @@ CATALOGUE: dict[str, Kind] = {
         "classes",
         binary_reads=_BINARY,
         direction="lower_is_better",
+        bounds=(0.0, None),
     ),
     "brier": _kind(
         "mean squared error of the probabilities",
@@ -89,6 +92,7 @@ CATALOGUE: dict[str, Kind] = {
         "classes",
         binary_reads=_BINARY,
         direction="lower_is_better",
+        bounds=(0.0, 2.0),  # binary: at most 1; over several classes: at most 2
     ),
     "ece": _kind(
         "expected calibration error over equal-width bins",
@@ -99,9 +103,19 @@ CATALOGUE: dict[str, Kind] = {
         binary_reads=_BINARY,
         direction="lower_is_better",
     ),
-    "mae": _kind("mean absolute error", ("target", "prediction"), direction="lower_is_better"),
-    "rmse": _kind("root mean squared error", ("target", "prediction"), direction="lower_is_better"),
-    "r2": _kind("coefficient of determination R²", ("target", "prediction")),
+    "mae": _kind(
+        "mean absolute error",
+        ("target", "prediction"),
+        direction="lower_is_better",
+        bounds=(0.0, None),
+    ),
+    "rmse": _kind(
+        "root mean squared error",
+        ("target", "prediction"),
+        direction="lower_is_better",
+        bounds=(0.0, None),
+    ),
+    "r2": _kind("coefficient of determination R²", ("target", "prediction"), bounds=(None, 1.0)),
     "exact_match": _kind(
         "share of predictions equal to a reference",
         ("prediction", "reference"),
@@ -112,7 +126,7 @@ CATALOGUE: dict[str, Kind] = {
         "SQuAD token F1 against the best reference", ("prediction", "reference"), "normalize"
     ),
     "pass_at_k": _kind("unbiased pass@k from n generations, c correct", ("n", "c"), "k"),
-    "mean": _kind("mean of a numeric per-sample field", ()),
+    "mean": _kind("mean of a numeric per-sample field", (), bounds=(None, None)),
 }
 _AVERAGES = {
     "precision": ("micro", "macro", "weighted"),
@@ -141,6 +155,13 @@ def reads(definition: Mapping[str, Any]) -> dict[str, str]:
         roles = kind.binary_reads
     renamed = {k: v for k, v in (definition.get("fields") or {}).items() if v is not None}
     return {role: renamed.get(role, role) for role in roles}
+
+
+def value_bounds(compute: object) -> tuple[float | None, float | None] | None:
+    """The values a ``compute`` can take, (low, high) with None for unbounded; None for a
+    name the catalogue does not know (a custom metric, an odd bundle)."""
+    kind = CATALOGUE.get(compute) if isinstance(compute, str) else None
+    return kind.bounds if kind is not None else None
 
 
 def _where(param: str) -> str:

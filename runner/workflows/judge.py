@@ -32,8 +32,12 @@ _AGENT_OUTCOMES = frozenset(
         Outcome.BAD_OUTPUT,
     }
 )
-# How much of the end of the evaluation's stderr is read for the last lines of a failure.
-_STDERR_TAIL_BYTES = 1 << 20
+# How much of the end of the evaluation's stderr is read for the last lines of a failure,
+# and how many of those lines a failed run records (the bundle keeps the whole file).
+_STDERR_TAIL_BYTES = 1 << 16
+STDERR_TAIL_LINES = 20
+# The outcomes of a run that failed in the container, whose stderr says why.
+_SHOWS_STDERR = frozenset({Outcome.EVALUATION_FAILED, Outcome.TIMEOUT, Outcome.BAD_OUTPUT})
 INTERRUPTED = "interrupted by the user (Ctrl-C)"
 
 
@@ -47,7 +51,7 @@ class ContainerReport:
 
     ``summary``, ``preflight`` and ``environment`` are the agent's JSON objects (an
     absent file, or one that is not a JSON object, reads as ``{}``); ``stderr_tail``
-    is the last three lines of the evaluation's stderr.
+    is the last lines of the evaluation's stderr (at most :data:`STDERR_TAIL_LINES`).
     """
 
     summary: JsonObject = field(default_factory=dict)
@@ -64,7 +68,7 @@ def _tail_lines(path: Path, count: int) -> tuple[str, ...]:
             text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ()
-    return tuple(text.strip().splitlines()[-count:])
+    return tuple(text.rstrip().splitlines()[-count:])
 
 
 def read_container_report(results: Path) -> ContainerReport:
@@ -73,7 +77,7 @@ def read_container_report(results: Path) -> ContainerReport:
         summary=_object(read_json(results / "summary.json")),
         preflight=_object(read_json(results / "preflight.json")),
         environment=_object(read_json(results / "env.json")),
-        stderr_tail=_tail_lines(results / "logs" / "evaluation.stderr", 3),
+        stderr_tail=_tail_lines(results / "logs" / "evaluation.stderr", STDERR_TAIL_LINES),
     )
 
 
@@ -94,11 +98,23 @@ class RunFacts:
 
 @dataclass(frozen=True)
 class Judgement:
-    """How a run ended, why, and the facts behind it."""
+    """How a run ended, why, and the facts behind it.
+
+    ``stderr_tail``: the end of the evaluation's stderr, for a run that failed in the
+    container (recorded in the predicate and shown intact by every report).
+    """
 
     outcome: Outcome
     reason: str | None
     facts: RunFacts = RunFacts()
+    stderr_tail: tuple[str, ...] = ()
+
+
+def _with_stderr(judgement: Judgement, report: ContainerReport) -> Judgement:
+    """``judgement`` with the evaluation's stderr tail when it failed in the container."""
+    if judgement.outcome not in _SHOWS_STDERR or not report.stderr_tail:
+        return judgement
+    return Judgement(judgement.outcome, judgement.reason, judgement.facts, report.stderr_tail)
 
 
 def judge(
@@ -126,7 +142,7 @@ def judge(
             f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
             "preflight allowance) and was killed"
         )
-        return Judgement(Outcome.TIMEOUT, reason)
+        return _with_stderr(Judgement(Outcome.TIMEOUT, reason), report)
     agent_outcome = report.summary.get("outcome")
     crosscheck = _node_crosscheck(result, report)
     facts = RunFacts(node_crosscheck=crosscheck)
@@ -146,8 +162,14 @@ def judge(
         said = report.summary.get("reason")
         reason = said if isinstance(said, str) and said else f"agent exited {result.exit_code}"
         if outcome is Outcome.EVALUATION_FAILED and report.stderr_tail:
-            reason += " — stderr: " + " | ".join(report.stderr_tail)
-        return Judgement(outcome, reason, facts)
+            # the last line (usually the exception) in the reason; all of the tail beside it
+            reason += ": " + report.stderr_tail[-1].strip()[:300]
+        hint = report.summary.get("hint")
+        if outcome is Outcome.EVALUATION_FAILED and isinstance(hint, str) and hint:
+            # the agent knows which inputs the container had; it says so when the
+            # evaluation refers to another (text only: it decides nothing)
+            reason += "; " + hint[:1000]
+        return _with_stderr(Judgement(outcome, reason, facts), report)
     return None
 
 
@@ -210,6 +232,7 @@ def judge_partial(judgement: Judgement, check: MetricCheck) -> Judgement:
         node_crosscheck=judgement.facts.node_crosscheck,
         metrics=tuple(MetricResult.model_validate(m) for m in check.metrics),
     )
+    tail = judgement.stderr_tail
     if check.problems:
         return Judgement(
             Outcome.INTEGRITY_FAILURE,
@@ -220,7 +243,7 @@ def judge_partial(judgement: Judgement, check: MetricCheck) -> Judgement:
         # every metric was computable: the agent failed on something else (perturbations)
         return judgement
     reason = partial_reason([m["name"] for m in check.metrics], check.unusable)
-    return Judgement(Outcome.BAD_OUTPUT, reason, facts)
+    return Judgement(Outcome.BAD_OUTPUT, reason, facts, tail)
 
 
 __all__ = [

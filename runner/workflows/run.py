@@ -87,10 +87,28 @@ Annotate = Callable[[RunPredicate], RunPredicate]
 _LOG_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
 
-def run_id_for(lock_digest: str, attempt: int) -> str:
-    """Deterministic run id: the same locked spec and attempt always name the same run."""
-    h = hashlib.sha256(f"evalrun-run/v1\n{lock_digest}\n{attempt}".encode()).hexdigest()
-    return f"r-{h[:24]}"
+def run_id_for(lock_digest: str, attempt: int, target: str | None = None) -> str:
+    """Deterministic run id: the same locked spec, attempt and target name the same run.
+
+    ``target`` is where the run runs beyond the embedded default (a backend's
+    ``run_target``, e.g. a cluster's API server and namespace); None — the local Docker
+    engine — keeps the id runs have always had there, so earlier runs are still found.
+    """
+    if target is None:
+        text = f"evalrun-run/v1\n{lock_digest}\n{attempt}"
+    else:
+        text = f"evalrun-run/v2\n{lock_digest}\n{attempt}\n{target}"
+    return f"r-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def backend_target(backend: Backend) -> str | None:
+    """What, besides the lock and the attempt, makes a run on ``backend`` this run.
+
+    A backend may say where it runs (``run_target``: for Kubernetes the API server and
+    the namespace); one that does not (the local Docker engine) is the embedded default.
+    """
+    target = getattr(backend, "run_target", None)
+    return target if isinstance(target, str) and target else None
 
 
 def _now() -> str:
@@ -228,9 +246,15 @@ def _check_preprocessing(steps: list[dict[str, Any]], lock: LockedSpec) -> None:
             )
 
 
-def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt: int) -> RunPlan:
+def make_plan(
+    spec: EvalSpec,
+    lock: LockedSpec,
+    inputs: list[PlanInput],
+    attempt: int,
+    target: str | None = None,
+) -> RunPlan:
     return RunPlan(
-        run_id=run_id_for(lock.digest(), attempt),
+        run_id=run_id_for(lock.digest(), attempt, target),
         attempt=attempt,
         image_ref=lock.image.ref,
         expected_rootfs_digest=lock.image.rootfs_digest,
@@ -259,21 +283,31 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
     )
 
 
-def _current_attempt(store: Store, lock_digest: str) -> int:
-    """The attempt a plain run attaches to: the first one not ended by infrastructure/Ctrl-C."""
+def _made_by(found: StoredBundle, backend: str) -> bool:
+    """Whether a stored run was made by ``backend`` (runs before v2 ids: any backend)."""
+    made_by = _load_predicate(found.path).backend
+    return made_by is None or made_by == backend
+
+
+def _current_attempt(store: Store, lock_digest: str, backend: str, target: str | None) -> int:
+    """The attempt a plain run attaches to: the first one not ended by infrastructure/Ctrl-C.
+
+    A run made by another backend under the same id (a Kubernetes run from before the
+    target was part of the id) is another run: it is skipped, never returned.
+    """
     attempt = 0
-    while (found := store.find_run(run_id_for(lock_digest, attempt))) is not None:
+    while (found := store.find_run(run_id_for(lock_digest, attempt, target))) is not None:
         outcome = Outcome.parse(found.outcome)
         # runs that never got to evaluate: a plain `evalrun run` tries again
-        if outcome is None or not outcome.retryable:
+        if (outcome is None or not outcome.retryable) and _made_by(found, backend):
             return attempt
         attempt += 1
     return attempt
 
 
-def _next_attempt(store: Store, lock_digest: str) -> int:
+def _next_attempt(store: Store, lock_digest: str, target: str | None) -> int:
     attempt = 0
-    while store.find_run(run_id_for(lock_digest, attempt)) is not None:
+    while store.find_run(run_id_for(lock_digest, attempt, target)) is not None:
         attempt += 1
     return attempt
 
@@ -304,8 +338,13 @@ def run_evaluation(
     spec, lock = load_locked(spec_path)
     store = Store(settings.home)
     lock_digest = lock.digest()
-    attempt = _next_attempt(store, lock_digest) if rerun else _current_attempt(store, lock_digest)
-    run_id = run_id_for(lock_digest, attempt)
+    target = backend_target(backend)
+    attempt = (
+        _next_attempt(store, lock_digest, target)
+        if rerun
+        else _current_attempt(store, lock_digest, backend.name, target)
+    )
+    run_id = run_id_for(lock_digest, attempt, target)
     existing = store.find_run(run_id)
     if existing is not None:
         progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
@@ -356,7 +395,7 @@ def run_evaluation(
             )
             _check_preprocessing(steps, lock)
             journal.emit("inputs_verified", count=len(inputs))
-            plan = make_plan(spec, lock, inputs, attempt)
+            plan = make_plan(spec, lock, inputs, attempt, target)
             (stage / "plan.json").write_text(
                 json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
             )
@@ -423,6 +462,7 @@ def run_evaluation(
             report=report,
             started=started,
             backend=backend.name,
+            target=target,
             run_provenance=run_provenance,
         )
         if annotate is not None:
@@ -503,6 +543,7 @@ def build_run_predicate(
     report: ContainerReport,
     started: str,
     backend: str,
+    target: str | None = None,
     run_provenance: Mapping[str, Any] | None = None,
 ) -> RunPredicate:
     """The signed predicate of a run: what ran, where, on what, and how it ended."""
@@ -513,6 +554,8 @@ def build_run_predicate(
         attempt=attempt,
         evalrun_version=_evalrun_version(),
         backend=backend,
+        # set only when the backend names one, so runs on the embedded default read as before
+        **({"backend_target": target} if target else {}),
         spec=SpecRef(name=spec.metadata.name, digest=spec.digest()),
         lock_digest=lock.digest(),
         image=ImageFacts(
@@ -550,6 +593,8 @@ def build_run_predicate(
         metrics=tuple(_metric_result(m, spec, facts.verdicts) for m in facts.metrics),
         outcome=judgement.outcome,
         reason=judgement.reason,
+        # only a run that failed in the container has one: others read as before
+        **({"stderr_tail": judgement.stderr_tail} if judgement.stderr_tail else {}),
         exit_code=judgement.outcome.exit_code,
         timestamps=Timestamps(
             started=started,

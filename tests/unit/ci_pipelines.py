@@ -438,8 +438,9 @@ def run_predicate_json(outcome: str, metrics: list[dict], **extra: object) -> di
 
 
 def store_run(home: Path, spec: Path, key: Path, outcome: str, metrics: list[dict]) -> str:
-    """The spec's run, already sealed in the store at ``home`` (as an earlier
-    ``evalrun run`` left it), so that ``evalrun run`` returns it without a backend."""
+    """The spec's run on the local Docker engine, already sealed in the store at ``home``
+    (as an earlier ``evalrun run`` left it), so that ``evalrun run`` returns it without a
+    backend (a run made by another backend would not be returned)."""
     from runner.bundle.build import build_bundle
     from runner.bundle.signing import load_signer
     from runner.bundle.store import Store
@@ -450,7 +451,7 @@ def store_run(home: Path, spec: Path, key: Path, outcome: str, metrics: list[dic
     store = Store(home)
     with store.staging_dir() as stage:
         (stage / "report.md").write_text("# report\n")
-        body = run_predicate_json(outcome, metrics, run_id=run_id)
+        body = run_predicate_json(outcome, metrics, run_id=run_id, backend="docker")
         build_bundle(stage, body, load_signer(key), stage)
         store.put(stage)
     return run_id

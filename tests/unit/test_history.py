@@ -179,7 +179,7 @@ def test_cli_runs_show_prints_report_and_verification(populated, capsys) -> None
     out = capsys.readouterr().out
     assert "# evalrun report — digits-logreg — r-aaaaaaaaaaaaaaaaaaaaaaaa" in out
     assert "verification: valid: signed by keyid" in out
-    assert "| accuracy | 0.9244 |" in out
+    assert "| accuracy | primary | 0.9244 |" in out
 
 
 def test_cli_runs_reindex(populated, capsys) -> None:

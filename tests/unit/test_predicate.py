@@ -174,7 +174,8 @@ def test_judging_trusts_no_outcome_or_reason_the_agent_invents() -> None:
     )
     judged = judge(_plan(), _result(exit_code=17), [], report)
     assert judged is not None and judged.outcome is Outcome.EVALUATION_FAILED
-    assert judged.reason == "agent exited 17 — stderr: Traceback | ValueError: boom"
+    assert judged.reason == "agent exited 17: ValueError: boom"
+    assert judged.stderr_tail == ("Traceback", "ValueError: boom")
     collected = judge(_plan(), _result(), ["results/x: a symlink"], report)
     assert collected is not None and collected.outcome is Outcome.INTEGRITY_FAILURE
 

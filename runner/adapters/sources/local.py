@@ -37,7 +37,10 @@ def acquire_local(
     """The local file or directory, re-hashed and checked against ``want``, then cached."""
     path = uri.resolve(spec_dir)
     source = Path(os.path.relpath(path, spec_dir)).as_posix()
-    hint = "the input changed since its digest was pinned; check its origin"
+    hint = (
+        "the input changed since its digest was pinned; check its origin (if you changed "
+        "it, `evalrun lock --refresh-pins` sets the pin to what it is now)"
+    )
     if path.is_dir():
         tree = scan_tree(path, what=field)
         meter.grow(tree.size)
