@@ -112,7 +112,7 @@ def _metric_definitions(predicate: RunPredicate) -> list[MetricDefinition]:
 
 
 # What the metric catalogue's parameters change about a value (not confusion_matrix).
-_CATALOGUE_KEYS = ("fields", "average", "positive", "classes", "bins", "k", "normalize")
+_CATALOGUE_KEYS = ("fields", "average", "positive", "classes", "bins", "k", "normalize", "custom")
 
 
 def _primaries(definitions: Sequence[MetricDefinition]) -> list[dict[str, JsonValue]]:
