@@ -107,9 +107,11 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def result_from_driver(
-    job: CustomMetricJob, reply: Mapping[str, Any], *, seed: int, n: int, image_digest: str
+    job: CustomMetricJob, reply: Mapping[str, Any], *, stream: int, n: int, image_digest: str
 ) -> dict[str, Any]:
     """The metric as the runner records it, from the driver's reply — checked first.
+
+    ``stream`` is the resampling seed the runner gave the driver (:func:`resample_seed`).
 
     IntegrityError (exit 3) when the driver reports an error (the function raised, or
     returned something that is not a finite number), another sample count, or resamples
@@ -126,7 +128,6 @@ def result_from_driver(
     method = str(ci.get("method", "bootstrap_percentile"))
     level = float(ci.get("level", 0.95))
     resamples = 0 if method == "none" else int(ci.get("resamples", 1000))
-    stream = resample_seed(seed, name)
     try:
         value = driver.number(reply.get("value"), f"custom metric {name}")
         values = reply.get("resamples")
@@ -276,7 +277,7 @@ class CustomMetricSandbox:
                 extra={"event": "custom_metric", "metric": name, "run_id": run_id},
             )
             out.append(
-                result_from_driver(job, reply, seed=args["seed"], n=n, image_digest=image_digest)
+                result_from_driver(job, reply, stream=args["seed"], n=n, image_digest=image_digest)
             )
         return out
 
