@@ -104,7 +104,8 @@ def test_a_metric_returning_no_number_fails_the_run_with_exit_3(vcli, variant):
             },
         ],
     )
-    # the function also tries to reach the network and write its mount: both must fail
+    # the function tries to reach the network and write its mount; only when both fail
+    # does it get as far as returning its (wrong) type
     (spec_path.parent / "metrics" / "broken.py").write_text(
         "import socket\n"
         "def broken(samples):\n"
@@ -118,7 +119,9 @@ def test_a_metric_returning_no_number_fails_the_run_with_exit_3(vcli, variant):
         "        wrote = 'writable'\n"
         "    except OSError:\n"
         "        wrote = 'read-only'\n"
-        "    return reached + ', ' + wrote\n"
+        "    if (reached, wrote) != ('no network', 'read-only'):\n"
+        "        raise RuntimeError(reached + ', ' + wrote)\n"
+        "    return 'isolated'\n"
     )
     assert vcli("lock", str(spec_path)).returncode == 0
     code, out = vcli.json("run", str(spec_path))
