@@ -251,3 +251,29 @@ def test_a_number_the_container_reports_for_a_custom_metric_is_not_compared(tmp_
         "metric cost: reported by the container but not declared in the spec"
     ]
     assert recompute_metrics(tmp_path, [acc], 1, overridden=["cost"]).problems == []
+
+
+def test_reports_say_where_a_custom_metric_came_from():
+    from history_fixtures import predicate
+
+    from runner.model.predicate import parse_predicate
+    from runner.render.markdown import metric_table, render_markdown
+
+    data = predicate()
+    data["metrics"].append({
+        "name": "cost", "compute": "custom", "value": 0.1, "n": 450,
+        "direction": "lower_is_better",
+        "custom": {"file": "metrics/cost.py", "function": "cost",
+                   "file_sha256": "sha256:" + "c" * 64,
+                   "recomputed_in": {"image": "sha256:" + "d" * 64, "runtime": "runsc",
+                                     "network": "none"},
+                   "container_reported": 0.0, "overridden": True},
+    })
+    p = parse_predicate(data)
+    expected = (
+        "custom metric cost: cost() in metrics/cost.py (sha256 sha256:" + "c" * 64 + "), "
+        "recomputed by the runner in a runsc sandbox of image sha256:" + "d" * 64
+        + ", network none; the container reported 0.0 (not used)"
+    )
+    assert expected in metric_table(p.metrics)
+    assert "custom metric cost: cost() in metrics/cost.py" in render_markdown(p)
