@@ -193,16 +193,24 @@ def rank_entries(entries: Sequence[Entry], direction: str) -> list[RankedRun]:
     a rank; equal values keep the older entry first."""
     sign = -1.0 if direction == "higher_is_better" else 1.0
     ordered = sorted(entries, key=lambda e: (sign * e.value, e.started, e.run_id))
+    # each pair is tested once (a paired bootstrap is the costly part of a comparison)
+    tested: dict[tuple[int, int], tuple[bool | None, str | None, PairedTest | None]] = {}
+
+    def differ_at(i: int, j: int) -> tuple[bool | None, str | None, PairedTest | None]:
+        if (i, j) not in tested:
+            tested[i, j] = differ(ordered[i], ordered[j])
+        return tested[i, j]
+
     out: list[RankedRun] = []
     block_start = 0
     for i, e in enumerate(ordered):
         if i > 0:
-            vs_block, _, _ = differ(ordered[block_start], e)
+            vs_block, _, _ = differ_at(block_start, i)
             same = e.value == ordered[block_start].value
             if not same and vs_block is not False:
                 block_start = i
-        vs_leader, test, paired = (None, None, None) if i == 0 else differ(ordered[0], e)
-        vs_next = differ(e, ordered[i + 1])[0] if i + 1 < len(ordered) else None
+        vs_leader, test, paired = (None, None, None) if i == 0 else differ_at(0, i)
+        vs_next = differ_at(i, i + 1)[0] if i + 1 < len(ordered) else None
         out.append(
             RankedRun(
                 rank=block_start + 1,
