@@ -193,8 +193,9 @@ class CustomMetricSandbox:
             self._client = connect(timeout=60)
         return self._client
 
-    def preflight(self) -> None:
-        """EnvironmentMismatch (exit 4) unless a Docker engine with gVisor is reachable."""
+    def preflight(self, image_ref: str | None = None) -> None:
+        """EnvironmentMismatch (exit 4) unless a Docker engine with gVisor is reachable (and,
+        given ``image_ref``, has or can pull that image) — checked before the run starts."""
         try:
             available = runtimes(self.client)
         except EvalrunError as exc:
@@ -213,6 +214,17 @@ class CustomMetricSandbox:
                 found=sorted(available),
                 hint="install runsc and register it in /etc/docker/daemon.json (make host-up)",
             )
+        if image_ref is None:
+            return
+        try:
+            self._ensure_image(image_ref)
+        except EvalrunError as exc:
+            raise EnvironmentMismatch(
+                "the spec declares custom metrics, which the runner recomputes in a sandbox of "
+                f"the run's image, but this host's Docker engine cannot get {image_ref} "
+                f"({exc.message})",
+                hint="make the image's registry reachable from the runner host",
+            ) from None
 
     def _ensure_image(self, ref: str) -> str:
         """The local image id of ``ref`` (pulled by digest when absent)."""

@@ -355,7 +355,7 @@ def run_evaluation(
             progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
             sandbox = CustomMetricSandbox()
             if jobs:
-                sandbox.preflight()
+                sandbox.preflight(plan.image_ref)
             backend.preflight(plan)
             progress(
                 f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
