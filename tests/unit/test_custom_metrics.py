@@ -277,3 +277,26 @@ def test_reports_say_where_a_custom_metric_came_from():
     )
     assert expected in metric_table(p.metrics)
     assert "custom metric cost: cost() in metrics/cost.py" in render_markdown(p)
+
+
+def test_a_metric_file_changed_since_the_lock_refuses_the_run_with_exit_3(tmp_path):
+    from types import SimpleNamespace
+
+    from runner.errors import DigestMismatch
+    from runner.model.lock import LockedCustomMetric
+    from runner.workflows.custom_metrics import custom_jobs
+
+    path = _spec(tmp_path, COST)
+    spec = load_spec(path)
+    (record,) = custom_metric_records(spec, path)
+    lock = SimpleNamespace(custom_metrics=[record])
+    (job,) = custom_jobs(spec, path, lock)
+    assert job.file_digest == record.digest and job.definition["custom"]["function"] == "cost"
+    (tmp_path / "metrics" / "cost.py").write_text(METRIC_CODE + "# changed\n")
+    with pytest.raises(DigestMismatch) as exc:
+        custom_jobs(spec, path, lock)
+    assert exc.value.exit_code == 3 and "custom metric cost" in exc.value.message
+    unlocked = SimpleNamespace(custom_metrics=[])
+    with pytest.raises(SpecError, match="not in the lock"):
+        custom_jobs(spec, path, unlocked)
+    assert isinstance(record, LockedCustomMetric)
