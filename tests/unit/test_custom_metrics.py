@@ -300,3 +300,23 @@ def test_a_metric_file_changed_since_the_lock_refuses_the_run_with_exit_3(tmp_pa
     with pytest.raises(SpecError, match="not in the lock"):
         custom_jobs(spec, path, unlocked)
     assert isinstance(record, LockedCustomMetric)
+
+
+def test_diff_shows_a_custom_metric_whose_code_changed():
+    from history_fixtures import predicate
+
+    from runner.model.predicate import parse_predicate
+    from runner.workflows.diff import diff_runs
+
+    def run(digest: str | None) -> object:
+        data = predicate()
+        metric = {"name": "cost", "compute": "custom", "value": 0.1, "n": 450}
+        if digest is not None:
+            metric["custom"] = {"file": "m.py", "function": "cost", "file_sha256": digest}
+        data["metrics"].append(metric)
+        return parse_predicate(data)
+
+    d = diff_runs(run("sha256:" + "1" * 64), run("sha256:" + "2" * 64))
+    assert [c.field for c in d.changes] == ["metrics.cost.custom.file_sha256"]
+    # a metric that is custom in one run only differs too (and does not break the diff)
+    assert "metrics.cost.custom.function" in [c.field for c in diff_runs(run(None), run("x")).changes]
