@@ -167,13 +167,11 @@ def load_run_sets(
 
 
 def samples_by_id(run: GroupRun) -> dict[str, Mapping[str, Any]] | None:
-    """The run's per-sample outputs by sample id (None: none, unreadable, or without ids)."""
+    """The run's per-sample outputs by sample id (None: none, too large, not JSON lines, or
+    without unique ids). Read as the signed bytes: IntegrityError (exit 3) if they are not."""
     if run.opened is None:
         return None
-    try:
-        data = run.opened.read_optional(PREDICTIONS, max_bytes=MAX_PAIRED_BYTES)
-    except IntegrityError:
-        return None
+    data = run.opened.read_optional(PREDICTIONS, max_bytes=MAX_PAIRED_BYTES)
     if data is None:
         return None
     out: dict[str, Mapping[str, Any]] = {}
