@@ -9,13 +9,14 @@ PYTEST := $(VENV)/bin/pytest
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help venv host-up base-image run test test-deps test-unit test-docker test-k8s lint fmt bench \
-        fuzz cluster-up cluster-down schema clean
+        fuzz e2e-large cluster-up cluster-down schema clean
 
 help:
 	@echo "make run          – set up the embedded default and run examples/digits end to end"
 	@echo "make test         – set up everything and run every test tier (unit, docker, k8s, kwok)"
 	@echo "make lint | fmt   – mypy --strict + ruff + import contracts | ruff format"
 	@echo "make bench        – benchmarks (results printed as JSON lines)"
+	@echo "make e2e-large    – 2 GiB model on the cluster, verify, rerun from empty store"
 	@echo "make fuzz         – coverage-guided fuzz targets, FUZZ_SECONDS in all (default 300)"
 	@echo "make base-image   – build and push the base image (mmdebstrap)"
 	@echo "make cluster-up / cluster-down – the local Kubernetes test cluster"
@@ -76,6 +77,11 @@ bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_lock_inputs.py
 	$(PY) benchmarks/bench_kwok.py --runs 500
 	$(PY) benchmarks/bench_k8s_data.py --inputs-gib 2 --results-mib 1024
+
+# Issue 12's end to end: a 2 GiB sharded model + dataset directory on the cluster under
+# gVisor, >= 100 MiB of per-sample results, verify, rerun from an empty store and cache.
+e2e-large: venv host-up cluster-up
+	$(PY) benchmarks/e2e_k8s_large.py --model-gib 2 --shards 8 --results-mib 112
 
 # Coverage-guided fuzzing (atheris): every target in tests/fuzz/, one after the other,
 # FUZZ_SECONDS in all; prints executions per target, crashes under build/fuzz/.

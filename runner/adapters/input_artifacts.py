@@ -1,7 +1,8 @@
 """Inputs as OCI artifacts in a registry: publish a cached input by digest, read one back.
 
 :func:`publish_input` pushes a verified input from the content-addressed cache as the
-artifact :mod:`runner._internal.input_artifact` describes (one tar layer per file),
+artifact :mod:`runner._internal.input_artifact` describes (one tar layer per file, or
+packs of small files when an input has many),
 skipping every blob the repository already holds; the same input always gives the
 same manifest digest, so a second publish sends nothing. :func:`oci_resolver` is the
 ``oci://`` plug-in of :func:`runner.adapters.sources.acquire`: it fetches a manifest
@@ -26,10 +27,13 @@ from typing import Literal
 from runner._internal.cas import ContentStore
 from runner._internal.input_artifact import (
     MANIFEST_TYPE,
+    MAX_MANIFEST_BYTES,
     Layer,
-    LayerLayout,
+    MemberLayout,
     build_artifact,
+    group_files,
     layer_layout,
+    members_layout,
     parse_manifest,
     sha256_digest,
 )
@@ -63,28 +67,44 @@ class PublishedInput:
 # --------------------------------------------------------------------------- publish
 
 
-def layer_of(store: ContentStore, file: InputFile) -> Layer:
-    """The layer a cached file is published as (its digest computed once, then remembered)."""
-    layout = layer_layout(file.path, file.size)
-    key = hashlib.sha256(f"{file.path}\n{file.sha256}\n{file.size}".encode()).hexdigest()
+def _layer_parts(store: ContentStore, files: Sequence[InputFile]) -> list[bytes | Path]:
+    """A layer's bytes in order: each member's header, cached blob and padding, then the end."""
+    members, size = members_layout(files)
+    parts: list[bytes | Path] = []
+    for member in members:
+        parts += [member.header, store.blob_path(member.file.sha256), member.pad]
+    parts.append(b"\0" * (size - members[-1].end))
+    return parts
+
+
+def layer_of(store: ContentStore, files: InputFile | Sequence[InputFile]) -> Layer:
+    """The layer cached file(s) are published as (its digest computed once, then remembered)."""
+    group = (files,) if isinstance(files, InputFile) else tuple(files)
+    _, size = members_layout(group)
+    memo = "\n".join(f"{f.path}\n{f.sha256}\n{f.size}" for f in group)
+    key = hashlib.sha256(memo.encode()).hexdigest()
+    members = group if len(group) > 1 else ()
     remembered = store.recall(_LAYER_MEMO, key)
     if remembered and remembered.startswith("sha256:") and len(remembered) == 71:
-        return Layer(file, remembered, layout.blob_size)
-    h = hashlib.sha256(layout.header)
-    with store.blob_path(file.sha256).open("rb") as blob:
-        while chunk := blob.read(READ_CHUNK):
-            h.update(chunk)
-    h.update(layout.tail)
+        return Layer(group[0], remembered, size, members=members)
+    h = hashlib.sha256()
+    for part in _layer_parts(store, group):
+        if isinstance(part, bytes):
+            h.update(part)
+            continue
+        with part.open("rb") as blob:
+            while chunk := blob.read(READ_CHUNK):
+                h.update(chunk)
     digest = "sha256:" + h.hexdigest()
     store.remember(_LAYER_MEMO, key, digest)
-    return Layer(file, digest, layout.blob_size)
+    return Layer(group[0], digest, size, members=members)
 
 
 class _LayerReader(io.RawIOBase):
-    """The bytes of one layer, read from the cached blob: header, content, tail."""
+    """The bytes of one layer, read from the cached blobs: headers, contents, padding, end."""
 
-    def __init__(self, layout: LayerLayout, blob: Path, on_bytes: Callable[[int], None]) -> None:
-        self._parts: list[bytes | io.FileIO] = [layout.header, io.FileIO(blob, "rb"), layout.tail]
+    def __init__(self, parts: list[bytes | Path], on_bytes: Callable[[int], None]) -> None:
+        self._parts: list[bytes | io.FileIO | Path] = list(parts)
         self._on_bytes = on_bytes
 
     def readable(self) -> bool:
@@ -94,7 +114,12 @@ class _LayerReader(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         while self._parts:
             part = self._parts[0]
+            if isinstance(part, Path):  # opened when reached: a pack has many blobs
+                part = self._parts[0] = io.FileIO(part, "rb")
             if isinstance(part, bytes):
+                if not part:  # no padding after a file of whole blocks: 0 would mean EOF
+                    self._parts.pop(0)
+                    continue
                 n = min(len(view), len(part))
                 view[:n] = part[:n]
                 rest = part[n:]
@@ -151,23 +176,29 @@ def publish_input(
     ``progress(done, total)`` follows the bytes uploaded. Registry failures after
     bounded retries raise InfrastructureError (exit 5).
     """
-    layers = [layer_of(store, f) for f in files]
+    layers = [layer_of(store, group) for group in group_files(files)]
     artifact = build_artifact(kind, digest, layers, annotations)
+    if len(artifact.manifest) > MAX_MANIFEST_BYTES:
+        raise InputError(
+            f"input {digest} has {len(files)} files: its artifact's manifest would be "
+            f"{len(artifact.manifest)} bytes, over the registry's {MAX_MANIFEST_BYTES}",
+            hint="ship many small files as a few archives or shards (tar, parquet, "
+            "webdataset) inside the input directory",
+        )
     reference = f"{repository}@{artifact.digest}"
     if registry.manifest_exists(repository, artifact.digest):
         return PublishedInput(reference, 0, already_present=True)
     meter = _UploadMeter(progress, total=sum(layer.size for layer in artifact.layers))
     uploaded = 0
     for layer in artifact.layers:
-        layout = layer_layout(layer.file.path, layer.file.size)
-        blob = store.blob_path(layer.file.sha256)
+        parts = _layer_parts(store, layer.files)
         started = meter.done
 
         def open_stream(
-            layout: LayerLayout = layout, blob: Path = blob, start: int = started
+            parts: list[bytes | Path] = parts, start: int = started
         ) -> io.BufferedReader:
             meter.add(start - meter.done)  # a retry starts this layer over
-            return io.BufferedReader(_LayerReader(layout, blob, meter.add), READ_CHUNK)
+            return io.BufferedReader(_LayerReader(parts, meter.add), READ_CHUNK)
 
         how = registry.push_blob_stream(repository, layer.digest, layer.size, open_stream)
         if how == "uploaded":
@@ -271,6 +302,61 @@ def _layer_stream(
     return ByteStream(chunks(), size, content_start)
 
 
+def _member_stream(
+    name: ImageName, layer: Layer, member: MemberLayout, offset: int, source: str
+) -> ByteStream:
+    """One file's bytes from ``offset``, out of a pack layer, its tar framing checked.
+
+    Ranged from the member's header (or the resume point), so a pack is never fetched
+    whole for one file; the layer's digest is not recomputed (that needs the whole blob):
+    the file's sha256, from the manifest pinned by digest, is what the cache checks.
+    """
+    size = member.file.size
+    want = member.content_start + offset if offset else member.offset
+    opened = registry.stream_blob(name, layer.digest, start=want)
+    begin, content, end = member.offset, member.content_start, member.content_start + size
+    skip_to = want if opened.start == want else begin
+
+    def refuse(problem: str) -> IntegrityError:
+        return IntegrityError(
+            f"pack layer holding {member.file.path} in {source}: {problem}",
+            layer=layer.digest,
+            hint="the registry does not hold what was published; re-publish with "
+            "`evalrun lock` from the original input",
+        )
+
+    def chunks() -> Iterator[bytes]:
+        pos = opened.start
+        for chunk in opened.chunks:
+            view = memoryview(chunk)
+            while view and pos < member.end:
+                if pos < skip_to:
+                    take = view[: skip_to - pos]
+                elif pos < content:
+                    take = view[: content - pos]
+                    if bytes(take) != member.header[pos - begin : pos - begin + len(take)]:
+                        raise refuse("its tar header is not evalrun's for this file")
+                elif pos < end:
+                    take = view[: end - pos]
+                    yield bytes(take)
+                else:
+                    take = view[: member.end - pos]
+                    if any(take):
+                        raise refuse("the padding after the file is not zeros")
+                pos += len(take)
+                view = view[len(take) :]
+            if pos >= member.end:
+                break
+        if pos < member.end:
+            raise TransientRegistryError(
+                f"pack layer holding {member.file.path} ended at byte {pos} of {member.end}",
+                registry=name.registry,
+                repository=name.repository,
+            )
+
+    return ByteStream(chunks(), size, max(0, min(skip_to, end) - content))
+
+
 def resolve_artifact(uri: OciUri) -> RemoteListing:
     """The files of the input artifact ``uri`` (manifest fetched by digest and checked)."""
     name = ImageName(uri.registry, uri.repository)
@@ -293,18 +379,27 @@ def resolve_artifact(uri: OciUri) -> RemoteListing:
         listing = parse_manifest(body)
     except ValueError as exc:
         raise InputError(f"{source} is not an input artifact: {exc}") from None
-    by_path = {layer.file.path: layer for layer in listing.layers}
+    by_path = {layer.file.path: layer for layer in listing.layers if not layer.packed}
+    in_pack = {
+        member.file.path: (layer, member)
+        for layer in listing.layers
+        if layer.packed
+        for member in members_layout(layer.members)[0]
+    }
     states: dict[str, _LayerProgress] = {}
     lock = threading.Lock()
 
     def open_file(entry: InputFile, offset: int) -> ByteStream:
+        if entry.path in in_pack:
+            layer, member = in_pack[entry.path]
+            return _member_stream(name, layer, member, offset, source)
         with lock:
             state = states.setdefault(entry.path, _LayerProgress())
         return _layer_stream(name, by_path[entry.path], offset, state, source)
 
     return RemoteListing(
         kind=listing.kind,
-        files=tuple(layer.file for layer in listing.layers),
+        files=tuple(f for layer in listing.layers for f in layer.files),
         open_file=open_file,
     )
 

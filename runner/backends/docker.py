@@ -55,6 +55,7 @@ class DockerBackend:
     """Runs a :class:`RunPlan` as one sandboxed container."""
 
     name = "docker"
+    pulls_inputs = False
 
     def __init__(self, client: Any | None = None, *, output: OutputSink | None = None) -> None:
         self._client = client

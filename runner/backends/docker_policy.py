@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from runner.errors import InputError
 from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, RunPlan
 
 RUNTIME_NAMES = {"gvisor": "runsc", "runc": "runc"}
@@ -90,10 +91,16 @@ def container_policy(plan: RunPlan, *, plan_dir: Path, results_dir: Path) -> Con
         BindMount(target=PLAN_MOUNT, source=str(plan_dir), read_only=True),
         BindMount(target=RESULTS_MOUNT, source=str(results_dir), read_only=False),
     ]
-    mounts.extend(
-        BindMount(target=item.container_path, source=str(item.host_path), read_only=True)
-        for item in plan.inputs
-    )
+    for item in plan.inputs:
+        if item.host_path is None:
+            raise InputError(
+                f"{item.role} {item.name!r} is not on this host (only in the registry)",
+                hint="the Docker backend mounts inputs from this host's cache, where evalrun "
+                "fetches them before a Docker run",
+            )
+        mounts.append(
+            BindMount(target=item.container_path, source=str(item.host_path), read_only=True)
+        )
     memory = f"{plan.memory_mib}m"
     return ContainerPolicy(
         image=plan.image_ref,

@@ -59,6 +59,7 @@ from runner.backends.manifests import (
     image_volume_support,
     input_volumes,
     labels_for,
+    node_storage_mib,
     spec_hash_of,
     ttl_patch,
 )
@@ -205,6 +206,7 @@ class KubernetesBackend:
     """Runs a :class:`RunPlan` as a Job in a namespace."""
 
     name = "kubernetes"
+    pulls_inputs = True
 
     def __init__(
         self,
@@ -584,6 +586,19 @@ class _RunSession:
     def _stuck(self, reason: str, message: str) -> None:
         self.backend._delete(self.api, self.namespace, self.name)
         plan = self.plan
+        if reason == "Unschedulable" and "ephemeral-storage" in message:
+            inputs = ", ".join(
+                f"{i.role} {i.name!r} {i.size / (1 << 30):.2f} GiB" for i in plan.inputs
+            )
+            raise EnvironmentMismatch(
+                f"Job {self.name} is Unschedulable: no node has {node_storage_mib(plan)} MiB "
+                f"of disk free for the run ({message})",
+                expected=f"a node with {node_storage_mib(plan)} MiB of allocatable "
+                "ephemeral-storage",
+                hint=f"the run needs its results volume ({plan.results_mib} MiB, "
+                f"resources.results_mib) plus its inputs ({inputs or 'none'}) on the node's "
+                "disk; use nodes with more disk, or smaller inputs/results_mib",
+            )
         if reason == "Unschedulable":
             raise EnvironmentMismatch(
                 f"Job {self.name} is Unschedulable: {message}",

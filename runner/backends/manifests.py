@@ -154,6 +154,20 @@ def _input_ref(item: PlanInput) -> str:
     return item.artifact_ref
 
 
+def node_storage_mib(plan: RunPlan) -> int:
+    """The node disk a run needs: its results volume plus its inputs.
+
+    Requested as ``ephemeral-storage`` so the scheduler refuses, with a reason, a node
+    that cannot hold the run, instead of a pull failing half way or the kubelet evicting
+    the pod under disk pressure. The inputs arrive as image volumes in the node's image
+    store, which the kubelet does not charge to the pod; they are counted anyway (on most
+    nodes the image store shares the disk). Runs of the same inputs on one node share the
+    cached copy, so this over-reserves for them: it errs towards not starting.
+    """
+    inputs = sum(item.size for item in plan.inputs)
+    return plan.results_mib + -(-inputs // (1 << 20))
+
+
 def input_volumes(plan: RunPlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, volumeMounts): one read-only image volume per input, by digest.
 
@@ -227,7 +241,11 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
     labels = labels_for(plan)
     input_vols, input_mounts = input_volumes(plan)
     resources: dict[str, dict[str, str]] = {
-        "requests": {"cpu": f"{int(plan.cpus * 1000)}m", "memory": f"{plan.memory_mib}Mi"},
+        "requests": {
+            "cpu": f"{int(plan.cpus * 1000)}m",
+            "memory": f"{plan.memory_mib}Mi",
+            "ephemeral-storage": f"{node_storage_mib(plan)}Mi",
+        },
         "limits": {"cpu": f"{int(plan.cpus * 1000)}m", "memory": f"{plan.memory_mib}Mi"},
     }
     pod_spec: dict[str, Any] = {

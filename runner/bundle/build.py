@@ -34,7 +34,6 @@ from runner._internal.tree import (
     remove_tree,
     scan_tree,
 )
-from runner.bundle.archive import extract_bundle_tar, write_bundle_tar
 from runner.bundle.hashing import FileDigest, hash_files, map_in_threads
 from runner.bundle.metadata import (
     ENVELOPE_NAME,
@@ -56,10 +55,7 @@ from runner.bundle.signing import Signer, sign_envelope, sigstore_bundle
 from runner.errors import InputError, UnsafeBundleEntry
 from runner.shared.tarformat import unsafe_path_reason
 
-# extract_bundle_tar, write_bundle_tar and remove_tree are re-exported for
-# runner/bundle/oci_artifacts.py, which is being changed on another branch; drop them
-# here once its imports point at runner.bundle.archive and runner._internal.tree.
-__all__ = ["BundleInfo", "build_bundle", "extract_bundle_tar", "remove_tree", "write_bundle_tar"]
+__all__ = ["BundleInfo", "build_bundle"]
 
 
 class BundleInfo(BaseModel):

@@ -130,6 +130,7 @@ def _rerun(args: argparse.Namespace, settings: Settings, term: Term, reports: Ci
     from runner.render.junit import reproduction_suite
     from runner.render.markdown import metric_table
     from runner.render.step_summary import rerun_summary
+    from runner.workflows.inputs import Published
     from runner.workflows.rerun import load_original, prepare, rerun
 
     verifier = verifier_for(args, settings, args.pub)
@@ -144,8 +145,16 @@ def _rerun(args: argparse.Namespace, settings: Settings, term: Term, reports: Ci
                 search_dirs=args.inputs or [],
                 progress=term,
                 transfer=transfer,
+                remote=args.backend == "kubernetes",
             )
-            located = {f"{w.role} {w.name}": str(path) for w, path in inputs.items()}
+            located = {
+                f"{w.role} {w.name}": (
+                    f"{where.artifact} (registry; the node pulls it)"
+                    if isinstance(where, Published)
+                    else str(where)
+                )
+                for w, where in inputs.items()
+            }
             summary = {
                 "original": original.run_id,
                 "original_bundle": original.digest,

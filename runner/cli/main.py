@@ -24,6 +24,7 @@ from runner.cli import blueprints as cli_blueprints
 from runner.cli import build as cli_build
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
+from runner.cli import inputs as cli_inputs
 from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports, properties_of
 from runner.cli.common import (
     GLOBAL_OPTIONS_TITLE,
@@ -570,6 +571,7 @@ def build_parser(
     cli_history.register(sub, common)
     cli_blueprints.register(sub, common)
     cli_compare.register(sub, common)
+    cli_inputs.register(sub, common)
     describe_command_tree(parser)
     return parser
 

@@ -44,7 +44,11 @@ class PlanInput(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     role: Literal["model", "dataset"]
     name: str
-    host_path: Path = Field(description="Verified file or tree on the runner's host.")
+    host_path: Path | None = Field(
+        description="Verified file or tree on the runner's host; None when the input is "
+        "only in the registry (a backend that pulls inputs on its nodes, see "
+        "Backend.pulls_inputs)."
+    )
     sha256: str = Field(description="File sha256, or the tree digest of a directory (hex).")
     kind: Literal["file", "directory"] = "file"
     file_name: str | None = Field(
@@ -52,6 +56,11 @@ class PlanInput(BaseModel):
     )
     files: tuple[PlanInputFile, ...] = ()
     artifact_ref: str | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes of the input (every file's size; what it takes on a node's disk)."""
+        return sum(f.size for f in self.files)
 
     @property
     def mount_path(self) -> str:
@@ -64,7 +73,8 @@ class PlanInput(BaseModel):
         """The input as the evaluation opens it: the file, or the directory's root."""
         if self.kind == "directory":
             return self.mount_path
-        return f"{self.mount_path}/{self.file_name or self.host_path.name}"
+        name = self.file_name or (self.host_path.name if self.host_path else self.files[0].path)
+        return f"{self.mount_path}/{name}"
 
     def agent_input(self) -> AgentPlanInput:
         """The input as the agent's plan lists it: where it is inside, what it must be.
@@ -182,6 +192,9 @@ class BackendResult(BaseModel):
 
 class Backend(Protocol):
     name: str
+    pulls_inputs: bool
+    """True when the backend's nodes pull published inputs by digest themselves: the
+    runner then only checks that each is in the registry, and never downloads it."""
 
     def preflight(self, plan: RunPlan) -> None:
         """Fail early (exit 4/5) if this backend cannot honour the plan's sandbox policy."""

@@ -15,6 +15,11 @@ input, first match wins:
    every layer and file checked while it streams in;
 6. the input's own remote URI (https, s3, oci), as at lock time.
 
+For a backend whose nodes pull inputs themselves (Kubernetes image volumes), a resolver
+made with ``remote=True`` stops before 5: an input not already here that has a published
+artifact is only checked to be in the registry (:class:`Published`), never downloaded to
+the runner's host — the node pulls it by digest and the agent checks every file's sha256.
+
 Whatever it comes from, the bytes are checked against the locked digest before they
 enter the cache; a source that does not hold them is noted and the next one tried.
 """
@@ -32,9 +37,11 @@ from runner._internal.cas import ContentStore
 from runner._internal.input_tree import InputFile, hash_file
 from runner._internal.settings import Settings
 from runner.adapters.input_artifacts import oci_resolver
+from runner.adapters.registry import ImageName, manifest_exists
 from runner.adapters.sources import AcquiredInput, SourceOptions, acquire
 from runner.adapters.sources import Progress as TransferCallback
 from runner.errors import DigestMismatch, EvalrunError, InfrastructureError, IntegrityError
+from runner.model.base import parse_digest_ref
 from runner.model.lock import LockedArtifact, LockedSpec
 from runner.model.plan import PlanInput, PlanInputFile
 
@@ -130,6 +137,7 @@ class InputResolver:
         progress: Progress = lambda _: None,
         transfer: TransferProgress | None = None,
         fetch: bool = True,
+        remote: bool = False,
     ) -> None:
         self.store = ContentStore(settings.input_cache)
         self.legacy_cache = settings.home / "inputs" / "sha256"
@@ -139,6 +147,7 @@ class InputResolver:
         self.progress = progress
         self.transfer = transfer
         self.fetch = fetch
+        self.remote = remote
 
     # ------------------------------------------------------------------ the sources
 
@@ -227,9 +236,22 @@ class InputResolver:
 
     # ------------------------------------------------------------------ resolve
 
-    def resolve(self, want: WantedInput) -> Path | UnresolvedInput:
+    def _published(self, want: WantedInput, artifact: str) -> Published | UnresolvedInput:
+        """The input's artifact if the registry holds it (checked by digest, not fetched)."""
+        repo, digest = parse_digest_ref(artifact)
+        try:
+            present = manifest_exists(ImageName.parse(repo), digest)
+        except EvalrunError as exc:
+            return UnresolvedInput(want, f"oci://{artifact}: {exc.message}", exc)
+        if not present:
+            return UnresolvedInput(want, f"oci://{artifact}: not in the registry")
+        self.progress(f"{want.what}: in the registry as {artifact} (the node pulls it)")
+        return Published(artifact)
+
+    def resolve(self, want: WantedInput) -> Path | Published | UnresolvedInput:
         """The input's verified blob or tree in the cache, or why there is none.
 
+        With ``remote``, an input that is not here but published is :class:`Published`.
         A local input present next to the spec that no longer matches raises
         DigestMismatch at once (exit 3): it was edited since the lock.
         """
@@ -245,6 +267,8 @@ class InputResolver:
         found = self._from_dirs(want, notes)
         if found is not None:
             return found
+        if self.remote and want.locked.artifact:
+            return self._published(want, want.locked.artifact)
         sources: list[tuple[str, str]] = []
         if self.fetch and want.locked.artifact:
             sources.append((f"oci://{want.locked.artifact}", "fetching the published artifact"))
@@ -296,8 +320,16 @@ def _same_listing(root: Path, locked: LockedArtifact) -> bool:
     return seen == want
 
 
-def plan_input(want: WantedInput, host_path: Path) -> PlanInput:
-    """The input as a backend delivers it: the cached blob or tree, its files and artifact."""
+@dataclass(frozen=True)
+class Published:
+    """An input the runner's host does not hold, present in the registry by digest."""
+
+    artifact: str
+
+
+def plan_input(want: WantedInput, host_path: Path | None) -> PlanInput:
+    """The input as a backend delivers it: the cached blob or tree (None: registry only),
+    its files and artifact."""
     entries = want.locked.entries()
     return PlanInput(
         role=want.role,
@@ -323,7 +355,7 @@ def host_inputs(lock: LockedSpec, resolver: InputResolver) -> list[PlanInput]:
         result = resolver.resolve(want)
         if isinstance(result, UnresolvedInput):
             raise_unresolved(result)
-        found.append(plan_input(want, result))
+        found.append(plan_input(want, None if isinstance(result, Published) else result))
     return found
 
 

@@ -58,6 +58,7 @@ from runner.workflows.custom_metrics import BUNDLE_DIR as CUSTOM_METRICS_DIR
 from runner.workflows.diff import MetricDelta, compare_metrics, overall_verdict
 from runner.workflows.inputs import (
     InputResolver,
+    Published,
     TransferProgress,
     UnresolvedInput,
     WantedInput,
@@ -159,14 +160,16 @@ def search_dirs_from_env() -> list[Path]:
     return [Path(p).expanduser() for p in value.split(":") if p]
 
 
-def resolve_inputs(original: Original, resolver: InputResolver) -> dict[WantedInput, Path]:
+def resolve_inputs(
+    original: Original, resolver: InputResolver
+) -> dict[WantedInput, Path | Published]:
     """Every input of ``original`` in the cache, or an error listing all that are not.
 
     InputsUnavailable (exit 3) lists each input no source delivered, and why (an input
     altered where it was published included); when every one of them failed only
     because a source stayed unreachable, InfrastructureError (exit 5) instead.
     """
-    found: dict[WantedInput, Path] = {}
+    found: dict[WantedInput, Path | Published] = {}
     missing: list[UnresolvedInput] = []
     for want in wanted_inputs(original.lock):
         result = resolver.resolve(want)
@@ -298,10 +301,12 @@ def prepare(
     search_dirs: Sequence[Path] = (),
     progress: Progress = lambda _: None,
     transfer: TransferProgress | None = None,
-) -> dict[WantedInput, Path]:
+    remote: bool = False,
+) -> dict[WantedInput, Path | Published]:
     """Everything a re-run needs, checked: each input by digest, the image in its registry.
 
-    Inputs not cached are fetched by digest (``transfer`` follows the bytes). Raises
+    Inputs not cached are fetched by digest (``transfer`` follows the bytes) — or with
+    ``remote`` (a backend whose nodes pull them) only checked to be published. Raises
     InputsUnavailable or ImageUnavailable (exit 3), or InfrastructureError (exit 5)
     when the registry stays unreachable; starts nothing.
     """
@@ -312,6 +317,7 @@ def prepare(
         [*search_dirs, *search_dirs_from_env()],
         progress=progress,
         transfer=transfer,
+        remote=remote,
     )
     inputs = resolve_inputs(original, resolver)
     progress(f"all {len(inputs)} inputs resolved to their pinned digests")
@@ -333,7 +339,14 @@ def rerun(
 ) -> RerunResult:
     """Re-run a verified original run; the new bundle is signed and stored."""
     store = Store(settings.home)
-    prepare(original, settings, search_dirs=search_dirs, progress=progress, transfer=transfer)
+    prepare(
+        original,
+        settings,
+        search_dirs=search_dirs,
+        progress=progress,
+        transfer=transfer,
+        remote=backend.pulls_inputs,
+    )
     # the original must be in the store, so the new attempt gets a new run id
     if not store.bundle_path(original.digest).is_dir():
         progress(f"importing the original bundle {original.digest[:19]}… into the store")

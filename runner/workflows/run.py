@@ -172,12 +172,14 @@ def _check_inputs_on_host(
     spec: EvalSpec | None = None,
     progress: Progress = lambda _: None,
     transfer: TransferProgress | None = None,
+    remote: bool = False,
 ) -> list[PlanInput]:
     """Every input verified in the cache before any container: local ones re-hashed now.
 
     A local input edited since the lock stops the run (exit 3); one that is gone, or a
     remote one not cached here, is fetched by digest from where the lock says it was
-    published (see :mod:`runner.workflows.inputs`).
+    published (see :mod:`runner.workflows.inputs`) — or, with ``remote`` (a backend
+    whose nodes pull inputs), only checked to be in the registry.
     """
     by_name = {"model": spec.model} if spec else {}
     if spec:
@@ -190,7 +192,12 @@ def _check_inputs_on_host(
         return source_options(declared, spec_dir)
 
     resolver = InputResolver(
-        settings, spec_dir=spec_dir, options=options, progress=progress, transfer=transfer
+        settings,
+        spec_dir=spec_dir,
+        options=options,
+        progress=progress,
+        transfer=transfer,
+        remote=remote,
     )
     return host_inputs(lock, resolver)
 
@@ -342,7 +349,13 @@ def run_evaluation(
         judgement: Judgement
         try:
             inputs = _check_inputs_on_host(
-                spec_dir, lock, settings, spec=spec, progress=progress, transfer=transfer
+                spec_dir,
+                lock,
+                settings,
+                spec=spec,
+                progress=progress,
+                transfer=transfer,
+                remote=backend.pulls_inputs,
             )
             _check_preprocessing(steps, lock)
             jobs = custom_jobs(spec, spec_path, lock)

@@ -193,6 +193,51 @@ def test_rerun_on_an_empty_machine_fetches_inputs_by_digest_and_is_identical(
     assert pred["reproduction_of"]["run_id"] == sharded_run["run_id"]
 
 
+def test_a_cluster_rerun_checks_inputs_in_the_registry_and_downloads_nothing(
+    cli, sharded_run, tmp_path
+):
+    """Kubernetes nodes pull inputs by digest: the runner's host never holds them."""
+    empty = fresh(tmp_path, "cluster-runner")
+    code, ready = empty.json(
+        "rerun", sharded_run["bundle"], "--check", "--backend", "kubernetes", "--pub", str(cli.pub)
+    )
+    assert code == 0 and ready["ready"], ready
+    lock = lock_of_bundle(sharded_run)
+    artifacts = {lock["model"]["artifact"]} | {d["artifact"] for d in lock["datasets"]}
+    assert len(ready["inputs"]) == 1 + len(lock["datasets"])
+    for label, where in ready["inputs"].items():
+        assert where.split()[0] in artifacts and "registry" in where, (label, where)
+    cache = tmp_path / "cluster-runner" / "cache"
+    held = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+    assert held == [], held
+
+
+def test_a_cluster_run_refuses_an_input_missing_from_the_registry_naming_it(
+    cli, sharded_run, tmp_path
+):
+    from runner._internal.settings import Settings
+    from runner.model.lock import LockedSpec
+    from runner.workflows.inputs import InputResolver, Published, UnresolvedInput, wanted_inputs
+
+    lock = LockedSpec.model_validate(lock_of_bundle(sharded_run))
+    settings = Settings(home=tmp_path / "home", cache=tmp_path / "cache")
+    resolver = InputResolver(settings, remote=True)
+    wants = wanted_inputs(lock)
+    assert all(isinstance(resolver.resolve(w), Published) for w in wants)
+    gone = wants[0].locked.model_copy(
+        update={"artifact": wants[0].locked.artifact.split("@")[0] + "@sha256:" + "0" * 64}
+    )
+    missing = resolver.resolve(type(wants[0])(wants[0].role, wants[0].name, gone))
+    assert isinstance(missing, UnresolvedInput)
+    assert "not in the registry" in missing.reason and "0000000" in missing.reason
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def lock_of_bundle(run: dict) -> dict:
+    return json.loads((Path(run["bundle"]) / "eval.lock.json").read_text())
+
+
 def test_an_input_blob_altered_in_the_registry_is_refused_before_the_evaluation(
     cli, sharded, sharded_run, tmp_path
 ):

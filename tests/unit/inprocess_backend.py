@@ -62,6 +62,7 @@ class InProcessBackend:
     """Deterministic stand-in for a sandboxed agent run (no container, no network)."""
 
     name = "inprocess"
+    pulls_inputs = False
 
     def __init__(self, *, fail: bool = False) -> None:
         self.fail = fail

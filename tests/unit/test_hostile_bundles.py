@@ -1,6 +1,6 @@
 """Every command that reads a bundle verifies it first and then reads only the bytes it verified.
 
-The rule (runner/bundle/reader.py ``open_bundle``, runner/bundle/verify.py
+The rule (runner/bundle/reader.py ``open_bundle``, runner/bundle/verify/
 ``VerifiedBundle.read_file``, runner/bundle/contents.py): a consumer gets the predicate
 of the statement that was verified, and payload files only as their signed bytes (read
 again link-free and bounded, then checked against the signed manifest). Not verifying

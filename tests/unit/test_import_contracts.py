@@ -72,8 +72,8 @@ def test_the_unmodified_tree_keeps_every_contract(tree):
     ("shared/metrics.py", "from runner import errors", "shared",
      "runner.shared.metrics -> runner.errors"),
     # the host ships the agent as files, it never imports it
-    ("bundle/verify.py", "from runner.agent import capture", "host-not-agent",
-     "runner.bundle.verify -> runner.agent.capture"),
+    ("bundle/verify/verdict.py", "from runner.agent import capture", "host-not-agent",
+     "runner.bundle.verify.verdict -> runner.agent.capture"),
     # pure builders never import a client
     ("backends/manifests.py", "import kubernetes", "pure-builders",
      "runner.backends.manifests -> kubernetes"),

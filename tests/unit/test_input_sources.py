@@ -39,6 +39,7 @@ from runner.adapters.sources import (
     stream_into,
     tls_context,
 )
+from runner.adapters.sources import s3 as s3_source
 from runner.errors import (
     DigestMismatch,
     InfrastructureError,
@@ -641,7 +642,7 @@ def test_s3_credentials_come_from_env_first(tmp_path):
         "AWS_SESSION_TOKEN": "tok",
         "AWS_SHARED_CREDENTIALS_FILE": str(creds),
     }
-    provider = sources._s3_credentials(env)
+    provider = s3_source._s3_credentials(env)
     assert isinstance(provider, StaticProvider)
     got = provider.retrieve()
     assert (got.access_key, got.secret_key, got.session_token) == ("ENVKEY", "envsecret", "tok")
@@ -653,7 +654,7 @@ def test_s3_credentials_from_a_named_profile(tmp_path):
         "[default]\naws_access_key_id = D\naws_secret_access_key = d\n"
         "[lab]\naws_access_key_id = LABKEY\naws_secret_access_key = labsecret\n"
     )
-    provider = sources._s3_credentials(
+    provider = s3_source._s3_credentials(
         {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_PROFILE": "lab"}
     )
     assert isinstance(provider, AWSConfigProvider)
@@ -661,13 +662,13 @@ def test_s3_credentials_from_a_named_profile(tmp_path):
     home = tmp_path / "home"
     (home / ".aws").mkdir(parents=True)
     (home / ".aws" / "credentials").write_text(creds.read_text())
-    assert sources._s3_credentials({"HOME": str(home)}).retrieve().access_key == "D"
+    assert s3_source._s3_credentials({"HOME": str(home)}).retrieve().access_key == "D"
 
 
 def test_s3_missing_named_profile_is_an_error_not_anonymous(tmp_path):
     with pytest.raises(InputError, match="AWS_PROFILE='nope'"):
-        sources._s3_credentials({"AWS_PROFILE": "nope", "HOME": str(tmp_path)})
-    assert sources._s3_credentials({"HOME": str(tmp_path)}) is None  # anonymous
+        s3_source._s3_credentials({"AWS_PROFILE": "nope", "HOME": str(tmp_path)})
+    assert s3_source._s3_credentials({"HOME": str(tmp_path)}) is None  # anonymous
 
 
 def test_s3_endpoint_precedence():
@@ -698,7 +699,7 @@ class StubS3:
 def test_s3_keys_escaping_the_prefix_are_refused(key):
     opts, _ = no_sleep_options()
     with pytest.raises(InputError) as err:
-        sources._list_prefix(
+        s3_source._list_prefix(
             StubS3(["ds/ok", key]),
             S3Uri(bucket="b", key="ds/"),
             what="model",
@@ -710,7 +711,7 @@ def test_s3_keys_escaping_the_prefix_are_refused(key):
 
 def test_s3_folder_markers_are_not_files():
     opts, _ = no_sleep_options()
-    listed = sources._list_prefix(
+    listed = s3_source._list_prefix(
         StubS3(["ds/", "ds/a"]), S3Uri(bucket="b", key="ds/"), what="m", options=opts, max_files=10
     )
     assert [x.path for x in listed] == ["a"]
@@ -761,7 +762,7 @@ def test_tls_trust_precedence(tmp_path):
 
 def test_meter_is_thread_safe():
     seen = []
-    meter = sources._Meter(lambda d, t: seen.append(d), 1000)
+    meter = sources.Meter(lambda d, t: seen.append(d), 1000)
     threads = [
         threading.Thread(target=lambda: [meter.advance(1) for _ in range(250)]) for _ in range(4)
     ]

@@ -233,6 +233,23 @@ def test_results_volume_is_bounded_by_the_spec():
         _plan(resources__results_mib=1)
 
 
+def test_the_pod_requests_the_node_disk_for_its_results_and_inputs():
+    from runner.model.plan import PlanInputFile
+
+    def requests(plan):
+        return _pod(build_job(plan, OPTS))["containers"][0]["resources"]["requests"]
+
+    assert requests(_plan(resources__results_mib=300))["ephemeral-storage"] == "300Mi"
+    shards = tuple(PlanInputFile(path=f"s{i}", sha256="f" * 64, size=(1 << 30) + 1)
+                   for i in range(2))
+    big = [PlanInput(role="model", name="model", host_path=Path("/x/m"), sha256="c" * 64,
+                     kind="directory", files=shards, artifact_ref=MODEL_REF), _inputs()[1]]
+    # 2 GiB and 2 bytes round up to 2049 MiB, plus the results volume
+    assert requests(_plan(big, resources__results_mib=300))["ephemeral-storage"] == "2349Mi"
+    assert "ephemeral-storage" not in _pod(build_job(_plan(), OPTS))["containers"][0][
+        "resources"]["limits"]
+
+
 def test_dropped_image_volumes_are_named():
     job = build_job(_plan(), OPTS)
     assert dropped_image_volumes(job) == []

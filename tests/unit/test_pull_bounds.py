@@ -1,6 +1,6 @@
 """``pull`` from a hostile registry: bounded, one level deep, verified before unpacking.
 
-The rule (runner/bundle/oci_artifacts.py, runner/adapters/registry.py): every JSON
+The rule (runner/bundle/oci_artifacts/, runner/adapters/registry.py): every JSON
 document a registry sends is read to at most 4 MiB and parsed strictly; descriptors are
 checked (sha256 digest, declared size within bounds) before any download; a blob is
 never read beyond its declared size; referrers are followed one level, each digest once,
@@ -181,7 +181,7 @@ def test_referrers_are_followed_one_level_each_digest_once(
 def test_at_most_max_attached_bundles_are_fetched(
     fake: FakeRegistry, tmp_path: Path, signer: Signer, monkeypatch
 ) -> None:
-    monkeypatch.setattr(oci_artifacts, "MAX_ATTACHED", 5)
+    monkeypatch.setattr(oci_artifacts.pull, "MAX_ATTACHED", 5)
     fake.referrers_api = False
     image = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode()
     image_ref = _manifest(fake, image)
