@@ -15,7 +15,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -260,8 +260,14 @@ def recompute_metrics(
     definitions: list[dict[str, Any]],
     seed: int,
     perturbations: list[dict[str, Any]] | None = None,
+    *,
+    overridden: Collection[str] = (),
 ) -> MetricCheck:
-    """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``."""
+    """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``.
+
+    What the container reports for an ``overridden`` metric (a custom metric, recomputed
+    in its own sandbox) is not compared: it is replaced, never trusted.
+    """
     try:
         samples = read_samples(results / "predictions.jsonl", definitions)
         ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
@@ -273,6 +279,7 @@ def recompute_metrics(
     theirs = _reported_metrics(reported)
     if theirs is None:
         return MetricCheck(ours, [_MALFORMED])
+    theirs = [m for m in theirs if not (isinstance(m, dict) and m.get("name") in overridden)]
     problems = _compare_reported(ours, theirs, {})
     effects, more = _recompute_perturbations(
         results, definitions, perturbations or [], samples, reported, seed

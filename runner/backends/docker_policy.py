@@ -40,6 +40,8 @@ class ContainerPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     image: str
     command: tuple[str, ...]
+    # None: the image's own entrypoint (the agent)
+    entrypoint: tuple[str, ...] | None = None
     name: str
     runtime: str
     network_mode: Literal["none"]
@@ -58,7 +60,9 @@ class ContainerPolicy(BaseModel):
     def engine_options(self) -> dict[str, Any]:
         """The keyword arguments of docker-py's ``containers.create`` other than image,
         command and mounts (which the sender turns into its mount objects)."""
+        entrypoint = {} if self.entrypoint is None else {"entrypoint": list(self.entrypoint)}
         return {
+            **entrypoint,
             "name": self.name,
             "runtime": self.runtime,
             "network_mode": self.network_mode,

@@ -35,6 +35,7 @@ from runner.adapters.sources import AcquiredInput, SourceOptions, acquire
 from runner.adapters.sources import Progress as TransferCallback
 from runner.build.base_image import ensure_base_image
 from runner.build.context import BUILD_EPOCH, BuildInputs, build_inputs_for, tree_digest
+from runner.build.custom_metrics import custom_metric_records
 from runner.build.image import BuiltImage, build_image, measure_rootfs
 from runner.build.package_files import agent_digest
 from runner.build.provenance import preprocessing_records
@@ -293,6 +294,8 @@ def lock_spec(
     ``(done, total)`` callback to follow large transfers (the CLI draws a bar).
     """
     spec_dir = spec_path.resolve().parent
+    # a custom metric file that is missing or lacks its function is refused before any work
+    custom_metrics = custom_metric_records(spec, spec_path)
     store = ContentStore(settings.input_cache)
     locked_inputs = lock_inputs(spec, spec_dir, store, transfer=transfer)
     for item in locked_inputs:
@@ -369,6 +372,7 @@ def lock_spec(
             LockedPreprocessing.model_validate(step)
             for step in preprocessing_records(spec, spec_path.resolve().parent)
         ],
+        custom_metrics=custom_metrics,
     )
     write_lock(lock, lock_path_for(spec_path))
     return lock, built

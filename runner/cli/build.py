@@ -19,9 +19,11 @@ from runner.cli.progress import TransferBars
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
+    from runner.build.custom_metrics import custom_metric_records
     from runner.model.spec import load_spec
 
     spec = load_spec(args.spec)
+    custom_metric_records(spec, Path(args.spec))
     if args.json:
         emit_json(
             {

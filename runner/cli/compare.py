@@ -3,7 +3,9 @@
 Wired into ``evalrun`` by :func:`register`; errors go back to ``cli.main``, which maps
 them to exit codes: 0 ranked; 2 not comparable (naming the differing fields), no runs,
 or a ``--candidate`` that is not ranked; 3 a run of the group does not verify; 6 the
-``--candidate`` ranks significantly below the leader.
+``--candidate`` ranks significantly below the leader. ``--metric`` chooses the metric;
+``--spec``/``--backend``/``--since`` narrow the runs; ``--group-by model`` keeps one
+entry per model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from runner.cli.output import Term
 def cmd_compare(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner.bundle.store import Store
     from runner.workflows.compare import (
+        Selection,
         compare_group,
         format_json,
         format_markdown,
@@ -29,7 +32,13 @@ def cmd_compare(args: argparse.Namespace, settings: Settings, term: Term) -> int
 
     trust = trust_for(args, settings)
     comparison = compare_group(
-        Store(settings.home), args.group, trust=trust, allow=args.allow or ()
+        Store(settings.home),
+        args.group,
+        trust=trust,
+        allow=args.allow or (),
+        metric=args.metric,
+        selection=Selection(spec=args.spec, backend=args.backend, since=args.since),
+        group_by=args.group_by,
     )
     verdict = gate(comparison, args.candidate) if args.candidate else None
     fmt = "json" if args.json else args.format
@@ -40,7 +49,7 @@ def cmd_compare(args: argparse.Namespace, settings: Settings, term: Term) -> int
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     """Add ``compare``."""
-    from runner.workflows.compare import COMPARABILITY_FIELDS
+    from runner.workflows.compare import COMPARABILITY_FIELDS, GROUP_BY
 
     keys = argparse.ArgumentParser(add_help=False)
     keys.add_argument(
@@ -63,11 +72,28 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="accept a difference in FIELD (repeatable; printed on the result): "
         + ", ".join(COMPARABILITY_FIELDS),
     )
+    p.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="rank by this metric (default: the group's first primary metric)",
+    )
+    p.add_argument("--spec", metavar="NAME", help="only runs of this spec (metadata.name)")
+    p.add_argument("--backend", metavar="NAME", help="only runs made on this backend")
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only runs started since WHEN (YYYY-MM-DD, ISO date-time, or 30d/12h/2w ago)",
+    )
+    p.add_argument(
+        "--group-by",
+        choices=GROUP_BY,
+        help="one entry per model: its newest run or run set (the others listed as left out)",
+    )
     p.add_argument("--format", choices=("text", "json", "md"), default="text")
     p.add_argument(
         "--candidate",
         metavar="RUN",
-        help="CI gate: exit 6 when RUN (a run id, or `newest`) ranks below the leader with "
-        "disjoint confidence intervals",
+        help="CI gate: exit 6 when RUN (a run id, or `newest`) ranks below the leader and "
+        "differs significantly from it (paired test on shared samples, else disjoint CIs)",
     )
     p.set_defaults(fn=cmd_compare)

@@ -225,6 +225,15 @@ class LockedPreprocessing(FrozenModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class LockedCustomMetric(FrozenModel):
+    """A custom metric's code: the file (relative to the spec), its function, its digest."""
+
+    name: str
+    file: str
+    function: str
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+
+
 class LockedSpec(FrozenModel):
     """``eval.lock.json``: every input of a run resolved to a digest."""
 
@@ -239,6 +248,10 @@ class LockedSpec(FrozenModel):
     source: LockedSource
     preprocessing: list[LockedPreprocessing] = Field(
         default_factory=list, description="Declared preprocessing steps and their code digests."
+    )
+    custom_metrics: list[LockedCustomMetric] = Field(
+        default_factory=list,
+        description="Custom metric files (compute: custom) and their digests.",
     )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

@@ -110,6 +110,8 @@ class RunPlan(BaseModel):
     params: dict[str, Any]
     seed: int
     metrics: list[dict[str, Any]]
+    # compute: custom — never sent to the agent; recomputed by the runner in its own sandbox
+    custom_metrics: list[dict[str, Any]] = Field(default_factory=list)
     perturbations: list[dict[str, Any]] = Field(default_factory=list)
     expect: dict[str, Any]
     inputs: list[PlanInput]

@@ -127,6 +127,19 @@ class ConfusionMatrix(Record):
     counts: tuple[tuple[Count, ...], ...] | None = None
 
 
+class CustomMetricRecord(Record):
+    """Where a custom metric's value came from: its locked code and the sandbox it ran in."""
+
+    file: Text | None = None
+    function: Text | None = None
+    file_sha256: Text | None = None
+    # {"image": digest, "runtime": "runsc", "network": "none"}
+    recomputed_in: dict[str, Text] | None = None
+    # what the evaluation's container reported for it, if anything (never used)
+    container_reported: JsonValue = None
+    overridden: Flag | None = None
+
+
 class MetricResult(Record):
     """One metric as the runner recomputed it, with its definition and verdict."""
 
@@ -145,6 +158,8 @@ class MetricResult(Record):
     passed: Flag | None = None
     # when the spec asked for it (confusion_matrix: true); absent before the catalogue
     confusion_matrix: ConfusionMatrix | None = None
+    # compute: custom only
+    custom: CustomMetricRecord | None = None
 
 
 class Timestamps(Record):

@@ -287,6 +287,7 @@ MetricCompute = Literal[
     "token_f1",
     "pass_at_k",
     "mean",
+    "custom",
 ]
 SampleField = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 ClassLabel = StrictStr | StrictBool | StrictInt
@@ -312,6 +313,34 @@ class SampleFieldNames(_Model):
     )
     n: SampleField | None = Field(default=None, description="pass@k: generations made.")
     c: SampleField | None = Field(default=None, description="pass@k: generations that passed.")
+
+
+class CustomMetric(_Model):
+    """A metric function in the evaluation's own repository (``compute: custom``).
+
+    The file is locked by digest like the other code; the runner calls the function in a
+    separate sandboxed container of the run's pinned image that sees only the per-sample
+    file and this file (never on the runner host): ``function(samples: list[dict]) ->
+    float``, on all samples and on each bootstrap resample the runner draws.
+    """
+
+    file: str = Field(
+        description="Python file with the metric function, relative to the spec file."
+    )
+    function: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$",
+        description="Name of the function: samples (a list of per-sample objects) → a number.",
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _relative_python_file(cls, value: str) -> str:
+        parts = Path(value).parts
+        if not value or Path(value).is_absolute() or ".." in parts:
+            raise ValueError(f"file {value!r} must be a relative path inside the spec directory")
+        if not value.endswith(".py"):
+            raise ValueError(f"file {value!r} must be a Python file (.py)")
+        return value
 
 
 class MetricSpec(_Model):
@@ -358,6 +387,11 @@ class MetricSpec(_Model):
         default=False,
         description="Attach the confusion matrix (rows: true labels, columns: predictions).",
     )
+    custom: CustomMetric | None = Field(
+        default=None,
+        description="compute: custom — the metric function (file and function name); "
+        "recomputed by the runner in a separate sandbox from the per-sample outputs.",
+    )
     direction: Literal["higher_is_better", "lower_is_better"] = Field(
         default="higher_is_better",
         description="Defaults to lower_is_better for log_loss, brier, ece, mae and rmse.",
@@ -391,7 +425,7 @@ class MetricSpec(_Model):
         if data["fields"] is not None:
             # a field left at its default is not named (the signed definition lists renames only)
             data["fields"] = {k: v for k, v in data["fields"].items() if v is not None} or None
-        for key in ("fields", *PARAMETERS):
+        for key in ("fields", "custom", *PARAMETERS):
             if data[key] is None or (key == "confusion_matrix" and data[key] is False):
                 del data[key]
         return data
@@ -433,11 +467,33 @@ class MetricSpec(_Model):
 
     @model_validator(mode="after")
     def _parameters_fit_compute(self) -> MetricSpec:
+        if self.compute == "custom" or self.custom is not None:
+            return self._custom_alone()
         problems = definition_problems(self.model_dump(mode="json"))
         if self.compute not in LEGACY and self.direction != CATALOGUE[self.compute].direction:
             problems.append(
                 f"{self.compute!r} is {CATALOGUE[self.compute].direction.replace('_', '-')}; "
                 f"direction {self.direction!r} contradicts it"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _custom_alone(self) -> MetricSpec:
+        problems = []
+        if self.compute != "custom":
+            problems.append(f"'custom' needs compute: custom (found compute: {self.compute!r})")
+        elif self.custom is None:
+            problems.append("compute: custom needs 'custom: {file: PATH.py, function: NAME}'")
+        given = [
+            p for p in ("field", "fields", *PARAMETERS) if getattr(self, p) not in (None, False)
+        ]
+        if given:
+            problems.append(f"{given} do(es) not apply to compute: custom")
+        if self.ci.method not in ("bootstrap_percentile", "none"):
+            problems.append(
+                f"ci.method {self.ci.method!r} is not available for compute: custom "
+                "(bootstrap_percentile or none)"
             )
         if problems:
             raise ValueError("; ".join(problems))

@@ -112,6 +112,25 @@ def promotion_lines(metrics: Metrics) -> list[str]:
     ]
 
 
+def custom_metric_lines(metrics: Metrics) -> list[str]:
+    """One line per custom metric: its code (file, function, digest) and where it ran."""
+    lines = []
+    for m in metrics:
+        c = m.custom
+        if c is None:
+            continue
+        where = c.recomputed_in or {}
+        line = (
+            f"custom metric {m.name}: {c.function}() in {c.file} (sha256 {c.file_sha256}), "
+            f"recomputed by the runner in a {where.get('runtime', '?')} sandbox of image "
+            f"{where.get('image', '?')}, network {where.get('network', '?')}"
+        )
+        if c.container_reported is not None:
+            line += f"; the container reported {c.container_reported} (not used)"
+        lines.append(one_line(line, limit=600))
+    return lines
+
+
 def metric_table(metrics: Metrics) -> str:
     """A plain-text table for the terminal (with each metric's role)."""
     header = ROLE_HEADER
@@ -123,6 +142,7 @@ def metric_table(metrics: Metrics) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines += promotion_lines(metrics)
+    lines += custom_metric_lines(metrics)
     return "\n".join(lines)
 
 
@@ -151,10 +171,10 @@ def render_markdown(predicate: RunPredicate) -> str:
         lines.append("| " + " | ".join(ROLE_HEADER) + " |")
         lines.append("|" + "---|" * len(ROLE_HEADER))
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-        promotions = promotion_lines(p.metrics)
-        if promotions:
+        notes = promotion_lines(p.metrics) + custom_metric_lines(p.metrics)
+        if notes:
             lines.append("")
-            lines += [f"- {line}" for line in promotions]
+            lines += [f"- {line}" for line in notes]
         lines += confusion_lines(p.metrics)
     else:
         lines.append("No metrics were computed.")

@@ -291,6 +291,12 @@ def _metric_config(m: MetricResult) -> dict[str, JsonValue]:
         "ci.method": ci.method if ci is not None else None,
         "ci.level": ci.level if ci is not None else None,
         "ci.resamples": ci.resamples if ci is not None else None,
+        # a custom metric is its code: another file digest is another metric definition
+        **(
+            {"custom.file_sha256": m.custom.file_sha256, "custom.function": m.custom.function}
+            if m.custom is not None
+            else {}
+        ),
     }
 
 
@@ -322,8 +328,8 @@ def diff_runs(a: RunPredicate, b: RunPredicate, *, tolerance: float | None = Non
     ma = {m.name: _metric_config(m) for m in a.metrics}
     mb = {m.name: _metric_config(m) for m in b.metrics}
     for name in sorted(ma.keys() & mb.keys()):
-        for key, va in ma[name].items():
-            vb = mb[name][key]
+        for key in [*ma[name], *(k for k in mb[name] if k not in ma[name])]:
+            va, vb = ma[name].get(key), mb[name].get(key)
             if va != vb:
                 changes.append(Change("config", f"metrics.{name}.{key}", va, vb))
     deltas = compare_metrics(a.metrics, b.metrics, tolerance)

@@ -200,7 +200,9 @@ def judge_metrics(
             "metrics do not match the per-sample outputs: " + "; ".join(check.problems),
             facts,
         )
-    verdicts = threshold_verdicts(plan.metrics, {m["name"]: m["value"] for m in check.metrics})
+    verdicts = threshold_verdicts(
+        [*plan.metrics, *plan.custom_metrics], {m["name"]: m["value"] for m in check.metrics}
+    )
     facts = RunFacts(
         node_crosscheck=facts.node_crosscheck,
         metrics=facts.metrics,

@@ -54,6 +54,7 @@ from runner.model.predicate import (
     RunPredicate,
 )
 from runner.model.spec import MAX_SPEC_BYTES, EvalSpec, load_spec_bytes
+from runner.workflows.custom_metrics import BUNDLE_DIR as CUSTOM_METRICS_DIR
 from runner.workflows.diff import MetricDelta, compare_metrics, overall_verdict
 from runner.workflows.inputs import (
     InputResolver,
@@ -202,7 +203,8 @@ def check_image_available(lock: LockedSpec) -> None:
 
 @contextlib.contextmanager
 def workspace(original: Original, store: Store) -> Iterator[Path]:
-    """A scratch spec directory holding the original spec, lock and preprocessing code.
+    """A scratch spec directory holding the original spec, lock, preprocessing code and
+    custom metric files.
 
     Yields the spec path. The inputs are not placed there: the run finds them by digest
     in the input cache, where :func:`prepare` put them.
@@ -214,9 +216,10 @@ def workspace(original: Original, store: Store) -> Iterator[Path]:
         (root / "eval.lock.json").write_bytes(original.lock_bytes)
         # Preprocessing code travels in the bundle (signed); put it back where the spec
         # names it. The lock's code digests are checked again before the run starts.
-        carried = original.path / "preprocessing"
-        if carried.is_dir():
-            shutil.copytree(carried, root, dirs_exist_ok=True)
+        for folder in ("preprocessing", CUSTOM_METRICS_DIR):
+            carried = original.path / folder
+            if carried.is_dir():
+                shutil.copytree(carried, root, dirs_exist_ok=True)
         yield root / "eval.yaml"
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Any
 from runner._internal.settings import Settings
 from runner.adapters.sources import SourceOptions
 from runner.backends.collect import collect_results, recompute_available, recompute_metrics
+from runner.backends.custom_metric import CustomMetricSandbox
 from runner.build.image import image_reproducibility
 from runner.build.lock import source_options
 from runner.build.provenance import preprocessing_records, provenance
@@ -67,6 +68,7 @@ from runner.model.spec import EvalSpec, load_spec
 from runner.render.markdown import render_markdown
 from runner.shared.metrics import is_gating
 from runner.workflows.compare import check_group_definitions
+from runner.workflows.custom_metrics import carry_files, custom_jobs, with_custom_metrics
 from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
 from runner.workflows.judge import (
     INTERRUPTED,
@@ -263,7 +265,8 @@ def make_plan(
         command=list(spec.command),
         params=dict(spec.params),
         seed=spec.seed,
-        metrics=[m.definition() for m in spec.metrics],
+        metrics=[m.definition() for m in spec.metrics if m.custom is None],
+        custom_metrics=[m.definition() for m in spec.metrics if m.custom is not None],
         perturbations=[x.model_dump(mode="json") for x in spec.perturbations],
         expect=spec.expect.model_dump(mode="json"),
         inputs=inputs,
@@ -394,12 +397,17 @@ def run_evaluation(
                 remote=backend.pulls_inputs,
             )
             _check_preprocessing(steps, lock)
+            jobs = custom_jobs(spec, spec_path, lock)
+            carry_files(jobs, spec_dir, stage)
             journal.emit("inputs_verified", count=len(inputs))
             plan = make_plan(spec, lock, inputs, attempt, target)
             (stage / "plan.json").write_text(
                 json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
             )
             progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
+            sandbox = CustomMetricSandbox()
+            if jobs:
+                sandbox.preflight(plan.image_ref)
             backend.preflight(plan)
             progress(
                 f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
@@ -428,7 +436,19 @@ def run_evaluation(
                 plan,
                 result,
                 agent_report,
-                recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations),
+                with_custom_metrics(
+                    recompute_metrics(
+                        results,
+                        plan.metrics,
+                        plan.seed,
+                        plan.perturbations,
+                        overridden=[str(m["name"]) for m in plan.custom_metrics],
+                    ),
+                    results,
+                    plan,
+                    jobs,
+                    sandbox,
+                ),
             )
             if judgement.outcome is Outcome.BAD_OUTPUT:
                 judgement = judge_partial(

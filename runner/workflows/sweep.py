@@ -146,6 +146,13 @@ def _derive(
             shutil.copytree(src, dst, dirs_exist_ok=True)
         elif src.is_file():
             shutil.copy2(src, dst)
+    for metric in data.get("metrics") or []:
+        # so is a custom metric's file (its digest is in the base lock the cell inherits)
+        custom = metric.get("custom") if isinstance(metric, dict) else None
+        if isinstance(custom, dict) and (spec_dir / str(custom.get("file"))).is_file():
+            dst = cell_dir / str(custom["file"])
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(spec_dir / str(custom["file"]), dst)
     cell_spec = cell_dir / "eval.yaml"
     cell_spec.write_text(yaml.safe_dump(data, sort_keys=False))
     spec = parse_spec(data, source=f"{cell_spec} (sweep cell {cell.index})")
