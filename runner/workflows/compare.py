@@ -37,6 +37,7 @@ from runner.model.predicate import (
     RunPredicate,
 )
 from runner.model.spec import EvalSpec
+from runner.workflows.compare_fields import COMPARABILITY_FIELDS, GROUP_BY
 from runner.workflows.compare_load import (
     GroupRun,
     RunSetEntry,
@@ -81,8 +82,6 @@ __all__ = [
     "gate",
 ]
 
-COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
-GROUP_BY = ("model",)
 # a candidate significantly worse than the leader fails a gate like a missed threshold
 THRESHOLDS_EXIT = 6
 

@@ -61,3 +61,19 @@ def test_digest_prints_the_pins_the_sharded_example_declares(
     found = json.loads(capsys.readouterr().out)
     assert [f["sha256"] for f in found] == [spec["model"]["sha256"], spec["datasets"][0]["sha256"]]
     assert [f["kind"] for f in found] == ["directory", "directory"]
+
+
+def test_building_the_parser_imports_no_workflow_engine() -> None:
+    """Every command pays for the parser: it must not import the heavy engines."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from runner.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith('runner.workflows.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
+    assert "runner.workflows.compare'" not in out, out
+    assert "runner.workflows.run'" not in out, out
