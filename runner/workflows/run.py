@@ -41,6 +41,7 @@ from runner.errors import (
     InfrastructureError,
     InputError,
     IntegrityError,
+    RunCancelled,
     SpecError,
 )
 from runner.model.lock import LockedSpec, load_lock, lock_path_for
@@ -299,15 +300,10 @@ def run_evaluation(
     lock_digest = lock.digest()
     attempt = _next_attempt(store, lock_digest) if rerun else _current_attempt(store, lock_digest)
     run_id = run_id_for(lock_digest, attempt)
-    existing = store.find_run(run_id)
+    existing = stored_outcome(store, run_id)
     if existing is not None:
         progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
-        found = _load_predicate(existing.path)
-        # a stored run always has an outcome; one without is an internal error (exit 1)
-        outcome = found.outcome or Outcome.AGENT_ERROR
-        return RunOutcome(
-            run_id, outcome, outcome.exit_code, found.reason, existing, found, reused=True
-        )
+        return existing
 
     spec_dir = spec_path.resolve().parent
     check_group_definitions(store, spec)
@@ -330,14 +326,21 @@ def run_evaluation(
         attempt=attempt,
         backend=backend.name,
     )
+    sealing = Sealing(
+        spec=spec,
+        lock=lock,
+        run_id=run_id,
+        attempt=attempt,
+        started=started,
+        backend=backend.name,
+        run_provenance=run_provenance,
+        journal=journal,
+        annotate=annotate,
+    )
     with store.staging_dir() as stage:
-        shutil.copy2(spec_path, stage / "spec.yaml")
-        shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
-        _carry_preprocessing(spec, spec_dir, stage / "preprocessing")
-        result: BackendResult | None = None
-        report = ContainerReport()
-        judgement: Judgement
-        try:
+        stage_run_files(spec_path, spec, stage)
+
+        def attempt_run(results_tmp: Path) -> BackendResult:
             inputs = _check_inputs_on_host(
                 spec_dir, lock, settings, spec=spec, progress=progress, transfer=transfer
             )
@@ -352,77 +355,176 @@ def run_evaluation(
             progress(
                 f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
             )
-            with tempfile.TemporaryDirectory(prefix="evalrun-results-") as tmp:
-                results_tmp = Path(tmp) / "results"
-                result = backend.run(plan, results_tmp)
-                journal.emit(
-                    "container_done",
-                    exit_code=result.exit_code,
-                    timed_out=result.timed_out,
-                    duration_s=result.duration_s,
-                    runtime=result.runtime,
-                )
-                collected = collect_results(results_tmp, stage / "results")
-                collected.problems[:0] = result.collection_problems
-                journal.emit(
-                    "results_collected",
-                    files=len(collected.files),
-                    bytes=collected.total_bytes,
-                    problems=collected.problems,
-                )
-            results = stage / "results"
-            agent_report = read_container_report(results)
-            judgement = judge(plan, result, collected.problems, agent_report) or judge_metrics(
-                plan,
-                result,
-                agent_report,
-                recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations),
-            )
-            if judgement.outcome is Outcome.BAD_OUTPUT:
-                judgement = judge_partial(
-                    judgement, recompute_available(results, plan.metrics, plan.seed)
-                )
-            report = agent_report  # recorded only once judged, as it always was
-        except KeyboardInterrupt:
-            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
-        except IntegrityError as exc:
-            judgement = Judgement(Outcome.INTEGRITY_FAILURE, _one_line(exc))
-        except EnvironmentMismatch as exc:
-            judgement = Judgement(Outcome.ENVIRONMENT_MISMATCH, _one_line(exc))
-        except InfrastructureError as exc:
-            judgement = Judgement(Outcome.INFRASTRUCTURE_FAILURE, _one_line(exc))
-        if result is not None and result.interrupted:
-            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED, facts=judgement.facts)
-        outcome, reason = judgement.outcome, judgement.reason
-        journal.emit(
-            "run_end",
-            level="info" if outcome.exit_code == 0 else "error",
-            outcome=outcome,
-            reason=reason,
-        )
-        predicate = build_run_predicate(
-            spec,
-            lock,
-            run_id=run_id,
-            attempt=attempt,
-            result=result,
-            judgement=judgement,
-            report=report,
-            started=started,
-            backend=backend.name,
-            run_provenance=run_provenance,
-        )
-        if annotate is not None:
-            predicate = _annotated(predicate, annotate)
-        (stage / "report.md").write_text(render_markdown(predicate))
-        (stage / "logs").mkdir(exist_ok=True)
-        (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
-        if result is not None and result.container_log:
-            (stage / "logs" / "container.log").write_text(result.container_log)
+            holder.plan = plan
+            return backend.run(plan, results_tmp)
+
+        holder = _PlanHolder()
+        result, report, judgement = judged_attempt(stage, journal, attempt_run, holder)
         progress("sealing the bundle (hash, sign)")
-        build_bundle(stage, predicate.to_json(), signer, stage)
-        stored = store.put(stage)
-    return RunOutcome(run_id, outcome, outcome.exit_code, reason, stored, predicate, reused=False)
+        return seal_run(stage, store, signer, sealing, result, report, judgement)
+
+
+def stage_run_files(spec_path: Path, spec: EvalSpec, stage: Path) -> None:
+    """What every run bundle carries from the spec's folder: spec, lock, preprocessing code."""
+    shutil.copy2(spec_path, stage / "spec.yaml")
+    shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
+    _carry_preprocessing(spec, spec_path.resolve().parent, stage / "preprocessing")
+
+
+@dataclass
+class _PlanHolder:
+    """The plan an attempt ran (set by the attempt once it has one)."""
+
+    plan: RunPlan | None = None
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """What sealing a run needs besides how it ended: what ran, when, launched by whom."""
+
+    spec: EvalSpec
+    lock: LockedSpec
+    run_id: str
+    attempt: int
+    started: str
+    backend: str
+    run_provenance: Mapping[str, Any]
+    journal: Journal
+    annotate: Annotate | None = None
+
+
+def judged_attempt(
+    stage: Path,
+    journal: Journal,
+    attempt_run: Callable[[Path], BackendResult],
+    holder: _PlanHolder,
+) -> tuple[BackendResult | None, ContainerReport, Judgement]:
+    """Run ``attempt_run`` (which sets ``holder.plan``), collect its results into
+    ``stage/results`` without trusting them, and judge how the run ended.
+
+    Integrity, environment and infrastructure errors, Ctrl-C and a cancellation end
+    in a judgement (the run is sealed saying so); any other error propagates and
+    nothing is sealed.
+    """
+    result: BackendResult | None = None
+    report = ContainerReport()
+    judgement: Judgement
+    try:
+        with tempfile.TemporaryDirectory(prefix="evalrun-results-") as tmp:
+            results_tmp = Path(tmp) / "results"
+            result = attempt_run(results_tmp)
+            plan = holder.plan
+            assert plan is not None
+            journal.emit(
+                "container_done",
+                exit_code=result.exit_code,
+                timed_out=result.timed_out,
+                duration_s=result.duration_s,
+                runtime=result.runtime,
+            )
+            collected = collect_results(results_tmp, stage / "results")
+            collected.problems[:0] = result.collection_problems
+            journal.emit(
+                "results_collected",
+                files=len(collected.files),
+                bytes=collected.total_bytes,
+                problems=collected.problems,
+            )
+        results = stage / "results"
+        agent_report = read_container_report(results)
+        judgement = judge(plan, result, collected.problems, agent_report) or judge_metrics(
+            plan,
+            result,
+            agent_report,
+            recompute_metrics(results, plan.metrics, plan.seed, plan.perturbations),
+        )
+        if judgement.outcome is Outcome.BAD_OUTPUT:
+            judgement = judge_partial(
+                judgement, recompute_available(results, plan.metrics, plan.seed)
+            )
+        report = agent_report  # recorded only once judged, as it always was
+    except KeyboardInterrupt:
+        judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
+    except (RunCancelled, IntegrityError, EnvironmentMismatch, InfrastructureError) as exc:
+        judgement = error_judgement(exc) or Judgement(Outcome.AGENT_ERROR, _one_line(exc))
+    if result is not None and result.interrupted:
+        judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED, facts=judgement.facts)
+    return result, report, judgement
+
+
+def error_judgement(exc: EvalrunError) -> Judgement | None:
+    """How a run ends on ``exc`` (cancelled, integrity, environment, infrastructure), or None
+    for an error that is not a run's outcome (it propagates; nothing is sealed)."""
+    if isinstance(exc, RunCancelled):
+        return Judgement(Outcome.CANCELLED, exc.message)
+    if isinstance(exc, IntegrityError):
+        return Judgement(Outcome.INTEGRITY_FAILURE, _one_line(exc))
+    if isinstance(exc, EnvironmentMismatch):
+        return Judgement(Outcome.ENVIRONMENT_MISMATCH, _one_line(exc))
+    if isinstance(exc, InfrastructureError):
+        return Judgement(Outcome.INFRASTRUCTURE_FAILURE, _one_line(exc))
+    return None
+
+
+def stored_outcome(store: Store, run_id: str) -> RunOutcome | None:
+    """The run ``run_id`` as sealed in ``store`` (``reused``), or None."""
+    existing = store.find_run(run_id)
+    if existing is None:
+        return None
+    found = _load_predicate(existing.path)
+    # a stored run always has an outcome; one without is an internal error (exit 1)
+    outcome = found.outcome or Outcome.AGENT_ERROR
+    return RunOutcome(
+        run_id, outcome, outcome.exit_code, found.reason, existing, found, reused=True
+    )
+
+
+def seal_run(
+    stage: Path,
+    store: Store,
+    signer: Signer,
+    sealing: Sealing,
+    result: BackendResult | None,
+    report: ContainerReport,
+    judgement: Judgement,
+) -> RunOutcome:
+    """Build, sign and store the bundle of a run that ended in ``judgement``.
+
+    ``stage`` (a store staging dir) already holds the run's files (spec, lock, plan,
+    results); the predicate, report and logs are added here.
+    """
+    outcome, reason = judgement.outcome, judgement.reason
+    journal = sealing.journal
+    journal.emit(
+        "run_end",
+        level="info" if outcome.exit_code == 0 else "error",
+        outcome=outcome,
+        reason=reason,
+    )
+    predicate = build_run_predicate(
+        sealing.spec,
+        sealing.lock,
+        run_id=sealing.run_id,
+        attempt=sealing.attempt,
+        result=result,
+        judgement=judgement,
+        report=report,
+        started=sealing.started,
+        backend=sealing.backend,
+        run_provenance=sealing.run_provenance,
+    )
+    if sealing.annotate is not None:
+        predicate = _annotated(predicate, sealing.annotate)
+    (stage / "report.md").write_text(render_markdown(predicate))
+    (stage / "logs").mkdir(exist_ok=True)
+    (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
+    if result is not None and result.container_log:
+        (stage / "logs" / "container.log").write_text(result.container_log)
+    build_bundle(stage, predicate.to_json(), signer, stage)
+    stored = store.put(stage)
+    return RunOutcome(
+        sealing.run_id, outcome, outcome.exit_code, reason, stored, predicate, reused=False
+    )
 
 
 def _one_line(exc: EvalrunError) -> str:
