@@ -190,14 +190,23 @@ def pod_log(
     api, namespace = backend._connect()
     hide = ProtocolLines()
     pending = bytearray()
+    blanks = [0]  # blank lines held back: the agent sets its protocol lines apart with one
 
     def on_data(data: bytes) -> None:
         pending.extend(data)
         while (cut := pending.find(b"\n")) >= 0:
             line = pending[:cut].decode("utf-8", "replace").rstrip("\r")
             del pending[: cut + 1]
-            if not hide(line):
-                sink(line)
+            if not line:
+                blanks[0] += 1
+                continue
+            if hide(line):
+                blanks[0] = max(0, blanks[0] - 1)
+                continue
+            for _ in range(blanks[0]):
+                sink("")
+            blanks[0] = 0
+            sink(line)
 
     if not follow:
         text = api_call(
@@ -221,10 +230,9 @@ def pod_log(
     follower = PodLogFollower(
         api, namespace, pod, CONTAINER_NAME, on_data, still_running=still_running
     ).start()
-    try:
-        while not follower.done.is_set() and not hide.ready.is_set():
-            follower.done.wait(poll_s)
-    finally:
-        follower.stop()
+    while not follower.done.is_set() and not hide.ready.is_set():
+        follower.done.wait(poll_s)
+    # The agent is done but its pod holds on: the follower's read stays blocked (closing
+    # the response under it would block too); it is a daemon thread and ends with us.
     if pending and not hide(pending.decode("utf-8", "replace")):
         sink(pending.decode("utf-8", "replace"))
