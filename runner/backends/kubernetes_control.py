@@ -161,6 +161,42 @@ class ProtocolLines:
         return False
 
 
+class EvaluationLines:
+    """A pod log's bytes as the evaluation's lines, each to ``sink``: the agent's protocol
+    lines left out, and the blank line the agent sets each of them apart with."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink = sink
+        self.hide = ProtocolLines()
+        self._pending = bytearray()
+        self._blanks = 0
+
+    def feed(self, data: bytes) -> None:
+        self._pending.extend(data)
+        while (cut := self._pending.find(b"\n")) >= 0:
+            line = self._pending[:cut].decode("utf-8", "replace").rstrip("\r")
+            del self._pending[: cut + 1]
+            self._line(line)
+
+    def close(self) -> None:
+        """Pass on an unfinished last line."""
+        if self._pending:
+            self._line(self._pending.decode("utf-8", "replace"))
+            self._pending.clear()
+
+    def _line(self, line: str) -> None:
+        if not line:
+            self._blanks += 1
+            return
+        if self.hide(line):
+            self._blanks = max(0, self._blanks - 1)
+            return
+        for _ in range(self._blanks):
+            self.sink("")
+        self._blanks = 0
+        self.sink(line)
+
+
 def newest_pod(backend: KubernetesBackend, run_id: str) -> str | None:
     """The name of the run's newest pod, or None when it has none."""
     api, namespace = backend._connect()
@@ -188,25 +224,8 @@ def pod_log(
     With ``follow`` it keeps going until the agent says it finished or the container ends.
     """
     api, namespace = backend._connect()
-    hide = ProtocolLines()
-    pending = bytearray()
-    blanks = [0]  # blank lines held back: the agent sets its protocol lines apart with one
-
-    def on_data(data: bytes) -> None:
-        pending.extend(data)
-        while (cut := pending.find(b"\n")) >= 0:
-            line = pending[:cut].decode("utf-8", "replace").rstrip("\r")
-            del pending[: cut + 1]
-            if not line:
-                blanks[0] += 1
-                continue
-            if hide(line):
-                blanks[0] = max(0, blanks[0] - 1)
-                continue
-            for _ in range(blanks[0]):
-                sink("")
-            blanks[0] = 0
-            sink(line)
+    lines = EvaluationLines(sink)
+    on_data = lines.feed
 
     if not follow:
         text = api_call(
@@ -217,7 +236,8 @@ def pod_log(
             namespace=namespace,
             name=pod,
         )
-        on_data(str(text).encode("utf-8") + (b"" if str(text).endswith("\n") else b"\n"))
+        on_data(str(text).encode("utf-8"))
+        lines.close()
         return
 
     def still_running() -> bool:
@@ -230,9 +250,8 @@ def pod_log(
     follower = PodLogFollower(
         api, namespace, pod, CONTAINER_NAME, on_data, still_running=still_running
     ).start()
-    while not follower.done.is_set() and not hide.ready.is_set():
+    while not follower.done.is_set() and not lines.hide.ready.is_set():
         follower.done.wait(poll_s)
     # The agent is done but its pod holds on: the follower's read stays blocked (closing
     # the response under it would block too); it is a daemon thread and ends with us.
-    if pending and not hide(pending.decode("utf-8", "replace")):
-        sink(pending.decode("utf-8", "replace"))
+    lines.close()

@@ -151,10 +151,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 def cmd_wait(
     args: argparse.Namespace, settings: Settings, term: Terminal, report_run: ReportRun
 ) -> int:
-    from runner.workflows.detached import wait_for
+    from runner.workflows.detached import require_known, wait_for
 
     if args.timeout is not None and args.timeout < 0:
         raise InputError(f"--timeout {args.timeout}: expected seconds >= 0")
+    require_known(settings, args.run)
     with ci_reports(args, "wait", args.run) as reports:
         signer = signer_for(args, settings, term)
         outcome = wait_for(
@@ -170,8 +171,9 @@ def cmd_wait(
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
-    from runner.workflows.detached import cancel
+    from runner.workflows.detached import cancel, require_known
 
+    require_known(settings, args.run)
     signer = signer_for(args, settings, term)
     done = cancel(args.run, settings, signer, _overrides(args), progress=term)
     outcome = done.outcome

@@ -329,6 +329,13 @@ def _detached_or_error(settings: Settings, store: Store, run_id: str) -> Detache
     return detached
 
 
+def require_known(settings: Settings, run_id: str) -> None:
+    """InputError (exit 2) unless ``run_id`` is sealed in this store or detached from it."""
+    check_run_id(run_id)
+    if Store(settings.home).find_run(run_id) is None:
+        _detached_or_error(settings, Store(settings.home), run_id)
+
+
 def _sealed(store: Store, run_id: str) -> RunOutcome | None:
     return stored_outcome(store, run_id)
 
