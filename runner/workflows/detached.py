@@ -352,10 +352,11 @@ def wait_for(
 ) -> RunOutcome:
     """The sealed outcome of a detached run: collected and sealed now, or already sealed
     (by this or another runner of this store). StillRunning once ``timeout_s`` is up."""
+    detached = DetachedRun(settings, run_id)
     store = Store(settings.home)
     if (sealed := _sealed(store, run_id)) is not None:
+        detached.remove()  # sealed by a blocking run of the same spec: the record is stale
         return sealed
-    detached = DetachedRun(settings, run_id)
     if not detached.exists() and (sealed := _sealed(store, run_id)) is not None:
         return sealed
     detached = _detached_or_error(settings, store, run_id)
