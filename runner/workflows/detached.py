@@ -49,9 +49,7 @@ from runner.workflows.run import (
     _check_inputs_on_host,
     _check_preprocessing,
     _current_attempt,
-    _evalrun_version,
     _next_attempt,
-    _now,
     _PlanHolder,
     error_judgement,
     judged_attempt,
@@ -62,6 +60,7 @@ from runner.workflows.run import (
     stage_run_files,
     stored_outcome,
 )
+from runner.workflows.run_predicate import _evalrun_version, _now
 
 RUN_ID_RE = re.compile(r"r-[0-9a-f]{24}")
 # How long ``cancel`` waits for a runner that is collecting the run to notice and seal.
