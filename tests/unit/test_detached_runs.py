@@ -244,3 +244,68 @@ def test_detach_on_the_docker_backend_is_refused_with_exit_2_saying_why(
     assert main(["--json", "run", str(tmp_path / "eval.yaml"), "--detach"]) == 2
     out = json.loads(capsys.readouterr().out)
     assert "--backend kubernetes" in out["message"] and "wall-clock" in out["hint"]
+
+
+@pytest.fixture
+def sealed_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A store holding two sealed runs (passed; infrastructure failure) and its key pair."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from inprocess_backend import BUNDLES, KEY, PUBLIC_KEY
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVALRUN_HOME", str(home))
+    (home / "keys").mkdir(parents=True)
+    shutil.copy(PUBLIC_KEY, home / "keys" / "evalrun.pub")
+    shutil.copy(KEY, home / "keys" / "evalrun.key")
+    store = Store(home)
+    ids = {}
+    for name in ("run", "run-infrastructure-failure"):
+        with store.staging_dir() as stage:
+            shutil.copytree(BUNDLES / name, stage / "bundle")
+            ids[name] = store.put(stage / "bundle").run_id
+    return ids
+
+
+def test_a_sealed_run_answers_every_command_from_the_store(
+    sealed_home: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = sealed_home["run"]
+    assert main(["status", run, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "sealed" and status["exit_code"] == 0
+    # wait exits with the run's own code, whatever it is, and returns the stored bundle
+    assert main(["--json", "wait", run]) == 0
+    waited = json.loads(capsys.readouterr().out)
+    assert waited["reused"] is True and waited["bundle_digest"] == status["bundle_digest"]
+    failed = sealed_home["run-infrastructure-failure"]
+    assert main(["--json", "wait", failed]) == 5
+    assert json.loads(capsys.readouterr().out)["outcome"] == "infrastructure_failure"
+    # cancel of a run that has ended changes nothing, and says so
+    assert main(["--json", "cancel", run]) == 0
+    cancelled = json.loads(capsys.readouterr().out)
+    assert cancelled["cancelled_now"] is False and cancelled["outcome"] == "passed"
+    assert cancelled["bundle_digest"] == status["bundle_digest"]
+    # logs: the evaluation's own output, read from the verified bundle
+    assert main(["--json", "logs", run]) == 0
+    logs = json.loads(capsys.readouterr().out)
+    assert logs["source"] == "bundle" and logs["verified"].startswith("valid")
+    assert isinstance(logs["stdout"], str) and isinstance(logs["stderr"], str)
+
+
+def test_logs_of_a_tampered_bundle_exit_3(
+    sealed_home: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = sealed_home["run"]
+    bundle = Store(Path(__import__("os").environ["EVALRUN_HOME"])).find_run(run)
+    assert bundle is not None
+    stderr_file = bundle.path / "results" / "logs" / "evaluation.stderr"
+    bundle.path.chmod(0o755)
+    (bundle.path / "results").chmod(0o755)
+    (bundle.path / "results" / "logs").chmod(0o755)
+    stderr_file.chmod(0o644)
+    stderr_file.write_text("not what the evaluation wrote\n")
+    assert main(["logs", run]) == 3
+    assert "Traceback" not in capsys.readouterr().err
