@@ -220,6 +220,8 @@ def start_detached(
     store = Store(settings.home)
     lock_digest = lock.digest()
     attempt = _next_attempt(store, lock_digest) if rerun else _current_attempt(store, lock_digest)
+    while rerun and DetachedRun(settings, run_id_for(lock_digest, attempt)).exists():
+        attempt += 1  # --rerun: a new attempt, past the ones still running too
     run_id = run_id_for(lock_digest, attempt)
     if (existing := stored_outcome(store, run_id)) is not None:
         progress(f"run {run_id} already ended and is sealed; returning it")
@@ -278,7 +280,8 @@ def start_detached(
             attempt=attempt,
             backend=backend.name,
             job=job,
-            kubeconfig=target.kubeconfig,
+            # absolute: a later `wait` may run from another directory
+            kubeconfig=str(Path(target.kubeconfig).resolve()) if target.kubeconfig else None,
             context=target.context,
             namespace=backend.namespace,
             stuck_after_s=backend.grace["unschedulable"],

@@ -309,3 +309,79 @@ def test_logs_of_a_tampered_bundle_exit_3(
     stderr_file.write_text("not what the evaluation wrote\n")
     assert main(["logs", run]) == 3
     assert "Traceback" not in capsys.readouterr().err
+
+
+class _SubmitOnly:
+    """Stands in for the cluster's side of ``run --detach`` (the real one: tests/k8s)."""
+
+    name = "kubernetes"
+
+    def __init__(self, tmp: Path, refuse: Exception | None = None) -> None:
+        from runner.backends.kubernetes import ClusterTarget
+
+        self.target = ClusterTarget(kubeconfig="kc.yaml", namespace="evals")
+        self.namespace = "evals"
+        self.grace = {"unschedulable": 30.0}
+        self.ttl_after_finished_s = 60
+        self.refuse = refuse
+        self.submitted: list[str] = []
+
+    def preflight(self, plan: object) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+
+    def submit(self, plan: object) -> str:
+        run_id = plan.run_id  # type: ignore[attr-defined]
+        self.submitted.append(run_id)
+        return f"evalrun-{run_id}"
+
+
+def test_detach_submits_once_records_the_run_and_rerun_starts_a_new_attempt(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from inprocess_backend import KEY, SOURCE
+
+    from runner.bundle.signing import load_signer
+    from runner.workflows.detached import start_detached
+
+    settings = Settings(home=tmp_path / "home", cache=tmp_path / "cache")
+    signer = load_signer(KEY)
+    backend = _SubmitOnly(tmp_path)
+    spec = SOURCE / "eval.yaml"
+    first = start_detached(spec, backend, signer, settings)  # type: ignore[arg-type]
+    assert first.state == "submitted" and first.exit_code == 0
+    record = DetachedRun(settings, first.run_id).record()
+    assert record.job == f"evalrun-{first.run_id}" and record.namespace == "evals"
+    assert record.kubeconfig is not None and Path(record.kubeconfig).is_absolute()
+    assert (DetachedRun(settings, first.run_id).files / "spec.yaml").is_file()
+    again = start_detached(spec, backend, signer, settings)  # type: ignore[arg-type]
+    assert again.state == "already submitted" and again.run_id == first.run_id
+    assert backend.submitted == [first.run_id]
+    new = start_detached(spec, backend, signer, settings, rerun=True)  # type: ignore[arg-type]
+    assert new.state == "submitted" and new.run_id != first.run_id
+    assert backend.submitted == [first.run_id, new.run_id]
+
+
+def test_a_run_refused_before_submission_is_sealed_and_exits_as_the_blocking_run(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from inprocess_backend import KEY, PUBLIC_KEY, SOURCE
+
+    from runner.bundle.signing import load_signer, load_verifier
+    from runner.bundle.verify import verify_bundle
+    from runner.errors import EnvironmentMismatch
+    from runner.workflows.detached import start_detached
+
+    settings = Settings(home=tmp_path / "home", cache=tmp_path / "cache")
+    backend = _SubmitOnly(tmp_path, refuse=EnvironmentMismatch("no gVisor RuntimeClass"))
+    done = start_detached(SOURCE / "eval.yaml", backend, load_signer(KEY), settings)  # type: ignore[arg-type]
+    assert done.state == "sealed" and done.exit_code == 4 and backend.submitted == []
+    assert done.sealed is not None and done.sealed.outcome is Outcome.ENVIRONMENT_MISMATCH
+    verify_bundle(done.sealed.bundle.path, load_verifier(PUBLIC_KEY))
+    assert not DetachedRun(settings, done.run_id).exists()
