@@ -5,8 +5,10 @@
   exits with the code the blocking run would have returned (0 passed, 6 thresholds);
   a repeated wait returns the same bundle.
 - two concurrent waits on one run: exactly one seals, both return the same bundle.
+- wait --timeout gives up with exit 124 and seals nothing.
 - cancel deletes the Job and seals a signed `cancelled` bundle that `evalrun verify`
-  accepts; a repeated cancel and a later wait return that same bundle.
+  accepts; a repeated cancel and a later wait return that same bundle; a wait following
+  the run when it is cancelled seals it `cancelled` itself.
 """
 
 from __future__ import annotations
@@ -245,6 +247,11 @@ def test_cancel_deletes_the_job_and_seals_a_verifiable_cancelled_bundle(
     home = tmp_path / "home"
     run_id = _detach(cluster, namespace, home, spec)
     batch = _batch(cluster)
+    # a wait that gives up: exit 124, nothing sealed, the run goes on
+    early = _evalrun(home, "--json", "wait", run_id, "--timeout", "3")
+    assert early.returncode == 124, early.stdout + early.stderr
+    assert json.loads(early.stdout)["error"] == "still_running"
+    assert _status(home, run_id)["state"] in ("submitted", "pending", "running")
     cancelled = _evalrun(home, "--json", "cancel", run_id)
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
     out = json.loads(cancelled.stdout)
