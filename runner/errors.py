@@ -146,6 +146,21 @@ class Interrupted(EvalrunError):
     kind = "interrupted"
 
 
+class RunCancelled(EvalrunError):
+    """The run was cancelled (``evalrun cancel``) before it ended; it is sealed so (exit 130)."""
+
+    exit_code = 130
+    kind = "cancelled"
+
+
+class StillRunning(EvalrunError):
+    """``evalrun wait --timeout`` gave up while the run goes on; nothing was sealed (exit 124,
+    as timeout(1) has it)."""
+
+    exit_code = 124
+    kind = "still_running"
+
+
 class UnmetDemand(Protocol):
     """What :class:`NamespacePolicyUnmet` needs of one finding (see backends.namespace_policy)."""
 

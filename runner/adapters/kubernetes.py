@@ -274,6 +274,8 @@ def read_namespace_policy(
 @dataclass
 class _Cache:
     objects: dict[str, Any] = field(default_factory=dict)
+    # the last state of each object seen deleted (its annotations say why it went)
+    gone: dict[str, Any] = field(default_factory=dict)
     resource_version: str | None = None
     relists: int = 0
     events: int = 0
@@ -382,6 +384,7 @@ class NamespaceWatch:
                         cache.events += 1
                         if etype == "DELETED":
                             cache.objects.pop(obj.metadata.name, None)
+                            cache.gone[obj.metadata.name] = obj
                         elif etype != "BOOKMARK":
                             cache.objects[obj.metadata.name] = obj
                         self._cond.notify_all()
@@ -426,6 +429,10 @@ class NamespaceWatch:
 
     def job(self, name: str) -> Any:
         return self.jobs.objects.get(name)
+
+    def deleted_job(self, name: str) -> Any:
+        """The last state of Job ``name`` if this watch saw it deleted (else None)."""
+        return self.jobs.gone.get(name)
 
     def pods_of(self, run_id: str) -> list[Any]:
         return sorted(

@@ -46,6 +46,7 @@ from runner.adapters.kubernetes import shared_watch as watch_matching
 from runner.backends.collect import StreamReceiver, extract_results_frame
 from runner.backends.live import LineRelay, OutputSink
 from runner.backends.manifests import (
+    CANCEL_ANNOTATION,
     CONTAINER_NAME,
     IMAGE_VOLUME_REQUIREMENT,
     LABEL_RUN_ID,
@@ -58,6 +59,7 @@ from runner.backends.manifests import (
     dropped_image_volumes,
     image_volume_support,
     input_volumes,
+    job_name,
     labels_for,
     node_storage_mib,
     spec_hash_of,
@@ -79,6 +81,8 @@ from runner.errors import (
     InfrastructureError,
     InputError,
     KubernetesRejected,
+    RunCancelled,
+    StillRunning,
     TransientKubernetesError,
 )
 from runner.model.plan import BackendResult, RunPlan
@@ -413,6 +417,45 @@ class KubernetesBackend:
         finally:
             session.close()
 
+    def attach(
+        self,
+        plan: RunPlan,
+        results_dir: Path,
+        *,
+        started: str,
+        cancel_requested: bool = False,
+        give_up_at: float | None = None,
+    ) -> BackendResult:
+        """Follow the Job of ``plan`` that was submitted earlier (``run --detach``), collect
+        its results and say how it ended, as :meth:`run` would have; never submits.
+
+        A Job that is gone raises RunCancelled when it was cancelled (its last state carries
+        the cancel annotation, or ``cancel_requested``), else InfrastructureError. At
+        ``give_up_at`` (``time.monotonic()``) it raises StillRunning and leaves the Job be.
+        Ctrl-C propagates (the run goes on).
+        """
+        api, namespace = self._connect()
+        results_dir.mkdir(parents=True, exist_ok=True)
+        name = job_name(plan.run_id)
+        try:
+            api_call(
+                "read Job",
+                lambda: k8s.BatchV1Api(api).read_namespaced_job(name, namespace),
+                namespace=namespace,
+                name=name,
+            )
+            self.requests += 1
+        except APINotFound as exc:
+            raise job_gone(name, None, cancel_requested=cancel_requested) from exc
+        watch = shared_watch(api, namespace)
+        session = _RunSession(self, api, watch, plan, name, results_dir)
+        session.cancel_requested = cancel_requested
+        try:
+            result = session.follow(started, time.monotonic(), give_up_at=give_up_at)
+            return self._policy.observed(result) if self._policy else result
+        finally:
+            session.close()
+
     def _delete(self, api: k8s.ApiClient, namespace: str, name: str) -> None:
         with contextlib.suppress(EvalrunError):
             api_call(
@@ -485,6 +528,7 @@ class _RunSession:
         self.results_dir = results_dir
         self.pods: dict[str, _Tracked] = {}
         self.collection = _Collection()
+        self.cancel_requested = False
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -551,18 +595,29 @@ class _RunSession:
                 return ("stuck", problem)
         if _condition(job, "Complete") or _condition(job, "Failed"):
             return ("done", job)
+        if job is None and (gone := self.watch.deleted_job(self.name)) is not None:
+            return ("gone", gone)
         return None
 
-    def follow(self, started: str, t0: float) -> BackendResult:
+    def follow(self, started: str, t0: float, *, give_up_at: float | None = None) -> BackendResult:
         options = self.backend.options(self.namespace)
         limit = active_deadline_s(self.plan, options) + 600
         deadline = time.monotonic() + limit
+        until = deadline if give_up_at is None else min(deadline, give_up_at)
         while True:
-            outcome = self.watch.wait(self._next, timeout=max(0.0, deadline - time.monotonic()))
+            outcome = self.watch.wait(self._next, timeout=max(0.0, until - time.monotonic()))
+            if outcome is None and give_up_at is not None and give_up_at < deadline:
+                raise StillRunning(
+                    f"run {self.plan.run_id} is still running (Job {self.name}); nothing was "
+                    "sealed",
+                    hint="wait again later, or cancel it with `evalrun cancel`",
+                )
             if outcome is None:
                 self.backend._delete(self.api, self.namespace, self.name)
                 raise InfrastructureError(f"Job {self.name} did not finish within {limit} s")
             kind, obj = outcome
+            if kind == "gone":
+                raise job_gone(self.name, obj, cancel_requested=self.cancel_requested)
             if kind == "scheduled":
                 self._check_node(obj)
             elif kind == "follow":
@@ -837,6 +892,21 @@ class _RunSession:
             ]
         details["collection"] = {"pod": pod_name, "mode": "log-frame"}
         return extract_results_frame(text, self.results_dir).problems
+
+
+def job_gone(name: str, last: Any, *, cancel_requested: bool) -> EvalrunError:
+    """Why Job ``name`` is gone before it ended: cancelled (``evalrun cancel`` annotated its
+    last state, or the caller knows it asked), or deleted by something else."""
+    annotations = (getattr(getattr(last, "metadata", None), "annotations", None)) or {}
+    cancelled = annotations.get(CANCEL_ANNOTATION)
+    if cancelled or cancel_requested:
+        when = f" at {cancelled}" if cancelled else ""
+        return RunCancelled(f"cancelled{when} (evalrun cancel): Job {name} was deleted")
+    return InfrastructureError(
+        f"Job {name} is gone before its results were collected (deleted, or removed by its "
+        "TTL after another runner collected it)",
+        hint="a run collected elsewhere is sealed in that runner's store",
+    )
 
 
 def _ack_exit(answer: bytes | bytearray) -> int | None:

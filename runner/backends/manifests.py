@@ -26,6 +26,9 @@ from runner.shared.protocol import DEFAULT_HOLD_S
 
 MANAGED_BY = "evalrun"
 LABEL_RUN_ID = "evalrun.dev/run-id"
+# Set on a Job by `evalrun cancel` (the time) just before deleting it, so every runner
+# following the Job knows it was cancelled, not lost.
+CANCEL_ANNOTATION = "evalrun.dev/cancel-requested"
 LABEL_SPEC_HASH = "evalrun.dev/spec-hash"
 LABEL_LOCK_HASH = "evalrun.dev/lock-hash"
 LABEL_VERSION = "evalrun.dev/version"

@@ -25,6 +25,7 @@ from runner.cli import build as cli_build
 from runner.cli import compare as cli_compare
 from runner.cli import history as cli_history
 from runner.cli import inputs as cli_inputs
+from runner.cli import runs as cli_runs
 from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports, properties_of
 from runner.cli.common import (
     GLOBAL_OPTIONS_TITLE,
@@ -176,14 +177,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
 
 
 def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: CiReports) -> int:
-    from runner.bundle.signing import load_verifier
     from runner.model.spec import load_spec
-    from runner.render.junit import run_suite
-    from runner.render.markdown import metric_table, stderr_lines
-    from runner.render.step_summary import run_summary, verdict_text
     from runner.workflows.run import run_evaluation
 
     backend = backend_for(args, output=live_printer(term))
+    if args.detach:
+        return cli_runs.run_detached(args, settings, term, backend, reports)
     signer = signer_for(args, settings, term)
     seeds = load_spec(args.spec).run_set_seeds()
     if seeds:
@@ -198,6 +197,17 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
         reason=args.reason,
         transfer=TransferBars(quiet=args.json),
     )
+    return report_run(args, outcome, signer, reports)
+
+
+def report_run(args: argparse.Namespace, outcome: Any, signer: Any, reports: CiReports) -> int:
+    """Verify a sealed run's bundle, write its CI reports and print it (``run``, ``wait``);
+    returns the run's exit code."""
+    from runner.bundle.signing import load_verifier
+    from runner.render.junit import run_suite
+    from runner.render.markdown import metric_table, stderr_lines
+    from runner.render.step_summary import run_summary, verdict_text
+
     # --pub checks against the key the user trusts; without it, against the signing key itself
     if args.pub:
         verified = _self_check(outcome, load_verifier(args.pub), explicit=True)
@@ -251,7 +261,7 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
             print(f"tar      {tar}")
         print(f"digest   {outcome.bundle.digest}")
         print(f"verify   {verified}")
-    return outcome.exit_code
+    return int(outcome.exit_code)
 
 
 def _self_check(outcome: Any, verifier: Any, *, explicit: bool) -> str:
@@ -508,6 +518,12 @@ def build_parser(
         metavar="TEXT",
         help="why this run exists; recorded in the bundle (wins over metadata.rationale)",
     )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="kubernetes: return once the Job is accepted, printing the run id (then "
+        "`evalrun status|logs|wait|cancel RUN`)",
+    )
     add_backend_args(p)
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
     add_junit_arg(p)
@@ -576,6 +592,7 @@ def build_parser(
     add_unlock_args(p)
     p.set_defaults(fn=cmd_keys_public)
 
+    cli_runs.register(sub, common, report_run)
     cli_history.register(sub, common)
     cli_blueprints.register(sub, common)
     cli_compare.register(sub, common)

@@ -23,6 +23,7 @@ class Outcome(StrEnum):
     ENVIRONMENT_MISMATCH = "environment_mismatch"
     INFRASTRUCTURE_FAILURE = "infrastructure_failure"
     INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"  # stopped on purpose by ``evalrun cancel``
     AGENT_ERROR = "agent_error"
 
     @property
@@ -32,7 +33,7 @@ class Outcome(StrEnum):
     @property
     def retryable(self) -> bool:
         """The run never got to evaluate: a plain ``evalrun run`` tries again."""
-        return self in (Outcome.INFRASTRUCTURE_FAILURE, Outcome.INTERRUPTED)
+        return self in (Outcome.INFRASTRUCTURE_FAILURE, Outcome.INTERRUPTED, Outcome.CANCELLED)
 
     @property
     def has_metrics(self) -> bool:
@@ -59,6 +60,7 @@ _EXIT: dict[Outcome, int] = {
     Outcome.ENVIRONMENT_MISMATCH: 4,
     Outcome.INFRASTRUCTURE_FAILURE: 5,
     Outcome.INTERRUPTED: 130,
+    Outcome.CANCELLED: 130,
     Outcome.AGENT_ERROR: 1,
 }
 

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,7 @@ from typing import Any
 from runner._internal.settings import Settings
 from runner.adapters.sources import SourceOptions
 from runner.backends.collect import collect_results, recompute_available, recompute_metrics
-from runner.backends.custom_metric import CustomMetricSandbox
-from runner.build.image import image_reproducibility
+from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
 from runner.build.lock import source_options
 from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.build import build_bundle
@@ -40,33 +39,18 @@ from runner.errors import (
     EnvironmentMismatch,
     EvalrunError,
     InfrastructureError,
-    InputError,
     IntegrityError,
+    RunCancelled,
     SpecError,
 )
 from runner.model.lock import LockedSpec, load_lock, lock_path_for
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, BackendResult, PlanInput, RunPlan
 from runner.model.predicate import (
-    DatasetInput,
-    ImageFacts,
-    ImageReproducibility,
-    JsonObject,
-    MetricDefinition,
-    MetricResult,
-    ModelInput,
-    Provenance,
     RunPredicate,
-    SandboxFacts,
-    Seeds,
-    SourceFacts,
-    SpecRef,
-    Timestamps,
-    json_at,
 )
 from runner.model.spec import EvalSpec, load_spec
 from runner.render.markdown import render_markdown
-from runner.shared.metrics import is_gating
 from runner.workflows.compare import check_group_definitions
 from runner.workflows.custom_metrics import carry_files, custom_jobs, with_custom_metrics
 from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
@@ -74,12 +58,12 @@ from runner.workflows.judge import (
     INTERRUPTED,
     ContainerReport,
     Judgement,
-    ThresholdVerdict,
     judge,
     judge_metrics,
     judge_partial,
     read_container_report,
 )
+from runner.workflows.run_predicate import build_run_predicate
 
 log = logging.getLogger("evalrun.run")
 Progress = Callable[[str], None]
@@ -348,15 +332,10 @@ def run_evaluation(
         else _current_attempt(store, lock_digest, backend.name, target)
     )
     run_id = run_id_for(lock_digest, attempt, target)
-    existing = store.find_run(run_id)
+    existing = stored_outcome(store, run_id)
     if existing is not None:
         progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
-        found = _load_predicate(existing.path)
-        # a stored run always has an outcome; one without is an internal error (exit 1)
-        outcome = found.outcome or Outcome.AGENT_ERROR
-        return RunOutcome(
-            run_id, outcome, outcome.exit_code, found.reason, existing, found, reused=True
-        )
+        return existing
 
     spec_dir = spec_path.resolve().parent
     check_group_definitions(store, spec)
@@ -379,14 +358,22 @@ def run_evaluation(
         attempt=attempt,
         backend=backend.name,
     )
+    sealing = Sealing(
+        spec=spec,
+        lock=lock,
+        run_id=run_id,
+        attempt=attempt,
+        started=started,
+        backend=backend.name,
+        run_provenance=run_provenance,
+        journal=journal,
+        annotate=annotate,
+        target=target,
+    )
     with store.staging_dir() as stage:
-        shutil.copy2(spec_path, stage / "spec.yaml")
-        shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
-        _carry_preprocessing(spec, spec_dir, stage / "preprocessing")
-        result: BackendResult | None = None
-        report = ContainerReport()
-        judgement: Judgement
-        try:
+        stage_run_files(spec_path, spec, stage)
+
+        def attempt_run(results_tmp: Path) -> BackendResult:
             inputs = _check_inputs_on_host(
                 spec_dir,
                 lock,
@@ -412,90 +399,196 @@ def run_evaluation(
             progress(
                 f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
             )
-            with tempfile.TemporaryDirectory(prefix="evalrun-results-") as tmp:
-                results_tmp = Path(tmp) / "results"
-                result = backend.run(plan, results_tmp)
-                journal.emit(
-                    "container_done",
-                    exit_code=result.exit_code,
-                    timed_out=result.timed_out,
-                    duration_s=result.duration_s,
-                    runtime=result.runtime,
-                )
-                collected = collect_results(results_tmp, stage / "results")
-                collected.problems[:0] = result.collection_problems
-                journal.emit(
-                    "results_collected",
-                    files=len(collected.files),
-                    bytes=collected.total_bytes,
-                    problems=collected.problems,
-                )
-            results = stage / "results"
-            agent_report = read_container_report(results)
-            judgement = judge(plan, result, collected.problems, agent_report) or judge_metrics(
-                plan,
-                result,
-                agent_report,
-                with_custom_metrics(
-                    recompute_metrics(
-                        results,
-                        plan.metrics,
-                        plan.seed,
-                        plan.perturbations,
-                        overridden=[str(m["name"]) for m in plan.custom_metrics],
-                    ),
-                    results,
-                    plan,
-                    jobs,
-                    sandbox,
-                ),
-            )
-            if judgement.outcome is Outcome.BAD_OUTPUT:
-                judgement = judge_partial(
-                    judgement, recompute_available(results, plan.metrics, plan.seed)
-                )
-            report = agent_report  # recorded only once judged, as it always was
-        except KeyboardInterrupt:
-            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
-        except IntegrityError as exc:
-            judgement = Judgement(Outcome.INTEGRITY_FAILURE, _one_line(exc))
-        except EnvironmentMismatch as exc:
-            judgement = Judgement(Outcome.ENVIRONMENT_MISMATCH, _one_line(exc))
-        except InfrastructureError as exc:
-            judgement = Judgement(Outcome.INFRASTRUCTURE_FAILURE, _one_line(exc))
-        if result is not None and result.interrupted:
-            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED, facts=judgement.facts)
-        outcome, reason = judgement.outcome, judgement.reason
-        journal.emit(
-            "run_end",
-            level="info" if outcome.exit_code == 0 else "error",
-            outcome=outcome,
-            reason=reason,
-        )
-        predicate = build_run_predicate(
-            spec,
-            lock,
-            run_id=run_id,
-            attempt=attempt,
-            result=result,
-            judgement=judgement,
-            report=report,
-            started=started,
-            backend=backend.name,
-            target=target,
-            run_provenance=run_provenance,
-        )
-        if annotate is not None:
-            predicate = _annotated(predicate, annotate)
-        (stage / "report.md").write_text(render_markdown(predicate))
-        (stage / "logs").mkdir(exist_ok=True)
-        (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
-        if result is not None and result.container_log:
-            (stage / "logs" / "container.log").write_text(result.container_log)
+            holder.plan, holder.jobs, holder.sandbox = plan, jobs, sandbox
+            return backend.run(plan, results_tmp)
+
+        holder = _PlanHolder()
+        result, report, judgement = judged_attempt(stage, journal, attempt_run, holder)
         progress("sealing the bundle (hash, sign)")
-        build_bundle(stage, predicate.to_json(), signer, stage)
-        stored = store.put(stage)
-    return RunOutcome(run_id, outcome, outcome.exit_code, reason, stored, predicate, reused=False)
+        return seal_run(stage, store, signer, sealing, result, report, judgement)
+
+
+def stage_run_files(spec_path: Path, spec: EvalSpec, stage: Path) -> None:
+    """What every run bundle carries from the spec's folder: spec, lock, preprocessing code."""
+    shutil.copy2(spec_path, stage / "spec.yaml")
+    shutil.copy2(lock_path_for(spec_path), stage / "eval.lock.json")
+    _carry_preprocessing(spec, spec_path.resolve().parent, stage / "preprocessing")
+
+
+@dataclass
+class _PlanHolder:
+    """The plan an attempt ran, and its custom metrics with the sandbox that recomputes
+    them (set by the attempt once it has them)."""
+
+    plan: RunPlan | None = None
+    jobs: list[CustomMetricJob] = field(default_factory=list)
+    sandbox: CustomMetricSandbox | None = None
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """What sealing a run needs besides how it ended: what ran, when, launched by whom."""
+
+    spec: EvalSpec
+    lock: LockedSpec
+    run_id: str
+    attempt: int
+    started: str
+    backend: str
+    run_provenance: Mapping[str, Any]
+    journal: Journal
+    annotate: Annotate | None = None
+    target: str | None = None
+    """The backend's target when it names one (part of the run's identity)."""
+
+
+def judged_attempt(
+    stage: Path,
+    journal: Journal,
+    attempt_run: Callable[[Path], BackendResult],
+    holder: _PlanHolder,
+) -> tuple[BackendResult | None, ContainerReport, Judgement]:
+    """Run ``attempt_run`` (which sets ``holder.plan``), collect its results into
+    ``stage/results`` without trusting them, and judge how the run ended.
+
+    Integrity, environment and infrastructure errors, Ctrl-C and a cancellation end
+    in a judgement (the run is sealed saying so); any other error propagates and
+    nothing is sealed.
+    """
+    result: BackendResult | None = None
+    report = ContainerReport()
+    judgement: Judgement
+    try:
+        with tempfile.TemporaryDirectory(prefix="evalrun-results-") as tmp:
+            results_tmp = Path(tmp) / "results"
+            result = attempt_run(results_tmp)
+            plan = holder.plan
+            assert plan is not None
+            journal.emit(
+                "container_done",
+                exit_code=result.exit_code,
+                timed_out=result.timed_out,
+                duration_s=result.duration_s,
+                runtime=result.runtime,
+            )
+            collected = collect_results(results_tmp, stage / "results")
+            collected.problems[:0] = result.collection_problems
+            journal.emit(
+                "results_collected",
+                files=len(collected.files),
+                bytes=collected.total_bytes,
+                problems=collected.problems,
+            )
+        results = stage / "results"
+        agent_report = read_container_report(results)
+        judgement = judge(plan, result, collected.problems, agent_report) or judge_metrics(
+            plan,
+            result,
+            agent_report,
+            with_custom_metrics(
+                recompute_metrics(
+                    results,
+                    plan.metrics,
+                    plan.seed,
+                    plan.perturbations,
+                    overridden=[str(m["name"]) for m in plan.custom_metrics],
+                ),
+                results,
+                plan,
+                holder.jobs,
+                holder.sandbox or CustomMetricSandbox(),
+            ),
+        )
+        if judgement.outcome is Outcome.BAD_OUTPUT:
+            judgement = judge_partial(
+                judgement, recompute_available(results, plan.metrics, plan.seed)
+            )
+        report = agent_report  # recorded only once judged, as it always was
+    except KeyboardInterrupt:
+        judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
+    except (RunCancelled, IntegrityError, EnvironmentMismatch, InfrastructureError) as exc:
+        judgement = error_judgement(exc) or Judgement(Outcome.AGENT_ERROR, _one_line(exc))
+    if result is not None and result.interrupted:
+        judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED, facts=judgement.facts)
+    return result, report, judgement
+
+
+def error_judgement(exc: EvalrunError) -> Judgement | None:
+    """How a run ends on ``exc`` (cancelled, integrity, environment, infrastructure), or None
+    for an error that is not a run's outcome (it propagates; nothing is sealed)."""
+    if isinstance(exc, RunCancelled):
+        return Judgement(Outcome.CANCELLED, exc.message)
+    if isinstance(exc, IntegrityError):
+        return Judgement(Outcome.INTEGRITY_FAILURE, _one_line(exc))
+    if isinstance(exc, EnvironmentMismatch):
+        return Judgement(Outcome.ENVIRONMENT_MISMATCH, _one_line(exc))
+    if isinstance(exc, InfrastructureError):
+        return Judgement(Outcome.INFRASTRUCTURE_FAILURE, _one_line(exc))
+    return None
+
+
+def stored_outcome(store: Store, run_id: str) -> RunOutcome | None:
+    """The run ``run_id`` as sealed in ``store`` (``reused``), or None."""
+    existing = store.find_run(run_id)
+    if existing is None:
+        return None
+    found = _load_predicate(existing.path)
+    # a stored run always has an outcome; one without is an internal error (exit 1)
+    outcome = found.outcome or Outcome.AGENT_ERROR
+    return RunOutcome(
+        run_id, outcome, outcome.exit_code, found.reason, existing, found, reused=True
+    )
+
+
+def seal_run(
+    stage: Path,
+    store: Store,
+    signer: Signer,
+    sealing: Sealing,
+    result: BackendResult | None,
+    report: ContainerReport,
+    judgement: Judgement,
+) -> RunOutcome:
+    """Build, sign and store the bundle of a run that ended in ``judgement``.
+
+    ``stage`` (a store staging dir) already holds the run's files (spec, lock, plan,
+    results); the predicate, report and logs are added here.
+    """
+    outcome, reason = judgement.outcome, judgement.reason
+    journal = sealing.journal
+    journal.emit(
+        "run_end",
+        level="info" if outcome.exit_code == 0 else "error",
+        outcome=outcome,
+        reason=reason,
+    )
+    predicate = build_run_predicate(
+        sealing.spec,
+        sealing.lock,
+        run_id=sealing.run_id,
+        attempt=sealing.attempt,
+        result=result,
+        judgement=judgement,
+        report=report,
+        started=sealing.started,
+        backend=sealing.backend,
+        target=sealing.target,
+        run_provenance=sealing.run_provenance,
+        finished=_now(),
+        evalrun_version=_evalrun_version(),
+    )
+    if sealing.annotate is not None:
+        predicate = _annotated(predicate, sealing.annotate)
+    (stage / "report.md").write_text(render_markdown(predicate))
+    (stage / "logs").mkdir(exist_ok=True)
+    (stage / "logs" / "runner.jsonl").write_bytes(journal.dump())
+    if result is not None and result.container_log:
+        (stage / "logs" / "container.log").write_text(result.container_log)
+    build_bundle(stage, predicate.to_json(), signer, stage)
+    stored = store.put(stage)
+    return RunOutcome(
+        sealing.run_id, outcome, outcome.exit_code, reason, stored, predicate, reused=False
+    )
 
 
 def _one_line(exc: EvalrunError) -> str:
@@ -513,116 +606,6 @@ def _annotated(predicate: RunPredicate, annotate: Annotate) -> RunPredicate:
 
 def _load_predicate(bundle_dir: Path) -> RunPredicate:
     return expect_kind(read_predicate(bundle_dir), RunPredicate, bundle_dir)
-
-
-# --------------------------------------------------------------------------- the predicate
-
-
-def _plain_json(value: Mapping[str, Any]) -> JsonObject:
-    """``value`` as the bundle will hold it: what ``json.dumps`` makes of it (tuples as lists)."""
-    try:
-        data = json.loads(json.dumps(dict(value), allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"bundle predicate is not plain JSON: {exc}") from exc
-    assert isinstance(data, dict)
-    return data
-
-
-def _metric_result(
-    recomputed: MetricResult, spec: EvalSpec, verdicts: Mapping[str, ThresholdVerdict]
-) -> MetricResult:
-    """A recomputed metric with its definition from the spec and its threshold verdict."""
-    definition = next(d for d in spec.metrics if d.name == recomputed.name)
-    verdict = verdicts.get(recomputed.name) or ThresholdVerdict(None, None)
-    return MetricResult.model_validate(
-        {
-            **recomputed.to_json(),
-            "threshold": definition.threshold,
-            "direction": definition.direction,
-            "compute": definition.compute,
-            "field": definition.field,
-            "role": definition.role,
-            "gating": is_gating(definition.model_dump(mode="json")),
-            "promoted": (
-                definition.promoted.model_dump(mode="json") if definition.promoted else None
-            ),
-            "threshold_met": verdict.threshold_met,
-            "passed": verdict.passed,
-        }
-    )
-
-
-def build_run_predicate(
-    spec: EvalSpec,
-    lock: LockedSpec,
-    *,
-    run_id: str,
-    attempt: int,
-    result: BackendResult | None,
-    judgement: Judgement,
-    report: ContainerReport,
-    started: str,
-    backend: str,
-    target: str | None = None,
-    run_provenance: Mapping[str, Any] | None = None,
-) -> RunPredicate:
-    """The signed predicate of a run: what ran, where, on what, and how it ended."""
-    facts = judgement.facts
-    launched = Provenance.model_validate(run_provenance or {})
-    return RunPredicate(
-        run_id=run_id,
-        attempt=attempt,
-        evalrun_version=_evalrun_version(),
-        backend=backend,
-        # set only when the backend names one, so runs on the embedded default read as before
-        **({"backend_target": target} if target else {}),
-        spec=SpecRef(name=spec.metadata.name, digest=spec.digest()),
-        lock_digest=lock.digest(),
-        image=ImageFacts(
-            ref=lock.image.ref,
-            digest=lock.image.ref.split("@", 1)[1],
-            rootfs_expected=lock.image.rootfs_digest,
-            rootfs_found=json_at(report.preflight, "rootfs.found"),
-            digest_confirmed_by_backend=result.image_digest_confirmed if result else None,
-        ),
-        sandbox=SandboxFacts(
-            runtime_requested=spec.sandbox.runtime,
-            runtime_used=result.runtime if result else None,
-            network=result.network if result else None,
-            network_requested=spec.sandbox.network,
-            details=_plain_json(result.details) if result else {},
-        ),
-        model=ModelInput.model_validate(lock.model.record()),
-        datasets=tuple(DatasetInput.model_validate(d.record()) for d in lock.datasets),
-        source=SourceFacts.model_validate(lock.source.model_dump(mode="json")),
-        image_reproducibility=ImageReproducibility.model_validate(image_reproducibility(lock)),
-        provenance=launched,
-        comparison_group=spec.metadata.comparison_group,
-        preprocessing=launched.preprocessing,
-        metric_definitions=tuple(
-            MetricDefinition.model_validate(d.definition() | {"gating": d.gating})
-            for d in spec.metrics
-        ),
-        params=_plain_json(spec.params),
-        seeds=Seeds(seed=spec.seed, determinism=report.summary.get("determinism")),
-        environment=report.environment,
-        preflight=report.preflight,
-        node_crosscheck=facts.node_crosscheck,
-        perturbations=facts.perturbations,
-        evaluation=report.summary.get("evaluation"),
-        metrics=tuple(_metric_result(m, spec, facts.verdicts) for m in facts.metrics),
-        outcome=judgement.outcome,
-        reason=judgement.reason,
-        # only a run that failed in the container has one: others read as before
-        **({"stderr_tail": judgement.stderr_tail} if judgement.stderr_tail else {}),
-        exit_code=judgement.outcome.exit_code,
-        timestamps=Timestamps(
-            started=started,
-            finished=_now(),
-            container_started=result.started_at if result else None,
-            container_finished=result.finished_at if result else None,
-        ),
-    )
 
 
 __all__ = [

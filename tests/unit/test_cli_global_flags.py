@@ -32,6 +32,10 @@ COMMANDS = {
     "report": ["report", "r-1"],
     "compare": ["compare", "group"],
     "blueprints ls": ["blueprints", "ls"],
+    "status": ["status", "r-1"],
+    "wait": ["wait", "r-1", "--timeout", "5"],
+    "logs": ["logs", "r-1", "-f"],
+    "cancel": ["cancel", "r-1"],
 }
 # flag arguments → the namespace attribute and the value they set
 FLAGS = {
