@@ -146,6 +146,25 @@ class Interrupted(EvalrunError):
     kind = "interrupted"
 
 
+class StopRequested(KeyboardInterrupt):
+    """A signal asked evalrun to stop (SIGTERM, as a CI runner cancels a job).
+
+    Raised by the CLI's signal handler in the main thread; a ``KeyboardInterrupt``, so
+    every path that cleans up after Ctrl-C cleans up after it the same way.
+    """
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def interrupted_reason(signal_name: str | None) -> str:
+    """What an interrupted run's bundle says stopped it."""
+    if signal_name and signal_name != "SIGINT":
+        return f"interrupted by {signal_name} (the job running evalrun was cancelled)"
+    return "interrupted by the user (Ctrl-C)"
+
+
 class UnmetDemand(Protocol):
     """What :class:`NamespacePolicyUnmet` needs of one finding (see backends.namespace_policy)."""
 

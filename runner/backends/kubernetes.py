@@ -44,7 +44,7 @@ from runner.adapters.kubernetes import (
 )
 from runner.adapters.kubernetes import shared_watch as watch_matching
 from runner.backends.collect import StreamReceiver, extract_results_frame
-from runner.backends.live import LineRelay, OutputSink
+from runner.backends.live import LineRelay, OutputLine, OutputSink
 from runner.backends.manifests import (
     CONTAINER_NAME,
     IMAGE_VOLUME_REQUIREMENT,
@@ -159,8 +159,20 @@ def _pod_problem(pod: Any, now: float, grace: dict[str, float]) -> tuple[str, st
             return waiting.reason, message or cs.image
         if waiting and waiting.reason in CONFIG_FAILURES and age > grace["image_pull"]:
             return waiting.reason, message
-    if pod.status.reason == "Evicted":
-        return "Evicted", pod.status.message or "evicted"
+    return None
+
+
+def _disruption(pod: Any) -> tuple[str, str] | None:
+    """Why a pod was disrupted (evicted, preempted, its node drained), if it was.
+
+    The Job's podFailurePolicy ignores such a failure: the Job starts another pod, so the
+    runner records the disruption and keeps following the Job.
+    """
+    for c in pod.status.conditions or []:
+        if c.type == "DisruptionTarget" and c.status == "True":
+            return c.reason or "DisruptionTarget", c.message or ""
+    if pod.status.reason == "Evicted":  # a kubelet that sets no DisruptionTarget condition
+        return "Evicted", pod.status.message or "evicted by the kubelet"
     return None
 
 
@@ -215,9 +227,11 @@ class KubernetesBackend:
         extra_tolerations: tuple[tuple[str, str], ...] = (),
         hold_s: int = DEFAULT_HOLD_S,
         ttl_after_finished_s: int = 600,
+        active_deadline_s: int | None = None,
         output: OutputSink | None = None,
     ) -> None:
         self.target = target
+        self.active_deadline_s = active_deadline_s
         self.extra_tolerations = extra_tolerations
         self.hold_s = hold_s
         self.ttl_after_finished_s = ttl_after_finished_s
@@ -245,6 +259,7 @@ class KubernetesBackend:
             ttl_after_finished_s=self.ttl_after_finished_s,
             extra_tolerations=self.extra_tolerations,
             hold_s=self.hold_s,
+            active_deadline_s=self.active_deadline_s,
         )
 
     def preflight(self, plan: RunPlan) -> None:
@@ -382,12 +397,19 @@ class KubernetesBackend:
         started = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         t0 = time.monotonic()
         name = self.submit(plan)
-        watch = shared_watch(api, namespace)
+        try:
+            watch = shared_watch(api, namespace)
+        except APIForbidden as exc:
+            raise self._refused_after_create(api, namespace, name, exc) from exc
         session = _RunSession(self, api, watch, plan, name, results_dir)
         try:
             result = session.follow(started, t0)
             return self._policy.observed(result) if self._policy else result
-        except KeyboardInterrupt:
+        except APIForbidden as exc:
+            raise self._refused_after_create(api, namespace, name, exc) from exc
+        except KeyboardInterrupt as stop:
+            # Ctrl-C or SIGTERM: the Job goes (nothing keeps running unwatched); a re-run
+            # starts a new attempt
             self._delete(api, namespace, name)
             return BackendResult(
                 backend=self.name,
@@ -397,12 +419,18 @@ class KubernetesBackend:
                 runtime="?",
                 started_at=started,
                 duration_s=round(time.monotonic() - t0, 3),
+                details={
+                    "interrupted_by": getattr(stop, "signal_name", "SIGINT"),
+                    "deleted_job": name,
+                    "namespace": namespace,
+                },
             )
         finally:
             session.close()
 
-    def _delete(self, api: k8s.ApiClient, namespace: str, name: str) -> None:
-        with contextlib.suppress(EvalrunError):
+    def _delete(self, api: k8s.ApiClient, namespace: str, name: str) -> bool:
+        """Delete the Job (its pods and ConfigMap follow); whether the API server accepted."""
+        try:
             api_call(
                 "delete Job",
                 lambda: k8s.BatchV1Api(api).delete_namespaced_job(
@@ -412,6 +440,33 @@ class KubernetesBackend:
                 name=name,
                 retries=False,
             )
+        except APINotFound:
+            return True
+        except EvalrunError:
+            return False
+        return True
+
+    def _refused_after_create(
+        self, api: k8s.ApiClient, namespace: str, name: str, exc: APIForbidden
+    ) -> InfrastructureError:
+        """The API server refused the runner after its Job was created: say where the Job is.
+
+        The Job is deleted when the runner still may; otherwise the message names it and
+        how to delete it. Never left behind silently.
+        """
+        if self._delete(api, namespace, name):
+            fate = f"the Job {name} in namespace {namespace} was deleted"
+        else:
+            fate = (
+                f"the Job {name} is LEFT in namespace {namespace} (the runner may not delete "
+                f"it): delete it with `kubectl -n {namespace} delete job {name}`"
+            )
+        return InfrastructureError(
+            f"Job {name} was created, then {exc.message}; {fate}",
+            namespace=namespace,
+            job=name,
+            hint=exc.hint,
+        )
 
     def node(self, api: k8s.ApiClient, node: str | None) -> Any:
         """The Node object (cached), or a string saying why it could not be read."""
@@ -473,6 +528,7 @@ class _RunSession:
         self.results_dir = results_dir
         self.pods: dict[str, _Tracked] = {}
         self.collection = _Collection()
+        self.disruptions: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -526,6 +582,8 @@ class _RunSession:
         for pod in self.watch.pods_of(self.plan.run_id):
             pod_name = pod.metadata.name
             tracked = self.pods.setdefault(pod_name, _Tracked())
+            if pod_name not in self.disruptions and (disruption := _disruption(pod)):
+                return ("disrupted", (pod_name, *disruption))
             with self._lock:
                 ready = tracked.ready_exit is not None and not tracked.collected
             if ready:
@@ -559,6 +617,8 @@ class _RunSession:
                 self._collect(obj.metadata.name)
             elif kind == "stuck":
                 self._stuck(*obj)
+            elif kind == "disrupted":
+                self._disrupted(*obj)
             else:
                 return self._result(obj, started, t0)
 
@@ -580,6 +640,25 @@ class _RunSession:
                 hint="upgrade the node's container runtime, or keep evalrun Jobs off such "
                 "nodes; evalrun never falls back to shipping inputs another way",
             )
+
+    def _disrupted(self, pod_name: str, reason: str, message: str) -> None:
+        """Report a disrupted pod (e.g. evicted); the Job retries it without counting a failure."""
+        self.disruptions[pod_name] = {"pod": pod_name, "reason": reason, "message": message}
+        text = (
+            f"pod {pod_name} was disrupted ({reason}: {message or 'no message'}); the Job "
+            "starts another pod (disruptions do not count against its retries)"
+        )
+        log.warning(
+            text,
+            extra={
+                "event": "pod_disrupted",
+                "run_id": self.plan.run_id,
+                "pod": pod_name,
+                "reason": reason,
+            },
+        )
+        if self.backend.output is not None:
+            self.backend.output(OutputLine(self.plan.run_id, "evalrun", text))
 
     def _stuck(self, reason: str, message: str) -> None:
         self.backend._delete(self.api, self.namespace, self.name)
@@ -741,6 +820,8 @@ class _RunSession:
             "pods": [p.metadata.name for p in pods],
             "job_failed_pods": job.status.failed or 0,
             "job_succeeded_pods": job.status.succeeded or 0,
+            "active_deadline_s": job.spec.active_deadline_seconds,
+            "disruptions": list(self.disruptions.values()),
         }
         exit_code: int | None = None
         image_ok = False

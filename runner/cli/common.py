@@ -120,6 +120,7 @@ def backend_for(args: argparse.Namespace, output: Callable[[Any], None] | None =
         image_pull_grace_s=args.stuck_after,
         extra_tolerations=tuple(toleration(t) for t in args.tolerate),
         ttl_after_finished_s=args.ttl_after_finished,
+        active_deadline_s=args.active_deadline,
         output=output,
     )
 
@@ -215,6 +216,15 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="kubernetes: remove a finished Job (and its ConfigMap) this long after its "
         "results are collected (default 600)",
+    )
+    p.add_argument(
+        "--active-deadline",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="kubernetes: the Job's activeDeadlineSeconds, a hard cap after which Kubernetes "
+        "stops it and the run ends 'timeout' (default: timeout_s + 300 s for start and "
+        "preflight + the results hold)",
     )
     add_signing_key_args(p)
 

@@ -17,6 +17,7 @@ from pydantic import JsonValue
 
 from runner.backends.collect import MetricCheck, read_json
 from runner.backends.crosscheck import crosscheck_node_labels
+from runner.errors import interrupted_reason
 from runner.model.outcome import Outcome
 from runner.model.plan import BackendResult, RunPlan
 from runner.model.predicate import JsonObject, MetricResult, PerturbationResult
@@ -34,7 +35,7 @@ _AGENT_OUTCOMES = frozenset(
 )
 # How much of the end of the evaluation's stderr is read for the last lines of a failure.
 _STDERR_TAIL_BYTES = 1 << 20
-INTERRUPTED = "interrupted by the user (Ctrl-C)"
+INTERRUPTED = interrupted_reason("SIGINT")
 
 
 def _object(value: JsonValue) -> JsonObject:
@@ -114,31 +115,29 @@ def judge(
     decide (:func:`judge_metrics`).
     """
     if result.interrupted:
-        return Judgement(Outcome.INTERRUPTED, INTERRUPTED)
+        return Judgement(Outcome.INTERRUPTED, interrupted_judgement_reason(result))
+    # A sandbox the backend stopped (deadline) or the kernel killed (memory) left no results
+    # to judge: that is the verdict, whatever is missing because of it. No metric is used.
+    if result.timed_out:
+        return Judgement(Outcome.TIMEOUT, _timeout_reason(plan, result))
+    if _oom_killed(result):
+        return Judgement(Outcome.OUT_OF_MEMORY, _oom_reason(plan, result, report))
     if not result.image_digest_confirmed:
         return Judgement(
             Outcome.INTEGRITY_FAILURE, "the container did not run the pinned image digest"
         )
     if collect_problems:
         return Judgement(Outcome.INTEGRITY_FAILURE, "; ".join(collect_problems))
-    if result.timed_out:
-        reason = (
-            f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
-            "preflight allowance) and was killed"
-        )
-        return Judgement(Outcome.TIMEOUT, reason)
     agent_outcome = report.summary.get("outcome")
     crosscheck = _node_crosscheck(result, report)
     facts = RunFacts(node_crosscheck=crosscheck)
     if crosscheck:
         return Judgement(Outcome.ENVIRONMENT_MISMATCH, "; ".join(crosscheck), facts)
-    if result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed"):
-        return Judgement(
-            Outcome.EVALUATION_FAILED, "the container was OOMKilled (memory limit reached)", facts
-        )
     if result.exit_code == 137 and not agent_outcome:
         return Judgement(
-            Outcome.EVALUATION_FAILED, "the container was killed (out of memory?)", facts
+            Outcome.EVALUATION_FAILED,
+            "the container was killed by SIGKILL (exit 137) and the backend did not say why",
+            facts,
         )
     if agent_outcome != "completed" or result.exit_code != 0:
         reported = Outcome.parse(agent_outcome)
@@ -149,6 +148,48 @@ def judge(
             reason += " — stderr: " + " | ".join(report.stderr_tail)
         return Judgement(outcome, reason, facts)
     return None
+
+
+def _timeout_reason(plan: RunPlan, result: BackendResult) -> str:
+    deadline = result.details.get("active_deadline_s")
+    if result.details.get("job_condition") == "DeadlineExceeded":
+        return (
+            f"timed out: the Job ran past its activeDeadlineSeconds ({deadline} s) and "
+            "Kubernetes stopped it (DeadlineExceeded)"
+        )
+    return (
+        f"timed out: the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
+        "preflight allowance) and was killed"
+    )
+
+
+def _oom_killed(result: BackendResult) -> bool:
+    """The backend (Docker's State.OOMKilled, the kubelet's OOMKilled) saw the OOM killer."""
+    return bool(
+        result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed")
+    )
+
+
+def _oom_reason(plan: RunPlan, result: BackendResult, report: ContainerReport) -> str:
+    where = "pod " + str(result.details["pod"]) if result.details.get("pod") else "container"
+    reason = (
+        f"out of memory: the {where} reached its memory limit ({plan.memory_mib} MiB) and "
+        "was OOMKilled"
+    )
+    evaluation = report.summary.get("evaluation")
+    peak = evaluation.get("peak_rss_kib") if isinstance(evaluation, dict) else None
+    if isinstance(peak, int) and not isinstance(peak, bool):
+        reason += f" (peak RSS the agent saw: {peak // 1024} MiB)"
+    return reason
+
+
+def interrupted_judgement_reason(result: BackendResult) -> str:
+    """Which signal stopped the run, and what became of its container or Job."""
+    by = result.details.get("interrupted_by")
+    reason = interrupted_reason(by if isinstance(by, str) else None)
+    if job := result.details.get("deleted_job"):
+        reason += f"; Job {job} in namespace {result.details.get('namespace')} was deleted"
+    return reason
 
 
 def _node_crosscheck(result: BackendResult, report: ContainerReport) -> tuple[str, ...] | None:
@@ -229,6 +270,7 @@ __all__ = [
     "Judgement",
     "RunFacts",
     "ThresholdVerdict",
+    "interrupted_judgement_reason",
     "judge",
     "judge_metrics",
     "judge_partial",

@@ -42,6 +42,7 @@ from runner.errors import (
     InputError,
     IntegrityError,
     SpecError,
+    interrupted_reason,
 )
 from runner.model.lock import LockedSpec, load_lock, lock_path_for
 from runner.model.outcome import Outcome
@@ -69,10 +70,10 @@ from runner.shared.metrics import is_gating
 from runner.workflows.compare import check_group_definitions
 from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
 from runner.workflows.judge import (
-    INTERRUPTED,
     ContainerReport,
     Judgement,
     ThresholdVerdict,
+    interrupted_judgement_reason,
     judge,
     judge_metrics,
     judge_partial,
@@ -383,8 +384,10 @@ def run_evaluation(
                     judgement, recompute_available(results, plan.metrics, plan.seed)
                 )
             report = agent_report  # recorded only once judged, as it always was
-        except KeyboardInterrupt:
-            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
+        except KeyboardInterrupt as stop:
+            judgement = Judgement(
+                Outcome.INTERRUPTED, interrupted_reason(getattr(stop, "signal_name", None))
+            )
         except IntegrityError as exc:
             judgement = Judgement(Outcome.INTEGRITY_FAILURE, _one_line(exc))
         except EnvironmentMismatch as exc:
@@ -392,7 +395,9 @@ def run_evaluation(
         except InfrastructureError as exc:
             judgement = Judgement(Outcome.INFRASTRUCTURE_FAILURE, _one_line(exc))
         if result is not None and result.interrupted:
-            judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED, facts=judgement.facts)
+            judgement = Judgement(
+                Outcome.INTERRUPTED, interrupted_judgement_reason(result), facts=judgement.facts
+            )
         outcome, reason = judgement.outcome, judgement.reason
         journal.emit(
             "run_end",

@@ -247,7 +247,9 @@ def test_undefined_template_variable_fails_lock_with_exit_2(cli, locked_example,
     assert "no_such_variable" in proc.stderr and "bad.Dockerfile.j2" in proc.stderr
 
 
-def test_ctrl_c_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stop_signal_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant, signum):
+    """Ctrl-C, or SIGTERM as a CI runner cancels a job: container gone, signed bundle."""
     spec = variant(params={"sleep_s": 60})
     proc = subprocess.Popen([*EVALRUN, "run", str(spec), "--json"], cwd=ROOT, env=vcli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -269,13 +271,16 @@ def test_ctrl_c_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant)
         pytest.fail("the container never started")
     run_id = running[0].labels["org.evalrun.run-id"]
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert _containers_for(run_id) == []
     out = json.loads(stdout)
-    assert predicate_of(Path(out["bundle"]))["outcome"] == "interrupted"
+    pred = predicate_of(Path(out["bundle"]))
+    assert pred["outcome"] == "interrupted"
+    assert ("SIGTERM" in pred["reason"]) == (signum == signal.SIGTERM), pred["reason"]
     assert list((vcli.home / "tmp").iterdir()) == []  # nothing half-written
+    assert vcli("verify", out["bundle"], "--key", str(vcli.pub)).returncode == 0
 
 
 @pytest.mark.parametrize("tier", ["build-check"])
