@@ -118,6 +118,12 @@ class InfrastructureError(EvalrunError):
     kind = "infrastructure"
 
 
+class StoreFull(InfrastructureError):
+    """The store's filesystem ran out of space (or quota) while a bundle was written."""
+
+    kind = "store_full"
+
+
 class TransientInfrastructureError(InfrastructureError):
     """An infrastructure failure worth retrying (connection refused, 5xx, timeouts)."""
 
