@@ -696,6 +696,10 @@ class PodLogFollower:
         self._stop.set()
         response = self._response
         if response is not None:
+            # shut the socket down first: close() alone waits for the reading thread, which
+            # a live log (a pod still running) never releases
+            with contextlib.suppress(Exception):
+                response.shutdown()
             with contextlib.suppress(Exception):
                 response.close()
 

@@ -122,6 +122,8 @@ def judge(
         return Judgement(Outcome.TIMEOUT, _timeout_reason(plan, result))
     if _oom_killed(result):
         return Judgement(Outcome.OUT_OF_MEMORY, _oom_reason(plan, result, report))
+    if _gvisor_sandbox_killed(plan, result, report):
+        return Judgement(Outcome.OUT_OF_MEMORY, _inferred_oom_reason(plan, result))
     if not result.image_digest_confirmed:
         return Judgement(
             Outcome.INTEGRITY_FAILURE, "the container did not run the pinned image digest"
@@ -167,6 +169,33 @@ def _oom_killed(result: BackendResult) -> bool:
     """The backend (Docker's State.OOMKilled, the kubelet's OOMKilled) saw the OOM killer."""
     return bool(
         result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed")
+    )
+
+
+def _gvisor_sandbox_killed(plan: RunPlan, result: BackendResult, report: ContainerReport) -> bool:
+    """A gVisor pod SIGKILLed before its agent reported, with no deadline or disruption.
+
+    The host's OOM killer takes the whole gVisor sandbox at the memory limit, and
+    Kubernetes (unlike Docker) does not learn that it was an OOM kill: it says "Error",
+    exit 137. Nothing else in the cluster sends a SIGKILL that leaves no other trace.
+    """
+    details = result.details
+    disrupted = {d.get("pod") for d in details.get("disruptions") or [] if isinstance(d, dict)}
+    return (
+        result.backend == "kubernetes"
+        and plan.runtime == "gvisor"
+        and details.get("container_exit_code") == 137
+        and not report.summary
+        and details.get("pod") not in disrupted
+    )
+
+
+def _inferred_oom_reason(plan: RunPlan, result: BackendResult) -> str:
+    return (
+        f"out of memory (inferred): the gVisor sandbox of pod {result.details.get('pod')} was "
+        "killed by SIGKILL (exit 137) before it reported anything, with no deadline, eviction "
+        f"or deletion to explain it: the kernel's OOM killer at the memory limit "
+        f"({plan.memory_mib} MiB); under gVisor Kubernetes cannot say OOMKilled"
     )
 
 
