@@ -172,19 +172,24 @@ def _oom_killed(result: BackendResult) -> bool:
     )
 
 
+# How a gVisor sandbox killed from outside ends on Kubernetes (128: the shim has no status).
+_SANDBOX_KILLED = frozenset({128, 137})
+
+
 def _gvisor_sandbox_killed(plan: RunPlan, result: BackendResult, report: ContainerReport) -> bool:
     """A gVisor pod SIGKILLed before its agent reported, with no deadline or disruption.
 
     The host's OOM killer takes the whole gVisor sandbox at the memory limit, and
     Kubernetes (unlike Docker) does not learn that it was an OOM kill: it says "Error",
-    exit 137. Nothing else in the cluster sends a SIGKILL that leaves no other trace.
+    exit 128 (the runsc shim: no exit status) or 137. Nothing else in the cluster kills a
+    sandbox that way without leaving another trace.
     """
     details = result.details
     disrupted = {d.get("pod") for d in details.get("disruptions") or [] if isinstance(d, dict)}
     return (
         result.backend == "kubernetes"
         and plan.runtime == "gvisor"
-        and details.get("container_exit_code") == 137
+        and details.get("container_exit_code") in _SANDBOX_KILLED
         and not report.summary
         and details.get("pod") not in disrupted
     )
@@ -193,7 +198,8 @@ def _gvisor_sandbox_killed(plan: RunPlan, result: BackendResult, report: Contain
 def _inferred_oom_reason(plan: RunPlan, result: BackendResult) -> str:
     return (
         f"out of memory (inferred): the gVisor sandbox of pod {result.details.get('pod')} was "
-        "killed by SIGKILL (exit 137) before it reported anything, with no deadline, eviction "
+        f"killed (exit {result.details.get('container_exit_code')}) before it reported "
+        "anything, with no deadline, eviction "
         f"or deletion to explain it: the kernel's OOM killer at the memory limit "
         f"({plan.memory_mib} MiB); under gVisor Kubernetes cannot say OOMKilled"
     )

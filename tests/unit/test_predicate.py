@@ -199,6 +199,24 @@ def test_an_oom_killed_sandbox_is_out_of_memory_whatever_it_could_not_write() ->
     assert docker.reason is not None and "256 MiB" in docker.reason
 
 
+def test_a_gvisor_pod_killed_before_reporting_is_out_of_memory_inferred() -> None:
+    gvisor = _plan().model_copy(update={"runtime": "gvisor"})
+    details = {"termination_reason": "Error", "container_exit_code": 128, "pod": "p-1"}
+    killed = _result(backend="kubernetes", exit_code=128, image_digest_confirmed=False,
+                     details=details)
+    judged = judge(gvisor, killed, ["not collected"], ContainerReport())
+    assert judged is not None and judged.outcome is Outcome.OUT_OF_MEMORY
+    assert judged.reason is not None and "inferred" in judged.reason and "256 MiB" in judged.reason
+    # not when the pod was evicted, nor under runc (where the kubelet would have said so)
+    evicted = killed.model_copy(
+        update={"details": {**details, "disruptions": [{"pod": "p-1", "reason": "x"}]}}
+    )
+    assert judge(gvisor, evicted, ["not collected"], ContainerReport()).outcome is not (
+        Outcome.OUT_OF_MEMORY
+    )
+    assert judge(_plan(), killed, ["x"], ContainerReport()).outcome is Outcome.INTEGRITY_FAILURE
+
+
 def test_a_job_past_its_deadline_is_a_timeout_naming_it() -> None:
     ended = _result(
         exit_code=None,
