@@ -188,6 +188,17 @@ def add_global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     )
 
 
+def _seconds(text: str) -> int:
+    """A whole number of seconds, at least 1 (argparse reports the error as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, found {text!r}")
+    return value
+
+
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and the Kubernetes flags, plus ``--key`` and what unlocks it.
 
@@ -219,7 +230,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--active-deadline",
-        type=int,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="kubernetes: the Job's activeDeadlineSeconds, a hard cap after which Kubernetes "
