@@ -211,7 +211,12 @@ class DockerBackend:
                 "user": attrs.get("Config", {}).get("User"),
                 "oom_killed": attrs.get("State", {}).get("OOMKilled"),
                 "input_mounts": _input_mounts(attrs),
-                **({"interrupted_by": interrupted_by} if interrupted_by else {}),
+                # run() removes the container whatever happened; the bundle says so
+                **(
+                    {"interrupted_by": interrupted_by, "removed_container": attrs.get("Name")}
+                    if interrupted_by
+                    else {}
+                ),
             },
         )
 

@@ -224,6 +224,8 @@ def interrupted_judgement_reason(result: BackendResult) -> str:
     reason = interrupted_reason(by if isinstance(by, str) else None)
     if job := result.details.get("deleted_job"):
         reason += f"; Job {job} in namespace {result.details.get('namespace')} was deleted"
+    elif container := result.details.get("removed_container"):
+        reason += f"; container {str(container).lstrip('/')} was removed"
     return reason
 
 

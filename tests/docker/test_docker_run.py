@@ -300,6 +300,7 @@ def test_stop_signal_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, var
     pred = predicate_of(Path(out["bundle"]))
     assert pred["outcome"] == "interrupted"
     assert ("SIGTERM" in pred["reason"]) == (signum == signal.SIGTERM), pred["reason"]
+    assert "was removed" in pred["reason"], pred["reason"]
     assert list((vcli.home / "tmp").iterdir()) == []  # nothing half-written
     assert vcli("verify", out["bundle"], "--key", str(vcli.pub)).returncode == 0
 
