@@ -118,6 +118,12 @@ class InfrastructureError(EvalrunError):
     kind = "infrastructure"
 
 
+class StoreFull(InfrastructureError):
+    """The store's filesystem ran out of space (or quota) while a bundle was written."""
+
+    kind = "store_full"
+
+
 class TransientInfrastructureError(InfrastructureError):
     """An infrastructure failure worth retrying (connection refused, 5xx, timeouts)."""
 
@@ -159,6 +165,25 @@ class StillRunning(EvalrunError):
 
     exit_code = 124
     kind = "still_running"
+
+
+class StopRequested(KeyboardInterrupt):
+    """A signal asked evalrun to stop (SIGTERM, as a CI runner cancels a job).
+
+    Raised by the CLI's signal handler in the main thread; a ``KeyboardInterrupt``, so
+    every path that cleans up after Ctrl-C cleans up after it the same way.
+    """
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def interrupted_reason(signal_name: str | None) -> str:
+    """What an interrupted run's bundle says stopped it."""
+    if signal_name and signal_name != "SIGINT":
+        return f"interrupted by {signal_name} (the job running evalrun was cancelled)"
+    return "interrupted by the user (Ctrl-C)"
 
 
 class UnmetDemand(Protocol):

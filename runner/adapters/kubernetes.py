@@ -305,6 +305,9 @@ class NamespaceWatch:
             threading.Thread(target=self._loop, args=("pods",), daemon=True),
         ]
         self._synced = {"jobs": threading.Event(), "pods": threading.Event()}
+        # A refusal (401/403) of a list or watch: every waiter fails with it, instead of
+        # waiting for events that will never come. Cleared by the next listing that works.
+        self.refused: APIForbidden | None = None
 
     def start(self, sync_timeout_s: float = 60.0) -> NamespaceWatch:
         """Start both watches; raises once a first listing has not arrived in time."""
@@ -317,6 +320,9 @@ class NamespaceWatch:
                     namespace=self.namespace,
                     hint=UNREACHABLE_HINT,
                 )
+            if self.refused is not None:
+                self.stop()
+                raise self.refused
         return self
 
     def stop(self) -> None:
@@ -339,6 +345,7 @@ class NamespaceWatch:
             cache.objects = {o.metadata.name: o for o in listing.items}
             cache.resource_version = listing.metadata.resource_version
             cache.relists += 1
+            self.refused = None
             self._cond.notify_all()
         self._synced[kind].set()
 
@@ -392,6 +399,11 @@ class NamespaceWatch:
             except ApiException as exc:
                 if exc.status == 410:
                     need_list = True
+                elif exc.status in (401, 403):
+                    self._refuse(kind, exc)
+                    need_list = True
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
                 else:
                     log.warning(
                         "watch error; re-listing",
@@ -409,11 +421,34 @@ class NamespaceWatch:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    def _refuse(self, kind: str, exc: ApiException) -> None:
+        message = str(_status_body(exc).get("message") or exc.reason)
+        refused = APIForbidden(
+            f"watch {kind} in namespace {self.namespace}: forbidden: {message}",
+            namespace=self.namespace,
+            status=exc.status,
+            hint="the runner's Role needs get, list and watch on jobs and pods: install the "
+            "evalrun chart (charts/evalrun) or manifests/evalrun.yaml",
+        )
+        log.warning(
+            "watch refused",
+            extra={"event": "watch_refused", "kind": kind, "status": exc.status},
+        )
+        with self._cond:
+            self.refused = refused
+            self._cond.notify_all()
+        self._synced[kind].set()
+
     def wait(self, check: Callable[[], Any], timeout: float) -> Any:
-        """Block until ``check()`` returns something truthy (re-checked on every event)."""
+        """Block until ``check()`` returns something truthy (re-checked on every event).
+
+        Raises :class:`APIForbidden` once the API server refuses the watch (RBAC).
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
+                if self.refused is not None:
+                    raise self.refused
                 result = check()
                 if result:
                     return result
@@ -668,6 +703,10 @@ class PodLogFollower:
         self._stop.set()
         response = self._response
         if response is not None:
+            # shut the socket down first: close() alone waits for the reading thread, which
+            # a live log (a pod still running) never releases
+            with contextlib.suppress(Exception):
+                response.shutdown()
             with contextlib.suppress(Exception):
                 response.close()
 

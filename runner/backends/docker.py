@@ -149,6 +149,7 @@ class DockerBackend:
         started = _now()
         t0 = time.monotonic()
         timed_out = interrupted = False
+        interrupted_by: str | None = None
         exit_code: int | None = None
         relay = LineRelay(plan.run_id, self.output)
         follower = threading.Thread(
@@ -172,8 +173,9 @@ class DockerBackend:
                         container.kill()
                 else:
                     raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             interrupted = True
+            interrupted_by = getattr(stop, "signal_name", "SIGINT")
             # best effort; remove(force=True) follows in run()
             with contextlib.suppress(Exception):
                 container.kill()
@@ -210,6 +212,12 @@ class DockerBackend:
                 "user": attrs.get("Config", {}).get("User"),
                 "oom_killed": attrs.get("State", {}).get("OOMKilled"),
                 "input_mounts": _input_mounts(attrs),
+                # run() removes the container whatever happened; the bundle says so
+                **(
+                    {"interrupted_by": interrupted_by, "removed_container": attrs.get("Name")}
+                    if interrupted_by
+                    else {}
+                ),
             },
         )
 

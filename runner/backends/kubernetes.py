@@ -23,10 +23,8 @@ import contextlib
 import datetime as dt
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +33,26 @@ from kubernetes import client as k8s
 from runner.adapters.kubernetes import (
     ClusterTarget,
     NamespaceWatch,
-    PodLogFollower,
     api_call,
     as_plain,
     connect,
-    exec_in_pod,
     read_namespace_policy,
 )
 from runner.adapters.kubernetes import shared_watch as watch_matching
-from runner.backends.collect import StreamReceiver, extract_results_frame
-from runner.backends.live import LineRelay, OutputSink
+from runner.backends.job_session import RunSession, job_gone
+from runner.backends.live import OutputSink
 from runner.backends.manifests import (
-    CANCEL_ANNOTATION,
-    CONTAINER_NAME,
     IMAGE_VOLUME_REQUIREMENT,
     LABEL_RUN_ID,
     MANAGED_BY,
     RESUME_PATCH,
     JobOptions,
-    active_deadline_s,
     build_configmap,
     build_job,
     dropped_image_volumes,
-    image_volume_support,
     input_volumes,
     job_name,
     labels_for,
-    node_storage_mib,
     spec_hash_of,
     ttl_patch,
 )
@@ -75,48 +66,19 @@ from runner.errors import (
     APIConflict,
     APIForbidden,
     APINotFound,
-    DigestMismatch,
     EnvironmentMismatch,
     EvalrunError,
     InfrastructureError,
     InputError,
     KubernetesRejected,
-    RunCancelled,
-    StillRunning,
-    TransientKubernetesError,
 )
 from runner.model.plan import BackendResult, RunPlan
 from runner.shared.protocol import (
-    ACK_COMMAND,
-    ACK_RE,
     DEFAULT_HOLD_S,
-    EMIT_COMMAND,
-    FRAME_BEGIN,
-    FRAME_END,
-    NOT_HOLDING_EXIT,
-    READY_RE,
     encode_agent_plan,
 )
 
 log = logging.getLogger("evalrun.backend.kubernetes")
-
-PULL_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
-CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
-# What a kubelet or runtime says when it cannot mount an image volume.
-# (A mount that fails, e.g. "ImageVolumeMountFailed" for a malformed artifact, is not this.)
-_IMAGE_VOLUME_UNSUPPORTED = re.compile(
-    r"image ?volumes?\b.*\b(not supported|unsupported|not enabled|disabled)", re.I
-)
-# containerd's words for a blob whose bytes do not match its digest.
-_PULL_DIGEST = re.compile(
-    r"unexpected commit digest (sha256:[0-9a-f]{64}), expected (sha256:[0-9a-f]{64})"
-)
-# Attempts at one collection (a stream cut half way is retried; a refused one is not).
-COLLECT_ATTEMPTS = 3
-# How long collection waits out an unreachable API server (a restart) before giving up,
-# and the pause between tries; the holding agent keeps its results meanwhile.
-COLLECT_UNREACHABLE_S = 180.0
-COLLECT_BACKOFF_S = 3.0
 
 
 def shared_watch(api: k8s.ApiClient, namespace: str) -> NamespaceWatch:
@@ -132,78 +94,7 @@ def shared_watch(api: k8s.ApiClient, namespace: str) -> NamespaceWatch:
 # --------------------------------------------------------------------------- backend
 
 
-def _condition(obj: Any, ctype: str) -> Any:
-    for c in (obj.status.conditions or []) if obj and obj.status else []:
-        if c.type == ctype and c.status == "True":
-            return c
-    return None
-
-
-def _pod_problem(pod: Any, now: float, grace: dict[str, float]) -> tuple[str, str] | None:
-    """A named reason why a pod cannot make progress, once it has lasted its grace time."""
-    created = (
-        pod.metadata.creation_timestamp.timestamp() if pod.metadata.creation_timestamp else now
-    )
-    age = now - created
-    for c in pod.status.conditions or []:
-        if (
-            c.type == "PodScheduled"
-            and c.status == "False"
-            and c.reason == "Unschedulable"
-            and age > grace["unschedulable"]
-        ):
-            return "Unschedulable", c.message or "no node matches"
-    for cs in pod.status.container_statuses or []:
-        waiting = cs.state.waiting if cs.state else None
-        message = (waiting.message or "") if waiting else ""
-        if waiting and _PULL_DIGEST.search(message):
-            return "DigestMismatch", message
-        if waiting and _IMAGE_VOLUME_UNSUPPORTED.search(message):
-            return "ImageVolumeUnsupported", message
-        if waiting and waiting.reason in PULL_FAILURES and age > grace["image_pull"]:
-            return waiting.reason, message or cs.image
-        if waiting and waiting.reason in CONFIG_FAILURES and age > grace["image_pull"]:
-            return waiting.reason, message
-    if pod.status.reason == "Evicted":
-        return "Evicted", pod.status.message or "evicted"
-    return None
-
-
-def _agent_status(pod: Any) -> Any:
-    return next((c for c in pod.status.container_statuses or [] if c.name == CONTAINER_NAME), None)
-
-
-def _started(pod: Any) -> bool:
-    status = _agent_status(pod)
-    state = status.state if status is not None else None
-    return bool(state and (state.running or state.terminated))
-
-
-def _running(pod: Any) -> bool:
-    status = _agent_status(pod)
-    return bool(status is not None and status.state and status.state.running)
-
-
-@dataclass
-class _Tracked:
-    """What the runner knows about one pod of the run."""
-
-    follower: PodLogFollower | None = None
-    relay: LineRelay | None = None
-    ready_exit: int | None = None  # from the agent's ready line
-    collected: bool = False
-    node_checked: bool = False
-    frame_lines: int = 0
-
-
-@dataclass
-class _Collection:
-    """The results the runner took from the run's pods (the last pod's win)."""
-
-    pod: str | None = None
-    problems: list[str] = field(default_factory=list)
-    acked_exit: int | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
+# --------------------------------------------------------------------------- backend
 
 
 class KubernetesBackend:
@@ -221,9 +112,11 @@ class KubernetesBackend:
         extra_tolerations: tuple[tuple[str, str], ...] = (),
         hold_s: int = DEFAULT_HOLD_S,
         ttl_after_finished_s: int = 600,
+        active_deadline_s: int | None = None,
         output: OutputSink | None = None,
     ) -> None:
         self.target = target
+        self.active_deadline_s = active_deadline_s
         self.extra_tolerations = extra_tolerations
         self.hold_s = hold_s
         self.ttl_after_finished_s = ttl_after_finished_s
@@ -261,6 +154,7 @@ class KubernetesBackend:
             ttl_after_finished_s=self.ttl_after_finished_s,
             extra_tolerations=self.extra_tolerations,
             hold_s=self.hold_s,
+            active_deadline_s=self.active_deadline_s,
         )
 
     def preflight(self, plan: RunPlan) -> None:
@@ -398,12 +292,19 @@ class KubernetesBackend:
         started = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         t0 = time.monotonic()
         name = self.submit(plan)
-        watch = shared_watch(api, namespace)
-        session = _RunSession(self, api, watch, plan, name, results_dir)
+        try:
+            watch = shared_watch(api, namespace)
+        except APIForbidden as exc:
+            raise self._refused_after_create(api, namespace, name, exc) from exc
+        session = RunSession(self, api, watch, plan, name, results_dir)
         try:
             result = session.follow(started, t0)
             return self._policy.observed(result) if self._policy else result
-        except KeyboardInterrupt:
+        except APIForbidden as exc:
+            raise self._refused_after_create(api, namespace, name, exc) from exc
+        except KeyboardInterrupt as stop:
+            # Ctrl-C or SIGTERM: the Job goes (nothing keeps running unwatched); a re-run
+            # starts a new attempt
             self._delete(api, namespace, name)
             return BackendResult(
                 backend=self.name,
@@ -413,6 +314,11 @@ class KubernetesBackend:
                 runtime="?",
                 started_at=started,
                 duration_s=round(time.monotonic() - t0, 3),
+                details={
+                    "interrupted_by": getattr(stop, "signal_name", "SIGINT"),
+                    "deleted_job": name,
+                    "namespace": namespace,
+                },
             )
         finally:
             session.close()
@@ -448,7 +354,7 @@ class KubernetesBackend:
         except APINotFound as exc:
             raise job_gone(name, None, cancel_requested=cancel_requested) from exc
         watch = shared_watch(api, namespace)
-        session = _RunSession(self, api, watch, plan, name, results_dir)
+        session = RunSession(self, api, watch, plan, name, results_dir)
         session.cancel_requested = cancel_requested
         try:
             result = session.follow(started, time.monotonic(), give_up_at=give_up_at)
@@ -456,8 +362,9 @@ class KubernetesBackend:
         finally:
             session.close()
 
-    def _delete(self, api: k8s.ApiClient, namespace: str, name: str) -> None:
-        with contextlib.suppress(EvalrunError):
+    def _delete(self, api: k8s.ApiClient, namespace: str, name: str) -> bool:
+        """Delete the Job (its pods and ConfigMap follow); whether the API server accepted."""
+        try:
             api_call(
                 "delete Job",
                 lambda: k8s.BatchV1Api(api).delete_namespaced_job(
@@ -467,6 +374,33 @@ class KubernetesBackend:
                 name=name,
                 retries=False,
             )
+        except APINotFound:
+            return True
+        except EvalrunError:
+            return False
+        return True
+
+    def _refused_after_create(
+        self, api: k8s.ApiClient, namespace: str, name: str, exc: APIForbidden
+    ) -> InfrastructureError:
+        """The API server refused the runner after its Job was created: say where the Job is.
+
+        The Job is deleted when the runner still may; otherwise the message names it and
+        how to delete it. Never left behind silently.
+        """
+        if self._delete(api, namespace, name):
+            fate = f"the Job {name} in namespace {namespace} was deleted"
+        else:
+            fate = (
+                f"the Job {name} is LEFT in namespace {namespace} (the runner may not delete "
+                f"it): delete it with `kubectl -n {namespace} delete job {name}`"
+            )
+        return InfrastructureError(
+            f"Job {name} was created, then {exc.message}; {fate}",
+            namespace=namespace,
+            job=name,
+            hint=exc.hint,
+        )
 
     def node(self, api: k8s.ApiClient, node: str | None) -> Any:
         """The Node object (cached), or a string saying why it could not be read."""
@@ -507,413 +441,6 @@ class KubernetesBackend:
             self.requests += 1
 
 
-class _RunSession:
-    """Following one run's Job: its pods' logs, their held results, how it ended."""
-
-    def __init__(
-        self,
-        backend: KubernetesBackend,
-        api: k8s.ApiClient,
-        watch: NamespaceWatch,
-        plan: RunPlan,
-        name: str,
-        results_dir: Path,
-    ) -> None:
-        self.backend = backend
-        self.api = api
-        self.watch = watch
-        self.namespace = watch.namespace
-        self.plan = plan
-        self.name = name
-        self.results_dir = results_dir
-        self.pods: dict[str, _Tracked] = {}
-        self.collection = _Collection()
-        self.cancel_requested = False
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        for tracked in self.pods.values():
-            if tracked.follower is not None:
-                tracked.follower.stop()
-
-    # ---- live log
-
-    def _follow_log(self, pod_name: str) -> None:
-        tracked = self.pods[pod_name]
-
-        def intercept(line: str) -> bool:
-            match = READY_RE.match(line.strip())
-            if match:
-                with self._lock:
-                    tracked.ready_exit = int(match[1])
-                self.watch.notify()
-                return True
-            # an older agent's results frame (base64 on the log) is no one's reading
-            if line.startswith(FRAME_BEGIN) or tracked.frame_lines:
-                tracked.frame_lines = 0 if line.strip() == FRAME_END else tracked.frame_lines + 1
-                return True
-            return False
-
-        relay = LineRelay(self.plan.run_id, self.backend.output, intercept=intercept)
-        tracked.relay = relay
-
-        def still_running() -> bool:
-            pod = self.watch.pods.objects.get(pod_name)
-            return bool(pod is not None and _running(pod))
-
-        def on_data(data: bytes) -> None:
-            relay.feed("log", data)
-
-        follower = PodLogFollower(
-            self.api,
-            self.namespace,
-            pod_name,
-            CONTAINER_NAME,
-            on_data,
-            still_running=still_running,
-        )
-        tracked.follower = follower
-        follower.start()
-
-    # ---- waiting
-
-    def _next(self) -> Any:
-        job = self.watch.job(self.name)
-        for pod in self.watch.pods_of(self.plan.run_id):
-            pod_name = pod.metadata.name
-            tracked = self.pods.setdefault(pod_name, _Tracked())
-            with self._lock:
-                ready = tracked.ready_exit is not None and not tracked.collected
-            if ready:
-                return ("ready", pod)
-            if pod.spec.node_name and not tracked.node_checked:
-                return ("scheduled", pod)
-            if tracked.follower is None and _started(pod):
-                return ("follow", pod)
-            problem = _pod_problem(pod, time.time(), self.backend.grace)
-            if problem:
-                return ("stuck", problem)
-        if _condition(job, "Complete") or _condition(job, "Failed"):
-            return ("done", job)
-        if job is None and (gone := self.watch.deleted_job(self.name)) is not None:
-            return ("gone", gone)
-        return None
-
-    def follow(self, started: str, t0: float, *, give_up_at: float | None = None) -> BackendResult:
-        options = self.backend.options(self.namespace)
-        limit = active_deadline_s(self.plan, options) + 600
-        deadline = time.monotonic() + limit
-        until = deadline if give_up_at is None else min(deadline, give_up_at)
-        while True:
-            outcome = self.watch.wait(self._next, timeout=max(0.0, until - time.monotonic()))
-            if outcome is None and give_up_at is not None and give_up_at < deadline:
-                raise StillRunning(
-                    f"run {self.plan.run_id} is still running (Job {self.name}); nothing was "
-                    "sealed",
-                    hint="wait again later, or cancel it with `evalrun cancel`",
-                )
-            if outcome is None:
-                self.backend._delete(self.api, self.namespace, self.name)
-                raise InfrastructureError(f"Job {self.name} did not finish within {limit} s")
-            kind, obj = outcome
-            if kind == "gone":
-                raise job_gone(self.name, obj, cancel_requested=self.cancel_requested)
-            if kind == "scheduled":
-                self._check_node(obj)
-            elif kind == "follow":
-                self._follow_log(obj.metadata.name)
-            elif kind == "ready":
-                self._collect(obj.metadata.name)
-            elif kind == "stuck":
-                self._stuck(*obj)
-            else:
-                return self._result(obj, started, t0)
-
-    def _check_node(self, pod: Any) -> None:
-        """Refuse (exit 4) a node whose container runtime cannot mount image volumes."""
-        self.pods[pod.metadata.name].node_checked = True
-        if not self.plan.inputs:
-            return
-        node = self.backend.node(self.api, pod.spec.node_name)
-        info = getattr(getattr(node, "status", None), "node_info", None)
-        version = getattr(info, "container_runtime_version", None)
-        if image_volume_support(version) is False:
-            self.backend._delete(self.api, self.namespace, self.name)
-            raise EnvironmentMismatch(
-                f"node {pod.spec.node_name} runs {version}, which cannot mount the run's "
-                "inputs as image volumes",
-                expected=IMAGE_VOLUME_REQUIREMENT,
-                found=version,
-                hint="upgrade the node's container runtime, or keep evalrun Jobs off such "
-                "nodes; evalrun never falls back to shipping inputs another way",
-            )
-
-    def _stuck(self, reason: str, message: str) -> None:
-        self.backend._delete(self.api, self.namespace, self.name)
-        plan = self.plan
-        if reason == "Unschedulable" and "ephemeral-storage" in message:
-            inputs = ", ".join(
-                f"{i.role} {i.name!r} {i.size / (1 << 30):.2f} GiB" for i in plan.inputs
-            )
-            raise EnvironmentMismatch(
-                f"Job {self.name} is Unschedulable: no node has {node_storage_mib(plan)} MiB "
-                f"of disk free for the run ({message})",
-                expected=f"a node with {node_storage_mib(plan)} MiB of allocatable "
-                "ephemeral-storage",
-                hint=f"the run needs its results volume ({plan.results_mib} MiB, "
-                f"resources.results_mib) plus its inputs ({inputs or 'none'}) on the node's "
-                "disk; use nodes with more disk, or smaller inputs/results_mib",
-            )
-        if reason == "Unschedulable":
-            raise EnvironmentMismatch(
-                f"Job {self.name} is Unschedulable: {message}",
-                gpu_product=plan.gpu_product,
-                gpus=plan.gpus or None,
-                hint="no node offers what the spec asks for (resources, GPU product label, "
-                "taints); check `kubectl describe nodes`",
-            )
-        if reason == "ImageVolumeUnsupported":
-            raise EnvironmentMismatch(
-                f"Job {self.name}: the node cannot mount image volumes: {message}",
-                expected=IMAGE_VOLUME_REQUIREMENT,
-                hint="evalrun never falls back to shipping inputs another way",
-            )
-        if reason == "DigestMismatch":
-            match = _PULL_DIGEST.search(message)
-            assert match is not None
-            raise DigestMismatch(
-                f"Job {self.name}: a pulled blob (image or input artifact)",
-                expected=match[2],
-                found=match[1],
-                hint="the registry serves bytes that are not the locked ones; re-publish "
-                "the input or investigate the registry",
-            )
-        raise InfrastructureError(f"Job {self.name}: {reason}: {message}", image=plan.image_ref)
-
-    # ---- collection
-
-    def _collect(self, pod_name: str) -> None:
-        """Take the held results of ``pod_name`` (retrying a cut stream), then acknowledge."""
-        tracked = self.pods[pod_name]
-        with self._lock:
-            tracked.collected = True
-        t0 = time.monotonic()
-        problems: list[str] = []
-        facts: dict[str, Any] = {"pod": pod_name, "mode": "exec"}
-        unreachable_until = time.monotonic() + COLLECT_UNREACHABLE_S
-        attempt = 0
-        while attempt < COLLECT_ATTEMPTS:
-            attempt += 1
-            receiver = StreamReceiver(self.results_dir.parent)
-            try:
-                ran = exec_in_pod(
-                    self.api,
-                    self.namespace,
-                    pod_name,
-                    CONTAINER_NAME,
-                    list(EMIT_COMMAND),
-                    stdout=receiver.feed,
-                )
-            except TransientKubernetesError as exc:
-                receiver.discard()
-                problems = [f"collection attempt {attempt}: {exc.message}"]
-                log.warning(
-                    "results stream broke; retrying",
-                    extra={"event": "collect_retry", "pod": pod_name, "error": exc.message},
-                )
-                if time.monotonic() < unreachable_until:
-                    # an API server away (e.g. restarting) is not a cut stream: wait it out
-                    attempt -= 1
-                    time.sleep(COLLECT_BACKOFF_S)
-                continue
-            except APINotFound:
-                receiver.discard()
-                problems = [f"pod {pod_name} disappeared before its results were collected"]
-                break
-            except APIForbidden as exc:
-                receiver.discard()
-                raise InfrastructureError(
-                    f"the runner may not exec into pod {pod_name}: {exc.message}",
-                    hint="the runner's Role needs pods/exec (create, get): install the evalrun "
-                    "chart (charts/evalrun) or manifests/evalrun.yaml",
-                ) from exc
-            facts["attempts"] = attempt
-            if ran.exit_code == NOT_HOLDING_EXIT:
-                receiver.discard()
-                problems = [f"pod {pod_name}: the agent no longer holds its results"]
-                break
-            if ran.exit_code != 0:
-                receiver.discard()
-                problems = [
-                    f"emit-results in pod {pod_name} failed ({ran.message or ran.exit_code}): "
-                    + ran.stderr.strip()[-300:]
-                ]
-                break
-            collected = receiver.unpack(self.results_dir)
-            facts.update(bytes=ran.stdout_bytes, files=len(collected.files))
-            problems = collected.problems
-            if problems and "truncated" in problems[0] and attempt < COLLECT_ATTEMPTS:
-                continue
-            break
-        facts["duration_s"] = round(time.monotonic() - t0, 3)
-        released, acked = self._ack(pod_name)
-        facts["acknowledged"] = released
-        self.collection = _Collection(pod_name, problems, acked, facts)
-        log.info(
-            "results collected",
-            extra={"event": "results_collected_exec", "run_id": self.plan.run_id, **facts},
-        )
-
-    def _ack(self, pod_name: str) -> tuple[bool, int | None]:
-        """Release the holding agent: (released, the exit code it answered, if it did).
-
-        The agent exits right after answering, so the exec's own status may be lost with
-        its container; an agent container that has ended after an ack counts as released.
-        """
-        answer = bytearray()
-        for _ in range(COLLECT_ATTEMPTS):
-            answer.clear()
-            try:
-                ran = exec_in_pod(
-                    self.api,
-                    self.namespace,
-                    pod_name,
-                    CONTAINER_NAME,
-                    list(ACK_COMMAND),
-                    stdout=answer.extend,
-                    idle_timeout_s=30.0,
-                )
-            except TransientKubernetesError:
-                if self._agent_ended(pod_name):
-                    return True, _ack_exit(answer)
-                continue
-            except EvalrunError:
-                return self._agent_ended(pod_name), _ack_exit(answer)
-            code = _ack_exit(answer)
-            if ran.exit_code == 0 and code is not None:
-                return True, code
-            return self._agent_ended(pod_name), code
-        return self._agent_ended(pod_name), None
-
-    def _agent_ended(self, pod_name: str, timeout_s: float = 30.0) -> bool:
-        """Whether the pod's agent container stops running (or the pod goes) within a while."""
-
-        def ended() -> bool:
-            pod = self.watch.pods.objects.get(pod_name)
-            return pod is None or not _running(pod)
-
-        return bool(self.watch.wait(ended, timeout=timeout_s))
-
-    # ---- the end
-
-    def _result(self, job: Any, started: str, t0: float) -> BackendResult:
-        api, namespace, plan = self.api, self.namespace, self.plan
-        failed = _condition(job, "Failed")
-        pods = self.watch.pods_of(plan.run_id)
-        pod = next(
-            (p for p in reversed(pods) if p.status.phase in ("Succeeded", "Failed")),
-            pods[-1] if pods else None,
-        )
-        details: dict[str, Any] = {
-            "job": self.name,
-            "namespace": namespace,
-            "job_condition": (failed.reason if failed else "Complete"),
-            "pods": [p.metadata.name for p in pods],
-            "job_failed_pods": job.status.failed or 0,
-            "job_succeeded_pods": job.status.succeeded or 0,
-        }
-        exit_code: int | None = None
-        image_ok = False
-        runtime = job.spec.template.spec.runtime_class_name or "runc (cluster default)"
-        timed_out = bool(failed and failed.reason == "DeadlineExceeded")
-        collection: list[str] = []
-        if pod is not None:
-            pod_name = pod.metadata.name
-            details["pod"] = pod_name
-            details["node"] = pod.spec.node_name
-            status = _agent_status(pod)
-            if status is not None:
-                term = status.state.terminated if status.state else None
-                if term is not None:
-                    exit_code = term.exit_code
-                    details["termination_reason"] = term.reason
-                details["image_id"] = status.image_id
-                image_ok = _image_id_matches(status.image_id, plan.image_digest())
-            details["node_labels"] = self.backend._node_labels(api, pod.spec.node_name)
-            tracked = self.pods.get(pod_name)
-            if tracked is not None and tracked.follower and tracked.relay:
-                tracked.follower.done.wait(10.0)
-                tracked.relay.close()
-                details["log_tail"] = "\n".join(list(tracked.relay.tail)[-20:])
-            if self.collection.pod == pod_name:
-                collection = self.collection.problems
-                details["collection"] = self.collection.facts
-                if exit_code is None:
-                    exit_code = self.collection.acked_exit
-            else:
-                collection = self._from_log(pod_name, details)
-        else:
-            collection = ["the Job has no pod to collect from"]
-        details["collection_problems"] = collection
-        self.backend._expire(api, namespace, self.name)
-        if timed_out:
-            exit_code = None
-        return BackendResult(
-            backend=self.backend.name,
-            exit_code=exit_code,
-            timed_out=timed_out,
-            image_digest_confirmed=image_ok,
-            runtime=runtime,
-            started_at=started,
-            finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            duration_s=round(time.monotonic() - t0, 3),
-            details=details,
-            collection_problems=collection,
-        )
-
-    def _from_log(self, pod_name: str, details: dict[str, Any]) -> list[str]:
-        """Results of a pod that was not collected by exec: an older agent's log frame."""
-        try:
-            text = api_call(
-                "read pod log",
-                lambda: k8s.CoreV1Api(self.api).read_namespaced_pod_log(
-                    pod_name, self.namespace, container=CONTAINER_NAME
-                ),
-                namespace=self.namespace,
-                name=pod_name,
-            )
-            self.backend.requests += 1
-        except EvalrunError as exc:
-            return [f"could not read the pod log: {exc.message}"]
-        if FRAME_BEGIN not in text:
-            return [
-                f"the results of pod {pod_name} were not collected: the agent ended without "
-                f"holding them (crashed, killed, or its hold of {self.backend.hold_s} s expired)"
-            ]
-        details["collection"] = {"pod": pod_name, "mode": "log-frame"}
-        return extract_results_frame(text, self.results_dir).problems
-
-
-def job_gone(name: str, last: Any, *, cancel_requested: bool) -> EvalrunError:
-    """Why Job ``name`` is gone before it ended: cancelled (``evalrun cancel`` annotated its
-    last state, or the caller knows it asked), or deleted by something else."""
-    annotations = (getattr(getattr(last, "metadata", None), "annotations", None)) or {}
-    cancelled = annotations.get(CANCEL_ANNOTATION)
-    if cancelled or cancel_requested:
-        when = f" at {cancelled}" if cancelled else ""
-        return RunCancelled(f"cancelled{when} (evalrun cancel): Job {name} was deleted")
-    return InfrastructureError(
-        f"Job {name} is gone before its results were collected (deleted, or removed by its "
-        "TTL after another runner collected it)",
-        hint="a run collected elsewhere is sealed in that runner's store",
-    )
-
-
-def _ack_exit(answer: bytes | bytearray) -> int | None:
-    match = ACK_RE.match(bytes(answer).decode("ascii", "replace").strip())
-    return int(match[1]) if match else None
-
-
 def namespace_policy(api: k8s.ApiClient, namespace: str, plan: RunPlan) -> NamespacePolicy:
     """What ``namespace`` enforces for ``plan``'s pods, read now (see backends.namespace_policy)."""
     runtime_class = runtime_class_of(plan)
@@ -927,13 +454,6 @@ def namespace_policy(api: k8s.ApiClient, namespace: str, plan: RunPlan) -> Names
         unreadable=read.unreadable,
     )
     return check_namespace(objects, pod_labels=labels_for(plan), network=plan.network)
-
-
-def _image_id_matches(image_id: str | None, digest: str) -> bool:
-    """The pod's imageID names the pinned manifest digest (``…@sha256:…``)."""
-    if not image_id:
-        return False
-    return image_id.rsplit("@", 1)[-1] == digest or image_id == digest
 
 
 # ClusterTarget is part of this backend's interface (callers build one to construct it).

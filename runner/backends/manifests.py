@@ -64,6 +64,8 @@ class JobOptions:
     hold_s: int = DEFAULT_HOLD_S
     # Cluster-specific taints to tolerate (set by the operator, never by a spec).
     extra_tolerations: tuple[tuple[str, str], ...] = ()
+    # The operator's cap on the Job's run time (activeDeadlineSeconds); None: computed.
+    active_deadline_s: int | None = None
 
 
 def _version() -> str:
@@ -220,7 +222,10 @@ def image_volume_support(container_runtime_version: str | None) -> bool | None:
 
 
 def active_deadline_s(plan: RunPlan, options: JobOptions) -> int:
-    """The Job's activeDeadlineSeconds: evaluation, agent preflight, and the results hold."""
+    """The Job's activeDeadlineSeconds: evaluation, agent preflight, and the results hold
+    (or the operator's cap, ``options.active_deadline_s``)."""
+    if options.active_deadline_s is not None:
+        return options.active_deadline_s
     return plan.timeout_s + PREFLIGHT_ALLOWANCE_S + options.hold_s
 
 

@@ -47,6 +47,7 @@ from runner.errors import (
     InputError,
     IntegrityError,
     StoreConflict,
+    StoreFull,
     UnsafeBundleEntry,
 )
 
@@ -106,6 +107,10 @@ def _outcome_of(predicate: Mapping[str, Any]) -> str | None:
         status: str = outcome["status"]
         return status
     return None
+
+
+# The errno values of a filesystem (or quota) that is full.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -170,13 +175,34 @@ class Store:
         always on failure (including Ctrl-C), and on success once put has moved
         the bundle out.
         """
-        self._ensure_layout()
-        path = Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp_dir))
+        with self.writing():
+            self._ensure_layout()
+            path = Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp_dir))
         try:
-            yield path
+            with self.writing():
+                yield path
         finally:
             if path.exists() or path.is_symlink():
                 remove_tree(path)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Turn a full filesystem (ENOSPC, EDQUOT) inside the block into :class:`StoreFull`.
+
+        One line naming the file (when the OS said which) and the store; the staging dir
+        is removed by :meth:`staging_dir`, so nothing that looks like a bundle is left.
+        """
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            where = f"writing {exc.filename}" if exc.filename else "writing a bundle"
+            raise StoreFull(
+                f"no space left on device while {where} (store {self.root}); nothing was stored",
+                hint="free space on that filesystem, or point EVALRUN_HOME at another one, "
+                "and run again",
+            ) from exc
 
     def put(self, staged_bundle_dir: Path) -> StoredBundle:
         """Move a built bundle from a staging dir into the store and index its run.
@@ -207,6 +233,7 @@ class Store:
         self._refuse_index_conflict(run_id, digest)
 
         final = self.bundles_dir / f"sha256-{hexdigest}"
+        moved = False
         if final.exists():
             remove_tree(staged)
         else:
@@ -218,15 +245,21 @@ class Store:
                     raise
                 remove_tree(staged)  # another put stored the same digest first
             else:
+                moved = True
                 final.chmod(0o555)
                 _fsync_dir(self.bundles_dir)
                 _fsync_dir(self.tmp_dir)
 
-        entry = self._index(
-            RunIndexEntry(
-                run_id=run_id, bundle_digest=digest, outcome=outcome, created=datetime.now(UTC)
+        try:
+            entry = self._index(
+                RunIndexEntry(
+                    run_id=run_id, bundle_digest=digest, outcome=outcome, created=datetime.now(UTC)
+                )
             )
-        )
+        except OSError:
+            if moved:  # a bundle no index names (e.g. the disk filled): not stored after all
+                remove_tree(final)
+            raise
         return StoredBundle(
             digest=digest, path=final, run_id=run_id, outcome=outcome, created=entry.created
         )

@@ -120,6 +120,7 @@ def backend_for(args: argparse.Namespace, output: Callable[[Any], None] | None =
         image_pull_grace_s=args.stuck_after,
         extra_tolerations=tuple(toleration(t) for t in args.tolerate),
         ttl_after_finished_s=args.ttl_after_finished,
+        active_deadline_s=args.active_deadline,
         output=output,
     )
 
@@ -187,6 +188,17 @@ def add_global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     )
 
 
+def _seconds(text: str) -> int:
+    """A whole number of seconds, at least 1 (argparse reports the error as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, found {text!r}")
+    return value
+
+
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and the Kubernetes flags, plus ``--key`` and what unlocks it.
 
@@ -215,6 +227,15 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="kubernetes: remove a finished Job (and its ConfigMap) this long after its "
         "results are collected (default 600)",
+    )
+    p.add_argument(
+        "--active-deadline",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="kubernetes: the Job's activeDeadlineSeconds, a hard cap after which Kubernetes "
+        "stops it and the run ends 'timeout' (default: timeout_s + 300 s for start and "
+        "preflight + the results hold)",
     )
     add_signing_key_args(p)
 

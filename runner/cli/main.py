@@ -10,12 +10,15 @@ one-line message (a JSON error object under ``--json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,7 +46,7 @@ from runner.cli.common import (
 )
 from runner.cli.output import Terminal, configure_logging, emit_json, safe_streams
 from runner.cli.progress import TransferBars
-from runner.errors import EvalrunError, InputError, Interrupted
+from runner.errors import EvalrunError, InputError, Interrupted, StopRequested
 
 log = logging.getLogger("evalrun")
 
@@ -658,8 +661,30 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     # everything any command prints passes one sanitiser (control characters shown escaped)
-    with safe_streams():
+    with safe_streams(), _stop_on_sigterm():
         return _main(argv)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a CI runner cancelling the job) stops evalrun exactly as Ctrl-C does.
+
+    The first SIGTERM raises :class:`StopRequested` in the main thread; later ones are
+    ignored so that the clean-up and the sealing of the ``interrupted`` bundle finish.
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise StopRequested(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -679,8 +704,9 @@ def _main(argv: Sequence[str] | None) -> int:
     term = Terminal(quiet=getattr(args, "json", False))
     try:
         code: int = args.fn(args, settings, term)
-    except KeyboardInterrupt:
-        err = Interrupted("interrupted; nothing was left half-written")
+    except KeyboardInterrupt as stop:
+        by = getattr(stop, "signal_name", "Ctrl-C")
+        err = Interrupted(f"interrupted ({by}); nothing was left half-written")
         print(f"evalrun: {err.diagnostics()}", file=sys.stderr)
         return err.exit_code
     except EvalrunError as err:

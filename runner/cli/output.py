@@ -44,13 +44,21 @@ class JsonLinesFormatter(logging.Formatter):
         return json.dumps(data, default=str, sort_keys=True)
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The log file; a line that cannot be written (a full disk) is dropped, never a
+    traceback on the user's terminal."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        return
+
+
 def configure_logging(settings: Settings, log_json: bool, verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
         settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(settings.log_file, encoding="utf-8")
+        file_handler = _LogFileHandler(settings.log_file, encoding="utf-8")
         file_handler.setFormatter(JsonLinesFormatter())
         root.addHandler(file_handler)
     except OSError:

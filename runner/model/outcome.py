@@ -18,6 +18,7 @@ class Outcome(StrEnum):
     THRESHOLDS_FAILED = "thresholds_failed"
     EVALUATION_FAILED = "evaluation_failed"
     TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"  # the evaluation exceeded its declared memory limit
     BAD_OUTPUT = "bad_output"
     INTEGRITY_FAILURE = "integrity_failure"
     ENVIRONMENT_MISMATCH = "environment_mismatch"
@@ -55,6 +56,7 @@ _EXIT: dict[Outcome, int] = {
     Outcome.THRESHOLDS_FAILED: 6,
     Outcome.EVALUATION_FAILED: 6,
     Outcome.TIMEOUT: 6,
+    Outcome.OUT_OF_MEMORY: 6,
     Outcome.BAD_OUTPUT: 6,
     Outcome.INTEGRITY_FAILURE: 3,
     Outcome.ENVIRONMENT_MISMATCH: 4,

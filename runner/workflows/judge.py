@@ -17,6 +17,7 @@ from pydantic import JsonValue
 
 from runner.backends.collect import MetricCheck, read_json
 from runner.backends.crosscheck import crosscheck_node_labels
+from runner.errors import interrupted_reason
 from runner.model.outcome import Outcome
 from runner.model.plan import BackendResult, RunPlan
 from runner.model.predicate import JsonObject, MetricResult, PerturbationResult
@@ -37,8 +38,10 @@ _AGENT_OUTCOMES = frozenset(
 _STDERR_TAIL_BYTES = 1 << 16
 STDERR_TAIL_LINES = 20
 # The outcomes of a run that failed in the container, whose stderr says why.
-_SHOWS_STDERR = frozenset({Outcome.EVALUATION_FAILED, Outcome.TIMEOUT, Outcome.BAD_OUTPUT})
-INTERRUPTED = "interrupted by the user (Ctrl-C)"
+_SHOWS_STDERR = frozenset(
+    {Outcome.EVALUATION_FAILED, Outcome.TIMEOUT, Outcome.BAD_OUTPUT, Outcome.OUT_OF_MEMORY}
+)
+INTERRUPTED = interrupted_reason("SIGINT")
 
 
 def _object(value: JsonValue) -> JsonObject:
@@ -130,31 +133,33 @@ def judge(
     decide (:func:`judge_metrics`).
     """
     if result.interrupted:
-        return Judgement(Outcome.INTERRUPTED, INTERRUPTED)
+        return Judgement(Outcome.INTERRUPTED, interrupted_judgement_reason(result))
+    # A sandbox the backend stopped (deadline) or the kernel killed (memory) left no results
+    # to judge: that is the verdict, whatever is missing because of it. No metric is used.
+    if result.timed_out:
+        return _with_stderr(Judgement(Outcome.TIMEOUT, _timeout_reason(plan, result)), report)
+    if _oom_killed(result):
+        oom = Judgement(Outcome.OUT_OF_MEMORY, _oom_reason(plan, result, report))
+        return _with_stderr(oom, report)
+    if _gvisor_sandbox_killed(plan, result, report):
+        inferred = Judgement(Outcome.OUT_OF_MEMORY, _inferred_oom_reason(plan, result))
+        return _with_stderr(inferred, report)
     if not result.image_digest_confirmed:
         return Judgement(
             Outcome.INTEGRITY_FAILURE, "the container did not run the pinned image digest"
         )
     if collect_problems:
         return Judgement(Outcome.INTEGRITY_FAILURE, "; ".join(collect_problems))
-    if result.timed_out:
-        reason = (
-            f"the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
-            "preflight allowance) and was killed"
-        )
-        return _with_stderr(Judgement(Outcome.TIMEOUT, reason), report)
     agent_outcome = report.summary.get("outcome")
     crosscheck = _node_crosscheck(result, report)
     facts = RunFacts(node_crosscheck=crosscheck)
     if crosscheck:
         return Judgement(Outcome.ENVIRONMENT_MISMATCH, "; ".join(crosscheck), facts)
-    if result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed"):
-        return Judgement(
-            Outcome.EVALUATION_FAILED, "the container was OOMKilled (memory limit reached)", facts
-        )
     if result.exit_code == 137 and not agent_outcome:
         return Judgement(
-            Outcome.EVALUATION_FAILED, "the container was killed (out of memory?)", facts
+            Outcome.EVALUATION_FAILED,
+            "the container was killed by SIGKILL (exit 137) and the backend did not say why",
+            facts,
         )
     if agent_outcome != "completed" or result.exit_code != 0:
         reported = Outcome.parse(agent_outcome)
@@ -171,6 +176,83 @@ def judge(
             reason += "; " + hint[:1000]
         return _with_stderr(Judgement(outcome, reason, facts), report)
     return None
+
+
+def _timeout_reason(plan: RunPlan, result: BackendResult) -> str:
+    deadline = result.details.get("active_deadline_s")
+    if result.details.get("job_condition") == "DeadlineExceeded":
+        return (
+            f"timed out: the Job ran past its activeDeadlineSeconds ({deadline} s) and "
+            "Kubernetes stopped it (DeadlineExceeded)"
+        )
+    return (
+        f"timed out: the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
+        "preflight allowance) and was killed"
+    )
+
+
+def _oom_killed(result: BackendResult) -> bool:
+    """The backend (Docker's State.OOMKilled, the kubelet's OOMKilled) saw the OOM killer."""
+    return bool(
+        result.details.get("termination_reason") == "OOMKilled" or result.details.get("oom_killed")
+    )
+
+
+# How a gVisor sandbox killed from outside ends on Kubernetes (128: the shim has no status).
+_SANDBOX_KILLED = frozenset({128, 137})
+
+
+def _gvisor_sandbox_killed(plan: RunPlan, result: BackendResult, report: ContainerReport) -> bool:
+    """A gVisor pod SIGKILLed before its agent reported, with no deadline or disruption.
+
+    The host's OOM killer takes the whole gVisor sandbox at the memory limit, and
+    Kubernetes (unlike Docker) does not learn that it was an OOM kill: it says "Error",
+    exit 128 (the runsc shim: no exit status) or 137. Nothing else in the cluster kills a
+    sandbox that way without leaving another trace.
+    """
+    details = result.details
+    disrupted = {d.get("pod") for d in details.get("disruptions") or [] if isinstance(d, dict)}
+    return (
+        result.backend == "kubernetes"
+        and plan.runtime == "gvisor"
+        and details.get("container_exit_code") in _SANDBOX_KILLED
+        and not report.summary
+        and details.get("pod") not in disrupted
+    )
+
+
+def _inferred_oom_reason(plan: RunPlan, result: BackendResult) -> str:
+    return (
+        f"out of memory (inferred): the gVisor sandbox of pod {result.details.get('pod')} was "
+        f"killed (exit {result.details.get('container_exit_code')}) before it reported "
+        "anything, with no deadline, eviction "
+        f"or deletion to explain it: the kernel's OOM killer at the memory limit "
+        f"({plan.memory_mib} MiB); under gVisor Kubernetes cannot say OOMKilled"
+    )
+
+
+def _oom_reason(plan: RunPlan, result: BackendResult, report: ContainerReport) -> str:
+    where = "pod " + str(result.details["pod"]) if result.details.get("pod") else "container"
+    reason = (
+        f"out of memory: the {where} reached its memory limit ({plan.memory_mib} MiB) and "
+        "was OOMKilled"
+    )
+    evaluation = report.summary.get("evaluation")
+    peak = evaluation.get("peak_rss_kib") if isinstance(evaluation, dict) else None
+    if isinstance(peak, int) and not isinstance(peak, bool):
+        reason += f" (peak RSS the agent saw: {peak // 1024} MiB)"
+    return reason
+
+
+def interrupted_judgement_reason(result: BackendResult) -> str:
+    """Which signal stopped the run, and what became of its container or Job."""
+    by = result.details.get("interrupted_by")
+    reason = interrupted_reason(by if isinstance(by, str) else None)
+    if job := result.details.get("deleted_job"):
+        reason += f"; Job {job} in namespace {result.details.get('namespace')} was deleted"
+    elif container := result.details.get("removed_container"):
+        reason += f"; container {str(container).lstrip('/')} was removed"
+    return reason
 
 
 def _node_crosscheck(result: BackendResult, report: ContainerReport) -> tuple[str, ...] | None:
@@ -254,6 +336,7 @@ __all__ = [
     "Judgement",
     "RunFacts",
     "ThresholdVerdict",
+    "interrupted_judgement_reason",
     "judge",
     "judge_metrics",
     "judge_partial",

@@ -42,6 +42,7 @@ from runner.errors import (
     IntegrityError,
     RunCancelled,
     SpecError,
+    interrupted_reason,
 )
 from runner.model.lock import LockedSpec, load_lock, lock_path_for
 from runner.model.outcome import Outcome
@@ -55,9 +56,9 @@ from runner.workflows.compare import check_group_definitions
 from runner.workflows.custom_metrics import carry_files, custom_jobs, with_custom_metrics
 from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
 from runner.workflows.judge import (
-    INTERRUPTED,
     ContainerReport,
     Judgement,
+    interrupted_judgement_reason,
     judge,
     judge_metrics,
     judge_partial,
@@ -504,12 +505,16 @@ def judged_attempt(
                 judgement, recompute_available(results, plan.metrics, plan.seed)
             )
         report = agent_report  # recorded only once judged, as it always was
-    except KeyboardInterrupt:
-        judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as StopRequested
+        judgement = Judgement(
+            Outcome.INTERRUPTED, interrupted_reason(getattr(stop, "signal_name", None))
+        )
     except (RunCancelled, IntegrityError, EnvironmentMismatch, InfrastructureError) as exc:
         judgement = error_judgement(exc) or Judgement(Outcome.AGENT_ERROR, _one_line(exc))
     if result is not None and result.interrupted:
-        judgement = Judgement(Outcome.INTERRUPTED, INTERRUPTED, facts=judgement.facts)
+        judgement = Judgement(
+            Outcome.INTERRUPTED, interrupted_judgement_reason(result), facts=judgement.facts
+        )
     return result, report, judgement
 
 

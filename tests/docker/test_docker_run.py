@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -138,6 +139,26 @@ def test_evaluation_timeout(vcli, variant):
     assert time.monotonic() - t0 < 90
 
 
+@pytest.mark.parametrize("runtime", ["gvisor", "runc"])
+def test_evaluation_over_its_memory_limit_is_sealed_out_of_memory(vcli, variant, runtime):
+    """gVisor: the whole sandbox is OOM-killed (exit 137); runc: only the evaluation process
+    is, and the agent lives on. Either way the engine says OOMKilled and so does the bundle."""
+    spec = variant(
+        params={"hog_mib": 1024},
+        resources={"cpus": 1, "memory_mib": 256, "pids": 128},
+        sandbox={"runtime": runtime, "network": "none"},
+    )
+    code, out = vcli.json("run", str(spec))
+    assert code == 6, out
+    assert out["outcome"] == "out_of_memory"
+    pred = predicate_of(Path(out["bundle"]))
+    assert pred["outcome"] == "out_of_memory"
+    assert "out of memory" in pred["reason"] and "256 MiB" in pred["reason"], pred["reason"]
+    assert pred["sandbox"]["details"]["oom_killed"] is True
+    assert not pred["metrics"]
+    assert vcli("verify", out["bundle"], "--key", str(vcli.pub)).returncode == 0
+
+
 def test_links_written_by_the_container_are_not_followed(vcli, variant):
     script = ("import os, subprocess, sys; "
               "out = os.environ['EVALRUN_OUTPUT']; "
@@ -247,7 +268,9 @@ def test_undefined_template_variable_fails_lock_with_exit_2(cli, locked_example,
     assert "no_such_variable" in proc.stderr and "bad.Dockerfile.j2" in proc.stderr
 
 
-def test_ctrl_c_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stop_signal_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant, signum):
+    """Ctrl-C, or SIGTERM as a CI runner cancels a job: container gone, signed bundle."""
     spec = variant(params={"sleep_s": 60})
     proc = subprocess.Popen([*EVALRUN, "run", str(spec), "--json"], cwd=ROOT, env=vcli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -269,13 +292,17 @@ def test_ctrl_c_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant)
         pytest.fail("the container never started")
     run_id = running[0].labels["org.evalrun.run-id"]
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert _containers_for(run_id) == []
     out = json.loads(stdout)
-    assert predicate_of(Path(out["bundle"]))["outcome"] == "interrupted"
+    pred = predicate_of(Path(out["bundle"]))
+    assert pred["outcome"] == "interrupted"
+    assert ("SIGTERM" in pred["reason"]) == (signum == signal.SIGTERM), pred["reason"]
+    assert "was removed" in pred["reason"], pred["reason"]
     assert list((vcli.home / "tmp").iterdir()) == []  # nothing half-written
+    assert vcli("verify", out["bundle"], "--key", str(vcli.pub)).returncode == 0
 
 
 @pytest.mark.parametrize("tier", ["build-check"])
@@ -352,3 +379,46 @@ def test_perturbations_report_sensible_deltas(vcli, variant):
     assert half["delta_ci"]["low"] < 0 < half["delta_ci"]["high"]  # a subsample: no real change
     assert {p["n"] for p in pred["perturbations"] if p["name"] == "half"} == {225}
     assert "Sensitivity to data perturbations" in (Path(out["bundle"]) / "report.md").read_text()
+
+
+def _fill(directory: Path, leave: int) -> Path:
+    """Fill the filesystem of ``directory`` up to ``leave`` bytes free; returns the filler."""
+    filler = directory / "filler"
+    free = shutil.disk_usage(directory).free
+    with filler.open("wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_disk_filling_while_the_bundle_is_written_fails_cleanly(vcli, variant, tmp_path):
+    """A store on a small tmpfs: the bundle cannot be written. One line naming the store,
+    exit 5, no staging left and no bundle that looks valid; the store still lists its runs."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        home = small / "home"
+        cli = dataclasses.replace(vcli, home=home, env={**vcli.env, "EVALRUN_HOME": str(home)})
+        assert cli("keys", "generate").returncode == 0
+        spec = variant()
+        code, first = cli.json("run", str(spec))
+        assert code == 0, first
+        size = sum(p.stat().st_size for p in Path(first["bundle"]).rglob("*") if p.is_file())
+        filler = _fill(small, leave=size // 3)
+        proc = cli("run", str(spec), "--rerun")
+        assert proc.returncode == 5, proc.stdout + proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("evalrun: error:")]
+        assert len(errors) == 1, proc.stderr
+        assert "no space left on device" in errors[0] and str(home) in errors[0], errors[0]
+        assert "Traceback" not in proc.stderr
+        assert list((home / "tmp").iterdir()) == []  # no staging left
+        assert [p.name for p in (home / "bundles").iterdir()] == [Path(first["bundle"]).name]
+        # the store and its index still read; with space again, the run goes through
+        code, listing = cli.json("runs", "ls")
+        assert code == 0, listing
+        filler.unlink()
+        code, again = cli.json("run", str(spec), "--rerun")
+        assert code == 0, again
+        assert cli("verify", again["bundle"], "--key", str(cli.pub)).returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

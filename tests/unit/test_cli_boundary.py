@@ -94,7 +94,28 @@ def test_keyboard_interrupt_exits_130(
 ) -> None:
     _raise_from_validate(monkeypatch, KeyboardInterrupt())
     assert main(["validate", "eval.yaml"]) == 130
-    assert capsys.readouterr().err == ("evalrun: interrupted; nothing was left half-written\n")
+    assert capsys.readouterr().err == (
+        "evalrun: interrupted (Ctrl-C); nothing was left half-written\n"
+    )
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import signal
+
+    def terminated(path: Path) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)  # a CI runner cancelling the job
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr("runner.model.spec.load_spec", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["validate", "eval.yaml"]) == 130
+    assert capsys.readouterr().err == (
+        "evalrun: interrupted (SIGTERM); nothing was left half-written\n"
+    )
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is evalrun's only inside
 
 
 def test_intentional_errors_keep_their_exit_code_and_message(

@@ -27,7 +27,7 @@ from kubernetes import client as k8s
 
 from runner.adapters.kubernetes import LOG_QUIET_S, PodLogFollower, read_exec_frames
 from runner.backends.collect import StreamReceiver
-from runner.backends.kubernetes import _pod_problem
+from runner.backends.job_session import _pod_problem
 from runner.backends.live import MAX_LINE_BYTES, LineRelay, OutputLine
 from runner.errors import TransientKubernetesError
 from runner.model.plan import PlanInput, RunPlan

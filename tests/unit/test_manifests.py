@@ -223,6 +223,11 @@ def test_deadline_covers_evaluation_preflight_and_the_results_hold():
         assert build_job(plan, opts)["spec"]["activeDeadlineSeconds"] == expected
 
 
+def test_the_operators_deadline_replaces_the_computed_one():
+    opts = JobOptions(namespace="evals", active_deadline_s=20)
+    assert build_job(_plan(timeout_s=100), opts)["spec"]["activeDeadlineSeconds"] == 20
+
+
 def test_results_volume_is_bounded_by_the_spec():
     default = next(v for v in _pod(build_job(_plan(), OPTS))["volumes"] if v["name"] == "results")
     assert default["emptyDir"] == {"sizeLimit": "2048Mi"}

@@ -180,6 +180,73 @@ def test_judging_trusts_no_outcome_or_reason_the_agent_invents() -> None:
     assert collected is not None and collected.outcome is Outcome.INTEGRITY_FAILURE
 
 
+def test_an_oom_killed_sandbox_is_out_of_memory_whatever_it_could_not_write() -> None:
+    # gVisor: the whole sandbox was killed, so nothing was collected and no digest confirmed
+    killed = _result(
+        exit_code=137,
+        image_digest_confirmed=False,
+        details={"termination_reason": "OOMKilled", "pod": "p-1"},
+    )
+    judged = judge(_plan(), killed, ["the agent ended without holding them"], ContainerReport())
+    assert judged is not None and judged.outcome is Outcome.OUT_OF_MEMORY
+    assert judged.reason is not None and "pod p-1" in judged.reason and "256 MiB" in judged.reason
+    assert Outcome.OUT_OF_MEMORY.exit_code == 6
+    # runc: the agent lived on, saw its evaluation killed, and Docker says OOMKilled
+    report = ContainerReport(
+        summary={"outcome": "evaluation_failed", "evaluation": {"peak_rss_kib": 262144}}
+    )
+    docker = judge(_plan(), _result(exit_code=21, details={"oom_killed": True}), [], report)
+    assert docker is not None and docker.outcome is Outcome.OUT_OF_MEMORY
+    assert docker.reason is not None and "256 MiB" in docker.reason
+
+
+def test_a_gvisor_pod_killed_before_reporting_is_out_of_memory_inferred() -> None:
+    gvisor = _plan().model_copy(update={"runtime": "gvisor"})
+    details = {"termination_reason": "Error", "container_exit_code": 128, "pod": "p-1"}
+    killed = _result(backend="kubernetes", exit_code=128, image_digest_confirmed=False,
+                     details=details)
+    judged = judge(gvisor, killed, ["not collected"], ContainerReport())
+    assert judged is not None and judged.outcome is Outcome.OUT_OF_MEMORY
+    assert judged.reason is not None and "inferred" in judged.reason and "256 MiB" in judged.reason
+    # not when the pod was evicted, nor under runc (where the kubelet would have said so)
+    evicted = killed.model_copy(
+        update={"details": {**details, "disruptions": [{"pod": "p-1", "reason": "x"}]}}
+    )
+    assert judge(gvisor, evicted, ["not collected"], ContainerReport()).outcome is not (
+        Outcome.OUT_OF_MEMORY
+    )
+    assert judge(_plan(), killed, ["x"], ContainerReport()).outcome is Outcome.INTEGRITY_FAILURE
+
+
+def test_a_job_past_its_deadline_is_a_timeout_naming_it() -> None:
+    ended = _result(
+        exit_code=None,
+        timed_out=True,
+        image_digest_confirmed=False,
+        details={"job_condition": "DeadlineExceeded", "active_deadline_s": 20},
+    )
+    judged = judge(_plan(), ended, ["the Job has no pod to collect from"], ContainerReport())
+    assert judged is not None and judged.outcome is Outcome.TIMEOUT
+    assert judged.reason is not None
+    assert "DeadlineExceeded" in judged.reason and "20 s" in judged.reason
+
+
+def test_an_interrupted_run_names_the_signal_and_the_deleted_job() -> None:
+    stopped = _result(
+        exit_code=None,
+        interrupted=True,
+        details={"interrupted_by": "SIGTERM", "deleted_job": "evalrun-r-1", "namespace": "ev"},
+    )
+    judged = judge(_plan(), stopped, [], ContainerReport())
+    assert judged is not None and judged.outcome is Outcome.INTERRUPTED
+    assert judged.reason == (
+        "interrupted by SIGTERM (the job running evalrun was cancelled); "
+        "Job evalrun-r-1 in namespace ev was deleted"
+    )
+    ctrl_c = judge(_plan(), _result(exit_code=None, interrupted=True), [], ContainerReport())
+    assert ctrl_c is not None and ctrl_c.reason == "interrupted by the user (Ctrl-C)"
+
+
 def test_backend_details_are_recorded_as_the_json_they_sign_as() -> None:
     from inprocess_backend import SOURCE
 

@@ -15,7 +15,7 @@ from runner.bundle.metadata import ENVELOPE_NAME, STATEMENT_NAME
 from runner.bundle.signing import Signer, Verifier
 from runner.bundle.store import BundleNotFound, Store, StoreConflict, default_root, parse_digest
 from runner.bundle.verify import verify_bundle
-from runner.errors import InputError, IntegrityError
+from runner.errors import InputError, IntegrityError, StoreFull
 
 pytestmark = pytest.mark.unit
 
@@ -81,13 +81,29 @@ def test_failed_rename_leaves_store_unchanged(
     def fail_rename(self: Path, target: Path) -> Path:
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"), store.staging_dir() as staging:
-        bundle = seal_bundle(staging / "b", keys[0])
-        monkeypatch.setattr(Path, "rename", fail_rename)
-        store.put(bundle)
+    with pytest.raises(StoreFull, match="no space left on device") as full:
+        with store.staging_dir() as staging:
+            bundle = seal_bundle(staging / "b", keys[0])
+            monkeypatch.setattr(Path, "rename", fail_rename)
+            store.put(bundle)
     monkeypatch.undo()
+    assert str(store.root) in full.value.message and full.value.exit_code == 5
     assert list((store.root / "bundles").iterdir()) == []
     assert list((store.root / "runs").iterdir()) == []
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_index_write_failing_after_the_rename_leaves_no_unindexed_bundle(
+    store: Store, keys: tuple[Signer, Verifier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: Store, entry: object) -> object:
+        raise OSError(28, "No space left on device", str(self.runs_dir / "run-a.json"))
+
+    monkeypatch.setattr(Store, "_index", full)
+    with pytest.raises(StoreFull, match="run-a.json"), store.staging_dir() as staging:
+        store.put(seal_bundle(staging / "b", keys[0]))
+    monkeypatch.undo()
+    assert list((store.root / "bundles").iterdir()) == []
     assert list((store.root / "tmp").iterdir()) == []
 
 

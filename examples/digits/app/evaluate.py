@@ -23,6 +23,9 @@ def main() -> int:
         return 17
     if params.get("sleep_s"):
         time.sleep(float(params["sleep_s"]))
+    if params.get("hog_mib"):  # fault tests: touch this much memory, 1 MiB at a time
+        hog = [b"\x01" * (1 << 20) for _ in range(int(params["hog_mib"]))]
+        print(f"evaluate.py: holding {len(hog)} MiB", file=sys.stderr)
     with open(os.environ["EVALRUN_MODEL"], encoding="utf-8") as fh:
         model = json.load(fh)
     coef = np.asarray(model["coef"], dtype=np.float64)
