@@ -437,21 +437,47 @@ def run_predicate_json(outcome: str, metrics: list[dict], **extra: object) -> di
     }
 
 
+# What the job's cluster credentials hold here: a server nobody listens on. Nothing is
+# sent to it: the run is already in the store, found by its id, which includes this
+# API server and the namespace (a run's identity), read from the kubeconfig alone.
+KUBECONFIG_TEXT = """apiVersion: v1
+kind: Config
+clusters:
+- name: ci
+  cluster: {server: "https://127.0.0.1:1"}
+users:
+- name: ci
+  user: {token: not-used}
+contexts:
+- name: ci
+  context: {cluster: ci, user: ci}
+current-context: ci
+"""
+CLUSTER_TARGET = "kubernetes https://127.0.0.1:1 namespace evals"
+
+
 def store_run(home: Path, spec: Path, key: Path, outcome: str, metrics: list[dict]) -> str:
-    """The spec's run on the local Docker engine, already sealed in the store at ``home``
-    (as an earlier ``evalrun run`` left it), so that ``evalrun run`` returns it without a
-    backend (a run made by another backend would not be returned)."""
+    """The spec's run on the cluster of :data:`KUBECONFIG_TEXT` (namespace ``evals``),
+    already sealed in the store at ``home`` as an earlier ``evalrun run`` left it, so that
+    the job's ``evalrun run --backend kubernetes -n evals`` returns it without a cluster."""
     from runner.bundle.build import build_bundle
     from runner.bundle.signing import load_signer
     from runner.bundle.store import Store
     from runner.model.spec import load_lock
     from runner.workflows.run import run_id_for
 
-    run_id = run_id_for(load_lock(spec.with_name("eval.lock.json")).digest(), 0)
+    lock_digest = load_lock(spec.with_name("eval.lock.json")).digest()
+    run_id = run_id_for(lock_digest, 0, CLUSTER_TARGET)
     store = Store(home)
     with store.staging_dir() as stage:
         (stage / "report.md").write_text("# report\n")
-        body = run_predicate_json(outcome, metrics, run_id=run_id, backend="docker")
+        body = run_predicate_json(
+            outcome,
+            metrics,
+            run_id=run_id,
+            backend="kubernetes",
+            backend_target=CLUSTER_TARGET,
+        )
         build_bundle(stage, body, load_signer(key), stage)
         store.put(stage)
     return run_id

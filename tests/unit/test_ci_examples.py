@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from ci_pipelines import (
     GITHUB_WORKFLOW,
+    KUBECONFIG_TEXT,
     GITLAB_CI,
     LOCAL_EQUIVALENTS,
     checkout_copy,
@@ -148,7 +149,7 @@ def test_the_github_job_runs_and_gates_on_the_exit_code(
         workspace=workspace,
         runner_temp=runner_temp,
         base_env=env,
-        secrets={"EVALRUN_KEY": key.private_path.read_text(), "KUBECONFIG_DATA": "apiVersion: v1"},
+        secrets={"EVALRUN_KEY": key.private_path.read_text(), "KUBECONFIG_DATA": KUBECONFIG_TEXT},
         variables={"EVALRUN_NAMESPACE": "evals"},
         artifacts=tmp_path / "artifacts",
     )
@@ -166,7 +167,7 @@ def test_the_github_job_runs_and_gates_on_the_exit_code(
     SCHEMA.assertValid(etree.parse(str(artifact / "reports" / "junit.xml")))
     assert "### evalrun run: digits-logreg" in result.summary and run_id in result.summary
     kubeconfig = runner_temp / "kubeconfig"
-    assert kubeconfig.read_text() == "apiVersion: v1\n" and kubeconfig.stat().st_mode & 0o077 == 0
+    assert kubeconfig.read_text() == KUBECONFIG_TEXT + "\n" and kubeconfig.stat().st_mode & 0o077 == 0
 
 
 @pytest.mark.parametrize(("outcome", "value"), [("passed", 0.97), ("thresholds_failed", 0.5)])
@@ -177,6 +178,7 @@ def test_the_gitlab_job_runs_and_gates_on_the_exit_code(
     run_id = store_run(
         workspace / ".evalrun", spec, key.private_path, outcome, [metric("accuracy", value)]
     )
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG_TEXT)
     result = run_gitlab_job(
         workspace=workspace,
         base_env=env,
