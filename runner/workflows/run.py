@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from runner._internal.settings import Settings
 from runner.adapters.sources import SourceOptions
@@ -62,6 +62,7 @@ from runner.model.predicate import (
     SpecRef,
     Timestamps,
     json_at,
+    rootfs_check,
 )
 from runner.model.spec import EvalSpec, load_spec
 from runner.render.markdown import render_markdown
@@ -221,7 +222,15 @@ def _check_preprocessing(steps: list[dict[str, Any]], lock: LockedSpec) -> None:
             )
 
 
-def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt: int) -> RunPlan:
+def make_plan(
+    spec: EvalSpec,
+    lock: LockedSpec,
+    inputs: list[PlanInput],
+    attempt: int,
+    *,
+    verify_rootfs: Literal["used", "full"] | None = None,
+) -> RunPlan:
+    """The run's plan; ``verify_rootfs`` (``--verify-rootfs``) wins over the spec's."""
     return RunPlan(
         run_id=run_id_for(lock.digest(), attempt),
         attempt=attempt,
@@ -246,6 +255,7 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
         gpu_product=spec.resources.gpu_product,
         gpu_driver_major=spec.resources.gpu_driver_major,
         runtime_class=spec.sandbox.runtime_class,
+        verify_rootfs=verify_rootfs or spec.sandbox.verify_rootfs,
         spec_digest=spec.digest(),
         lock_digest=lock.digest(),
         spec_name=spec.metadata.name,
@@ -283,6 +293,7 @@ def run_evaluation(
     reason: str | None = None,
     environ: Mapping[str, str] | None = None,
     transfer: TransferProgress | None = None,
+    verify_rootfs: Literal["used", "full"] | None = None,
 ) -> RunOutcome:
     """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
 
@@ -293,6 +304,7 @@ def run_evaluation(
     are recorded in the predicate's ``provenance``, with the launcher's identity read
     from ``environ`` (default: the process environment). ``transfer(what)`` may return
     a ``(done, total)`` callback to follow an input fetched by digest (the CLI's bar).
+    ``verify_rootfs`` overrides the spec's ``sandbox.verify_rootfs`` for a new run.
     """
     spec, lock = load_locked(spec_path)
     store = Store(settings.home)
@@ -343,7 +355,7 @@ def run_evaluation(
             )
             _check_preprocessing(steps, lock)
             journal.emit("inputs_verified", count=len(inputs))
-            plan = make_plan(spec, lock, inputs, attempt)
+            plan = make_plan(spec, lock, inputs, attempt, verify_rootfs=verify_rootfs)
             (stage / "plan.json").write_text(
                 json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
             )
@@ -479,6 +491,10 @@ def _metric_result(
     )
 
 
+def _present(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def build_run_predicate(
     spec: EvalSpec,
     lock: LockedSpec,
@@ -507,6 +523,8 @@ def build_run_predicate(
             digest=lock.image.ref.split("@", 1)[1],
             rootfs_expected=lock.image.rootfs_digest,
             rootfs_found=json_at(report.preflight, "rootfs.found"),
+            # only what the agent said: bundles of agents that say nothing keep their shape
+            **_present(rootfs_check=rootfs_check(report.preflight)),
             digest_confirmed_by_backend=result.image_digest_confirmed if result else None,
         ),
         sandbox=SandboxFacts(
