@@ -71,6 +71,7 @@ fmt: venv
 
 bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_run.py
+	$(PY) benchmarks/bench_preflight_large.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_bundle.py
 	$(PY) benchmarks/bench_lock_inputs.py

@@ -121,6 +121,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "preflight_large_image",
         "machine": f"{os.cpu_count()} cores, shared with other work",
+        "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "files_generated": args.files,
         "gib_generated": args.gib,
         "image_entries": int(entries),

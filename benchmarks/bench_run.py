@@ -83,6 +83,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "run_overhead",
         "machine": f"{os.cpu_count()} cores, shared with other work",
+        "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "repeats": args.repeats,
         "raw_docker_runsc_s": round(raw_med, 3),
         "evalrun_run_s": round(evalrun_med, 3),
