@@ -33,6 +33,7 @@ from runner.bundle.reader import UNVERIFIED, Trust, open_bundle, read_predicate
 from runner.bundle.run_records import RunFilter
 from runner.bundle.store import Store
 from runner.errors import InputError, IntegrityError, NotComparable, VerificationFailed
+from runner.model.comparability import COMPARABILITY_FIELDS
 from runner.model.predicate import (
     ConfidenceInterval,
     JsonObject,
@@ -42,7 +43,6 @@ from runner.model.predicate import (
 from runner.model.spec import EvalSpec
 from runner.render.markdown import percent
 
-COMPARABILITY_FIELDS = ("datasets", "preprocessing", "primary_metrics", "seeds")
 # a candidate significantly worse than the leader fails a gate like a missed threshold
 THRESHOLDS_EXIT = 6
 SIGNIFICANCE_CRITERION = "non-overlapping confidence intervals (as recorded per run)"
