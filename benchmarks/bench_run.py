@@ -96,6 +96,7 @@ def main() -> None:
         "added_verify_full_s": round(statistics.median(full_times) - raw_med, 3),
         "full_check_alongside_evaluation_s": round(statistics.median(full_check), 3),
     }))
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def _events(home: str) -> dict[str, dict]:
