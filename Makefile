@@ -72,9 +72,11 @@ fmt: venv
 
 bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_run.py
+	$(PY) benchmarks/bench_preflight_large.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_bundle.py
 	$(PY) benchmarks/bench_lock_inputs.py
+	$(PY) benchmarks/bench_history.py --runs 100000
 	$(PY) benchmarks/bench_kwok.py --runs 500
 	$(PY) benchmarks/bench_k8s_data.py --inputs-gib 2 --results-mib 1024
 

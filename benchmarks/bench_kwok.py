@@ -92,8 +92,13 @@ def kubectl_side(info: cluster_mod.ClusterInfo, namespace: str, n: int) -> dict:
         opts = JobOptions(namespace=namespace, extra_tolerations=KWOK_TAINT)
         docs = []
         for p in plans(n, Path(tmp), "k"):
-            docs.append(build_configmap(p, b"{}", {"model": b"{}"}, opts))
-            docs.append(build_job(p, opts))
+            # kubectl cannot know the Job's uid before it exists: the same ConfigMap, unowned
+            cm = build_configmap(p, b"{}", opts, job_uid="0")
+            cm["metadata"].pop("ownerReferences", None)
+            docs.append(cm)
+            job = build_job(p, opts)
+            job["spec"]["suspend"] = False  # evalrun resumes its Jobs once the ConfigMap exists
+            docs.append(job)
         path = Path(tmp) / "all.yaml"
         path.write_text(yaml.safe_dump_all(docs))
         t0 = time.perf_counter()

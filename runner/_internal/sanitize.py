@@ -68,6 +68,11 @@ def terminal_text(text: str) -> str:
     return _TERMINAL.sub(_shown, text) if _TERMINAL.search(text) else text
 
 
+def is_one_line(text: str) -> bool:
+    """Whether ``text`` shows as itself on one line (no character :func:`one_line` escapes)."""
+    return _LINE.search(text) is None
+
+
 def one_line(text: object, *, limit: int | None = VALUE_LIMIT) -> str:
     """``str(text)`` as one line: newlines, tabs and every control character escaped;
     longer than ``limit`` characters: cut, saying how much was left out."""

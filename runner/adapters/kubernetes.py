@@ -271,6 +271,53 @@ def read_namespace_policy(
 # --------------------------------------------------------------------------- shared watch
 
 
+def slim(obj: Any) -> Any:
+    """What the runner reads of a watched Job or Pod, and nothing else.
+
+    Kept: name, namespace, uid, labels, creation and deletion times, resource version;
+    a pod's node and runtime class, a Job's pod template runtime class; the whole
+    status. Dropped: the rest of the spec (containers, volumes, env), annotations and
+    managed fields — most of an object's memory, for every run in the namespace.
+    Anything that is not a Job or Pod model is kept as it is.
+    """
+    if not isinstance(obj, k8s.V1Pod | k8s.V1Job) or obj.metadata is None:
+        return obj
+    meta = obj.metadata
+    kept_meta = k8s.V1ObjectMeta.model_construct(
+        name=meta.name,
+        namespace=meta.namespace,
+        uid=meta.uid,
+        labels=meta.labels,
+        creation_timestamp=meta.creation_timestamp,
+        deletion_timestamp=meta.deletion_timestamp,
+        resource_version=meta.resource_version,
+    )
+    if isinstance(obj, k8s.V1Pod):
+        spec = obj.spec
+        return k8s.V1Pod.model_construct(
+            metadata=kept_meta,
+            spec=k8s.V1PodSpec.model_construct(
+                containers=[],
+                node_name=spec.node_name if spec else None,
+                runtime_class_name=spec.runtime_class_name if spec else None,
+            ),
+            status=obj.status,
+        )
+    template = obj.spec.template.spec if obj.spec and obj.spec.template else None
+    return k8s.V1Job.model_construct(
+        metadata=kept_meta,
+        spec=k8s.V1JobSpec.model_construct(
+            template=k8s.V1PodTemplateSpec.model_construct(
+                spec=k8s.V1PodSpec.model_construct(
+                    containers=[],
+                    runtime_class_name=template.runtime_class_name if template else None,
+                )
+            )
+        ),
+        status=obj.status,
+    )
+
+
 @dataclass
 class _Cache:
     objects: dict[str, Any] = field(default_factory=dict)
@@ -342,7 +389,7 @@ class NamespaceWatch:
         listing = self._list_fn(kind)(self.namespace, label_selector=self.selector)
         self.requests += 1
         with self._cond:
-            cache.objects = {o.metadata.name: o for o in listing.items}
+            cache.objects = {o.metadata.name: slim(o) for o in listing.items}
             cache.resource_version = listing.metadata.resource_version
             cache.relists += 1
             self.refused = None
@@ -393,7 +440,7 @@ class NamespaceWatch:
                             cache.objects.pop(obj.metadata.name, None)
                             cache.gone[obj.metadata.name] = obj
                         elif etype != "BOOKMARK":
-                            cache.objects[obj.metadata.name] = obj
+                            cache.objects[obj.metadata.name] = slim(obj)
                         self._cond.notify_all()
                 backoff = 0.2
             except ApiException as exc:

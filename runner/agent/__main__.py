@@ -31,7 +31,8 @@ from runner.agent.capture import capture_environment
 from runner.agent.hints import missing_input_hint, stderr_text
 from runner.agent.hold import acknowledge, emit_stream, hold, is_holding
 from runner.agent.inputs import check_input, failure_reason
-from runner.agent.rootfs import rootfs_digest
+from runner.agent.rootfs import rootfs_digest, rootfs_table
+from runner.agent.verification import RootfsVerification
 from runner.shared.metrics import (
     SampleFormatError,
     compute_available,
@@ -249,25 +250,17 @@ def run_plan(plan: AgentPlan, results: Path) -> int:
 
 
 def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any]) -> AgentExit:
-    # --- preflight: image content
+    # --- preflight: image content (the digest table now; what is used, while it runs)
     t0 = time.monotonic()
-    found_rootfs, entries = rootfs_digest("/")
-    expected_rootfs = plan["expected_rootfs_digest"]
-    preflight: dict[str, Any] = {
-        "rootfs": {
-            "expected": expected_rootfs,
-            "found": found_rootfs,
-            "entries": entries,
-            "passed": found_rootfs == expected_rootfs,
-        },
-        "inputs": [],
-    }
+    rootfs = RootfsVerification(plan)
+    preflight: dict[str, Any] = {"rootfs": rootfs.begin(), "inputs": []}
     log.emit(
         "preflight_rootfs",
-        digest=found_rootfs,
-        entries=entries,
+        mode=preflight["rootfs"]["mode"],
+        digest=preflight["rootfs"].get("found"),
+        entries=preflight["rootfs"].get("entries"),
         duration_s=round(time.monotonic() - t0, 4),
-        passed=found_rootfs == expected_rootfs,
+        passed=preflight["rootfs"].get("passed"),
     )
     # --- preflight: every input file, before use (streamed; directories file by file)
     t_inputs = time.monotonic()
@@ -286,11 +279,11 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
     _write_json(results / "preflight.json", preflight)
     log.emit("preflight_done", duration_s=preflight["duration_s"])
     bad_inputs = [i for i in preflight["inputs"] if not i["passed"]]
-    if not preflight["rootfs"]["passed"] or bad_inputs:
+    if rootfs.failed_early or bad_inputs:
         summary.update(
             outcome="integrity_failure",
-            reason="rootfs digest mismatch"
-            if not preflight["rootfs"]["passed"]
+            reason=preflight["rootfs"]["reason"]
+            if rootfs.failed_early
             else failure_reason(bad_inputs),
         )
         log.emit("preflight_failed", level="error", reason=summary["reason"])
@@ -305,8 +298,31 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
         )
         log.emit("environment_mismatch", level="error", reason=summary["reason"])
         return AgentExit.ENVIRONMENT
+    try:
+        code = _evaluate(plan, results, log, summary, rootfs.child_env())
+    finally:
+        preflight["rootfs"] = rootfs.finish()
+        _write_json(results / "preflight.json", preflight)
+        log.emit(
+            "rootfs_verified",
+            level="info" if preflight["rootfs"]["passed"] else "error",
+            **{k: v for k, v in preflight["rootfs"].items() if k not in ("how", "failures")},
+        )
+    if not preflight["rootfs"]["passed"]:
+        # results of an evaluation that ran on other content are never accepted
+        summary.update(outcome="integrity_failure", reason=preflight["rootfs"]["reason"])
+        return AgentExit.INTEGRITY
+    return code
 
-    # --- the evaluation
+
+def _evaluate(
+    plan: AgentPlan,
+    results: Path,
+    log: EventLog,
+    summary: dict[str, Any],
+    extra_env: dict[str, str],
+) -> AgentExit:
+    """The evaluation command, then metrics from its per-sample outputs."""
     seed = int(plan["seed"])
     output = results / "predictions.jsonl"
     child_env = {
@@ -320,6 +336,7 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
         "EVALRUN_SEED": str(seed),
         "EVALRUN_PARAMS": json.dumps(plan["params"], sort_keys=True),
         "EVALRUN_OUTPUT": str(output),
+        **extra_env,
     }
     datasets = {}
     for item in plan["inputs"]:
@@ -600,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the results as a framed, checksummed tar on stdout",
     )
     sub.add_parser("rootfs-digest", help="print the rootfs content digest of this container")
+    sub.add_parser("rootfs-table", help="print the rootfs digest table of this container")
     p_emit = sub.add_parser(
         "emit-results", help="write the held results as one checksummed stream on stdout"
     )
@@ -610,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rootfs-digest":
         digest, count = rootfs_digest("/")
         print(json.dumps({"rootfs_digest": digest, "entries": count}))
+        return 0
+    if args.command == "rootfs-table":
+        sys.stdout.buffer.write(rootfs_table("/"))
         return 0
     if args.command == "emit-results":
         return _emit_held(args.results)

@@ -1,9 +1,14 @@
-"""Rootfs content digest: a deterministic hash over the image's files.
+"""Rootfs content digest: a deterministic hash over the image's files, and its table.
 
 One line per entry, sorted by path: type, path, mode, uid, gid, size and the
 sha256 of a file's bytes or a link's target. Timestamps are left out. Paths that
 the container runtime mounts or rewrites at start are excluded, so the digest
 computed at build time equals the one the agent recomputes in the sandbox.
+
+The lines themselves are the image's **digest table** (:data:`TABLE_PATH` in images
+evalrun builds): the rootfs digest is the sha256 of the scheme line followed by the
+table, so a table is bound to the locked digest by hashing it, and single files can
+be checked against it without walking the whole image.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-ROOTFS_SCHEME = "evalrun-rootfs/v1"
+from runner.shared.rootfs_table import ROOTFS_SCHEME, table_digest
+
+__all__ = ["ROOTFS_SCHEME", "rootfs_digest", "rootfs_entries", "rootfs_table"]
 
 # Mount points and runtime-managed files; their content is not part of the image.
 EXCLUDED = (
@@ -32,20 +40,33 @@ EXCLUDED = (
 )
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def hash_workers() -> int:
+    """Threads that hash files at once: every core (hashlib and reads release the GIL)."""
+    return max(2, min(32, (os.cpu_count() or 1) * 2))
 
 
-def _excluded(path: str, excluded: tuple[str, ...]) -> bool:
+def file_sha256(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except PermissionError:
+        return "unreadable"
+
+
+def is_excluded(path: str, excluded: tuple[str, ...] = EXCLUDED) -> bool:
+    """Whether ``path`` (absolute, normalized) is a runtime path outside the digest."""
     return any(path == e or path.startswith(e + "/") for e in excluded)
 
 
 def rootfs_entries(root: str = "/", excluded: tuple[str, ...] = EXCLUDED) -> Iterator[str]:
-    """Yield one canonical line per filesystem entry under ``root``, sorted by path."""
+    """Yield one canonical line per filesystem entry under ``root``, sorted by path.
+
+    The tree is walked in one thread; file contents are hashed on all cores.
+    """
     root = root.rstrip("/") or "/"
     stack = [root]
     entries: list[str] = []
+    files: list[tuple[int, str, str]] = []  # (index in entries, head, full path)
     while stack:
         directory = stack.pop()
         try:
@@ -56,7 +77,7 @@ def rootfs_entries(root: str = "/", excluded: tuple[str, ...] = EXCLUDED) -> Ite
         for name in names:
             full = os.path.join(directory, name)
             rel = _rel(root, full)
-            if _excluded(rel, excluded):
+            if is_excluded(rel, excluded):
                 continue
             st = os.lstat(full)
             mode = stat.S_IMODE(st.st_mode)
@@ -67,13 +88,14 @@ def rootfs_entries(root: str = "/", excluded: tuple[str, ...] = EXCLUDED) -> Ite
             elif stat.S_ISLNK(st.st_mode):
                 entries.append(f"l {head} -> {os.readlink(full)}")
             elif stat.S_ISREG(st.st_mode):
-                try:
-                    digest = _file_sha256(full)
-                except PermissionError:
-                    digest = "unreadable"
-                entries.append(f"f {head} {st.st_size} {digest}")
+                files.append((len(entries), f"f {head} {st.st_size}", full))
+                entries.append("")
             else:
                 entries.append(f"o {head} {stat.S_IFMT(st.st_mode):o}")
+    with ThreadPoolExecutor(hash_workers()) as pool:
+        digests = pool.map(file_sha256, [f[2] for f in files], chunksize=64)
+        for (index, head, _), digest in zip(files, digests, strict=True):
+            entries[index] = f"{head} {digest}"
     entries.sort(key=lambda line: line.split(" ", 2)[1])
     yield from entries
 
@@ -84,11 +106,14 @@ def _rel(root: str, full: str) -> str:
     return "/" + os.path.relpath(full, root)
 
 
+def rootfs_table(root: str = "/") -> bytes:
+    """The digest table of the filesystem under ``root``: one line per entry."""
+    return b"".join(
+        line.encode("utf-8", "surrogateescape") + b"\n" for line in rootfs_entries(root)
+    )
+
+
 def rootfs_digest(root: str = "/") -> tuple[str, int]:
     """Return (``sha256:…`` digest, entry count) of the filesystem under ``root``."""
-    h = hashlib.sha256(f"{ROOTFS_SCHEME}\n".encode())
-    count = 0
-    for line in rootfs_entries(root):
-        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
-        count += 1
-    return "sha256:" + h.hexdigest(), count
+    lines = [line.encode("utf-8", "surrogateescape") + b"\n" for line in rootfs_entries(root)]
+    return table_digest(lines), len(lines)

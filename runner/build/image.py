@@ -10,6 +10,7 @@ that digest and the **rootfs content digest** is measured on it by the agent;
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 import tempfile
@@ -31,6 +32,7 @@ from runner.build.context import BUILD_EPOCH, BuildInputs, stage_context
 from runner.errors import EvalrunError, InfrastructureError, InputError, IntegrityError
 from runner.model.predicate import ImageReproducibility
 from runner.model.spec import LockedSpec, parse_digest_ref
+from runner.shared.rootfs_table import TABLE_PATH, table_digest
 
 Progress = Callable[[str], None]
 
@@ -179,6 +181,60 @@ def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
     return digest
 
 
+def measure_table(client: Any, ref: str, runtime: str) -> bytes:
+    """Run the agent in the image (read-only, no network) to print its rootfs digest table."""
+
+    def run() -> bytes:
+        out: bytes = client.containers.run(
+            ref,
+            ["rootfs-table"],
+            remove=True,
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": "rw,size=16m"},
+            runtime=runtime,
+            stdout=True,
+            stderr=False,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+        )
+        return out
+
+    return docker_call(f"measure the rootfs table of {ref}", run, retries=False)
+
+
+def table_layer(table: bytes, workdir: Path) -> oci.Blob:
+    """One deterministic layer holding the digest table at ``TABLE_PATH`` (outside the digest)."""
+    raw = workdir / "table-layer.raw.tar"
+    parts = TABLE_PATH.strip("/").split("/")
+    with tarfile.open(raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for depth in range(1, len(parts)):
+            info = tarfile.TarInfo("/".join(parts[:depth]))
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        info = tarfile.TarInfo("/".join(parts))
+        info.size, info.mode = len(table), 0o444
+        tar.addfile(info, io.BytesIO(table))
+    with raw.open("rb") as src:
+        blob = oci.normalize_layer(src, workdir / "table-layer.tar", BUILD_EPOCH)
+    raw.unlink()
+    return blob
+
+
+def with_table(image: oci.AssembledImage, table: bytes, workdir: Path) -> oci.AssembledImage:
+    """``image`` plus the layer carrying its digest table."""
+    config = json.loads(image.config)
+    blob = table_layer(table, workdir)
+    history = [h.get("created_by", "") for h in config.get("history", [])]
+    return oci.assemble(
+        [*image.layers, blob],
+        config.get("config") or {},
+        BUILD_EPOCH,
+        [*history, "evalrun rootfs digest table"],
+        [*config["rootfs"]["diff_ids"], blob.digest],
+    )
+
+
 def _base_layers(base_ref: str) -> tuple[list[oci.Blob], list[str], list[str]]:
     """The base image's layers (registry-held blobs), diff ids and history lines."""
     repo, digest = parse_digest_ref(base_ref)
@@ -266,6 +322,7 @@ def build_image(
     repo = f"{inputs.spec.image.repository}/{inputs.spec.metadata.name}"
     tag = f"in-{inputs_digest[:24]}{tag_suffix}"
     ensure_local(client, inputs.base.ref, progress)
+    rootfs = ""
     with tempfile.TemporaryDirectory(prefix="evalrun-build-") as tmp:
         context, work = Path(tmp) / "context", Path(tmp) / "layers"
         context.mkdir()
@@ -274,14 +331,20 @@ def build_image(
         build_tag = f"{repo}:build-{inputs_digest[:24]}{tag_suffix}"
         _docker_build(client, context, build_tag, nocache, progress)
         image = assemble_from_build(client, build_tag, inputs.base.ref, work, progress)
-        progress(f"pushing {repo}:{tag} ({image.digest})")
-        digest = push_image(repo, tag, image, base_repo=parse_digest_ref(inputs.base.ref)[0])
+        base_repo = parse_digest_ref(inputs.base.ref)[0]
+        progress(f"pushing {repo}:{tag}-content ({image.digest})")
+        digest = push_image(repo, f"{tag}-content", image, base_repo=base_repo)
+        if measure:
+            # the table is measured on the pushed content, then added in a layer of its own
+            content_ref = f"{repo}@{digest}"
+            ensure_local(client, content_ref, progress)
+            progress("measuring the rootfs digest table")
+            table = measure_table(client, content_ref, "runc")
+            rootfs = table_digest(table.splitlines(keepends=True))
+            image = with_table(image, table, work)
+            progress(f"pushing {repo}:{tag} ({image.digest})")
+            digest = push_image(repo, tag, image, base_repo=base_repo)
     ref = f"{repo}@{digest}"
-    rootfs = ""
-    if measure:
-        ensure_local(client, ref, progress)
-        progress("measuring rootfs digest")
-        rootfs = measure_rootfs(client, ref, "runc")
     return BuiltImage(
         ref=ref,
         rootfs_digest=rootfs,

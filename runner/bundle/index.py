@@ -24,19 +24,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import re
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from runner._internal.sanitize import one_line
-from runner.bundle.reader import read_predicate
 from runner.bundle.run_records import (
+    ListRow,
     MetricRecord,
     RunFilter,
     RunRecord,
+    metrics_cell,
     normalize_time,
     record_from_predicate,
 )
@@ -46,7 +49,7 @@ from runner.errors import InputError, IntegrityError
 log = logging.getLogger("evalrun.index")
 
 INDEX_NAME = "history.sqlite"
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,7 +71,8 @@ CREATE TABLE runs (
     seed INTEGER,
     backend TEXT,
     reproduction_of TEXT,
-    reproduction_verdict TEXT
+    reproduction_verdict TEXT,
+    metrics_text TEXT
 );
 CREATE INDEX runs_run_id ON runs (run_id);
 CREATE INDEX runs_started ON runs (started);
@@ -77,10 +81,12 @@ CREATE TABLE datasets (
     name TEXT, sha256 TEXT, split TEXT
 );
 CREATE INDEX datasets_sha ON datasets (sha256);
+CREATE INDEX datasets_bundle ON datasets (bundle_digest);
 CREATE TABLE metrics (
     bundle_digest TEXT NOT NULL REFERENCES runs (bundle_digest) ON DELETE CASCADE,
     name TEXT, value REAL, low REAL, high REAL, passed INTEGER
 );
+CREATE INDEX metrics_bundle ON metrics (bundle_digest);
 """
 
 
@@ -101,6 +107,33 @@ def _digest_pattern(value: str) -> str:
 
 
 _INT_COLUMNS = frozenset({"attempt", "exit_code", "seed"})
+# The columns of ``runs``, in the order queries select them.
+_COLUMN_NAMES = (
+    "bundle_digest",
+    "run_id",
+    "kind",
+    "spec_name",
+    "spec_digest",
+    "lock_digest",
+    "attempt",
+    "image_ref",
+    "image_digest",
+    "model_sha256",
+    "outcome",
+    "exit_code",
+    "started",
+    "finished",
+    "seed",
+    "backend",
+    "reproduction_of",
+    "reproduction_verdict",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+_BUNDLE_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_LISTING = (
+    "run_id, spec_name, backend, outcome, reproduction_of, reproduction_verdict, started, "
+    "bundle_digest, metrics_text"
+)
 _T = TypeVar("_T")
 
 
@@ -144,6 +177,48 @@ def _metric_row(n: object, v: object, lo: object, hi: object, p: object) -> Metr
         _real(hi),
         None if not isinstance(p, int) else bool(p),
     )
+
+
+def _select(columns: str, flt: RunFilter) -> tuple[str, list[object]]:
+    """The SQL (and its parameters) selecting ``columns`` of the runs ``flt`` matches."""
+    where: list[str] = []
+    params: list[object] = []
+    if flt.kind is not None:
+        where.append("kind = ?")
+        params.append(flt.kind)
+    if flt.spec is not None:
+        where.append("spec_name = ?")
+        params.append(flt.spec)
+    if flt.outcome is not None:
+        where.append("outcome = ?")
+        params.append(flt.outcome)
+    if flt.model is not None:
+        where.append("model_sha256 LIKE ?")
+        params.append(_digest_pattern(flt.model))
+    if flt.image is not None:
+        where.append("(image_digest LIKE ? OR image_ref LIKE ?)")
+        params += [_digest_pattern(flt.image)] * 2
+    if flt.dataset is not None:
+        where.append("bundle_digest IN (SELECT bundle_digest FROM datasets WHERE sha256 LIKE ?)")
+        params.append(_digest_pattern(flt.dataset))
+    if flt.since is not None:
+        where.append("started >= ?")
+        params.append(normalize_time(flt.since))
+    if flt.until is not None:
+        where.append("started <= ?")
+        params.append(normalize_time(flt.until, end_of_day=True))
+    if flt.reproduction_of is not None:
+        where.append("reproduction_of = ?")
+        params.append(flt.reproduction_of)
+    sql = f"SELECT {columns} FROM runs"  # noqa: S608 (fixed column names)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if flt.limit is not None:
+        # the newest N, then back to oldest first
+        sql = f"SELECT * FROM ({sql} ORDER BY started DESC, run_id DESC LIMIT ?)"  # noqa: S608
+        params.append(max(flt.limit, 0))
+    sql += " ORDER BY started, run_id"
+    return sql, params
 
 
 class History:
@@ -239,10 +314,15 @@ class History:
         found: dict[str, Path] = {}
         if not self.store.bundles_dir.is_dir():
             return found
-        for path in self.store.bundles_dir.iterdir():
-            name = path.name
-            if name.startswith("sha256-") and len(name) == 71 and path.is_dir():
-                found["sha256:" + name[7:]] = path
+        with os.scandir(self.store.bundles_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                if (
+                    name.startswith("sha256-")
+                    and len(name) == 71
+                    and entry.is_dir(follow_symlinks=False)
+                ):
+                    found["sha256:" + name[7:]] = self.store.bundles_dir / name
         return found
 
     def sync(self) -> SyncReport:
@@ -275,7 +355,22 @@ class History:
                 self._in_memory()
                 return fn()
 
+    def _bundles_stamp(self) -> str | None:
+        """What changes whenever a bundle folder is added or removed (the folder's mtime)."""
+        try:
+            st = self.store.bundles_dir.stat()
+        except OSError:
+            return None
+        return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_nlink}"
+
     def _sync(self) -> SyncReport:
+        # taken before the listing: a bundle added after it changes the stamp again
+        stamp = self._bundles_stamp()
+        with self._connect() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'bundles_stamp'").fetchone()
+            if stamp is not None and row is not None and row[0] == stamp:
+                total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+                return SyncReport(added=0, removed=0, unreadable=(), total=int(total))
         on_disk = self._bundle_dirs()
         unreadable: list[str] = []
         added = removed = 0
@@ -287,6 +382,9 @@ class History:
                 for digest in known - on_disk.keys():
                     self._delete(conn, digest)
                     removed += 1
+                if on_disk.keys() - known:
+                    # the predicate models load only when there are bundles to read
+                    from runner.bundle.reader import read_predicate
                 for digest in sorted(on_disk.keys() - known):
                     try:
                         predicate = read_predicate(on_disk[digest])
@@ -307,6 +405,9 @@ class History:
                     conn.execute("RELEASE one_bundle")
                     added += 1
             total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+            if stamp is not None and not unreadable:
+                # an unreadable bundle is looked at again next time (it may be half-written)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('bundles_stamp', ?)", (stamp,))
         return SyncReport(
             added=added, removed=removed, unreadable=tuple(unreadable), total=int(total)
         )
@@ -336,7 +437,7 @@ class History:
     def _insert(conn: sqlite3.Connection, r: RunRecord) -> None:
         r = _storable(r)
         conn.execute(
-            "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 r.bundle_digest,
                 r.run_id,
@@ -356,6 +457,7 @@ class History:
                 r.backend,
                 r.reproduction_of,
                 r.reproduction_verdict,
+                metrics_cell(r.metrics),
             ),
         )
         conn.executemany(
@@ -381,53 +483,32 @@ class History:
         """Indexed runs matching ``flt``, oldest first (by start time, then run id)."""
         if sync:
             self.sync()
-        flt = flt or RunFilter()
-        where: list[str] = []
-        params: list[object] = []
-        if flt.kind is not None:
-            where.append("kind = ?")
-            params.append(flt.kind)
-        if flt.spec is not None:
-            where.append("spec_name = ?")
-            params.append(flt.spec)
-        if flt.outcome is not None:
-            where.append("outcome = ?")
-            params.append(flt.outcome)
-        if flt.model is not None:
-            where.append("model_sha256 LIKE ?")
-            params.append(_digest_pattern(flt.model))
-        if flt.image is not None:
-            where.append("(image_digest LIKE ? OR image_ref LIKE ?)")
-            params += [_digest_pattern(flt.image)] * 2
-        if flt.dataset is not None:
-            where.append(
-                "bundle_digest IN (SELECT bundle_digest FROM datasets WHERE sha256 LIKE ?)"
-            )
-            params.append(_digest_pattern(flt.dataset))
-        if flt.since is not None:
-            where.append("started >= ?")
-            params.append(normalize_time(flt.since))
-        if flt.until is not None:
-            where.append("started <= ?")
-            params.append(normalize_time(flt.until, end_of_day=True))
-        if flt.reproduction_of is not None:
-            where.append("reproduction_of = ?")
-            params.append(flt.reproduction_of)
-        sql = "SELECT * FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY started, run_id"
+        sql, params = _select(_COLUMNS, flt or RunFilter())
 
         def select() -> list[RunRecord]:
             with self._connect() as conn:
-                conn.row_factory = sqlite3.Row
                 rows = conn.execute(sql, params).fetchall()
                 return self._records(conn, rows)
 
-        records = self._recovering(lambda: self._resynced(select))
-        if flt.limit is not None:
-            records = records[-flt.limit :] if flt.limit > 0 else []
-        return records
+        return self._recovering(lambda: self._resynced(select))
+
+    def listing(self, flt: RunFilter | None = None) -> list[ListRow]:
+        """What ``runs ls`` shows of the runs ``flt`` matches, oldest first; one query."""
+        self.sync()
+        sql, params = _select(_LISTING, flt or RunFilter())
+
+        def select() -> list[ListRow]:
+            with self._connect() as conn:
+                rows = conn.execute(sql, params).fetchall()
+            return [
+                row
+                for row in rows
+                if isinstance(row[0], str)
+                and isinstance(row[7], str)
+                and _BUNDLE_DIGEST.fullmatch(row[7])
+            ]
+
+        return self._recovering(lambda: self._resynced(select))
 
     def _resynced(self, fn: Callable[[], _T]) -> _T:
         """``fn()`` over an index that is in sync (sync again if it was just rebuilt empty)."""
@@ -437,17 +518,19 @@ class History:
             self._sync()
         return fn()
 
-    def _records(self, conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[RunRecord]:
-        """Rows of ``runs`` with their datasets and metrics (two queries in all)."""
+    def _records(self, conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> list[RunRecord]:
+        """Rows of ``runs`` (in :data:`_COLUMNS` order) with their datasets and metrics.
+
+        Two more queries in all: every dataset and metric row when most runs are
+        selected, those of the selected runs (in batches) otherwise.
+        """
         datasets: dict[str, list[tuple[str, str, str]]] = {}
         metrics: dict[str, list[MetricRecord]] = {}
         if rows:
-            for d, n, sha, sp in conn.execute(
-                "SELECT bundle_digest, name, sha256, split FROM datasets ORDER BY rowid"
-            ):
+            for d, n, sha, sp in self._children(conn, "name, sha256, split", "datasets", rows):
                 datasets.setdefault(str(d), []).append((str(n), str(sha), str(sp)))
-            for d, n, v, lo, hi, p in conn.execute(
-                "SELECT bundle_digest, name, value, low, high, passed FROM metrics ORDER BY rowid"
+            for d, n, v, lo, hi, p in self._children(
+                conn, "name, value, low, high, passed", "metrics", rows
             ):
                 metrics.setdefault(str(d), []).append(_metric_row(n, v, lo, hi, p))
         out = []
@@ -457,30 +540,50 @@ class History:
                 out.append(record)
         return out
 
+    @staticmethod
+    def _children(
+        conn: sqlite3.Connection, columns: str, table: str, rows: list[tuple[object, ...]]
+    ) -> list[tuple[object, ...]]:
+        """The ``table`` rows of the bundles in ``rows``, in insertion order."""
+        sql = f"SELECT bundle_digest, {columns} FROM {table}"  # noqa: S608 (fixed names)
+        total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+        if len(rows) * 4 >= total:
+            return conn.execute(sql + " ORDER BY rowid").fetchall()
+        digests = [row[0] for row in rows]
+        found: list[tuple[object, ...]] = []
+        for start in range(0, len(digests), 500):
+            batch = digests[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            found += conn.execute(
+                f"{sql} WHERE bundle_digest IN ({marks}) ORDER BY rowid", batch
+            ).fetchall()
+        return found
+
     def _row_record(
         self,
-        row: sqlite3.Row,
+        row: Sequence[object],
         datasets: dict[str, list[tuple[str, str, str]]],
         metrics: dict[str, list[MetricRecord]],
     ) -> RunRecord | None:
         """The record of one row, every value of its column's type (None where it is not);
         a row without a valid digest or run id is skipped."""
-        digest, run_id = row["bundle_digest"], row["run_id"]
+        digest, run_id = row[0], row[1]
         if not isinstance(digest, str) or not isinstance(run_id, str):
             return None
-        try:
-            path = self.store.bundle_path(digest)
-        except InputError:
+        match = _BUNDLE_DIGEST.fullmatch(digest)
+        if match is None:
             return None
-        fields: dict[str, object] = {}
-        for key in row.keys():  # noqa: SIM118 (sqlite3.Row)
-            value = row[key]
-            kind = int if key in _INT_COLUMNS else str
-            fields[key] = value if isinstance(value, kind) and not isinstance(value, bool) else None
+        fields: dict[str, object] = {
+            key: value
+            # exact types: a bool is not an int here
+            if type(value) is (int if key in _INT_COLUMNS else str)
+            else None
+            for key, value in zip(_COLUMN_NAMES, row, strict=True)
+        }
         fields["kind"] = fields.get("kind") or "run"
         fields["bundle_digest"], fields["run_id"] = digest, run_id
         return RunRecord(
-            path=path,
+            path=self.store.bundles_dir / f"sha256-{match.group(1)}",
             datasets=tuple(datasets.get(digest, ())),
             metrics=tuple(metrics.get(digest, ())),
             **fields,  # type: ignore[arg-type]
@@ -532,14 +635,19 @@ class History:
             conn.row_factory = sqlite3.Row
             if exact_digest is not None:
                 rows = conn.execute(
-                    "SELECT * FROM runs WHERE bundle_digest = ?", (exact_digest,)
+                    f"SELECT {_COLUMNS} FROM runs WHERE bundle_digest = ?",  # noqa: S608
+                    (exact_digest,),
                 ).fetchall()
             else:
-                rows = conn.execute("SELECT * FROM runs WHERE run_id = ?", (text,)).fetchall()
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?",  # noqa: S608
+                    (text,),
+                ).fetchall()
                 bare = text.lower().removeprefix("sha256:").removeprefix("sha256-")
                 if not rows and len(bare) >= 6:
                     rows = conn.execute(
-                        "SELECT * FROM runs WHERE run_id LIKE ? OR bundle_digest LIKE ?",
+                        f"SELECT {_COLUMNS} FROM runs "  # noqa: S608
+                        "WHERE run_id LIKE ? OR bundle_digest LIKE ?",
                         (text + "%", "sha256:" + bare + "%"),
                     ).fetchall()
             if len(rows) > 1:

@@ -49,7 +49,8 @@ def cmd_compare(args: argparse.Namespace, settings: Settings, term: Term) -> int
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     """Add ``compare``."""
-    from runner.workflows.compare_fields import COMPARABILITY_FIELDS, GROUP_BY
+    # a light module: every evalrun command registers compare
+    from runner.model.comparability import COMPARABILITY_FIELDS, GROUP_BY
 
     keys = argparse.ArgumentParser(add_help=False)
     keys.add_argument(

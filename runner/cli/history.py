@@ -40,7 +40,7 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
     from runner.bundle.index import History
     from runner.bundle.run_records import RunFilter
     from runner.bundle.store import Store
-    from runner.render.run_list import format_table
+    from runner.render.run_list import format_listing
 
     flt = RunFilter(
         spec=args.spec,
@@ -54,11 +54,12 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
         reproduction_of=args.reproduces,
         limit=args.limit,
     )
-    records = History(Store(settings.home)).query(flt)
+    history = History(Store(settings.home))
     if args.json:
-        emit_json([r.as_dict() for r in records])
+        emit_json([r.as_dict() for r in history.query(flt)])
     else:
-        print(format_table(records))
+        # straight from the index: one query, no record per run
+        print(format_listing(history.listing(flt)))
     return 0
 
 

@@ -199,6 +199,7 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
         progress=term,
         reason=args.reason,
         transfer=TransferBars(quiet=args.json),
+        verify_rootfs=args.verify_rootfs,
     )
     return report_run(args, outcome, signer, reports)
 
@@ -528,6 +529,13 @@ def build_parser(
         "`evalrun status|logs|wait|cancel RUN`)",
     )
     add_backend_args(p)
+    p.add_argument(
+        "--verify-rootfs",
+        choices=["used", "full"],
+        help="what the agent checks of the image before results are accepted: 'used' (the "
+        "files the evaluation uses) or 'full' (every file, hashed while it runs); default: "
+        "the spec's sandbox.verify_rootfs",
+    )
     p.add_argument("--pub", type=Path, help="public key to verify the new bundle with")
     add_junit_arg(p)
     add_tar_arg(p, "run")

@@ -125,6 +125,7 @@ class RunPlan(BaseModel):
     gpu_product: str | None = None
     gpu_driver_major: int | None = None
     runtime_class: str | None = None
+    verify_rootfs: Literal["used", "full"] = "used"
     spec_digest: str
     lock_digest: str
     spec_name: str
@@ -144,6 +145,7 @@ class RunPlan(BaseModel):
             "run_id": self.run_id,
             "image_ref": self.image_ref,
             "expected_rootfs_digest": self.expected_rootfs_digest,
+            "verify_rootfs": self.verify_rootfs,
             "seed": self.seed,
             "params": self.params,
             "command": self.command,

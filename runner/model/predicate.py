@@ -182,6 +182,9 @@ class ImageFacts(Record):
     rootfs_expected: Text | None = None
     # as the in-container preflight reported it: evidence, any JSON
     rootfs_found: JsonValue = None
+    # what the agent checked of the image and how: mode ('used' or 'full'), the files it
+    # hashed, the digest table it checked them against (absent in bundles from before)
+    rootfs_check: JsonValue = None
     digest_confirmed_by_backend: Flag | None = None
 
 
@@ -627,6 +630,32 @@ def json_at(value: JsonValue, path: str) -> JsonValue:
             return None
         node = node.get(key)
     return node
+
+
+# What the bundle's image facts say of the agent's rootfs check (the full record is in preflight).
+_ROOTFS_CHECK_KEYS = (
+    "mode",
+    "requested",
+    "how",
+    "passed",
+    "entries",
+    "files_verified",
+    "files_reported",
+    "traced_processes",
+    "table",
+    "table_digest",
+    "failure_count",
+    "duration_s",
+    "note",
+)
+
+
+def rootfs_check(preflight: JsonValue) -> JsonValue:
+    """What the agent verified of the image, and how; None for an agent that does not say."""
+    record = json_at(preflight, "rootfs")
+    if not isinstance(record, dict) or "mode" not in record:
+        return None
+    return {k: record[k] for k in _ROOTFS_CHECK_KEYS if k in record}
 
 
 @dataclass(frozen=True)

@@ -532,6 +532,12 @@ class SandboxSpec(_Model):
         description="Kubernetes RuntimeClass to use (default: 'gvisor' for runtime gvisor). "
         "GPU runs must name theirs explicitly (e.g. a gVisor-with-nvproxy class).",
     )
+    verify_rootfs: Literal["used", "full"] = Field(
+        default="used",
+        description="What the in-container agent checks of the image before results are "
+        "accepted: 'used' (default) the files the evaluation uses, against the image's digest "
+        "table; 'full' every file of the image, hashed while the evaluation runs.",
+    )
 
 
 class ExpectedEnvironment(_Model):

@@ -95,6 +95,8 @@ class AgentPlan(TypedDict):
     # How the runner collects the results (absent: "volume"); see "results stream" below.
     collect: NotRequired[Literal["volume", "exec"]]
     hold_s: NotRequired[int]
+    # What the agent checks of the image (absent: "full", what agents always did).
+    verify_rootfs: NotRequired[Literal["used", "full"]]
     run_id: str
     image_ref: str
     expected_rootfs_digest: str
@@ -251,6 +253,11 @@ def parse_agent_plan(data: object) -> AgentPlan:
         plan["collect"] = _collect_mode(data["collect"])
     if "hold_s" in data:
         plan["hold_s"] = _hold_s(data)
+    if "verify_rootfs" in data:
+        mode = data["verify_rootfs"]
+        if mode not in ("used", "full"):
+            raise PlanError("verify_rootfs", f"expected 'used' or 'full', found {mode!r}")
+        plan["verify_rootfs"] = mode
     return plan
 
 

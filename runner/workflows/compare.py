@@ -31,13 +31,13 @@ from runner._internal.sanitize import one_line
 from runner.bundle.reader import UNVERIFIED, Trust
 from runner.bundle.store import Store
 from runner.errors import InputError, NotComparable
+from runner.model.comparability import COMPARABILITY_FIELDS, GROUP_BY
 from runner.model.predicate import (
     ConfidenceInterval,
     MetricDefinition,
     RunPredicate,
 )
 from runner.model.spec import EvalSpec
-from runner.workflows.compare_fields import COMPARABILITY_FIELDS, GROUP_BY
 from runner.workflows.compare_load import (
     GroupRun,
     RunSetEntry,

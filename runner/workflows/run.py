@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from runner._internal.settings import Settings
 from runner.adapters.sources import SourceOptions
@@ -239,7 +239,10 @@ def make_plan(
     inputs: list[PlanInput],
     attempt: int,
     target: str | None = None,
+    *,
+    verify_rootfs: Literal["used", "full"] | None = None,
 ) -> RunPlan:
+    """The run's plan; ``verify_rootfs`` (``--verify-rootfs``) wins over the spec's."""
     return RunPlan(
         run_id=run_id_for(lock.digest(), attempt, target),
         attempt=attempt,
@@ -265,6 +268,7 @@ def make_plan(
         gpu_product=spec.resources.gpu_product,
         gpu_driver_major=spec.resources.gpu_driver_major,
         runtime_class=spec.sandbox.runtime_class,
+        verify_rootfs=verify_rootfs or spec.sandbox.verify_rootfs,
         spec_digest=spec.digest(),
         lock_digest=lock.digest(),
         spec_name=spec.metadata.name,
@@ -312,6 +316,7 @@ def run_evaluation(
     reason: str | None = None,
     environ: Mapping[str, str] | None = None,
     transfer: TransferProgress | None = None,
+    verify_rootfs: Literal["used", "full"] | None = None,
 ) -> RunOutcome:
     """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
 
@@ -322,6 +327,7 @@ def run_evaluation(
     are recorded in the predicate's ``provenance``, with the launcher's identity read
     from ``environ`` (default: the process environment). ``transfer(what)`` may return
     a ``(done, total)`` callback to follow an input fetched by digest (the CLI's bar).
+    ``verify_rootfs`` overrides the spec's ``sandbox.verify_rootfs`` for a new run.
     """
     spec, lock = load_locked(spec_path)
     store = Store(settings.home)
@@ -388,7 +394,7 @@ def run_evaluation(
             jobs = custom_jobs(spec, spec_path, lock)
             carry_files(jobs, spec_dir, stage)
             journal.emit("inputs_verified", count=len(inputs))
-            plan = make_plan(spec, lock, inputs, attempt, target)
+            plan = make_plan(spec, lock, inputs, attempt, target, verify_rootfs=verify_rootfs)
             (stage / "plan.json").write_text(
                 json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
             )

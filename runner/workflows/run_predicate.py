@@ -28,6 +28,7 @@ from runner.model.predicate import (
     SpecRef,
     Timestamps,
     json_at,
+    rootfs_check,
 )
 from runner.model.spec import EvalSpec
 from runner.shared.metrics import is_gating
@@ -43,6 +44,10 @@ def _evalrun_version() -> str:
         return dist_version("evalrun")
     except Exception:
         return "unknown"
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _plain_json(value: Mapping[str, Any]) -> JsonObject:
@@ -113,6 +118,8 @@ def build_run_predicate(
             digest=lock.image.ref.split("@", 1)[1],
             rootfs_expected=lock.image.rootfs_digest,
             rootfs_found=json_at(report.preflight, "rootfs.found"),
+            # only what the agent said: bundles of agents that say nothing keep their shape
+            **_present(rootfs_check=rootfs_check(report.preflight)),
             digest_confirmed_by_backend=result.image_digest_confirmed if result else None,
         ),
         sandbox=SandboxFacts(

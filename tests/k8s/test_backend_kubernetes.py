@@ -263,3 +263,42 @@ def test_pod_deleted_mid_run_follows_the_failure_policy(cluster, namespace, k8s_
     details = pred["sandbox"]["details"]
     assert details["pod"] != victim  # collected from the retry, not the deleted pod
     assert details["job_failed_pods"] >= 1 and details["job_succeeded_pods"] == 1
+
+
+@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
+def test_a_changed_file_the_evaluation_reads_fails_the_pod_run_with_exit_3(
+    cluster, namespace, k8s_example, tmp_path
+):
+    # the locked image plus a layer that changes the evaluation's script: the pod runs content
+    # that differs from the pinned digest table, as a swapped blob or node cache would make it
+    ref = json.loads((k8s_example / "eval.lock.json").read_text())["image"]["ref"]
+    context = tmp_path / "changed"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM {ref}\nUSER 0:0\n"
+        'RUN ["/bin/sh", "-c", "echo \'# changed\' >> /app/evaluate.py"]\nUSER 65532:65532\n'
+    )
+    tag = f"127.0.0.1:5000/evalrun/test-changed:k8s-{namespace}"
+    for cmd in (["docker", "build", "-q", "--network", "none", "-t", tag, str(context)],
+                ["docker", "push", "-q", tag]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    changed = json.loads(subprocess.run(
+        ["docker", "inspect", "--format", "{{json .RepoDigests}}", tag],
+        capture_output=True, text=True, check=True,
+    ).stdout)[0]
+    subprocess.run(["docker", "rmi", tag], capture_output=True, check=False)
+    dest = tmp_path / "digits"
+    shutil.copytree(k8s_example, dest)
+    lock = json.loads((dest / "eval.lock.json").read_text())
+    lock["image"]["ref"] = changed  # the locked rootfs digest (and so the table) stays
+    (dest / "eval.lock.json").write_text(json.dumps(lock, indent=2))
+
+    proc = _evalrun(tmp_path / "home", *_run_args(cluster, namespace, dest / "eval.yaml"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["outcome"] == "integrity_failure" and "/app/evaluate.py" in out["reason"]
+    pred = json.loads((Path(out["bundle"]) / "statement.json").read_text())["predicate"]
+    assert pred["backend"] == "kubernetes"
+    assert pred["image"]["rootfs_check"]["mode"] == "used"
+    assert pred["image"]["rootfs_check"]["passed"] is False

@@ -318,3 +318,90 @@ def test_watch_that_cannot_list_fails_start_with_the_namespace() -> None:
         assert "could not list evalrun objects in namespace 'evals'" in caught.value.message
     finally:
         watch.stop()
+
+
+def _full_pod(name: str) -> Any:
+    """A pod as the API server returns it: spec, managed fields, status."""
+    return k8s.ApiClient()._ApiClient__deserialize(  # the client's own deserializer
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": "evals",
+                "uid": "u-" + name,
+                "resourceVersion": "7",
+                "labels": {"evalrun.dev/run-id": "r1"},
+                "annotations": {"a": "x" * 2000},
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "managedFields": [
+                    {"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {}}}
+                ]
+                * 5,
+            },
+            "spec": {
+                "nodeName": "node-1",
+                "runtimeClassName": "gvisor",
+                "containers": [
+                    {
+                        "name": "agent",
+                        "image": "reg/x@sha256:" + "a" * 64,
+                        "env": [{"name": f"E{i}", "value": "v" * 50} for i in range(40)],
+                        "volumeMounts": [{"name": f"v{i}", "mountPath": f"/m/{i}"} for i in range(8)],
+                    }
+                ],
+                "volumes": [{"name": f"v{i}", "emptyDir": {}} for i in range(8)],
+            },
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "agent",
+                        "image": "reg/x",
+                        "imageID": "reg/x@sha256:" + "a" * 64,
+                        "ready": True,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": "2026-01-01T00:00:01Z"}},
+                    }
+                ],
+            },
+        },
+        "V1Pod",
+    )
+
+
+def test_the_watch_cache_keeps_what_the_runner_reads_and_drops_the_rest() -> None:
+    import tracemalloc
+
+    from runner.adapters.kubernetes import slim
+
+    pod = _full_pod("pod-1")
+    kept = slim(pod)
+    assert kept.metadata.name == "pod-1" and kept.metadata.labels == {"evalrun.dev/run-id": "r1"}
+    assert kept.metadata.creation_timestamp == pod.metadata.creation_timestamp
+    assert kept.spec.node_name == "node-1" and kept.spec.runtime_class_name == "gvisor"
+    assert kept.status is pod.status
+    assert kept.status.container_statuses[0].state.running is not None
+    assert not kept.spec.containers and not kept.metadata.managed_fields
+    assert kept.metadata.annotations is None
+    job = k8s.V1Job(
+        metadata=k8s.V1ObjectMeta(name="job-1", annotations={"a": "b"}),
+        spec=k8s.V1JobSpec(
+            template=k8s.V1PodTemplateSpec(
+                spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c")], runtime_class_name="g")
+            )
+        ),
+        status=k8s.V1JobStatus(succeeded=1),
+    )
+    slim_job = slim(job)
+    assert slim_job.spec.template.spec.runtime_class_name == "g"
+    assert slim_job.status.succeeded == 1 and not slim_job.spec.template.spec.containers
+    # what 200 cached pods hold: the slim form is a fraction of the full one
+    sizes = []
+    for keep in (lambda p: p, slim):
+        tracemalloc.start()
+        held = [keep(_full_pod(f"p{i}")) for i in range(200)]
+        sizes.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+        del held
+    assert sizes[1] < sizes[0] / 2, sizes

@@ -97,6 +97,8 @@ def test_plan_json_keeps_its_historical_shape() -> None:
         "run_id": "r-1",
         "seed": 7,
         "timeout_s": 60,
+        # added with the digest-table check; agents that predate it ignore it (full check)
+        "verify_rootfs": "used",
     }
 
 

@@ -1,0 +1,124 @@
+"""What the evaluation's Python processes use: an audit hook, installed as ``sitecustomize``.
+
+The agent copies this file, as ``sitecustomize.py``, into a private folder it puts on the
+evaluation's ``PYTHONPATH`` (with ``EVALRUN_TRACE_DIR``). In every Python process of the
+evaluation it then records, one JSON string per line in ``$EVALRUN_TRACE_DIR/<pid>.paths``:
+each file opened (the ``open`` audit event: sources and bytecode of imported modules, data
+files), each program started (``subprocess.Popen``, ``os.exec``, ``os.posix_spawn``), each
+library loaded through ctypes, and, at exit, the files of the imported modules and every
+file mapped into the process (``/proc/self/maps``: extension modules, shared libraries).
+The agent checks those files against the image's digest table.
+
+It then steps aside: its folder leaves ``sys.path`` and the image's own ``sitecustomize``,
+if any, is imported as usual. Standard library only, any Python from 3.8.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+
+_PROGRAM_EVENTS = ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn")
+
+
+def _install(out_dir: str) -> None:
+    try:
+        fd = os.open(
+            os.path.join(out_dir, "%d.paths" % os.getpid()),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError:
+        return
+    seen = set()
+    # bound now: the evaluation may replace module attributes later
+    write, fsdecode, abspath, dumps = os.write, os.fsdecode, os.path.abspath, json.dumps
+    state: dict[str, int] = {"fd": fd, "pid": os.getpid()}
+
+    def note(path: object) -> None:
+        if isinstance(path, int) or path is None:
+            return
+        try:
+            text = abspath(fsdecode(path))  # type: ignore[arg-type]
+        except Exception:
+            return
+        if text in seen:
+            return
+        seen.add(text)
+        if os.getpid() != state["pid"]:  # a forked child writes its own file
+            try:
+                state["fd"] = os.open(
+                    os.path.join(out_dir, "%d.paths" % os.getpid()),
+                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                    0o600,
+                )
+                state["pid"] = os.getpid()
+            except OSError:
+                pass
+        try:
+            write(state["fd"], (dumps(text) + "\n").encode())
+        except Exception:
+            pass
+
+    def program(name: object) -> None:
+        try:
+            name = fsdecode(name)  # type: ignore[arg-type]
+        except Exception:
+            return
+        if os.sep in name:
+            note(name)
+            return
+        for folder in os.environ.get("PATH", "").split(os.pathsep):
+            candidate = os.path.join(folder, name)
+            if os.path.isfile(candidate):
+                note(candidate)
+                return
+
+    def hook(event: str, args: tuple) -> None:  # type: ignore[type-arg]
+        if event == "open":
+            note(args[0])
+        elif event in _PROGRAM_EVENTS:
+            exe = args[0]
+            if exe is None and len(args) > 1 and args[1]:
+                exe = args[1][0] if isinstance(args[1], (list, tuple)) else args[1]
+            if exe is not None:
+                program(exe)
+        elif event == "ctypes.dlopen" and args and args[0] and os.sep in str(args[0]):
+            note(args[0])
+
+    def at_exit() -> None:
+        for module in list(sys.modules.values()):
+            note(getattr(module, "__file__", None))
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as maps:
+                for line in maps:
+                    parts = line.rstrip("\n").split(None, 5)
+                    if len(parts) == 6 and parts[5].startswith("/"):
+                        note(parts[5].replace(" (deleted)", ""))
+        except OSError:
+            pass
+
+    note(sys.executable)
+    for module in list(sys.modules.values()):
+        note(getattr(module, "__file__", None))
+    sys.addaudithook(hook)
+    atexit.register(at_exit)
+
+
+def _chain() -> None:
+    """Leave ``sys.path`` as it would be without this file; import the image's sitecustomize."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.modules.pop("sitecustomize", None)
+    # the image's own sitecustomize, when there is one
+    try:
+        import sitecustomize  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        pass
+
+
+if __name__ == "sitecustomize" and os.environ.get("EVALRUN_TRACE_DIR"):
+    _install(os.environ["EVALRUN_TRACE_DIR"])
+    _chain()

@@ -1,0 +1,265 @@
+"""Check what the evaluation uses against the image's digest table, while it runs.
+
+The ``used`` mode of rootfs verification (see ``docs/design-decisions.md``): the digest
+table baked into evalrun-built images (:data:`~runner.agent.rootfs.TABLE_PATH`) must
+hash to the locked rootfs digest; then every file the agent and the evaluation use —
+the interpreter, the agent's and the evaluation's modules, files opened, programs
+started, libraries mapped — must match its line in the table. Files are hashed on all
+cores as the evaluation's audit hooks (:mod:`runner.agent.trace_hook`) report them, so
+most of the work overlaps the evaluation. The ``full`` mode hashes the whole rootfs in
+the background instead, also while the evaluation runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from runner.agent.rootfs import file_sha256, hash_workers, is_excluded, rootfs_digest
+from runner.shared.rootfs_table import MAX_TABLE_BYTES, TABLE_PATH, TableEntry
+
+HOOK_SOURCE = Path(__file__).with_name("trace_hook.py")
+# At most this many failures are listed in preflight.json (the count is always exact).
+MAX_LISTED = 20
+
+
+def read_table(path: str = TABLE_PATH) -> bytes | None:
+    """The digest table's bytes, or None when the image carries none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = fh.read(MAX_TABLE_BYTES + 1)
+    return data if len(data) <= MAX_TABLE_BYTES else None
+
+
+def check_path(path: str, table: dict[str, TableEntry]) -> str | None:
+    """Why ``path`` (absolute) does not match the table, or None when it does.
+
+    A path outside the image (runtime mounts, ``/tmp``) or one that does not exist was
+    not read from the image and needs nothing; a path that resolves from the image into
+    a runtime path, or an existing file the table does not list, does not match.
+    """
+    path = os.path.normpath(path)
+    if is_excluded(path):
+        return None
+    real = os.path.realpath(path)
+    if is_excluded(real):
+        if os.path.lexists(real):
+            return f"{path}: resolves to {real}, outside the image"
+        return None
+    if real != path:
+        # each link on the way is part of what was used
+        reason = _check_links(path, table)
+        if reason:
+            return reason
+    entry = table.get(real)
+    try:
+        st = os.lstat(real)
+    except FileNotFoundError:
+        return f"{real}: missing, the image has it" if entry and entry.kind == "f" else None
+    except OSError as exc:
+        return f"{real}: cannot be read ({exc.strerror})"
+    if entry is None:
+        return f"{real}: not in the image's digest table"
+    owner = f"{st.st_uid}:{st.st_gid}"
+    mode = f"{stat.S_IMODE(st.st_mode):04o}"
+    if entry.kind == "d":
+        return None if stat.S_ISDIR(st.st_mode) else f"{real}: not a directory"
+    if entry.kind != "f" or not stat.S_ISREG(st.st_mode):
+        return f"{real}: expected a {entry.kind} entry, found another type"
+    if (mode, owner, st.st_size) != (entry.mode, entry.owner, entry.size):
+        return (
+            f"{real}: expected mode {entry.mode} owner {entry.owner} size {entry.size}, "
+            f"found {mode} {owner} {st.st_size}"
+        )
+    found = file_sha256(real)
+    if found != entry.sha256:
+        return f"{real}: expected sha256 {entry.sha256}, found {found}"
+    return None
+
+
+def _check_links(path: str, table: dict[str, TableEntry]) -> str | None:
+    """Each link met on the way from ``path`` to its file must be the table's link."""
+    pending = path
+    for _ in range(40):
+        parts = pending.strip("/").split("/")
+        current = ""
+        for index, part in enumerate(parts):
+            current = f"{current}/{part}"
+            if is_excluded(current):
+                return None
+            try:
+                is_link = stat.S_ISLNK(os.lstat(current).st_mode)
+            except OSError:
+                return None
+            if not is_link:
+                continue
+            target = os.readlink(current)
+            entry = table.get(current)
+            if entry is None or entry.kind != "l" or entry.target != target:
+                want = entry.target if entry and entry.kind == "l" else "no link"
+                return f"{current}: expected link to {want}, found link to {target}"
+            base = os.path.join(os.path.dirname(current), target)
+            pending = os.path.normpath(os.path.join(base, *parts[index + 1 :]))
+            break
+        else:
+            return None
+    return f"{path}: too many links"
+
+
+def agent_paths() -> list[str]:
+    """What the agent itself runs on: interpreter, imported modules, mapped files."""
+    paths = [sys.executable]
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__file__", None)
+        if isinstance(name, str):
+            paths.append(os.path.abspath(name))
+    paths += mapped_files("/proc/self/maps")
+    return paths
+
+
+def mapped_files(maps: str) -> list[str]:
+    """The files mapped into a process, from its ``/proc/<pid>/maps``."""
+    out: list[str] = []
+    with contextlib.suppress(OSError), open(maps, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                out.append(parts[5].removesuffix(" (deleted)"))
+    return out
+
+
+class UsageVerifier:
+    """Checks used files against the table on a thread pool, as they are reported."""
+
+    def __init__(self, table: dict[str, TableEntry], trace_dir: Path) -> None:
+        self.table = table
+        self.trace_dir = trace_dir
+        self._pool = ThreadPoolExecutor(hash_workers())
+        self._seen: set[str] = set()
+        self._futures: list[tuple[str, Future[str | None]]] = []
+        self._offsets: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.traced_processes = 0
+
+    def submit(self, paths: list[str]) -> None:
+        for path in paths:
+            if path not in self._seen:
+                self._seen.add(path)
+                self._futures.append((path, self._pool.submit(check_path, path, self.table)))
+
+    def start(self) -> None:
+        """Follow the trace folder in the background until :meth:`finish`."""
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(0.05):
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            names = sorted(os.listdir(self.trace_dir))
+        except OSError:
+            names = []
+        for name in names:
+            if not name.endswith(".paths"):
+                continue
+            path = self.trace_dir / name
+            offset = self._offsets.get(name, 0)
+            with contextlib.suppress(OSError), path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+                complete = data[: data.rfind(b"\n") + 1]
+                self._offsets[name] = offset + len(complete)
+                found = []
+                for line in complete.splitlines():
+                    with contextlib.suppress(ValueError):
+                        item = json.loads(line)
+                        if isinstance(item, str):
+                            found.append(item)
+                self.submit(found)
+        self.traced_processes = len(self._offsets)
+
+    def finish(self) -> dict[str, Any]:
+        """Stop following, check what is left and say what was checked and what failed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._poll()
+        failures = []
+        for _path, future in self._futures:
+            reason = future.result()
+            if reason:
+                failures.append(reason)
+        self._pool.shutdown()
+        verified = sum(
+            1 for p in self._seen if not is_excluded(os.path.normpath(p)) and os.path.isfile(p)
+        )
+        return {
+            "files_reported": len(self._seen),
+            "files_verified": verified,
+            "traced_processes": self.traced_processes,
+            "failures": sorted(failures)[:MAX_LISTED],
+            "failure_count": len(failures),
+        }
+
+
+class FullCheck:
+    """The whole-rootfs digest, computed in the background on all cores."""
+
+    def __init__(self) -> None:
+        self._result: tuple[str, int] | None = None
+        self._error: BaseException | None = None
+        self._t0 = time.monotonic()
+        self.duration_s = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> FullCheck:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._result = rootfs_digest("/")
+        except BaseException as exc:  # reported as a failed check, never lost
+            self._error = exc
+        self.duration_s = round(time.monotonic() - self._t0, 4)
+
+    def finish(self) -> tuple[str, int]:
+        self._thread.join()
+        if self._result is None:
+            raise RuntimeError(f"full rootfs check failed: {self._error!r}")
+        return self._result
+
+
+def install_trace_hook(trace_dir: Path) -> Path:
+    """Put the hook, as ``sitecustomize.py``, in a folder for the evaluation's PYTHONPATH."""
+    hook_dir = trace_dir / "hook"
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_bytes(HOOK_SOURCE.read_bytes())
+    return hook_dir
+
+
+__all__ = [
+    "FullCheck",
+    "UsageVerifier",
+    "agent_paths",
+    "check_path",
+    "install_trace_hook",
+    "mapped_files",
+    "read_table",
+]

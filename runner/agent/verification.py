@@ -1,0 +1,120 @@
+"""Rootfs verification of one run: what the agent checks in the image, how, and when.
+
+``used`` (the default of plans that ask for it): the image's digest table must hash to
+the locked rootfs digest before the evaluation starts; the files the agent and the
+evaluation use are checked against it while the evaluation runs, and finished after it.
+``full`` (``--verify-rootfs full``, and plans that say nothing: what older runners
+expect): every file of the image is hashed in the background, on all cores, while the
+evaluation runs. In both, results are accepted only once the check has passed; an
+image without a table is checked in full.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from runner.agent.usage import FullCheck, UsageVerifier, agent_paths, install_trace_hook, read_table
+from runner.shared.protocol import AgentPlan
+from runner.shared.rootfs_table import TABLE_PATH, parse_table, table_digest
+
+Mode = Literal["used", "full"]
+
+
+class RootfsVerification:
+    """Begun before the evaluation (:meth:`begin`), finished after it (:meth:`finish`)."""
+
+    def __init__(self, plan: AgentPlan) -> None:
+        self.requested: Mode = plan.get("verify_rootfs", "full")
+        self.expected = plan["expected_rootfs_digest"]
+        self.command = plan["command"]
+        self.record: dict[str, Any] = {"requested": self.requested, "expected": self.expected}
+        self._t0 = time.monotonic()
+        self._usage: UsageVerifier | None = None
+        self._full: FullCheck | None = None
+        self._trace_dir: Path | None = None
+
+    def begin(self) -> dict[str, Any]:
+        """Start the check; the record says ``passed: False`` already when the table is wrong."""
+        table_bytes = read_table() if self.requested == "used" else None
+        if self.requested == "used" and table_bytes is None:
+            self.record["note"] = f"the image carries no digest table ({TABLE_PATH}): full check"
+        if table_bytes is None:
+            self.record["mode"] = "full"
+            self.record["how"] = "every file of the image hashed while the evaluation runs"
+            self._full = FullCheck().start()
+            return self.record
+        found = table_digest(table_bytes.splitlines(keepends=True))
+        self.record.update(
+            mode="used",
+            how="the digest table hashed and compared with the locked digest; every file the "
+            "agent and the evaluation used (interpreter, modules, files opened, programs, "
+            "mapped libraries) hashed and compared with its table line",
+            table=TABLE_PATH,
+            table_digest=found,
+            found=found,
+        )
+        if found != self.expected:
+            self.record.update(passed=False, reason="the image's digest table does not match")
+            return self.record
+        try:
+            table = parse_table(table_bytes)
+        except ValueError as exc:
+            self.record.update(passed=False, reason=str(exc))
+            return self.record
+        self.record["entries"] = len(table)
+        self._trace_dir = Path(tempfile.mkdtemp(prefix="evalrun-trace-"))
+        install_trace_hook(self._trace_dir)
+        self._usage = UsageVerifier(table, self._trace_dir)
+        program = shutil.which(self.command[0], path=os.environ.get("PATH")) or self.command[0]
+        self._usage.submit([*agent_paths(), os.path.abspath(program)])
+        self._usage.start()
+        return self.record
+
+    @property
+    def failed_early(self) -> bool:
+        return self.record.get("passed") is False
+
+    def child_env(self) -> dict[str, str]:
+        """What the evaluation's environment gains: the trace hook (``used`` mode only)."""
+        if self._trace_dir is None:
+            return {}
+        return {
+            "PYTHONPATH": str(self._trace_dir / "hook"),
+            "EVALRUN_TRACE_DIR": str(self._trace_dir),
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the check; the record gains ``passed`` and what was checked."""
+        if self.failed_early:
+            return self.record
+        if self._usage is not None:
+            usage = self._usage.finish()
+            self.record.update(usage)
+            self.record["passed"] = usage["failure_count"] == 0
+            if usage["failures"]:
+                self.record["reason"] = (
+                    "a file the evaluation used differs from the image: " + (usage["failures"][0])
+                )
+            if usage["traced_processes"] == 0 and self.record["passed"]:
+                # nothing reported what it used (not Python, or the hook bypassed): check all
+                self.record["note"] = "no evaluation process reported what it used: full check"
+                self.record["mode"] = "full"
+                self._full = FullCheck().start()
+        if self._full is not None:
+            try:
+                found, entries = self._full.finish()
+            except RuntimeError as exc:
+                found, entries = f"unreadable: {exc}", 0
+            self.record.update(found=found, entries=entries, files_verified=entries)
+            self.record["passed"] = found == self.expected and self.record.get("passed", True)
+            if found != self.expected:
+                self.record["reason"] = "rootfs digest mismatch"
+        if self._trace_dir is not None:
+            shutil.rmtree(self._trace_dir, ignore_errors=True)
+        self.record["duration_s"] = round(time.monotonic() - self._t0, 4)
+        return self.record

@@ -1,0 +1,124 @@
+"""The ``used`` rootfs check: the digest table, the trace hook and the per-file check."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from runner.agent.rootfs import rootfs_digest, rootfs_table
+from runner.agent.usage import UsageVerifier, check_path, install_trace_hook
+from runner.shared.protocol import PlanError, parse_agent_plan
+from runner.shared.rootfs_table import parse_table, table_digest
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def image_dir():
+    # not under /tmp: /tmp is a runtime path the check leaves out
+    root = Path(tempfile.mkdtemp(prefix="evalrun-usage-", dir="/var/tmp"))
+    (root / "app").mkdir()
+    (root / "app" / "model.py").write_text("VALUE = 1\n")
+    (root / "app" / "data.txt").write_text("data\n")
+    (root / "app" / "current").symlink_to("model.py")
+    yield root
+    shutil.rmtree(root)
+
+
+def _table_of(root: Path) -> dict:
+    """The table of ``root`` with the paths the host sees (as the agent sees /)."""
+    return {f"{root}{path}": entry for path, entry in parse_table(rootfs_table(str(root))).items()}
+
+
+def test_table_hashes_to_the_rootfs_digest(image_dir):
+    table = rootfs_table(str(image_dir))
+    digest, count = rootfs_digest(str(image_dir))
+    assert table_digest(table.splitlines(keepends=True)) == digest
+    assert len(parse_table(table)) == count == 4
+
+
+def test_check_path_accepts_unchanged_and_names_a_changed_file(image_dir):
+    table = _table_of(image_dir)
+    assert check_path(str(image_dir / "app" / "model.py"), table) is None
+    assert check_path(str(image_dir / "app" / "current"), table) is None
+    (image_dir / "app" / "model.py").write_text("VALUE = 2\n")
+    reason = check_path(str(image_dir / "app" / "current"), table)
+    assert reason is not None and "model.py: expected sha256" in reason
+
+
+def test_check_path_rejects_files_and_links_the_image_does_not_have(image_dir):
+    table = _table_of(image_dir)
+    (image_dir / "app" / "extra.py").write_text("x = 1\n")
+    assert "not in the image's digest table" in (
+        check_path(str(image_dir / "app" / "extra.py"), table) or ""
+    )
+    (image_dir / "app" / "current").unlink()
+    (image_dir / "app" / "current").symlink_to("data.txt")
+    assert "expected link to model.py" in (
+        check_path(str(image_dir / "app" / "current"), table) or ""
+    )
+    # a file that does not exist was never read; a runtime path is not the image's
+    assert check_path(str(image_dir / "app" / "absent.py"), table) is None
+    assert check_path("/tmp/anything", table) is None
+
+
+def test_trace_hook_reports_opens_imports_and_maps(image_dir, tmp_path):
+    trace = tmp_path / "trace"
+    hook = install_trace_hook(trace)
+    script = (
+        f"import json, sys; sys.path.insert(0, {str(image_dir / 'app')!r}); import model\n"
+        f"open({str(image_dir / 'app' / 'data.txt')!r}).read()\n"
+        "import subprocess; subprocess.run(['true'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hook), "EVALRUN_TRACE_DIR": str(trace)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    reported = {
+        json.loads(line) for f in trace.glob("*.paths") for line in f.read_text().splitlines()
+    }
+    assert str(image_dir / "app" / "model.py") in reported
+    assert str(image_dir / "app" / "data.txt") in reported
+    assert sys.executable in reported or os.path.realpath(sys.executable) in reported
+    assert any(p.endswith("/true") for p in reported)  # the program it started
+    assert any(".so" in p for p in reported)  # mapped libraries
+    assert any(p.endswith("/json/__init__.py") for p in reported)
+
+
+def test_usage_verifier_fails_on_a_file_changed_after_the_table(image_dir, tmp_path):
+    table = _table_of(image_dir)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    verifier = UsageVerifier(table, trace)
+    verifier.start()
+    (trace / "1.paths").write_text(json.dumps(str(image_dir / "app" / "data.txt")) + "\n")
+    (image_dir / "app" / "model.py").write_text("VALUE = 3\n")  # changed, but never used
+    ok = verifier.finish()
+    assert ok["failure_count"] == 0 and ok["traced_processes"] == 1
+
+    verifier = UsageVerifier(table, trace)
+    (trace / "2.paths").write_text(json.dumps(str(image_dir / "app" / "model.py")) + "\n")
+    bad = verifier.finish()
+    assert bad["failure_count"] == 1 and "model.py: expected sha256" in bad["failures"][0]
+
+
+def test_plan_verify_rootfs_is_checked():
+    base = {
+        "run_id": "r",
+        "image_ref": "x@sha256:" + "0" * 64,
+        "expected_rootfs_digest": "sha256:" + "1" * 64,
+        "seed": 0,
+        "command": ["true"],
+        "timeout_s": 1,
+        "metrics": [],
+        "inputs": [],
+    }
+    assert "verify_rootfs" not in parse_agent_plan(base)
+    assert parse_agent_plan({**base, "verify_rootfs": "used"})["verify_rootfs"] == "used"
+    with pytest.raises(PlanError, match="verify_rootfs"):
+        parse_agent_plan({**base, "verify_rootfs": "some"})
