@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import re
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,11 +27,14 @@ from tenacity import Retrying
 
 from runner._internal.retry import call_with_retries, transient_policy
 from runner._internal.strict_json import load_json_strict
+from runner.adapters.registry_auth import AUTHORIZER, opener, scheme
 from runner.errors import (
     InfrastructureError,
     InputError,
     IntegrityError,
+    RegistryAccessDenied,
     RegistryAPIError,
+    RegistryUntrusted,
     TransientRegistryError,
 )
 
@@ -100,8 +104,7 @@ class Response:
 
 
 def _scheme(registry: str) -> str:
-    host = registry.split(":")[0]
-    return "http" if host in ("127.0.0.1", "localhost", "::1") else "https"
+    return scheme(registry)
 
 
 def _base_url(name: ImageName) -> str:
@@ -113,7 +116,7 @@ def _base_url(name: ImageName) -> str:
 
 def _urlopen(request: urllib.request.Request, timeout: float) -> Any:
     # the seam unit tests replace: everything above it is this module's own logic
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) URLs only
+    return opener(request.host).open(request, timeout=timeout)
 
 
 def _retry_policy() -> Retrying:
@@ -135,6 +138,31 @@ def _read_bounded(resp: Any, limit: int, url: str) -> bytes:
     return b"".join(chunks)
 
 
+def _untrusted(url: str, exc: BaseException) -> RegistryUntrusted | None:
+    reason = getattr(exc, "reason", exc)
+    if not isinstance(reason, ssl.SSLCertVerificationError):
+        return None
+    facts = _request_facts(url)
+    return RegistryUntrusted(
+        f"the TLS certificate of registry {facts['registry']} is not trusted: "
+        f"{reason.verify_message}",
+        **facts,
+        hint=f"put its CA certificate in /etc/docker/certs.d/{facts['registry']}/ca.crt "
+        "(or under $DOCKER_CONFIG/certs.d/)",
+    )
+
+
+def _rewind(data: bytes | BinaryIO | None, url: str) -> None:
+    if data is None or isinstance(data, bytes):
+        return
+    if not data.seekable():
+        raise RegistryAccessDenied(
+            "the registry asked for credentials in the middle of a streamed upload",
+            **_request_facts(url),
+        )
+    data.seek(0)
+
+
 def _send(
     method: str,
     url: str,
@@ -145,7 +173,51 @@ def _send(
     sink: Callable[[bytes], object] | None = None,
     max_bytes: int = MAX_MANIFEST_BYTES,
 ) -> Response:
-    """One request, not retried: any status comes back; 5xx and no answer are transient.
+    """One request, not retried, authenticated as the registry asks.
+
+    An Authorization that worked before for the repository is sent up front; a 401
+    with a challenge is answered (registry_auth) and the request sent once more. A
+    second 401 is RegistryAccessDenied (exit 4), and so is an untrusted certificate.
+    """
+    facts = _request_facts(url)
+    registry, repository = facts["registry"] or "", facts["repository"]
+    sent = dict(headers or {})
+    known = AUTHORIZER.known(registry, repository)
+    if known:
+        sent["Authorization"] = known
+    response = _send_once(
+        method, url, data=data, headers=sent, timeout=timeout, sink=sink, max_bytes=max_bytes
+    )
+    challenge = response.headers.get("www-authenticate")
+    if response.status != 401 or not challenge:
+        return response
+    sent["Authorization"] = AUTHORIZER.answer(registry, repository, challenge)
+    _rewind(data, url)
+    response = _send_once(
+        method, url, data=data, headers=sent, timeout=timeout, sink=sink, max_bytes=max_bytes
+    )
+    if response.status == 401:
+        AUTHORIZER.forget(registry, repository)
+        raise RegistryAccessDenied(
+            f"registry {registry} refused the credentials for {repository or 'its API'}",
+            **facts,
+            status=401,
+            hint=f"check `docker login {registry}` (evalrun reads $DOCKER_CONFIG/config.json)",
+        )
+    return response
+
+
+def _send_once(
+    method: str,
+    url: str,
+    *,
+    data: bytes | BinaryIO | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = BLOB_TIMEOUT_S,
+    sink: Callable[[bytes], object] | None = None,
+    max_bytes: int = MAX_MANIFEST_BYTES,
+) -> Response:
+    """One plain request: any status comes back; 5xx and no answer are transient.
 
     With ``sink`` a successful answer's body is passed to it in chunks instead of
     being returned. A body to return is read to at most ``max_bytes`` (IntegrityError
@@ -168,6 +240,9 @@ def _send(
         found = {k.lower(): v for k, v in (exc.headers.items() if exc.headers else [])}
         return Response(exc.code, found, exc.read(_MAX_ERROR_BYTES))
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        untrusted = _untrusted(url, exc)
+        if untrusted is not None:
+            raise untrusted from None
         reason = getattr(exc, "reason", exc)
         raise TransientRegistryError(
             f"registry unreachable: {reason}",
@@ -181,7 +256,12 @@ def _request_facts(url: str) -> _RequestFacts:
     parts = urllib.parse.urlsplit(url)
     rest = parts.path.removeprefix("/v2/")
     repository = next(
-        (rest.split(m, 1)[0] for m in ("/manifests/", "/blobs/", "/tags/") if m in rest), None
+        (
+            rest.split(m, 1)[0]
+            for m in ("/manifests/", "/blobs/", "/tags/", "/referrers/")
+            if m in rest
+        ),
+        None,
     )
     return {"registry": parts.netloc or None, "repository": repository or None, "url": url}
 
@@ -478,7 +558,9 @@ class BlobStream:
     start: int
 
 
-def stream_blob(name: ImageName, digest: str, *, start: int = 0) -> BlobStream:
+def stream_blob(
+    name: ImageName, digest: str, *, start: int = 0, _answered: bool = False
+) -> BlobStream:
     """Start downloading blob ``digest`` at byte ``start`` (a ranged GET when not 0).
 
     Not retried here, and not checked: the caller verifies the bytes and retries by
@@ -488,11 +570,24 @@ def stream_blob(name: ImageName, digest: str, *, start: int = 0) -> BlobStream:
     """
     url = f"{_base_url(name)}/blobs/{digest}"
     headers = {"Range": f"bytes={start}-"} if start else {}
+    known = AUTHORIZER.known(name.registry, name.repository)
+    if known:
+        headers["Authorization"] = known
     request = urllib.request.Request(url, method="GET", headers=headers)  # noqa: S310
     try:
         resp = _urlopen(request, BLOB_TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         exc.close()
+        challenge = exc.headers.get("WWW-Authenticate") if exc.headers else None
+        if exc.code == 401 and challenge and not _answered:
+            AUTHORIZER.answer(name.registry, name.repository, challenge)
+            return stream_blob(name, digest, start=start, _answered=True)
+        if exc.code == 401:
+            raise RegistryAccessDenied(
+                f"registry {name.registry} refused the credentials for {name.repository}",
+                **_request_facts(url),
+                status=401,
+            ) from None
         if exc.code >= 500:
             raise TransientRegistryError(
                 f"registry answered {exc.code}", **_request_facts(url), status=exc.code
@@ -509,6 +604,9 @@ def stream_blob(name: ImageName, digest: str, *, start: int = 0) -> BlobStream:
             status=exc.code,
         ) from exc
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        untrusted = _untrusted(url, exc)
+        if untrusted is not None:
+            raise untrusted from None
         reason = getattr(exc, "reason", exc)
         raise TransientRegistryError(
             f"registry unreachable: {reason}",
