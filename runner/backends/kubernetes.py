@@ -43,8 +43,9 @@ from runner.adapters.kubernetes import (
     read_namespace_policy,
 )
 from runner.adapters.kubernetes import shared_watch as watch_matching
+from runner.adapters.kueue import workload_reason
 from runner.backends.collect import StreamReceiver, extract_results_frame
-from runner.backends.live import LineRelay, OutputSink
+from runner.backends.live import LineRelay, OutputLine, OutputSink
 from runner.backends.manifests import (
     CONTAINER_NAME,
     IMAGE_VOLUME_REQUIREMENT,
@@ -59,6 +60,7 @@ from runner.backends.manifests import (
     image_volume_support,
     input_volumes,
     labels_for,
+    queue_of,
     spec_hash_of,
     ttl_patch,
 )
@@ -68,6 +70,7 @@ from runner.backends.namespace_policy import (
     check_namespace,
     runtime_class_of,
 )
+from runner.backends.queueing import QueueClock, is_suspended
 from runner.errors import (
     APIConflict,
     APIForbidden,
@@ -215,10 +218,16 @@ class KubernetesBackend:
         extra_tolerations: tuple[tuple[str, str], ...] = (),
         hold_s: int = DEFAULT_HOLD_S,
         ttl_after_finished_s: int = 600,
+        image_pull_secrets: tuple[str, ...] = (),
+        priority_class: str | None = None,
+        queue: str | None = None,
         output: OutputSink | None = None,
     ) -> None:
         self.target = target
         self.extra_tolerations = extra_tolerations
+        self.image_pull_secrets = image_pull_secrets
+        self.priority_class = priority_class
+        self.queue = queue
         self.hold_s = hold_s
         self.ttl_after_finished_s = ttl_after_finished_s
         self.output = output
@@ -245,6 +254,9 @@ class KubernetesBackend:
             ttl_after_finished_s=self.ttl_after_finished_s,
             extra_tolerations=self.extra_tolerations,
             hold_s=self.hold_s,
+            image_pull_secrets=self.image_pull_secrets,
+            priority_class=self.priority_class,
+            queue=self.queue,
         )
 
     def preflight(self, plan: RunPlan) -> None:
@@ -298,7 +310,8 @@ class KubernetesBackend:
         uid = str(stored["metadata"]["uid"])
         configmap = build_configmap(plan, plan_json, options, job_uid=uid)
         self._ensure_configmap(core, namespace, configmap, uid)
-        if (stored.get("spec") or {}).get("suspend"):
+        # a queued Job is Kueue's to resume (on admission); evalrun never does it itself
+        if (stored.get("spec") or {}).get("suspend") and not queue_of(plan, options):
             api_call(
                 "resume Job",
                 lambda: batch.patch_namespaced_job(name, namespace, RESUME_PATCH),
@@ -474,6 +487,8 @@ class _RunSession:
         self.pods: dict[str, _Tracked] = {}
         self.collection = _Collection()
         self._lock = threading.Lock()
+        queue = queue_of(plan, backend.options(self.namespace))
+        self.clock = QueueClock(queue) if queue else None
 
     def close(self) -> None:
         for tracked in self.pods.values():
@@ -523,6 +538,16 @@ class _RunSession:
 
     def _next(self) -> Any:
         job = self.watch.job(self.name)
+        clock = self.clock
+        if clock is not None and job is not None:
+            # a queued Job has no pod: waiting for admission is not being stuck
+            if is_suspended(job) and not (_condition(job, "Complete") or _condition(job, "Failed")):
+                if clock.suspended() or clock.due_for_reason():
+                    return ("queued", job)
+                return None
+            if clock.waiting:
+                clock.admitted()
+                return ("admitted", job)
         for pod in self.watch.pods_of(self.plan.run_id):
             pod_name = pod.metadata.name
             tracked = self.pods.setdefault(pod_name, _Tracked())
@@ -551,7 +576,11 @@ class _RunSession:
                 self.backend._delete(self.api, self.namespace, self.name)
                 raise InfrastructureError(f"Job {self.name} did not finish within {limit} s")
             kind, obj = outcome
-            if kind == "scheduled":
+            if kind in ("queued", "admitted"):
+                # the run's own deadline starts at admission, as the Job's does
+                deadline = time.monotonic() + limit
+                self._report_queue(kind, obj)
+            elif kind == "scheduled":
                 self._check_node(obj)
             elif kind == "follow":
                 self._follow_log(obj.metadata.name)
@@ -561,6 +590,29 @@ class _RunSession:
                 self._stuck(*obj)
             else:
                 return self._result(obj, started, t0)
+
+    def _report_queue(self, kind: str, job: Any) -> None:
+        clock = self.clock
+        assert clock is not None
+        if kind == "queued":
+            reason = workload_reason(self.api, self.namespace, job.metadata.uid, clock.queue)
+            clock.reason = reason or clock.reason
+            text = f"queued in {clock.queue}" + (f": {reason}" if reason else "")
+        else:
+            text = f"admitted by Kueue after {clock.waited_s:.1f} s in {clock.queue}"
+        log.info(
+            text,
+            extra={
+                "event": f"k8s_{kind}",
+                "run_id": self.plan.run_id,
+                "job": self.name,
+                "queue": clock.queue,
+                "reason": clock.reason,
+                "queue_wait_s": round(clock.waited_s, 3),
+            },
+        )
+        if self.backend.output is not None:
+            self.backend.output(OutputLine(self.plan.run_id, "queue", text))
 
     def _check_node(self, pod: Any) -> None:
         """Refuse (exit 4) a node whose container runtime cannot mount image volumes."""
@@ -778,6 +830,12 @@ class _RunSession:
         self.backend._expire(api, namespace, self.name)
         if timed_out:
             exit_code = None
+        queued: dict[str, Any] = {}
+        if self.clock is not None:
+            queued = self.clock.facts()
+            details["queue"] = queued
+            # the run's span starts at admission; the wait is counted apart
+            started = self.clock.admitted_at or started
         return BackendResult(
             backend=self.backend.name,
             exit_code=exit_code,
@@ -786,7 +844,9 @@ class _RunSession:
             runtime=runtime,
             started_at=started,
             finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            duration_s=round(time.monotonic() - t0, 3),
+            duration_s=round(time.monotonic() - t0 - queued.get("queue_wait_s", 0.0), 3),
+            queued_at=queued.get("queued_at"),
+            queue_wait_s=queued.get("queue_wait_s"),
             details=details,
             collection_problems=collection,
         )

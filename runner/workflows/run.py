@@ -245,7 +245,11 @@ def make_plan(spec: EvalSpec, lock: LockedSpec, inputs: list[PlanInput], attempt
         retries=spec.retries,
         gpu_product=spec.resources.gpu_product,
         gpu_driver_major=spec.resources.gpu_driver_major,
+        mig_profile=spec.resources.mig_profile,
         runtime_class=spec.sandbox.runtime_class,
+        queue=spec.cluster.queue,
+        priority_class=spec.cluster.priority_class,
+        image_pull_secrets=list(spec.cluster.image_pull_secrets),
         spec_digest=spec.digest(),
         lock_digest=lock.digest(),
         spec_name=spec.metadata.name,
@@ -543,8 +547,16 @@ def build_run_predicate(
             finished=_now(),
             container_started=result.started_at if result else None,
             container_finished=result.finished_at if result else None,
+            **_queue_timestamps(result),
         ),
     )
+
+
+def _queue_timestamps(result: BackendResult | None) -> dict[str, Any]:
+    # only a queued run has these keys: older bundles and unqueued runs stay as they were
+    if result is None or result.queued_at is None:
+        return {}
+    return {"queued": result.queued_at, "queue_wait_s": result.queue_wait_s}
 
 
 __all__ = [
