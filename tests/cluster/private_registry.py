@@ -71,7 +71,7 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
 
 def _cert(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Certificate | None,
           issuer_key: rsa.RSAPrivateKey | None, *, ca: bool) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()
@@ -144,7 +144,7 @@ class _TokenHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         srv = self.server
         expected = "Basic " + base64.b64encode(f"{USER}:{srv.password}".encode()).decode()
         if self.headers.get("Authorization") != expected:

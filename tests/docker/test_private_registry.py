@@ -22,11 +22,11 @@ import yaml
 from conftest import EXAMPLE, ROOT, Cli, with_signing_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
-from private_registry import PrivateRegistry, running_registry  # noqa: E402
+from private_registry import PrivateRegistry, running_registry
 
-from runner.adapters import registry  # noqa: E402
-from runner.adapters.registry_auth import Authorizer  # noqa: E402
-from runner.errors import RegistryAccessDenied, RegistryUntrusted  # noqa: E402
+from runner.adapters import registry, registry_stream
+from runner.adapters.registry_auth import Authorizer
+from runner.errors import RegistryAccessDenied, RegistryUntrusted
 
 pytestmark = pytest.mark.docker
 
@@ -64,7 +64,7 @@ def _round_trip(reg: PrivateRegistry, repo: str = "evalrun/private") -> None:
     assert registry.resolve_tag(name, "v1") == digest
     assert registry.get_manifest_bytes(name, digest) == manifest
     assert registry.get_blob_bytes(name, config_digest) == config
-    stream = registry.stream_blob(name, config_digest)
+    stream = registry_stream.stream_blob(name, config_digest)
     assert b"".join(stream.chunks) == config
 
 
