@@ -15,15 +15,28 @@ from kubernetes.client.rest import ApiException
 log = logging.getLogger("evalrun.adapters.kueue")
 
 KUEUE_GROUP = "kueue.x-k8s.io"
-KUEUE_VERSION = "v1beta1"
+# v1beta2 is the storage version from Kueue 0.15 on; older releases serve only v1beta1.
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 _TIMEOUT_S = 10
 
 
+def _first_served(call: Any) -> Any:
+    for version in KUEUE_VERSIONS:
+        try:
+            return call(version)
+        except ApiException as exc:
+            if exc.status != 404 or version == KUEUE_VERSIONS[-1]:
+                raise
+    return None
+
+
 def _list(api: k8s.ApiClient, namespace: str, plural: str, **kw: Any) -> list[dict[str, Any]]:
     custom = k8s.CustomObjectsApi(api)
-    found = custom.list_namespaced_custom_object(
-        KUEUE_GROUP, KUEUE_VERSION, namespace, plural, _request_timeout=_TIMEOUT_S, **kw
+    found = _first_served(
+        lambda v: custom.list_namespaced_custom_object(
+            KUEUE_GROUP, v, namespace, plural, _request_timeout=_TIMEOUT_S, **kw
+        )
     )
     items = found.get("items") if isinstance(found, dict) else None
     return [i for i in items or [] if isinstance(i, dict)]
@@ -31,8 +44,10 @@ def _list(api: k8s.ApiClient, namespace: str, plural: str, **kw: Any) -> list[di
 
 def _pending_in(api: k8s.ApiClient, namespace: str, queue: str) -> int | None:
     custom = k8s.CustomObjectsApi(api)
-    found = custom.get_namespaced_custom_object(
-        KUEUE_GROUP, KUEUE_VERSION, namespace, "localqueues", queue, _request_timeout=_TIMEOUT_S
+    found = _first_served(
+        lambda v: custom.get_namespaced_custom_object(
+            KUEUE_GROUP, v, namespace, "localqueues", queue, _request_timeout=_TIMEOUT_S
+        )
     )
     pending = ((found or {}).get("status") or {}).get("pendingWorkloads")
     return pending if isinstance(pending, int) else None

@@ -1,0 +1,218 @@
+"""Kueue in front of the kwok GPU nodes: quota holds, priorities overtake, nothing is lost.
+
+Kueue (pinned KUEUE_VERSION, built from its Go module) is installed by
+tests/cluster/kueue-up.sh. Each test makes its own ClusterQueue (a GPU quota on
+the kwok nodes' ResourceFlavor) and a LocalQueue in its fresh namespace, and
+observes admission from the API (the Jobs' suspend flag, watched), not from
+evalrun's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch
+from runner.backends.manifests import job_name
+
+from .test_backend_kwok import H100, gpu_plan
+
+pytestmark = pytest.mark.kwok
+
+KUEUE_UP = Path(__file__).resolve().parents[1] / "cluster" / "kueue-up.sh"
+GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
+FLAVOR = "evalrun-kwok-gpu"
+
+
+@pytest.fixture(scope="module")
+def kueue(cluster) -> None:
+    proc = subprocess.run(["bash", str(KUEUE_UP)], capture_output=True, text=True, check=False,
+                          timeout=3600)
+    if proc.returncode != 0:
+        pytest.fail(f"Kueue did not start (tests/cluster/kueue-up.sh):\n{proc.stderr[-3000:]}")
+
+
+def _apply(custom: client.CustomObjectsApi, plural: str, body: dict) -> None:
+    try:
+        custom.create_cluster_custom_object(GROUP, VERSION, plural, body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+@pytest.fixture
+def gpu_queue(kueue, k8s_client, namespace) -> Iterator[tuple[str, str]]:
+    """A ClusterQueue with 8 GPUs of quota on the kwok nodes, and LocalQueue 'gpus' to it."""
+    custom = client.CustomObjectsApi(k8s_client)
+    _apply(custom, "resourceflavors", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResourceFlavor",
+        "metadata": {"name": FLAVOR}, "spec": {"nodeLabels": {"type": "kwok"}}})
+    cq = f"cq-{namespace}"[:63]
+    custom.create_cluster_custom_object(GROUP, VERSION, "clusterqueues", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterQueue", "metadata": {"name": cq},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "queueingStrategy": "StrictFIFO",
+            "stopPolicy": "Hold",  # nothing is admitted until the test has queued everything
+            "resourceGroups": [{
+                "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                "flavors": [{"name": FLAVOR, "resources": [
+                    {"name": "cpu", "nominalQuota": "1000"},
+                    {"name": "memory", "nominalQuota": "10000Gi"},
+                    {"name": "nvidia.com/gpu", "nominalQuota": 8}]}],
+            }],
+        }})
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "localqueues", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue",
+        "metadata": {"name": "gpus"}, "spec": {"clusterQueue": cq}})
+    yield cq, "gpus"
+    custom.delete_cluster_custom_object(GROUP, VERSION, "clusterqueues", cq)
+
+
+def _release(k8s_client, cq: str) -> None:
+    client.CustomObjectsApi(k8s_client).patch_cluster_custom_object(
+        GROUP, VERSION, "clusterqueues", cq, {"spec": {"stopPolicy": "None"}})
+
+
+class AdmissionLog:
+    """Every Job's admission moment and the most admitted-and-unfinished at once."""
+
+    def __init__(self, watch, names: list[str]) -> None:
+        self.watch, self.names = watch, names
+        self.admitted: dict[str, float] = {}
+        self.finished: set[str] = set()
+        self.peak = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> bool:
+        running = 0
+        for name in self.names:
+            job = self.watch.job(name)
+            if job is None:
+                continue
+            done = any(c.type in ("Complete", "Failed") and c.status == "True"
+                       for c in job.status.conditions or [])
+            if not job.spec.suspend and name not in self.admitted:
+                self.admitted[name] = time.monotonic()
+            if done:
+                self.finished.add(name)
+            elif not job.spec.suspend:
+                running += 1
+        self.peak = max(self.peak, running)
+        return len(self.finished) == len(self.names) or self._stop.is_set()
+
+    def _run(self) -> None:
+        self.watch.wait(self._sample, timeout=900)
+
+    def wait(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        self._stop.set()
+        self.watch.notify()
+        self.thread.join(5)
+
+
+def _backend(cluster, namespace: str, **kw) -> KubernetesBackend:
+    return KubernetesBackend(
+        ClusterTarget(kubeconfig=str(cluster.kubeconfig), namespace=namespace),
+        extra_tolerations=(("kwok.x-k8s.io/node", "NoSchedule"),), **kw)
+
+
+def test_sixty_four_one_gpu_runs_share_a_quota_of_eight(cluster, namespace, gpu_queue,
+                                                        k8s_client, tmp_path):
+    cq, queue = gpu_queue
+    backend = _backend(cluster, namespace, queue=queue)
+    plans = [gpu_plan(tmp_path, i, H100, gpus=1) for i in range(64)]
+    for plan in plans:
+        backend.submit(plan)
+    api, ns = backend._connect()
+    watch = shared_watch(api, ns)
+    names = [job_name(p.run_id) for p in plans]
+    # queued, not started: suspended, no pod, evalrun left them for Kueue
+    assert watch.wait(lambda: all(watch.job(n) for n in names), timeout=60)
+    assert all(watch.job(n).spec.suspend for n in names)
+    assert all(watch.job(n).metadata.labels["kueue.x-k8s.io/queue-name"] == queue for n in names)
+    log = AdmissionLog(watch, names)
+    _release(k8s_client, cq)
+    log.wait(600)
+    assert log.finished == set(names), f"{len(log.finished)}/64 finished"
+    assert len(log.admitted) == 64
+    print(f"64 runs: at most {log.peak} admitted at once (quota 8 GPUs)")
+    assert 1 <= log.peak <= 8, f"{log.peak} admitted at once against a quota of 8 GPUs"
+
+
+def test_a_high_priority_run_is_admitted_before_waiting_low_priority_ones(
+    cluster, namespace, gpu_queue, k8s_client, tmp_path
+):
+    cq, queue = gpu_queue
+    custom = client.CustomObjectsApi(k8s_client)
+    sched = client.SchedulingV1Api(k8s_client)
+    classes = {"evalrun-test-nightly": 10, "evalrun-test-urgent": 100000}
+    for name, value in classes.items():
+        _apply(custom, "workloadpriorityclasses", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkloadPriorityClass",
+            "metadata": {"name": name}, "value": value})
+        try:
+            sched.create_priority_class(client.V1PriorityClass(
+                metadata=client.V1ObjectMeta(name=name), value=value))
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+    low = _backend(cluster, namespace, queue=queue, priority_class="evalrun-test-nightly")
+    high = _backend(cluster, namespace, queue=queue, priority_class="evalrun-test-urgent")
+    lows = [gpu_plan(tmp_path, i, H100, gpus=1) for i in range(24)]
+    for plan in lows:
+        low.submit(plan)
+    urgent = gpu_plan(tmp_path, 999, H100, gpus=1)
+    high.submit(urgent)  # the last one queued
+    api, ns = low._connect()
+    watch = shared_watch(api, ns)
+    names = [job_name(p.run_id) for p in [*lows, urgent]]
+    assert watch.wait(lambda: all(watch.job(n) for n in names), timeout=60)
+    log = AdmissionLog(watch, names)
+    _release(k8s_client, cq)
+    log.wait(600)
+    assert log.finished == set(names)
+    order = sorted(log.admitted, key=log.admitted.__getitem__)
+    position = order.index(job_name(urgent.run_id))
+    print(f"urgent run admitted {position + 1}th of {len(order)}; peak {log.peak}")
+    # admitted in the first round of 8, ahead of at least 16 low-priority runs queued before it
+    assert position < 8, f"the urgent run was admitted {position + 1}th of {len(order)}"
+    labels = watch.job(job_name(urgent.run_id)).metadata.labels
+    assert labels["kueue.x-k8s.io/priority-class"] == "evalrun-test-urgent"
+
+
+def test_a_queued_run_reports_queued_is_never_stuck_and_times_the_wait_apart(
+    cluster, namespace, gpu_queue, k8s_client, tmp_path
+):
+    cq, queue = gpu_queue
+    lines: list[str] = []
+    # a grace of one second: a queued Job taken for a stuck pod would fail at once
+    backend = _backend(cluster, namespace, queue=queue, unschedulable_grace_s=1.0,
+                       image_pull_grace_s=1.0, output=lambda line: lines.append(line.text))
+    plan = gpu_plan(tmp_path, 7, H100, gpus=1)
+    results: list = []
+    runner = threading.Thread(target=lambda: results.append(
+        backend.run(plan, tmp_path / "results")), daemon=True)
+    runner.start()
+    time.sleep(8)
+    assert runner.is_alive(), "the run ended while its Job waited in the queue"
+    _release(k8s_client, cq)
+    runner.join(300)
+    assert results, "the run did not end after admission"
+    result = results[0]
+    assert any(line.startswith(f"queued in {queue}") for line in lines), lines
+    assert any(line.startswith("admitted by Kueue") for line in lines), lines
+    facts = result.details["queue"]
+    assert facts["queue"] == queue and facts["admissions"] == 1
+    assert result.queue_wait_s is not None and result.queue_wait_s >= 7.0
+    assert result.started_at == facts["admitted_at"] and result.queued_at == facts["queued_at"]
+    # the run's own span excludes the wait
+    assert result.duration_s is not None and result.duration_s < 60
