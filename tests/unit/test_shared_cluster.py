@@ -127,3 +127,20 @@ def test_queue_clock_counts_every_wait_including_after_preemption(monkeypatch):
     facts = clock.facts()
     assert facts["queue_wait_s"] == 35.0 and facts["admissions"] == 2
     assert facts["admitted_at"] is not None and not clock.waiting
+
+
+@pytest.mark.parametrize("command", [["run", "eval.yaml"],
+                                     ["sweep", "eval.yaml", "--matrix", "m.yaml"]])
+def test_queue_priority_and_pull_secret_flags_reach_every_job(command):
+    from runner.cli.common import backend_for
+    from runner.cli.main import build_parser
+
+    argv = [*command, "--backend", "kubernetes", "--queue", "gpus", "--priority-class",
+            "urgent", "--image-pull-secret", "reg-a", "--image-pull-secret", "reg-b"]
+    args = build_parser().parse_args(argv)
+    options = backend_for(args).options("evals")
+    assert options.queue == "gpus" and options.priority_class == "urgent"
+    assert options.image_pull_secrets == ("reg-a", "reg-b")
+    job = build_job(_plan(), options)
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpus"
+    assert _pod(job)["imagePullSecrets"] == [{"name": "reg-a"}, {"name": "reg-b"}]
