@@ -47,8 +47,29 @@ def _apply(custom: client.CustomObjectsApi, plural: str, body: dict) -> None:
 
 
 @pytest.fixture
-def gpu_queue(kueue, k8s_client, namespace) -> Iterator[tuple[str, str]]:
-    """A ClusterQueue with 8 GPUs of quota on the kwok nodes, and LocalQueue 'gpus' to it."""
+def second_tenant(k8s_client, namespace) -> Iterator[str]:
+    """Another team's namespace next to ``namespace`` (deleted afterwards)."""
+    core = client.CoreV1Api(k8s_client)
+    name = f"{namespace[:55]}-b"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name, labels={"evalrun.dev/test": "true"})))
+    deadline = time.monotonic() + 60
+    while not core.list_namespaced_service_account(
+            name, field_selector="metadata.name=default").items:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    yield name
+    core.delete_namespace(name, body=client.V1DeleteOptions(
+        grace_period_seconds=0, propagation_policy="Background"))
+
+
+@pytest.fixture
+def gpu_queue(kueue, k8s_client, namespace, request) -> Iterator[tuple[str, str]]:
+    """A ClusterQueue with 8 GPUs of quota on the kwok nodes, and LocalQueue 'gpus' to it
+    in ``namespace`` (and in ``second_tenant``'s, when the test uses it: a shared quota)."""
+    tenants = [namespace]
+    if "second_tenant" in request.fixturenames:
+        tenants.append(request.getfixturevalue("second_tenant"))
     custom = client.CustomObjectsApi(k8s_client)
     _apply(custom, "resourceflavors", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResourceFlavor",
@@ -57,7 +78,8 @@ def gpu_queue(kueue, k8s_client, namespace) -> Iterator[tuple[str, str]]:
     custom.create_cluster_custom_object(GROUP, VERSION, "clusterqueues", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterQueue", "metadata": {"name": cq},
         "spec": {
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "namespaceSelector": {"matchExpressions": [{
+                "key": "kubernetes.io/metadata.name", "operator": "In", "values": tenants}]},
             "queueingStrategy": "StrictFIFO",
             "stopPolicy": "Hold",  # nothing is admitted until the test has queued everything
             "resourceGroups": [{
@@ -68,9 +90,10 @@ def gpu_queue(kueue, k8s_client, namespace) -> Iterator[tuple[str, str]]:
                     {"name": "nvidia.com/gpu", "nominalQuota": 8}]}],
             }],
         }})
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "localqueues", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue",
-        "metadata": {"name": "gpus"}, "spec": {"clusterQueue": cq}})
+    for tenant in tenants:
+        custom.create_namespaced_custom_object(GROUP, VERSION, tenant, "localqueues", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue",
+            "metadata": {"name": "gpus"}, "spec": {"clusterQueue": cq}})
     yield cq, "gpus"
     custom.delete_cluster_custom_object(GROUP, VERSION, "clusterqueues", cq)
 
@@ -83,14 +106,20 @@ def _release(k8s_client, cq: str) -> None:
 class AdmissionLog:
     """Every Job's admission moment and the most admitted-and-unfinished at once."""
 
-    def __init__(self, watch, names: list[str]) -> None:
+    def __init__(self, watch, names: list[str], *, start: bool = True) -> None:
         self.watch, self.names = watch, names
         self.admitted: dict[str, float] = {}
         self.finished: set[str] = set()
         self.peak = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
+
+    def sample_running(self) -> int:
+        """Admitted and unfinished Jobs now (and note admissions and finishes)."""
+        self._sample()
+        return self._running
 
     def _sample(self) -> bool:
         running = 0
@@ -106,6 +135,7 @@ class AdmissionLog:
                 self.finished.add(name)
             elif not job.spec.suspend:
                 running += 1
+        self._running = running
         self.peak = max(self.peak, running)
         return len(self.finished) == len(self.names) or self._stop.is_set()
 
@@ -119,33 +149,67 @@ class AdmissionLog:
         self.thread.join(5)
 
 
+class SharedAdmissionLog:
+    """Admissions across several namespaces' watches: the peak of all of them together."""
+
+    def __init__(self, pairs) -> None:
+        self.logs = [AdmissionLog(watch, names, start=False) for watch, names in pairs]
+        self.peak = 0
+        self._done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not self._done.is_set():
+            running = sum(log.sample_running() for log in self.logs)
+            self.peak = max(self.peak, running)
+            if all(len(log.finished) == len(log.names) for log in self.logs):
+                return
+            time.sleep(0.05)
+
+    def wait(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        self._done.set()
+        self.thread.join(5)
+
+
 def _backend(cluster, namespace: str, **kw) -> KubernetesBackend:
     return KubernetesBackend(
         ClusterTarget(kubeconfig=str(cluster.kubeconfig), namespace=namespace),
         extra_tolerations=(("kwok.x-k8s.io/node", "NoSchedule"),), **kw)
 
 
-def test_sixty_four_one_gpu_runs_share_a_quota_of_eight(cluster, namespace, gpu_queue,
-                                                        k8s_client, tmp_path):
+def test_sixty_four_one_gpu_runs_of_two_tenants_share_a_quota_of_eight(
+    cluster, namespace, second_tenant, gpu_queue, k8s_client, tmp_path
+):
     cq, queue = gpu_queue
-    backend = _backend(cluster, namespace, queue=queue)
-    plans = [gpu_plan(tmp_path, i, H100, gpus=1) for i in range(64)]
-    for plan in plans:
-        backend.submit(plan)
-    api, ns = backend._connect()
-    watch = shared_watch(api, ns)
-    names = [job_name(p.run_id) for p in plans]
-    # queued, not started: suspended, no pod, evalrun left them for Kueue
-    assert watch.wait(lambda: all(watch.job(n) for n in names), timeout=60)
-    assert all(watch.job(n).spec.suspend for n in names)
-    assert all(watch.job(n).metadata.labels["kueue.x-k8s.io/queue-name"] == queue for n in names)
-    log = AdmissionLog(watch, names)
+    teams = {namespace: range(0, 32), second_tenant: range(32, 64)}
+    logs, names_of = [], {}
+    for ns, runs in teams.items():
+        backend = _backend(cluster, ns, queue=queue)
+        plans = [gpu_plan(tmp_path, i, H100, gpus=1) for i in runs]
+        for plan in plans:
+            backend.submit(plan)
+        api, _ = backend._connect()
+        watch = shared_watch(api, ns)
+        names = [job_name(p.run_id) for p in plans]
+        # queued, not started: suspended, no pod, evalrun left them for Kueue
+        assert watch.wait(lambda w=watch, n=names: all(w.job(x) for x in n), timeout=60)
+        assert all(watch.job(n).spec.suspend for n in names)
+        assert all(watch.job(n).metadata.labels["kueue.x-k8s.io/queue-name"] == queue
+                   for n in names)
+        names_of[ns] = names
+        logs.append((watch, names))
+    both = SharedAdmissionLog(logs)
     _release(k8s_client, cq)
-    log.wait(600)
-    assert log.finished == set(names), f"{len(log.finished)}/64 finished"
-    assert len(log.admitted) == 64
-    print(f"64 runs: at most {log.peak} admitted at once (quota 8 GPUs)")
-    assert 1 <= log.peak <= 8, f"{log.peak} admitted at once against a quota of 8 GPUs"
+    both.wait(600)
+    finished = sum(len(log.finished) for log in both.logs)
+    assert finished == 64, f"{finished}/64 finished"
+    assert sum(len(log.admitted) for log in both.logs) == 64
+    print(f"64 runs of 2 tenants: at most {both.peak} admitted at once (quota 8 GPUs)")
+    assert 1 <= both.peak <= 8, f"{both.peak} admitted at once against a quota of 8 GPUs"
+    assert all(log.admitted for log in both.logs)  # each team got GPUs
 
 
 def test_a_high_priority_run_is_admitted_before_waiting_low_priority_ones(
