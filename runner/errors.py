@@ -580,6 +580,14 @@ class TransientRegistryError(RegistryError, TransientInfrastructureError):
     """The registry is unreachable or failing (5xx): retried."""
 
 
+class RegistryAccessDenied(RegistryError, EnvironmentMismatch):
+    """The registry wants credentials evalrun does not have, or refused them (exit 4)."""
+
+
+class RegistryUntrusted(RegistryError, EnvironmentMismatch):
+    """The registry's TLS certificate is not trusted (no CA for it under certs.d) (exit 4)."""
+
+
 class DockerEngineError(EvalrunError):
     """Facts of a failed Docker engine request: what was attempted and the HTTP status.
 

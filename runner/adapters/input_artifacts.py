@@ -38,7 +38,7 @@ from runner._internal.input_artifact import (
     sha256_digest,
 )
 from runner._internal.input_tree import READ_CHUNK, InputFile
-from runner.adapters import registry
+from runner.adapters import registry, registry_stream
 from runner.adapters.registry import ImageName
 from runner.adapters.sources import ByteStream, OciResolver, OciUri, Progress, RemoteListing
 from runner.errors import DigestMismatch, InputError, IntegrityError, TransientRegistryError
@@ -200,7 +200,7 @@ def publish_input(
             meter.add(start - meter.done)  # a retry starts this layer over
             return io.BufferedReader(_LayerReader(parts, meter.add), READ_CHUNK)
 
-        how = registry.push_blob_stream(repository, layer.digest, layer.size, open_stream)
+        how = registry_stream.push_blob_stream(repository, layer.digest, layer.size, open_stream)
         if how == "uploaded":
             uploaded += layer.size
         else:
@@ -237,12 +237,12 @@ def _layer_stream(
 ) -> ByteStream:
     """The file's bytes from ``offset``, out of its layer, framing and digest checked."""
     if layer.raw:  # an oras file: the blob is the file; the cache checks its sha256
-        raw = registry.stream_blob(name, layer.digest, start=offset)
+        raw = registry_stream.stream_blob(name, layer.digest, start=offset)
         return ByteStream(raw.chunks, raw.total, raw.start)
     layout = layer_layout(layer.file.path, layer.file.size)
     head, size = len(layout.header), layer.file.size
     resume = offset > 0 and state.hasher is not None and state.fed == offset
-    opened = registry.stream_blob(name, layer.digest, start=head + offset if offset else 0)
+    opened = registry_stream.stream_blob(name, layer.digest, start=head + offset if offset else 0)
     if opened.start == 0 or not resume:
         state.hasher = hashlib.sha256() if opened.start == 0 else None
         state.fed = 0
@@ -313,7 +313,7 @@ def _member_stream(
     """
     size = member.file.size
     want = member.content_start + offset if offset else member.offset
-    opened = registry.stream_blob(name, layer.digest, start=want)
+    opened = registry_stream.stream_blob(name, layer.digest, start=want)
     begin, content, end = member.offset, member.content_start, member.content_start + size
     skip_to = want if opened.start == want else begin
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import re
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypedDict, TypeVar
@@ -26,11 +26,15 @@ from tenacity import Retrying
 
 from runner._internal.retry import call_with_retries, transient_policy
 from runner._internal.strict_json import load_json_strict
+from runner.adapters import registry_auth
+from runner.adapters.registry_auth import opener, scheme
 from runner.errors import (
     InfrastructureError,
     InputError,
     IntegrityError,
+    RegistryAccessDenied,
     RegistryAPIError,
+    RegistryUntrusted,
     TransientRegistryError,
 )
 
@@ -53,6 +57,8 @@ MAX_MANIFEST_BYTES = 4 << 20
 _MAX_ERROR_BYTES = 64 << 10
 BLOB_TIMEOUT_S = 300.0
 _CHUNK = 1 << 20
+# Who answers registries' challenges for this process (a test may swap in a fresh one).
+AUTHORIZER: registry_auth.Authorizer = registry_auth.AUTHORIZER
 _T = TypeVar("_T")
 
 
@@ -100,8 +106,7 @@ class Response:
 
 
 def _scheme(registry: str) -> str:
-    host = registry.split(":")[0]
-    return "http" if host in ("127.0.0.1", "localhost", "::1") else "https"
+    return scheme(registry)
 
 
 def _base_url(name: ImageName) -> str:
@@ -113,7 +118,7 @@ def _base_url(name: ImageName) -> str:
 
 def _urlopen(request: urllib.request.Request, timeout: float) -> Any:
     # the seam unit tests replace: everything above it is this module's own logic
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) URLs only
+    return opener(request.host).open(request, timeout=timeout)
 
 
 def _retry_policy() -> Retrying:
@@ -135,6 +140,31 @@ def _read_bounded(resp: Any, limit: int, url: str) -> bytes:
     return b"".join(chunks)
 
 
+def _untrusted(url: str, exc: BaseException) -> RegistryUntrusted | None:
+    reason = getattr(exc, "reason", exc)
+    if not isinstance(reason, ssl.SSLCertVerificationError):
+        return None
+    facts = _request_facts(url)
+    return RegistryUntrusted(
+        f"the TLS certificate of registry {facts['registry']} is not trusted: "
+        f"{reason.verify_message}",
+        **facts,
+        hint=f"put its CA certificate in /etc/docker/certs.d/{facts['registry']}/ca.crt "
+        "(or under $DOCKER_CONFIG/certs.d/)",
+    )
+
+
+def _rewind(data: bytes | BinaryIO | None, url: str) -> None:
+    if data is None or isinstance(data, bytes):
+        return
+    if not data.seekable():
+        raise RegistryAccessDenied(
+            "the registry asked for credentials in the middle of a streamed upload",
+            **_request_facts(url),
+        )
+    data.seek(0)
+
+
 def _send(
     method: str,
     url: str,
@@ -145,7 +175,51 @@ def _send(
     sink: Callable[[bytes], object] | None = None,
     max_bytes: int = MAX_MANIFEST_BYTES,
 ) -> Response:
-    """One request, not retried: any status comes back; 5xx and no answer are transient.
+    """One request, not retried, authenticated as the registry asks.
+
+    An Authorization that worked before for the repository is sent up front; a 401
+    with a challenge is answered (registry_auth) and the request sent once more. A
+    second 401 is RegistryAccessDenied (exit 4), and so is an untrusted certificate.
+    """
+    facts = _request_facts(url)
+    registry, repository = facts["registry"] or "", facts["repository"]
+    sent = dict(headers or {})
+    known = AUTHORIZER.known(registry, repository)
+    if known:
+        sent["Authorization"] = known
+    response = _send_once(
+        method, url, data=data, headers=sent, timeout=timeout, sink=sink, max_bytes=max_bytes
+    )
+    challenge = response.headers.get("www-authenticate")
+    if response.status != 401 or not challenge:
+        return response
+    sent["Authorization"] = AUTHORIZER.answer(registry, repository, challenge)
+    _rewind(data, url)
+    response = _send_once(
+        method, url, data=data, headers=sent, timeout=timeout, sink=sink, max_bytes=max_bytes
+    )
+    if response.status == 401:
+        AUTHORIZER.forget(registry, repository)
+        raise RegistryAccessDenied(
+            f"registry {registry} refused the credentials for {repository or 'its API'}",
+            **facts,
+            status=401,
+            hint=f"check `docker login {registry}` (evalrun reads $DOCKER_CONFIG/config.json)",
+        )
+    return response
+
+
+def _send_once(
+    method: str,
+    url: str,
+    *,
+    data: bytes | BinaryIO | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = BLOB_TIMEOUT_S,
+    sink: Callable[[bytes], object] | None = None,
+    max_bytes: int = MAX_MANIFEST_BYTES,
+) -> Response:
+    """One plain request: any status comes back; 5xx and no answer are transient.
 
     With ``sink`` a successful answer's body is passed to it in chunks instead of
     being returned. A body to return is read to at most ``max_bytes`` (IntegrityError
@@ -168,6 +242,9 @@ def _send(
         found = {k.lower(): v for k, v in (exc.headers.items() if exc.headers else [])}
         return Response(exc.code, found, exc.read(_MAX_ERROR_BYTES))
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        untrusted = _untrusted(url, exc)
+        if untrusted is not None:
+            raise untrusted from None
         reason = getattr(exc, "reason", exc)
         raise TransientRegistryError(
             f"registry unreachable: {reason}",
@@ -181,7 +258,12 @@ def _request_facts(url: str) -> _RequestFacts:
     parts = urllib.parse.urlsplit(url)
     rest = parts.path.removeprefix("/v2/")
     repository = next(
-        (rest.split(m, 1)[0] for m in ("/manifests/", "/blobs/", "/tags/") if m in rest), None
+        (
+            rest.split(m, 1)[0]
+            for m in ("/manifests/", "/blobs/", "/tags/", "/referrers/")
+            if m in rest
+        ),
+        None,
     )
     return {"registry": parts.netloc or None, "repository": repository or None, "url": url}
 
@@ -462,97 +544,3 @@ def get_blob_bytes(name: ImageName, digest: str, limit: int = 4 << 20) -> bytes:
     ):
         raise IntegrityError(f"blob {digest} from {name} does not match its digest")
     return response.body
-
-
-# --------------------------------------------------------------------------- streamed blobs
-
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
-
-
-@dataclass(frozen=True)
-class BlobStream:
-    """An open blob download: its chunks, the blob's full size and the offset of the first."""
-
-    chunks: Iterator[bytes]
-    total: int | None
-    start: int
-
-
-def stream_blob(name: ImageName, digest: str, *, start: int = 0) -> BlobStream:
-    """Start downloading blob ``digest`` at byte ``start`` (a ranged GET when not 0).
-
-    Not retried here, and not checked: the caller verifies the bytes and retries by
-    type (connection failures and 5xx, also from inside the chunks, are
-    TransientRegistryError). A registry that ignores the range answers from byte 0
-    (``start`` says so). A blob the registry does not have is an InputError.
-    """
-    url = f"{_base_url(name)}/blobs/{digest}"
-    headers = {"Range": f"bytes={start}-"} if start else {}
-    request = urllib.request.Request(url, method="GET", headers=headers)  # noqa: S310
-    try:
-        resp = _urlopen(request, BLOB_TIMEOUT_S)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code >= 500:
-            raise TransientRegistryError(
-                f"registry answered {exc.code}", **_request_facts(url), status=exc.code
-            ) from exc
-        if exc.code == 416 and start:
-            return stream_blob(name, digest)
-        if exc.code == 404:
-            raise InputError(
-                f"blob {digest} is not in {name}", **_request_facts(url), status=404
-            ) from None
-        raise RegistryAPIError(
-            f"registry answered {exc.code} for blob {digest}",
-            **_request_facts(url),
-            status=exc.code,
-        ) from exc
-    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TransientRegistryError(
-            f"registry unreachable: {reason}",
-            **_request_facts(url),
-            hint="start the local registry with `make host-up` (scripts/host-up.sh)",
-        ) from exc
-    found = {k.lower(): v for k, v in resp.headers.items()}
-    begin, total = 0, None
-    match = _CONTENT_RANGE.match(found.get("content-range", ""))
-    if resp.status == 206 and match:
-        begin, total = int(match.group(1)), int(match.group(3))
-    elif found.get("content-length", "").isdigit():
-        total = int(found["content-length"])
-
-    def chunks() -> Iterator[bytes]:
-        try:
-            while chunk := resp.read(_CHUNK):
-                yield chunk
-        except (OSError, TimeoutError, http.client.HTTPException) as exc:
-            raise TransientRegistryError(
-                f"blob download cut: {exc}", **_request_facts(url)
-            ) from exc
-        finally:
-            close = getattr(resp, "close", None)
-            if close is not None:
-                close()
-
-    return BlobStream(chunks(), total, begin)
-
-
-def push_blob_stream(
-    name: ImageName, digest: str, size: int, open_stream: Callable[[], BinaryIO]
-) -> Literal["exists", "uploaded"]:
-    """Upload a blob whose bytes ``open_stream()`` produces (afresh on every retry).
-
-    Nothing is sent when the repository holds the blob already; the registry checks
-    the digest of what arrives (a mismatch is a refusal, exit 5).
-    """
-    if blob_exists(name, digest):
-        return "exists"
-
-    def upload() -> None:
-        with open_stream() as stream:
-            _upload(name, digest, stream, size)
-
-    _retried(f"upload {digest}", upload)
-    return "uploaded"

@@ -120,7 +120,16 @@ def version_satisfies(version: str, specifier: str) -> bool:
     return True
 
 
-GPU_EXPECTATIONS = ("driver", "cuda", "gpu_product", "gpu_count", "mig", "ecc")
+GPU_EXPECTATIONS = (
+    "driver",
+    "cuda",
+    "gpu_product",
+    "gpu_count",
+    "mig",
+    "mig_profile",
+    "mig_count",
+    "ecc",
+)
 
 
 def _failed(check: str, expected: Any, found: Any, reason: str) -> dict[str, Any]:
@@ -149,6 +158,37 @@ def _mode(state: Any) -> str:
         if str(state.get("unsupported", "")).startswith("NVMLError_NotSupported"):
             return "not_supported"
     return "unknown"
+
+
+def _mig_profile_of(name: Any) -> str | None:
+    """'NVIDIA H100 80GB HBM3 MIG 1g.10gb' → '1g.10gb' (NVML's MIG device names)."""
+    if not isinstance(name, str):
+        return None
+    match = re.search(r"\bMIG\s+([0-9]+g\.[0-9]+gb(?:\+[a-z]+)?)\s*$", name)
+    return match.group(1) if match else None
+
+
+def _mig_device_checks(expect: dict[str, Any], gpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The MIG devices NVML shows the container: their profile and their number."""
+    if expect.get("mig_profile") is None and expect.get("mig_count") is None:
+        return []
+    devices = [d for g in gpus for d in g.get("mig_devices") or [] if isinstance(d, dict)]
+    profiles = [_mig_profile_of(d.get("name")) for d in devices]
+    checks: list[dict[str, Any]] = []
+    if expect.get("mig_profile") is not None:
+        want = expect["mig_profile"]
+        ok = bool(profiles) and all(p == want for p in profiles)
+        checks.append({"check": "mig_profile", "expected": want, "found": profiles, "passed": ok})
+    if expect.get("mig_count") is not None:
+        checks.append(
+            {
+                "check": "mig_count",
+                "expected": expect["mig_count"],
+                "found": len(devices),
+                "passed": len(devices) == expect["mig_count"],
+            }
+        )
+    return checks
 
 
 def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> list[dict[str, Any]]:
@@ -208,6 +248,7 @@ def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> l
         else:
             ok = False
         checks.append({"check": "mig", "expected": expect["mig"], "found": modes, "passed": ok})
+    checks.extend(_mig_device_checks(expect, gpus))
     if expect.get("ecc") is not None:
         modes = [_mode(state) for state in _per_gpu(gpus, "ecc")]
         ok = expect["ecc"] == "required" and bool(modes) and all(m == "enabled" for m in modes)

@@ -23,6 +23,7 @@ from runner.adapters.kubernetes import (
     api_call,
     exec_in_pod,
 )
+from runner.adapters.kueue import workload_reason
 from runner.backends.collect import StreamReceiver, extract_results_frame
 from runner.backends.live import LineRelay, OutputLine
 from runner.backends.manifests import (
@@ -32,7 +33,9 @@ from runner.backends.manifests import (
     active_deadline_s,
     image_volume_support,
     node_storage_mib,
+    queue_of,
 )
+from runner.backends.queueing import QueueClock, is_suspended
 from runner.errors import (
     APIForbidden,
     APINotFound,
@@ -187,6 +190,8 @@ class RunSession:
         self.pods: dict[str, _Tracked] = {}
         self.collection = _Collection()
         self.cancel_requested = False
+        queue = queue_of(plan, backend.options(self.namespace))
+        self.clock = QueueClock(queue) if queue else None
         self.disruptions: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -238,6 +243,16 @@ class RunSession:
 
     def _next(self) -> Any:
         job = self.watch.job(self.name)
+        clock = self.clock
+        if clock is not None and job is not None:
+            # a queued Job has no pod: waiting for admission is not being stuck
+            if is_suspended(job) and not (_condition(job, "Complete") or _condition(job, "Failed")):
+                if clock.suspended() or clock.due_for_reason():
+                    return ("queued", job)
+                return None
+            if clock.waiting:
+                clock.admitted()
+                return ("admitted", job)
         for pod in self.watch.pods_of(self.plan.run_id):
             pod_name = pod.metadata.name
             tracked = self.pods.setdefault(pod_name, _Tracked())
@@ -279,7 +294,12 @@ class RunSession:
             kind, obj = outcome
             if kind == "gone":
                 raise job_gone(self.name, obj, cancel_requested=self.cancel_requested)
-            if kind == "scheduled":
+            if kind in ("queued", "admitted"):
+                # the run's own deadline starts at admission, as the Job's does
+                deadline = time.monotonic() + limit
+                until = deadline if give_up_at is None else min(deadline, give_up_at)
+                self._report_queue(kind, obj)
+            elif kind == "scheduled":
                 self._check_node(obj)
             elif kind == "follow":
                 self._follow_log(obj.metadata.name)
@@ -291,6 +311,29 @@ class RunSession:
                 self._disrupted(*obj)
             else:
                 return self._result(obj, started, t0)
+
+    def _report_queue(self, kind: str, job: Any) -> None:
+        clock = self.clock
+        assert clock is not None
+        if kind == "queued":
+            reason = workload_reason(self.api, self.namespace, job.metadata.uid, clock.queue)
+            clock.reason = reason or clock.reason
+            text = f"queued in {clock.queue}" + (f": {reason}" if reason else "")
+        else:
+            text = f"admitted by Kueue after {clock.waited_s:.1f} s in {clock.queue}"
+        log.info(
+            text,
+            extra={
+                "event": f"k8s_{kind}",
+                "run_id": self.plan.run_id,
+                "job": self.name,
+                "queue": clock.queue,
+                "reason": clock.reason,
+                "queue_wait_s": round(clock.waited_s, 3),
+            },
+        )
+        if self.backend.output is not None:
+            self.backend.output(OutputLine(self.plan.run_id, "queue", text))
 
     def _check_node(self, pod: Any) -> None:
         """Refuse (exit 4) a node whose container runtime cannot mount image volumes."""
@@ -543,6 +586,12 @@ class RunSession:
         self.backend._expire(api, namespace, self.name)
         if timed_out:
             exit_code = None
+        queued: dict[str, Any] = {}
+        if self.clock is not None:
+            queued = self.clock.facts()
+            details["queue"] = queued
+            # the run's span starts at admission; the wait is counted apart
+            started = self.clock.admitted_at or started
         return BackendResult(
             backend=self.backend.name,
             exit_code=exit_code,
@@ -551,7 +600,9 @@ class RunSession:
             runtime=runtime,
             started_at=started,
             finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            duration_s=round(time.monotonic() - t0, 3),
+            duration_s=round(time.monotonic() - t0 - queued.get("queue_wait_s", 0.0), 3),
+            queued_at=queued.get("queued_at"),
+            queue_wait_s=queued.get("queue_wait_s"),
             details=details,
             collection_problems=collection,
         )

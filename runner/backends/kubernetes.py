@@ -53,6 +53,7 @@ from runner.backends.manifests import (
     input_volumes,
     job_name,
     labels_for,
+    queue_of,
     spec_hash_of,
     ttl_patch,
 )
@@ -113,10 +114,16 @@ class KubernetesBackend:
         hold_s: int = DEFAULT_HOLD_S,
         ttl_after_finished_s: int = 600,
         active_deadline_s: int | None = None,
+        image_pull_secrets: tuple[str, ...] = (),
+        priority_class: str | None = None,
+        queue: str | None = None,
         output: OutputSink | None = None,
     ) -> None:
         self.target = target
         self.active_deadline_s = active_deadline_s
+        self.image_pull_secrets = image_pull_secrets
+        self.priority_class = priority_class
+        self.queue = queue
         self.extra_tolerations = extra_tolerations
         self.hold_s = hold_s
         self.ttl_after_finished_s = ttl_after_finished_s
@@ -155,6 +162,9 @@ class KubernetesBackend:
             extra_tolerations=self.extra_tolerations,
             hold_s=self.hold_s,
             active_deadline_s=self.active_deadline_s,
+            image_pull_secrets=self.image_pull_secrets,
+            priority_class=self.priority_class,
+            queue=self.queue,
         )
 
     def preflight(self, plan: RunPlan) -> None:
@@ -208,7 +218,8 @@ class KubernetesBackend:
         uid = str(stored["metadata"]["uid"])
         configmap = build_configmap(plan, plan_json, options, job_uid=uid)
         self._ensure_configmap(core, namespace, configmap, uid)
-        if (stored.get("spec") or {}).get("suspend"):
+        # a queued Job is Kueue's to resume (on admission); evalrun never does it itself
+        if (stored.get("spec") or {}).get("suspend") and not queue_of(plan, options):
             api_call(
                 "resume Job",
                 lambda: batch.patch_namespaced_job(name, namespace, RESUME_PATCH),

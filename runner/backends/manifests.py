@@ -36,9 +36,14 @@ LABEL_SPEC_NAME = "evalrun.dev/spec"
 ANNOTATION_IMAGE = "evalrun.dev/image"
 CONTAINER_NAME = "agent"
 GPU_RESOURCE = "nvidia.com/gpu"
+# The NVIDIA device plugin's "mixed" MIG strategy: one resource per profile.
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_DRIVER_MAJOR_LABEL = "nvidia.com/cuda.driver.major"
 GPU_TAINT_KEY = "nvidia.com/gpu"
+# Kueue: the LocalQueue a Job is submitted to, and its WorkloadPriorityClass.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # ConfigMaps are capped at 1 MiB by the API server; leave room for metadata.
 MAX_CONFIGMAP_BYTES = 900 * 1024
 INPUT_VOLUME_PREFIX = "input-"
@@ -66,6 +71,12 @@ class JobOptions:
     extra_tolerations: tuple[tuple[str, str], ...] = ()
     # The operator's cap on the Job's run time (activeDeadlineSeconds); None: computed.
     active_deadline_s: int | None = None
+    # Secrets (kubernetes.io/dockerconfigjson) the kubelet pulls the image and inputs with.
+    image_pull_secrets: tuple[str, ...] = ()
+    # PriorityClass of the pod; with a queue also the Kueue WorkloadPriorityClass.
+    priority_class: str | None = None
+    # Kueue LocalQueue: the Job waits suspended until Kueue admits it (Kueue resumes it).
+    queue: str | None = None
 
 
 def _version() -> str:
@@ -239,6 +250,16 @@ def _runtime_class(plan: RunPlan) -> str | None:
     return None
 
 
+def gpu_resource_name(plan: RunPlan) -> str:
+    """``nvidia.com/gpu``, or ``nvidia.com/mig-<profile>`` for a MIG run."""
+    return MIG_RESOURCE_PREFIX + plan.mig_profile if plan.mig_profile else GPU_RESOURCE
+
+
+def queue_of(plan: RunPlan, options: JobOptions) -> str | None:
+    """The Kueue LocalQueue the run's Job is submitted to (flag, else the spec's), if any."""
+    return options.queue or plan.queue
+
+
 def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
     """The batch/v1 Job that runs the agent once for this plan, created suspended.
 
@@ -309,12 +330,26 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
         ],
     }
+    # the operator's flags win over the spec's cluster section
+    pull_secrets = options.image_pull_secrets or tuple(plan.image_pull_secrets)
+    priority_class = options.priority_class or plan.priority_class
+    queue = options.queue or plan.queue
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in pull_secrets]
+    if priority_class:
+        pod_spec["priorityClassName"] = priority_class
+    job_labels = dict(labels)
+    if queue:
+        job_labels[KUEUE_QUEUE_LABEL] = queue
+        if priority_class:
+            job_labels[KUEUE_PRIORITY_LABEL] = priority_class
     runtime_class = _runtime_class(plan)
     if runtime_class:
         pod_spec["runtimeClassName"] = runtime_class
     if plan.gpus:
-        resources["limits"][GPU_RESOURCE] = str(plan.gpus)
-        resources["requests"][GPU_RESOURCE] = str(plan.gpus)
+        gpu_resource = gpu_resource_name(plan)
+        resources["limits"][gpu_resource] = str(plan.gpus)
+        resources["requests"][gpu_resource] = str(plan.gpus)
         selector: dict[str, str] = {}
         if plan.gpu_product:
             selector[GPU_PRODUCT_LABEL] = plan.gpu_product
@@ -335,11 +370,12 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
         "metadata": {
             "name": name,
             "namespace": options.namespace,
-            "labels": labels,
+            "labels": job_labels,
             "annotations": {ANNOTATION_IMAGE: plan.image_ref},
         },
         "spec": {
-            # Created suspended: no pod starts before its ConfigMap (owned by this Job) exists.
+            # Created suspended: no pod starts before its ConfigMap (owned by this Job) exists;
+            # in a Kueue queue it stays so until Kueue admits it.
             "suspend": True,
             "backoffLimit": plan.retries,
             "activeDeadlineSeconds": active_deadline_s(plan, options),

@@ -121,6 +121,9 @@ def backend_for(args: argparse.Namespace, output: Callable[[Any], None] | None =
         extra_tolerations=tuple(toleration(t) for t in args.tolerate),
         ttl_after_finished_s=args.ttl_after_finished,
         active_deadline_s=args.active_deadline,
+        image_pull_secrets=tuple(args.image_pull_secret),
+        priority_class=args.priority_class,
+        queue=args.queue,
         output=output,
     )
 
@@ -219,6 +222,27 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY:EFFECT",
         help="kubernetes: also tolerate this node taint (cluster-specific; repeatable)",
+    )
+    p.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        metavar="SECRET",
+        help="kubernetes: pull the image and inputs with this dockerconfigjson Secret of the "
+        "namespace (repeatable; replaces the spec's cluster.image_pull_secrets)",
+    )
+    p.add_argument(
+        "--priority-class",
+        metavar="NAME",
+        help="kubernetes: the pod's PriorityClass, and with a queue the Kueue "
+        "WorkloadPriorityClass (overrides the spec's cluster.priority_class)",
+    )
+    p.add_argument(
+        "--queue",
+        metavar="LOCALQUEUE",
+        help="kubernetes: submit through this Kueue LocalQueue; the Job waits suspended "
+        "until admitted, and the wait is timed apart from the run (overrides the spec's "
+        "cluster.queue)",
     )
     p.add_argument(
         "--ttl-after-finished",

@@ -124,8 +124,16 @@ class RunPlan(BaseModel):
     retries: int = 2
     gpu_product: str | None = None
     gpu_driver_major: int | None = None
+    mig_profile: str | None = Field(
+        default=None, description="MIG profile: 'gpus' devices of nvidia.com/mig-<profile>."
+    )
     runtime_class: str | None = None
     verify_rootfs: Literal["used", "full"] = "used"
+    queue: str | None = Field(default=None, description="The spec's Kueue LocalQueue.")
+    priority_class: str | None = Field(default=None, description="The spec's PriorityClass.")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="The spec's image pull Secrets."
+    )
     spec_digest: str
     lock_digest: str
     spec_name: str
@@ -185,6 +193,12 @@ class BackendResult(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     duration_s: float | None = None
+    queued_at: str | None = Field(
+        default=None, description="When the run entered a Kueue queue (None: not queued)."
+    )
+    queue_wait_s: float | None = Field(
+        default=None, description="Seconds spent waiting for admission, apart from the run."
+    )
     container_log: str = ""
     collection_problems: list[str] = Field(
         default_factory=list, description="What the backend refused while fetching results."

@@ -169,6 +169,8 @@ class Timestamps(Record):
     finished: Text | None = None
     container_started: Text | None = None
     container_finished: Text | None = None
+    queued: Text | None = None
+    queue_wait_s: float | None = None
 
 
 # --------------------------------------------------------------------------- run predicate

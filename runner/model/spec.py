@@ -500,6 +500,11 @@ class MetricSpec(_Model):
         return self
 
 
+# A MIG profile as the NVIDIA device plugin names it: <slices>g.<memory>gb[+me…].
+MIG_PROFILE_PATTERN = r"^[1-8]g\.[0-9]{1,4}gb(\+[a-z]{1,8})?$"
+K8S_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
+
+
 class ResourcesSpec(_Model):
     cpus: float = Field(default=1.0, gt=0, le=256)
     memory_mib: int = Field(default=1024, ge=64, le=4 * 1024 * 1024)
@@ -519,6 +524,49 @@ class ResourcesSpec(_Model):
     gpu_driver_major: int | None = Field(
         default=None, ge=1, description="Node label nvidia.com/cuda.driver.major to require."
     )
+    mig_profile: str | None = Field(
+        default=None,
+        pattern=MIG_PROFILE_PATTERN,
+        description="Run on MIG devices of this profile ('1g.10gb', '3g.40gb', …): 'gpus' of "
+        "them, requested as nvidia.com/mig-<profile> (the NVIDIA device plugin's mixed "
+        "strategy).",
+    )
+
+    @model_validator(mode="after")
+    def _mig_needs_gpus(self) -> ResourcesSpec:
+        if self.mig_profile is not None and self.gpus < 1:
+            raise ValueError("mig_profile needs gpus >= 1 (how many MIG devices to request)")
+        return self
+
+
+class ClusterSpec(_Model):
+    """How the run is submitted on a shared cluster (the CLI flags override each one)."""
+
+    queue: str | None = Field(
+        default=None,
+        pattern=K8S_NAME_PATTERN,
+        description="Kueue LocalQueue: the Job waits suspended until Kueue admits it.",
+    )
+    priority_class: str | None = Field(
+        default=None,
+        pattern=K8S_NAME_PATTERN,
+        description="PriorityClass of the pod; with a queue also the Kueue "
+        "WorkloadPriorityClass (the operator creates both under this name).",
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Secrets (kubernetes.io/dockerconfigjson) in the run's namespace that "
+        "the kubelet pulls the image and input artifacts with.",
+    )
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(K8S_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a Kubernetes object name")
+        return value
 
 
 class SandboxSpec(_Model):
@@ -548,6 +596,14 @@ class ExpectedEnvironment(_Model):
     gpu_product: str | None = Field(default=None, description="Regex the GPU name must match.")
     gpu_count: int | None = Field(default=None, ge=0)
     mig: Literal["required", "forbidden"] | None = None
+    mig_profile: str | None = Field(
+        default=None,
+        pattern=MIG_PROFILE_PATTERN,
+        description="Every MIG device the container sees is of this profile ('1g.10gb').",
+    )
+    mig_count: int | None = Field(
+        default=None, ge=1, le=56, description="Number of MIG devices the container must see."
+    )
     ecc: Literal["required"] | None = None
 
 
@@ -603,6 +659,7 @@ class EvalSpec(_Model):
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     expect: ExpectedEnvironment = Field(default_factory=ExpectedEnvironment)
     timeout_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
     retries: int = Field(default=2, ge=0, le=10)

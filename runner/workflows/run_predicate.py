@@ -46,6 +46,13 @@ def _evalrun_version() -> str:
         return "unknown"
 
 
+def _queue_timestamps(result: BackendResult | None) -> dict[str, Any]:
+    # only a queued run has these keys: older bundles and unqueued runs stay as they were
+    if result is None or result.queued_at is None:
+        return {}
+    return {"queued": result.queued_at, "queue_wait_s": result.queue_wait_s}
+
+
 def _present(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -158,5 +165,6 @@ def build_run_predicate(
             finished=finished or _now(),
             container_started=result.started_at if result else None,
             container_finished=result.finished_at if result else None,
+            **_queue_timestamps(result),
         ),
     )

@@ -189,6 +189,24 @@ build_seaweedfs() {
   build_wrapper seaweedfs "$SEAWEEDFS_VERSION" "$out" "-s -w" github.com/seaweedfs/seaweedfs/weed
 }
 
+# Kueue's controller manager (run as a host process against the API server, like
+# kwok) plus its CRDs, copied from the same module so both match the version.
+build_kueue() {
+  local out=$KUEUE_DIR
+  have "$out" kueue && [[ -d $out/crds ]] && return 0
+  local upstream
+  upstream=$(new_wrapper kueue sigs.k8s.io/kueue "$KUEUE_VERSION" "$out")
+  { echo; grep -E '^replace [^ ]+ => [^./][^ ]* v[^ ]+$' "$upstream" || true; } >>"$out/src/go.mod"
+  build_wrapper kueue "$KUEUE_VERSION" "$out" \
+    "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue
+  local dir
+  dir=$(cd "$out/src" && "$GO" mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  rm -rf "$out/crds" && mkdir -p "$out/crds"
+  cp "$dir"/config/components/crd/bases/*.yaml "$out/crds/"
+  chmod -R u+w "$out/crds"
+}
+
 # The pause and probe images' binaries; keyed by a hash of their sources.
 build_images() {
   local out=$IMAGES_DIR

@@ -44,6 +44,7 @@ if running kube-apiserver && running kubelet && running containerd; then
   done
 fi
 
+for name in "${OPTIONAL_COMPONENTS[@]}"; do stop_component "$name"; done
 for ((c = ${#COMPONENTS[@]} - 1; c >= 0; c--)); do
   name=${COMPONENTS[c]}
   if [[ $name == containerd ]] && running containerd; then

@@ -26,6 +26,8 @@ CONTAINERD_DIR=$CACHE/containerd-$CONTAINERD_VERSION
 CONTAINERD_BIN=$CONTAINERD_DIR/bin
 SEAWEEDFS_DIR=$CACHE/seaweedfs-$SEAWEEDFS_VERSION
 SEAWEEDFS_BIN=$SEAWEEDFS_DIR/bin
+KUEUE_DIR=$CACHE/kueue-$KUEUE_VERSION
+KUEUE_BIN=$KUEUE_DIR/bin
 GVISOR_BIN=$CACHE/gvisor-shim-$GVISOR_SHIM_VERSION-$(cat "$CLUSTER_DIR"/patches/gvisor-*.patch | sha256sum | cut -c1-12)/bin
 IMAGES_DIR=$CACHE/images-$(cd "$CLUSTER_DIR/images" && cat go.mod */*.go | sha256sum | cut -c1-16)
 PAUSE_IMAGE=$REGISTRY/evalrun/pause:$PAUSE_VERSION
@@ -48,6 +50,8 @@ LOGS=$STATE/logs
 CONTAINERD_SOCK=$STATE/containerd/containerd.sock
 # Start order; down.sh stops in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-router kwok)
+# Started on demand by kueue-up.sh (the queueing tests), stopped by down.sh.
+OPTIONAL_COMPONENTS=(kueue)
 
 # Serialise up.sh, down.sh and component.sh start/stop: pytest sessions may call
 # up.sh at the same time, and two racing starts would leave untracked processes.

@@ -284,6 +284,16 @@ start_kwok() {
       -p "{\"status\":{\"capacity\":$res,\"allocatable\":$res}}" >/dev/null \
       || die "setting kwok node GPU capacity failed"
   fi
+  # MIG nodes (their own label type=kwok-mig, so the GPU node count stays as it was)
+  bash "$CLUSTER_DIR/kwok-mig-nodes.sh" >"$STATE/kwok/mig-nodes.yaml"
+  kc apply -f "$STATE/kwok/mig-nodes.yaml" >/dev/null || die "creating kwok MIG nodes failed"
+  local mig_name mig_profile mig_count res
+  while read -r mig_name mig_profile mig_count; do
+    res="{\"cpu\":\"96\",\"memory\":\"1843Gi\",\"pods\":\"110\",\"ephemeral-storage\":\"7Ti\",\"nvidia.com/mig-$mig_profile\":\"$mig_count\"}"
+    kc patch node "$mig_name" --subresource=status --type=merge \
+      -p "{\"status\":{\"capacity\":$res,\"allocatable\":$res}}" >/dev/null \
+      || die "setting kwok MIG node $mig_name capacity failed"
+  done < <(bash "$CLUSTER_DIR/kwok-mig-nodes.sh" --capacity)
   local cfg=()
   for f in "$KWOK_BIN"/../stages/*.yaml; do cfg+=(--config "$(realpath "$f")"); done
   start_component kwok "$KWOK_BIN/kwok" "${cfg[@]}" \

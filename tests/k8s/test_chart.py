@@ -137,3 +137,64 @@ def test_audit_cronjob_is_opt_in_and_digest_pinned(cluster):
     tagged = _helm(cluster, "template", "evalrun", str(CHART), "--set", "audit.enabled=true",
                    "--set", "audit.image=127.0.0.1:5000/evalrun/runner:latest")
     assert tagged.returncode != 0 and "pinned by digest" in tagged.stderr
+
+
+def test_two_tenants_each_run_in_their_own_namespace_and_read_nothing_of_the_other(
+    cluster, k8s_client
+):
+    import secrets as _secrets
+
+    suffix = _secrets.token_hex(3)
+    team_a, team_b = f"t-tenant-a-{suffix}", f"t-tenant-b-{suffix}"
+    release = f"tenants-{suffix}"
+    proc = _helm(
+        cluster, "install", release, str(CHART), "--namespace", "default",
+        "--set", f"namespace.name=t-tenant-main-{suffix}",
+        "--set", "runtimeClass.create=false", "--set", "quota.create=false",
+        "--set", "limitRange.create=false", "--set", "networkPolicy.defaultDeny=false",
+        "--set", "runner.readNodes=false",
+        "--set", f"tenants[0].name={team_a}", "--set", "tenants[0].quota.gpus=16",
+        "--set", f"tenants[1].name={team_b}", "--set", "tenants[1].quota.gpus=8",
+        "--set", "tenants[1].runners[0].kind=Group",
+        "--set", f"tenants[1].runners[0].name=team-b-{suffix}",
+        "--wait", "--timeout", "60s",
+    )
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        authz = client.AuthorizationV1Api(k8s_client)
+        core = client.CoreV1Api(k8s_client)
+
+        def allowed(user: str, groups: list[str], ns: str, verb: str, resource: str,
+                    group: str = "", sub: str = "") -> bool:
+            review = client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(
+                user=user, groups=groups, resource_attributes=client.V1ResourceAttributes(
+                    namespace=ns, verb=verb, resource=resource, group=group,
+                    subresource=sub or None)))
+            return authz.create_subject_access_review(review).status.allowed
+
+        for own, other in ((team_a, team_b), (team_b, team_a)):
+            sa = f"system:serviceaccount:{own}:evalrun-runner"
+            groups = ["system:serviceaccounts", f"system:serviceaccounts:{own}"]
+            assert allowed(sa, groups, own, "create", "jobs", "batch")
+            assert allowed(sa, groups, own, "get", "pods", sub="log")
+            assert allowed(sa, groups, own, "list", "workloads", "kueue.x-k8s.io")
+            for verb in ("get", "list", "watch"):
+                assert not allowed(sa, groups, own, verb, "secrets")
+                assert not allowed(sa, groups, other, verb, "secrets")
+                assert not allowed(sa, groups, other, verb, "jobs", "batch")
+                assert not allowed(sa, groups, other, verb, "pods")
+            assert not allowed(sa, groups, other, "get", "pods", sub="log")
+            assert not allowed(sa, groups, other, "create", "jobs", "batch")
+            quota = core.read_namespaced_resource_quota("evalrun", own)
+            assert quota.spec.hard["requests.nvidia.com/gpu"] == ("16" if own == team_a else "8")
+            ns = core.read_namespace(own)
+            assert ns.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+            policies = client.NetworkingV1Api(k8s_client).list_namespaced_network_policy(own)
+            assert [p.metadata.name for p in policies.items] == ["default-deny-all"]
+        # a team's people, bound through `runners`, get the same rights in their namespace only
+        person = ("alice", [f"team-b-{suffix}"])
+        assert allowed(*person, team_b, "create", "jobs", "batch")
+        assert not allowed(*person, team_a, "list", "jobs", "batch")
+        assert not allowed(*person, team_b, "get", "secrets")
+    finally:
+        _helm(cluster, "uninstall", release, "--namespace", "default", "--wait")

@@ -237,12 +237,16 @@ def test_runtime_class_of_a_plan() -> None:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", ["charts/evalrun/templates/rbac.yaml", "manifests/evalrun.yaml"])
-def test_the_runner_role_may_read_its_namespace_and_list_network_policies(path: str) -> None:
+# the chart's Roles include the rules helper (two spaces less indented than in manifests/)
+@pytest.mark.parametrize(("path", "pad"), [("charts/evalrun/templates/_helpers.tpl", "  "),
+                                           ("manifests/evalrun.yaml", "    ")])
+def test_the_runner_role_may_read_its_namespace_and_list_network_policies(
+    path: str, pad: str
+) -> None:
     text = (ROOT / path).read_text()
-    assert 'resources: ["namespaces"]\n    verbs: ["get"]' in text
-    assert 'apiGroups: ["networking.k8s.io"]\n    resources: ["networkpolicies"]\n' in text
-    assert 'resources: ["networkpolicies"]\n    verbs: ["list"]' in text
+    assert f'resources: ["namespaces"]\n{pad}verbs: ["get"]' in text
+    assert f'apiGroups: ["networking.k8s.io"]\n{pad}resources: ["networkpolicies"]\n' in text
+    assert f'resources: ["networkpolicies"]\n{pad}verbs: ["list"]' in text
 
 
 # --- launched_by: self-asserted, bound to the signing key ---------------------------------

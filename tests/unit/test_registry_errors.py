@@ -44,7 +44,7 @@ def test_server_error_is_transient_and_names_registry_repository_status(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(
-        registry.urllib.request, "urlopen", _failing(lambda url: _http_error(url, 503))
+        registry, "_urlopen", _failing(lambda url: _http_error(url, 503))
     )
     url = f"http://127.0.0.1:5000/v2/evalrun/digits/manifests/{DIGEST}"
     with pytest.raises(TransientRegistryError) as caught:
@@ -65,7 +65,7 @@ def test_client_error_is_an_answer_for_the_caller_to_judge(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(
-        registry.urllib.request, "urlopen", _failing(lambda url: _http_error(url, 404))
+        registry, "_urlopen", _failing(lambda url: _http_error(url, 404))
     )
     response = registry._send("HEAD", "http://127.0.0.1:5000/v2/evalrun/digits/blobs/x")
     assert response.status == 404 and response.body == b"{}"
@@ -73,8 +73,8 @@ def test_client_error_is_an_answer_for_the_caller_to_judge(
 
 def test_unreachable_registry_is_transient_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        registry.urllib.request,
-        "urlopen",
+        registry,
+        "_urlopen",
         _failing(lambda url: urllib.error.URLError(ConnectionRefusedError(111, "refused"))),
     )
     with pytest.raises(TransientRegistryError) as caught:
@@ -89,7 +89,7 @@ def test_blob_download_refused_is_permanent_and_server_errors_are_retried(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(
-        registry.urllib.request, "urlopen", _failing(lambda url: _http_error(url, 403))
+        registry, "_urlopen", _failing(lambda url: _http_error(url, 403))
     )
     with pytest.raises(RegistryAPIError) as refused:
         registry.get_blob(NAME, DIGEST, tmp_path / "blob")
@@ -102,7 +102,7 @@ def test_blob_download_refused_is_permanent_and_server_errors_are_retried(
         calls.append(req.full_url)
         raise _http_error(req.full_url, 502)
 
-    monkeypatch.setattr(registry.urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(registry, "_urlopen", flaky)
     no_wait = transient_policy(sleep=lambda _s: None)
     monkeypatch.setattr(registry, "_retry_policy", lambda: no_wait)
     with pytest.raises(InfrastructureError) as gave_up:

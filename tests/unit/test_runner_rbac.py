@@ -29,6 +29,9 @@ EXPECTED_RULES = {
     # the preflight's namespace-policy check (runner/backends/namespace_policy.py)
     ("", "namespaces"): {"get"},
     ("networking.k8s.io", "networkpolicies"): {"list"},
+    # why a queued run waits (runner/adapters/kueue.py): its Workload, its LocalQueue
+    ("kueue.x-k8s.io", "workloads"): {"get", "list"},
+    ("kueue.x-k8s.io", "localqueues"): {"get", "list"},
 }
 
 
@@ -57,13 +60,19 @@ def test_the_runner_may_exec_and_nothing_more_than_it_needs():
 
 
 def test_chart_and_plain_manifests_grant_the_same_rules():
-    chart = (ROOT / "charts" / "evalrun" / "templates" / "rbac.yaml").read_text()
+    # the chart's Roles (main namespace and every tenant) include one helper
+    templates = ROOT / "charts" / "evalrun" / "templates"
     plain = (ROOT / "manifests" / "evalrun.yaml").read_text()
+    helper = re.search(r'define "evalrun.runnerRules" -\}\}\n(.*?)\n\{\{- end',
+                       (templates / "_helpers.tpl").read_text(), re.S)
+    assert helper
+    chart_rules = "\n".join(f"  {line}" for line in helper[1].splitlines())
+    for name in ("rbac.yaml", "tenants.yaml"):
+        assert 'rules:\n  {{- include "evalrun.runnerRules"' in (templates / name).read_text()
 
     def rules_block(text: str) -> str:
         match = re.search(r"name: evalrun-runner\n.*?rules:\n(.*?)\n---", text, re.S)
         assert match, "no evalrun-runner Role"
         return match[1]
 
-    chart_role = re.search(r"kind: Role\n.*?rules:\n(.*?)\n---", chart, re.S)
-    assert chart_role and chart_role[1] == rules_block(plain[plain.index("kind: Role\n"):])
+    assert chart_rules == rules_block(plain[plain.index("kind: Role\n"):])
