@@ -251,6 +251,8 @@ def test_agent_stops_before_the_evaluation_with_exit_3(tmp_path, monkeypatch):
     import runner.agent.__main__ as agent
 
     monkeypatch.setattr(agent, "rootfs_digest", lambda _: ("sha256:" + "2" * 64, 1))
+    # the full check runs in the agent's usage module (no digest table here)
+    monkeypatch.setattr("runner.agent.usage.rootfs_digest", lambda _: ("sha256:" + "2" * 64, 1))
     monkeypatch.setattr(agent, "capture_environment", lambda _: {"gpu": {}})
     files = _shards(tmp_path / "m")
     item = _directory_item(tmp_path / "m", files)

@@ -150,6 +150,8 @@ def nvml_h100(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(h100_system(), [h100_device()]))
     # The rootfs walk of this machine is not what these tests are about.
     monkeypatch.setattr(agent, "rootfs_digest", lambda root: ("sha256:fake", 0))
+    # the full check runs in the agent's usage module (no digest table here)
+    monkeypatch.setattr("runner.agent.usage.rootfs_digest", lambda root: ("sha256:fake", 0))
 
 
 def test_agent_run_with_a_wrong_driver_pin_exits_4_with_expected_vs_found(tmp_path, nvml_h100):

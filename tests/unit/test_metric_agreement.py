@@ -70,6 +70,8 @@ def _plan(tmp_path, rows):
 
 def _run_agent(tmp_path, monkeypatch, rows):
     monkeypatch.setattr(agent, "rootfs_digest", lambda root: (ROOTFS, 1))
+    # the full check runs in the agent's usage module (no digest table here)
+    monkeypatch.setattr("runner.agent.usage.rootfs_digest", lambda root: (ROOTFS, 1))
     monkeypatch.setattr(agent, "capture_environment", lambda ref: {"gpu": {"visible": False}})
     plan = _plan(tmp_path, rows)
     results = tmp_path / "results"
