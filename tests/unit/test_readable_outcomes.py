@@ -150,6 +150,8 @@ def test_the_real_agent_hints_at_a_wrong_input_name(tmp_path: Path, monkeypatch)
 
     root = "sha256:" + "b" * 64
     monkeypatch.setattr(agent, "rootfs_digest", lambda _: (root, 1))
+    # the full check runs in the agent's usage module (no digest table here)
+    monkeypatch.setattr("runner.agent.usage.rootfs_digest", lambda _: (root, 1))
     monkeypatch.setattr(agent, "capture_environment", lambda _: {"gpu": {"visible": False}})
     script = tmp_path / "evaluate.py"
     script.write_text("import os\nprint('loading', file=__import__('sys').stderr)\n"
