@@ -11,27 +11,46 @@ results frame are defined once, in :mod:`runner.shared.protocol`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import re
 import resource
-import stat
 import subprocess
 import sys
-import tarfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from runner.agent.capture import capture_environment
+from runner.agent.expectations import (
+    GPU_EXPECTATIONS,
+    _failed,
+    _mode,
+    _per_gpu,
+    _version_check,
+    _version_tuple,
+    check_expected_environment,
+    version_satisfies,
+)
 from runner.agent.hints import missing_input_hint, stderr_text
-from runner.agent.hold import acknowledge, emit_stream, hold, is_holding
+from runner.agent.hold import acknowledge, hold
 from runner.agent.inputs import check_input, failure_reason
+from runner.agent.results_out import (
+    LOG_FRAME_MAX_BYTES,
+    _emit_held,
+    _result_files,
+    _tree_size,
+    emit_results,
+    results_tar,
+    write_results_tar,
+)
 from runner.agent.rootfs import rootfs_digest, rootfs_table
+from runner.agent.teeing import (
+    _DRAIN_S,
+    _tee,
+    run_teed,
+)
 from runner.agent.verification import RootfsVerification
 from runner.shared.metrics import (
     SampleFormatError,
@@ -44,18 +63,14 @@ from runner.shared.metrics import (
 )
 from runner.shared.protocol import (
     DEFAULT_HOLD_S,
-    MAX_RESULT_FILE_BYTES,
-    MAX_RESULT_FILES,
     NOT_HOLDING_EXIT,
     PLAN_FILE,
     RESULTS_MOUNT,
     AgentExit,
     AgentPlan,
     PlanError,
-    encode_frame,
     read_agent_plan,
 )
-from runner.shared.tarformat import MAX_DEPTH, file_header, member_name_reason
 
 
 class EventLog:
@@ -79,181 +94,6 @@ class EventLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text))
-
-
-def version_satisfies(version: str, specifier: str) -> bool:
-    """Check ``version`` against a comma-separated specifier like ``>=550,<600``.
-
-    ``==550`` and ``==550.*`` match every 550.x; a version with no number never
-    satisfies anything. Raises ValueError for a clause it cannot read.
-    """
-    have = _version_tuple(version)
-    clauses = [c.strip() for c in specifier.split(",") if c.strip()]
-    if not clauses:
-        raise ValueError(f"empty version specifier {specifier!r}")
-    for clause in clauses:
-        match = re.fullmatch(r"(==|!=|>=|<=|>|<)\s*([0-9]+(?:\.[0-9]+)*)(\.\*)?", clause)
-        if not match or (match.group(3) and match.group(1) not in ("==", "!=")):
-            raise ValueError(f"unsupported version specifier clause {clause!r}")
-        if not have:
-            return False
-        op, want_text, _ = match.groups()
-        want = _version_tuple(want_text)
-        width = max(len(have), len(want))
-        a = have + (0,) * (width - len(have))
-        b = want + (0,) * (width - len(want))
-        prefix_equal = have[: len(want)] == want
-        ok = {
-            "==": prefix_equal,
-            "!=": not prefix_equal,
-            ">=": a >= b,
-            "<=": a <= b,
-            ">": a > b,
-            "<": a < b,
-        }[op]
-        if not ok:
-            return False
-    return True
-
-
-GPU_EXPECTATIONS = (
-    "driver",
-    "cuda",
-    "gpu_product",
-    "gpu_count",
-    "mig",
-    "mig_profile",
-    "mig_count",
-    "ecc",
-)
-
-
-def _failed(check: str, expected: Any, found: Any, reason: str) -> dict[str, Any]:
-    return {"check": check, "expected": expected, "found": found, "passed": False, "reason": reason}
-
-
-def _version_check(check: str, specifier: str, found: Any) -> dict[str, Any]:
-    if not isinstance(found, str) or not found:
-        return _failed(check, specifier, found, "version not readable from NVML")
-    try:
-        passed = version_satisfies(found, specifier)
-    except ValueError as exc:
-        return _failed(check, specifier, found, f"invalid specifier: {exc}")
-    return {"check": check, "expected": specifier, "found": found, "passed": passed}
-
-
-def _per_gpu(gpus: list[Any], field: str) -> list[Any]:
-    return [g.get(field) if isinstance(g, dict) else None for g in gpus]
-
-
-def _mode(state: Any) -> str:
-    """'enabled', 'disabled', 'not_supported' (the GPU cannot have it) or 'unknown'."""
-    if isinstance(state, dict):
-        if state.get("current") in ("enabled", "disabled"):
-            return str(state["current"])
-        if str(state.get("unsupported", "")).startswith("NVMLError_NotSupported"):
-            return "not_supported"
-    return "unknown"
-
-
-def _mig_profile_of(name: Any) -> str | None:
-    """'NVIDIA H100 80GB HBM3 MIG 1g.10gb' → '1g.10gb' (NVML's MIG device names)."""
-    if not isinstance(name, str):
-        return None
-    match = re.search(r"\bMIG\s+([0-9]+g\.[0-9]+gb(?:\+[a-z]+)?)\s*$", name)
-    return match.group(1) if match else None
-
-
-def _mig_device_checks(expect: dict[str, Any], gpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The MIG devices NVML shows the container: their profile and their number."""
-    if expect.get("mig_profile") is None and expect.get("mig_count") is None:
-        return []
-    devices = [d for g in gpus for d in g.get("mig_devices") or [] if isinstance(d, dict)]
-    profiles = [_mig_profile_of(d.get("name")) for d in devices]
-    checks: list[dict[str, Any]] = []
-    if expect.get("mig_profile") is not None:
-        want = expect["mig_profile"]
-        ok = bool(profiles) and all(p == want for p in profiles)
-        checks.append({"check": "mig_profile", "expected": want, "found": profiles, "passed": ok})
-    if expect.get("mig_count") is not None:
-        checks.append(
-            {
-                "check": "mig_count",
-                "expected": expect["mig_count"],
-                "found": len(devices),
-                "passed": len(devices) == expect["mig_count"],
-            }
-        )
-    return checks
-
-
-def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> list[dict[str, Any]]:
-    """Compare the spec's expected environment with what NVML saw; one entry per check.
-
-    Fails closed: an expectation this agent does not know, a field NVML could not
-    read, or a specifier it cannot parse is a failed check, never a pass.
-    Every entry has ``check``, ``expected``, ``found`` and ``passed``.
-    """
-    checks: list[dict[str, Any]] = []
-    for key in sorted(expect):
-        if key not in GPU_EXPECTATIONS and expect[key] is not None:
-            checks.append(
-                _failed(key, expect[key], None, "this agent does not know how to check it")
-            )
-    wants_gpu = any(expect.get(k) is not None for k in GPU_EXPECTATIONS)
-    if not wants_gpu:
-        return checks
-    if not gpu.get("visible"):
-        checks.append(
-            {"check": "gpu_visible", "expected": True, "found": gpu.get("reason"), "passed": False}
-        )
-        return checks
-    gpus = [g for g in gpu.get("gpus") or [] if isinstance(g, dict)]
-    if expect.get("driver") is not None:
-        checks.append(_version_check("driver", expect["driver"], gpu.get("driver_version")))
-    if expect.get("cuda") is not None:
-        checks.append(_version_check("cuda", expect["cuda"], gpu.get("cuda_driver_version")))
-    if expect.get("gpu_product") is not None:
-        pattern = expect["gpu_product"]
-        names = _per_gpu(gpus, "name")
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            checks.append(_failed("gpu_product", pattern, names, f"invalid pattern: {exc}"))
-        else:
-            ok = bool(names) and all(isinstance(n, str) and regex.search(n) for n in names)
-            checks.append(
-                {"check": "gpu_product", "expected": pattern, "found": names, "passed": ok}
-            )
-    if expect.get("gpu_count") is not None:
-        count = gpu.get("count")
-        checks.append(
-            {
-                "check": "gpu_count",
-                "expected": expect["gpu_count"],
-                "found": count,
-                "passed": isinstance(count, int) and count == expect["gpu_count"],
-            }
-        )
-    if expect.get("mig") is not None:
-        modes = [_mode(state) for state in _per_gpu(gpus, "mig")]
-        if expect["mig"] == "required":
-            ok = bool(modes) and all(m == "enabled" for m in modes)
-        elif expect["mig"] == "forbidden":
-            ok = bool(modes) and all(m in ("disabled", "not_supported") for m in modes)
-        else:
-            ok = False
-        checks.append({"check": "mig", "expected": expect["mig"], "found": modes, "passed": ok})
-    checks.extend(_mig_device_checks(expect, gpus))
-    if expect.get("ecc") is not None:
-        modes = [_mode(state) for state in _per_gpu(gpus, "ecc")]
-        ok = expect["ecc"] == "required" and bool(modes) and all(m == "enabled" for m in modes)
-        checks.append({"check": "ecc", "expected": expect["ecc"], "found": modes, "passed": ok})
-    return checks
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -464,57 +304,6 @@ def _evaluate(
 
 
 # After the evaluation exits, its output pipes get this long to drain (a leftover child
-# process may keep them open; its output is then cut, never waited for).
-_DRAIN_S = 5.0
-
-
-def _tee(source: IO[bytes], keep: IO[bytes], live: IO[bytes]) -> None:
-    """Copy ``source`` to the file ``keep`` and, as it arrives, to the agent's own ``live``."""
-    try:
-        while chunk := source.read1(64 * 1024):  # type: ignore[attr-defined]
-            keep.write(chunk)
-            live.write(chunk)
-            live.flush()
-    except (OSError, ValueError):
-        pass  # the file was closed after the drain time, or the live stream is gone
-
-
-def run_teed(command: list[str], env: dict[str, str], logs: Path, timeout_s: int) -> int | None:
-    """Run the evaluation; its stdout/stderr go to ``logs/evaluation.{stdout,stderr}`` and,
-    live, to the agent's own stdout/stderr (the container log the runner follows).
-
-    Returns the exit code, or None when it ran past ``timeout_s`` (then it is killed).
-    """
-    with (
-        (logs / "evaluation.stdout").open("wb") as out,
-        (logs / "evaluation.stderr").open("wb") as err,
-    ):
-        proc = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None and proc.stderr is not None
-        pumps = [
-            threading.Thread(target=_tee, args=(proc.stdout, out, sys.stdout.buffer), daemon=True),
-            threading.Thread(target=_tee, args=(proc.stderr, err, sys.stderr.buffer), daemon=True),
-        ]
-        for pump in pumps:
-            pump.start()
-        try:
-            rc: int | None = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
-        drain_until = time.monotonic() + _DRAIN_S
-        for pump in pumps:
-            pump.join(max(0.0, drain_until - time.monotonic()))
-    return rc
-
-
 def _run_perturbations(
     plan: AgentPlan,
     baseline: list[dict[str, Any]],
@@ -566,84 +355,6 @@ def _run_perturbations(
         )
         out.append(effects)
     return out
-
-
-def results_tar(results: Path, notes: IO[str] | None = None) -> bytes:
-    """The results directory as one tar the runner's strict reader accepts.
-
-    Regular files only, walked without following links, each with the shared
-    deterministic header; a link, a special file, a name the reader would refuse,
-    a file over :data:`MAX_RESULT_FILE_BYTES` or beyond :data:`MAX_RESULT_FILES`
-    is left out, with one line on ``notes`` (stderr) saying so.
-    """
-    buf = io.BytesIO()
-    write_results_tar(results, buf, notes)
-    return buf.getvalue()
-
-
-def write_results_tar(results: Path, fileobj: Any, notes: IO[str] | None = None) -> None:
-    """:func:`results_tar`, written as it is made to ``fileobj`` (anything with ``write``)."""
-    notes = notes or sys.stderr
-    count = 0
-    # Stream mode: the tar is written as it is made, never held whole in memory.
-    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for rel, path in _result_files(results, "", notes):
-            reason = member_name_reason(rel, portable=False)
-            if reason is None and count >= MAX_RESULT_FILES:
-                reason = f"more than {MAX_RESULT_FILES} result files"
-            if reason:
-                print(f"agent: results entry {rel!r} not framed: {reason}", file=notes)
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                print(f"agent: results entry {rel!r} not framed: {exc.strerror}", file=notes)
-                continue
-            with os.fdopen(fd, "rb") as fh:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RESULT_FILE_BYTES:
-                    print(
-                        f"agent: results entry {rel!r} not framed: not a regular file "
-                        f"of at most {MAX_RESULT_FILE_BYTES} bytes",
-                        file=notes,
-                    )
-                    continue
-                tar.addfile(file_header(rel, st.st_size), fh)
-                count += 1
-
-
-def _result_files(
-    folder: Path, prefix: str, notes: IO[str], depth: int = 0
-) -> list[tuple[str, Path]]:
-    """(relative name, path) of the regular files under ``folder``, in path order; no links."""
-    out: list[tuple[str, Path]] = []
-    with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        rel = prefix + entry.name
-        if entry.is_symlink():
-            print(f"agent: results entry {rel!r} not framed: a symlink", file=notes)
-        elif entry.is_dir(follow_symlinks=False):
-            if depth >= MAX_DEPTH:
-                print(f"agent: results entry {rel!r} not framed: too deep", file=notes)
-            else:
-                out += _result_files(Path(entry.path), rel + "/", notes, depth + 1)
-        elif entry.is_file(follow_symlinks=False):
-            out.append((rel, Path(entry.path)))
-        else:
-            print(f"agent: results entry {rel!r} not framed: not a regular file", file=notes)
-    return out
-
-
-def emit_results(results: Path, out: IO[str] | None = None) -> None:
-    """Write the results directory to stdout as one framed, checksummed tar (base64).
-
-    Used where the runner cannot read the results volume (Kubernetes): the frame
-    travels on the log stream; the runner checks the checksum and every member.
-    """
-    stream = out or sys.stdout
-    stream.write(encode_frame(results_tar(results)))
-    stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -699,33 +410,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # Results up to this size are also left in the pod log as a frame (base64: ~1.4x, under
 # the kubelet's default 10 MiB log rotation).
-LOG_FRAME_MAX_BYTES = 4 << 20
-
-
-def _tree_size(root: Path) -> int:
-    """Bytes of the regular files under ``root`` (links not followed)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = (Path(dirpath) / name).lstat()
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-    return total
-
-
-def _emit_held(results: Path) -> int:
-    """``emit-results``: only while the agent holds, so the results are final."""
-    if not is_holding():
-        print(
-            "agent: no agent holds finished results here (still running, or already acknowledged)",
-            file=sys.stderr,
-        )
-        return NOT_HOLDING_EXIT
-    emit_stream(results, write_results_tar, sys.stdout.buffer)
-    return 0
-
-
 def _ack(plan_path: Path) -> int:
     """``ack``: the holding agent answers with the exit code it now ends with."""
     try:
@@ -738,6 +422,29 @@ def _ack(plan_path: Path) -> int:
         return NOT_HOLDING_EXIT
     print(f"ok exit={code}")
     return 0
+
+
+# names moved to expectations, teeing and results_out stay importable from here
+__all__ = [
+    "GPU_EXPECTATIONS",
+    "LOG_FRAME_MAX_BYTES",
+    "_DRAIN_S",
+    "_emit_held",
+    "_failed",
+    "_mode",
+    "_per_gpu",
+    "_result_files",
+    "_tee",
+    "_tree_size",
+    "_version_check",
+    "_version_tuple",
+    "check_expected_environment",
+    "emit_results",
+    "results_tar",
+    "run_teed",
+    "version_satisfies",
+    "write_results_tar",
+]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""The expected environment a plan states (driver and CUDA versions, GPU product and count,
+MIG, ECC), checked against what the agent captured; each failed check says expected vs found."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def version_satisfies(version: str, specifier: str) -> bool:
+    """Check ``version`` against a comma-separated specifier like ``>=550,<600``.
+
+    ``==550`` and ``==550.*`` match every 550.x; a version with no number never
+    satisfies anything. Raises ValueError for a clause it cannot read.
+    """
+    have = _version_tuple(version)
+    clauses = [c.strip() for c in specifier.split(",") if c.strip()]
+    if not clauses:
+        raise ValueError(f"empty version specifier {specifier!r}")
+    for clause in clauses:
+        match = re.fullmatch(r"(==|!=|>=|<=|>|<)\s*([0-9]+(?:\.[0-9]+)*)(\.\*)?", clause)
+        if not match or (match.group(3) and match.group(1) not in ("==", "!=")):
+            raise ValueError(f"unsupported version specifier clause {clause!r}")
+        if not have:
+            return False
+        op, want_text, _ = match.groups()
+        want = _version_tuple(want_text)
+        width = max(len(have), len(want))
+        a = have + (0,) * (width - len(have))
+        b = want + (0,) * (width - len(want))
+        prefix_equal = have[: len(want)] == want
+        ok = {
+            "==": prefix_equal,
+            "!=": not prefix_equal,
+            ">=": a >= b,
+            "<=": a <= b,
+            ">": a > b,
+            "<": a < b,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+GPU_EXPECTATIONS = (
+    "driver",
+    "cuda",
+    "gpu_product",
+    "gpu_count",
+    "mig",
+    "mig_profile",
+    "mig_count",
+    "ecc",
+)
+
+
+def _failed(check: str, expected: Any, found: Any, reason: str) -> dict[str, Any]:
+    return {"check": check, "expected": expected, "found": found, "passed": False, "reason": reason}
+
+
+def _version_check(check: str, specifier: str, found: Any) -> dict[str, Any]:
+    if not isinstance(found, str) or not found:
+        return _failed(check, specifier, found, "version not readable from NVML")
+    try:
+        passed = version_satisfies(found, specifier)
+    except ValueError as exc:
+        return _failed(check, specifier, found, f"invalid specifier: {exc}")
+    return {"check": check, "expected": specifier, "found": found, "passed": passed}
+
+
+def _per_gpu(gpus: list[Any], field: str) -> list[Any]:
+    return [g.get(field) if isinstance(g, dict) else None for g in gpus]
+
+
+def _mode(state: Any) -> str:
+    """'enabled', 'disabled', 'not_supported' (the GPU cannot have it) or 'unknown'."""
+    if isinstance(state, dict):
+        if state.get("current") in ("enabled", "disabled"):
+            return str(state["current"])
+        if str(state.get("unsupported", "")).startswith("NVMLError_NotSupported"):
+            return "not_supported"
+    return "unknown"
+
+
+def _mig_profile_of(name: Any) -> str | None:
+    """'NVIDIA H100 80GB HBM3 MIG 1g.10gb' → '1g.10gb' (NVML's MIG device names)."""
+    if not isinstance(name, str):
+        return None
+    match = re.search(r"\bMIG\s+([0-9]+g\.[0-9]+gb(?:\+[a-z]+)?)\s*$", name)
+    return match.group(1) if match else None
+
+
+def _mig_device_checks(expect: dict[str, Any], gpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The MIG devices NVML shows the container: their profile and their number."""
+    if expect.get("mig_profile") is None and expect.get("mig_count") is None:
+        return []
+    devices = [d for g in gpus for d in g.get("mig_devices") or [] if isinstance(d, dict)]
+    profiles = [_mig_profile_of(d.get("name")) for d in devices]
+    checks: list[dict[str, Any]] = []
+    if expect.get("mig_profile") is not None:
+        want = expect["mig_profile"]
+        ok = bool(profiles) and all(p == want for p in profiles)
+        checks.append({"check": "mig_profile", "expected": want, "found": profiles, "passed": ok})
+    if expect.get("mig_count") is not None:
+        checks.append(
+            {
+                "check": "mig_count",
+                "expected": expect["mig_count"],
+                "found": len(devices),
+                "passed": len(devices) == expect["mig_count"],
+            }
+        )
+    return checks
+
+
+def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compare the spec's expected environment with what NVML saw; one entry per check.
+
+    Fails closed: an expectation this agent does not know, a field NVML could not
+    read, or a specifier it cannot parse is a failed check, never a pass.
+    Every entry has ``check``, ``expected``, ``found`` and ``passed``.
+    """
+    checks: list[dict[str, Any]] = []
+    for key in sorted(expect):
+        if key not in GPU_EXPECTATIONS and expect[key] is not None:
+            checks.append(
+                _failed(key, expect[key], None, "this agent does not know how to check it")
+            )
+    wants_gpu = any(expect.get(k) is not None for k in GPU_EXPECTATIONS)
+    if not wants_gpu:
+        return checks
+    if not gpu.get("visible"):
+        checks.append(
+            {"check": "gpu_visible", "expected": True, "found": gpu.get("reason"), "passed": False}
+        )
+        return checks
+    gpus = [g for g in gpu.get("gpus") or [] if isinstance(g, dict)]
+    if expect.get("driver") is not None:
+        checks.append(_version_check("driver", expect["driver"], gpu.get("driver_version")))
+    if expect.get("cuda") is not None:
+        checks.append(_version_check("cuda", expect["cuda"], gpu.get("cuda_driver_version")))
+    if expect.get("gpu_product") is not None:
+        pattern = expect["gpu_product"]
+        names = _per_gpu(gpus, "name")
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            checks.append(_failed("gpu_product", pattern, names, f"invalid pattern: {exc}"))
+        else:
+            ok = bool(names) and all(isinstance(n, str) and regex.search(n) for n in names)
+            checks.append(
+                {"check": "gpu_product", "expected": pattern, "found": names, "passed": ok}
+            )
+    if expect.get("gpu_count") is not None:
+        count = gpu.get("count")
+        checks.append(
+            {
+                "check": "gpu_count",
+                "expected": expect["gpu_count"],
+                "found": count,
+                "passed": isinstance(count, int) and count == expect["gpu_count"],
+            }
+        )
+    if expect.get("mig") is not None:
+        modes = [_mode(state) for state in _per_gpu(gpus, "mig")]
+        if expect["mig"] == "required":
+            ok = bool(modes) and all(m == "enabled" for m in modes)
+        elif expect["mig"] == "forbidden":
+            ok = bool(modes) and all(m in ("disabled", "not_supported") for m in modes)
+        else:
+            ok = False
+        checks.append({"check": "mig", "expected": expect["mig"], "found": modes, "passed": ok})
+    checks.extend(_mig_device_checks(expect, gpus))
+    if expect.get("ecc") is not None:
+        modes = [_mode(state) for state in _per_gpu(gpus, "ecc")]
+        ok = expect["ecc"] == "required" and bool(modes) and all(m == "enabled" for m in modes)
+        checks.append({"check": "ecc", "expected": expect["ecc"], "found": modes, "passed": ok})
+    return checks

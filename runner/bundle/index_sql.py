@@ -1,0 +1,226 @@
+"""The run index's SQL: its schema, the columns, the queries a :class:`RunFilter` makes,
+and how a record is stored and its values read back checked for type. Used by
+:mod:`runner.bundle.index`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sqlite3
+
+from runner._internal.sanitize import one_line
+from runner.bundle.run_records import (
+    MetricRecord,
+    RunFilter,
+    RunRecord,
+    metrics_cell,
+    normalize_time,
+)
+from runner.errors import InputError
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    bundle_digest TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    spec_name TEXT,
+    spec_digest TEXT,
+    lock_digest TEXT,
+    attempt INTEGER,
+    image_ref TEXT,
+    image_digest TEXT,
+    model_sha256 TEXT,
+    outcome TEXT,
+    exit_code INTEGER,
+    started TEXT,
+    finished TEXT,
+    seed INTEGER,
+    backend TEXT,
+    reproduction_of TEXT,
+    reproduction_verdict TEXT,
+    metrics_text TEXT
+);
+CREATE INDEX runs_run_id ON runs (run_id);
+CREATE INDEX runs_started ON runs (started);
+CREATE TABLE datasets (
+    bundle_digest TEXT NOT NULL REFERENCES runs (bundle_digest) ON DELETE CASCADE,
+    name TEXT, sha256 TEXT, split TEXT
+);
+CREATE INDEX datasets_sha ON datasets (sha256);
+CREATE INDEX datasets_bundle ON datasets (bundle_digest);
+CREATE TABLE metrics (
+    bundle_digest TEXT NOT NULL REFERENCES runs (bundle_digest) ON DELETE CASCADE,
+    name TEXT, value REAL, low REAL, high REAL, passed INTEGER
+);
+CREATE INDEX metrics_bundle ON metrics (bundle_digest);
+"""
+
+
+def _digest_pattern(value: str) -> str:
+    """A LIKE pattern matching a full or abbreviated sha256 digest, with or without prefix."""
+    text = value.strip().lower().removeprefix("sha256:").removeprefix("sha256-")
+    if not text or any(c not in "0123456789abcdef" for c in text):
+        raise InputError(f"not a sha256 digest or prefix: {one_line(value, limit=80)!r}")
+    return f"%{text}%"
+
+
+_INT_COLUMNS = frozenset({"attempt", "exit_code", "seed"})
+# The columns of ``runs``, in the order queries select them.
+_COLUMN_NAMES = (
+    "bundle_digest",
+    "run_id",
+    "kind",
+    "spec_name",
+    "spec_digest",
+    "lock_digest",
+    "attempt",
+    "image_ref",
+    "image_digest",
+    "model_sha256",
+    "outcome",
+    "exit_code",
+    "started",
+    "finished",
+    "seed",
+    "backend",
+    "reproduction_of",
+    "reproduction_verdict",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+_BUNDLE_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_LISTING = (
+    "run_id, spec_name, backend, outcome, reproduction_of, reproduction_verdict, started, "
+    "bundle_digest, metrics_text"
+)
+
+
+def _text(value: str | None) -> str | None:
+    """``value`` as SQLite can store it: lone surrogates (from a bundle's odd strings)
+    written as their escape; everything else unchanged."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _storable(r: RunRecord) -> RunRecord:
+    texts = {
+        f.name: _text(getattr(r, f.name))
+        for f in dataclasses.fields(r)
+        if f.name not in ("path", "datasets", "metrics") and isinstance(getattr(r, f.name), str)
+    }
+    return dataclasses.replace(
+        r,
+        **texts,  # type: ignore[arg-type]
+        datasets=tuple(
+            (_text(n) or "", _text(s) or "", _text(sp) or "") for n, s, sp in r.datasets
+        ),
+        metrics=tuple(dataclasses.replace(m, name=_text(m.name) or "") for m in r.metrics),
+    )
+
+
+def _real(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _metric_row(n: object, v: object, lo: object, hi: object, p: object) -> MetricRecord:
+    return MetricRecord(
+        str(n),
+        _real(v),
+        _real(lo),
+        _real(hi),
+        None if not isinstance(p, int) else bool(p),
+    )
+
+
+def _select(columns: str, flt: RunFilter) -> tuple[str, list[object]]:
+    """The SQL (and its parameters) selecting ``columns`` of the runs ``flt`` matches."""
+    where: list[str] = []
+    params: list[object] = []
+    if flt.kind is not None:
+        where.append("kind = ?")
+        params.append(flt.kind)
+    if flt.spec is not None:
+        where.append("spec_name = ?")
+        params.append(flt.spec)
+    if flt.outcome is not None:
+        where.append("outcome = ?")
+        params.append(flt.outcome)
+    if flt.model is not None:
+        where.append("model_sha256 LIKE ?")
+        params.append(_digest_pattern(flt.model))
+    if flt.image is not None:
+        where.append("(image_digest LIKE ? OR image_ref LIKE ?)")
+        params += [_digest_pattern(flt.image)] * 2
+    if flt.dataset is not None:
+        where.append("bundle_digest IN (SELECT bundle_digest FROM datasets WHERE sha256 LIKE ?)")
+        params.append(_digest_pattern(flt.dataset))
+    if flt.since is not None:
+        where.append("started >= ?")
+        params.append(normalize_time(flt.since))
+    if flt.until is not None:
+        where.append("started <= ?")
+        params.append(normalize_time(flt.until, end_of_day=True))
+    if flt.reproduction_of is not None:
+        where.append("reproduction_of = ?")
+        params.append(flt.reproduction_of)
+    sql = f"SELECT {columns} FROM runs"  # noqa: S608 (fixed column names)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if flt.limit is not None:
+        # the newest N, then back to oldest first
+        sql = f"SELECT * FROM ({sql} ORDER BY started DESC, run_id DESC LIMIT ?)"  # noqa: S608
+        params.append(max(flt.limit, 0))
+    sql += " ORDER BY started, run_id"
+    return sql, params
+
+
+def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
+    """Store ``r`` (one row in runs, its datasets and metrics)."""
+    r = _storable(r)
+    conn.execute(
+        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            r.bundle_digest,
+            r.run_id,
+            r.kind,
+            r.spec_name,
+            r.spec_digest,
+            r.lock_digest,
+            r.attempt,
+            r.image_ref,
+            r.image_digest,
+            r.model_sha256,
+            r.outcome,
+            r.exit_code,
+            r.started,
+            r.finished,
+            r.seed,
+            r.backend,
+            r.reproduction_of,
+            r.reproduction_verdict,
+            metrics_cell(r.metrics),
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO datasets VALUES (?,?,?,?)",
+        [(r.bundle_digest, n, s, sp) for n, s, sp in r.datasets],
+    )
+    conn.executemany(
+        "INSERT INTO metrics VALUES (?,?,?,?,?,?)",
+        [
+            (
+                r.bundle_digest,
+                m.name,
+                m.value,
+                m.low,
+                m.high,
+                None if m.passed is None else int(m.passed),
+            )
+            for m in r.metrics
+        ],
+    )
