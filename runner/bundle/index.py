@@ -149,9 +149,19 @@ class History:
             row = None
         if row is not None and row[0] == SCHEMA_VERSION:
             return
-        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise sqlite3.DatabaseError("the run index holds another schema")
+        # under the write lock, and looked at again: another process (or thread) may be
+        # creating the schema right now; seeing its tables half made is not "another schema"
         conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:  # no meta table yet
+            row = None
+        if row is not None and row[0] == SCHEMA_VERSION:
+            conn.commit()
+            return
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            conn.rollback()
+            raise sqlite3.DatabaseError("the run index holds another schema")
         for statement in _SCHEMA.strip().split(";"):
             if statement.strip():
                 conn.execute(statement)

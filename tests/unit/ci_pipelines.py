@@ -456,10 +456,19 @@ current-context: ci
 CLUSTER_TARGET = "kubernetes https://127.0.0.1:1 namespace evals"
 
 
-def store_run(home: Path, spec: Path, key: Path, outcome: str, metrics: list[dict]) -> str:
-    """The spec's run on the cluster of :data:`KUBECONFIG_TEXT` (namespace ``evals``),
-    already sealed in the store at ``home`` as an earlier ``evalrun run`` left it, so that
-    the job's ``evalrun run --backend kubernetes -n evals`` returns it without a cluster."""
+def store_run(
+    home: Path,
+    spec: Path,
+    key: Path,
+    outcome: str,
+    metrics: list[dict],
+    *,
+    backend: str = "kubernetes",
+) -> str:
+    """The spec's run, already sealed in the store at ``home`` as an earlier ``evalrun run``
+    left it: on the cluster of :data:`KUBECONFIG_TEXT` (namespace ``evals``), so that the
+    job's ``evalrun run --backend kubernetes -n evals`` returns it without a cluster; or,
+    with ``backend="docker"``, on the local engine (what a plain ``evalrun run`` finds)."""
     from runner.bundle.build import build_bundle
     from runner.bundle.signing import load_signer
     from runner.bundle.store import Store
@@ -467,7 +476,8 @@ def store_run(home: Path, spec: Path, key: Path, outcome: str, metrics: list[dic
     from runner.workflows.run import run_id_for
 
     lock_digest = load_lock(spec.with_name("eval.lock.json")).digest()
-    run_id = run_id_for(lock_digest, 0, CLUSTER_TARGET)
+    target = CLUSTER_TARGET if backend == "kubernetes" else None
+    run_id = run_id_for(lock_digest, 0, target)
     store = Store(home)
     with store.staging_dir() as stage:
         (stage / "report.md").write_text("# report\n")
@@ -475,8 +485,8 @@ def store_run(home: Path, spec: Path, key: Path, outcome: str, metrics: list[dic
             outcome,
             metrics,
             run_id=run_id,
-            backend="kubernetes",
-            backend_target=CLUSTER_TARGET,
+            backend=backend,
+            **({"backend_target": target} if target else {}),
         )
         build_bundle(stage, body, load_signer(key), stage)
         store.put(stage)

@@ -325,7 +325,12 @@ def test_run_writes_junit_summary_and_tar_whatever_the_verdict(
     spec = locked_example(tmp_path / "digits")
     value = 0.97 if outcome == "passed" else 0.5
     run_id = store_run(
-        tmp_path / "home", spec, ci_env.private_path, outcome, [metric("accuracy", value)]
+        tmp_path / "home",
+        spec,
+        ci_env.private_path,
+        outcome,
+        [metric("accuracy", value)],
+        backend="docker",
     )
     (tmp_path / "summary.md").write_text("earlier step\n")
     argv = [

@@ -23,15 +23,17 @@ DOCS = [
 
 
 def _documented() -> set[tuple[str, str]]:
-    """(file, "cmd" or "cmd sub") for each ``evalrun …`` line in a fenced block."""
+    """(file, "cmd" or "cmd sub") for each ``evalrun …`` line in a fenced code block."""
     found: set[tuple[str, str]] = set()
     for doc in DOCS:
-        fenced = re.findall(r"```(?:bash|sh|console|shell)?\n(.*?)```", doc.read_text(), re.S)
-        for block in fenced:
-            for line in block.splitlines():
-                m = re.match(r"\s*(?:\$ )?evalrun((?: [a-z][a-z-]*){1,2})\b", line)
-                if m:
-                    found.add((doc.name, m.group(1).strip()))
+        inside = False
+        for line in doc.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                inside = not inside
+                continue
+            m = re.match(r"\s*(?:\$ )?evalrun((?: [a-z][a-z-]*){1,2})\b", line)
+            if inside and m:
+                found.add((doc.name, m.group(1).strip()))
     return found
 
 
