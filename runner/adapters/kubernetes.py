@@ -275,9 +275,10 @@ def slim(obj: Any) -> Any:
     """What the runner reads of a watched Job or Pod, and nothing else.
 
     Kept: name, namespace, uid, labels, creation and deletion times, resource version;
-    a pod's node and runtime class, a Job's pod template runtime class; the whole
-    status. Dropped: the rest of the spec (containers, volumes, env), annotations and
-    managed fields — most of an object's memory, for every run in the namespace.
+    a pod's node and runtime class; a Job's annotations, suspend flag, deadline and pod
+    template runtime class; the whole status. Dropped: the rest of the spec (containers,
+    volumes, env), a pod's annotations and managed fields — most of an object's memory,
+    for every run in the namespace.
     Anything that is not a Job or Pod model is kept as it is.
     """
     if not isinstance(obj, k8s.V1Pod | k8s.V1Job) or obj.metadata is None:
@@ -304,15 +305,20 @@ def slim(obj: Any) -> Any:
             status=obj.status,
         )
     template = obj.spec.template.spec if obj.spec and obj.spec.template else None
+    # a Job's own annotations (a cancel request), whether it is suspended (queued), and its
+    # deadline are read too; they are a few bytes
+    kept_meta.annotations = meta.annotations
     return k8s.V1Job.model_construct(
         metadata=kept_meta,
         spec=k8s.V1JobSpec.model_construct(
+            suspend=obj.spec.suspend if obj.spec else None,
+            active_deadline_seconds=obj.spec.active_deadline_seconds if obj.spec else None,
             template=k8s.V1PodTemplateSpec.model_construct(
                 spec=k8s.V1PodSpec.model_construct(
                     containers=[],
                     runtime_class_name=template.runtime_class_name if template else None,
                 )
-            )
+            ),
         ),
         status=obj.status,
     )

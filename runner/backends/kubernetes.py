@@ -168,12 +168,12 @@ class KubernetesBackend:
         )
 
     def preflight(self, plan: RunPlan) -> None:
-        input_volumes(plan)  # every input must be published by digest (exit 2 naming it)
         api, namespace = self._connect()
         # the namespace must enforce the sandbox policy, the RuntimeClass included (exit 4
         # naming what it lacks); what was observed, not what the spec says, goes into the
-        # bundle
+        # bundle. Checked first: a namespace that cannot take the run at all says so first.
         self._policy = namespace_policy(api, namespace, plan).enforce()
+        input_volumes(plan)  # every input must be published by digest (exit 2 naming it)
 
     def submit(self, plan: RunPlan, options: JobOptions | None = None) -> str:
         """Create (or attach to) the Job and ConfigMap of ``plan``; returns the Job name.

@@ -21,7 +21,7 @@ from kubernetes import client
 
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, namespace_policy
 from runner.errors import NamespacePolicyUnmet
-from runner.model.plan import PlanInput, RunPlan
+from runner.model.plan import PlanInput, PlanInputFile, RunPlan
 
 pytestmark = pytest.mark.k8s
 
@@ -49,7 +49,16 @@ def _plan(tmp_path: Path) -> RunPlan:
         cpus=0.1,
         memory_mib=64,
         pids=64,
-        inputs=[PlanInput(role="model", name="model", host_path=model, sha256="2" * 64)],
+        inputs=[
+            PlanInput(
+                role="model",
+                name="model",
+                host_path=model,
+                sha256="2" * 64,
+                files=(PlanInputFile(path="w.json", sha256="2" * 64, size=2),),
+                artifact_ref="127.0.0.1:5000/evalrun/probe-inputs@sha256:" + "2" * 64,
+            )
+        ],
         spec_digest="sha256:" + "3" * 64,
         lock_digest="sha256:" + "4" * 64,
         spec_name="nspolicy",

@@ -116,5 +116,7 @@ def test_jobs_pull_from_a_tls_registry_through_the_named_pull_secret(
     assert refused.startswith(("ErrImagePull", "ImagePullBackOff")), refused
     with_secret.submit(_plan(ref, "r-private-with"))
     assert _pull_outcome(watch, "r-private-with") == "pulled"
-    pod = watch.pods_of("r-private-with")[-1]
+    # the watch keeps a slim projection of each pod: read the pull secrets from the API
+    name = watch.pods_of("r-private-with")[-1].metadata.name
+    pod = client.CoreV1Api(api).read_namespaced_pod(name, ns)
     assert [s.name for s in pod.spec.image_pull_secrets] == [SECRET]
