@@ -149,8 +149,15 @@ def test_a_second_submit_attaches_and_replaces_a_configmap_owned_by_a_gone_job(
 
 
 def test_an_input_without_a_published_artifact_is_refused_before_anything_is_sent(
-    server: _Server,
+    server: _Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the namespace's policy is read first (tests/k8s checks that against a real API
+    # server); here it passes, and the input is refused before any Job or ConfigMap request
+    class Passing:
+        def enforce(self) -> None:
+            return None
+
+    monkeypatch.setattr(backend_mod, "namespace_policy", lambda *a: Passing())
     with pytest.raises(InputError, match="re-lock with a registry|no published artifact"):
         _backend().preflight(_plan(artifact_ref=None))
     assert server.calls == []
