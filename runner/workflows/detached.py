@@ -33,7 +33,6 @@ from runner._internal.settings import Settings
 from runner.backends.custom_metric import CustomMetricSandbox
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
 from runner.backends.kubernetes_control import cancel_job
-from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.signing import Signer
 from runner.bundle.store import Store
 from runner.errors import EvalrunError, InputError, Interrupted, StillRunning
@@ -41,29 +40,27 @@ from runner.model.lock import load_lock
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, BackendResult, RunPlan
 from runner.model.spec import load_spec
-from runner.workflows.custom_metrics import BUNDLE_DIR, carry_files, custom_jobs
+from runner.workflows.custom_metrics import BUNDLE_DIR, custom_jobs
 from runner.workflows.judge import ContainerReport, Judgement
 from runner.workflows.run import (
     Journal,
     Progress,
     RunOutcome,
     Sealing,
-    _check_inputs_on_host,
-    _check_preprocessing,
-    _current_attempt,
-    _next_attempt,
     _PlanHolder,
     backend_target,
     error_judgement,
     judged_attempt,
     load_locked,
-    make_plan,
+    open_run,
+    plan_and_check,
     run_id_for,
     seal_run,
     stage_run_files,
     stored_outcome,
 )
-from runner.workflows.run_predicate import _evalrun_version, _now
+from runner.workflows.run_predicate import _now
+from runner.workflows.run_setup import choose_attempt
 
 RUN_ID_RE = re.compile(r"r-[0-9a-f]{24}")
 # How long ``cancel`` waits for a runner that is collecting the run to notice and seal.
@@ -225,11 +222,7 @@ def start_detached(
     store = Store(settings.home)
     lock_digest = lock.digest()
     run_target = backend_target(backend)
-    attempt = (
-        _next_attempt(store, lock_digest, run_target)
-        if rerun
-        else _current_attempt(store, lock_digest, backend.name, run_target)
-    )
+    attempt = choose_attempt(store, lock_digest, backend.name, run_target, rerun=rerun)
     while rerun and DetachedRun(settings, run_id_for(lock_digest, attempt, run_target)).exists():
         attempt += 1  # --rerun: a new attempt, past the ones still running too
     run_id = run_id_for(lock_digest, attempt, run_target)
@@ -241,56 +234,26 @@ def start_detached(
         record = detached.record()
         progress(f"run {run_id} was already submitted (Job {record.job}); nothing to do")
         return Detached(run_id, "already submitted", record.job, record.namespace)
-    spec_dir = spec_path.resolve().parent
-    steps = preprocessing_records(spec, spec_dir)
-    journal = Journal(run_id)
-    started = _now()
-    run_provenance = provenance(
-        spec,
-        env=os.environ if environ is None else environ,
-        launched_at=started,
-        evalrun_version=_evalrun_version(),
-        reason=reason,
-        preprocessing=steps,
-        signer_keyid=signer.keyid,
-    )
-    journal.emit(
-        "run_start",
-        spec=spec.metadata.name,
-        lock_digest=lock_digest,
-        attempt=attempt,
-        backend=backend.name,
-        detached=True,
-    )
-    sealing = Sealing(
+    steps, sealing = open_run(
         spec,
         lock,
-        run_id,
-        attempt,
-        started,
+        spec_path,
+        signer,
         backend.name,
-        run_provenance,
-        journal,
+        run_id=run_id,
+        attempt=attempt,
         target=run_target,
+        reason=reason,
+        environ=environ,
+        detached=True,
     )
+    journal = sealing.journal
     with store.staging_dir() as stage:
         stage_run_files(spec_path, spec, stage)
         try:
-            inputs = _check_inputs_on_host(
-                spec_dir, lock, settings, spec=spec, progress=progress, remote=True
+            plan, _, _ = plan_and_check(
+                spec_path, settings, stage, sealing, steps, backend, progress=progress
             )
-            _check_preprocessing(steps, lock)
-            jobs = custom_jobs(spec, spec_path, lock)
-            carry_files(jobs, spec_dir, stage)
-            journal.emit("inputs_verified", count=len(inputs))
-            plan = make_plan(spec, lock, inputs, attempt, run_target)
-            (stage / "plan.json").write_text(
-                json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
-            )
-            progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
-            if jobs:  # recomputed at collection, in the runner host's sandbox: check it now
-                CustomMetricSandbox().preflight(plan.image_ref)
-            backend.preflight(plan)
             job = backend.submit(plan)
         except EvalrunError as exc:
             judgement = error_judgement(exc)
@@ -312,9 +275,9 @@ def start_detached(
             namespace=backend.namespace,
             stuck_after_s=backend.grace["unschedulable"],
             ttl_after_finished_s=backend.ttl_after_finished_s,
-            started=started,
+            started=sealing.started,
             submitted=_now(),
-            run_provenance=dict(run_provenance),
+            run_provenance=dict(sealing.run_provenance),
             run_target=run_target,
         )
         created = detached.write(record, plan, stage, journal)

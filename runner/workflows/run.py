@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from runner._internal.settings import Settings
-from runner.backends.custom_metric import CustomMetricSandbox
+from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
 from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.build import build_bundle
 from runner.bundle.signing import Signer
@@ -30,7 +30,7 @@ from runner.bundle.store import Store, StoredBundle
 from runner.errors import EvalrunError, IntegrityError
 from runner.model.lock import LockedSpec
 from runner.model.outcome import Outcome
-from runner.model.plan import Backend, BackendResult
+from runner.model.plan import Backend, BackendResult, RunPlan
 from runner.model.predicate import RunPredicate
 from runner.model.spec import EvalSpec
 from runner.render.markdown import render_markdown
@@ -55,6 +55,7 @@ from runner.workflows.run_setup import (
     _made_by,
     _next_attempt,
     backend_target,
+    choose_attempt,
     load_locked,
     make_plan,
     run_id_for,
@@ -151,76 +152,42 @@ def run_evaluation(
     store = Store(settings.home)
     lock_digest = lock.digest()
     target = backend_target(backend)
-    attempt = (
-        _next_attempt(store, lock_digest, target)
-        if rerun
-        else _current_attempt(store, lock_digest, backend.name, target)
-    )
+    attempt = choose_attempt(store, lock_digest, backend.name, target, rerun=rerun)
     run_id = run_id_for(lock_digest, attempt, target)
     existing = stored_outcome(store, run_id)
     if existing is not None:
         progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
         return existing
 
-    spec_dir = spec_path.resolve().parent
     check_group_definitions(store, spec)
-    steps = preprocessing_records(spec, spec_dir)
-    journal = Journal(run_id)
-    started = _now()
-    run_provenance = provenance(
+    steps, sealing = open_run(
         spec,
-        env=os.environ if environ is None else environ,
-        launched_at=started,
-        evalrun_version=_evalrun_version(),
-        reason=reason,
-        preprocessing=steps,
-        signer_keyid=signer.keyid,
-    )
-    journal.emit(
-        "run_start",
-        spec=spec.metadata.name,
-        lock_digest=lock_digest,
-        attempt=attempt,
-        backend=backend.name,
-    )
-    sealing = Sealing(
-        spec=spec,
-        lock=lock,
+        lock,
+        spec_path,
+        signer,
+        backend.name,
         run_id=run_id,
         attempt=attempt,
-        started=started,
-        backend=backend.name,
-        run_provenance=run_provenance,
-        journal=journal,
-        annotate=annotate,
         target=target,
+        reason=reason,
+        environ=environ,
+        annotate=annotate,
     )
     with store.staging_dir() as stage:
         stage_run_files(spec_path, spec, stage)
 
         def attempt_run(results_tmp: Path) -> BackendResult:
-            inputs = _check_inputs_on_host(
-                spec_dir,
-                lock,
+            plan, jobs, sandbox = plan_and_check(
+                spec_path,
                 settings,
-                spec=spec,
+                stage,
+                sealing,
+                steps,
+                backend,
                 progress=progress,
                 transfer=transfer,
-                remote=backend.pulls_inputs,
+                verify_rootfs=verify_rootfs,
             )
-            _check_preprocessing(steps, lock)
-            jobs = custom_jobs(spec, spec_path, lock)
-            carry_files(jobs, spec_dir, stage)
-            journal.emit("inputs_verified", count=len(inputs))
-            plan = make_plan(spec, lock, inputs, attempt, target, verify_rootfs=verify_rootfs)
-            (stage / "plan.json").write_text(
-                json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n"
-            )
-            progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
-            sandbox = CustomMetricSandbox()
-            if jobs:
-                sandbox.preflight(plan.image_ref)
-            backend.preflight(plan)
             progress(
                 f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
             )
@@ -228,7 +195,7 @@ def run_evaluation(
             return backend.run(plan, results_tmp)
 
         holder = _PlanHolder()
-        result, report, judgement = judged_attempt(stage, journal, attempt_run, holder)
+        result, report, judgement = judged_attempt(stage, sealing.journal, attempt_run, holder)
         progress("sealing the bundle (hash, sign)")
         return seal_run(stage, store, signer, sealing, result, report, judgement)
 
@@ -248,6 +215,102 @@ class Sealing:
     annotate: Annotate | None = None
     target: str | None = None
     """The backend's target when it names one (part of the run's identity)."""
+
+
+def open_run(
+    spec: EvalSpec,
+    lock: LockedSpec,
+    spec_path: Path,
+    signer: Signer,
+    backend: str,
+    *,
+    run_id: str,
+    attempt: int,
+    target: str | None,
+    reason: str | None,
+    environ: Mapping[str, str] | None,
+    annotate: Annotate | None = None,
+    **start_facts: Any,
+) -> tuple[list[dict[str, Any]], Sealing]:
+    """The start of a new run (blocking or detached): its preprocessing records, and what
+    sealing it will need — when it started, who launched it and why, its journal (the
+    ``run_start`` event emitted, with ``start_facts``)."""
+    steps = preprocessing_records(spec, spec_path.resolve().parent)
+    journal = Journal(run_id)
+    started = _now()
+    run_provenance = provenance(
+        spec,
+        env=os.environ if environ is None else environ,
+        launched_at=started,
+        evalrun_version=_evalrun_version(),
+        reason=reason,
+        preprocessing=steps,
+        signer_keyid=signer.keyid,
+    )
+    journal.emit(
+        "run_start",
+        spec=spec.metadata.name,
+        lock_digest=lock.digest(),
+        attempt=attempt,
+        backend=backend,
+        **start_facts,
+    )
+    sealing = Sealing(
+        spec=spec,
+        lock=lock,
+        run_id=run_id,
+        attempt=attempt,
+        started=started,
+        backend=backend,
+        run_provenance=run_provenance,
+        journal=journal,
+        annotate=annotate,
+        target=target,
+    )
+    return steps, sealing
+
+
+def plan_and_check(
+    spec_path: Path,
+    settings: Settings,
+    stage: Path,
+    sealing: Sealing,
+    steps: list[dict[str, Any]],
+    backend: Backend,
+    *,
+    progress: Progress,
+    transfer: TransferProgress | None = None,
+    verify_rootfs: Literal["used", "full"] | None = None,
+) -> tuple[RunPlan, list[CustomMetricJob], CustomMetricSandbox]:
+    """Everything before a run's container or Job, blocking or detached: inputs checked on
+    the host (or in the registry, for a backend that pulls them), preprocessing and custom
+    metric files against the lock (carried into ``stage``), the plan written, the custom
+    metric sandbox and the backend's preflight."""
+    spec, lock = sealing.spec, sealing.lock
+    spec_dir = spec_path.resolve().parent
+    inputs = _check_inputs_on_host(
+        spec_dir,
+        lock,
+        settings,
+        spec=spec,
+        progress=progress,
+        transfer=transfer,
+        remote=backend.pulls_inputs,
+    )
+    _check_preprocessing(steps, lock)
+    jobs = custom_jobs(spec, spec_path, lock)
+    carry_files(jobs, spec_dir, stage)
+    sealing.journal.emit("inputs_verified", count=len(inputs))
+    plan = make_plan(
+        spec, lock, inputs, sealing.attempt, sealing.target, verify_rootfs=verify_rootfs
+    )
+    (stage / "plan.json").write_text(json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n")
+    progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
+    sandbox = CustomMetricSandbox()
+    if jobs:  # recomputed after the run, in the runner host's sandbox: check it now
+        sandbox.preflight(plan.image_ref)
+    backend.preflight(plan)
+    return plan, jobs, sandbox
 
 
 def stored_outcome(store: Store, run_id: str) -> RunOutcome | None:

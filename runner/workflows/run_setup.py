@@ -198,6 +198,15 @@ def _current_attempt(store: Store, lock_digest: str, backend: str, target: str |
     return attempt
 
 
+def choose_attempt(
+    store: Store, lock_digest: str, backend: str, target: str | None, *, rerun: bool
+) -> int:
+    """The attempt a run is: a new one with ``rerun``, else the one a plain run attaches to."""
+    if rerun:
+        return _next_attempt(store, lock_digest, target)
+    return _current_attempt(store, lock_digest, backend, target)
+
+
 def _next_attempt(store: Store, lock_digest: str, target: str | None) -> int:
     attempt = 0
     while store.find_run(run_id_for(lock_digest, attempt, target)) is not None:

@@ -315,6 +315,7 @@ class _SubmitOnly:
     """Stands in for the cluster's side of ``run --detach`` (the real one: tests/k8s)."""
 
     name = "kubernetes"
+    pulls_inputs = True  # as the Kubernetes backend: nodes pull published inputs
 
     def __init__(self, tmp: Path, refuse: Exception | None = None) -> None:
         from runner.backends.kubernetes import ClusterTarget
