@@ -156,13 +156,13 @@ def _docker_build(client: Any, context: Path, tag: str, nocache: bool, progress:
         )
 
 
-def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
-    """Run the agent in the image (read-only, no network) to compute its rootfs digest."""
+def _agent_in_image(client: Any, ref: str, runtime: str, command: str, what: str) -> bytes:
+    """The stdout of the agent's ``command`` run in the image (read-only, no network)."""
 
     def run() -> bytes:
         out: bytes = client.containers.run(
             ref,
-            ["rootfs-digest"],
+            [command],
             remove=True,
             network_mode="none",
             read_only=True,
@@ -175,7 +175,12 @@ def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
         )
         return out
 
-    out = docker_call(f"measure rootfs of {ref}", run, retries=False)
+    return docker_call(f"{what} of {ref}", run, retries=False)
+
+
+def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
+    """Run the agent in the image (read-only, no network) to compute its rootfs digest."""
+    out = _agent_in_image(client, ref, runtime, "rootfs-digest", "measure rootfs")
     data = json.loads(out.decode().strip().splitlines()[-1])
     digest: str = data["rootfs_digest"]
     return digest
@@ -183,24 +188,7 @@ def measure_rootfs(client: Any, ref: str, runtime: str) -> str:
 
 def measure_table(client: Any, ref: str, runtime: str) -> bytes:
     """Run the agent in the image (read-only, no network) to print its rootfs digest table."""
-
-    def run() -> bytes:
-        out: bytes = client.containers.run(
-            ref,
-            ["rootfs-table"],
-            remove=True,
-            network_mode="none",
-            read_only=True,
-            tmpfs={"/tmp": "rw,size=16m"},
-            runtime=runtime,
-            stdout=True,
-            stderr=False,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-        )
-        return out
-
-    return docker_call(f"measure the rootfs table of {ref}", run, retries=False)
+    return _agent_in_image(client, ref, runtime, "rootfs-table", "measure the rootfs table")
 
 
 def table_layer(table: bytes, workdir: Path) -> oci.Blob:
