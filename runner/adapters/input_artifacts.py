@@ -232,6 +232,16 @@ class _LayerProgress:
     fed: int = 0
 
 
+def _not_as_published(where: str, layer: Layer, problem: str) -> IntegrityError:
+    """A layer's bytes are not the tar evalrun published (exit 3)."""
+    return IntegrityError(
+        f"{where}: {problem}",
+        layer=layer.digest,
+        hint="the registry does not hold what was published; re-publish with "
+        "`evalrun lock` from the original input",
+    )
+
+
 def _layer_stream(
     name: ImageName, layer: Layer, offset: int, state: _LayerProgress, source: str
 ) -> ByteStream:
@@ -249,12 +259,7 @@ def _layer_stream(
     content_start = max(0, opened.start - head)
 
     def refuse(problem: str) -> IntegrityError:
-        return IntegrityError(
-            f"layer of {layer.file.path} in {source}: {problem}",
-            layer=layer.digest,
-            hint="the registry does not hold what was published; re-publish with "
-            "`evalrun lock` from the original input",
-        )
+        return _not_as_published(f"layer of {layer.file.path} in {source}", layer, problem)
 
     def chunks() -> Iterator[bytes]:
         pos = opened.start
@@ -318,12 +323,8 @@ def _member_stream(
     skip_to = want if opened.start == want else begin
 
     def refuse(problem: str) -> IntegrityError:
-        return IntegrityError(
-            f"pack layer holding {member.file.path} in {source}: {problem}",
-            layer=layer.digest,
-            hint="the registry does not hold what was published; re-publish with "
-            "`evalrun lock` from the original input",
-        )
+        where = f"pack layer holding {member.file.path} in {source}"
+        return _not_as_published(where, layer, problem)
 
     def chunks() -> Iterator[bytes]:
         pos = opened.start
