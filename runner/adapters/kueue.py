@@ -7,6 +7,7 @@ access to them, yields None (the run still reports "queued", just without why).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from kubernetes import client as k8s
@@ -18,6 +19,9 @@ KUEUE_GROUP = "kueue.x-k8s.io"
 # v1beta2 is the storage version from Kueue 0.15 on; older releases serve only v1beta1.
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+# Kueue's QuotaReserved message when the ClusterQueue does not cover a requested resource
+# at all: no amount of waiting admits such a Workload, only changing the ClusterQueue.
+_UNCOVERED = re.compile(r"resource (\S+) unavailable in ClusterQueue")
 _TIMEOUT_S = 10
 
 
@@ -77,3 +81,9 @@ def workload_reason(api: k8s.ApiClient, namespace: str, job_uid: str, queue: str
     if pending is not None:
         message += f"; {pending} pending in LocalQueue {queue}"
     return message
+
+
+def uncovered_resource(reason: str | None) -> str | None:
+    """The resource Kueue's reason says the ClusterQueue does not cover, if it says so."""
+    match = _UNCOVERED.search(reason or "")
+    return match[1] if match else None

@@ -46,10 +46,12 @@ def test_a_queued_run_is_sealed_with_its_queue_wait_apart(
         "spec": {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
             "stopPolicy": "Hold",
-            "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [{
-                "name": "evalrun-real-node", "resources": [
-                    {"name": "cpu", "nominalQuota": "4"},
-                    {"name": "memory", "nominalQuota": "16Gi"}]}]}]}})
+            # evalrun requests the node disk its results and inputs need: covered too
+            "resourceGroups": [{"coveredResources": ["cpu", "memory", "ephemeral-storage"],
+                                "flavors": [{"name": "evalrun-real-node", "resources": [
+                                    {"name": "cpu", "nominalQuota": "4"},
+                                    {"name": "memory", "nominalQuota": "16Gi"},
+                                    {"name": "ephemeral-storage", "nominalQuota": "100Gi"}]}]}]}})
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "localqueues", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue",
         "metadata": {"name": "evals"}, "spec": {"clusterQueue": cq}})

@@ -20,6 +20,7 @@ from kubernetes import client
 
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch
 from runner.backends.manifests import job_name
+from runner.errors import EnvironmentMismatch
 
 from .test_backend_kwok import H100, gpu_plan
 
@@ -83,10 +84,11 @@ def gpu_queue(kueue, k8s_client, namespace, request) -> Iterator[tuple[str, str]
             "queueingStrategy": "StrictFIFO",
             "stopPolicy": "Hold",  # nothing is admitted until the test has queued everything
             "resourceGroups": [{
-                "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                "coveredResources": ["cpu", "memory", "ephemeral-storage", "nvidia.com/gpu"],
                 "flavors": [{"name": FLAVOR, "resources": [
                     {"name": "cpu", "nominalQuota": "1000"},
                     {"name": "memory", "nominalQuota": "10000Gi"},
+                    {"name": "ephemeral-storage", "nominalQuota": "100Ti"},
                     {"name": "nvidia.com/gpu", "nominalQuota": 8}]}],
             }],
         }})
@@ -293,3 +295,41 @@ def test_a_queued_run_reports_queued_is_never_stuck_and_times_the_wait_apart(
     assert result.started_at == facts["admitted_at"] and result.queued_at == facts["queued_at"]
     # the run's own span excludes the wait
     assert result.duration_s is not None and result.duration_s < 60
+
+
+def test_a_queue_that_can_never_admit_the_run_fails_it_naming_the_resource(
+    kueue, cluster, namespace, k8s_client, tmp_path
+):
+    """A ClusterQueue that does not cover ephemeral-storage (which every run requests):
+    Kueue can never admit the run; evalrun says why (exit 4) instead of waiting forever."""
+    custom = client.CustomObjectsApi(k8s_client)
+    cq = f"cq-{namespace}"[:63]
+    custom.create_cluster_custom_object(GROUP, VERSION, "clusterqueues", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterQueue", "metadata": {"name": cq},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "resourceGroups": [{
+                "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                "flavors": [{"name": FLAVOR, "resources": [
+                    {"name": "cpu", "nominalQuota": "1000"},
+                    {"name": "memory", "nominalQuota": "10000Gi"},
+                    {"name": "nvidia.com/gpu", "nominalQuota": 8}]}]}]}})
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "localqueues", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue",
+            "metadata": {"name": "gpus"}, "spec": {"clusterQueue": cq}})
+        backend = _backend(cluster, namespace, queue="gpus", unschedulable_grace_s=1.0)
+        plan = gpu_plan(tmp_path, 8, H100, gpus=1)
+        t0 = time.monotonic()
+        with pytest.raises(EnvironmentMismatch) as caught:
+            backend.run(plan, tmp_path / "results")
+        took = time.monotonic() - t0
+        text = str(caught.value)
+        assert "does not cover ephemeral-storage" in text and "'gpus'" in text, text
+        assert caught.value.exit_code == 4
+        assert took < 60, f"took {took:.0f} s to give up"
+        # and the refused Job is gone, not left suspended in the queue
+        watch = shared_watch(backend._connect()[0], namespace)
+        assert watch.wait(lambda: watch.job(job_name(plan.run_id)) is None, timeout=30)
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "clusterqueues", cq)

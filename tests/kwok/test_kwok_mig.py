@@ -47,6 +47,8 @@ def test_mig_runs_land_on_nodes_with_their_profile(cluster, k8s_client, namespac
         pod = next(p for p in watch.pods_of(plan.run_id) if p.spec.node_name)
         expected = "kwok-mig-000" if plan.mig_profile == "1g.10gb" else "kwok-mig-001"
         assert pod.spec.node_name == expected, (plan.mig_profile, pod.spec.node_name)
-        limits = pod.spec.containers[0].resources.limits
+        # the watch's slim cache keeps no container specs: read the pod from the API
+        full = client.CoreV1Api(k8s_client).read_namespaced_pod(pod.metadata.name, ns)
+        limits = full.spec.containers[0].resources.limits
         assert limits[f"nvidia.com/mig-{plan.mig_profile}"] == str(plan.gpus)
         assert job_name(plan.run_id) == pod.metadata.labels["job-name"]

@@ -13,6 +13,7 @@ from runner.backends.manifests import (
     build_job,
     queue_of,
 )
+from runner.adapters.kueue import uncovered_resource
 from runner.backends.queueing import QueueClock
 from runner.errors import SpecError
 
@@ -127,6 +128,21 @@ def test_queue_clock_counts_every_wait_including_after_preemption(monkeypatch):
     facts = clock.facts()
     assert facts["queue_wait_s"] == 35.0 and facts["admissions"] == 2
     assert facts["admitted_at"] is not None and not clock.waiting
+
+
+@pytest.mark.parametrize(("reason", "resource"), [
+    ("couldn't assign flavors to pod set main: resource ephemeral-storage unavailable in "
+     "ClusterQueue; 3 pending in LocalQueue gpus", "ephemeral-storage"),
+    ("couldn't assign flavors to pod set main: resource nvidia.com/mig-1g.10gb unavailable "
+     "in ClusterQueue", "nvidia.com/mig-1g.10gb"),
+    # quota used up, or a held queue: waiting helps, so no verdict
+    ("couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu "
+     "in flavor h100, 1 more needed", None),
+    ("ClusterQueue cq is inactive", None),
+    (None, None),
+])
+def test_only_a_resource_the_cluster_queue_does_not_cover_is_a_verdict(reason, resource):
+    assert uncovered_resource(reason) == resource
 
 
 @pytest.mark.parametrize("command", [["run", "eval.yaml"],
