@@ -39,11 +39,13 @@ from runner.bundle.index_sql import (
     _INT_COLUMNS,
     _LISTING,
     _SCHEMA,
+    LISTING_SEPARATOR,
     _metric_row,
     _select,
     insert_record,
 )
 from runner.bundle.run_records import (
+    LISTING_CELLS,
     ListRow,
     MetricRecord,
     RunFilter,
@@ -56,7 +58,7 @@ from runner.errors import InputError, IntegrityError
 log = logging.getLogger("evalrun.index")
 
 INDEX_NAME = "history.sqlite"
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 
 _T = TypeVar("_T")
 
@@ -313,14 +315,10 @@ class History:
 
         def select() -> list[ListRow]:
             with self._connect() as conn:
-                rows = conn.execute(sql, params).fetchall()
-            return [
-                row
-                for row in rows
-                if isinstance(row[0], str)
-                and isinstance(row[7], str)
-                and _BUNDLE_DIGEST.fullmatch(row[7])
-            ]
+                lines = conn.execute(sql, params).fetchall()
+            rows = [line.split(LISTING_SEPARATOR) for (line,) in lines if isinstance(line, str)]
+            # a row of another shape is not one this index wrote (damaged, planted)
+            return [row for row in rows if len(row) == LISTING_CELLS]
 
         return self._recovering(lambda: self._resynced(select))
 

@@ -13,6 +13,7 @@ from runner.bundle.run_records import (
     MetricRecord,
     RunFilter,
     RunRecord,
+    listing_row,
     metrics_cell,
     normalize_time,
 )
@@ -39,10 +40,11 @@ CREATE TABLE runs (
     backend TEXT,
     reproduction_of TEXT,
     reproduction_verdict TEXT,
-    metrics_text TEXT
+    metrics_text TEXT,
+    listing TEXT
 );
 CREATE INDEX runs_run_id ON runs (run_id);
-CREATE INDEX runs_started ON runs (started);
+CREATE INDEX runs_started ON runs (started, run_id);
 CREATE TABLE datasets (
     bundle_digest TEXT NOT NULL REFERENCES runs (bundle_digest) ON DELETE CASCADE,
     name TEXT, sha256 TEXT, split TEXT
@@ -89,10 +91,10 @@ _COLUMN_NAMES = (
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 _BUNDLE_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-_LISTING = (
-    "run_id, spec_name, backend, outcome, reproduction_of, reproduction_verdict, started, "
-    "bundle_digest, metrics_text"
-)
+# What ``runs ls`` reads: each run's cells, made (escaped and cut) when the run was
+# indexed and stored joined by LISTING_SEPARATOR (a character no escaped cell holds).
+LISTING_SEPARATOR = "\x1f"
+_LISTING = "listing"
 
 
 def _text(value: str | None) -> str | None:
@@ -168,14 +170,15 @@ def _select(columns: str, flt: RunFilter) -> tuple[str, list[object]]:
     if flt.reproduction_of is not None:
         where.append("reproduction_of = ?")
         params.append(flt.reproduction_of)
-    sql = f"SELECT {columns} FROM runs"  # noqa: S608 (fixed column names)
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    condition = " AND ".join(where) or "1"
     if flt.limit is not None:
         # the newest N, then back to oldest first
-        sql = f"SELECT * FROM ({sql} ORDER BY started DESC, run_id DESC LIMIT ?)"  # noqa: S608
+        condition = (
+            "rowid IN (SELECT rowid FROM runs WHERE "  # noqa: S608 (fixed column names)
+            f"{condition} ORDER BY started DESC, run_id DESC LIMIT ?)"
+        )
         params.append(max(flt.limit, 0))
-    sql += " ORDER BY started, run_id"
+    sql = f"SELECT {columns} FROM runs WHERE {condition} ORDER BY started, run_id"  # noqa: S608
     return sql, params
 
 
@@ -183,7 +186,7 @@ def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
     """Store ``r`` (one row in runs, its datasets and metrics)."""
     r = _storable(r)
     conn.execute(
-        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             r.bundle_digest,
             r.run_id,
@@ -204,6 +207,7 @@ def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
             r.reproduction_of,
             r.reproduction_verdict,
             metrics_cell(r.metrics),
+            LISTING_SEPARATOR.join(listing_row(r)),
         ),
     )
     conn.executemany(

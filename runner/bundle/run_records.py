@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,11 +75,13 @@ _RECORD_FIELDS = dataclasses.fields(RunRecord)
 
 # What ``runs ls`` shows of a run, straight from the index: run id, spec name, outcome,
 # reproduction of, reproduction verdict, started, bundle digest, metrics (as shown).
-ListRow = tuple[
-    str, str | None, str | None, str | None, str | None, str | None, str | None, str, str | None
-]
-"""What ``runs ls`` shows of a run, in the index's listing order: run id, spec, backend,
-outcome, reproduction of, its verdict, started, bundle digest, metrics cell."""
+ListRow = Sequence[str]
+"""What ``runs ls`` shows of a run (:func:`listing_row`): run id, spec, backend,
+outcome (with the reproduction mark), started (to the second), metrics, bundle digest
+(cut); each cell one line and cut to its column's limit (:data:`LISTING_LIMITS`)."""
+LISTING_CELLS = 7
+# Cell limits (characters) of the columns but the last (the digest, evalrun's own).
+LISTING_LIMITS = (140, 80, 40, 80, 2000, 300)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,23 @@ def metrics_cell(metrics: tuple[MetricRecord, ...]) -> str:
     return ", ".join(
         f"{one_line(m.name, limit=60)}={m.value:.4f}" for m in metrics if m.value is not None
     )
+
+
+def listing_row(r: RunRecord) -> ListRow:
+    """``r`` as ``runs ls`` shows it; the index stores this when it indexes the run."""
+    repro = f" ↺{r.reproduction_verdict or '?'}" if r.reproduction_of else ""
+    cells = (
+        r.run_id,
+        r.spec_name or "?",
+        # run sets and audits have no backend of their own; old runs may lack one
+        r.backend or "—",
+        (r.outcome or "?") + repro,
+        (r.started or "?")[:19].replace("T", " "),
+        metrics_cell(r.metrics) or "—",
+    )
+    shown = [one_line(c, limit=n) for c, n in zip(cells, LISTING_LIMITS, strict=True)]
+    # the index only holds records whose digest is sha256 hex
+    return [*shown, r.bundle_digest[:19] + "…"]
 
 
 def record_from_predicate(digest: str, path: Path, predicate: Predicate) -> RunRecord:

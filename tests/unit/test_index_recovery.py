@@ -157,3 +157,40 @@ def test_cli_lists_and_reindexes_with_a_garbage_index(store: Store, capsys) -> N
     _index(store).mkdir()
     assert main(["runs", "reindex", "--json"]) == 0
     assert main(["runs", "ls", "--json"]) == 0
+
+
+def test_odd_listing_values_in_the_index_are_skipped_never_shown_raw(store: Store) -> None:
+    """``runs ls`` reads each run's stored cells; a damaged or planted value there (not
+    text, another cell count, raw escapes) is skipped or shown escaped, never a crash."""
+    from runner.render.run_list import format_listing
+
+    with sqlite3.connect(_index(store)) as conn:
+        digests = [d for (d,) in conn.execute("SELECT bundle_digest FROM runs ORDER BY run_id")]
+        conn.execute("UPDATE runs SET listing = x'ff00' WHERE bundle_digest = ?", (digests[0],))
+        conn.execute("UPDATE runs SET listing = 'a\x1fb' WHERE bundle_digest = ?", (digests[1],))
+        conn.execute("UPDATE runs SET listing = ? WHERE bundle_digest = ?",
+                     ("\x1f".join(["r-planted\x1b[2J", *"abcdef"]), digests[2]))
+    rows = History(store).listing(RunFilter(kind=None))
+    assert [row[0] for row in rows] == ["r-planted\x1b[2J"]
+    assert main(["runs", "ls"]) == 0  # SafeStream escapes what the index was made to hold
+    assert format_listing(rows).startswith("run id")
+
+
+def test_the_stored_listing_is_the_table_of_the_records(tmp_path: Path, monkeypatch) -> None:
+    """Cells made at indexing (escaped, cut) print the same table as the records do."""
+    from runner.render.run_list import format_listing, format_table
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVALRUN_HOME", str(home))
+    (home / "keys").mkdir(parents=True)
+    generate_keypair(home / "keys" / "evalrun.key", home / "keys" / "evalrun.pub", "ed25519")
+    signer = load_signer(home / "keys" / "evalrun.key")
+    store = Store(home)
+    odd = {"spec.name": "evil\x1b]0;title\x07\nspec\u202e", "outcome": "passed"}
+    store_run(store, signer, predicate(run_id="r-" + "d" * 24, **odd))
+    store_run(store, signer, predicate(run_id="r-" + "e" * 24, **{"spec.name": "s" * 500}))
+    history = History(store)
+    listed = format_listing(history.listing(RunFilter(kind=None)))
+    assert listed == format_table(history.query(RunFilter(kind=None)))
+    assert "\x1b" not in listed and "\u202e" not in listed and "\\x1b" in listed
+    assert "s" * 81 not in listed  # the spec cell is cut to its column's limit
