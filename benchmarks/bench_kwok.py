@@ -29,7 +29,7 @@ from kubernetes import client, config  # noqa: E402
 
 from runner.model.plan import PlanInput, RunPlan  # noqa: E402
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch  # noqa: E402
-from runner.backends.manifests import JobOptions, build_configmap, build_job, job_name  # noqa: E402
+from runner.backends.manifests import JobOptions, build_job, job_name  # noqa: E402
 
 PRODUCTS = ["NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"]
 KWOK_TAINT = (("kwok.x-k8s.io/node", "NoSchedule"),)
@@ -92,13 +92,8 @@ def kubectl_side(info: cluster_mod.ClusterInfo, namespace: str, n: int) -> dict:
         opts = JobOptions(namespace=namespace, extra_tolerations=KWOK_TAINT)
         docs = []
         for p in plans(n, Path(tmp), "k"):
-            # kubectl cannot know the Job's uid before it exists: the same ConfigMap, unowned
-            cm = build_configmap(p, b"{}", opts, job_uid="0")
-            cm["metadata"].pop("ownerReferences", None)
-            docs.append(cm)
-            job = build_job(p, opts)
-            job["spec"]["suspend"] = False  # evalrun resumes its Jobs once the ConfigMap exists
-            docs.append(job)
+            # the same Job evalrun sends: its plan inside (a pod-template annotation)
+            docs.append(build_job(p, opts))
         path = Path(tmp) / "all.yaml"
         path.write_text(yaml.safe_dump_all(docs))
         t0 = time.perf_counter()

@@ -1,9 +1,12 @@
 """Kubernetes backend: one sandboxed Job per run, watched, collected without trust.
 
 Submission is idempotent (the Job and ConfigMap names derive from the run id; a
-409 attaches after comparing the spec-hash label). The Job is created suspended,
-then its ConfigMap (the plan, nothing else) owned by the Job, then the Job is
-resumed: no pod starts without its plan, and the ConfigMap goes with the Job.
+409 attaches after comparing the spec-hash label). A plan of up to 128 KiB is in
+the Job itself (a pod-template annotation the agent reads through a downward API
+volume): one request per run. A larger one goes into a ConfigMap: the Job is
+created suspended, then its ConfigMap (the plan, nothing else) owned by the Job,
+then the Job is resumed: no pod starts without its plan, and the ConfigMap goes
+with the Job.
 Inputs arrive as read-only image volumes pulled by digest by the node (no network,
 no credentials in the pod); a cluster that cannot mount them is refused (exit 4).
 
@@ -47,12 +50,14 @@ from runner.backends.manifests import (
     MANAGED_BY,
     RESUME_PATCH,
     JobOptions,
+    agent_plan_json,
     build_configmap,
     build_job,
     dropped_image_volumes,
     input_volumes,
     job_name,
     labels_for,
+    plan_in_configmap,
     queue_of,
     spec_hash_of,
     ttl_patch,
@@ -74,10 +79,7 @@ from runner.errors import (
     KubernetesRejected,
 )
 from runner.model.plan import BackendResult, RunPlan
-from runner.shared.protocol import (
-    DEFAULT_HOLD_S,
-    encode_agent_plan,
-)
+from runner.shared.protocol import DEFAULT_HOLD_S
 
 log = logging.getLogger("evalrun.backend.kubernetes")
 
@@ -176,16 +178,18 @@ class KubernetesBackend:
         input_volumes(plan)  # every input must be published by digest (exit 2 naming it)
 
     def submit(self, plan: RunPlan, options: JobOptions | None = None) -> str:
-        """Create (or attach to) the Job and ConfigMap of ``plan``; returns the Job name.
+        """Create (or attach to) the Job of ``plan`` (and its ConfigMap when the plan is
+        too large for the Job itself); returns the Job name.
 
-        Order: the Job, suspended; its ConfigMap, owned by it; the Job resumed. A Job whose
-        stored template lost its image volumes (the API server lacks the ImageVolume
-        feature) is deleted and refused with exit 4.
+        A plan that fits (:func:`plan_inline`) is in the Job: one request. Otherwise: the
+        Job, suspended; its ConfigMap, owned by it; the Job resumed. A Job whose stored
+        template lost its image volumes (the API server lacks the ImageVolume feature)
+        is deleted and refused with exit 4.
         """
         api, namespace = self._connect()
         options = options or self.options(namespace)
-        plan_json = encode_agent_plan(plan.agent_plan(emit_results=True, hold_s=options.hold_s))
-        job = build_job(plan, options)
+        plan_json = agent_plan_json(plan, options)
+        job = build_job(plan, options, plan_json)
         name = str(job["metadata"]["name"])
         core, batch = k8s.CoreV1Api(api), k8s.BatchV1Api(api)
         try:
@@ -215,6 +219,8 @@ class KubernetesBackend:
                 hint="enable the ImageVolume feature gate (kube-apiserver and kubelet); "
                 "evalrun never falls back to shipping inputs another way",
             )
+        if not plan_in_configmap(stored):
+            return name
         uid = str(stored["metadata"]["uid"])
         configmap = build_configmap(plan, plan_json, options, job_uid=uid)
         self._ensure_configmap(core, namespace, configmap, uid)

@@ -22,7 +22,7 @@ from typing import Any
 
 from runner.errors import InputError
 from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, PlanInput, RunPlan
-from runner.shared.protocol import DEFAULT_HOLD_S
+from runner.shared.protocol import DEFAULT_HOLD_S, encode_agent_plan
 
 MANAGED_BY = "evalrun"
 LABEL_RUN_ID = "evalrun.dev/run-id"
@@ -46,6 +46,13 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # ConfigMaps are capped at 1 MiB by the API server; leave room for metadata.
 MAX_CONFIGMAP_BYTES = 900 * 1024
+# The plan travels as an annotation of the pod template, read by the agent through a
+# downward API volume, when it is at most this large (the API server allows 256 KiB
+# of annotations in all): the Job is then the only object a run creates (one request).
+# A larger plan goes into a ConfigMap owned by the Job (the Job created suspended, the
+# ConfigMap, the Job resumed: three requests).
+PLAN_ANNOTATION = "evalrun.dev/plan"
+MAX_PLAN_ANNOTATION_BYTES = 128 * 1024
 INPUT_VOLUME_PREFIX = "input-"
 # What a node's container runtime must offer for inputs by image volume.
 IMAGE_VOLUME_REQUIREMENT = (
@@ -260,13 +267,47 @@ def queue_of(plan: RunPlan, options: JobOptions) -> str | None:
     return options.queue or plan.queue
 
 
-def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
-    """The batch/v1 Job that runs the agent once for this plan, created suspended.
+def agent_plan_json(plan: RunPlan, options: JobOptions) -> bytes:
+    """The exact ``plan.json`` the run's agent reads."""
+    return encode_agent_plan(plan.agent_plan(emit_results=True, hold_s=options.hold_s))
 
-    The sender creates it, then its ConfigMap (:func:`build_configmap`, owned by it),
-    then resumes it (:data:`RESUME_PATCH`).
+
+def plan_inline(plan_json: bytes) -> bool:
+    """Whether ``plan_json`` travels in the pod template (see :data:`PLAN_ANNOTATION`)."""
+    return len(plan_json) <= MAX_PLAN_ANNOTATION_BYTES
+
+
+def plan_in_configmap(job: Mapping[str, Any]) -> bool:
+    """Whether the (stored) Job reads its plan from its ConfigMap, not its template."""
+    volumes = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes")
+    return any(v.get("name") == "plan" and "configMap" in v for v in volumes or [])
+
+
+def _plan_volume(name: str, plan_json: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """The plan's volume and the pod template's annotations that go with it."""
+    if plan_inline(plan_json):
+        field = f"metadata.annotations['{PLAN_ANNOTATION}']"
+        volume = {
+            "downwardAPI": {"items": [{"path": "plan.json", "fieldRef": {"fieldPath": field}}]}
+        }
+        return {"name": "plan", **volume}, {PLAN_ANNOTATION: plan_json.decode()}
+    items = [{"key": "plan.json", "path": "plan.json"}]
+    return {"name": "plan", "configMap": {"name": name, "items": items}}, {}
+
+
+def build_job(plan: RunPlan, options: JobOptions, plan_json: bytes | None = None) -> dict[str, Any]:
+    """The batch/v1 Job that runs the agent once for this plan.
+
+    A plan of at most :data:`MAX_PLAN_ANNOTATION_BYTES` is in the Job itself (an
+    annotation of its pod template, a downward API volume): the Job is created running,
+    or suspended for Kueue to admit when it is queued. A larger one is in a ConfigMap:
+    the Job is created suspended, the sender creates the ConfigMap
+    (:func:`build_configmap`, owned by the Job) and resumes it (:data:`RESUME_PATCH`).
     """
     name = job_name(plan.run_id)
+    if plan_json is None:
+        plan_json = agent_plan_json(plan, options)
+    plan_volume, template_annotations = _plan_volume(name, plan_json)
     labels = labels_for(plan)
     input_vols, input_mounts = input_volumes(plan)
     resources: dict[str, dict[str, str]] = {
@@ -321,10 +362,7 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
             }
         ],
         "volumes": [
-            {
-                "name": "plan",
-                "configMap": {"name": name, "items": [{"key": "plan.json", "path": "plan.json"}]},
-            },
+            plan_volume,
             *input_vols,
             {"name": "results", "emptyDir": {"sizeLimit": f"{plan.results_mib}Mi"}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
@@ -374,9 +412,9 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
             "annotations": {ANNOTATION_IMAGE: plan.image_ref},
         },
         "spec": {
-            # Created suspended: no pod starts before its ConfigMap (owned by this Job) exists;
-            # in a Kueue queue it stays so until Kueue admits it.
-            "suspend": True,
+            # Suspended: in a Kueue queue until Kueue admits it; with its plan in a ConfigMap
+            # until the ConfigMap (owned by this Job) exists.
+            "suspend": bool(queue) or not template_annotations,
             "backoffLimit": plan.retries,
             "activeDeadlineSeconds": active_deadline_s(plan, options),
             "podFailurePolicy": {
@@ -404,7 +442,10 @@ def build_job(plan: RunPlan, options: JobOptions) -> dict[str, Any]:
                     },
                 ]
             },
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {
+                "metadata": {"labels": labels, "annotations": template_annotations},
+                "spec": pod_spec,
+            },
         },
     }
 

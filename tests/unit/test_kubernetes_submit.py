@@ -1,5 +1,6 @@
-"""What the Kubernetes backend sends, in which order: the Job suspended, its plan-only
-ConfigMap owned by it, the Job resumed; and the clusters it refuses (exit 2 and 4).
+"""What the Kubernetes backend sends, in which order: the Job alone, its plan inside,
+when the plan fits; else the Job suspended, its plan-only ConfigMap owned by it, the Job
+resumed; and the clusters it refuses (exit 2 and 4).
 
 No cluster: the API classes are replaced by a recorder that answers like the API server
 (the created object, 409 for an existing one, 422 for a volume it cannot store). The k8s
@@ -18,6 +19,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 import runner.backends.kubernetes as backend_mod
+import runner.backends.manifests as manifests
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
 from runner.errors import EnvironmentMismatch, InputError
 from runner.model.plan import PlanInput, RunPlan
@@ -122,7 +124,25 @@ def _backend() -> KubernetesBackend:
     return backend
 
 
-def test_the_job_comes_suspended_then_its_owned_plan_then_the_resume(server: _Server) -> None:
+@pytest.fixture
+def large_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every plan is too large for the Job itself: it goes into a ConfigMap."""
+    monkeypatch.setattr(manifests, "MAX_PLAN_ANNOTATION_BYTES", 10)
+
+
+def test_a_plan_that_fits_is_one_request_the_job_with_its_plan(server: _Server) -> None:
+    name = _backend().submit(_plan())
+    assert [c for c, _ in server.calls] == ["create Job"]
+    (_, job), = server.calls
+    assert job["spec"]["suspend"] is False
+    plan = json.loads(job["spec"]["template"]["metadata"]["annotations"]["evalrun.dev/plan"])
+    assert (plan["collect"], plan["hold_s"], plan["emit_results"]) == ("exec", 90, True)
+    assert plan["run_id"] == "r-abc" and name == job["metadata"]["name"]
+
+
+def test_the_job_comes_suspended_then_its_owned_plan_then_the_resume(
+    server: _Server, large_plans: None
+) -> None:
     name = _backend().submit(_plan())
     assert [c for c, _ in server.calls] == ["create Job", "create ConfigMap", "patch Job"]
     job, configmap, resume = (body for _, body in server.calls)
@@ -134,7 +154,7 @@ def test_the_job_comes_suspended_then_its_owned_plan_then_the_resume(server: _Se
 
 
 def test_a_second_submit_attaches_and_replaces_a_configmap_owned_by_a_gone_job(
-    server: _Server,
+    server: _Server, large_plans: None
 ) -> None:
     backend = _backend()
     backend.submit(_plan())

@@ -14,16 +14,21 @@ from runner.backends.manifests import (
     LABEL_RUN_ID,
     LABEL_SPEC_HASH,
     MAX_CONFIGMAP_BYTES,
+    MAX_PLAN_ANNOTATION_BYTES,
+    PLAN_ANNOTATION,
     PREFLIGHT_ALLOWANCE_S,
     RESUME_PATCH,
     JobOptions,
     active_deadline_s,
+    agent_plan_json,
     build_configmap,
     build_job,
     dropped_image_volumes,
     image_volume_support,
     input_volumes,
     job_name,
+    plan_in_configmap,
+    plan_inline,
     ttl_patch,
 )
 from runner.model.spec import LockedSpec, load_spec, parse_spec
@@ -87,12 +92,15 @@ def _assert_restricted(job):
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert "@sha256:" in c["image"]
     for v in pod["volumes"]:
-        assert set(v) - {"name"} <= {"configMap", "emptyDir", "image"}, v
+        assert set(v) - {"name"} <= {"configMap", "downwardAPI", "emptyDir", "image"}, v
     for c in pod["containers"]:
         for m in c["volumeMounts"]:
             if m["name"] != "results" and m["name"] != "tmp":
                 assert m["readOnly"] is True, m
-    text = json.dumps(job)
+    # the plan rides along as the template's one annotation: data for the agent, no pod field
+    template = dict(job["spec"]["template"], metadata=dict(job["spec"]["template"]["metadata"]))
+    assert set(template["metadata"].pop("annotations", {})) <= {PLAN_ANNOTATION}
+    text = json.dumps(dict(job, spec=dict(job["spec"], template=template)))
     assert "hostPath" not in text and '"privileged": true' not in text
 
 
@@ -169,9 +177,12 @@ def test_configmap_carries_only_the_plan_owned_by_the_job():
     assert cm["metadata"]["ownerReferences"] == [{
         "apiVersion": "batch/v1", "kind": "Job", "name": job_name(plan.run_id),
         "uid": "uid-123", "blockOwnerDeletion": False, "controller": False}]
-    job = build_job(plan, OPTS)
-    # the plan volume is the only ConfigMap volume; no input bytes ride in any ConfigMap
+    # a plan too large for the Job itself: the plan volume is the only ConfigMap volume;
+    # no input bytes ride in any ConfigMap
+    job = build_job(plan, OPTS, b" " * (MAX_PLAN_ANNOTATION_BYTES + 1))
     assert [v["name"] for v in _pod(job)["volumes"] if "configMap" in v] == ["plan"]
+    assert plan_in_configmap(job)
+    assert job["spec"]["template"]["metadata"]["annotations"] == {}
     with pytest.raises(InputError, match="ConfigMap"):
         build_configmap(plan, b"x" * (MAX_CONFIGMAP_BYTES + 1), OPTS, job_uid="u")
 
@@ -206,9 +217,26 @@ def test_an_input_without_a_digest_reference_is_refused_naming_it(ref):
         input_volumes(plan)
 
 
-def test_job_is_created_suspended_and_resumed_by_patch():
-    job = build_job(_plan(), OPTS)
-    assert job["spec"]["suspend"] is True
+def test_a_plan_that_fits_travels_in_the_job_read_through_the_downward_api():
+    plan = _plan()
+    job = build_job(plan, OPTS)
+    plan_json = agent_plan_json(plan, OPTS)
+    assert plan_inline(plan_json) and not plan_in_configmap(job)
+    # one object, created running: nothing to wait for
+    assert job["spec"]["suspend"] is False
+    assert job["spec"]["template"]["metadata"]["annotations"] == {
+        PLAN_ANNOTATION: plan_json.decode()}
+    volume = next(v for v in _pod(job)["volumes"] if v["name"] == "plan")
+    assert volume == {"name": "plan", "downwardAPI": {"items": [{"path": "plan.json", "fieldRef": {
+        "fieldPath": f"metadata.annotations['{PLAN_ANNOTATION}']"}}]}}
+    # queued: suspended all the same, for Kueue to admit
+    queued = build_job(plan, JobOptions(namespace="evals", queue="gpus"))
+    assert queued["spec"]["suspend"] is True and not plan_in_configmap(queued)
+
+
+def test_a_plan_in_a_configmap_means_a_suspended_job_resumed_by_patch():
+    job = build_job(_plan(), OPTS, b" " * (MAX_PLAN_ANNOTATION_BYTES + 1))
+    assert job["spec"]["suspend"] is True and plan_in_configmap(job)
     assert RESUME_PATCH == {"spec": {"suspend": False}}
     assert ttl_patch(JobOptions(namespace="x", ttl_after_finished_s=42)) == {
         "spec": {"ttlSecondsAfterFinished": 42}}
