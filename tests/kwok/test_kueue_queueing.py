@@ -281,7 +281,11 @@ def test_a_queued_run_reports_queued_is_never_stuck_and_times_the_wait_apart(
     runner = threading.Thread(target=lambda: results.append(
         backend.run(plan, tmp_path / "results")), daemon=True)
     runner.start()
-    time.sleep(8)
+    # the reason is read again every 10 s: the second reading names the Workload's place
+    deadline = time.monotonic() + 30
+    while not any("position 1 of 1 waiting in LocalQueue" in x for x in lines):
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.5)
     assert runner.is_alive(), "the run ended while its Job waited in the queue"
     _release(k8s_client, cq)
     runner.join(300)

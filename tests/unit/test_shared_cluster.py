@@ -13,7 +13,7 @@ from runner.backends.manifests import (
     build_job,
     queue_of,
 )
-from runner.adapters.kueue import uncovered_resource
+from runner.adapters.kueue import queue_position, uncovered_resource
 from runner.backends.queueing import QueueClock
 from runner.errors import SpecError
 
@@ -128,6 +128,31 @@ def test_queue_clock_counts_every_wait_including_after_preemption(monkeypatch):
     facts = clock.facts()
     assert facts["queue_wait_s"] == 35.0 and facts["admissions"] == 2
     assert facts["admitted_at"] is not None and not clock.waiting
+
+
+def _workload(uid: str, *, queue: str = "gpus", priority: int | None = None,
+              created: str = "2026-11-30T10:00:00Z", reserved: bool = False) -> dict:
+    conditions = [{"type": "QuotaReserved", "status": "True" if reserved else "False"}]
+    return {"metadata": {"name": f"job-{uid}", "creationTimestamp": created,
+                         "labels": {"kueue.x-k8s.io/job-uid": uid}},
+            "spec": {"queueName": queue, "priority": priority},
+            "status": {"conditions": conditions}}
+
+
+def test_queue_position_follows_kueues_order_priority_then_age():
+    items = [
+        _workload("old", created="2026-11-30T09:00:00Z"),
+        _workload("running", created="2026-11-30T08:00:00Z", reserved=True),  # not waiting
+        _workload("urgent", priority=100, created="2026-11-30T11:00:00Z"),
+        _workload("me", created="2026-11-30T10:00:00Z"),
+        _workload("later", created="2026-11-30T12:00:00Z"),
+        _workload("elsewhere", queue="cpus", created="2026-11-30T07:00:00Z"),
+    ]
+    assert queue_position(items, "me") == (3, 4)  # behind the urgent one and the older one
+    assert queue_position(items, "urgent") == (1, 4)
+    assert queue_position(items, "running") is None  # admitted: no position
+    assert queue_position(items, "gone") is None
+    assert queue_position([{"metadata": None, "spec": "odd"}, *items], "later") == (4, 4)
 
 
 @pytest.mark.parametrize(("reason", "resource"), [
