@@ -11,6 +11,7 @@ results frame are defined once, in :mod:`runner.shared.protocol`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -69,6 +70,7 @@ from runner.shared.protocol import (
     AgentExit,
     AgentPlan,
     PlanError,
+    parse_agent_plan,
     read_agent_plan,
 )
 
@@ -102,21 +104,35 @@ def _write_json(path: Path, data: Any) -> None:
     )
 
 
+def _read_plan(plan_path: Path) -> tuple[AgentPlan, str]:
+    """The plan at ``plan_path`` and the sha256 of the very bytes it was parsed from."""
+    data = plan_path.read_bytes()
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise PlanError("(root)", f"not JSON: {exc}") from exc
+    return parse_agent_plan(parsed), hashlib.sha256(data).hexdigest()
+
+
 def run(plan_path: Path, results: Path) -> int:
     """Read the plan at ``plan_path`` and run it (:func:`run_plan`); a bad plan exits 2."""
     try:
-        plan = read_agent_plan(plan_path)
+        plan, plan_sha256 = _read_plan(plan_path)
     except (OSError, PlanError) as exc:
         print(f"agent: cannot use the plan {plan_path}: {exc}", file=sys.stderr)
         return AgentExit.BAD_PLAN
-    return run_plan(plan, results)
+    return run_plan(plan, results, plan_sha256=plan_sha256)
 
 
-def run_plan(plan: AgentPlan, results: Path) -> int:
-    """Preflight, evaluation and metrics for ``plan``; always leaves ``summary.json`` behind."""
+def run_plan(plan: AgentPlan, results: Path, *, plan_sha256: str | None = None) -> int:
+    """Preflight, evaluation and metrics for ``plan``; always leaves ``summary.json`` behind
+    (with the sha256 of the plan's bytes as read, for the runner to compare with what it
+    sent)."""
     (results / "logs").mkdir(parents=True, exist_ok=True)
     log = EventLog(results / "logs" / "events.jsonl", plan["run_id"])
     summary: dict[str, Any] = {"run_id": plan["run_id"], "started": time.time()}
+    if plan_sha256:
+        summary["plan_sha256"] = plan_sha256
     try:
         code = _run(plan, results, log, summary)
     except Exception as exc:  # the agent must always leave a summary behind
@@ -392,11 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent: plan not found: {args.plan}", file=sys.stderr)
         return AgentExit.BAD_PLAN
     try:
-        plan = read_agent_plan(args.plan)
+        plan, plan_sha256 = _read_plan(args.plan)
     except (OSError, PlanError) as exc:
         print(f"agent: cannot use the plan {args.plan}: {exc}", file=sys.stderr)
         return AgentExit.BAD_PLAN
-    code = run_plan(plan, args.results)
+    code = run_plan(plan, args.results, plan_sha256=plan_sha256)
     if plan.get("collect") == "exec":
         # Small results also stay in the pod log, so a runner that attaches after another
         # one collected them (another store) can still seal them; large ones leave by exec only.

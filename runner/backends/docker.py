@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import os
 import tempfile
@@ -110,7 +111,10 @@ class DockerBackend:
             self._remove_stale(policy.name)
             container = docker_call("create container", lambda: _create(client, policy))
             try:
-                return self._run_container(container, plan)
+                result = self._run_container(container, plan)
+                # what the agent was handed: it reports the sha256 of what it read
+                result.details["plan_sha256"] = hashlib.sha256(plan_path.read_bytes()).hexdigest()
+                return result
             finally:
                 try:
                     with translated("remove container"):

@@ -27,6 +27,7 @@ from runner.adapters.kueue import uncovered_resource, workload_reason
 from runner.backends.collect import StreamReceiver, extract_results_frame
 from runner.backends.live import LineRelay, OutputLine
 from runner.backends.manifests import (
+    ANNOTATION_PLAN_SHA256,
     CANCEL_ANNOTATION,
     CONTAINER_NAME,
     IMAGE_VOLUME_REQUIREMENT,
@@ -565,6 +566,12 @@ class RunSession:
             "active_deadline_s": job.spec.active_deadline_seconds,
             "disruptions": list(self.disruptions.values()),
         }
+        # the plan this runner sent, or (following another's run) the one the Job records
+        sent = self.backend.sent_plans.get(self.name) or (job.metadata.annotations or {}).get(
+            ANNOTATION_PLAN_SHA256
+        )
+        if sent:
+            details["plan_sha256"] = sent
         exit_code: int | None = None
         image_ok = False
         runtime = job.spec.template.spec.runtime_class_name or "runc (cluster default)"

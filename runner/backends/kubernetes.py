@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import re
 import time
@@ -134,6 +135,8 @@ class KubernetesBackend:
         self._namespace: str | None = None
         self.grace = {"unschedulable": unschedulable_grace_s, "image_pull": image_pull_grace_s}
         self.requests = 0
+        # sha256 of the plan.json each Job this backend submitted hands its agent
+        self.sent_plans: dict[str, str] = {}
         self._nodes: dict[str, Any] = {}
         self._policy: NamespacePolicy | None = None
 
@@ -191,6 +194,7 @@ class KubernetesBackend:
         plan_json = agent_plan_json(plan, options)
         job = build_job(plan, options, plan_json)
         name = str(job["metadata"]["name"])
+        self.sent_plans[name] = hashlib.sha256(plan_json).hexdigest()
         core, batch = k8s.CoreV1Api(api), k8s.BatchV1Api(api)
         try:
             stored = self._create_or_attach(

@@ -34,6 +34,9 @@ LABEL_LOCK_HASH = "evalrun.dev/lock-hash"
 LABEL_VERSION = "evalrun.dev/version"
 LABEL_SPEC_NAME = "evalrun.dev/spec"
 ANNOTATION_IMAGE = "evalrun.dev/image"
+# sha256 of the plan.json the Job hands its agent; the agent reports what it read (a
+# follower in another process compares with this; the submitting one with its own).
+ANNOTATION_PLAN_SHA256 = "evalrun.dev/plan-sha256"
 CONTAINER_NAME = "agent"
 GPU_RESOURCE = "nvidia.com/gpu"
 # The NVIDIA device plugin's "mixed" MIG strategy: one resource per profile.
@@ -409,7 +412,10 @@ def build_job(plan: RunPlan, options: JobOptions, plan_json: bytes | None = None
             "name": name,
             "namespace": options.namespace,
             "labels": job_labels,
-            "annotations": {ANNOTATION_IMAGE: plan.image_ref},
+            "annotations": {
+                ANNOTATION_IMAGE: plan.image_ref,
+                ANNOTATION_PLAN_SHA256: hashlib.sha256(plan_json).hexdigest(),
+            },
         },
         "spec": {
             # Suspended: in a Kueue queue until Kueue admits it; with its plan in a ConfigMap

@@ -150,6 +150,9 @@ def judge(
         )
     if collect_problems:
         return Judgement(Outcome.INTEGRITY_FAILURE, "; ".join(collect_problems))
+    swapped = _plan_swapped(result, report)
+    if swapped:
+        return Judgement(Outcome.INTEGRITY_FAILURE, swapped)
     agent_outcome = report.summary.get("outcome")
     crosscheck = _node_crosscheck(result, report)
     facts = RunFacts(node_crosscheck=crosscheck)
@@ -176,6 +179,22 @@ def judge(
             reason += "; " + hint[:1000]
         return _with_stderr(Judgement(outcome, reason, facts), report)
     return None
+
+
+def _plan_swapped(result: BackendResult, report: ContainerReport) -> str | None:
+    """Why the agent ran another plan than the backend handed it, if it did.
+
+    The agent reports the sha256 of the plan bytes it read; a plan changed on its way
+    (a ConfigMap replaced, a pod's annotation patched) is an integrity failure. Agents
+    that report nothing (images built before they did) are not judged on it."""
+    read = report.summary.get("plan_sha256")
+    sent = result.details.get("plan_sha256")
+    if not isinstance(read, str) or not isinstance(sent, str) or read == sent:
+        return None
+    return (
+        f"the agent ran another plan than the one evalrun sent (it read sha256:"
+        f"{read[:64]!s}, evalrun sent sha256:{sent})"
+    )
 
 
 def _timeout_reason(plan: RunPlan, result: BackendResult) -> str:

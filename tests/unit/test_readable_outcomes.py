@@ -181,3 +181,50 @@ def test_the_real_agent_hints_at_a_wrong_input_name(tmp_path: Path, monkeypatch)
     assert judged.stderr_tail[0] == "loading"
     assert judged.stderr_tail[1] == "Traceback (most recent call last):"
     assert judged.stderr_tail[-1] == "KeyError: 'EVALRUN_DATA_TEST'"
+
+
+def test_an_agent_that_read_another_plan_than_was_sent_is_an_integrity_failure(
+    tmp_path: Path, monkeypatch
+):
+    """The agent reports the sha256 of the plan bytes it read; the backend says what it
+    handed over. A plan changed on its way (a ConfigMap replaced, a pod's annotation
+    patched before the agent started) fails the run (exit 3), whatever the metrics."""
+    import hashlib
+    import sys
+
+    import runner.agent.__main__ as agent
+    from runner.shared.protocol import encode_agent_plan
+    from runner.workflows.judge import judge, read_container_report
+
+    root = "sha256:" + "b" * 64
+    monkeypatch.setattr(agent, "rootfs_digest", lambda _: (root, 1))
+    monkeypatch.setattr("runner.agent.usage.rootfs_digest", lambda _: (root, 1))
+    monkeypatch.setattr(agent, "capture_environment", lambda _: {"gpu": {"visible": False}})
+    plan = RunPlan(
+        run_id="r-1", attempt=0, image_ref="127.0.0.1:5000/evalrun/x@sha256:" + "a" * 64,
+        expected_rootfs_digest=root, runtime="runc", command=[sys.executable, "-c", "pass"],
+        params={}, seed=7, metrics=[], expect={}, inputs=[], timeout_s=60, cpus=1.0,
+        memory_mib=256, pids=64, spec_digest="sha256:" + "c" * 64,
+        lock_digest="sha256:" + "d" * 64, spec_name="x",
+    )
+    sent = encode_agent_plan(plan.agent_plan())
+    swapped = encode_agent_plan({**plan.agent_plan(), "seed": 8})
+    verdicts = {}
+    for name, handed in (("same", sent), ("swapped", swapped)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "plan.json").write_bytes(handed)
+        results = tmp_path / name / "results"
+        results.mkdir()
+        code = agent.run(tmp_path / name / "plan.json", results)
+        report = read_container_report(results)
+        assert report.summary["plan_sha256"] == hashlib.sha256(handed).hexdigest()
+        result = BackendResult(backend="t", exit_code=int(code), image_digest_confirmed=True,
+                               runtime="runc",
+                               details={"plan_sha256": hashlib.sha256(sent).hexdigest()})
+        verdicts[name] = judge(plan, result, [], report)
+    # the same plan: nothing to object to (the evaluation wrote no metrics: those decide)
+    assert verdicts["same"] is None or verdicts["same"].outcome is not Outcome.INTEGRITY_FAILURE
+    swapped_verdict = verdicts["swapped"]
+    assert swapped_verdict is not None
+    assert swapped_verdict.outcome is Outcome.INTEGRITY_FAILURE
+    assert "ran another plan than the one evalrun sent" in (swapped_verdict.reason or "")
