@@ -27,14 +27,18 @@ pytestmark = pytest.mark.unit
 RUNS = ["r-" + c * 24 for c in "abc"]
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+def _keyed_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty store (EVALRUN_HOME) with a signing key, and its signer."""
     home = tmp_path / "home"
     monkeypatch.setenv("EVALRUN_HOME", str(home))
     (home / "keys").mkdir(parents=True)
     generate_keypair(home / "keys" / "evalrun.key", home / "keys" / "evalrun.pub", "ed25519")
-    signer = load_signer(home / "keys" / "evalrun.key")
-    store = Store(home)
+    return Store(home), load_signer(home / "keys" / "evalrun.key")
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    store, signer = _keyed_store(tmp_path, monkeypatch)
     for i, run_id in enumerate(RUNS):
         store_run(store, signer, predicate(run_id=run_id, **{"seeds.seed": i}))
     History(store).sync()
@@ -180,12 +184,7 @@ def test_the_stored_listing_is_the_table_of_the_records(tmp_path: Path, monkeypa
     """Cells made at indexing (escaped, cut) print the same table as the records do."""
     from runner.render.run_list import format_listing, format_table
 
-    home = tmp_path / "home"
-    monkeypatch.setenv("EVALRUN_HOME", str(home))
-    (home / "keys").mkdir(parents=True)
-    generate_keypair(home / "keys" / "evalrun.key", home / "keys" / "evalrun.pub", "ed25519")
-    signer = load_signer(home / "keys" / "evalrun.key")
-    store = Store(home)
+    store, signer = _keyed_store(tmp_path, monkeypatch)
     odd = {"spec.name": "evil\x1b]0;title\x07\nspec\u202e", "outcome": "passed"}
     store_run(store, signer, predicate(run_id="r-" + "d" * 24, **odd))
     store_run(store, signer, predicate(run_id="r-" + "e" * 24, **{"spec.name": "s" * 500}))
