@@ -39,12 +39,12 @@ module per source kind: :mod:`~runner.adapters.sources.local`,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from runner._internal.cas import ContentStore
 from runner.adapters.sources.https import acquire_https, http_pool, https_opener, tls_context
 from runner.adapters.sources.local import acquire_local
 from runner.adapters.sources.oci import OciResolver, RemoteListing, acquire_oci
-from runner.adapters.sources.s3 import acquire_s3, s3_client, s3_endpoint, s3_opener
 from runner.adapters.sources.transfer import (
     AcquiredInput,
     ByteStream,
@@ -93,6 +93,9 @@ def acquire(
     if isinstance(parsed, HttpsUri):
         return acquire_https(parsed, want, field=field, store=store, meter=meter, options=options)
     if isinstance(parsed, S3Uri):
+        # imported here: the S3 client library costs every other command ~0.2 s to load
+        from runner.adapters.sources.s3 import acquire_s3
+
         return acquire_s3(parsed, want, field=field, store=store, meter=meter, options=options)
     return acquire_oci(
         parsed, want, field=field, store=store, meter=meter, options=options, oci=oci
@@ -123,3 +126,12 @@ __all__ = [
     "stream_into",
     "tls_context",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The S3 helpers, loaded on first use (see :func:`acquire`)."""
+    if name in ("s3_client", "s3_endpoint", "s3_opener"):
+        from runner.adapters.sources import s3
+
+        return getattr(s3, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
