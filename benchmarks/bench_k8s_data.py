@@ -204,7 +204,7 @@ def transports(api: client.ApiClient, ns: str, pod: str, mib: int) -> tuple[floa
     (the latter only up to 512 MiB: both sides hold it whole, base64 in a string)."""
     import base64
 
-    from runner.adapters.kubernetes import exec_in_pod
+    from runner.adapters.kube_streams import exec_in_pod
     from runner.shared.protocol import StreamReader
 
     reader = StreamReader(1 << 40)

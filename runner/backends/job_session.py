@@ -17,12 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes import client as k8s
 
-from runner.adapters.kubernetes import (
-    NamespaceWatch,
-    PodLogFollower,
-    api_call,
-    exec_in_pod,
-)
+from runner.adapters.kube_streams import PodLogFollower, exec_in_pod
+from runner.adapters.kube_watch import NamespaceWatch
+from runner.adapters.kubernetes import api_call
 from runner.adapters.kueue import uncovered_resource, workload_reason
 from runner.backends.collect import StreamReceiver, extract_results_frame
 from runner.backends.live import LineRelay, OutputLine

@@ -11,7 +11,7 @@ Inputs arrive as read-only image volumes pulled by digest by the node (no networ
 no credentials in the pod); a cluster that cannot mount them is refused (exit 4).
 
 One shared watch per namespace follows every evalrun Job and Pod (see
-runner.adapters.kubernetes, which also translates every API error). The pod's log
+runner.adapters.kube_watch; runner.adapters.kubernetes translates every API error). The pod's log
 is followed live (each line to the caller's sink and the JSON-lines log). When the
 agent has finished it holds the pod and prints a ready line; the runner then
 execs ``emit-results`` through the API server, checks the stream and every tar
@@ -34,15 +34,15 @@ from typing import Any
 
 from kubernetes import client as k8s
 
+from runner.adapters.kube_watch import NamespaceWatch
+from runner.adapters.kube_watch import shared_watch as watch_matching
 from runner.adapters.kubernetes import (
     ClusterTarget,
-    NamespaceWatch,
     api_call,
     as_plain,
     connect,
     read_namespace_policy,
 )
-from runner.adapters.kubernetes import shared_watch as watch_matching
 from runner.backends.job_session import RunSession, job_gone
 from runner.backends.live import OutputSink
 from runner.backends.manifests import (

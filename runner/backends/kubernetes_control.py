@@ -15,7 +15,8 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from runner.adapters.kubernetes import PodLogFollower, api_call
+from runner.adapters.kube_streams import PodLogFollower
+from runner.adapters.kubernetes import api_call
 from runner.backends.kubernetes import KubernetesBackend
 from runner.backends.manifests import CANCEL_ANNOTATION, CONTAINER_NAME, LABEL_RUN_ID
 from runner.errors import APINotFound

@@ -25,7 +25,7 @@ from websocket import ABNF, WebSocketConnectionClosedException
 import runner.agent.__main__ as agent
 from kubernetes import client as k8s
 
-from runner.adapters.kubernetes import LOG_QUIET_S, PodLogFollower, read_exec_frames
+from runner.adapters.kube_streams import LOG_QUIET_S, PodLogFollower, read_exec_frames
 from runner.backends.collect import StreamReceiver
 from runner.backends.job_session import _pod_problem
 from runner.backends.live import MAX_LINE_BYTES, LineRelay, OutputLine
@@ -409,7 +409,7 @@ def test_the_log_follower_streams_through_the_client_and_resumes_without_repeats
 
 @pytest.mark.parametrize("wrap", [str, lambda body: repr(body.encode())])
 def test_a_refused_exec_handshake_names_the_api_servers_reason(wrap: Any) -> None:
-    from runner.adapters.kubernetes import _handshake_message
+    from runner.adapters.kube_streams import _handshake_message
 
     body = json.dumps({"kind": "Status", "code": 403, "message": 'pods "p" is forbidden: '
                        'cannot get resource "pods/exec"'})

@@ -19,7 +19,8 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from runner._internal.retry import transient_policy
-from runner.adapters.kubernetes import NamespaceWatch, api_call, translated
+from runner.adapters.kubernetes import api_call, translated
+from runner.adapters.kube_watch import NamespaceWatch
 from runner.errors import (
     APIConflict,
     APIForbidden,
@@ -373,7 +374,7 @@ def _full_pod(name: str) -> Any:
 def test_the_watch_cache_keeps_what_the_runner_reads_and_drops_the_rest() -> None:
     import tracemalloc
 
-    from runner.adapters.kubernetes import slim
+    from runner.adapters.kube_watch import slim
 
     pod = _full_pod("pod-1")
     kept = slim(pod)
