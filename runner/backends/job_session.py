@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,30 +24,37 @@ from runner.backends.collect import StreamReceiver, extract_results_frame
 from runner.backends.live import LineRelay, OutputLine
 from runner.backends.manifests import (
     ANNOTATION_PLAN_SHA256,
-    CANCEL_ANNOTATION,
     CONTAINER_NAME,
     IMAGE_VOLUME_REQUIREMENT,
     active_deadline_s,
     image_volume_support,
-    node_storage_mib,
     queue_of,
+)
+from runner.backends.pod_states import (
+    ack_exit,
+    agent_status,
+    condition,
+    disruption,
+    image_id_matches,
+    job_gone,
+    pod_problem,
+    running,
+    started,
+    stuck_error,
 )
 from runner.backends.queueing import QueueClock, is_suspended
 from runner.errors import (
     APIForbidden,
     APINotFound,
-    DigestMismatch,
     EnvironmentMismatch,
     EvalrunError,
     InfrastructureError,
-    RunCancelled,
     StillRunning,
     TransientKubernetesError,
 )
 from runner.model.plan import BackendResult, RunPlan
 from runner.shared.protocol import (
     ACK_COMMAND,
-    ACK_RE,
     EMIT_COMMAND,
     FRAME_BEGIN,
     FRAME_END,
@@ -61,87 +67,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("evalrun.backend.kubernetes")
 
-PULL_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
-CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
-# What a kubelet or runtime says when it cannot mount an image volume.
-# (A mount that fails, e.g. "ImageVolumeMountFailed" for a malformed artifact, is not this.)
-_IMAGE_VOLUME_UNSUPPORTED = re.compile(
-    r"image ?volumes?\b.*\b(not supported|unsupported|not enabled|disabled)", re.I
-)
-# containerd's words for a blob whose bytes do not match its digest.
-_PULL_DIGEST = re.compile(
-    r"unexpected commit digest (sha256:[0-9a-f]{64}), expected (sha256:[0-9a-f]{64})"
-)
 # Attempts at one collection (a stream cut half way is retried; a refused one is not).
 COLLECT_ATTEMPTS = 3
 # How long collection waits out an unreachable API server (a restart) before giving up,
 # and the pause between tries; the holding agent keeps its results meanwhile.
 COLLECT_UNREACHABLE_S = 180.0
 COLLECT_BACKOFF_S = 3.0
-
-
-def _condition(obj: Any, ctype: str) -> Any:
-    for c in (obj.status.conditions or []) if obj and obj.status else []:
-        if c.type == ctype and c.status == "True":
-            return c
-    return None
-
-
-def _pod_problem(pod: Any, now: float, grace: dict[str, float]) -> tuple[str, str] | None:
-    """A named reason why a pod cannot make progress, once it has lasted its grace time."""
-    created = (
-        pod.metadata.creation_timestamp.timestamp() if pod.metadata.creation_timestamp else now
-    )
-    age = now - created
-    for c in pod.status.conditions or []:
-        if (
-            c.type == "PodScheduled"
-            and c.status == "False"
-            and c.reason == "Unschedulable"
-            and age > grace["unschedulable"]
-        ):
-            return "Unschedulable", c.message or "no node matches"
-    for cs in pod.status.container_statuses or []:
-        waiting = cs.state.waiting if cs.state else None
-        message = (waiting.message or "") if waiting else ""
-        if waiting and _PULL_DIGEST.search(message):
-            return "DigestMismatch", message
-        if waiting and _IMAGE_VOLUME_UNSUPPORTED.search(message):
-            return "ImageVolumeUnsupported", message
-        if waiting and waiting.reason in PULL_FAILURES and age > grace["image_pull"]:
-            return waiting.reason, message or cs.image
-        if waiting and waiting.reason in CONFIG_FAILURES and age > grace["image_pull"]:
-            return waiting.reason, message
-    return None
-
-
-def _disruption(pod: Any) -> tuple[str, str] | None:
-    """Why a pod was disrupted (evicted, preempted, its node drained), if it was.
-
-    The Job's podFailurePolicy ignores such a failure: the Job starts another pod, so the
-    runner records the disruption and keeps following the Job.
-    """
-    for c in pod.status.conditions or []:
-        if c.type == "DisruptionTarget" and c.status == "True":
-            return c.reason or "DisruptionTarget", c.message or ""
-    if pod.status.reason == "Evicted":  # a kubelet that sets no DisruptionTarget condition
-        return "Evicted", pod.status.message or "evicted by the kubelet"
-    return None
-
-
-def _agent_status(pod: Any) -> Any:
-    return next((c for c in pod.status.container_statuses or [] if c.name == CONTAINER_NAME), None)
-
-
-def _started(pod: Any) -> bool:
-    status = _agent_status(pod)
-    state = status.state if status is not None else None
-    return bool(state and (state.running or state.terminated))
-
-
-def _running(pod: Any) -> bool:
-    status = _agent_status(pod)
-    return bool(status is not None and status.state and status.state.running)
 
 
 @dataclass
@@ -221,7 +152,7 @@ class RunSession:
 
         def still_running() -> bool:
             pod = self.watch.pods.objects.get(pod_name)
-            return bool(pod is not None and _running(pod))
+            return bool(pod is not None and running(pod))
 
         def on_data(data: bytes) -> None:
             relay.feed("log", data)
@@ -244,7 +175,7 @@ class RunSession:
         clock = self.clock
         if clock is not None and job is not None:
             # a queued Job has no pod: waiting for admission is not being stuck
-            if is_suspended(job) and not (_condition(job, "Complete") or _condition(job, "Failed")):
+            if is_suspended(job) and not (condition(job, "Complete") or condition(job, "Failed")):
                 if clock.suspended() or clock.due_for_reason():
                     return ("queued", job)
                 return None
@@ -254,20 +185,20 @@ class RunSession:
         for pod in self.watch.pods_of(self.plan.run_id):
             pod_name = pod.metadata.name
             tracked = self.pods.setdefault(pod_name, _Tracked())
-            if pod_name not in self.disruptions and (disruption := _disruption(pod)):
-                return ("disrupted", (pod_name, *disruption))
+            if pod_name not in self.disruptions and (disrupted := disruption(pod)):
+                return ("disrupted", (pod_name, *disrupted))
             with self._lock:
                 ready = tracked.ready_exit is not None and not tracked.collected
             if ready:
                 return ("ready", pod)
             if pod.spec.node_name and not tracked.node_checked:
                 return ("scheduled", pod)
-            if tracked.follower is None and _started(pod):
+            if tracked.follower is None and started(pod):
                 return ("follow", pod)
-            problem = _pod_problem(pod, time.time(), self.backend.grace)
+            problem = pod_problem(pod, time.time(), self.backend.grace)
             if problem:
                 return ("stuck", problem)
-        if _condition(job, "Complete") or _condition(job, "Failed"):
+        if condition(job, "Complete") or condition(job, "Failed"):
             return ("done", job)
         if job is None and (gone := self.watch.deleted_job(self.name)) is not None:
             return ("gone", gone)
@@ -389,45 +320,7 @@ class RunSession:
 
     def _stuck(self, reason: str, message: str) -> None:
         self.backend._delete(self.api, self.namespace, self.name)
-        plan = self.plan
-        if reason == "Unschedulable" and "ephemeral-storage" in message:
-            inputs = ", ".join(
-                f"{i.role} {i.name!r} {i.size / (1 << 30):.2f} GiB" for i in plan.inputs
-            )
-            raise EnvironmentMismatch(
-                f"Job {self.name} is Unschedulable: no node has {node_storage_mib(plan)} MiB "
-                f"of disk free for the run ({message})",
-                expected=f"a node with {node_storage_mib(plan)} MiB of allocatable "
-                "ephemeral-storage",
-                hint=f"the run needs its results volume ({plan.results_mib} MiB, "
-                f"resources.results_mib) plus its inputs ({inputs or 'none'}) on the node's "
-                "disk; use nodes with more disk, or smaller inputs/results_mib",
-            )
-        if reason == "Unschedulable":
-            raise EnvironmentMismatch(
-                f"Job {self.name} is Unschedulable: {message}",
-                gpu_product=plan.gpu_product,
-                gpus=plan.gpus or None,
-                hint="no node offers what the spec asks for (resources, GPU product label, "
-                "taints); check `kubectl describe nodes`",
-            )
-        if reason == "ImageVolumeUnsupported":
-            raise EnvironmentMismatch(
-                f"Job {self.name}: the node cannot mount image volumes: {message}",
-                expected=IMAGE_VOLUME_REQUIREMENT,
-                hint="evalrun never falls back to shipping inputs another way",
-            )
-        if reason == "DigestMismatch":
-            match = _PULL_DIGEST.search(message)
-            assert match is not None
-            raise DigestMismatch(
-                f"Job {self.name}: a pulled blob (image or input artifact)",
-                expected=match[2],
-                found=match[1],
-                hint="the registry serves bytes that are not the locked ones; re-publish "
-                "the input or investigate the registry",
-            )
-        raise InfrastructureError(f"Job {self.name}: {reason}: {message}", image=plan.image_ref)
+        raise stuck_error(self.name, self.plan, reason, message)
 
     # ---- collection
 
@@ -524,11 +417,11 @@ class RunSession:
                 )
             except TransientKubernetesError:
                 if self._agent_ended(pod_name):
-                    return True, _ack_exit(answer)
+                    return True, ack_exit(answer)
                 continue
             except EvalrunError:
-                return self._agent_ended(pod_name), _ack_exit(answer)
-            code = _ack_exit(answer)
+                return self._agent_ended(pod_name), ack_exit(answer)
+            code = ack_exit(answer)
             if ran.exit_code == 0 and code is not None:
                 return True, code
             return self._agent_ended(pod_name), code
@@ -539,7 +432,7 @@ class RunSession:
 
         def ended() -> bool:
             pod = self.watch.pods.objects.get(pod_name)
-            return pod is None or not _running(pod)
+            return pod is None or not running(pod)
 
         return bool(self.watch.wait(ended, timeout=timeout_s))
 
@@ -547,7 +440,7 @@ class RunSession:
 
     def _result(self, job: Any, started: str, t0: float) -> BackendResult:
         api, namespace, plan = self.api, self.namespace, self.plan
-        failed = _condition(job, "Failed")
+        failed = condition(job, "Failed")
         pods = self.watch.pods_of(plan.run_id)
         pod = next(
             (p for p in reversed(pods) if p.status.phase in ("Succeeded", "Failed")),
@@ -578,7 +471,7 @@ class RunSession:
             pod_name = pod.metadata.name
             details["pod"] = pod_name
             details["node"] = pod.spec.node_name
-            status = _agent_status(pod)
+            status = agent_status(pod)
             if status is not None:
                 term = status.state.terminated if status.state else None
                 if term is not None:
@@ -586,7 +479,7 @@ class RunSession:
                     details["termination_reason"] = term.reason
                     details["container_exit_code"] = term.exit_code
                 details["image_id"] = status.image_id
-                image_ok = _image_id_matches(status.image_id, plan.image_digest())
+                image_ok = image_id_matches(status.image_id, plan.image_digest())
             details["node_labels"] = self.backend._node_labels(api, pod.spec.node_name)
             tracked = self.pods.get(pod_name)
             if tracked is not None and tracked.follower and tracked.relay:
@@ -648,30 +541,3 @@ class RunSession:
             ]
         details["collection"] = {"pod": pod_name, "mode": "log-frame"}
         return extract_results_frame(text, self.results_dir).problems
-
-
-def _ack_exit(answer: bytes | bytearray) -> int | None:
-    match = ACK_RE.match(bytes(answer).decode("ascii", "replace").strip())
-    return int(match[1]) if match else None
-
-
-def _image_id_matches(image_id: str | None, digest: str) -> bool:
-    """The pod's imageID names the pinned manifest digest (``…@sha256:…``)."""
-    if not image_id:
-        return False
-    return image_id.rsplit("@", 1)[-1] == digest or image_id == digest
-
-
-def job_gone(name: str, last: Any, *, cancel_requested: bool) -> EvalrunError:
-    """Why Job ``name`` is gone before it ended: cancelled (``evalrun cancel`` annotated its
-    last state, or the caller knows it asked), or deleted by something else."""
-    annotations = (getattr(getattr(last, "metadata", None), "annotations", None)) or {}
-    cancelled = annotations.get(CANCEL_ANNOTATION)
-    if cancelled or cancel_requested:
-        when = f" at {cancelled}" if cancelled else ""
-        return RunCancelled(f"cancelled{when} (evalrun cancel): Job {name} was deleted")
-    return InfrastructureError(
-        f"Job {name} is gone before its results were collected (deleted, or removed by its "
-        "TTL after another runner collected it)",
-        hint="a run collected elsewhere is sealed in that runner's store",
-    )

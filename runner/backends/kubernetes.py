@@ -43,7 +43,7 @@ from runner.adapters.kubernetes import (
     connect,
     read_namespace_policy,
 )
-from runner.backends.job_session import RunSession, job_gone
+from runner.backends.job_session import RunSession
 from runner.backends.live import OutputSink
 from runner.backends.manifests import (
     IMAGE_VOLUME_REQUIREMENT,
@@ -69,6 +69,7 @@ from runner.backends.namespace_policy import (
     check_namespace,
     runtime_class_of,
 )
+from runner.backends.pod_states import job_gone
 from runner.errors import (
     APIConflict,
     APIForbidden,

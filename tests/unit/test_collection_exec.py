@@ -27,7 +27,7 @@ from kubernetes import client as k8s
 
 from runner.adapters.kube_streams import LOG_QUIET_S, PodLogFollower, read_exec_frames
 from runner.backends.collect import StreamReceiver
-from runner.backends.job_session import _pod_problem
+from runner.backends.pod_states import pod_problem
 from runner.backends.live import MAX_LINE_BYTES, LineRelay, OutputLine
 from runner.errors import TransientKubernetesError
 from runner.model.plan import PlanInput, RunPlan
@@ -453,21 +453,21 @@ def test_pod_problems_name_image_volume_support_and_altered_blobs_at_once() -> N
     unsupported = _waiting_pod(
         "CreateContainerConfigError", "failed to create: image volumes are not supported"
     )
-    assert _pod_problem(unsupported, time.time(), grace) == (
+    assert pod_problem(unsupported, time.time(), grace) == (
         "ImageVolumeUnsupported", "failed to create: image volumes are not supported")
     digest = "sha256:" + "1" * 64
     altered = _waiting_pod(
         "ErrImagePull",
         f"failed commit: unexpected commit digest {digest}, expected sha256:{'2' * 64}",
     )
-    assert _pod_problem(altered, time.time(), grace)[0] == "DigestMismatch"
-    assert _pod_problem(_waiting_pod("ErrImagePull", "timeout"), time.time(), grace) is None
+    assert pod_problem(altered, time.time(), grace)[0] == "DigestMismatch"
+    assert pod_problem(_waiting_pod("ErrImagePull", "timeout"), time.time(), grace) is None
     # a malformed artifact fails to mount: an infrastructure problem after the grace, not exit 4
     mount = _waiting_pod(
         "CreateContainerError",
         "failed to mount image volume: ImageVolumeMountFailed: failed to unpack image volume: "
         "mismatched image rootfs and manifest layers",
     )
-    assert _pod_problem(mount, time.time(), grace) is None
-    assert _pod_problem(mount, time.time(), {**grace, "image_pull": -1.0})[0] == (
+    assert pod_problem(mount, time.time(), grace) is None
+    assert pod_problem(mount, time.time(), {**grace, "image_pull": -1.0})[0] == (
         "CreateContainerError")
