@@ -1,4 +1,5 @@
-"""CLI commands over past runs: runs ls|show|reindex, rerun, diff, audit, report, push, pull.
+"""CLI commands over past runs: runs ls|show|reindex, rerun, diff, audit, report (and,
+through :mod:`runner.cli.exchange`, push and pull).
 
 Wired into ``evalrun`` by :func:`register`. Each command is ``fn(args, settings,
 term) -> int`` and raises :mod:`runner.errors` exceptions; ``cli.main`` maps
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner._internal.settings import Settings
+from runner.cli import exchange
 from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports, properties_of
 from runner.cli.common import (
     add_backend_args,
@@ -342,62 +343,6 @@ def cmd_report(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- registry
-
-
-def cmd_push(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.oci_artifacts import push_bundle
-    from runner.bundle.store import Store
-    from runner.bundle.verify import verify_bundle
-
-    store = Store(settings.home)
-    verifier = verifier_for(args, settings, args.pub)
-    with bundle_for(args.run, settings, args, term) as bundle:
-        verify_bundle(bundle, verifier)  # never publish what does not verify
-        store.tmp_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="push-", dir=store.tmp_dir) as tmp:
-            pushed = push_bundle(bundle, Path(tmp), progress=term, verifier=verifier)
-    if args.json:
-        emit_json(
-            {
-                "reference": pushed.reference,
-                "digest": pushed.manifest_digest,
-                "subject": pushed.subject,
-                "already_present": pushed.already_present,
-                "referrers_fallback_tag": pushed.referrers_fallback,
-            }
-        )
-    else:
-        print(f"{'already pushed' if pushed.already_present else 'pushed'} {pushed.reference}")
-        print(f"  subject  {pushed.subject}")
-    return 0
-
-
-def cmd_pull(args: argparse.Namespace, settings: Settings, term: Term) -> int:
-    from runner.bundle.oci_artifacts import pull_bundle
-    from runner.bundle.store import Store
-
-    pulled = pull_bundle(
-        args.ref, Store(settings.home), verifier_for(args, settings, args.pub), progress=term
-    )
-    if args.json:
-        emit_json(
-            [
-                {
-                    "reference": p.reference,
-                    "run_id": p.run_id,
-                    "bundle": str(p.stored.path),
-                    "bundle_digest": p.stored.digest,
-                }
-                for p in pulled
-            ]
-        )
-    else:
-        for p in pulled:
-            print(f"{p.run_id}  {p.stored.digest}  {p.stored.path}")
-    return 0
-
-
 # --------------------------------------------------------------------------- parser
 
 
@@ -509,15 +454,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("-o", "--out", type=Path, help="output file (default: stdout)")
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser(
-        "push", parents=[common, keys], help="push a bundle to the registry, attached to its image"
-    )
-    p.add_argument("run", help="run id, bundle digest (or prefix) or bundle path")
-    p.set_defaults(fn=cmd_push)
-
-    p = sub.add_parser("pull", parents=[common, keys], help="pull a bundle (or an image's bundles)")
-    p.add_argument("ref", help="registry/repo@sha256:… of a bundle artifact or an evaluated image")
-    p.set_defaults(fn=cmd_pull)
+    exchange.register(sub, common, keys)
 
 
 __all__ = ["register"]
