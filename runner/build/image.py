@@ -30,8 +30,9 @@ from runner.adapters import registry
 from runner.adapters.docker_engine import connect, docker_call, translated
 from runner.build.context import BUILD_EPOCH, BuildInputs, stage_context
 from runner.errors import EvalrunError, InfrastructureError, InputError, IntegrityError
+from runner.model.base import parse_digest_ref
+from runner.model.lock import LockedSpec
 from runner.model.predicate import ImageReproducibility
-from runner.model.spec import LockedSpec, parse_digest_ref
 from runner.shared.rootfs_table import TABLE_PATH, table_digest
 
 Progress = Callable[[str], None]

@@ -32,14 +32,9 @@ from runner.build.image import build_image, push_image
 from runner.build.lock import write_lock
 from runner.build.package_files import agent_digest
 from runner.errors import InputError
-from runner.model.spec import (
-    EvalSpec,
-    LockedSpec,
-    Reproducibility,
-    load_lock,
-    lock_path_for,
-    parse_digest_ref,
-)
+from runner.model.base import parse_digest_ref
+from runner.model.lock import LockedSpec, Reproducibility, load_lock, lock_path_for
+from runner.model.spec import EvalSpec
 
 Progress = Callable[[str], None]
 

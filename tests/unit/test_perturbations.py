@@ -4,7 +4,7 @@ import pytest
 
 from runner.errors import SpecError
 from runner.shared.metrics import SampleFormatError, perturbation_effects, select_perturbed
-from runner.model.spec import PerturbationSpec
+from runner.model.spec_metrics import PerturbationSpec
 
 pytestmark = pytest.mark.unit
 DEFS = [{"name": "accuracy", "compute": "accuracy", "ci": {"resamples": 300, "level": 0.95}}]

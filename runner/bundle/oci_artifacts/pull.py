@@ -37,7 +37,7 @@ from runner.bundle.signing import TrustedKeys
 from runner.bundle.store import Store, StoredBundle
 from runner.bundle.verify import verify_bundle
 from runner.errors import InputError, IntegrityError, VerificationFailed
-from runner.model.spec import parse_digest_ref
+from runner.model.base import parse_digest_ref
 
 # What a pull reads at most before the bundle is verified: a registry's JSON documents
 # (manifests, indexes), the attached bundles of one image, and one bundle tar.

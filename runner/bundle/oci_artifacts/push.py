@@ -38,8 +38,8 @@ from runner.bundle.reader import predicate_of, read_predicate
 from runner.bundle.signing import TrustedKeys
 from runner.bundle.verify import verify_bundle
 from runner.errors import InputError, IntegrityError
+from runner.model.base import parse_digest_ref
 from runner.model.predicate import AuditPredicate, RunPredicate
-from runner.model.spec import parse_digest_ref
 
 
 @dataclass(frozen=True)
