@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runner._internal.sanitize import one_line
 from runner._internal.tree import remove_tree
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.adapters.registry import ImageName
 from runner.bundle.archive import extract_bundle_tar
 from runner.bundle.oci_artifacts.documents import (
@@ -121,7 +121,7 @@ def _download_tar(
     """Download the bundle tar: never more bytes than its descriptor declares, digest-checked."""
     digest, size = _bundle_layer(reference, data)
     tar_path = scratch / "bundle.tar"
-    registry.get_blob(name, digest, tar_path, max_bytes=size)
+    registry_blobs.get_blob(name, digest, tar_path, max_bytes=size)
     return tar_path
 
 
