@@ -52,6 +52,7 @@ from runner.agent.teeing import (
     run_teed,
 )
 from runner.agent.verification import RootfsVerification
+from runner.shared.agent_plan import DEFAULT_HOLD_S, AgentPlan, PlanError, read_agent_plan
 from runner.shared.metrics import (
     SampleFormatError,
     compute_available,
@@ -61,16 +62,7 @@ from runner.shared.metrics import (
     read_samples,
     select_perturbed,
 )
-from runner.shared.protocol import (
-    DEFAULT_HOLD_S,
-    NOT_HOLDING_EXIT,
-    PLAN_FILE,
-    RESULTS_MOUNT,
-    AgentExit,
-    AgentPlan,
-    PlanError,
-    read_agent_plan,
-)
+from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
 
 
 class EventLog:
