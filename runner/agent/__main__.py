@@ -53,16 +53,10 @@ from runner.agent.teeing import (
 )
 from runner.agent.verification import RootfsVerification
 from runner.shared.agent_plan import DEFAULT_HOLD_S, AgentPlan, PlanError, read_agent_plan
-from runner.shared.metrics import (
-    SampleFormatError,
-    compute_available,
-    partial_reason,
-    perturbation_effects,
-    read_outputs,
-    read_samples,
-    select_perturbed,
-)
+from runner.shared.metrics import SampleFormatError, compute_available, partial_reason
+from runner.shared.perturbations import perturbation_effects, select_perturbed
 from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
+from runner.shared.sample_file import read_outputs, read_samples
 
 
 class EventLog:

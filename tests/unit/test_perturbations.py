@@ -3,7 +3,8 @@ import random
 import pytest
 
 from runner.errors import SpecError
-from runner.shared.metrics import SampleFormatError, perturbation_effects, select_perturbed
+from runner.shared.metrics import SampleFormatError
+from runner.shared.perturbations import perturbation_effects, select_perturbed
 from runner.model.spec_metrics import PerturbationSpec
 
 pytestmark = pytest.mark.unit
