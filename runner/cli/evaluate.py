@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from runner._internal.settings import Settings
 from runner.cli import runs as cli_runs
@@ -23,6 +23,11 @@ from runner.cli.common import (
 )
 from runner.cli.output import Terminal, emit_json
 from runner.cli.progress import TransferBars
+
+if TYPE_CHECKING:
+    from runner.bundle.signing import Keyring, Signer, Verifier
+    from runner.model.plan import Backend
+    from runner.workflows.run import RunOutcome
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
@@ -91,8 +96,8 @@ def _run_set(
     settings: Settings,
     term: Terminal,
     seeds: list[int],
-    backend: Any,
-    signer: Any,
+    backend: Backend,
+    signer: Signer,
     reports: CiReports,
 ) -> int:
     from runner.render.junit import run_set_suites
@@ -175,7 +180,9 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
     return report_run(args, outcome, signer, reports)
 
 
-def report_run(args: argparse.Namespace, outcome: Any, signer: Any, reports: CiReports) -> int:
+def report_run(
+    args: argparse.Namespace, outcome: RunOutcome, signer: Signer, reports: CiReports
+) -> int:
     """Verify a sealed run's bundle, write its CI reports and print it (``run``, ``wait``);
     returns the run's exit code."""
     from runner.bundle.signing import load_verifier
@@ -239,7 +246,7 @@ def report_run(args: argparse.Namespace, outcome: Any, signer: Any, reports: CiR
     return int(outcome.exit_code)
 
 
-def _self_check(outcome: Any, verifier: Any, *, explicit: bool) -> str:
+def _self_check(outcome: RunOutcome, verifier: Verifier | Keyring, *, explicit: bool) -> str:
     """Verify the run's bundle with ``verifier`` (--pub, or the signing key's public half).
 
     Without --pub, a run found in the store (not signed now) may have been signed by an

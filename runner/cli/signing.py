@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner._internal.settings import Settings
 from runner.cli.common import (
@@ -19,6 +19,9 @@ from runner.cli.common import (
 )
 from runner.cli.output import Terminal, emit_json
 from runner.errors import EvalrunError, InputError
+
+if TYPE_CHECKING:
+    from runner.bundle.keys import KeyDescription
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
@@ -113,7 +116,7 @@ def cmd_keys_generate(args: argparse.Namespace, settings: Settings, term: Termin
     return 0
 
 
-def _key_row(d: Any) -> str:
+def _key_row(d: KeyDescription) -> str:
     return f"{d.keyid[:16]}  {d.algorithm:10}  {d.holds:19}  {d.source}"
 
 
