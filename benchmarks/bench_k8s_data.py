@@ -38,14 +38,8 @@ import yaml  # noqa: E402
 from input_artifacts import _layer, publish_input  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 
-from runner.adapters.registry import (  # noqa: E402
-    ImageName,
-    get_blob_bytes,
-    get_manifest_bytes,
-    push_blob,
-    put_blob_bytes,
-    put_manifest,
-)
+from runner.adapters.registry import ImageName, get_manifest_bytes, put_manifest  # noqa: E402
+from runner.adapters.registry_blobs import get_blob_bytes, push_blob, put_blob_bytes  # noqa: E402
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend  # noqa: E402
 from runner.model.plan import PlanInput, RunPlan  # noqa: E402
 

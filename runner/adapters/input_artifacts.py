@@ -38,7 +38,7 @@ from runner._internal.input_artifact import (
     sha256_digest,
 )
 from runner._internal.input_tree import READ_CHUNK, InputFile
-from runner.adapters import registry, registry_stream
+from runner.adapters import registry, registry_blobs, registry_stream
 from runner.adapters.registry import ImageName
 from runner.adapters.sources import ByteStream, OciResolver, OciUri, Progress, RemoteListing
 from runner.errors import DigestMismatch, InputError, IntegrityError, TransientRegistryError
@@ -205,7 +205,7 @@ def publish_input(
             uploaded += layer.size
         else:
             meter.add(layer.size)
-    registry.put_blob_bytes(repository, artifact.config_digest, artifact.config)
+    registry_blobs.put_blob_bytes(repository, artifact.config_digest, artifact.config)
     pushed = registry.put_manifest(repository, artifact.digest, artifact.manifest, MANIFEST_TYPE)
     if pushed != artifact.digest:
         raise IntegrityError(

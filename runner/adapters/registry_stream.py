@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.errors import (
     InputError,
     RegistryAccessDenied,
@@ -122,12 +122,12 @@ def push_blob_stream(
     Nothing is sent when the repository holds the blob already; the registry checks
     the digest of what arrives (a mismatch is a refusal, exit 5).
     """
-    if registry.blob_exists(name, digest):
+    if registry_blobs.blob_exists(name, digest):
         return "exists"
 
     def upload() -> None:
         with open_stream() as stream:
-            registry._upload(name, digest, stream, size)
+            registry_blobs._upload(name, digest, stream, size)
 
     registry._retried(f"upload {digest}", upload)
     return "uploaded"

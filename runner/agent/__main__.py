@@ -53,26 +53,17 @@ from runner.agent.teeing import (
     run_teed,
 )
 from runner.agent.verification import RootfsVerification
-from runner.shared.metrics import (
-    SampleFormatError,
-    compute_available,
-    partial_reason,
-    perturbation_effects,
-    read_outputs,
-    read_samples,
-    select_perturbed,
-)
-from runner.shared.protocol import (
+from runner.shared.agent_plan import (
     DEFAULT_HOLD_S,
-    NOT_HOLDING_EXIT,
-    PLAN_FILE,
-    RESULTS_MOUNT,
-    AgentExit,
     AgentPlan,
     PlanError,
     parse_agent_plan,
     read_agent_plan,
 )
+from runner.shared.metrics import SampleFormatError, compute_available, partial_reason
+from runner.shared.perturbations import perturbation_effects, select_perturbed
+from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
+from runner.shared.sample_file import read_outputs, read_samples
 
 
 class EventLog:

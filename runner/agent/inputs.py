@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from runner.shared.agent_plan import AgentPlanFile, AgentPlanInput
 from runner.shared.inputs import hash_fd, tree_digest_of
-from runner.shared.protocol import AgentPlanFile, AgentPlanInput
 from runner.shared.tarformat import MAX_DEPTH
 
 MAX_PROBLEMS = 20

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from runner.agent.usage import FullCheck, UsageVerifier, agent_paths, install_trace_hook, read_table
-from runner.shared.protocol import AgentPlan
+from runner.shared.agent_plan import AgentPlan
 from runner.shared.rootfs_table import TABLE_PATH, parse_table, table_digest
 
 Mode = Literal["used", "full"]

@@ -30,15 +30,8 @@ from runner._internal.tar import (
     scan_members,
 )
 from runner.errors import EvalrunError
-from runner.shared.metrics import (
-    SampleFormatError,
-    compute_available,
-    compute_metrics,
-    perturbation_effects,
-    read_outputs,
-    read_samples,
-    select_perturbed,
-)
+from runner.shared.metrics import SampleFormatError, compute_available, compute_metrics
+from runner.shared.perturbations import perturbation_effects, select_perturbed
 from runner.shared.protocol import (
     MAX_RESULT_BYTES,
     MAX_RESULT_FILE_BYTES,
@@ -47,6 +40,7 @@ from runner.shared.protocol import (
     StreamReader,
     decode_frame,
 )
+from runner.shared.sample_file import read_outputs, read_samples
 
 
 @dataclass

@@ -81,7 +81,7 @@ from runner.errors import (
     KubernetesRejected,
 )
 from runner.model.plan import BackendResult, RunPlan
-from runner.shared.protocol import DEFAULT_HOLD_S
+from runner.shared.agent_plan import DEFAULT_HOLD_S
 
 log = logging.getLogger("evalrun.backend.kubernetes")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from runner.errors import InputError
 from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, PlanInput, RunPlan
-from runner.shared.protocol import DEFAULT_HOLD_S, encode_agent_plan
+from runner.shared.agent_plan import DEFAULT_HOLD_S, encode_agent_plan
 
 MANAGED_BY = "evalrun"
 LABEL_RUN_ID = "evalrun.dev/run-id"

@@ -29,7 +29,7 @@ from runner.adapters import registry
 from runner.build.image import push_image
 from runner.build.package_files import IMAGES_DIR
 from runner.errors import InfrastructureError, InputError, SpecError
-from runner.model.spec import LockedBase
+from runner.model.lock import LockedBase
 
 Progress = Callable[[str], None]
 OCI_TAG = "oci2"  # bump when the assembly changes, so old tags are not reused

@@ -23,7 +23,9 @@ from runner._internal.tree import TreeDigestFormat, digest_tree, sha256_file
 from runner.build.package_files import AGENT_FILES, PACKAGE_DIR, agent_digest
 from runner.build.wheels import cached_wheel
 from runner.errors import InputError
-from runner.model.spec import EvalSpec, LockedBase, LockedWheel, parse_digest_ref
+from runner.model.base import parse_digest_ref
+from runner.model.lock import LockedBase, LockedWheel
+from runner.model.spec import EvalSpec
 
 # SOURCE_DATE_EPOCH of every evalrun build: file times and image config times.
 BUILD_EPOCH = 1735689600

@@ -26,12 +26,13 @@ from runner._internal.strict_json import load_json_strict
 # runner/workflows/run.py and rerun.py import sha256_file from here; they are being changed on
 # another branch, so this re-export stays until their imports move to runner._internal.tree.
 from runner._internal.tree import sha256_file as sha256_file
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.adapters.docker_engine import connect, docker_call, translated
 from runner.build.context import BUILD_EPOCH, BuildInputs, stage_context
 from runner.errors import EvalrunError, InfrastructureError, InputError, IntegrityError
+from runner.model.base import parse_digest_ref
+from runner.model.lock import LockedSpec
 from runner.model.predicate import ImageReproducibility
-from runner.model.spec import LockedSpec, parse_digest_ref
 from runner.shared.rootfs_table import TABLE_PATH, table_digest
 
 Progress = Callable[[str], None]
@@ -55,14 +56,14 @@ def push_image(
     mount_from = [source.repository] if source and source.registry == name.registry else []
     for layer in image.layers:
         if layer.path is None and source is not None and not mount_from:
-            if not registry.blob_exists(name, layer.digest):
+            if not registry_blobs.blob_exists(name, layer.digest):
                 with tempfile.TemporaryDirectory(prefix="evalrun-blob-") as tmp:
                     copy = Path(tmp) / "blob"
-                    registry.get_blob(source, layer.digest, copy)
-                    registry.push_blob(name, layer.digest, layer.size, copy)
+                    registry_blobs.get_blob(source, layer.digest, copy)
+                    registry_blobs.push_blob(name, layer.digest, layer.size, copy)
             continue
-        registry.push_blob(name, layer.digest, layer.size, layer.path, mount_from=mount_from)
-    registry.put_blob_bytes(name, image.config_digest, image.config)
+        registry_blobs.push_blob(name, layer.digest, layer.size, layer.path, mount_from=mount_from)
+    registry_blobs.put_blob_bytes(name, image.config_digest, image.config)
     reported = registry.put_manifest(name, tag, image.manifest, oci.OCI_MANIFEST)
     resolved = registry.resolve_tag(name, tag)
     if (reported and reported != image.digest) or resolved != image.digest:
@@ -231,7 +232,7 @@ def _base_layers(base_ref: str) -> tuple[list[oci.Blob], list[str], list[str]]:
     if "layers" not in manifest:
         raise InputError(f"base image {base_ref} is an index, not a single-platform image")
     config: oci.ImageConfig = load_json_strict(
-        registry.get_blob_bytes(name, manifest["config"]["digest"])
+        registry_blobs.get_blob_bytes(name, manifest["config"]["digest"])
     )
     layers = [
         oci.Blob(

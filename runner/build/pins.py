@@ -22,7 +22,8 @@ from runner._internal.tree import sha256_file
 from runner.errors import InputError, SpecError
 from runner.model.base import decoded_text, read_input_file
 from runner.model.input_uri import LocalUri, parse_input_uri
-from runner.model.spec import MAX_SPEC_BYTES, ArtifactSpec, DatasetSpec, load_spec_bytes
+from runner.model.spec import ArtifactSpec, DatasetSpec, load_spec_bytes
+from runner.model.spec_yaml import MAX_SPEC_BYTES
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from runner._internal import image_contents, oci
 from runner._internal.settings import Settings
 from runner._internal.strict_json import load_json_strict
 from runner._internal.tree import sha256_file
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.adapters.docker_engine import connect
 from runner.build.base_image import (
     assemble_base,
@@ -32,14 +32,9 @@ from runner.build.image import build_image, push_image
 from runner.build.lock import write_lock
 from runner.build.package_files import agent_digest
 from runner.errors import InputError
-from runner.model.spec import (
-    EvalSpec,
-    LockedSpec,
-    Reproducibility,
-    load_lock,
-    lock_path_for,
-    parse_digest_ref,
-)
+from runner.model.base import parse_digest_ref
+from runner.model.lock import LockedSpec, Reproducibility, load_lock, lock_path_for
+from runner.model.spec import EvalSpec
 
 Progress = Callable[[str], None]
 
@@ -229,13 +224,13 @@ def image_diff(expected_ref: str, found_ref: str) -> ImageDiff:
                 registry.get_manifest_bytes(name, digest)
             )
             config: oci.ImageConfig = load_json_strict(
-                registry.get_blob_bytes(name, manifest["config"]["digest"])
+                registry_blobs.get_blob_bytes(name, manifest["config"]["digest"])
             )
             sides[side] = (manifest, config)
             for layer in manifest.get("layers", []):
                 if layer["digest"] not in blobs:
                     path = Path(tmp) / f"{len(blobs)}.layer"
-                    registry.get_blob(name, layer["digest"], path)
+                    registry_blobs.get_blob(name, layer["digest"], path)
                     blobs[layer["digest"]] = path
             handles = [blobs[d["digest"]].open("rb") for d in manifest.get("layers", [])]
             try:

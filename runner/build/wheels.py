@@ -22,7 +22,7 @@ from runner._internal.settings import Settings
 from runner._internal.strict_json import load_json_strict
 from runner._internal.tree import sha256_file
 from runner.errors import DigestMismatch, EvalrunError, InfrastructureError, InputError
-from runner.model.spec import LockedWheel
+from runner.model.lock import LockedWheel
 
 Progress = Callable[[str], None]
 

@@ -104,7 +104,8 @@ def cmd_init(args: argparse.Namespace, settings: Settings, term: Term) -> int:
 def _lock(spec_path: Path, settings: Settings, term: Term) -> dict[str, Any]:
     """Lock the new project exactly as ``evalrun lock`` does."""
     from runner.build.lock import lock_spec
-    from runner.model.spec import load_spec, lock_path_for
+    from runner.model.lock import lock_path_for
+    from runner.model.spec import load_spec
 
     try:
         lock, _ = lock_spec(load_spec(spec_path), spec_path, settings, progress=term)

@@ -47,7 +47,8 @@ def cmd_schema(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 
 def cmd_lock(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.build.lock import lock_spec
-    from runner.model.spec import load_spec, lock_path_for
+    from runner.model.lock import lock_path_for
+    from runner.model.spec import load_spec
 
     t0 = time.monotonic()
     pins: list[dict[str, str | bool]] = []

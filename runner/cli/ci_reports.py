@@ -52,10 +52,10 @@ class CiReports:
     def write(self, suites: Sequence[Any], summary: str) -> None:
         """Write the JUnit report (replacing the file) and append the Markdown summary.
 
-        ``suites`` are :class:`runner.render.junit.JUnitSuite`. A file that cannot be
+        ``suites`` are :class:`runner.render.junit_xml.JUnitSuite`. A file that cannot be
         written is InputError (exit 2) naming it.
         """
-        from runner.render.junit import render_junit
+        from runner.render.junit_xml import render_junit
 
         self.written = True
         if self.junit is not None:

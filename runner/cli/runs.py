@@ -98,7 +98,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
     from runner.backends.kubernetes_control import job_state
     from runner.bundle.store import Store
     from runner.model.outcome import exit_code_of
-    from runner.workflows.detached import DetachedRun, backend_for_record
+    from runner.workflows.detached import backend_for_record
+    from runner.workflows.detached_record import DetachedRun
 
     detached = DetachedRun(settings, args.run)
     stored = Store(settings.home).find_run(args.run)
@@ -202,7 +203,7 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 
 def cmd_logs(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.bundle.store import Store
-    from runner.workflows.detached import DetachedRun
+    from runner.workflows.detached_record import DetachedRun
 
     store = Store(settings.home)
     detached = DetachedRun(settings, args.run)

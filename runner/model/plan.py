@@ -13,11 +13,11 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.model.spec import parse_digest_ref
+from runner.model.base import parse_digest_ref
+from runner.shared.agent_plan import AgentPlan, AgentPlanInput, encode_agent_plan
 from runner.shared.protocol import INPUTS_MOUNT as INPUTS_MOUNT
 from runner.shared.protocol import PLAN_MOUNT as PLAN_MOUNT
 from runner.shared.protocol import RESULTS_MOUNT as RESULTS_MOUNT
-from runner.shared.protocol import AgentPlan, AgentPlanInput, encode_agent_plan
 
 SANDBOX_UID = 65532
 

@@ -7,21 +7,13 @@ environment or integrity problem, infrastructure) is one failing test case with 
 an evalrun error before any bundle existed is one ``<error>`` case. The report fails exactly
 when the command's exit code is not 0.
 
-The dialect is the one GitLab, Jenkins (xUnit's ``junit-10.xsd``) and the GitHub JUnit
-reporters read, kept to what the strictest of them (Ant's schema) requires:
-``<testsuites>`` of ``<testsuite name tests failures errors skipped time timestamp
-hostname>``, each with ``<properties>``, ``<testcase classname name time>`` holding at
-most one ``<failure>``/``<error>`` (``type``, ``message``, text) and a ``<system-out>``.
-Strings from a bundle are made XML-safe (characters XML 1.0 forbids are replaced) and
-bounded in length; the XML itself escapes the rest.
+The cases and suites are built here from the predicates; the XML they are written as is
+:mod:`runner.render.junit_xml`.
 """
 
 from __future__ import annotations
 
-import re
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -34,63 +26,13 @@ from runner.model.predicate import (
     RunSetMember,
     RunSetPredicate,
 )
+from runner.render.junit_xml import JUnitCase, JUnitProblem, JUnitSuite, one_line
 
-# A message attribute is one line a reporter shows in a list; the text under it may be longer.
-MESSAGE_MAX = 1000
-TEXT_MAX = 16_384
 # What a re-run's metric verdicts count as reproduced (runner.workflows.diff agrees).
 REPRODUCED = frozenset({"identical", "within_tolerance", "within_ci"})
-# Characters XML 1.0 allows; anything else (control characters, lone surrogates) is replaced.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-@dataclass(frozen=True)
-class JUnitProblem:
-    """Why a test case did not pass: ``failure`` (a verdict) or ``error`` (no verdict)."""
-
-    kind: Literal["failure", "error"]
-    type: str
-    message: str
-    text: str
-
-
-@dataclass(frozen=True)
-class JUnitCase:
-    """One test case: a gating metric, a re-run's metric, or the run as a whole."""
-
-    classname: str
-    name: str
-    output: str
-    problem: JUnitProblem | None = None
-    time: float = 0.0
-
-
-@dataclass(frozen=True)
-class JUnitSuite:
-    """One run (or run-set seed, or sweep cell) and its test cases."""
-
-    name: str
-    cases: tuple[JUnitCase, ...]
-    properties: tuple[tuple[str, str], ...] = ()
-    timestamp: str | None = None
-    time: float = 0.0
-    hostname: str = "localhost"
-    output: str = ""
-
-    def count(self, kind: str) -> int:
-        return sum(1 for c in self.cases if c.problem is not None and c.problem.kind == kind)
 
 
 # --------------------------------------------------------------------------- text
-
-
-def _bounded(text: str, limit: int) -> str:
-    text = _NOT_XML.sub("\ufffd", text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _num(value: float | None) -> str:
@@ -196,7 +138,7 @@ def outcome_case(
     ``failure``; anything that kept it from a verdict (integrity, environment,
     infrastructure, internal, interrupted) is an ``error``.
     """
-    said = f"{outcome or 'error'}" + (f": {_one_line(reason)}" if reason else "")
+    said = f"{outcome or 'error'}" + (f": {one_line(reason)}" if reason else "")
     text = "\n".join([said, f"exit code {exit_code}", *detail])
     if exit_code == 0:
         return JUnitCase(classname, name, text)
@@ -397,7 +339,7 @@ def _reproduced_case(m: ReproducedMetric, classname: str, tolerance: float | Non
 def error_suite(name: str, *, error: str, message: str, exit_code: int) -> JUnitSuite:
     """An evalrun error before any bundle existed (bad spec, no key, …): one ``<error>`` case."""
     text = f"{message}\nexit code {exit_code}"
-    case = JUnitCase("evalrun", name, "", JUnitProblem("error", error, _one_line(message), text))
+    case = JUnitCase("evalrun", name, "", JUnitProblem("error", error, one_line(message), text))
     return JUnitSuite(name=name, cases=(case,), properties=(("exit_code", str(exit_code)),))
 
 
@@ -414,94 +356,11 @@ def _properties(values: Mapping[str, str | None]) -> tuple[tuple[str, str], ...]
     return tuple((k, v) for k, v in values.items() if v is not None)
 
 
-# --------------------------------------------------------------------------- XML
-
-
-def render_junit(suites: Sequence[JUnitSuite], *, name: str = "evalrun") -> bytes:
-    """The JUnit XML document (UTF-8, with declaration) of ``suites``. Deterministic."""
-    root = ET.Element("testsuites")
-    totals = {"tests": 0, "failures": 0, "errors": 0}
-    elapsed = 0.0
-    for suite in suites:
-        tests, failures, errors = len(suite.cases), suite.count("failure"), suite.count("error")
-        totals["tests"] += tests
-        totals["failures"] += failures
-        totals["errors"] += errors
-        elapsed += suite.time
-        node = ET.SubElement(
-            root,
-            "testsuite",
-            {
-                "name": _bounded(_one_line(suite.name), MESSAGE_MAX),
-                "tests": str(tests),
-                "failures": str(failures),
-                "errors": str(errors),
-                "skipped": "0",
-                "time": f"{suite.time:.3f}",
-                "timestamp": suite.timestamp or _EPOCH,
-                "hostname": _bounded(_one_line(suite.hostname), MESSAGE_MAX) or "localhost",
-            },
-        )
-        props = ET.SubElement(node, "properties")
-        for key, value in suite.properties:
-            ET.SubElement(
-                props,
-                "property",
-                {"name": _bounded(key, MESSAGE_MAX), "value": _bounded(value, MESSAGE_MAX)},
-            )
-        for case in suite.cases:
-            _case_element(node, case)
-        ET.SubElement(node, "system-out").text = _bounded(suite.output, TEXT_MAX)
-        ET.SubElement(node, "system-err").text = ""
-    root.attrib = {
-        "name": name,
-        "tests": str(totals["tests"]),
-        "failures": str(totals["failures"]),
-        "errors": str(totals["errors"]),
-        "time": f"{elapsed:.3f}",
-    }
-    ET.indent(root)
-    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return data + b"\n"
-
-
-# Ant's schema requires a timestamp; a suite without one (an error before any run) gets this.
-_EPOCH = "1970-01-01T00:00:00"
-
-
-def _case_element(parent: ET.Element, case: JUnitCase) -> None:
-    node = ET.SubElement(
-        parent,
-        "testcase",
-        {
-            "classname": _bounded(_one_line(case.classname), MESSAGE_MAX),
-            "name": _bounded(_one_line(case.name), MESSAGE_MAX),
-            "time": f"{case.time:.3f}",
-        },
-    )
-    if case.problem is not None:
-        problem = ET.SubElement(
-            node,
-            case.problem.kind,
-            {
-                "type": _bounded(_one_line(case.problem.type), MESSAGE_MAX),
-                "message": _bounded(_one_line(case.problem.message), MESSAGE_MAX),
-            },
-        )
-        problem.text = _bounded(case.problem.text, TEXT_MAX)
-    if case.output:
-        ET.SubElement(node, "system-out").text = _bounded(case.output, TEXT_MAX)
-
-
 __all__ = [
-    "JUnitCase",
-    "JUnitProblem",
-    "JUnitSuite",
     "error_suite",
     "is_gating",
     "metric_case",
     "outcome_case",
-    "render_junit",
     "reproduction_suite",
     "run_set_suites",
     "run_suite",

@@ -3,12 +3,13 @@
 Standard library only: the agent imports it inside the image. The host writes
 the plan with ``RunPlan.agent_plan()`` and reads the results frame with
 ``runner.backends.collect.extract_results_frame``; the agent (``runner.agent``)
-reads the plan with :func:`parse_agent_plan` and writes the frame with
+reads the plan with :mod:`runner.shared.agent_plan` and writes the frame with
 :func:`encode_frame`. The parts:
 
 * where things are inside the container (:data:`PLAN_FILE`, :data:`INPUTS_MOUNT`,
   :data:`RESULTS_MOUNT`);
-* the plan (:class:`AgentPlan`), parsed strictly: a bad field is named;
+* the plan (:class:`~runner.shared.agent_plan.AgentPlan`), parsed strictly, is in
+  :mod:`runner.shared.agent_plan`;
 * the agent's exit codes (:class:`AgentExit`);
 * the results frame: the results directory as one tar (see
   :mod:`runner.shared.tarformat`), base64 between marker lines with its sha256
@@ -21,12 +22,8 @@ import base64
 import binascii
 import enum
 import hashlib
-import json
 import re
-from pathlib import Path
-from typing import Any, Literal, NotRequired, TypedDict, cast
-
-from runner.shared.tarformat import path_structure_reason
+from typing import Any
 
 # --------------------------------------------------------------------------- paths
 
@@ -54,225 +51,6 @@ class AgentExit(enum.IntEnum):
 
 # Exits a retry of the same plan on the same image cannot change (a Job fails at once on them).
 FINAL_EXITS = (AgentExit.BAD_PLAN, AgentExit.INTEGRITY, AgentExit.ENVIRONMENT)
-
-
-# --------------------------------------------------------------------------- the plan
-
-
-class AgentPlanFile(TypedDict):
-    """One file of a directory input: path relative to the input's root, sha256, size."""
-
-    path: str
-    sha256: str
-    size: int
-
-
-class AgentPlanInput(TypedDict):
-    """One input as the agent sees it (``path`` inside the container).
-
-    A ``file`` input (the default; plans from before directories have no ``kind``)
-    is the file at ``path`` with sha256 ``sha256``. A ``directory`` input is the tree
-    at ``path`` holding exactly ``files``; ``sha256`` is its evalrun-input-tree/v1
-    digest (:func:`runner.shared.inputs.tree_digest_of`).
-    """
-
-    role: Literal["model", "dataset"]
-    name: str
-    path: str
-    sha256: str
-    kind: NotRequired[Literal["file", "directory"]]
-    files: NotRequired[list[AgentPlanFile]]
-
-
-class AgentPlan(TypedDict):
-    """``plan.json``: everything the agent needs, with paths as seen inside the container.
-
-    ``metrics``, ``perturbations`` and ``expect`` are the spec's own definitions,
-    interpreted by :mod:`runner.shared.metrics` and the agent's checks.
-    """
-
-    emit_results: bool
-    # How the runner collects the results (absent: "volume"); see "results stream" below.
-    collect: NotRequired[Literal["volume", "exec"]]
-    hold_s: NotRequired[int]
-    # What the agent checks of the image (absent: "full", what agents always did).
-    verify_rootfs: NotRequired[Literal["used", "full"]]
-    run_id: str
-    image_ref: str
-    expected_rootfs_digest: str
-    seed: int
-    params: dict[str, Any]
-    command: list[str]
-    timeout_s: int
-    metrics: list[dict[str, Any]]
-    perturbations: list[dict[str, Any]]
-    expect: dict[str, Any]
-    inputs: list[AgentPlanInput]
-
-
-class PlanError(ValueError):
-    """The plan is not one this agent can run; ``field`` names the offending part."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"plan field {field!r}: {problem}")
-        self.field = field
-        self.problem = problem
-
-
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _type_name(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _str(data: dict[str, Any], key: str, where: str = "") -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise PlanError(where + key, f"expected a non-empty string, found {_type_name(value)}")
-    return value
-
-
-def _int(data: dict[str, Any], key: str, *, minimum: int, where: str = "") -> int:
-    value = data.get(key)
-    # bool is an int in Python, never in a plan
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise PlanError(where + key, f"expected an integer >= {minimum}, found {value!r}")
-    return value
-
-
-def _object(data: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
-    if optional and key not in data:
-        return {}
-    value = data.get(key)
-    if not isinstance(value, dict):
-        raise PlanError(key, f"expected an object, found {_type_name(value)}")
-    return value
-
-
-def _objects(data: dict[str, Any], key: str, *, optional: bool = False) -> list[dict[str, Any]]:
-    if optional and key not in data:
-        return []
-    value = data.get(key)
-    if not isinstance(value, list):
-        raise PlanError(key, f"expected a list, found {_type_name(value)}")
-    for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise PlanError(f"{key}[{index}]", f"expected an object, found {_type_name(item)}")
-    return value
-
-
-def _plan_input(index: int, item: dict[str, Any]) -> AgentPlanInput:
-    where = f"inputs[{index}]."
-    role = item.get("role")
-    if role not in ("model", "dataset"):
-        raise PlanError(where + "role", f"expected 'model' or 'dataset', found {role!r}")
-    sha256 = _str(item, "sha256", where)
-    if not _SHA256_HEX.fullmatch(sha256):
-        raise PlanError(where + "sha256", "expected 64 lowercase hex characters")
-    parsed: AgentPlanInput = {
-        "role": cast(Literal["model", "dataset"], role),
-        "name": _str(item, "name", where),
-        "path": _str(item, "path", where),
-        "sha256": sha256,
-    }
-    kind = item.get("kind", "file")
-    if kind not in ("file", "directory"):
-        raise PlanError(where + "kind", f"expected 'file' or 'directory', found {kind!r}")
-    if kind == "directory":
-        parsed["kind"] = "directory"
-        parsed["files"] = _plan_files(where, item)
-    return parsed
-
-
-def _plan_files(where: str, item: dict[str, Any]) -> list[AgentPlanFile]:
-    files = item.get("files")
-    if not isinstance(files, list) or not files:
-        raise PlanError(where + "files", "a directory input lists its files (at least one)")
-    out: list[AgentPlanFile] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(files):
-        at = f"{where}files[{index}]."
-        if not isinstance(entry, dict):
-            raise PlanError(at.rstrip("."), f"expected an object, found {_type_name(entry)}")
-        path = _str(entry, "path", at)
-        reason = path_structure_reason(path)
-        if reason or path in seen:
-            raise PlanError(at + "path", reason or f"{path!r} is listed twice")
-        seen.add(path)
-        sha256 = _str(entry, "sha256", at)
-        if not _SHA256_HEX.fullmatch(sha256):
-            raise PlanError(at + "sha256", "expected 64 lowercase hex characters")
-        size = _int(entry, "size", minimum=0, where=at)
-        out.append({"path": path, "sha256": sha256, "size": size})
-    return out
-
-
-def parse_agent_plan(data: object) -> AgentPlan:
-    """Check a decoded ``plan.json`` and return it as an :class:`AgentPlan`.
-
-    Strict on what the agent uses: a missing field or one of the wrong type
-    raises :class:`PlanError` naming it. ``emit_results``, ``params``,
-    ``perturbations`` and ``expect`` may be absent (false or empty); ``collect``
-    and ``hold_s`` are kept only when present (absent: the runner reads the
-    results volume, or the log frame with ``emit_results``). Unknown
-    fields are ignored, so a newer runner can still drive an agent baked into
-    an older image.
-    """
-    if not isinstance(data, dict):
-        raise PlanError("(root)", f"expected an object, found {_type_name(data)}")
-    emit = data.get("emit_results", False)
-    if not isinstance(emit, bool):
-        raise PlanError("emit_results", f"expected true or false, found {emit!r}")
-    command = data.get("command")
-    if (
-        not isinstance(command, list)
-        or not command
-        or not all(isinstance(arg, str) for arg in command)
-    ):
-        raise PlanError("command", "expected a non-empty list of strings")
-    perturbations = _objects(data, "perturbations", optional=True)
-    for index, pert in enumerate(perturbations):
-        _str(pert, "name", f"perturbations[{index}].")
-        _str(pert, "kind", f"perturbations[{index}].")
-    plan: AgentPlan = {
-        "emit_results": emit,
-        "run_id": _str(data, "run_id"),
-        "image_ref": _str(data, "image_ref"),
-        "expected_rootfs_digest": _str(data, "expected_rootfs_digest"),
-        "seed": _int(data, "seed", minimum=0),
-        "params": _object(data, "params", optional=True),
-        "command": list(command),
-        "timeout_s": _int(data, "timeout_s", minimum=1),
-        "metrics": _objects(data, "metrics"),
-        "perturbations": perturbations,
-        "expect": _object(data, "expect", optional=True),
-        "inputs": [_plan_input(i, item) for i, item in enumerate(_objects(data, "inputs"))],
-    }
-    if "collect" in data:
-        plan["collect"] = _collect_mode(data["collect"])
-    if "hold_s" in data:
-        plan["hold_s"] = _hold_s(data)
-    if "verify_rootfs" in data:
-        mode = data["verify_rootfs"]
-        if mode not in ("used", "full"):
-            raise PlanError("verify_rootfs", f"expected 'used' or 'full', found {mode!r}")
-        plan["verify_rootfs"] = mode
-    return plan
-
-
-def read_agent_plan(path: Path) -> AgentPlan:
-    """Read and parse ``plan.json``; PlanError if it is not JSON or not a valid plan."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise PlanError("(root)", f"not JSON: {exc}") from exc
-    return parse_agent_plan(data)
-
-
-def encode_agent_plan(plan: AgentPlan) -> bytes:
-    """The exact bytes of ``plan.json`` (sorted keys, two-space indent, final newline)."""
-    return (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode()
 
 
 # --------------------------------------------------------------------------- results frame
@@ -346,10 +124,6 @@ def decode_frame(log_text: str) -> bytes:
 # --------------------------------------------------------------------------- results stream
 # Kubernetes: the agent holds its finished pod; the runner execs ``emit-results`` (raw binary
 # stream on stdout, below), checks it, then execs ``ack``; the agent exits with its real code.
-
-COLLECT_MODES = ("volume", "exec")
-DEFAULT_HOLD_S = 600
-MAX_HOLD_S = 24 * 3600
 # The agent listens here while it holds (a Unix socket on the container's /tmp).
 HOLD_SOCKET = "/tmp/evalrun-agent.sock"
 AGENT_COMMAND = ("python3", "-m", "runner.agent")
@@ -372,19 +146,6 @@ _TRAILER_MAX = len(b"sha256= bytes=\n") + 64 + 20
 def ready_line(exit_code: int) -> str:
     """The ready marker for an agent that will exit with ``exit_code``."""
     return f"-----EVALRUN RESULTS READY exit={exit_code}-----"
-
-
-def _collect_mode(value: object) -> Literal["volume", "exec"]:
-    if value == "volume" or value == "exec":
-        return value
-    raise PlanError("collect", f"expected one of {list(COLLECT_MODES)}, found {value!r}")
-
-
-def _hold_s(data: dict[str, Any]) -> int:
-    hold = _int(data, "hold_s", minimum=1)
-    if hold > MAX_HOLD_S:
-        raise PlanError("hold_s", f"expected at most {MAX_HOLD_S}, found {hold}")
-    return hold
 
 
 class StreamWriter:

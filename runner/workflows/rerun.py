@@ -53,7 +53,8 @@ from runner.model.predicate import (
     ReproductionVerdict,
     RunPredicate,
 )
-from runner.model.spec import MAX_SPEC_BYTES, EvalSpec, load_spec_bytes
+from runner.model.spec import EvalSpec, load_spec_bytes
+from runner.model.spec_yaml import MAX_SPEC_BYTES
 from runner.workflows.custom_metrics import BUNDLE_DIR as CUSTOM_METRICS_DIR
 from runner.workflows.diff import MetricDelta, compare_metrics, overall_verdict
 from runner.workflows.inputs import (

@@ -35,7 +35,7 @@ from runner.model.predicate import (
     SpecRef,
     Timestamps,
 )
-from runner.model.spec import MetricSpec
+from runner.model.spec_metrics import MetricSpec
 from runner.render.markdown import percent
 from runner.render.safe import markdown_view
 from runner.workflows.run import load_locked

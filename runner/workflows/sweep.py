@@ -29,7 +29,8 @@ from runner.model.input_uri import LocalUri, parse_input_uri
 from runner.model.lock import LockedSpec, lock_path_for
 from runner.model.outcome import worst_exit_code
 from runner.model.plan import Backend
-from runner.model.spec import EvalSpec, load_yaml_document, parse_spec
+from runner.model.spec import EvalSpec, parse_spec
+from runner.model.spec_yaml import load_yaml_document
 from runner.workflows.run import RunOutcome, load_locked, run_evaluation
 
 Progress = Callable[[str], None]

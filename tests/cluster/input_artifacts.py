@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from runner.adapters.registry import ImageName, push_blob, put_blob_bytes, put_manifest
+from runner.adapters.registry import ImageName, put_manifest
+from runner.adapters.registry_blobs import push_blob, put_blob_bytes
 from runner.model.plan import PlanInput, PlanInputFile
 
 ARTIFACT_TYPE = "application/vnd.evalrun.input.v1"

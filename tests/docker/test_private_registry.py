@@ -24,7 +24,7 @@ from conftest import EXAMPLE, ROOT, Cli, with_signing_key
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 from private_registry import PrivateRegistry, running_registry
 
-from runner.adapters import registry, registry_stream
+from runner.adapters import registry, registry_blobs, registry_stream
 from runner.adapters.registry_auth import Authorizer
 from runner.errors import RegistryAccessDenied, RegistryUntrusted
 
@@ -53,7 +53,7 @@ def _round_trip(reg: PrivateRegistry, repo: str = "evalrun/private") -> None:
     name = registry.ImageName(reg.addr, repo)
     config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-    registry.put_blob_bytes(name, config_digest, config)
+    registry_blobs.put_blob_bytes(name, config_digest, config)
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": registry.OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
@@ -63,7 +63,7 @@ def _round_trip(reg: PrivateRegistry, repo: str = "evalrun/private") -> None:
     digest = registry.put_manifest(name, "v1", manifest, registry.OCI_MANIFEST)
     assert registry.resolve_tag(name, "v1") == digest
     assert registry.get_manifest_bytes(name, digest) == manifest
-    assert registry.get_blob_bytes(name, config_digest) == config
+    assert registry_blobs.get_blob_bytes(name, config_digest) == config
     stream = registry_stream.stream_blob(name, config_digest)
     assert b"".join(stream.chunks) == config
 

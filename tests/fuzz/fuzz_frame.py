@@ -13,7 +13,7 @@ from harness import scratch
 
 from runner._internal.tree import remove_tree
 from runner.backends.collect import extract_results_frame, recompute_metrics
-from runner.model.spec import MetricSpec, PerturbationSpec
+from runner.model.spec_metrics import MetricSpec, PerturbationSpec
 from runner.shared.protocol import encode_frame
 from runner.workflows.judge import read_container_report
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from harness import check, scratch
 
 from runner._internal.strict_json import load_json_strict
-from runner.model.spec import load_lock, load_spec
+from runner.model.spec import load_spec
+from runner.model.lock import load_lock
 
 NAME = "spec"
 _DIR = scratch(NAME)

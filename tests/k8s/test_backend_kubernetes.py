@@ -19,7 +19,8 @@ import cluster as cluster_mod
 from runner.model.plan import PlanInput
 from runner.workflows.run import make_plan
 from runner.backends.manifests import JobOptions, build_job
-from runner.model.spec import load_lock, load_spec
+from runner.model.spec import load_spec
+from runner.model.lock import load_lock
 
 pytestmark = pytest.mark.k8s
 

@@ -26,7 +26,7 @@ from kubernetes import client
 # the locked digits example (its image built once), and the spec variant helper
 from k8s.test_backend_kubernetes import EVALRUN, _evalrun, _variant, k8s_example  # noqa: F401
 from runner.backends.manifests import job_name
-from runner.model.spec import load_lock
+from runner.model.lock import load_lock
 
 pytestmark = pytest.mark.k8s
 

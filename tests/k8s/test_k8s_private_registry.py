@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client
 from private_registry import PrivateRegistry, running_registry
 
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch
 from runner.model.plan import RunPlan
 
@@ -61,8 +61,8 @@ def _copy_image(source_ref: str, dest_registry: str) -> str:
     manifest = registry.get_manifest_bytes(source, digest)
     document = json.loads(manifest)
     for blob in [document["config"], *document["layers"]]:
-        data = registry.get_blob_bytes(source, blob["digest"], limit=64 << 20)
-        registry.put_blob_bytes(dest, blob["digest"], data)
+        data = registry_blobs.get_blob_bytes(source, blob["digest"], limit=64 << 20)
+        registry_blobs.put_blob_bytes(dest, blob["digest"], data)
     media_type = document.get("mediaType", registry.OCI_MANIFEST)
     pushed = registry.put_manifest(dest, digest, manifest, media_type)
     assert pushed == digest

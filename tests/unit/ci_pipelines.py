@@ -472,7 +472,7 @@ def store_run(
     from runner.bundle.build import build_bundle
     from runner.bundle.signing import load_signer
     from runner.bundle.store import Store
-    from runner.model.spec import load_lock
+    from runner.model.lock import load_lock
     from runner.workflows.run import run_id_for
 
     lock_digest = load_lock(spec.with_name("eval.lock.json")).digest()

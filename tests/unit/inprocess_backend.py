@@ -27,12 +27,9 @@ from unittest import mock
 
 from runner.errors import InfrastructureError
 from runner.model.plan import BackendResult, RunPlan
-from runner.shared.metrics import (
-    compute_metrics,
-    perturbation_effects,
-    read_samples,
-    select_perturbed,
-)
+from runner.shared.metrics import compute_metrics
+from runner.shared.perturbations import perturbation_effects, select_perturbed
+from runner.shared.sample_file import read_samples
 
 FIXED_NOW = "2026-11-29T12:00:00.000+00:00"
 FIXED_DATETIME = dt.datetime(2026, 11, 29, 12, 0, 0, tzinfo=dt.UTC)

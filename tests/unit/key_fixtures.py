@@ -17,7 +17,8 @@ EXAMPLE = ROOT / "examples" / "digits"
 def locked_example(dest: Path) -> Path:
     """Copy examples/digits to ``dest``, write its lock there; returns the spec path."""
     from runner.build.lock import write_lock
-    from runner.model.spec import LockedSpec, load_spec
+    from runner.model.spec import load_spec
+    from runner.model.lock import LockedSpec
 
     shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns("eval.lock.json", "__pycache__"))
     spec = load_spec(dest / "eval.yaml")

@@ -72,7 +72,8 @@ def test_agent_package_imports_nothing_from_runner_outside_agent_and_metrics():
                and not m.startswith(("runner.agent.", "runner.shared."))
                and m not in ("runner.agent", "runner.shared")]
     assert outside == []
-    assert {"runner.agent.__main__", "runner.shared.metrics", "runner.shared.protocol"} <= set(mods)
+    assert {"runner.agent.__main__", "runner.shared.metrics", "runner.shared.protocol",
+            "runner.shared.agent_plan"} <= set(mods)
 
 
 def test_every_agent_module_goes_into_the_image():
@@ -81,7 +82,7 @@ def test_every_agent_module_goes_into_the_image():
     modules = {f"agent/{p.name}" for p in (ROOT / "runner" / "agent").glob("*.py")}
     assert modules <= set(AGENT_FILES)
     assert {"shared/__init__.py", "shared/metrics.py", "shared/protocol.py",
-            "shared/tarformat.py"} <= set(AGENT_FILES)
+            "shared/agent_plan.py", "shared/tarformat.py"} <= set(AGENT_FILES)
     # the metric catalogue is split over several shared modules: every one ships
     shared = {f"shared/{p.name}" for p in (ROOT / "runner" / "shared").glob("*.py")}
     assert shared <= set(AGENT_FILES)

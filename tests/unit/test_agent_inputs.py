@@ -21,7 +21,8 @@ from runner.backends.docker_policy import container_policy
 from runner.errors import DigestMismatch
 from runner.model.lock import LockedArtifact, LockedSpec
 from runner.model.plan import RunPlan
-from runner.shared.protocol import AgentExit, PlanError, parse_agent_plan
+from runner.shared.protocol import AgentExit
+from runner.shared.agent_plan import PlanError, parse_agent_plan
 from runner.workflows.inputs import InputResolver, host_inputs
 
 pytestmark = pytest.mark.unit

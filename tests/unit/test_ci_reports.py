@@ -15,13 +15,8 @@ from lxml import etree
 from runner.bundle.signing import generate_keypair
 from runner.cli.main import main
 from runner.model.predicate import RunPredicate, RunSetPredicate, parse_predicate
-from runner.render.junit import (
-    error_suite,
-    render_junit,
-    reproduction_suite,
-    run_set_suites,
-    run_suite,
-)
+from runner.render.junit import error_suite, reproduction_suite, run_set_suites, run_suite
+from runner.render.junit_xml import render_junit
 from runner.render.step_summary import md_text, rerun_summary, run_summary
 
 pytestmark = pytest.mark.unit

@@ -37,13 +37,11 @@ from runner.shared.protocol import (
     STREAM_CHUNK_BYTES,
     STREAM_MAGIC,
     FrameError,
-    PlanError,
     StreamReader,
     StreamWriter,
-    encode_agent_plan,
-    parse_agent_plan,
     ready_line,
 )
+from runner.shared.agent_plan import PlanError, encode_agent_plan, parse_agent_plan
 
 pytestmark = pytest.mark.unit
 

@@ -24,13 +24,8 @@ from runner.cli.runs import _overrides
 from runner.errors import InfrastructureError, InputError, RunCancelled
 from runner.model.outcome import Outcome, worst_exit_code
 from runner.shared.protocol import encode_frame, ready_line
-from runner.workflows.detached import (
-    ClusterOverrides,
-    DetachedRecord,
-    DetachedRun,
-    backend_for_record,
-    check_run_id,
-)
+from runner.workflows.detached import ClusterOverrides, backend_for_record
+from runner.workflows.detached_record import DetachedRecord, DetachedRun, check_run_id
 from runner.workflows.run import Journal
 
 pytestmark = pytest.mark.unit

@@ -27,7 +27,9 @@ from runner.backends.collect import extract_results_frame
 from runner.bundle.run_records import record_from_predicate
 from runner.errors import EvalrunError, SpecError
 from runner.model.predicate import RunPredicate, parse_predicate
-from runner.model.spec import load_yaml_bytes, parse_lock_bytes, parse_spec
+from runner.model.spec import parse_spec
+from runner.model.spec_yaml import load_yaml_bytes
+from runner.model.lock import parse_lock_bytes
 from runner.render.html import render_html
 from runner.render.markdown import metric_table, render_markdown
 from runner.render.run_list import format_table

@@ -19,15 +19,9 @@ import pytest
 
 from runner.cli.main import main
 from runner.errors import SpecError
-from runner.model.spec import (
-    MAX_LOCK_BYTES,
-    MAX_SPEC_BYTES,
-    load_lock,
-    load_spec,
-    load_spec_bytes,
-    parse_lock_bytes,
-    parse_spec,
-)
+from runner.model.spec import load_spec, load_spec_bytes, parse_spec
+from runner.model.spec_yaml import MAX_SPEC_BYTES
+from runner.model.lock import MAX_LOCK_BYTES, load_lock, parse_lock_bytes
 from runner._internal.strict_json import load_json_strict
 
 pytestmark = pytest.mark.unit

@@ -688,7 +688,7 @@ def test_a_stored_run_signed_by_an_earlier_key_is_named_not_failed(tmp_path: Pat
     from runner.bundle.build import build_bundle
     from runner.bundle.signing import load_signer
     from runner.bundle.store import Store
-    from runner.model.spec import load_lock
+    from runner.model.lock import load_lock
     from runner.workflows.run import run_id_for
 
     spec = locked_example(tmp_path / "digits")

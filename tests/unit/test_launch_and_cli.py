@@ -88,7 +88,7 @@ def test_console_script_help_runs():
 def test_changed_preprocessing_code_is_an_integrity_failure():
     from runner.errors import DigestMismatch
     from runner.workflows.run import _check_preprocessing
-    from runner.model.spec import LockedPreprocessing
+    from runner.model.lock import LockedPreprocessing
 
     class _Lock:
         preprocessing = [LockedPreprocessing(name="scale", code="prep.py",

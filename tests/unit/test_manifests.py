@@ -31,7 +31,8 @@ from runner.backends.manifests import (
     plan_inline,
     ttl_patch,
 )
-from runner.model.spec import LockedSpec, load_spec, parse_spec
+from runner.model.spec import load_spec, parse_spec
+from runner.model.lock import LockedSpec
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import runner.agent.__main__ as agent
 from runner.backends.collect import recompute_available, recompute_metrics
 from runner.model.outcome import Outcome
 from runner.model.plan import BackendResult, RunPlan
-from runner.model.spec import MetricSpec
+from runner.model.spec_metrics import MetricSpec
 from runner.shared.protocol import AgentExit
 from runner.workflows.judge import judge, judge_metrics, judge_partial, read_container_report
 

@@ -23,7 +23,8 @@ from sklearn import metrics as skm
 
 from runner.shared.calibration import bin_edges
 from runner.shared.metric_catalogue import CATALOGUE
-from runner.shared.metrics import MetricUndefined, _percentile, compute_metric
+from runner.shared.metrics import MetricUndefined, compute_metric
+from runner.shared.resampling import percentile as _percentile
 
 pytestmark = pytest.mark.unit
 

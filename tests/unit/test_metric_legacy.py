@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.shared.metrics import compute_metric, perturbation_effects, select_perturbed
+from runner.shared.metrics import compute_metric
+from runner.shared.perturbations import perturbation_effects, select_perturbed
 
 pytestmark = pytest.mark.unit
 

@@ -138,7 +138,7 @@ def test_terminal_table_and_report_show_roles_and_promotions():
 
 def test_a_partial_field_rename_signs_only_the_renamed_fields():
     from runner.model.predicate import MetricDefinition
-    from runner.model.spec import MetricSpec
+    from runner.model.spec_metrics import MetricSpec
 
     spec = MetricSpec.model_validate(
         {"name": "auc", "compute": "roc_auc", "positive": 1, "fields": {"score": "p1"}}

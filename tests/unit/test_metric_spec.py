@@ -9,9 +9,11 @@ import yaml
 
 from runner.errors import SpecError
 from runner.model.predicate import MetricDefinition
-from runner.model.spec import MetricCompute, MetricSpec, load_spec
+from runner.model.spec import load_spec
+from runner.model.spec_metrics import MetricCompute, MetricSpec
 from runner.shared.metric_catalogue import CATALOGUE, definition_problems
-from runner.shared.metrics import SampleFormatError, compute_metric, read_samples
+from runner.shared.metrics import SampleFormatError, compute_metric
+from runner.shared.sample_file import read_samples
 from runner.workflows.compare import _primaries
 
 pytestmark = pytest.mark.unit

@@ -4,12 +4,8 @@ import random
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from runner.shared.metrics import (
-    SampleFormatError,
-    compute_metric,
-    read_samples,
-    threshold_verdicts,
-)
+from runner.shared.metrics import SampleFormatError, compute_metric, threshold_verdicts
+from runner.shared.sample_file import read_samples
 
 pytestmark = pytest.mark.unit
 

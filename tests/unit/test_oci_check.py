@@ -9,7 +9,7 @@ import pytest
 
 from runner.build.image import image_reproducibility
 from runner.build.reproducibility import format_check_report, record_reproducibility
-from runner.model.spec import load_lock
+from runner.model.lock import load_lock
 
 pytestmark = pytest.mark.unit
 

@@ -3,8 +3,9 @@ import random
 import pytest
 
 from runner.errors import SpecError
-from runner.shared.metrics import SampleFormatError, perturbation_effects, select_perturbed
-from runner.model.spec import PerturbationSpec
+from runner.shared.metrics import SampleFormatError
+from runner.shared.perturbations import perturbation_effects, select_perturbed
+from runner.model.spec_metrics import PerturbationSpec
 
 pytestmark = pytest.mark.unit
 DEFS = [{"name": "accuracy", "compute": "accuracy", "ci": {"resamples": 300, "level": 0.95}}]

@@ -25,12 +25,10 @@ from runner.shared.protocol import (
     FRAME_END,
     MAX_FRAME_BYTES,
     AgentExit,
-    PlanError,
     decode_frame,
-    encode_agent_plan,
     encode_frame,
-    parse_agent_plan,
 )
+from runner.shared.agent_plan import PlanError, encode_agent_plan, parse_agent_plan
 
 pytestmark = pytest.mark.unit
 

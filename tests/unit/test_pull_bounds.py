@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from test_registry import NAME, OCI_INDEX, OCI_MANIFEST, FakeRegistry, _bundle
 
 from runner._internal.retry import transient_policy
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.bundle import oci_artifacts
 from runner.bundle.archive import write_bundle_tar
 from runner.bundle.signing import Signer
@@ -94,7 +94,7 @@ def test_a_registry_sending_more_than_declared_is_cut_off(
     layer = _bundle_tar(tmp_path, signer)
     ref = _artifact(fake, layer, size=1024)  # declares 1 KiB, serves the whole tar
     sent: list[int] = []
-    original = registry.get_blob
+    original = registry_blobs.get_blob
 
     def spy(name, digest, dest, *, max_bytes=None):  # type: ignore[no-untyped-def]
         try:
@@ -102,7 +102,7 @@ def test_a_registry_sending_more_than_declared_is_cut_off(
         finally:
             sent.append(dest.stat().st_size if dest.exists() else 0)
 
-    monkeypatch.setattr(registry, "get_blob", spy)
+    monkeypatch.setattr(registry_blobs, "get_blob", spy)
     with pytest.raises(IntegrityError, match="larger than the 1024 bytes") as exc:
         oci_artifacts.pull_bundle(ref, Store(tmp_path / "h"), signer.verifier())
     _refused(exc.value)

@@ -193,7 +193,7 @@ def test_an_agent_that_read_another_plan_than_was_sent_is_an_integrity_failure(
     import sys
 
     import runner.agent.__main__ as agent
-    from runner.shared.protocol import encode_agent_plan
+    from runner.shared.agent_plan import encode_agent_plan
     from runner.workflows.judge import judge, read_container_report
 
     root = "sha256:" + "b" * 64

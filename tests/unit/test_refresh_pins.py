@@ -13,7 +13,8 @@ from runner._internal.settings import Settings
 from runner.build.pins import describe, refresh_pins
 from runner.build.wheels import _remember_resolution, remembered_wheels
 from runner.errors import InputError, SpecError
-from runner.model.spec import LockedWheel, load_spec
+from runner.model.spec import load_spec
+from runner.model.lock import LockedWheel
 
 pytestmark = pytest.mark.unit
 

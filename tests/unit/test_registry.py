@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from runner._internal.retry import transient_policy
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.adapters.registry import ImageName
 from runner.bundle import oci_artifacts
 from runner.bundle.build import build_bundle
@@ -145,33 +145,33 @@ def test_push_blob_uploads_once_then_finds_it(fake: FakeRegistry, tmp_path: Path
     blob = tmp_path / "layer"
     blob.write_bytes(b"layer bytes" * 1000)
     digest = sha(blob.read_bytes())
-    assert registry.push_blob(NAME, digest, blob.stat().st_size, blob) == "uploaded"
-    assert registry.push_blob(NAME, digest, blob.stat().st_size, blob) == "exists"
+    assert registry_blobs.push_blob(NAME, digest, blob.stat().st_size, blob) == "uploaded"
+    assert registry_blobs.push_blob(NAME, digest, blob.stat().st_size, blob) == "exists"
     assert fake.blobs[NAME.repository, digest] == blob.read_bytes()
 
 
 def test_push_blob_mounts_from_a_sibling_repository(fake: FakeRegistry) -> None:
     fake.blobs["evalrun/base", sha(b"base")] = b"base"
-    assert registry.push_blob(NAME, sha(b"base"), 4, None, mount_from=["evalrun/base"]) == (
+    assert registry_blobs.push_blob(NAME, sha(b"base"), 4, None, mount_from=["evalrun/base"]) == (
         "mounted"
     )
 
 
 def test_an_upload_the_registry_refuses_names_the_blob(fake: FakeRegistry) -> None:
     with pytest.raises(InfrastructureError, match="registry refused blob") as err:
-        registry.put_blob_bytes(NAME, sha(b"other"), b"config")
+        registry_blobs.put_blob_bytes(NAME, sha(b"other"), b"config")
     assert "DIGEST_INVALID" in str(err.value.fields["detail"])
 
 
 def test_get_blob_checks_the_digest_while_downloading(fake: FakeRegistry, tmp_path: Path) -> None:
     fake.blobs[NAME.repository, sha(b"payload")] = b"payload"
-    registry.get_blob(NAME, sha(b"payload"), tmp_path / "ok")
+    registry_blobs.get_blob(NAME, sha(b"payload"), tmp_path / "ok")
     assert (tmp_path / "ok").read_bytes() == b"payload"
     fake.corrupt.add(sha(b"payload"))
     with pytest.raises(IntegrityError, match="does not match its digest"):
-        registry.get_blob(NAME, sha(b"payload"), tmp_path / "bad")
+        registry_blobs.get_blob(NAME, sha(b"payload"), tmp_path / "bad")
     with pytest.raises(IntegrityError):
-        registry.get_blob_bytes(NAME, sha(b"payload"))
+        registry_blobs.get_blob_bytes(NAME, sha(b"payload"))
 
 
 def test_manifests_by_tag_and_digest(fake: FakeRegistry) -> None:
@@ -204,7 +204,7 @@ def test_a_5xx_that_persists_becomes_a_permanent_infrastructure_error(
         urllib.error.HTTPError("u", 503, "busy", {}, io.BytesIO(b"")) for _ in range(10)  # type: ignore[arg-type]
     ]
     with pytest.raises(InfrastructureError, match="still failing after retries") as err:
-        registry.blob_exists(NAME, sha(b"x"))
+        registry_blobs.blob_exists(NAME, sha(b"x"))
     assert err.value.exit_code == 5
     assert isinstance(err.value.__cause__, InfrastructureError)
 
@@ -214,7 +214,7 @@ def test_an_unexpected_4xx_is_permanent_and_not_retried(
 ) -> None:
     fake.failures = [urllib.error.HTTPError("u", 401, "auth", {}, io.BytesIO(b""))]  # type: ignore[arg-type]
     with pytest.raises(InfrastructureError, match="registry answered 401 for blob"):
-        registry.blob_exists(NAME, sha(b"x"))
+        registry_blobs.blob_exists(NAME, sha(b"x"))
     assert len(fake.calls) == 1
 
 

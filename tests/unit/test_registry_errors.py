@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from runner._internal.retry import transient_policy
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.errors import (
     InfrastructureError,
     RegistryAPIError,
@@ -92,7 +92,7 @@ def test_blob_download_refused_is_permanent_and_server_errors_are_retried(
         registry, "_urlopen", _failing(lambda url: _http_error(url, 403))
     )
     with pytest.raises(RegistryAPIError) as refused:
-        registry.get_blob(NAME, DIGEST, tmp_path / "blob")
+        registry_blobs.get_blob(NAME, DIGEST, tmp_path / "blob")
     assert refused.value.status == 403 and refused.value.repository == "evalrun/digits"
     assert not isinstance(refused.value, TransientInfrastructureError)
 
@@ -106,6 +106,6 @@ def test_blob_download_refused_is_permanent_and_server_errors_are_retried(
     no_wait = transient_policy(sleep=lambda _s: None)
     monkeypatch.setattr(registry, "_retry_policy", lambda: no_wait)
     with pytest.raises(InfrastructureError) as gave_up:
-        registry.get_blob(NAME, DIGEST, tmp_path / "blob")
+        registry_blobs.get_blob(NAME, DIGEST, tmp_path / "blob")
     assert len(calls) > 1 and "still failing after retries" in gave_up.value.message
     assert gave_up.value.fields["registry"] == "127.0.0.1:5000"

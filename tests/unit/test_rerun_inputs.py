@@ -23,7 +23,8 @@ from runner.workflows.rerun import (
 from runner._internal.settings import Settings
 from runner.bundle.signing import generate_keypair, load_signer, load_verifier
 from runner.build.lock import write_lock
-from runner.model.spec import LockedSpec, load_lock, load_spec
+from runner.model.spec import load_spec
+from runner.model.lock import LockedSpec, load_lock
 from runner.bundle.store import Store
 
 pytestmark = pytest.mark.unit

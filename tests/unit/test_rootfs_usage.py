@@ -14,7 +14,7 @@ import pytest
 
 from runner.agent.rootfs import rootfs_digest, rootfs_table
 from runner.agent.usage import UsageVerifier, check_path, install_trace_hook
-from runner.shared.protocol import PlanError, parse_agent_plan
+from runner.shared.agent_plan import PlanError, parse_agent_plan
 from runner.shared.rootfs_table import parse_table, table_digest
 
 pytestmark = pytest.mark.unit

@@ -5,13 +5,9 @@ import pytest
 import yaml
 
 from runner.errors import SpecError
-from runner.model.spec import (
-    MAX_SPEC_BYTES,
-    EvalSpec,
-    load_spec,
-    parse_digest_ref,
-    spec_json_schema,
-)
+from runner.model.spec import EvalSpec, load_spec, spec_json_schema
+from runner.model.spec_yaml import MAX_SPEC_BYTES
+from runner.model.base import parse_digest_ref
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runner._internal.sanitize import one_line
 from runner._internal.tree import remove_tree
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.adapters.registry import ImageName
 from runner.bundle.archive import extract_bundle_tar
 from runner.bundle.oci_artifacts.documents import (
@@ -37,7 +37,7 @@ from runner.bundle.signing import TrustedKeys
 from runner.bundle.store import Store, StoredBundle
 from runner.bundle.verify import verify_bundle
 from runner.errors import InputError, IntegrityError, VerificationFailed
-from runner.model.spec import parse_digest_ref
+from runner.model.base import parse_digest_ref
 
 # What a pull reads at most before the bundle is verified: a registry's JSON documents
 # (manifests, indexes), the attached bundles of one image, and one bundle tar.
@@ -121,7 +121,7 @@ def _download_tar(
     """Download the bundle tar: never more bytes than its descriptor declares, digest-checked."""
     digest, size = _bundle_layer(reference, data)
     tar_path = scratch / "bundle.tar"
-    registry.get_blob(name, digest, tar_path, max_bytes=size)
+    registry_blobs.get_blob(name, digest, tar_path, max_bytes=size)
     return tar_path
 
 

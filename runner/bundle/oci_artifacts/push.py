@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.adapters import registry
+from runner.adapters import registry, registry_blobs
 from runner.adapters.registry import ImageName
 from runner.bundle.archive import write_bundle_tar
 from runner.bundle.oci_artifacts.documents import (
@@ -38,8 +38,8 @@ from runner.bundle.reader import predicate_of, read_predicate
 from runner.bundle.signing import TrustedKeys
 from runner.bundle.verify import verify_bundle
 from runner.errors import InputError, IntegrityError
+from runner.model.base import parse_digest_ref
 from runner.model.predicate import AuditPredicate, RunPredicate
-from runner.model.spec import parse_digest_ref
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,9 @@ def push_bundle(
     if present:
         progress(f"{reference} is already in the registry")
     else:
-        registry.put_blob_bytes(name, config.digest, config_body)
+        registry_blobs.put_blob_bytes(name, config.digest, config_body)
         progress(f"uploading the bundle ({layer.size} bytes)")
-        registry.push_blob(name, layer.digest, layer.size, tar_path)
+        registry_blobs.push_blob(name, layer.digest, layer.size, tar_path)
         pushed = registry.put_manifest(name, digest, body, OCI_MANIFEST)
         if pushed != digest:
             raise IntegrityError(
