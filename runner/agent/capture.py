@@ -8,7 +8,76 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+if TYPE_CHECKING:
+    from runner.agent.gpu import GpuCapture
+
+LimitKey = Literal["memory_bytes", "cpu_max", "cpu_quota_us", "pids_max"]
+
+# Where each cgroup limit is read, v2 first then v1; the first file found wins.
+_LIMIT_FILES: tuple[tuple[LimitKey, str], ...] = (
+    ("memory_bytes", "/sys/fs/cgroup/memory.max"),
+    ("memory_bytes", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+    ("cpu_max", "/sys/fs/cgroup/cpu.max"),
+    ("cpu_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+    ("pids_max", "/sys/fs/cgroup/pids.max"),
+    ("pids_max", "/sys/fs/cgroup/pids/pids.max"),
+)
+
+
+class CpuInfo(TypedDict):
+    model: str | None
+    logical_cpus: int | None
+    usable_cpus: int
+    machine: str
+
+
+class Limits(TypedDict, total=False):
+    """The cgroup limits as their files say them, and the memory /proc/meminfo reports."""
+
+    memory_bytes: str
+    cpu_max: str
+    cpu_quota_us: str
+    pids_max: str
+    mem_total_kib: int
+
+
+class Package(TypedDict):
+    name: str
+    version: str
+    record_sha256: str
+
+
+class KernelInfo(TypedDict):
+    release: str
+    version: str
+    system: str
+
+
+class PythonInfo(TypedDict):
+    version: str
+    implementation: str
+    executable: str
+
+
+class UserIds(TypedDict):
+    uid: int
+    gid: int
+
+
+class EnvironmentCapture(TypedDict):
+    """``environment.json`` as the agent writes it."""
+
+    image_ref: str
+    os: dict[str, str]
+    kernel: KernelInfo
+    python: PythonInfo
+    packages: list[Package]
+    cpu: CpuInfo
+    limits: Limits
+    user: UserIds
+    gpu: GpuCapture
 
 
 def _read(path: str) -> str | None:
@@ -28,7 +97,7 @@ def _os_release() -> dict[str, str]:
     return out
 
 
-def _cpu() -> dict[str, Any]:
+def _cpu() -> CpuInfo:
     model = None
     for line in (_read("/proc/cpuinfo") or "").splitlines():
         if line.startswith("model name"):
@@ -46,16 +115,9 @@ def _cpu() -> dict[str, Any]:
     }
 
 
-def _limits() -> dict[str, Any]:
-    limits: dict[str, Any] = {}
-    for key, path in (
-        ("memory_bytes", "/sys/fs/cgroup/memory.max"),
-        ("memory_bytes", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-        ("cpu_max", "/sys/fs/cgroup/cpu.max"),
-        ("cpu_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
-        ("pids_max", "/sys/fs/cgroup/pids.max"),
-        ("pids_max", "/sys/fs/cgroup/pids/pids.max"),
-    ):
+def _limits() -> Limits:
+    limits: Limits = {}
+    for key, path in _LIMIT_FILES:
         value = _read(path)
         if value is not None and key not in limits:
             limits[key] = value.strip()
@@ -66,9 +128,9 @@ def _limits() -> dict[str, Any]:
     return limits
 
 
-def packages() -> list[dict[str, str]]:
+def packages() -> list[Package]:
     """Installed distributions with the sha256 of their RECORD (the installed-file list)."""
-    out = []
+    out: list[Package] = []
     for dist in importlib.metadata.distributions():
         record = dist.read_text("RECORD")
         out.append(
@@ -82,7 +144,7 @@ def packages() -> list[dict[str, str]]:
     return out
 
 
-def gpu_capture() -> dict[str, Any]:
+def gpu_capture() -> GpuCapture:
     """NVML's view of the GPUs (every field guarded) and the frameworks' own view.
 
     A clear ``{"visible": False, "reason": ...}`` when no GPU, driver or pynvml is there.
@@ -94,7 +156,7 @@ def gpu_capture() -> dict[str, Any]:
     return capture_gpus()
 
 
-def capture_environment(image_ref: str) -> dict[str, Any]:
+def capture_environment(image_ref: str) -> EnvironmentCapture:
     """Everything about the environment the evaluation ran in, as seen from inside."""
     uname = platform.uname()
     return {

@@ -4,7 +4,25 @@ MIG, ECC), checked against what the agent captured; each failed check says expec
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
+
+if TYPE_CHECKING:
+    from runner.agent.gpu import GpuCapture, GpuDevice, MigDevice, MigSlotError, UnreadableGpu
+
+# The plan's ``expect`` as the host wrote it from the spec: keys this agent does not
+# know are allowed here and fail closed below, so it is no closed shape.
+PlanExpect = dict[str, Any]
+
+
+class Check(TypedDict):
+    """One check of the expected environment: expected vs found, and why it failed."""
+
+    check: str
+    expected: object
+    found: object
+    passed: bool
+    reason: NotRequired[str]
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -58,11 +76,11 @@ GPU_EXPECTATIONS = (
 )
 
 
-def _failed(check: str, expected: Any, found: Any, reason: str) -> dict[str, Any]:
+def _failed(check: str, expected: object, found: object, reason: str) -> Check:
     return {"check": check, "expected": expected, "found": found, "passed": False, "reason": reason}
 
 
-def _version_check(check: str, specifier: str, found: Any) -> dict[str, Any]:
+def _version_check(check: str, specifier: str, found: object) -> Check:
     if not isinstance(found, str) or not found:
         return _failed(check, specifier, found, "version not readable from NVML")
     try:
@@ -72,11 +90,11 @@ def _version_check(check: str, specifier: str, found: Any) -> dict[str, Any]:
     return {"check": check, "expected": specifier, "found": found, "passed": passed}
 
 
-def _per_gpu(gpus: list[Any], field: str) -> list[Any]:
+def _per_gpu(gpus: Sequence[Mapping[str, object]], field: str) -> list[object]:
     return [g.get(field) if isinstance(g, dict) else None for g in gpus]
 
 
-def _mode(state: Any) -> str:
+def _mode(state: object) -> str:
     """'enabled', 'disabled', 'not_supported' (the GPU cannot have it) or 'unknown'."""
     if isinstance(state, dict):
         if state.get("current") in ("enabled", "disabled"):
@@ -86,7 +104,7 @@ def _mode(state: Any) -> str:
     return "unknown"
 
 
-def _mig_profile_of(name: Any) -> str | None:
+def _mig_profile_of(name: object) -> str | None:
     """'NVIDIA H100 80GB HBM3 MIG 1g.10gb' → '1g.10gb' (NVML's MIG device names)."""
     if not isinstance(name, str):
         return None
@@ -94,13 +112,19 @@ def _mig_profile_of(name: Any) -> str | None:
     return match.group(1) if match else None
 
 
-def _mig_device_checks(expect: dict[str, Any], gpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _mig_device_checks(expect: PlanExpect, gpus: list[GpuDevice | UnreadableGpu]) -> list[Check]:
     """The MIG devices NVML shows the container: their profile and their number."""
     if expect.get("mig_profile") is None and expect.get("mig_count") is None:
         return []
-    devices = [d for g in gpus for d in g.get("mig_devices") or [] if isinstance(d, dict)]
+    # An UnreadableGpu has no "mig_devices": get() gives None there, hence the cast.
+    devices = [
+        d
+        for g in gpus
+        for d in cast("list[MigDevice | MigSlotError]", g.get("mig_devices") or [])
+        if isinstance(d, dict)
+    ]
     profiles = [_mig_profile_of(d.get("name")) for d in devices]
-    checks: list[dict[str, Any]] = []
+    checks: list[Check] = []
     if expect.get("mig_profile") is not None:
         want = expect["mig_profile"]
         ok = bool(profiles) and all(p == want for p in profiles)
@@ -117,14 +141,14 @@ def _mig_device_checks(expect: dict[str, Any], gpus: list[dict[str, Any]]) -> li
     return checks
 
 
-def check_expected_environment(expect: dict[str, Any], gpu: dict[str, Any]) -> list[dict[str, Any]]:
+def check_expected_environment(expect: PlanExpect, gpu: GpuCapture) -> list[Check]:
     """Compare the spec's expected environment with what NVML saw; one entry per check.
 
     Fails closed: an expectation this agent does not know, a field NVML could not
     read, or a specifier it cannot parse is a failed check, never a pass.
     Every entry has ``check``, ``expected``, ``found`` and ``passed``.
     """
-    checks: list[dict[str, Any]] = []
+    checks: list[Check] = []
     for key in sorted(expect):
         if key not in GPU_EXPECTATIONS and expect[key] is not None:
             checks.append(

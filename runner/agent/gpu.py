@@ -19,7 +19,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import (
+    Any,
+    Literal,
+    NotRequired,
+    Required,
+    TypeAlias,
+    TypedDict,
+    TypeGuard,
+    TypeVar,
+    cast,
+    overload,
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 GPU_CAPTURE_SCHEMA = "evalrun-gpu/v1"
 
@@ -30,12 +44,128 @@ UNSUPPORTED_ERRORS = (
     "NVMLError_FunctionNotFound",
 )
 
+ClockDomain = Literal["graphics", "sm", "memory"]
+
 # Clock domains recorded for application and maximum clocks (NVML_CLOCK_* constants).
-CLOCK_DOMAINS = (
+CLOCK_DOMAINS: tuple[tuple[ClockDomain, str], ...] = (
     ("graphics", "NVML_CLOCK_GRAPHICS"),
     ("sm", "NVML_CLOCK_SM"),
     ("memory", "NVML_CLOCK_MEM"),
 )
+
+
+class Unreadable(TypedDict, total=False):
+    """A field recorded instead of a reading: unsupported here, or failed."""
+
+    unsupported: str
+    error: str
+
+
+# One NVML field: its converted value, or why it could not be read.
+Reading: TypeAlias = T | Unreadable
+
+
+class ModeReading(TypedDict):
+    current: str
+    pending: str
+
+
+class ClockReadings(TypedDict):
+    applications: dict[ClockDomain, Reading[int]]
+    max: dict[ClockDomain, Reading[int]]
+
+
+class MigSlotError(TypedDict):
+    """A MIG slot whose device handle could not be had."""
+
+    slot: int
+    error: str
+
+
+class MigDevice(TypedDict):
+    """One configured MIG device and its readings."""
+
+    slot: int
+    uuid: Reading[str]
+    name: Reading[str]
+    memory_total: Reading[int]
+    gpu_instance_id: Reading[int]
+    compute_instance_id: Reading[int]
+
+
+class UnreadableGpu(Unreadable):
+    """A GPU whose handle could not be had: its index and why."""
+
+    index: Required[int]
+
+
+class GpuDevice(TypedDict):
+    """One GPU and its readings (MIG devices listed when MIG is enabled)."""
+
+    index: int
+    name: Reading[str]
+    uuid: Reading[str]
+    serial: Reading[str]
+    pci_bus_id: Reading[str]
+    memory_total: Reading[int]
+    compute_capability: Reading[str]
+    mig: Reading[ModeReading]
+    ecc: Reading[ModeReading]
+    persistence_mode: Reading[str]
+    power_limit_mw: Reading[int]
+    enforced_power_limit_mw: Reading[int]
+    clocks_mhz: ClockReadings
+    max_mig_devices: NotRequired[Reading[int]]
+    mig_devices: NotRequired[list[MigDevice | MigSlotError]]
+
+
+class TorchView(TypedDict, total=False):
+    """What torch reports of itself once imported: each value, or ``{"error": ...}``."""
+
+    error: str
+    version: Reading[str]
+    cuda: Reading[str | None]  # None in a CPU-only build
+    cudnn_version: Reading[int | None]  # None without cuDNN
+    cuda_available: Reading[bool]
+    deterministic_algorithms: Reading[bool]
+    deterministic_algorithms_warn_only: Reading[bool]
+    cudnn_enabled: Reading[bool]
+    cudnn_deterministic: Reading[bool]
+    cudnn_benchmark: Reading[bool]
+    cudnn_allow_tf32: Reading[bool]
+    matmul_allow_tf32: Reading[bool]
+    duration_s: float
+
+
+class TorchStaticView(TypedDict, total=False):
+    """torch as installed, read from its ``version.py`` without importing it."""
+
+    source: str
+    error: str
+    version: object  # whatever constant version.py assigns (a str, or None)
+    cuda: object
+    git_version: object
+    cudnn_package: str
+
+
+class FrameworkViews(TypedDict, total=False):
+    torch: TorchView | TorchStaticView
+
+
+class GpuCapture(TypedDict, total=False):
+    """NVML's view of the GPUs (``visible`` always; the rest when NVML answered)."""
+
+    visible: Required[bool]
+    reason: str
+    schema: str
+    driver_version: Reading[str]
+    nvml_version: Reading[str]
+    cuda_driver_version: Reading[str]
+    cuda_driver_version_int: Reading[int]
+    count: int
+    gpus: list[GpuDevice | UnreadableGpu]
+    duration_s: float
+    frameworks: FrameworkViews
 
 
 def _text(value: Any) -> str:
@@ -54,12 +184,12 @@ def _enabled(value: Any) -> str:
     return "enabled" if int(value) else "disabled"
 
 
-def _current_pending(value: Any) -> dict[str, str]:
+def _current_pending(value: Any) -> ModeReading:
     current, pending = value
     return {"current": _enabled(current), "pending": _enabled(pending)}
 
 
-def is_unsupported(value: Any) -> bool:
+def is_unsupported(value: object) -> TypeGuard[Unreadable]:
     """True for a field recorded as unsupported (or unreadable) rather than a reading."""
     return isinstance(value, dict) and ("unsupported" in value or "error" in value)
 
@@ -74,7 +204,9 @@ class _FieldReader:
             c for c in found if isinstance(c, type) and issubclass(c, BaseException)
         )
 
-    def read(self, call: Callable[[], Any], convert: Callable[[Any], Any] | None = None) -> Any:
+    def read(
+        self, call: Callable[[], Any], convert: Callable[[Any], Any] | None = None
+    ) -> Reading[Any]:
         try:
             value = call()
         except self._unsupported as exc:
@@ -90,7 +222,13 @@ class _FieldReader:
         except Exception as exc:
             return {"error": f"unexpected NVML value {value!r}: {_reason(exc)}"}
 
-    def call(self, name: str, *args: Any, convert: Callable[[Any], Any] | None = None) -> Any:
+    @overload
+    def call(self, name: str, *args: Any) -> Reading[Any]: ...
+    @overload
+    def call(self, name: str, *args: Any, convert: Callable[[Any], R]) -> Reading[R]: ...
+    def call(
+        self, name: str, *args: Any, convert: Callable[[Any], Any] | None = None
+    ) -> Reading[Any]:
         def invoke() -> Any:
             return getattr(self.nvml, name)(*args)
 
@@ -102,8 +240,8 @@ def _cuda_version(raw: Any) -> str:
     return f"{value // 1000}.{(value % 1000) // 10}"
 
 
-def _clocks(reader: _FieldReader, handle: Any, function: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _clocks(reader: _FieldReader, handle: Any, function: str) -> dict[ClockDomain, Reading[int]]:
+    out: dict[ClockDomain, Reading[int]] = {}
     for domain, constant in CLOCK_DOMAINS:
         clock_type = getattr(reader.nvml, constant, None)
         if clock_type is None:
@@ -118,11 +256,13 @@ def _pci_bus_id(info: Any) -> str:
     return _text(bus_id)
 
 
-def _mig_devices(reader: _FieldReader, handle: Any, slots: Any) -> list[dict[str, Any]]:
+def _mig_devices(
+    reader: _FieldReader, handle: Any, slots: Reading[int]
+) -> list[MigDevice | MigSlotError]:
     if not isinstance(slots, int):
         return []  # the slot count itself was unreadable; recorded beside this list
     not_found = getattr(reader.nvml, "NVMLError_NotFound", None)
-    devices: list[dict[str, Any]] = []
+    devices: list[MigDevice | MigSlotError] = []
     for slot in range(slots):
         try:
             mig = reader.nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
@@ -148,11 +288,11 @@ def _mig_devices(reader: _FieldReader, handle: Any, slots: Any) -> list[dict[str
     return devices
 
 
-def _device(reader: _FieldReader, index: int) -> dict[str, Any]:
+def _device(reader: _FieldReader, index: int) -> GpuDevice | UnreadableGpu:
     handle = reader.call("nvmlDeviceGetHandleByIndex", index)
     if is_unsupported(handle):
         return {"index": index, **handle}
-    gpu: dict[str, Any] = {
+    gpu: GpuDevice = {
         "index": index,
         "name": reader.call("nvmlDeviceGetName", handle, convert=_text),
         "uuid": reader.call("nvmlDeviceGetUUID", handle, convert=_text),
@@ -196,7 +336,7 @@ def _nvml_module() -> ModuleType | str:
         return f"pynvml failed to import: {_reason(exc)}"
 
 
-def nvml_capture() -> dict[str, Any]:
+def nvml_capture() -> GpuCapture:
     """NVML's view: driver, CUDA driver, NVML versions and every GPU it reports."""
     started = time.monotonic()
     nvml = _nvml_module()
@@ -206,7 +346,7 @@ def nvml_capture() -> dict[str, Any]:
         nvml.nvmlInit()
     except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
         return {"visible": False, "reason": f"NVML unavailable: {_reason(exc)}"}
-    info: dict[str, Any] = {"visible": True, "schema": GPU_CAPTURE_SCHEMA}
+    info: GpuCapture = {"visible": True, "schema": GPU_CAPTURE_SCHEMA}
     try:
         reader = _FieldReader(nvml)
         info["driver_version"] = reader.call("nvmlSystemGetDriverVersion", convert=_text)
@@ -217,13 +357,17 @@ def nvml_capture() -> dict[str, Any]:
         info["cuda_driver_version_int"] = cuda
         count = reader.call("nvmlDeviceGetCount", convert=int)
         if is_unsupported(count):
-            info.update(visible=False, reason=f"NVML could not count GPUs: {count}", count=0)
+            info["visible"] = False
+            info["reason"] = f"NVML could not count GPUs: {count}"
+            info["count"] = 0
             info["gpus"] = []
         else:
+            count = cast(int, count)  # not Unreadable: a reading, converted by int
             info["count"] = count
             info["gpus"] = [_device(reader, i) for i in range(count)]
             if count == 0:
-                info.update(visible=False, reason="NVML initialised but reports no GPU")
+                info["visible"] = False
+                info["reason"] = "NVML initialised but reports no GPU"
     finally:
         # A failed shutdown changes nothing that was read.
         with contextlib.suppress(Exception):
@@ -232,14 +376,14 @@ def nvml_capture() -> dict[str, Any]:
     return info
 
 
-def _guarded(call: Callable[[], Any]) -> Any:
+def _guarded(call: Callable[[], T]) -> Reading[T]:
     try:
         return call()
     except Exception as exc:
         return {"error": _reason(exc)}
 
 
-def torch_view() -> dict[str, Any] | None:
+def torch_view() -> TorchView | None:
     """What torch itself reports (versions, determinism flags); None when torch is absent.
 
     Does not initialise CUDA in this process beyond ``torch.cuda.is_available()``.
@@ -253,8 +397,9 @@ def torch_view() -> dict[str, Any] | None:
         return {"error": f"torch failed to import: {_reason(exc)}"}
     except Exception as exc:  # a broken install is recorded, not fatal
         return {"error": f"torch failed to import: {_reason(exc)}"}
-    cudnn = _guarded(lambda: torch.backends.cudnn)
-    view: dict[str, Any] = {
+    # An Unreadable here makes each cudnn read below fail into its own error, as recorded.
+    cudnn: Any = _guarded(lambda: torch.backends.cudnn)
+    view: TorchView = {
         "version": _guarded(lambda: str(torch.__version__)),
         "cuda": _guarded(lambda: torch.version.cuda),
         "cudnn_version": _guarded(lambda: cudnn.version()),
@@ -279,8 +424,8 @@ def torch_view() -> dict[str, Any] | None:
 CUDNN_DISTRIBUTIONS = ("nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "nvidia-cudnn-cu11")
 
 
-def _static_assignments(source: str) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+def _static_assignments(source: str) -> dict[str, object]:
+    values: dict[str, object] = {}
     for node in ast.parse(source).body:
         target = value = None
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -292,7 +437,7 @@ def _static_assignments(source: str) -> dict[str, Any]:
     return values
 
 
-def torch_static_view() -> dict[str, Any] | None:
+def torch_static_view() -> TorchStaticView | None:
     """torch's version, CUDA and cuDNN as installed, read from files without importing torch.
 
     Importing torch costs seconds; the agent's preflight must stay fast, and the flags
@@ -304,7 +449,7 @@ def torch_static_view() -> dict[str, Any] | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    view: dict[str, Any] = {"source": "installed files (torch not imported)"}
+    view: TorchStaticView = {"source": "installed files (torch not imported)"}
     version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
     try:
         values = _static_assignments(version_file.read_text(encoding="utf-8"))
@@ -323,16 +468,16 @@ def torch_static_view() -> dict[str, Any] | None:
     return view
 
 
-def framework_capture() -> dict[str, Any]:
+def framework_capture() -> FrameworkViews:
     """The frameworks' own view: live when already imported here, else from installed files."""
-    views: dict[str, Any] = {}
+    views: FrameworkViews = {}
     torch = torch_view() if sys.modules.get("torch") is not None else torch_static_view()
     if torch is not None:
         views["torch"] = torch
     return views
 
 
-def gpu_capture(*, frameworks: bool = True) -> dict[str, Any]:
+def gpu_capture(*, frameworks: bool = True) -> GpuCapture:
     """NVML's view of the GPUs and, when present, the frameworks' own view."""
     info = nvml_capture()
     if frameworks:
