@@ -11,13 +11,35 @@ from __future__ import annotations
 import importlib
 import os
 import random
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
-from runner.agent.gpu import torch_view
+from runner.agent.gpu import TorchView, torch_view
 
 # cuBLAS is deterministic only with one of these workspace settings (CUDA >= 10.2 docs).
 DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
 CUBLAS_WORKSPACE_CONFIG = DETERMINISTIC_CUBLAS_CONFIGS[0]
+
+
+class Setting(TypedDict):
+    """One setting: whether it was applied, its value, and why not or who set it."""
+
+    applied: bool
+    value: object
+    reason: NotRequired[str]
+    set_by: NotRequired[Literal["apply_determinism", "environment"]]
+    warn_only: NotRequired[bool]
+
+
+# One entry per setting, named as the code spells it ("random.seed", "torch.manual_seed").
+Settings = dict[str, Setting]
+
+
+class DeterminismRecord(TypedDict):
+    """What :func:`apply_determinism` returns; ``torch`` only when torch imported."""
+
+    seed: int
+    settings: Settings
+    torch: NotRequired[TorchView | None]
 
 
 def child_environment(seed: int) -> dict[str, str]:
@@ -39,22 +61,22 @@ def _optional_module(name: str) -> tuple[Any, str | None]:
         return None, f"{name} failed to import: {exc!r}"
 
 
-def _applied(value: Any) -> dict[str, Any]:
+def _applied(value: object) -> Setting:
     return {"applied": True, "value": value}
 
 
-def _not_applied(reason: str, value: Any = None) -> dict[str, Any]:
+def _not_applied(reason: str, value: object = None) -> Setting:
     return {"applied": False, "value": value, "reason": reason}
 
 
-def _python_hash_seed() -> dict[str, Any]:
+def _python_hash_seed() -> Setting:
     value = os.environ.get("PYTHONHASHSEED")
     if value is None or value == "random":
         return _not_applied("must be set before the interpreter starts (the agent sets it)", value)
     return _applied(value)
 
 
-def _cublas_workspace(torch: Any) -> dict[str, Any]:
+def _cublas_workspace(torch: Any) -> Setting:
     value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if value is None:
         if torch is not None and torch.cuda.is_initialized():
@@ -68,8 +90,8 @@ def _cublas_workspace(torch: Any) -> dict[str, Any]:
     return {**_applied(value), "set_by": "environment"}
 
 
-def _torch_settings(torch: Any, seed: int, warn_only: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _torch_settings(torch: Any, seed: int, warn_only: bool) -> Settings:
+    out: Settings = {}
     try:
         torch.manual_seed(seed)  # seeds the CPU and every CUDA device
         out["torch.manual_seed"] = _applied(seed)
@@ -105,7 +127,7 @@ def _torch_settings(torch: Any, seed: int, warn_only: bool) -> dict[str, Any]:
     return out
 
 
-def apply_determinism(seed: int | None = None, *, warn_only: bool = False) -> dict[str, Any]:
+def apply_determinism(seed: int | None = None, *, warn_only: bool = False) -> DeterminismRecord:
     """Seed every generator present and switch torch to deterministic algorithms.
 
     ``seed`` defaults to ``$EVALRUN_SEED`` (set by the agent). Returns one entry per
@@ -117,7 +139,7 @@ def apply_determinism(seed: int | None = None, *, warn_only: bool = False) -> di
         if env_seed is None:
             raise ValueError("no seed: pass one or set EVALRUN_SEED")
         seed = int(env_seed)
-    settings: dict[str, Any] = {"PYTHONHASHSEED": _python_hash_seed()}
+    settings: Settings = {"PYTHONHASHSEED": _python_hash_seed()}
     random.seed(seed)
     settings["random.seed"] = _applied(seed)
     numpy, why_not = _optional_module("numpy")
@@ -132,7 +154,7 @@ def apply_determinism(seed: int | None = None, *, warn_only: bool = False) -> di
         settings["torch"] = _not_applied(str(why_not))
     else:
         settings.update(_torch_settings(torch, seed, warn_only))
-    record: dict[str, Any] = {"seed": seed, "settings": settings}
+    record: DeterminismRecord = {"seed": seed, "settings": settings}
     if torch is not None:
         record["torch"] = torch_view()  # the flags as torch reports them after applying
     return record
