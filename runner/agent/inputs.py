@@ -13,7 +13,7 @@ import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Literal, NotRequired, TypedDict
 
 from runner.shared.agent_plan import AgentPlanFile, AgentPlanInput
 from runner.shared.inputs import hash_fd, tree_digest_of
@@ -21,6 +21,22 @@ from runner.shared.tarformat import MAX_DEPTH
 
 MAX_PROBLEMS = 20
 """Problems listed per input (the count says how many there were)."""
+
+
+class InputCheck(TypedDict):
+    """The preflight record of one input; ``found`` and ``passed`` are set before it is returned."""
+
+    name: str
+    role: Literal["model", "dataset"]
+    kind: NotRequired[Literal["directory"]]
+    expected: str
+    files: NotRequired[int]
+    bytes: NotRequired[int]
+    found: NotRequired[str]
+    passed: NotRequired[bool]
+    problems: NotRequired[list[str]]
+    problem_count: NotRequired[int]
+
 
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -50,7 +66,7 @@ def _hash_regular(path: Path) -> tuple[str, int] | str:
         os.close(fd)
 
 
-def check_input(item: AgentPlanInput, *, workers: int | None = None) -> dict[str, Any]:
+def check_input(item: AgentPlanInput, *, workers: int | None = None) -> InputCheck:
     """The preflight record of one input: expected and found digest, passed, problems."""
     if item.get("kind", "file") == "directory":
         return _check_directory(item, workers or hash_workers())
@@ -69,7 +85,7 @@ def check_input(item: AgentPlanInput, *, workers: int | None = None) -> dict[str
             found = hashed[0]
             if found != item["sha256"]:
                 problems.append(f"changed file {path.name} (sha256 {found[:16]}…)")
-    record: dict[str, Any] = {
+    record: InputCheck = {
         "name": item["name"],
         "role": item["role"],
         "expected": item["sha256"],
@@ -107,10 +123,10 @@ def _walk(root: Path) -> tuple[dict[str, Path], list[str]]:
     return files, odd
 
 
-def _check_directory(item: AgentPlanInput, workers: int) -> dict[str, Any]:
+def _check_directory(item: AgentPlanInput, workers: int) -> InputCheck:
     root = Path(item["path"])
     listed: list[AgentPlanFile] = item.get("files", [])
-    record: dict[str, Any] = {
+    record: InputCheck = {
         "name": item["name"],
         "role": item["role"],
         "kind": "directory",
@@ -155,7 +171,7 @@ def _check_directory(item: AgentPlanInput, workers: int) -> dict[str, Any]:
     return _finish(record, found, problems)
 
 
-def _finish(record: dict[str, Any], found: str, problems: list[str]) -> dict[str, Any]:
+def _finish(record: InputCheck, found: str, problems: list[str]) -> InputCheck:
     record["found"] = found
     record["passed"] = not problems and found == record["expected"]
     if problems:
@@ -164,7 +180,7 @@ def _finish(record: dict[str, Any], found: str, problems: list[str]) -> dict[str
     return record
 
 
-def failure_reason(records: list[dict[str, Any]]) -> str:
+def failure_reason(records: list[InputCheck]) -> str:
     """One line naming each input that failed and its first problems."""
     parts = []
     for rec in records:

@@ -16,13 +16,35 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, Required, TypedDict, cast
 
 from runner.agent.usage import FullCheck, UsageVerifier, agent_paths, install_trace_hook, read_table
 from runner.shared.agent_plan import AgentPlan
 from runner.shared.rootfs_table import TABLE_PATH, parse_table, table_digest
 
 Mode = Literal["used", "full"]
+
+
+class RootfsRecord(TypedDict, total=False):
+    """The preflight's ``rootfs`` record: what was asked, how it was checked, and the verdict."""
+
+    requested: Required[Mode]
+    expected: Required[str]
+    note: str
+    mode: Mode
+    how: str
+    table: str
+    table_digest: str
+    found: str
+    passed: bool
+    reason: str
+    entries: int
+    files_reported: int
+    files_verified: int
+    traced_processes: int
+    failures: list[str]
+    failure_count: int  # the five keys before come from UsageVerifier.finish, as they are
+    duration_s: float
 
 
 class RootfsVerification:
@@ -32,13 +54,13 @@ class RootfsVerification:
         self.requested: Mode = plan.get("verify_rootfs", "full")
         self.expected = plan["expected_rootfs_digest"]
         self.command = plan["command"]
-        self.record: dict[str, Any] = {"requested": self.requested, "expected": self.expected}
+        self.record: RootfsRecord = {"requested": self.requested, "expected": self.expected}
         self._t0 = time.monotonic()
         self._usage: UsageVerifier | None = None
         self._full: FullCheck | None = None
         self._trace_dir: Path | None = None
 
-    def begin(self) -> dict[str, Any]:
+    def begin(self) -> RootfsRecord:
         """Start the check; the record says ``passed: False`` already when the table is wrong."""
         table_bytes = read_table() if self.requested == "used" else None
         if self.requested == "used" and table_bytes is None:
@@ -49,22 +71,24 @@ class RootfsVerification:
             self._full = FullCheck().start()
             return self.record
         found = table_digest(table_bytes.splitlines(keepends=True))
-        self.record.update(
-            mode="used",
-            how="the digest table hashed and compared with the locked digest; every file the "
+        self.record["mode"] = "used"
+        self.record["how"] = (
+            "the digest table hashed and compared with the locked digest; every file the "
             "agent and the evaluation used (interpreter, modules, files opened, programs, "
-            "mapped libraries) hashed and compared with its table line",
-            table=TABLE_PATH,
-            table_digest=found,
-            found=found,
+            "mapped libraries) hashed and compared with its table line"
         )
+        self.record["table"] = TABLE_PATH
+        self.record["table_digest"] = found
+        self.record["found"] = found
         if found != self.expected:
-            self.record.update(passed=False, reason="the image's digest table does not match")
+            self.record["passed"] = False
+            self.record["reason"] = "the image's digest table does not match"
             return self.record
         try:
             table = parse_table(table_bytes)
         except ValueError as exc:
-            self.record.update(passed=False, reason=str(exc))
+            self.record["passed"] = False
+            self.record["reason"] = str(exc)
             return self.record
         self.record["entries"] = len(table)
         self._trace_dir = Path(tempfile.mkdtemp(prefix="evalrun-trace-"))
@@ -88,12 +112,13 @@ class RootfsVerification:
             "EVALRUN_TRACE_DIR": str(self._trace_dir),
         }
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> RootfsRecord:
         """Wait for the check; the record gains ``passed`` and what was checked."""
         if self.failed_early:
             return self.record
         if self._usage is not None:
-            usage = self._usage.finish()
+            # UsageVerifier.finish gives the files_*, traced_processes and failure* keys
+            usage = cast(RootfsRecord, self._usage.finish())
             self.record.update(usage)
             self.record["passed"] = usage["failure_count"] == 0
             if usage["failures"]:
@@ -110,7 +135,9 @@ class RootfsVerification:
                 found, entries = self._full.finish()
             except RuntimeError as exc:
                 found, entries = f"unreadable: {exc}", 0
-            self.record.update(found=found, entries=entries, files_verified=entries)
+            self.record["found"] = found
+            self.record["entries"] = entries
+            self.record["files_verified"] = entries
             self.record["passed"] = found == self.expected and self.record.get("passed", True)
             if found != self.expected:
                 self.record["reason"] = "rootfs digest mismatch"
