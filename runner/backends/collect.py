@@ -15,7 +15,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,7 +30,13 @@ from runner._internal.tar import (
     scan_members,
 )
 from runner.errors import EvalrunError
-from runner.shared.metrics import SampleFormatError, compute_available, compute_metrics
+from runner.shared.metrics import (
+    MetricDefinition,
+    MetricRecord,
+    SampleFormatError,
+    compute_available,
+    compute_metrics,
+)
 from runner.shared.perturbations import perturbation_effects, select_perturbed
 from runner.shared.protocol import (
     MAX_RESULT_BYTES,
@@ -40,7 +46,11 @@ from runner.shared.protocol import (
     StreamReader,
     decode_frame,
 )
-from runner.shared.sample_file import read_outputs, read_samples
+from runner.shared.sample_file import SampleRow, read_outputs, read_samples
+
+# A declared perturbation as the plan carries it (validated by the host's spec model);
+# its fields depend on ``kind`` and are read by runner.shared.perturbations.
+PerturbationDefinition = dict[str, Any]
 
 
 @dataclass
@@ -139,8 +149,11 @@ def _same(a: Any, b: Any) -> bool:
 
 @dataclass(frozen=True)
 class MetricCheck:
-    metrics: list[dict[str, Any]]
+    # the catalogue's records; a run's custom metrics join them as built, untyped, by
+    # runner.backends.custom_metric.result_from_driver (runner.workflows.custom_metrics)
+    metrics: Sequence[MetricRecord | dict[str, Any]]
     problems: list[str]
+    # perturbation_effects' records (runner.shared.perturbations builds them untyped)
     perturbations: list[dict[str, Any]] = field(default_factory=list)
     # metrics the per-sample outputs cannot feed (name → why), from recompute_available
     unusable: dict[str, str] = field(default_factory=dict)
@@ -148,9 +161,9 @@ class MetricCheck:
 
 def _recompute_perturbations(
     results: Path,
-    definitions: list[dict[str, Any]],
-    perturbations: list[dict[str, Any]],
-    samples: list[dict[str, Any]],
+    definitions: list[MetricDefinition],
+    perturbations: list[PerturbationDefinition],
+    samples: list[SampleRow],
     reported: Any,
     seed: int,
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -165,7 +178,7 @@ def _recompute_perturbations(
     for pert in perturbations:
         try:
             if pert["kind"] in ("subsample", "slice"):
-                perturbed: list[dict[str, Any]] = [
+                perturbed: list[SampleRow] = [
                     dict(x) for x in select_perturbed(pert, samples, seed)
                 ]
             else:
@@ -210,7 +223,7 @@ def _reported_metrics(reported: Any) -> list[Any] | None:
 
 
 def _compare_reported(
-    ours: list[dict[str, Any]], reported: list[Any], unusable: Mapping[str, str]
+    ours: list[MetricRecord], reported: list[Any], unusable: Mapping[str, str]
 ) -> list[str]:
     """Where the container's metrics differ from the runner's own numbers."""
     problems: list[str] = []
@@ -251,9 +264,9 @@ def _compare_reported(
 
 def recompute_metrics(
     results: Path,
-    definitions: list[dict[str, Any]],
+    definitions: list[MetricDefinition],
     seed: int,
-    perturbations: list[dict[str, Any]] | None = None,
+    perturbations: list[PerturbationDefinition] | None = None,
     *,
     overridden: Collection[str] = (),
 ) -> MetricCheck:
@@ -281,7 +294,9 @@ def recompute_metrics(
     return MetricCheck(ours, problems + more, effects)
 
 
-def recompute_available(results: Path, definitions: list[dict[str, Any]], seed: int) -> MetricCheck:
+def recompute_available(
+    results: Path, definitions: list[MetricDefinition], seed: int
+) -> MetricCheck:
     """The metrics the per-sample outputs can feed, when they cannot feed them all.
 
     For a run the agent reported as bad output: every metric whose fields are there is

@@ -22,13 +22,34 @@ import math
 import random
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 MOUNT = "/evalrun-metric"
 SAMPLES_FILE = "predictions.jsonl"
 METRIC_FILE = "metric.py"
 RESULT_MARKER = "EVALRUN-CUSTOM-METRIC "
 MAX_SAMPLES = 5_000_000
+
+# One row of the per-sample file as the evaluation wrote it: untrusted JSON handed whole to
+# the user's metric function (this script imports nothing of runner.shared to share a name).
+SampleRow = dict[str, Any]
+
+
+class DriverArgs(TypedDict):
+    """What the runner passes the driver (JSON in ``argv[1]``)."""
+
+    function: str
+    seed: int
+    resamples: int
+
+
+class DriverResult(TypedDict):
+    """The driver's result line: the value, each resample's value (None: undefined there)."""
+
+    value: float
+    n: int
+    resamples: list[float | None]
+    indices_sha256: str
 
 
 def resample_indices(seed: int, n: int, resamples: int) -> Iterator[list[int]]:
@@ -61,8 +82,8 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name}")
 
 
-def _read_samples(path: str) -> list[dict[str, Any]]:
-    samples: list[dict[str, Any]] = []
+def _read_samples(path: str) -> list[SampleRow]:
+    samples: list[SampleRow] = []
     with open(path, "rb") as fh:  # noqa: PTH123 - the driver stays plain
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -91,8 +112,8 @@ def _load_function(path: str, name: str) -> Any:
 
 
 def compute(
-    args: dict[str, Any], samples_path: str, metric_path: str
-) -> dict[str, Any]:  # pragma: no cover - runs in the sandbox
+    args: DriverArgs, samples_path: str, metric_path: str
+) -> DriverResult:  # pragma: no cover - runs in the sandbox
     """Everything the driver reports: the value, each resample's value, the indices' digest."""
     fn = _load_function(metric_path, str(args["function"]))
     samples = _read_samples(samples_path)

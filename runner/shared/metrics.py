@@ -11,9 +11,9 @@ seed give bit-identical floats on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 from runner.shared.classification import confusion_matrix
 from runner.shared.metric_functions import build_metric
@@ -42,6 +42,47 @@ __all__ = [
 
 MetricFn = Callable[[Sequence[Sample]], float]
 
+# A metric as the spec defines it and the plan carries it (validated by the host's spec
+# model); which parameters it has depends on ``compute`` and is read by ``build_metric``.
+MetricDefinition = dict[str, Any]
+
+
+class ConfusionMatrix(TypedDict):
+    """Rows are true labels, columns predicted labels (as the samples hold them)."""
+
+    labels: list[Hashable]
+    counts: list[list[int]]
+
+
+class CiRecord(TypedDict):
+    low: float | None
+    high: float | None
+    method: str
+    level: float
+    resamples: int
+    undefined_resamples: NotRequired[int]
+
+
+class MetricRecord(TypedDict):
+    """One metric in ``metrics.json``: :meth:`MetricValue.as_dict`."""
+
+    name: str
+    value: float
+    ci: CiRecord
+    n: int
+    confusion_matrix: NotRequired[ConfusionMatrix]
+
+
+class MetricVerdict(TypedDict):
+    """One metric against its threshold (:func:`threshold_verdicts`)."""
+
+    threshold: float | None
+    direction: NotRequired[str]
+    passed: bool | None
+    threshold_met: NotRequired[bool]
+    role: str
+    gating: bool
+
 
 def metric_function(compute: str, field: str | None = None) -> MetricFn:
     """The function behind a spec's ``compute`` name (for parameter-free computes)."""
@@ -63,10 +104,10 @@ class MetricValue:
     n: int
     # resamples on which the metric had no value (e.g. one class drawn); left out of the CI
     undefined_resamples: int = 0
-    confusion_matrix: dict[str, Any] | None = None
+    confusion_matrix: ConfusionMatrix | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        ci: dict[str, Any] = {
+    def as_dict(self) -> MetricRecord:
+        ci: CiRecord = {
             "low": self.ci_low,
             "high": self.ci_high,
             "method": self.ci_method,
@@ -75,7 +116,7 @@ class MetricValue:
         }
         if self.undefined_resamples:
             ci["undefined_resamples"] = self.undefined_resamples
-        out: dict[str, Any] = {"name": self.name, "value": self.value, "ci": ci, "n": self.n}
+        out: MetricRecord = {"name": self.name, "value": self.value, "ci": ci, "n": self.n}
         if self.confusion_matrix is not None:
             out["confusion_matrix"] = self.confusion_matrix
         return out
@@ -120,9 +161,10 @@ def compute_metric(
         elif stats:
             alpha = (1 - level) / 2
             low, high = percentile(stats, alpha), percentile(stats, 1 - alpha)
-    matrix = None
+    matrix: ConfusionMatrix | None = None
     if metric.matrix_pair is not None:
-        matrix = confusion_matrix([metric.matrix_pair(s) for s in samples])
+        # classification.confusion_matrix builds this shape as a plain dict
+        matrix = cast(ConfusionMatrix, confusion_matrix([metric.matrix_pair(s) for s in samples]))
     return MetricValue(
         name=definition["name"],
         value=value,
@@ -181,13 +223,13 @@ def is_gating(definition: Mapping[str, Any]) -> bool:
 
 def threshold_verdicts(
     definitions: Iterable[Mapping[str, Any]], values: Mapping[str, float]
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, MetricVerdict]:
     """Per metric: pass/fail against its threshold (None when no threshold).
 
     Only gating metrics (:func:`is_gating`) get a ``passed`` verdict; a supplementary
     metric's threshold is reported as ``threshold_met`` and never decides the run.
     """
-    verdicts: dict[str, dict[str, Any]] = {}
+    verdicts: dict[str, MetricVerdict] = {}
     for d in definitions:
         threshold = d.get("threshold")
         value = values[d["name"]]

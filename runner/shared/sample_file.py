@@ -15,6 +15,10 @@ from runner.shared.sample_fields import FieldError, SampleFormatError
 
 MAX_SAMPLES = 5_000_000
 
+# One row of a per-sample file: a JSON object the evaluation wrote, untrusted; only the
+# fields the metrics read are checked (each metric's reader), the rest is the evaluation's.
+SampleRow = dict[str, Any]
+
 
 def _refuse(name: str) -> float:
     raise ValueError(f"non-finite number {name}")
@@ -27,7 +31,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[SampleRow]:
     """Read a per-sample JSON-lines file, checking each row has what the metrics need.
 
     Every row must carry an ``id`` and, for each metric, the fields it reads in the shape
@@ -41,7 +45,7 @@ def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[d
 class SampleRead:
     """The samples of a per-sample file, and the metrics they cannot feed (name → why)."""
 
-    samples: list[dict[str, Any]]
+    samples: list[SampleRow]
     unusable: dict[str, str]
 
 
@@ -60,7 +64,7 @@ def _read(path: Path, metrics: list[Metric], *, strict: bool) -> SampleRead:
     for m in metrics:
         for field in m.reads.values():
             readers.setdefault(field, []).append(m.name)
-    samples: list[dict[str, Any]] = []
+    samples: list[SampleRow] = []
     unusable: dict[str, str] = {}
     seen: set[str] = set()
     with path.open("rb") as fh:
