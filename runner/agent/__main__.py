@@ -37,6 +37,7 @@ from runner.agent.expectations import (
 from runner.agent.hints import missing_input_hint, stderr_text
 from runner.agent.hold import acknowledge, hold
 from runner.agent.inputs import check_input, failure_reason
+from runner.agent.records import AgentSummary, MetricsReport, Preflight
 from runner.agent.results_out import (
     LOG_FRAME_MAX_BYTES,
     _emit_held,
@@ -63,7 +64,7 @@ from runner.shared.agent_plan import (
 from runner.shared.metrics import SampleFormatError, compute_available, partial_reason
 from runner.shared.perturbations import perturbation_effects, select_perturbed
 from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
-from runner.shared.sample_file import read_outputs, read_samples
+from runner.shared.sample_file import SampleRow, read_outputs, read_samples
 
 
 class EventLog:
@@ -121,14 +122,14 @@ def run_plan(plan: AgentPlan, results: Path, *, plan_sha256: str | None = None) 
     sent)."""
     (results / "logs").mkdir(parents=True, exist_ok=True)
     log = EventLog(results / "logs" / "events.jsonl", plan["run_id"])
-    summary: dict[str, Any] = {"run_id": plan["run_id"], "started": time.time()}
+    summary: AgentSummary = {"run_id": plan["run_id"], "started": time.time()}
     if plan_sha256:
         summary["plan_sha256"] = plan_sha256
     try:
         code = _run(plan, results, log, summary)
     except Exception as exc:  # the agent must always leave a summary behind
         log.emit("agent_error", level="error", error=repr(exc))
-        summary.update(outcome="agent_error", reason=repr(exc))
+        summary.update({"outcome": "agent_error", "reason": repr(exc)})
         code = AgentExit.AGENT_ERROR
     summary["finished"] = time.time()
     summary["exit_code"] = int(code)
@@ -137,11 +138,11 @@ def run_plan(plan: AgentPlan, results: Path, *, plan_sha256: str | None = None) 
     return code
 
 
-def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any]) -> AgentExit:
+def _run(plan: AgentPlan, results: Path, log: EventLog, summary: AgentSummary) -> AgentExit:
     # --- preflight: image content (the digest table now; what is used, while it runs)
     t0 = time.monotonic()
     rootfs = RootfsVerification(plan)
-    preflight: dict[str, Any] = {"rootfs": rootfs.begin(), "inputs": []}
+    preflight: Preflight = {"rootfs": rootfs.begin(), "inputs": []}
     log.emit(
         "preflight_rootfs",
         mode=preflight["rootfs"]["mode"],
@@ -169,20 +170,24 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
     bad_inputs = [i for i in preflight["inputs"] if not i["passed"]]
     if rootfs.failed_early or bad_inputs:
         summary.update(
-            outcome="integrity_failure",
-            reason=preflight["rootfs"]["reason"]
-            if rootfs.failed_early
-            else failure_reason(bad_inputs),
+            {
+                "outcome": "integrity_failure",
+                "reason": preflight["rootfs"]["reason"]
+                if rootfs.failed_early
+                else failure_reason(bad_inputs),
+            }
         )
         log.emit("preflight_failed", level="error", reason=summary["reason"])
         return AgentExit.INTEGRITY
     bad_env = [c for c in preflight["environment"] if not c["passed"]]
     if bad_env:
         summary.update(
-            outcome="environment_mismatch",
-            reason="; ".join(
-                f"{c['check']}: expected {c['expected']}, found {c['found']}" for c in bad_env
-            ),
+            {
+                "outcome": "environment_mismatch",
+                "reason": "; ".join(
+                    f"{c['check']}: expected {c['expected']}, found {c['found']}" for c in bad_env
+                ),
+            }
         )
         log.emit("environment_mismatch", level="error", reason=summary["reason"])
         return AgentExit.ENVIRONMENT
@@ -198,7 +203,7 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: dict[str, Any])
         )
     if not preflight["rootfs"]["passed"]:
         # results of an evaluation that ran on other content are never accepted
-        summary.update(outcome="integrity_failure", reason=preflight["rootfs"]["reason"])
+        summary.update({"outcome": "integrity_failure", "reason": preflight["rootfs"]["reason"]})
         return AgentExit.INTEGRITY
     return code
 
@@ -207,7 +212,7 @@ def _evaluate(
     plan: AgentPlan,
     results: Path,
     log: EventLog,
-    summary: dict[str, Any],
+    summary: AgentSummary,
     extra_env: dict[str, str],
 ) -> AgentExit:
     """The evaluation command, then metrics from its per-sample outputs."""
@@ -246,7 +251,7 @@ def _evaluate(
     try:
         rc = run_teed(plan["command"], child_env, results / "logs", plan["timeout_s"])
     except OSError as exc:
-        summary.update(outcome="evaluation_failed", reason=f"cannot start command: {exc}")
+        summary.update({"outcome": "evaluation_failed", "reason": f"cannot start command: {exc}"})
         log.emit("evaluation_failed", level="error", reason=summary["reason"])
         return AgentExit.EVAL_FAILED
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -254,7 +259,9 @@ def _evaluate(
     log.emit("evaluation_end", returncode=rc, duration_s=duration, peak_rss_kib=peak_kib)
     summary["evaluation"] = {"returncode": rc, "duration_s": duration, "peak_rss_kib": peak_kib}
     if rc is None:
-        summary.update(outcome="timeout", reason=f"evaluation exceeded {plan['timeout_s']} s")
+        summary.update(
+            {"outcome": "timeout", "reason": f"evaluation exceeded {plan['timeout_s']} s"}
+        )
         return AgentExit.EVAL_TIMEOUT
     if rc != 0:
         reason = f"evaluation command exited {rc}"
@@ -264,7 +271,7 @@ def _evaluate(
             env=child_env,
             datasets=datasets,
         )
-        summary.update(outcome="evaluation_failed", reason=reason)
+        summary.update({"outcome": "evaluation_failed", "reason": reason})
         if hint:
             summary["hint"] = hint
         return AgentExit.EVAL_FAILED
@@ -274,7 +281,7 @@ def _evaluate(
     try:
         read = read_outputs(output, plan["metrics"])
     except (OSError, SampleFormatError) as exc:
-        summary.update(outcome="bad_output", reason=f"per-sample output unusable: {exc}")
+        summary.update({"outcome": "bad_output", "reason": f"per-sample output unusable: {exc}"})
         log.emit("bad_output", level="error", reason=summary["reason"])
         return AgentExit.EVAL_OUTPUT
     samples = read.samples
@@ -287,17 +294,17 @@ def _evaluate(
             results / "metrics.json", {"seed": seed, "metrics": computed, "unusable": unusable}
         )
         summary.update(
-            outcome="bad_output", reason=partial_reason([v.name for v in values], unusable)
+            {"outcome": "bad_output", "reason": partial_reason([v.name for v in values], unusable)}
         )
         log.emit("bad_output", level="error", reason=summary["reason"])
         return AgentExit.EVAL_OUTPUT
     try:
         perturbations = _run_perturbations(plan, samples, child_env, results, log, seed)
     except (OSError, SampleFormatError, subprocess.SubprocessError) as exc:
-        summary.update(outcome="bad_output", reason=f"perturbation failed: {exc}")
+        summary.update({"outcome": "bad_output", "reason": f"perturbation failed: {exc}"})
         log.emit("bad_output", level="error", reason=summary["reason"])
         return AgentExit.EVAL_OUTPUT
-    report: dict[str, Any] = {"seed": seed, "metrics": [v.as_dict() for v in values]}
+    report: MetricsReport = {"seed": seed, "metrics": [v.as_dict() for v in values]}
     if perturbations:
         report["perturbations"] = perturbations
     _write_json(results / "metrics.json", report)
@@ -306,14 +313,14 @@ def _evaluate(
         duration_s=round(time.monotonic() - t2, 4),
         metrics={v.name: v.value for v in values},
     )
-    summary.update(outcome="completed")
+    summary.update({"outcome": "completed"})
     return AgentExit.OK
 
 
 # After the evaluation exits, its output pipes get this long to drain (a leftover child
 def _run_perturbations(
     plan: AgentPlan,
-    baseline: list[dict[str, Any]],
+    baseline: list[SampleRow],
     child_env: dict[str, str],
     results: Path,
     log: EventLog,

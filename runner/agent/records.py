@@ -1,0 +1,60 @@
+"""What the agent writes into the results: ``summary.json``, ``preflight.json`` and
+``metrics.json``, as TypedDicts (stdlib only: the agent ships into the image)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+from runner.agent.expectations import Check
+from runner.agent.inputs import InputCheck
+from runner.agent.verification import RootfsRecord
+from runner.shared.metrics import MetricRecord
+
+Outcome = Literal[
+    "completed",
+    "agent_error",
+    "integrity_failure",
+    "environment_mismatch",
+    "evaluation_failed",
+    "timeout",
+    "bad_output",
+]
+
+
+class EvaluationRecord(TypedDict):
+    returncode: int | None
+    duration_s: float
+    peak_rss_kib: int
+
+
+class AgentSummary(TypedDict, total=False):
+    """``summary.json``: how the run went, always written (``outcome`` once it is known)."""
+
+    run_id: str
+    started: float
+    plan_sha256: str
+    determinism: dict[str, str]
+    evaluation: EvaluationRecord
+    outcome: Outcome
+    reason: str
+    hint: str
+    finished: float
+    exit_code: int
+
+
+class Preflight(TypedDict):
+    """``preflight.json``: the rootfs check, every input, the expected environment."""
+
+    rootfs: RootfsRecord
+    inputs: list[InputCheck]
+    environment: NotRequired[list[Check]]
+    duration_s: NotRequired[float]
+
+
+class MetricsReport(TypedDict):
+    """``metrics.json`` of a run whose outputs fed every metric."""
+
+    seed: int
+    metrics: list[MetricRecord]
+    # perturbation_effects' records (runner.shared.perturbations builds them untyped)
+    perturbations: NotRequired[list[dict[str, Any]]]
