@@ -5,7 +5,7 @@ digest (the agent verifies every file before the evaluation), ≥ 20 MiB of resu
 through the API server's exec stream while the agent holds the pod, the bundle verifies;
 a runner killed in the middle of a collection is replaced by a second `evalrun run` of
 the same spec, which collects from the held pod; the pod reaches nothing on the network;
-the ConfigMap goes with its Job. Data stays small (tens of MiB).
+the plan travels inside the Job and the agent read exactly it. Data stays small (tens of MiB).
 """
 
 from __future__ import annotations
@@ -162,23 +162,22 @@ def test_inputs_by_image_volume_and_results_by_exec_under_gvisor(
     # the pod reached nothing: gVisor runs it without a network
     reached = json.loads((bundle / "results" / "network.json").read_text())
     assert reached and "connected" not in reached.values(), reached
-    # the Job: inputs as image volumes, the plan-only ConfigMap owned by it, the TTL set
+    # the Job: inputs as image volumes, the plan inside it (no ConfigMap: one request), the
+    # TTL set; the agent read exactly the plan evalrun sent
     batch, core = client.BatchV1Api(k8s_client), client.CoreV1Api(k8s_client)
     name = job_name(pred["run_id"])
     job = batch.read_namespaced_job(name, namespace)
     volumes = {v.name: v for v in job.spec.template.spec.volumes}
     assert volumes["input-0"].image.reference.startswith(cluster.registry)
+    assert volumes["plan"].downward_api is not None and volumes["plan"].config_map is None
     assert job.spec.ttl_seconds_after_finished == 900
-    configmap = core.read_namespaced_config_map(name, namespace)
-    assert set(configmap.binary_data) == {"plan.json"}
-    (owner,) = configmap.metadata.owner_references
-    assert (owner.kind, owner.name, owner.uid) == ("Job", name, job.metadata.uid)
-    # ... and the ConfigMap goes with the Job
-    batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-    deadline = time.monotonic() + 120
-    while core.list_namespaced_config_map(namespace, field_selector=f"metadata.name={name}").items:
-        assert time.monotonic() < deadline, "the ConfigMap outlived its Job"
-        time.sleep(1)
+    plan_text = job.spec.template.metadata.annotations["evalrun.dev/plan"]
+    sent = hashlib.sha256(plan_text.encode()).hexdigest()
+    assert job.metadata.annotations["evalrun.dev/plan-sha256"] == sent == details["plan_sha256"]
+    summary = json.loads((bundle / "results" / "summary.json").read_text())
+    assert summary["plan_sha256"] == sent
+    assert not core.list_namespaced_config_map(
+        namespace, field_selector=f"metadata.name={name}").items
 
 
 @pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
