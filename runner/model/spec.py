@@ -207,6 +207,11 @@ class PreprocessingStep(_Model):
         return value
 
 
+# params reach the evaluation in one environment variable (EVALRUN_PARAMS), which the
+# kernel caps at 128 KiB (MAX_ARG_STRLEN): larger ones could never start the command.
+MAX_PARAMS_BYTES = 64 * 1024
+
+
 class EvalSpec(_Model):
     """A whole ``eval.yaml``."""
 
@@ -217,8 +222,25 @@ class EvalSpec(_Model):
     model: ArtifactSpec
     datasets: list[DatasetSpec] = Field(min_length=1)
     command: list[str] = Field(min_length=1, description="argv run inside the container.")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Handed to the evaluation as JSON in EVALRUN_PARAMS: at most "
+        f"{MAX_PARAMS_BYTES} bytes (one environment variable; the kernel allows 128 KiB).",
+    )
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+    @field_validator("params")
+    @classmethod
+    def _params_fit_the_environment(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, sort_keys=True, default=str).encode())
+        if size > MAX_PARAMS_BYTES:
+            raise ValueError(
+                f"params are {size} bytes as JSON; at most {MAX_PARAMS_BYTES} reach the "
+                "evaluation (in the EVALRUN_PARAMS environment variable): put large data in "
+                "a dataset or model input instead"
+            )
+        return value
+
     seeds: list[int] | None = Field(
         default=None,
         min_length=2,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import shutil
@@ -124,38 +122,6 @@ def test_kubernetes_run_end_to_end_and_resubmit(cluster, namespace, k8s_example,
     jobs = batch.list_namespaced_job(namespace).items
     assert len(jobs) == 1
     assert time.monotonic() - t0 < 60
-
-
-@pytest.mark.parametrize("namespace", RESTRICTED, indirect=True)
-def test_a_plan_too_large_for_the_job_travels_in_a_configmap_owned_by_it(
-    cluster, namespace, k8s_example, tmp_path
-):
-    """Params over 128 KiB: the Job is created suspended, the plan-only ConfigMap owned by
-    it, the Job resumed; the agent reads the same bytes (its sha256 matches) and the
-    ConfigMap goes with the Job."""
-    spec = _variant(k8s_example, tmp_path, params={"padding": "x" * (160 * 1024)})
-    proc = _evalrun(tmp_path / "home", *_run_args(cluster, namespace, spec))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = json.loads(proc.stdout)
-    assert out["outcome"] == "passed", out
-    bundle = Path(out["bundle"])
-    pred = json.loads((bundle / "statement.json").read_text())["predicate"]
-    name = pred["sandbox"]["details"]["job"]
-    api = client.ApiClient(_config(cluster))
-    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
-    job = batch.read_namespaced_job(name, namespace)
-    assert not (job.spec.template.metadata.annotations or {}).get("evalrun.dev/plan")
-    configmap = core.read_namespaced_config_map(name, namespace)
-    (owner,) = configmap.metadata.owner_references
-    assert (owner.kind, owner.uid) == ("Job", job.metadata.uid)
-    sent = hashlib.sha256(base64.b64decode(configmap.binary_data["plan.json"])).hexdigest()
-    summary = json.loads((bundle / "results" / "summary.json").read_text())
-    assert summary["plan_sha256"] == sent == pred["sandbox"]["details"]["plan_sha256"]
-    batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-    deadline = time.monotonic() + 120
-    while core.list_namespaced_config_map(namespace, field_selector=f"metadata.name={name}").items:
-        assert time.monotonic() < deadline, "the ConfigMap outlived its Job"
-        time.sleep(1)
 
 
 def _config(cluster):

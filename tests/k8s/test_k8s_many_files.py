@@ -1,13 +1,17 @@
-"""A dataset directory of hundreds of files on the real cluster, through the CLI.
+"""A dataset directory of a thousand files on the real cluster, through the CLI.
 
 `evalrun lock` publishes it packed (a node mounts each artifact layer as an overlay
 lower directory and fails past a few hundred, see docs/data.md); the node mounts the
 image volume, the agent checks every file's sha256 under gVisor, and the run's metrics
-equal the example's, which reads the same samples from three parts.
+equal the example's, which reads the same samples from three parts. The plan lists
+every file, so it is too large to travel inside the Job: it takes the ConfigMap path
+(owned by the Job), and the agent read exactly the plan evalrun sent.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,12 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k8s.test_backend_kubernetes import ROOT, _evalrun, _run_args
+from k8s.test_backend_kubernetes import ROOT, _config, _evalrun, _run_args
 
 pytestmark = pytest.mark.k8s
 
 RESTRICTED = [{"pod-security": "restricted", "default-deny": True}]
-PARTS = 300
+PARTS = 1200  # the plan lists ~140 bytes per file: over the 128 KiB the Job carries
 
 
 def _many_parts(dest: Path) -> Path:
@@ -78,3 +82,19 @@ def test_a_dataset_of_hundreds_of_files_is_packed_mounted_and_verified(
         layers = json.loads(resp.read())["layers"]
     assert len(layers) < 128 < PARTS
     assert any("org.evalrun.pack.files" in (x.get("annotations") or {}) for x in layers)
+    # the plan: too large for the Job, in the ConfigMap it owns, read exactly as sent
+    from kubernetes import client
+
+    api = client.ApiClient(_config(cluster))
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    name = pred["sandbox"]["details"]["job"]
+    job = batch.read_namespaced_job(name, namespace)
+    assert not (job.spec.template.metadata.annotations or {}).get("evalrun.dev/plan")
+    configmap = core.read_namespaced_config_map(name, namespace)
+    (owner,) = configmap.metadata.owner_references
+    assert (owner.kind, owner.uid) == ("Job", job.metadata.uid)
+    plan = base64.b64decode(configmap.binary_data["plan.json"])
+    assert len(plan) > 128 * 1024
+    summary = json.loads((Path(out["bundle"]) / "results" / "summary.json").read_text())
+    sent = hashlib.sha256(plan).hexdigest()
+    assert summary["plan_sha256"] == sent == pred["sandbox"]["details"]["plan_sha256"]

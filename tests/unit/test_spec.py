@@ -196,3 +196,19 @@ def test_duplicate_metric_names_are_refused(tmp_path):
 
 def test_model_is_evalspec_type():
     assert isinstance(load_spec(EXAMPLE), EvalSpec)
+
+
+def test_params_too_large_for_the_evaluations_environment_are_refused_naming_the_field(
+    tmp_path,
+):
+    """params reach the evaluation in one environment variable; the kernel caps one at
+    128 KiB, so a larger one could never start the command: refused when the spec is read."""
+    data = _example()
+    data["params"] = {"padding": "x" * (70 * 1024)}
+    with pytest.raises(SpecError) as exc:
+        load_spec(_write(tmp_path, data))
+    problems = _problems(exc)
+    assert "params" in problems and "EVALRUN_PARAMS" in problems["params"]
+    assert "put large data in a dataset or model input" in problems["params"]
+    data["params"] = {"padding": "x" * (60 * 1024)}
+    assert load_spec(_write(tmp_path, data)).params["padding"].startswith("x")
