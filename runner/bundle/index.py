@@ -61,6 +61,9 @@ INDEX_NAME = "history.sqlite"
 SCHEMA_VERSION = "5"
 
 _T = TypeVar("_T")
+# What a damaged index raises: not a database, or text in it that is not UTF-8 (SQLite
+# stores what it is given; Python's sqlite3 raises when it decodes such a value).
+_DAMAGE = (sqlite3.DatabaseError, UnicodeDecodeError)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class History:
                 conn.execute("PRAGMA foreign_keys = ON")
                 self._ensure_schema(conn)
                 return conn
-            except sqlite3.DatabaseError:
+            except _DAMAGE:
                 # not a database (damaged, truncated): the index is a cache, start it over
                 if conn is not None:
                     conn.close()
@@ -198,7 +201,7 @@ class History:
         """``fn()``; if the index turns out damaged, start it over and run ``fn`` once more."""
         try:
             return fn()
-        except sqlite3.DatabaseError as exc:
+        except _DAMAGE as exc:
             log.warning(
                 "the run index is damaged; rebuilding it from the bundles",
                 extra={"event": "index_rebuilt", "path": str(self.path), "error": str(exc)},
@@ -210,7 +213,7 @@ class History:
                 self._remove_files()
             try:
                 return fn()
-            except sqlite3.DatabaseError:
+            except _DAMAGE:
                 self._memory = None
                 self._in_memory()
                 return fn()
