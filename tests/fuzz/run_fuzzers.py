@@ -11,7 +11,9 @@ are shared) with libFuzzer's per-input ``-timeout`` and ``-rss_limit_mb`` and an
 (``tests/fuzz/corpus/<target>/``). Afterwards the working corpus is merged back
 (``-merge=1``: only inputs that add coverage), crashes are left under
 ``build/fuzz/<target>/`` and the totals are printed and written to
-``build/fuzz/summary.json``. Exit status 1 if any target found a crash.
+``build/fuzz/summary.json``. Exit status 1 if any target found a crash; once fixed, copy
+the crash into ``tests/fuzz/crashes/<target>/`` (the unit tier replays it for good — the
+corpus merge keeps only what adds coverage).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every committed fuzz corpus input, replayed through its target (no atheris needed).
 
 The corpora (tests/fuzz/corpus/<target>/) hold what the coverage-guided runs found
-interesting; replaying them here keeps every path they reach free of tracebacks on every
+interesting, and tests/fuzz/crashes/<target>/ every input that ever crashed a target; replaying them here keeps every path they reach free of tracebacks on every
 test run. The targets' own property checks (tests/fuzz/harness.py) do the asserting.
 """
 
@@ -26,10 +26,13 @@ def _module(target: str):  # type: ignore[no-untyped-def]
 
 
 def _inputs() -> list[tuple[str, Path]]:
+    # corpus/: what the coverage-guided runs keep (rewritten by each run's merge);
+    # crashes/: every input that ever crashed a target, kept for good
     return [
         (target, path)
         for target in TARGETS
-        for path in sorted((FUZZ / "corpus" / target).glob("*"))
+        for folder in ("corpus", "crashes")
+        for path in sorted((FUZZ / folder / target).glob("*"))
     ]
 
 
