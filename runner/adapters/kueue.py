@@ -99,13 +99,18 @@ def _order_key(workload: dict[str, Any]) -> tuple[int, str, str]:
     )
 
 
-def queue_position(items: list[dict[str, Any]], job_uid: str) -> tuple[int, int] | None:
-    """Where the Job's Workload waits in its LocalQueue: (position from 1, how many wait),
-    in Kueue's order (priority, then age); None when it is not waiting there."""
-    own = next(
+def _own(items: list[dict[str, Any]], job_uid: str) -> dict[str, Any] | None:
+    """The Workload Kueue made for the Job ``job_uid``, if it has made it."""
+    return next(
         (w for w in items if _part(_part(w, "metadata"), "labels").get(JOB_UID_LABEL) == job_uid),
         None,
     )
+
+
+def queue_position(items: list[dict[str, Any]], job_uid: str) -> tuple[int, int] | None:
+    """Where the Job's Workload waits in its LocalQueue: (position from 1, how many wait),
+    in Kueue's order (priority, then age); None when it is not waiting there."""
+    own = _own(items, job_uid)
     if own is None or not _waiting(own):
         return None
     queue = _part(own, "spec").get("queueName")
@@ -122,10 +127,10 @@ def workload_reason(api: k8s.ApiClient, namespace: str, job_uid: str, queue: str
     except (ApiException, OSError, ValueError) as exc:  # no CRDs or no RBAC
         log.debug("cannot read Kueue objects: %s", exc)
         return None
-    own = [w for w in items if _part(_part(w, "metadata"), "labels").get(JOB_UID_LABEL) == job_uid]
-    if not own:
+    own = _own(items, job_uid)
+    if own is None:
         return "waiting for Kueue to create the Workload"
-    conditions = _conditions(own[0])
+    conditions = _conditions(own)
     reserved = conditions.get("QuotaReserved") or {}
     evicted = conditions.get("Evicted") or {}
     if evicted.get("status") == "True":

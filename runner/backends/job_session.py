@@ -248,10 +248,9 @@ class RunSession:
             reason = workload_reason(self.api, self.namespace, job.metadata.uid, clock.queue)
             clock.reason = reason or clock.reason
             text = f"queued in {clock.queue}" + (f": {reason}" if reason else "")
-            resource = uncovered_resource(reason)
-            waited = clock.facts()["queue_wait_s"]
-            if resource and waited >= self.backend.grace["unschedulable"]:
-                self._inadmissible(resource, str(reason))
+            # a ClusterQueue that does not cover what the run requests never admits it
+            if uncovered_resource(reason) and clock.waited() >= self.backend.grace["unschedulable"]:
+                self._stuck("Inadmissible", f"LocalQueue {clock.queue!r}: {reason}")
         else:
             text = f"admitted by Kueue after {clock.waited_s:.1f} s in {clock.queue}"
         log.info(
@@ -305,18 +304,6 @@ class RunSession:
         )
         if self.backend.output is not None:
             self.backend.output(OutputLine(self.plan.run_id, "evalrun", text))
-
-    def _inadmissible(self, resource: str, why: str) -> None:
-        """Refuse (exit 4) a queued run its ClusterQueue can never admit."""
-        self.backend._delete(self.api, self.namespace, self.name)
-        queue = self.clock.queue if self.clock else "?"
-        raise EnvironmentMismatch(
-            f"Job {self.name} cannot be admitted: the ClusterQueue behind LocalQueue "
-            f"{queue!r} does not cover {resource}, which the run requests (Kueue: {why})",
-            expected=f"{resource} in one of the ClusterQueue's resourceGroups[].coveredResources",
-            hint=f"add {resource} to the ClusterQueue (docs/cluster-operators.md), or have "
-            f"Kueue ignore it (Configuration resources.excludeResourcePrefixes: [{resource}])",
-        )
 
     def _stuck(self, reason: str, message: str) -> None:
         self.backend._delete(self.api, self.namespace, self.name)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import re
 import time
@@ -46,6 +45,7 @@ from runner.adapters.kubernetes import (
 from runner.backends.job_session import RunSession
 from runner.backends.live import OutputSink
 from runner.backends.manifests import (
+    ANNOTATION_PLAN_SHA256,
     IMAGE_VOLUME_REQUIREMENT,
     LABEL_RUN_ID,
     MANAGED_BY,
@@ -195,7 +195,7 @@ class KubernetesBackend:
         plan_json = agent_plan_json(plan, options)
         job = build_job(plan, options, plan_json)
         name = str(job["metadata"]["name"])
-        self.sent_plans[name] = hashlib.sha256(plan_json).hexdigest()
+        self.sent_plans[name] = job["metadata"]["annotations"][ANNOTATION_PLAN_SHA256]
         core, batch = k8s.CoreV1Api(api), k8s.BatchV1Api(api)
         try:
             stored = self._create_or_attach(

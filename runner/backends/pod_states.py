@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from runner.adapters.kueue import uncovered_resource
 from runner.backends.manifests import (
     CANCEL_ANNOTATION,
     CONTAINER_NAME,
@@ -119,6 +120,17 @@ def stuck_error(name: str, plan: RunPlan, reason: str, message: str) -> EvalrunE
             gpus=plan.gpus or None,
             hint="no node offers what the spec asks for (resources, GPU product label, "
             "taints); check `kubectl describe nodes`",
+        )
+    if reason == "Inadmissible":
+        # message: "LocalQueue 'q': <Kueue's reason naming the resource it lacks>"
+        resource = uncovered_resource(message)
+        return EnvironmentMismatch(
+            f"Job {name} cannot be admitted: the ClusterQueue behind {message.split(': ', 1)[0]} "
+            f"does not cover {resource}, which the run requests "
+            f"(Kueue: {message.split(': ', 1)[-1]})",
+            expected=f"{resource} in one of the ClusterQueue's resourceGroups[].coveredResources",
+            hint=f"add {resource} to the ClusterQueue (docs/cluster-operators.md), or have "
+            f"Kueue ignore it (Configuration resources.excludeResourcePrefixes: [{resource}])",
         )
     if reason == "ImageVolumeUnsupported":
         return EnvironmentMismatch(

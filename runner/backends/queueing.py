@@ -66,9 +66,13 @@ class QueueClock:
             if self.admitted_at is None:
                 self.admitted_at = _now_iso()
 
+    def waited(self) -> float:
+        """Seconds waited in all so far, the current wait included."""
+        return self.waited_s + (time.monotonic() - self._since if self._since else 0.0)
+
     def facts(self) -> dict[str, Any]:
         """What goes into the run's details (and the bundle's timestamps)."""
-        waited = self.waited_s + (time.monotonic() - self._since if self._since else 0.0)
+        waited = self.waited()
         return {
             "queue": self.queue,
             "queued_at": self.submitted_at,

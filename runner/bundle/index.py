@@ -58,7 +58,7 @@ from runner.errors import InputError, IntegrityError
 log = logging.getLogger("evalrun.index")
 
 INDEX_NAME = "history.sqlite"
-SCHEMA_VERSION = "5"
+SCHEMA_VERSION = "6"
 
 _T = TypeVar("_T")
 # What a damaged index raises: not a database, or text in it that is not UTF-8 (SQLite

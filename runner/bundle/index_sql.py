@@ -14,7 +14,6 @@ from runner.bundle.run_records import (
     RunFilter,
     RunRecord,
     listing_row,
-    metrics_cell,
     normalize_time,
 )
 from runner.errors import InputError
@@ -40,7 +39,6 @@ CREATE TABLE runs (
     backend TEXT,
     reproduction_of TEXT,
     reproduction_verdict TEXT,
-    metrics_text TEXT,
     listing TEXT
 );
 CREATE INDEX runs_run_id ON runs (run_id);
@@ -186,7 +184,7 @@ def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
     """Store ``r`` (one row in runs, its datasets and metrics)."""
     r = _storable(r)
     conn.execute(
-        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             r.bundle_digest,
             r.run_id,
@@ -206,7 +204,6 @@ def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
             r.backend,
             r.reproduction_of,
             r.reproduction_verdict,
-            metrics_cell(r.metrics),
             LISTING_SEPARATOR.join(listing_row(r)),
         ),
     )
