@@ -8,7 +8,7 @@ SPEC ?= examples/digits/eval.yaml
 PYTEST := $(VENV)/bin/pytest
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv host-up base-image run test test-deps test-unit test-docker test-k8s lint fmt bench \
+.PHONY: help venv host-up base-image run test test-deps test-unit test-docker test-k8s lint fmt bench demo-shared \
         fuzz e2e-large cluster-up cluster-down schema clean
 
 help:
@@ -84,6 +84,11 @@ bench: venv host-up cluster-up
 # gVisor, >= 100 MiB of per-sample results, verify, rerun from an empty store and cache.
 e2e-large: venv host-up cluster-up
 	$(PY) benchmarks/e2e_k8s_large.py --model-gib 2 --shards 8 --results-mib 112
+
+# Issue 17's shared cluster at full size: two teams, one Kueue quota of 8 GPUs, a TLS
+# registry with credentials, 64 nightly runs and an urgent one, every run sealed.
+demo-shared: venv host-up cluster-up
+	$(PY) benchmarks/demo_shared_cluster.py --runs-per-team 32 --quota 8
 
 # Coverage-guided fuzzing (atheris): every target in tests/fuzz/, one after the other,
 # FUZZ_SECONDS in all; prints executions per target, crashes under build/fuzz/.
