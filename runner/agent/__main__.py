@@ -62,7 +62,11 @@ from runner.shared.agent_plan import (
     read_agent_plan,
 )
 from runner.shared.metrics import SampleFormatError, compute_available, partial_reason
-from runner.shared.perturbations import perturbation_effects, select_perturbed
+from runner.shared.perturbations import (
+    PerturbationRecord,
+    perturbation_effects,
+    select_perturbed,
+)
 from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
 from runner.shared.sample_file import SampleRow, read_outputs, read_samples
 
@@ -325,7 +329,7 @@ def _run_perturbations(
     results: Path,
     log: EventLog,
     seed: int,
-) -> list[dict[str, Any]]:
+) -> list[PerturbationRecord]:
     """Evaluate each declared perturbation: by selection, or by re-running the command."""
     out = []
     for pert in plan["perturbations"]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict, cast
 
 from runner.shared.classification import confusion_matrix
+from runner.shared.definitions import MetricDefinition as MetricDefinition
 from runner.shared.metric_functions import build_metric
 from runner.shared.resampling import (
     bca_interval,
@@ -41,10 +42,6 @@ __all__ = [
 ]
 
 MetricFn = Callable[[Sequence[Sample]], float]
-
-# A metric as the spec defines it and the plan carries it (validated by the host's spec
-# model); which parameters it has depends on ``compute`` and is read by ``build_metric``.
-MetricDefinition = dict[str, Any]
 
 
 class ConfusionMatrix(TypedDict):
