@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.errors import NamespacePolicyUnmet
+from runner.model.backend_details import FindingRecord, NamespacePolicyRecord
 from runner.model.plan import BackendResult, RunPlan
 
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -62,7 +63,7 @@ class Finding:
     observed: str
     required: str
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> FindingRecord:
         return {
             "demand": self.demand,
             "met": self.met,
@@ -100,7 +101,7 @@ class NamespacePolicy:
             )
         return self
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> NamespacePolicyRecord:
         """What the bundle's ``sandbox.details.namespace_policy`` records."""
         return {
             "namespace": self.namespace,

@@ -9,10 +9,11 @@ evaluation and never touches the signing key or the store.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runner.model.backend_details import BackendDetails
 from runner.model.base import AS_JSON_OBJECT, parse_digest_ref
 from runner.shared.agent_plan import AgentPlan, AgentPlanInput, encode_agent_plan
 from runner.shared.definitions import MetricDefinition, PerturbationDefinition, PlanExpect
@@ -207,7 +208,9 @@ class BackendResult(BaseModel):
     collection_problems: list[str] = Field(
         default_factory=list, description="What the backend refused while fetching results."
     )
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: Annotated[BackendDetails, AS_JSON_OBJECT] = Field(
+        default_factory=lambda: BackendDetails()
+    )
 
 
 class Backend(Protocol):
