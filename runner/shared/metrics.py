@@ -11,10 +11,11 @@ seed give bit-identical floats on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict, cast
+from typing import Any, NotRequired, TypedDict
 
+from runner.shared.classification import ConfusionMatrix as ConfusionMatrix
 from runner.shared.classification import confusion_matrix
 from runner.shared.definitions import MetricDefinition as MetricDefinition
 from runner.shared.metric_functions import build_metric
@@ -42,13 +43,6 @@ __all__ = [
 ]
 
 MetricFn = Callable[[Sequence[Sample]], float]
-
-
-class ConfusionMatrix(TypedDict):
-    """Rows are true labels, columns predicted labels (as the samples hold them)."""
-
-    labels: list[Hashable]
-    counts: list[list[int]]
 
 
 class CiRecord(TypedDict):
@@ -160,8 +154,7 @@ def compute_metric(
             low, high = percentile(stats, alpha), percentile(stats, 1 - alpha)
     matrix: ConfusionMatrix | None = None
     if metric.matrix_pair is not None:
-        # classification.confusion_matrix builds this shape as a plain dict
-        matrix = cast(ConfusionMatrix, confusion_matrix([metric.matrix_pair(s) for s in samples]))
+        matrix = confusion_matrix([metric.matrix_pair(s) for s in samples])
     return MetricValue(
         name=definition["name"],
         value=value,

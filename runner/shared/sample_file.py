@@ -8,8 +8,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
+from runner.shared.json_types import JSONObject
 from runner.shared.metric_functions import Metric, build_metric
 from runner.shared.sample_fields import FieldError, SampleFormatError
 
@@ -17,7 +18,7 @@ MAX_SAMPLES = 5_000_000
 
 # One row of a per-sample file: a JSON object the evaluation wrote, untrusted; only the
 # fields the metrics read are checked (each metric's reader), the rest is the evaluation's.
-SampleRow = dict[str, Any]
+SampleRow: TypeAlias = JSONObject
 
 
 def _refuse(name: str) -> float:

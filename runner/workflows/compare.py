@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from pydantic import JsonValue
 
@@ -34,6 +33,7 @@ from runner.errors import InputError, NotComparable
 from runner.model.comparability import COMPARABILITY_FIELDS, GROUP_BY
 from runner.model.predicate import (
     ConfidenceInterval,
+    JsonObject,
     MetricDefinition,
     RunPredicate,
 )
@@ -180,7 +180,8 @@ def differences(units: Sequence[Unit]) -> list[Difference]:
 # --------------------------------------------------------------------------- entries
 
 
-def _definition(predicate: RunPredicate, metric: str) -> dict[str, Any] | None:
+def _definition(predicate: RunPredicate, metric: str) -> JsonObject | None:
+    """The metric's definition as the run's predicate signed it."""
     for d in _metric_definitions(predicate):
         if d.name == metric:
             return dict(d.to_json())
