@@ -105,9 +105,9 @@ def recompute_policy(
 def _ci_settings(definition: MetricDefinition) -> tuple[str, float, int]:
     """The metric's CI method, level and resamples (none: no resamples at all)."""
     ci = definition.get("ci")
-    method = str(ci["method"]) if ci else "bootstrap_percentile"
-    level = float(ci["level"]) if ci else 0.95
-    resamples = 0 if method == "none" else (int(ci["resamples"]) if ci else 1000)
+    method = str(ci.get("method", "bootstrap_percentile")) if ci else "bootstrap_percentile"
+    level = float(ci.get("level", 0.95)) if ci else 0.95
+    resamples = 0 if method == "none" else (int(ci.get("resamples", 1000)) if ci else 1000)
     return method, level, resamples
 
 

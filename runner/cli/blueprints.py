@@ -80,7 +80,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     }
     if lock:
         locked = _lock(project.spec_path, settings, term)
-        summary["locked"] = True
+        summary["locked"] = locked["locked"]
         summary["lock"] = locked["lock"]
         summary["lock_digest"] = locked["lock_digest"]
         summary["image"] = locked["image"]

@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
+from runner.shared.definitions import PerturbationDefinition
 from runner.shared.metric_functions import build_metric
 from runner.shared.resampling import legacy_stream, metric_stream, percentile, point_value
 from runner.shared.sample_fields import MetricUndefined, Sample, SampleFormatError
@@ -60,7 +61,7 @@ def select_perturbed(
 
 def perturbation_effects(
     definitions: Iterable[Mapping[str, Any]],
-    perturbation: Mapping[str, Any],
+    perturbation: PerturbationDefinition,
     baseline: Sequence[Sample],
     perturbed: Sequence[Sample],
     seed: int,
