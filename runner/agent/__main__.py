@@ -19,7 +19,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from runner.shared.perturbations import (
     select_perturbed,
 )
 from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
+from runner.shared.sample_fields import Sample
 from runner.shared.sample_file import SampleRow, read_outputs, read_samples
 
 
@@ -334,7 +335,7 @@ def _run_perturbations(
     out = []
     for pert in plan["perturbations"]:
         t0 = time.monotonic()
-        perturbed: Sequence[Mapping[str, Any]]
+        perturbed: Sequence[Sample]
         if pert["kind"] in ("subsample", "slice"):
             perturbed = select_perturbed(pert, baseline, seed)
         else:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as dist_version
-from typing import Any
 
 from runner._internal.foreign import KubeObject
 from runner.errors import InputError
@@ -213,7 +211,7 @@ def input_volumes(plan: RunPlan) -> tuple[list[KubeObject], list[KubeObject]]:
     return volumes, mounts
 
 
-def dropped_image_volumes(job: Mapping[str, Any]) -> list[str]:
+def dropped_image_volumes(job: KubeObject) -> list[str]:
     """Input volumes the API server stored without their ``image`` source.
 
     An API server without the ImageVolume feature gate drops the field silently; the
@@ -281,7 +279,7 @@ def plan_inline(plan_json: bytes) -> bool:
     return len(plan_json) <= MAX_PLAN_ANNOTATION_BYTES
 
 
-def plan_in_configmap(job: Mapping[str, Any]) -> bool:
+def plan_in_configmap(job: KubeObject) -> bool:
     """Whether the (stored) Job reads its plan from its ConfigMap, not its template."""
     volumes = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes")
     return any(v.get("name") == "plan" and "configMap" in v for v in volumes or [])
@@ -465,7 +463,7 @@ def ttl_patch(options: JobOptions) -> KubeObject:
     return {"spec": {"ttlSecondsAfterFinished": options.ttl_after_finished_s}}
 
 
-def spec_hash_of(obj: Mapping[str, Any]) -> str | None:
+def spec_hash_of(obj: KubeObject) -> str | None:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     value = labels.get(LABEL_SPEC_HASH)
     return str(value) if value is not None else None

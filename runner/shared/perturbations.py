@@ -7,7 +7,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
-from runner.shared.definitions import PerturbationDefinition
+from runner.shared.definitions import MetricDefinition, PerturbationDefinition
 from runner.shared.metric_functions import build_metric
 from runner.shared.resampling import legacy_stream, metric_stream, percentile, point_value
 from runner.shared.sample_fields import MetricUndefined, Sample, SampleFormatError
@@ -60,7 +60,7 @@ def select_perturbed(
 
 
 def perturbation_effects(
-    definitions: Iterable[Mapping[str, Any]],
+    definitions: Iterable[MetricDefinition],
     perturbation: PerturbationDefinition,
     baseline: Sequence[Sample],
     perturbed: Sequence[Sample],
@@ -85,9 +85,9 @@ def perturbation_effects(
     effects: list[PerturbedMetricRecord] = []
     for d in definitions:
         metric = build_metric(d)
-        ci = d.get("ci") or {}
-        level = float(ci.get("level", 0.95))
-        resamples = int(ci.get("resamples", 1000))
+        ci = d.get("ci")
+        level = float(ci.get("level", 0.95)) if ci else 0.95
+        resamples = int(ci.get("resamples", 1000)) if ci else 1000
         records = metric.records(perturbed)
         record_by_id = {str(s["id"]): r for s, r in zip(perturbed, records, strict=True)}
         base_records = metric.records(baseline)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import cast
 
 from pydantic import JsonValue
 
@@ -33,11 +34,11 @@ from runner.errors import InputError, NotComparable
 from runner.model.comparability import COMPARABILITY_FIELDS, GROUP_BY
 from runner.model.predicate import (
     ConfidenceInterval,
-    JsonObject,
     MetricDefinition,
     RunPredicate,
 )
 from runner.model.spec import EvalSpec
+from runner.shared.definitions import MetricDefinition as SharedMetricDefinition
 from runner.workflows.compare_load import (
     GroupRun,
     RunSetEntry,
@@ -180,11 +181,14 @@ def differences(units: Sequence[Unit]) -> list[Difference]:
 # --------------------------------------------------------------------------- entries
 
 
-def _definition(predicate: RunPredicate, metric: str) -> JsonObject | None:
-    """The metric's definition as the run's predicate signed it."""
+def _definition(predicate: RunPredicate, metric: str) -> SharedMetricDefinition | None:
+    """The metric's definition as the run's predicate signed it: the spec's own definition
+    (``MetricSpec.definition()``) and whether it gates. Read from a bundle, so only as
+    sound as the predicate's model checked it; ``build_metric`` refuses what it cannot
+    compute, and the paired test is then left out."""
     for d in _metric_definitions(predicate):
         if d.name == metric:
-            return dict(d.to_json())
+            return cast(SharedMetricDefinition, dict(d.to_json()))
     return None
 
 

@@ -88,7 +88,7 @@ def _metric_result(
             "compute": definition.compute,
             "field": definition.field,
             "role": definition.role,
-            "gating": is_gating(definition.model_dump(mode="json")),
+            "gating": is_gating(definition.definition()),
             "promoted": (
                 definition.promoted.model_dump(mode="json") if definition.promoted else None
             ),
