@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from runner._internal.input_tree import InputFile, check_relative_path, sorted_files
+from runner._internal.oci import Descriptor
 from runner._internal.strict_json import load_json_strict
 from runner.shared.tarformat import file_header
 
@@ -73,6 +74,12 @@ MAX_MANIFEST_BYTES = 4 << 20
 
 _BLOCK = 512
 _END = b"\0" * (2 * _BLOCK)
+
+
+class AnnotatedDescriptor(Descriptor):
+    """A layer's descriptor with its annotations (the file, or the pack of small files)."""
+
+    annotations: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -194,7 +201,7 @@ class Layer:
             return None
         return layer_layout(self.file.path, self.file.size)
 
-    def descriptor(self) -> dict[str, Any]:
+    def descriptor(self) -> AnnotatedDescriptor:
         """The layer's descriptor in the manifest."""
         if self.packed:
             listing = [[f.path, f.sha256, f.size] for f in self.members]

@@ -22,6 +22,7 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
 
 # The watch logged under this name before it moved here; log consumers filter on it.
+from runner._internal.foreign import KubeModel
 from runner.adapters.kubernetes import UNREACHABLE_HINT, _status_body
 from runner.errors import (
     APIForbidden,
@@ -90,9 +91,9 @@ def slim(obj: Any) -> Any:
 
 @dataclass
 class _Cache:
-    objects: dict[str, Any] = field(default_factory=dict)
+    objects: dict[str, KubeModel] = field(default_factory=dict)
     # the last state of each object seen deleted (its annotations say why it went)
-    gone: dict[str, Any] = field(default_factory=dict)
+    gone: dict[str, KubeModel] = field(default_factory=dict)
     resource_version: str | None = None
     relists: int = 0
     events: int = 0

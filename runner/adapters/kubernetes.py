@@ -29,6 +29,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 from tenacity import Retrying
 
+from runner._internal.foreign import KubeObject
 from runner._internal.retry import call_with_retries
 from runner.errors import (
     APIConflict,
@@ -68,7 +69,7 @@ def _classify(status: int, message: str) -> tuple[type[KubernetesError], str]:
     return KubernetesAPIError, f"API error {status}: {message}"
 
 
-def _status_body(exc: ApiException) -> dict[str, Any]:
+def _status_body(exc: ApiException) -> KubeObject:
     """The ``Status`` object the API server sent with the error, if it parses."""
     try:
         body = json.loads(exc.body or "{}")
@@ -203,8 +204,8 @@ class NamespaceRead:
     """The Namespace, its NetworkPolicies and a RuntimeClass as plain JSON; None (with a
     reason in ``unreadable``) where the API server refused to show them."""
 
-    namespace: dict[str, Any] | None
-    network_policies: list[dict[str, Any]] | None
+    namespace: KubeObject | None
+    network_policies: list[KubeObject] | None
     runtime_class_found: bool | None
     unreadable: tuple[str, ...] = ()
 
@@ -218,8 +219,8 @@ def read_namespace_policy(
     findings); a transient failure is retried and then raised like any API error.
     """
     unreadable: list[str] = []
-    ns_object: dict[str, Any] | None = None
-    policies: list[dict[str, Any]] | None = None
+    ns_object: KubeObject | None = None
+    policies: list[KubeObject] | None = None
     found: bool | None = None
     try:
         ns_object = as_plain(

@@ -382,8 +382,9 @@ def put_manifest(name: ImageName, reference: str, manifest: bytes, media_type: s
     return reported or "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
-def referrers(name: ImageName, subject: str) -> list[dict[str, Any]] | None:
-    """The referrers API's descriptors for ``subject``; None when the registry lacks the API."""
+def referrers(name: ImageName, subject: str) -> list[dict[str, object]] | None:
+    """The referrers API's descriptors for ``subject`` (the registry's JSON, unchecked beyond
+    being objects); None when the registry lacks the API."""
     url = f"{_base_url(name)}/referrers/{subject}"
     response = _retried(
         f"list referrers of {name}@{subject}",

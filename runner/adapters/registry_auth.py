@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from runner._internal.files import read_regular_file
+from runner._internal.foreign import DockerObject
 from runner._internal.strict_json import load_json_strict
 from runner.errors import InputError, RegistryAccessDenied
 
@@ -78,7 +79,7 @@ def docker_config_dir() -> Path:
     return Path(value).expanduser() if value else Path.home() / ".docker"
 
 
-def load_docker_config() -> dict[str, Any]:
+def load_docker_config() -> DockerObject:
     """The Docker client config as a dict; ``{}`` when there is none. Bad JSON is an InputError."""
     path = docker_config_dir() / "config.json"
     if not path.exists():

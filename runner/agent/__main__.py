@@ -19,7 +19,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,13 @@ from runner.shared.agent_plan import (
     read_agent_plan,
 )
 from runner.shared.metrics import SampleFormatError, compute_available, partial_reason
-from runner.shared.perturbations import perturbation_effects, select_perturbed
+from runner.shared.perturbations import (
+    PerturbationRecord,
+    perturbation_effects,
+    select_perturbed,
+)
 from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
+from runner.shared.sample_fields import Sample
 from runner.shared.sample_file import SampleRow, read_outputs, read_samples
 
 
@@ -325,12 +330,12 @@ def _run_perturbations(
     results: Path,
     log: EventLog,
     seed: int,
-) -> list[dict[str, Any]]:
+) -> list[PerturbationRecord]:
     """Evaluate each declared perturbation: by selection, or by re-running the command."""
     out = []
     for pert in plan["perturbations"]:
         t0 = time.monotonic()
-        perturbed: Sequence[Mapping[str, Any]]
+        perturbed: Sequence[Sample]
         if pert["kind"] in ("subsample", "slice"):
             perturbed = select_perturbed(pert, baseline, seed)
         else:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
+from typing import TYPE_CHECKING, NotRequired, TypedDict, cast
+
+from runner.shared.definitions import PlanExpect
 
 if TYPE_CHECKING:
     from runner.agent.gpu import GpuCapture, GpuDevice, MigDevice, MigSlotError, UnreadableGpu
-
-# The plan's ``expect`` as the host wrote it from the spec: keys this agent does not
-# know are allowed here and fail closed below, so it is no closed shape.
-PlanExpect = dict[str, Any]
 
 
 class Check(TypedDict):
@@ -149,12 +147,12 @@ def check_expected_environment(expect: PlanExpect, gpu: GpuCapture) -> list[Chec
     Every entry has ``check``, ``expected``, ``found`` and ``passed``.
     """
     checks: list[Check] = []
-    for key in sorted(expect):
-        if key not in GPU_EXPECTATIONS and expect[key] is not None:
-            checks.append(
-                _failed(key, expect[key], None, "this agent does not know how to check it")
-            )
-    wants_gpu = any(expect.get(k) is not None for k in GPU_EXPECTATIONS)
+    # every key as sent, those this agent does not know included (a newer host's)
+    sent: Mapping[str, object] = expect
+    for key in sorted(sent):
+        if key not in GPU_EXPECTATIONS and sent[key] is not None:
+            checks.append(_failed(key, sent[key], None, "this agent does not know how to check it"))
+    wants_gpu = any(sent.get(k) is not None for k in GPU_EXPECTATIONS)
     if not wants_gpu:
         return checks
     if not gpu.get("visible"):
@@ -163,12 +161,11 @@ def check_expected_environment(expect: PlanExpect, gpu: GpuCapture) -> list[Chec
         )
         return checks
     gpus = [g for g in gpu.get("gpus") or [] if isinstance(g, dict)]
-    if expect.get("driver") is not None:
-        checks.append(_version_check("driver", expect["driver"], gpu.get("driver_version")))
-    if expect.get("cuda") is not None:
-        checks.append(_version_check("cuda", expect["cuda"], gpu.get("cuda_driver_version")))
-    if expect.get("gpu_product") is not None:
-        pattern = expect["gpu_product"]
+    if (driver := expect.get("driver")) is not None:
+        checks.append(_version_check("driver", driver, gpu.get("driver_version")))
+    if (cuda := expect.get("cuda")) is not None:
+        checks.append(_version_check("cuda", cuda, gpu.get("cuda_driver_version")))
+    if (pattern := expect.get("gpu_product")) is not None:
         names = _per_gpu(gpus, "name")
         try:
             regex = re.compile(pattern)

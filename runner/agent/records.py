@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from runner.agent.expectations import Check
 from runner.agent.inputs import InputCheck
 from runner.agent.verification import RootfsRecord
 from runner.shared.metrics import MetricRecord
+from runner.shared.perturbations import PerturbationRecord
 
 Outcome = Literal[
     "completed",
@@ -56,5 +57,4 @@ class MetricsReport(TypedDict):
 
     seed: int
     metrics: list[MetricRecord]
-    # perturbation_effects' records (runner.shared.perturbations builds them untyped)
-    perturbations: NotRequired[list[dict[str, Any]]]
+    perturbations: NotRequired[list[PerturbationRecord]]

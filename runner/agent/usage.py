@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from runner.agent.rootfs import file_sha256, hash_workers, is_excluded, rootfs_digest
 from runner.shared.rootfs_table import MAX_TABLE_BYTES, TABLE_PATH, TableEntry
@@ -194,7 +194,7 @@ class UsageVerifier:
                 self.submit(found)
         self.traced_processes = len(self._offsets)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> UsageRecord:
         """Stop following, check what is left and say what was checked and what failed."""
         self._stop.set()
         if self._thread is not None:
@@ -216,6 +216,16 @@ class UsageVerifier:
             "failures": sorted(failures)[:MAX_LISTED],
             "failure_count": len(failures),
         }
+
+
+class UsageRecord(TypedDict):
+    """What :meth:`UsageVerifier.finish` found (the rootfs record's usage keys)."""
+
+    files_reported: int
+    files_verified: int
+    traced_processes: int
+    failures: list[str]
+    failure_count: int
 
 
 class FullCheck:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal, Required, TypedDict, cast
+from typing import Literal, Required, TypedDict
 
 from runner.agent.usage import FullCheck, UsageVerifier, agent_paths, install_trace_hook, read_table
 from runner.shared.agent_plan import AgentPlan
@@ -43,7 +43,7 @@ class RootfsRecord(TypedDict, total=False):
     files_verified: int
     traced_processes: int
     failures: list[str]
-    failure_count: int  # the five keys before come from UsageVerifier.finish, as they are
+    failure_count: int  # the five keys before come from UsageVerifier.finish
     duration_s: float
 
 
@@ -117,9 +117,12 @@ class RootfsVerification:
         if self.failed_early:
             return self.record
         if self._usage is not None:
-            # UsageVerifier.finish gives the files_*, traced_processes and failure* keys
-            usage = cast(RootfsRecord, self._usage.finish())
-            self.record.update(usage)
+            usage = self._usage.finish()
+            self.record["files_reported"] = usage["files_reported"]
+            self.record["files_verified"] = usage["files_verified"]
+            self.record["traced_processes"] = usage["traced_processes"]
+            self.record["failures"] = usage["failures"]
+            self.record["failure_count"] = usage["failure_count"]
             self.record["passed"] = usage["failure_count"] == 0
             if usage["failures"]:
                 self.record["reason"] = (

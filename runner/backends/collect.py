@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from runner._internal.files import read_regular_file
 from runner._internal.strict_json import load_json_strict
@@ -30,6 +30,7 @@ from runner._internal.tar import (
     scan_members,
 )
 from runner.errors import EvalrunError
+from runner.shared.definitions import PerturbationDefinition
 from runner.shared.metrics import (
     MetricDefinition,
     MetricRecord,
@@ -37,7 +38,11 @@ from runner.shared.metrics import (
     compute_available,
     compute_metrics,
 )
-from runner.shared.perturbations import perturbation_effects, select_perturbed
+from runner.shared.perturbations import (
+    PerturbationRecord,
+    perturbation_effects,
+    select_perturbed,
+)
 from runner.shared.protocol import (
     MAX_RESULT_BYTES,
     MAX_RESULT_FILE_BYTES,
@@ -48,9 +53,8 @@ from runner.shared.protocol import (
 )
 from runner.shared.sample_file import SampleRow, read_outputs, read_samples
 
-# A declared perturbation as the plan carries it (validated by the host's spec model);
-# its fields depend on ``kind`` and are read by runner.shared.perturbations.
-PerturbationDefinition = dict[str, Any]
+if TYPE_CHECKING:
+    from runner.backends.custom_metric import CustomMetricRecord
 
 
 @dataclass
@@ -149,12 +153,11 @@ def _same(a: Any, b: Any) -> bool:
 
 @dataclass(frozen=True)
 class MetricCheck:
-    # the catalogue's records; a run's custom metrics join them as built, untyped, by
+    # the catalogue's records; a run's custom metrics join them as recomputed by
     # runner.backends.custom_metric.result_from_driver (runner.workflows.custom_metrics)
-    metrics: Sequence[MetricRecord | dict[str, Any]]
+    metrics: Sequence[MetricRecord | CustomMetricRecord]
     problems: list[str]
-    # perturbation_effects' records (runner.shared.perturbations builds them untyped)
-    perturbations: list[dict[str, Any]] = field(default_factory=list)
+    perturbations: list[PerturbationRecord] = field(default_factory=list)
     # metrics the per-sample outputs cannot feed (name → why), from recompute_available
     unusable: dict[str, str] = field(default_factory=dict)
 
@@ -166,9 +169,9 @@ def _recompute_perturbations(
     samples: list[SampleRow],
     reported: Any,
     seed: int,
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[PerturbationRecord], list[str]]:
     """Recompute each perturbation's metrics and deltas; compare with the container's."""
-    ours: list[dict[str, Any]] = []
+    ours: list[PerturbationRecord] = []
     problems: list[str] = []
     theirs = {
         p.get("name"): p

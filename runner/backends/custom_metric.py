@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import docker.types
 
@@ -36,6 +36,8 @@ from runner.errors import EnvironmentMismatch, EvalrunError, IntegrityError
 from runner.model.base import parse_digest_ref
 from runner.model.plan import SANDBOX_UID
 from runner.shared import custom_metric as driver
+from runner.shared.definitions import MetricDefinition
+from runner.shared.metrics import CiRecord
 
 log = logging.getLogger("evalrun.custom_metric")
 
@@ -48,7 +50,7 @@ GVISOR = RUNTIME_NAMES["gvisor"]
 class CustomMetricJob:
     """One custom metric to recompute: its definition, its locked file and digest."""
 
-    definition: Mapping[str, Any]
+    definition: MetricDefinition
     file: Path
     file_digest: str
 
@@ -71,7 +73,7 @@ def recompute_policy(
     run_id: str,
     index: int,
     mount_dir: Path,
-    args: Mapping[str, Any],
+    args: driver.DriverArgs,
     memory_mib: int,
     cpus: float,
     pids: int,
@@ -100,15 +102,58 @@ def recompute_policy(
     )
 
 
+def _ci_settings(definition: MetricDefinition) -> tuple[str, float, int]:
+    """The metric's CI method, level and resamples (none: no resamples at all)."""
+    ci = definition.get("ci")
+    method = str(ci.get("method", "bootstrap_percentile")) if ci else "bootstrap_percentile"
+    level = float(ci.get("level", 0.95)) if ci else 0.95
+    resamples = 0 if method == "none" else (int(ci.get("resamples", 1000)) if ci else 1000)
+    return method, level, resamples
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     pos = (len(values) - 1) * q
     lo, hi = math.floor(pos), math.ceil(pos)
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+class RecomputedIn(TypedDict):
+    """Where the runner recomputed a custom metric: the run's image, gVisor, no network."""
+
+    image: str
+    runtime: str
+    network: str
+
+
+class CustomRecord(TypedDict):
+    """A custom metric's own part of its record: its function, file and sandbox; what the
+    container reported beside it is added by :func:`runner.workflows.custom_metrics`."""
+
+    file: str
+    function: str
+    file_sha256: str
+    recomputed_in: RecomputedIn
+    container_reported: NotRequired[object]
+    overridden: NotRequired[bool]
+
+
+class CustomMetricRecord(TypedDict):
+    """A custom metric as the runner records it (a :class:`MetricRecord` and its custom part)."""
+
+    name: str
+    value: float
+    n: int
+    ci: CiRecord
+    custom: CustomRecord
+
+
+# The driver's reply, decoded from its result line: untrusted JSON, checked field by field.
+DriverReply = Mapping[str, object]
+
+
 def result_from_driver(
-    job: CustomMetricJob, reply: Mapping[str, Any], *, stream: int, n: int, image_digest: str
-) -> dict[str, Any]:
+    job: CustomMetricJob, reply: DriverReply, *, stream: int, n: int, image_digest: str
+) -> CustomMetricRecord:
     """The metric as the runner records it, from the driver's reply — checked first.
 
     ``stream`` is the resampling seed the runner gave the driver (:func:`resample_seed`).
@@ -122,12 +167,9 @@ def result_from_driver(
         raise IntegrityError(
             f"custom metric {name} could not be recomputed in the sandbox: "
             f"{str(reply['error'])[:300]}",
-            file=str(job.definition.get("custom", {}).get("file")),
+            file=str(job.definition["custom"]["file"]),
         )
-    ci = job.definition.get("ci") or {}
-    method = str(ci.get("method", "bootstrap_percentile"))
-    level = float(ci.get("level", 0.95))
-    resamples = 0 if method == "none" else int(ci.get("resamples", 1000))
+    method, level, resamples = _ci_settings(job.definition)
     try:
         value = driver.number(reply.get("value"), f"custom metric {name}")
         values = reply.get("resamples")
@@ -144,20 +186,22 @@ def result_from_driver(
     if stats:
         alpha = (1 - level) / 2
         low, high = _percentile(stats, alpha), _percentile(stats, 1 - alpha)
-    custom = dict(job.definition.get("custom") or {})
-    out: dict[str, Any] = {
+    ci_record: CiRecord = {
+        "low": low,
+        "high": high,
+        "method": method,
+        "level": level,
+        "resamples": resamples,
+    }
+    custom = job.definition["custom"]
+    out: CustomMetricRecord = {
         "name": name,
         "value": value,
         "n": n,
-        "ci": {
-            "low": low,
-            "high": high,
-            "method": method,
-            "level": level,
-            "resamples": resamples,
-        },
+        "ci": ci_record,
         "custom": {
-            **custom,
+            "file": custom["file"],
+            "function": custom["function"],
             "file_sha256": job.file_digest,
             "recomputed_in": {"image": image_digest, "runtime": GVISOR, "network": "none"},
         },
@@ -168,7 +212,7 @@ def result_from_driver(
     return out
 
 
-def _last_result_line(stdout: str) -> dict[str, Any]:
+def _last_result_line(stdout: str) -> DriverReply:
     for line in reversed(stdout.splitlines()):
         if line.startswith(driver.RESULT_MARKER):
             try:
@@ -251,7 +295,7 @@ class CustomMetricSandbox:
         memory_mib: int = 2048,
         cpus: float = 1.0,
         pids: int = 128,
-    ) -> list[dict[str, Any]]:
+    ) -> list[CustomMetricRecord]:
         """Every job's metric, recomputed in its own sandbox (see :func:`result_from_driver`)."""
         image_digest = parse_digest_ref(image_ref)[1]
         if jobs:
@@ -259,9 +303,8 @@ class CustomMetricSandbox:
         out = []
         for index, job in enumerate(jobs):
             name = str(job.definition["name"])
-            ci = job.definition.get("ci") or {}
-            resamples = 0 if ci.get("method") == "none" else int(ci.get("resamples", 1000))
-            args = {
+            _, _, resamples = _ci_settings(job.definition)
+            args: driver.DriverArgs = {
                 "function": job.definition["custom"]["function"],
                 "seed": resample_seed(seed, name),
                 "resamples": resamples,
@@ -293,7 +336,7 @@ class CustomMetricSandbox:
             )
         return out
 
-    def _run(self, policy: ContainerPolicy, timeout_s: int) -> dict[str, Any]:
+    def _run(self, policy: ContainerPolicy, timeout_s: int) -> DriverReply:
         client = self.client
         try:
             with translated("remove stale container"):

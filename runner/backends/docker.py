@@ -25,10 +25,12 @@ from typing import Any
 
 import docker.types
 
+from runner._internal.foreign import DockerObject
 from runner.adapters.docker_engine import connect, docker_call, runtimes, translated
 from runner.backends.docker_policy import RUNTIME_NAMES, ContainerPolicy, container_policy
 from runner.backends.live import LineRelay, OutputSink
 from runner.errors import EnvironmentMismatch, EvalrunError
+from runner.model.backend_details import InputMount
 from runner.model.plan import INPUTS_MOUNT, SANDBOX_UID, BackendResult, RunPlan
 
 log = logging.getLogger("evalrun.backend.docker")
@@ -226,7 +228,7 @@ class DockerBackend:
         )
 
 
-def _input_mounts(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+def _input_mounts(attrs: DockerObject) -> list[InputMount]:
     """The inputs as the engine mounted them (target, cached source, read-only): evidence."""
     return [
         {"target": m.get("Destination"), "source": m.get("Source"), "read_only": not m.get("RW")}

@@ -12,7 +12,7 @@ and one writable results mount. The backend only sends these options.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,6 +23,25 @@ RUNTIME_NAMES = {"gvisor": "runsc", "runc": "runc"}
 """The Docker runtime that enforces each sandbox the spec may name."""
 TMPFS_OPTIONS = "rw,nosuid,nodev,size=256m"
 """``/tmp`` inside the sandbox: writable, in memory, bounded; the rootfs stays read-only."""
+
+
+class EngineOptions(TypedDict):
+    """The sandbox as docker-py's ``containers.create`` keyword arguments."""
+
+    entrypoint: NotRequired[list[str]]
+    name: str
+    runtime: str
+    network_mode: str
+    read_only: bool
+    tmpfs: dict[str, str]
+    user: str
+    cap_drop: list[str]
+    security_opt: list[str]
+    pids_limit: int
+    mem_limit: str
+    memswap_limit: str
+    nano_cpus: int
+    labels: dict[str, str]
 
 
 class BindMount(BaseModel):
@@ -57,12 +76,10 @@ class ContainerPolicy(BaseModel):
     mounts: tuple[BindMount, ...]
     labels: dict[str, str]
 
-    def engine_options(self) -> dict[str, Any]:
+    def engine_options(self) -> EngineOptions:
         """The keyword arguments of docker-py's ``containers.create`` other than image,
         command and mounts (which the sender turns into its mount objects)."""
-        entrypoint = {} if self.entrypoint is None else {"entrypoint": list(self.entrypoint)}
-        return {
-            **entrypoint,
+        options: EngineOptions = {
             "name": self.name,
             "runtime": self.runtime,
             "network_mode": self.network_mode,
@@ -77,6 +94,9 @@ class ContainerPolicy(BaseModel):
             "nano_cpus": self.nano_cpus,
             "labels": dict(self.labels),
         }
+        if self.entrypoint is not None:
+            options["entrypoint"] = list(self.entrypoint)
+        return options
 
 
 def container_name(run_id: str) -> str:

@@ -10,17 +10,17 @@ import datetime as dt
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubernetes import client as k8s
 
-from runner.adapters.kube_streams import PodLogFollower, exec_in_pod
+from runner._internal.foreign import KubeModel
+from runner.adapters.kube_streams import PodLogFollower
 from runner.adapters.kube_watch import NamespaceWatch
-from runner.adapters.kubernetes import api_call
 from runner.adapters.kueue import uncovered_resource, workload_reason
-from runner.backends.collect import StreamReceiver, extract_results_frame
+from runner.backends.job_results import Collection, PodResults
 from runner.backends.live import LineRelay, OutputLine
 from runner.backends.manifests import (
     ANNOTATION_PLAN_SHA256,
@@ -31,7 +31,6 @@ from runner.backends.manifests import (
     queue_of,
 )
 from runner.backends.pod_states import (
-    ack_exit,
     agent_status,
     condition,
     disruption,
@@ -44,21 +43,15 @@ from runner.backends.pod_states import (
 )
 from runner.backends.queueing import QueueClock, is_suspended
 from runner.errors import (
-    APIForbidden,
-    APINotFound,
     EnvironmentMismatch,
-    EvalrunError,
     InfrastructureError,
     StillRunning,
-    TransientKubernetesError,
 )
+from runner.model.backend_details import BackendDetails, Disruption, QueueFacts
 from runner.model.plan import BackendResult, RunPlan
 from runner.shared.protocol import (
-    ACK_COMMAND,
-    EMIT_COMMAND,
     FRAME_BEGIN,
     FRAME_END,
-    NOT_HOLDING_EXIT,
     READY_RE,
 )
 
@@ -66,13 +59,6 @@ if TYPE_CHECKING:
     from runner.backends.kubernetes import KubernetesBackend
 
 log = logging.getLogger("evalrun.backend.kubernetes")
-
-# Attempts at one collection (a stream cut half way is retried; a refused one is not).
-COLLECT_ATTEMPTS = 3
-# How long collection waits out an unreachable API server (a restart) before giving up,
-# and the pause between tries; the holding agent keeps its results meanwhile.
-COLLECT_UNREACHABLE_S = 180.0
-COLLECT_BACKOFF_S = 3.0
 
 
 @dataclass
@@ -85,16 +71,6 @@ class _Tracked:
     collected: bool = False
     node_checked: bool = False
     frame_lines: int = 0
-
-
-@dataclass
-class _Collection:
-    """The results the runner took from the run's pods (the last pod's win)."""
-
-    pod: str | None = None
-    problems: list[str] = field(default_factory=list)
-    acked_exit: int | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
 
 
 class RunSession:
@@ -117,11 +93,13 @@ class RunSession:
         self.name = name
         self.results_dir = results_dir
         self.pods: dict[str, _Tracked] = {}
-        self.collection = _Collection()
+        self.results = PodResults(backend, api, watch, results_dir, plan.run_id)
+        # the results taken from the run's pods (the last pod's win)
+        self.collection: Collection | None = None
         self.cancel_requested = False
         queue = queue_of(plan, backend.options(self.namespace))
         self.clock = QueueClock(queue) if queue else None
-        self.disruptions: dict[str, dict[str, str]] = {}
+        self.disruptions: dict[str, Disruption] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -241,7 +219,7 @@ class RunSession:
             else:
                 return self._result(obj, started, t0)
 
-    def _report_queue(self, kind: str, job: Any) -> None:
+    def _report_queue(self, kind: str, job: KubeModel) -> None:
         clock = self.clock
         assert clock is not None
         if kind == "queued":
@@ -267,7 +245,7 @@ class RunSession:
         if self.backend.output is not None:
             self.backend.output(OutputLine(self.plan.run_id, "queue", text))
 
-    def _check_node(self, pod: Any) -> None:
+    def _check_node(self, pod: KubeModel) -> None:
         """Refuse (exit 4) a node whose container runtime cannot mount image volumes."""
         self.pods[pod.metadata.name].node_checked = True
         if not self.plan.inputs:
@@ -312,120 +290,15 @@ class RunSession:
     # ---- collection
 
     def _collect(self, pod_name: str) -> None:
-        """Take the held results of ``pod_name`` (retrying a cut stream), then acknowledge."""
+        """Take the held results of ``pod_name`` (:mod:`runner.backends.job_results`)."""
         tracked = self.pods[pod_name]
         with self._lock:
             tracked.collected = True
-        t0 = time.monotonic()
-        problems: list[str] = []
-        facts: dict[str, Any] = {"pod": pod_name, "mode": "exec"}
-        unreachable_until = time.monotonic() + COLLECT_UNREACHABLE_S
-        attempt = 0
-        while attempt < COLLECT_ATTEMPTS:
-            attempt += 1
-            receiver = StreamReceiver(self.results_dir.parent)
-            try:
-                ran = exec_in_pod(
-                    self.api,
-                    self.namespace,
-                    pod_name,
-                    CONTAINER_NAME,
-                    list(EMIT_COMMAND),
-                    stdout=receiver.feed,
-                )
-            except TransientKubernetesError as exc:
-                receiver.discard()
-                problems = [f"collection attempt {attempt}: {exc.message}"]
-                log.warning(
-                    "results stream broke; retrying",
-                    extra={"event": "collect_retry", "pod": pod_name, "error": exc.message},
-                )
-                if time.monotonic() < unreachable_until:
-                    # an API server away (e.g. restarting) is not a cut stream: wait it out
-                    attempt -= 1
-                    time.sleep(COLLECT_BACKOFF_S)
-                continue
-            except APINotFound:
-                receiver.discard()
-                problems = [f"pod {pod_name} disappeared before its results were collected"]
-                break
-            except APIForbidden as exc:
-                receiver.discard()
-                raise InfrastructureError(
-                    f"the runner may not exec into pod {pod_name}: {exc.message}",
-                    hint="the runner's Role needs pods/exec (create, get): install the evalrun "
-                    "chart (charts/evalrun) or manifests/evalrun.yaml",
-                ) from exc
-            facts["attempts"] = attempt
-            if ran.exit_code == NOT_HOLDING_EXIT:
-                receiver.discard()
-                problems = [f"pod {pod_name}: the agent no longer holds its results"]
-                break
-            if ran.exit_code != 0:
-                receiver.discard()
-                problems = [
-                    f"emit-results in pod {pod_name} failed ({ran.message or ran.exit_code}): "
-                    + ran.stderr.strip()[-300:]
-                ]
-                break
-            collected = receiver.unpack(self.results_dir)
-            facts.update(bytes=ran.stdout_bytes, files=len(collected.files))
-            problems = collected.problems
-            if problems and "truncated" in problems[0] and attempt < COLLECT_ATTEMPTS:
-                continue
-            break
-        facts["duration_s"] = round(time.monotonic() - t0, 3)
-        released, acked = self._ack(pod_name)
-        facts["acknowledged"] = released
-        self.collection = _Collection(pod_name, problems, acked, facts)
-        log.info(
-            "results collected",
-            extra={"event": "results_collected_exec", "run_id": self.plan.run_id, **facts},
-        )
-
-    def _ack(self, pod_name: str) -> tuple[bool, int | None]:
-        """Release the holding agent: (released, the exit code it answered, if it did).
-
-        The agent exits right after answering, so the exec's own status may be lost with
-        its container; an agent container that has ended after an ack counts as released.
-        """
-        answer = bytearray()
-        for _ in range(COLLECT_ATTEMPTS):
-            answer.clear()
-            try:
-                ran = exec_in_pod(
-                    self.api,
-                    self.namespace,
-                    pod_name,
-                    CONTAINER_NAME,
-                    list(ACK_COMMAND),
-                    stdout=answer.extend,
-                    idle_timeout_s=30.0,
-                )
-            except TransientKubernetesError:
-                if self._agent_ended(pod_name):
-                    return True, ack_exit(answer)
-                continue
-            except EvalrunError:
-                return self._agent_ended(pod_name), ack_exit(answer)
-            code = ack_exit(answer)
-            if ran.exit_code == 0 and code is not None:
-                return True, code
-            return self._agent_ended(pod_name), code
-        return self._agent_ended(pod_name), None
-
-    def _agent_ended(self, pod_name: str, timeout_s: float = 30.0) -> bool:
-        """Whether the pod's agent container stops running (or the pod goes) within a while."""
-
-        def ended() -> bool:
-            pod = self.watch.pods.objects.get(pod_name)
-            return pod is None or not running(pod)
-
-        return bool(self.watch.wait(ended, timeout=timeout_s))
+        self.collection = self.results.collect(pod_name)
 
     # ---- the end
 
-    def _result(self, job: Any, started: str, t0: float) -> BackendResult:
+    def _result(self, job: KubeModel, started: str, t0: float) -> BackendResult:
         api, namespace, plan = self.api, self.namespace, self.plan
         failed = condition(job, "Failed")
         pods = self.watch.pods_of(plan.run_id)
@@ -433,7 +306,7 @@ class RunSession:
             (p for p in reversed(pods) if p.status.phase in ("Succeeded", "Failed")),
             pods[-1] if pods else None,
         )
-        details: dict[str, Any] = {
+        details: BackendDetails = {
             "job": self.name,
             "namespace": namespace,
             "job_condition": (failed.reason if failed else "Complete"),
@@ -473,20 +346,23 @@ class RunSession:
                 tracked.follower.done.wait(10.0)
                 tracked.relay.close()
                 details["log_tail"] = "\n".join(list(tracked.relay.tail)[-20:])
-            if self.collection.pod == pod_name:
-                collection = self.collection.problems
-                details["collection"] = self.collection.facts
+            taken = self.collection
+            if taken is not None and taken.pod == pod_name:
+                collection = taken.problems
+                details["collection"] = taken.facts
                 if exit_code is None:
-                    exit_code = self.collection.acked_exit
+                    exit_code = taken.acked_exit
             else:
-                collection = self._from_log(pod_name, details)
+                collection, facts = self.results.from_log(pod_name)
+                if facts is not None:
+                    details["collection"] = facts
         else:
             collection = ["the Job has no pod to collect from"]
         details["collection_problems"] = collection
         self.backend._expire(api, namespace, self.name)
         if timed_out:
             exit_code = None
-        queued: dict[str, Any] = {}
+        queued: QueueFacts | None = None
         if self.clock is not None:
             queued = self.clock.facts()
             details["queue"] = queued
@@ -500,31 +376,11 @@ class RunSession:
             runtime=runtime,
             started_at=started,
             finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            duration_s=round(time.monotonic() - t0 - queued.get("queue_wait_s", 0.0), 3),
-            queued_at=queued.get("queued_at"),
-            queue_wait_s=queued.get("queue_wait_s"),
+            duration_s=round(
+                time.monotonic() - t0 - (queued["queue_wait_s"] if queued else 0.0), 3
+            ),
+            queued_at=queued["queued_at"] if queued else None,
+            queue_wait_s=queued["queue_wait_s"] if queued else None,
             details=details,
             collection_problems=collection,
         )
-
-    def _from_log(self, pod_name: str, details: dict[str, Any]) -> list[str]:
-        """Results of a pod that was not collected by exec: an older agent's log frame."""
-        try:
-            text = api_call(
-                "read pod log",
-                lambda: k8s.CoreV1Api(self.api).read_namespaced_pod_log(
-                    pod_name, self.namespace, container=CONTAINER_NAME
-                ),
-                namespace=self.namespace,
-                name=pod_name,
-            )
-            self.backend.requests += 1
-        except EvalrunError as exc:
-            return [f"could not read the pod log: {exc.message}"]
-        if FRAME_BEGIN not in text:
-            return [
-                f"the results of pod {pod_name} were not collected: the agent ended without "
-                f"holding them (crashed, killed, or its hold of {self.backend.hold_s} s expired)"
-            ]
-        details["collection"] = {"pod": pod_name, "mode": "log-frame"}
-        return extract_results_frame(text, self.results_dir).problems

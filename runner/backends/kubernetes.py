@@ -33,6 +33,7 @@ from typing import Any
 
 from kubernetes import client as k8s
 
+from runner._internal.foreign import KubeModel, KubeObject
 from runner.adapters.kube_watch import NamespaceWatch
 from runner.adapters.kube_watch import shared_watch as watch_matching
 from runner.adapters.kubernetes import (
@@ -138,7 +139,7 @@ class KubernetesBackend:
         self.requests = 0
         # sha256 of the plan.json each Job this backend submitted hands its agent
         self.sent_plans: dict[str, str] = {}
-        self._nodes: dict[str, Any] = {}
+        self._nodes: dict[str, KubeModel] = {}
         self._policy: NamespacePolicy | None = None
 
     def _connect(self) -> tuple[k8s.ApiClient, str]:
@@ -241,7 +242,7 @@ class KubernetesBackend:
         return name
 
     def _ensure_configmap(
-        self, core: k8s.CoreV1Api, namespace: str, body: dict[str, Any], uid: str
+        self, core: k8s.CoreV1Api, namespace: str, body: KubeObject, uid: str
     ) -> None:
         """Create the ConfigMap; one left by an earlier Job of the same name is replaced."""
         name = body["metadata"]["name"]
@@ -276,10 +277,10 @@ class KubernetesBackend:
         self,
         kind: str,
         namespace: str,
-        body: dict[str, Any],
+        body: KubeObject,
         create: Callable[[], Any],
         read: Callable[[], Any],
-    ) -> dict[str, Any]:
+    ) -> KubeObject:
         """The object as stored: created now, or the existing one for the same spec."""
         name = body["metadata"]["name"]
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from kubernetes import client as k8s
 
@@ -57,6 +57,26 @@ class PodState:
     agent: str  # waiting (reason), running, terminated (exit code)
 
 
+class PodStateRecord(TypedDict):
+    """A :class:`PodState` as ``evalrun status --json`` shows it."""
+
+    name: str
+    phase: str | None
+    node: str | None
+    agent: str
+
+
+class JobStateRecord(TypedDict):
+    """A :class:`JobState` as ``evalrun status --json`` shows it."""
+
+    job: str
+    namespace: str
+    state: str
+    cancel_requested: str | None
+    detail: str | None
+    pods: list[PodStateRecord]
+
+
 @dataclass(frozen=True)
 class JobState:
     """A run's Job now: ``state`` is one of submitted, pending, running, succeeded, failed,
@@ -69,14 +89,17 @@ class JobState:
     cancel_requested: str | None = None
     detail: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JobStateRecord:
         return {
             "job": self.job,
             "namespace": self.namespace,
             "state": self.state,
             "cancel_requested": self.cancel_requested,
             "detail": self.detail,
-            "pods": [vars(p) for p in self.pods],
+            "pods": [
+                {"name": p.name, "phase": p.phase, "node": p.node, "agent": p.agent}
+                for p in self.pods
+            ],
         }
 
 

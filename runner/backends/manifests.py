@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as dist_version
-from typing import Any
 
+from runner._internal.foreign import KubeObject
 from runner.errors import InputError
 from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, PlanInput, RunPlan
 from runner.shared.agent_plan import DEFAULT_HOLD_S, encode_agent_plan
@@ -123,7 +122,7 @@ def labels_for(plan: RunPlan) -> dict[str, str]:
 
 def build_configmap(
     plan: RunPlan, plan_json: bytes, options: JobOptions, *, job_uid: str
-) -> dict[str, Any]:
+) -> KubeObject:
     """The ConfigMap carrying plan.json, and nothing else, owned by the run's Job.
 
     Inputs never travel here (they arrive by image volume, see :func:`input_volumes`);
@@ -194,15 +193,15 @@ def node_storage_mib(plan: RunPlan) -> int:
     return plan.results_mib + -(-inputs // (1 << 20))
 
 
-def input_volumes(plan: RunPlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def input_volumes(plan: RunPlan) -> tuple[list[KubeObject], list[KubeObject]]:
     """(volumes, volumeMounts): one read-only image volume per input, by digest.
 
     The kubelet and the container runtime pull each input artifact (no network and no
     credentials in the pod) and cache it per node; the agent checks every file's sha256
     before the evaluation starts. Raises InputError naming an input without a digest.
     """
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
+    volumes: list[KubeObject] = []
+    mounts: list[KubeObject] = []
     for index, item in enumerate(plan.inputs):
         name = f"{INPUT_VOLUME_PREFIX}{index}"
         volumes.append(
@@ -212,7 +211,7 @@ def input_volumes(plan: RunPlan) -> tuple[list[dict[str, Any]], list[dict[str, A
     return volumes, mounts
 
 
-def dropped_image_volumes(job: Mapping[str, Any]) -> list[str]:
+def dropped_image_volumes(job: KubeObject) -> list[str]:
     """Input volumes the API server stored without their ``image`` source.
 
     An API server without the ImageVolume feature gate drops the field silently; the
@@ -280,13 +279,13 @@ def plan_inline(plan_json: bytes) -> bool:
     return len(plan_json) <= MAX_PLAN_ANNOTATION_BYTES
 
 
-def plan_in_configmap(job: Mapping[str, Any]) -> bool:
+def plan_in_configmap(job: KubeObject) -> bool:
     """Whether the (stored) Job reads its plan from its ConfigMap, not its template."""
     volumes = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes")
     return any(v.get("name") == "plan" and "configMap" in v for v in volumes or [])
 
 
-def _plan_volume(name: str, plan_json: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+def _plan_volume(name: str, plan_json: bytes) -> tuple[KubeObject, dict[str, str]]:
     """The plan's volume and the pod template's annotations that go with it."""
     if plan_inline(plan_json):
         field = f"metadata.annotations['{PLAN_ANNOTATION}']"
@@ -298,7 +297,7 @@ def _plan_volume(name: str, plan_json: bytes) -> tuple[dict[str, Any], dict[str,
     return {"name": "plan", "configMap": {"name": name, "items": items}}, {}
 
 
-def build_job(plan: RunPlan, options: JobOptions, plan_json: bytes | None = None) -> dict[str, Any]:
+def build_job(plan: RunPlan, options: JobOptions, plan_json: bytes | None = None) -> KubeObject:
     """The batch/v1 Job that runs the agent once for this plan.
 
     A plan of at most :data:`MAX_PLAN_ANNOTATION_BYTES` is in the Job itself (an
@@ -321,7 +320,7 @@ def build_job(plan: RunPlan, options: JobOptions, plan_json: bytes | None = None
         },
         "limits": {"cpu": f"{int(plan.cpus * 1000)}m", "memory": f"{plan.memory_mib}Mi"},
     }
-    pod_spec: dict[str, Any] = {
+    pod_spec: KubeObject = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -456,15 +455,15 @@ def build_job(plan: RunPlan, options: JobOptions, plan_json: bytes | None = None
     }
 
 
-RESUME_PATCH: dict[str, Any] = {"spec": {"suspend": False}}
+RESUME_PATCH: KubeObject = {"spec": {"suspend": False}}
 
 
-def ttl_patch(options: JobOptions) -> dict[str, Any]:
+def ttl_patch(options: JobOptions) -> KubeObject:
     """After collection: let the TTL controller remove the finished Job (and its ConfigMap)."""
     return {"spec": {"ttlSecondsAfterFinished": options.ttl_after_finished_s}}
 
 
-def spec_hash_of(obj: Mapping[str, Any]) -> str | None:
+def spec_hash_of(obj: KubeObject) -> str | None:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     value = labels.get(LABEL_SPEC_HASH)
     return str(value) if value is not None else None

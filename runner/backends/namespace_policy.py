@@ -27,7 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from runner._internal.foreign import KubeObject
 from runner.errors import NamespacePolicyUnmet
+from runner.model.backend_details import FindingRecord, NamespacePolicyRecord
 from runner.model.plan import BackendResult, RunPlan
 
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -46,8 +48,8 @@ class NamespaceObjects:
     """What the runner read of the target namespace; None where it could not read it."""
 
     namespace: str
-    namespace_object: Mapping[str, Any] | None
-    network_policies: Sequence[Mapping[str, Any]] | None
+    namespace_object: KubeObject | None
+    network_policies: Sequence[KubeObject] | None
     runtime_class: str | None = None
     runtime_class_found: bool | None = None
     unreadable: tuple[str, ...] = ()
@@ -62,7 +64,7 @@ class Finding:
     observed: str
     required: str
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> FindingRecord:
         return {
             "demand": self.demand,
             "met": self.met,
@@ -100,7 +102,7 @@ class NamespacePolicy:
             )
         return self
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> NamespacePolicyRecord:
         """What the bundle's ``sandbox.details.namespace_policy`` records."""
         return {
             "namespace": self.namespace,
@@ -167,7 +169,7 @@ def _policy_types(spec: Mapping[str, Any]) -> set[str]:
     return types
 
 
-def _name(policy: Mapping[str, Any]) -> str:
+def _name(policy: KubeObject) -> str:
     metadata = policy.get("metadata")
     name = metadata.get("name") if isinstance(metadata, Mapping) else None
     return str(name) if name else "(unnamed)"
@@ -190,7 +192,7 @@ def _pod_security(objects: NamespaceObjects) -> Finding:
 
 
 def _directional(
-    policies: Sequence[Mapping[str, Any]], pod_labels: Mapping[str, str], direction: str
+    policies: Sequence[KubeObject], pod_labels: Mapping[str, str], direction: str
 ) -> tuple[list[str], list[str]]:
     """(policies isolating the pods in ``direction``, policies that may allow traffic there)."""
     rules_key = "egress" if direction == "Egress" else "ingress"

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.model.backend_details import QueueFacts
+
 # How often the Workload is read for its reason while the Job waits.
 REASON_POLL_S = 10.0
 
@@ -70,7 +72,7 @@ class QueueClock:
         """Seconds waited in all so far, the current wait included."""
         return self.waited_s + (time.monotonic() - self._since if self._since else 0.0)
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> QueueFacts:
         """What goes into the run's details (and the bundle's timestamps)."""
         waited = self.waited()
         return {

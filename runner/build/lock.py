@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Required, TypedDict
 
 from runner._internal import oci
 from runner._internal.cas import ContentStore
@@ -125,6 +125,22 @@ class LockedInput:
         return self.locked.name if isinstance(self.locked, LockedDataset) else "model"
 
 
+class _InputRecord(TypedDict, total=False):
+    """A locked input as fetched, before its model checks it (LockedArtifact/LockedDataset)."""
+
+    kind: Required[Literal["file", "directory"]]
+    sha256: Required[str]
+    size: Required[int]
+    files: Required[list[dict[str, str | int]]]
+    path: str
+    uri: str
+    endpoint: str | None
+    name: str
+    split: str
+    license: str
+    source: str
+
+
 def lock_input(
     artifact: ArtifactSpec,
     *,
@@ -145,7 +161,7 @@ def lock_input(
         options=source_options(artifact, spec_dir),
         oci=oci_resolver(),
     )
-    record: dict[str, Any] = {
+    record: _InputRecord = {
         "kind": got.kind,
         "sha256": got.sha256,
         "size": got.size,
@@ -157,12 +173,10 @@ def lock_input(
         record["uri"] = got.source
         record["endpoint"] = got.endpoint
     if isinstance(artifact, DatasetSpec):
-        record |= {
-            "name": artifact.name,
-            "split": artifact.split,
-            "license": artifact.license,
-            "source": artifact.source,
-        }
+        record["name"] = artifact.name
+        record["split"] = artifact.split
+        record["license"] = artifact.license
+        record["source"] = artifact.source
         return LockedInput(role, field, LockedDataset.model_validate(record), got)
     return LockedInput(role, field, LockedArtifact.model_validate(record), got)
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from typing import Any, Literal, TypeAlias
+from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # the one strict JSON reader (duplicate keys and non-finite numbers refused)
 from runner._internal.strict_json import load_json_strict as load_json_strict
+from runner.shared.json_types import JSONObject
 from runner.shared.tarformat import unsafe_path_reason
 
 MANIFEST_NAME = "manifest.json"
@@ -126,10 +127,11 @@ class Subject(BaseModel):
         return value
 
 
-# The predicate exactly as signed. Any, not JsonValue, on purpose: it is read into its model
-# by runner.bundle.reader, and validating it as JsonValue here would re-walk every value of
-# a large predicate and refuse nesting deeper than pydantic's recursion limit.
-SignedPredicate: TypeAlias = dict[str, Any]
+# The predicate exactly as signed: a JSON object (runner.shared.json_types), not JsonValue,
+# on purpose: it is read into its model by runner.bundle.reader, and validating it as
+# JsonValue here would re-walk every value of a large predicate and refuse nesting deeper
+# than pydantic's recursion limit.
+SignedPredicate: TypeAlias = JSONObject
 
 
 class Statement(BaseModel):

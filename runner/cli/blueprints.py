@@ -11,7 +11,7 @@ import argparse
 import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from runner._internal.settings import Settings
 from runner.cli.output import Term, emit_json
@@ -68,7 +68,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     typed = _as_typed(project.root)
     term(f"scaffolded {blueprint.name} → {typed} ({len(project.files)} files)")
     lock = args.lock if args.lock is not None else blueprint.manifest.lock_on_init
-    summary: dict[str, Any] = {
+    summary: InitSummary = {
         "blueprint": blueprint.name,
         "dir": str(project.root),
         "spec": str(project.spec_path),
@@ -79,7 +79,11 @@ def cmd_init(args: argparse.Namespace, settings: Settings, term: Term) -> int:
         "next": [f"cd {shlex.quote(typed)}", *blueprint.manifest.next],
     }
     if lock:
-        summary.update(_lock(project.spec_path, settings, term))
+        locked = _lock(project.spec_path, settings, term)
+        summary["locked"] = locked["locked"]
+        summary["lock"] = locked["lock"]
+        summary["lock_digest"] = locked["lock_digest"]
+        summary["image"] = locked["image"]
     elif not any(cmd.startswith("evalrun lock") for cmd in blueprint.manifest.next):
         summary["next"].insert(1, "evalrun lock eval.yaml")
     if args.json:
@@ -101,7 +105,30 @@ def cmd_init(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     return 0
 
 
-def _lock(spec_path: Path, settings: Settings, term: Term) -> dict[str, Any]:
+class _Locked(TypedDict):
+    locked: bool
+    lock: str
+    lock_digest: str
+    image: str
+
+
+class InitSummary(TypedDict):
+    """What ``evalrun init --json`` prints."""
+
+    blueprint: str
+    dir: str
+    spec: str
+    name: str
+    files: list[str]
+    requires: str
+    locked: bool
+    next: list[str]
+    lock: NotRequired[str]
+    lock_digest: NotRequired[str]
+    image: NotRequired[str]
+
+
+def _lock(spec_path: Path, settings: Settings, term: Term) -> _Locked:
     """Lock the new project exactly as ``evalrun lock`` does."""
     from runner.build.lock import lock_spec
     from runner.model.lock import lock_path_for

@@ -6,11 +6,21 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 from runner._internal.settings import Settings
 
 Term = Callable[[str], None]
+
+
+class Digested(TypedDict):
+    """One path of ``evalrun digest --json``."""
+
+    path: str
+    kind: Literal["file", "directory"]
+    sha256: str
+    size: int
+    files: NotRequired[int]
 
 
 def cmd_digest(args: argparse.Namespace, settings: Settings, term: Term) -> int:
@@ -18,7 +28,7 @@ def cmd_digest(args: argparse.Namespace, settings: Settings, term: Term) -> int:
     from runner._internal.input_tree import hash_file, scan_tree
     from runner.errors import InputError
 
-    found: list[dict[str, Any]] = []
+    found: list[Digested] = []
     for path in args.paths:
         if path.is_dir() and not path.is_symlink():
             tree = scan_tree(path, what=str(path))

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Required, TypedDict
 
 from runner._internal.settings import Settings
 from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports
@@ -29,6 +29,9 @@ from runner.cli.common import (
 )
 from runner.cli.output import Terminal, emit_json
 from runner.errors import InputError
+
+if TYPE_CHECKING:
+    from runner.backends.kubernetes_control import JobStateRecord
 
 ReportRun = Callable[[argparse.Namespace, Any, Any, CiReports], int]
 # The evaluation's own output in a bundle (what the agent kept), and the most shown of each.
@@ -94,6 +97,21 @@ def run_detached(
     return started.exit_code
 
 
+class RunStatus(TypedDict, total=False):
+    """What ``evalrun status --json`` prints: a sealed run, or a detached one still running."""
+
+    run_id: Required[str]
+    state: str
+    outcome: str | None
+    exit_code: int
+    bundle: str
+    bundle_digest: str
+    backend: str
+    started: str
+    cancel_requested: bool
+    kubernetes: JobStateRecord
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings, term: Terminal) -> int:
     from runner.backends.kubernetes_control import job_state
     from runner.bundle.store import Store
@@ -103,25 +121,21 @@ def cmd_status(args: argparse.Namespace, settings: Settings, term: Terminal) -> 
 
     detached = DetachedRun(settings, args.run)
     stored = Store(settings.home).find_run(args.run)
-    data: dict[str, Any] = {"run_id": args.run}
+    data: RunStatus = {"run_id": args.run}
     if stored is not None:
-        data |= {
-            "state": "sealed",
-            "outcome": stored.outcome,
-            "exit_code": exit_code_of(stored.outcome),
-            "bundle": str(stored.path),
-            "bundle_digest": stored.digest,
-        }
+        data["state"] = "sealed"
+        data["outcome"] = stored.outcome
+        data["exit_code"] = exit_code_of(stored.outcome)
+        data["bundle"] = str(stored.path)
+        data["bundle_digest"] = stored.digest
     elif detached.exists():
         record = detached.record()
         job = job_state(backend_for_record(record, _overrides(args)), record.job, args.run)
-        data |= {
-            "state": job.state,
-            "backend": record.backend,
-            "started": record.started,
-            "cancel_requested": detached.cancel_requested,
-            "kubernetes": job.to_json(),
-        }
+        data["state"] = job.state
+        data["backend"] = record.backend
+        data["started"] = record.started
+        data["cancel_requested"] = detached.cancel_requested
+        data["kubernetes"] = job.to_json()
     else:
         raise InputError(
             f"no run {args.run} in this store ({settings.home})",

@@ -9,13 +9,22 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, GetPydanticSchema, StringConstraints, ValidationError
+from pydantic_core import core_schema
 
 from runner._internal.files import RefusedFile, read_regular_file
 from runner.errors import SpecError
 
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
+# A field typed by a shared TypedDict (runner.shared.definitions) that a model carries as
+# the plain JSON object it is: pydantic checks and writes it exactly as ``dict[str, Any]``
+# (every key kept, no value converted, so plans keep their bytes), mypy sees its fields.
+AS_JSON_OBJECT = GetPydanticSchema(
+    lambda _source, _handler: core_schema.dict_schema(
+        core_schema.str_schema(), core_schema.any_schema()
+    )
+)
 DIGEST_REF_RE = re.compile(
     r"^(?P<repo>[a-z0-9]+(?:[._:/-][a-z0-9]+)*)@(?P<digest>sha256:[0-9a-f]{64})$"
 )

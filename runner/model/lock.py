@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,7 +27,9 @@ from runner.model.base import (
     parse_digest_ref,
     read_input_file,
 )
+from runner.model.predicate_parts import JsonObject
 from runner.shared.inputs import tree_digest_of
+from runner.shared.json_types import JSONObject
 
 LOCK_SCHEMA = "evalrun/lock/v1"
 MAX_LOCK_BYTES = 16 * 1024 * 1024
@@ -127,7 +129,7 @@ class LockedArtifact(FrozenModel):
         name = PurePosixPath(self.origin).name or "input"
         return (LockedFile(path=name, sha256=self.sha256, size=self.size),)
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> JsonObject:
         """What a run's signed predicate says about the input (the lock has the file list)."""
         return self.model_dump(mode="json", exclude_defaults=True, exclude={"files"})
 
@@ -222,7 +224,7 @@ class LockedPreprocessing(FrozenModel):
     code: str = Field(description="Path of the step's code, relative to the spec.")
     code_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     kind: Literal["file", "directory"]
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: JSONObject = Field(default_factory=dict)
 
 
 class LockedCustomMetric(FrozenModel):

@@ -9,12 +9,15 @@ evaluation and never touches the signing key or the store.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.model.base import parse_digest_ref
+from runner.model.backend_details import BackendDetails
+from runner.model.base import AS_JSON_OBJECT, parse_digest_ref
 from runner.shared.agent_plan import AgentPlan, AgentPlanInput, encode_agent_plan
+from runner.shared.definitions import MetricDefinition, PerturbationDefinition, PlanExpect
+from runner.shared.json_types import JSONObject
 from runner.shared.protocol import INPUTS_MOUNT as INPUTS_MOUNT
 from runner.shared.protocol import PLAN_MOUNT as PLAN_MOUNT
 from runner.shared.protocol import RESULTS_MOUNT as RESULTS_MOUNT
@@ -107,13 +110,15 @@ class RunPlan(BaseModel):
     runtime: Literal["gvisor", "runc"]
     network: Literal["none"] = "none"
     command: list[str]
-    params: dict[str, Any]
+    params: JSONObject
     seed: int
-    metrics: list[dict[str, Any]]
+    metrics: list[Annotated[MetricDefinition, AS_JSON_OBJECT]]
     # compute: custom — never sent to the agent; recomputed by the runner in its own sandbox
-    custom_metrics: list[dict[str, Any]] = Field(default_factory=list)
-    perturbations: list[dict[str, Any]] = Field(default_factory=list)
-    expect: dict[str, Any]
+    custom_metrics: list[Annotated[MetricDefinition, AS_JSON_OBJECT]] = Field(default_factory=list)
+    perturbations: list[Annotated[PerturbationDefinition, AS_JSON_OBJECT]] = Field(
+        default_factory=list
+    )
+    expect: Annotated[PlanExpect, AS_JSON_OBJECT]
     inputs: list[PlanInput]
     timeout_s: int
     cpus: float
@@ -203,7 +208,9 @@ class BackendResult(BaseModel):
     collection_problems: list[str] = Field(
         default_factory=list, description="What the backend refused while fetching results."
     )
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: Annotated[BackendDetails, AS_JSON_OBJECT] = Field(
+        default_factory=lambda: BackendDetails()
+    )
 
 
 class Backend(Protocol):

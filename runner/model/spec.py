@@ -33,6 +33,7 @@ from runner.model.input_uri import HttpsUri, S3Uri, parse_input_uri
 from runner.model.spec_metrics import MetricSpec, PerturbationSpec
 from runner.model.spec_runtime import ClusterSpec, ExpectedEnvironment, ResourcesSpec, SandboxSpec
 from runner.model.spec_yaml import load_yaml_bytes, load_yaml_document
+from runner.shared.json_types import JSONObject
 
 API_VERSION = "evalrun/v1"
 
@@ -196,7 +197,7 @@ class PreprocessingStep(_Model):
         description="File or directory with the step's code, relative to the spec file; "
         "its digest is recorded in the bundle."
     )
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: JSONObject = Field(default_factory=dict)
 
     @field_validator("code")
     @classmethod
@@ -222,7 +223,7 @@ class EvalSpec(_Model):
     model: ArtifactSpec
     datasets: list[DatasetSpec] = Field(min_length=1)
     command: list[str] = Field(min_length=1, description="argv run inside the container.")
-    params: dict[str, Any] = Field(
+    params: JSONObject = Field(
         default_factory=dict,
         description="Handed to the evaluation as JSON in EVALRUN_PARAMS: at most "
         f"{MAX_PARAMS_BYTES} bytes (one environment variable; the kernel allows 128 KiB).",
@@ -231,7 +232,7 @@ class EvalSpec(_Model):
 
     @field_validator("params")
     @classmethod
-    def _params_fit_the_environment(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _params_fit_the_environment(cls, value: JSONObject) -> JSONObject:
         size = len(json.dumps(value, sort_keys=True, default=str).encode())
         if size > MAX_PARAMS_BYTES:
             raise ValueError(
@@ -381,7 +382,7 @@ def load_spec_bytes(data: bytes, *, source: str) -> EvalSpec:
     return parse_spec(load_yaml_bytes(data, source=source), source=source)
 
 
-def spec_json_schema() -> dict[str, Any]:
+def spec_json_schema() -> JSONObject:
     """The JSON Schema of ``eval.yaml`` (what ``evalrun schema`` prints)."""
     schema = EvalSpec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -4,7 +4,7 @@ interval, its per-sample fields, a custom metric's code, and the declared pertur
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import (
     Field,
@@ -18,6 +18,7 @@ from pydantic import (
 
 from runner.model.base import FrozenModel as _Model
 from runner.model.base import Name
+from runner.shared.definitions import MetricDefinition
 from runner.shared.metric_catalogue import CATALOGUE, LEGACY, PARAMETERS, definition_problems
 
 CIMethod = Literal["bootstrap_percentile", "bootstrap_bca", "wilson", "none"]
@@ -223,7 +224,7 @@ class MetricSpec(_Model):
         """Whether this metric's threshold decides the run's verdict."""
         return self.role == "primary" or self.promoted is not None
 
-    def definition(self) -> dict[str, Any]:
+    def definition(self) -> MetricDefinition:
         """The metric as JSON for the agent, the runner and the bundle.
 
         Catalogue parameters left unset are omitted, so a metric that uses none of them is
@@ -236,7 +237,8 @@ class MetricSpec(_Model):
         for key in ("fields", "custom", *PARAMETERS):
             if data[key] is None or (key == "confusion_matrix" and data[key] is False):
                 del data[key]
-        return data
+        # this model's own fields as JSON, the unset parameters left out: the TypedDict's shape
+        return cast(MetricDefinition, data)
 
     @field_validator("positive", "classes", mode="before")
     @classmethod

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NotRequired, TypedDict, cast
+from typing import Literal, NotRequired, TypedDict, cast
 
+from runner.shared.definitions import MetricDefinition, PerturbationDefinition, PlanExpect
+from runner.shared.json_types import JSONObject
 from runner.shared.tarformat import path_structure_reason
 
 # How the runner collects results (see the results stream in :mod:`runner.shared.protocol`)
@@ -49,8 +52,9 @@ class AgentPlanInput(TypedDict):
 class AgentPlan(TypedDict):
     """``plan.json``: everything the agent needs, with paths as seen inside the container.
 
-    ``metrics``, ``perturbations`` and ``expect`` are the spec's own definitions,
-    interpreted by :mod:`runner.shared.metrics` and the agent's checks.
+    ``metrics``, ``perturbations`` and ``expect`` are the spec's own definitions
+    (:mod:`runner.shared.definitions`), interpreted by :mod:`runner.shared.metrics` and
+    the agent's checks; ``params`` is the user's, passed on untouched.
     """
 
     emit_results: bool
@@ -63,12 +67,12 @@ class AgentPlan(TypedDict):
     image_ref: str
     expected_rootfs_digest: str
     seed: int
-    params: dict[str, Any]
+    params: JSONObject
     command: list[str]
     timeout_s: int
-    metrics: list[dict[str, Any]]
-    perturbations: list[dict[str, Any]]
-    expect: dict[str, Any]
+    metrics: list[MetricDefinition]
+    perturbations: list[PerturbationDefinition]
+    expect: PlanExpect
     inputs: list[AgentPlanInput]
 
 
@@ -88,14 +92,18 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _str(data: dict[str, Any], key: str, where: str = "") -> str:
+# The parsing helpers take the decoded plan as untrusted JSON: every value is checked.
+Untrusted = Mapping[str, object]
+
+
+def _str(data: Untrusted, key: str, where: str = "") -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value:
         raise PlanError(where + key, f"expected a non-empty string, found {_type_name(value)}")
     return value
 
 
-def _int(data: dict[str, Any], key: str, *, minimum: int, where: str = "") -> int:
+def _int(data: Untrusted, key: str, *, minimum: int, where: str = "") -> int:
     value = data.get(key)
     # bool is an int in Python, never in a plan
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -103,7 +111,7 @@ def _int(data: dict[str, Any], key: str, *, minimum: int, where: str = "") -> in
     return value
 
 
-def _object(data: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
+def _object(data: Untrusted, key: str, *, optional: bool = False) -> JSONObject:
     if optional and key not in data:
         return {}
     value = data.get(key)
@@ -112,7 +120,7 @@ def _object(data: dict[str, Any], key: str, *, optional: bool = False) -> dict[s
     return value
 
 
-def _objects(data: dict[str, Any], key: str, *, optional: bool = False) -> list[dict[str, Any]]:
+def _objects(data: Untrusted, key: str, *, optional: bool = False) -> list[JSONObject]:
     if optional and key not in data:
         return []
     value = data.get(key)
@@ -124,7 +132,7 @@ def _objects(data: dict[str, Any], key: str, *, optional: bool = False) -> list[
     return value
 
 
-def _plan_input(index: int, item: dict[str, Any]) -> AgentPlanInput:
+def _plan_input(index: int, item: Untrusted) -> AgentPlanInput:
     where = f"inputs[{index}]."
     role = item.get("role")
     if role not in ("model", "dataset"):
@@ -133,7 +141,7 @@ def _plan_input(index: int, item: dict[str, Any]) -> AgentPlanInput:
     if not _SHA256_HEX.fullmatch(sha256):
         raise PlanError(where + "sha256", "expected 64 lowercase hex characters")
     parsed: AgentPlanInput = {
-        "role": cast(Literal["model", "dataset"], role),
+        "role": role,
         "name": _str(item, "name", where),
         "path": _str(item, "path", where),
         "sha256": sha256,
@@ -147,7 +155,7 @@ def _plan_input(index: int, item: dict[str, Any]) -> AgentPlanInput:
     return parsed
 
 
-def _plan_files(where: str, item: dict[str, Any]) -> list[AgentPlanFile]:
+def _plan_files(where: str, item: Untrusted) -> list[AgentPlanFile]:
     files = item.get("files")
     if not isinstance(files, list) or not files:
         raise PlanError(where + "files", "a directory input lists its files (at least one)")
@@ -197,6 +205,9 @@ def parse_agent_plan(data: object) -> AgentPlan:
     for index, pert in enumerate(perturbations):
         _str(pert, "name", f"perturbations[{index}].")
         _str(pert, "kind", f"perturbations[{index}].")
+    # metrics, perturbations and expect are the host's definitions: checked here only as
+    # objects (and a perturbation's name and kind), field by field where they are used
+    # (definition_problems, the perturbation code, the expected-environment checks)
     plan: AgentPlan = {
         "emit_results": emit,
         "run_id": _str(data, "run_id"),
@@ -206,9 +217,9 @@ def parse_agent_plan(data: object) -> AgentPlan:
         "params": _object(data, "params", optional=True),
         "command": list(command),
         "timeout_s": _int(data, "timeout_s", minimum=1),
-        "metrics": _objects(data, "metrics"),
-        "perturbations": perturbations,
-        "expect": _object(data, "expect", optional=True),
+        "metrics": cast(list[MetricDefinition], _objects(data, "metrics")),
+        "perturbations": cast(list[PerturbationDefinition], perturbations),
+        "expect": cast(PlanExpect, _object(data, "expect", optional=True)),
         "inputs": [_plan_input(i, item) for i, item in enumerate(_objects(data, "inputs"))],
     }
     if "collect" in data:
@@ -243,7 +254,7 @@ def _collect_mode(value: object) -> Literal["volume", "exec"]:
     raise PlanError("collect", f"expected one of {list(COLLECT_MODES)}, found {value!r}")
 
 
-def _hold_s(data: dict[str, Any]) -> int:
+def _hold_s(data: Untrusted) -> int:
     hold = _int(data, "hold_s", minimum=1)
     if hold > MAX_HOLD_S:
         raise PlanError("hold_s", f"expected at most {MAX_HOLD_S}, found {hold}")

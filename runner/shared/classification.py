@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from runner.shared.sample_fields import MetricUndefined
 
@@ -99,7 +99,14 @@ def balanced_accuracy(counts: LabelCounts) -> float:
     return math.fsum(recalls) / len(recalls)
 
 
-def confusion_matrix(pairs: Iterable[Pair]) -> dict[str, Any]:
+class ConfusionMatrix(TypedDict):
+    """Rows are true labels, columns predicted labels (as the samples hold them)."""
+
+    labels: list[Hashable]
+    counts: list[list[int]]
+
+
+def confusion_matrix(pairs: Iterable[Pair]) -> ConfusionMatrix:
     """Rows are true labels, columns predicted labels, both in :func:`label_sort_key` order."""
     cells: Counter[Pair] = Counter(pairs)
     labels = sorted({t for t, _ in cells} | {p for _, p in cells}, key=label_sort_key)

@@ -138,6 +138,10 @@ _AVERAGES = {
 _NORMALIZE_DEFAULT = {"exact_match": "none", "token_f1": "squad"}
 
 
+# _given, reads and definition_problems read a definition that may not be validated yet
+# (the spec model's before-validator; a plan's metrics in the agent), hence a plain Mapping.
+
+
 def _given(definition: Mapping[str, Any], key: str) -> bool:
     # ``positive: false`` names a class; only the confusion_matrix switch is off when false
     value = definition.get(key)

@@ -16,6 +16,7 @@ from typing import Any, Literal, cast
 
 from runner.shared import calibration, classification, generation, regression
 from runner.shared import sample_fields as read
+from runner.shared.definitions import MetricDefinition
 from runner.shared.metric_catalogue import CATALOGUE, reads
 from runner.shared.sample_fields import FieldError, MetricUndefined, Sample
 
@@ -102,7 +103,7 @@ def _legacy_macro_f1(pairs: Sequence[tuple[Any, Any]]) -> float:
 # --------------------------------------------------------------------------- by family
 
 
-def _hits(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _hits(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     """accuracy, error_rate: compared as found (as before the catalogue)."""
     label, prediction = f["label"], f["prediction"]
 
@@ -114,7 +115,7 @@ def _hits(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proporti
     return extract, _complement_share, "misses"
 
 
-def _legacy(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _legacy(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     """macro_f1 and mean, exactly as before the catalogue."""
     if d["compute"] == "mean":
         field = f["field"]
@@ -127,11 +128,13 @@ def _legacy(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Propor
     return extract, _legacy_macro_f1, None
 
 
-def _labels(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _labels(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     """balanced_accuracy, precision, recall, f1 over (label, prediction) pairs."""
     label, prediction = f["label"], f["prediction"]
     compute, positive = d["compute"], d.get("positive")
     average = cast(classification.Average, d.get("average"))
+    # the catalogue sends only these computes here (balanced_accuracy returns before use)
+    ratio = cast(classification.Ratio, compute)
 
     def extract(row: Sample) -> tuple[read.Label, read.Label]:
         return read.label(row, label), read.label(row, prediction)
@@ -141,8 +144,8 @@ def _labels(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Propor
         if compute == "balanced_accuracy":
             return classification.balanced_accuracy(counts)
         if positive is not None:
-            return classification.class_ratio(compute, counts, positive)
-        return classification.averaged_ratio(compute, counts, average)
+            return classification.class_ratio(ratio, counts, positive)
+        return classification.averaged_ratio(ratio, counts, average)
 
     return extract, aggregate, None
 
@@ -151,7 +154,7 @@ def _ranking(compute: str) -> Callable[[classification.ScorePairs], float]:
     return classification.roc_auc if compute == "roc_auc" else classification.average_precision
 
 
-def _binary_scores(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _binary_scores(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     """The score metrics with ``positive``: each sample's score (or probability) for it."""
     compute, positive, label = d["compute"], d["positive"], f["label"]
     score_of = read.number if compute in ("roc_auc", "average_precision") else read.probability
@@ -186,7 +189,7 @@ def _binary_scores(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate,
     return outcome, ece, None
 
 
-def _class_scores(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _class_scores(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     """The score metrics over declared ``classes``: one score (or probability) per class."""
     compute, label = d["compute"], f["label"]
     declared = list(d["classes"])
@@ -229,7 +232,7 @@ def _class_scores(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, 
     return lambda row: calibration.top_label(*scored(row)), ece, None
 
 
-def _regression(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _regression(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     target, prediction = f["target"], f["prediction"]
 
     def pair(row: Sample) -> tuple[float, float]:
@@ -246,7 +249,7 @@ def _regression(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Pr
     return lambda row: regression.squared_error(*pair(row)), rmse, None
 
 
-def _text(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _text(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     compute = d["compute"]
     steps = generation.normalization(d.get("normalize"), _NORMALIZE_DEFAULT[compute])
     prediction, reference = f["prediction"], f["reference"]
@@ -265,7 +268,7 @@ def _text(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proporti
     return f1, _mean, None
 
 
-def _pass_at_k(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Proportion]:
+def _pass_at_k(d: MetricDefinition, f: Fields) -> tuple[Extract, Aggregate, Proportion]:
     k = int(d["k"])
 
     def extract(row: Sample) -> float:
@@ -279,7 +282,7 @@ def _pass_at_k(d: Mapping[str, Any], f: Fields) -> tuple[Extract, Aggregate, Pro
     return extract, _mean, None
 
 
-Family = Callable[[Mapping[str, Any], Fields], tuple[Extract, Aggregate, Proportion]]
+Family = Callable[[MetricDefinition, Fields], tuple[Extract, Aggregate, Proportion]]
 _FAMILIES: dict[str, Family] = {
     "accuracy": _hits,
     "error_rate": _hits,
@@ -299,7 +302,7 @@ _FAMILIES: dict[str, Family] = {
 _SCORE_METRICS = ("roc_auc", "average_precision", "log_loss", "brier", "ece")
 
 
-def build_metric(definition: Mapping[str, Any]) -> Metric:
+def build_metric(definition: MetricDefinition) -> Metric:
     """The :class:`Metric` a definition (a spec metric as JSON) describes."""
     compute = definition["compute"]
     if compute not in CATALOGUE:

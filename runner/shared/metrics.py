@@ -11,11 +11,13 @@ seed give bit-identical floats on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict, cast
+from typing import NotRequired, TypedDict
 
+from runner.shared.classification import ConfusionMatrix as ConfusionMatrix
 from runner.shared.classification import confusion_matrix
+from runner.shared.definitions import MetricDefinition as MetricDefinition
 from runner.shared.metric_functions import build_metric
 from runner.shared.resampling import (
     bca_interval,
@@ -41,17 +43,6 @@ __all__ = [
 ]
 
 MetricFn = Callable[[Sequence[Sample]], float]
-
-# A metric as the spec defines it and the plan carries it (validated by the host's spec
-# model); which parameters it has depends on ``compute`` and is read by ``build_metric``.
-MetricDefinition = dict[str, Any]
-
-
-class ConfusionMatrix(TypedDict):
-    """Rows are true labels, columns predicted labels (as the samples hold them)."""
-
-    labels: list[Hashable]
-    counts: list[list[int]]
 
 
 class CiRecord(TypedDict):
@@ -86,7 +77,7 @@ class MetricVerdict(TypedDict):
 
 def metric_function(compute: str, field: str | None = None) -> MetricFn:
     """The function behind a spec's ``compute`` name (for parameter-free computes)."""
-    definition = {"name": compute, "compute": compute, "field": field}
+    definition: MetricDefinition = {"name": compute, "compute": compute, "field": field}
     if compute == "mean" and not field:
         raise ValueError("metric 'mean' needs 'field'")
     return build_metric(definition).value
@@ -123,7 +114,7 @@ class MetricValue:
 
 
 def compute_metric(
-    definition: Mapping[str, Any], samples: Sequence[Sample], seed: int
+    definition: MetricDefinition, samples: Sequence[Sample], seed: int
 ) -> MetricValue:
     """Compute one metric (as defined in the spec) and its confidence interval.
 
@@ -135,10 +126,10 @@ def compute_metric(
         raise SampleFormatError("no samples to compute metrics from")
     metric = build_metric(definition)
     records = metric.records(samples)
-    ci = definition.get("ci") or {}
-    method = ci.get("method", "bootstrap_percentile")
-    level = float(ci.get("level", 0.95))
-    resamples = int(ci.get("resamples", 1000))
+    ci = definition.get("ci")
+    method = ci.get("method", "bootstrap_percentile") if ci else "bootstrap_percentile"
+    level = float(ci.get("level", 0.95)) if ci else 0.95
+    resamples = int(ci.get("resamples", 1000)) if ci else 1000
     value = point_value(metric, records)
     low: float | None = None
     high: float | None = None
@@ -163,8 +154,7 @@ def compute_metric(
             low, high = percentile(stats, alpha), percentile(stats, 1 - alpha)
     matrix: ConfusionMatrix | None = None
     if metric.matrix_pair is not None:
-        # classification.confusion_matrix builds this shape as a plain dict
-        matrix = cast(ConfusionMatrix, confusion_matrix([metric.matrix_pair(s) for s in samples]))
+        matrix = confusion_matrix([metric.matrix_pair(s) for s in samples])
     return MetricValue(
         name=definition["name"],
         value=value,
@@ -180,13 +170,13 @@ def compute_metric(
 
 
 def compute_metrics(
-    definitions: Iterable[Mapping[str, Any]], samples: Sequence[Sample], seed: int
+    definitions: Iterable[MetricDefinition], samples: Sequence[Sample], seed: int
 ) -> list[MetricValue]:
     return [compute_metric(d, samples, seed) for d in definitions]
 
 
 def compute_available(
-    definitions: Iterable[Mapping[str, Any]],
+    definitions: Iterable[MetricDefinition],
     samples: Sequence[Sample],
     seed: int,
     unusable: Mapping[str, str],
@@ -216,13 +206,13 @@ def partial_reason(computed: Sequence[str], unusable: Mapping[str, str]) -> str:
     return f"per-sample output unusable for {len(unusable)} of {total} metrics ({why}); {done}"
 
 
-def is_gating(definition: Mapping[str, Any]) -> bool:
+def is_gating(definition: MetricDefinition) -> bool:
     """Primary metrics gate; a supplementary one only when promoted (with a justification)."""
     return definition.get("role", "primary") == "primary" or bool(definition.get("promoted"))
 
 
 def threshold_verdicts(
-    definitions: Iterable[Mapping[str, Any]], values: Mapping[str, float]
+    definitions: Iterable[MetricDefinition], values: Mapping[str, float]
 ) -> dict[str, MetricVerdict]:
     """Per metric: pass/fail against its threshold (None when no threshold).
 

@@ -5,11 +5,42 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
+from runner.shared.definitions import MetricDefinition, PerturbationDefinition
 from runner.shared.metric_functions import build_metric
 from runner.shared.resampling import legacy_stream, metric_stream, percentile, point_value
 from runner.shared.sample_fields import MetricUndefined, Sample, SampleFormatError
+
+
+class EffectCi(TypedDict):
+    """An interval of a perturbed metric (its value's, or its change's)."""
+
+    low: float | None
+    high: float | None
+    level: float
+    method: str
+
+
+class PerturbedMetricRecord(TypedDict):
+    """One metric under a perturbation: value, baseline, change, their CIs."""
+
+    name: str
+    value: float
+    baseline: float
+    delta: float
+    ci: EffectCi
+    delta_ci: EffectCi
+    n: int
+
+
+class PerturbationRecord(TypedDict):
+    """One perturbation's effects (``metrics.json``'s ``perturbations``)."""
+
+    name: str
+    kind: str
+    n: int
+    metrics: list[PerturbedMetricRecord]
 
 
 def select_perturbed(
@@ -29,12 +60,12 @@ def select_perturbed(
 
 
 def perturbation_effects(
-    definitions: Iterable[Mapping[str, Any]],
-    perturbation: Mapping[str, Any],
+    definitions: Iterable[MetricDefinition],
+    perturbation: PerturbationDefinition,
     baseline: Sequence[Sample],
     perturbed: Sequence[Sample],
     seed: int,
-) -> dict[str, Any]:
+) -> PerturbationRecord:
     """Each metric on the perturbed samples, and its change from the baseline with a CI.
 
     The change's interval is a paired bootstrap over the baseline's sample ids: each
@@ -51,12 +82,12 @@ def perturbation_effects(
             f"perturbation {perturbation['name']}: sample ids not in the baseline: "
             f"{sorted(unknown)[:5]}"
         )
-    effects = []
+    effects: list[PerturbedMetricRecord] = []
     for d in definitions:
         metric = build_metric(d)
-        ci = d.get("ci") or {}
-        level = float(ci.get("level", 0.95))
-        resamples = int(ci.get("resamples", 1000))
+        ci = d.get("ci")
+        level = float(ci.get("level", 0.95)) if ci else 0.95
+        resamples = int(ci.get("resamples", 1000)) if ci else 1000
         records = metric.records(perturbed)
         record_by_id = {str(s["id"]): r for s, r in zip(perturbed, records, strict=True)}
         base_records = metric.records(baseline)

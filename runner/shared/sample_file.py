@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeAlias
 
+from runner.shared.definitions import MetricDefinition
+from runner.shared.json_types import JSONObject
 from runner.shared.metric_functions import Metric, build_metric
 from runner.shared.sample_fields import FieldError, SampleFormatError
 
@@ -17,7 +19,7 @@ MAX_SAMPLES = 5_000_000
 
 # One row of a per-sample file: a JSON object the evaluation wrote, untrusted; only the
 # fields the metrics read are checked (each metric's reader), the rest is the evaluation's.
-SampleRow = dict[str, Any]
+SampleRow: TypeAlias = JSONObject
 
 
 def _refuse(name: str) -> float:
@@ -31,7 +33,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def read_samples(path: Path, definitions: Iterable[Mapping[str, Any]]) -> list[SampleRow]:
+def read_samples(path: Path, definitions: Iterable[MetricDefinition]) -> list[SampleRow]:
     """Read a per-sample JSON-lines file, checking each row has what the metrics need.
 
     Every row must carry an ``id`` and, for each metric, the fields it reads in the shape
@@ -49,7 +51,7 @@ class SampleRead:
     unusable: dict[str, str]
 
 
-def read_outputs(path: Path, definitions: Iterable[Mapping[str, Any]]) -> SampleRead:
+def read_outputs(path: Path, definitions: Iterable[MetricDefinition]) -> SampleRead:
     """Like :func:`read_samples`, but a field a metric cannot use sets only that metric aside.
 
     What no metric can do without (a row that is not a JSON object, a missing or duplicate

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import cast
 
 from pydantic import JsonValue
 
@@ -38,6 +38,7 @@ from runner.model.predicate import (
     RunPredicate,
 )
 from runner.model.spec import EvalSpec
+from runner.shared.definitions import MetricDefinition as SharedMetricDefinition
 from runner.workflows.compare_load import (
     GroupRun,
     RunSetEntry,
@@ -180,10 +181,14 @@ def differences(units: Sequence[Unit]) -> list[Difference]:
 # --------------------------------------------------------------------------- entries
 
 
-def _definition(predicate: RunPredicate, metric: str) -> dict[str, Any] | None:
+def _definition(predicate: RunPredicate, metric: str) -> SharedMetricDefinition | None:
+    """The metric's definition as the run's predicate signed it: the spec's own definition
+    (``MetricSpec.definition()``) and whether it gates. Read from a bundle, so only as
+    sound as the predicate's model checked it; ``build_metric`` refuses what it cannot
+    compute, and the paired test is then left out."""
     for d in _metric_definitions(predicate):
         if d.name == metric:
-            return dict(d.to_json())
+            return cast(SharedMetricDefinition, dict(d.to_json()))
     return None
 
 

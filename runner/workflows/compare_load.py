@@ -6,10 +6,9 @@ anything of it is read; per-sample outputs are read from the verified bundle, bo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner._internal.sanitize import one_line
 from runner._internal.strict_json import load_json_strict
@@ -19,6 +18,7 @@ from runner.bundle.run_records import RunFilter, RunRecord
 from runner.bundle.store import Store
 from runner.errors import IntegrityError, VerificationFailed
 from runner.model.predicate import RunPredicate, RunSetPredicate
+from runner.shared.sample_fields import Sample
 
 # What a paired test reads of one run's per-sample outputs at most.
 MAX_PAIRED_BYTES = 64 << 20
@@ -166,7 +166,7 @@ def load_run_sets(
     return found
 
 
-def samples_by_id(run: GroupRun) -> dict[str, Mapping[str, Any]] | None:
+def samples_by_id(run: GroupRun) -> dict[str, Sample] | None:
     """The run's per-sample outputs by sample id (None: none, too large, not JSON lines, or
     without unique ids). Read as the signed bytes: IntegrityError (exit 3) if they are not."""
     if run.opened is None:
@@ -174,7 +174,7 @@ def samples_by_id(run: GroupRun) -> dict[str, Mapping[str, Any]] | None:
     data = run.opened.read_optional(PREDICTIONS, max_bytes=MAX_PAIRED_BYTES)
     if data is None:
         return None
-    out: dict[str, Mapping[str, Any]] = {}
+    out: dict[str, Sample] = {}
     try:
         for line in data.decode("utf-8").splitlines():
             if not line.strip():

@@ -19,12 +19,12 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 from pydantic import JsonValue
 
+from runner.shared.definitions import MetricDefinition
 from runner.shared.metric_functions import build_metric
-from runner.shared.sample_fields import FieldError, MetricUndefined, SampleFormatError
+from runner.shared.sample_fields import FieldError, MetricUndefined, Sample, SampleFormatError
 
 SIGNIFICANCE_CRITERION = (
     "paired bootstrap of the difference on shared sample ids (interval excludes 0) where "
@@ -58,8 +58,8 @@ class Entry:
     ci_method: str | None
     ci_level: float | None
     # the metric's definition (for the paired test) and the per-sample outputs by id
-    definition: Mapping[str, Any] | None = None
-    samples: Mapping[str, Mapping[str, Any]] | None = None
+    definition: MetricDefinition | None = None
+    samples: Mapping[str, Sample] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def paired_bootstrap(
-    definition: Mapping[str, Any],
-    a: Mapping[str, Mapping[str, Any]],
-    b: Mapping[str, Mapping[str, Any]],
+    definition: MetricDefinition,
+    a: Mapping[str, Sample],
+    b: Mapping[str, Sample],
     *,
     seed: int = PAIRED_SEED,
     resamples: int = PAIRED_RESAMPLES,

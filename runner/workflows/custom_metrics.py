@@ -13,7 +13,6 @@ import dataclasses
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from runner.backends.collect import MetricCheck, read_json
 from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
@@ -78,7 +77,8 @@ def _sample_count(predictions: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def _reported(results: Path) -> dict[str, Any]:
+def _reported(results: Path) -> dict[str, object]:
+    """Each metric's value as the container reported it (untrusted: kept as found)."""
     reported = read_json(results / "metrics.json")
     items = reported.get("metrics") if isinstance(reported, dict) else None
     return {

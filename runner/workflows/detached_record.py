@@ -14,14 +14,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict
 
 from runner._internal.settings import Settings
 from runner.bundle.store import Store
 from runner.errors import InputError
+from runner.model.base import AS_JSON_OBJECT
 from runner.model.plan import RunPlan
+from runner.model.predicate import JsonObject
 from runner.workflows.run import Journal
 from runner.workflows.run_predicate import _now
 
@@ -44,7 +46,8 @@ class DetachedRecord(BaseModel):
     ttl_after_finished_s: int = 600
     started: str
     submitted: str
-    run_provenance: dict[str, Any]
+    # the provenance block as built at submission (runner.build.provenance), kept as found
+    run_provenance: Annotated[JsonObject, AS_JSON_OBJECT]
     run_target: str | None = None
     """The backend's target, part of the run's identity (API server and namespace)."""
 

@@ -31,7 +31,7 @@ from runner.errors import EvalrunError, IntegrityError
 from runner.model.lock import LockedSpec
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, BackendResult, RunPlan
-from runner.model.predicate import RunPredicate
+from runner.model.predicate import JsonObject, RunPredicate
 from runner.model.spec import EvalSpec
 from runner.render.markdown import render_markdown
 from runner.workflows.compare import check_group_definitions
@@ -85,10 +85,11 @@ class Journal:
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        self.records: list[dict[str, Any]] = []
+        # each event's fixed keys and the fields it was given: only ever written as JSON
+        self.records: list[dict[str, object]] = []
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
-        record = {
+        record: dict[str, object] = {
             "ts": time.time(),
             "level": level,
             "event": event,
@@ -231,7 +232,7 @@ def open_run(
     environ: Mapping[str, str] | None,
     annotate: Annotate | None = None,
     **start_facts: Any,
-) -> tuple[list[dict[str, Any]], Sealing]:
+) -> tuple[list[JsonObject], Sealing]:
     """The start of a new run (blocking or detached): its preprocessing records, and what
     sealing it will need — when it started, who launched it and why, its journal (the
     ``run_start`` event emitted, with ``start_facts``)."""
@@ -275,7 +276,7 @@ def plan_and_check(
     settings: Settings,
     stage: Path,
     sealing: Sealing,
-    steps: list[dict[str, Any]],
+    steps: list[JsonObject],
     backend: Backend,
     *,
     progress: Progress,

@@ -6,7 +6,9 @@ import datetime as dt
 import json
 from collections.abc import Mapping
 from importlib.metadata import version as dist_version
-from typing import Any
+from typing import Any, TypedDict
+
+from pydantic import JsonValue
 
 from runner.build.image import image_reproducibility
 from runner.errors import InputError
@@ -46,14 +48,19 @@ def _evalrun_version() -> str:
         return "unknown"
 
 
-def _queue_timestamps(result: BackendResult | None) -> dict[str, Any]:
+class _QueueTimestamps(TypedDict, total=False):
+    queued: str
+    queue_wait_s: float | None
+
+
+def _queue_timestamps(result: BackendResult | None) -> _QueueTimestamps:
     # only a queued run has these keys: older bundles and unqueued runs stay as they were
     if result is None or result.queued_at is None:
         return {}
     return {"queued": result.queued_at, "queue_wait_s": result.queue_wait_s}
 
 
-def _present(**fields: Any) -> dict[str, Any]:
+def _present(**fields: JsonValue) -> JsonObject:
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -81,7 +88,7 @@ def _metric_result(
             "compute": definition.compute,
             "field": definition.field,
             "role": definition.role,
-            "gating": is_gating(definition.model_dump(mode="json")),
+            "gating": is_gating(definition.definition()),
             "promoted": (
                 definition.promoted.model_dump(mode="json") if definition.promoted else None
             ),

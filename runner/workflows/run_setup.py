@@ -7,7 +7,7 @@ import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from runner._internal.settings import Settings
 from runner.adapters.sources import SourceOptions
@@ -18,7 +18,7 @@ from runner.errors import DigestMismatch, SpecError
 from runner.model.lock import LockedSpec, load_lock, lock_path_for
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, PlanInput, RunPlan
-from runner.model.predicate import RunPredicate
+from runner.model.predicate import JsonObject, RunPredicate
 from runner.model.spec import EvalSpec, load_spec
 from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
 
@@ -116,16 +116,18 @@ def _carry_preprocessing(spec: EvalSpec, spec_dir: Path, dest: Path) -> None:
             shutil.copy2(src, target)
 
 
-def _check_preprocessing(steps: list[dict[str, Any]], lock: LockedSpec) -> None:
+def _check_preprocessing(steps: list[JsonObject], lock: LockedSpec) -> None:
     """The preprocessing code found now must be the code that was locked."""
     locked = {p.name: p.code_digest for p in lock.preprocessing}
     for step in steps:
-        expected = locked.get(step["name"])
-        if expected != step["code_digest"]:
+        # PreprocessingRecord JSON (runner.build.provenance): these are strings
+        name, found = str(step["name"]), str(step["code_digest"])
+        expected = locked.get(name)
+        if expected != found:
             raise DigestMismatch(
-                f"preprocessing step {step['name']} ({step['code']})",
+                f"preprocessing step {name} ({step['code']})",
                 expected=expected or "not in the lock",
-                found=step["code_digest"],
+                found=found,
                 hint="the preprocessing code changed since it was locked; re-lock deliberately",
             )
 
