@@ -39,10 +39,14 @@ CREATE TABLE runs (
     backend TEXT,
     reproduction_of TEXT,
     reproduction_verdict TEXT,
-    listing TEXT
+    ls_run_id TEXT, ls_spec TEXT, ls_backend TEXT, ls_outcome TEXT, ls_started TEXT,
+    ls_metrics TEXT, ls_bundle TEXT
 );
 CREATE INDEX runs_run_id ON runs (run_id);
-CREATE INDEX runs_started ON runs (started, run_id);
+CREATE INDEX runs_listing ON runs (
+    started, run_id, kind,
+    ls_run_id, ls_spec, ls_backend, ls_outcome, ls_started, ls_metrics, ls_bundle
+);
 CREATE TABLE datasets (
     bundle_digest TEXT NOT NULL REFERENCES runs (bundle_digest) ON DELETE CASCADE,
     name TEXT, sha256 TEXT, split TEXT
@@ -89,10 +93,23 @@ _COLUMN_NAMES = (
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 _BUNDLE_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-# What ``runs ls`` reads: each run's cells, made (escaped and cut) when the run was
-# indexed and stored joined by LISTING_SEPARATOR (a character no escaped cell holds).
-LISTING_SEPARATOR = "\x1f"
-_LISTING = "listing"
+# What ``runs ls`` reads: each run's cells (:func:`listing_row`), made (escaped and cut)
+# when the run was indexed, one column each. The index ``runs_listing`` holds them too,
+# in listing order, so listing every run reads that index alone, never the table.
+_LISTING_COLUMNS = (
+    "ls_run_id",
+    "ls_spec",
+    "ls_backend",
+    "ls_outcome",
+    "ls_started",
+    "ls_metrics",
+    "ls_bundle",
+)
+_LISTING = ", ".join(_LISTING_COLUMNS)
+# A row evalrun wrote has text in every cell; one that does not (a damaged or planted
+# index) is not listed. Text sorts above every number and below every blob (NULL
+# compares as nothing): two comparisons, cheaper than typeof() over 100,000 rows.
+_LISTING_SHAPE = " AND ".join(f"{c} >= '' AND {c} < x''" for c in _LISTING_COLUMNS)
 
 
 def _text(value: str | None) -> str | None:
@@ -137,9 +154,17 @@ def _metric_row(n: object, v: object, lo: object, hi: object, p: object) -> Metr
     )
 
 
-def _select(columns: str, flt: RunFilter) -> tuple[str, list[object]]:
-    """The SQL (and its parameters) selecting ``columns`` of the runs ``flt`` matches."""
-    where: list[str] = []
+def _select(columns: str, flt: RunFilter, *, listed: bool = False) -> tuple[str, list[object]]:
+    """The SQL (and its parameters) selecting ``columns`` of the runs ``flt`` matches,
+    oldest first; with ``listed``, only rows with all their listing cells."""
+    condition, params = _where(flt, listed=listed)
+    sql = f"SELECT {columns} FROM runs WHERE {condition} ORDER BY started, run_id"  # noqa: S608
+    return sql, params
+
+
+def _where(flt: RunFilter, *, listed: bool = False) -> tuple[str, list[object]]:
+    """The condition (and its parameters) on ``runs`` that selects what ``flt`` matches."""
+    where: list[str] = [_LISTING_SHAPE] if listed else []
     params: list[object] = []
     if flt.kind is not None:
         where.append("kind = ?")
@@ -176,15 +201,14 @@ def _select(columns: str, flt: RunFilter) -> tuple[str, list[object]]:
             f"{condition} ORDER BY started DESC, run_id DESC LIMIT ?)"
         )
         params.append(max(flt.limit, 0))
-    sql = f"SELECT {columns} FROM runs WHERE {condition} ORDER BY started, run_id"  # noqa: S608
-    return sql, params
+    return condition, params
 
 
 def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
     """Store ``r`` (one row in runs, its datasets and metrics)."""
     r = _storable(r)
     conn.execute(
-        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT INTO runs VALUES ({','.join('?' * 25)})",  # noqa: S608 (placeholders)
         (
             r.bundle_digest,
             r.run_id,
@@ -204,7 +228,7 @@ def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
             r.backend,
             r.reproduction_of,
             r.reproduction_verdict,
-            LISTING_SEPARATOR.join(listing_row(r)),
+            *listing_row(r),
         ),
     )
     conn.executemany(
