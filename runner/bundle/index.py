@@ -52,8 +52,8 @@ from runner.bundle.run_records import (
     RunRecord,
     record_from_predicate,
 )
-from runner.bundle.store import BundleNotFound, Store, parse_digest
-from runner.errors import InputError, IntegrityError
+from runner.bundle.store_paths import StorePaths, parse_digest
+from runner.errors import BundleNotFound, InputError, IntegrityError
 
 log = logging.getLogger("evalrun.index")
 
@@ -80,7 +80,7 @@ class SyncReport:
 class History:
     """The SQLite run index of one store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StorePaths) -> None:
         self.store = store
         self.path = store.root / INDEX_NAME
         self._memory: sqlite3.Connection | None = None
