@@ -33,16 +33,16 @@ from typing import TypeVar
 
 from runner._internal.sanitize import one_line
 from runner.bundle.index_sql import (
-    _BUNDLE_DIGEST,
-    _COLUMN_NAMES,
     _COLUMNS,
-    _INT_COLUMNS,
     _LISTING,
     _LISTING_COLUMNS,
     _SCHEMA,
+    _children,
+    _listing_covers,
+    _listing_sql,
     _metric_row,
+    _row_record,
     _select,
-    _where,
     insert_record,
 )
 from runner.bundle.run_records import (
@@ -330,35 +330,34 @@ class History:
     def listing_lines(
         self, flt: RunFilter | None, min_widths: Sequence[int]
     ) -> tuple[list[int], list[str]]:
-        """:meth:`listing` laid out by SQLite: the width of each column (its longest cell,
-        at least ``min_widths``) and, oldest first, each run's line — its cells each padded
-        to its column's width but the last, two blanks apart.
+        """:meth:`listing` laid out: the width of each column (its longest cell, at least
+        ``min_widths``) and, oldest first, each run's line — its cells each padded to its
+        column's width but the last, two blanks apart, as Python's ``%-Ns`` pads.
 
-        The lines are those Python's ``%-Ns`` makes of the same cells: SQLite's ``!`` flag
-        counts width in characters (code points), as ``len`` does; a cell holds no NUL
-        (escaped when indexed). 100,000 runs: two reads of the index ``runs_listing``,
-        no Python per cell.
+        SQLite lays them out (:func:`_listing_sql`: no Python per cell) when the filter
+        reads only what the index ``runs_listing`` holds; a filter on another column
+        (model, image, dataset, reproduction) reads the table, once, and Python lays out.
         """
         if len(min_widths) != len(_LISTING_COLUMNS):
             raise ValueError(f"{len(_LISTING_COLUMNS)} column widths, got {len(min_widths)}")
+        flt = flt or RunFilter()
+        if not _listing_covers(flt):
+            rows = self.listing(flt)
+            if not rows:
+                return list(min_widths), []
+            columns = zip(*rows, strict=True)
+            widths = [
+                max(least, *map(len, c)) for least, c in zip(min_widths, columns, strict=True)
+            ]
+            layout = "  ".join([*(f"%-{w}s" for w in widths[:-1]), "%s"])
+            return widths, [layout % tuple(row) for row in rows]
         self.sync()
-        condition, params = _where(flt or RunFilter(), listed=True)
-        longest = ", ".join(f"max(length({c}))" for c in _LISTING_COLUMNS)
-        *padded, last = _LISTING_COLUMNS
-        layout = "  ".join(["%-!*s"] * len(padded) + ["%s"])
-        cells = ", ".join([*(f"?, {c}" for c in padded), last])
-        lines_sql = (
-            f"SELECT printf('{layout}', {cells}) FROM runs "  # noqa: S608 (fixed names)
-            f"WHERE {condition} ORDER BY started, run_id"
-        )
+        widths_sql, lines_sql, params = _listing_sql(flt)
 
         def select() -> tuple[list[int], list[str]]:
             with self._connect() as conn:
                 conn.execute("BEGIN")  # one snapshot: the widths are those of the lines
-                found = conn.execute(
-                    f"SELECT {longest} FROM runs WHERE {condition}",  # noqa: S608
-                    params,
-                ).fetchone()
+                found = conn.execute(widths_sql, params).fetchone()
                 widths = [
                     max(n if type(n) is int else 0, least)
                     for n, least in zip(found, min_widths, strict=True)
@@ -385,67 +384,18 @@ class History:
         datasets: dict[str, list[tuple[str, str, str]]] = {}
         metrics: dict[str, list[MetricRecord]] = {}
         if rows:
-            for d, n, sha, sp in self._children(conn, "name, sha256, split", "datasets", rows):
+            for d, n, sha, sp in _children(conn, "name, sha256, split", "datasets", rows):
                 datasets.setdefault(str(d), []).append((str(n), str(sha), str(sp)))
-            for d, n, v, lo, hi, p in self._children(
+            for d, n, v, lo, hi, p in _children(
                 conn, "name, value, low, high, passed", "metrics", rows
             ):
                 metrics.setdefault(str(d), []).append(_metric_row(n, v, lo, hi, p))
         out = []
         for row in rows:
-            record = self._row_record(row, datasets, metrics)
+            record = _row_record(self.store.bundles_dir, row, datasets, metrics)
             if record is not None:
                 out.append(record)
         return out
-
-    @staticmethod
-    def _children(
-        conn: sqlite3.Connection, columns: str, table: str, rows: list[tuple[object, ...]]
-    ) -> list[tuple[object, ...]]:
-        """The ``table`` rows of the bundles in ``rows``, in insertion order."""
-        sql = f"SELECT bundle_digest, {columns} FROM {table}"  # noqa: S608 (fixed names)
-        total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
-        if len(rows) * 4 >= total:
-            return conn.execute(sql + " ORDER BY rowid").fetchall()
-        digests = [row[0] for row in rows]
-        found: list[tuple[object, ...]] = []
-        for start in range(0, len(digests), 500):
-            batch = digests[start : start + 500]
-            marks = ",".join("?" * len(batch))
-            found += conn.execute(
-                f"{sql} WHERE bundle_digest IN ({marks}) ORDER BY rowid", batch
-            ).fetchall()
-        return found
-
-    def _row_record(
-        self,
-        row: Sequence[object],
-        datasets: dict[str, list[tuple[str, str, str]]],
-        metrics: dict[str, list[MetricRecord]],
-    ) -> RunRecord | None:
-        """The record of one row, every value of its column's type (None where it is not);
-        a row without a valid digest or run id is skipped."""
-        digest, run_id = row[0], row[1]
-        if not isinstance(digest, str) or not isinstance(run_id, str):
-            return None
-        match = _BUNDLE_DIGEST.fullmatch(digest)
-        if match is None:
-            return None
-        fields: dict[str, object] = {
-            key: value
-            # exact types: a bool is not an int here
-            if type(value) is (int if key in _INT_COLUMNS else str)
-            else None
-            for key, value in zip(_COLUMN_NAMES, row, strict=True)
-        }
-        fields["kind"] = fields.get("kind") or "run"
-        fields["bundle_digest"], fields["run_id"] = digest, run_id
-        return RunRecord(
-            path=self.store.bundles_dir / f"sha256-{match.group(1)}",
-            datasets=tuple(datasets.get(digest, ())),
-            metrics=tuple(metrics.get(digest, ())),
-            **fields,  # type: ignore[arg-type]
-        )
 
     def _record(self, conn: sqlite3.Connection, row: sqlite3.Row) -> RunRecord:
         digest = row["bundle_digest"]
@@ -469,7 +419,7 @@ class History:
                 )
             ]
         }
-        record = self._row_record(row, datasets, metrics)
+        record = _row_record(self.store.bundles_dir, row, datasets, metrics)
         if record is None:
             raise sqlite3.DatabaseError("a run index row without a digest or run id")
         return record

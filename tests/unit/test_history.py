@@ -174,6 +174,28 @@ def test_cli_runs_ls_filters_and_json(populated, capsys) -> None:
     assert "r-aaaaaaaaaaaaaaaaaaaaaaaa" in table and "↺identical" in table
 
 
+@pytest.mark.parametrize(
+    "flt",
+    [
+        RunFilter(),
+        RunFilter(kind=None, limit=2),
+        RunFilter(spec="digits-logreg", outcome="passed", since="2026-11-21"),
+        RunFilter(spec="nothing-by-this-name"),
+        RunFilter(model="7777"),  # not in the listing index: the table, laid out in Python
+        RunFilter(dataset="5555"),
+        RunFilter(reproduction_of="r-aaaaaaaaaaaaaaaaaaaaaaaa"),
+    ],
+)
+def test_the_laid_out_listing_is_the_table_of_the_records(populated, flt) -> None:
+    from runner.render.run_list import HEADER_WIDTHS, format_lines, format_listing, format_table
+
+    store, _ = populated
+    history = History(store)
+    table = format_table(history.query(flt))
+    assert format_listing(history.listing(flt)) == table
+    assert format_lines(*history.listing_lines(flt, HEADER_WIDTHS)) == table
+
+
 def test_cli_runs_ls_imports_no_models_signing_or_backends(populated) -> None:
     """``runs ls`` over an index in sync reads the index only: it must not pay for
     pydantic, the signing code or a backend client to start."""
