@@ -63,9 +63,29 @@ def _cut(text: str, limit: int | None) -> str:
     return f"{text[:limit]}…({len(text) - limit} more characters)"
 
 
+# Printable ASCII, newline and tab: the characters :data:`_TERMINAL` never matches.
+_PLAIN_ASCII = bytes(range(0x20, 0x7F)) + b"\n\t"
+
+
+def _has_invisible(text: str) -> bool:
+    """Whether :data:`_TERMINAL` matches somewhere in ``text``.
+
+    The regex looks at every character (~10 ns each: 0.15 s for ``runs ls`` of 100,000
+    runs). Output is mostly plain ASCII, which it never matches: dropping those bytes
+    from the UTF-8 form (C speed) leaves every other character whole, in order, and the
+    regex runs over what is left. Text that cannot be UTF-8 (lone surrogates, which the
+    regex matches) goes to the regex as it is.
+    """
+    try:
+        rest = text.encode("utf-8").translate(None, _PLAIN_ASCII)
+    except UnicodeEncodeError:
+        return _TERMINAL.search(text) is not None
+    return _TERMINAL.search(rest.decode("utf-8")) is not None
+
+
 def terminal_text(text: str) -> str:
     """``text`` with every control character but newline and tab shown as an escape."""
-    return _TERMINAL.sub(_shown, text) if _TERMINAL.search(text) else text
+    return _TERMINAL.sub(_shown, text) if _has_invisible(text) else text
 
 
 def is_one_line(text: str) -> bool:

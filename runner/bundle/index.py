@@ -33,33 +33,36 @@ from typing import TypeVar
 
 from runner._internal.sanitize import one_line
 from runner.bundle.index_sql import (
-    _BUNDLE_DIGEST,
-    _COLUMN_NAMES,
     _COLUMNS,
-    _INT_COLUMNS,
     _LISTING,
+    _LISTING_COLUMNS,
     _SCHEMA,
-    LISTING_SEPARATOR,
+    _children,
+    _listing_covers,
+    _listing_sql,
     _metric_row,
+    _row_record,
     _select,
     insert_record,
 )
 from runner.bundle.run_records import (
-    LISTING_CELLS,
     ListRow,
     MetricRecord,
     RunFilter,
     RunRecord,
     record_from_predicate,
 )
-from runner.bundle.store import BundleNotFound, Store, parse_digest
-from runner.errors import InputError, IntegrityError
+from runner.bundle.store_paths import StorePaths, parse_digest
+from runner.errors import BundleNotFound, InputError, IntegrityError
 
 log = logging.getLogger("evalrun.index")
 
 INDEX_NAME = "history.sqlite"
-SCHEMA_VERSION = "6"
+SCHEMA_VERSION = "7"
 
+# SQLite's page cache for one connection, in KiB (negative: a size, not pages); the
+# default 2 MiB spills to disk while a reindex of 100,000 runs writes its indexes.
+_CACHE_KIB = -65536
 _T = TypeVar("_T")
 # What a damaged index raises: not a database, or text in it that is not UTF-8 (SQLite
 # stores what it is given; Python's sqlite3 raises when it decodes such a value).
@@ -77,7 +80,7 @@ class SyncReport:
 class History:
     """The SQLite run index of one store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StorePaths) -> None:
         self.store = store
         self.path = store.root / INDEX_NAME
         self._memory: sqlite3.Connection | None = None
@@ -108,6 +111,7 @@ class History:
             try:
                 conn = sqlite3.connect(self.path, timeout=30.0)
                 conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute(f"PRAGMA cache_size = {_CACHE_KIB}")
                 self._ensure_schema(conn)
                 return conn
             except _DAMAGE:
@@ -312,16 +316,54 @@ class History:
         return self._recovering(lambda: self._resynced(select))
 
     def listing(self, flt: RunFilter | None = None) -> list[ListRow]:
-        """What ``runs ls`` shows of the runs ``flt`` matches, oldest first; one query."""
+        """What ``runs ls`` shows of the runs ``flt`` matches, oldest first; one query.
+        A row without text in every cell (damaged, planted) is not listed."""
         self.sync()
-        sql, params = _select(_LISTING, flt or RunFilter())
+        sql, params = _select(_LISTING, flt or RunFilter(), listed=True)
 
         def select() -> list[ListRow]:
             with self._connect() as conn:
-                lines = conn.execute(sql, params).fetchall()
-            rows = [line.split(LISTING_SEPARATOR) for (line,) in lines if isinstance(line, str)]
-            # a row of another shape is not one this index wrote (damaged, planted)
-            return [row for row in rows if len(row) == LISTING_CELLS]
+                return [list(row) for row in conn.execute(sql, params)]
+
+        return self._recovering(lambda: self._resynced(select))
+
+    def listing_lines(
+        self, flt: RunFilter | None, min_widths: Sequence[int]
+    ) -> tuple[list[int], list[str]]:
+        """:meth:`listing` laid out: the width of each column (its longest cell, at least
+        ``min_widths``) and, oldest first, each run's line — its cells each padded to its
+        column's width but the last, two blanks apart, as Python's ``%-Ns`` pads.
+
+        SQLite lays them out (:func:`_listing_sql`: no Python per cell) when the filter
+        reads only what the index ``runs_listing`` holds; a filter on another column
+        (model, image, dataset, reproduction) reads the table, once, and Python lays out.
+        """
+        if len(min_widths) != len(_LISTING_COLUMNS):
+            raise ValueError(f"{len(_LISTING_COLUMNS)} column widths, got {len(min_widths)}")
+        flt = flt or RunFilter()
+        if not _listing_covers(flt):
+            rows = self.listing(flt)
+            if not rows:
+                return list(min_widths), []
+            columns = zip(*rows, strict=True)
+            widths = [
+                max(least, *map(len, c)) for least, c in zip(min_widths, columns, strict=True)
+            ]
+            layout = "  ".join([*(f"%-{w}s" for w in widths[:-1]), "%s"])
+            return widths, [layout % tuple(row) for row in rows]
+        self.sync()
+        widths_sql, lines_sql, params = _listing_sql(flt)
+
+        def select() -> tuple[list[int], list[str]]:
+            with self._connect() as conn:
+                conn.execute("BEGIN")  # one snapshot: the widths are those of the lines
+                found = conn.execute(widths_sql, params).fetchone()
+                widths = [
+                    max(n if type(n) is int else 0, least)
+                    for n, least in zip(found, min_widths, strict=True)
+                ]
+                lines = conn.execute(lines_sql, [*widths[:-1], *params]).fetchall()
+            return widths, [line for (line,) in lines]
 
         return self._recovering(lambda: self._resynced(select))
 
@@ -342,67 +384,18 @@ class History:
         datasets: dict[str, list[tuple[str, str, str]]] = {}
         metrics: dict[str, list[MetricRecord]] = {}
         if rows:
-            for d, n, sha, sp in self._children(conn, "name, sha256, split", "datasets", rows):
+            for d, n, sha, sp in _children(conn, "name, sha256, split", "datasets", rows):
                 datasets.setdefault(str(d), []).append((str(n), str(sha), str(sp)))
-            for d, n, v, lo, hi, p in self._children(
+            for d, n, v, lo, hi, p in _children(
                 conn, "name, value, low, high, passed", "metrics", rows
             ):
                 metrics.setdefault(str(d), []).append(_metric_row(n, v, lo, hi, p))
         out = []
         for row in rows:
-            record = self._row_record(row, datasets, metrics)
+            record = _row_record(self.store.bundles_dir, row, datasets, metrics)
             if record is not None:
                 out.append(record)
         return out
-
-    @staticmethod
-    def _children(
-        conn: sqlite3.Connection, columns: str, table: str, rows: list[tuple[object, ...]]
-    ) -> list[tuple[object, ...]]:
-        """The ``table`` rows of the bundles in ``rows``, in insertion order."""
-        sql = f"SELECT bundle_digest, {columns} FROM {table}"  # noqa: S608 (fixed names)
-        total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
-        if len(rows) * 4 >= total:
-            return conn.execute(sql + " ORDER BY rowid").fetchall()
-        digests = [row[0] for row in rows]
-        found: list[tuple[object, ...]] = []
-        for start in range(0, len(digests), 500):
-            batch = digests[start : start + 500]
-            marks = ",".join("?" * len(batch))
-            found += conn.execute(
-                f"{sql} WHERE bundle_digest IN ({marks}) ORDER BY rowid", batch
-            ).fetchall()
-        return found
-
-    def _row_record(
-        self,
-        row: Sequence[object],
-        datasets: dict[str, list[tuple[str, str, str]]],
-        metrics: dict[str, list[MetricRecord]],
-    ) -> RunRecord | None:
-        """The record of one row, every value of its column's type (None where it is not);
-        a row without a valid digest or run id is skipped."""
-        digest, run_id = row[0], row[1]
-        if not isinstance(digest, str) or not isinstance(run_id, str):
-            return None
-        match = _BUNDLE_DIGEST.fullmatch(digest)
-        if match is None:
-            return None
-        fields: dict[str, object] = {
-            key: value
-            # exact types: a bool is not an int here
-            if type(value) is (int if key in _INT_COLUMNS else str)
-            else None
-            for key, value in zip(_COLUMN_NAMES, row, strict=True)
-        }
-        fields["kind"] = fields.get("kind") or "run"
-        fields["bundle_digest"], fields["run_id"] = digest, run_id
-        return RunRecord(
-            path=self.store.bundles_dir / f"sha256-{match.group(1)}",
-            datasets=tuple(datasets.get(digest, ())),
-            metrics=tuple(metrics.get(digest, ())),
-            **fields,  # type: ignore[arg-type]
-        )
 
     def _record(self, conn: sqlite3.Connection, row: sqlite3.Row) -> RunRecord:
         digest = row["bundle_digest"]
@@ -426,7 +419,7 @@ class History:
                 )
             ]
         }
-        record = self._row_record(row, datasets, metrics)
+        record = _row_record(self.store.bundles_dir, row, datasets, metrics)
         if record is None:
             raise sqlite3.DatabaseError("a run index row without a digest or run id")
         return record

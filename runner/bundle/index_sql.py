@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
 
 from runner._internal.sanitize import one_line
 from runner.bundle.run_records import (
@@ -39,10 +41,14 @@ CREATE TABLE runs (
     backend TEXT,
     reproduction_of TEXT,
     reproduction_verdict TEXT,
-    listing TEXT
+    ls_run_id TEXT, ls_spec TEXT, ls_backend TEXT, ls_outcome TEXT, ls_started TEXT,
+    ls_metrics TEXT, ls_bundle TEXT
 );
 CREATE INDEX runs_run_id ON runs (run_id);
-CREATE INDEX runs_started ON runs (started, run_id);
+CREATE INDEX runs_listing ON runs (
+    started, run_id, kind, spec_name, outcome,
+    ls_run_id, ls_spec, ls_backend, ls_outcome, ls_started, ls_metrics, ls_bundle
+);
 CREATE TABLE datasets (
     bundle_digest TEXT NOT NULL REFERENCES runs (bundle_digest) ON DELETE CASCADE,
     name TEXT, sha256 TEXT, split TEXT
@@ -89,10 +95,24 @@ _COLUMN_NAMES = (
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 _BUNDLE_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-# What ``runs ls`` reads: each run's cells, made (escaped and cut) when the run was
-# indexed and stored joined by LISTING_SEPARATOR (a character no escaped cell holds).
-LISTING_SEPARATOR = "\x1f"
-_LISTING = "listing"
+# What ``runs ls`` reads: each run's cells (:func:`listing_row`), made (escaped and cut)
+# when the run was indexed, one column each. The index ``runs_listing`` holds them too,
+# in listing order, with the columns the usual filters read (kind, spec, outcome, start):
+# such a listing reads that index alone, never the table.
+_LISTING_COLUMNS = (
+    "ls_run_id",
+    "ls_spec",
+    "ls_backend",
+    "ls_outcome",
+    "ls_started",
+    "ls_metrics",
+    "ls_bundle",
+)
+_LISTING = ", ".join(_LISTING_COLUMNS)
+# A row evalrun wrote has text in every cell; one that does not (a damaged or planted
+# index) is not listed. Text sorts above every number and below every blob (NULL
+# compares as nothing): two comparisons, cheaper than typeof() over 100,000 rows.
+_LISTING_SHAPE = " AND ".join(f"{c} >= '' AND {c} < x''" for c in _LISTING_COLUMNS)
 
 
 def _text(value: str | None) -> str | None:
@@ -137,9 +157,68 @@ def _metric_row(n: object, v: object, lo: object, hi: object, p: object) -> Metr
     )
 
 
-def _select(columns: str, flt: RunFilter) -> tuple[str, list[object]]:
-    """The SQL (and its parameters) selecting ``columns`` of the runs ``flt`` matches."""
-    where: list[str] = []
+def _children(
+    conn: sqlite3.Connection, columns: str, table: str, rows: list[tuple[object, ...]]
+) -> list[tuple[object, ...]]:
+    """The ``table`` rows of the bundles in ``rows``, in insertion order."""
+    sql = f"SELECT bundle_digest, {columns} FROM {table}"  # noqa: S608 (fixed names)
+    total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    if len(rows) * 4 >= total:
+        return conn.execute(sql + " ORDER BY rowid").fetchall()
+    digests = [row[0] for row in rows]
+    found: list[tuple[object, ...]] = []
+    for start in range(0, len(digests), 500):
+        batch = digests[start : start + 500]
+        marks = ",".join("?" * len(batch))
+        found += conn.execute(
+            f"{sql} WHERE bundle_digest IN ({marks}) ORDER BY rowid", batch
+        ).fetchall()
+    return found
+
+
+def _row_record(
+    bundles_dir: Path,
+    row: Sequence[object],
+    datasets: dict[str, list[tuple[str, str, str]]],
+    metrics: dict[str, list[MetricRecord]],
+) -> RunRecord | None:
+    """The record of one row of ``runs`` (in :data:`_COLUMNS` order), every value of its
+    column's type (None where it is not); a row without a valid digest or run id is
+    skipped."""
+    digest, run_id = row[0], row[1]
+    if not isinstance(digest, str) or not isinstance(run_id, str):
+        return None
+    match = _BUNDLE_DIGEST.fullmatch(digest)
+    if match is None:
+        return None
+    fields: dict[str, object] = {
+        key: value
+        # exact types: a bool is not an int here
+        if type(value) is (int if key in _INT_COLUMNS else str)
+        else None
+        for key, value in zip(_COLUMN_NAMES, row, strict=True)
+    }
+    fields["kind"] = fields.get("kind") or "run"
+    fields["bundle_digest"], fields["run_id"] = digest, run_id
+    return RunRecord(
+        path=bundles_dir / f"sha256-{match.group(1)}",
+        datasets=tuple(datasets.get(digest, ())),
+        metrics=tuple(metrics.get(digest, ())),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _select(columns: str, flt: RunFilter, *, listed: bool = False) -> tuple[str, list[object]]:
+    """The SQL (and its parameters) selecting ``columns`` of the runs ``flt`` matches,
+    oldest first; with ``listed``, only rows with all their listing cells."""
+    condition, params = _where(flt, listed=listed)
+    sql = f"SELECT {columns} FROM runs WHERE {condition} ORDER BY started, run_id"  # noqa: S608
+    return sql, params
+
+
+def _where(flt: RunFilter, *, listed: bool = False) -> tuple[str, list[object]]:
+    """The condition (and its parameters) on ``runs`` that selects what ``flt`` matches."""
+    where: list[str] = [_LISTING_SHAPE] if listed else []
     params: list[object] = []
     if flt.kind is not None:
         where.append("kind = ?")
@@ -176,15 +255,41 @@ def _select(columns: str, flt: RunFilter) -> tuple[str, list[object]]:
             f"{condition} ORDER BY started DESC, run_id DESC LIMIT ?)"
         )
         params.append(max(flt.limit, 0))
-    sql = f"SELECT {columns} FROM runs WHERE {condition} ORDER BY started, run_id"  # noqa: S608
-    return sql, params
+    return condition, params
+
+
+def _listing_covers(flt: RunFilter) -> bool:
+    """Whether what ``flt`` reads is all in the index ``runs_listing``."""
+    return (flt.model, flt.image, flt.dataset, flt.reproduction_of) == (None,) * 4
+
+
+def _listing_sql(flt: RunFilter) -> tuple[str, str, list[object]]:
+    """The listing of what ``flt`` matches, laid out by SQLite: the SQL of the column
+    widths (the longest cell of each), that of the lines (each cell but the last padded
+    to its width, given as parameters before ``params``), and ``params``.
+
+    ``printf``'s ``!`` flag counts width in characters (code points), as Python's ``len``
+    does, so the lines are those ``%-Ns`` makes of the same cells; ``length`` and ``%s``
+    both stop at a NUL, which no cell holds (escaped when indexed).
+    """
+    condition, params = _where(flt, listed=True)
+    longest = ", ".join(f"max(length({c}))" for c in _LISTING_COLUMNS)
+    *padded, last = _LISTING_COLUMNS
+    layout = "  ".join(["%-!*s"] * len(padded) + ["%s"])
+    cells = ", ".join([*(f"?, {c}" for c in padded), last])
+    return (
+        f"SELECT {longest} FROM runs WHERE {condition}",  # noqa: S608 (fixed names)
+        f"SELECT printf('{layout}', {cells}) FROM runs "  # noqa: S608
+        f"WHERE {condition} ORDER BY started, run_id",
+        params,
+    )
 
 
 def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
     """Store ``r`` (one row in runs, its datasets and metrics)."""
     r = _storable(r)
     conn.execute(
-        "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        f"INSERT INTO runs VALUES ({','.join('?' * 25)})",  # noqa: S608 (placeholders)
         (
             r.bundle_digest,
             r.run_id,
@@ -204,7 +309,7 @@ def insert_record(conn: sqlite3.Connection, r: RunRecord) -> None:
             r.backend,
             r.reproduction_of,
             r.reproduction_verdict,
-            LISTING_SEPARATOR.join(listing_row(r)),
+            *listing_row(r),
         ),
     )
     conn.executemany(

@@ -42,6 +42,7 @@ from runner.bundle.metadata import (
     load_json_strict,
 )
 from runner.bundle.signing import DsseEnvelope, b64_decode_canonical
+from runner.bundle.store_paths import StorePaths, parse_digest
 from runner.errors import (
     BundleNotFound,
     InputError,
@@ -51,7 +52,6 @@ from runner.errors import (
     UnsafeBundleEntry,
 )
 
-_DIGEST = re.compile(r"^(?:sha256[:-])?([0-9a-f]{64})$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -87,16 +87,6 @@ def default_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_data_dir("evalrun"))
-
-
-def parse_digest(digest: str) -> str:
-    """Return the sha256 hex of ``digest`` given as ``sha256:<hex>``, ``sha256-<hex>`` or hex."""
-    match = _DIGEST.match(digest.strip())
-    if not match:
-        raise InputError(
-            f"not a bundle digest: {digest!r}", hint="expected sha256:<64 lowercase hex>"
-        )
-    return match.group(1)
 
 
 def _outcome_of(predicate: Mapping[str, Any]) -> str | None:
@@ -148,14 +138,11 @@ def _make_read_only(root: Path) -> None:
             here.chmod(0o555)
 
 
-class Store:
+class Store(StorePaths):
     """The content-addressed bundle store rooted at ``root`` (default: :func:`default_root`)."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root if root is not None else default_root()
-        self.bundles_dir = self.root / "bundles"
-        self.runs_dir = self.root / "runs"
-        self.tmp_dir = self.root / "tmp"
+        super().__init__(root if root is not None else default_root())
 
     def _ensure_layout(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 
 
 def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int:
+    # not runner.bundle.store: listing needs only where the store is, not pydantic
     from runner.bundle.index import History
     from runner.bundle.run_records import RunFilter
-    from runner.bundle.store import Store
-    from runner.render.run_list import format_listing
+    from runner.bundle.store_paths import StorePaths
+    from runner.render.run_list import HEADER_WIDTHS, format_lines
 
     flt = RunFilter(
         spec=args.spec,
@@ -55,12 +56,12 @@ def cmd_runs_ls(args: argparse.Namespace, settings: Settings, term: Term) -> int
         reproduction_of=args.reproduces,
         limit=args.limit,
     )
-    history = History(Store(settings.home))
+    history = History(StorePaths(settings.home))
     if args.json:
         emit_json([r.as_dict() for r in history.query(flt)])
     else:
-        # straight from the index: one query, no record per run
-        print(format_listing(history.listing(flt)))
+        # straight from the index, laid out by SQLite: no record, no Python per cell
+        print(format_lines(*history.listing_lines(flt, HEADER_WIDTHS)))
     return 0
 
 

@@ -174,6 +174,54 @@ def test_cli_runs_ls_filters_and_json(populated, capsys) -> None:
     assert "r-aaaaaaaaaaaaaaaaaaaaaaaa" in table and "↺identical" in table
 
 
+@pytest.mark.parametrize(
+    "flt",
+    [
+        RunFilter(),
+        RunFilter(kind=None, limit=2),
+        RunFilter(spec="digits-logreg", outcome="passed", since="2026-11-21"),
+        RunFilter(spec="nothing-by-this-name"),
+        RunFilter(model="7777"),  # not in the listing index: the table, laid out in Python
+        RunFilter(dataset="5555"),
+        RunFilter(reproduction_of="r-aaaaaaaaaaaaaaaaaaaaaaaa"),
+    ],
+)
+def test_the_laid_out_listing_is_the_table_of_the_records(populated, flt) -> None:
+    from runner.render.run_list import HEADER_WIDTHS, format_lines, format_listing, format_table
+
+    store, _ = populated
+    history = History(store)
+    table = format_table(history.query(flt))
+    assert format_listing(history.listing(flt)) == table
+    assert format_lines(*history.listing_lines(flt, HEADER_WIDTHS)) == table
+
+
+def test_cli_runs_ls_imports_no_models_signing_or_backends(populated) -> None:
+    """``runs ls`` over an index in sync reads the index only: it must not pay for
+    pydantic, the signing code or a backend client to start."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from runner.cli.main import main; code = main(['runs', 'ls']); "
+        "heavy = ('pydantic', 'cryptography', 'docker', 'kubernetes', 'runner.bundle.store'); "
+        "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in heavy "
+        "or m == 'runner.bundle.store'), code)"
+    )
+    store, _ = populated
+    History(store).sync()  # indexing a new bundle reads it (the models): not this case
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "EVALRUN_HOME": str(store.root)},
+    ).stdout
+    assert "r-aaaaaaaaaaaaaaaaaaaaaaaa" in out
+    assert out.rstrip().endswith("IMPORTED [] 0"), out[-500:]
+
+
 def test_cli_runs_show_prints_report_and_verification(populated, capsys) -> None:
     assert main(["runs", "show", "r-aaaaaaaa"]) == 0
     out = capsys.readouterr().out

@@ -163,33 +163,46 @@ def test_cli_lists_and_reindexes_with_a_garbage_index(store: Store, capsys) -> N
     assert main(["runs", "ls", "--json"]) == 0
 
 
-def test_odd_listing_values_in_the_index_are_skipped_never_shown_raw(store: Store) -> None:
+def test_odd_listing_values_in_the_index_are_skipped_never_shown_raw(store: Store, capsys) -> None:
     """``runs ls`` reads each run's stored cells; a damaged or planted value there (not
-    text, another cell count, raw escapes) is skipped or shown escaped, never a crash."""
-    from runner.render.run_list import format_listing
+    text in a cell, raw escapes) is skipped or shown escaped, never a crash."""
+    from runner.render.run_list import HEADER_WIDTHS, format_lines, format_listing
 
     with sqlite3.connect(_index(store)) as conn:
         digests = [d for (d,) in conn.execute("SELECT bundle_digest FROM runs ORDER BY run_id")]
-        conn.execute("UPDATE runs SET listing = x'ff00' WHERE bundle_digest = ?", (digests[0],))
-        conn.execute("UPDATE runs SET listing = 'a\x1fb' WHERE bundle_digest = ?", (digests[1],))
-        conn.execute("UPDATE runs SET listing = ? WHERE bundle_digest = ?",
-                     ("\x1f".join(["r-planted\x1b[2J", *"abcdef"]), digests[2]))
-    rows = History(store).listing(RunFilter(kind=None))
+        conn.execute("UPDATE runs SET ls_spec = x'ff00' WHERE bundle_digest = ?", (digests[0],))
+        conn.execute("UPDATE runs SET ls_bundle = NULL, ls_metrics = 7 WHERE bundle_digest = ?",
+                     (digests[1],))
+        conn.execute("UPDATE runs SET ls_run_id = ?, ls_spec = ? WHERE bundle_digest = ?",
+                     ("r-planted\x1b[2J", "\u202es" * 90, digests[2]))
+    history = History(store)
+    rows = history.listing(RunFilter(kind=None))
     assert [row[0] for row in rows] == ["r-planted\x1b[2J"]
-    assert main(["runs", "ls"]) == 0  # SafeStream escapes what the index was made to hold
     assert format_listing(rows).startswith("run id")
+    assert format_lines(*history.listing_lines(RunFilter(kind=None), HEADER_WIDTHS)) == (
+        format_listing(rows)
+    )
+    assert main(["runs", "ls"]) == 0  # SafeStream escapes what the index was made to hold
+    out = capsys.readouterr().out
+    assert "r-planted\\x1b[2J" in out and "\\u202es" in out
+    assert "\x1b" not in out and "\u202e" not in out
 
 
 def test_the_stored_listing_is_the_table_of_the_records(tmp_path: Path, monkeypatch) -> None:
     """Cells made at indexing (escaped, cut) print the same table as the records do."""
-    from runner.render.run_list import format_listing, format_table
+    from runner.render.run_list import HEADER_WIDTHS, format_lines, format_listing, format_table
 
     store, signer = _keyed_store(tmp_path, monkeypatch)
     odd = {"spec.name": "evil\x1b]0;title\x07\nspec\u202e", "outcome": "passed"}
     store_run(store, signer, predicate(run_id="r-" + "d" * 24, **odd))
     store_run(store, signer, predicate(run_id="r-" + "e" * 24, **{"spec.name": "s" * 500}))
+    # cells SQLite pads as Python does: width in code points (wide, combining, astral)
+    wide = {"spec.name": "模型評估-e\u0301-🧪" * 3, "outcome": "passed"}
+    store_run(store, signer, predicate(run_id="r-" + "f" * 24, **wide))
     history = History(store)
     listed = format_listing(history.listing(RunFilter(kind=None)))
     assert listed == format_table(history.query(RunFilter(kind=None)))
+    assert format_lines(*history.listing_lines(RunFilter(kind=None), HEADER_WIDTHS)) == listed
+    assert "模型評估" in listed
     assert "\x1b" not in listed and "\u202e" not in listed and "\\x1b" in listed
     assert "s" * 81 not in listed  # the spec cell is cut to its column's limit

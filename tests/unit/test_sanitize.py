@@ -135,6 +135,28 @@ def test_the_sanitisers_show_what_they_escape() -> None:
     assert map_strings({"\x1b": ["\x1b", 1, None]}, one_line) == {"\\x1b": ["\\x1b", 1, None]}
 
 
+def test_the_terminal_guard_finds_every_character_it_escapes_in_a_large_output() -> None:
+    """The guard's fast path drops plain ASCII and runs the regex over what is left: it
+    must see every character the regex would, wherever it sits in a large output."""
+    from runner._internal.sanitize import _PLAIN_ASCII, _TERMINAL, _has_invisible, _shown
+
+    assert not any(_TERMINAL.match(chr(b)) for b in _PLAIN_ASCII)
+    table = "run id  spec  metrics\n" + "r-1  s — ✓  acc=0.9000 …\tx\n" * 20_000
+    assert not _has_invisible(table) and terminal_text(table) is table
+    for char in ("\x00", "\x1b", "\x7f", "\x85", "\u00ad", "\u115f", "\u202e", "\ufe0f",
+                 "\U000e0041", "\udcff", "\r"):
+        for at in (0, len(table) // 2, len(table)):
+            text = table[:at] + char + table[at:]
+            assert _has_invisible(text), (char, at)
+            assert terminal_text(text) == _TERMINAL.sub(_shown, text)
+    # every code point, in one text: exactly the regex's matches survive the fast path
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    rest = every.encode("utf-8").translate(None, _PLAIN_ASCII).decode("utf-8")
+    plain = _PLAIN_ASCII.decode()
+    assert rest == "".join(c for c in every if c not in plain)
+    assert _TERMINAL.findall(rest) == _TERMINAL.findall(every)
+
+
 def test_lone_surrogates_in_a_handed_over_bundle_are_shown_escaped(
     hostile_home: Path, tmp_path: Path, capsys
 ) -> None:
