@@ -73,13 +73,10 @@ class RunRecord:
 
 _RECORD_FIELDS = dataclasses.fields(RunRecord)
 
-# What ``runs ls`` shows of a run, straight from the index: run id, spec name, outcome,
-# reproduction of, reproduction verdict, started, bundle digest, metrics (as shown).
 ListRow = Sequence[str]
 """What ``runs ls`` shows of a run (:func:`listing_row`): run id, spec, backend,
 outcome (with the reproduction mark), started (to the second), metrics, bundle digest
 (cut); each cell one line and cut to its column's limit (:data:`LISTING_LIMITS`)."""
-LISTING_CELLS = 7
 # Cell limits (characters) of the columns but the last (the digest, evalrun's own).
 LISTING_LIMITS = (140, 80, 40, 80, 2000, 300)
 
