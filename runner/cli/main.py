@@ -11,8 +11,11 @@ a one-line message (a JSON error object under ``--json``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -136,6 +139,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
+def console_main() -> NoReturn:
+    """The ``evalrun`` program: :func:`main`, then exit without the interpreter's teardown.
+
+    What Python's own exit does that matters still happens, in its order: other threads
+    are waited for, the exit handlers run (logging flushes and closes its files, temporary
+    directories go), cyclic garbage is collected (closing what it holds) and the standard
+    streams are flushed. Only the teardown of some 700 modules is skipped (0.1 to 0.3 s of
+    every command). A stream that cannot be flushed takes the ordinary exit, which
+    reports it.
+    """
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    gc.collect()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code)
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
     """SIGTERM (a CI runner cancelling the job) stops evalrun exactly as Ctrl-C does.
@@ -217,4 +244,4 @@ def _internal_error(exc: Exception, settings: Settings, *, as_json: bool) -> int
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
