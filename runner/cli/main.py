@@ -147,7 +147,8 @@ def console_main() -> NoReturn:
     directories go), cyclic garbage is collected (closing what it holds) and the standard
     streams are flushed. Only the teardown of some 700 modules is skipped (0.1 to 0.3 s of
     every command). A stream that cannot be flushed takes the ordinary exit, which
-    reports it.
+    reports it, and so does a run under a profiler or tracer (``python -m cProfile``
+    writes its statistics after the program returns).
 
     Pydantic's plugins (found by scanning every installed distribution's entry points,
     0.1 to 0.2 s) are not loaded into evalrun's models unless ``PYDANTIC_DISABLE_PLUGINS``
@@ -155,6 +156,8 @@ def console_main() -> NoReturn:
     """
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     code = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()

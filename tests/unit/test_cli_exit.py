@@ -63,3 +63,13 @@ def test_exit_handlers_and_other_threads_finish_before_the_exit(tmp_path: Path) 
     assert result.stdout == "buffered, no newline"
     # the thread finished first, then the exit handler ran (and its file was closed)
     assert marker.read_text() == "thread\natexit\n"
+
+
+def test_a_profiled_run_still_writes_its_profile(tmp_path: Path) -> None:
+    out = tmp_path / "profile.out"
+    env = {**os.environ, "EVALRUN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "runner.cli", "schema"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0
