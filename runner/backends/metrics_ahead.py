@@ -16,10 +16,13 @@ always did. So what the sandbox does later can only cost the time saved.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 
 from runner._internal.files import read_regular_file
@@ -43,13 +46,28 @@ class Recomputed:
     samples: list[SampleRow]
     metrics: list[MetricRecord]
 
-    def fits(self, data: bytes, definitions: list[MetricDefinition], seed: int) -> bool:
-        """Whether this is the recomputation of ``data`` under ``definitions`` and ``seed``."""
-        return (
-            hashlib.sha256(data).hexdigest() == self.sha256
-            and definitions == self.definitions
-            and seed == self.seed
-        )
+    def fits(self, path: Path, definitions: list[MetricDefinition], seed: int) -> bool:
+        """Whether this is the recomputation of the file ``path`` (its bytes, hashed now)
+        under ``definitions`` and ``seed``."""
+        if definitions != self.definitions or seed != self.seed:
+            return False
+        try:
+            with _open_regular(path) as fh:
+                return hashlib.file_digest(fh, "sha256").hexdigest() == self.sha256
+        except OSError:
+            return False  # the recomputation from the file itself says what is wrong with it
+
+
+def _open_regular(path: Path) -> BufferedReader:
+    """``path`` opened for reading: a regular file of at most MAX_RESULT_FILE_BYTES, no link
+    (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RESULT_FILE_BYTES:
+        os.close(fd)
+        raise OSError(f"{path.name}: not a regular file of at most {MAX_RESULT_FILE_BYTES} bytes")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 # The plan's metric definitions and seed, once the attempt has made its plan (else None).
@@ -100,18 +118,23 @@ class MetricsAhead:
 
     def _compute(self, definitions: list[MetricDefinition], seed: int) -> None:
         try:
-            data = read_regular_file(
-                self.results / "predictions.jsonl",
-                max_bytes=MAX_RESULT_FILE_BYTES,
-                follow_links=False,
-            )
             with tempfile.TemporaryDirectory(prefix="evalrun-ahead-") as tmp:
+                # a private copy (streamed, hashed on the way): the sandbox may still write
                 copy = Path(tmp) / "predictions.jsonl"
-                copy.write_bytes(data)
+                digest = hashlib.sha256()
+                with (
+                    _open_regular(self.results / "predictions.jsonl") as src,
+                    copy.open("xb") as dst,
+                ):
+                    total = 0
+                    while chunk := src.read(1 << 20):
+                        total += len(chunk)
+                        if total > MAX_RESULT_FILE_BYTES:
+                            return
+                        digest.update(chunk)
+                        dst.write(chunk)
                 samples = read_samples(copy, definitions)
             metrics = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
         except Exception:  # whatever it is, the recomputation after collection meets it again
             return
-        self._result = Recomputed(
-            hashlib.sha256(data).hexdigest(), definitions, seed, samples, metrics
-        )
+        self._result = Recomputed(digest.hexdigest(), definitions, seed, samples, metrics)

@@ -92,3 +92,15 @@ def test_unusable_outputs_leave_the_recomputation_to_the_collected_file(tmp_path
     assert ahead.result() is None
     check = recompute_metrics(res, DEFS, 5, ahead=None)
     assert check.problems and "unusable" in check.problems[0]
+
+
+def test_a_collected_file_that_cannot_be_read_is_recomputed_and_reported(tmp_path):
+    res = _results(tmp_path)
+    _ended(res)
+    recomputed = _wait_for(_ahead(res))
+    assert recomputed is not None
+    (res / "predictions.jsonl").unlink()
+    (res / "predictions.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    assert not recomputed.fits(res / "predictions.jsonl", DEFS, 5)
+    check = recompute_metrics(res, DEFS, 5, ahead=recomputed)
+    assert check.metrics == [] and check.problems
