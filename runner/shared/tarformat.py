@@ -17,10 +17,7 @@ Two tiers of one rule:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import tarfile
+import tarfile
 
 # Longer names cannot be created on extraction (PATH_MAX, NAME_MAX on Linux).
 MAX_NAME_BYTES = 4096
@@ -117,8 +114,6 @@ def file_header(name: str, size: int) -> tarfile.TarInfo:
     give the same bytes (write with ``format=tarfile.PAX_FORMAT``: pax records
     appear only where a long or non-ASCII name needs them).
     """
-    import tarfile  # here: the agent reads these rules without ever writing a tar
-
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
