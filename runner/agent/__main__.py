@@ -468,9 +468,7 @@ def _exit(code: int) -> None:
     """Leave as Python's own exit would, without the teardown of every module (in gVisor
     0.05 to 0.1 s between the last result written and the container's exit): other threads
     are waited for, exit handlers run, garbage is collected, the streams are flushed."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    _wait_for_threads()
     atexit._run_exitfuncs()
     gc.collect()
     try:
@@ -479,6 +477,18 @@ def _exit(code: int) -> None:
     except (OSError, ValueError):
         sys.exit(code)  # the ordinary exit reports a stream that cannot be flushed
     os._exit(code)
+
+
+def _wait_for_threads() -> None:
+    """What Python's exit does first: the threading exit hooks (which tell idle executor
+    workers to stop), then a join of every other non-daemon thread."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
 
 
 if __name__ == "__main__":

@@ -158,9 +158,7 @@ def console_main() -> NoReturn:
     code = main()
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    _wait_for_threads()
     atexit._run_exitfuncs()
     gc.collect()
     try:
@@ -169,6 +167,18 @@ def console_main() -> NoReturn:
     except (OSError, ValueError):
         sys.exit(code)
     os._exit(code)
+
+
+def _wait_for_threads() -> None:
+    """What Python's exit does first: the threading exit hooks (which tell idle executor
+    workers to stop), then a join of every other non-daemon thread."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
 
 
 @contextlib.contextmanager

@@ -73,3 +73,19 @@ def test_a_profiled_run_still_writes_its_profile(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.stat().st_size > 0
+
+
+def test_an_executor_left_open_does_not_hold_the_exit(tmp_path: Path) -> None:
+    # its idle worker waits for the threading exit hook, as in Python's own exit
+    code = (
+        "import sys\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from runner.cli import console_main\n"
+        "pool = ThreadPoolExecutor(2)\n"
+        "pool.submit(print, 'worked').result()\n"
+        "sys.argv = ['evalrun', 'validate', 'missing.yaml']\n"
+        "console_main()\n"
+    )
+    result = _evalrun(tmp_path / "home", code=code)  # a hang is a TimeoutExpired
+    assert result.returncode == 2
+    assert result.stdout == "worked\n"
