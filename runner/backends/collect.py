@@ -29,6 +29,7 @@ from runner._internal.tar import (
     open_tar_stream,
     scan_members,
 )
+from runner.backends.metrics_ahead import Recomputed
 from runner.errors import EvalrunError
 from runner.shared.definitions import PerturbationDefinition
 from runner.shared.metrics import (
@@ -272,15 +273,22 @@ def recompute_metrics(
     perturbations: list[PerturbationDefinition] | None = None,
     *,
     overridden: Collection[str] = (),
+    ahead: Recomputed | None = None,
 ) -> MetricCheck:
     """Recompute every metric and CI from ``predictions.jsonl``; compare with ``metrics.json``.
 
     What the container reports for an ``overridden`` metric (a custom metric, recomputed
-    in its own sandbox) is not compared: it is replaced, never trusted.
+    in its own sandbox) is not compared: it is replaced, never trusted. ``ahead`` (begun
+    while the container wound down, :mod:`runner.backends.metrics_ahead`) stands for the
+    recomputation only if it was made from these very bytes, definitions and seed.
     """
+    path = results / "predictions.jsonl"
     try:
-        samples = read_samples(results / "predictions.jsonl", definitions)
-        ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
+        if ahead is not None and ahead.fits(path, definitions, seed):
+            samples, ours = ahead.samples, list(ahead.metrics)
+        else:
+            samples = read_samples(path, definitions)
+            ours = [m.as_dict() for m in compute_metrics(definitions, samples, seed)]
     except FileNotFoundError:
         return MetricCheck([], ["predictions.jsonl is missing: no per-sample outputs"])
     except (OSError, SampleFormatError) as exc:

@@ -31,9 +31,11 @@ from runner.adapters.docker_engine import connect, docker_call, translated
 from runner.build.context import BUILD_EPOCH, BuildInputs, stage_context
 from runner.errors import EvalrunError, InfrastructureError, InputError, IntegrityError
 from runner.model.base import parse_digest_ref
-from runner.model.lock import LockedSpec
-from runner.model.predicate import ImageReproducibility
+from runner.model.predicate_parts import image_reproducibility as image_reproducibility
 from runner.shared.rootfs_table import TABLE_PATH, table_digest
+
+# image_reproducibility, re-exported above, is a pure function of the lock: it lives in the
+# model, so that sealing a run never loads the build (Jinja2, the registry client).
 
 Progress = Callable[[str], None]
 
@@ -341,14 +343,4 @@ def build_image(
         skipped=False,
         config_digest=image.config_digest,
         layers=tuple(b.digest for b in image.layers),
-    )
-
-
-def image_reproducibility(lock: LockedSpec) -> ImageReproducibility:
-    """What a bundle records about its image: checked or not, when, with what result."""
-    record = lock.image.reproducibility
-    if record is None:
-        return ImageReproducibility(checked=False, assembly=lock.image.assembly)
-    return ImageReproducibility(
-        checked=True, assembly=lock.image.assembly, **record.model_dump(mode="json")
     )

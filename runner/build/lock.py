@@ -31,7 +31,7 @@ from runner._internal.tree import sha256_file
 from runner.adapters import registry
 from runner.adapters.docker_engine import connect
 from runner.adapters.input_artifacts import inputs_repository, oci_resolver, publish_input
-from runner.adapters.sources import AcquiredInput, SourceOptions, acquire
+from runner.adapters.sources import AcquiredInput, acquire, source_options
 from runner.adapters.sources import Progress as TransferCallback
 from runner.build.base_image import ensure_base_image
 from runner.build.context import BUILD_EPOCH, BuildInputs, build_inputs_for, tree_digest
@@ -75,14 +75,6 @@ def _noop(_: str) -> None:
 
 def _field_of(role: str, index: int | None, name: str | None) -> str:
     return "model" if role == "model" else f"datasets[{index}] ({name})"
-
-
-def source_options(artifact: ArtifactSpec, spec_dir: Path) -> SourceOptions:
-    """How to reach one input: its spec's ``ca_file`` and ``endpoint`` over the defaults."""
-    return SourceOptions(
-        ca_file=(spec_dir / artifact.ca_file).resolve() if artifact.ca_file else None,
-        s3_endpoint=artifact.endpoint,
-    )
 
 
 def check_local_input(spec_dir: Path, uri: str, expected: str, field: str) -> None:

@@ -1,3 +1,3 @@
-from runner.cli.main import main
+from runner.cli.main import console_main
 
-raise SystemExit(main())
+console_main()

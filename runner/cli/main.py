@@ -11,8 +11,11 @@ a one-line message (a JSON error object under ``--json``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -136,6 +139,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
+def console_main() -> NoReturn:
+    """The ``evalrun`` program: :func:`main`, then exit without the interpreter's teardown.
+
+    What Python's own exit does that matters still happens, in its order: other threads
+    are waited for, the exit handlers run (logging flushes and closes its files, temporary
+    directories go), cyclic garbage is collected (closing what it holds) and the standard
+    streams are flushed. Only the teardown of some 700 modules is skipped (0.1 to 0.3 s of
+    every command). A stream that cannot be flushed takes the ordinary exit, which
+    reports it, and so does a run under a profiler or tracer (``python -m cProfile``
+    writes its statistics after the program returns).
+
+    Pydantic's plugins (found by scanning every installed distribution's entry points,
+    0.1 to 0.2 s) are not loaded into evalrun's models unless ``PYDANTIC_DISABLE_PLUGINS``
+    is set otherwise: the models validate specs, locks and bundles, nothing to observe.
+    """
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    code = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
+    _wait_for_threads()
+    atexit._run_exitfuncs()
+    gc.collect()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code)
+
+
+def _wait_for_threads() -> None:
+    """What Python's exit does first: the threading exit hooks (which tell idle executor
+    workers to stop), then a join of every other non-daemon thread."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
     """SIGTERM (a CI runner cancelling the job) stops evalrun exactly as Ctrl-C does.
@@ -217,4 +262,4 @@ def _internal_error(exc: Exception, settings: Settings, *, as_json: bool) -> int
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

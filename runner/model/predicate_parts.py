@@ -5,7 +5,7 @@ seeds, perturbations, reproductions). Re-exported by :mod:`runner.model.predicat
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Literal, TypeAlias
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from runner.model.outcome import Outcome
+
+if TYPE_CHECKING:
+    from runner.model.lock import LockedSpec
 
 PREDICATE_TYPE = "https://evalrun.dev/EvalRun/v1"
 
@@ -230,6 +233,16 @@ class ImageReproducibility(Record):
     base_identical: Flag | None = None
     from_scratch: Flag | None = None
     differences: Count | None = None
+
+
+def image_reproducibility(lock: LockedSpec) -> ImageReproducibility:
+    """What a bundle records about its image: checked or not, when, with what result."""
+    record = lock.image.reproducibility
+    if record is None:
+        return ImageReproducibility(checked=False, assembly=lock.image.assembly)
+    return ImageReproducibility(
+        checked=True, assembly=lock.image.assembly, **record.model_dump(mode="json")
+    )
 
 
 class CiIdentity(Record):

@@ -11,6 +11,7 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
+from itertools import repeat, starmap
 from statistics import NormalDist
 from typing import Any
 
@@ -41,17 +42,29 @@ def bootstrap_stats(
     rng = random.Random(seed)
     stats = []
     undefined = 0
-    n = len(records)
     for _ in range(resamples):
-        # choices() draws with replacement in C: the resampling loop stays cheap. It draws
-        # the same indices whatever the records are, so resampling records is resampling
+        # The same indices whatever the records are, so resampling records is resampling
         # samples.
         try:
-            stats.append(metric.aggregate(rng.choices(records, k=n)))
+            stats.append(metric.aggregate(resample(rng, records)))
         except MetricUndefined:
             undefined += 1
     stats.sort()
     return stats, undefined
+
+
+def resample(rng: random.Random, records: Sequence[Any]) -> list[Any]:
+    """``rng.choices(records, k=len(records))``, bit for bit: ``len(records)`` calls of
+    ``rng.random()``, each giving the index ``floor(random() * n)`` with ``n`` a float.
+
+    Every CPython since 3.6 draws so (3.6 to 3.8 truncate ``random() * len`` with ``int``:
+    the same index), and the runner must agree with images of any of them; this is the
+    same arithmetic with the loop in C (``map``), about a third faster than ``choices``.
+    """
+    n = len(records)
+    scale = float(n)  # x * scale == scale * x in IEEE 754: the product choices() computes
+    draws = starmap(rng.random, repeat((), n))
+    return list(map(records.__getitem__, map(math.floor, map(scale.__mul__, draws))))
 
 
 def bca_interval(

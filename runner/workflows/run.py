@@ -34,7 +34,6 @@ from runner.model.plan import Backend, BackendResult, RunPlan
 from runner.model.predicate import JsonObject, RunPredicate
 from runner.model.spec import EvalSpec
 from runner.render.markdown import render_markdown
-from runner.workflows.compare import check_group_definitions
 from runner.workflows.custom_metrics import carry_files, custom_jobs
 from runner.workflows.inputs import TransferProgress
 from runner.workflows.judge import ContainerReport, Judgement
@@ -160,7 +159,11 @@ def run_evaluation(
         progress(f"run {run_id} already exists; returning it (use --rerun for a new attempt)")
         return existing
 
-    check_group_definitions(store, spec)
+    if spec.metadata.comparison_group:
+        # the comparison code (ranking, bundle reading) loads only for a run in a group
+        from runner.workflows.compare import check_group_definitions
+
+        check_group_definitions(store, spec)
     steps, sealing = open_run(
         spec,
         lock,

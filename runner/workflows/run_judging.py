@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from runner.backends.collect import collect_results, recompute_available, recompute_metrics
 from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
+from runner.backends.metrics_ahead import MetricsAhead
 from runner.errors import (
     EnvironmentMismatch,
     EvalrunError,
@@ -21,6 +22,7 @@ from runner.errors import (
 )
 from runner.model.outcome import Outcome
 from runner.model.plan import BackendResult, RunPlan
+from runner.shared.metrics import MetricDefinition
 from runner.workflows.custom_metrics import with_custom_metrics
 from runner.workflows.judge import (
     ContainerReport,
@@ -65,7 +67,13 @@ def judged_attempt(
     try:
         with tempfile.TemporaryDirectory(prefix="evalrun-results-") as tmp:
             results_tmp = Path(tmp) / "results"
-            result = attempt_run(results_tmp)
+            # the recomputation starts as soon as the evaluation has ended; used only for
+            # the very bytes collected below
+            ahead = MetricsAhead(results_tmp, lambda: _plan_metrics(holder)).start()
+            try:
+                result = attempt_run(results_tmp)
+            finally:
+                recomputed = ahead.result()
             plan = holder.plan
             assert plan is not None
             journal.emit(
@@ -96,6 +104,7 @@ def judged_attempt(
                     plan.seed,
                     plan.perturbations,
                     overridden=[str(m["name"]) for m in plan.custom_metrics],
+                    ahead=recomputed,
                 ),
                 results,
                 plan,
@@ -119,6 +128,11 @@ def judged_attempt(
             Outcome.INTERRUPTED, interrupted_judgement_reason(result), facts=judgement.facts
         )
     return result, report, judgement
+
+
+def _plan_metrics(holder: _PlanHolder) -> tuple[list[MetricDefinition], int] | None:
+    plan = holder.plan
+    return None if plan is None else (plan.metrics, plan.seed)
 
 
 def error_judgement(exc: EvalrunError) -> Judgement | None:

@@ -10,7 +10,6 @@ from typing import Any, TypedDict
 
 from pydantic import JsonValue
 
-from runner.build.image import image_reproducibility
 from runner.errors import InputError
 from runner.model.lock import LockedSpec
 from runner.model.plan import BackendResult
@@ -32,6 +31,7 @@ from runner.model.predicate import (
     json_at,
     rootfs_check,
 )
+from runner.model.predicate_parts import image_reproducibility
 from runner.model.spec import EvalSpec
 from runner.shared.metrics import is_gating
 from runner.workflows.judge import ContainerReport, Judgement, ThresholdVerdict

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from runner._internal.settings import Settings
-from runner.adapters.sources import SourceOptions
-from runner.build.lock import source_options
+from runner.adapters.sources import SourceOptions, source_options
 from runner.bundle.reader import expect_kind, read_predicate
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import DigestMismatch, SpecError

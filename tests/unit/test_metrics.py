@@ -92,3 +92,17 @@ def test_threshold_verdicts_respect_direction():
     assert v["acc"]["passed"] is True
     assert v["err"]["passed"] is False
     assert v["free"]["passed"] is None
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 450, 1001])
+def test_resample_draws_what_choices_draws_bit_for_bit(n):
+    # the runner recomputes CIs that older images drew with rng.choices: same indices,
+    # same stream position after every resample
+    from runner.shared.resampling import resample
+
+    records = [("r", i, i * 0.1) for i in range(n)]
+    for seed in (0, 1, 1234, 2**63 - 1):
+        ours, theirs = random.Random(seed), random.Random(seed)
+        for _ in range(20):
+            assert resample(ours, records) == theirs.choices(records, k=n)
+        assert ours.getstate() == theirs.getstate()

@@ -39,7 +39,7 @@ module per source kind: :mod:`~runner.adapters.sources.local`,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner._internal.cas import ContentStore
 from runner.adapters.sources.https import acquire_https, http_pool, https_opener, tls_context
@@ -63,6 +63,17 @@ from runner.model.input_uri import (
     parse_expected_digest,
     parse_input_uri,
 )
+
+if TYPE_CHECKING:
+    from runner.model.spec import ArtifactSpec
+
+
+def source_options(artifact: ArtifactSpec, spec_dir: Path) -> SourceOptions:
+    """How to reach one input: its spec's ``ca_file`` and ``endpoint`` over the defaults."""
+    return SourceOptions(
+        ca_file=(spec_dir / artifact.ca_file).resolve() if artifact.ca_file else None,
+        s3_endpoint=artifact.endpoint,
+    )
 
 
 def acquire(
@@ -123,6 +134,7 @@ __all__ = [
     "s3_client",
     "s3_endpoint",
     "s3_opener",
+    "source_options",
     "stream_into",
     "tls_context",
 ]
