@@ -5,6 +5,8 @@ the raw run calls the evaluation directly; evalrun adds preflight (the digest ta
 and input digests), environment capture, the check of the files the evaluation used,
 metrics + CIs, collection, recomputation, bundle signing and storage. Also measured:
 the same with ``--verify-rootfs full`` (every file hashed alongside the evaluation).
+Also the raw run under the spec's own limits (--cpus/--memory/--pids-limit), since evalrun
+runs the evaluation, and its own in-container checks, under them.
 Prints one JSON line; medians of N runs, measured in one go. Goal: added ≤ 0.5 s.
 
     python benchmarks/bench_run.py [--repeats 3]
@@ -22,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits"
@@ -54,7 +58,11 @@ def main() -> None:
     lock = json.loads(spec.with_name("eval.lock.json").read_text())
     ref = lock["image"]["ref"]
     here = spec.parent
-    raw_times, evalrun_times, full_times = [], [], []
+    raw_times, limited_times, evalrun_times, full_times = [], [], [], []
+    res = yaml.safe_load(spec.read_text())["resources"]
+    # the raw run again under the spec's own limits (evalrun runs the evaluation under them)
+    limits = ["--cpus", str(res["cpus"]), "--memory", f"{res['memory_mib']}m",
+              "--pids-limit", str(res["pids"])]
     preflight, tail, full_check = [], [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
@@ -71,6 +79,7 @@ def main() -> None:
                 "--entrypoint", "python3", ref, "/app/evaluate.py",
             ]
             raw_times.append(_timed(raw, env))
+            limited_times.append(_timed([*raw[:2], *limits, *raw[2:]], env))
         evalrun_times.append(_timed([*EVALRUN, "run", str(spec), "--rerun", "--json"], env))
         events = _events(home)
         preflight.append(events["preflight_rootfs"]["duration_s"])
@@ -89,6 +98,9 @@ def main() -> None:
         "evalrun_run_s": round(evalrun_med, 3),
         "added_s": round(evalrun_med - raw_med, 3),
         "ratio": round(evalrun_med / raw_med, 3),
+        "raw_with_spec_limits_s": round(statistics.median(limited_times), 3),
+        "added_over_raw_with_spec_limits_s": round(
+            evalrun_med - statistics.median(limited_times), 3),
         "goal_added_le_0.5s": evalrun_med - raw_med <= 0.5,
         "of_which_rootfs_preflight_s": round(statistics.median(preflight), 3),
         "rootfs_check_tail_after_metrics_s": round(statistics.median(tail), 3),
