@@ -11,8 +11,6 @@ results frame are defined once, in :mod:`runner.shared.protocol`.
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import hashlib
 import json
 import os
@@ -20,7 +18,6 @@ import re
 import resource
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +68,7 @@ from runner.shared.perturbations import (
     select_perturbed,
 )
 from runner.shared.protocol import NOT_HOLDING_EXIT, PLAN_FILE, RESULTS_MOUNT, AgentExit
+from runner.shared.quick_exit import leave
 from runner.shared.sample_fields import Sample
 from runner.shared.sample_file import SampleRow, read_outputs, read_samples
 
@@ -469,32 +467,5 @@ __all__ = [
 ]
 
 
-def _exit(code: int) -> None:
-    """Leave as Python's own exit would, without the teardown of every module (in gVisor
-    0.05 to 0.1 s between the last result written and the container's exit): other threads
-    are waited for, exit handlers run, garbage is collected, the streams are flushed."""
-    _wait_for_threads()
-    atexit._run_exitfuncs()
-    gc.collect()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        sys.exit(code)  # the ordinary exit reports a stream that cannot be flushed
-    os._exit(code)
-
-
-def _wait_for_threads() -> None:
-    """What Python's exit does first: the threading exit hooks (which tell idle executor
-    workers to stop), then a join of every other non-daemon thread."""
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-        return
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-
-
 if __name__ == "__main__":
-    _exit(main())
+    leave(main())  # without the teardown of every module (runner.shared.quick_exit)

@@ -11,9 +11,7 @@ a one-line message (a JSON error object under ``--json``).
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -38,6 +36,7 @@ from runner.cli.common import (
 )
 from runner.cli.output import Terminal, configure_logging, emit_json, safe_streams
 from runner.errors import EvalrunError, InputError, Interrupted, StopRequested
+from runner.shared.quick_exit import leave
 
 log = logging.getLogger("evalrun")
 
@@ -158,27 +157,7 @@ def console_main() -> NoReturn:
     code = main()
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
-    _wait_for_threads()
-    atexit._run_exitfuncs()
-    gc.collect()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        sys.exit(code)
-    os._exit(code)
-
-
-def _wait_for_threads() -> None:
-    """What Python's exit does first: the threading exit hooks (which tell idle executor
-    workers to stop), then a join of every other non-daemon thread."""
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-        return
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    leave(code)
 
 
 @contextlib.contextmanager
