@@ -272,8 +272,11 @@ def test_undefined_template_variable_fails_lock_with_exit_2(cli, locked_example,
 def test_stop_signal_mid_run_cleans_up_and_seals_an_interrupted_bundle(vcli, variant, signum):
     """Ctrl-C, or SIGTERM as a CI runner cancels a job: container gone, signed bundle."""
     spec = variant(params={"sleep_s": 60})
+    # Ctrl-C as a terminal delivers it: the suite itself may run where SIGINT is ignored
+    # (a shell's background job), which its children would inherit
     proc = subprocess.Popen([*EVALRUN, "run", str(spec), "--json"], cwd=ROOT, env=vcli.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     client = docker.from_env()
     # this run's own container: other sessions on the same engine run digits-logreg too
     from runner.model.lock import load_lock
