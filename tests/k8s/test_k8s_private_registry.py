@@ -20,9 +20,10 @@ import pytest
 from kubernetes import client
 from private_registry import PrivateRegistry, running_registry
 
-from runner.adapters import registry, registry_blobs
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch
 from runner.model.plan import RunPlan
+
+from .shared_cluster import copy_image
 
 pytestmark = pytest.mark.k8s
 SECRET = "evalrun-private-registry"
@@ -38,7 +39,7 @@ def private(cluster, tmp_path_factory) -> Iterator[tuple[PrivateRegistry, str]]:
         os.environ["DOCKER_CONFIG"] = str(config)
         hosts = cluster.state_dir / "containerd" / "certs.d" / reg.addr
         try:
-            ref = _copy_image(cluster.probe_image, reg.addr)
+            ref = copy_image(cluster.probe_image, reg.addr, "evalrun/probe")
             hosts.mkdir(parents=True, exist_ok=True)
             (hosts / "ca.crt").write_bytes(reg.ca_pem)
             (hosts / "hosts.toml").write_text(
@@ -52,21 +53,6 @@ def private(cluster, tmp_path_factory) -> Iterator[tuple[PrivateRegistry, str]]:
                 os.environ.pop("DOCKER_CONFIG", None)
             else:
                 os.environ["DOCKER_CONFIG"] = old
-
-
-def _copy_image(source_ref: str, dest_registry: str) -> str:
-    repo_ref, digest = source_ref.split("@")
-    source = registry.ImageName.parse(repo_ref)
-    dest = registry.ImageName(dest_registry, "evalrun/probe")
-    manifest = registry.get_manifest_bytes(source, digest)
-    document = json.loads(manifest)
-    for blob in [document["config"], *document["layers"]]:
-        data = registry_blobs.get_blob_bytes(source, blob["digest"], limit=64 << 20)
-        registry_blobs.put_blob_bytes(dest, blob["digest"], data)
-    media_type = document.get("mediaType", registry.OCI_MANIFEST)
-    pushed = registry.put_manifest(dest, digest, manifest, media_type)
-    assert pushed == digest
-    return f"{dest}@{digest}"
 
 
 def _plan(ref: str, run_id: str) -> RunPlan:
