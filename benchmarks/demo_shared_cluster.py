@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,25 +24,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 
 import cluster as cluster_mod  # noqa: E402
-import yaml  # noqa: E402
+from bench_k8s_data import locked_image  # noqa: E402
 from kubernetes import config  # noqa: E402
 
-from tests.k8s.shared_cluster import EVALRUN, run_scenario  # noqa: E402
-
-
-def _locked_digits(work: Path) -> Path:
-    """examples/digits, its image built and locked (as the k8s tier's fixture does)."""
-    dest = work / "digits"
-    shutil.copytree(ROOT / "examples" / "digits", dest,
-                    ignore=shutil.ignore_patterns("eval.lock.json"))
-    spec = yaml.safe_load((dest / "eval.yaml").read_text())
-    spec["image"]["template"] = str(ROOT / "images" / "python-eval.Dockerfile.j2")
-    (dest / "eval.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    env = {**os.environ, "EVALRUN_HOME": str(work / "home-lock")}
-    subprocess.run([*EVALRUN, "keys", "generate"], env=env, check=True, capture_output=True)
-    subprocess.run([*EVALRUN, "lock", str(dest / "eval.yaml")], env=env, check=True,
-                   capture_output=True, cwd=ROOT)
-    return dest
+from tests.k8s.shared_cluster import run_scenario  # noqa: E402
 
 
 def main() -> int:
@@ -58,7 +40,8 @@ def main() -> int:
     api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
     with tempfile.TemporaryDirectory(prefix="evalrun-shared-") as tmp:
         work = Path(tmp)
-        out = run_scenario(cluster, api, _locked_digits(work), work,
+        locked_image(work / "home-lock")  # examples/digits copied to home-lock/digits, locked
+        out = run_scenario(cluster, api, work / "home-lock" / "digits", work,
                            runs_per_team=args.runs_per_team, quota=args.quota,
                            sleep_s=args.sleep, log=lambda m: print(m, file=sys.stderr))
     runs = 2 * args.runs_per_team + 1
