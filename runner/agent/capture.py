@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import platform
 import sys
@@ -128,20 +127,76 @@ def _limits() -> Limits:
     return limits
 
 
-def packages() -> list[Package]:
-    """Installed distributions with the sha256 of their RECORD (the installed-file list)."""
+def packages(path: list[str] | None = None) -> list[Package]:
+    """Installed distributions with the sha256 of their RECORD (the installed-file list).
+
+    What ``importlib.metadata.distributions()`` lists, read straight from the
+    ``*.dist-info`` / ``*.egg-info`` entries of ``sys.path``: the same names, versions and
+    RECORD digests, without importing ``importlib.metadata`` and the e-mail parser it
+    brings (about a third of a second of start-up under gVisor).
+    """
     out: list[Package] = []
-    for dist in importlib.metadata.distributions():
-        record = dist.read_text("RECORD")
-        out.append(
-            {
-                "name": dist.metadata["Name"] or "?",
-                "version": dist.version,
-                "record_sha256": hashlib.sha256(record.encode()).hexdigest() if record else "",
-            }
-        )
+    for entry in sys.path if path is None else path:
+        root = entry or "."
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue  # not a folder (a zip, a missing entry): importlib finds none there
+        for name in names:
+            if not name.lower().endswith((".dist-info", ".egg-info")):
+                continue
+            dist = os.path.join(root, name)
+            headers = _metadata_headers(dist)
+            record = _read_text(os.path.join(dist, "RECORD"))
+            out.append(
+                {
+                    "name": headers.get("name") or "?",
+                    "version": headers.get("version", ""),
+                    "record_sha256": hashlib.sha256(
+                        record.encode("utf-8", "surrogateescape")
+                    ).hexdigest()
+                    if record
+                    else "",
+                }
+            )
     out.sort(key=lambda p: (p["name"].lower(), p["version"]))
     return out
+
+
+def _read_text(path: str) -> str | None:
+    """A metadata file as ``importlib.metadata`` reads it (UTF-8, universal newlines)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.read()
+    except OSError:  # missing, a folder, not a folder on the way, unreadable
+        return None
+
+
+def _metadata_headers(dist: str) -> dict[str, str]:
+    """The first ``Name`` and ``Version`` headers of a distribution's metadata.
+
+    Like ``importlib.metadata``: ``METADATA``, else ``PKG-INFO``, else the entry itself (an
+    ``.egg-info`` file); headers end at the first empty line; names are case-insensitive.
+    """
+    text = next(
+        (
+            t
+            for f in ("METADATA", "PKG-INFO", "")
+            if (t := _read_text(os.path.join(dist, f) if f else dist))
+        ),
+        "",
+    )
+    found: dict[str, str] = {}
+    for line in text.split("\n"):
+        if not line.strip():
+            break
+        if line[:1] in (" ", "\t"):
+            continue  # a folded continuation line
+        key, sep, value = line.partition(":")
+        key = key.strip().lower()
+        if sep and key in ("name", "version") and key not in found:
+            found[key] = value.strip()
+    return found
 
 
 def gpu_capture() -> GpuCapture:

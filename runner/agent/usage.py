@@ -44,27 +44,99 @@ def read_table(path: str = TABLE_PATH) -> bytes | None:
     return data if len(data) <= MAX_TABLE_BYTES else None
 
 
-def check_path(path: str, table: dict[str, TableEntry]) -> str | None:
+class Lookup:
+    """What the checks of one run learn about the filesystem, shared by all of them.
+
+    The evaluation's few hundred files share a few dozen folders and links, and some are
+    reached by several names (``/usr/bin/python3`` and ``python3.11``): each folder is
+    resolved once, each link read once and each file hashed once, instead of once per path
+    (a ``lstat`` per path component, under gVisor's file proxy, on the run's one CPU).
+    Safe to share between threads: each cache entry is a pure function of the filesystem,
+    at worst computed twice.
+    """
+
+    def __init__(self) -> None:
+        self._real: dict[str, str] = {"/": "/"}
+        self._links: dict[str, str | None] = {}
+        self._files: dict[str, str | None] = {}
+
+    def link(self, path: str) -> str | None:
+        """The target of ``path`` when it is a symbolic link, else None (also when missing)."""
+        try:
+            return self._links[path]
+        except KeyError:
+            pass
+        try:
+            target = os.readlink(path) if stat.S_ISLNK(os.lstat(path).st_mode) else None
+        except OSError:
+            target = None
+        self._links[path] = target
+        return target
+
+    def realpath(self, path: str) -> str:
+        """``os.path.realpath(path)`` for an absolute ``path``, each prefix resolved once."""
+        try:
+            return self._resolve(path, 0)
+        except RecursionError:
+            return os.path.realpath(path)
+
+    def _resolve(self, path: str, hops: int) -> str:
+        hit = self._real.get(path)
+        if hit is not None:
+            return hit
+        parent, name = path.rsplit("/", 1)
+        base = self._resolve(parent or "/", hops)
+        if name in ("", "."):
+            real = base
+        elif name == "..":
+            real = base.rsplit("/", 1)[0] or "/"
+        else:
+            here = f"{base.rstrip('/')}/{name}"
+            target = self.link(here)
+            if target is None:
+                real = here
+            elif hops >= 40:
+                raise RecursionError(path)  # a loop: os.path.realpath says what is left
+            else:
+                start = target if target.startswith("/") else f"{base.rstrip('/')}/{target}"
+                real = self._resolve(start.rstrip("/") or "/", hops + 1)
+        self._real[path] = real
+        return real
+
+    def file_check(self, real: str, entry: TableEntry | None) -> str | None:
+        """Why the file at real path ``real`` does not match ``entry`` (None: it does)."""
+        if real in self._files:
+            return self._files[real]
+        reason = _check_file(real, entry)
+        self._files[real] = reason
+        return reason
+
+
+def check_path(path: str, table: dict[str, TableEntry], lookup: Lookup | None = None) -> str | None:
     """Why ``path`` (absolute) does not match the table, or None when it does.
 
     A path outside the image (runtime mounts, ``/tmp``) or one that does not exist was
     not read from the image and needs nothing; a path that resolves from the image into
     a runtime path, or an existing file the table does not list, does not match.
     """
+    lookup = lookup or Lookup()
     path = os.path.normpath(path)
     if is_excluded(path):
         return None
-    real = os.path.realpath(path)
+    real = lookup.realpath(path)
     if is_excluded(real):
         if os.path.lexists(real):
             return f"{path}: resolves to {real}, outside the image"
         return None
     if real != path:
         # each link on the way is part of what was used
-        reason = _check_links(path, table)
+        reason = _check_links(path, table, lookup)
         if reason:
             return reason
-    entry = table.get(real)
+    return lookup.file_check(real, table.get(real))
+
+
+def _check_file(real: str, entry: TableEntry | None) -> str | None:
     try:
         st = os.lstat(real)
     except FileNotFoundError:
@@ -90,7 +162,7 @@ def check_path(path: str, table: dict[str, TableEntry]) -> str | None:
     return None
 
 
-def _check_links(path: str, table: dict[str, TableEntry]) -> str | None:
+def _check_links(path: str, table: dict[str, TableEntry], lookup: Lookup) -> str | None:
     """Each link met on the way from ``path`` to its file must be the table's link."""
     pending = path
     for _ in range(40):
@@ -100,13 +172,9 @@ def _check_links(path: str, table: dict[str, TableEntry]) -> str | None:
             current = f"{current}/{part}"
             if is_excluded(current):
                 return None
-            try:
-                is_link = stat.S_ISLNK(os.lstat(current).st_mode)
-            except OSError:
-                return None
-            if not is_link:
+            target = lookup.link(current)
+            if target is None:
                 continue
-            target = os.readlink(current)
             entry = table.get(current)
             if entry is None or entry.kind != "l" or entry.target != target:
                 want = entry.target if entry and entry.kind == "l" else "no link"
@@ -120,12 +188,14 @@ def _check_links(path: str, table: dict[str, TableEntry]) -> str | None:
 
 
 def agent_paths() -> list[str]:
-    """What the agent itself runs on: interpreter, imported modules, mapped files."""
+    """What the agent itself runs on: interpreter, imported modules (their source and the
+    bytecode the interpreter loads instead of it), mapped files."""
     paths = [sys.executable]
     for module in list(sys.modules.values()):
-        name = getattr(module, "__file__", None)
-        if isinstance(name, str):
-            paths.append(os.path.abspath(name))
+        for attribute in ("__file__", "__cached__"):
+            name = getattr(module, attribute, None)
+            if isinstance(name, str):
+                paths.append(os.path.abspath(name))
     paths += mapped_files("/proc/self/maps")
     return paths
 
@@ -148,6 +218,7 @@ class UsageVerifier:
         self.table = table
         self.trace_dir = trace_dir
         self._pool = ThreadPoolExecutor(hash_workers())
+        self._lookup = Lookup()
         self._seen: set[str] = set()
         self._futures: list[tuple[str, Future[str | None]]] = []
         self._offsets: dict[str, int] = {}
@@ -159,7 +230,9 @@ class UsageVerifier:
         for path in paths:
             if path not in self._seen:
                 self._seen.add(path)
-                self._futures.append((path, self._pool.submit(check_path, path, self.table)))
+                self._futures.append(
+                    (path, self._pool.submit(check_path, path, self.table, self._lookup))
+                )
 
     def start(self) -> None:
         """Follow the trace folder in the background until :meth:`finish`."""
@@ -266,6 +339,7 @@ def install_trace_hook(trace_dir: Path) -> Path:
 
 __all__ = [
     "FullCheck",
+    "Lookup",
     "UsageVerifier",
     "agent_paths",
     "check_path",

@@ -117,6 +117,8 @@ class RootfsVerification:
         if self.failed_early:
             return self.record
         if self._usage is not None:
+            # what the agent imported since the start (metrics, results framing) is used too
+            self._usage.submit(agent_paths())
             usage = self._usage.finish()
             self.record["files_reported"] = usage["files_reported"]
             self.record["files_verified"] = usage["files_verified"]

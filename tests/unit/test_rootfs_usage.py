@@ -122,3 +122,85 @@ def test_plan_verify_rootfs_is_checked():
     assert parse_agent_plan({**base, "verify_rootfs": "used"})["verify_rootfs"] == "used"
     with pytest.raises(PlanError, match="verify_rootfs"):
         parse_agent_plan({**base, "verify_rootfs": "some"})
+
+
+def test_agent_paths_name_the_bytecode_a_module_runs_from_and_a_changed_one_fails(image_dir):
+    # a module imported from an unchecked-hash .pyc (as the agent is in evalrun-built
+    # images) runs the .pyc, never reading its source: the .pyc must be among what is checked
+    package = image_dir / "pkg"
+    package.mkdir()
+    (package / "compiled_mod.py").write_text("VALUE = 1\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            "--invalidation-mode",
+            "unchecked-hash",
+            str(package),
+        ],
+        check=True,
+    )
+    table = _table_of(image_dir)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import compiled_mod; "
+        "from runner.agent.usage import agent_paths; import json; "
+        "print(json.dumps(agent_paths()))"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(package)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    pyc = next(p for p in json.loads(out) if p.endswith(".pyc") and "compiled_mod" in p)
+    assert check_path(pyc, table) is None
+
+    Path(pyc).write_bytes(Path(pyc).read_bytes() + b"\0")
+    assert "expected mode" in (check_path(pyc, table) or "")  # its size changed
+
+
+def test_lookup_resolves_paths_as_os_path_realpath_does(tmp_path):
+    import random
+
+    from runner.agent.usage import Lookup
+
+    rng = random.Random(7)
+    root = Path(tempfile.mkdtemp(prefix="evalrun-lookup-", dir="/var/tmp"))
+    try:
+        dirs = [root]
+        for i in range(12):
+            d = rng.choice(dirs) / f"d{i}"
+            d.mkdir()
+            dirs.append(d)
+            (d / "f").write_text(str(i))
+        names = []
+        for i in range(25):
+            home = rng.choice(dirs)
+            target = rng.choice([
+                os.path.relpath(rng.choice(dirs), home),  # relative, often with ..
+                str(rng.choice(dirs)),  # absolute
+                str(rng.choice(dirs) / "f"),
+                "missing/../f", "../../..", ".", f"l{rng.randrange(25)}",  # odd and loops
+            ])
+            (home / f"l{i}").symlink_to(target)
+            names.append(home / f"l{i}")
+        probes = [str(p) for p in names]
+        for _ in range(400):
+            parts = [str(rng.choice(dirs + names))]
+            for _ in range(rng.randrange(4)):
+                parts.append(rng.choice(["f", "..", ".", "nope", "", *[f"l{i}" for i in range(25)],
+                                         *[f"d{i}" for i in range(12)]]))
+            probes.append("/".join(parts))
+        lookup = Lookup()  # one for all: its caches must not leak between paths
+        for probe in probes:
+            assert lookup.realpath(probe) == os.path.realpath(probe), probe
+    finally:
+        shutil.rmtree(root)
