@@ -61,6 +61,7 @@ from runner.shared.agent_plan import (
     parse_agent_plan,
     read_agent_plan,
 )
+from runner.shared.definitions import MetricDefinition
 from runner.shared.metrics import SampleFormatError, compute_available, partial_reason
 from runner.shared.perturbations import (
     PerturbationRecord,
@@ -292,7 +293,15 @@ def _evaluate(
         return AgentExit.EVAL_OUTPUT
     samples = read.samples
     log.emit("data_loaded", samples=len(samples))
-    values, unusable = compute_available(plan["metrics"], samples, seed, read.unusable)
+    # Point values only: the runner recomputes every metric with its interval from these
+    # same per-sample outputs, and only its numbers are sealed; the bootstrap in here would
+    # repeat that work on the evaluation's CPUs (a fifth of a second for digits).
+    values, unusable = compute_available(
+        [_point_only(d) for d in plan["metrics"]],
+        samples,
+        seed,
+        read.unusable,
+    )
     if unusable:
         # What could be computed is still written (the runner recomputes it); the run fails.
         computed = [v.as_dict() for v in values]
@@ -321,6 +330,13 @@ def _evaluate(
     )
     summary.update({"outcome": "completed"})
     return AgentExit.OK
+
+
+def _point_only(definition: MetricDefinition) -> MetricDefinition:
+    """``definition`` without its interval (``method: none``), for the agent's own numbers."""
+    ci = definition.get("ci")
+    level = float(ci.get("level", 0.95)) if ci else 0.95
+    return {**definition, "ci": {"method": "none", "level": level, "resamples": 0}}
 
 
 # After the evaluation exits, its output pipes get this long to drain (a leftover child

@@ -47,6 +47,26 @@ def test_recompute_refuses_narrowed_ci(tmp_path):
     assert any("ci.low" in p for p in check.problems)
 
 
+def test_an_agent_that_reports_point_values_only_is_checked_on_its_values(tmp_path):
+    # today's agent leaves the interval to the runner: ci.method "none", no bounds
+    def point_only(metrics):
+        metrics[0]["ci"] = {"low": None, "high": None, "method": "none", "level": 0.95,
+                            "resamples": 0}
+
+    check = recompute_metrics(_results(tmp_path, point_only), DEFS, seed=5)
+    assert check.problems == []
+    assert check.metrics[0]["ci"]["method"] == "bootstrap_percentile"  # the runner's
+    assert check.metrics[0]["ci"]["low"] is not None
+
+    def point_only_inflated(metrics):
+        point_only(metrics)
+        metrics[0]["value"] += 0.01
+
+    (tmp_path / "b").mkdir()
+    check = recompute_metrics(_results(tmp_path / "b", point_only_inflated), DEFS, seed=5)
+    assert any("accuracy value" in p and "container reported" in p for p in check.problems)
+
+
 def test_recompute_refuses_undeclared_metric(tmp_path):
     def extra(metrics):
         metrics.append({"name": "bonus", "value": 1.0, "ci": {}})
