@@ -11,6 +11,7 @@ atomic). Failed and rejected runs are sealed too, saying why.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+@functools.cache  # the installed distribution is looked up once (a run needs it twice)
 def _evalrun_version() -> str:
     try:
         return dist_version("evalrun")
