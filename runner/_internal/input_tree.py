@@ -125,7 +125,7 @@ class InputFile(BaseModel):
 class InputTree(BaseModel):
     """A directory input: its tree digest, total size and every file, sorted by path."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     digest: TreeDigest
     size: int = Field(ge=0)

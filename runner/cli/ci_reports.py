@@ -49,16 +49,21 @@ class CiReports:
         self.summary = Path(summary) if summary else None
         self.written = False
 
+    @property
+    def wanted(self) -> bool:
+        """Whether any report goes anywhere (``--junit`` or ``$GITHUB_STEP_SUMMARY``)."""
+        return self.junit is not None or self.summary is not None
+
     def write(self, suites: Sequence[Any], summary: str) -> None:
         """Write the JUnit report (replacing the file) and append the Markdown summary.
 
         ``suites`` are :class:`runner.render.junit_xml.JUnitSuite`. A file that cannot be
         written is InputError (exit 2) naming it.
         """
-        from runner.render.junit_xml import render_junit
-
         self.written = True
         if self.junit is not None:
+            from runner.render.junit_xml import render_junit
+
             _replace(self.junit, render_junit(suites))
         if self.summary is not None:
             try:
@@ -110,7 +115,7 @@ def ci_reports(args: argparse.Namespace, command: str, name: str) -> Iterator[Ci
     try:
         yield reports
     except EvalrunError as err:
-        if not reports.written and (reports.junit is not None or reports.summary is not None):
+        if not reports.written and reports.wanted:
             reports.failed(name, err)
         raise
 

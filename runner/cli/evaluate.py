@@ -163,7 +163,8 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
     if args.detach:
         return cli_runs.run_detached(args, settings, term, backend, reports)
     signer = signer_for(args, settings, term)
-    seeds = load_spec(args.spec).run_set_seeds()
+    spec = load_spec(args.spec)
+    seeds = spec.run_set_seeds()
     if seeds:
         return _run_set(args, settings, term, seeds, backend, signer, reports)
     outcome = run_evaluation(
@@ -176,6 +177,7 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
         reason=args.reason,
         transfer=TransferBars(quiet=args.json),
         verify_rootfs=args.verify_rootfs,
+        spec=spec,
     )
     return report_run(args, outcome, signer, reports)
 
@@ -186,7 +188,6 @@ def report_run(
     """Verify a sealed run's bundle, write its CI reports and print it (``run``, ``wait``);
     returns the run's exit code."""
     from runner.bundle.signing import load_verifier
-    from runner.render.junit import run_suite
     from runner.render.markdown import metric_table, stderr_lines
     from runner.render.step_summary import run_summary, verdict_text
 
@@ -196,17 +197,20 @@ def report_run(
     else:
         verified = _self_check(outcome, signer.verifier(), explicit=False)
     tar = bundle_tar(args.out, outcome.bundle.path, outcome.run_id)
-    reports.write(
-        [run_suite(outcome.predicate, properties=properties_of(outcome, verified))],
-        run_summary(
-            outcome.predicate,
-            exit_code=outcome.exit_code,
-            bundle=str(outcome.bundle.path),
-            digest=outcome.bundle.digest,
-            verified=verified,
-            reused=outcome.reused,
-        ),
-    )
+    if reports.wanted:  # the JUnit renderer loads only when a CI report is asked for
+        from runner.render.junit import run_suite
+
+        reports.write(
+            [run_suite(outcome.predicate, properties=properties_of(outcome, verified))],
+            run_summary(
+                outcome.predicate,
+                exit_code=outcome.exit_code,
+                bundle=str(outcome.bundle.path),
+                digest=outcome.bundle.digest,
+                verified=verified,
+                reused=outcome.reused,
+            ),
+        )
     if args.json:
         emit_json(
             {

@@ -58,6 +58,9 @@ class LocalUri(_Frozen):
 class HttpsUri(_Frozen):
     """One file served over HTTPS."""
 
+    # built on first use: a run of local inputs never makes one
+    model_config = ConfigDict(defer_build=True)
+
     scheme: Literal["https"] = "https"
     url: str
 
@@ -77,6 +80,9 @@ class HttpsUri(_Frozen):
 class S3Uri(_Frozen):
     """An object (``s3://bucket/key``) or every object under a prefix (``…/prefix/``)."""
 
+    # built on first use: a run of local inputs never makes one
+    model_config = ConfigDict(defer_build=True)
+
     scheme: Literal["s3"] = "s3"
     bucket: str
     key: str = Field(description="Object key, or a prefix ending in '/' ('' = whole bucket).")
@@ -92,6 +98,9 @@ class S3Uri(_Frozen):
 
 class OciUri(_Frozen):
     """An input published as an OCI artifact, pinned by its manifest digest."""
+
+    # built on first use: a run of local inputs never makes one
+    model_config = ConfigDict(defer_build=True)
 
     scheme: Literal["oci"] = "oci"
     registry: str

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from pydantic import (
+    ConfigDict,
     Field,
     JsonValue,
     ValidationError,
@@ -147,6 +148,9 @@ class SeedList(Record):
 class RunSetMember(Record):
     """One seed of a run set: its run (by id and bundle digest), outcome and metrics."""
 
+    # built on first use: only run sets and audits make one
+    model_config = ConfigDict(defer_build=True)
+
     seed: Count | None = None
     run_id: Text | None = None
     bundle_digest: Text | None = None
@@ -159,6 +163,9 @@ class RunSetMember(Record):
 class AcrossSeedsStat(Record):
     """A metric's spread across seeds: mean, sample sd, Student-t CI of the mean."""
 
+    # built on first use: only run sets and audits make one
+    model_config = ConfigDict(defer_build=True)
+
     name: Text | None = None
     n: Count | None = None
     mean: Number | None = None
@@ -169,6 +176,9 @@ class AcrossSeedsStat(Record):
 
 class RunSetPredicate(Record):
     """The predicate of a run-set bundle: every seed's run and the spread across seeds."""
+
+    # built on first use: only run sets and audits make one
+    model_config = ConfigDict(defer_build=True)
 
     kind: Literal["run_set"]
     run_id: Text
@@ -188,6 +198,9 @@ class RunSetPredicate(Record):
 class MissingInput(Record):
     """An input of an audited run that no longer resolved to its pinned digest."""
 
+    # built on first use: only run sets and audits make one
+    model_config = ConfigDict(defer_build=True)
+
     role: Text | None = None
     name: Text | None = None
     path: Text | None = None
@@ -197,6 +210,9 @@ class MissingInput(Record):
 
 class AuditedRun(Record):
     """One sampled run of an audit and whether its re-run reproduced it."""
+
+    # built on first use: only run sets and audits make one
+    model_config = ConfigDict(defer_build=True)
 
     run_id: Text | None = None
     bundle_digest: Text | None = None
@@ -222,6 +238,9 @@ class AuditFilters(Record):
 
 class AuditPredicate(Record):
     """The predicate of an audit bundle: the sample, and which runs reproduced."""
+
+    # built on first use: only run sets and audits make one
+    model_config = ConfigDict(defer_build=True)
 
     kind: Literal["audit"]
     run_id: Text

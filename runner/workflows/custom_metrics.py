@@ -13,14 +13,17 @@ import dataclasses
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.backends.collect import MetricCheck, read_json
-from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
 from runner.build.provenance import code_digest
 from runner.errors import DigestMismatch, SpecError
 from runner.model.lock import LockedSpec
 from runner.model.plan import RunPlan
 from runner.model.spec import EvalSpec
+
+if TYPE_CHECKING:  # the sandbox (and the Docker SDK) loads only for a spec with custom metrics
+    from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
 
 # Where a bundle keeps the custom metric files it was computed with.
 BUNDLE_DIR = "custom_metrics"
@@ -59,6 +62,8 @@ def custom_jobs(spec: EvalSpec, spec_path: Path, lock: LockedSpec) -> list[Custo
                 found=found,
                 hint="the metric file changed since it was locked; re-lock deliberately",
             )
+        from runner.backends.custom_metric import CustomMetricJob
+
         jobs.append(CustomMetricJob(metric.definition(), path, entry.digest))
     return jobs
 
@@ -91,9 +96,10 @@ def with_custom_metrics(
     results: Path,
     plan: RunPlan,
     jobs: Sequence[CustomMetricJob],
-    sandbox: CustomMetricSandbox,
+    sandbox: CustomMetricSandbox | None,
 ) -> MetricCheck:
-    """``check`` with every custom metric recomputed in the sandbox (after the catalogue's).
+    """``check`` with every custom metric recomputed in the sandbox (after the catalogue's;
+    a new sandbox when ``sandbox`` is None).
 
     Nothing is recomputed when the catalogue check already failed or there are no per-sample
     outputs; IntegrityError (exit 3) when the sandbox cannot give a value it can verify.
@@ -101,6 +107,10 @@ def with_custom_metrics(
     predictions = results / "predictions.jsonl"
     if not jobs or check.problems or not predictions.is_file():
         return check
+    if sandbox is None:
+        from runner.backends.custom_metric import CustomMetricSandbox
+
+        sandbox = CustomMetricSandbox()
     values = sandbox.recompute(
         jobs,
         predictions,

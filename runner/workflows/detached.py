@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from runner._internal.settings import Settings
-from runner.backends.custom_metric import CustomMetricSandbox
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
 from runner.backends.kubernetes_control import cancel_job
 from runner.bundle.signing import Signer
@@ -253,7 +252,7 @@ def _collect_and_seal(
         shutil.copytree(detached.files, stage, dirs_exist_ok=True)
         # custom metrics: the files the run carried, checked against the lock again
         jobs = custom_jobs(sealing.spec, stage / BUNDLE_DIR / "spec.yaml", sealing.lock)
-        holder = _PlanHolder(plan, jobs, CustomMetricSandbox() if jobs else None)
+        holder = _PlanHolder(plan, jobs)  # custom metrics: a sandbox is made to recompute them
 
         def attach(results_tmp: Path) -> BackendResult:
             backend.preflight(plan)

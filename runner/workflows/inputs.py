@@ -36,9 +36,7 @@ from typing import Literal, NoReturn
 from runner._internal.cas import ContentStore
 from runner._internal.input_tree import InputFile, hash_file
 from runner._internal.settings import Settings
-from runner.adapters.input_artifacts import oci_resolver
-from runner.adapters.registry import ImageName, manifest_exists
-from runner.adapters.sources import AcquiredInput, SourceOptions, acquire
+from runner.adapters.sources import AcquiredInput, OciUri, RemoteListing, SourceOptions, acquire
 from runner.adapters.sources import Progress as TransferCallback
 from runner.errors import DigestMismatch, EvalrunError, InfrastructureError, IntegrityError
 from runner.model.base import parse_digest_ref
@@ -119,6 +117,14 @@ def _rank(error: EvalrunError | None) -> int:
     return 0 if error is None else 1
 
 
+def _resolve_artifact(uri: OciUri) -> RemoteListing:
+    """The ``oci://`` plug-in of :func:`acquire`, its registry client loaded on first use
+    (a run of local or cached inputs never loads it)."""
+    from runner.adapters.input_artifacts import oci_resolver
+
+    return oci_resolver()(uri)
+
+
 def _worse(a: EvalrunError | None, b: EvalrunError) -> EvalrunError:
     """Integrity beats infrastructure beats the rest: what to raise if nothing else works."""
     return b if a is None or _rank(b) > _rank(a) else a
@@ -160,7 +166,7 @@ class InputResolver:
             store=self.store,
             progress=self.transfer(f"{want.what}: {how}") if self.transfer else None,
             options=self._options(want),
-            oci=oci_resolver(),
+            oci=_resolve_artifact,
         )
         if got.kind != want.kind:
             raise DigestMismatch(
@@ -238,6 +244,8 @@ class InputResolver:
 
     def _published(self, want: WantedInput, artifact: str) -> Published | UnresolvedInput:
         """The input's artifact if the registry holds it (checked by digest, not fetched)."""
+        from runner.adapters.registry import ImageName, manifest_exists
+
         repo, digest = parse_digest_ref(artifact)
         try:
             present = manifest_exists(ImageName.parse(repo), digest)

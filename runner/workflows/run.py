@@ -11,6 +11,7 @@ atomic). Failed and rejected runs are sealed too, saying why.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -19,10 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from runner._internal.settings import Settings
-from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
 from runner.build.provenance import preprocessing_records, provenance
 from runner.bundle.build import build_bundle
 from runner.bundle.signing import Signer
@@ -61,6 +61,9 @@ from runner.workflows.run_setup import (
     stage_run_files,
 )
 
+if TYPE_CHECKING:  # loaded (with the Docker SDK) only for a spec with custom metrics
+    from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
+
 log = logging.getLogger("evalrun.run")
 # A re-run's hook: the finished predicate with keys added (it may not change existing ones).
 Annotate = Callable[[RunPredicate], RunPredicate]
@@ -72,6 +75,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+@functools.cache  # the installed distribution is looked up once (a run needs it twice)
 def _evalrun_version() -> str:
     try:
         return dist_version("evalrun")
@@ -136,6 +140,7 @@ def run_evaluation(
     environ: Mapping[str, str] | None = None,
     transfer: TransferProgress | None = None,
     verify_rootfs: Literal["used", "full"] | None = None,
+    spec: EvalSpec | None = None,
 ) -> RunOutcome:
     """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
 
@@ -147,8 +152,9 @@ def run_evaluation(
     from ``environ`` (default: the process environment). ``transfer(what)`` may return
     a ``(done, total)`` callback to follow an input fetched by digest (the CLI's bar).
     ``verify_rootfs`` overrides the spec's ``sandbox.verify_rootfs`` for a new run.
+    ``spec`` is the spec as the caller already loaded it from ``spec_path`` (read once).
     """
-    spec, lock = load_locked(spec_path)
+    spec, lock = load_locked(spec_path, spec)
     store = Store(settings.home)
     lock_digest = lock.digest()
     target = backend_target(backend)
@@ -285,11 +291,11 @@ def plan_and_check(
     progress: Progress,
     transfer: TransferProgress | None = None,
     verify_rootfs: Literal["used", "full"] | None = None,
-) -> tuple[RunPlan, list[CustomMetricJob], CustomMetricSandbox]:
+) -> tuple[RunPlan, list[CustomMetricJob], CustomMetricSandbox | None]:
     """Everything before a run's container or Job, blocking or detached: inputs checked on
     the host (or in the registry, for a backend that pulls them), preprocessing and custom
     metric files against the lock (carried into ``stage``), the plan written, the custom
-    metric sandbox and the backend's preflight."""
+    metric sandbox (None for a spec without custom metrics) and the backend's preflight."""
     spec, lock = sealing.spec, sealing.lock
     spec_dir = spec_path.resolve().parent
     inputs = _check_inputs_on_host(
@@ -310,8 +316,11 @@ def plan_and_check(
     )
     (stage / "plan.json").write_text(json.dumps(plan.agent_plan(), indent=2, sort_keys=True) + "\n")
     progress(f"preflight on backend {backend.name} (sandbox: {plan.runtime})")
-    sandbox = CustomMetricSandbox()
+    sandbox = None
     if jobs:  # recomputed after the run, in the runner host's sandbox: check it now
+        from runner.backends.custom_metric import CustomMetricSandbox
+
+        sandbox = CustomMetricSandbox()
         sandbox.preflight(plan.image_ref)
     backend.preflight(plan)
     return plan, jobs, sandbox

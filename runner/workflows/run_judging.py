@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.backends.collect import collect_results, recompute_available, recompute_metrics
-from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
 from runner.backends.metrics_ahead import MetricsAhead
 from runner.errors import (
     EnvironmentMismatch,
@@ -35,6 +34,7 @@ from runner.workflows.judge import (
 )
 
 if TYPE_CHECKING:
+    from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
     from runner.workflows.run import Journal
 
 
@@ -109,7 +109,7 @@ def judged_attempt(
                 results,
                 plan,
                 holder.jobs,
-                holder.sandbox or CustomMetricSandbox(),
+                holder.sandbox,
             ),
         )
         if judgement.outcome is Outcome.BAD_OUTPUT:

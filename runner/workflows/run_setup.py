@@ -48,9 +48,13 @@ def backend_target(backend: Backend) -> str | None:
     return target if isinstance(target, str) and target else None
 
 
-def load_locked(spec_path: Path) -> tuple[EvalSpec, LockedSpec]:
-    """Spec plus its lock; refuse a lock that belongs to a different spec."""
-    spec = load_spec(spec_path)
+def load_locked(spec_path: Path, spec: EvalSpec | None = None) -> tuple[EvalSpec, LockedSpec]:
+    """Spec plus its lock; refuse a lock that belongs to a different spec.
+
+    ``spec`` is the spec as the caller already loaded it from ``spec_path`` (not read again).
+    """
+    if spec is None:
+        spec = load_spec(spec_path)
     lock_path = lock_path_for(spec_path)
     lock = load_lock(lock_path)
     if lock.spec_digest != spec.digest():

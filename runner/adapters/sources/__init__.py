@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner._internal.cas import ContentStore
-from runner.adapters.sources.https import acquire_https, http_pool, https_opener, tls_context
 from runner.adapters.sources.local import acquire_local
 from runner.adapters.sources.oci import OciResolver, RemoteListing, acquire_oci
 from runner.adapters.sources.transfer import (
@@ -102,6 +101,9 @@ def acquire(
     if isinstance(parsed, LocalUri):
         return acquire_local(parsed, want, field=field, spec_dir=spec_dir, store=store, meter=meter)
     if isinstance(parsed, HttpsUri):
+        # imported here: urllib3 and the TLS setup load only for an https input
+        from runner.adapters.sources.https import acquire_https
+
         return acquire_https(parsed, want, field=field, store=store, meter=meter, options=options)
     if isinstance(parsed, S3Uri):
         # imported here: the S3 client library costs every other command ~0.2 s to load
@@ -141,7 +143,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """The S3 helpers, loaded on first use (see :func:`acquire`)."""
+    """The HTTPS and S3 helpers, loaded on first use (see :func:`acquire`)."""
+    if name in ("http_pool", "https_opener", "tls_context"):
+        from runner.adapters.sources import https
+
+        return getattr(https, name)
     if name in ("s3_client", "s3_endpoint", "s3_opener"):
         from runner.adapters.sources import s3
 

@@ -137,7 +137,7 @@ def load_signing_key(ref: KeyRef, access: KeyAccess | None = None) -> Signer:
 class TokenFacts(BaseModel):
     """Where a token key lives: token and key object, public facts only."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     token: str
     serial: str
@@ -152,7 +152,7 @@ class TokenFacts(BaseModel):
 class KeyDescription(BaseModel):
     """What ``evalrun keys describe`` shows of a key: never secret material."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     keyid: str
     algorithm: Algorithm

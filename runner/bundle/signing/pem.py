@@ -31,7 +31,7 @@ from runner.errors import InputError
 class KeyInfo(BaseModel):
     """What :func:`generate_keypair` wrote: where, which algorithm, which key id."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     keyid: str = Field(description="sha256 hex of the DER SubjectPublicKeyInfo")
     algorithm: Algorithm
