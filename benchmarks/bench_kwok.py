@@ -125,6 +125,16 @@ def run_measured(cmd: list[str]) -> tuple[str, resource.struct_rusage]:
         return out.read().decode(), usage
 
 
+def wait_for_earlier_benches(api: client.ApiClient, timeout_s: float = 900) -> None:
+    """Let the namespaces of an earlier bench finish terminating: deleting thousands of
+    Jobs and pods would compete with the side measured first."""
+    core = client.CoreV1Api(api)
+    deadline = time.monotonic() + timeout_s
+    while any(ns.metadata.name.startswith(("bench-evalrun-", "bench-kubectl-"))
+              for ns in core.list_namespace().items) and time.monotonic() < deadline:
+        time.sleep(5)
+
+
 def make_namespace(api: client.ApiClient, name: str) -> None:
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
@@ -142,8 +152,9 @@ def _complete(job: object) -> bool:
 def evalrun_side(kubeconfig: str, namespace: str, n: int, parallel: int) -> dict:
     backend = KubernetesBackend(ClusterTarget(kubeconfig=kubeconfig, namespace=namespace),
                                 extra_tolerations=KWOK_TAINT)
+    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as tmp:
-        ps = plans(n, Path(tmp), "e")
+        ps = plans(n, Path(tmp), "e")  # the caller's data (a sweep holds its cells' plans too)
         names = [job_name(p.run_id) for p in ps]
         start = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -179,7 +190,10 @@ def evalrun_side(kubeconfig: str, namespace: str, n: int, parallel: int) -> dict
             "requests_per_run": round(backend.requests / n, 3),
             "watch_requests": watch.requests,
             "cpu_s": round(cpu, 2), "cpu_ms_per_run": round(cpu * 1000 / n, 2),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            # peak RSS after imports, and after building the plans (before submitting)
+            "rss_imports_mib": round(rss_imports / 1024, 1),
+            "rss_plans_mib": round(start.ru_maxrss / 1024, 1)}
 
 
 def kubectl_side(info: cluster_mod.ClusterInfo, namespace: str, n: int) -> dict:
@@ -247,6 +261,7 @@ def main() -> None:
     stamp = int(time.time())
     ns_e, ns_k = f"bench-evalrun-{stamp}", f"bench-kubectl-{stamp}"
     core = client.CoreV1Api(api)
+    wait_for_earlier_benches(api)
     t_all = time.perf_counter()
     try:
         with kwok_gpu_nodes(info, args.nodes) as added:
