@@ -61,8 +61,34 @@ class Kept:
         return f"Kept({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
 
 
-def keep(value: Any) -> Any:
-    """``value`` with every API model in it (nested, in lists and dicts) made :class:`Kept`.
+# Status fields no part of the runner reads (addresses, QoS class, restart counts, previous
+# container states, volume mounts, resources, probe and transition times, a Job's pod
+# counters in flight): not kept. Anything else of a status is.
+UNREAD_STATUS = frozenset(
+    {
+        "host_ip",
+        "host_i_ps",
+        "pod_ip",
+        "pod_i_ps",
+        "qos_class",
+        "start_time",
+        "last_state",
+        "restart_count",
+        "allocated_resources",
+        "resources",
+        "volume_mounts",
+        "last_probe_time",
+        "last_transition_time",
+        "uncounted_terminated_pods",
+        "completion_time",
+        "terminating",
+    }
+)
+
+
+def keep(value: Any, drop: frozenset[str] = frozenset()) -> Any:
+    """``value`` with every API model in it (nested, in lists and dicts) made :class:`Kept`,
+    without the fields named in ``drop`` (at any depth).
 
     Strings are interned: label keys and values, condition types and reasons repeat in
     every run's objects and are held once.
@@ -70,11 +96,17 @@ def keep(value: Any) -> Any:
     if isinstance(value, str):
         return sys.intern(value)
     if isinstance(value, BaseModel):
-        return Kept(**{k: keep(v) for k, v in value.__dict__.items() if v is not None})
+        return Kept(
+            **{
+                k: keep(v, drop)
+                for k, v in value.__dict__.items()
+                if v is not None and k not in drop
+            }
+        )
     if isinstance(value, list):
-        return [keep(v) for v in value]
+        return [keep(v, drop) for v in value]
     if isinstance(value, dict):
-        return {sys.intern(k) if isinstance(k, str) else k: keep(v) for k, v in value.items()}
+        return {sys.intern(k) if isinstance(k, str) else k: keep(v, drop) for k, v in value.items()}
     return value
 
 
@@ -83,9 +115,9 @@ def slim(obj: Any) -> Any:
 
     Kept: name, namespace, uid, labels, creation and deletion times, resource version;
     a pod's node and runtime class; a Job's annotations, suspend flag, deadline and pod
-    template runtime class; the whole status (its set fields). Dropped: the rest of the
-    spec (containers, volumes, env), a pod's annotations and managed fields — most of an
-    object's memory, for every run in the namespace.
+    template runtime class; the status' set fields but those in :data:`UNREAD_STATUS`.
+    Dropped: the rest of the spec (containers, volumes, env), a pod's annotations and
+    managed fields — most of an object's memory, for every run in the namespace.
     Anything that is not a Job or Pod model is kept as it is.
     """
     if not isinstance(obj, k8s.V1Pod | k8s.V1Job) or obj.metadata is None:
@@ -101,7 +133,7 @@ def slim(obj: Any) -> Any:
         "resource_version": meta.resource_version,
     }
     kept_meta = keep(kept_meta)
-    status = keep(obj.status) if obj.status is not None else None
+    status = keep(obj.status, UNREAD_STATUS) if obj.status is not None else None
     if isinstance(obj, k8s.V1Pod):
         spec = obj.spec
         return Kept(
@@ -223,7 +255,14 @@ class NamespaceWatch:
                 self.namespace, label_selector=self.selector, limit=LIST_PAGE, _continue=token
             )
             self.requests += 1
-            objects.update((o.metadata.name, slim(o)) for o in page.items)
+            for o in page.items:
+                # an object unchanged since it was cached (same resource version) is the
+                # cached one: a re-list does not hold every run's object twice
+                cached = cache.objects.get(o.metadata.name)
+                same = cached is not None and (
+                    cached.metadata.resource_version == o.metadata.resource_version
+                )
+                objects[o.metadata.name] = cached if same else slim(o)
             # every page is of the first one's snapshot: watch from its version
             version = version or page.metadata.resource_version
             token = getattr(page.metadata, "var_continue", None)

@@ -415,6 +415,25 @@ def test_the_watch_cache_keeps_what_the_runner_reads_and_drops_the_rest() -> Non
     assert sizes[1] < sizes[0] / 8, sizes
 
 
+def test_a_relist_keeps_the_cached_object_of_an_unchanged_resource_version() -> None:
+    first = _obj("job-a", "1")
+    jobs = _ScriptedServer(
+        listings=[
+            _listing([first, _obj("job-b", "2")], "2"),
+            _listing([_obj("job-a", "1"), _obj("job-b", "3")], "3"),
+        ],
+        streams=[[_event("ERROR", {"code": 410, "message": "too old"})]],
+    )
+    pods = _ScriptedServer(listings=[_listing([], "1")], streams=[])
+    watch = _ScriptedWatch(jobs, pods).start(sync_timeout_s=5)
+    try:
+        assert watch.wait(lambda: watch.jobs.relists == 2, timeout=10)
+        assert watch.job("job-a") is first  # unchanged: the cached object, not a second one
+        assert watch.job("job-b").metadata.resource_version == "3"  # changed: the new one
+    finally:
+        watch.stop()
+
+
 def test_a_relist_reads_pages_and_watches_from_the_first_pages_version() -> None:
     pages = deque(
         [
