@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,10 +97,8 @@ def kwok_gpu_nodes(info: cluster_mod.ClusterInfo, n: int, timeout_s: float = 600
                                                 "--ignore-not-found"), capture_output=True)
 
 
-def plans(n: int, tmp: Path, prefix: str) -> list[RunPlan]:
-    model = tmp / "w.json"
-    model.write_text("{}")
-    return [RunPlan(
+def plan(i: int, model: Path, prefix: str) -> RunPlan:
+    return RunPlan(
         run_id=f"r-{prefix}{i:05d}", attempt=0,
         image_ref="127.0.0.1:5000/evalrun/probe@sha256:" + "0" * 64,
         expected_rootfs_digest="sha256:" + "1" * 64, runtime="runc", command=["true"],
@@ -108,21 +107,50 @@ def plans(n: int, tmp: Path, prefix: str) -> list[RunPlan]:
         inputs=[PlanInput(role="model", name="model", host_path=model, sha256="2" * 64,
                           artifact_ref="127.0.0.1:5000/evalrun/kwok-inputs@sha256:" + "2" * 64)],
         spec_digest="sha256:" + "3" * 64, lock_digest="sha256:" + "4" * 64, spec_name="bench",
-    ) for i in range(n)]
+    )
 
 
-def run_measured(cmd: list[str]) -> tuple[str, resource.struct_rusage]:
-    """Run ``cmd`` to the end; its stdout and its own resource usage (peak RSS, CPU time)."""
+def plans(n: int, tmp: Path, prefix: str) -> list[RunPlan]:
+    model = tmp / "w.json"
+    model.write_text("{}")
+    return [plan(i, model, prefix) for i in range(n)]
+
+
+def vm_hwm_mib(pid: int | str = "self") -> float:
+    """Peak RSS of the process's own memory (VmHWM). Not ru_maxrss: Linux carries that
+    over fork and exec, so a child of a large parent reports the parent's size."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_measured(cmd: list[str]) -> tuple[str, float, float]:
+    """Run ``cmd`` to the end: its stdout, CPU seconds, and peak RSS in MiB (its VmHWM,
+    sampled every 50 ms until it exits)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        peak = [0.0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                with suppress(OSError, ValueError):
+                    peak[0] = max(peak[0], vm_hwm_mib(proc.pid))
+                stop.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        stop.set()
+        sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             sys.stderr.write(err.read().decode(errors="replace")[-4000:])
             raise SystemExit(f"bench_kwok: {cmd[0]} ... {cmd[-1]} failed ({proc.returncode})")
-        return out.read().decode(), usage
+        return out.read().decode(), usage.ru_utime + usage.ru_stime, peak[0]
 
 
 def wait_for_earlier_benches(api: client.ApiClient, timeout_s: float = 900) -> None:
@@ -152,16 +180,22 @@ def _complete(job: object) -> bool:
 def evalrun_side(kubeconfig: str, namespace: str, n: int, parallel: int) -> dict:
     backend = KubernetesBackend(ClusterTarget(kubeconfig=kubeconfig, namespace=namespace),
                                 extra_tolerations=KWOK_TAINT)
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_imports = vm_hwm_mib()
     with tempfile.TemporaryDirectory() as tmp:
-        ps = plans(n, Path(tmp), "e")  # the caller's data (a sweep holds its cells' plans too)
-        names = [job_name(p.run_id) for p in ps]
+        model = Path(tmp) / "w.json"
+        model.write_text("{}")
+        names = [job_name(f"r-e{i:05d}") for i in range(n)]
         start = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         api, ns = backend._connect()
         watch = shared_watch(api, ns)
+
+        def submit(i: int) -> str:
+            # each worker builds its run's plan, as `evalrun sweep` builds each cell's
+            return backend.submit(plan(i, model, "e"))
+
         with ThreadPoolExecutor(parallel) as pool:
-            list(pool.map(backend.submit, ps))
+            list(pool.map(submit, range(n)))
         submitted = time.perf_counter() - t0
         pending = set(names)
         last = [0.0]
@@ -190,10 +224,8 @@ def evalrun_side(kubeconfig: str, namespace: str, n: int, parallel: int) -> dict
             "requests_per_run": round(backend.requests / n, 3),
             "watch_requests": watch.requests,
             "cpu_s": round(cpu, 2), "cpu_ms_per_run": round(cpu * 1000 / n, 2),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            # peak RSS after imports, and after building the plans (before submitting)
-            "rss_imports_mib": round(rss_imports / 1024, 1),
-            "rss_plans_mib": round(start.ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(vm_hwm_mib(), 1),
+            "rss_imports_mib": round(rss_imports, 1)}  # peak RSS before submitting
 
 
 def kubectl_side(info: cluster_mod.ClusterInfo, namespace: str, n: int) -> dict:
@@ -207,16 +239,16 @@ def kubectl_side(info: cluster_mod.ClusterInfo, namespace: str, n: int) -> dict:
         path.write_text(yaml.safe_dump_all(docs))
         del docs
         t0 = time.perf_counter()
-        _, apply = run_measured(info.kubectl_cmd("apply", "-f", str(path)))
-        _, wait = run_measured(info.kubectl_cmd("wait", "--for=condition=complete", "job",
-                                                "--all", "-n", namespace, "--timeout=3600s"))
+        _, apply_cpu, apply_rss = run_measured(info.kubectl_cmd("apply", "-f", str(path)))
+        _, wait_cpu, wait_rss = run_measured(info.kubectl_cmd(
+            "wait", "--for=condition=complete", "job", "--all", "-n", namespace,
+            "--timeout=3600s"))
         wall = time.perf_counter() - t0
-    cpu = sum(u.ru_utime + u.ru_stime for u in (apply, wait))
+    cpu = apply_cpu + wait_cpu
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "cpu_ms_per_run": round(cpu * 1000 / n, 2),
-            "peak_rss_mib": round(max(apply.ru_maxrss, wait.ru_maxrss) / 1024, 1),
-            "apply_peak_rss_mib": round(apply.ru_maxrss / 1024, 1),
-            "wait_peak_rss_mib": round(wait.ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(max(apply_rss, wait_rss), 1),
+            "apply_peak_rss_mib": round(apply_rss, 1), "wait_peak_rss_mib": round(wait_rss, 1)}
 
 
 def check_namespace(api: client.ApiClient, namespace: str) -> dict:
@@ -251,6 +283,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--side", choices=["both", "evalrun"], default="both")
     parser.add_argument("--namespace")
+    parser.add_argument("--no-kubectl", action="store_true",
+                        help="measure the evalrun side only (kubectl's numbers from another run)")
     args = parser.parse_args()
     info = cluster_mod.ensure_cluster()
     if args.side == "evalrun":  # child process, so its memory is measured alone
@@ -266,29 +300,32 @@ def main() -> None:
     try:
         with kwok_gpu_nodes(info, args.nodes) as added:
             make_namespace(api, ns_e)
-            make_namespace(api, ns_k)
-            kc = kubectl_side(info, ns_k, args.runs)
-            kc["check"] = check_namespace(api, ns_k)
-            out, usage = run_measured([sys.executable, __file__, "--side", "evalrun", "--runs",
-                                       str(args.runs), "--parallel", str(args.parallel),
-                                       "--namespace", ns_e])
+            kc = None
+            if not args.no_kubectl:
+                make_namespace(api, ns_k)
+                kc = kubectl_side(info, ns_k, args.runs)
+                kc["check"] = check_namespace(api, ns_k)
+            out, cpu, rss = run_measured([sys.executable, __file__, "--side", "evalrun",
+                                          "--runs", str(args.runs), "--parallel",
+                                          str(args.parallel), "--namespace", ns_e])
             ev = json.loads(out.strip().splitlines()[-1])
             # the child as its parent sees it: the whole process, interpreter start included
-            ev["process_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
-            ev["process_peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+            ev["process_cpu_s"] = round(cpu, 2)
+            ev["process_peak_rss_mib_sampled"] = round(rss, 1)
             ev["check"] = check_namespace(api, ns_e)
     finally:
         for ns in (ns_e, ns_k):
-            with suppress(Exception):  # best effort cleanup
+            with suppress(Exception):  # best effort (ns_k is never made with --no-kubectl)
                 core.delete_namespace(ns)
     lost = args.runs - ev["check"]["complete"]
     print(json.dumps({"benchmark": "kwok_submit_and_wait", "runs": args.runs,
                       "kwok_gpu_nodes": args.nodes, "nodes_added": added,
                       "none_lost": lost == 0 and ev["completed"], "lost": lost,
                       "evalrun": ev, "kubectl": kc,
-                      "wall_ratio_evalrun_over_kubectl": round(ev["wall_s"] / kc["wall_s"], 3),
+                      "wall_ratio_evalrun_over_kubectl":
+                          round(ev["wall_s"] / kc["wall_s"], 3) if kc else None,
                       "rss_ratio_evalrun_over_kubectl":
-                          round(ev["peak_rss_mib"] / kc["peak_rss_mib"], 3),
+                          round(ev["peak_rss_mib"] / kc["peak_rss_mib"], 3) if kc else None,
                       "bench_wall_s": round(time.perf_counter() - t_all, 1)}))
 
 
