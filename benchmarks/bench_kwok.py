@@ -11,7 +11,12 @@ CPU time per run, whether every Job completed (none lost) and how many nodes ran
 are created as tests/cluster/up.sh does (kwok-nodes.sh N, capacity patched into status),
 waited for until Ready, and deleted again when the bench ends (the base nodes stay).
 
-    python benchmarks/bench_kwok.py [--runs 500] [--nodes 50] [--parallel 16]
+    python benchmarks/bench_kwok.py [--runs 500] [--nodes 50] [--parallel 16] [--no-kubectl]
+
+`make bench` runs 500 runs on the 50 base nodes (about 3 minutes). Issue 15's size,
+``--runs 5000 --nodes 500``, takes about 32 minutes on the 2-core test machine (kubectl's
+side alone about 21: `kubectl apply` sends one object after another and `kubectl wait`
+follows one Job after another), too long for `make bench`; run it by hand.
 """
 
 from __future__ import annotations
