@@ -77,7 +77,7 @@ bench: venv host-up cluster-up
 	$(PY) benchmarks/bench_bundle.py
 	$(PY) benchmarks/bench_lock_inputs.py
 	$(PY) benchmarks/bench_history.py --runs 100000
-	$(PY) benchmarks/bench_kwok.py --runs 500
+	$(PY) benchmarks/bench_kwok.py --runs 500 --nodes 50
 	$(PY) benchmarks/bench_k8s_data.py --inputs-gib 2 --results-mib 1024
 
 # Issue 12's end to end: a 2 GiB sharded model + dataset directory on the cluster under

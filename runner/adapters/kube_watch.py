@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
+from pydantic import BaseModel
 
 # The watch logged under this name before it moved here; log consumers filter on it.
 from runner._internal.foreign import KubeModel
@@ -36,57 +38,145 @@ log = logging.getLogger("evalrun.backend.kubernetes")
 # --------------------------------------------------------------------------- shared watch
 
 
+class Kept:
+    """A read-only projection of a Kubernetes API model, as the watch cache holds it.
+
+    The attributes it was built with are set; any other reads as None, as an unset field of
+    the model does. No pydantic instance (its field dict, its set of set fields) per object
+    and sub-object, and no None fields: about a tenth of the model's memory.
+    """
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def __getattr__(self, name: str) -> Any:  # only called for attributes not set
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a watched object is read-only (setting {name})")
+
+    def __repr__(self) -> str:
+        return f"Kept({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+
+# Status fields no part of the runner reads (addresses, QoS class, restart counts, previous
+# container states, volume mounts, resources, probe and transition times, a Job's pod
+# counters in flight): not kept. Anything else of a status is.
+UNREAD_STATUS = frozenset(
+    {
+        "host_ip",
+        "host_i_ps",
+        "pod_ip",
+        "pod_i_ps",
+        "qos_class",
+        "start_time",
+        "last_state",
+        "restart_count",
+        "allocated_resources",
+        "resources",
+        "volume_mounts",
+        "last_probe_time",
+        "last_transition_time",
+        "uncounted_terminated_pods",
+        "completion_time",
+        "terminating",
+    }
+)
+
+
+def keep(value: Any, drop: frozenset[str] = frozenset()) -> Any:
+    """``value`` with every API model in it (nested, in lists and dicts) made :class:`Kept`,
+    without the fields named in ``drop`` (at any depth).
+
+    Strings are interned: label keys and values, condition types and reasons repeat in
+    every run's objects and are held once.
+    """
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, BaseModel):
+        return Kept(
+            **{
+                k: keep(v, drop)
+                for k, v in value.__dict__.items()
+                if v is not None and k not in drop
+            }
+        )
+    if isinstance(value, list):
+        return [keep(v, drop) for v in value]
+    if isinstance(value, dict):
+        return {sys.intern(k) if isinstance(k, str) else k: keep(v, drop) for k, v in value.items()}
+    return value
+
+
 def slim(obj: Any) -> Any:
-    """What the runner reads of a watched Job or Pod, and nothing else.
+    """What the runner reads of a watched Job or Pod, and nothing else, as :class:`Kept`.
 
     Kept: name, namespace, uid, labels, creation and deletion times, resource version;
     a pod's node and runtime class; a Job's annotations, suspend flag, deadline and pod
-    template runtime class; the whole status. Dropped: the rest of the spec (containers,
-    volumes, env), a pod's annotations and managed fields — most of an object's memory,
-    for every run in the namespace.
+    template runtime class; the status' set fields but those in :data:`UNREAD_STATUS`.
+    Dropped: the rest of the spec (containers, volumes, env), a pod's annotations and
+    managed fields — most of an object's memory, for every run in the namespace.
     Anything that is not a Job or Pod model is kept as it is.
     """
     if not isinstance(obj, k8s.V1Pod | k8s.V1Job) or obj.metadata is None:
         return obj
     meta = obj.metadata
-    kept_meta = k8s.V1ObjectMeta.model_construct(
-        name=meta.name,
-        namespace=meta.namespace,
-        uid=meta.uid,
-        labels=meta.labels,
-        creation_timestamp=meta.creation_timestamp,
-        deletion_timestamp=meta.deletion_timestamp,
-        resource_version=meta.resource_version,
-    )
+    kept_meta = {
+        "name": meta.name,
+        "namespace": meta.namespace,
+        "uid": meta.uid,
+        "labels": meta.labels,
+        "creation_timestamp": meta.creation_timestamp,
+        "deletion_timestamp": meta.deletion_timestamp,
+        "resource_version": meta.resource_version,
+    }
+    kept_meta = keep(kept_meta)
+    status = keep(obj.status, UNREAD_STATUS) if obj.status is not None else None
     if isinstance(obj, k8s.V1Pod):
         spec = obj.spec
-        return k8s.V1Pod.model_construct(
-            metadata=kept_meta,
-            spec=k8s.V1PodSpec.model_construct(
-                containers=[],
-                node_name=spec.node_name if spec else None,
-                runtime_class_name=spec.runtime_class_name if spec else None,
+        return Kept(
+            metadata=Kept(**_set(kept_meta)),
+            spec=Kept(
+                **_set(
+                    {
+                        "containers": [],
+                        "node_name": spec.node_name if spec else None,
+                        "runtime_class_name": spec.runtime_class_name if spec else None,
+                    }
+                )
             ),
-            status=obj.status,
+            status=status,
         )
     template = obj.spec.template.spec if obj.spec and obj.spec.template else None
     # a Job's own annotations (a cancel request), whether it is suspended (queued), and its
     # deadline are read too; they are a few bytes
-    kept_meta.annotations = meta.annotations
-    return k8s.V1Job.model_construct(
-        metadata=kept_meta,
-        spec=k8s.V1JobSpec.model_construct(
-            suspend=obj.spec.suspend if obj.spec else None,
-            active_deadline_seconds=obj.spec.active_deadline_seconds if obj.spec else None,
-            template=k8s.V1PodTemplateSpec.model_construct(
-                spec=k8s.V1PodSpec.model_construct(
-                    containers=[],
-                    runtime_class_name=template.runtime_class_name if template else None,
+    kept_meta["annotations"] = keep(meta.annotations)
+    job_spec = {
+        "suspend": obj.spec.suspend if obj.spec else None,
+        "active_deadline_seconds": obj.spec.active_deadline_seconds if obj.spec else None,
+        "template": Kept(
+            spec=Kept(
+                **_set(
+                    {
+                        "containers": [],
+                        "runtime_class_name": template.runtime_class_name if template else None,
+                    }
                 )
-            ),
+            )
         ),
-        status=obj.status,
-    )
+    }
+    return Kept(metadata=Kept(**_set(kept_meta)), spec=Kept(**_set(job_spec)), status=status)
+
+
+def _set(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+# a re-list reads this many objects a page: the full objects of one page (tens of KiB
+# each) are all that is ever held at once, not those of every run in the namespace
+LIST_PAGE = 200
 
 
 @dataclass
@@ -157,11 +247,31 @@ class NamespaceWatch:
         return k8s_watch.Watch()
 
     def _relist(self, kind: str, cache: _Cache) -> None:
-        listing = self._list_fn(kind)(self.namespace, label_selector=self.selector)
-        self.requests += 1
+        objects: dict[str, Any] = {}
+        token: str | None = None
+        version: str | None = None
+        while True:
+            page = self._list_fn(kind)(
+                self.namespace, label_selector=self.selector, limit=LIST_PAGE, _continue=token
+            )
+            self.requests += 1
+            for o in page.items:
+                # an object unchanged since it was cached (same resource version) is the
+                # cached one: a re-list does not hold every run's object twice
+                cached = cache.objects.get(o.metadata.name)
+                same = cached is not None and (
+                    cached.metadata.resource_version == o.metadata.resource_version
+                )
+                objects[o.metadata.name] = cached if same else slim(o)
+            # every page is of the first one's snapshot: watch from its version
+            version = version or page.metadata.resource_version
+            token = getattr(page.metadata, "var_continue", None)
+            del page
+            if not token:
+                break
         with self._cond:
-            cache.objects = {o.metadata.name: slim(o) for o in listing.items}
-            cache.resource_version = listing.metadata.resource_version
+            cache.objects = objects
+            cache.resource_version = version
             cache.relists += 1
             self.refused = None
             self._cond.notify_all()
@@ -209,7 +319,7 @@ class NamespaceWatch:
                         cache.events += 1
                         if etype == "DELETED":
                             cache.objects.pop(obj.metadata.name, None)
-                            cache.gone[obj.metadata.name] = obj
+                            cache.gone[obj.metadata.name] = slim(obj)
                         elif etype != "BOOKMARK":
                             cache.objects[obj.metadata.name] = slim(obj)
                         self._cond.notify_all()

@@ -209,6 +209,9 @@ start_control_plane() {
     --event-ttl 1h
   wait_for kube-apiserver 180 "API server /readyz" kc get --raw /readyz
 
+  # Client QPS as a large GPU cluster's operators set it: at the default (20/30 per
+  # controller) the Job controller throttles itself to about 3 Jobs/s (pod create, status
+  # updates, events), the bottleneck of benchmarks/bench_kwok.py (issue 15).
   start_component kube-controller-manager "$K8S_BIN/kube-controller-manager" \
     --kubeconfig "$PKI/kube-controller-manager.kubeconfig" \
     --authentication-kubeconfig "$PKI/kube-controller-manager.kubeconfig" \
@@ -217,7 +220,8 @@ start_control_plane() {
     --root-ca-file "$PKI/ca.crt" \
     --service-account-private-key-file "$PKI/sa.key" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
-    --use-service-account-credentials=true --profiling=false
+    --use-service-account-credentials=true --profiling=false \
+    --kube-api-qps 100 --kube-api-burst 200 --concurrent-job-syncs 20
   start_component kube-scheduler "$K8S_BIN/kube-scheduler" \
     --kubeconfig "$PKI/kube-scheduler.kubeconfig" \
     --authentication-kubeconfig "$PKI/kube-scheduler.kubeconfig" \

@@ -280,12 +280,16 @@ def test_a_queued_run_reports_queued_is_never_stuck_and_times_the_wait_apart(
     results: list = []
     runner = threading.Thread(target=lambda: results.append(
         backend.run(plan, tmp_path / "results")), daemon=True)
+    started = time.monotonic()
     runner.start()
     # the reason is read again every 10 s: the second reading names the Workload's place
-    deadline = time.monotonic() + 30
+    # (on a quick cluster the first one may already)
+    deadline = started + 30
     while not any("position 1 of 1 waiting in LocalQueue" in x for x in lines):
         assert time.monotonic() < deadline, lines
         time.sleep(0.5)
+    # queued for at least 8 s, whichever reading named the place: the wait measured below
+    time.sleep(max(0.0, started + 8.0 - time.monotonic()))
     assert runner.is_alive(), "the run ended while its Job waited in the queue"
     _release(k8s_client, cq)
     runner.join(300)

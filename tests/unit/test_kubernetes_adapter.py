@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from runner._internal.retry import transient_policy
 from runner.adapters.kubernetes import api_call, translated
-from runner.adapters.kube_watch import NamespaceWatch
+from runner.adapters.kube_watch import LIST_PAGE, NamespaceWatch
 from runner.errors import (
     APIConflict,
     APIForbidden,
@@ -381,8 +381,15 @@ def test_the_watch_cache_keeps_what_the_runner_reads_and_drops_the_rest() -> Non
     assert kept.metadata.name == "pod-1" and kept.metadata.labels == {"evalrun.dev/run-id": "r1"}
     assert kept.metadata.creation_timestamp == pod.metadata.creation_timestamp
     assert kept.spec.node_name == "node-1" and kept.spec.runtime_class_name == "gvisor"
-    assert kept.status is pod.status
-    assert kept.status.container_statuses[0].state.running is not None
+    # the status is kept whole (its set fields), read as the model's attributes read
+    assert kept.status.phase == pod.status.phase == "Running"
+    running = kept.status.container_statuses[0].state.running
+    assert running.started_at == pod.status.container_statuses[0].state.running.started_at
+    assert kept.status.container_statuses[0].image_id == "reg/x@sha256:" + "a" * 64
+    assert kept.status.container_statuses[0].state.terminated is None  # unset: None
+    assert kept.status.conditions is None and kept.status.reason is None
+    with pytest.raises(AttributeError):
+        kept.status.phase = "Failed"  # the cache is read-only
     assert not kept.spec.containers and not kept.metadata.managed_fields
     assert kept.metadata.annotations is None
     job = k8s.V1Job(
@@ -405,4 +412,56 @@ def test_the_watch_cache_keeps_what_the_runner_reads_and_drops_the_rest() -> Non
         sizes.append(tracemalloc.get_traced_memory()[0])
         tracemalloc.stop()
         del held
-    assert sizes[1] < sizes[0] / 2, sizes
+    assert sizes[1] < sizes[0] / 8, sizes
+
+
+def test_a_relist_keeps_the_cached_object_of_an_unchanged_resource_version() -> None:
+    first = _obj("job-a", "1")
+    jobs = _ScriptedServer(
+        listings=[
+            _listing([first, _obj("job-b", "2")], "2"),
+            _listing([_obj("job-a", "1"), _obj("job-b", "3")], "3"),
+        ],
+        streams=[[_event("ERROR", {"code": 410, "message": "too old"})]],
+    )
+    pods = _ScriptedServer(listings=[_listing([], "1")], streams=[])
+    watch = _ScriptedWatch(jobs, pods).start(sync_timeout_s=5)
+    try:
+        assert watch.wait(lambda: watch.jobs.relists == 2, timeout=10)
+        assert watch.job("job-a") is first  # unchanged: the cached object, not a second one
+        assert watch.job("job-b").metadata.resource_version == "3"  # changed: the new one
+    finally:
+        watch.stop()
+
+
+def test_a_relist_reads_pages_and_watches_from_the_first_pages_version() -> None:
+    pages = deque(
+        [
+            SimpleNamespace(
+                items=[_obj("job-a", "1")],
+                metadata=SimpleNamespace(resource_version="5", var_continue="next"),
+            ),
+            SimpleNamespace(
+                items=[_obj("job-b", "2")],
+                metadata=SimpleNamespace(resource_version="5", var_continue=None),
+            ),
+        ]
+    )
+    calls: list[dict[str, Any]] = []
+
+    class Paged(_ScriptedServer):
+        def list(self, namespace: str, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return pages.popleft()
+
+    jobs = Paged(listings=[], streams=[])
+    pods = _ScriptedServer(listings=[_listing([], "1")], streams=[])
+    watch = _ScriptedWatch(jobs, pods).start(sync_timeout_s=5)
+    try:
+        assert jobs.idle.wait(10)
+        assert sorted(watch.jobs.objects) == ["job-a", "job-b"]
+        assert [c["_continue"] for c in calls] == [None, "next"]
+        assert all(c["limit"] == LIST_PAGE for c in calls)
+        assert jobs.watched_from[0] == "5" and watch.requests >= 3
+    finally:
+        watch.stop()
