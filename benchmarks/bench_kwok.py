@@ -45,6 +45,7 @@ from kubernetes import client, config  # noqa: E402
 
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, shared_watch  # noqa: E402
 from runner.backends.manifests import JobOptions, build_job, job_name  # noqa: E402
+from runner.backends.pod_states import condition  # noqa: E402
 from runner.model.plan import PlanInput, RunPlan  # noqa: E402
 
 PRODUCTS = ["NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"]
@@ -177,9 +178,7 @@ def make_namespace(api: client.ApiClient, name: str) -> None:
 
 
 def _complete(job: object) -> bool:
-    status = getattr(job, "status", None)
-    return any(c.type == "Complete" and c.status == "True"
-               for c in (status.conditions if status else None) or [])
+    return condition(job, "Complete") is not None
 
 
 def evalrun_side(kubeconfig: str, namespace: str, n: int, parallel: int) -> dict:

@@ -19,6 +19,7 @@ from runner.adapters.kube_streams import PodLogFollower
 from runner.adapters.kubernetes import api_call
 from runner.backends.kubernetes import KubernetesBackend
 from runner.backends.manifests import CANCEL_ANNOTATION, CONTAINER_NAME, LABEL_RUN_ID
+from runner.backends.pod_states import condition
 from runner.errors import APINotFound
 from runner.shared.protocol import FRAME_BEGIN, FRAME_END, READY_RE
 
@@ -119,13 +120,6 @@ def _agent(pod: Any) -> str:
     return "unknown"
 
 
-def _condition(job: Any, kind: str) -> Any:
-    for c in (job.status.conditions or []) if job.status else []:
-        if c.type == kind and c.status == "True":
-            return c
-    return None
-
-
 def job_state(backend: KubernetesBackend, job: str, run_id: str) -> JobState:
     """Read Job ``job`` and the pods of ``run_id`` now (two GETs, no watch)."""
     api, namespace = backend._connect()
@@ -150,10 +144,10 @@ def job_state(backend: KubernetesBackend, job: str, run_id: str) -> JobState:
         for p in sorted(listing.items, key=lambda p: p.metadata.creation_timestamp)
     ]
     cancel = (obj.metadata.annotations or {}).get(CANCEL_ANNOTATION)
-    failed = _condition(obj, "Failed")
+    failed = condition(obj, "Failed")
     if cancel or obj.metadata.deletion_timestamp:
         state, detail = "cancelling", None
-    elif _condition(obj, "Complete"):
+    elif condition(obj, "Complete"):
         state, detail = "succeeded", "the Job completed; `evalrun wait` seals it"
     elif failed:
         state, detail = "failed", f"{failed.reason}: {failed.message or ''}".strip()
