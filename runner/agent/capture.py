@@ -176,27 +176,30 @@ def _metadata_headers(dist: str) -> dict[str, str]:
     """The first ``Name`` and ``Version`` headers of a distribution's metadata.
 
     Like ``importlib.metadata``: ``METADATA``, else ``PKG-INFO``, else the entry itself (an
-    ``.egg-info`` file); headers end at the first empty line; names are case-insensitive.
+    ``.egg-info`` file), the first of them that is not empty; headers end at the first
+    empty line; names are case-insensitive. Read up to there only, not the description.
     """
-    text = next(
-        (
-            t
-            for f in ("METADATA", "PKG-INFO", "")
-            if (t := _read_text(os.path.join(dist, f) if f else dist))
-        ),
-        "",
-    )
-    found: dict[str, str] = {}
-    for line in text.split("\n"):
-        if not line.strip():
-            break
-        if line[:1] in (" ", "\t"):
-            continue  # a folded continuation line
-        key, sep, value = line.partition(":")
-        key = key.strip().lower()
-        if sep and key in ("name", "version") and key not in found:
-            found[key] = value.strip()
-    return found
+    for name in ("METADATA", "PKG-INFO", ""):
+        path = os.path.join(dist, name) if name else dist
+        found: dict[str, str] = {}
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+                lines = 0
+                for line in fh:
+                    lines += 1
+                    if not line.strip():
+                        break
+                    if line[:1] in (" ", "\t"):
+                        continue  # a folded continuation line
+                    key, sep, value = line.partition(":")
+                    key = key.strip().lower()
+                    if sep and key in ("name", "version") and key not in found:
+                        found[key] = value.strip()
+        except OSError:  # missing, a folder, not a folder on the way, unreadable
+            continue
+        if lines:
+            return found
+    return {}
 
 
 def gpu_capture() -> GpuCapture:

@@ -53,13 +53,17 @@ def test_dist_info_egg_info_crlf_records_and_odd_entries(tmp_path):
     (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nname: Beta\nversion: 2.0b1\n")
     (site / "gamma.egg-info").write_text("Name: gamma\nVersion: 3\n")  # a single-file egg
     (site / "empty.dist-info").mkdir()  # no metadata at all
+    fallback = site / "delta-4.dist-info"  # an empty METADATA: PKG-INFO is read instead
+    fallback.mkdir()
+    (fallback / "METADATA").write_text("")
+    (fallback / "PKG-INFO").write_text("Name: delta\nVersion: 4\n\n" + "x" * 100_000)
     (site / "README.dist-info.txt").write_text("not a distribution")
     paths = [str(site), str(tmp_path / "missing"), str(tmp_path / "a.zip")]
 
     found = packages(paths)
 
     assert found == _importlib_packages(paths)
-    assert [p["name"] for p in found] == ["?", "alpha-pkg", "Beta", "gamma"]
+    assert [p["name"] for p in found] == ["?", "alpha-pkg", "Beta", "delta", "gamma"]
     assert (
         found[1]["record_sha256"]
         == hashlib.sha256(
