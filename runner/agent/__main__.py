@@ -44,6 +44,7 @@ from runner.agent.results_out import (
     _result_files,
     _tree_size,
     emit_results,
+    prepare,
     results_tar,
     write_results_tar,
 )
@@ -201,6 +202,7 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: AgentSummary) -
     try:
         code = _evaluate(plan, results, log, summary, rootfs.child_env())
     finally:
+        prepare(plan)  # what hands the results back is used too
         preflight["rootfs"] = rootfs.finish()
         _write_json(results / "preflight.json", preflight)
         log.emit(
@@ -432,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, PlanError) as exc:
         print(f"agent: cannot use the plan {args.plan}: {exc}", file=sys.stderr)
         return AgentExit.BAD_PLAN
+    if args.emit_results:
+        plan["emit_results"] = True  # as if the plan said so (its digest is of its bytes)
     code = run_plan(plan, args.results, plan_sha256=plan_sha256)
     if plan.get("collect") == "exec":
         # Small results also stay in the pod log, so a runner that attaches after another
@@ -439,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         if plan["emit_results"] and _tree_size(args.results) <= LOG_FRAME_MAX_BYTES:
             emit_results(args.results)
         return hold(plan["run_id"], code, plan.get("hold_s", DEFAULT_HOLD_S))
-    if args.emit_results or plan["emit_results"]:
+    if plan["emit_results"]:
         emit_results(args.results)
     return code
 

@@ -20,15 +20,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from runner.shared.protocol import ACK_RE, HOLD_SOCKET, StreamWriter, ready_line
+
+if TYPE_CHECKING:
+    import socket  # imported where it is used: only pods hold (see results_out.prepare)
 
 # A request or answer on the hold socket is one short line.
 _LINE_MAX = 256
@@ -68,6 +70,8 @@ def hold(
 ) -> int:
     """Serve the hold socket until ``ack <run_id>`` arrives or ``hold_s`` passes; returns
     ``exit_code`` either way (the agent's real exit code, whatever the runner does)."""
+    import socket
+
     out = out or sys.stdout
     notes = notes or sys.stderr
     path = socket_path()
@@ -118,6 +122,8 @@ def hold(
 
 def _ask(request: str) -> str:
     """One request to the holding agent; its answer, or OSError if none is holding."""
+    import socket
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(_CLIENT_TIMEOUT_S)
         conn.connect(socket_path())

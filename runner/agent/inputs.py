@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
@@ -151,6 +150,8 @@ def _check_directory(item: AgentPlanInput, workers: int) -> InputCheck:
     problems += [f"extra file {rel}" for rel in sorted(present.keys() - wanted.keys())]
     # Largest first, so one big shard does not start last and run alone.
     order = sorted(wanted.keys() & present.keys(), key=lambda rel: -wanted[rel]["size"])
+    from concurrent.futures import ThreadPoolExecutor  # only folders use it: see rootfs.py
+
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(order) or 1))) as pool:
         results = pool.map(lambda rel: _hash_regular(present[rel]), order)
         hashed = dict(zip(order, results, strict=True))

@@ -5,9 +5,10 @@ evaluation's ``PYTHONPATH`` (with ``EVALRUN_TRACE_DIR``). In every Python proces
 evaluation it then records, one JSON string per line in ``$EVALRUN_TRACE_DIR/<pid>.paths``:
 each file opened (the ``open`` audit event: sources and bytecode of imported modules, data
 files), each program started (``subprocess.Popen``, ``os.exec``, ``os.posix_spawn``), each
-library loaded through ctypes, and, at exit, the files of the imported modules and every
-file mapped into the process (``/proc/self/maps``: extension modules, shared libraries).
-The agent checks those files against the image's digest table.
+library loaded through ctypes, and, at exit, the file each imported module was loaded from
+when no open reported it (:func:`loaded_file`) and every file mapped into the process
+(``/proc/self/maps``: extension modules, shared libraries). The agent checks those files
+against the image's digest table.
 
 It then steps aside: its folder leaves ``sys.path`` and the image's own ``sitecustomize``,
 if any, is imported as usual. Standard library only, any Python from 3.8.
@@ -21,6 +22,23 @@ import os
 import sys
 
 _PROGRAM_EVENTS = ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn")
+
+
+def loaded_file(module: object) -> str | None:
+    """The file ``module``'s code was read from: its bytecode when it has some, else its
+    ``__file__``; None for a module inside the interpreter (frozen, built in).
+
+    A module's source is not read when its bytecode is loaded. Whether the bytecode was
+    stale and the source compiled instead, the agent tells from the bytecode's header
+    (:func:`runner.agent.usage.source_read_for`)."""
+    spec = getattr(module, "__spec__", None)
+    if getattr(spec, "origin", None) in ("frozen", "built-in"):
+        return None
+    cached = getattr(module, "__cached__", None)
+    if isinstance(cached, str) and os.path.isfile(cached):
+        return cached
+    name = getattr(module, "__file__", None)
+    return name if isinstance(name, str) else None
 
 
 def _install(out_dir: str) -> None:
@@ -88,9 +106,15 @@ def _install(out_dir: str) -> None:
         elif event == "ctypes.dlopen" and args and args[0] and os.sep in str(args[0]):
             note(args[0])
 
-    def at_exit() -> None:
+    def modules() -> None:
+        # a module whose file an open already reported needs no second look (nor a stat)
         for module in list(sys.modules.values()):
-            note(getattr(module, "__file__", None))
+            names = (getattr(module, "__file__", None), getattr(module, "__cached__", None))
+            if not any(isinstance(n, str) and abspath(n) in seen for n in names):
+                note(loaded_file(module))
+
+    def at_exit() -> None:
+        modules()
         try:
             with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as maps:
                 for line in maps:
@@ -101,8 +125,7 @@ def _install(out_dir: str) -> None:
             pass
 
     note(sys.executable)
-    for module in list(sys.modules.values()):
-        note(getattr(module, "__file__", None))
+    modules()
     sys.addaudithook(hook)
     atexit.register(at_exit)
 
@@ -111,12 +134,14 @@ def _chain() -> None:
     """Leave ``sys.path`` as it would be without this file; import the image's sitecustomize."""
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    sys.modules.pop("sitecustomize", None)
+    this = sys.modules.pop("sitecustomize", None)
     # the image's own sitecustomize, when there is one
     try:
         import sitecustomize  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
-        pass
+        # none: this module stays the one imported (the import system expects to find it)
+        if this is not None:
+            sys.modules["sitecustomize"] = this
 
 
 if __name__ == "sitecustomize" and os.environ.get("EVALRUN_TRACE_DIR"):

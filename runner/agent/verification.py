@@ -11,9 +11,8 @@ image without a table is checked in full.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal, Required, TypedDict
@@ -45,6 +44,46 @@ class RootfsRecord(TypedDict, total=False):
     failures: list[str]
     failure_count: int  # the five keys before come from UsageVerifier.finish
     duration_s: float
+
+
+def _private_dir(prefix: str) -> Path:
+    """A new folder only this user can use, in ``$TMPDIR`` or ``/tmp``: what
+    ``tempfile.mkdtemp`` makes, without the modules ``tempfile`` loads (``random``, and
+    with it four more), which cost the agent ~5 ms each under gVisor."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    for _ in range(100):
+        path = os.path.join(base, prefix + os.urandom(8).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return Path(path)
+    raise FileExistsError(f"no free name for {prefix}* in {base}")
+
+
+def _program(name: str) -> str:
+    """The file ``name`` runs, found on ``$PATH`` as ``shutil.which`` finds it."""
+    if os.sep not in name:
+        for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+            candidate = os.path.join(folder or os.curdir, name)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return os.path.abspath(candidate)
+    return os.path.abspath(name)
+
+
+def _remove_tree(path: str, depth: int = 0) -> None:
+    """``shutil.rmtree(path, ignore_errors=True)`` for the trace folder: no link is
+    followed, and what is deeper than 32 levels (the evaluation can write there) is left
+    in the sandbox's ``/tmp``. ``shutil`` itself would load six more modules."""
+    with contextlib.suppress(OSError):
+        with os.scandir(path) as entries:
+            for entry in list(entries):
+                if entry.is_dir(follow_symlinks=False) and depth < 32:
+                    _remove_tree(entry.path, depth + 1)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+        os.rmdir(path)
 
 
 class RootfsVerification:
@@ -91,10 +130,10 @@ class RootfsVerification:
             self.record["reason"] = str(exc)
             return self.record
         self.record["entries"] = len(table)
-        self._trace_dir = Path(tempfile.mkdtemp(prefix="evalrun-trace-"))
+        self._trace_dir = _private_dir("evalrun-trace-")
         install_trace_hook(self._trace_dir)
         self._usage = UsageVerifier(table, self._trace_dir)
-        program = shutil.which(self.command[0], path=os.environ.get("PATH")) or self.command[0]
+        program = _program(self.command[0])
         self._usage.submit([*agent_paths(), os.path.abspath(program)])
         self._usage.start()
         return self.record
@@ -118,8 +157,7 @@ class RootfsVerification:
             return self.record
         if self._usage is not None:
             # what the agent imported since the start (metrics, results framing) is used too
-            self._usage.submit(agent_paths())
-            usage = self._usage.finish()
+            usage = self._usage.finish(agent_paths())
             self.record["files_reported"] = usage["files_reported"]
             self.record["files_verified"] = usage["files_verified"]
             self.record["traced_processes"] = usage["traced_processes"]
@@ -147,6 +185,6 @@ class RootfsVerification:
             if found != self.expected:
                 self.record["reason"] = "rootfs digest mismatch"
         if self._trace_dir is not None:
-            shutil.rmtree(self._trace_dir, ignore_errors=True)
+            _remove_tree(str(self._trace_dir))
         self.record["duration_s"] = round(time.monotonic() - self._t0, 4)
         return self.record

@@ -3,7 +3,6 @@ value on perturbed samples with its change from the baseline (a paired bootstrap
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -47,6 +46,8 @@ def select_perturbed(
     perturbation: Mapping[str, Any], baseline: Sequence[Sample], seed: int
 ) -> list[Sample]:
     """The samples a ``subsample`` or ``slice`` perturbation keeps from the baseline."""
+    import random  # here: a run without perturbations never loads it (see resampling)
+
     kind = perturbation["kind"]
     if kind == "subsample":
         rng = random.Random(legacy_stream(perturbation.get("seed") or seed, perturbation["name"]))
@@ -72,6 +73,8 @@ def perturbation_effects(
     resample draws ids, scores the baseline on them and the perturbed outputs on the
     drawn ids they contain, and takes the difference.
     """
+    import random
+
     if not perturbed:
         raise SampleFormatError(f"perturbation {perturbation['name']}: no samples")
     by_id = {str(s["id"]): s for s in perturbed}

@@ -17,7 +17,10 @@ Two tiers of one rule:
 
 from __future__ import annotations
 
-import tarfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tarfile  # imported where a header is made: the agent frames results only on pods
 
 # Longer names cannot be created on extraction (PATH_MAX, NAME_MAX on Linux).
 MAX_NAME_BYTES = 4096
@@ -114,6 +117,8 @@ def file_header(name: str, size: int) -> tarfile.TarInfo:
     give the same bytes (write with ``format=tarfile.PAX_FORMAT``: pax records
     appear only where a long or non-ASCII name needs them).
     """
+    import tarfile
+
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0

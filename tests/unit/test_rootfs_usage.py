@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -78,7 +79,10 @@ def test_trace_hook_reports_opens_imports_and_maps(image_dir, tmp_path):
         "import subprocess; subprocess.run(['true'])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(hook), "EVALRUN_TRACE_DIR": str(trace)}
-    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+    )
+    assert proc.stderr == ""  # no "Error in sitecustomize" where the image has none of its own
     reported = {
         json.loads(line) for f in trace.glob("*.paths") for line in f.read_text().splitlines()
     }
@@ -87,7 +91,9 @@ def test_trace_hook_reports_opens_imports_and_maps(image_dir, tmp_path):
     assert sys.executable in reported or os.path.realpath(sys.executable) in reported
     assert any(p.endswith("/true") for p in reported)  # the program it started
     assert any(".so" in p for p in reported)  # mapped libraries
-    assert any(p.endswith("/json/__init__.py") for p in reported)
+    # json is loaded from its bytecode: that is what is reported, not the unread source
+    json_cached = json.__cached__
+    assert json_cached in reported and json.__file__ not in reported
 
 
 def test_usage_verifier_fails_on_a_file_changed_after_the_table(image_dir, tmp_path):
@@ -204,3 +210,79 @@ def test_lookup_resolves_paths_as_os_path_realpath_does(tmp_path):
             assert lookup.realpath(probe) == os.path.realpath(probe), probe
     finally:
         shutil.rmtree(root)
+
+
+def _compiled(folder: Path, name: str, source: str, mode: str) -> Path:
+    """``folder/name.py`` compiled into ``__pycache__`` with invalidation ``mode``."""
+    py = folder / f"{name}.py"
+    py.write_text(source)
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "--invalidation-mode", mode, str(py)],
+        check=True,
+    )
+    return Path(importlib.util.cache_from_source(str(py)))
+
+
+def test_source_read_for_follows_the_import_systems_rule(tmp_path):
+    from runner.agent.usage import source_read_for
+
+    def head(pyc: Path) -> bytes:
+        return pyc.read_bytes()[:16]
+
+    stamp = _compiled(tmp_path, "stamp", "A = 1\n", "timestamp")
+    source = str(tmp_path / "stamp.py")
+    assert source_read_for(str(stamp), head(stamp)) is None  # fresh: only the bytecode
+    os.utime(source, (1, 1))
+    assert source_read_for(str(stamp), head(stamp)) == source  # stale: the source compiled
+    unchecked = _compiled(tmp_path, "unchecked", "B = 1\n", "unchecked-hash")
+    (tmp_path / "unchecked.py").write_text("B = 2  # never read\n")
+    assert source_read_for(str(unchecked), head(unchecked)) is None
+    checked = _compiled(tmp_path, "checked", "C = 1\n", "checked-hash")
+    assert source_read_for(str(checked), head(checked)) == str(tmp_path / "checked.py")
+    other = bytes([0, 0, 13, 10]) + head(unchecked)[4:]  # another interpreter's magic
+    assert source_read_for(str(unchecked), other) == str(tmp_path / "unchecked.py")
+    assert source_read_for(str(unchecked), b"") == str(tmp_path / "unchecked.py")
+    # not a cache file, or no source beside it: nothing else can have been read
+    assert source_read_for(str(tmp_path / "stamp.py"), b"") is None
+    (tmp_path / "unchecked.py").unlink()
+    assert source_read_for(str(unchecked), head(unchecked)) is None
+
+
+def test_a_module_compiled_from_a_changed_source_fails_through_its_bytecode(image_dir):
+    from runner.agent.usage import Lookup, check_used
+
+    pyc = _compiled(image_dir / "app", "mod", "VALUE = 1\n", "timestamp")
+    table = _table_of(image_dir)
+    assert check_used(str(pyc), table, Lookup()) is None
+    source = image_dir / "app" / "mod.py"
+    source.write_text("VALUE = 22\n")  # the bytecode is stale: an import compiles this
+    reason = check_used(str(pyc), table, Lookup()) or ""
+    assert reason.startswith(f"{source}: expected mode 0644 owner")
+    # a change that keeps the recorded timestamp and size leaves the bytecode in use
+    source.write_text("VALUE = 3\n")
+    recorded = int.from_bytes(pyc.read_bytes()[8:12], "little")
+    os.utime(source, (recorded, recorded))
+    assert table[str(source)].size == source.stat().st_size
+    assert check_used(str(pyc), table, Lookup()) is None
+
+
+def test_agent_paths_leave_out_sources_their_bytecode_stands_for():
+    import json as json_module
+
+    from runner.agent.usage import agent_paths
+
+    paths = agent_paths()
+    assert json_module.__cached__ in paths and json_module.__file__ not in paths
+    if os.__spec__.origin == "frozen":  # its code is inside the interpreter, checked with it
+        assert not any(p.endswith("/os.py") for p in paths)
+
+
+def test_a_fifo_or_folder_where_the_table_has_a_file_is_named_without_blocking(image_dir):
+    table = _table_of(image_dir)
+    data = image_dir / "app" / "data.txt"
+    data.unlink()
+    os.mkfifo(data)  # opening it for reading would wait for a writer without O_NONBLOCK
+    assert "expected a f entry, found another type" in (check_path(str(data), table) or "")
+    data.unlink()
+    data.mkdir()
+    assert "expected a f entry, found another type" in (check_path(str(data), table) or "")
