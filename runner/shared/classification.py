@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 from runner.shared.sample_fields import MetricUndefined
 
@@ -32,8 +31,7 @@ def label_sort_key(value: Any) -> tuple[int, Any]:
     return (2, repr(value))
 
 
-@dataclass(frozen=True)
-class LabelCounts:
+class LabelCounts(NamedTuple):
     """Per class: true positives, false positives, false negatives and support (true count)."""
 
     labels: tuple[Hashable, ...]

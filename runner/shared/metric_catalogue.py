@@ -8,8 +8,7 @@ a definition is checked), and :mod:`runner.shared.metric_functions` builds the c
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from runner.shared.sample_fields import class_key
 
@@ -23,8 +22,7 @@ _SCORED = ("label", "probabilities")
 _BINARY = ("label", "score")
 
 
-@dataclass(frozen=True)
-class Kind:
+class Kind(NamedTuple):
     """One compute name: what it reads, which parameters it takes, which CIs apply."""
 
     summary: str

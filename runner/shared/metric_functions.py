@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from runner.shared import calibration, classification, generation, regression
 from runner.shared import sample_fields as read
@@ -29,8 +28,7 @@ Fields = Mapping[str, str]
 _NORMALIZE_DEFAULT = {"exact_match": "none", "token_f1": "squad"}
 
 
-@dataclass(frozen=True)
-class Metric:
+class Metric(NamedTuple):
     """A metric ready to compute: one record per sample, and records → value."""
 
     name: str

@@ -12,8 +12,7 @@ seed give bit-identical floats on both sides.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NotRequired, TypedDict
+from typing import NamedTuple, NotRequired, TypedDict
 
 from runner.shared.classification import ConfusionMatrix as ConfusionMatrix
 from runner.shared.classification import confusion_matrix
@@ -83,8 +82,7 @@ def metric_function(compute: str, field: str | None = None) -> MetricFn:
     return build_metric(definition).value
 
 
-@dataclass(frozen=True)
-class MetricValue:
+class MetricValue(NamedTuple):
     name: str
     value: float
     ci_low: float | None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 ROOTFS_SCHEME = "evalrun-rootfs/v1"
 # Added to evalrun-built images after the measurement; under /evalrun, so not in the digest.
@@ -27,8 +27,7 @@ def table_digest(lines: Iterable[bytes]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-@dataclass(frozen=True)
-class TableEntry:
+class TableEntry(NamedTuple):
     """One line of a digest table: what the path must be."""
 
     kind: str  # f (file), d (directory), l (link), o (other)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from runner.shared.definitions import MetricDefinition
 from runner.shared.json_types import JSONObject
@@ -43,8 +42,7 @@ def read_samples(path: Path, definitions: Iterable[MetricDefinition]) -> list[Sa
     return _read(path, [build_metric(d) for d in definitions], strict=True).samples
 
 
-@dataclass(frozen=True)
-class SampleRead:
+class SampleRead(NamedTuple):
     """The samples of a per-sample file, and the metrics they cannot feed (name → why)."""
 
     samples: list[SampleRow]
