@@ -1,0 +1,76 @@
+"""What the agent loads for a plain run, pinned in a fresh process.
+
+Under gVisor's ptrace platform every module the agent imports costs it ~5 ms to load and
+~1 ms to check (its bytecode is one of the files the used-files check hashes), on the
+evaluation's CPU, in every run. None of these is needed by a run whose results Docker
+reads from the results folder; each came from one import in a shared module and was taken
+out (see ``docs/design-decisions.md``). This test fails when one of them comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NOT_LOADED = (
+    "dataclasses",  # and inspect, ast, dis, tokenize with it
+    "inspect",
+    "concurrent.futures",  # and logging
+    "logging",
+    "tempfile",
+    "random",
+    "statistics",
+    "tarfile",  # loaded by results_out.prepare only when the plan frames its results
+    "socket",  # likewise, when the agent holds its results
+    "shutil",  # and bz2, lzma
+    "string",
+    "importlib.util",
+    "importlib.metadata",
+)
+
+
+def test_a_plain_agent_run_loads_none_of_the_costly_modules():
+    code = "import runner.agent.__main__, sys, json; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    loaded = set(json.loads(out))
+    assert "runner.agent.__main__" in loaded
+    assert sorted(set(NOT_LOADED) & loaded) == []
+
+
+def test_the_copies_that_replace_them_agree_with_the_standard_library():
+    import importlib.util
+
+    from runner.agent.usage import _magic
+    from runner.shared.generation import _PUNCTUATION
+
+    assert frozenset(string.punctuation) == _PUNCTUATION
+    assert _magic() == importlib.util.MAGIC_NUMBER
+
+
+def test_the_results_are_framed_with_modules_loaded_before_the_check_ends():
+    code = (
+        "from runner.agent.results_out import prepare; import sys, json; "
+        "prepare({'emit_results': True, 'collect': 'exec'}); "
+        "print(json.dumps(['tarfile' in sys.modules, 'socket' in sys.modules]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out) == [True, True]
