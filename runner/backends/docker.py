@@ -63,6 +63,9 @@ class DockerBackend:
     def __init__(self, client: Any | None = None, *, output: OutputSink | None = None) -> None:
         self._client = client
         self.output = output
+        # image ref -> the engine's image ID, as preflight found it (the ref is pinned by
+        # digest, so the run's container is compared with it without asking again)
+        self._image_ids: dict[str, str] = {}
 
     @property
     def client(self) -> Any:
@@ -92,7 +95,7 @@ class DockerBackend:
     def _ensure_image(self, ref: str) -> None:
         try:
             with translated(f"inspect {ref}"):
-                self.client.images.get(ref)
+                self._image_ids[ref] = self.client.images.get(ref).id
                 return
         except EvalrunError:
             pass
@@ -192,7 +195,9 @@ class DockerBackend:
         with translated("inspect container"):
             container.reload()
             attrs = container.attrs
-            image_id = self.client.images.get(plan.image_ref).id
+            image_id = (
+                self._image_ids.get(plan.image_ref) or self.client.images.get(plan.image_ref).id
+            )
             logs = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
         host_config = attrs.get("HostConfig", {})
         return BackendResult(
