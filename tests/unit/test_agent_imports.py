@@ -38,15 +38,21 @@ NOT_LOADED = (
 )
 
 
-def test_a_plain_agent_run_loads_none_of_the_costly_modules():
-    code = "import runner.agent.__main__, sys, json; print(json.dumps(sorted(sys.modules)))"
+def _fresh(code: str) -> object:
+    """What ``code`` prints as JSON, run in a fresh interpreter on this checkout."""
     out = subprocess.run(
         [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    loaded = set(json.loads(out))
+    return json.loads(out)
+
+
+def test_a_plain_agent_run_loads_none_of_the_costly_modules():
+    loaded = set(
+        _fresh("import runner.agent.__main__, sys, json; print(json.dumps(sorted(sys.modules)))")
+    )
     assert "runner.agent.__main__" in loaded
     assert sorted(set(NOT_LOADED) & loaded) == []
 
@@ -67,10 +73,4 @@ def test_the_results_are_framed_with_modules_loaded_before_the_check_ends():
         "prepare({'emit_results': True, 'collect': 'exec'}); "
         "print(json.dumps(['tarfile' in sys.modules, 'socket' in sys.modules]))"
     )
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert json.loads(out) == [True, True]
+    assert _fresh(code) == [True, True]
