@@ -118,15 +118,11 @@ class Lookup:
             self.regular.add(real)
         return reason
 
-    def head(self, real: str) -> bytes:
-        """The first 16 bytes of the file at real path ``real`` (a bytecode file's header)."""
-        if real not in self._heads:
-            try:
-                with open(real, "rb") as fh:
-                    self._heads[real] = fh.read(_HEAD)
-            except OSError:
-                self._heads[real] = b""
-        return self._heads[real]
+    def head(self, real: str) -> bytes | None:
+        """The first 16 bytes of the file at real path ``real`` (a bytecode file's header),
+        as read when it was hashed against the table; None when it was not (a runtime path
+        such as ``/tmp``, which is never opened here: it could be a FIFO)."""
+        return self._heads.get(real)
 
 
 def check_path(path: str, table: dict[str, TableEntry], lookup: Lookup | None = None) -> str | None:
@@ -159,7 +155,8 @@ def check_used(path: str, table: dict[str, TableEntry], lookup: Lookup) -> str |
     reason = check_path(path, table, lookup)
     if reason is None and path.endswith(".pyc"):
         real = lookup.realpath(os.path.normpath(path))
-        source = source_read_for(real, lookup.head(real))
+        head = lookup.head(real)
+        source = source_read_for(real, head) if head is not None else None
         if source is not None:
             reason = check_path(source, table, lookup)
     return reason

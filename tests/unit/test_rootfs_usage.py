@@ -286,3 +286,17 @@ def test_a_fifo_or_folder_where_the_table_has_a_file_is_named_without_blocking(i
     data.unlink()
     data.mkdir()
     assert "expected a f entry, found another type" in (check_path(str(data), table) or "")
+
+
+def test_bytecode_on_a_runtime_path_is_not_opened(tmp_path):
+    # /tmp is the sandbox's own: not checked, and never opened (a FIFO there would block)
+    from runner.agent.usage import Lookup, check_used
+
+    cache = Path(tempfile.mkdtemp(prefix="evalrun-fifo-", dir="/tmp")) / "__pycache__"
+    try:
+        cache.mkdir()
+        os.mkfifo(cache / "mod.cpython-311.pyc")
+        (cache.parent / "mod.py").write_text("A = 1\n")
+        assert check_used(str(cache / "mod.cpython-311.pyc"), {}, Lookup()) is None
+    finally:
+        shutil.rmtree(cache.parent)
