@@ -115,20 +115,23 @@ class DockerBackend:
             policy = container_policy(plan, plan_dir=Path(plan_dir), results_dir=results_dir)
             self._remove_stale(policy.name)
             container = docker_call("create container", lambda: _create(client, policy))
+            collected = False
             try:
                 result = self._run_container(container, plan)
                 # what the agent was handed: it reports the sha256 of what it read
                 result.details["plan_sha256"] = hashlib.sha256(plan_path.read_bytes()).hexdigest()
+                collected = True
                 return result
             finally:
-                try:
-                    with translated("remove container"):
-                        container.remove(force=True)
-                except EvalrunError as exc:
-                    log.warning(
-                        "could not remove container",
-                        extra={"event": "container_remove_failed", "error": str(exc)},
-                    )
+                if collected:
+                    # All the run needs from the container is read: the engine removes it
+                    # while the run is sealed (~25 ms less per run). Not a daemon thread, so
+                    # the program waits for it before it exits.
+                    threading.Thread(
+                        target=_remove, args=(container,), name="evalrun-container-removal"
+                    ).start()
+                else:
+                    _remove(container)
 
     def _remove_stale(self, name: str) -> None:
         try:
@@ -230,6 +233,18 @@ class DockerBackend:
                     else {}
                 ),
             },
+        )
+
+
+def _remove(container: Any) -> None:
+    """Remove ``container`` (stopped or not); a failure is logged, never raised."""
+    try:
+        with translated("remove container"):
+            container.remove(force=True)
+    except EvalrunError as exc:
+        log.warning(
+            "could not remove container",
+            extra={"event": "container_remove_failed", "error": str(exc)},
         )
 
 
