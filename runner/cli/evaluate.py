@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner._internal.settings import Settings
+from runner._internal.startup import loading
 from runner.cli import runs as cli_runs
 from runner.cli.ci_reports import CiReports, add_junit_arg, ci_reports, properties_of
 from runner.cli.common import (
@@ -156,14 +157,16 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
 
 
 def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: CiReports) -> int:
-    from runner.model.spec import load_spec
-    from runner.workflows.run import run_evaluation
+    with loading():
+        from runner.model.spec import load_spec
+        from runner.workflows.run import run_evaluation
 
-    backend = backend_for(args, output=live_printer(term))
+        backend = backend_for(args, output=live_printer(term))
     if args.detach:
         return cli_runs.run_detached(args, settings, term, backend, reports)
-    signer = signer_for(args, settings, term)
-    spec = load_spec(args.spec)
+    with loading():
+        signer = signer_for(args, settings, term)
+        spec = load_spec(args.spec)
     seeds = spec.run_set_seeds()
     if seeds:
         return _run_set(args, settings, term, seeds, backend, signer, reports)
