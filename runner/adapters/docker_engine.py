@@ -7,6 +7,7 @@ permanent ones carrying the HTTP status; callers catch meaning, not status numbe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -16,7 +17,12 @@ import docker.errors
 import requests.exceptions
 
 from runner._internal.retry import call_with_retries
-from runner.errors import DockerAPIError, DockerImageNotFound, TransientDockerError
+from runner.errors import (
+    DockerAPIError,
+    DockerImageNotFound,
+    EvalrunError,
+    TransientDockerError,
+)
 
 T = TypeVar("T")
 
@@ -61,6 +67,18 @@ def translated(what: str) -> Iterator[None]:
             operation=what,
             hint=DOCKER_HINT,
         ) from exc
+
+
+def remove_container(container: Any, log: logging.Logger) -> None:
+    """Remove ``container`` (stopped or not); a failure goes to ``log``, never raised."""
+    try:
+        with translated("remove container"):
+            container.remove(force=True)
+    except EvalrunError as exc:
+        log.warning(
+            "could not remove container",
+            extra={"event": "container_remove_failed", "error": str(exc)},
+        )
 
 
 def docker_call(what: str, fn: Callable[[], T], *, retries: bool = True) -> T:

@@ -30,7 +30,13 @@ from typing import Any, NotRequired, TypedDict
 
 import docker.types
 
-from runner.adapters.docker_engine import connect, docker_call, runtimes, translated
+from runner.adapters.docker_engine import (
+    connect,
+    docker_call,
+    remove_container,
+    runtimes,
+    translated,
+)
 from runner.backends.docker_policy import RUNTIME_NAMES, BindMount, ContainerPolicy
 from runner.errors import EnvironmentMismatch, EvalrunError, IntegrityError
 from runner.model.base import parse_digest_ref
@@ -373,11 +379,4 @@ class CustomMetricSandbox:
                 reply = {"error": f"the sandbox gave no result ({tail[-300:]})"}
             return reply
         finally:
-            try:
-                with translated("remove container"):
-                    container.remove(force=True)
-            except EvalrunError as exc:
-                log.warning(
-                    "could not remove container",
-                    extra={"event": "container_remove_failed", "error": str(exc)},
-                )
+            remove_container(container, log)

@@ -26,7 +26,13 @@ from typing import Any
 import docker.types
 
 from runner._internal.foreign import DockerObject
-from runner.adapters.docker_engine import connect, docker_call, runtimes, translated
+from runner.adapters.docker_engine import (
+    connect,
+    docker_call,
+    remove_container,
+    runtimes,
+    translated,
+)
 from runner.backends.docker_policy import RUNTIME_NAMES, ContainerPolicy, container_policy
 from runner.backends.live import LineRelay, OutputSink
 from runner.errors import EnvironmentMismatch, EvalrunError
@@ -128,10 +134,12 @@ class DockerBackend:
                     # while the run is sealed (~25 ms less per run). Not a daemon thread, so
                     # the program waits for it before it exits.
                     threading.Thread(
-                        target=_remove, args=(container,), name="evalrun-container-removal"
+                        target=remove_container,
+                        args=(container, log),
+                        name="evalrun-container-removal",
                     ).start()
                 else:
-                    _remove(container)
+                    remove_container(container, log)
 
     def _remove_stale(self, name: str) -> None:
         try:
@@ -233,18 +241,6 @@ class DockerBackend:
                     else {}
                 ),
             },
-        )
-
-
-def _remove(container: Any) -> None:
-    """Remove ``container`` (stopped or not); a failure is logged, never raised."""
-    try:
-        with translated("remove container"):
-            container.remove(force=True)
-    except EvalrunError as exc:
-        log.warning(
-            "could not remove container",
-            extra={"event": "container_remove_failed", "error": str(exc)},
         )
 
 
