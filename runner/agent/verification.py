@@ -133,8 +133,7 @@ class RootfsVerification:
         self._trace_dir = _private_dir("evalrun-trace-")
         install_trace_hook(self._trace_dir)
         self._usage = UsageVerifier(table, self._trace_dir)
-        program = _program(self.command[0])
-        self._usage.submit([*agent_paths(), os.path.abspath(program)])
+        self._usage.submit([*agent_paths(), _program(self.command[0])])
         self._usage.start()
         return self.record
 

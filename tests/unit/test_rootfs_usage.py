@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -92,8 +94,7 @@ def test_trace_hook_reports_opens_imports_and_maps(image_dir, tmp_path):
     assert any(p.endswith("/true") for p in reported)  # the program it started
     assert any(".so" in p for p in reported)  # mapped libraries
     # json is loaded from its bytecode: that is what is reported, not the unread source
-    json_cached = json.__cached__
-    assert json_cached in reported and json.__file__ not in reported
+    assert json.__cached__ in reported and json.__file__ not in reported
 
 
 def test_usage_verifier_fails_on_a_file_changed_after_the_table(image_dir, tmp_path):
@@ -277,12 +278,23 @@ def test_agent_paths_leave_out_sources_their_bytecode_stands_for():
         assert not any(p.endswith("/os.py") for p in paths)
 
 
+def _within(seconds: float, check: Callable[[], object]) -> object:
+    """``check()``'s answer, failing (not hanging) when it blocks longer than ``seconds``."""
+    answer: list[object] = []
+    worker = threading.Thread(target=lambda: answer.append(check()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert answer, f"the check still blocks after {seconds} s"
+    return answer[0]
+
+
 def test_a_fifo_or_folder_where_the_table_has_a_file_is_named_without_blocking(image_dir):
     table = _table_of(image_dir)
     data = image_dir / "app" / "data.txt"
     data.unlink()
     os.mkfifo(data)  # opening it for reading would wait for a writer without O_NONBLOCK
-    assert "expected a f entry, found another type" in (check_path(str(data), table) or "")
+    reason = _within(10, lambda: check_path(str(data), table))
+    assert "expected a f entry, found another type" in (reason or "")
     data.unlink()
     data.mkdir()
     assert "expected a f entry, found another type" in (check_path(str(data), table) or "")
@@ -297,6 +309,7 @@ def test_bytecode_on_a_runtime_path_is_not_opened(tmp_path):
         cache.mkdir()
         os.mkfifo(cache / "mod.cpython-311.pyc")
         (cache.parent / "mod.py").write_text("A = 1\n")
-        assert check_used(str(cache / "mod.cpython-311.pyc"), {}, Lookup()) is None
+        pyc = str(cache / "mod.cpython-311.pyc")
+        assert _within(10, lambda: check_used(pyc, {}, Lookup())) is None
     finally:
         shutil.rmtree(cache.parent)
