@@ -10,6 +10,12 @@ results frame are defined once, in :mod:`runner.shared.protocol`.
 
 from __future__ import annotations
 
+from runner.agent.module_pack import install_pack
+
+if __name__ == "__main__":
+    # What follows from one file when the image has it (see runner.agent.module_pack).
+    install_pack()
+
 import argparse
 import hashlib
 import json
@@ -37,6 +43,7 @@ from runner.agent.expectations import (
 from runner.agent.hints import missing_input_hint, stderr_text
 from runner.agent.hold import acknowledge, hold
 from runner.agent.inputs import check_input, failure_reason
+from runner.agent.module_pack import PACK_FILE, build_pack
 from runner.agent.records import AgentSummary, MetricsReport, Preflight
 from runner.agent.results_out import (
     LOG_FRAME_MAX_BYTES,
@@ -414,7 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     p_emit.add_argument("--results", type=Path, default=Path(RESULTS_MOUNT))
     p_ack = sub.add_parser("ack", help="tell the holding agent its results are collected")
     p_ack.add_argument("--plan", type=Path, default=Path(PLAN_FILE))
+    sub.add_parser(
+        "pack", help="write the modules a run imports into one file (an image build step)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "pack":
+        count = build_pack()
+        print(f"agent: {count} modules packed into {PACK_FILE}")
+        return 0
     if args.command == "rootfs-digest":
         digest, count = rootfs_digest("/")
         print(json.dumps({"rootfs_digest": digest, "entries": count}))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Literal, Required, TypedDict
 
+from runner.agent.module_pack import installed
 from runner.agent.usage import FullCheck, UsageVerifier, agent_paths, install_trace_hook, read_table
 from runner.shared.agent_plan import AgentPlan
 from runner.shared.rootfs_table import TABLE_PATH, parse_table, table_digest
@@ -34,6 +35,7 @@ class RootfsRecord(TypedDict, total=False):
     how: str
     table: str
     table_digest: str
+    module_pack: str  # the file the agent's modules were loaded from, when it had one
     found: str
     passed: bool
     reason: str
@@ -130,6 +132,9 @@ class RootfsVerification:
             self.record["reason"] = str(exc)
             return self.record
         self.record["entries"] = len(table)
+        pack = installed()
+        if pack is not None:  # checked as one of the agent's files, like any module file
+            self.record["module_pack"] = pack.path
         self._trace_dir = _private_dir("evalrun-trace-")
         install_trace_hook(self._trace_dir)
         self._usage = UsageVerifier(table, self._trace_dir)

@@ -148,8 +148,9 @@ class DockerBackend:
         except EvalrunError:
             pass
 
-    def _follow_output(self, container: Any, relay: LineRelay) -> None:
-        """Relay the container's stdout and stderr, line by line, while it runs."""
+    def _follow_output(self, container: Any, relay: LineRelay, whole: threading.Event) -> None:
+        """Relay the container's stdout and stderr, line by line, while it runs; ``whole``
+        is set once the stream has ended (the container's output was all relayed)."""
         try:
             with translated("follow container output"):
                 for out, err in self.client.api.attach(
@@ -159,6 +160,7 @@ class DockerBackend:
                         relay.feed("stdout", out)
                     if err:
                         relay.feed("stderr", err)
+            whole.set()
         except EvalrunError as exc:
             log.warning(
                 "live output unavailable",
@@ -172,8 +174,9 @@ class DockerBackend:
         interrupted_by: str | None = None
         exit_code: int | None = None
         relay = LineRelay(plan.run_id, self.output)
+        relayed_whole = threading.Event()
         follower = threading.Thread(
-            target=self._follow_output, args=(container, relay), daemon=True
+            target=self._follow_output, args=(container, relay, relayed_whole), daemon=True
         )
         try:
             docker_call("start container", container.start, retries=False)
@@ -209,7 +212,10 @@ class DockerBackend:
             image_id = (
                 self._image_ids.get(plan.image_ref) or self.client.images.get(plan.image_ref).id
             )
-            logs = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
+            if relayed_whole.is_set():  # its last lines are in the relay: no second read
+                logs = "".join(line + "\n" for line in relay.tail)
+            else:
+                logs = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
         host_config = attrs.get("HostConfig", {})
         return BackendResult(
             backend=self.name,

@@ -337,6 +337,7 @@ _ROOTFS_CHECK_KEYS = (
     "traced_processes",
     "table",
     "table_digest",
+    "module_pack",
     "failure_count",
     "duration_s",
     "note",

@@ -62,6 +62,8 @@ def test_the_bundle_says_what_was_verified_and_how(cli, locked_example):
     assert check["table_digest"] == pred["image"]["rootfs_expected"]
     assert check["files_verified"] > 100 and check["traced_processes"] >= 1
     assert check["entries"] > check["files_verified"]
+    # the agent's modules came from one file, checked with the rest
+    assert check["module_pack"] == "/opt/evalrun/agent/runner/agent/modules.pack"
     rootfs = pred["preflight"]["rootfs"]
     assert rootfs["failure_count"] == 0 and rootfs["failures"] == []
 
@@ -95,3 +97,15 @@ def test_a_changed_file_nothing_uses_passes_used_and_fails_full(vcli, locked_exa
     check = predicate_of(Path(out["bundle"]))["image"]["rootfs_check"]
     assert check["mode"] == "full" and check["requested"] == "full"
     assert check["files_verified"] == check["entries"] > 5000
+
+
+def test_a_changed_module_pack_fails_the_run_with_exit_3(vcli, locked_example, tmp_path):
+    # the agent's own modules, loaded from the pack, are checked like the evaluation's files
+    ref = json.loads((locked_example / "eval.lock.json").read_text())["image"]["ref"]
+    pack = "/opt/evalrun/agent/runner/agent/modules.pack"
+    changed = _changed_image(ref, [pack], tmp_path)
+    spec = _locked_on(locked_example, changed, tmp_path / "changed-pack")
+    code, out = vcli.json("run", str(spec))
+    assert code == 3, out
+    assert out["outcome"] == "integrity_failure"
+    assert pack in out["reason"] and "differs from the image" in out["reason"]

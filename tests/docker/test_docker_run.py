@@ -50,6 +50,9 @@ def test_run_passes_verifies_and_is_idempotent(cli, locked_example):
     assert (bundle / "report.md").read_text().count("| pass |") == 2
     events = [json.loads(x) for x in (bundle / "results/logs/events.jsonl").read_text().splitlines()]
     assert {"preflight_rootfs", "evaluation_end", "metrics_done"} <= {e["event"] for e in events}
+    # the container's output as relayed while it ran: the evaluation's lines are in it
+    last = (bundle / "results/logs/evaluation.stderr").read_text().splitlines()[-1]
+    assert last in (bundle / "logs/container.log").read_text().splitlines()
 
     # offline verification with the CLI
     proc = cli("verify", str(bundle), "--key", str(cli.pub))

@@ -1,0 +1,143 @@
+"""The agent's module pack: one file holding the modules a run imports (runner.agent.module_pack)."""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.agent import module_pack
+from runner.agent.module_pack import FORMAT, PACK_FILE, build_pack, read_pack
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pack") / "modules.pack"
+    build_pack(str(path))
+    return path
+
+
+def _fresh(code: str, pack: Path) -> object:
+    """What ``code`` prints as JSON in a fresh interpreter whose agent imports from ``pack``
+    (installed as the entry point does), on this checkout."""
+    prelude = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "from runner.agent.module_pack import install_pack; "
+        f"finder = install_pack({str(pack)!r}); "
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    return json.loads(proc.stdout)
+
+
+def test_the_pack_holds_the_agents_and_the_standard_librarys_modules(pack):
+    modules = read_pack(str(pack))
+    assert modules is not None
+    for name in ("runner.agent.verification", "runner.shared.agent_plan", "json", "subprocess"):
+        assert name in modules, name
+    is_package, origin, code = modules["json"]
+    assert is_package is True and origin.endswith("json/__init__.py")
+    assert marshal.loads(code).co_filename == origin
+    # imported before the pack is installed, or not pure Python from a file
+    for name in ("runner", "runner.agent", "runner.agent.__main__", "runner.agent.module_pack"):
+        assert name not in modules
+    assert not any(origin.endswith(".so") for _, origin, _ in modules.values())
+
+
+def test_a_run_imports_from_the_pack_and_the_check_covers_the_pack(pack):
+    code = (
+        "import runner.agent.__main__, json\n"
+        "from runner.agent.usage import agent_paths\n"
+        "mod = sys.modules['runner.agent.verification']\n"
+        "print(json.dumps({'cached': mod.__cached__, 'file': mod.__file__,"
+        " 'packed': sorted(n for n, m in sys.modules.items()"
+        " if getattr(m, '__cached__', None) == finder.path),"
+        " 'paths': agent_paths()}))"
+    )
+    out = _fresh(code, pack)
+    assert out["cached"] == str(pack)
+    assert out["file"].endswith("runner/agent/verification.py")  # tracebacks show its source
+    assert len(out["packed"]) > 50
+    assert str(pack) in out["paths"]
+    # a packed module's own bytecode is not what ran, so it is not what is checked
+    assert not any("/runner/agent/__pycache__/verification." in p for p in out["paths"])
+
+
+def test_a_module_not_in_the_pack_is_imported_from_its_file(pack):
+    # runner.agent.gpu is loaded only by runs that expect a GPU: not packed
+    modules = read_pack(str(pack))
+    assert modules is not None and "runner.agent.gpu" not in modules
+    out = _fresh(
+        "import runner.agent.__main__, runner.agent.gpu, json; "
+        "print(json.dumps(sys.modules['runner.agent.gpu'].__cached__))",
+        pack,
+    )
+    assert isinstance(out, str) and out.endswith(".pyc")
+
+
+def test_the_pack_is_the_same_bytes_on_every_build(tmp_path):
+    builds = []
+    for name in ("first.pack", "again.pack"):
+        path = tmp_path / name
+        script = f"from runner.agent.module_pack import build_pack; build_pack({str(path)!r})"
+        subprocess.run(
+            [sys.executable, "-c", script],
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            cwd=ROOT,
+        )
+        builds.append(path.read_bytes())
+    assert builds[0] == builds[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.pack", "first.pack"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not marshal at all",
+        marshal.dumps([1, 2, 3]),
+        marshal.dumps({"format": FORMAT + 1, "magic": module_pack._magic(), "modules": {}}),
+        marshal.dumps({"format": FORMAT, "magic": b"\x00\x00\r\n", "modules": {}}),  # other Python
+        marshal.dumps({"format": FORMAT, "magic": module_pack._magic(), "modules": []}),
+    ],
+    ids=["empty", "garbage", "a-list", "other-format", "other-interpreter", "bad-modules"],
+)
+def test_a_pack_that_cannot_be_used_changes_nothing(tmp_path, content):
+    path = tmp_path / "modules.pack"
+    path.write_bytes(content)
+    before = list(sys.meta_path)
+    assert module_pack.install_pack(str(path)) is None
+    assert sys.meta_path == before
+
+
+def test_no_pack_changes_nothing(tmp_path):
+    before = list(sys.meta_path)
+    assert module_pack.install_pack(str(tmp_path / "missing.pack")) is None
+    assert sys.meta_path == before
+    assert module_pack.installed() is None
+
+
+def test_the_pack_lives_beside_the_agent():
+    assert Path(PACK_FILE).parent == ROOT / "runner" / "agent"
+    # the template writes it, after the agent's bytecode
+    template = (ROOT / "images" / "python-eval.Dockerfile.j2").read_text()
+    assert template.index('"runner.agent", "pack"') > template.index("compileall")
+    shared = ROOT / "runner" / "blueprints" / "shared" / "python-eval.Dockerfile.j2"
+    assert shared.read_text() == template
