@@ -44,9 +44,10 @@ FORMAT = 1
 # Not packed: the entry point and this module are imported before the pack is installed.
 _NOT_PACKED = ("__main__", "runner", "runner.agent", "runner.agent.__main__", __name__)
 
-# What a run imports beyond runner.agent.__main__, in every run or often: tarfile and
-# socket when its results are framed or held (results_out.prepare).
-EXTRA_IMPORTS = ("tarfile", "socket")
+# What a run imports beyond runner.agent.__main__, in every run or often: the GPU capture
+# (every run asks it, GPU or not), tarfile and socket when its results are framed or held
+# (results_out.prepare).
+EXTRA_IMPORTS = ("runner.agent.gpu", "tarfile", "socket")
 
 
 def _magic() -> bytes:

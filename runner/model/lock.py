@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,9 +27,11 @@ from runner.model.base import (
     parse_digest_ref,
     read_input_file,
 )
-from runner.model.predicate_parts import JsonObject
 from runner.shared.inputs import tree_digest_of
 from runner.shared.json_types import JSONObject
+
+if TYPE_CHECKING:  # the predicate's models load when a run is sealed, not to read a lock
+    from runner.model.predicate_parts import JsonObject
 
 LOCK_SCHEMA = "evalrun/lock/v1"
 MAX_LOCK_BYTES = 16 * 1024 * 1024

@@ -80,12 +80,13 @@ def test_a_run_imports_from_the_pack_and_the_check_covers_the_pack(pack):
 
 
 def test_a_module_not_in_the_pack_is_imported_from_its_file(pack):
-    # runner.agent.gpu is loaded only by runs that expect a GPU: not packed
+    # runner.agent.determinism is not imported by a run: not packed
     modules = read_pack(str(pack))
-    assert modules is not None and "runner.agent.gpu" not in modules
+    assert modules is not None and "runner.agent.determinism" not in modules
+    assert "runner.agent.gpu" in modules  # every run's capture asks it
     out = _fresh(
-        "import runner.agent.__main__, runner.agent.gpu, json; "
-        "print(json.dumps(sys.modules['runner.agent.gpu'].__cached__))",
+        "import runner.agent.__main__, runner.agent.determinism, json; "
+        "print(json.dumps(sys.modules['runner.agent.determinism'].__cached__))",
         pack,
     )
     assert isinstance(out, str) and out.endswith(".pyc")
