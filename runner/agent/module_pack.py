@@ -48,6 +48,8 @@ _NOT_PACKED = ("__main__", "runner", "runner.agent", "runner.agent.__main__", __
 # (every run asks it, GPU or not), tarfile and socket when its results are framed or held
 # (results_out.prepare).
 EXTRA_IMPORTS = ("runner.agent.gpu", "tarfile", "socket")
+# ... and, where the image has it, NVML's binding (the GPU capture's).
+OPTIONAL_IMPORTS = ("pynvml",)
 
 
 def _magic() -> bytes:
@@ -139,10 +141,16 @@ def installed() -> PackFinder | None:
 _PROBE = (
     "import sys\n"
     "before = set(sys.modules)\n"
-    "import runner.agent.__main__\n"
+    "from runner.agent.__main__ import main\n"
+    "main(['run', '--plan', '/nonexistent/plan.json'])  # the command line, read\n"
     "import json\n"
     "for name in {extra!r}:\n"
     "    __import__(name)\n"
+    "for name in {optional!r}:\n"
+    "    try:\n"
+    "        __import__(name)\n"
+    "    except ImportError:\n"
+    "        pass\n"
     "found = []\n"
     "for name in sorted(set(sys.modules) - before):\n"
     "    spec = getattr(sys.modules[name], '__spec__', None)\n"
@@ -160,7 +168,7 @@ def modules_to_pack() -> list[tuple[str, str, bool]]:
     import subprocess
 
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(extra=EXTRA_IMPORTS)],
+        [sys.executable, "-c", _PROBE.format(extra=EXTRA_IMPORTS, optional=OPTIONAL_IMPORTS)],
         capture_output=True,
         check=True,
     ).stdout

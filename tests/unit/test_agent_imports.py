@@ -57,6 +57,21 @@ def test_a_plain_agent_run_loads_none_of_the_costly_modules():
     assert sorted(set(NOT_LOADED) & loaded) == []
 
 
+def test_reading_the_command_line_loads_none_of_them_either():
+    # argparse asks shutil for the terminal's width unless it is given one (agent._Parser)
+    loaded = set(
+        _fresh(
+            "from runner.agent.__main__ import main, AgentExit; import json; "
+            "code = main(['run', '--plan', '/nonexistent/plan.json']); "
+            "assert code == AgentExit.BAD_PLAN, code; "
+            "print(json.dumps(sorted(sys.modules)))"
+        )
+    )
+    assert "argparse" in loaded
+    assert sorted(set(NOT_LOADED) & loaded) == []
+    assert "bz2" not in loaded and "lzma" not in loaded
+
+
 def test_the_copies_that_replace_them_agree_with_the_standard_library():
     import importlib.util
 
