@@ -9,7 +9,9 @@ CPU, in every run. From one file they take ~0.1 s.
 ``python3 -m runner.agent pack`` (a step of the image template, after the agent's
 bytecode is compiled) writes :data:`PACK_FILE`: the code of every pure-Python module a
 plain run imports — the agent's and the standard library's — compiled from the image's
-own sources by the image's own interpreter, with that interpreter's bytecode magic.
+own sources by the image's own interpreter, with that interpreter's bytecode magic. It
+holds those modules as they were at that step: a template writes it after every step that
+installs or changes Python code the agent uses (its own, the standard library).
 ``python3 -m runner.agent`` installs it (:func:`install_pack`) before its first import:
 
 - a module in the pack is created from the pack's code; its ``__file__`` stays its source
