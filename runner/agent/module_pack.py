@@ -54,10 +54,16 @@ EXTRA_IMPORTS = ("runner.agent.gpu", "tarfile", "socket")
 OPTIONAL_IMPORTS = ("pynvml",)
 
 
-def _magic() -> bytes:
-    import _frozen_importlib_external  # always loaded: part of the interpreter
+def bytecode_magic() -> bytes:
+    """This interpreter's bytecode magic (``importlib.util.MAGIC_NUMBER``), read from the
+    import system's own module, which is always loaded: ``importlib.util`` would load five
+    more modules into the agent."""
+    bootstrap = sys.modules.get("_frozen_importlib_external")
+    if bootstrap is None:
+        import importlib.util
 
-    magic: bytes = _frozen_importlib_external.MAGIC_NUMBER
+        return importlib.util.MAGIC_NUMBER
+    magic: bytes = bootstrap.MAGIC_NUMBER
     return magic
 
 
@@ -116,7 +122,11 @@ def read_pack(path: str) -> dict[str, tuple[bool, str, bytes]] | None:
         pack = marshal.loads(b"".join(chunks))  # noqa: S302 - the image's, checked as used
     except (EOFError, ValueError, TypeError):
         return None
-    if not isinstance(pack, dict) or pack.get("format") != FORMAT or pack.get("magic") != _magic():
+    if (
+        not isinstance(pack, dict)
+        or pack.get("format") != FORMAT
+        or pack.get("magic") != bytecode_magic()
+    ):
         return None
     modules = pack.get("modules")
     return modules if isinstance(modules, dict) else None
@@ -198,7 +208,7 @@ def build_pack(path: str = PACK_FILE) -> int:
         entry = compile_module(name, origin, is_package)
         if entry is not None:
             modules[name] = entry
-    data = marshal.dumps({"format": FORMAT, "magic": _magic(), "modules": modules})
+    data = marshal.dumps({"format": FORMAT, "magic": bytecode_magic(), "modules": modules})
     partial = path + ".partial"
     with open(partial, "wb") as fh:
         fh.write(data)

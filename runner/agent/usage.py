@@ -21,8 +21,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TypedDict, cast
+from typing import TypedDict
 
+from runner.agent.module_pack import bytecode_magic
 from runner.agent.rootfs import is_excluded, rootfs_digest
 from runner.agent.trace_hook import loaded_file
 from runner.shared.rootfs_table import MAX_TABLE_BYTES, TABLE_PATH, TableEntry
@@ -166,18 +167,6 @@ def check_used(path: str, table: dict[str, TableEntry], lookup: Lookup) -> str |
 _HEAD = 16
 
 
-def _magic() -> bytes:
-    """This interpreter's bytecode magic (``importlib.util.MAGIC_NUMBER``), read from the
-    import system's own module, which is always loaded: ``importlib.util`` would load five
-    more modules into the agent."""
-    bootstrap = sys.modules.get("_frozen_importlib_external")
-    if bootstrap is None:
-        import importlib.util
-
-        return importlib.util.MAGIC_NUMBER
-    return cast(bytes, bootstrap.MAGIC_NUMBER)
-
-
 def source_read_for(pyc: str, head: bytes) -> str | None:
     """The source file an import read instead of (or besides) the bytecode ``pyc`` whose
     first bytes are ``head``; None when only the bytecode was read.
@@ -195,7 +184,7 @@ def source_read_for(pyc: str, head: bytes) -> str | None:
         st = os.stat(source)
     except OSError:
         return None  # no source: the bytecode is all an import can have read
-    if len(head) < _HEAD or head[:4] != _magic():
+    if len(head) < _HEAD or head[:4] != bytecode_magic():
         return source
     flags = int.from_bytes(head[4:8], "little")
     if flags & 0b01:  # hash-based: a checked one reads the source to hash it

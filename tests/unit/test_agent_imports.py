@@ -75,11 +75,11 @@ def test_reading_the_command_line_loads_none_of_them_either():
 def test_the_copies_that_replace_them_agree_with_the_standard_library():
     import importlib.util
 
-    from runner.agent.usage import _magic
+    from runner.agent.module_pack import bytecode_magic
     from runner.shared.generation import _PUNCTUATION
 
     assert frozenset(string.punctuation) == _PUNCTUATION
-    assert _magic() == importlib.util.MAGIC_NUMBER
+    assert bytecode_magic() == importlib.util.MAGIC_NUMBER
 
 
 def test_the_results_are_framed_with_modules_loaded_before_the_check_ends():

@@ -114,9 +114,9 @@ def test_the_pack_is_the_same_bytes_on_every_build(tmp_path):
         b"",
         b"not marshal at all",
         marshal.dumps([1, 2, 3]),
-        marshal.dumps({"format": FORMAT + 1, "magic": module_pack._magic(), "modules": {}}),
+        marshal.dumps({"format": FORMAT + 1, "magic": module_pack.bytecode_magic(), "modules": {}}),
         marshal.dumps({"format": FORMAT, "magic": b"\x00\x00\r\n", "modules": {}}),  # other Python
-        marshal.dumps({"format": FORMAT, "magic": module_pack._magic(), "modules": []}),
+        marshal.dumps({"format": FORMAT, "magic": module_pack.bytecode_magic(), "modules": []}),
     ],
     ids=["empty", "garbage", "a-list", "other-format", "other-interpreter", "bad-modules"],
 )
