@@ -20,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,9 @@ class DockerBackend:
         log.info("pulling image", extra={"event": "image_pull", "image": ref})
         docker_call(f"pull {ref}", lambda: self.client.api.pull(repo, tag=digest))
 
-    def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
+    def run(
+        self, plan: RunPlan, results_dir: Path, *, on_start: Callable[[], None] | None = None
+    ) -> BackendResult:
         client = self.client
         results_dir.mkdir(parents=True, exist_ok=True)
         os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
@@ -123,7 +126,7 @@ class DockerBackend:
             container = docker_call("create container", lambda: _create(client, policy))
             collected = False
             try:
-                result = self._run_container(container, plan)
+                result = self._run_container(container, plan, on_start)
                 # what the agent was handed: it reports the sha256 of what it read
                 result.details["plan_sha256"] = hashlib.sha256(plan_path.read_bytes()).hexdigest()
                 collected = True
@@ -167,7 +170,9 @@ class DockerBackend:
                 extra={"event": "output_follow_failed", "error": exc.message},
             )
 
-    def _run_container(self, container: Any, plan: RunPlan) -> BackendResult:
+    def _run_container(
+        self, container: Any, plan: RunPlan, on_start: Callable[[], None] | None
+    ) -> BackendResult:
         started = _now()
         t0 = time.monotonic()
         timed_out = interrupted = False
@@ -181,6 +186,8 @@ class DockerBackend:
         try:
             docker_call("start container", container.start, retries=False)
             follower.start()
+            if on_start is not None:  # while the sandbox runs; an error removes it (run())
+                on_start()
             deadline = plan.timeout_s + PREFLIGHT_ALLOWANCE_S
             try:
                 with translated("wait for container"):

@@ -309,7 +309,9 @@ class KubernetesBackend:
         )
         return existing_dict
 
-    def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
+    def run(
+        self, plan: RunPlan, results_dir: Path, *, on_start: Callable[[], None] | None = None
+    ) -> BackendResult:
         api, namespace = self._connect()
         results_dir.mkdir(parents=True, exist_ok=True)
         started = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
@@ -321,6 +323,12 @@ class KubernetesBackend:
             raise self._refused_after_create(api, namespace, name, exc) from exc
         session = RunSession(self, api, watch, plan, name, results_dir)
         try:
+            if on_start is not None:  # while the Job starts and runs
+                try:
+                    on_start()
+                except Exception:
+                    self._delete(api, namespace, name)  # nothing keeps running unwatched
+                    raise
             result = session.follow(started, t0)
             return self._policy.observed(result) if self._policy else result
         except APIForbidden as exc:

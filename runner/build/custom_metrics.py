@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from runner.build.provenance import code_digest
+from runner.build.preprocessing import code_digest
 from runner.errors import SpecError
 from runner.model.lock import LockedCustomMetric
 from runner.model.spec import EvalSpec

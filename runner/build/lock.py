@@ -38,7 +38,7 @@ from runner.build.context import BUILD_EPOCH, BuildInputs, build_inputs_for, tre
 from runner.build.custom_metrics import custom_metric_records
 from runner.build.image import BuiltImage, build_image, measure_rootfs
 from runner.build.package_files import agent_digest
-from runner.build.provenance import preprocessing_records
+from runner.build.preprocessing import preprocessing_records
 from runner.build.wheels import (
     cached_wheel,
     normalize_project_name,

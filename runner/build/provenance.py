@@ -1,4 +1,4 @@
-"""Who launched a run, from where, and why; and the declared preprocessing steps.
+"""Who launched a run, from where, and why (the predicate's ``provenance`` block).
 
 Pure functions over an environment mapping (``os.environ`` in the runner, a dict
 in tests): the identity comes from what the machine and the CI system say, never
@@ -8,16 +8,12 @@ from anything the evaluation container reports.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from pydantic import JsonValue
 
-from runner._internal.tree import TreeDigestFormat, digest_tree
-from runner.errors import SpecError
 from runner.model.predicate import (
     SELF_ASSERTED,
     CiIdentity,
@@ -179,49 +175,6 @@ def rationale(spec_text: str | None, cli_text: str | None) -> Rationale:
     text = cli_value or spec_value
     source = "cli" if cli_value else ("spec" if spec_value else None)
     return Rationale(text=text, source=source, cli=cli_value, spec=spec_value)
-
-
-def code_digest(path: Path) -> str:
-    """``sha256:`` of a file, or of a directory (sorted relative paths and file digests).
-
-    A directory uses the :attr:`~runner._internal.tree.TreeDigestFormat.CODE`
-    layout; a symlink below it raises InputError (links are never followed).
-    """
-    if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return "sha256:" + h.hexdigest()
-    return digest_tree(path, TreeDigestFormat.CODE, what="preprocessing code")
-
-
-def preprocessing_records(spec: EvalSpec, spec_dir: Path) -> list[JsonObject]:
-    """The spec's preprocessing steps with the digest of their code, as found now.
-
-    Each is a :class:`PreprocessingRecord` as the JSON it is signed as (workflows/run.py
-    compares them with the lock by key). A step whose code is missing is a spec error
-    (exit 2): its digest cannot be recorded.
-    """
-    records = []
-    missing = []
-    for index, step in enumerate(spec.preprocessing):
-        path = spec_dir / step.code
-        if not path.exists():
-            missing.append((f"preprocessing[{index}].code", f"{step.code} not found"))
-            continue
-        records.append(
-            PreprocessingRecord(
-                name=step.name,
-                code=step.code,
-                code_digest=code_digest(path),
-                kind="file" if path.is_file() else "directory",
-                params=step.params,
-            ).to_json()
-        )
-    if missing:
-        raise SpecError("preprocessing code not found", file=str(spec_dir), problems=missing)
-    return records
 
 
 def provenance(

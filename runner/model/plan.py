@@ -8,6 +8,7 @@ evaluation and never touches the signing key or the store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
@@ -222,6 +223,14 @@ class Backend(Protocol):
     def preflight(self, plan: RunPlan) -> None:
         """Fail early (exit 4/5) if this backend cannot honour the plan's sandbox policy."""
 
-    def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
-        """Run the plan to completion; results land in ``results_dir``."""
+    def run(
+        self, plan: RunPlan, results_dir: Path, *, on_start: Callable[[], None] | None = None
+    ) -> BackendResult:
+        """Run the plan to completion; results land in ``results_dir``.
+
+        ``on_start`` is called once, on the caller's thread, as soon as the sandbox is
+        running (the caller's own work that need not precede it happens there, while the
+        evaluation goes on). An exception from it ends the run: the sandbox is removed and
+        the exception propagates.
+        """
         ...

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.backends.collect import MetricCheck, read_json
-from runner.build.provenance import code_digest
+from runner.build.preprocessing import code_digest
 from runner.errors import DigestMismatch, SpecError
 from runner.model.lock import LockedSpec
 from runner.model.plan import RunPlan

@@ -288,7 +288,8 @@ def _sealing_of(detached: DetachedRun, record: DetachedRecord) -> Sealing:
         attempt=record.attempt,
         started=record.started,
         backend=record.backend,
-        run_provenance=record.run_provenance,
+        # the block as built at submission, kept as found
+        provenance_of=lambda: record.run_provenance,
         journal=detached.journal(),
         target=record.run_target,
     )

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import JsonValue
 
@@ -20,8 +20,10 @@ from runner.backends.crosscheck import crosscheck_node_labels
 from runner.errors import interrupted_reason
 from runner.model.outcome import Outcome
 from runner.model.plan import BackendResult, RunPlan
-from runner.model.predicate import JsonObject, MetricResult, PerturbationResult
 from runner.shared.metrics import partial_reason, threshold_verdicts
+
+if TYPE_CHECKING:  # the predicate's models load while the run's sandbox runs (workflows.run)
+    from runner.model.predicate import JsonObject, MetricResult, PerturbationResult
 
 # The outcomes an agent may report for itself; anything else it says is an evaluation failure.
 _AGENT_OUTCOMES = frozenset(
@@ -290,6 +292,8 @@ def judge_metrics(
 
     Pure. Only gating metrics (primary, or promoted supplementary) decide the outcome.
     """
+    from runner.model.predicate import MetricResult, PerturbationResult
+
     facts = RunFacts(
         node_crosscheck=_node_crosscheck(result, report),
         metrics=tuple(MetricResult.model_validate(m) for m in check.metrics),
@@ -331,6 +335,8 @@ def judge_partial(judgement: Judgement, check: MetricCheck) -> Judgement:
     """
     if judgement.outcome is not Outcome.BAD_OUTPUT or not (check.metrics or check.problems):
         return judgement
+    from runner.model.predicate import MetricResult
+
     facts = RunFacts(
         node_crosscheck=judgement.facts.node_crosscheck,
         metrics=tuple(MetricResult.model_validate(m) for m in check.metrics),

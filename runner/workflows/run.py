@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import importlib
 import json
 import logging
 import os
@@ -23,27 +24,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runner._internal.settings import Settings
-from runner.build.provenance import preprocessing_records, provenance
-from runner.bundle.build import build_bundle
+from runner.build.preprocessing import preprocessing_records
 from runner.bundle.signing import Signer
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import EvalrunError, IntegrityError
 from runner.model.lock import LockedSpec
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, BackendResult, RunPlan
-from runner.model.predicate import JsonObject, RunPredicate
 from runner.model.spec import EvalSpec
-from runner.render.markdown import render_markdown
 from runner.workflows.custom_metrics import carry_files, custom_jobs
 from runner.workflows.inputs import TransferProgress
-from runner.workflows.judge import ContainerReport, Judgement
 from runner.workflows.run_judging import (
     _one_line,
     _PlanHolder,
     error_judgement,
     judged_attempt,
 )
-from runner.workflows.run_predicate import build_run_predicate
 from runner.workflows.run_setup import (
     Progress,
     _carry_preprocessing,
@@ -61,12 +57,30 @@ from runner.workflows.run_setup import (
     stage_run_files,
 )
 
-if TYPE_CHECKING:  # loaded (with the Docker SDK) only for a spec with custom metrics
+if TYPE_CHECKING:
+    # loaded (with the Docker SDK) only for a spec with custom metrics
     from runner.backends.custom_metric import CustomMetricJob, CustomMetricSandbox
 
+    # loaded while the run's sandbox runs (prepare_sealing)
+    from runner.model.predicate import JsonObject, RunPredicate
+    from runner.workflows.judge import ContainerReport, Judgement
+    from runner.workflows.run_predicate import build_run_predicate
+
+    # A re-run's hook: the finished predicate with keys added (it may not change existing ones).
+    Annotate = Callable[[RunPredicate], RunPredicate]
+
+# What sealing a run loads beyond what starting it does: the predicate's models, the bundle
+# writer and signer, the report. A new run loads them while its sandbox runs
+# (prepare_sealing, the backend's on_start), not before it starts: ~60 ms less before the
+# container is created, where the whole run waits for them.
+SEALING_MODULES = (
+    "runner.workflows.run_predicate",
+    "runner.bundle.build",
+    "runner.render.markdown",
+    "runner.build.provenance",
+)
+
 log = logging.getLogger("evalrun.run")
-# A re-run's hook: the finished predicate with keys added (it may not change existing ones).
-Annotate = Callable[[RunPredicate], RunPredicate]
 
 _LOG_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -202,7 +216,9 @@ def run_evaluation(
                 f"running {run_id} in the sandbox (image {lock.image.ref.split('@')[1][:19]}…)"
             )
             holder.plan, holder.jobs, holder.sandbox = plan, jobs, sandbox
-            return backend.run(plan, results_tmp)
+            return backend.run(
+                plan, results_tmp, on_start=functools.partial(prepare_sealing, sealing)
+            )
 
         holder = _PlanHolder()
         result, report, judgement = judged_attempt(stage, sealing.journal, attempt_run, holder)
@@ -220,11 +236,51 @@ class Sealing:
     attempt: int
     started: str
     backend: str
-    run_provenance: Mapping[str, Any]
+    provenance_of: Callable[[], Mapping[str, Any]]
+    """Builds the predicate's ``provenance`` block, from facts fixed when the run opened
+    (:attr:`run_provenance` calls it once)."""
     journal: Journal
     annotate: Annotate | None = None
     target: str | None = None
     """The backend's target when it names one (part of the run's identity)."""
+
+    @functools.cached_property
+    def run_provenance(self) -> Mapping[str, Any]:
+        """The ``provenance`` block (built on first use: while the sandbox runs, for a new
+        run whose backend calls :func:`prepare_sealing`)."""
+        return self.provenance_of()
+
+
+def prepare_sealing(sealing: Sealing) -> None:
+    """What sealing ``sealing``'s run needs and its start did not: loaded, and its
+    provenance block built. A backend calls it (``on_start``) once the sandbox runs, on the
+    caller's thread, while the evaluation goes on; an error in it ends the run like an
+    error before the start (the sandbox is removed, nothing is sealed from it)."""
+    for name in SEALING_MODULES:
+        importlib.import_module(name)
+    _ = sealing.run_provenance
+
+
+def _provenance_block(
+    spec: EvalSpec,
+    *,
+    env: Mapping[str, str],
+    launched_at: str,
+    reason: str | None,
+    preprocessing: list[JsonObject],
+    signer_keyid: str | None,
+) -> Mapping[str, Any]:
+    from runner.build.provenance import provenance
+
+    return provenance(
+        spec,
+        env=env,
+        launched_at=launched_at,
+        evalrun_version=_evalrun_version(),
+        reason=reason,
+        preprocessing=preprocessing,
+        signer_keyid=signer_keyid,
+    )
 
 
 def open_run(
@@ -248,11 +304,12 @@ def open_run(
     steps = preprocessing_records(spec, spec_path.resolve().parent)
     journal = Journal(run_id)
     started = _now()
-    run_provenance = provenance(
+    # the launcher's environment as it is now (a copy): the block is built later
+    provenance_of = functools.partial(
+        _provenance_block,
         spec,
-        env=os.environ if environ is None else environ,
+        env=dict(os.environ if environ is None else environ),
         launched_at=started,
-        evalrun_version=_evalrun_version(),
         reason=reason,
         preprocessing=steps,
         signer_keyid=signer.keyid,
@@ -272,7 +329,7 @@ def open_run(
         attempt=attempt,
         started=started,
         backend=backend,
-        run_provenance=run_provenance,
+        provenance_of=provenance_of,
         journal=journal,
         annotate=annotate,
         target=target,
@@ -353,6 +410,10 @@ def seal_run(
     ``stage`` (a store staging dir) already holds the run's files (spec, lock, plan,
     results); the predicate, report and logs are added here.
     """
+    from runner.bundle.build import build_bundle
+    from runner.render.markdown import render_markdown
+    from runner.workflows.run_predicate import build_run_predicate
+
     outcome, reason = judgement.outcome, judgement.reason
     journal = sealing.journal
     journal.emit(
@@ -397,6 +458,15 @@ def _annotated(predicate: RunPredicate, annotate: Annotate) -> RunPredicate:
     if changed := sorted(k for k, v in before.items() if k not in after or after[k] != v):
         raise ValueError(f"annotate may not replace predicate keys {changed}")
     return annotated
+
+
+def __getattr__(name: str) -> Any:
+    """``build_run_predicate`` stays importable from here, loaded when asked for."""
+    if name == "build_run_predicate":
+        from runner.workflows.run_predicate import build_run_predicate
+
+        return build_run_predicate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # names moved to run_setup and run_judging stay importable from here

@@ -7,19 +7,20 @@ import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from runner._internal.settings import Settings
 from runner.adapters.sources import SourceOptions, source_options
-from runner.bundle.reader import expect_kind, read_predicate
 from runner.bundle.store import Store, StoredBundle
 from runner.errors import DigestMismatch, SpecError
 from runner.model.lock import LockedSpec, load_lock, lock_path_for
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, PlanInput, RunPlan
-from runner.model.predicate import JsonObject, RunPredicate
 from runner.model.spec import EvalSpec, load_spec
 from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
+
+if TYPE_CHECKING:  # the predicate's models load while the run's sandbox runs (workflows.run)
+    from runner.model.predicate import JsonObject, RunPredicate
 
 Progress = Callable[[str], None]
 
@@ -227,4 +228,7 @@ def stage_run_files(spec_path: Path, spec: EvalSpec, stage: Path) -> None:
 
 
 def _load_predicate(bundle_dir: Path) -> RunPredicate:
+    from runner.bundle.reader import expect_kind, read_predicate
+    from runner.model.predicate import RunPredicate
+
     return expect_kind(read_predicate(bundle_dir), RunPredicate, bundle_dir)

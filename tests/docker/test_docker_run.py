@@ -429,3 +429,32 @@ def test_disk_filling_while_the_bundle_is_written_fails_cleanly(vcli, variant, t
         assert cli("verify", again["bundle"], "--key", str(cli.pub)).returncode == 0
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_an_error_while_the_sandbox_runs_removes_it_and_seals_nothing(vcli, variant, monkeypatch):
+    """What the runner does while the sandbox runs (loading and building what sealing needs,
+    ``on_start``) can fail like anything before the start: the container is removed at
+    once, the error propagates, and no bundle is sealed from the run."""
+    from runner._internal.settings import Settings
+    from runner.backends.docker import DockerBackend
+    from runner.bundle.signing import load_signer
+    from runner.workflows import run as run_workflow
+
+    spec_path = variant()
+    calls = []
+
+    def failing(sealing):
+        calls.append(sealing.run_id)
+        raise RuntimeError("could not prepare the sealing")
+
+    monkeypatch.setattr(run_workflow, "prepare_sealing", failing)
+    engine = docker.from_env()
+    before = {c.id for c in engine.containers.list(all=True)}
+    signer = load_signer(ROOT / "tests" / "unit" / "fixtures" / "legacy" / "keys" / "legacy.key")
+    with pytest.raises(RuntimeError, match="could not prepare the sealing"):
+        run_workflow.run_evaluation(
+            spec_path, DockerBackend(), signer, Settings(home=vcli.home), rerun=True
+        )
+    assert len(calls) == 1  # called once, with the sandbox running
+    assert {c.id for c in engine.containers.list(all=True)} == before
+    assert not list((vcli.home / "bundles").glob("sha256-*"))

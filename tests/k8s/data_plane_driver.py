@@ -48,8 +48,8 @@ def main() -> int:
         def preflight(self, plan: RunPlan) -> None:
             super().preflight(self._swap(plan))
 
-        def run(self, plan: RunPlan, results_dir: Path) -> Any:
-            return super().run(self._swap(plan), results_dir)
+        def run(self, plan: RunPlan, results_dir: Path, **kwargs: Any) -> Any:
+            return super().run(self._swap(plan), results_dir, **kwargs)
 
     k8s_backend.KubernetesBackend = Published  # type: ignore[misc]
     if args.die_after_bytes:

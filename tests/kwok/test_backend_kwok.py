@@ -91,3 +91,33 @@ def test_shared_watch_is_one_per_namespace(cluster, namespace):
     first = shared_watch(api, ns)
     assert shared_watch(api, ns) is first
     assert time.monotonic() - t0 < 30
+
+
+def test_an_error_while_the_job_runs_deletes_it(cluster, k8s_client, namespace, tmp_path):
+    """The runner's own work while the Job runs (``on_start``: what sealing needs) can fail
+    like anything before the submission: the Job is deleted, never left running unwatched,
+    and the error propagates."""
+    backend = KubernetesBackend(
+        ClusterTarget(kubeconfig=str(cluster.kubeconfig), namespace=namespace),
+        extra_tolerations=(("kwok.x-k8s.io/node", "NoSchedule"),),
+    )
+    plan = gpu_plan(tmp_path, 9000, H100)
+    calls = []
+
+    def failing() -> None:
+        calls.append(client.BatchV1Api(k8s_client).read_namespaced_job(
+            job_name(plan.run_id), namespace).metadata.name)
+        raise RuntimeError("could not prepare the sealing")
+
+    with pytest.raises(RuntimeError, match="could not prepare the sealing"):
+        backend.run(plan, tmp_path / "results", on_start=failing)
+    assert calls == [job_name(plan.run_id)]  # called once the Job existed
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        names = [j.metadata.name for j in client.BatchV1Api(k8s_client).list_namespaced_job(
+            namespace).items if j.metadata.deletion_timestamp is None]
+        if job_name(plan.run_id) not in names:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the Job {job_name(plan.run_id)} was left behind")

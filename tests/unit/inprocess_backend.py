@@ -20,7 +20,7 @@ import json
 import os
 import socket
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -67,9 +67,13 @@ class InProcessBackend:
     def preflight(self, plan: RunPlan) -> None:
         return None
 
-    def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
+    def run(
+        self, plan: RunPlan, results_dir: Path, *, on_start: Callable[[], None] | None = None
+    ) -> BackendResult:
         if self.fail:
             raise InfrastructureError("the fixture daemon is down", hint="start it again")
+        if on_start is not None:  # as a real backend does, once its sandbox runs
+            on_start()
         (results_dir / "logs").mkdir(parents=True, exist_ok=True)
         dataset = next(i for i in plan.inputs if i.role == "dataset")
         rows = [json.loads(line) for line in dataset.host_path.read_text().splitlines() if line]

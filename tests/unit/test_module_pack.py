@@ -117,8 +117,19 @@ def test_the_pack_is_the_same_bytes_on_every_build(tmp_path):
         marshal.dumps({"format": FORMAT + 1, "magic": module_pack.bytecode_magic(), "modules": {}}),
         marshal.dumps({"format": FORMAT, "magic": b"\x00\x00\r\n", "modules": {}}),  # other Python
         marshal.dumps({"format": FORMAT, "magic": module_pack.bytecode_magic(), "modules": []}),
+        marshal.dumps({"format": FORMAT, "magic": module_pack.bytecode_magic(), "modules": {}}),
+        marshal.dumps({"format": 1, "magic": module_pack.bytecode_magic(), "modules": {}}),
     ],
-    ids=["empty", "garbage", "a-list", "other-format", "other-interpreter", "bad-modules"],
+    ids=[
+        "empty",
+        "garbage",
+        "a-list",
+        "other-format",
+        "other-interpreter",
+        "bad-modules",
+        "no-absent-list",
+        "format-1",
+    ],
 )
 def test_a_pack_that_cannot_be_used_changes_nothing(tmp_path, content):
     path = tmp_path / "modules.pack"
@@ -142,3 +153,61 @@ def test_the_pack_lives_beside_the_agent():
     assert template.index('"runner.agent", "pack"') > template.index("compileall")
     shared = ROOT / "runner" / "blueprints" / "shared" / "python-eval.Dockerfile.j2"
     assert shared.read_text() == template
+
+
+def test_a_module_the_image_lacked_when_packed_is_not_looked_for_again(tmp_path, pack):
+    # the build's probe records what a run asked for and no finder had
+    loaded = module_pack.load_pack(str(pack))
+    assert loaded is not None
+    assert "msvcrt" in loaded[1]  # asked for by the standard library, on Linux never there
+    assert not set(loaded[1]) & set(loaded[0])
+    # a pack saying "evalrun_gone" is absent: the import fails at once, even where a file of
+    # that name has appeared on sys.path since (the image is immutable; /tmp is not)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "evalrun_gone.py").write_text("raise SystemExit('imported')\n")
+    custom = tmp_path / "custom.pack"
+    custom.write_bytes(
+        marshal.dumps(
+            {
+                "format": FORMAT,
+                "magic": module_pack.bytecode_magic(),
+                "modules": {},
+                "absent": ["evalrun_gone"],
+            }
+        )
+    )
+    out = _fresh(
+        f"sys.path.insert(0, {str(planted)!r}); import json\n"
+        "try:\n"
+        "    import evalrun_gone\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(json.dumps([type(exc).__name__, exc.name, str(exc)]))\n",
+        custom,
+    )
+    assert out == ["ModuleNotFoundError", "evalrun_gone", "No module named 'evalrun_gone'"]
+
+
+def test_the_launcher_runs_the_agent_without_runpy_and_from_the_package_folder(tmp_path):
+    # -S: no site-packages, so no installed evalrun either; nothing on PYTHONPATH: the
+    # launcher finds the runner package beside itself, not in its own folder or the cwd
+    launcher = ROOT / "runner" / "agent" / "launch.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(launcher), "run", "--plan", "missing.json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr  # AgentExit.BAD_PLAN: the agent's own answer
+    assert "agent: plan not found: missing.json" in proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "runner.agent.__main__" in imported
+    assert "runpy" not in imported
+
+
+def test_the_template_starts_the_agent_with_the_launcher():
+    template = (ROOT / "images" / "python-eval.Dockerfile.j2").read_text()
+    assert 'ENTRYPOINT ["python3", "/opt/evalrun/agent/runner/agent/launch.py"]' in template

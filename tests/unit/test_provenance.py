@@ -9,14 +9,8 @@ import pytest
 import yaml
 
 from runner.errors import SpecError
-from runner.build.provenance import (
-    ci_identity,
-    code_digest,
-    launcher,
-    preprocessing_records,
-    provenance,
-    rationale,
-)
+from runner.build.preprocessing import code_digest, preprocessing_records
+from runner.build.provenance import ci_identity, launcher, provenance, rationale
 from runner.model.predicate import RunPredicate
 from runner.render.markdown import render_markdown
 from runner.model.spec import EvalSpec, parse_spec

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from inprocess_backend import BUNDLES, KEY, SOURCE, InProcessBackend, pinned_world
@@ -94,8 +95,8 @@ def test_stderr_fence_cannot_be_closed_by_the_text():
 class CrashingBackend(InProcessBackend):
     """The in-process agent, but the evaluation crashes reading a wrong input name."""
 
-    def run(self, plan: RunPlan, results_dir: Path) -> BackendResult:
-        result = super().run(plan, results_dir)
+    def run(self, plan: RunPlan, results_dir: Path, **kwargs: Any) -> BackendResult:
+        result = super().run(plan, results_dir, **kwargs)
         (results_dir / "metrics.json").unlink()
         (results_dir / "predictions.jsonl").unlink()
         (results_dir / "logs" / "evaluation.stderr").write_text(TRACEBACK)

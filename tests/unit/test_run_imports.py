@@ -111,3 +111,81 @@ def test_a_locked_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     assert "LOADED []" in out, out[-1500:]
     assert "BUILT []" in out, out[-1500:]
     assert "SPEC_READS 1" in out, out[-1500:]
+
+
+# What only sealing needs (the predicate's models, the bundle writer, the report) is loaded
+# once the backend says its sandbox runs (on_start), while the evaluation goes on; before
+# that, the whole run waits for every module loaded (runner.workflows.run.SEALING_MODULES).
+STARTED_PROBE = """
+import importlib, sys
+from unittest import mock
+from inprocess_backend import KEY, InProcessBackend
+evaluate = importlib.import_module("runner.cli.evaluate")
+from runner.bundle.signing import load_signer
+
+WATCH = ("runner.model.predicate", *importlib.import_module("runner.workflows.run").SEALING_MODULES)
+seen = {{}}
+
+class Recording(InProcessBackend):
+    def run(self, plan, results_dir, *, on_start=None):
+        seen["before"] = [m for m in WATCH if m in sys.modules]
+        def started():
+            on_start()
+            seen["after"] = [m for m in WATCH if m in sys.modules]
+        return super().run(plan, results_dir, on_start=started)
+
+with (
+    mock.patch.object(evaluate, "backend_for", lambda args, output=None: Recording()),
+    mock.patch.object(evaluate, "signer_for", lambda args, settings, term: load_signer(KEY)),
+):
+    from runner.cli.main import main
+    code = main(["run", sys.argv[1], "--rerun"])
+print("EXIT", code)
+print("BEFORE", seen["before"])
+print("MISSING_AFTER", [m for m in WATCH if m not in seen["after"]])
+"""
+
+
+def _plain_source(tmp_path: Path) -> Path:
+    """The fixture spec without its preprocessing step and comparison group (both load the
+    predicate's models before a run, as they must: a step's record is checked against the
+    lock, a group's definitions against the stored runs), locked again."""
+    import json
+
+    import yaml
+
+    from runner.model.spec import load_spec
+
+    source = tmp_path / "source"
+    shutil.copytree(SOURCE, source)
+    doc = yaml.safe_load((source / "eval.yaml").read_text())
+    del doc["preprocessing"], doc["metadata"]["comparison_group"]
+    (source / "eval.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    lock = json.loads((source / "eval.lock.json").read_text())
+    lock["preprocessing"] = []
+    lock["spec_digest"] = load_spec(source / "eval.yaml").digest()
+    (source / "eval.lock.json").write_text(json.dumps(lock, indent=2))
+    return source
+
+
+def test_what_only_sealing_needs_loads_while_the_sandbox_runs(tmp_path: Path) -> None:
+    source = _plain_source(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
+    env |= {
+        "EVALRUN_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", STARTED_PROBE.format(), str(source / "eval.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    out = result.stdout
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "outcome  passed" in out and "verify   valid (" in out, out[-2000:] + result.stderr
+    assert "EXIT 0" in out
+    assert "BEFORE []" in out, out[-1500:]
+    assert "MISSING_AFTER []" in out, out[-1500:]

@@ -9,7 +9,7 @@ import pytest
 
 from runner._internal.tree import TreeDigestFormat, digest_tree
 from runner.build.context import tree_digest
-from runner.build.provenance import code_digest
+from runner.build.preprocessing import code_digest
 from runner.errors import InputError
 
 pytestmark = pytest.mark.unit
