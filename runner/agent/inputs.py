@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
 from runner.shared.agent_plan import AgentPlanFile, AgentPlanInput
-from runner.shared.inputs import hash_fd, tree_digest_of
+from runner.shared.inputs import MAP_FROM, hash_fd, hash_mapped, tree_digest_of
 from runner.shared.tarformat import MAX_DEPTH
 
 MAX_PROBLEMS = 20
@@ -56,8 +56,11 @@ def _hash_regular(path: Path) -> tuple[str, int] | str:
     except OSError as exc:
         return exc.strerror or "cannot open"
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
+        if st.st_size >= MAP_FROM and (mapped := hash_mapped(fd, st.st_size)) is not None:
+            return mapped[0], st.st_size
         return hash_fd(fd)
     except OSError as exc:
         return exc.strerror or "cannot read"

@@ -26,6 +26,7 @@ from typing import TypedDict
 from runner.agent.module_pack import bytecode_magic
 from runner.agent.rootfs import is_excluded, rootfs_digest
 from runner.agent.trace_hook import loaded_file
+from runner.shared.inputs import MAP_FROM, hash_mapped
 from runner.shared.rootfs_table import MAX_TABLE_BYTES, TABLE_PATH, TableEntry
 
 HOOK_SOURCE = Path(__file__).with_name("trace_hook.py")
@@ -243,7 +244,10 @@ def _check_file(real: str, entry: TableEntry | None) -> tuple[str | None, bytes 
 
 def _sha256_and_head(fd: int, size: int) -> tuple[str, bytes]:
     """The sha256 of the ``size`` bytes the open file ``fd`` has (fstat said so; a file
-    that is shorter now hashes to something else), and its first bytes."""
+    that is shorter now hashes to something else), and its first bytes. A large file is
+    hashed from a mapping (:func:`runner.shared.inputs.hash_mapped`)."""
+    if size >= MAP_FROM and (mapped := hash_mapped(fd, size)) is not None:
+        return mapped
     digest = hashlib.sha256()
     head = b""
     left = size

@@ -9,12 +9,43 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 from collections.abc import Callable, Iterable
 
 TREE_TAG = "evalrun-input-tree/v1"
 READ_CHUNK = 1024 * 1024
 """Bytes per read while hashing: syscalls cost little next to SHA-256 at this size, and
 the buffer stays in L2 between the read and the hash (4 MiB is no faster)."""
+
+
+MAP_FROM = 1024 * 1024
+"""Files from this size on are hashed where they lie (:func:`hash_mapped`) by the agent."""
+_MAP_SLICE = 64 * 1024 * 1024
+_HEAD = 16
+
+
+def hash_mapped(fd: int, size: int) -> tuple[str, bytes] | None:
+    """(sha256 hex, first 16 bytes) of the first ``size`` bytes of the regular file open
+    as ``fd``, hashed from a read-only mapping of it; None when it cannot be mapped (the
+    caller then reads it).
+
+    In gVisor's sandbox a read copies the file's bytes out of the sandbox's own cache of
+    them (~0.4 GB/s cold under the ptrace platform); a mapping hashes those pages where they
+    lie, 1.5 to 2 times sooner for the agent's libraries and inputs. A file made shorter
+    while it is hashed ends the process (SIGBUS): the run fails, it never passes.
+    """
+    if size <= 0:  # a length of 0 would map the whole file
+        return None
+    try:
+        view = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError):
+        return None
+    with view:
+        digest = hashlib.sha256()
+        with memoryview(view) as whole:
+            for start in range(0, size, _MAP_SLICE):  # slices: the GIL is let go per call
+                digest.update(whole[start : start + _MAP_SLICE])
+        return digest.hexdigest(), bytes(view[:_HEAD])
 
 
 def tree_digest_of(entries: Iterable[tuple[str, str, int]]) -> str:

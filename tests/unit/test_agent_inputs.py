@@ -23,6 +23,7 @@ from runner.model.lock import LockedArtifact, LockedSpec
 from runner.model.plan import RunPlan
 from runner.shared.protocol import AgentExit
 from runner.shared.agent_plan import PlanError, parse_agent_plan
+from runner.shared.inputs import MAP_FROM, hash_mapped
 from runner.workflows.inputs import InputResolver, host_inputs
 
 pytestmark = pytest.mark.unit
@@ -331,3 +332,35 @@ def test_plans_from_before_directories_still_parse():
 def test_lock_file_entry_defaults_to_its_path_name():
     locked = LockedArtifact(path="data/d.jsonl", sha256="0" * 64, size=3)
     assert locked.entries()[0].path == "d.jsonl"
+
+
+@pytest.mark.parametrize("size", [MAP_FROM - 1, MAP_FROM, MAP_FROM + 4097, 3 * MAP_FROM + 1])
+def test_a_large_file_is_hashed_from_a_mapping_to_the_same_digest(tmp_path, size):
+    path = tmp_path / "blob"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapped = hash_mapped(fd, size)
+        assert mapped == (hashlib.sha256(data).hexdigest(), data[:16])
+        # only the size asked for: the first bytes of a file that has grown since
+        assert hash_mapped(fd, size - 1) == (hashlib.sha256(data[:-1]).hexdigest(), data[:16])
+    finally:
+        os.close(fd)
+    # the agent's check of a file input takes the same path for a large file
+    item = {"name": "blob", "role": "dataset", "path": str(path),
+            "sha256": hashlib.sha256(data).hexdigest()}
+    assert agent_inputs.check_input(item)["passed"] is True
+    item["sha256"] = "0" * 64
+    assert agent_inputs.check_input(item)["passed"] is False
+
+
+def test_what_cannot_be_mapped_is_left_to_reading(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    for path, size in ((empty, 0), (Path("/dev/null"), 5)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert hash_mapped(fd, size) is None
+        finally:
+            os.close(fd)
