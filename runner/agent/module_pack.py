@@ -33,12 +33,14 @@ installs or changes Python code the agent uses (its own, the standard library).
 Standard library only, and at run time only modules loaded before the agent is.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` (it imports the ``__future__`` module, from its
+# file, before the pack can serve it): annotations that need it are strings.
 import marshal
 import os
 import sys
-from importlib.machinery import ModuleSpec
+
+# the import system's own module: importlib.machinery would load four more, from their files
+from _frozen_importlib import ModuleSpec
 
 # typing and collections.abc are not loaded yet when this module is: they come from the pack
 TYPE_CHECKING = False
@@ -79,16 +81,19 @@ class PackFinder:
     def __init__(
         self,
         path: str,
-        modules: dict[str, tuple[bool, str, bytes]],
-        absent: frozenset[str] = frozenset(),
+        modules: "dict[str, tuple[bool, str, bytes]]",
+        absent: "frozenset[str]" = frozenset(),
     ) -> None:
         self.path = path
         self._modules = modules
         self._absent = absent
 
     def find_spec(
-        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
+        self,
+        name: str,
+        path: "Sequence[str] | None" = None,
+        target: "ModuleType | None" = None,
+    ) -> "ModuleSpec | None":
         entry = self._modules.get(name)
         if entry is None:
             if name in self._absent:  # what the import system raises after a full search
@@ -103,28 +108,28 @@ class PackFinder:
         spec.cached = self.path  # __cached__: the file the code was read from
         return spec
 
-    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: ModuleSpec) -> "ModuleType | None":
         return None  # the import system's default
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         spec = module.__spec__
         assert spec is not None
         code = marshal.loads(self._modules[spec.name][2])  # noqa: S302 - see exec below
         exec(code, module.__dict__)  # noqa: S102 - the image's own code, checked as the pack
 
-    def packed(self) -> frozenset[str]:
+    def packed(self) -> "frozenset[str]":
         """The names of the modules in the pack."""
         return frozenset(self._modules)
 
 
-def read_pack(path: str) -> dict[str, tuple[bool, str, bytes]] | None:
+def read_pack(path: str) -> "dict[str, tuple[bool, str, bytes]] | None":
     """The modules in the pack at ``path``; None when it is missing, unreadable, of another
     format or written by another interpreter."""
     loaded = load_pack(path)
     return None if loaded is None else loaded[0]
 
 
-def load_pack(path: str) -> tuple[dict[str, tuple[bool, str, bytes]], frozenset[str]] | None:
+def load_pack(path: str) -> "tuple[dict[str, tuple[bool, str, bytes]], frozenset[str]] | None":
     """The modules in the pack at ``path`` and the names it records as absent from the
     image; None when it is missing, unreadable, of another format or written by another
     interpreter."""
@@ -156,7 +161,7 @@ def load_pack(path: str) -> tuple[dict[str, tuple[bool, str, bytes]], frozenset[
     return modules, frozenset(name for name in absent if isinstance(name, str))
 
 
-def install_pack(path: str = PACK_FILE) -> PackFinder | None:
+def install_pack(path: str = PACK_FILE) -> "PackFinder | None":
     """Serve the modules in the pack at ``path`` from now on (see the module's text); None,
     and nothing changed, when there is no usable pack."""
     loaded = load_pack(path)
@@ -167,7 +172,7 @@ def install_pack(path: str = PACK_FILE) -> PackFinder | None:
     return finder
 
 
-def installed() -> PackFinder | None:
+def installed() -> "PackFinder | None":
     """The pack this process imports from, if any."""
     return next((f for f in sys.meta_path if isinstance(f, PackFinder)), None)
 
@@ -202,7 +207,7 @@ _PROBE = (
 )
 
 
-def modules_to_pack() -> tuple[list[tuple[str, str, bool]], list[str]]:
+def modules_to_pack() -> "tuple[list[tuple[str, str, bool]], list[str]]":
     """The modules a run imports after the interpreter's start, each with its file and
     whether it is a package, and the names it looked for that no finder had: found by
     importing them in a fresh interpreter like the one the agent starts in."""
@@ -219,7 +224,7 @@ def modules_to_pack() -> tuple[list[tuple[str, str, bool]], list[str]]:
     return modules, [str(name) for name in found["absent"]]
 
 
-def compile_module(name: str, origin: str, is_package: bool) -> tuple[bool, str, bytes] | None:
+def compile_module(name: str, origin: str, is_package: bool) -> "tuple[bool, str, bytes] | None":
     """``name``'s entry: whether it is a package, its source's path, its code compiled from
     that source; None for a module that is not pure Python from a source file."""
     if name in _NOT_PACKED or not origin.endswith(".py") or not os.path.isfile(origin):

@@ -18,8 +18,11 @@ READ_CHUNK = 1024 * 1024
 the buffer stays in L2 between the read and the hash (4 MiB is no faster)."""
 
 
-MAP_FROM = 1024 * 1024
-"""Files from this size on are hashed where they lie (:func:`hash_mapped`) by the agent."""
+MAP_FROM = 4 * 1024 * 1024
+"""Files from this size on are hashed where they lie (:func:`hash_mapped`) by the agent.
+Measured in gVisor (digits image, cold, one CPU): below 1 MiB a read is sooner (mapping
+and unmapping cost more than the copy), from 1 to 4 MiB both take as long, from 4 MiB on
+a mapping is about twice as fast."""
 _MAP_SLICE = 64 * 1024 * 1024
 _HEAD = 16
 

@@ -203,9 +203,18 @@ def test_the_launcher_runs_the_agent_without_runpy_and_from_the_package_folder(t
     )
     assert proc.returncode == 2, proc.stderr  # AgentExit.BAD_PLAN: the agent's own answer
     assert "agent: plan not found: missing.json" in proc.stderr
-    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if "|" in line}
-    assert "runner.agent.__main__" in imported
-    assert "runpy" not in imported
+    order = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if "|" in line]
+    assert "runner.agent.__main__" in order
+    assert "runpy" not in order
+    # before the pack is installed (all that precedes module_pack's line, its own imports
+    # included) nothing loads that the pack could serve: each would come from its files
+    bare = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", "-c", "import os"],  # as site does
+        capture_output=True, text=True, check=True, cwd=tmp_path, env=env,
+    ).stderr
+    at_start = {line.rsplit("|", 1)[1].strip() for line in bare.splitlines() if "|" in line}
+    before_pack = set(order[: order.index("runner.agent.module_pack")]) - at_start
+    assert before_pack <= {"runner", "runner.agent"}, before_pack
 
 
 def test_the_template_starts_the_agent_with_the_launcher():

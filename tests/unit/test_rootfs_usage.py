@@ -17,6 +17,7 @@ import pytest
 
 from runner.agent.rootfs import rootfs_digest, rootfs_table
 from runner.agent.usage import UsageVerifier, check_path, install_trace_hook
+from runner.shared.inputs import MAP_FROM
 from runner.shared.agent_plan import PlanError, parse_agent_plan
 from runner.shared.rootfs_table import parse_table, table_digest
 
@@ -318,11 +319,11 @@ def test_bytecode_on_a_runtime_path_is_not_opened(tmp_path):
 def test_a_large_used_file_is_checked_from_a_mapping_and_a_changed_byte_fails(image_dir):
     # from MAP_FROM on the agent hashes the file where it lies (runner.shared.inputs)
     big = image_dir / "app" / "libbig.so"
-    data = bytearray(os.urandom(3 * 1024 * 1024 + 5))
+    data = bytearray(os.urandom(MAP_FROM + 3 * 1024 * 1024 + 5))
     big.write_bytes(data)
     table = _table_of(image_dir)
     assert check_path(str(big), table) is None
-    data[2 * 1024 * 1024] ^= 1  # one bit, past the first mapped slice's first page
+    data[MAP_FROM + 2 * 1024 * 1024] ^= 1  # one bit, far into the mapping
     big.write_bytes(data)
     reason = check_path(str(big), table)
     assert reason is not None and "libbig.so: expected sha256" in reason
