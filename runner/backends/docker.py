@@ -8,6 +8,12 @@ read-only and one writable results mount; plus a wall-clock limit. The container
 output is relayed line by line while it runs (runner.backends.live). If gVisor is
 demanded and missing, the run is refused (exit 4): never a silent downgrade.
 Engine errors are translated by ``runner.adapters.docker_engine``.
+
+On a local engine what precedes the start (runtimes, the image's ID, a stale container
+removed, create, start) goes over the engine's socket with the standard library
+(``runner.adapters.engine_socket``), and the Docker SDK, which follows the container
+(attach, wait, inspect, remove), loads while the sandbox boots: its ~70 ms of imports are
+then off the path every run waits on.
 """
 
 from __future__ import annotations
@@ -21,19 +27,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import docker.types
-
 from runner._internal.foreign import DockerObject
-from runner.adapters.docker_engine import (
-    connect,
-    docker_call,
-    remove_container,
-    runtimes,
-    translated,
-)
+from runner.adapters.engine_socket import EngineSocket
 from runner.backends.docker_policy import RUNTIME_NAMES, ContainerPolicy, container_policy
 from runner.backends.live import LineRelay, OutputSink
 from runner.errors import EnvironmentMismatch, EvalrunError
@@ -51,7 +50,10 @@ def _now() -> str:
 
 
 def _create(client: Any, policy: ContainerPolicy) -> Any:
-    """Send ``policy`` to the engine as-is: create (not start) the run's container."""
+    """Send ``policy`` to the engine as-is with the SDK: create (not start) the run's
+    container."""
+    import docker.types
+
     mounts = [
         docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
         for m in policy.mounts
@@ -59,6 +61,40 @@ def _create(client: Any, policy: ContainerPolicy) -> Any:
     return client.containers.create(
         policy.image, list(policy.command), mounts=mounts, detach=True, **policy.engine_options()
     )
+
+
+@dataclass
+class _Sandbox:
+    """The run's container: its ID, and the SDK's model of it once the SDK follows it."""
+
+    id: str
+    model: Any | None = None
+
+
+class _Loading:
+    """``load()`` on a thread, begun at once; :meth:`result` waits for what it returned."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="evalrun-docker-sdk", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._load()
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class DockerBackend:
@@ -70,19 +106,30 @@ class DockerBackend:
     def __init__(self, client: Any | None = None, *, output: OutputSink | None = None) -> None:
         self._client = client
         self.output = output
+        # the engine's socket for what precedes the start; None: the SDK does everything
+        # (a client was given, or DOCKER_HOST names no unix socket)
+        self._engine = EngineSocket.from_environment() if client is None else None
         # image ref -> the engine's image ID, as preflight found it (the ref is pinned by
         # digest, so the run's container is compared with it without asking again)
         self._image_ids: dict[str, str] = {}
 
     @property
     def client(self) -> Any:
+        """The Docker SDK's client (connected, loaded on first use)."""
         if self._client is None:
+            from runner.adapters.docker_engine import connect
+
             self._client = connect()
         return self._client
 
     def preflight(self, plan: RunPlan) -> None:
         runtime = RUNTIME_NAMES[plan.runtime]
-        available = runtimes(self.client)
+        if self._engine is not None:
+            available = self._engine.runtimes()
+        else:
+            from runner.adapters.docker_engine import runtimes
+
+            available = runtimes(self.client)
         if runtime not in available:
             raise EnvironmentMismatch(
                 f"the spec demands the {plan.runtime} sandbox, but the Docker engine has no "
@@ -100,12 +147,20 @@ class DockerBackend:
         self._ensure_image(plan.image_ref)
 
     def _ensure_image(self, ref: str) -> None:
+        from_engine = self._engine
         try:
+            if from_engine is not None:
+                self._image_ids[ref] = from_engine.image_id(ref)
+                return
+            from runner.adapters.docker_engine import translated
+
             with translated(f"inspect {ref}"):
                 self._image_ids[ref] = self.client.images.get(ref).id
                 return
         except EvalrunError:
             pass
+        from runner.adapters.docker_engine import docker_call
+
         repo, digest = ref.split("@", 1)
         log.info("pulling image", extra={"event": "image_pull", "image": ref})
         docker_call(f"pull {ref}", lambda: self.client.api.pull(repo, tag=digest))
@@ -113,7 +168,6 @@ class DockerBackend:
     def run(
         self, plan: RunPlan, results_dir: Path, *, on_start: Callable[[], None] | None = None
     ) -> BackendResult:
-        client = self.client
         results_dir.mkdir(parents=True, exist_ok=True)
         os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
         results_dir.chmod(0o700)
@@ -122,11 +176,10 @@ class DockerBackend:
             plan_path.chmod(0o444)
             Path(plan_dir).chmod(0o755)
             policy = container_policy(plan, plan_dir=Path(plan_dir), results_dir=results_dir)
-            self._remove_stale(policy.name)
-            container = docker_call("create container", lambda: _create(client, policy))
+            sandbox = self._create(policy)
             collected = False
             try:
-                result = self._run_container(container, plan, on_start)
+                result = self._run_container(sandbox, plan, on_start)
                 # what the agent was handed: it reports the sha256 of what it read
                 result.details["plan_sha256"] = hashlib.sha256(plan_path.read_bytes()).hexdigest()
                 collected = True
@@ -137,23 +190,77 @@ class DockerBackend:
                     # while the run is sealed (~25 ms less per run). Not a daemon thread, so
                     # the program waits for it before it exits.
                     threading.Thread(
-                        target=remove_container,
-                        args=(container, log),
+                        target=self._remove,
+                        args=(sandbox,),
                         name="evalrun-container-removal",
                     ).start()
                 else:
-                    remove_container(container, log)
+                    self._remove(sandbox)
 
-    def _remove_stale(self, name: str) -> None:
+    def _create(self, policy: ContainerPolicy) -> _Sandbox:
+        """The run's container, created (not started); a stale one of its name removed."""
+        engine = self._engine
+        if engine is None:
+            from runner.adapters.docker_engine import docker_call, translated
+
+            client = self.client
+            with contextlib.suppress(EvalrunError), translated("remove stale container"):
+                client.containers.get(policy.name).remove(force=True)
+            container = docker_call("create container", lambda: _create(client, policy))
+            return _Sandbox(container.id, container)
+        with contextlib.suppress(EvalrunError):
+            engine.remove(policy.name, "remove stale container")
+        return _Sandbox(engine.create(policy.name, policy.engine_body()))
+
+    def _start(self, sandbox: _Sandbox) -> Any:
+        """Start the container; the SDK's model of it follows it from then on. Over the
+        engine's socket the SDK loads meanwhile, on a thread (the start blocks while the
+        sandbox boots, and nothing else is imported then)."""
+        engine = self._engine
+        if engine is None:
+            from runner.adapters.docker_engine import docker_call
+
+            model: Any = sandbox.model
+            docker_call("start container", model.start, retries=False)
+            return model
+        loader = _Loading(lambda: self.client) if self._client is None else None
         try:
-            with translated("remove stale container"):
-                self.client.containers.get(name).remove(force=True)
-        except EvalrunError:
-            pass
+            engine.start(sandbox.id)
+        except BaseException:
+            if loader is not None:
+                loader.wait()  # not left importing behind the error
+            raise
+        client = loader.result() if loader is not None else self.client
+        sandbox.model = client.containers.prepare_model({"Id": sandbox.id})
+        return sandbox.model
+
+    def _kill(self, sandbox: _Sandbox) -> None:
+        if sandbox.model is not None:
+            sandbox.model.kill()
+        elif self._engine is not None:
+            self._engine.kill(sandbox.id)
+
+    def _remove(self, sandbox: _Sandbox) -> None:
+        """Remove the container (stopped or not); a failure is logged, never raised."""
+        if sandbox.model is not None:
+            from runner.adapters.docker_engine import remove_container
+
+            remove_container(sandbox.model, log)
+            return
+        assert self._engine is not None
+        try:
+            self._engine.remove(sandbox.id)
+        except EvalrunError as exc:
+            log.warning(
+                "could not remove container",
+                extra={"event": "container_remove_failed", "error": str(exc)},
+            )
 
     def _follow_output(self, container: Any, relay: LineRelay, whole: threading.Event) -> None:
         """Relay the container's stdout and stderr, line by line, while it runs; ``whole``
         is set once the stream has ended (the container's output was all relayed)."""
+        from runner.adapters.docker_engine import translated
+
         try:
             with translated("follow container output"):
                 for out, err in self.client.api.attach(
@@ -171,8 +278,10 @@ class DockerBackend:
             )
 
     def _run_container(
-        self, container: Any, plan: RunPlan, on_start: Callable[[], None] | None
+        self, sandbox: _Sandbox, plan: RunPlan, on_start: Callable[[], None] | None
     ) -> BackendResult:
+        from runner.adapters.docker_engine import translated
+
         started = _now()
         t0 = time.monotonic()
         timed_out = interrupted = False
@@ -180,11 +289,12 @@ class DockerBackend:
         exit_code: int | None = None
         relay = LineRelay(plan.run_id, self.output)
         relayed_whole = threading.Event()
-        follower = threading.Thread(
-            target=self._follow_output, args=(container, relay, relayed_whole), daemon=True
-        )
+        follower: threading.Thread | None = None
         try:
-            docker_call("start container", container.start, retries=False)
+            container: Any = self._start(sandbox)
+            follower = threading.Thread(
+                target=self._follow_output, args=(container, relay, relayed_whole), daemon=True
+            )
             follower.start()
             if on_start is not None:  # while the sandbox runs; an error removes it (run())
                 on_start()
@@ -208,9 +318,23 @@ class DockerBackend:
             interrupted_by = getattr(stop, "signal_name", "SIGINT")
             # best effort; remove(force=True) follows in run()
             with contextlib.suppress(Exception):
-                container.kill()
+                self._kill(sandbox)
         duration = time.monotonic() - t0
-        if follower.ident is not None:
+        container = sandbox.model
+        if container is None:  # interrupted while it started: nothing to follow or inspect
+            relay.close()
+            return BackendResult(
+                backend=self.name,
+                exit_code=None,
+                interrupted=True,
+                image_digest_confirmed=False,
+                runtime="?",
+                started_at=started,
+                finished_at=_now(),
+                duration_s=round(duration, 3),
+                details={"interrupted_by": interrupted_by, "container_id": sandbox.id},
+            )
+        if follower is not None and follower.ident is not None:
             follower.join(5.0)
         relay.close()
         with translated("inspect container"):

@@ -293,3 +293,41 @@ def test_engine_status_decides_transient_or_refused() -> None:
     assert not isinstance(refused.value, TransientInfrastructureError)
     assert "  status: 409" in refused.value.diagnostics()
     assert isinstance(DockerImageNotFound("x", operation="y"), InputError)
+
+
+def test_the_socket_body_is_what_docker_py_sends_for_the_same_policy(tmp_path: Path) -> None:
+    """The engine's socket (runner.adapters.engine_socket) creates the container with
+    ``engine_body``: byte for byte the request docker-py makes of ``engine_options``."""
+    from docker.models.containers import _create_container_args
+
+    for entrypoint in (None, ("python3", "-c", "pass")):
+        policy = container_policy(_plan(), plan_dir=tmp_path / "plan", results_dir=tmp_path / "r")
+        if entrypoint is not None:
+            policy = policy.model_copy(update={"entrypoint": entrypoint})
+        kwargs: dict[str, Any] = {
+            **policy.engine_options(),
+            "image": policy.image,
+            "command": list(policy.command),
+            "version": "1.45",
+            "detach": True,
+            "mounts": [
+                docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+                for m in policy.mounts
+            ],
+        }
+        create = _create_container_args(kwargs)
+        assert create.pop("name") == policy.name
+        api = docker.APIClient(base_url="unix:///nonexistent.sock", version="1.45")
+        sent = {k: v for k, v in api.create_container_config(**create).items() if v is not None}
+        assert policy.engine_body() == sent
+
+
+def test_memory_sizes_read_as_docker_py_reads_them() -> None:
+    from docker.utils import parse_bytes
+
+    from runner.backends.docker_policy import _bytes
+
+    for size in ("512m", "1g", "64k", "300M", "4096", "7b"):
+        assert _bytes(size) == parse_bytes(size), size
+    with pytest.raises(ValueError, match="not a memory size"):
+        _bytes("lots")
