@@ -1,10 +1,11 @@
 """The Docker engine's API on its unix socket, with the standard library only.
 
-What a run asks of the engine before its container starts (the runtimes it has, the
-image's ID, removing a stale container, creating and starting the container) goes through
-here: the Docker SDK (docker, requests, urllib3: ~70 ms to import, on the path of every
-run) then loads while the sandbox boots (:mod:`runner.backends.docker`). Errors become the
-same evalrun errors, with the same texts, as the SDK's do in
+All a run asks of a local engine goes through here: the runtimes it has, the image's ID,
+removing a stale container, creating, starting, following (the multiplexed output stream),
+waiting for, inspecting, killing and removing the container (:mod:`runner.backends.docker`).
+The Docker SDK (docker, requests, urllib3) is ~70 ms of imports and ~1 ms of work per
+call: CPU time a run spends while its sandbox needs the machine's cores too. Errors become
+the same evalrun errors, with the same texts, as the SDK's do in
 :func:`runner.adapters.docker_engine.translated`; transient ones are retried the same way.
 
 Only a local engine: with ``DOCKER_HOST`` naming anything but a unix socket (tcp, ssh,
@@ -17,7 +18,8 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -35,7 +37,7 @@ DOCKER_HINT = "start the engine with `make host-up` (scripts/host-up.sh), or set
 class _UnixConnection(http.client.HTTPConnection):
     """HTTP/1.1 to the engine's unix socket."""
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
@@ -71,28 +73,50 @@ class EngineSocket:
         return None
 
     def _request(
-        self, what: str, method: str, path: str, body: object = None, *, image: bool = False
+        self,
+        what: str,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        image: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         """One request; the decoded JSON answer (None for an empty one), or the error."""
+        with self._response(what, method, path, body, image=image, timeout=timeout) as answer:
+            data = _read(what, answer.read)
+        return json.loads(data) if data else None
+
+    def _response(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        image: bool = False,
+        timeout: float | None = None,
+        forever: bool = False,
+    ) -> http.client.HTTPResponse:
+        """The engine's answer to one request, its body unread (a stream, for attach and
+        logs); an error answer raises, translated. Close it when done."""
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        connection = _UnixConnection(self.path, self.timeout)
+        limit = None if forever else (self.timeout if timeout is None else timeout)
+        connection = _UnixConnection(self.path, limit)
         try:
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
-            data = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise TransientDockerError(
-                f"{what}: Docker engine unreachable: {exc.__class__.__name__}",
-                operation=what,
-                hint=DOCKER_HINT,
-            ) from exc
+            connection.close()
+            raise _unreachable(what, exc) from exc
+        if 200 <= response.status < 300:
+            return response  # closing it closes the connection (no keep-alive: one per call)
+        try:
+            data = _read(what, response.read)
         finally:
             connection.close()
-        status = response.status
-        if 200 <= status < 300:
-            return json.loads(data) if data else None
-        raise _refusal(what, status, _explanation(data), image=image)
+        raise _refusal(what, response.status, _explanation(data), image=image)
 
     def call(
         self,
@@ -146,6 +170,71 @@ class EngineSocket:
 
     def kill(self, container_id: str) -> None:
         self.call("kill container", "POST", f"/containers/{container_id}/kill", retries=False)
+
+    # --- following the container ------------------------------------------------------
+
+    def attach(self, container_id: str) -> Iterator[tuple[int, bytes]]:
+        """The container's output from its start on, as it comes: (1 for stdout, 2 for
+        stderr, bytes) until the container's streams end."""
+        what = "follow container output"
+        path = f"/containers/{container_id}/attach?logs=1&stream=1&stdout=1&stderr=1"
+        # no time limit: the stream lasts as long as the evaluation does
+        with self._response(what, "POST", path, forever=True) as answer:
+            yield from _frames(what, answer)
+
+    def wait(self, container_id: str, timeout: float) -> int:
+        """The container's exit status, once it has exited; a TransientDockerError when
+        ``timeout`` seconds pass first (the caller then asks :meth:`inspect`)."""
+        found = self._request(
+            "wait for container", "POST", f"/containers/{container_id}/wait", timeout=timeout
+        )
+        return int(found.get("StatusCode", -1)) if isinstance(found, dict) else -1
+
+    def inspect(self, container_id: str) -> dict[str, Any]:
+        found = self.call("inspect container", "GET", f"/containers/{container_id}/json")
+        return found if isinstance(found, dict) else {}
+
+    def logs(self, container_id: str, tail: int) -> str:
+        """The container's last ``tail`` lines of output (stdout and stderr, in order)."""
+        what = "container logs"
+        path = f"/containers/{container_id}/logs?stdout=1&stderr=1&tail={tail}"
+        with self._response(what, "GET", path) as answer:
+            data = b"".join(chunk for _, chunk in _frames(what, answer))
+        return data.decode("utf-8", "replace")
+
+
+def _unreachable(what: str, exc: BaseException) -> TransientDockerError:
+    return TransientDockerError(
+        f"{what}: Docker engine unreachable: {exc.__class__.__name__}",
+        operation=what,
+        hint=DOCKER_HINT,
+    )
+
+
+def _read(what: str, read: Any, *args: int) -> bytes:
+    """``read(*args)`` of a response, a broken connection translated."""
+    try:
+        data: bytes = read(*args)
+    except (OSError, http.client.HTTPException) as exc:
+        raise _unreachable(what, exc) from exc
+    return data
+
+
+_FRAME = struct.Struct(">BxxxL")
+
+
+def _frames(what: str, answer: http.client.HTTPResponse) -> Iterator[tuple[int, bytes]]:
+    """The engine's multiplexed stream (a container without a terminal): frames of an
+    8-byte header (stream: 1 stdout, 2 stderr; length) and that many bytes."""
+    while header := _read(what, answer.read, _FRAME.size):
+        if len(header) < _FRAME.size:
+            return  # the stream ended inside a header
+        stream, length = _FRAME.unpack(header)
+        data = _read(what, answer.read, length)
+        if data:
+            yield stream, data
+        if len(data) < length:
+            return
 
 
 def _explanation(data: bytes) -> str:

@@ -7,13 +7,14 @@ non-root, no capabilities, no-new-privileges, pids/memory/CPU limits, inputs
 read-only and one writable results mount; plus a wall-clock limit. The container's
 output is relayed line by line while it runs (runner.backends.live). If gVisor is
 demanded and missing, the run is refused (exit 4): never a silent downgrade.
-Engine errors are translated by ``runner.adapters.docker_engine``.
+Engine errors are translated by ``runner.adapters.docker_engine`` (the SDK's) and
+``runner.adapters.engine_socket``, with the same texts.
 
-On a local engine what precedes the start (runtimes, the image's ID, a stale container
-removed, create, start) goes over the engine's socket with the standard library
-(``runner.adapters.engine_socket``), and the Docker SDK, which follows the container
-(attach, wait, inspect, remove), loads while the sandbox boots: its ~70 ms of imports are
-then off the path every run waits on.
+On a local engine the whole run goes over the engine's socket with the standard library
+(``runner.adapters.engine_socket``); the Docker SDK (its ~70 ms of imports, and its work on
+every call, CPU the sandbox needs too on a small machine) only when a client is given or
+``DOCKER_HOST`` is not a unix socket, and for pulls. The run itself is the same either way
+(``_Container``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner._internal.foreign import DockerObject
 from runner.adapters.engine_socket import EngineSocket
@@ -63,38 +63,102 @@ def _create(client: Any, policy: ContainerPolicy) -> Any:
     )
 
 
-@dataclass
-class _Sandbox:
-    """The run's container: its ID, and the SDK's model of it once the SDK follows it."""
+class _Container(Protocol):
+    """The run's container, as the backend follows it: over the engine's socket, or with the
+    Docker SDK (a client was given, or the engine is not local). Errors come translated."""
 
     id: str
-    model: Any | None = None
+
+    def start(self) -> None: ...
+    def output(self) -> Iterator[tuple[str, bytes]]: ...
+    def wait(self, timeout: float) -> int: ...
+    def inspect(self) -> DockerObject: ...
+    def kill(self) -> None: ...
+    def logs(self, tail: int) -> str: ...
+    def remove(self) -> None: ...
 
 
-class _Loading:
-    """``load()`` on a thread, begun at once; :meth:`result` waits for what it returned."""
+_STREAMS = {1: "stdout", 2: "stderr"}
 
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load = load
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="evalrun-docker-sdk", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            self._value = self._load()
-        except BaseException as exc:  # handed to the caller by result()
-            self._error = exc
+class _SocketContainer:
+    """The container over the engine's socket (runner.adapters.engine_socket)."""
 
-    def wait(self) -> None:
-        self._thread.join()
+    def __init__(self, engine: EngineSocket, container_id: str) -> None:
+        self.engine = engine
+        self.id = container_id
 
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+    def start(self) -> None:
+        self.engine.start(self.id)
+
+    def output(self) -> Iterator[tuple[str, bytes]]:
+        for stream, chunk in self.engine.attach(self.id):
+            if stream in _STREAMS:
+                yield _STREAMS[stream], chunk
+
+    def wait(self, timeout: float) -> int:
+        return self.engine.wait(self.id, timeout)
+
+    def inspect(self) -> DockerObject:
+        return self.engine.inspect(self.id)
+
+    def kill(self) -> None:
+        self.engine.kill(self.id)
+
+    def logs(self, tail: int) -> str:
+        return self.engine.logs(self.id, tail)
+
+    def remove(self) -> None:
+        self.engine.remove(self.id)
+
+
+class _SdkContainer:
+    """The container through the Docker SDK's model of it."""
+
+    def __init__(self, client: Any, model: Any) -> None:
+        from runner.adapters.docker_engine import docker_call, translated
+
+        self._call, self._translated = docker_call, translated
+        self.client = client
+        self.model = model
+        self.id = str(model.id)
+
+    def start(self) -> None:
+        self._call("start container", self.model.start, retries=False)
+
+    def output(self) -> Iterator[tuple[str, bytes]]:
+        with self._translated("follow container output"):
+            for out, err in self.client.api.attach(
+                self.id, stdout=True, stderr=True, stream=True, logs=True, demux=True
+            ):
+                if out:
+                    yield "stdout", out
+                if err:
+                    yield "stderr", err
+
+    def wait(self, timeout: float) -> int:
+        with self._translated("wait for container"):
+            status = self.model.wait(timeout=timeout)
+        return int(status.get("StatusCode", -1))
+
+    def inspect(self) -> DockerObject:
+        with self._translated("inspect container"):
+            self.model.reload()
+            attrs: DockerObject = self.model.attrs
+        return attrs
+
+    def kill(self) -> None:
+        with self._translated("kill container"):
+            self.model.kill()
+
+    def logs(self, tail: int) -> str:
+        with self._translated("container logs"):
+            data: bytes = self.model.logs(stdout=True, stderr=True, tail=tail)
+        return data.decode("utf-8", "replace")
+
+    def remove(self) -> None:
+        with self._translated("remove container"):
+            self.model.remove(force=True)
 
 
 class DockerBackend:
@@ -106,8 +170,8 @@ class DockerBackend:
     def __init__(self, client: Any | None = None, *, output: OutputSink | None = None) -> None:
         self._client = client
         self.output = output
-        # the engine's socket for what precedes the start; None: the SDK does everything
-        # (a client was given, or DOCKER_HOST names no unix socket)
+        # the engine's socket; None: the SDK does everything (a client was given, or
+        # DOCKER_HOST names no unix socket)
         self._engine = EngineSocket.from_environment() if client is None else None
         # image ref -> the engine's image ID, as preflight found it (the ref is pinned by
         # digest, so the run's container is compared with it without asking again)
@@ -146,17 +210,18 @@ class DockerBackend:
             )
         self._ensure_image(plan.image_ref)
 
-    def _ensure_image(self, ref: str) -> None:
-        from_engine = self._engine
-        try:
-            if from_engine is not None:
-                self._image_ids[ref] = from_engine.image_id(ref)
-                return
-            from runner.adapters.docker_engine import translated
+    def _image_id(self, ref: str) -> str:
+        if self._engine is not None:
+            return self._engine.image_id(ref)
+        from runner.adapters.docker_engine import translated
 
-            with translated(f"inspect {ref}"):
-                self._image_ids[ref] = self.client.images.get(ref).id
-                return
+        with translated(f"inspect {ref}"):
+            return str(self.client.images.get(ref).id)
+
+    def _ensure_image(self, ref: str) -> None:
+        try:
+            self._image_ids[ref] = self._image_id(ref)
+            return
         except EvalrunError:
             pass
         from runner.adapters.docker_engine import docker_call
@@ -176,10 +241,10 @@ class DockerBackend:
             plan_path.chmod(0o444)
             Path(plan_dir).chmod(0o755)
             policy = container_policy(plan, plan_dir=Path(plan_dir), results_dir=results_dir)
-            sandbox = self._create(policy)
+            container = self._create(policy)
             collected = False
             try:
-                result = self._run_container(sandbox, plan, on_start)
+                result = self._run_container(container, plan, on_start)
                 # what the agent was handed: it reports the sha256 of what it read
                 result.details["plan_sha256"] = hashlib.sha256(plan_path.read_bytes()).hexdigest()
                 collected = True
@@ -190,86 +255,37 @@ class DockerBackend:
                     # while the run is sealed (~25 ms less per run). Not a daemon thread, so
                     # the program waits for it before it exits.
                     threading.Thread(
-                        target=self._remove,
-                        args=(sandbox,),
+                        target=_remove,
+                        args=(container,),
                         name="evalrun-container-removal",
                     ).start()
                 else:
-                    self._remove(sandbox)
+                    _remove(container)
 
-    def _create(self, policy: ContainerPolicy) -> _Sandbox:
+    def _create(self, policy: ContainerPolicy) -> _Container:
         """The run's container, created (not started); a stale one of its name removed."""
         engine = self._engine
-        if engine is None:
-            from runner.adapters.docker_engine import docker_call, translated
+        if engine is not None:
+            with contextlib.suppress(EvalrunError):
+                engine.remove(policy.name, "remove stale container")
+            return _SocketContainer(engine, engine.create(policy.name, policy.engine_body()))
+        from runner.adapters.docker_engine import docker_call, translated
 
-            client = self.client
-            with contextlib.suppress(EvalrunError), translated("remove stale container"):
-                client.containers.get(policy.name).remove(force=True)
-            container = docker_call("create container", lambda: _create(client, policy))
-            return _Sandbox(container.id, container)
-        with contextlib.suppress(EvalrunError):
-            engine.remove(policy.name, "remove stale container")
-        return _Sandbox(engine.create(policy.name, policy.engine_body()))
+        client = self.client
+        with contextlib.suppress(EvalrunError), translated("remove stale container"):
+            client.containers.get(policy.name).remove(force=True)
+        return _SdkContainer(
+            client, docker_call("create container", lambda: _create(client, policy))
+        )
 
-    def _start(self, sandbox: _Sandbox) -> Any:
-        """Start the container; the SDK's model of it follows it from then on. Over the
-        engine's socket the SDK loads meanwhile, on a thread (the start blocks while the
-        sandbox boots, and nothing else is imported then)."""
-        engine = self._engine
-        if engine is None:
-            from runner.adapters.docker_engine import docker_call
-
-            model: Any = sandbox.model
-            docker_call("start container", model.start, retries=False)
-            return model
-        loader = _Loading(lambda: self.client) if self._client is None else None
-        try:
-            engine.start(sandbox.id)
-        except BaseException:
-            if loader is not None:
-                loader.wait()  # not left importing behind the error
-            raise
-        client = loader.result() if loader is not None else self.client
-        sandbox.model = client.containers.prepare_model({"Id": sandbox.id})
-        return sandbox.model
-
-    def _kill(self, sandbox: _Sandbox) -> None:
-        if sandbox.model is not None:
-            sandbox.model.kill()
-        elif self._engine is not None:
-            self._engine.kill(sandbox.id)
-
-    def _remove(self, sandbox: _Sandbox) -> None:
-        """Remove the container (stopped or not); a failure is logged, never raised."""
-        if sandbox.model is not None:
-            from runner.adapters.docker_engine import remove_container
-
-            remove_container(sandbox.model, log)
-            return
-        assert self._engine is not None
-        try:
-            self._engine.remove(sandbox.id)
-        except EvalrunError as exc:
-            log.warning(
-                "could not remove container",
-                extra={"event": "container_remove_failed", "error": str(exc)},
-            )
-
-    def _follow_output(self, container: Any, relay: LineRelay, whole: threading.Event) -> None:
+    def _follow_output(
+        self, container: _Container, relay: LineRelay, whole: threading.Event
+    ) -> None:
         """Relay the container's stdout and stderr, line by line, while it runs; ``whole``
         is set once the stream has ended (the container's output was all relayed)."""
-        from runner.adapters.docker_engine import translated
-
         try:
-            with translated("follow container output"):
-                for out, err in self.client.api.attach(
-                    container.id, stdout=True, stderr=True, stream=True, logs=True, demux=True
-                ):
-                    if out:
-                        relay.feed("stdout", out)
-                    if err:
-                        relay.feed("stderr", err)
+            for stream, chunk in container.output():
+                relay.feed(stream, chunk)
             whole.set()
         except EvalrunError as exc:
             log.warning(
@@ -278,10 +294,8 @@ class DockerBackend:
             )
 
     def _run_container(
-        self, sandbox: _Sandbox, plan: RunPlan, on_start: Callable[[], None] | None
+        self, container: _Container, plan: RunPlan, on_start: Callable[[], None] | None
     ) -> BackendResult:
-        from runner.adapters.docker_engine import translated
-
         started = _now()
         t0 = time.monotonic()
         timed_out = interrupted = False
@@ -289,28 +303,23 @@ class DockerBackend:
         exit_code: int | None = None
         relay = LineRelay(plan.run_id, self.output)
         relayed_whole = threading.Event()
-        follower: threading.Thread | None = None
+        follower = threading.Thread(
+            target=self._follow_output, args=(container, relay, relayed_whole), daemon=True
+        )
         try:
-            container: Any = self._start(sandbox)
-            follower = threading.Thread(
-                target=self._follow_output, args=(container, relay, relayed_whole), daemon=True
-            )
+            container.start()
             follower.start()
             if on_start is not None:  # while the sandbox runs; an error removes it (run())
                 on_start()
             deadline = plan.timeout_s + PREFLIGHT_ALLOWANCE_S
             try:
-                with translated("wait for container"):
-                    status = container.wait(timeout=deadline)
-                exit_code = int(status.get("StatusCode", -1))
+                exit_code = container.wait(timeout=deadline)
             except EvalrunError:
-                # requests' read timeout surfaces as unreachable; check what really happened.
-                with translated("inspect container"):
-                    container.reload()
-                if container.status == "running":
+                # a read timeout surfaces as unreachable; check what really happened.
+                state = container.inspect().get("State") or {}
+                if state.get("Status") == "running":
                     timed_out = True
-                    with translated("kill container"):
-                        container.kill()
+                    container.kill()
                 else:
                     raise
         except KeyboardInterrupt as stop:
@@ -318,35 +327,17 @@ class DockerBackend:
             interrupted_by = getattr(stop, "signal_name", "SIGINT")
             # best effort; remove(force=True) follows in run()
             with contextlib.suppress(Exception):
-                self._kill(sandbox)
+                container.kill()
         duration = time.monotonic() - t0
-        container = sandbox.model
-        if container is None:  # interrupted while it started: nothing to follow or inspect
-            relay.close()
-            return BackendResult(
-                backend=self.name,
-                exit_code=None,
-                interrupted=True,
-                image_digest_confirmed=False,
-                runtime="?",
-                started_at=started,
-                finished_at=_now(),
-                duration_s=round(duration, 3),
-                details={"interrupted_by": interrupted_by, "container_id": sandbox.id},
-            )
-        if follower is not None and follower.ident is not None:
+        if follower.ident is not None:
             follower.join(5.0)
         relay.close()
-        with translated("inspect container"):
-            container.reload()
-            attrs = container.attrs
-            image_id = (
-                self._image_ids.get(plan.image_ref) or self.client.images.get(plan.image_ref).id
-            )
-            if relayed_whole.is_set():  # its last lines are in the relay: no second read
-                logs = "".join(line + "\n" for line in relay.tail)
-            else:
-                logs = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
+        attrs = container.inspect()
+        image_id = self._image_ids.get(plan.image_ref) or self._image_id(plan.image_ref)
+        if relayed_whole.is_set():  # its last lines are in the relay: no second read
+            logs = "".join(line + "\n" for line in relay.tail)
+        else:
+            logs = container.logs(tail=200)
         host_config = attrs.get("HostConfig", {})
         return BackendResult(
             backend=self.name,
@@ -378,6 +369,17 @@ class DockerBackend:
                     else {}
                 ),
             },
+        )
+
+
+def _remove(container: _Container) -> None:
+    """Remove the container (stopped or not); a failure is logged, never raised."""
+    try:
+        container.remove()
+    except EvalrunError as exc:
+        log.warning(
+            "could not remove container",
+            extra={"event": "container_remove_failed", "error": str(exc)},
         )
 
 
