@@ -56,7 +56,13 @@ class _Handler(BaseHTTPRequestHandler):
         status, payload = self.server.answers.get(
             (self.command, self.path.split("?")[0]), (404, {"message": "page not found"})
         )
-        data = b"" if payload is None else json.dumps(payload).encode()
+        if callable(payload):
+            payload(self)
+            return
+        if isinstance(payload, bytes):  # a multiplexed stream, as attach and logs send it
+            data = payload
+        else:
+            data = b"" if payload is None else json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -154,3 +160,40 @@ def test_no_engine_is_unreachable_with_the_hint(tmp_path: Path, no_wait) -> None
     assert "make host-up" in (caught.value.hint or "")
     with pytest.raises(TransientDockerError, match="start container: Docker engine unreachable"):
         socket.start("x")
+
+
+def _frame(stream: int, data: bytes) -> bytes:
+    return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+
+def test_the_output_stream_is_demultiplexed_as_it_comes(engine) -> None:
+    server, socket = engine
+    stream = _frame(1, b"loading\nstep 1") + _frame(2, b"warning\n") + _frame(1, b"/2\n")
+    server.answers[("POST", "/containers/c/attach")] = (200, stream)
+    server.answers[("GET", "/containers/c/logs")] = (200, stream + _frame(2, b"end"))
+    assert list(socket.attach("c")) == [(1, b"loading\nstep 1"), (2, b"warning\n"), (1, b"/2\n")]
+    assert socket.logs("c", 200) == "loading\nstep 1warning\n/2\nend"
+    # a stream cut inside a frame ends it: what came whole is kept
+    server.answers[("POST", "/containers/c/attach")] = (200, _frame(1, b"whole") + b"\x01\x00")
+    assert list(socket.attach("c")) == [(1, b"whole")]
+    attach = [s for s in server.seen if s[1].startswith("/containers/c/attach")][0]
+    assert "logs=1" in attach[1] and "stream=1" in attach[1]
+
+
+def test_wait_gives_the_exit_status_or_times_out(engine) -> None:
+    import time as clock
+
+    server, socket = engine
+    server.answers[("POST", "/containers/done/wait")] = (200, {"StatusCode": 3})
+    server.answers[("GET", "/containers/done/json")] = (200, {"State": {"Status": "exited"}})
+    assert socket.wait("done", timeout=5) == 3
+    assert socket.inspect("done")["State"]["Status"] == "exited"
+
+    def never(handler: BaseHTTPRequestHandler) -> None:
+        clock.sleep(2)  # longer than the wait is given
+
+    server.answers[("POST", "/containers/slow/wait")] = (200, never)
+    with pytest.raises(
+        TransientDockerError, match="wait for container: Docker engine unreachable: TimeoutError"
+    ):
+        socket.wait("slow", timeout=0.3)
