@@ -72,21 +72,6 @@ class EngineSocket:
             return cls(host.removeprefix("unix://"))
         return None
 
-    def _request(
-        self,
-        what: str,
-        method: str,
-        path: str,
-        body: object = None,
-        *,
-        image: bool = False,
-        timeout: float | None = None,
-    ) -> Any:
-        """One request; the decoded JSON answer (None for an empty one), or the error."""
-        with self._response(what, method, path, body, image=image, timeout=timeout) as answer:
-            data = _read(what, answer.read)
-        return json.loads(data) if data else None
-
     def _response(
         self,
         what: str,
@@ -127,11 +112,15 @@ class EngineSocket:
         *,
         image: bool = False,
         retries: bool = True,
+        timeout: float | None = None,
     ) -> Any:
-        """:meth:`_request`, with the SDK path's bounded retries of transient errors."""
+        """One request: the decoded JSON answer (None for an empty one), or the error; with
+        the SDK path's bounded retries of transient errors unless ``retries`` is False."""
 
         def attempt() -> Any:
-            return self._request(what, method, path, body, image=image)
+            with self._response(what, method, path, body, image=image, timeout=timeout) as answer:
+                data = _read(what, answer.read)
+            return json.loads(data) if data else None
 
         return call_with_retries(attempt, what=what) if retries else attempt()
 
@@ -185,8 +174,12 @@ class EngineSocket:
     def wait(self, container_id: str, timeout: float) -> int:
         """The container's exit status, once it has exited; a TransientDockerError when
         ``timeout`` seconds pass first (the caller then asks :meth:`inspect`)."""
-        found = self._request(
-            "wait for container", "POST", f"/containers/{container_id}/wait", timeout=timeout
+        found = self.call(
+            "wait for container",
+            "POST",
+            f"/containers/{container_id}/wait",
+            retries=False,
+            timeout=timeout,
         )
         return int(found.get("StatusCode", -1)) if isinstance(found, dict) else -1
 

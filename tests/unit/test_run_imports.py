@@ -85,16 +85,15 @@ print("SPEC_READS", len(reads))
 """
 
 
-def test_a_locked_run_loads_only_what_it_uses(tmp_path: Path) -> None:
-    source = tmp_path / "source"
-    shutil.copytree(SOURCE, source)
+def _probe_run(tmp_path: Path, probe: str, source: Path, **env_more: str) -> str:
+    """What ``probe`` prints running ``source``'s spec in a fresh process; the run must have
+    passed, been sealed and verified: the probe looked at a whole run."""
     env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
     env |= {
         "EVALRUN_HOME": str(tmp_path / "home"),
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
-        "PYDANTIC_DISABLE_PLUGINS": "__all__",
+        **env_more,
     }
-    probe = PROBE.format(not_loaded=NOT_LOADED, not_built=NOT_BUILT)
     result = subprocess.run(
         [sys.executable, "-c", probe, str(source / "eval.yaml")],
         capture_output=True,
@@ -105,9 +104,16 @@ def test_a_locked_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     )
     out = result.stdout
     assert result.returncode == 0, result.stderr[-2000:]
-    # the run really ran, was sealed and verified: the probe looked at a whole run
     assert "outcome  passed" in out and "verify   valid (" in out, out[-2000:] + result.stderr
     assert "EXIT 0" in out
+    return out
+
+
+def test_a_locked_run_loads_only_what_it_uses(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(SOURCE, source)
+    probe = PROBE.format(not_loaded=NOT_LOADED, not_built=NOT_BUILT)
+    out = _probe_run(tmp_path, probe, source, PYDANTIC_DISABLE_PLUGINS="__all__")
     assert "LOADED []" in out, out[-1500:]
     assert "BUILT []" in out, out[-1500:]
     assert "SPEC_READS 1" in out, out[-1500:]
@@ -169,23 +175,6 @@ def _plain_source(tmp_path: Path) -> Path:
 
 
 def test_what_only_sealing_needs_loads_while_the_sandbox_runs(tmp_path: Path) -> None:
-    source = _plain_source(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
-    env |= {
-        "EVALRUN_HOME": str(tmp_path / "home"),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", STARTED_PROBE.format(), str(source / "eval.yaml")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    out = result.stdout
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "outcome  passed" in out and "verify   valid (" in out, out[-2000:] + result.stderr
-    assert "EXIT 0" in out
+    out = _probe_run(tmp_path, STARTED_PROBE.format(), _plain_source(tmp_path))
     assert "BEFORE []" in out, out[-1500:]
     assert "MISSING_AFTER []" in out, out[-1500:]
