@@ -17,7 +17,6 @@ import docker.errors
 import requests.exceptions
 
 from runner._internal.retry import call_with_retries
-from runner.adapters.engine_socket import DOCKER_HINT
 from runner.errors import (
     DockerAPIError,
     DockerImageNotFound,
@@ -26,6 +25,8 @@ from runner.errors import (
 )
 
 T = TypeVar("T")
+
+DOCKER_HINT = "start the engine with `make host-up` (scripts/host-up.sh), or set DOCKER_HOST"
 
 
 @contextmanager

@@ -98,62 +98,6 @@ class ContainerPolicy(BaseModel):
             options["entrypoint"] = list(self.entrypoint)
         return options
 
-    def engine_body(self) -> dict[str, object]:
-        """The body of the engine's ``POST /containers/create`` (the name goes in its query):
-        the very JSON docker-py sends for :meth:`engine_options`, image, command and mounts
-        (a unit test holds the two together), for the engine's socket
-        (:mod:`runner.adapters.engine_socket`)."""
-        body: dict[str, object] = {
-            "AttachStderr": False,
-            "AttachStdin": False,
-            "AttachStdout": False,
-            "Cmd": list(self.command),
-            "HostConfig": {
-                "CapDrop": list(self.cap_drop),
-                "Memory": _bytes(self.memory),
-                "MemorySwap": _bytes(self.memory_and_swap),
-                "Mounts": [
-                    {
-                        "ReadOnly": m.read_only,
-                        "Source": m.source,
-                        "Target": m.target,
-                        "Type": "bind",
-                    }
-                    for m in self.mounts
-                ],
-                "NanoCpus": self.nano_cpus,
-                "NetworkMode": self.network_mode,
-                "PidsLimit": self.pids_limit,
-                "ReadonlyRootfs": self.read_only_rootfs,
-                "Runtime": self.runtime,
-                "SecurityOpt": list(self.security_opt),
-                "Tmpfs": dict(self.tmpfs),
-            },
-            "Image": self.image,
-            "Labels": dict(self.labels),
-            "NetworkDisabled": False,
-            "OpenStdin": False,
-            "StdinOnce": False,
-            "Tty": False,
-            "User": self.user,
-        }
-        if self.entrypoint is not None:
-            body["Entrypoint"] = list(self.entrypoint)
-        return body
-
-
-_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def _bytes(size: str) -> int:
-    """``512m`` as bytes, as docker-py reads a memory size (b, k, m, g; 1024-based)."""
-    unit = size[-1:].lower()
-    if unit in _UNITS and size[:-1].isdigit():
-        return int(size[:-1]) * _UNITS[unit]
-    if size.isdigit():
-        return int(size)
-    raise ValueError(f"not a memory size: {size!r}")
-
 
 def container_name(run_id: str) -> str:
     """The container's name: one per run id, so a stale one can be found and removed."""
