@@ -122,13 +122,6 @@ class PackFinder:
         return frozenset(self._modules)
 
 
-def read_pack(path: str) -> "dict[str, tuple[bool, str, bytes]] | None":
-    """The modules in the pack at ``path``; None when it is missing, unreadable, of another
-    format or written by another interpreter."""
-    loaded = load_pack(path)
-    return None if loaded is None else loaded[0]
-
-
 def load_pack(path: str) -> "tuple[dict[str, tuple[bool, str, bytes]], frozenset[str]] | None":
     """The modules in the pack at ``path`` and the names it records as absent from the
     image; None when it is missing, unreadable, of another format or written by another

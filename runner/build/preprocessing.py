@@ -1,18 +1,16 @@
 """The declared preprocessing steps of a spec, with the digest of their code as found now.
 
-Apart from :mod:`runner.build.provenance` (which re-exports both names) because a run
-needs it before its sandbox starts, and the predicate's models only for a spec that
-declares steps: the provenance block and the rest of the predicate are built while the
-evaluation runs (runner.workflows.run).
+Apart from :mod:`runner.build.provenance` because a run needs it before its sandbox starts,
+and the predicate's models only for a spec that declares steps: the provenance block and
+the rest of the predicate are built while the evaluation runs (runner.workflows.run).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner._internal.tree import TreeDigestFormat, digest_tree
+from runner._internal.tree import TreeDigestFormat, digest_tree, sha256_file
 from runner.errors import SpecError
 
 if TYPE_CHECKING:
@@ -27,11 +25,7 @@ def code_digest(path: Path) -> str:
     layout; a symlink below it raises InputError (links are never followed).
     """
     if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return "sha256:" + h.hexdigest()
+        return "sha256:" + sha256_file(path)
     return digest_tree(path, TreeDigestFormat.CODE, what="preprocessing code")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runner.agent import module_pack
-from runner.agent.module_pack import FORMAT, PACK_FILE, build_pack, read_pack
+from runner.agent.module_pack import FORMAT, PACK_FILE, build_pack, load_pack
 
 pytestmark = pytest.mark.unit
 
@@ -47,8 +47,9 @@ def _fresh(code: str, pack: Path) -> object:
 
 
 def test_the_pack_holds_the_agents_and_the_standard_librarys_modules(pack):
-    modules = read_pack(str(pack))
-    assert modules is not None
+    loaded = load_pack(str(pack))
+    assert loaded is not None
+    modules = loaded[0]
     for name in ("runner.agent.verification", "runner.shared.agent_plan", "json", "subprocess"):
         assert name in modules, name
     is_package, origin, code = modules["json"]
@@ -81,8 +82,9 @@ def test_a_run_imports_from_the_pack_and_the_check_covers_the_pack(pack):
 
 def test_a_module_not_in_the_pack_is_imported_from_its_file(pack):
     # runner.agent.determinism is not imported by a run: not packed
-    modules = read_pack(str(pack))
-    assert modules is not None and "runner.agent.determinism" not in modules
+    loaded = load_pack(str(pack))
+    assert loaded is not None and "runner.agent.determinism" not in loaded[0]
+    modules = loaded[0]
     assert "runner.agent.gpu" in modules  # every run's capture asks it
     out = _fresh(
         "import runner.agent.__main__, runner.agent.determinism, json; "
@@ -157,7 +159,7 @@ def test_the_pack_lives_beside_the_agent():
 
 def test_a_module_the_image_lacked_when_packed_is_not_looked_for_again(tmp_path, pack):
     # the build's probe records what a run asked for and no finder had
-    loaded = module_pack.load_pack(str(pack))
+    loaded = load_pack(str(pack))
     assert loaded is not None
     assert "msvcrt" in loaded[1]  # asked for by the standard library, on Linux never there
     assert not set(loaded[1]) & set(loaded[0])
