@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from .rbac import bind_runner_role
 from .test_backend_kubernetes import (  # noqa: F401  (k8s_example is a fixture)
     EVALRUN,
     RESTRICTED,
@@ -178,27 +179,8 @@ def test_sigterm_to_the_runner_deletes_the_job_and_seals_interrupted(
 def _service_account_kubeconfig(cluster, k8s_client, namespace: str, tmp_path: Path) -> Path:
     """A kubeconfig holding a real token of ServiceAccount ``evalrun-runner``, bound to a
     Role with the chart's rules."""
-    docs = list(yaml.safe_load_all((ROOT / "manifests" / "evalrun.yaml").read_text()))
-    role = next(d for d in docs if d and d["kind"] == "Role")
-    core, rbac = client.CoreV1Api(k8s_client), client.RbacAuthorizationV1Api(k8s_client)
-    core.create_namespaced_service_account(
-        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="evalrun-runner"))
-    )
-    rbac.create_namespaced_role(namespace, {**role, "metadata": {"name": "evalrun-runner"}})
-    rbac.create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": "evalrun-runner"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "evalrun-runner",
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": "evalrun-runner", "namespace": namespace}
-            ],
-        },
-    )
+    bind_runner_role(k8s_client, namespace)
+    core = client.CoreV1Api(k8s_client)
     token = core.create_namespaced_service_account_token(
         "evalrun-runner",
         namespace,

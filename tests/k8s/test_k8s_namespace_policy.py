@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 
 from runner.backends.kubernetes import ClusterTarget, KubernetesBackend, namespace_policy
 from runner.errors import NamespacePolicyUnmet
 from runner.model.plan import PlanInput, PlanInputFile, RunPlan
+
+from .rbac import allowed, bind_runner_role
 
 pytestmark = pytest.mark.k8s
 
@@ -165,46 +166,12 @@ def test_a_policy_that_opens_egress_is_refused_naming_it(
 
 @pytest.mark.parametrize("namespace", SANDBOXED, indirect=True)
 def test_the_chart_role_allows_exactly_the_reads_the_check_needs(namespace, k8s_client) -> None:
-    docs = list(yaml.safe_load_all((ROOT / "manifests" / "evalrun.yaml").read_text()))
-    role = next(d for d in docs if d and d["kind"] == "Role")
-    rbac, core = client.RbacAuthorizationV1Api(k8s_client), client.CoreV1Api(k8s_client)
-    core.create_namespaced_service_account(
-        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="evalrun-runner"))
-    )
-    rbac.create_namespaced_role(namespace, {**role, "metadata": {"name": "evalrun-runner"}})
-    rbac.create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": "evalrun-runner"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "evalrun-runner",
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": "evalrun-runner", "namespace": namespace}
-            ],
-        },
-    )
-    user = f"system:serviceaccount:{namespace}:evalrun-runner"
-    groups = ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"]
-    auth = client.AuthorizationV1Api(k8s_client)
+    bind_runner_role(k8s_client, namespace)
 
-    def allowed(ns: str, verb: str, resource: str, group: str = "", name: str = "") -> bool:
-        review = auth.create_subject_access_review(
-            client.V1SubjectAccessReview(
-                spec=client.V1SubjectAccessReviewSpec(
-                    user=user,
-                    groups=groups,
-                    resource_attributes=client.V1ResourceAttributes(
-                        namespace=ns, verb=verb, resource=resource, group=group, name=name
-                    ),
-                )
-            )
-        )
-        return bool(review.status.allowed)
+    def may(ns: str, verb: str, resource: str, group: str = "", name: str = "") -> bool:
+        return allowed(k8s_client, namespace, ns, verb, resource, group, name)
 
-    assert allowed(namespace, "get", "namespaces", name=namespace)
-    assert allowed(namespace, "list", "networkpolicies", group="networking.k8s.io")
-    assert not allowed("kube-system", "get", "namespaces", name="kube-system")
-    assert not allowed(namespace, "create", "networkpolicies", group="networking.k8s.io")
+    assert may(namespace, "get", "namespaces", name=namespace)
+    assert may(namespace, "list", "networkpolicies", group="networking.k8s.io")
+    assert not may("kube-system", "get", "namespaces", name="kube-system")
+    assert not may(namespace, "create", "networkpolicies", group="networking.k8s.io")
