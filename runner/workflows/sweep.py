@@ -255,6 +255,7 @@ def summary_rows(results: list[CellResult]) -> list[SweepRow]:
                     "exit_code": r.outcome.exit_code,
                     "bundle": str(r.outcome.bundle.path),
                     "metrics": {m.name: m.value for m in r.outcome.predicate.metrics},
+                    "reason": r.outcome.reason,
                 }
             )
         else:

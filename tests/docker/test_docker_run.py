@@ -330,6 +330,12 @@ def test_sweep_runs_every_cell_with_its_own_bundle(vcli, locked_example, tmp_pat
     assert sorted(c["outcome"] for c in cells) == ["evaluation_failed", "evaluation_failed",
                                                    "passed", "passed"]
     assert len({c["run_id"] for c in cells}) == 4
+    # a failed cell says why beside its outcome (the crash's exception), a passed one not
+    for c in cells:
+        if c["outcome"] == "passed":
+            assert c["reason"] is None, c
+        else:
+            assert "crash" in c["reason"].lower(), c
     for c in cells:
         proc = vcli("verify", c["bundle"], "--key", str(vcli.pub))
         assert proc.returncode == 0

@@ -24,7 +24,9 @@ def test_two_teams_share_a_gpu_quota_and_an_urgent_run_preempts_a_nightly_one(
           f"{out.waiting_when_urgent_admitted} nightly runs still waiting when the urgent "
           "one was admitted")
     for team, sweep in out.sweeps.items():
-        assert sweep["rc"] == 0, f"{team}: {sweep['stderr']}"
+        why = [(c.get("run_id"), c["outcome"], c.get("reason")) for c in sweep["cells"]
+               if c["outcome"] != "passed"]
+        assert sweep["rc"] == 0, f"{team}: {why} {sweep['stderr']}"
         assert len(sweep["cells"]) == RUNS_PER_TEAM
         assert all(c["outcome"] == "passed" for c in sweep["cells"]), sweep["cells"]
     assert out.urgent["rc"] == 0, out.urgent["stderr"]
