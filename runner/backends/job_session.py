@@ -40,6 +40,7 @@ from runner.backends.pod_states import (
     running,
     started,
     stuck_error,
+    waiting_for_capacity,
 )
 from runner.backends.queueing import QueueClock, is_suspended
 from runner.errors import (
@@ -71,6 +72,7 @@ class _Tracked:
     collected: bool = False
     node_checked: bool = False
     frame_lines: int = 0
+    capacity_wait: str | None = None  # the scheduler's message, once reported
 
 
 class RunSession:
@@ -173,6 +175,9 @@ class RunSession:
                 return ("scheduled", pod)
             if tracked.follower is None and started(pod):
                 return ("follow", pod)
+            waiting = waiting_for_capacity(pod)
+            if waiting and tracked.capacity_wait is None:
+                return ("waiting", (pod_name, waiting))
             problem = pod_problem(pod, time.time(), self.backend.grace)
             if problem:
                 return ("stuck", problem)
@@ -212,6 +217,8 @@ class RunSession:
                 self._follow_log(obj.metadata.name)
             elif kind == "ready":
                 self._collect(obj.metadata.name)
+            elif kind == "waiting":
+                self._waiting(*obj)
             elif kind == "stuck":
                 self._stuck(*obj)
             elif kind == "disrupted":
@@ -283,6 +290,25 @@ class RunSession:
         if self.backend.output is not None:
             self.backend.output(OutputLine(self.plan.run_id, "evalrun", text))
 
+    def _waiting(self, pod_name: str, message: str) -> None:
+        """Report (once per pod) a pod that waits for capacity other pods hold: not stuck."""
+        self.pods[pod_name].capacity_wait = message
+        text = (
+            f"pod {pod_name} waits for capacity in use by other pods (scheduler: {message}); "
+            "it starts when they end (--stuck-after does not apply, the Job's deadline does)"
+        )
+        log.info(
+            text,
+            extra={
+                "event": "k8s_waiting_for_capacity",
+                "run_id": self.plan.run_id,
+                "pod": pod_name,
+                "reason": message,
+            },
+        )
+        if self.backend.output is not None:
+            self.backend.output(OutputLine(self.plan.run_id, "evalrun", text))
+
     def _stuck(self, reason: str, message: str) -> None:
         self.backend._delete(self.api, self.namespace, self.name)
         raise stuck_error(self.name, self.plan, reason, message)
@@ -316,6 +342,9 @@ class RunSession:
             "active_deadline_s": job.spec.active_deadline_seconds,
             "disruptions": list(self.disruptions.values()),
         }
+        waits = {n: t.capacity_wait for n, t in self.pods.items() if t.capacity_wait is not None}
+        if waits:
+            details["capacity_waits"] = waits
         # the plan this runner sent, or (following another's run) the one the Job records
         sent = self.backend.sent_plans.get(self.name) or (job.metadata.annotations or {}).get(
             ANNOTATION_PLAN_SHA256

@@ -44,20 +44,51 @@ def condition(obj: Any, ctype: str) -> Any:
     return None
 
 
+# What kube-scheduler's preemption adds to an Unschedulable pod's message for a node where
+# the pod would fit once pods that are there now leave (the node's allocatable is enough;
+# what it lacks is in use by pods it may not preempt), or where it waits for pods it has
+# preempted, or for one already terminating. A node the pod can never fit on (it asks for
+# more than the node has, or its selector, affinity or taints exclude it) is "Preemption is
+# not helpful for scheduling" instead.
+_CAPACITY_IN_USE = re.compile(
+    r"\bpreemption: .*(No preemption victims found for incoming pod"
+    r"|not eligible due to a terminating pod on the nominated node)"
+)
+
+
+def unschedulable(pod: Any) -> str | None:
+    """The scheduler's message while ``pod`` is Unschedulable, else None."""
+    for c in pod.status.conditions or []:
+        if c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable":
+            return str(c.message or "no node matches")
+    return None
+
+
+def waiting_for_capacity(pod: Any) -> str | None:
+    """The scheduler's message when ``pod`` is Unschedulable only for now: some node has
+    room for it once pods that run there now end, or it has been nominated to a node
+    whose preempted pods are leaving. Such a pod waits (a busy cluster, a GPU still held
+    by a pod that is terminating): it is not stuck."""
+    message = unschedulable(pod)
+    if message is None:
+        return None
+    if getattr(pod.status, "nominated_node_name", None) or _CAPACITY_IN_USE.search(message):
+        return message
+    return None
+
+
 def pod_problem(pod: Any, now: float, grace: dict[str, float]) -> tuple[str, str] | None:
-    """A named reason why a pod cannot make progress, once it has lasted its grace time."""
+    """A named reason why a pod cannot make progress, once it has lasted its grace time.
+
+    A pod waiting for capacity in use (:func:`waiting_for_capacity`) is not stuck: the
+    Job's own deadline bounds that wait."""
     created = (
         pod.metadata.creation_timestamp.timestamp() if pod.metadata.creation_timestamp else now
     )
     age = now - created
-    for c in pod.status.conditions or []:
-        if (
-            c.type == "PodScheduled"
-            and c.status == "False"
-            and c.reason == "Unschedulable"
-            and age > grace["unschedulable"]
-        ):
-            return "Unschedulable", c.message or "no node matches"
+    message = unschedulable(pod)
+    if message is not None and age > grace["unschedulable"] and not waiting_for_capacity(pod):
+        return "Unschedulable", message
     for cs in pod.status.container_statuses or []:
         waiting = cs.state.waiting if cs.state else None
         message = (waiting.message or "") if waiting else ""

@@ -214,7 +214,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         default=60.0,
         metavar="SECONDS",
         help="kubernetes: fail a pod that stays Unschedulable or in image-pull backoff this "
-        "long (default 60)",
+        "long (default 60); a pod waiting for capacity other pods hold is not stuck",
     )
     p.add_argument(
         "--tolerate",

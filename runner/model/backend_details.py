@@ -96,6 +96,8 @@ class BackendDetails(TypedDict, total=False):
     job_succeeded_pods: int
     active_deadline_s: int | None
     disruptions: list[Disruption]
+    # pods that waited for capacity other pods held: the scheduler's message, by pod
+    capacity_waits: dict[str, str]
     pod: str
     node: str | None
     termination_reason: str | None

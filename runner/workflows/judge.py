@@ -202,10 +202,18 @@ def _plan_swapped(result: BackendResult, report: ContainerReport) -> str | None:
 def _timeout_reason(plan: RunPlan, result: BackendResult) -> str:
     deadline = result.details.get("active_deadline_s")
     if result.details.get("job_condition") == "DeadlineExceeded":
-        return (
+        reason = (
             f"timed out: the Job ran past its activeDeadlineSeconds ({deadline} s) and "
             "Kubernetes stopped it (DeadlineExceeded)"
         )
+        waits = result.details.get("capacity_waits")
+        if isinstance(waits, dict) and waits:
+            pod, message = next(reversed(waits.items()))
+            reason += (
+                f"; its pod {pod} had waited for capacity in use by other pods "
+                f"(scheduler: {str(message)[:300]})"
+            )
+        return reason
     return (
         f"timed out: the sandbox exceeded its wall-clock limit ({plan.timeout_s} s plus "
         "preflight allowance) and was killed"
