@@ -278,17 +278,7 @@ class RunSession:
             f"pod {pod_name} was disrupted ({reason}: {message or 'no message'}); the Job "
             "starts another pod (disruptions do not count against its retries)"
         )
-        log.warning(
-            text,
-            extra={
-                "event": "pod_disrupted",
-                "run_id": self.plan.run_id,
-                "pod": pod_name,
-                "reason": reason,
-            },
-        )
-        if self.backend.output is not None:
-            self.backend.output(OutputLine(self.plan.run_id, "evalrun", text))
+        self._tell(logging.WARNING, "pod_disrupted", text, pod_name, reason)
 
     def _waiting(self, pod_name: str, message: str) -> None:
         """Report (once per pod) a pod that waits for capacity other pods hold: not stuck."""
@@ -297,14 +287,14 @@ class RunSession:
             f"pod {pod_name} waits for capacity in use by other pods (scheduler: {message}); "
             "it starts when they end (--stuck-after does not apply, the Job's deadline does)"
         )
-        log.info(
+        self._tell(logging.INFO, "k8s_waiting_for_capacity", text, pod_name, message)
+
+    def _tell(self, level: int, event: str, text: str, pod_name: str, reason: str) -> None:
+        """What happened to one of the run's pods: a log event, and a line on the terminal."""
+        log.log(
+            level,
             text,
-            extra={
-                "event": "k8s_waiting_for_capacity",
-                "run_id": self.plan.run_id,
-                "pod": pod_name,
-                "reason": message,
-            },
+            extra={"event": event, "run_id": self.plan.run_id, "pod": pod_name, "reason": reason},
         )
         if self.backend.output is not None:
             self.backend.output(OutputLine(self.plan.run_id, "evalrun", text))
