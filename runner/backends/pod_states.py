@@ -70,11 +70,14 @@ def waiting_for_capacity(pod: Any) -> str | None:
     whose preempted pods are leaving. Such a pod waits (a busy cluster, a GPU still held
     by a pod that is terminating): it is not stuck."""
     message = unschedulable(pod)
-    if message is None:
-        return None
-    if getattr(pod.status, "nominated_node_name", None) or _CAPACITY_IN_USE.search(message):
-        return message
-    return None
+    return message if message is not None and _in_use(pod, message) else None
+
+
+def _in_use(pod: Any, message: str) -> bool:
+    """The Unschedulable ``pod`` (the scheduler said ``message``) waits for capacity."""
+    return bool(
+        getattr(pod.status, "nominated_node_name", None) or _CAPACITY_IN_USE.search(message)
+    )
 
 
 def pod_problem(pod: Any, now: float, grace: dict[str, float]) -> tuple[str, str] | None:
@@ -87,7 +90,7 @@ def pod_problem(pod: Any, now: float, grace: dict[str, float]) -> tuple[str, str
     )
     age = now - created
     message = unschedulable(pod)
-    if message is not None and age > grace["unschedulable"] and not waiting_for_capacity(pod):
+    if message is not None and age > grace["unschedulable"] and not _in_use(pod, message):
         return "Unschedulable", message
     for cs in pod.status.container_statuses or []:
         waiting = cs.state.waiting if cs.state else None
