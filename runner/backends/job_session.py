@@ -175,8 +175,7 @@ class RunSession:
                 return ("scheduled", pod)
             if tracked.follower is None and started(pod):
                 return ("follow", pod)
-            waiting = waiting_for_capacity(pod)
-            if waiting and tracked.capacity_wait is None:
+            if tracked.capacity_wait is None and (waiting := waiting_for_capacity(pod)):
                 return ("waiting", (pod_name, waiting))
             problem = pod_problem(pod, time.time(), self.backend.grace)
             if problem:
