@@ -16,7 +16,6 @@ if __name__ == "__main__":
     # What follows from one file when the image has it (see runner.agent.module_pack).
     install_pack()
 
-import argparse
 import hashlib
 import json
 import os
@@ -402,23 +401,22 @@ def _run_perturbations(
     return out
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.HelpFormatter(prog, width=100)
+def _parser() -> Any:
+    """The agent's command line, every subcommand (``argparse``, imported only here)."""
+    import argparse
 
+    class _Parser(argparse.ArgumentParser):
+        """argparse's parser with its help laid out at a fixed width (its subcommands' too).
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser with its help laid out at a fixed width (its subcommands' too).
+        Without a width argparse imports ``shutil`` to ask the terminal's, for every parser
+        it makes: with it ``bz2`` and ``lzma`` and their libraries, ~15 ms under gVisor."""
 
-    Without a width argparse imports ``shutil`` to ask the terminal's, for every parser it
-    makes, in every run: with it ``bz2`` and ``lzma`` and their libraries, ~15 ms under
-    gVisor that no run needs."""
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault(
+                "formatter_class", lambda prog: argparse.HelpFormatter(prog, width=100)
+            )
+            super().__init__(*args, **kwargs)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _formatter)
-        super().__init__(*args, **kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m runner.agent")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run one evaluation from a plan")
@@ -440,7 +438,51 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "pack", help="write the modules a run imports into one file (an image build step)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+class _RunArgs:
+    """``run``'s arguments, as :func:`_parser` would give them."""
+
+    command = "run"
+
+    def __init__(self, plan: Path, results: Path, emit_results: bool) -> None:
+        self.plan, self.results, self.emit_results = plan, results, emit_results
+
+
+def _run_args(argv: Sequence[str]) -> _RunArgs | None:
+    """The arguments of a ``run`` command line as the backends write it (``run`` with
+    ``--plan P``, ``--results R``, ``--emit-results``, each at most once, in any order);
+    None for anything else, which argparse reads.
+
+    Building argparse's parser costs ~15 ms under gVisor (gettext looks for a translation
+    of every help text, each look a few file system calls through the sandbox) and
+    importing it ~10 ms more, in every run, before the evaluation starts."""
+    if not argv or argv[0] != "run":
+        return None
+    values: dict[str, str] = {}
+    emit = False
+    rest = list(argv[1:])
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--emit-results" and not emit:
+            emit = True
+        elif flag in ("--plan", "--results") and flag not in values and rest:
+            value = rest.pop(0)
+            if not value or value.startswith("-"):
+                return None
+            values[flag] = value
+        else:
+            return None
+    return _RunArgs(
+        Path(values.get("--plan", PLAN_FILE)), Path(values.get("--results", RESULTS_MOUNT)), emit
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args: Any = _run_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        args = _parser().parse_args(argv)
     if args.command == "pack":
         count = build_pack()
         print(f"agent: {count} modules packed into {PACK_FILE}")

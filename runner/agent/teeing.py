@@ -3,6 +3,7 @@ live, under a timeout; pipes a leftover child holds open are cut, never waited f
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -49,13 +50,32 @@ def run_teed(command: list[str], env: dict[str, str], logs: Path, timeout_s: int
         ]
         for pump in pumps:
             pump.start()
-        try:
-            rc: int | None = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
+        rc: int | None = _wait(proc, timeout_s)
         drain_until = time.monotonic() + _DRAIN_S
         for pump in pumps:
             pump.join(max(0.0, drain_until - time.monotonic()))
     return rc
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """``proc``'s exit code, as soon as it exits; None when it ran past ``timeout_s`` (it is
+    killed then).
+
+    ``Popen.wait(timeout=…)`` polls: it sleeps up to 50 ms between looks, so the agent
+    learnt of the evaluation's end ~25 ms late on average, in every run. A blocking wait
+    returns at once; a timer kills the process at the deadline (a process that ended by
+    itself at that moment keeps its own exit code)."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()  # a no-op once the process has been waited for
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    return None if expired.is_set() and rc == -signal.SIGKILL else rc

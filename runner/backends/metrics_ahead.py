@@ -77,12 +77,13 @@ PlanMetrics = Callable[[], tuple[list[MetricDefinition], int] | None]
 class MetricsAhead:
     """Watches ``results`` from :meth:`start` until :meth:`result`."""
 
-    def __init__(self, results: Path, plan_metrics: PlanMetrics, *, poll_s: float = 0.05) -> None:
+    def __init__(self, results: Path, plan_metrics: PlanMetrics, *, poll_s: float = 0.01) -> None:
         self.results = results
         self._plan_metrics = plan_metrics
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._result: Recomputed | None = None
+        self._events_size = -1
         self._thread = threading.Thread(target=self._watch, name="metrics-ahead", daemon=True)
 
     def start(self) -> MetricsAhead:
@@ -104,8 +105,16 @@ class MetricsAhead:
                 return
 
     def _evaluation_ended(self) -> bool:
+        """Whether the agent has said so; its events are read again only once they have
+        grown (a look every 10 ms costs one ``stat`` while nothing changes)."""
         if (self.results / "metrics.json").exists():
             return True
+        try:
+            size = (self.results / "logs" / "events.jsonl").stat().st_size
+        except OSError:
+            return False
+        if size == self._events_size:
+            return False
         try:
             events = read_regular_file(
                 self.results / "logs" / "events.jsonl",
@@ -114,6 +123,7 @@ class MetricsAhead:
             )
         except (OSError, EvalrunError):
             return False
+        self._events_size = size
         return _ENDED in events
 
     def _compute(self, definitions: list[MetricDefinition], seed: int) -> None:

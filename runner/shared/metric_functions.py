@@ -10,6 +10,7 @@ metric needs of its sample.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, cast
 
@@ -80,17 +81,25 @@ def _complement_share(hits: Sequence[int]) -> float:
 
 
 def _legacy_macro_f1(pairs: Sequence[tuple[Any, Any]]) -> float:
-    """macro_f1 as it always was (repr order, plain sum): old images must still agree."""
-    labels = sorted({t for t, _ in _nonempty(pairs)} | {p for _, p in pairs}, key=repr)
+    """macro_f1 as it always was (repr order, plain sum): old images must still agree.
+
+    The pairs are counted first (``Counter``, a loop in C), then each distinct pair once:
+    a bootstrap computes this 1,000 times over resamples, and a Python loop over every
+    pair took three quarters of the runner's recomputation (0.1 s for 450 samples). The
+    same integers, so the same float: each count is the number of pairs equal to a
+    distinct one, and the first pair of each label (which the label sets keep, and ``repr``
+    sorts) is the first key ``Counter`` keeps for it."""
+    counts = Counter(_nonempty(pairs))
+    labels = sorted({t for t, _ in counts} | {p for _, p in counts}, key=repr)
     tp = dict.fromkeys(labels, 0)
     fp = dict.fromkeys(labels, 0)
     fn = dict.fromkeys(labels, 0)
-    for truth, predicted in pairs:
+    for (truth, predicted), count in counts.items():
         if predicted == truth:
-            tp[truth] += 1
+            tp[truth] += count
         else:
-            fp[predicted] += 1
-            fn[truth] += 1
+            fp[predicted] += count
+            fn[truth] += count
     scores = []
     for label in labels:
         denom = 2 * tp[label] + fp[label] + fn[label]

@@ -67,9 +67,66 @@ def test_reading_the_command_line_loads_none_of_them_either():
             "print(json.dumps(sorted(sys.modules)))"
         )
     )
+    # the backends' own `run` command line is read without argparse (agent._run_args)
+    assert "argparse" not in loaded and "gettext" not in loaded
+    assert sorted(set(NOT_LOADED) & loaded) == []
+    assert "bz2" not in loaded and "lzma" not in loaded
+
+
+def test_any_other_command_line_is_read_by_argparse_without_the_costly_modules():
+    # argparse asks shutil for the terminal's width unless it is given one (agent._parser)
+    loaded = set(
+        _fresh(
+            "from runner.agent.__main__ import main, AgentExit; import json; "
+            "code = main(['run', '--plan=/nonexistent/plan.json']); "
+            "assert code == AgentExit.BAD_PLAN, code; "
+            "print(json.dumps(sorted(sys.modules)))"
+        )
+    )
     assert "argparse" in loaded
     assert sorted(set(NOT_LOADED) & loaded) == []
     assert "bz2" not in loaded and "lzma" not in loaded
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run"],
+        ["run", "--plan", "/p/plan.json", "--results", "/r"],
+        ["run", "--results", "/r", "--plan", "/p/plan.json", "--emit-results"],
+        ["run", "--emit-results"],
+    ],
+)
+def test_the_run_fast_path_reads_what_argparse_reads(argv):
+    from runner.agent.__main__ import _parser, _run_args
+
+    fast = _run_args(argv)
+    slow = _parser().parse_args(argv)
+    assert fast is not None
+    assert (fast.command, fast.plan, fast.results, fast.emit_results) == (
+        slow.command, slow.plan, slow.results, slow.emit_results,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["ack"],
+        ["run", "--plan=/p"],  # argparse's forms the fast path leaves to it
+        ["run", "--pl", "/p"],
+        ["run", "--plan"],
+        ["run", "--plan", "/a", "--plan", "/b"],
+        ["run", "--plan", "--results"],
+        ["run", "--emit-results", "--emit-results"],
+        ["run", "extra"],
+        ["run", "-h"],
+    ],
+)
+def test_anything_else_is_left_to_argparse(argv):
+    from runner.agent.__main__ import _run_args
+
+    assert _run_args(argv) is None
 
 
 def test_the_copies_that_replace_them_agree_with_the_standard_library():

@@ -74,7 +74,7 @@ def test_a_run_imports_from_the_pack_and_the_check_covers_the_pack(pack):
     out = _fresh(code, pack)
     assert out["cached"] == str(pack)
     assert out["file"].endswith("runner/agent/verification.py")  # tracebacks show its source
-    assert len(out["packed"]) > 50
+    assert len(out["packed"]) > 40
     assert str(pack) in out["paths"]
     # a packed module's own bytecode is not what ran, so it is not what is checked
     assert not any("/runner/agent/__pycache__/verification." in p for p in out["paths"])
@@ -222,3 +222,4 @@ def test_the_launcher_runs_the_agent_without_runpy_and_from_the_package_folder(t
 def test_the_template_starts_the_agent_with_the_launcher():
     template = (ROOT / "images" / "python-eval.Dockerfile.j2").read_text()
     assert 'ENTRYPOINT ["python3", "/opt/evalrun/agent/runner/agent/launch.py"]' in template
+
