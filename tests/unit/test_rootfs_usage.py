@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 import os
 import shutil
 import subprocess
@@ -104,15 +105,58 @@ def test_usage_verifier_fails_on_a_file_changed_after_the_table(image_dir, tmp_p
     trace.mkdir()
     verifier = UsageVerifier(table, trace)
     verifier.start()
-    (trace / "1.paths").write_text(json.dumps(str(image_dir / "app" / "data.txt")) + "\n")
+    # (named as a process no longer running: the verifier also reads a live one's maps)
+    (trace / "999999991.paths").write_text(json.dumps(str(image_dir / "app" / "data.txt")) + "\n")
     (image_dir / "app" / "model.py").write_text("VALUE = 3\n")  # changed, but never used
     ok = verifier.finish()
     assert ok["failure_count"] == 0 and ok["traced_processes"] == 1
 
     verifier = UsageVerifier(table, trace)
-    (trace / "2.paths").write_text(json.dumps(str(image_dir / "app" / "model.py")) + "\n")
+    (trace / "999999992.paths").write_text(json.dumps(str(image_dir / "app" / "model.py")) + "\n")
     bad = verifier.finish()
     assert bad["failure_count"] == 1 and "model.py: expected sha256" in bad["failures"][0]
+
+
+def test_usage_verifier_checks_what_a_traced_process_maps_while_it_runs(image_dir, tmp_path):
+    # an extension module's libraries are mapped, never opened: at exit the process lists
+    # its mappings, and while it runs the verifier reads them from /proc/<pid>/maps
+    table = _table_of(image_dir)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    mapped = image_dir / "app" / "data.txt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import mmap, sys, time; f = open(sys.argv[1], 'rb'); "
+         "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); print('ok', flush=True); "
+         "time.sleep(30)", str(mapped)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ok\n"
+        (trace / f"{holder.pid}.paths").write_text("")
+        # the table's bytes, with the paths the host sees (as _table_of)
+        table_bytes = rootfs_table(str(image_dir)).replace(b" /", f" {image_dir}/".encode())
+        verifier = UsageVerifier(table_bytes, trace)
+        verifier.start()
+        deadline = time.monotonic() + 10
+        while str(mapped) not in verifier._seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert str(mapped) in verifier._seen  # reported while the process still runs
+    finally:
+        holder.kill()
+        holder.wait()
+    record = verifier.finish()
+    # the holder's interpreter and libraries are not in this table; the file it mapped is
+    assert not [f for f in record["failures"] if str(image_dir) in f]
+    assert verifier.table == table  # parsed from the table's bytes on the thread
+
+
+def test_a_table_that_cannot_be_parsed_fails_the_check(tmp_path):
+    verifier = UsageVerifier(b"f /a 0644 0:0 notanumber sha256:00\n", tmp_path)
+    verifier.start()
+    record = verifier.finish(["/usr/bin/true"])
+    assert record["failure_count"] == 1
+    assert verifier.table_error is not None and "digest table line 1" in verifier.table_error
 
 
 def test_plan_verify_rootfs_is_checked():
