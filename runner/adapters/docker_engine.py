@@ -26,6 +26,8 @@ from runner.errors import (
 
 T = TypeVar("T")
 
+log = logging.getLogger("evalrun.backend.docker")
+
 DOCKER_HINT = "start the engine with `make host-up` (scripts/host-up.sh), or set DOCKER_HOST"
 
 
@@ -109,3 +111,44 @@ def runtimes(client: Any) -> set[str]:
     """The OCI runtimes registered with the engine (``runc``, ``runsc``, …)."""
     info = docker_call("docker info", client.info)
     return set((info.get("Runtimes") or {}).keys())
+
+
+def create_container(
+    client: Any,
+    image: str,
+    command: list[str],
+    mounts: list[tuple[str, str, bool]],
+    options: dict[str, Any],
+) -> Any:
+    """Create (not start) a container: ``mounts`` as (target, source, read-only) binds,
+    ``options`` as docker-py's ``containers.create`` keywords."""
+    binds = [
+        docker.types.Mount(target, source, type="bind", read_only=read_only)
+        for target, source, read_only in mounts
+    ]
+    return client.containers.create(image, command, mounts=binds, detach=True, **options)
+
+
+def image_id(client: Any, ref: str, *, pull: bool) -> str | None:
+    """The engine's ID of the image ``ref``; one it does not have is pulled first when
+    ``pull`` (then None: the run's container says which image it got)."""
+    try:
+        with translated(f"inspect {ref}"):
+            found: str = client.images.get(ref).id
+            return found
+    except EvalrunError:
+        if not pull:
+            raise
+    repo, digest = ref.split("@", 1)
+    log.info("pulling image", extra={"event": "image_pull", "image": ref})
+    docker_call(f"pull {ref}", lambda: client.api.pull(repo, tag=digest))
+    return None
+
+
+def remove_named(client: Any, name: str) -> None:
+    """Remove the container called ``name`` if there is one (a stale one of the same run)."""
+    try:
+        with translated("remove stale container"):
+            client.containers.get(name).remove(force=True)
+    except EvalrunError:
+        pass

@@ -22,23 +22,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import docker.types
+from typing import TYPE_CHECKING, Any
 
 from runner._internal.foreign import DockerObject
-from runner.adapters.docker_engine import (
-    connect,
-    docker_call,
-    remove_container,
-    runtimes,
-    translated,
-)
-from runner.backends.docker_policy import RUNTIME_NAMES, ContainerPolicy, container_policy
+from runner.backends.docker_policy import RUNTIME_NAMES, container_policy
 from runner.backends.live import LineRelay, OutputSink
 from runner.errors import EnvironmentMismatch, EvalrunError
 from runner.model.backend_details import InputMount
 from runner.model.plan import INPUTS_MOUNT, SANDBOX_UID, BackendResult, RunPlan
+
+if TYPE_CHECKING:
+    from runner.adapters.docker_early import EarlyEngine
+
+# The Docker SDK (and requests with it, ~70 ms) is imported by the first method that talks
+# to the engine, not with this module: with an EarlyEngine that is after the run's
+# container was created, while its sandbox starts.
 
 log = logging.getLogger("evalrun.backend.docker")
 
@@ -50,26 +48,24 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _create(client: Any, policy: ContainerPolicy) -> Any:
-    """Send ``policy`` to the engine as-is: create (not start) the run's container."""
-    mounts = [
-        docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
-        for m in policy.mounts
-    ]
-    return client.containers.create(
-        policy.image, list(policy.command), mounts=mounts, detach=True, **policy.engine_options()
-    )
-
-
 class DockerBackend:
     """Runs a :class:`RunPlan` as one sandboxed container."""
 
     name = "docker"
     pulls_inputs = False
 
-    def __init__(self, client: Any | None = None, *, output: OutputSink | None = None) -> None:
+    def __init__(
+        self,
+        client: Any | None = None,
+        *,
+        output: OutputSink | None = None,
+        early: EarlyEngine | None = None,
+    ) -> None:
         self._client = client
         self.output = output
+        # the helper that connected while the spec was read: it answers the preflight and
+        # creates and starts the first container (runner.adapters.docker_early)
+        self._early = early
         # image ref -> the engine's image ID, as preflight found it (the ref is pinned by
         # digest, so the run's container is compared with it without asking again)
         self._image_ids: dict[str, str] = {}
@@ -77,12 +73,20 @@ class DockerBackend:
     @property
     def client(self) -> Any:
         if self._client is None:
+            from runner.adapters.docker_engine import connect
+
             self._client = connect()
         return self._client
 
     def preflight(self, plan: RunPlan) -> None:
         runtime = RUNTIME_NAMES[plan.runtime]
-        available = runtimes(self.client)
+        early = self._early
+        if early is None:
+            from runner.adapters.docker_engine import image_id, runtimes
+
+            available = runtimes(self.client)
+        else:
+            available = set(early.ask("runtimes"))
         if runtime not in available:
             raise EnvironmentMismatch(
                 f"the spec demands the {plan.runtime} sandbox, but the Docker engine has no "
@@ -97,23 +101,15 @@ class DockerBackend:
                 "GPU runs are not supported on the local Docker backend",
                 hint="use --backend kubernetes for GPU Jobs",
             )
-        self._ensure_image(plan.image_ref)
-
-    def _ensure_image(self, ref: str) -> None:
-        try:
-            with translated(f"inspect {ref}"):
-                self._image_ids[ref] = self.client.images.get(ref).id
-                return
-        except EvalrunError:
-            pass
-        repo, digest = ref.split("@", 1)
-        log.info("pulling image", extra={"event": "image_pull", "image": ref})
-        docker_call(f"pull {ref}", lambda: self.client.api.pull(repo, tag=digest))
+        ref = plan.image_ref
+        found = image_id(self.client, ref, pull=True) if early is None else early.ask("image", ref)
+        if found is not None:
+            self._image_ids[ref] = found
 
     def run(
         self, plan: RunPlan, results_dir: Path, *, on_start: Callable[[], None] | None = None
     ) -> BackendResult:
-        client = self.client
+        early, self._early = self._early, None  # the helper makes the first container only
         results_dir.mkdir(parents=True, exist_ok=True)
         os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
         results_dir.chmod(0o700)
@@ -122,16 +118,51 @@ class DockerBackend:
             plan_path.chmod(0o444)
             Path(plan_dir).chmod(0o755)
             policy = container_policy(plan, plan_dir=Path(plan_dir), results_dir=results_dir)
-            self._remove_stale(policy.name)
-            container = docker_call("create container", lambda: _create(client, policy))
+            mounts = [(m.target, m.source, m.read_only) for m in policy.mounts]
+            options = dict(policy.engine_options())
+            container: Any
+            start: Callable[[], Any]
+            if early is not None:
+                container_id = early.ask(
+                    "create", policy.image, list(policy.command), mounts, options
+                )
+
+                def start() -> Any:
+                    early.ask("start")
+                    # the SDK imported once the sandbox is up: its start takes both cores
+                    return self.client.containers.prepare_model({"Id": container_id})
+
+                container = _Pending(self, container_id)
+            else:
+                from runner.adapters.docker_engine import (
+                    create_container,
+                    docker_call,
+                    remove_named,
+                )
+
+                client = self.client
+                remove_named(client, policy.name)
+                container = docker_call(
+                    "create container",
+                    lambda: create_container(
+                        client, policy.image, list(policy.command), mounts, options
+                    ),
+                )
+
+                def start() -> Any:
+                    docker_call("start container", container.start, retries=False)
+                    return container
+
             collected = False
             try:
-                result = self._run_container(container, plan, on_start)
+                container, result = self._run_container(container, start, plan, on_start)
                 # what the agent was handed: it reports the sha256 of what it read
                 result.details["plan_sha256"] = hashlib.sha256(plan_path.read_bytes()).hexdigest()
                 collected = True
                 return result
             finally:
+                from runner.adapters.docker_engine import remove_container
+
                 if collected:
                     # All the run needs from the container is read: the engine removes it
                     # while the run is sealed (~25 ms less per run). Not a daemon thread, so
@@ -142,18 +173,15 @@ class DockerBackend:
                         name="evalrun-container-removal",
                     ).start()
                 else:
-                    remove_container(container, log)
-
-    def _remove_stale(self, name: str) -> None:
-        try:
-            with translated("remove stale container"):
-                self.client.containers.get(name).remove(force=True)
-        except EvalrunError:
-            pass
+                    remove_container(_Pending.resolve(container), log)
+                if early is not None:
+                    early.close()
 
     def _follow_output(self, container: Any, relay: LineRelay, whole: threading.Event) -> None:
         """Relay the container's stdout and stderr, line by line, while it runs; ``whole``
         is set once the stream has ended (the container's output was all relayed)."""
+        from runner.adapters.docker_engine import translated
+
         try:
             with translated("follow container output"):
                 for out, err in self.client.api.attach(
@@ -171,8 +199,16 @@ class DockerBackend:
             )
 
     def _run_container(
-        self, container: Any, plan: RunPlan, on_start: Callable[[], None] | None
-    ) -> BackendResult:
+        self,
+        container: Any,
+        start: Callable[[], Any],
+        plan: RunPlan,
+        on_start: Callable[[], None] | None,
+    ) -> tuple[Any, BackendResult]:
+        """Start the created ``container`` (``start`` returns it, as this process's SDK
+        object), follow it to its end and inspect it; returns it with the result."""
+        from runner.adapters.docker_engine import translated
+
         started = _now()
         t0 = time.monotonic()
         timed_out = interrupted = False
@@ -180,11 +216,12 @@ class DockerBackend:
         exit_code: int | None = None
         relay = LineRelay(plan.run_id, self.output)
         relayed_whole = threading.Event()
-        follower = threading.Thread(
-            target=self._follow_output, args=(container, relay, relayed_whole), daemon=True
-        )
+        follower: threading.Thread | None = None
         try:
-            docker_call("start container", container.start, retries=False)
+            container = start()
+            follower = threading.Thread(
+                target=self._follow_output, args=(container, relay, relayed_whole), daemon=True
+            )
             follower.start()
             if on_start is not None:  # while the sandbox runs; an error removes it (run())
                 on_start()
@@ -208,9 +245,11 @@ class DockerBackend:
             interrupted_by = getattr(stop, "signal_name", "SIGINT")
             # best effort; remove(force=True) follows in run()
             with contextlib.suppress(Exception):
+                container = _Pending.resolve(container)
                 container.kill()
+        container = _Pending.resolve(container)
         duration = time.monotonic() - t0
-        if follower.ident is not None:
+        if follower is not None:
             follower.join(5.0)
         relay.close()
         with translated("inspect container"):
@@ -224,7 +263,7 @@ class DockerBackend:
             else:
                 logs = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")
         host_config = attrs.get("HostConfig", {})
-        return BackendResult(
+        return container, BackendResult(
             backend=self.name,
             exit_code=None if (timed_out or interrupted) else exit_code,
             timed_out=timed_out,
@@ -255,6 +294,21 @@ class DockerBackend:
                 ),
             },
         )
+
+
+class _Pending:
+    """A container the early helper created, before this process has an SDK object for it."""
+
+    def __init__(self, backend: DockerBackend, container_id: str) -> None:
+        self.backend = backend
+        self.container_id = container_id
+
+    @staticmethod
+    def resolve(container: Any) -> Any:
+        """``container`` as this process's SDK object (connecting if need be)."""
+        if isinstance(container, _Pending):
+            return container.backend.client.containers.prepare_model({"Id": container.container_id})
+        return container
 
 
 def _input_mounts(attrs: DockerObject) -> list[InputMount]:

@@ -106,12 +106,15 @@ def add_keyring_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def backend_for(args: argparse.Namespace, output: Callable[[Any], None] | None = None) -> Any:
-    """The backend chosen by ``--backend`` and its flags; ``output`` gets live output lines."""
+def backend_for(
+    args: argparse.Namespace, output: Callable[[Any], None] | None = None, early: Any = None
+) -> Any:
+    """The backend chosen by ``--backend`` and its flags; ``output`` gets live output lines;
+    ``early``, an EarlyEngine the Docker backend starts its first container with."""
     if args.backend == "docker":
         from runner.backends.docker import DockerBackend
 
-        return DockerBackend(output=output)
+        return DockerBackend(output=output, early=early)
     from runner.backends.kubernetes import ClusterTarget, KubernetesBackend
 
     return KubernetesBackend(

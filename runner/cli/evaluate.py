@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runner._internal.settings import Settings
 from runner._internal.startup import loading
@@ -157,11 +157,32 @@ def cmd_run(args: argparse.Namespace, settings: Settings, term: Terminal) -> int
 
 
 def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: CiReports) -> int:
+    early = None
+    if args.backend == "docker" and not args.detach:
+        # the Docker SDK imported and the engine connected on the other core while this
+        # process reads the spec (runner.adapters.docker_early)
+        from runner.adapters.docker_early import EarlyEngine
+
+        early = EarlyEngine.fork()
+    try:
+        return _run_with(args, settings, term, reports, early)
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _run_with(
+    args: argparse.Namespace,
+    settings: Settings,
+    term: Terminal,
+    reports: CiReports,
+    early: Any,
+) -> int:
     with loading():
         from runner.model.spec import load_spec
         from runner.workflows.run import run_evaluation
 
-        backend = backend_for(args, output=live_printer(term))
+        backend = backend_for(args, output=live_printer(term), early=early)
     if args.detach:
         return cli_runs.run_detached(args, settings, term, backend, reports)
     with loading():

@@ -1,0 +1,263 @@
+"""The Docker engine reached from a second process while this one reads the spec.
+
+The start of ``evalrun run`` on the local engine is Python on one core: pydantic and the
+spec's models, the spec, the lock and the inputs checked; and the Docker SDK imported
+(requests and urllib3 with it, ~70 ms), the engine connected to and asked for its
+runtimes and the image (~20 ms). The second part needs nothing of the first. So
+:meth:`EarlyEngine.fork` starts a helper, by ``fork``, before the first part: it imports
+the SDK and connects on the other core, then does what it is asked, in order, through
+the calls this module's callers would make themselves (:mod:`runner.adapters.docker_engine`,
+the same translation and retries): the runtimes, the image, create the run's container,
+start it. Then it exits. This process imports the SDK once the container exists, while
+the sandbox starts, and takes the container over (output, wait, inspect, removal).
+
+An error comes back as the evalrun error the same call raises here (its class, message,
+fields), an unexpected one as an internal error. A container the helper created but was
+never asked to start (this process stopped in between) is removed by the helper. The
+helper ignores Ctrl-C (this process handles it and removes the container); it ends when
+this process closes its end of the pipe, or exits. Standard library only until the
+helper imports the SDK.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from runner.errors import EvalrunError, InfrastructureError
+
+_LENGTH = struct.Struct(">I")
+# what a request or reply may hold: a container's options and mounts, an error's fields
+_MAX_MESSAGE = 16 << 20
+
+
+class EarlyEngine:
+    """This process's end of the helper (:meth:`fork`)."""
+
+    def __init__(self, pid: int, requests: int, replies: int) -> None:
+        self.pid = pid
+        self._requests = requests
+        self._replies = replies
+        self._closed = False
+        self.created = False  # asked to create a container: never killed from then on
+
+    @classmethod
+    def fork(cls) -> EarlyEngine | None:
+        """The helper, started; None where it cannot be (no ``fork``, or threads already
+        running: a fork copies none of them, and a lock one of them holds stays held)."""
+        if not hasattr(os, "fork") or threading.active_count() > 1:
+            return None
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):  # buffered output is not written twice
+            with contextlib.suppress(Exception):
+                stream.flush()
+        pid = os.fork()
+        if pid == 0:  # the helper
+            code = 70
+            try:
+                os.close(requests_w)
+                os.close(replies_r)
+                code = _serve(requests_r, replies_w)
+            finally:
+                os._exit(code)  # none of this process's exit handlers, buffers or files
+        os.close(requests_r)
+        os.close(replies_w)
+        engine = cls(pid, requests_w, replies_r)
+        atexit.register(engine.close)
+        return engine
+
+    def send(self, *request: Any) -> None:
+        """Ask the helper for ``request`` (its answer: :meth:`receive`)."""
+        if request[0] == "create":
+            self.created = True
+        try:
+            _write(self._requests, request)
+        except OSError as exc:
+            raise InfrastructureError(
+                f"the Docker helper process is gone ({exc.strerror})"
+            ) from None
+
+    def receive(self) -> Any:
+        """The helper's answer to the last request; its error raised here."""
+        try:
+            reply = _read(self._replies)
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            raise InfrastructureError(f"the Docker helper process failed: {exc}") from None
+        if reply is None:
+            raise InfrastructureError("the Docker helper process ended without an answer")
+        status, payload = reply
+        if status == "ok":
+            return payload
+        if status == "error":
+            raise _rebuilt(*payload)
+        raise RuntimeError(f"the Docker helper process failed: {payload}")
+
+    def ask(self, *request: Any) -> Any:
+        self.send(*request)
+        return self.receive()
+
+    def close(self) -> None:
+        """Let the helper go and reap it. One that made no container is stopped at once (it
+        may still be waiting for an engine that does not answer); one that did is given a
+        few seconds to remove it, if it was never asked to start it."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._requests, self._replies):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if not self.created:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    return
+                time.sleep(0.01)
+
+
+def _write(fd: int, message: object) -> None:
+    data = pickle.dumps(message)
+    view = memoryview(_LENGTH.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read(fd: int) -> Any:
+    """The next message on ``fd``; None at its end."""
+    head = _read_exactly(fd, _LENGTH.size)
+    if head is None:
+        return None
+    (length,) = _LENGTH.unpack(head)
+    if length > _MAX_MESSAGE:
+        raise EOFError(f"a message of {length} bytes")
+    data = _read_exactly(fd, length)
+    if data is None:
+        raise EOFError("a message cut short")
+    return pickle.loads(data)  # noqa: S301 - from this process's own fork, over its own pipe
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks: list[bytes] = []
+    left = size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _rebuilt(kind: type[EvalrunError], args: tuple[Any, ...], state: dict[str, Any]) -> Exception:
+    """The error the helper met, as this process would have raised it."""
+    exc = kind.__new__(kind)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+# --- the helper ---------------------------------------------------------------------------
+
+
+class _Helper:
+    """What the helper knows: its client, the engine's runtimes, the container it made."""
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.runtimes: list[str] = []
+        self.failure: BaseException | None = None
+        self.container: Any = None
+        self.started = False
+
+    def connect(self) -> None:
+        try:
+            from runner.adapters.docker_engine import connect, runtimes
+
+            self.client = connect()
+            self.runtimes = sorted(runtimes(self.client))
+        except BaseException as exc:  # said when the first request comes
+            self.failure = exc
+
+    def handle(self, request: tuple[Any, ...]) -> tuple[str, Any]:
+        try:
+            return "ok", self._do(*request)
+        except EvalrunError as exc:
+            state = dict(exc.__dict__)
+            try:
+                pickle.dumps((type(exc), exc.args, state))
+            except Exception:
+                return "crash", f"{type(exc).__name__}: {exc}"
+            return "error", (type(exc), exc.args, state)
+        except BaseException:
+            return "crash", traceback.format_exc(limit=8)
+
+    def _do(self, what: str, *args: Any) -> Any:
+        from runner.adapters.docker_engine import (
+            create_container,
+            docker_call,
+            image_id,
+            remove_named,
+        )
+
+        if self.failure is not None:
+            raise self.failure
+        if what == "runtimes":
+            return self.runtimes
+        if what == "image":
+            return image_id(self.client, args[0], pull=True)
+        if what == "create":
+            image, command, mounts, options = args
+            remove_named(self.client, options["name"])
+            self.container = docker_call(
+                "create container",
+                lambda: create_container(self.client, image, command, mounts, options),
+            )
+            return self.container.id
+        if what == "start":
+            self.started = True  # this process owns it now, started or not
+            docker_call("start container", self.container.start, retries=False)
+            return None
+        raise ValueError(f"unknown request {what!r}")
+
+    def abandon(self) -> None:
+        """Remove a container this process asked for but never asked to start."""
+        if self.container is not None and not self.started:
+            from runner.adapters.docker_engine import remove_container
+
+            remove_container(self.container, _quiet_log())
+
+
+def _quiet_log() -> Any:
+    import logging
+
+    return logging.getLogger("evalrun.backend.docker")
+
+
+def _serve(requests: int, replies: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # this process's parent handles Ctrl-C
+    helper = _Helper()
+    helper.connect()
+    try:
+        while (request := _read(requests)) is not None:
+            _write(replies, helper.handle(request))
+            if request[0] == "start":
+                break
+    except (OSError, EOFError, pickle.UnpicklingError):
+        pass  # this process's parent is gone
+    finally:
+        helper.abandon()
+    return 0
