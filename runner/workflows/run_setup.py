@@ -214,10 +214,26 @@ def choose_attempt(
 
 
 def _next_attempt(store: Store, lock_digest: str, target: str | None) -> int:
-    attempt = 0
-    while store.find_run(run_id_for(lock_digest, attempt, target)) is not None:
-        attempt += 1
-    return attempt
+    """A free attempt: the first one after the stored ones. Attempts are stored in order
+    (each the first free one), so it is found by doubling, then halving, the step: a
+    lookup reads and checks an index entry (~0.3 ms), and a spec re-run nightly for a
+    year has 365 of them."""
+
+    def taken(attempt: int) -> bool:
+        return store.find_run(run_id_for(lock_digest, attempt, target)) is not None
+
+    if not taken(0):
+        return 0
+    stored, free = 0, 1
+    while taken(free):
+        stored, free = free, free * 2
+    while free - stored > 1:
+        middle = (stored + free) // 2
+        if taken(middle):
+            stored = middle
+        else:
+            free = middle
+    return free
 
 
 def stage_run_files(spec_path: Path, spec: EvalSpec, stage: Path) -> None:
