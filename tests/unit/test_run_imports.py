@@ -65,7 +65,7 @@ def counted(path, *a, **k):
     return real_read(path, *a, **k)
 
 with (
-    mock.patch.object(evaluate, "backend_for", lambda args, output=None: InProcessBackend()),
+    mock.patch.object(evaluate, "backend_for", lambda args, output=None, early=None: InProcessBackend()),
     mock.patch.object(evaluate, "signer_for", lambda args, settings, term: load_signer(KEY)),
     mock.patch.object(spec_module, "load_yaml_document", counted),
 ):
@@ -141,7 +141,7 @@ class Recording(InProcessBackend):
         return super().run(plan, results_dir, on_start=started)
 
 with (
-    mock.patch.object(evaluate, "backend_for", lambda args, output=None: Recording()),
+    mock.patch.object(evaluate, "backend_for", lambda args, output=None, early=None: Recording()),
     mock.patch.object(evaluate, "signer_for", lambda args, settings, term: load_signer(KEY)),
 ):
     from runner.cli.main import main
