@@ -48,6 +48,7 @@ class EarlyEngine:
         self._requests = requests
         self._replies = replies
         self._closed = False
+        self._lock = threading.Lock()
         self.created = False  # asked to create a container: never killed from then on
 
     @classmethod
@@ -103,8 +104,10 @@ class EarlyEngine:
         raise RuntimeError(f"the Docker helper process failed: {payload}")
 
     def ask(self, *request: Any) -> Any:
-        self.send(*request)
-        return self.receive()
+        """:meth:`send`, then :meth:`receive`, one thread at a time."""
+        with self._lock:
+            self.send(*request)
+            return self.receive()
 
     def close(self) -> None:
         """Let the helper go and reap it. One that made no container is stopped at once (it

@@ -64,8 +64,10 @@ class DockerBackend:
         self._client = client
         self.output = output
         # the helper that connected while the spec was read: it answers the preflight and
-        # creates and starts the first container (runner.adapters.docker_early)
+        # creates and starts the first container (runner.adapters.docker_early); a run set
+        # runs its members on threads: one of them takes it, under the lock
         self._early = early
+        self._early_lock = threading.Lock()
         # image ref -> the engine's image ID, as preflight found it (the ref is pinned by
         # digest, so the run's container is compared with it without asking again)
         self._image_ids: dict[str, str] = {}
@@ -80,13 +82,17 @@ class DockerBackend:
 
     def preflight(self, plan: RunPlan) -> None:
         runtime = RUNTIME_NAMES[plan.runtime]
-        early = self._early
+        found: str | None = None
+        with self._early_lock:
+            early = self._early
+            if early is not None:
+                available = set(early.ask("runtimes"))
+                if runtime in available and not plan.gpus:  # the order of the checks below
+                    found = early.ask("image", plan.image_ref)
         if early is None:
             from runner.adapters.docker_engine import image_id, runtimes
 
             available = runtimes(self.client)
-        else:
-            available = set(early.ask("runtimes"))
         if runtime not in available:
             raise EnvironmentMismatch(
                 f"the spec demands the {plan.runtime} sandbox, but the Docker engine has no "
@@ -101,15 +107,16 @@ class DockerBackend:
                 "GPU runs are not supported on the local Docker backend",
                 hint="use --backend kubernetes for GPU Jobs",
             )
-        ref = plan.image_ref
-        found = image_id(self.client, ref, pull=True) if early is None else early.ask("image", ref)
+        if early is None:
+            found = image_id(self.client, plan.image_ref, pull=True)
         if found is not None:
-            self._image_ids[ref] = found
+            self._image_ids[plan.image_ref] = found
 
     def run(
         self, plan: RunPlan, results_dir: Path, *, on_start: Callable[[], None] | None = None
     ) -> BackendResult:
-        early, self._early = self._early, None  # the helper makes the first container only
+        with self._early_lock:  # the helper makes the first container only
+            early, self._early = self._early, None
         results_dir.mkdir(parents=True, exist_ok=True)
         os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
         results_dir.chmod(0o700)
