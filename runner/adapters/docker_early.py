@@ -14,8 +14,9 @@ the sandbox starts, and takes the container over (output, wait, inspect, removal
 An error comes back as the evalrun error the same call raises here (its class, message,
 fields), an unexpected one as an internal error. A container the helper created but was
 never asked to start (this process stopped in between) is removed by the helper. The
-helper ignores Ctrl-C (this process handles it and removes the container); it ends when
-this process closes its end of the pipe, or exits. Standard library only until the
+helper ignores Ctrl-C and SIGTERM (this process handles them and removes the container);
+it ends when this process closes its end of the pipe, or exits, and is killed by it when
+it made nothing yet. Standard library only until the
 helper imports the SDK.
 """
 
@@ -251,7 +252,10 @@ def _quiet_log() -> Any:
 
 
 def _serve(requests: int, replies: int) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # this process's parent handles Ctrl-C
+    # Ctrl-C, or a stop sent to the whole process group, is this process's parent's to
+    # handle: it then lets the helper remove a container it never started (or kills it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     helper = _Helper()
     helper.connect()
     try:

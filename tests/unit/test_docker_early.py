@@ -199,3 +199,32 @@ def test_without_a_request_the_helper_ends_with_this_process(tmp_path):
     while not gone() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gone()
+
+
+def test_threads_asking_at_once_each_get_their_own_answer():
+    # a run set's members preflight on threads: one request and its answer at a time
+    proc = _in_fresh_process(
+        """
+        import threading
+        from runner.adapters.docker_early import EarlyEngine
+        from runner.errors import EvalrunError
+        engine = EarlyEngine.fork()
+        answers = []
+        def ask():
+            try:
+                engine.ask("runtimes")
+            except EvalrunError as exc:
+                answers.append(exc.exit_code)
+            except Exception as exc:
+                answers.append(repr(exc))
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        engine.close()
+        print(sorted(answers))
+        """,
+        {"DOCKER_HOST": "unix:///nonexistent/docker.sock"},
+    )
+    assert proc.stdout.strip() == "[5, 5, 5, 5]", proc.stderr
