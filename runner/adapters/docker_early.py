@@ -222,7 +222,7 @@ class _Helper:
         if what == "runtimes":
             return self.runtimes
         if what == "image":
-            return image_id(self.client, args[0], pull=True)
+            return image_id(self.client, args[0])
         if what == "create":
             image, command, mounts, options = args
             remove_named(self.client, options["name"])
@@ -240,15 +240,9 @@ class _Helper:
     def abandon(self) -> None:
         """Remove a container this process asked for but never asked to start."""
         if self.container is not None and not self.started:
-            from runner.adapters.docker_engine import remove_container
+            from runner.adapters.docker_engine import log, remove_container
 
-            remove_container(self.container, _quiet_log())
-
-
-def _quiet_log() -> Any:
-    import logging
-
-    return logging.getLogger("evalrun.backend.docker")
+            remove_container(self.container, log)
 
 
 def _serve(requests: int, replies: int) -> int:

@@ -129,16 +129,15 @@ def create_container(
     return client.containers.create(image, command, mounts=binds, detach=True, **options)
 
 
-def image_id(client: Any, ref: str, *, pull: bool) -> str | None:
-    """The engine's ID of the image ``ref``; one it does not have is pulled first when
-    ``pull`` (then None: the run's container says which image it got)."""
+def image_id(client: Any, ref: str) -> str | None:
+    """The engine's ID of the image ``ref``; one it does not have is pulled (then None: the
+    run's container says which image it got)."""
     try:
         with translated(f"inspect {ref}"):
             found: str = client.images.get(ref).id
             return found
     except EvalrunError:
-        if not pull:
-            raise
+        pass
     repo, digest = ref.split("@", 1)
     log.info("pulling image", extra={"event": "image_pull", "image": ref})
     docker_call(f"pull {ref}", lambda: client.api.pull(repo, tag=digest))

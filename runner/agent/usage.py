@@ -397,8 +397,9 @@ class UsageVerifier:
         for name in names:
             if not name.endswith(".paths"):
                 continue
-            if live and name[: -len(".paths")].isdigit():
-                self.submit(mapped_files(f"/proc/{name[: -len('.paths')]}/maps"))
+            pid = name.removesuffix(".paths")
+            if live and pid.isdigit():
+                self.submit(mapped_files(f"/proc/{pid}/maps"))
             path = self.trace_dir / name
             offset = self._offsets.get(name, 0)
             with contextlib.suppress(OSError), path.open("rb") as fh:

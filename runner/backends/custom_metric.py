@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-import docker.types
-
 from runner.adapters.docker_engine import (
     connect,
+    create_container,
     docker_call,
     remove_container,
+    remove_named,
     runtimes,
     translated,
 )
@@ -344,24 +344,12 @@ class CustomMetricSandbox:
 
     def _run(self, policy: ContainerPolicy, timeout_s: int) -> DriverReply:
         client = self.client
-        try:
-            with translated("remove stale container"):
-                client.containers.get(policy.name).remove(force=True)
-        except EvalrunError:
-            pass  # absent: the usual case
-        mounts = [
-            docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
-            for m in policy.mounts
-        ]
+        remove_named(client, policy.name)
+        mounts = [(m.target, m.source, m.read_only) for m in policy.mounts]
+        options = dict(policy.engine_options())
         container = docker_call(
             "create custom metric container",
-            lambda: client.containers.create(
-                policy.image,
-                list(policy.command),
-                mounts=mounts,
-                detach=True,
-                **policy.engine_options(),
-            ),
+            lambda: create_container(client, policy.image, list(policy.command), mounts, options),
         )
         try:
             docker_call("start container", container.start, retries=False)

@@ -108,7 +108,7 @@ class DockerBackend:
                 hint="use --backend kubernetes for GPU Jobs",
             )
         if early is None:
-            found = image_id(self.client, plan.image_ref, pull=True)
+            found = image_id(self.client, plan.image_ref)
         if found is not None:
             self._image_ids[plan.image_ref] = found
 
@@ -134,12 +134,13 @@ class DockerBackend:
                     "create", policy.image, list(policy.command), mounts, options
                 )
 
+                container = _Pending(self, container_id)
+
                 def start() -> Any:
                     early.ask("start")
                     # the SDK imported once the sandbox is up: its start takes both cores
-                    return self.client.containers.prepare_model({"Id": container_id})
+                    return _Pending.resolve(container)
 
-                container = _Pending(self, container_id)
             else:
                 from runner.adapters.docker_engine import (
                     create_container,
