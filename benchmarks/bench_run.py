@@ -11,7 +11,7 @@ Prints one JSON line; medians of N runs, measured in one go: first one run of ea
 counted), then N rounds of raw / raw under limits / evalrun in alternating order, then the
 N full checks. Goal: added ≤ 0.5 s.
 
-    python benchmarks/bench_run.py [--repeats 3]
+    python benchmarks/bench_run.py [--repeats 3] [--skip-full]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -43,6 +44,8 @@ def _timed(cmd: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-full", action="store_true",
+                        help="leave out the --verify-rootfs full runs (a quicker look)")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="evalrun-bench-")
     # evalrun's own modules with their bytecode cached, as an installed copy has them (pip
@@ -70,6 +73,10 @@ def main() -> None:
     limits = ["--cpus", str(res["cpus"]), "--memory", f"{res['memory_mib']}m",
               "--pids-limit", str(res["pids"])]
     preflight, tail, full_check = [], [], []
+    phases: dict[str, list[float]] = {}
+    # this machine's speed, before and after: the same commit measured 0.83 s raw on one
+    # session's machine and 1.79 s on another's, so a ratio needs its machine next to it
+    calibration = [_cpu_reference()]
 
     def raw_run(limited: bool) -> float:
         with tempfile.TemporaryDirectory() as out:
@@ -88,10 +95,13 @@ def main() -> None:
             return _timed(raw, env)
 
     def evalrun_run() -> float:
+        begun = time.time()
         took = _timed([*EVALRUN, "run", str(spec), "--rerun", "--json"], env)
         events = _events(home)
         preflight.append(events["preflight_rootfs"]["duration_s"])
         tail.append(events["rootfs_verified"]["ts"] - events["metrics_done"]["ts"])
+        for name, value in _phases(home, events, begun, begun + took).items():
+            phases.setdefault(name, []).append(value)
         return took
 
     # One of each first, not counted: the first run after the lock pays one-off costs
@@ -100,6 +110,7 @@ def main() -> None:
     evalrun_run()
     preflight.clear()
     tail.clear()
+    phases.clear()
     # Then the rounds, raw and evalrun in alternating order, before any full check: those
     # keep both cores busy for tens of seconds and would slow whatever follows them.
     for round_ in range(args.repeats):
@@ -110,15 +121,17 @@ def main() -> None:
         ]
         for step in steps if round_ % 2 == 0 else reversed(steps):
             step()
-    for _ in range(args.repeats):
+    for _ in range(0 if args.skip_full else args.repeats):
         full_times.append(_timed([*EVALRUN, "run", str(spec), "--rerun", "--json",
                                   "--verify-rootfs", "full"], env))
         full_check.append(_events(home)["rootfs_verified"]["duration_s"])
+    calibration.append(_cpu_reference())
     raw_med = statistics.median(raw_times)
     evalrun_med = statistics.median(evalrun_times)
     print(json.dumps({
         "benchmark": "run_overhead",
         "machine": f"{os.cpu_count()} cores, shared with other work",
+        "cpu_reference_s": [round(c, 3) for c in calibration],
         "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "repeats": args.repeats,
         "raw_docker_runsc_s": round(raw_med, 3),
@@ -131,17 +144,64 @@ def main() -> None:
         "goal_added_le_0.5s": evalrun_med - raw_med <= 0.5,
         "of_which_rootfs_preflight_s": round(statistics.median(preflight), 3),
         "rootfs_check_tail_after_metrics_s": round(statistics.median(tail), 3),
-        "evalrun_run_verify_full_s": round(statistics.median(full_times), 3),
-        "added_verify_full_s": round(statistics.median(full_times) - raw_med, 3),
-        "full_check_alongside_evaluation_s": round(statistics.median(full_check), 3),
+        "evalrun_run_verify_full_s": _median(full_times),
+        "added_verify_full_s": _median([t - raw_med for t in full_times]),
+        "full_check_alongside_evaluation_s": _median(full_check),
+        # where evalrun's wall time goes, one after the other (medians of each phase)
+        "evalrun_phases_s": {k: round(statistics.median(v), 3) for k, v in phases.items()},
     }))
     shutil.rmtree(home, ignore_errors=True)
 
 
+def _cpu_reference() -> float:
+    """Seconds this machine takes for a fixed pure-Python loop (10⁷ additions): how fast the
+    host is while the benchmark runs, to set one session's seconds next to another's."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(10_000_000):
+        total += i
+    return time.perf_counter() - t0
+
+
+def _median(values: list[float]) -> float | None:
+    """The median, rounded; None for what was not measured (--skip-full)."""
+    return round(statistics.median(values), 3) if values else None
+
+
+def _phases(home: str, events: dict[str, dict], begun: float, ended: float) -> dict[str, float]:
+    """The last run's wall time in consecutive phases, from the bench's clock, the agent's
+    events and the bundle's container timestamps (milliseconds): the runner up to the
+    sandbox's start request (spec, lock, inputs, plan, container created), the sandbox's
+    start and the agent's boot up to its first check, the preflight, the evaluation, the
+    agent after it (point metrics, the check of the files used), the sandbox's exit and
+    inspection, and the runner after it (recomputation, sealing, signing, storing)."""
+    statement = json.loads(_last_run(home).joinpath("statement.json").read_text())
+    stamps = statement["predicate"]["timestamps"]
+    started = _epoch(stamps["container_started"])
+    finished = _epoch(stamps["container_finished"])
+    first_check = events["preflight_rootfs"]["ts"] - events["preflight_rootfs"]["duration_s"]
+    return {
+        "runner_until_sandbox_start": started - begun,
+        "sandbox_start_and_agent_boot": first_check - started,
+        "agent_preflight": events["preflight_done"]["duration_s"],
+        "evaluation": events["evaluation_end"]["duration_s"],
+        "agent_after_evaluation": events["rootfs_verified"]["ts"] - events["evaluation_end"]["ts"],
+        "sandbox_exit_and_inspect": finished - events["rootfs_verified"]["ts"],
+        "runner_after_sandbox": ended - finished,
+    }
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def _last_run(home: str) -> Path:
+    return max(Path(home, "bundles").iterdir(), key=lambda p: p.stat().st_mtime)
+
+
 def _events(home: str) -> dict[str, dict]:
     """The last run's agent events, by name."""
-    runs = sorted(Path(home, "bundles").iterdir(), key=lambda p: p.stat().st_mtime)
-    lines = Path(runs[-1], "results", "logs", "events.jsonl").read_text().splitlines()
+    lines = Path(_last_run(home), "results", "logs", "events.jsonl").read_text().splitlines()
     return {e["event"]: e for e in map(json.loads, lines)}
 
 
