@@ -35,13 +35,22 @@ if TYPE_CHECKING:
     from runner.adapters.docker_early import EarlyEngine
 
 # The Docker SDK (and requests with it, ~70 ms) is imported by the first method that talks
-# to the engine, not with this module: with an EarlyEngine that is after the run's
-# container was created, while its sandbox starts.
+# to the engine, not with this module: with an EarlyEngine that is once the helper has
+# started the run's container, while the agent boots in it (not before the start: the
+# import would delay it).
 
 log = logging.getLogger("evalrun.backend.docker")
 
 # Extra wall-clock allowance on top of the evaluation timeout, for the agent's preflight.
 PREFLIGHT_ALLOWANCE_S = 120
+
+
+def _translated(what: str) -> contextlib.AbstractContextManager[None]:
+    """:func:`runner.adapters.docker_engine.translated`, imported (with the SDK) when a run
+    first needs it: after its container has started."""
+    from runner.adapters.docker_engine import translated
+
+    return translated(what)
 
 
 def _now() -> str:
@@ -215,8 +224,6 @@ class DockerBackend:
     ) -> tuple[Any, BackendResult]:
         """Start the created ``container`` (``start`` returns it, as this process's SDK
         object), follow it to its end and inspect it; returns it with the result."""
-        from runner.adapters.docker_engine import translated
-
         started = _now()
         t0 = time.monotonic()
         timed_out = interrupted = False
@@ -235,16 +242,16 @@ class DockerBackend:
                 on_start()
             deadline = plan.timeout_s + PREFLIGHT_ALLOWANCE_S
             try:
-                with translated("wait for container"):
+                with _translated("wait for container"):
                     status = container.wait(timeout=deadline)
                 exit_code = int(status.get("StatusCode", -1))
             except EvalrunError:
                 # requests' read timeout surfaces as unreachable; check what really happened.
-                with translated("inspect container"):
+                with _translated("inspect container"):
                     container.reload()
                 if container.status == "running":
                     timed_out = True
-                    with translated("kill container"):
+                    with _translated("kill container"):
                         container.kill()
                 else:
                     raise
@@ -260,7 +267,7 @@ class DockerBackend:
         if follower is not None:
             follower.join(5.0)
         relay.close()
-        with translated("inspect container"):
+        with _translated("inspect container"):
             container.reload()
             attrs = container.attrs
             image_id = (

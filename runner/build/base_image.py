@@ -33,6 +33,16 @@ from runner.model.lock import LockedBase
 
 Progress = Callable[[str], None]
 OCI_TAG = "oci2"  # bump when the assembly changes, so old tags are not reused
+# bump when the way mmdebstrap is run changes (its tar, cached by this name, changes with it)
+TAR_TAG = "t2"
+# The environment of mmdebstrap and every maintainer script it runs. SOURCE_DATE_EPOCH
+# (the recipe's) clamps the files' times and makes py3compile write hash-based bytecode.
+# PYTHONDONTWRITEBYTECODE keeps the import system from writing bytecode of its own: the
+# modules Python imports while packages are configured (py3compile's own debpython, the
+# _distutils_hack every start loads) otherwise got, in some builds and not others,
+# timestamp-based bytecode written on import instead of py3compile's, and a base rebuilt
+# from scratch differed from the locked one in those six files.
+BUILD_ENV = {"PYTHONDONTWRITEBYTECODE": "1"}
 PACKAGES_ANNOTATION = "org.evalrun.base.packages"
 
 
@@ -70,11 +80,11 @@ def load_recipe(name: str, images_dir: Path = IMAGES_DIR) -> tuple[BaseRecipe, s
 
 
 def base_tag(recipe: BaseRecipe, recipe_sha: str) -> str:
-    return f"{recipe.name}-{recipe_sha[:16]}-{OCI_TAG}"
+    return f"{recipe.name}-{recipe_sha[:16]}-{TAR_TAG}-{OCI_TAG}"
 
 
 def base_tar_path(recipe: BaseRecipe, recipe_sha: str, settings: Settings) -> Path:
-    return settings.base_cache / f"{recipe.name}-{recipe_sha[:16]}.tar"
+    return settings.base_cache / f"{recipe.name}-{recipe_sha[:16]}-{TAR_TAG}.tar"
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,7 @@ def build_base_tar(recipe: BaseRecipe, dest: Path, progress: Progress = _noop) -
     cmd += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_path_includes]
     cmd += [recipe.suite, str(partial), recipe.mirror]
     progress(f"building base image {recipe.name} with mmdebstrap (about a minute)")
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(recipe.source_date_epoch)}
+    env = {**os.environ, **BUILD_ENV, "SOURCE_DATE_EPOCH": str(recipe.source_date_epoch)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
