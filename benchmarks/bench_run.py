@@ -53,17 +53,7 @@ def main() -> None:
     # modules in every process (~0.13 s CPU) that no installed evalrun pays
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["EVALRUN_HOME"] = home
-    # a copy of the example: the lock is written next to the spec, never into the checkout
-    example = Path(home) / "digits"
-    shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("eval.lock.json"))
-    spec = example / "eval.yaml"
-    spec.write_text(spec.read_text().replace(
-        "template: ../../images/python-eval.Dockerfile.j2",
-        f"template: {ROOT / 'images' / 'python-eval.Dockerfile.j2'}",
-    ))
-    # evalrun never creates a signing key without a terminal: make this store's key first
-    subprocess.run([*EVALRUN, "keys", "generate"], check=True, env=env, capture_output=True)
-    subprocess.run([*EVALRUN, "lock", str(spec)], check=True, env=env, capture_output=True)
+    spec = locked_example(home, env)
     lock = json.loads(spec.with_name("eval.lock.json").read_text())
     ref = lock["image"]["ref"]
     here = spec.parent
@@ -151,6 +141,22 @@ def main() -> None:
         "evalrun_phases_s": {k: round(statistics.median(v), 3) for k, v in phases.items()},
     }))
     shutil.rmtree(home, ignore_errors=True)
+
+
+def locked_example(home: str, env: dict[str, str]) -> Path:
+    """examples/digits copied into ``home`` and locked there (the lock is written next to
+    the spec, never into the checkout), with the store's signing key made; its spec."""
+    example = Path(home) / "digits"
+    shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("eval.lock.json"))
+    spec = example / "eval.yaml"
+    spec.write_text(spec.read_text().replace(
+        "template: ../../images/python-eval.Dockerfile.j2",
+        f"template: {ROOT / 'images' / 'python-eval.Dockerfile.j2'}",
+    ))
+    # evalrun never creates a signing key without a terminal: make this store's key first
+    subprocess.run([*EVALRUN, "keys", "generate"], check=True, env=env, capture_output=True)
+    subprocess.run([*EVALRUN, "lock", str(spec)], check=True, env=env, capture_output=True)
+    return spec
 
 
 def _cpu_reference() -> float:

@@ -1,0 +1,91 @@
+"""Interleaved A/B of `evalrun run` (digits) between two versions of the runner.
+
+On a shared machine the seconds of one benchmark run move by ±0.25 s from one run to the
+next, so a change of a tenth of a second shows only in runs of both versions taken in
+turns, in alternating order, and compared pair by pair. ``A`` is a git revision (checked
+out in a temporary worktree), ``B`` the working tree; both run the same locked copy of
+examples/digits in one store (the agent image is built from ``B``'s checkout, so the
+runner is what differs, not the image). Prints one JSON line: each side's median wall
+time and phases (as ``bench_run.py`` measures them) and the paired differences B - A.
+
+    python benchmarks/ab_run.py REV [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("rev", help="the A side: a git revision of this checkout")
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+    home = tempfile.mkdtemp(prefix="evalrun-ab-")
+    worktree = Path(home) / "a"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(worktree),
+                    args.rev], check=True)
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["EVALRUN_HOME"] = home
+        spec = bench_run.locked_example(home, env)
+        sides = {"a": worktree, "b": ROOT}
+        walls: dict[str, list[float]] = {"a": [], "b": []}
+        phases: dict[str, dict[str, list[float]]] = {"a": {}, "b": {}}
+
+        def one(side: str) -> None:
+            run_env = dict(env, PYTHONPATH=str(sides[side]))
+            begun = time.time()
+            subprocess.run([sys.executable, "-m", "runner.cli", "run", str(spec), "--rerun",
+                            "--json"], cwd=sides[side], env=run_env, check=True,
+                           capture_output=True)
+            took = time.time() - begun
+            walls[side].append(took)
+            events = bench_run._events(home)
+            for name, value in bench_run._phases(home, events, begun, begun + took).items():
+                phases[side].setdefault(name, []).append(value)
+
+        one("a")  # one of each first, not counted (first-process costs)
+        one("b")
+        for side in walls:
+            walls[side].clear()
+            phases[side].clear()
+        for round_ in range(args.rounds):
+            for side in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
+                one(side)
+        paired = [b - a for a, b in zip(walls["a"], walls["b"], strict=True)]
+        print(json.dumps({
+            "benchmark": "run_ab",
+            "a": args.rev,
+            "b": "working tree",
+            "rounds": args.rounds,
+            "cpu_reference_s": round(bench_run._cpu_reference(), 3),
+            "wall_s": {s: round(statistics.median(v), 3) for s, v in walls.items()},
+            "paired_b_minus_a_s": {"median": round(statistics.median(paired), 3),
+                                   "mean": round(statistics.mean(paired), 3)},
+            "phases_s": {s: {k: round(statistics.median(v), 3) for k, v in p.items()}
+                         for s, p in phases.items()},
+        }))
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
+                       check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
