@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,33 +39,25 @@ def main() -> None:
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(worktree),
                     args.rev], check=True)
     try:
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        env["EVALRUN_HOME"] = home
+        env = bench_run.bench_env(home)
         spec = bench_run.locked_example(home, env)
         sides = {"a": worktree, "b": ROOT}
         walls: dict[str, list[float]] = {"a": [], "b": []}
         phases: dict[str, dict[str, list[float]]] = {"a": {}, "b": {}}
 
-        def one(side: str) -> None:
+        def one(side: str) -> tuple[float, dict[str, float]]:
             run_env = dict(env, PYTHONPATH=str(sides[side]))
-            begun = time.time()
-            subprocess.run([sys.executable, "-m", "runner.cli", "run", str(spec), "--rerun",
-                            "--json"], cwd=sides[side], env=run_env, check=True,
-                           capture_output=True)
-            took = time.time() - begun
-            walls[side].append(took)
-            events = bench_run._events(home)
-            for name, value in bench_run._phases(home, events, begun, begun + took).items():
-                phases[side].setdefault(name, []).append(value)
+            took, _events, run_phases = bench_run.measured_run(spec, home, run_env, sides[side])
+            return took, run_phases
 
         one("a")  # one of each first, not counted (first-process costs)
         one("b")
-        for side in walls:
-            walls[side].clear()
-            phases[side].clear()
         for round_ in range(args.rounds):
             for side in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
-                one(side)
+                took, run_phases = one(side)
+                walls[side].append(took)
+                for name, value in run_phases.items():
+                    phases[side].setdefault(name, []).append(value)
         paired = [b - a for a, b in zip(walls["a"], walls["b"], strict=True)]
         print(json.dumps({
             "benchmark": "run_ab",

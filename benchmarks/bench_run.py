@@ -48,11 +48,7 @@ def main() -> None:
                         help="leave out the --verify-rootfs full runs (a quicker look)")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="evalrun-bench-")
-    # evalrun's own modules with their bytecode cached, as an installed copy has them (pip
-    # compiles at install); a checkout under PYTHONDONTWRITEBYTECODE would compile ~130
-    # modules in every process (~0.13 s CPU) that no installed evalrun pays
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["EVALRUN_HOME"] = home
+    env = bench_env(home)
     spec = locked_example(home, env)
     lock = json.loads(spec.with_name("eval.lock.json").read_text())
     ref = lock["image"]["ref"]
@@ -85,12 +81,10 @@ def main() -> None:
             return _timed(raw, env)
 
     def evalrun_run() -> float:
-        begun = time.time()
-        took = _timed([*EVALRUN, "run", str(spec), "--rerun", "--json"], env)
-        events = _events(home)
+        took, events, run_phases = measured_run(spec, home, env)
         preflight.append(events["preflight_rootfs"]["duration_s"])
         tail.append(events["rootfs_verified"]["ts"] - events["metrics_done"]["ts"])
-        for name, value in _phases(home, events, begun, begun + took).items():
+        for name, value in run_phases.items():
             phases.setdefault(name, []).append(value)
         return took
 
@@ -141,6 +135,30 @@ def main() -> None:
         "evalrun_phases_s": {k: round(statistics.median(v), 3) for k, v in phases.items()},
     }))
     shutil.rmtree(home, ignore_errors=True)
+
+
+def bench_env(home: str) -> dict[str, str]:
+    """The environment of every evalrun the benchmarks start, with ``home`` as its store.
+
+    evalrun's own modules with their bytecode cached, as an installed copy has them (pip
+    compiles at install); a checkout under PYTHONDONTWRITEBYTECODE would compile ~130
+    modules in every process (~0.13 s CPU) that no installed evalrun pays."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["EVALRUN_HOME"] = home
+    return env
+
+
+def measured_run(
+    spec: Path, home: str, env: dict[str, str], cwd: Path | None = None
+) -> tuple[float, dict[str, dict], dict[str, float]]:
+    """``evalrun run SPEC --rerun`` once (from ``cwd``): its wall time, its agent's events
+    by name, and its phases (:func:`_phases`)."""
+    begun = time.time()
+    subprocess.run([*EVALRUN, "run", str(spec), "--rerun", "--json"], check=True, env=env,
+                   cwd=cwd, capture_output=True)
+    took = time.time() - begun
+    events = _events(home)
+    return took, events, _phases(home, events, begun, begun + took)
 
 
 def locked_example(home: str, env: dict[str, str]) -> Path:
