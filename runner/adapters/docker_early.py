@@ -11,6 +11,11 @@ the same translation and retries): the runtimes, the image, create the run's con
 start it. Then it exits. This process imports the SDK once the container exists, while
 the sandbox starts, and takes the container over (output, wait, inspect, removal).
 
+With an :class:`~runner.adapters.docker_ahead.AheadKey` (``--rerun``), the helper first
+starts the sandbox the last run of the same spec and lock asked for, its agent waiting for
+a plan, and hands it over on ``create`` only when this run's request is the same
+(:mod:`runner.adapters.docker_ahead`); otherwise it removes it and creates this run's.
+
 An error comes back as the evalrun error the same call raises here (its class, message,
 fields), an unexpected one as an internal error. A container the helper created but was
 never asked to start (this process stopped in between) is removed by the helper. The
@@ -26,15 +31,26 @@ import atexit
 import contextlib
 import os
 import pickle
+import shutil
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
+from runner.adapters.docker_ahead import (
+    ADOPT_WITHIN_S,
+    PLAN_WAIT_S,
+    Ahead,
+    AheadKey,
+    Request,
+)
 from runner.errors import EvalrunError, InfrastructureError
+from runner.shared.protocol import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID
 
 _LENGTH = struct.Struct(">I")
 # what a request or reply may hold: a container's options and mounts, an error's fields
@@ -44,18 +60,23 @@ _MAX_MESSAGE = 16 << 20
 class EarlyEngine:
     """This process's end of the helper (:meth:`fork`)."""
 
-    def __init__(self, pid: int, requests: int, replies: int) -> None:
+    def __init__(self, pid: int, requests: int, replies: int, key: AheadKey | None) -> None:
         self.pid = pid
         self._requests = requests
         self._replies = replies
         self._closed = False
         self._lock = threading.Lock()
-        self.created = False  # asked to create a container: never killed from then on
+        self.key = key
+        # asked to create a container, or may have started one ahead: never killed from then
+        # on (it removes what it made and this process did not take over)
+        self.created = key is not None and key.speculate
 
     @classmethod
-    def fork(cls) -> EarlyEngine | None:
+    def fork(cls, key: AheadKey | None = None) -> EarlyEngine | None:
         """The helper, started; None where it cannot be (no ``fork``, or threads already
-        running: a fork copies none of them, and a lock one of them holds stays held)."""
+        running: a fork copies none of them, and a lock one of them holds stays held).
+        ``key``: where this run's request is stored, and whether the helper may start the
+        last one's sandbox ahead."""
         if not hasattr(os, "fork") or threading.active_count() > 1:
             return None
         requests_r, requests_w = os.pipe()
@@ -69,12 +90,12 @@ class EarlyEngine:
             try:
                 os.close(requests_w)
                 os.close(replies_r)
-                code = _serve(requests_r, replies_w)
+                code = _serve(requests_r, replies_w, key)
             finally:
                 os._exit(code)  # none of this process's exit handlers, buffers or files
         os.close(requests_r)
         os.close(replies_w)
-        engine = cls(pid, requests_w, replies_r)
+        engine = cls(pid, requests_w, replies_r, key)
         atexit.register(engine.close)
         return engine
 
@@ -110,6 +131,17 @@ class EarlyEngine:
             self.send(*request)
             return self.receive()
 
+    def remember(self, request: Request, *, lock_digest: str, attempt: int, made: Made) -> None:
+        """Store this run's ``request`` for the next run of the same bytes (nothing without
+        a key)."""
+        if self.key is not None:
+            self.key.remember(
+                request,
+                lock_digest=lock_digest,
+                attempt=attempt,
+                waits=made.ahead != "not_waiting",
+            )
+
     def close(self) -> None:
         """Let the helper go and reap it. One that made no container is stopped at once (it
         may still be waiting for an engine that does not answer); one that did is given a
@@ -131,6 +163,26 @@ class EarlyEngine:
                     os.waitpid(self.pid, 0)
                     return
                 time.sleep(0.01)
+
+
+class Made:
+    """The helper's answer to ``create``: the container, and for one started ahead and
+    handed over, its plan folder (write plan.json there) and results folder."""
+
+    def __init__(
+        self,
+        container_id: str,
+        *,
+        ahead: str | None = None,
+        plan_dir: str | None = None,
+        results_dir: str | None = None,
+    ) -> None:
+        self.container_id = container_id
+        # None (none was started ahead), "adopted", "different" (this run asked for another
+        # container) or "not_waiting" (its agent had stopped waiting for a plan)
+        self.ahead = ahead
+        self.plan_dir = Path(plan_dir) if plan_dir else None
+        self.results_dir = Path(results_dir) if results_dir else None
 
 
 def _write(fd: int, message: object) -> None:
@@ -186,6 +238,8 @@ class _Helper:
         self.failure: BaseException | None = None
         self.container: Any = None
         self.started = False
+        self.ahead: _Started | None = None
+        self.removals: list[threading.Thread] = []
 
     def connect(self) -> None:
         try:
@@ -225,34 +279,131 @@ class _Helper:
             return image_id(self.client, args[0])
         if what == "create":
             image, command, mounts, options = args
+            request = Request(image, tuple(command), tuple(tuple(m) for m in mounts), options)
+            outcome = self._take_ahead(request) if self.ahead is not None else None
+            if outcome == "adopted":
+                assert self.ahead is not None
+                self.container = self.ahead.container
+                return Made(
+                    self.container.id,
+                    ahead=outcome,
+                    plan_dir=str(self.ahead.plan_dir),
+                    results_dir=str(self.ahead.results_dir),
+                )
             remove_named(self.client, options["name"])
             self.container = docker_call(
                 "create container",
                 lambda: create_container(self.client, image, command, mounts, options),
             )
-            return self.container.id
+            return Made(self.container.id, ahead=outcome)
         if what == "start":
             self.started = True  # this process owns it now, started or not
-            docker_call("start container", self.container.start, retries=False)
+            if self.ahead is None or self.container is not self.ahead.container:
+                docker_call("start container", self.container.start, retries=False)
             return None
         raise ValueError(f"unknown request {what!r}")
 
+    def start_ahead(self, ahead: Ahead) -> None:
+        """Create and start ``ahead``'s sandbox, its agent waiting for a plan; nothing (and
+        nothing left behind) where that fails: the run then goes as it would without."""
+        if self.failure is not None or ahead.request.options["runtime"] not in self.runtimes:
+            return
+        from runner.adapters.docker_engine import create_container, remove_named
+
+        plan_dir = Path(tempfile.mkdtemp(prefix="evalrun-plan-"))
+        results_dir = Path(tempfile.mkdtemp(prefix="evalrun-results-"))
+        started = _Started(None, plan_dir, results_dir, ahead.request, time.monotonic())
+        try:
+            plan_dir.chmod(0o755)
+            os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
+            sources = {PLAN_MOUNT: str(plan_dir), RESULTS_MOUNT: str(results_dir)}
+            mounts = [
+                (target, sources.get(target) or str(source), read_only)
+                for target, source, read_only in ahead.request.mounts
+            ]
+            command = [*ahead.request.command, "--plan-wait", str(PLAN_WAIT_S)]
+            remove_named(self.client, ahead.request.options["name"])
+            started.container = create_container(
+                self.client, ahead.request.image, command, mounts, ahead.request.options
+            )
+            started.container.start()
+            started.at = time.monotonic()
+        except Exception:
+            self._remove(started)
+            return
+        self.ahead = started
+
+    def _take_ahead(self, request: Request) -> str:
+        """Hand over the sandbox started ahead if ``request`` is the one it was started
+        from and its agent still waits for a plan ("adopted"); otherwise remove it, on a
+        thread while this run's own container is made unless it has that container's name
+        ("different", "not_waiting")."""
+        ahead = self.ahead
+        assert ahead is not None
+        outcome = "different"
+        if request.normalized() == ahead.request.normalized():
+            outcome = "not_waiting"
+            if time.monotonic() - ahead.at < ADOPT_WITHIN_S:
+                with contextlib.suppress(Exception):
+                    ahead.container.reload()
+                    if ahead.container.status == "running":
+                        return "adopted"
+        self.ahead = None
+        if ahead.request.options["name"] == request.options["name"]:
+            self._remove(ahead)  # the name is this run's container's: free it first
+        else:
+            removal = threading.Thread(target=self._remove, args=(ahead,))
+            removal.start()
+            self.removals.append(removal)
+        return outcome
+
+    def _remove(self, started: _Started) -> None:
+        from runner.adapters.docker_engine import log, remove_container
+
+        if started.container is not None:
+            remove_container(started.container, log)
+        for folder in (started.plan_dir, started.results_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+
     def abandon(self) -> None:
-        """Remove a container this process asked for but never asked to start."""
-        if self.container is not None and not self.started:
+        """Remove a container this process asked for but never asked to start, and one
+        started ahead that it did not take over."""
+        if self.ahead is not None and (
+            self.container is not self.ahead.container or not self.started
+        ):
+            self._remove(self.ahead)
+        elif self.container is not None and not self.started:
             from runner.adapters.docker_engine import log, remove_container
 
             remove_container(self.container, log)
+        for removal in self.removals:
+            removal.join()
 
 
-def _serve(requests: int, replies: int) -> int:
+class _Started:
+    """A sandbox started ahead: its container, plan and results folders, request, start."""
+
+    def __init__(
+        self, container: Any, plan_dir: Path, results_dir: Path, request: Request, at: float
+    ) -> None:
+        self.container = container
+        self.plan_dir = plan_dir
+        self.results_dir = results_dir
+        self.request = request
+        self.at = at
+
+
+def _serve(requests: int, replies: int, key: AheadKey | None) -> int:
     # Ctrl-C, or a stop sent to the whole process group, is this process's parent's to
     # handle: it then lets the helper remove a container it never started (or kills it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     helper = _Helper()
+    ahead = key.ahead() if key is not None else None
     helper.connect()
     try:
+        if ahead is not None:
+            helper.start_ahead(ahead)
         while (request := _read(requests)) is not None:
             _write(replies, helper.handle(request))
             if request[0] == "start":

@@ -427,6 +427,13 @@ def _parser() -> Any:
         action="store_true",
         help="also write the results as a framed, checksummed tar on stdout",
     )
+    p_run.add_argument(
+        "--plan-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the plan to appear (a sandbox started before its plan)",
+    )
     sub.add_parser("rootfs-digest", help="print the rootfs content digest of this container")
     sub.add_parser("rootfs-table", help="print the rootfs digest table of this container")
     p_emit = sub.add_parser(
@@ -446,14 +453,15 @@ class _RunArgs:
 
     command = "run"
 
-    def __init__(self, plan: Path, results: Path, emit_results: bool) -> None:
+    def __init__(self, plan: Path, results: Path, emit_results: bool, plan_wait: float) -> None:
         self.plan, self.results, self.emit_results = plan, results, emit_results
+        self.plan_wait = plan_wait
 
 
 def _run_args(argv: Sequence[str]) -> _RunArgs | None:
     """The arguments of a ``run`` command line as the backends write it (``run`` with
-    ``--plan P``, ``--results R``, ``--emit-results``, each at most once, in any order);
-    None for anything else, which argparse reads.
+    ``--plan P``, ``--results R``, ``--plan-wait S``, ``--emit-results``, each at most once,
+    in any order); None for anything else, which argparse reads.
 
     Building argparse's parser costs ~15 ms under gVisor (gettext looks for a translation
     of every help text, each look a few file system calls through the sandbox) and
@@ -467,16 +475,31 @@ def _run_args(argv: Sequence[str]) -> _RunArgs | None:
         flag = rest.pop(0)
         if flag == "--emit-results" and not emit:
             emit = True
-        elif flag in ("--plan", "--results") and flag not in values and rest:
+        elif flag in ("--plan", "--results", "--plan-wait") and flag not in values and rest:
             value = rest.pop(0)
             if not value or value.startswith("-"):
                 return None
             values[flag] = value
         else:
             return None
+    wait = values.get("--plan-wait", "0")
+    if not wait.isdigit():
+        return None  # argparse says what is wrong with it
     return _RunArgs(
-        Path(values.get("--plan", PLAN_FILE)), Path(values.get("--results", RESULTS_MOUNT)), emit
+        Path(values.get("--plan", PLAN_FILE)),
+        Path(values.get("--results", RESULTS_MOUNT)),
+        emit,
+        float(wait),
     )
+
+
+def _wait_for(plan: Path, seconds: float) -> None:
+    """Return once ``plan`` exists, or ``seconds`` from now. The runner that started this
+    sandbox ahead of its plan writes it whole, by a rename (runner.adapters.docker_ahead);
+    each look is one file system call through the sandbox."""
+    deadline = time.monotonic() + seconds
+    while not plan.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         return _emit_held(args.results)
     if args.command == "ack":
         return _ack(args.plan)
+    if args.plan_wait > 0:
+        _wait_for(args.plan, args.plan_wait)
     if not args.plan.is_file():
         print(f"agent: plan not found: {args.plan}", file=sys.stderr)
         return AgentExit.BAD_PLAN

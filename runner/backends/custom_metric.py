@@ -44,6 +44,7 @@ from runner.model.plan import SANDBOX_UID
 from runner.shared import custom_metric as driver
 from runner.shared.definitions import MetricDefinition
 from runner.shared.metrics import CiRecord
+from runner.shared.protocol import RUN_ID_LABEL
 
 log = logging.getLogger("evalrun.custom_metric")
 
@@ -104,7 +105,7 @@ def recompute_policy(
         memory_and_swap=memory,
         nano_cpus=int(cpus * 1e9),
         mounts=(BindMount(target=driver.MOUNT, source=str(mount_dir), read_only=True),),
-        labels={"org.evalrun.run-id": run_id, "org.evalrun.role": "custom-metric"},
+        labels={RUN_ID_LABEL: run_id, "org.evalrun.role": "custom-metric"},
     )
 
 

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner._internal.foreign import DockerObject
+from runner.adapters.docker_ahead import Request
 from runner.backends.docker_policy import RUNTIME_NAMES, container_policy
 from runner.backends.live import LineRelay, OutputSink
 from runner.errors import EnvironmentMismatch, EvalrunError
@@ -32,7 +34,7 @@ from runner.model.backend_details import InputMount
 from runner.model.plan import INPUTS_MOUNT, SANDBOX_UID, BackendResult, RunPlan
 
 if TYPE_CHECKING:
-    from runner.adapters.docker_early import EarlyEngine
+    from runner.adapters.docker_early import EarlyEngine, Made
 
 # The Docker SDK (and requests with it, ~70 ms) is imported by the first method that talks
 # to the engine, not with this module: with an EarlyEngine that is once the helper has
@@ -138,12 +140,20 @@ class DockerBackend:
             options = dict(policy.engine_options())
             container: Any
             start: Callable[[], Any]
+            ahead: Made | None = None
             if early is not None:
-                container_id = early.ask(
+                made: Made = early.ask(
                     "create", policy.image, list(policy.command), mounts, options
                 )
-
-                container = _Pending(self, container_id)
+                early.remember(
+                    Request(policy.image, policy.command, tuple(mounts), dict(options)),
+                    lock_digest=plan.lock_digest,
+                    attempt=plan.attempt,
+                    made=made,
+                )
+                container = _Pending(self, made.container_id)
+                if made.ahead == "adopted":  # started ahead, its agent waiting for a plan
+                    ahead = made
 
                 def start() -> Any:
                     early.ask("start")
@@ -172,13 +182,20 @@ class DockerBackend:
 
             collected = False
             try:
+                if ahead is not None:
+                    _hand_over(plan_path, ahead, results_dir)
                 container, result = self._run_container(container, start, plan, on_start)
                 # what the agent was handed: it reports the sha256 of what it read
                 result.details["plan_sha256"] = hashlib.sha256(plan_path.read_bytes()).hexdigest()
+                if ahead is not None:
+                    result.details["started_ahead"] = True
                 collected = True
                 return result
             finally:
                 from runner.adapters.docker_engine import remove_container
+
+                if ahead is not None:
+                    _take_back(ahead, results_dir)
 
                 if collected:
                     # All the run needs from the container is read: the engine removes it
@@ -324,6 +341,33 @@ class _Pending:
         if isinstance(container, _Pending):
             return container.backend.client.containers.prepare_model({"Id": container.container_id})
         return container
+
+
+def _hand_over(plan_path: Path, made: Made, results_dir: Path) -> None:
+    """Give the sandbox started ahead its plan (whole, by a rename: its agent waits for the
+    name), and make ``results_dir`` the folder it writes its results to, for as long as
+    it runs (a link: what watches ``results_dir`` meanwhile sees them)."""
+    assert made.plan_dir is not None and made.results_dir is not None
+    tmp = made.plan_dir / ".plan.json.part"
+    tmp.write_bytes(plan_path.read_bytes())
+    tmp.chmod(0o444)
+    tmp.rename(made.plan_dir / "plan.json")
+    results_dir.rmdir()  # made empty above
+    results_dir.symlink_to(made.results_dir, target_is_directory=True)
+
+
+def _take_back(made: Made, results_dir: Path) -> None:
+    """The results of a sandbox started ahead moved to ``results_dir`` itself (in place of
+    the link), and its plan folder removed."""
+    assert made.plan_dir is not None and made.results_dir is not None
+    if results_dir.is_symlink():
+        results_dir.unlink()
+        try:
+            made.results_dir.rename(results_dir)
+        except OSError:  # another file system (TMPDIR changed between the two processes)
+            shutil.move(made.results_dir, results_dir)
+    shutil.rmtree(made.plan_dir, ignore_errors=True)
+    shutil.rmtree(made.results_dir, ignore_errors=True)
 
 
 def _input_mounts(attrs: DockerObject) -> list[InputMount]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from runner.errors import InputError
 from runner.model.plan import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID, RunPlan
+from runner.shared.protocol import AGENT_RUN_COMMAND, RUN_ID_LABEL
 
 RUNTIME_NAMES = {"gvisor": "runsc", "runc": "runc"}
 """The Docker runtime that enforces each sandbox the spec may name."""
@@ -124,7 +125,7 @@ def container_policy(plan: RunPlan, *, plan_dir: Path, results_dir: Path) -> Con
     memory = f"{plan.memory_mib}m"
     return ContainerPolicy(
         image=plan.image_ref,
-        command=("run", "--plan", f"{PLAN_MOUNT}/plan.json", "--results", RESULTS_MOUNT),
+        command=AGENT_RUN_COMMAND,
         name=container_name(plan.run_id),
         runtime=RUNTIME_NAMES[plan.runtime],
         network_mode="none",
@@ -140,7 +141,7 @@ def container_policy(plan: RunPlan, *, plan_dir: Path, results_dir: Path) -> Con
         nano_cpus=int(plan.cpus * 1e9),
         mounts=tuple(mounts),
         labels={
-            "org.evalrun.run-id": plan.run_id,
+            RUN_ID_LABEL: plan.run_id,
             "org.evalrun.spec": plan.spec_name,
             "org.evalrun.lock-digest": plan.lock_digest,
         },

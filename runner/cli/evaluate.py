@@ -160,10 +160,21 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
     early = None
     if args.backend == "docker" and not args.detach:
         # the Docker SDK imported and the engine connected on the other core while this
-        # process reads the spec (runner.adapters.docker_early)
+        # process reads the spec (runner.adapters.docker_early); with --rerun it starts the
+        # sandbox the last run of the same spec and lock asked for, handed over only if
+        # this run asks for the same (runner.adapters.docker_ahead)
+        from runner.adapters.docker_ahead import AheadKey
         from runner.adapters.docker_early import EarlyEngine
+        from runner.bundle.store_paths import StorePaths
 
-        early = EarlyEngine.fork()
+        key = AheadKey.for_run(
+            settings.home,
+            StorePaths(settings.home).runs_dir,
+            Path(args.spec),
+            rerun=bool(args.rerun),
+            options=(f"verify_rootfs={args.verify_rootfs}",),
+        )
+        early = EarlyEngine.fork(key)
     try:
         return _run_with(args, settings, term, reports, early)
     finally:

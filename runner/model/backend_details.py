@@ -87,6 +87,9 @@ class BackendDetails(TypedDict, total=False):
     oom_killed: bool | None
     input_mounts: list[InputMount]
     removed_container: str | None
+    # the sandbox was started before the plan, from the last identical request, and handed
+    # over once this run's request was found equal (runner.adapters.docker_ahead)
+    started_ahead: bool
     # Kubernetes
     job: str
     namespace: str

@@ -22,8 +22,7 @@ from runner.shared.json_types import JSONObject
 from runner.shared.protocol import INPUTS_MOUNT as INPUTS_MOUNT
 from runner.shared.protocol import PLAN_MOUNT as PLAN_MOUNT
 from runner.shared.protocol import RESULTS_MOUNT as RESULTS_MOUNT
-
-SANDBOX_UID = 65532
+from runner.shared.protocol import SANDBOX_UID as SANDBOX_UID
 
 
 class PlanInputFile(BaseModel):

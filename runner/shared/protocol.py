@@ -31,6 +31,12 @@ PLAN_MOUNT = "/evalrun/plan"
 PLAN_FILE = f"{PLAN_MOUNT}/plan.json"
 INPUTS_MOUNT = "/evalrun/inputs"
 RESULTS_MOUNT = "/evalrun/results"
+SANDBOX_UID = 65532
+AGENT_RUN_COMMAND = ("run", "--plan", PLAN_FILE, "--results", RESULTS_MOUNT)
+"""The agent's command line in a Docker run's container (its entrypoint is the agent)."""
+RUN_ID_LABEL = "org.evalrun.run-id"
+"""The Docker label that names the run a container belongs to."""
+"""The unprivileged user (and group) the agent and the evaluation run as."""
 
 
 # --------------------------------------------------------------------------- exit codes

@@ -32,6 +32,7 @@ from runner.model.lock import LockedSpec
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, BackendResult, RunPlan
 from runner.model.spec import EvalSpec
+from runner.shared.run_ids import run_id_for
 from runner.workflows.custom_metrics import carry_files, custom_jobs
 from runner.workflows.inputs import TransferProgress
 from runner.workflows.run_judging import (
@@ -53,7 +54,6 @@ from runner.workflows.run_setup import (
     choose_attempt,
     load_locked,
     make_plan,
-    run_id_for,
     stage_run_files,
 )
 

@@ -3,7 +3,6 @@ carried and checked, the plan, and which attempt a run is."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,26 +16,13 @@ from runner.model.lock import LockedSpec, load_lock, lock_path_for
 from runner.model.outcome import Outcome
 from runner.model.plan import Backend, PlanInput, RunPlan
 from runner.model.spec import EvalSpec, load_spec
+from runner.shared.run_ids import run_id_for
 from runner.workflows.inputs import InputResolver, TransferProgress, WantedInput, host_inputs
 
 if TYPE_CHECKING:  # the predicate's models load while the run's sandbox runs (workflows.run)
     from runner.model.predicate import JsonObject, RunPredicate
 
 Progress = Callable[[str], None]
-
-
-def run_id_for(lock_digest: str, attempt: int, target: str | None = None) -> str:
-    """Deterministic run id: the same locked spec, attempt and target name the same run.
-
-    ``target`` is where the run runs beyond the embedded default (a backend's
-    ``run_target``, e.g. a cluster's API server and namespace); None — the local Docker
-    engine — keeps the id runs have always had there, so earlier runs are still found.
-    """
-    if target is None:
-        text = f"evalrun-run/v1\n{lock_digest}\n{attempt}"
-    else:
-        text = f"evalrun-run/v2\n{lock_digest}\n{attempt}\n{target}"
-    return f"r-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
 
 def backend_target(backend: Backend) -> str | None:
