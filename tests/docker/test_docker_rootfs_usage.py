@@ -81,6 +81,13 @@ def test_a_changed_file_the_evaluation_reads_fails_the_run_with_exit_3(
     pred = predicate_of(Path(out["bundle"]))  # signed, saying why
     assert pred["image"]["rootfs_check"]["passed"] is False
     assert pred["image"]["rootfs_check"]["failure_count"] == 1
+    # a rerun's sandbox started ahead of its runner (docker_ahead) is checked the same way
+    code, out = vcli.json("run", str(spec), "--rerun")
+    assert code == 3, out
+    assert "/app/evaluate.py" in out["reason"] and "differs from the image" in out["reason"]
+    pred = predicate_of(Path(out["bundle"]))
+    assert pred["sandbox"]["details"]["started_ahead"] is True
+    assert pred["image"]["rootfs_check"]["passed"] is False
 
 
 def test_a_changed_file_nothing_uses_passes_used_and_fails_full(vcli, locked_example, tmp_path):
