@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTEST=.venv/bin/pytest
+# a native abort at interpreter shutdown prints the Python stacks (one was seen after the kwok tier)
+export PYTHONFAULTHANDLER=1
 tiers=("$@")
 ((${#tiers[@]})) || tiers=(unit docker k8s kwok)
 status=0
