@@ -202,7 +202,6 @@ class AheadKey:
                 tmp.unlink(missing_ok=True)
                 raise
 
-
     def _taken(self, run_id: str) -> bool:
         return (self.runs / f"{run_id}.json").exists()
 

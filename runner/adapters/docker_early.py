@@ -60,9 +60,7 @@ _MAX_MESSAGE = 16 << 20
 class EarlyEngine:
     """This process's end of the helper (:meth:`fork`)."""
 
-    def __init__(
-        self, pid: int, requests: int, replies: int, key: AheadKey | None = None
-    ) -> None:
+    def __init__(self, pid: int, requests: int, replies: int, key: AheadKey | None = None) -> None:
         self.pid = pid
         self._requests = requests
         self._replies = replies
