@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from harness import PropertyViolated, scratch
+from seeds import sandbox_request
 
 from runner.adapters.docker_ahead import AheadKey, Request
 from runner.shared.protocol import (
@@ -39,31 +40,7 @@ _KEY.path.parent.mkdir()
 
 
 def _request(attempt: int) -> Request:
-    run_id = run_id_for(LOCK_DIGEST, attempt)
-    return Request(
-        IMAGE,
-        AGENT_RUN_COMMAND,
-        (
-            (PLAN_MOUNT, "/tmp/p", True),
-            (RESULTS_MOUNT, "/tmp/r", False),
-            (f"{INPUTS_MOUNT}/model/w.json", "/cache/blobs/sha256/ab", True),
-        ),
-        {
-            "name": f"evalrun-{run_id}",
-            "runtime": "runsc",
-            "network_mode": "none",
-            "read_only": True,
-            "tmpfs": {"/tmp": "rw,nosuid,nodev,size=256m"},
-            "user": "65532:65532",
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges"],
-            "pids_limit": 128,
-            "mem_limit": "512m",
-            "memswap_limit": "512m",
-            "nano_cpus": 1000000000,
-            "labels": {RUN_ID_LABEL: run_id, "org.evalrun.spec": "fuzz"},
-        },
-    )
+    return sandbox_request(IMAGE, LOCK_DIGEST, attempt)
 
 
 def seeds() -> dict[str, bytes]:

@@ -7,11 +7,21 @@ import json
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from harness import fuzz_signer
 
+from runner.adapters.docker_ahead import Request
 from runner.bundle.archive import write_bundle_tar
 from runner.bundle.build import build_bundle
+from runner.shared.protocol import (
+    AGENT_RUN_COMMAND,
+    INPUTS_MOUNT,
+    PLAN_MOUNT,
+    RESULTS_MOUNT,
+    RUN_ID_LABEL,
+)
+from runner.shared.run_ids import run_id_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = (ROOT / "examples" / "digits" / "eval.yaml").read_bytes()
@@ -94,3 +104,42 @@ def results_tar() -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def sandbox_request(
+    image: str,
+    lock_digest: str,
+    attempt: int,
+    plan: str | None = "/tmp/p",
+    results: str | None = "/tmp/r",
+    spec_name: str = "fuzz",
+    **options: Any,
+) -> Request:
+    """The Docker request the sandbox policy makes for one attempt (one model input);
+    ``options`` replace the policy's. Shared by the ``ahead`` target and its unit tests."""
+    run_id = run_id_for(lock_digest, attempt)
+    return Request(
+        image,
+        AGENT_RUN_COMMAND,
+        (
+            (PLAN_MOUNT, plan, True),
+            (RESULTS_MOUNT, results, False),
+            (f"{INPUTS_MOUNT}/model/w.json", "/cache/blobs/sha256/ab", True),
+        ),
+        {
+            "name": f"evalrun-{run_id}",
+            "runtime": "runsc",
+            "network_mode": "none",
+            "read_only": True,
+            "tmpfs": {"/tmp": "rw,nosuid,nodev,size=256m"},
+            "user": "65532:65532",
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": 128,
+            "mem_limit": "512m",
+            "memswap_limit": "512m",
+            "nano_cpus": 1_000_000_000,
+            "labels": {RUN_ID_LABEL: run_id, "org.evalrun.spec": spec_name},
+            **options,
+        },
+    )

@@ -9,6 +9,7 @@ agent's wait for its plan. The docker tier runs it against the engine.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,9 +26,11 @@ from runner.shared.protocol import (
     INPUTS_MOUNT,
     PLAN_MOUNT,
     RESULTS_MOUNT,
-    RUN_ID_LABEL,
 )
 from runner.shared.run_ids import run_id_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+from seeds import sandbox_request  # the fuzz targets' shared samples
 
 pytestmark = pytest.mark.unit
 
@@ -37,32 +40,7 @@ LOCK = "sha256:" + "1" * 64
 
 def _request(attempt: int, plan: str | None = "/tmp/p", results: str | None = "/tmp/r",
              **options: Any) -> Request:
-    run_id = run_id_for(LOCK, attempt)
-    return Request(
-        IMAGE,
-        AGENT_RUN_COMMAND,
-        (
-            (PLAN_MOUNT, plan, True),
-            (RESULTS_MOUNT, results, False),
-            (f"{INPUTS_MOUNT}/model/w.json", "/cache/blobs/sha256/ab", True),
-        ),
-        {
-            "name": f"evalrun-{run_id}",
-            "runtime": "runsc",
-            "network_mode": "none",
-            "read_only": True,
-            "tmpfs": {"/tmp": "rw,nosuid,nodev,size=256m"},
-            "user": "65532:65532",
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges"],
-            "pids_limit": 128,
-            "mem_limit": "512m",
-            "memswap_limit": "512m",
-            "nano_cpus": 1_000_000_000,
-            "labels": {RUN_ID_LABEL: run_id, "org.evalrun.spec": "t"},
-            **options,
-        },
-    )
+    return sandbox_request(IMAGE, LOCK, attempt, plan, results, spec_name="t", **options)
 
 
 @pytest.fixture
