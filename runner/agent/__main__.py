@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.agent.capture import capture_environment
+from runner.agent.capture import EnvironmentCapture, capture_environment
 from runner.agent.expectations import (
     GPU_EXPECTATIONS,
     _failed,
@@ -60,7 +60,7 @@ from runner.agent.teeing import (
     _tee,
     run_teed,
 )
-from runner.agent.verification import RootfsVerification
+from runner.agent.verification import ImageTable, RootfsVerification
 from runner.shared.agent_plan import (
     DEFAULT_HOLD_S,
     AgentPlan,
@@ -130,17 +130,49 @@ def run(plan_path: Path, results: Path) -> int:
     return run_plan(plan, results, plan_sha256=plan_sha256)
 
 
-def run_plan(plan: AgentPlan, results: Path, *, plan_sha256: str | None = None) -> int:
+class BeforePlan:
+    """The preflight's parts that need no plan: the image's digest table read and hashed,
+    the environment captured. An agent whose sandbox was started ahead of its plan
+    (``--plan-wait``) does them while the runner is still making the plan, rather than
+    after it; what they find is the same (the image's files are read-only, the sandbox's
+    limits are set at its start), and the plan is still checked against it."""
+
+    def __init__(self) -> None:
+        t0 = time.monotonic()
+        self.table = ImageTable.read()
+        self.environment = capture_environment("")
+        self.duration_s = round(time.monotonic() - t0, 4)
+
+    @classmethod
+    def done(cls) -> BeforePlan | None:
+        """The parts done, or None when one failed (then they are done after the plan,
+        where a failure is the run's outcome)."""
+        try:
+            return cls()
+        except Exception:
+            return None
+
+    def environment_for(self, image_ref: str) -> EnvironmentCapture:
+        return {**self.environment, "image_ref": image_ref}
+
+
+def run_plan(
+    plan: AgentPlan,
+    results: Path,
+    *,
+    plan_sha256: str | None = None,
+    before: BeforePlan | None = None,
+) -> int:
     """Preflight, evaluation and metrics for ``plan``; always leaves ``summary.json`` behind
     (with the sha256 of the plan's bytes as read, for the runner to compare with what it
-    sent)."""
+    sent). ``before``: the parts done before the plan came."""
     (results / "logs").mkdir(parents=True, exist_ok=True)
     log = EventLog(results / "logs" / "events.jsonl", plan["run_id"])
     summary: AgentSummary = {"run_id": plan["run_id"], "started": time.time()}
     if plan_sha256:
         summary["plan_sha256"] = plan_sha256
     try:
-        code = _run(plan, results, log, summary)
+        code = _run(plan, results, log, summary, before)
     except Exception as exc:  # the agent must always leave a summary behind
         log.emit("agent_error", level="error", error=repr(exc))
         summary.update({"outcome": "agent_error", "reason": repr(exc)})
@@ -152,11 +184,19 @@ def run_plan(plan: AgentPlan, results: Path, *, plan_sha256: str | None = None) 
     return code
 
 
-def _run(plan: AgentPlan, results: Path, log: EventLog, summary: AgentSummary) -> AgentExit:
+def _run(
+    plan: AgentPlan,
+    results: Path,
+    log: EventLog,
+    summary: AgentSummary,
+    before: BeforePlan | None,
+) -> AgentExit:
     # --- preflight: image content (the digest table now; what is used, while it runs)
     t0 = time.monotonic()
-    rootfs = RootfsVerification(plan)
+    rootfs = RootfsVerification(plan, before.table if before is not None else None)
     preflight: Preflight = {"rootfs": rootfs.begin(), "inputs": []}
+    if before is not None:
+        preflight["before_plan_s"] = before.duration_s
     log.emit(
         "preflight_rootfs",
         mode=preflight["rootfs"]["mode"],
@@ -175,7 +215,10 @@ def _run(plan: AgentPlan, results: Path, log: EventLog, summary: AgentSummary) -
         duration_s=round(time.monotonic() - t_inputs, 4),
         passed=all(i["passed"] for i in preflight["inputs"]),
     )
-    env = capture_environment(plan["image_ref"])
+    if before is not None:
+        env = before.environment_for(plan["image_ref"])
+    else:
+        env = capture_environment(plan["image_ref"])
     _write_json(results / "env.json", env)
     preflight["environment"] = check_expected_environment(plan["expect"], env["gpu"])
     preflight["duration_s"] = round(time.monotonic() - t0, 4)
@@ -521,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         return _emit_held(args.results)
     if args.command == "ack":
         return _ack(args.plan)
+    before = None
     if args.plan_wait > 0:
+        before = BeforePlan.done()
         _wait_for(args.plan, args.plan_wait)
     if not args.plan.is_file():
         print(f"agent: plan not found: {args.plan}", file=sys.stderr)
@@ -533,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         return AgentExit.BAD_PLAN
     if args.emit_results:
         plan["emit_results"] = True  # as if the plan said so (its digest is of its bytes)
-    code = run_plan(plan, args.results, plan_sha256=plan_sha256)
+    code = run_plan(plan, args.results, plan_sha256=plan_sha256, before=before)
     if plan.get("collect") == "exec":
         # Small results also stay in the pod log, so a runner that attaches after another
         # one collected them (another store) can still seal them; large ones leave by exec only.

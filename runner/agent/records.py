@@ -50,6 +50,9 @@ class Preflight(TypedDict):
     inputs: list[InputCheck]
     environment: NotRequired[list[Check]]
     duration_s: NotRequired[float]
+    before_plan_s: NotRequired[float]
+    """The parts done before the plan came (a sandbox started ahead of it): not in
+    ``duration_s``."""
 
 
 class MetricsReport(TypedDict):

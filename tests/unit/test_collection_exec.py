@@ -167,7 +167,7 @@ AGENT = textwrap.dedent(
     from pathlib import Path
     import runner.agent.__main__ as agent
 
-    def run_plan(plan, results, plan_sha256=None):
+    def run_plan(plan, results, plan_sha256=None, before=None):
         (results / "logs").mkdir(parents=True, exist_ok=True)
         (results / "summary.json").write_text('{"outcome": "completed"}')
         (results / "logs" / "big.bin").write_bytes(bytes(range(256)) * 8192)

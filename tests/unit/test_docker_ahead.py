@@ -26,6 +26,7 @@ from runner.shared.protocol import (
     INPUTS_MOUNT,
     PLAN_MOUNT,
     RESULTS_MOUNT,
+    AgentExit,
 )
 from runner.shared.run_ids import run_id_for
 
@@ -300,3 +301,51 @@ def test_the_agent_waits_for_its_plan_until_it_is_written_or_the_time_is_up(tmp_
     t0 = time.monotonic()
     _wait_for(tmp_path / "never.json", 0.2)
     assert 0.2 <= time.monotonic() - t0 < 5
+
+
+def test_an_agent_started_ahead_reads_the_table_and_captures_before_its_plan_comes(
+    tmp_path: Path, monkeypatch
+):
+    """The preflight's parts that need no plan are done while the plan is on its way, once;
+    the run then uses them (the environment with the plan's image) and says how long
+    they took apart from its own preflight."""
+    import runner.agent.__main__ as agent
+    from runner.model.plan import RunPlan
+    from runner.shared.agent_plan import encode_agent_plan
+
+    plan_path, results = tmp_path / "plan.json", tmp_path / "results"
+    results.mkdir()
+    seen: list[tuple[str, bool]] = []
+    root = "sha256:" + "b" * 64
+
+    def read_table() -> None:  # an image without a table: the full check (patched below)
+        seen.append(("table", plan_path.exists()))
+
+    def capture(image_ref: str) -> dict[str, Any]:
+        seen.append(("capture", plan_path.exists()))
+        return {"image_ref": image_ref, "gpu": {"visible": False}}
+
+    monkeypatch.setattr("runner.agent.verification.read_table", read_table)
+    monkeypatch.setattr("runner.agent.usage.rootfs_digest", lambda _: (root, 1))
+    monkeypatch.setattr(agent, "capture_environment", capture)
+    plan = RunPlan(
+        run_id="r-1", attempt=0, image_ref=IMAGE, expected_rootfs_digest=root, runtime="runc",
+        command=[sys.executable, "-c", "pass"], params={}, seed=7, metrics=[], expect={},
+        inputs=[], timeout_s=60, cpus=1.0, memory_mib=256, pids=64,
+        spec_digest="sha256:" + "c" * 64, lock_digest=LOCK, spec_name="x",
+    )
+    writer = threading.Timer(0.3, lambda: plan_path.write_bytes(encode_agent_plan(
+        plan.agent_plan())))
+    writer.start()
+    code = agent.main(["run", "--plan", str(plan_path), "--results", str(results),
+                       "--plan-wait", "30"])
+    writer.join()
+    assert code == AgentExit.EVAL_OUTPUT  # past the preflight: the evaluation wrote nothing
+    assert seen == [("table", False), ("capture", False)]  # each once, before the plan
+    preflight = json.loads((results / "preflight.json").read_text())
+    assert preflight["rootfs"]["passed"] is True and preflight["before_plan_s"] >= 0
+    assert json.loads((results / "env.json").read_text())["image_ref"] == IMAGE
+
+    # a part that fails before the plan is done again after it, where it is the outcome
+    monkeypatch.setattr("runner.agent.verification.read_table", lambda: 1 / 0)
+    assert agent.BeforePlan.done() is None
