@@ -50,6 +50,10 @@ def test_a_rerun_is_handed_the_sandbox_started_ahead(vcli, variant):
         assert code == 0 and out["outcome"] == "passed", out
         pred = predicate_of(Path(out["bundle"]))
         assert pred["sandbox"]["details"]["started_ahead"] is True
+        # its agent read the table and captured the environment before the plan came
+        preflight = json.loads((Path(out["bundle"]) / "results" / "preflight.json").read_text())
+        assert preflight["before_plan_s"] > 0 and preflight["rootfs"]["passed"] is True
+        assert preflight["rootfs"]["mode"] == "used"
         assert out["metrics"] == first["metrics"]  # the same evaluation, the same seed
     assert _containers_of("ahead-handed") == []
 
