@@ -14,7 +14,10 @@ the sandbox starts, and takes the container over (output, wait, inspect, removal
 With an :class:`~runner.adapters.docker_ahead.AheadKey` (``--rerun``), the helper first
 starts the sandbox the last run of the same spec and lock asked for, its agent waiting for
 a plan, and hands it over on ``create`` only when this run's request is the same
-(:mod:`runner.adapters.docker_ahead`); otherwise it removes it and creates this run's.
+(:mod:`runner.adapters.docker_ahead`); otherwise it removes it and creates this run's. It
+starts that sandbox through the engine's socket before it loads the SDK
+(:mod:`runner.adapters.docker_socket`, the SDK's very request), and the SDK's way only
+where that is refused.
 
 An error comes back as the evalrun error the same call raises here (its class, message,
 fields), an unexpected one as an internal error. A container the helper created but was
@@ -49,6 +52,7 @@ from runner.adapters.docker_ahead import (
     AheadKey,
     Request,
 )
+from runner.adapters.docker_socket import EngineRefused, EngineSocket, create_body
 from runner.errors import EvalrunError, InfrastructureError
 from runner.shared.protocol import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID
 
@@ -239,6 +243,7 @@ class _Helper:
         self.container: Any = None
         self.started = False
         self.ahead: _Started | None = None
+        self.socket: EngineSocket | None = None  # where the sandbox ahead was started
         self.removals: list[threading.Thread] = []
 
     def connect(self) -> None:
@@ -303,6 +308,33 @@ class _Helper:
             return None
         raise ValueError(f"unknown request {what!r}")
 
+    def start_ahead_on_socket(self, ahead: Ahead) -> None:
+        """Create and start ``ahead``'s sandbox through the engine's socket, before the SDK
+        is loaded (:mod:`runner.adapters.docker_socket`); nothing where that cannot be (the
+        SDK's way, :meth:`start_ahead`, follows once it is loaded)."""
+        engine = EngineSocket.from_env()
+        prepared = self._prepared(ahead) if engine is not None else None
+        if engine is None or prepared is None:
+            return
+        started, command, mounts = prepared
+        body = create_body(ahead.request.image, command, mounts, ahead.request.options)
+        try:
+            if body is None:
+                raise EngineRefused("a request the socket's way does not translate")
+            # a name already taken (a stale container of that run) is refused: the SDK's
+            # way removes it first
+            started.container_id = engine.create(ahead.request.options["name"], body)
+            engine.start(started.container_id)
+            started.at = time.monotonic()
+        except EngineRefused:
+            if started.container_id is not None:
+                with contextlib.suppress(EngineRefused):
+                    engine.remove(started.container_id)
+            self._remove(started)
+            return
+        self.ahead = started
+        self.socket = engine
+
     def start_ahead(self, ahead: Ahead) -> None:
         """Create and start ``ahead``'s sandbox, its agent waiting for a plan; nothing (and
         nothing left behind) where that fails: the run then goes as it would without."""
@@ -310,18 +342,11 @@ class _Helper:
             return
         from runner.adapters.docker_engine import create_container, remove_named
 
-        plan_dir = Path(tempfile.mkdtemp(prefix="evalrun-plan-"))
-        results_dir = Path(tempfile.mkdtemp(prefix="evalrun-results-"))
-        started = _Started(None, plan_dir, results_dir, ahead.request, time.monotonic())
+        prepared = self._prepared(ahead)
+        if prepared is None:
+            return
+        started, command, mounts = prepared
         try:
-            plan_dir.chmod(0o755)
-            os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
-            sources = {PLAN_MOUNT: str(plan_dir), RESULTS_MOUNT: str(results_dir)}
-            mounts = [
-                (target, sources.get(target) or str(source), read_only)
-                for target, source, read_only in ahead.request.mounts
-            ]
-            command = [*ahead.request.command, "--plan-wait", str(PLAN_WAIT_S)]
             remove_named(self.client, ahead.request.options["name"])
             started.container = create_container(
                 self.client, ahead.request.image, command, mounts, ahead.request.options
@@ -332,6 +357,47 @@ class _Helper:
             self._remove(started)
             return
         self.ahead = started
+
+    def connected_ahead(self) -> None:
+        """The sandbox started on the socket, as an SDK object once the SDK is connected;
+        removed through the socket where it could not connect."""
+        started = self.ahead
+        if started is None or started.container is not None:
+            return
+        if self.failure is None:
+            with contextlib.suppress(Exception):
+                started.container = self.client.containers.prepare_model(
+                    {"Id": started.container_id}
+                )
+        if started.container is None:
+            self.ahead = None
+            self._remove(started)
+
+    def _prepared(
+        self, ahead: Ahead
+    ) -> tuple[_Started, list[str], list[tuple[str, str, bool]]] | None:
+        """``ahead``'s fresh plan and results folders (the agent can read the one and write
+        the other), its command (waiting for a plan) and its mounts; None where the
+        folders cannot be made."""
+        folders: list[Path] = []
+        try:
+            for prefix in ("evalrun-plan-", "evalrun-results-"):
+                folders.append(Path(tempfile.mkdtemp(prefix=prefix)))
+            plan_dir, results_dir = folders
+            plan_dir.chmod(0o755)
+            os.chown(results_dir, SANDBOX_UID, SANDBOX_UID)
+        except OSError:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+            return None
+        started = _Started(None, plan_dir, results_dir, ahead.request, time.monotonic())
+        sources = {PLAN_MOUNT: str(plan_dir), RESULTS_MOUNT: str(results_dir)}
+        mounts = [
+            (target, sources.get(target) or str(source), read_only)
+            for target, source, read_only in ahead.request.mounts
+        ]
+        command = [*ahead.request.command, "--plan-wait", str(PLAN_WAIT_S)]
+        return started, command, mounts
 
     def _take_ahead(self, request: Request) -> str:
         """Hand over the sandbox started ahead if ``request`` is the one it was started
@@ -358,10 +424,13 @@ class _Helper:
         return outcome
 
     def _remove(self, started: _Started) -> None:
-        from runner.adapters.docker_engine import log, remove_container
-
         if started.container is not None:
+            from runner.adapters.docker_engine import log, remove_container
+
             remove_container(started.container, log)
+        elif started.container_id is not None and self.socket is not None:
+            with contextlib.suppress(EngineRefused):
+                self.socket.remove(started.container_id)
         for folder in (started.plan_dir, started.results_dir):
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -387,6 +456,7 @@ class _Started:
         self, container: Any, plan_dir: Path, results_dir: Path, request: Request, at: float
     ) -> None:
         self.container = container
+        self.container_id: str | None = None  # started on the socket, before the SDK
         self.plan_dir = plan_dir
         self.results_dir = results_dir
         self.request = request
@@ -400,9 +470,12 @@ def _serve(requests: int, replies: int, key: AheadKey | None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     helper = _Helper()
     ahead = key.ahead() if key is not None else None
-    helper.connect()
     try:
         if ahead is not None:
+            helper.start_ahead_on_socket(ahead)
+        helper.connect()
+        helper.connected_ahead()
+        if ahead is not None and helper.ahead is None:
             helper.start_ahead(ahead)
         while (request := _read(requests)) is not None:
             _write(replies, helper.handle(request))

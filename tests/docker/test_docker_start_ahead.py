@@ -91,3 +91,37 @@ def test_a_runner_stopped_before_it_asked_leaves_no_sandbox(vcli, variant):
     while _containers_of("ahead-stopped") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _containers_of("ahead-stopped") == []
+
+
+def test_a_sandbox_made_on_the_socket_is_the_one_the_sdk_makes(vcli, variant):
+    """The helper starts the sandbox ahead through the engine's socket, before the SDK is
+    loaded: the engine makes the same container of it as of the SDK's request."""
+    from runner.adapters.docker_engine import create_container
+    from runner.adapters.docker_socket import EngineSocket, create_body
+
+    spec = variant(**_named("ahead-socket"))
+    code, out = vcli.json("run", str(spec))
+    assert code == 0, out
+    stored = json.loads(_stored_request(vcli.home).read_text())
+    client = docker.from_env()
+    inspected = {}
+    for way in ("sdk", "socket"):
+        options = {**stored["options"], "name": f"evalrun-ahead-socket-{way}"}
+        mounts = [(t, s or str(vcli.home), ro) for t, s, ro in stored["mounts"]]
+        if way == "sdk":
+            container_id = create_container(
+                client, stored["image"], stored["command"], mounts, options).id
+        else:
+            socket = EngineSocket.from_env()
+            assert socket is not None
+            body = create_body(stored["image"], stored["command"], mounts, options)
+            assert body is not None
+            container_id = socket.create(options["name"], body)
+        try:
+            attrs = client.api.inspect_container(container_id)
+        finally:
+            client.api.remove_container(container_id, force=True)
+        inspected[way] = {"Config": {k: v for k, v in attrs["Config"].items()
+                                     if k != "Hostname"},
+                          "HostConfig": attrs["HostConfig"], "Mounts": attrs["Mounts"]}
+    assert inspected["socket"] == inspected["sdk"]
