@@ -326,7 +326,7 @@ class _Helper:
             started.container_id = engine.create(ahead.request.options["name"], body)
             engine.start(started.container_id)
             started.at = time.monotonic()
-        except EngineRefused:
+        except Exception:  # refused, or an answer this does not read: nothing is left
             if started.container_id is not None:
                 with contextlib.suppress(EngineRefused):
                     engine.remove(started.container_id)

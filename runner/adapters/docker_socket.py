@@ -153,7 +153,7 @@ class EngineSocket:
             if response.status != expected:
                 raise EngineRefused(f"{method} {path}: {response.status} {payload[:200]!r}")
             return json.loads(payload) if payload else None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+        except (OSError, http.client.HTTPException, ValueError, RecursionError) as exc:
             raise EngineRefused(f"{method} {path}: {exc}") from None
         finally:
             connection.close()

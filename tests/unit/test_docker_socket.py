@@ -273,3 +273,9 @@ def test_a_refused_create_leaves_it_to_the_sdks_way(
     assert helper.ahead is None and helper.socket is None
     assert [call[0] for call in engine.seen] == ["POST"]  # nothing else asked
     assert _folders(tmp_path) == []
+
+
+def test_an_answer_nested_past_what_json_reads_is_refused(engine: _Engine):
+    engine.answers["POST /containers/create"] = (201, b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(EngineRefused):
+        EngineSocket(engine.server_address).create("n", {})  # type: ignore[arg-type]
