@@ -60,7 +60,7 @@ from runner.agent.teeing import (
     _tee,
     run_teed,
 )
-from runner.agent.verification import ImageTable, RootfsVerification
+from runner.agent.verification import EarlyCheck, RootfsVerification
 from runner.shared.agent_plan import (
     DEFAULT_HOLD_S,
     AgentPlan,
@@ -132,15 +132,20 @@ def run(plan_path: Path, results: Path) -> int:
 
 class BeforePlan:
     """The preflight's parts that need no plan: the image's digest table read and hashed,
-    the environment captured. An agent whose sandbox was started ahead of its plan
-    (``--plan-wait``) does them while the runner is still making the plan, rather than
-    after it; what they find is the same (the image's files are read-only, the sandbox's
-    limits are set at its start), and the plan is still checked against it."""
+    the agent's own files checked against it (:class:`EarlyCheck`), the environment
+    captured. An agent whose sandbox was started ahead of its plan (``--plan-wait``) does
+    them while the runner is still making the plan, rather than after it; what they find
+    is the same (the image's files are read-only, the sandbox's limits are set at its
+    start), and the plan is still checked against it."""
 
     def __init__(self) -> None:
         t0 = time.monotonic()
-        self.table = ImageTable.read()
-        self.environment = capture_environment("")
+        self.check = EarlyCheck()
+        try:
+            self.environment = capture_environment("")
+        except BaseException:
+            self.check.cancel()
+            raise
         self.duration_s = round(time.monotonic() - t0, 4)
 
     @classmethod
@@ -193,7 +198,7 @@ def _run(
 ) -> AgentExit:
     # --- preflight: image content (the digest table now; what is used, while it runs)
     t0 = time.monotonic()
-    rootfs = RootfsVerification(plan, before.table if before is not None else None)
+    rootfs = RootfsVerification(plan, before.check if before is not None else None)
     preflight: Preflight = {"rootfs": rootfs.begin(), "inputs": []}
     if before is not None:
         preflight["before_plan_s"] = before.duration_s

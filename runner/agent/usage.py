@@ -334,6 +334,7 @@ class UsageVerifier:
         self._failures: list[str] = []
         self._offsets: dict[str, int] = {}
         self._stop = threading.Event()
+        self._cancelled = False
         self._thread: threading.Thread | None = None
         self.traced_processes = 0
 
@@ -375,7 +376,7 @@ class UsageVerifier:
         if self.table_error is not None:
             self._pending.clear()
             return
-        while self._pending:
+        while self._pending and not self._cancelled:
             path = self._pending.pop()
             try:
                 reason = check_used(path, self.table, self._lookup)
@@ -415,6 +416,13 @@ class UsageVerifier:
                             found.append(item)
                 self.submit(found)
         self.traced_processes = len(self._offsets)
+
+    def stop(self) -> None:
+        """Stop following, and checking, without a verdict."""
+        self._cancelled = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def finish(self, more: list[str] | None = None) -> UsageRecord:
         """Stop following; check what is left, with ``more`` paths, and say what was

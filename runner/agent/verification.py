@@ -107,10 +107,39 @@ class ImageTable:
         return cls(data, table_digest(data.splitlines(keepends=True)))
 
 
+class EarlyCheck:
+    """A ``used`` check begun before the plan, by an agent whose sandbox was started ahead
+    of it: the table read and hashed, and on the checking thread its lines parsed and the
+    agent's own files (interpreter, modules, libraries: ~200 files, the check's largest
+    part before the evaluation reports any) checked against it. The plan then says whether
+    the table is the locked one and the check goes on (:meth:`RootfsVerification.begin`),
+    or it is dropped (:meth:`cancel`)."""
+
+    def __init__(self) -> None:
+        self.table = ImageTable.read()
+        self.trace_dir: Path | None = None
+        self.usage: UsageVerifier | None = None
+        if self.table.data is not None:
+            self.trace_dir = _private_dir("evalrun-trace-")
+            install_trace_hook(self.trace_dir)
+            self.usage = UsageVerifier(self.table.data, self.trace_dir)
+            self.usage.start(first=agent_paths)
+
+    def cancel(self) -> None:
+        """Stop the check begun (the plan asks for another, or the table is not the
+        locked one) and remove its trace folder."""
+        if self.usage is not None:
+            self.usage.stop()
+            self.usage = None
+        if self.trace_dir is not None:
+            _remove_tree(str(self.trace_dir))
+            self.trace_dir = None
+
+
 class RootfsVerification:
     """Begun before the evaluation (:meth:`begin`), finished after it (:meth:`finish`)."""
 
-    def __init__(self, plan: AgentPlan, table: ImageTable | None = None) -> None:
+    def __init__(self, plan: AgentPlan, early: EarlyCheck | None = None) -> None:
         self.requested: Mode = plan.get("verify_rootfs", "full")
         self.expected = plan["expected_rootfs_digest"]
         self.command = plan["command"]
@@ -119,13 +148,18 @@ class RootfsVerification:
         self._usage: UsageVerifier | None = None
         self._full: FullCheck | None = None
         self._trace_dir: Path | None = None
-        self._table = table
+        self._early = early
+        self._later: list[str] = []  # checked at the end: the program, on an early check
 
     def begin(self) -> RootfsRecord:
         """Start the check; the record says ``passed: False`` already when the table is wrong."""
+        early, self._early = self._early, None
         table = ImageTable(None, None)
         if self.requested == "used":
-            table = self._table if self._table is not None else ImageTable.read()
+            table = early.table if early is not None else ImageTable.read()
+        if early is not None and (self.requested != "used" or table.digest != self.expected):
+            early.cancel()  # a check the plan does not ask for, or against another table
+            early = None
         table_bytes, found = table.data, table.digest
         if self.requested == "used" and table_bytes is None:
             self.record["note"] = f"the image carries no digest table ({TABLE_PATH}): full check"
@@ -151,11 +185,15 @@ class RootfsVerification:
         pack = installed()
         if pack is not None:  # checked as one of the agent's files, like any module file
             self.record["module_pack"] = pack.path
+        program = self.command[0]
+        if early is not None and early.usage is not None and early.trace_dir is not None:
+            self._trace_dir, self._usage = early.trace_dir, early.usage
+            self._later.append(_program(program))
+            return self.record
         self._trace_dir = _private_dir("evalrun-trace-")
         install_trace_hook(self._trace_dir)
         # the table is parsed, and the agent's own files listed, on the checking thread
         self._usage = UsageVerifier(table_bytes, self._trace_dir)
-        program = self.command[0]
         self._usage.start(first=lambda: [*agent_paths(), _program(program)])
         return self.record
 
@@ -178,7 +216,7 @@ class RootfsVerification:
             return self.record
         if self._usage is not None:
             # what the agent imported since the start (metrics, results framing) is used too
-            usage = self._usage.finish(agent_paths())
+            usage = self._usage.finish([*agent_paths(), *self._later])
             self.record["files_reported"] = usage["files_reported"]
             self.record["files_verified"] = usage["files_verified"]
             self.record["traced_processes"] = usage["traced_processes"]

@@ -371,3 +371,66 @@ def test_a_large_used_file_is_checked_from_a_mapping_and_a_changed_byte_fails(im
     big.write_bytes(data)
     reason = check_path(str(big), table)
     assert reason is not None and "libbig.so: expected sha256" in reason
+
+
+def _plan_for(expected: str, mode: str = "used") -> dict:
+    """A plan's fields the rootfs check reads."""
+    return {"verify_rootfs": mode, "expected_rootfs_digest": expected,
+            "command": [sys.executable, "-c", "pass"]}
+
+
+@pytest.fixture
+def early_table(image_dir, tmp_path, monkeypatch):
+    """The image's table (with the paths the host sees) where the agent reads it; the
+    trace folders in ``tmp_path``: (table bytes, its digest)."""
+    from runner.agent import verification
+
+    table_bytes = rootfs_table(str(image_dir)).replace(b" /", f" {image_dir}/".encode())
+    monkeypatch.setattr(verification, "read_table", lambda: table_bytes)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    return table_bytes, table_digest(table_bytes.splitlines(keepends=True))
+
+
+def test_a_check_begun_before_the_plan_goes_on_when_the_plan_locks_that_table(early_table):
+    from runner.agent.verification import EarlyCheck, RootfsVerification
+
+    table_bytes, digest = early_table
+    early = EarlyCheck()
+    assert early.usage is not None and early.trace_dir is not None
+    deadline = time.monotonic() + 10
+    while sys.executable not in early.usage._seen and time.monotonic() < deadline:
+        time.sleep(0.01)  # the agent's own files, queued on the checking thread
+    assert sys.executable in early.usage._seen
+    usage, trace_dir = early.usage, early.trace_dir
+    rootfs = RootfsVerification(_plan_for(digest), early)  # type: ignore[arg-type]
+    record = rootfs.begin()
+    assert record["mode"] == "used" and record["found"] == digest and "passed" not in record
+    assert rootfs._usage is usage and rootfs.child_env()["EVALRUN_TRACE_DIR"] == str(trace_dir)
+    done = rootfs.finish()
+    # the test's interpreter is not in this image's table: checked, and named
+    assert done["files_reported"] > 0 and done["passed"] is False
+    assert not trace_dir.exists()
+
+
+@pytest.mark.parametrize("mode", ["used", "full"])
+def test_a_check_begun_before_the_plan_is_dropped_when_the_plan_asks_for_another(
+    early_table, mode, monkeypatch
+):
+    from runner.agent import usage as usage_module
+    from runner.agent.verification import EarlyCheck, RootfsVerification
+
+    _, digest = early_table
+    monkeypatch.setattr(usage_module, "rootfs_digest", lambda _: (digest, 4))
+    early = EarlyCheck()
+    trace_dir = early.trace_dir
+    assert trace_dir is not None and trace_dir.exists()
+    expected = digest if mode == "full" else "sha256:" + "0" * 64  # "used": another table
+    rootfs = RootfsVerification(_plan_for(expected, mode), early)  # type: ignore[arg-type]
+    record = rootfs.begin()
+    assert early.usage is None and not trace_dir.exists()  # stopped, its folder gone
+    if mode == "used":
+        assert record["passed"] is False
+        assert record["reason"] == "the image's digest table does not match"
+    else:
+        assert record["mode"] == "full" and rootfs.child_env() == {}
+        assert rootfs.finish()["passed"] is True
