@@ -123,5 +123,7 @@ def test_a_sandbox_made_on_the_socket_is_the_one_the_sdk_makes(vcli, variant):
             client.api.remove_container(container_id, force=True)
         inspected[way] = {"Config": {k: v for k, v in attrs["Config"].items()
                                      if k != "Hostname"},
-                          "HostConfig": attrs["HostConfig"], "Mounts": attrs["Mounts"]}
+                          "HostConfig": attrs["HostConfig"],
+                          # the engine lists them from a map: in no fixed order
+                          "Mounts": sorted(attrs["Mounts"], key=lambda m: m["Destination"])}
     assert inspected["socket"] == inspected["sdk"]
