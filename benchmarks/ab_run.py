@@ -5,10 +5,12 @@ next, so a change of a tenth of a second shows only in runs of both versions tak
 turns, in alternating order, and compared pair by pair. ``A`` is a git revision (checked
 out in a temporary worktree), ``B`` the working tree; both run the same locked copy of
 examples/digits in one store (the agent image is built from ``B``'s checkout, so the
-runner is what differs, not the image). Prints one JSON line: each side's median wall
-time and phases (as ``bench_run.py`` measures them) and the paired differences B - A.
+runner is what differs, not the image; with ``--own-images`` each side runs its own copy,
+locked by its own evalrun, so a change of the agent counts too). Prints one JSON line:
+each side's median wall time and phases (as ``bench_run.py`` measures them) and the
+paired differences B - A.
 
-    python benchmarks/ab_run.py REV [--rounds 8]
+    python benchmarks/ab_run.py REV [--rounds 8] [--own-images]
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("rev", help="the A side: a git revision of this checkout")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--own-images", action="store_true",
+                        help="each side runs an image with its own agent (locked by it)")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="evalrun-ab-")
     worktree = Path(home) / "a"
@@ -41,13 +45,18 @@ def main() -> None:
     try:
         env = bench_run.bench_env(home)
         spec = bench_run.locked_example(home, env)
+        specs = {"a": spec, "b": spec}
+        if args.own_images:
+            specs["a"] = bench_run.locked_example(
+                home, dict(env, PYTHONPATH=str(worktree)), name="digits-a", cwd=worktree)
         sides = {"a": worktree, "b": ROOT}
         walls: dict[str, list[float]] = {"a": [], "b": []}
         phases: dict[str, dict[str, list[float]]] = {"a": {}, "b": {}}
 
         def one(side: str) -> tuple[float, dict[str, float]]:
             run_env = dict(env, PYTHONPATH=str(sides[side]))
-            took, _events, run_phases = bench_run.measured_run(spec, home, run_env, sides[side])
+            took, _events, run_phases = bench_run.measured_run(
+                specs[side], home, run_env, sides[side])
             return took, run_phases
 
         one("a")  # one of each first, not counted (first-process costs)
@@ -64,6 +73,7 @@ def main() -> None:
             "a": args.rev,
             "b": "working tree",
             "rounds": args.rounds,
+            "images": "each side's own" if args.own_images else "B's",
             "cpu_reference_s": round(bench_run._cpu_reference(), 3),
             "wall_s": {s: round(statistics.median(v), 3) for s, v in walls.items()},
             "paired_b_minus_a_s": {"median": round(statistics.median(paired), 3),

@@ -161,10 +161,13 @@ def measured_run(
     return took, events, _phases(home, events, begun, begun + took)
 
 
-def locked_example(home: str, env: dict[str, str]) -> Path:
-    """examples/digits copied into ``home`` and locked there (the lock is written next to
-    the spec, never into the checkout), with the store's signing key made; its spec."""
-    example = Path(home) / "digits"
+def locked_example(
+    home: str, env: dict[str, str], name: str = "digits", cwd: Path | None = None
+) -> Path:
+    """examples/digits copied into ``home`` (as ``name``) and locked there by the evalrun
+    in ``cwd`` (the lock is written next to the spec, never into the checkout), with the
+    store's signing key made if it has none; its spec."""
+    example = Path(home) / name
     shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("eval.lock.json"))
     spec = example / "eval.yaml"
     spec.write_text(spec.read_text().replace(
@@ -172,8 +175,10 @@ def locked_example(home: str, env: dict[str, str]) -> Path:
         f"template: {ROOT / 'images' / 'python-eval.Dockerfile.j2'}",
     ))
     # evalrun never creates a signing key without a terminal: make this store's key first
-    subprocess.run([*EVALRUN, "keys", "generate"], check=True, env=env, capture_output=True)
-    subprocess.run([*EVALRUN, "lock", str(spec)], check=True, env=env, capture_output=True)
+    subprocess.run([*EVALRUN, "keys", "generate", "--if-absent"], check=True, env=env,
+                   cwd=cwd, capture_output=True)
+    subprocess.run([*EVALRUN, "lock", str(spec)], check=True, env=env, cwd=cwd,
+                   capture_output=True)
     return spec
 
 
