@@ -318,9 +318,10 @@ class _Helper:
             return
         started, command, mounts = prepared
         body = create_body(ahead.request.image, command, mounts, ahead.request.options)
+        if body is None:  # a request the socket's way does not translate
+            self._remove(started)
+            return
         try:
-            if body is None:
-                raise EngineRefused("a request the socket's way does not translate")
             # a name already taken (a stale container of that run) is refused: the SDK's
             # way removes it first
             started.container_id = engine.create(ahead.request.options["name"], body)

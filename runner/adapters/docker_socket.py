@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from runner.errors import DockerAPIError
+
 DEFAULT_SOCKET = "/var/run/docker.sock"
 
 # docker-py's ``containers.create`` keyword -> the HostConfig field it sets
@@ -42,8 +44,9 @@ _BYTES = re.compile(r"(\d+)([bkmg]?)", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-class EngineRefused(Exception):
-    """The engine answered with another status than the one expected (or not at all)."""
+EngineRefused = DockerAPIError
+"""What every call raises when the engine answers with another status than the one
+expected, or not at all (the helper then goes the SDK's way)."""
 
 
 def socket_path(environ: Mapping[str, str]) -> str | None:
@@ -151,10 +154,14 @@ class EngineSocket:
             response = connection.getresponse()
             payload = response.read(1 << 20)
             if response.status != expected:
-                raise EngineRefused(f"{method} {path}: {response.status} {payload[:200]!r}")
+                raise EngineRefused(
+                    f"{method} {path}: {response.status} {payload[:200]!r}",
+                    operation=f"{method} {path}",
+                    status=response.status,
+                )
             return json.loads(payload) if payload else None
         except (OSError, http.client.HTTPException, ValueError, RecursionError) as exc:
-            raise EngineRefused(f"{method} {path}: {exc}") from None
+            raise EngineRefused(f"{method} {path}: {exc}", operation=f"{method} {path}") from None
         finally:
             connection.close()
 
@@ -163,7 +170,7 @@ class EngineSocket:
         made = self._call("POST", f"/containers/create?name={quote(name, safe='')}", 201, body)
         container_id = made.get("Id") if isinstance(made, dict) else None
         if not isinstance(container_id, str) or not container_id:
-            raise EngineRefused(f"create {name}: no id in {made!r}")
+            raise EngineRefused(f"create {name}: no id in {made!r}", operation="create")
         return container_id
 
     def start(self, container_id: str) -> None:
