@@ -58,7 +58,7 @@ def main() -> None:
     # the raw run again under the spec's own limits (evalrun runs the evaluation under them)
     limits = ["--cpus", str(res["cpus"]), "--memory", f"{res['memory_mib']}m",
               "--pids-limit", str(res["pids"])]
-    preflight, tail, full_check = [], [], []
+    preflight, tail, full_check, waited = [], [], [], []
     phases: dict[str, list[float]] = {}
     # this machine's speed, before and after: the same commit measured 0.83 s raw on one
     # session's machine and 1.79 s on another's, so a ratio needs its machine next to it
@@ -86,6 +86,10 @@ def main() -> None:
         tail.append(events["rootfs_verified"]["ts"] - events["metrics_done"]["ts"])
         for name, value in run_phases.items():
             phases.setdefault(name, []).append(value)
+        # a sandbox started ahead: how long its agent, ready, waited for the runner's plan
+        found = json.loads(_last_run(home).joinpath("results", "preflight.json").read_text())
+        if "plan_waited_s" in found:
+            waited.append(found["plan_waited_s"])
         return took
 
     # One of each first, not counted: the first run after the lock pays one-off costs
@@ -95,6 +99,7 @@ def main() -> None:
     preflight.clear()
     tail.clear()
     phases.clear()
+    waited.clear()
     # Then the rounds, raw and evalrun in alternating order, before any full check: those
     # keep both cores busy for tens of seconds and would slow whatever follows them.
     for round_ in range(args.repeats):
@@ -133,6 +138,9 @@ def main() -> None:
         "full_check_alongside_evaluation_s": _median(full_check),
         # where evalrun's wall time goes, one after the other (medians of each phase)
         "evalrun_phases_s": {k: round(statistics.median(v), 3) for k, v in phases.items()},
+        # > 0: the sandbox started ahead was ready before the runner's plan (the runner's
+        # Python was the longer path); None: no run was handed a sandbox started ahead
+        "agent_waited_for_its_plan_s": _median(waited),
     }))
     shutil.rmtree(home, ignore_errors=True)
 

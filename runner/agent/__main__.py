@@ -147,6 +147,13 @@ class BeforePlan:
             self.check.cancel()
             raise
         self.duration_s = round(time.monotonic() - t0, 4)
+        self.waited_s = 0.0  # for the plan, once these were done: the runner was later
+
+    def wait_for(self, plan: Path, seconds: float) -> None:
+        """Wait for ``plan`` (:func:`_wait_for`), timed."""
+        t0 = time.monotonic()
+        _wait_for(plan, seconds)
+        self.waited_s = round(time.monotonic() - t0, 4)
 
     @classmethod
     def done(cls) -> BeforePlan | None:
@@ -202,6 +209,7 @@ def _run(
     preflight: Preflight = {"rootfs": rootfs.begin(), "inputs": []}
     if before is not None:
         preflight["before_plan_s"] = before.duration_s
+        preflight["plan_waited_s"] = before.waited_s
     log.emit(
         "preflight_rootfs",
         mode=preflight["rootfs"]["mode"],
@@ -572,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     before = None
     if args.plan_wait > 0:
         before = BeforePlan.done()
-        _wait_for(args.plan, args.plan_wait)
+        if before is not None:
+            before.wait_for(args.plan, args.plan_wait)
+        else:
+            _wait_for(args.plan, args.plan_wait)
     if not args.plan.is_file():
         print(f"agent: plan not found: {args.plan}", file=sys.stderr)
         return AgentExit.BAD_PLAN

@@ -53,6 +53,8 @@ class Preflight(TypedDict):
     before_plan_s: NotRequired[float]
     """The parts done before the plan came (a sandbox started ahead of it): not in
     ``duration_s``."""
+    plan_waited_s: NotRequired[float]
+    """How long that sandbox then waited for its plan (0: the plan was there first)."""
 
 
 class MetricsReport(TypedDict):

@@ -344,6 +344,7 @@ def test_an_agent_started_ahead_reads_the_table_and_captures_before_its_plan_com
     assert seen == [("table", False), ("capture", False)]  # each once, before the plan
     preflight = json.loads((results / "preflight.json").read_text())
     assert preflight["rootfs"]["passed"] is True and preflight["before_plan_s"] >= 0
+    assert preflight["plan_waited_s"] > 0  # the plan came 0.3 s after the start
     assert json.loads((results / "env.json").read_text())["image_ref"] == IMAGE
 
     # a part that fails before the plan is done again after it, where it is the outcome
