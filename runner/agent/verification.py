@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Required, TypedDict
 
@@ -107,6 +108,16 @@ class ImageTable:
         return cls(data, table_digest(data.splitlines(keepends=True)))
 
 
+def _start_usage(table_bytes: bytes, first: Callable[[], list[str]]) -> tuple[Path, UsageVerifier]:
+    """A new trace folder with the trace hook in it, and the checking thread started on it
+    (the table parsed, then ``first`` listed and checked, on the thread)."""
+    trace_dir = _private_dir("evalrun-trace-")
+    install_trace_hook(trace_dir)
+    usage = UsageVerifier(table_bytes, trace_dir)
+    usage.start(first=first)
+    return trace_dir, usage
+
+
 class EarlyCheck:
     """A ``used`` check begun before the plan, by an agent whose sandbox was started ahead
     of it: the table read and hashed, and on the checking thread its lines parsed and the
@@ -120,10 +131,7 @@ class EarlyCheck:
         self.trace_dir: Path | None = None
         self.usage: UsageVerifier | None = None
         if self.table.data is not None:
-            self.trace_dir = _private_dir("evalrun-trace-")
-            install_trace_hook(self.trace_dir)
-            self.usage = UsageVerifier(self.table.data, self.trace_dir)
-            self.usage.start(first=agent_paths)
+            self.trace_dir, self.usage = _start_usage(self.table.data, agent_paths)
 
     def cancel(self) -> None:
         """Stop the check begun (the plan asks for another, or the table is not the
@@ -190,11 +198,10 @@ class RootfsVerification:
             self._trace_dir, self._usage = early.trace_dir, early.usage
             self._later.append(_program(program))
             return self.record
-        self._trace_dir = _private_dir("evalrun-trace-")
-        install_trace_hook(self._trace_dir)
         # the table is parsed, and the agent's own files listed, on the checking thread
-        self._usage = UsageVerifier(table_bytes, self._trace_dir)
-        self._usage.start(first=lambda: [*agent_paths(), _program(program)])
+        self._trace_dir, self._usage = _start_usage(
+            table_bytes, lambda: [*agent_paths(), _program(program)]
+        )
         return self.record
 
     @property
