@@ -233,6 +233,10 @@ def _rebuilt(kind: type[EvalrunError], args: tuple[Any, ...], state: dict[str, A
 # --- the helper ---------------------------------------------------------------------------
 
 
+_SDK = object()
+"""What :meth:`_Helper._on_socket` answers where the request needs the SDK's way."""
+
+
 class _Helper:
     """What the helper knows: its client, the engine's runtimes, the container it made."""
 
@@ -244,6 +248,7 @@ class _Helper:
         self.started = False
         self.ahead: _Started | None = None
         self.socket: EngineSocket | None = None  # where the sandbox ahead was started
+        self.adopted = False  # handed over as started on the socket, the SDK never loaded
         self.removals: list[threading.Thread] = []
 
     def connect(self) -> None:
@@ -269,6 +274,12 @@ class _Helper:
             return "crash", traceback.format_exc(limit=8)
 
     def _do(self, what: str, *args: Any) -> Any:
+        if self.socket is not None and self.client is None and self.failure is None:
+            answer = self._on_socket(what, *args)
+            if answer is not _SDK:
+                return answer
+            self.connect()  # the SDK's way from here on
+            self.connected_ahead()
         from runner.adapters.docker_engine import (
             create_container,
             docker_call,
@@ -280,6 +291,8 @@ class _Helper:
             raise self.failure
         if what == "runtimes":
             return self.runtimes
+        if what == "has_runtime":
+            return args[0] in self.runtimes
         if what == "image":
             return image_id(self.client, args[0])
         if what == "create":
@@ -307,6 +320,49 @@ class _Helper:
                 docker_call("start container", self.container.start, retries=False)
             return None
         raise ValueError(f"unknown request {what!r}")
+
+    def _on_socket(self, what: str, *args: Any) -> Any:
+        """The answer to ``what``, through the engine's socket the sandbox ahead was
+        started on, while the SDK is not loaded; :data:`_SDK` where the SDK's way is
+        needed: this run's request is not the one the sandbox was started for, or it no
+        longer waits, the image is not there (the SDK's way pulls it), any refusal."""
+        assert self.socket is not None
+        try:
+            ahead = self.ahead
+            if (
+                what == "has_runtime"
+                and ahead is not None
+                and ahead.container_id is not None
+                and args[0] == ahead.request.options["runtime"]
+            ):
+                return True  # the sandbox ahead was started on it: no need to ask (~20 ms)
+            if what in ("runtimes", "has_runtime"):
+                registered = self.socket.runtimes()
+                return sorted(registered) if what == "runtimes" else args[0] in registered
+            if what == "image":
+                found = self.socket.image_id(args[0])
+                return _SDK if found is None else found
+            if what == "create" and ahead is not None and ahead.container_id is not None:
+                image, command, mounts, options = args
+                request = Request(image, tuple(command), tuple(tuple(m) for m in mounts), options)
+                if (
+                    request.normalized() == ahead.request.normalized()
+                    and time.monotonic() - ahead.at < ADOPT_WITHIN_S
+                    and self.socket.status(ahead.container_id) == "running"
+                ):
+                    self.adopted = True
+                    return Made(
+                        ahead.container_id,
+                        ahead="adopted",
+                        plan_dir=str(ahead.plan_dir),
+                        results_dir=str(ahead.results_dir),
+                    )
+            if what == "start" and self.adopted:
+                self.started = True  # this process owns it now
+                return None
+        except EngineRefused:
+            pass
+        return _SDK
 
     def start_ahead_on_socket(self, ahead: Ahead) -> None:
         """Create and start ``ahead``'s sandbox through the engine's socket, before the SDK
@@ -474,10 +530,12 @@ def _serve(requests: int, replies: int, key: AheadKey | None) -> int:
     try:
         if ahead is not None:
             helper.start_ahead_on_socket(ahead)
-        helper.connect()
-        helper.connected_ahead()
-        if ahead is not None and helper.ahead is None:
-            helper.start_ahead(ahead)
+        if helper.socket is None:  # the SDK's way, loaded while this process reads the spec
+            helper.connect()
+            if ahead is not None:
+                helper.start_ahead(ahead)
+        # else the SDK loads only when a request needs it (Helper._on_socket): not at all
+        # when the sandbox is handed over, so the answers come as soon as it runs
         while (request := _read(requests)) is not None:
             _write(replies, helper.handle(request))
             if request[0] == "start":

@@ -1,6 +1,6 @@
-"""Create, start and remove a container through the Engine API's Unix socket, with the
-standard library only: how the Docker helper starts a sandbox ahead before it has loaded
-the Docker SDK (:mod:`runner.adapters.docker_early`).
+"""Create, start, look at and remove a container through the Engine API's Unix socket,
+with the standard library only: how the Docker helper starts a sandbox ahead, and hands
+it over, without ever loading the Docker SDK (:mod:`runner.adapters.docker_early`).
 
 The SDK and what it brings (requests, urllib3, ~0.1-0.3 s of imports) and its first calls
 (a ping, the engine's runtimes) stood between the helper's fork and the sandbox's start,
@@ -8,7 +8,9 @@ on the path of every rerun. This module sends the very request docker-py's
 ``containers.create`` sends for the sandbox policy's keywords (:func:`create_body`; its
 unit test compares the two) and nothing else: a keyword it does not know, an engine that
 is not on a Unix socket, or any answer but the expected one, and the helper goes the
-SDK's way as before.
+SDK's way as before. The answers the run needs before it hands the sandbox its plan (the
+engine's runtimes, the image's ID, whether the sandbox still runs) are read here too, as
+docker-py reads them (``info()``, ``images.get(ref).id``, ``container.status``).
 """
 
 from __future__ import annotations
@@ -164,6 +166,40 @@ class EngineSocket:
             raise EngineRefused(f"{method} {path}: {exc}", operation=f"{method} {path}") from None
         finally:
             connection.close()
+
+    def runtimes(self) -> set[str]:
+        """The OCI runtimes registered with the engine (``GET /info``), as
+        :func:`runner.adapters.docker_engine.runtimes` reads them."""
+        info = self._call("GET", "/info", 200)
+        found = info.get("Runtimes") if isinstance(info, dict) else None
+        if not isinstance(found, dict):
+            raise EngineRefused("GET /info: no runtimes in the answer", operation="GET /info")
+        return set(found)
+
+    def image_id(self, ref: str) -> str | None:
+        """The engine's ID of the image ``ref`` (``GET /images/{ref}/json``), None when it
+        does not have it (the SDK's way then pulls it)."""
+        path = f"/images/{quote(ref, safe='/:')}/json"
+        try:
+            image = self._call("GET", path, 200)
+        except EngineRefused as exc:
+            if exc.status == 404:
+                return None
+            raise
+        found = image.get("Id") if isinstance(image, dict) else None
+        if not isinstance(found, str) or not found:
+            raise EngineRefused(f"GET {path}: no Id in the answer", operation=f"GET {path}")
+        return found
+
+    def status(self, container_id: str) -> str:
+        """The container's state (``running``, ``exited``, …), as ``container.status``."""
+        path = f"/containers/{quote(container_id, safe='')}/json"
+        found = self._call("GET", path, 200)
+        state = found.get("State") if isinstance(found, dict) else None
+        status = state.get("Status") if isinstance(state, dict) else None
+        if not isinstance(status, str):
+            raise EngineRefused(f"GET {path}: no state in the answer", operation=f"GET {path}")
+        return status
 
     def create(self, name: str, body: dict[str, Any]) -> str:
         """The new container's id."""

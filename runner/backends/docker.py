@@ -97,8 +97,11 @@ class DockerBackend:
         with self._early_lock:
             early = self._early
             if early is not None:
-                available = set(early.ask("runtimes"))
-                if runtime in available and not plan.gpus:  # the order of the checks below
+                # the whole list only where the runtime is missing (for the error)
+                available = {runtime} if early.ask("has_runtime", runtime) else set()
+                if not available:
+                    available = set(early.ask("runtimes"))
+                elif not plan.gpus:  # the order of the checks below
                     found = early.ask("image", plan.image_ref)
         if early is None:
             from runner.adapters.docker_engine import image_id, runtimes

@@ -70,5 +70,5 @@ def test_the_runner_has_not_loaded_the_docker_sdk_when_its_container_is_created(
     )
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stderr.split("SEEN ", 1)[1].splitlines()[0])
-    assert [what for what, _ in seen] == ["runtimes", "image", "create", "start"]
+    assert [what for what, _ in seen] == ["has_runtime", "image", "create", "start"]
     assert not any(loaded for _, loaded in seen[:3]), seen

@@ -9,6 +9,7 @@ real engine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socketserver
 import sys
@@ -150,9 +151,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(payload)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(payload)  # a client that refused the answer has gone
 
-    do_POST = do_DELETE = _answer
+    do_GET = do_POST = do_DELETE = _answer
 
     def address_string(self) -> str:
         return "unix"
@@ -279,3 +281,118 @@ def test_an_answer_nested_past_what_json_reads_is_refused(engine: _Engine):
     engine.answers["POST /containers/create"] = (201, b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(EngineRefused):
         EngineSocket(engine.server_address).create("n", {})  # type: ignore[arg-type]
+
+
+def _started_on_socket(helper: _Helper, engine: _Engine) -> None:
+    engine.answers.update({
+        "POST /containers/create": (201, b'{"Id": "c0ffee"}'),
+        "POST /containers/c0ffee/start": (204, b""),
+        "GET /containers/c0ffee/json": (200, b'{"State": {"Status": "running"}}'),
+        f"GET /images/{IMAGE.replace('@', '%40')}/json": (200, b'{"Id": "sha256:1d"}'),
+        "GET /info": (200, b'{"Runtimes": {"runc": {}, "runsc": {}}}'),
+        "DELETE /containers/c0ffee": (204, b""),
+    })
+    helper.start_ahead_on_socket(_ahead())
+    assert helper.socket is not None and helper.ahead is not None
+
+
+def _create(request: Any) -> tuple[str, Any]:
+    return ("create", request.image, list(request.command),
+            [list(m) for m in request.mounts], request.options)
+
+
+def _no_sdk(helper: _Helper, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Where the helper would load the SDK: recorded, and refused (its failure)."""
+    loaded: list[str] = []
+
+    def connect() -> None:
+        loaded.append("connect")
+        helper.failure = RuntimeError("the SDK was loaded")
+
+    monkeypatch.setattr(helper, "connect", connect)
+    return loaded
+
+
+def test_the_sandbox_started_on_the_socket_is_handed_over_without_the_sdk(
+    helper: _Helper, engine: _Engine, monkeypatch: pytest.MonkeyPatch
+):
+    _started_on_socket(helper, engine)
+    loaded = _no_sdk(helper, monkeypatch)
+    asked_before = len(engine.seen)
+    ahead = _ahead()
+    # the run asks what the SDK's way would have answered, in its order
+    assert helper.handle(("has_runtime", "runsc")) == ("ok", True)  # it runs on it
+    assert helper.handle(("image", IMAGE)) == ("ok", "sha256:1d")
+    status, made = helper.handle(_create(ahead.request))
+    assert status == "ok" and made.ahead == "adopted" and made.container_id == "c0ffee"
+    assert made.plan_dir == helper.ahead.plan_dir
+    assert helper.handle(("start",)) == ("ok", None)
+    assert loaded == []
+    assert [call[:2] for call in engine.seen[asked_before:]] == [
+        ("GET", f"/images/{IMAGE.replace('@', '%40')}/json"),
+        ("GET", "/containers/c0ffee/json"),
+    ]
+    helper.abandon()  # handed over and started: the runner's now
+    assert engine.seen[-1][:2] == ("GET", "/containers/c0ffee/json")
+
+
+def test_another_runtime_is_asked_of_the_engine(
+    helper: _Helper, engine: _Engine, monkeypatch: pytest.MonkeyPatch
+):
+    _started_on_socket(helper, engine)
+    loaded = _no_sdk(helper, monkeypatch)
+    assert helper.handle(("has_runtime", "runc")) == ("ok", True)
+    assert helper.handle(("has_runtime", "kata")) == ("ok", False)
+    assert helper.handle(("runtimes",)) == ("ok", ["runc", "runsc"])
+    assert engine.seen[-1][:2] == ("GET", "/info") and loaded == []
+
+
+@pytest.mark.parametrize(
+    ("answers", "request_"),
+    [
+        # the image is not there: the SDK's way pulls it
+        ({f"GET /images/{IMAGE.replace('@', '%40')}/json": (404, b"{}")}, ("image", IMAGE)),
+        # the engine's answer is not one this reads
+        ({"GET /info": (200, b'{"Runtimes": []}')}, ("runtimes",)),
+        ({f"GET /images/{IMAGE.replace('@', '%40')}/json": (200, b"{}")}, ("image", IMAGE)),
+        # the sandbox no longer waits, or its state cannot be read
+        ({"GET /containers/c0ffee/json": (200, b'{"State": {"Status": "exited"}}')},
+         _create(_ahead().request)),
+        ({"GET /containers/c0ffee/json": (404, b"{}")}, _create(_ahead().request)),
+    ],
+    ids=["image-missing", "runtimes-unread", "image-unread", "exited", "gone"],
+)
+def test_whatever_the_socket_cannot_answer_goes_the_sdks_way(
+    helper: _Helper, engine: _Engine, monkeypatch: pytest.MonkeyPatch, answers, request_
+):
+    _started_on_socket(helper, engine)
+    engine.answers.update(answers)
+    loaded = _no_sdk(helper, monkeypatch)
+    status, payload = helper.handle(request_)
+    assert loaded == ["connect"]
+    # the SDK could not connect here: its error, and the sandbox ahead removed
+    assert status == "crash" and "the SDK was loaded" in payload
+    assert helper.ahead is None
+    assert engine.seen[-1][:2] == ("DELETE", "/containers/c0ffee?force=1")
+
+
+def test_another_request_than_the_sandboxs_goes_the_sdks_way(
+    helper: _Helper, engine: _Engine, monkeypatch: pytest.MonkeyPatch
+):
+    _started_on_socket(helper, engine)
+    loaded = _no_sdk(helper, monkeypatch)
+    other = sandbox_request(IMAGE, LOCK, 4, plan=None, results=None)  # the next attempt
+    status, _ = helper.handle(_create(other))
+    assert status == "crash" and loaded == ["connect"]
+
+
+def test_a_sandbox_handed_over_but_never_started_is_removed_on_the_socket(
+    helper: _Helper, engine: _Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    _started_on_socket(helper, engine)
+    loaded = _no_sdk(helper, monkeypatch)
+    _, made = helper.handle(_create(_ahead().request))
+    assert made.ahead == "adopted"
+    helper.abandon()  # the runner stopped before it asked for the start
+    assert engine.seen[-1][:2] == ("DELETE", "/containers/c0ffee?force=1")
+    assert _folders(tmp_path) == [] and loaded == []
