@@ -43,7 +43,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.adapters.docker_ahead import (
     ADOPT_WITHIN_S,
@@ -52,9 +52,12 @@ from runner.adapters.docker_ahead import (
     AheadKey,
     Request,
 )
-from runner.adapters.docker_socket import EngineRefused, EngineSocket, create_body
+from runner.errors import DockerAPIError as EngineRefused
 from runner.errors import EvalrunError, InfrastructureError
 from runner.shared.protocol import PLAN_MOUNT, RESULTS_MOUNT, SANDBOX_UID
+
+if TYPE_CHECKING:
+    from runner.adapters.docker_socket import EngineSocket
 
 _LENGTH = struct.Struct(">I")
 # what a request or reply may hold: a container's options and mounts, an error's fields
@@ -368,6 +371,8 @@ class _Helper:
         """Create and start ``ahead``'s sandbox through the engine's socket, before the SDK
         is loaded (:mod:`runner.adapters.docker_socket`); nothing where that cannot be (the
         SDK's way, :meth:`start_ahead`, follows once it is loaded)."""
+        from runner.adapters.docker_socket import EngineSocket, create_body  # http.client
+
         engine = EngineSocket.from_env()
         prepared = self._prepared(ahead) if engine is not None else None
         if engine is None or prepared is None:

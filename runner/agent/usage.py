@@ -243,6 +243,20 @@ def _check_file(real: str, entry: TableEntry | None) -> tuple[str | None, bytes 
             os.close(fd)
 
 
+_BUFFERS = threading.local()
+
+
+def _buffer() -> memoryview:
+    """This thread's read buffer (1 MiB), made once: a fresh ``bytes`` per read is fresh
+    memory, and under gVisor each new page of it is a fault the sandbox handles (the files
+    a run checks are mostly under 1 MiB: reading into one buffer took the digits run's
+    ~500 files from 0.21-0.28 s to 0.15-0.17 s, cold, on its one CPU)."""
+    view: memoryview | None = getattr(_BUFFERS, "view", None)
+    if view is None:
+        view = _BUFFERS.view = memoryview(bytearray(1 << 20))
+    return view
+
+
 def _sha256_and_head(fd: int, size: int) -> tuple[str, bytes]:
     """The sha256 of the ``size`` bytes the open file ``fd`` has (fstat said so; a file
     that is shorter now hashes to something else), and its first bytes. A large file is
@@ -250,16 +264,17 @@ def _sha256_and_head(fd: int, size: int) -> tuple[str, bytes]:
     if size >= MAP_FROM and (mapped := hash_mapped(fd, size)) is not None:
         return mapped
     digest = hashlib.sha256()
+    buffer = _buffer()
     head = b""
     left = size
     while left > 0:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
+        count = os.readv(fd, [buffer[: min(left, len(buffer))]])
+        if not count:
             break
         if not head:
-            head = chunk[:_HEAD]
-        digest.update(chunk)
-        left -= len(chunk)
+            head = bytes(buffer[: min(count, _HEAD)])
+        digest.update(buffer[:count])
+        left -= count
     return digest.hexdigest(), head
 
 

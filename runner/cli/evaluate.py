@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runner import entry
 from runner._internal.settings import Settings
 from runner._internal.startup import loading
 from runner.cli import runs as cli_runs
@@ -162,19 +163,16 @@ def _run(args: argparse.Namespace, settings: Settings, term: Terminal, reports: 
         # the Docker SDK imported and the engine connected on the other core while this
         # process reads the spec (runner.adapters.docker_early); with --rerun it starts the
         # sandbox the last run of the same spec and lock asked for, handed over only if
-        # this run asks for the same (runner.adapters.docker_ahead)
-        from runner.adapters.docker_ahead import AheadKey
+        # this run asks for the same; the program may have forked it before this
+        # command's modules loaded (runner.entry)
         from runner.adapters.docker_early import EarlyEngine
-        from runner.bundle.store_paths import StorePaths
 
-        key = AheadKey.for_run(
-            settings.home,
-            StorePaths(settings.home).runs_dir,
-            Path(args.spec),
-            rerun=bool(args.rerun),
-            options=(f"verify_rootfs={args.verify_rootfs}",),
+        key = entry.key_for(
+            settings.home, str(args.spec), rerun=bool(args.rerun), verify_rootfs=args.verify_rootfs
         )
-        early = EarlyEngine.fork(key)
+        early = entry.take(key) or EarlyEngine.fork(key)
+    else:
+        entry.release()  # a helper forked for another command line (none is)
     try:
         return _run_with(args, settings, term, reports, early)
     finally:

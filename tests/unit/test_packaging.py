@@ -118,7 +118,7 @@ def test_installed_runner_resolves_images_and_agent_files_from_the_package(insta
     assert found["agent_files"] == list(AGENT_FILES)
     assert found["agent_files_exist"] is True
     assert found["agent_digest"] == agent_digest()
-    assert found["entry_point"] == "runner.cli:console_main"
+    assert found["entry_point"] == "runner.entry:console_main"
 
 
 def test_installed_evalrun_schema_runs_outside_the_checkout(installed):

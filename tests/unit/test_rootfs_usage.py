@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import time
@@ -434,3 +435,27 @@ def test_a_check_begun_before_the_plan_is_dropped_when_the_plan_asks_for_another
     else:
         assert record["mode"] == "full" and rootfs.child_env() == {}
         assert rootfs.finish()["passed"] is True
+
+
+@pytest.mark.parametrize("sizes", [(3 << 20, 5, 0, 1 << 20, (1 << 20) + 7, 16, 17)])
+def test_files_read_into_one_buffer_hash_and_head_as_their_own_bytes(tmp_path, sizes):
+    # one read buffer per thread: what a longer file left in it never leaks into the next
+    from runner.agent.usage import _sha256_and_head
+
+    for index, size in enumerate(sizes):
+        data = bytes((index * 7 + i) % 251 for i in range(size))
+        path = tmp_path / f"f{index}"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert _sha256_and_head(fd, size) == (hashlib.sha256(data).hexdigest(), data[:16])
+        finally:
+            os.close(fd)
+    # a file shorter than fstat said hashes to what it has now: never to the table's line
+    path = tmp_path / "short"
+    path.write_bytes(b"abc")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _sha256_and_head(fd, 10) == (hashlib.sha256(b"abc").hexdigest(), b"abc")
+    finally:
+        os.close(fd)
