@@ -32,7 +32,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits"
-EVALRUN = [sys.executable, "-m", "runner.cli"]
+# the program as its console script runs it (``[project.scripts]``), from the tree on
+# PYTHONPATH: ``python -m runner.cli`` would load the whole command line before a run's
+# helper is forked (runner.entry); a tree from before runner.entry has only the CLI's
+PROGRAM = """import sys
+try:
+    from runner.entry import console_main
+except ImportError:
+    from runner.cli import console_main
+sys.exit(console_main())
+"""
+EVALRUN = [sys.executable, "-c", PROGRAM]
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> float:

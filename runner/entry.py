@@ -139,3 +139,9 @@ def console_main() -> NoReturn:
     from runner.cli.main import console_main as program
 
     program()
+
+
+if __name__ == "__main__":  # ``python -m runner.entry``: the program, from its own module
+    from runner.entry import console_main as _program  # (not this copy, run as __main__)
+
+    _program()

@@ -19,7 +19,8 @@ from s3 import s3_server  # noqa: E402, F401  (a real S3 server: SeaweedFS on lo
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits"
-EVALRUN = [sys.executable, "-m", "runner.cli"]
+# the program as its console script runs it: a run forks its helper first (runner.entry)
+EVALRUN = [sys.executable, "-m", "runner.entry"]
 
 
 @dataclass
