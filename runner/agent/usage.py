@@ -65,6 +65,7 @@ class Lookup:
         self._files: dict[str, str | None] = {}
         self._heads: dict[str, bytes] = {}
         self.regular: set[str] = set()  # real paths of the regular files examined
+        self.hashed_bytes = 0  # of the files read to hash them
 
     def link(self, path: str) -> str | None:
         """The target of ``path`` when it is a symbolic link, else None (also when missing)."""
@@ -117,6 +118,7 @@ class Lookup:
         self._files[real] = reason
         if head is not None:
             self._heads[real] = head
+            self.hashed_bytes += entry.size if entry is not None else 0
         if regular:
             self.regular.add(real)
         return reason
@@ -352,6 +354,7 @@ class UsageVerifier:
         self._cancelled = False
         self._thread: threading.Thread | None = None
         self.traced_processes = 0
+        self._cpu_s = 0.0  # the checks' CPU time, on the thread and in finish()
 
     def submit(self, paths: list[str]) -> None:
         """Queue ``paths`` for checking; only before :meth:`start` (the thread queues the
@@ -369,13 +372,17 @@ class UsageVerifier:
         self._thread.start()
 
     def _follow(self, first: Callable[[], list[str]] | None) -> None:
-        self._load_table()
-        if first is not None:
-            self.submit(first())
-        self._check_pending()
-        while not self._stop.wait(0.05):
-            self._poll(live=True)
+        t0 = time.thread_time()
+        try:
+            self._load_table()
+            if first is not None:
+                self.submit(first())
             self._check_pending()
+            while not self._stop.wait(0.05):
+                self._poll(live=True)
+                self._check_pending()
+        finally:
+            self._cpu_s += time.thread_time() - t0
 
     def _load_table(self) -> None:
         if self._table_bytes is None:
@@ -445,13 +452,17 @@ class UsageVerifier:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        t0 = time.thread_time()
         self._poll()
         self.submit(more or [])
         self._check_pending()
+        self._cpu_s += time.thread_time() - t0
         failures = sorted(self._failures)
         return {
             "files_reported": len(self._seen),
             "files_verified": len(self._lookup.regular),
+            "bytes_hashed": self._lookup.hashed_bytes,
+            "check_cpu_s": round(self._cpu_s, 4),
             "traced_processes": self.traced_processes,
             "failures": failures[:MAX_LISTED],
             "failure_count": len(failures),
@@ -463,6 +474,8 @@ class UsageRecord(TypedDict):
 
     files_reported: int
     files_verified: int
+    bytes_hashed: int
+    check_cpu_s: float
     traced_processes: int
     failures: list[str]
     failure_count: int

@@ -43,9 +43,11 @@ class RootfsRecord(TypedDict, total=False):
     entries: int
     files_reported: int
     files_verified: int
+    bytes_hashed: int  # of the files used (``used`` mode)
+    check_cpu_s: float  # the CPU time the check of the files used took, in the sandbox
     traced_processes: int
     failures: list[str]
-    failure_count: int  # the five keys before come from UsageVerifier.finish
+    failure_count: int  # the seven keys before come from UsageVerifier.finish
     duration_s: float
 
 
@@ -226,6 +228,8 @@ class RootfsVerification:
             usage = self._usage.finish([*agent_paths(), *self._later])
             self.record["files_reported"] = usage["files_reported"]
             self.record["files_verified"] = usage["files_verified"]
+            self.record["bytes_hashed"] = usage["bytes_hashed"]
+            self.record["check_cpu_s"] = usage["check_cpu_s"]
             self.record["traced_processes"] = usage["traced_processes"]
             self.record["failures"] = usage["failures"]
             self.record["failure_count"] = usage["failure_count"]

@@ -334,6 +334,8 @@ _ROOTFS_CHECK_KEYS = (
     "entries",
     "files_verified",
     "files_reported",
+    "bytes_hashed",
+    "check_cpu_s",
     "traced_processes",
     "table",
     "table_digest",

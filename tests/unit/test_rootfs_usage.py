@@ -111,6 +111,9 @@ def test_usage_verifier_fails_on_a_file_changed_after_the_table(image_dir, tmp_p
     (image_dir / "app" / "model.py").write_text("VALUE = 3\n")  # changed, but never used
     ok = verifier.finish()
     assert ok["failure_count"] == 0 and ok["traced_processes"] == 1
+    # what the check read, and the CPU it took (the sandbox's, under the spec's limit)
+    assert ok["bytes_hashed"] == (image_dir / "app" / "data.txt").stat().st_size
+    assert ok["check_cpu_s"] >= 0 and ok["files_verified"] == 1
 
     verifier = UsageVerifier(table, trace)
     (trace / "999999992.paths").write_text(json.dumps(str(image_dir / "app" / "model.py")) + "\n")
