@@ -109,7 +109,11 @@ def fork_for(argv: Sequence[str]) -> None:
     from runner.adapters.docker_early import EarlyEngine
 
     spec, rerun, verify = words
-    _Forked.key = key_for(Settings().home, spec, rerun=rerun, verify_rootfs=verify)
+    try:
+        home = Settings().home
+    except Exception:  # the command says what is wrong with the environment
+        return
+    _Forked.key = key_for(home, spec, rerun=rerun, verify_rootfs=verify)
     _Forked.engine = EarlyEngine.fork(_Forked.key)
 
 

@@ -8,10 +8,22 @@ from pathlib import Path
 
 import platformdirs
 
+from runner.errors import InputError
+
 
 def _env_path(var: str, default: Path) -> Path:
     value = os.environ.get(var)
-    return Path(value).expanduser() if value else default
+    if not value:
+        return default
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:  # ``~user/…`` for a user this system does not have
+        raise InputError(
+            f"${var} cannot be used: {exc}",
+            variable=var,
+            expected="a path (~ for your own home, ~USER for an existing user's)",
+            found=value,
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from runner._internal.settings import Settings
@@ -194,26 +195,58 @@ def _main(argv: Sequence[str] | None) -> int:
             f = usage.fields
             print(f"{f['usage']}\n{f['command']}: error: {usage.message}", file=sys.stderr)
         return usage.exit_code
-    settings = Settings()
+    as_json = getattr(args, "json", False)
+    try:
+        settings = Settings()
+    except InputError as err:  # a location from the environment that cannot be used
+        return _reported(err, as_json=as_json)
     configure_logging(settings, getattr(args, "log_json", False), getattr(args, "verbose", False))
-    term = Terminal(quiet=getattr(args, "json", False))
+    term = Terminal(quiet=as_json)
     try:
         code: int = args.fn(args, settings, term)
     except KeyboardInterrupt as stop:
         by = getattr(stop, "signal_name", "Ctrl-C")
-        err = Interrupted(f"interrupted ({by}); nothing was left half-written")
-        print(f"evalrun: {err.diagnostics()}", file=sys.stderr)
-        return err.exit_code
+        stopped = Interrupted(f"interrupted ({by}); nothing was left half-written")
+        print(f"evalrun: {stopped.diagnostics()}", file=sys.stderr)
+        return stopped.exit_code
     except EvalrunError as err:
         log.error(err.message, extra={"event": "error", "error": err.as_dict()})
-        if getattr(args, "json", False):
-            emit_json(err.as_dict())
-        else:
-            print(f"evalrun: error: {err.diagnostics()}", file=sys.stderr)
-        return err.exit_code
+        return _reported(err, as_json=as_json)
+    except OSError as exc:
+        unusable = _unusable_location(exc, settings)
+        if unusable is None:  # a bug: the user still gets one line and exit 1, the log the rest
+            return _internal_error(exc, settings, as_json=as_json)
+        log.error(unusable.message, extra={"event": "error", "error": unusable.as_dict()})
+        return _reported(unusable, as_json=as_json)
     except Exception as exc:  # a bug: the user still gets one line and exit 1, the log the rest
-        return _internal_error(exc, settings, as_json=getattr(args, "json", False))
+        return _internal_error(exc, settings, as_json=as_json)
     return code
+
+
+def _reported(err: EvalrunError, *, as_json: bool) -> int:
+    """``err`` told the user (one JSON object under ``--json``); its exit code."""
+    if as_json:
+        emit_json(err.as_dict())
+    else:
+        print(f"evalrun: error: {err.diagnostics()}", file=sys.stderr)
+    return err.exit_code
+
+
+def _unusable_location(exc: OSError, settings: Settings) -> InputError | None:
+    """``exc`` as the error of a store or cache folder the environment names that evalrun
+    cannot make or write (``EVALRUN_HOME=/read-only/…``); None for any other OSError."""
+    if not isinstance(exc.filename, str):
+        return None
+    path = Path(exc.filename)
+    for variable, root in (("EVALRUN_HOME", settings.home), ("EVALRUN_CACHE", settings.cache)):
+        if path == root or root in path.parents or path in root.parents:
+            return InputError(
+                f"evalrun cannot use {root} (${variable}): {exc.strerror or exc}",
+                variable=variable,
+                path=exc.filename,
+                hint=f"set {variable} to a folder you can create and write",
+            )
+    return None
 
 
 def _internal_error(exc: Exception, settings: Settings, *, as_json: bool) -> int:

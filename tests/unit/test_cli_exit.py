@@ -89,3 +89,26 @@ def test_an_executor_left_open_does_not_hold_the_exit(tmp_path: Path) -> None:
     result = _evalrun(tmp_path / "home", code=code)  # a hang is a TimeoutExpired
     assert result.returncode == 2
     assert result.stdout == "worked\n"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("EVALRUN_HOME", "~no-such-user-here/evalrun", "$EVALRUN_HOME cannot be used"),
+        ("EVALRUN_CACHE", "~no-such-user-here/cache", "$EVALRUN_CACHE cannot be used"),
+        ("EVALRUN_HOME", "/proc/1/no-store-here", "evalrun cannot use /proc/1/no-store-here"),
+    ],
+)
+def test_a_store_or_cache_the_environment_names_but_evalrun_cannot_use_is_one_line(
+    tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    env = {**os.environ, "EVALRUN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT),
+           variable: value}
+    for args in (["runs", "ls"], ["run", str(tmp_path / "eval.yaml"), "--rerun"]):
+        result = subprocess.run([sys.executable, "-m", "runner.entry", *args, "--json"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        error = json.loads(result.stdout)
+        assert "Traceback" not in result.stderr
+        if args[0] == "runs" or "~" in value:  # (a run asks for its signing key there first)
+            assert says in error["message"] and error["variable"] == variable, error
