@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -212,6 +213,15 @@ def _main(argv: Sequence[str] | None) -> int:
     except EvalrunError as err:
         log.error(err.message, extra={"event": "error", "error": err.as_dict()})
         return _reported(err, as_json=as_json)
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # another pipe or socket: not the reader of the output
+            return _internal_error(exc, settings, as_json=as_json)
+        # the reader of the output went away (`evalrun runs ls | head -1`): nothing more
+        # can reach it; as Python's own recipe does, the rest goes to /dev/null, exit 1
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        log.warning("output cut short", extra={"event": "output_closed"})
+        return 1
     except OSError as exc:
         unusable = _unusable_location(exc, settings)
         if unusable is None:  # a bug: the user still gets one line and exit 1, the log the rest
@@ -221,6 +231,17 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as exc:  # a bug: the user still gets one line and exit 1, the log the rest
         return _internal_error(exc, settings, as_json=as_json)
     return code
+
+
+def _stdout_closed() -> bool:
+    """Whether the reader of this process's standard output has closed it (a pipe whose
+    other end is gone polls as an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _reported(err: EvalrunError, *, as_json: bool) -> int:

@@ -112,3 +112,18 @@ def test_a_store_or_cache_the_environment_names_but_evalrun_cannot_use_is_one_li
         assert "Traceback" not in result.stderr
         if args[0] == "runs" or "~" in value:  # (a run asks for its signing key there first)
             assert says in error["message"] and error["variable"] == variable, error
+
+
+def test_a_reader_that_closes_the_output_early_ends_it_quietly(tmp_path: Path) -> None:
+    # `evalrun runs ls | head -1`: what no one reads any more is not an error to report
+    env = {**os.environ, "EVALRUN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    for args in (["runs", "ls", "--json"], ["schema"]):
+        proc = subprocess.Popen([sys.executable, "-m", "runner.entry", *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before the first line
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 1
+        assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    log = (tmp_path / "home" / "logs" / "evalrun.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["event"] == "output_closed"
