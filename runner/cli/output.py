@@ -67,6 +67,10 @@ def configure_logging(settings: Settings, log_json: bool, verbose: bool) -> None
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(JsonLinesFormatter())
         root.addHandler(stream)
+    if not root.handlers:
+        # no log file (its folder cannot be made): logging's last resort would print each
+        # error a second time, unformatted, next to the one line the command prints
+        root.addHandler(logging.NullHandler())
     for noisy in ("urllib3", "docker", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -112,6 +112,10 @@ def test_a_store_or_cache_the_environment_names_but_evalrun_cannot_use_is_one_li
         assert "Traceback" not in result.stderr
         if args[0] == "runs" or "~" in value:  # (a run asks for its signing key there first)
             assert says in error["message"] and error["variable"] == variable, error
+    # on the terminal: said once (no log file to write: nothing else prints it again)
+    result = subprocess.run([sys.executable, "-m", "runner.entry", "runs", "ls"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count(says) == 1, result.stderr
 
 
 def test_a_reader_that_closes_the_output_early_ends_it_quietly(tmp_path: Path) -> None:
