@@ -145,8 +145,12 @@ class EngineSocket:
         path = socket_path(os.environ if environ is None else environ)
         return cls(path) if path is not None else None
 
+    def _connection(self) -> http.client.HTTPConnection:
+        """A new connection to the engine (one per call)."""
+        return _UnixConnection(self.path, self.timeout)
+
     def _call(self, method: str, path: str, expected: int, body: Any = None) -> Any:
-        connection = _UnixConnection(self.path, self.timeout)
+        connection = self._connection()
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}

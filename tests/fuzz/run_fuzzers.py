@@ -33,14 +33,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CORPUS = HERE / "corpus"
 WORK = ROOT / "build" / "fuzz"
-TARGETS = ("spec", "bundle", "frame", "pull", "index", "ahead")
+TARGETS = ("spec", "bundle", "frame", "pull", "index", "ahead", "engine")
 # the largest input worth mutating per target (a bundle tar, a frame with its tar)
 MAX_LEN = {
-    "spec": 8192, "bundle": 65536, "frame": 16384, "pull": 65536, "index": 65536, "ahead": 8192
+    "spec": 8192, "bundle": 65536, "frame": 16384, "pull": 65536, "index": 65536, "ahead": 8192,
+    "engine": 4096,
 }
 TIMEOUT_S = 10
 RSS_LIMIT_MB = 3072
-INSTRUMENTED = ["runner", "yaml", "tarfile"]
+INSTRUMENTED = ["runner", "yaml", "tarfile", "http.client"]
 
 
 def _seed(target: str) -> int:
