@@ -127,3 +127,9 @@ def test_installed_evalrun_schema_runs_outside_the_checkout(installed):
     assert result.returncode == 0, result.stderr
     checked_in = json.loads((ROOT / "runner" / "schema" / "evaluation-v1.json").read_text())
     assert json.loads(result.stdout) == checked_in
+    # the program as its console script runs it (runner.entry), and as `python -m`
+    for args in (("-c", "import sys; from runner.entry import console_main; "
+                  "sys.exit(console_main())", "schema"), ("-m", "runner.entry", "schema")):
+        result = run_installed(installed, *args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == checked_in
