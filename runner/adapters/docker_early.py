@@ -348,11 +348,7 @@ class _Helper:
             if what == "create" and ahead is not None and ahead.container_id is not None:
                 image, command, mounts, options = args
                 request = Request(image, tuple(command), tuple(tuple(m) for m in mounts), options)
-                if (
-                    request.normalized() == ahead.request.normalized()
-                    and time.monotonic() - ahead.at < ADOPT_WITHIN_S
-                    and self.socket.status(ahead.container_id) == "running"
-                ):
+                if self._handover(ahead, request) == "adopted":
                     self.adopted = True
                     return Made(
                         ahead.container_id,
@@ -468,14 +464,9 @@ class _Helper:
         ("different", "not_waiting")."""
         ahead = self.ahead
         assert ahead is not None
-        outcome = "different"
-        if request.normalized() == ahead.request.normalized():
-            outcome = "not_waiting"
-            if time.monotonic() - ahead.at < ADOPT_WITHIN_S:
-                with contextlib.suppress(Exception):
-                    ahead.container.reload()
-                    if ahead.container.status == "running":
-                        return "adopted"
+        outcome = self._handover(ahead, request)
+        if outcome == "adopted":
+            return outcome
         self.ahead = None
         if ahead.request.options["name"] == request.options["name"]:
             self._remove(ahead)  # the name is this run's container's: free it first
@@ -484,6 +475,24 @@ class _Helper:
             removal.start()
             self.removals.append(removal)
         return outcome
+
+    def _handover(self, ahead: _Started, request: Request) -> str:
+        """ "adopted" when ``ahead`` was started from ``request`` and its agent still waits
+        for a plan; else "different" (another request) or "not_waiting". Its state is read
+        as it was started: through the SDK's object, or on the engine's socket."""
+        if request.normalized() != ahead.request.normalized():
+            return "different"
+        if time.monotonic() - ahead.at < ADOPT_WITHIN_S:
+            with contextlib.suppress(Exception):  # a state that cannot be read: not waiting
+                if ahead.container is not None:
+                    ahead.container.reload()
+                    status = ahead.container.status
+                else:
+                    assert self.socket is not None and ahead.container_id is not None
+                    status = self.socket.status(ahead.container_id)
+                if status == "running":
+                    return "adopted"
+        return "not_waiting"
 
     def _remove(self, started: _Started) -> None:
         if started.container is not None:

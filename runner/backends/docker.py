@@ -97,12 +97,12 @@ class DockerBackend:
         with self._early_lock:
             early = self._early
             if early is not None:
-                # the whole list only where the runtime is missing (for the error)
-                available = {runtime} if early.ask("has_runtime", runtime) else set()
-                if not available:
+                if early.ask("has_runtime", runtime):
+                    available = {runtime}
+                    if not plan.gpus:  # the order of the checks below
+                        found = early.ask("image", plan.image_ref)
+                else:  # the whole list, for the error
                     available = set(early.ask("runtimes"))
-                elif not plan.gpus:  # the order of the checks below
-                    found = early.ask("image", plan.image_ref)
         if early is None:
             from runner.adapters.docker_engine import image_id, runtimes
 
