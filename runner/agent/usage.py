@@ -28,7 +28,13 @@ from runner.agent.module_pack import bytecode_magic
 from runner.agent.rootfs import is_excluded, rootfs_digest
 from runner.agent.trace_hook import loaded_file
 from runner.shared.inputs import MAP_FROM, hash_mapped
-from runner.shared.rootfs_table import MAX_TABLE_BYTES, TABLE_PATH, TableEntry, parse_table
+from runner.shared.rootfs_table import (
+    MAX_TABLE_BYTES,
+    TABLE_PATH,
+    Table,
+    TableEntry,
+    TableIndex,
+)
 
 HOOK_SOURCE = Path(__file__).with_name("trace_hook.py")
 # At most this many failures are listed in preflight.json (the count is always exact).
@@ -130,7 +136,7 @@ class Lookup:
         return self._heads.get(real)
 
 
-def check_path(path: str, table: dict[str, TableEntry], lookup: Lookup | None = None) -> str | None:
+def check_path(path: str, table: Table, lookup: Lookup | None = None) -> str | None:
     """Why ``path`` (absolute) does not match the table, or None when it does.
 
     A path outside the image (runtime mounts, ``/tmp``) or one that does not exist was
@@ -154,7 +160,7 @@ def check_path(path: str, table: dict[str, TableEntry], lookup: Lookup | None = 
     return lookup.file_check(real, table.get(real))
 
 
-def check_used(path: str, table: dict[str, TableEntry], lookup: Lookup) -> str | None:
+def check_used(path: str, table: Table, lookup: Lookup) -> str | None:
     """:func:`check_path`, and for a module's bytecode also its source when the interpreter
     compiled that instead (:func:`source_read_for`)."""
     reason = check_path(path, table, lookup)
@@ -280,7 +286,7 @@ def _sha256_and_head(fd: int, size: int) -> tuple[str, bytes]:
     return digest.hexdigest(), head
 
 
-def _check_links(path: str, table: dict[str, TableEntry], lookup: Lookup) -> str | None:
+def _check_links(path: str, table: Table, lookup: Lookup) -> str | None:
     """Each link met on the way from ``path`` to its file must be the table's link."""
     pending = path
     for _ in range(40):
@@ -338,11 +344,11 @@ class UsageVerifier:
     one CPU: 0.24 s on one thread, 0.43 s and twice the CPU time on four).
     """
 
-    def __init__(self, table: dict[str, TableEntry] | bytes, trace_dir: Path) -> None:
-        # the table's bytes are parsed on the thread (:meth:`start`): ~20 ms under gVisor
-        # that the evaluation's start no longer waits for
+    def __init__(self, table: Table | bytes, trace_dir: Path) -> None:
+        # the table's bytes are indexed on the thread (:meth:`start`), not on the
+        # evaluation's way to its start
         self._table_bytes = table if isinstance(table, bytes) else None
-        self.table: dict[str, TableEntry] = {} if isinstance(table, bytes) else table
+        self.table: Table = {} if isinstance(table, bytes) else table
         self.table_error: str | None = None
         self.trace_dir = trace_dir
         self._lookup = Lookup()
@@ -388,7 +394,7 @@ class UsageVerifier:
         if self._table_bytes is None:
             return
         try:
-            self.table = parse_table(self._table_bytes)
+            self.table = TableIndex(self._table_bytes)
         except ValueError as exc:  # nothing can be checked against it: the run fails
             self.table_error = f"the image's digest table cannot be read: {exc}"
             self._failures.append(self.table_error)

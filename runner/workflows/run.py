@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -155,6 +155,7 @@ def run_evaluation(
     transfer: TransferProgress | None = None,
     verify_rootfs: Literal["used", "full"] | None = None,
     spec: EvalSpec | None = None,
+    preload: Sequence[str] = (),
 ) -> RunOutcome:
     """Run (or find) the evaluation of a locked spec; always ends in a stored bundle.
 
@@ -167,6 +168,8 @@ def run_evaluation(
     a ``(done, total)`` callback to follow an input fetched by digest (the CLI's bar).
     ``verify_rootfs`` overrides the spec's ``sandbox.verify_rootfs`` for a new run.
     ``spec`` is the spec as the caller already loaded it from ``spec_path`` (read once).
+    ``preload``: modules the caller uses once the run is sealed (its report), loaded with
+    those sealing needs while the sandbox runs (:func:`prepare_sealing`).
     """
     spec, lock = load_locked(spec_path, spec)
     store = Store(settings.home)
@@ -217,7 +220,7 @@ def run_evaluation(
             )
             holder.plan, holder.jobs, holder.sandbox = plan, jobs, sandbox
             return backend.run(
-                plan, results_tmp, on_start=functools.partial(prepare_sealing, sealing)
+                plan, results_tmp, on_start=functools.partial(prepare_sealing, sealing, preload)
             )
 
         holder = _PlanHolder()
@@ -251,12 +254,13 @@ class Sealing:
         return self.provenance_of()
 
 
-def prepare_sealing(sealing: Sealing) -> None:
-    """What sealing ``sealing``'s run needs and its start did not: loaded, and its
-    provenance block built. A backend calls it (``on_start``) once the sandbox runs, on the
-    caller's thread, while the evaluation goes on; an error in it ends the run like an
-    error before the start (the sandbox is removed, nothing is sealed from it)."""
-    for name in SEALING_MODULES:
+def prepare_sealing(sealing: Sealing, preload: Sequence[str] = ()) -> None:
+    """What sealing ``sealing``'s run needs and its start did not: loaded, with the
+    caller's ``preload`` (what it uses after), and its provenance block built. A backend
+    calls it (``on_start``) once the sandbox runs, on the caller's thread, while the
+    evaluation goes on; an error in it ends the run like an error before the start (the
+    sandbox is removed, nothing is sealed from it)."""
+    for name in (*SEALING_MODULES, *preload):
         importlib.import_module(name)
     _ = sealing.run_provenance
 

@@ -221,5 +221,64 @@ def test_the_launcher_runs_the_agent_without_runpy_and_from_the_package_folder(t
 
 def test_the_template_starts_the_agent_with_the_launcher():
     template = (ROOT / "images" / "python-eval.Dockerfile.j2").read_text()
-    assert 'ENTRYPOINT ["python3", "/opt/evalrun/agent/runner/agent/launch.py"]' in template
+    assert 'ENTRYPOINT ["python3", "-S", "/opt/evalrun/agent/runner/agent/launch.py"]' in template
+
+
+def _sys_path(*flags: str, code: str, cwd: Path) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, *flags, "-c", f"import json, sys\n{code}\nprint(json.dumps(sys.path))"],
+        capture_output=True, text=True, check=True, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout
+    return json.loads(out)
+
+
+def test_the_launcher_puts_the_site_folders_on_sys_path_as_site_does(tmp_path):
+    # the interpreter's and its venv's site-packages, and the folders their .pth files name,
+    # in site's order; what .pth import lines add (this venv's editable finder) is not run
+    with_site = _sys_path(code="sys.path.pop(0)", cwd=tmp_path)
+    launched = _sys_path(
+        "-S",
+        code="sys.path.pop(0)\nfrom runner.agent.launch import site_folders\nsite_folders()",
+        cwd=tmp_path,
+    )
+    bare = _sys_path("-S", code="sys.path.pop(0)", cwd=tmp_path)
+    assert [p for p in with_site if p in bare or os.path.exists(p)] == launched
+    assert any(p.endswith("-packages") for p in launched)
+
+
+def test_a_pth_file_adds_its_folders_and_runs_none_of_its_lines(tmp_path):
+    from runner.agent.launch import _pth_folders
+
+    site_dir = tmp_path / "site-packages"
+    (site_dir / "extra").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (site_dir / "a.pth").write_text(
+        "# a comment\n\nextra\nmissing\n"
+        f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
+        "extra\n"
+    )
+    before = list(sys.path)
+    try:
+        known: set[str] = set()
+        assert _pth_folders(str(site_dir), "a.pth", known) is known
+        added = sys.path[len(before):]
+    finally:
+        sys.path[:] = before
+    assert added == [str(site_dir / "extra")]  # once, and only a folder that exists
+    assert not marker.exists()
+    assert _pth_folders(str(site_dir), "gone.pth", set()) == set()  # unreadable: nothing
+
+
+def test_the_launcher_leaves_site_as_it_found_it():
+    import site
+
+    from runner.agent.launch import site_folders
+
+    before, add_lines = list(sys.path), site.addpackage
+    try:
+        site_folders()
+    finally:
+        sys.path[:] = before
+    assert site.addpackage is add_lines
 

@@ -152,15 +152,29 @@ def test_usage_verifier_checks_what_a_traced_process_maps_while_it_runs(image_di
     record = verifier.finish()
     # the holder's interpreter and libraries are not in this table; the file it mapped is
     assert not [f for f in record["failures"] if str(image_dir) in f]
-    assert verifier.table == table  # parsed from the table's bytes on the thread
+    # indexed from the table's bytes on the thread: the same entries as the parsed table
+    assert len(verifier.table) == len(table)
+    assert all(verifier.table.get(path) == entry for path, entry in table.items())
 
 
-def test_a_table_that_cannot_be_parsed_fails_the_check(tmp_path):
-    verifier = UsageVerifier(b"f /a 0644 0:0 notanumber sha256:00\n", tmp_path)
+def test_a_table_that_cannot_be_read_fails_the_check(tmp_path):
+    # a line without a path: nothing can be looked up in the table
+    verifier = UsageVerifier(b"d / 0755 0:0\nf\n", tmp_path)
     verifier.start()
     record = verifier.finish(["/usr/bin/true"])
     assert record["failure_count"] == 1
-    assert verifier.table_error is not None and "digest table line 1" in verifier.table_error
+    assert verifier.table_error is not None and "digest table line 2" in verifier.table_error
+
+
+def test_a_table_line_that_cannot_be_read_fails_the_check_of_its_file(image_dir, tmp_path):
+    # the lines are read as their paths are looked up: a bad one fails its file's check
+    used = image_dir / "app" / "data.txt"
+    line = f"f {used} 0644 0:0 notanumber sha256:00\n".encode()
+    verifier = UsageVerifier(line, tmp_path)
+    verifier.start()
+    record = verifier.finish([str(used)])
+    assert verifier.table_error is None
+    assert any("digest table line 1" in failure for failure in record["failures"])
 
 
 def test_plan_verify_rootfs_is_checked():

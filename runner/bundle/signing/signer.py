@@ -9,6 +9,7 @@ algorithms, ECDSA P-256 with SHA-256 (DER signatures) and Ed25519, are handled h
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -68,7 +69,7 @@ class Verifier:
             if isinstance(self.public_key, ed25519.Ed25519PublicKey):
                 self.public_key.verify(signature, data)
             else:
-                self.public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+                self.public_key.verify(signature, data, _ecdsa_sha256())
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -157,14 +158,24 @@ class Signer(ABC):
         )
 
 
+@functools.cache
+def _ecdsa_sha256() -> ec.ECDSA:
+    """ECDSA with SHA-256, made once: making it loads cryptography's OpenSSL backend."""
+    return ec.ECDSA(hashes.SHA256())
+
+
 @dataclass(frozen=True)
 class PrivateKeySigner(Signer):
     """A signer whose private key is in this process's memory (loaded from PEM)."""
 
     private_key: PrivateKey = field(repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.private_key, ed25519.Ed25519PrivateKey):
+            _ecdsa_sha256()  # loads OpenSSL's backend now, not at the end of a run (~5 ms)
+
     def sign(self, data: bytes) -> bytes:
         """Sign ``data``: raw 64-byte Ed25519, or DER-encoded ECDSA P-256/SHA-256."""
         if isinstance(self.private_key, ed25519.Ed25519PrivateKey):
             return self.private_key.sign(data)
-        return self.private_key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self.private_key.sign(data, _ecdsa_sha256())
