@@ -2,7 +2,8 @@
 
 The agent copies this file, as ``sitecustomize.py``, into a private folder it puts on the
 evaluation's ``PYTHONPATH`` (with ``EVALRUN_TRACE_DIR``). In every Python process of the
-evaluation it then records, one JSON string per line in ``$EVALRUN_TRACE_DIR/<pid>.paths``:
+evaluation it then records in ``$EVALRUN_TRACE_DIR/<pid>.paths``, each path as its bytes
+ended by a NUL (which no path holds; a newline or an undecodable byte in a name is kept):
 each file opened (the ``open`` audit event: sources and bytecode of imported modules, data
 files), each program started (``subprocess.Popen``, ``os.exec``, ``os.posix_spawn``), each
 library loaded through ctypes, and, at exit, the file each imported module was loaded from
@@ -11,20 +12,21 @@ when no open reported it (:func:`loaded_file`) and every file mapped into the pr
 against the image's digest table.
 
 It then steps aside: its folder leaves ``sys.path`` and the image's own ``sitecustomize``,
-if any, is imported as usual. Standard library only, any Python from 3.8.
+if any, is imported as usual. Standard library only, any Python from 3.8, and nothing the
+interpreter has not loaded before its ``sitecustomize``: it runs in every process of the
+evaluation, a worker pool's each, before its first line. (It wrote JSON lines once:
+``json`` and the ``re`` it needs cost every such process 20-60 ms under gVisor when the
+evaluation itself did not import them; ``from __future__`` would load a module too.)
 """
 
-from __future__ import annotations
-
 import atexit
-import json
 import os
 import sys
 
 _PROGRAM_EVENTS = ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn")
 
 
-def loaded_file(module: object) -> str | None:
+def loaded_file(module: object) -> "str | None":
     """The file ``module``'s code was read from: its bytecode when it has some, else its
     ``__file__``; None for a module inside the interpreter (frozen, built in).
 
@@ -52,8 +54,8 @@ def _install(out_dir: str) -> None:
         return
     seen = set()
     # bound now: the evaluation may replace module attributes later
-    write, fsdecode, abspath, dumps = os.write, os.fsdecode, os.path.abspath, json.dumps
-    state: dict[str, int] = {"fd": fd, "pid": os.getpid()}
+    write, fsdecode, fsencode, abspath = os.write, os.fsdecode, os.fsencode, os.path.abspath
+    state = {"fd": fd, "pid": os.getpid()}
 
     def note(path: object) -> None:
         if isinstance(path, int) or path is None:
@@ -76,7 +78,7 @@ def _install(out_dir: str) -> None:
             except OSError:
                 pass
         try:
-            write(state["fd"], (dumps(text) + "\n").encode())
+            write(state["fd"], fsencode(text) + b"\0")
         except Exception:
             pass
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import stat
 import sys
@@ -434,15 +433,9 @@ class UsageVerifier:
             with contextlib.suppress(OSError), path.open("rb") as fh:
                 fh.seek(offset)
                 data = fh.read()
-                complete = data[: data.rfind(b"\n") + 1]
+                complete = data[: data.rfind(b"\0") + 1]  # each path ends in a NUL
                 self._offsets[name] = offset + len(complete)
-                found = []
-                for line in complete.splitlines():
-                    with contextlib.suppress(ValueError):
-                        item = json.loads(line)
-                        if isinstance(item, str):
-                            found.append(item)
-                self.submit(found)
+                self.submit([os.fsdecode(path) for path in complete.split(b"\0") if path])
         self.traced_processes = len(self._offsets)
 
     def stop(self) -> None:

@@ -33,11 +33,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CORPUS = HERE / "corpus"
 WORK = ROOT / "build" / "fuzz"
-TARGETS = ("spec", "bundle", "frame", "pull", "index", "ahead", "engine")
+TARGETS = ("spec", "bundle", "frame", "pull", "index", "ahead", "engine", "table")
 # the largest input worth mutating per target (a bundle tar, a frame with its tar)
 MAX_LEN = {
     "spec": 8192, "bundle": 65536, "frame": 16384, "pull": 65536, "index": 65536, "ahead": 8192,
-    "engine": 4096,
+    "engine": 4096, "table": 8192,
 }
 TIMEOUT_S = 10
 RSS_LIMIT_MB = 3072

@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
-TARGETS = ("spec", "bundle", "frame", "pull", "index", "ahead", "engine")
+TARGETS = ("spec", "bundle", "frame", "pull", "index", "ahead", "engine", "table")
 
 
 def _module(target: str):  # type: ignore[no-untyped-def]

@@ -89,8 +89,21 @@ def test_trace_hook_reports_opens_imports_and_maps(image_dir, tmp_path):
     )
     assert proc.stderr == ""  # no "Error in sitecustomize" where the image has none of its own
     reported = {
-        json.loads(line) for f in trace.glob("*.paths") for line in f.read_text().splitlines()
+        os.fsdecode(path) for f in trace.glob("*.paths") for path in f.read_bytes().split(b"\0")
     }
+    assert all(f.read_bytes().endswith(b"\0") for f in trace.glob("*.paths"))
+    # the hook loads no module from a file the interpreter had not: no json, re, __future__
+    listing = "import sys; print(chr(10).join(sys.modules))"
+    hooked = subprocess.run(
+        [sys.executable, "-c", listing], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
+    bare = subprocess.run(
+        [sys.executable, "-c", listing],
+        env={k: v for k, v in env.items() if k not in ("PYTHONPATH", "EVALRUN_TRACE_DIR")},
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    loaded = set(hooked) - set(bare) - {"sitecustomize"}
+    assert loaded <= set(sys.builtin_module_names), loaded
     assert str(image_dir / "app" / "model.py") in reported
     assert str(image_dir / "app" / "data.txt") in reported
     assert sys.executable in reported or os.path.realpath(sys.executable) in reported
@@ -107,7 +120,7 @@ def test_usage_verifier_fails_on_a_file_changed_after_the_table(image_dir, tmp_p
     verifier = UsageVerifier(table, trace)
     verifier.start()
     # (named as a process no longer running: the verifier also reads a live one's maps)
-    (trace / "999999991.paths").write_text(json.dumps(str(image_dir / "app" / "data.txt")) + "\n")
+    (trace / "999999991.paths").write_bytes(os.fsencode(image_dir / "app" / "data.txt") + b"\0")
     (image_dir / "app" / "model.py").write_text("VALUE = 3\n")  # changed, but never used
     ok = verifier.finish()
     assert ok["failure_count"] == 0 and ok["traced_processes"] == 1
@@ -116,7 +129,7 @@ def test_usage_verifier_fails_on_a_file_changed_after_the_table(image_dir, tmp_p
     assert ok["check_cpu_s"] >= 0 and ok["files_verified"] == 1
 
     verifier = UsageVerifier(table, trace)
-    (trace / "999999992.paths").write_text(json.dumps(str(image_dir / "app" / "model.py")) + "\n")
+    (trace / "999999992.paths").write_bytes(os.fsencode(image_dir / "app" / "model.py") + b"\0")
     bad = verifier.finish()
     assert bad["failure_count"] == 1 and "model.py: expected sha256" in bad["failures"][0]
 
@@ -476,3 +489,22 @@ def test_files_read_into_one_buffer_hash_and_head_as_their_own_bytes(tmp_path, s
         assert _sha256_and_head(fd, 10) == (hashlib.sha256(b"abc").hexdigest(), b"abc")
     finally:
         os.close(fd)
+
+
+def test_the_trace_hook_stays_importable_by_python_3_8():
+    # it runs as the evaluation's sitecustomize, whatever its Python: 3.8 syntax, and no
+    # annotation that 3.8 would evaluate and refuse (``X | Y``, ``list[str]``) unquoted
+    import ast
+
+    import runner.agent.trace_hook as hook
+
+    tree = ast.parse(Path(hook.__file__).read_text(), feature_version=(3, 8))
+    annotations = [
+        node.returns for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+    ] + [node.annotation for node in ast.walk(tree) if isinstance(node, (ast.arg, ast.AnnAssign))]
+    for annotation in annotations:
+        if annotation is not None and not isinstance(annotation, ast.Constant):
+            assert isinstance(annotation, ast.Name), ast.unparse(annotation)
+    assert not any(
+        isinstance(node, ast.ImportFrom) and node.module == "__future__" for node in ast.walk(tree)
+    )
