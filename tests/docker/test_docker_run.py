@@ -449,7 +449,7 @@ def test_an_error_while_the_sandbox_runs_removes_it_and_seals_nothing(vcli, vari
     spec_path = variant()
     calls = []
 
-    def failing(sealing):
+    def failing(sealing, preload=()):
         calls.append(sealing.run_id)
         raise RuntimeError("could not prepare the sealing")
 
