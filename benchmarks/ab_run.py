@@ -6,7 +6,8 @@ turns, in alternating order, and compared pair by pair. ``A`` is a git revision 
 out in a temporary worktree), ``B`` the working tree; both run the same locked copy of
 examples/digits in one store (the agent image is built from ``B``'s checkout, so the
 runner is what differs, not the image; with ``--own-images`` each side runs its own copy,
-locked by its own evalrun, so a change of the agent counts too). Prints one JSON line:
+locked by its own evalrun from its own image template, so a change of the agent or the
+template counts too). Prints one JSON line:
 each side's median wall time and phases (as ``bench_run.py`` measures them) and the
 paired differences B - A.
 

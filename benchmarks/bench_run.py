@@ -183,14 +183,15 @@ def locked_example(
     home: str, env: dict[str, str], name: str = "digits", cwd: Path | None = None
 ) -> Path:
     """examples/digits copied into ``home`` (as ``name``) and locked there by the evalrun
-    in ``cwd`` (the lock is written next to the spec, never into the checkout), with the
-    store's signing key made if it has none; its spec."""
+    in ``cwd`` (the lock is written next to the spec, never into the checkout) with the
+    image template of that checkout (this one's without ``cwd``), the store's signing key
+    made if it has none; its spec."""
     example = Path(home) / name
     shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("eval.lock.json"))
     spec = example / "eval.yaml"
+    template = (cwd or ROOT) / "images" / "python-eval.Dockerfile.j2"
     spec.write_text(spec.read_text().replace(
-        "template: ../../images/python-eval.Dockerfile.j2",
-        f"template: {ROOT / 'images' / 'python-eval.Dockerfile.j2'}",
+        "template: ../../images/python-eval.Dockerfile.j2", f"template: {template}"
     ))
     # evalrun never creates a signing key without a terminal: make this store's key first
     subprocess.run([*EVALRUN, "keys", "generate", "--if-absent"], check=True, env=env,
