@@ -79,13 +79,14 @@ class TableIndex:
     lines into entries took 20 to 27 ms of the run's one CPU for the digits image's 9,949
     (a CUDA image has tens of thousands), against ~4 ms for this index. The builder sorts
     the lines by their second word (``runner.agent.rootfs``: the path, up to a space in
-    it), so a path's line is found by bisection on that word, and the lines sharing it are
-    read until the path's own. A table not in that order (one written otherwise; the
-    builder's order of undecodable names differs from their bytes' order) is parsed whole
-    (:func:`parse_table`), as are its lines when one has no second word: lookups give the
-    same answers either way. ValueError, at construction or on a lookup, for a line that
-    cannot be read. The table's bytes are those the digest was checked on: a line no
-    lookup reaches is not read, and needs not be, to bind the table to the digest.
+    it), so a path's line is found by bisection on that word, among the lines sharing it
+    (the last of a path's lines counts, as in :func:`parse_table`). A table not in that
+    order (one written otherwise; the builder's order of undecodable names differs from
+    their bytes' order) is parsed whole (:func:`parse_table`), as is one with a line that
+    has no second word: lookups give the same answers either way. ValueError, at
+    construction or on a lookup, for a line that cannot be read. The table's bytes are
+    those the digest was checked on: a line no lookup reaches is not read, and needs not
+    be, to bind the table to the digest.
     """
 
     __slots__ = ("_keys", "_lines", "_parsed")
